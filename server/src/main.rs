@@ -1,1 +1,50 @@
-fn main() {}
+//! `kubemaas-server`: the KubeMaaS inference server binary.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+/// KubeMaaS inference server: ONNX models behind the KServe V2 and TF-Serving REST protocols.
+#[derive(Debug, Parser)]
+#[command(name = "kubemaas-server", version, about, long_about = None)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "KUBEMAAS_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `kubemaas_server=debug,ort=warn`.
+    #[arg(long, global = true, env = "KUBEMAAS_LOG", default_value = "info,ort=warn")]
+    log_level: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve models over HTTP until SIGTERM.
+    Serve(kubemaas_server::serve::ServeArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let Cli { log_format, log_level, command } = Cli::parse();
+    let filter = EnvFilter::try_new(&log_level)
+        .map_err(|e| anyhow::anyhow!("invalid --log-level {log_level:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match command {
+        Command::Serve(args) => runtime.block_on(kubemaas_server::serve::run(args))?,
+    }
+    Ok(())
+}

@@ -1,0 +1,385 @@
+//! ONNX Runtime backend: sessions, execution-provider selection, conversion to and from ORT values.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use half::{bf16, f16};
+use ort::environment::Environment;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{RunOptions, Session};
+use ort::value::{DynValue, TensorElementType, ValueType};
+
+use super::{Backend, BackendError, PhaseTimes, Signature, TensorSpec};
+use crate::tensor::{DataType, Tensor, TensorData};
+
+/// Name ORT gives the CPU execution provider.
+pub const CPU_EP: &str = "CPUExecutionProvider";
+/// Name ORT gives the CUDA execution provider.
+pub const CUDA_EP: &str = "CUDAExecutionProvider";
+
+/// Which execution provider to ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExecutionProvider {
+    /// CPU only.
+    Cpu,
+    /// CUDA, or fail to load.
+    Cuda,
+    /// CUDA when it really registers, else CPU.
+    Auto,
+}
+
+/// Graph optimisation level (ONNX Runtime's `GraphOptimizationLevel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptLevel {
+    /// No graph optimisation.
+    Disable,
+    /// Basic: constant folding, redundant node elimination.
+    Basic,
+    /// Extended: complex node fusions.
+    Extended,
+    /// Layout optimisations too.
+    All,
+}
+
+/// How sessions are built.
+#[derive(Debug, Clone)]
+pub struct OrtOptions {
+    /// Execution provider requested.
+    pub execution_provider: ExecutionProvider,
+    /// Graph optimisation level.
+    pub optimization: OptLevel,
+    /// Intra-op threads per session; 0 lets ONNX Runtime decide.
+    pub intra_threads: usize,
+    /// Sessions per model, so requests run in parallel without one lock.
+    pub instances: usize,
+}
+
+/// Loads the ONNX Runtime shared library and creates the process-wide environment.
+pub fn init_runtime(library: &Path) -> Result<Environment, BackendError> {
+    let builder = ort::init_from(library).map_err(|e| BackendError::Library(format!("{}: {e}", library.display())))?;
+    builder.with_name("kubemaas").build().map_err(|e| BackendError::Library(e.to_string()))
+}
+
+/// A model with a pool of ONNX Runtime sessions.
+pub struct OrtModel {
+    signature: Signature,
+    provider: &'static str,
+    instances: usize,
+    pool: Mutex<Vec<Session>>,
+    available: Condvar,
+}
+
+fn build_session(
+    env: &Environment,
+    path: &Path,
+    opts: &OrtOptions,
+    cuda: bool,
+) -> Result<Session, String> {
+    // SessionBuilder errors carry the builder and are not Send: turn them into strings right here.
+    let level = match opts.optimization {
+        OptLevel::Disable => GraphOptimizationLevel::Disable,
+        OptLevel::Basic => GraphOptimizationLevel::Level1,
+        OptLevel::Extended => GraphOptimizationLevel::Level2,
+        OptLevel::All => GraphOptimizationLevel::All,
+    };
+    let mut b = Session::builder(env)
+        .map_err(|e| e.to_string())?
+        .with_optimization_level(level)
+        .map_err(|e| e.to_string())?;
+    if opts.intra_threads > 0 {
+        b = b.with_intra_threads(opts.intra_threads).map_err(|e| e.to_string())?;
+    }
+    if cuda {
+        // Without error_on_failure ORT silently falls back to CPU and we would report a lie.
+        b = b
+            .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+            .map_err(|e| e.to_string())?;
+    }
+    b.commit_from_file(path).map_err(|e| e.to_string())
+}
+
+fn map_element_type(ty: TensorElementType) -> Option<DataType> {
+    Some(match ty {
+        TensorElementType::Bool => DataType::Bool,
+        TensorElementType::Uint8 => DataType::U8,
+        TensorElementType::Uint16 => DataType::U16,
+        TensorElementType::Uint32 => DataType::U32,
+        TensorElementType::Uint64 => DataType::U64,
+        TensorElementType::Int8 => DataType::I8,
+        TensorElementType::Int16 => DataType::I16,
+        TensorElementType::Int32 => DataType::I32,
+        TensorElementType::Int64 => DataType::I64,
+        TensorElementType::Float16 => DataType::F16,
+        TensorElementType::Bfloat16 => DataType::BF16,
+        TensorElementType::Float32 => DataType::F32,
+        TensorElementType::Float64 => DataType::F64,
+        TensorElementType::String => DataType::Bytes,
+        _ => return None,
+    })
+}
+
+fn spec_of(name: &str, ty: &ValueType, what: &str) -> Result<TensorSpec, String> {
+    match ty {
+        ValueType::Tensor { ty, shape, .. } => {
+            let datatype = map_element_type(*ty)
+                .ok_or_else(|| format!("{what} {name:?} has element type {ty}, which KubeMaaS cannot serve"))?;
+            Ok(TensorSpec { name: name.to_string(), datatype, shape: shape.iter().copied().collect() })
+        }
+        other => Err(format!("{what} {name:?} is a {other:?}, not a tensor; only tensor inputs and outputs are served")),
+    }
+}
+
+impl OrtModel {
+    /// Loads `path` into `opts.instances` sessions.
+    pub fn load(env: &Environment, path: &Path, opts: &OrtOptions) -> Result<OrtModel, BackendError> {
+        let load_err = |message: String| BackendError::Load { path: path.display().to_string(), message };
+        let instances = opts.instances.max(1);
+        let (first, provider) = match opts.execution_provider {
+            ExecutionProvider::Cpu => (build_session(env, path, opts, false).map_err(load_err)?, CPU_EP),
+            ExecutionProvider::Cuda => (
+                build_session(env, path, opts, true)
+                    .map_err(|e| load_err(format!("CUDA execution provider requested but unavailable: {e}")))?,
+                CUDA_EP,
+            ),
+            ExecutionProvider::Auto => match build_session(env, path, opts, true) {
+                Ok(s) => (s, CUDA_EP),
+                Err(e) => {
+                    tracing::info!(model = %path.display(), reason = %e, "CUDA unavailable, using CPU");
+                    (build_session(env, path, opts, false).map_err(load_err)?, CPU_EP)
+                }
+            },
+        };
+        let cuda = provider == CUDA_EP;
+        let inputs = first
+            .inputs()
+            .iter()
+            .map(|o| spec_of(o.name(), o.dtype(), "input"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(load_err)?;
+        let outputs = first
+            .outputs()
+            .iter()
+            .map(|o| spec_of(o.name(), o.dtype(), "output"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(load_err)?;
+        let mut pool = vec![first];
+        for _ in 1..instances {
+            pool.push(build_session(env, path, opts, cuda).map_err(load_err)?);
+        }
+        Ok(OrtModel {
+            signature: Signature { inputs, outputs },
+            provider,
+            instances,
+            pool: Mutex::new(pool),
+            available: Condvar::new(),
+        })
+    }
+
+    fn take_session(&self) -> Result<Session, BackendError> {
+        let poisoned = |_| BackendError::Runtime("session pool lock poisoned".into());
+        let mut pool = self.pool.lock().map_err(poisoned)?;
+        loop {
+            if let Some(s) = pool.pop() {
+                return Ok(s);
+            }
+            pool = self.available.wait(pool).map_err(poisoned)?;
+        }
+    }
+
+    fn return_session(&self, s: Session) {
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.push(s);
+            self.available.notify_one();
+        }
+    }
+}
+
+/// Returns a session to the pool even if the run fails.
+struct Lease<'a> {
+    model: &'a OrtModel,
+    session: Option<Session>,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            self.model.return_session(s);
+        }
+    }
+}
+
+fn le_vec<T, const N: usize>(b: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+    b.chunks_exact(N)
+        .map(|c| {
+            let mut a = [0u8; N];
+            a.copy_from_slice(c);
+            f(a)
+        })
+        .collect()
+}
+
+fn to_value(t: Tensor) -> Result<DynValue, BackendError> {
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    let rt = |e: ort::Error| BackendError::Runtime(format!("failed to create input tensor {:?}: {e}", t.name));
+    macro_rules! prim {
+        ($b:expr, $n:literal, $f:expr) => {
+            ort::value::Tensor::from_array((shape.clone(), le_vec::<_, $n>($b, $f))).map_err(rt)?.into_dyn()
+        };
+    }
+    Ok(match &t.data {
+        TensorData::Strings(items) => {
+            let strings = items
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    String::from_utf8(s.to_vec()).map_err(|_| {
+                        BackendError::InvalidInput(format!(
+                            "input {:?} element {i} is not valid UTF-8; ONNX string tensors hold text",
+                            t.name
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<String>, _>>()?;
+            ort::value::Tensor::from_string_array((shape.clone(), &strings[..])).map_err(rt)?.into_dyn()
+        }
+        TensorData::Raw(b) => match t.dtype {
+            DataType::Bool => prim!(b, 1, |a: [u8; 1]| a[0] != 0),
+            DataType::U8 => prim!(b, 1, |a: [u8; 1]| a[0]),
+            DataType::I8 => prim!(b, 1, i8::from_le_bytes),
+            DataType::U16 => prim!(b, 2, u16::from_le_bytes),
+            DataType::I16 => prim!(b, 2, i16::from_le_bytes),
+            DataType::U32 => prim!(b, 4, u32::from_le_bytes),
+            DataType::I32 => prim!(b, 4, i32::from_le_bytes),
+            DataType::U64 => prim!(b, 8, u64::from_le_bytes),
+            DataType::I64 => prim!(b, 8, i64::from_le_bytes),
+            DataType::F16 => prim!(b, 2, f16::from_le_bytes),
+            DataType::BF16 => prim!(b, 2, bf16::from_le_bytes),
+            DataType::F32 => prim!(b, 4, f32::from_le_bytes),
+            DataType::F64 => prim!(b, 8, f64::from_le_bytes),
+            DataType::Bytes => return Err(BackendError::Runtime("BYTES tensor with raw data".into())),
+        },
+    })
+}
+
+fn from_value(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
+    let rt = |e: ort::Error| BackendError::Runtime(format!("failed to read output {name:?}: {e}"));
+    let ValueType::Tensor { ty, .. } = v.dtype() else {
+        return Err(BackendError::Runtime(format!("output {name:?} is not a tensor")));
+    };
+    let dtype = map_element_type(*ty)
+        .ok_or_else(|| BackendError::Runtime(format!("output {name:?} has unsupported element type {ty}")))?;
+    macro_rules! prim {
+        ($t:ty) => {{
+            let (shape, data) = v.try_extract_tensor::<$t>().map_err(rt)?;
+            let mut out = Vec::with_capacity(std::mem::size_of_val(data));
+            for x in data {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            (shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>(), TensorData::Raw(Bytes::from(out)))
+        }};
+    }
+    let (shape, data) = match dtype {
+        DataType::Bool => {
+            let (shape, data) = v.try_extract_tensor::<bool>().map_err(rt)?;
+            let out: Vec<u8> = data.iter().map(|&x| x as u8).collect();
+            (shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>(), TensorData::Raw(Bytes::from(out)))
+        }
+        DataType::U8 => prim!(u8),
+        DataType::I8 => prim!(i8),
+        DataType::U16 => prim!(u16),
+        DataType::I16 => prim!(i16),
+        DataType::U32 => prim!(u32),
+        DataType::I32 => prim!(i32),
+        DataType::U64 => prim!(u64),
+        DataType::I64 => prim!(i64),
+        DataType::F16 => prim!(f16),
+        DataType::BF16 => prim!(bf16),
+        DataType::F32 => prim!(f32),
+        DataType::F64 => prim!(f64),
+        DataType::Bytes => {
+            let (shape, strings) = v.try_extract_strings().map_err(rt)?;
+            (
+                shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>(),
+                TensorData::Strings(strings.into_iter().map(Bytes::from).collect()),
+            )
+        }
+    };
+    Tensor::new(name, dtype, shape, data).map_err(|e| BackendError::Runtime(e.to_string()))
+}
+
+impl Backend for OrtModel {
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn execution_provider(&self) -> &str {
+        self.provider
+    }
+
+    fn instances(&self) -> usize {
+        self.instances
+    }
+
+    fn infer(&self, inputs: Vec<Tensor>, outputs: &[String]) -> Result<(Vec<Tensor>, PhaseTimes), BackendError> {
+        let t0 = Instant::now();
+        let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
+        for t in inputs {
+            let name = t.name.clone();
+            values.push((name, to_value(t)?));
+        }
+        let wanted: Vec<String> = if outputs.is_empty() {
+            self.signature.outputs.iter().map(|o| o.name.clone()).collect()
+        } else {
+            outputs.to_vec()
+        };
+        let mut selector = ort::session::OutputSelector::no_default();
+        for name in &wanted {
+            selector = selector.with(name.clone());
+        }
+        let run_options = RunOptions::new()
+            .map_err(|e| BackendError::Runtime(e.to_string()))?
+            .with_outputs(selector);
+        let t1 = Instant::now();
+        let mut lease = Lease { model: self, session: Some(self.take_session()?) };
+        let session = lease.session.as_mut().ok_or_else(|| BackendError::Runtime("no session".into()))?;
+        let result = session
+            .run_with_options(values, &run_options)
+            .map_err(|e| BackendError::Runtime(e.to_string()))?;
+        let t2 = Instant::now();
+        let mut out = Vec::with_capacity(wanted.len());
+        for name in &wanted {
+            let v = result
+                .get(name)
+                .ok_or_else(|| BackendError::Runtime(format!("the model did not produce output {name:?}")))?;
+            out.push(from_value(name, v)?);
+        }
+        drop(result);
+        drop(lease);
+        let t3 = Instant::now();
+        Ok((out, PhaseTimes { input: t1 - t0, infer: t2 - t1, output: t3 - t2 }))
+    }
+}
+
+/// Where the ONNX Runtime library is looked for, in order, when no path is given explicitly.
+pub fn default_library_candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        out.push(dir.join("libonnxruntime.so"));
+        out.push(dir.join("lib").join("libonnxruntime.so"));
+    }
+    let cache = std::env::var_os("KUBEMAAS_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("kubemaas")));
+    if let Some(cache) = cache {
+        out.push(cache.join("ort").join(ORT_VERSION).join("libonnxruntime.so"));
+    }
+    out.push(PathBuf::from("/usr/lib/libonnxruntime.so"));
+    out
+}
+
+/// The ONNX Runtime version the server is built and tested against.
+pub const ORT_VERSION: &str = "1.31.1";

@@ -1,0 +1,104 @@
+//! HTTP transport: listeners, connection handling, body limits and graceful shutdown. Endpoint logic
+//! lives in [`routes`].
+
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::repository::Repository;
+
+/// Shared state of every handler.
+pub struct AppState {
+    /// The models.
+    pub repo: Arc<Repository>,
+    /// Largest request body accepted, in bytes.
+    pub max_request_bytes: usize,
+}
+
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// Everything (the HTTP port).
+    Full,
+    /// Only `/metrics` and health (the metrics port).
+    MetricsOnly,
+}
+
+/// Errors starting the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The address is taken or not allowed.
+    #[error("failed to listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Binds a listener.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, TransportError> {
+    TcpListener::bind(addr).await.map_err(|source| TransportError::Bind { addr, source })
+}
+
+/// Serves connections from `listener` until `shutdown` flips to true, then lets in-flight requests
+/// finish for at most `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    surface: Surface,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = Builder::new(TokioExecutor::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // E.g. EMFILE: back off instead of spinning; the listener stays up.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let state = state.clone();
+                    async move { Ok::<Response<Full<Bytes>>, std::convert::Infallible>(routes::handle(state, surface, req).await) }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                let conn = graceful.watch(conn);
+                // A connection task that fails or panics affects only its own connection.
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection closed with error");
+                    }
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!(surface = ?surface, "all connections drained"),
+        _ = tokio::time::sleep(grace) => tracing::warn!(surface = ?surface, "shutdown timeout reached with requests still in flight"),
+    }
+}

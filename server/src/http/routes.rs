@@ -1,0 +1,328 @@
+//! Routing and endpoint handlers. Every error leaves through [`ApiError`], so status codes and the
+//! `{"error": "..."}` body are decided in one place.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::Value;
+
+use super::{AppState, Surface};
+use crate::inference;
+use crate::protocol::error::ApiError;
+use crate::protocol::{v1, v2};
+use crate::repository::{LookupError, ModelState};
+
+const JSON: &str = "application/json";
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
+    bytes_response(status, JSON, Bytes::from(v.to_string()))
+}
+
+fn bytes_response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+    bytes_response(e.status(), JSON, Bytes::from(e.body()))
+}
+
+/// Entry point for every request.
+pub async fn handle(state: Arc<AppState>, surface: Surface, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match route(&state, surface, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status().is_server_error() && e.status() != StatusCode::SERVICE_UNAVAILABLE {
+                tracing::error!(error = %e, "request failed");
+            }
+            error_response(&e)
+        }
+    }
+}
+
+async fn read_body(state: &AppState, req: Request<Incoming>) -> Result<(http::request::Parts, Bytes), ApiError> {
+    let limit = state.max_request_bytes;
+    let too_large = || {
+        ApiError::PayloadTooLarge(format!(
+            "request body exceeds the limit of {limit} bytes; send less data per request or raise --max-request-bytes"
+        ))
+    };
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let (parts, body) = req.into_parts();
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok((parts, c.to_bytes())),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::BadRequest(format!("failed to read the request body: {e}"))),
+    }
+}
+
+async fn route(state: &AppState, surface: Surface, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    let get = method == Method::GET || method == Method::HEAD;
+    let post = method == Method::POST;
+    let repo = &state.repo;
+    let not_allowed = || ApiError::MethodNotAllowed(format!("{method} is not allowed on {path}"));
+
+    if surface == Surface::MetricsOnly && !matches!(segs.as_slice(), ["metrics"] | ["v2", "health", _]) {
+        return Err(ApiError::NotFound(format!("{path} is not served on the metrics port; use the HTTP port")));
+    }
+    match segs.as_slice() {
+        ["metrics"] if get => {
+            Ok(bytes_response(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(repo.render_metrics())))
+        }
+        ["v2", "health", "live"] if get => Ok(json_response(StatusCode::OK, &serde_json::json!({"live": true}))),
+        ["v2", "health", "ready"] if get => {
+            let ready = repo.all_ready();
+            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            Ok(json_response(status, &serde_json::json!({"ready": ready})))
+        }
+        ["v2"] if get => Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "name": "kubemaas",
+                "version": env!("CARGO_PKG_VERSION"),
+                "extensions": ["binary_tensor_data", "statistics", "model_configuration", "model_repository(index)"],
+            }),
+        )),
+        ["v2", "repository", "index"] if post || get => Ok(json_response(StatusCode::OK, &repository_index(state))),
+        ["v2", "models", "stats"] if get => Ok(json_response(StatusCode::OK, &stats(state, None, None)?)),
+        ["v2", "models", m, rest @ ..] => {
+            let (version, rest) = match rest {
+                ["versions", v, rest @ ..] => (Some(*v), rest),
+                _ => (None, rest),
+            };
+            match rest {
+                [] if get => model_metadata(state, m, version),
+                ["ready"] if get => model_ready(state, m, version),
+                ["config"] if get => model_config(state, m, version),
+                ["stats"] if get => Ok(json_response(StatusCode::OK, &stats(state, Some(m), version)?)),
+                ["infer"] if post => infer_v2(state, m, version, req).await,
+                [] | ["ready"] | ["config"] | ["stats"] | ["infer"] => Err(not_allowed()),
+                _ => Err(ApiError::NotFound(format!("no endpoint at {path}"))),
+            }
+        }
+        ["v1", "models", rest @ ..] => route_v1(state, rest, &method, req, &path).await,
+        _ => Err(ApiError::NotFound(format!("no endpoint at {path}; see GET /v2 for the protocol served"))),
+    }
+}
+
+async fn route_v1(
+    state: &AppState,
+    rest: &[&str],
+    method: &Method,
+    req: Request<Incoming>,
+    path: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    // `/v1/models/m:predict` and `/v1/models/m/versions/1:predict`: the verb hangs off the last segment.
+    let (last, verb) = match rest.last().and_then(|l| l.split_once(':')) {
+        Some((head, verb)) => (head, Some(verb)),
+        None => (rest.last().copied().unwrap_or(""), None),
+    };
+    let mut segs: Vec<&str> = rest.to_vec();
+    if let Some(l) = segs.last_mut() {
+        *l = last;
+    }
+    let (model, version, tail) = match segs.as_slice() {
+        [m, "versions", v, tail @ ..] => (*m, Some(*v), tail.to_vec()),
+        [m, tail @ ..] => (*m, None, tail.to_vec()),
+        [] => return Err(ApiError::NotFound(format!("no endpoint at {path}"))),
+    };
+    match (verb, tail.as_slice(), method == Method::POST) {
+        (Some("predict"), [], true) => predict_v1(state, model, version, req).await,
+        (Some("predict"), [], false) => Err(ApiError::MethodNotAllowed(format!("{method} is not allowed on {path}; use POST"))),
+        (Some(other), _, _) => Err(ApiError::BadRequest(format!(
+            "unsupported verb :{other}; KubeMaaS serves :predict (classify and regress are TensorFlow-specific)"
+        ))),
+        (None, [], _) => Ok(json_response(StatusCode::OK, &v1_status(state, model, version)?)),
+        (None, ["metadata"], _) => {
+            let (v, e) = state.repo.entry(model, version)?;
+            match &e.state {
+                ModelState::Ready(m) => Ok(json_response(StatusCode::OK, &v1::metadata(model, v, m.backend.signature()))),
+                _ => Err(state.repo.ready_model(model, version).err().map(ApiError::from).unwrap_or_else(|| ApiError::Internal("inconsistent model state".into()))),
+            }
+        }
+        _ => Err(ApiError::NotFound(format!("no endpoint at {path}"))),
+    }
+}
+
+fn repository_index(state: &AppState) -> Value {
+    Value::Array(
+        state
+            .repo
+            .list()
+            .into_iter()
+            .map(|(name, v, e)| {
+                let (st, reason) = match &e.state {
+                    ModelState::Ready(_) => ("READY", String::new()),
+                    ModelState::Loading => ("LOADING", String::new()),
+                    ModelState::Failed(err) => ("UNAVAILABLE", err.clone()),
+                };
+                serde_json::json!({"name": name, "version": v.to_string(), "state": st, "reason": reason})
+            })
+            .collect(),
+    )
+}
+
+fn model_metadata(state: &AppState, m: &str, version: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (model, _) = state.repo.ready_model(m, version)?;
+    let versions: Vec<u64> = match version {
+        Some(_) => vec![model.version],
+        None => state.repo.list().into_iter().filter(|(n, _, _)| n == m).map(|(_, v, _)| v).collect(),
+    };
+    let meta = v2::model_metadata(m, &versions, model.backend.signature(), model.backend.execution_provider());
+    Ok(json_response(StatusCode::OK, &meta))
+}
+
+fn model_ready(state: &AppState, m: &str, version: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+    match state.repo.ready_model(m, version) {
+        Ok(_) if !state.repo.is_shutting_down() => Ok(json_response(StatusCode::OK, &serde_json::json!({"name": m, "ready": true}))),
+        Ok(_) => Ok(json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"name": m, "ready": false, "error": "the server is shutting down"}),
+        )),
+        Err(e @ LookupError::NotReady { .. }) => Ok(json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"name": m, "ready": false, "error": e.to_string()}),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn model_config(state: &AppState, m: &str, version: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (model, _) = state.repo.ready_model(m, version)?;
+    let b = &model.backend;
+    Ok(json_response(StatusCode::OK, &v2::triton_config(m, b.signature(), b.execution_provider(), b.instances())))
+}
+
+fn stats(state: &AppState, model: Option<&str>, version: Option<&str>) -> Result<Value, ApiError> {
+    let entries = match model {
+        Some(m) => {
+            let (v, e) = state.repo.entry(m, version)?;
+            vec![(m.to_string(), v, e)]
+        }
+        None => state.repo.list(),
+    };
+    let model_stats: Vec<Value> = entries
+        .into_iter()
+        .map(|(name, v, e)| {
+            let s = &e.stats;
+            serde_json::json!({
+                "name": name,
+                "version": v.to_string(),
+                "last_inference": s.last_inference_ms.load(Relaxed),
+                "inference_count": s.inference_count.load(Relaxed),
+                "execution_count": s.execution_count.load(Relaxed),
+                "inference_stats": s.inference_stats_json(),
+                "batch_stats": [],
+                "memory_usage": [],
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({ "model_stats": model_stats }))
+}
+
+async fn infer_v2(state: &AppState, m: &str, version: Option<&str>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let start = Instant::now();
+    let (model, stats) = state.repo.ready_model(m, version).map_err(count_not_ready)?;
+    let result = async {
+        let header_len = match req.headers().get(v2::HEADER_LENGTH) {
+            None => None,
+            Some(v) => Some(v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {
+                ApiError::BadRequest("Inference-Header-Content-Length must be a non-negative integer".into())
+            })?),
+        };
+        let (_, body) = read_body(state, req).await?;
+        let request = v2::decode_request(model.backend.signature(), &body, header_len)?;
+        Ok(request)
+    }
+    .await;
+    let mut request = match result {
+        Ok(r) => r,
+        Err(e) => {
+            stats.record_failure(start.elapsed(), inference::failure_reason(&e));
+            return Err(e);
+        }
+    };
+    let outputs = inference::execute(
+        model.clone(),
+        &stats,
+        start,
+        std::mem::take(&mut request.inputs),
+        request.outputs.clone(),
+    )
+    .await?;
+    let encoded = v2::encode_response(m, model.version, &request, &outputs)?;
+    Ok(match encoded.json_len {
+        None => bytes_response(StatusCode::OK, JSON, encoded.body),
+        Some(n) => {
+            let mut r = bytes_response(StatusCode::OK, "application/octet-stream", encoded.body);
+            r.headers_mut().insert(v2::HEADER_LENGTH, HeaderValue::from(n));
+            r
+        }
+    })
+}
+
+async fn predict_v1(state: &AppState, m: &str, version: Option<&str>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let start = Instant::now();
+    let (model, stats) = state.repo.ready_model(m, version).map_err(count_not_ready)?;
+    let decoded = async {
+        let (_, body) = read_body(state, req).await?;
+        v1::decode_request(model.backend.signature(), &body)
+    }
+    .await;
+    let request = match decoded {
+        Ok(r) => r,
+        Err(e) => {
+            stats.record_failure(start.elapsed(), inference::failure_reason(&e));
+            return Err(e);
+        }
+    };
+    let outputs = inference::execute(model, &stats, start, request.inputs, Vec::new()).await?;
+    Ok(json_response(StatusCode::OK, &v1::encode_response(request.format, &outputs)?))
+}
+
+/// Counts a request for a known but unready model as a failure before answering 503.
+fn count_not_ready(e: LookupError) -> ApiError {
+    if let LookupError::NotReady { stats, .. } = &e {
+        stats.record_failure(std::time::Duration::ZERO, crate::metrics::FailureReason::Other);
+    }
+    e.into()
+}
+
+fn v1_status(state: &AppState, m: &str, version: Option<&str>) -> Result<Value, ApiError> {
+    let entries: Vec<_> = match version {
+        Some(_) => {
+            let (v, e) = state.repo.entry(m, version)?;
+            vec![(v, e)]
+        }
+        None => {
+            state.repo.entry(m, None)?;
+            state.repo.list().into_iter().filter(|(n, _, _)| n == m).map(|(_, v, e)| (v, e)).collect()
+        }
+    };
+    let statuses: Vec<Value> = entries
+        .into_iter()
+        .map(|(v, e)| {
+            let (st, code, msg) = match &e.state {
+                ModelState::Ready(_) => ("AVAILABLE", "OK", String::new()),
+                ModelState::Loading => ("LOADING", "OK", String::new()),
+                ModelState::Failed(err) => ("END", "UNKNOWN", err.clone()),
+            };
+            serde_json::json!({"version": v.to_string(), "state": st, "status": {"error_code": code, "error_message": msg}})
+        })
+        .collect();
+    Ok(serde_json::json!({ "model_version_status": statuses }))
+}

@@ -1,0 +1,179 @@
+//! Protocol-neutral request execution: validation against the model signature, queueing for a free
+//! instance, running off the async reactor, and statistics. Every protocol goes through here (and a
+//! batcher will slot in between validation and execution).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use crate::backend::{Signature, TensorSpec};
+use crate::metrics::{FailureReason, ModelStats};
+use crate::protocol::error::ApiError;
+use crate::repository::LoadedModel;
+use crate::tensor::Tensor;
+
+/// Finds the model input called `name`, or explains which inputs exist.
+pub fn input_spec<'a>(sig: &'a Signature, name: &str) -> Result<&'a TensorSpec, ApiError> {
+    sig.inputs.iter().find(|i| i.name == name).ok_or_else(|| {
+        ApiError::BadRequest(format!("unknown input {name:?}; the model's inputs are {}", names(&sig.inputs)))
+    })
+}
+
+fn names(specs: &[TensorSpec]) -> String {
+    specs.iter().map(|s| format!("{:?}", s.name)).collect::<Vec<_>>().join(", ")
+}
+
+/// Checks that `inputs` are exactly the model's inputs with compatible shapes.
+pub fn validate_inputs(sig: &Signature, inputs: &[Tensor]) -> Result<(), ApiError> {
+    for (i, t) in inputs.iter().enumerate() {
+        if inputs[..i].iter().any(|o| o.name == t.name) {
+            return Err(ApiError::BadRequest(format!("input {:?} is given more than once", t.name)));
+        }
+        let spec = input_spec(sig, &t.name)?;
+        if spec.datatype != t.dtype {
+            return Err(ApiError::BadRequest(format!(
+                "input {:?} has datatype {} but the model expects {}",
+                t.name, t.dtype, spec.datatype
+            )));
+        }
+        let fits = spec.shape.len() == t.shape.len()
+            && spec.shape.iter().zip(&t.shape).all(|(&m, &d)| m < 0 || m as usize == d);
+        if !fits {
+            return Err(ApiError::BadRequest(format!(
+                "input {:?} has shape {:?} but the model expects {:?} (-1 is any size)",
+                t.name, t.shape, spec.shape
+            )));
+        }
+    }
+    if let Some(missing) = sig.inputs.iter().find(|s| !inputs.iter().any(|t| t.name == s.name)) {
+        return Err(ApiError::BadRequest(format!(
+            "missing input {:?}; the model needs {}",
+            missing.name,
+            names(&sig.inputs)
+        )));
+    }
+    Ok(())
+}
+
+/// Checks requested output names.
+pub fn validate_outputs(sig: &Signature, outputs: &[String]) -> Result<(), ApiError> {
+    for (i, name) in outputs.iter().enumerate() {
+        if !sig.outputs.iter().any(|o| &o.name == name) {
+            return Err(ApiError::BadRequest(format!(
+                "unknown output {name:?}; the model's outputs are {}",
+                names(&sig.outputs)
+            )));
+        }
+        if outputs[..i].contains(name) {
+            return Err(ApiError::BadRequest(format!("output {name:?} is requested more than once")));
+        }
+    }
+    Ok(())
+}
+
+/// The Triton failure reason for an error.
+pub fn failure_reason(e: &ApiError) -> FailureReason {
+    match e {
+        ApiError::BadRequest(_) | ApiError::PayloadTooLarge(_) => FailureReason::Rejected,
+        ApiError::Internal(_) => FailureReason::Backend,
+        _ => FailureReason::Other,
+    }
+}
+
+/// Keeps the pending gauge right on every exit path, including a dropped (cancelled) future.
+struct Pending<'a>(&'a ModelStats);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Validates and runs one request on `model`; records statistics (timed from `start`).
+pub async fn execute(
+    model: Arc<LoadedModel>,
+    stats: &ModelStats,
+    start: Instant,
+    inputs: Vec<Tensor>,
+    outputs: Vec<String>,
+) -> Result<Vec<Tensor>, ApiError> {
+    let result = execute_inner(model, stats, start, inputs, outputs).await;
+    if let Err(e) = &result {
+        stats.record_failure(start.elapsed(), failure_reason(e));
+    }
+    result
+}
+
+async fn execute_inner(
+    model: Arc<LoadedModel>,
+    stats: &ModelStats,
+    start: Instant,
+    inputs: Vec<Tensor>,
+    outputs: Vec<String>,
+) -> Result<Vec<Tensor>, ApiError> {
+    let sig = model.backend.signature();
+    validate_inputs(sig, &inputs)?;
+    validate_outputs(sig, &outputs)?;
+    let rows = match (sig.inputs.first(), inputs.first()) {
+        (Some(spec), Some(t)) if spec.shape.first() == Some(&-1) => t.shape.first().copied().unwrap_or(1) as u64,
+        _ => 1,
+    };
+    stats.pending.fetch_add(1, Relaxed);
+    let _pending = Pending(stats);
+    let queued = Instant::now();
+    let permit = model
+        .slots
+        .acquire()
+        .await
+        .map_err(|_| ApiError::Unavailable("the model is being unloaded".into()))?;
+    let queue_time = queued.elapsed();
+    let m = model.clone();
+    // Inference is CPU-bound and blocking: keep it off the reactor threads.
+    let (out, phases) = tokio::task::spawn_blocking(move || m.backend.infer(inputs, &outputs))
+        .await
+        .map_err(|e| ApiError::Internal(format!("inference task failed: {e}")))??;
+    drop(permit);
+    stats.record_success(start.elapsed(), queue_time, phases, rows);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::DataType;
+
+    fn sig() -> Signature {
+        Signature {
+            inputs: vec![
+                TensorSpec { name: "a".into(), datatype: DataType::F32, shape: vec![-1, 3] },
+                TensorSpec { name: "b".into(), datatype: DataType::I64, shape: vec![2] },
+            ],
+            outputs: vec![TensorSpec { name: "y".into(), datatype: DataType::F32, shape: vec![-1] }],
+        }
+    }
+
+    #[test]
+    fn inputs_must_match_names_types_and_static_dims() {
+        let a = Tensor::zeros("a", DataType::F32, vec![5, 3]);
+        let b = Tensor::zeros("b", DataType::I64, vec![2]);
+        assert!(validate_inputs(&sig(), &[a.clone(), b.clone()]).is_ok());
+        let err = validate_inputs(&sig(), std::slice::from_ref(&a)).unwrap_err().to_string();
+        assert!(err.contains("missing input \"b\""), "{err}");
+        let err = validate_inputs(&sig(), &[Tensor::zeros("a", DataType::F32, vec![5, 4]), b.clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expects [-1, 3]"), "{err}");
+        let err = validate_inputs(&sig(), &[a.clone(), Tensor::zeros("b", DataType::I32, vec![2])])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expects INT64"), "{err}");
+        assert!(validate_inputs(&sig(), &[a.clone(), b.clone(), a]).is_err());
+    }
+
+    #[test]
+    fn outputs_must_exist_and_be_unique() {
+        assert!(validate_outputs(&sig(), &["y".into()]).is_ok());
+        assert!(validate_outputs(&sig(), &["z".into()]).is_err());
+        assert!(validate_outputs(&sig(), &["y".into(), "y".into()]).is_err());
+    }
+}

@@ -1,0 +1,16 @@
+//! KubeMaaS inference server: serves ONNX models through ONNX Runtime behind the KServe Open
+//! Inference Protocol (V2, with Triton's binary tensor extension, model configuration and
+//! statistics) and the TF-Serving REST API, so existing clients work unchanged.
+//!
+//! Layout: [`tensor`] is the protocol-neutral tensor; [`protocol`] holds the codecs; [`backend`]
+//! the runtime; [`repository`] the models and their states; [`inference`] executes validated
+//! requests; [`http`] is transport only; [`metrics`] renders Prometheus text; [`serve`] wires them.
+
+pub mod backend;
+pub mod http;
+pub mod inference;
+pub mod metrics;
+pub mod protocol;
+pub mod repository;
+pub mod serve;
+pub mod tensor;

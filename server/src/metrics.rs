@@ -1,0 +1,291 @@
+//! Per-model statistics and their Prometheus text rendering.
+//!
+//! One set of atomic counters per model version feeds both Triton's statistics endpoint and
+//! `/metrics`, so the two can never disagree. The `nv_*` families keep Triton's names and labels
+//! exactly (a Prometheus client library would append `_total` to counters and break Triton
+//! dashboards), so the exposition is written here.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Successful requests (Triton name).
+pub const REQUEST_SUCCESS: &str = "nv_inference_request_success";
+/// Failed requests, by `reason` (Triton name).
+pub const REQUEST_FAILURE: &str = "nv_inference_request_failure";
+/// Inferences performed; a batched request counts its batch size (Triton name).
+pub const INFERENCE_COUNT: &str = "nv_inference_count";
+/// Model executions (Triton name).
+pub const EXEC_COUNT: &str = "nv_inference_exec_count";
+/// Cumulative request duration in microseconds (Triton name).
+pub const REQUEST_DURATION_US: &str = "nv_inference_request_duration_us";
+/// Cumulative queue time in microseconds (Triton name).
+pub const QUEUE_DURATION_US: &str = "nv_inference_queue_duration_us";
+/// Cumulative input conversion time in microseconds (Triton name).
+pub const COMPUTE_INPUT_US: &str = "nv_inference_compute_input_duration_us";
+/// Cumulative execution time in microseconds (Triton name).
+pub const COMPUTE_INFER_US: &str = "nv_inference_compute_infer_duration_us";
+/// Cumulative output conversion time in microseconds (Triton name).
+pub const COMPUTE_OUTPUT_US: &str = "nv_inference_compute_output_duration_us";
+/// Requests accepted and not yet answered (Triton name).
+pub const PENDING: &str = "nv_inference_pending_request_count";
+/// End-to-end request latency histogram.
+pub const REQUEST_DURATION_SECONDS: &str = "kubemaas_request_duration_seconds";
+/// Model load time.
+pub const MODEL_LOAD_SECONDS: &str = "kubemaas_model_load_duration_seconds";
+/// 1 when the model version is ready.
+pub const MODEL_READY: &str = "kubemaas_model_ready";
+/// Info metric carrying the execution provider in use.
+pub const MODEL_INFO: &str = "kubemaas_model_info";
+
+/// Histogram bucket upper bounds in seconds.
+pub const LATENCY_BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Why a request failed, as Triton labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FailureReason {
+    /// The request was invalid for the model.
+    Rejected,
+    /// The runtime failed.
+    Backend,
+    /// Anything else (e.g. not ready).
+    Other,
+}
+
+impl FailureReason {
+    fn label(self) -> &'static str {
+        match self {
+            FailureReason::Rejected => "REJECTED",
+            FailureReason::Backend => "BACKEND",
+            FailureReason::Other => "OTHER",
+        }
+    }
+}
+
+/// A count and cumulative nanoseconds (Triton's `StatisticDuration`).
+#[derive(Debug, Default)]
+pub struct Duration2 {
+    /// Number of observations.
+    pub count: AtomicU64,
+    /// Total nanoseconds.
+    pub ns: AtomicU64,
+}
+
+impl Duration2 {
+    fn add(&self, d: Duration) {
+        self.count.fetch_add(1, Relaxed);
+        self.ns.fetch_add(d.as_nanos() as u64, Relaxed);
+    }
+
+    /// JSON form: `{"count": N, "ns": N}`.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({"count": self.count.load(Relaxed), "ns": self.ns.load(Relaxed)})
+    }
+}
+
+/// Statistics of one model version.
+#[derive(Debug, Default)]
+pub struct ModelStats {
+    /// Successful requests.
+    pub success: Duration2,
+    /// Failed requests.
+    pub fail: Duration2,
+    /// Time waiting for a free instance.
+    pub queue: Duration2,
+    /// Input conversion.
+    pub compute_input: Duration2,
+    /// Execution.
+    pub compute_infer: Duration2,
+    /// Output conversion.
+    pub compute_output: Duration2,
+    /// Inferences (batch rows).
+    pub inference_count: AtomicU64,
+    /// Executions.
+    pub execution_count: AtomicU64,
+    /// Accepted, unanswered requests.
+    pub pending: AtomicI64,
+    /// Unix time in ms of the last inference.
+    pub last_inference_ms: AtomicU64,
+    failures: Mutex<BTreeMap<FailureReason, u64>>,
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+}
+
+impl ModelStats {
+    /// Records a successful request with its phases.
+    pub fn record_success(&self, total: Duration, queue: Duration, phases: crate::backend::PhaseTimes, rows: u64) {
+        self.success.add(total);
+        self.queue.add(queue);
+        self.compute_input.add(phases.input);
+        self.compute_infer.add(phases.infer);
+        self.compute_output.add(phases.output);
+        self.inference_count.fetch_add(rows, Relaxed);
+        self.execution_count.fetch_add(1, Relaxed);
+        self.observe(total);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        self.last_inference_ms.store(now, Relaxed);
+    }
+
+    /// Records a failed request.
+    pub fn record_failure(&self, total: Duration, reason: FailureReason) {
+        self.fail.add(total);
+        self.observe(total);
+        if let Ok(mut f) = self.failures.lock() {
+            *f.entry(reason).or_default() += 1;
+        }
+    }
+
+    fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, &b) in LATENCY_BUCKETS.iter().enumerate() {
+            if s <= b {
+                self.buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Triton's `inference_stats` object.
+    pub fn inference_stats_json(&self) -> serde_json::Value {
+        let zero = serde_json::json!({"count": 0, "ns": 0});
+        serde_json::json!({
+            "success": self.success.json(),
+            "fail": self.fail.json(),
+            "queue": self.queue.json(),
+            "compute_input": self.compute_input.json(),
+            "compute_infer": self.compute_infer.json(),
+            "compute_output": self.compute_output.json(),
+            "cache_hit": zero,
+            "cache_miss": zero,
+        })
+    }
+}
+
+/// What `/metrics` needs to know about one model version.
+pub struct ModelMetricsView<'a> {
+    /// Model name.
+    pub model: &'a str,
+    /// Version.
+    pub version: &'a str,
+    /// Execution provider (empty if not loaded).
+    pub execution_provider: &'a str,
+    /// Ready or not.
+    pub ready: bool,
+    /// Load duration, if loaded.
+    pub load_time: Option<Duration>,
+    /// Counters.
+    pub stats: &'a ModelStats,
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Renders the Prometheus text exposition (format 0.0.4) for all models.
+pub fn render(models: &[ModelMetricsView<'_>]) -> String {
+    let mut out = String::with_capacity(4096);
+    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    let labels = |m: &ModelMetricsView<'_>| format!("model=\"{}\",version=\"{}\"", escape(m.model), escape(m.version));
+    type Getter = fn(&ModelStats) -> u64;
+    let counters: [(&str, &str, Getter); 8] = [
+        (REQUEST_SUCCESS, "Number of successful inference requests", |s| s.success.count.load(Relaxed)),
+        (INFERENCE_COUNT, "Number of inferences performed", |s| s.inference_count.load(Relaxed)),
+        (EXEC_COUNT, "Number of model executions performed", |s| s.execution_count.load(Relaxed)),
+        (REQUEST_DURATION_US, "Cumulative inference request duration in microseconds", |s| {
+            (s.success.ns.load(Relaxed) + s.fail.ns.load(Relaxed)) / 1000
+        }),
+        (QUEUE_DURATION_US, "Cumulative inference queuing duration in microseconds", |s| {
+            s.queue.ns.load(Relaxed) / 1000
+        }),
+        (COMPUTE_INPUT_US, "Cumulative compute input duration in microseconds", |s| {
+            s.compute_input.ns.load(Relaxed) / 1000
+        }),
+        (COMPUTE_INFER_US, "Cumulative compute inference duration in microseconds", |s| {
+            s.compute_infer.ns.load(Relaxed) / 1000
+        }),
+        (COMPUTE_OUTPUT_US, "Cumulative inference compute output duration in microseconds", |s| {
+            s.compute_output.ns.load(Relaxed) / 1000
+        }),
+    ];
+    for (name, help, get) in counters {
+        family(&mut out, name, "counter", help);
+        for m in models {
+            let _ = writeln!(out, "{name}{{{}}} {}", labels(m), get(m.stats));
+        }
+    }
+    family(&mut out, REQUEST_FAILURE, "counter", "Number of failed inference requests");
+    for m in models {
+        let failures = m.stats.failures.lock().map(|f| f.clone()).unwrap_or_default();
+        for reason in [FailureReason::Rejected, FailureReason::Backend, FailureReason::Other] {
+            let n = failures.get(&reason).copied().unwrap_or(0);
+            let _ = writeln!(out, "{REQUEST_FAILURE}{{{},reason=\"{}\"}} {n}", labels(m), reason.label());
+        }
+    }
+    family(&mut out, PENDING, "gauge", "Instantaneous number of pending requests awaiting execution");
+    for m in models {
+        let _ = writeln!(out, "{PENDING}{{{}}} {}", labels(m), m.stats.pending.load(Relaxed).max(0));
+    }
+    family(&mut out, REQUEST_DURATION_SECONDS, "histogram", "End-to-end inference request latency in seconds");
+    for m in models {
+        let l = format!("{},execution_provider=\"{}\"", labels(m), escape(m.execution_provider));
+        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+            let _ = writeln!(out, "{REQUEST_DURATION_SECONDS}_bucket{{{l},le=\"{b}\"}} {}", m.stats.buckets[i].load(Relaxed));
+        }
+        let count = m.stats.success.count.load(Relaxed) + m.stats.fail.count.load(Relaxed);
+        let sum_ns = m.stats.success.ns.load(Relaxed) + m.stats.fail.ns.load(Relaxed);
+        let _ = writeln!(out, "{REQUEST_DURATION_SECONDS}_bucket{{{l},le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{REQUEST_DURATION_SECONDS}_sum{{{l}}} {}", sum_ns as f64 / 1e9);
+        let _ = writeln!(out, "{REQUEST_DURATION_SECONDS}_count{{{l}}} {count}");
+    }
+    family(&mut out, MODEL_LOAD_SECONDS, "gauge", "Time taken to load and warm up the model version");
+    for m in models {
+        if let Some(t) = m.load_time {
+            let _ = writeln!(out, "{MODEL_LOAD_SECONDS}{{{}}} {}", labels(m), t.as_secs_f64());
+        }
+    }
+    family(&mut out, MODEL_READY, "gauge", "1 when the model version is loaded and ready");
+    for m in models {
+        let _ = writeln!(out, "{MODEL_READY}{{{}}} {}", labels(m), u8::from(m.ready));
+    }
+    family(&mut out, MODEL_INFO, "gauge", "Model version information; the execution provider really in use");
+    for m in models {
+        if !m.execution_provider.is_empty() {
+            let ep = escape(m.execution_provider);
+            let _ = writeln!(out, "{MODEL_INFO}{{{},execution_provider=\"{ep}\"}} 1", labels(m));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendering_keeps_triton_names_without_total_suffix() {
+        let stats = ModelStats::default();
+        stats.record_success(
+            Duration::from_millis(3),
+            Duration::from_micros(10),
+            crate::backend::PhaseTimes::default(),
+            2,
+        );
+        stats.record_failure(Duration::from_millis(1), FailureReason::Rejected);
+        let text = render(&[ModelMetricsView {
+            model: "m",
+            version: "1",
+            execution_provider: "CPUExecutionProvider",
+            ready: true,
+            load_time: Some(Duration::from_millis(5)),
+            stats: &stats,
+        }]);
+        assert!(text.contains("nv_inference_request_success{model=\"m\",version=\"1\"} 1\n"));
+        assert!(text.contains("nv_inference_count{model=\"m\",version=\"1\"} 2\n"));
+        assert!(text.contains("nv_inference_request_failure{model=\"m\",version=\"1\",reason=\"REJECTED\"} 1\n"));
+        assert!(text.contains("le=\"0.005\"} 2\n"));
+        assert!(!text.contains("_total"));
+    }
+}

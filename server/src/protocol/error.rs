@@ -1,0 +1,78 @@
+//! The one error type every endpoint returns, and its mapping to HTTP status codes.
+
+use http::StatusCode;
+
+use crate::backend::BackendError;
+use crate::repository::LookupError;
+use crate::tensor::TensorError;
+
+/// An error answered to a client as `{"error": "..."}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or does not fit the model (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Unknown model, version or path (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The method is not allowed on the path (405).
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// The body is larger than the configured limit (413).
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The model or server is not ready (503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The runtime failed (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// HTTP status for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> String {
+        serde_json::json!({ "error": self.to_string() }).to_string()
+    }
+}
+
+impl From<TensorError> for ApiError {
+    fn from(e: TensorError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
+impl From<LookupError> for ApiError {
+    fn from(e: LookupError) -> Self {
+        match e {
+            LookupError::NotReady { .. } => ApiError::Unavailable(e.to_string()),
+            _ => ApiError::NotFound(e.to_string()),
+        }
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::InvalidInput(m) => ApiError::BadRequest(m),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// A JSON syntax or structure error, with the position serde reports.
+pub fn json_error(what: &str, e: &serde_json::Error) -> ApiError {
+    ApiError::BadRequest(format!("malformed {what}: {e}"))
+}

@@ -1,0 +1,392 @@
+//! KServe Open Inference Protocol (V2) over REST, with Triton's binary tensor data extension.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use super::error::{ApiError, json_error};
+use crate::backend::{Signature, TensorSpec};
+use crate::inference::input_spec;
+use crate::tensor::{DataType, ElementWriter, Tensor, element_count};
+
+/// Header carrying the length of the JSON part of a binary-extension body.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// Deepest nesting accepted in a `data` array (tensors have far fewer dimensions).
+pub const MAX_DATA_DEPTH: usize = 32;
+
+#[derive(Deserialize)]
+struct RequestHeader<'a> {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    #[serde(borrow)]
+    inputs: Vec<InputHeader<'a>>,
+    #[serde(default)]
+    outputs: Option<Vec<OutputHeader>>,
+}
+
+#[derive(Deserialize)]
+struct InputHeader<'a> {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct OutputHeader {
+    name: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+}
+
+/// A decoded inference request.
+#[derive(Debug)]
+pub struct InferRequest {
+    /// Request id, echoed in the response.
+    pub id: Option<String>,
+    /// Request parameters, passed through to the response.
+    pub parameters: Option<Map<String, Value>>,
+    /// Inputs, typed per the model.
+    pub inputs: Vec<Tensor>,
+    /// Outputs requested (empty: all).
+    pub outputs: Vec<String>,
+    /// Per requested output: answer in binary.
+    pub binary_outputs: Vec<bool>,
+    /// Answer every output in binary unless it says otherwise.
+    pub binary_default: bool,
+}
+
+fn bool_param(p: &Option<Map<String, Value>>, key: &str) -> Result<Option<bool>, ApiError> {
+    match p.as_ref().and_then(|m| m.get(key)) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(ApiError::BadRequest(format!("parameter {key:?} must be true or false, got {other}"))),
+    }
+}
+
+/// Decodes a V2 request body. `json_len` is the `Inference-Header-Content-Length` header, if any.
+pub fn decode_request(sig: &Signature, body: &Bytes, json_len: Option<usize>) -> Result<InferRequest, ApiError> {
+    let (json, mut binary) = match json_len {
+        Some(n) if n > body.len() => {
+            return Err(ApiError::BadRequest(format!(
+                "Inference-Header-Content-Length is {n} but the body has only {} bytes",
+                body.len()
+            )));
+        }
+        Some(n) => (body.slice(..n), body.slice(n..)),
+        None => (body.clone(), Bytes::new()),
+    };
+    let header: RequestHeader<'_> =
+        serde_json::from_slice(&json).map_err(|e| json_error("inference request JSON", &e))?;
+    let mut inputs = Vec::with_capacity(header.inputs.len());
+    for input in &header.inputs {
+        let spec = input_spec(sig, &input.name)?;
+        let dtype = DataType::from_v2_name(&input.datatype).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "input {:?} has unknown datatype {:?}; use one of BOOL, UINT8..UINT64, INT8..INT64, FP16, BF16, FP32, FP64, BYTES",
+                input.name, input.datatype
+            ))
+        })?;
+        if dtype != spec.datatype {
+            return Err(ApiError::BadRequest(format!(
+                "input {:?} has datatype {} but the model expects {}",
+                input.name, dtype, spec.datatype
+            )));
+        }
+        let count = element_count(&input.shape).map_err(|e| ApiError::BadRequest(format!("input {:?}: {e}", input.name)))?;
+        let shape: Vec<usize> = input.shape.iter().map(|&d| d as usize).collect();
+        let binary_size = match input.parameters.as_ref().and_then(|p| p.get("binary_data_size")) {
+            None => None,
+            Some(v) => Some(v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "input {:?}: binary_data_size must be a non-negative integer, got {v}",
+                    input.name
+                ))
+            })?),
+        };
+        let tensor = match (binary_size, input.data) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::BadRequest(format!(
+                    "input {:?} has both \"data\" and binary_data_size; send one",
+                    input.name
+                )));
+            }
+            (Some(n), None) => {
+                if n > binary.len() {
+                    return Err(ApiError::BadRequest(format!(
+                        "input {:?} declares binary_data_size {n} but only {} binary bytes remain in the body",
+                        input.name,
+                        binary.len()
+                    )));
+                }
+                let raw = binary.split_to(n);
+                Tensor::from_binary(&input.name, dtype, shape, raw)
+                    .map_err(|e| ApiError::BadRequest(format!("input {:?}: {e}", input.name)))?
+            }
+            (None, Some(raw)) => decode_data(&input.name, dtype, shape, count, raw)?,
+            (None, None) => {
+                return Err(ApiError::BadRequest(format!(
+                    "input {:?} has no \"data\" and no binary_data_size parameter",
+                    input.name
+                )));
+            }
+        };
+        inputs.push(tensor);
+    }
+    if !binary.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "{} bytes of binary data are not claimed by any input's binary_data_size",
+            binary.len()
+        )));
+    }
+    let binary_default = bool_param(&header.parameters, "binary_data_output")?.unwrap_or(false);
+    let mut outputs = Vec::new();
+    let mut binary_outputs = Vec::new();
+    for o in header.outputs.unwrap_or_default() {
+        binary_outputs.push(bool_param(&o.parameters, "binary_data")?.unwrap_or(binary_default));
+        outputs.push(o.name);
+    }
+    Ok(InferRequest { id: header.id, parameters: header.parameters, inputs, outputs, binary_outputs, binary_default })
+}
+
+fn decode_data(name: &str, dtype: DataType, shape: Vec<usize>, count: usize, raw: &RawValue) -> Result<Tensor, ApiError> {
+    // A JSON element takes at least two bytes ("0,"): the body, not the claimed shape, bounds the
+    // allocation.
+    let mut writer = ElementWriter::new(dtype, count.min(raw.get().len() / 2 + 1), count);
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let result = DataSeed { writer: &mut writer, depth: 0 }.deserialize(&mut de);
+    if let Err(e) = result {
+        return Err(ApiError::BadRequest(format!("input {name:?} data: {e}")));
+    }
+    if writer.count() != count {
+        return Err(ApiError::BadRequest(format!(
+            "input {name:?} has {} elements in \"data\" but shape {shape:?} needs {count}",
+            writer.count()
+        )));
+    }
+    writer.finish(name, shape).map_err(|e| ApiError::BadRequest(format!("input {name:?}: {e}")))
+}
+
+/// Streams JSON `data` (flat or nested arrays) straight into an [`ElementWriter`], so large tensors
+/// never materialise as a `serde_json::Value` tree.
+pub struct DataSeed<'w> {
+    /// Destination.
+    pub writer: &'w mut ElementWriter,
+    /// Current nesting depth.
+    pub depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for DataSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DataSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "an array of {} values", self.writer.dtype())
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        self.writer.push_bool(v).map_err(E::custom)
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.writer.push_i64(v).map_err(E::custom)
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        self.writer.push_u64(v).map_err(E::custom)
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        self.writer.push_f64(v).map_err(E::custom)
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.writer.push_str(v).map_err(E::custom)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if self.depth >= MAX_DATA_DEPTH {
+            return Err(serde::de::Error::custom(format!("arrays nested deeper than {MAX_DATA_DEPTH} levels")));
+        }
+        let depth = self.depth + 1;
+        let writer = self.writer;
+        while seq.next_element_seed(DataSeed { writer: &mut *writer, depth })?.is_some() {}
+        Ok(())
+    }
+}
+
+/// Response encoding: JSON only, or JSON header plus binary blobs.
+pub struct EncodedResponse {
+    /// Body bytes.
+    pub body: Bytes,
+    /// Length of the JSON part when binary blobs follow.
+    pub json_len: Option<usize>,
+}
+
+/// Encodes the response to `req` for model `name` version `version`.
+pub fn encode_response(name: &str, version: u64, req: &InferRequest, outputs: &[Tensor]) -> Result<EncodedResponse, ApiError> {
+    let mut blobs: Vec<Bytes> = Vec::new();
+    let mut out_json = Vec::with_capacity(outputs.len());
+    for (i, t) in outputs.iter().enumerate() {
+        let binary = req.binary_outputs.get(i).copied().unwrap_or(req.binary_default);
+        let mut o = Map::new();
+        o.insert("name".into(), t.name.clone().into());
+        o.insert("datatype".into(), t.dtype.v2_name().into());
+        o.insert("shape".into(), t.shape.clone().into());
+        if binary {
+            let blob = t.to_binary();
+            o.insert("parameters".into(), serde_json::json!({"binary_data_size": blob.len()}));
+            blobs.push(blob);
+        } else {
+            let data = serde_json::to_value(t.json_elements(false))
+                .map_err(|e| ApiError::Internal(format!("failed to encode output {:?}: {e}", t.name)))?;
+            o.insert("data".into(), data);
+        }
+        out_json.push(Value::Object(o));
+    }
+    let mut resp = Map::new();
+    resp.insert("model_name".into(), name.into());
+    resp.insert("model_version".into(), version.to_string().into());
+    if let Some(id) = &req.id {
+        resp.insert("id".into(), id.clone().into());
+    }
+    if let Some(p) = &req.parameters {
+        resp.insert("parameters".into(), Value::Object(p.clone()));
+    }
+    resp.insert("outputs".into(), Value::Array(out_json));
+    let mut body = serde_json::to_vec(&Value::Object(resp)).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if blobs.is_empty() {
+        return Ok(EncodedResponse { body: Bytes::from(body), json_len: None });
+    }
+    let json_len = body.len();
+    for b in blobs {
+        body.extend_from_slice(&b);
+    }
+    Ok(EncodedResponse { body: Bytes::from(body), json_len: Some(json_len) })
+}
+
+fn specs_json(specs: &[TensorSpec]) -> Value {
+    Value::Array(
+        specs
+            .iter()
+            .map(|s| serde_json::json!({"name": s.name, "datatype": s.datatype.v2_name(), "shape": s.shape}))
+            .collect(),
+    )
+}
+
+/// Model metadata (`GET /v2/models/{m}[/versions/{v}]`).
+pub fn model_metadata(name: &str, versions: &[u64], sig: &Signature, execution_provider: &str) -> Value {
+    serde_json::json!({
+        "name": name,
+        "versions": versions.iter().map(u64::to_string).collect::<Vec<_>>(),
+        "platform": "onnxruntime_onnx",
+        "inputs": specs_json(&sig.inputs),
+        "outputs": specs_json(&sig.outputs),
+        "parameters": {"execution_provider": execution_provider},
+    })
+}
+
+/// Triton's model configuration (`GET /v2/models/{m}/config`), as `perf_analyzer` reads it.
+pub fn triton_config(name: &str, sig: &Signature, execution_provider: &str, instances: usize) -> Value {
+    let io = |specs: &[TensorSpec]| -> Value {
+        Value::Array(
+            specs
+                .iter()
+                .map(|s| serde_json::json!({"name": s.name, "data_type": s.datatype.triton_name(), "dims": s.shape}))
+                .collect(),
+        )
+    };
+    let kind = if execution_provider == crate::backend::ort::CUDA_EP { "KIND_GPU" } else { "KIND_CPU" };
+    serde_json::json!({
+        "name": name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "version_policy": {"all": {}},
+        // No dynamic batching yet: dims include the batch dimension, as Triton does for max_batch_size 0.
+        "max_batch_size": 0,
+        "input": io(&sig.inputs),
+        "output": io(&sig.outputs),
+        "instance_group": [{"name": name, "kind": kind, "count": instances}],
+        "parameters": {"execution_provider": {"string_value": execution_provider}},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sig() -> Signature {
+        Signature {
+            inputs: vec![
+                TensorSpec { name: "x".into(), datatype: DataType::F32, shape: vec![-1, 2] },
+                TensorSpec { name: "s".into(), datatype: DataType::Bytes, shape: vec![-1] },
+            ],
+            outputs: vec![TensorSpec { name: "y".into(), datatype: DataType::F32, shape: vec![-1, 2] }],
+        }
+    }
+
+    #[test]
+    fn json_data_is_accepted_flat_or_nested() {
+        for data in ["[1,2,3,4]", "[[1,2],[3,4]]", "[[1.0,2],[3,4e0]]"] {
+            let body = format!(
+                r#"{{"inputs":[{{"name":"x","shape":[2,2],"datatype":"FP32","data":{data}}},{{"name":"s","shape":[1],"datatype":"BYTES","data":["hi"]}}]}}"#
+            );
+            let req = decode_request(&sig(), &Bytes::from(body), None).unwrap();
+            assert_eq!(req.inputs[0].shape, vec![2, 2]);
+            assert_eq!(req.inputs[0].to_binary().len(), 16);
+        }
+    }
+
+    #[test]
+    fn binary_inputs_are_split_by_size_in_order() {
+        let json = r#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","parameters":{"binary_data_size":8}},{"name":"s","shape":[1],"datatype":"BYTES","parameters":{"binary_data_size":6}}],"outputs":[{"name":"y","parameters":{"binary_data":true}}]}"#;
+        let mut body = json.as_bytes().to_vec();
+        body.extend_from_slice(&1.5f32.to_le_bytes());
+        body.extend_from_slice(&(-2.0f32).to_le_bytes());
+        body.extend_from_slice(&[2, 0, 0, 0, b'o', b'k']);
+        let req = decode_request(&sig(), &Bytes::from(body), Some(json.len())).unwrap();
+        assert_eq!(req.binary_outputs, vec![true]);
+        let resp = encode_response("m", 1, &req, &req.inputs[..1]).unwrap();
+        let n = resp.json_len.unwrap();
+        assert_eq!(&resp.body[n..], &[0, 0, 0xc0, 0x3f, 0, 0, 0, 0xc0]);
+    }
+
+    #[test]
+    fn mismatched_binary_sizes_are_rejected() {
+        let json = r#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
+        for extra in [4usize, 12] {
+            let mut body = json.as_bytes().to_vec();
+            body.extend(std::iter::repeat_n(0u8, extra));
+            assert!(decode_request(&sig(), &Bytes::from(body), Some(json.len())).is_err());
+        }
+        assert!(decode_request(&sig(), &Bytes::from(json), Some(json.len() + 1)).is_err());
+    }
+
+    #[test]
+    fn deep_nesting_and_element_count_mismatch_are_rejected() {
+        let deep = format!("{}1{}", "[".repeat(40), "]".repeat(40));
+        let body = format!(r#"{{"inputs":[{{"name":"x","shape":[1,1],"datatype":"FP32","data":{deep}}}]}}"#);
+        let err = decode_request(&sig(), &Bytes::from(body), None).unwrap_err().to_string();
+        assert!(err.contains("nested deeper"), "{err}");
+        let body = r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3]}]}"#;
+        let err = decode_request(&sig(), &Bytes::from(body), None).unwrap_err().to_string();
+        assert!(err.contains("needs 4"), "{err}");
+    }
+
+    #[test]
+    fn huge_shapes_do_not_allocate() {
+        let body = r#"{"inputs":[{"name":"x","shape":[4000000000,2],"datatype":"FP32","data":[1,2]}]}"#;
+        let err = decode_request(&sig(), &Bytes::from(body), None).unwrap_err().to_string();
+        assert!(err.contains("needs 8000000000"), "{err}");
+    }
+}

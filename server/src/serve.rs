@@ -1,0 +1,212 @@
+//! `kubemaas-server serve`: configuration, start-up, model loading and shutdown.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::backend::ort::{self as ortb, ExecutionProvider, OptLevel, OrtModel, OrtOptions};
+use crate::http::{self, AppState, Surface};
+use crate::repository::{self, ModelSource, ModelState, Repository};
+
+/// Flags of `kubemaas-server serve`. Every flag can also be set through the environment.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Model repository in Triton's layout: DIR/<model>/<version>/model.onnx. Every version is
+    /// loaded; the highest is the default.
+    #[arg(long, env = "KUBEMAAS_MODEL_REPOSITORY")]
+    pub model_repository: Option<PathBuf>,
+
+    /// Serve one model file as NAME (version 1). Repeatable.
+    #[arg(long = "model", value_name = "NAME=PATH", env = "KUBEMAAS_MODEL", value_delimiter = ',')]
+    pub models: Vec<String>,
+
+    /// Address to listen on.
+    #[arg(long, env = "KUBEMAAS_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// HTTP port (KServe V2, TF-Serving REST, /metrics). 0 picks a free port.
+    #[arg(long, env = "KUBEMAAS_HTTP_PORT", default_value_t = 8080)]
+    pub http_port: u16,
+
+    /// Port serving only /metrics and health. 0 picks a free port.
+    #[arg(long, env = "KUBEMAAS_METRICS_PORT", default_value_t = 9090)]
+    pub metrics_port: u16,
+
+    /// ONNX Runtime shared library (libonnxruntime.so). Without it, the project's cached copy
+    /// (~/.cache/kubemaas/ort/<version>/) and the directory of this executable are tried.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_library: Option<PathBuf>,
+
+    /// Execution provider: cpu, cuda (fail if CUDA does not register), or auto (CUDA when it
+    /// really registers, else CPU). The provider in use is logged, shown in model metadata and
+    /// exported as a metric label.
+    #[arg(long, env = "KUBEMAAS_EXECUTION_PROVIDER", value_enum, default_value = "auto")]
+    pub execution_provider: ExecutionProvider,
+
+    /// Graph optimisation level.
+    #[arg(long, env = "KUBEMAAS_GRAPH_OPTIMIZATION", value_enum, default_value = "all")]
+    pub graph_optimization: OptLevel,
+
+    /// Intra-op threads per session; 0 lets ONNX Runtime use one per core.
+    #[arg(long, env = "KUBEMAAS_INTRA_OP_THREADS", default_value_t = 0)]
+    pub intra_op_threads: usize,
+
+    /// ONNX Runtime sessions per model: requests run in parallel up to this many.
+    #[arg(long, env = "KUBEMAAS_INSTANCES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub instances: u16,
+
+    /// Largest request body accepted, in bytes; larger bodies get 413.
+    #[arg(long, env = "KUBEMAAS_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+
+    /// Seconds to let in-flight requests finish after SIGTERM before exiting.
+    #[arg(long, env = "KUBEMAAS_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+}
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Bad repository or flags.
+    #[error(transparent)]
+    Repository(#[from] repository::RepositoryError),
+    /// The runtime library is missing.
+    #[error(
+        "failed to load the ONNX Runtime library ({tried}).\n\
+         Get it with `make setup` (or scripts/setup.sh), which unpacks libonnxruntime.so from the \
+         onnxruntime=={version} wheel on PyPI into ~/.cache/kubemaas/ort/{version}/, or pass \
+         --ort-library /path/to/libonnxruntime.so (env ORT_DYLIB_PATH). Last error: {last}"
+    )]
+    Library {
+        /// Paths tried.
+        tried: String,
+        /// Version expected.
+        version: &'static str,
+        /// Last loader error.
+        last: String,
+    },
+    /// A port could not be bound.
+    #[error(transparent)]
+    Transport(#[from] http::TransportError),
+}
+
+fn init_library(explicit: Option<&PathBuf>) -> Result<ort::environment::Environment, ServeError> {
+    let candidates: Vec<PathBuf> = match explicit {
+        Some(p) => vec![p.clone()],
+        None => ortb::default_library_candidates().into_iter().filter(|p| p.exists()).collect(),
+    };
+    let mut last = String::from("no candidate file exists");
+    for path in &candidates {
+        match ortb::init_runtime(path) {
+            Ok(env) => {
+                tracing::info!(library = %path.display(), "ONNX Runtime loaded");
+                return Ok(env);
+            }
+            Err(e) => last = e.to_string(),
+        }
+    }
+    let tried = match explicit {
+        Some(p) => p.display().to_string(),
+        None => ortb::default_library_candidates().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+    };
+    Err(ServeError::Library { tried, version: ortb::ORT_VERSION, last })
+}
+
+/// Runs the server until SIGTERM or SIGINT, then drains and returns.
+pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
+    // Destructured so that no flag can be silently ignored.
+    let ServeArgs {
+        model_repository,
+        models,
+        host,
+        http_port,
+        metrics_port,
+        ort_library,
+        execution_provider,
+        graph_optimization,
+        intra_op_threads,
+        instances,
+        max_request_bytes,
+        shutdown_timeout,
+    } = args;
+
+    let mut sources: Vec<ModelSource> = match &model_repository {
+        Some(dir) => repository::scan(dir)?,
+        None => Vec::new(),
+    };
+    for m in &models {
+        sources.push(repository::parse_model_flag(m)?);
+    }
+    let sources = repository::merge_sources(sources)?;
+    let env = init_library(ort_library.as_ref())?;
+
+    let repo = Arc::new(Repository::new(&sources));
+    let state = Arc::new(AppState { repo: repo.clone(), max_request_bytes });
+    let http_listener = http::bind(SocketAddr::new(host, http_port)).await?;
+    let metrics_listener = http::bind(SocketAddr::new(host, metrics_port)).await?;
+    let http_addr = http_listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let metrics_addr = metrics_listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(http = %http_addr, metrics = %metrics_addr, models = sources.len(), "listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let grace = Duration::from_secs(shutdown_timeout);
+    let servers = [
+        tokio::spawn(http::serve(http_listener, state.clone(), Surface::Full, stop_rx.clone(), grace)),
+        tokio::spawn(http::serve(metrics_listener, state.clone(), Surface::MetricsOnly, stop_rx, grace)),
+    ];
+
+    // Load in the background so liveness answers while large models load.
+    let opts = OrtOptions {
+        execution_provider,
+        optimization: graph_optimization,
+        intra_threads: intra_op_threads,
+        instances: usize::from(instances),
+    };
+    let loader_repo = repo.clone();
+    let loader = tokio::task::spawn_blocking(move || {
+        for source in &sources {
+            let loaded = repository::load_and_warm(source, |path| {
+                OrtModel::load(&env, path, &opts).map(|m| Box::new(m) as Box<dyn crate::backend::Backend>)
+            });
+            match loaded {
+                Ok(m) => loader_repo.set_state(&source.name, source.version, ModelState::Ready(Arc::new(m))),
+                Err(e) => {
+                    tracing::error!(model = %source.name, version = source.version, error = %e, "model failed to load");
+                    loader_repo.set_state(&source.name, source.version, ModelState::Failed(e));
+                }
+            }
+        }
+        if loader_repo.all_ready() {
+            tracing::info!("all models ready");
+        }
+    });
+
+    wait_for_signal().await;
+    tracing::info!(timeout_s = shutdown_timeout, "shutdown requested: readiness is now false, draining");
+    repo.begin_shutdown();
+    let _ = stop_tx.send(true);
+    for s in servers {
+        let _ = s.await;
+    }
+    loader.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
