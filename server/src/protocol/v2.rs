@@ -233,38 +233,53 @@ pub struct EncodedResponse {
     pub json_len: Option<usize>,
 }
 
-/// Encodes the response to `req` for model `name` version `version`.
+#[derive(serde::Serialize)]
+struct OutputJson<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [usize],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<crate::tensor::JsonElements<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct ResponseJson<'a> {
+    model_name: &'a str,
+    model_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<&'a Map<String, Value>>,
+    outputs: Vec<OutputJson<'a>>,
+}
+
+/// Encodes the response to `req` for model `name` version `version`. Elements are written straight
+/// from the tensor bytes (f32 stays in its shortest f32 form).
 pub fn encode_response(name: &str, version: u64, req: &InferRequest, outputs: &[Tensor]) -> Result<EncodedResponse, ApiError> {
     let mut blobs: Vec<Bytes> = Vec::new();
     let mut out_json = Vec::with_capacity(outputs.len());
     for (i, t) in outputs.iter().enumerate() {
         let binary = req.binary_outputs.get(i).copied().unwrap_or(req.binary_default);
-        let mut o = Map::new();
-        o.insert("name".into(), t.name.clone().into());
-        o.insert("datatype".into(), t.dtype.v2_name().into());
-        o.insert("shape".into(), t.shape.clone().into());
-        if binary {
+        let (parameters, data) = if binary {
             let blob = t.to_binary();
-            o.insert("parameters".into(), serde_json::json!({"binary_data_size": blob.len()}));
+            let p = serde_json::json!({"binary_data_size": blob.len()});
             blobs.push(blob);
+            (Some(p), None)
         } else {
-            let data = serde_json::to_value(t.json_elements(false))
-                .map_err(|e| ApiError::Internal(format!("failed to encode output {:?}: {e}", t.name)))?;
-            o.insert("data".into(), data);
-        }
-        out_json.push(Value::Object(o));
+            (None, Some(t.json_elements(false)))
+        };
+        out_json.push(OutputJson { name: &t.name, datatype: t.dtype.v2_name(), shape: &t.shape, parameters, data });
     }
-    let mut resp = Map::new();
-    resp.insert("model_name".into(), name.into());
-    resp.insert("model_version".into(), version.to_string().into());
-    if let Some(id) = &req.id {
-        resp.insert("id".into(), id.clone().into());
-    }
-    if let Some(p) = &req.parameters {
-        resp.insert("parameters".into(), Value::Object(p.clone()));
-    }
-    resp.insert("outputs".into(), Value::Array(out_json));
-    let mut body = serde_json::to_vec(&Value::Object(resp)).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let resp = ResponseJson {
+        model_name: name,
+        model_version: version.to_string(),
+        id: req.id.as_deref(),
+        parameters: req.parameters.as_ref(),
+        outputs: out_json,
+    };
+    let mut body = serde_json::to_vec(&resp).map_err(|e| ApiError::Internal(format!("failed to encode the response: {e}")))?;
     if blobs.is_empty() {
         return Ok(EncodedResponse { body: Bytes::from(body), json_len: None });
     }

@@ -1,0 +1,128 @@
+"""Writes the ONNX models the integration tests serve, into a Triton-layout repository.
+
+Each model exercises one thing: every ONNX Runtime tensor type (`dtypes`), a real computation with
+dynamic dims (`model`, the TF-Serving example's [-1,10] input; `arith`), several versions
+(`versioned`), an input that a zero-filled warm-up cannot satisfy (`reshape`), a slow model for
+shutdown tests (`slow`), and a file that is not a model (`broken`).
+
+Usage: python make_models.py OUT_DIR
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 21)]
+IR = 10
+
+DTYPES = {
+    "bool": TensorProto.BOOL,
+    "uint8": TensorProto.UINT8,
+    "uint16": TensorProto.UINT16,
+    "uint32": TensorProto.UINT32,
+    "uint64": TensorProto.UINT64,
+    "int8": TensorProto.INT8,
+    "int16": TensorProto.INT16,
+    "int32": TensorProto.INT32,
+    "int64": TensorProto.INT64,
+    "fp16": TensorProto.FLOAT16,
+    "bf16": TensorProto.BFLOAT16,
+    "fp32": TensorProto.FLOAT,
+    "fp64": TensorProto.DOUBLE,
+    "bytes": TensorProto.STRING,
+}
+
+
+def save(model, out: Path, name: str, version: int = 1):
+    onnx.checker.check_model(model)
+    d = out / name / str(version)
+    d.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(d / "model.onnx"))
+
+
+def model(nodes, inputs, outputs, initializers=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    return helper.make_model(graph, opset_imports=OPSET, ir_version=IR)
+
+
+def main(out: Path):
+    # One Identity per type; dims are dynamic and named, so any shape goes through.
+    inputs, outputs, nodes = [], [], []
+    for name, ty in DTYPES.items():
+        inputs.append(helper.make_tensor_value_info(f"in_{name}", ty, ["batch", "n"]))
+        outputs.append(helper.make_tensor_value_info(f"out_{name}", ty, ["batch", "n"]))
+        nodes.append(helper.make_node("Identity", [f"in_{name}"], [f"out_{name}"]))
+    save(model(nodes, inputs, outputs), out, "dtypes")
+
+    # Dense layer + ReLU, [-1,10] -> [-1,3], fixed weights.
+    rng = np.random.default_rng(7)
+    w = numpy_helper.from_array(rng.standard_normal((10, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "b")
+    save(
+        model(
+            [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["z"]),
+             helper.make_node("Relu", ["z"], ["y"])],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 10])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3])],
+            [w, b],
+        ),
+        out,
+        "model",
+    )
+
+    # Two inputs of different types, two outputs: output selection and multi-output formats.
+    two = numpy_helper.from_array(np.array(2.0, dtype=np.float64), "two")
+    one = numpy_helper.from_array(np.array(1, dtype=np.int32), "one")
+    save(
+        model(
+            [helper.make_node("Mul", ["a", "two"], ["a2"]), helper.make_node("Add", ["b", "one"], ["b1"])],
+            [helper.make_tensor_value_info("a", TensorProto.DOUBLE, ["batch", 4]),
+             helper.make_tensor_value_info("b", TensorProto.INT32, ["batch", 3])],
+            [helper.make_tensor_value_info("a2", TensorProto.DOUBLE, ["batch", 4]),
+             helper.make_tensor_value_info("b1", TensorProto.INT32, ["batch", 3])],
+            [two, one],
+        ),
+        out,
+        "arith",
+    )
+
+    # Versions 1 and 3 add different constants: the default must be 3.
+    for v in (1, 3):
+        c = numpy_helper.from_array(np.array(float(v), dtype=np.float32), "c")
+        save(
+            model([helper.make_node("Add", ["x", "c"], ["y"])],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1])], [c]),
+            out, "versioned", v,
+        )
+
+    # Reshape driven by a shape input: the zero-filled warm-up ([0] as a shape) is rejected.
+    save(
+        model([helper.make_node("Reshape", ["x", "shape"], ["y"])],
+              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1]),
+               helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, -1])]),
+        out, "reshape",
+    )
+
+    # A chain of large MatMuls: each request takes a noticeable time (shutdown-under-load test).
+    m = numpy_helper.from_array((rng.standard_normal((512, 512)) / 23).astype(np.float32), "m")
+    chain, prev = [], "x"
+    for i in range(24):
+        chain.append(helper.make_node("MatMul", [prev, "m"], [f"t{i}"]))
+        prev = f"t{i}"
+    chain.append(helper.make_node("Identity", [prev], ["y"]))
+    save(model(chain, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 512])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 512])], [m]), out, "slow")
+
+    # Not a model at all: must be reported not ready with its load error, not crash the server.
+    d = out / "broken" / "1"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "model.onnx").write_bytes(b"this is not an onnx model")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
