@@ -1,0 +1,163 @@
+"""Malformed requests: each gets the right 4xx with {"error": ...}, and the server keeps serving."""
+
+import json
+import socket
+
+import pytest
+import requests
+
+X = {"name": "x", "shape": [1, 10], "datatype": "FP32", "data": list(range(10))}
+A = {"name": "a", "shape": [1, 4], "datatype": "FP64", "data": [1, 2, 3, 4]}
+B = {"name": "b", "shape": [1, 3], "datatype": "INT32", "data": [1, 2, 3]}
+
+
+def req(inputs, **extra):
+    return json.dumps({"inputs": inputs, **extra})
+
+
+def with_(base, **kw):
+    return {**base, **kw}
+
+
+BIN_HDR = req([with_(X, data=None, parameters={"binary_data_size": 40})]).replace('"data": null, ', "")
+
+# (id, method, path, body, headers, status)
+CASES = [
+    ("empty-body", "POST", "/v2/models/model/infer", "", {}, 400),
+    ("truncated-json", "POST", "/v2/models/model/infer", req([X])[:-7], {}, 400),
+    ("not-json", "POST", "/v2/models/model/infer", "hello", {}, 400),
+    ("json-array", "POST", "/v2/models/model/infer", "[1,2]", {}, 400),
+    ("json-null", "POST", "/v2/models/model/infer", "null", {}, 400),
+    ("no-inputs-key", "POST", "/v2/models/model/infer", "{}", {}, 400),
+    ("inputs-not-list", "POST", "/v2/models/model/infer", '{"inputs": 5}', {}, 400),
+    ("empty-inputs", "POST", "/v2/models/model/infer", req([]), {}, 400),
+    ("missing-name", "POST", "/v2/models/model/infer", req([{k: v for k, v in X.items() if k != "name"}]), {}, 400),
+    ("missing-shape", "POST", "/v2/models/model/infer", req([{k: v for k, v in X.items() if k != "shape"}]), {}, 400),
+    ("missing-datatype", "POST", "/v2/models/model/infer", req([{k: v for k, v in X.items() if k != "datatype"}]), {}, 400),
+    ("missing-data", "POST", "/v2/models/model/infer", req([{k: v for k, v in X.items() if k != "data"}]), {}, 400),
+    ("unknown-input", "POST", "/v2/models/model/infer", req([with_(X, name="nope")]), {}, 400),
+    ("duplicate-input", "POST", "/v2/models/model/infer", req([X, X]), {}, 400),
+    ("missing-second-input", "POST", "/v2/models/arith/infer", req([A]), {}, 400),
+    ("unknown-datatype", "POST", "/v2/models/model/infer", req([with_(X, datatype="FLOAT")]), {}, 400),
+    ("wrong-datatype", "POST", "/v2/models/model/infer", req([with_(X, datatype="FP64")]), {}, 400),
+    ("wrong-rank", "POST", "/v2/models/model/infer", req([with_(X, shape=[10])]), {}, 400),
+    ("wrong-static-dim", "POST", "/v2/models/model/infer", req([with_(X, shape=[2, 5])]), {}, 400),
+    ("too-few-elements", "POST", "/v2/models/model/infer", req([with_(X, data=list(range(9)))]), {}, 400),
+    ("too-many-elements", "POST", "/v2/models/model/infer", req([with_(X, data=list(range(11)))]), {}, 400),
+    ("negative-dim", "POST", "/v2/models/model/infer", req([with_(X, shape=[-1, 10])]), {}, 400),
+    ("enormous-shape", "POST", "/v2/models/model/infer", req([with_(X, shape=[2**62, 10])]), {}, 400),
+    ("overflowing-shape", "POST", "/v2/models/dtypes/infer",
+     req([{"name": "in_int8", "shape": [2**40, 2**40], "datatype": "INT8", "data": [1]}]), {}, 400),
+    ("shape-not-ints", "POST", "/v2/models/model/infer", req([with_(X, shape=["1", 10])]), {}, 400),
+    ("shape-float", "POST", "/v2/models/model/infer", req([with_(X, shape=[1.5, 10])]), {}, 400),
+    ("string-in-float-data", "POST", "/v2/models/model/infer", req([with_(X, data=["a"] * 10)]), {}, 400),
+    ("null-in-data", "POST", "/v2/models/model/infer", req([with_(X, data=[None] * 10)]), {}, 400),
+    ("object-in-data", "POST", "/v2/models/model/infer", req([with_(X, data=[{}] * 10)]), {}, 400),
+    ("bool-in-float-data", "POST", "/v2/models/model/infer", req([with_(X, data=[True] * 10)]), {}, 400),
+    ("float-in-int-data", "POST", "/v2/models/arith/infer", req([A, with_(B, data=[1.5, 2, 3])]), {}, 400),
+    ("int-out-of-range", "POST", "/v2/models/arith/infer", req([A, with_(B, data=[2**31, 2, 3])]), {}, 400),
+    ("uint8-negative", "POST", "/v2/models/dtypes/infer",
+     req([{"name": "in_uint8", "shape": [1, 1], "datatype": "UINT8", "data": [-1]}]), {}, 400),
+    ("bool-as-2", "POST", "/v2/models/dtypes/infer",
+     req([{"name": "in_bool", "shape": [1, 1], "datatype": "BOOL", "data": [2]}]), {}, 400),
+    ("number-for-bytes", "POST", "/v2/models/dtypes/infer",
+     req([{"name": "in_bytes", "shape": [1, 1], "datatype": "BYTES", "data": [7]}]), {}, 400),
+    ("huge-nesting", "POST", "/v2/models/model/infer", req([with_(X, data="@")]).replace('"@"', "[" * 5000 + "1" + "]" * 5000), {}, 400),
+    ("nesting-over-32", "POST", "/v2/models/model/infer", req([with_(X, data="@")]).replace('"@"', "[" * 40 + "1" + "]" * 40), {}, 400),
+    ("unknown-output", "POST", "/v2/models/model/infer", req([X], outputs=[{"name": "zz"}]), {}, 400),
+    ("duplicate-output", "POST", "/v2/models/model/infer", req([X], outputs=[{"name": "y"}, {"name": "y"}]), {}, 400),
+    ("binary-data-output-not-bool", "POST", "/v2/models/model/infer", req([X], parameters={"binary_data_output": "yes"}), {}, 400),
+    ("binary-size-negative", "POST", "/v2/models/model/infer",
+     req([with_(X, parameters={"binary_data_size": -4})]), {}, 400),
+    ("binary-and-data", "POST", "/v2/models/model/infer",
+     req([with_(X, parameters={"binary_data_size": 40})]) + "\0" * 40, {"Inference-Header-Content-Length": "__LEN__"}, 400),
+    ("binary-too-short", "POST", "/v2/models/model/infer", BIN_HDR + "\0" * 39, {"Inference-Header-Content-Length": "__LEN__"}, 400),
+    ("binary-too-long", "POST", "/v2/models/model/infer", BIN_HDR + "\0" * 41, {"Inference-Header-Content-Length": "__LEN__"}, 400),
+    ("binary-wrong-size-for-shape", "POST", "/v2/models/model/infer",
+     BIN_HDR.replace("40", "36") + "\0" * 36, {"Inference-Header-Content-Length": "__LEN__"}, 400),
+    ("header-length-beyond-body", "POST", "/v2/models/model/infer", req([X]), {"Inference-Header-Content-Length": "999999"}, 400),
+    ("header-length-not-a-number", "POST", "/v2/models/model/infer", req([X]), {"Inference-Header-Content-Length": "abc"}, 400),
+    ("header-length-cuts-json", "POST", "/v2/models/model/infer", req([X]), {"Inference-Header-Content-Length": "10"}, 400),
+    ("bytes-binary-bad-prefix", "POST", "/v2/models/dtypes/infer",
+     req([{"name": "in_bytes", "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}]) + "\x09\0\0\0ab",
+     {"Inference-Header-Content-Length": "__LEN__"}, 400),
+    ("bool-binary-byte-7", "POST", "/v2/models/dtypes/infer",
+     req([{"name": "in_bool", "shape": [1, 1], "datatype": "BOOL", "parameters": {"binary_data_size": 1}}]) + "\x07",
+     {"Inference-Header-Content-Length": "__LEN__"}, 400),
+    ("unknown-model", "POST", "/v2/models/nope/infer", req([X]), {}, 404),
+    ("unknown-version", "POST", "/v2/models/model/versions/9/infer", req([X]), {}, 404),
+    ("non-numeric-version", "GET", "/v2/models/model/versions/latest", "", {}, 404),
+    ("unknown-path", "GET", "/v3/whatever", "", {}, 404),
+    ("unknown-model-subpath", "GET", "/v2/models/model/bogus", "", {}, 404),
+    ("get-on-infer", "GET", "/v2/models/model/infer", "", {}, 405),
+    ("metadata-unknown-model", "GET", "/v2/models/nope", "", {}, 404),
+    ("v1-not-json", "POST", "/v1/models/model:predict", "{{", {}, 400),
+    ("v1-no-instances", "POST", "/v1/models/model:predict", "{}", {}, 400),
+    ("v1-both-formats", "POST", "/v1/models/model:predict", '{"instances": [[1]], "inputs": [[1]]}', {}, 400),
+    ("v1-instances-not-list", "POST", "/v1/models/model:predict", '{"instances": 3}', {}, 400),
+    ("v1-empty-instances", "POST", "/v1/models/model:predict", '{"instances": []}', {}, 400),
+    ("v1-ragged", "POST", "/v1/models/model:predict", '{"instances": [[1,2,3,4,5,6,7,8,9,10],[1]]}', {}, 400),
+    ("v1-wrong-width", "POST", "/v1/models/model:predict", '{"instances": [[1,2,3]]}', {}, 400),
+    ("v1-bad-b64", "POST", "/v1/models/dtypes:predict", '{"inputs": {"in_bytes": [[{"b64": "!!!"}]]}}', {}, 400),
+    ("v1-string-for-float", "POST", "/v1/models/model:predict", '{"instances": [["a","b","c","d","e","f","g","h","i","j"]]}', {}, 400),
+    ("v1-unknown-input", "POST", "/v1/models/arith:predict", '{"inputs": {"zz": [1]}}', {}, 400),
+    ("v1-multi-input-unnamed", "POST", "/v1/models/arith:predict", '{"instances": [[1,2,3,4]]}', {}, 400),
+    ("v1-unknown-verb", "POST", "/v1/models/model:classify", '{"examples": []}', {}, 400),
+    ("v1-unknown-model", "POST", "/v1/models/nope:predict", '{"instances": [[1]]}', {}, 404),
+    ("v1-get-predict", "GET", "/v1/models/model:predict", "", {}, 405),
+    ("v1-deep-nesting", "POST", "/v1/models/model:predict", '{"instances": ' + "[" * 100 + "1" + "]" * 100 + "}", {}, 400),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_malformed_request_gets_4xx_with_error_and_server_keeps_serving(server, case):
+    _, method, path, body, headers, status = case
+    data = body.encode("latin-1") if isinstance(body, str) else body
+    if headers.get("Inference-Header-Content-Length") == "__LEN__":
+        headers = {**headers, "Inference-Header-Content-Length": str(data.index(b"}]}") + 3)}
+    r = requests.request(method, f"{server.url}{path}", data=data, headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+    assert isinstance(r.json()["error"], str) and r.json()["error"]
+    assert server.alive()
+
+
+def test_there_are_at_least_fifty_malformed_cases():
+    assert len(CASES) >= 50
+
+
+def test_body_over_the_limit_gets_413_declared_or_streamed(server):
+    big = b"[" + b"1," * (5 * 1024 * 1024) + b"1]"
+    r = requests.post(f"{server.url}/v2/models/model/infer", data=big, timeout=60)
+    assert r.status_code == 413 and "max-request-bytes" in r.json()["error"]
+
+    def chunks():  # no Content-Length: the limit must hold while streaming
+        for _ in range(10):
+            yield b"x" * (1024 * 1024)
+
+    r = requests.post(f"{server.url}/v2/models/model/infer", data=chunks(), timeout=60)
+    assert r.status_code == 413
+    assert server.alive()
+
+
+def raw_exchange(server, payload: bytes, read=True):
+    host, port = server.http.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        return s.recv(65536) if read else b""
+
+
+def test_garbage_and_truncated_http_only_affect_their_own_connection(server):
+    raw_exchange(server, b"\x00\xff garbage \r\n\r\n")
+    # Declares 1000 bytes, sends 10 then closes: the request fails alone.
+    raw_exchange(server, b"POST /v2/models/model/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"inputs\":")
+    reply = raw_exchange(server, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert server.alive()
+
+
+def test_request_without_content_type_is_json(server):
+    body = req([X]).encode()
+    r = requests.post(f"{server.url}/v2/models/model/infer", data=body, headers={"Content-Type": None})
+    assert "Content-Type" not in r.request.headers
+    assert r.status_code == 200, r.text
