@@ -65,6 +65,12 @@ pub struct ServeArgs {
     /// Seconds to let in-flight requests finish after SIGTERM before exiting.
     #[arg(long, env = "KUBEMAAS_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
+
+    /// Seconds to keep accepting new requests after SIGTERM while readiness already reports
+    /// false, so load balancers (Kubernetes endpoints) stop routing here before connections are
+    /// refused. Draining (--shutdown-timeout) starts after it.
+    #[arg(long, env = "KUBEMAAS_SHUTDOWN_DELAY", default_value_t = 0)]
+    pub shutdown_delay: u64,
 }
 
 /// Errors that stop the server from starting.
@@ -131,6 +137,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         instances,
         max_request_bytes,
         shutdown_timeout,
+        shutdown_delay,
     } = args;
 
     let mut sources: Vec<ModelSource> = match &model_repository {
@@ -185,8 +192,10 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     });
 
     wait_for_signal().await;
-    tracing::info!(timeout_s = shutdown_timeout, "shutdown requested: readiness is now false, draining");
+    tracing::info!(delay_s = shutdown_delay, timeout_s = shutdown_timeout, "shutdown requested: readiness is now false");
     repo.begin_shutdown();
+    tokio::time::sleep(Duration::from_secs(shutdown_delay)).await;
+    tracing::info!("no longer accepting connections; draining in-flight requests");
     let _ = stop_tx.send(true);
     for s in servers {
         let _ = s.await;

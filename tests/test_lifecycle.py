@@ -1,0 +1,97 @@
+"""Lifecycle: SIGTERM under load, the ORT library missing, perf_analyzer against the server."""
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import BINARY, Server
+
+
+def pending(server):
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=5).text
+    m = re.search(r'nv_inference_pending_request_count\{model="slow",version="1"\} (\d+)', text)
+    return int(m.group(1)) if m else 0
+
+
+def test_sigterm_under_load_loses_no_accepted_request(repo_dir, tmp_path):
+    s = Server(["--model", f"slow={repo_dir / 'slow' / '1' / 'model.onnx'}", "--instances", "1",
+                "--shutdown-timeout", "60", "--shutdown-delay", "1"], tmp_path / "server.log")
+    s.wait_loaded()
+    x = np.random.default_rng(0).standard_normal((1024, 512)).astype(np.float32)
+    # Binary in and out, so the time is spent in the model, not in JSON.
+    header = ('{"inputs": [{"name": "x", "shape": [1024, 512], "datatype": "FP32", '
+              '"parameters": {"binary_data_size": %d}}], "parameters": {"binary_data_output": true}}' % x.nbytes).encode()
+    headers = {"Inference-Header-Content-Length": str(len(header))}
+    n = 6
+    results = [None] * n
+
+    def call(i):
+        try:
+            r = requests.post(f"{s.url}/v2/models/slow/infer", data=header + x.tobytes(), headers=headers, timeout=120)
+            n_json = int(r.headers["Inference-Header-Content-Length"])
+            results[i] = (r.status_code, len(r.content) - n_json)
+        except Exception as e:  # noqa: BLE001 - recorded and asserted below
+            results[i] = ("error", repr(e))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    # Wait until every request is accepted and queued or running, one instance serving them in turn.
+    deadline = time.time() + 60
+    while pending(s) < n and time.time() < deadline:
+        time.sleep(0.01)
+    assert pending(s) == n, "requests were not all accepted"
+    s.proc.send_signal(signal.SIGTERM)
+    # Readiness turns false at once; new requests are still taken during --shutdown-delay.
+    time.sleep(0.1)
+    assert requests.get(f"{s.url}/v2/health/ready", timeout=5).status_code == 503
+    assert requests.get(f"{s.url}/v2/models/slow/ready", timeout=5).status_code == 503
+    for t in threads:
+        t.join(120)
+    assert s.proc.wait(60) == 0
+    s.stop()
+    assert results == [(200, x.nbytes)] * n, results
+
+
+def test_missing_ort_library_exits_with_instructions(repo_dir, tmp_path):
+    p = subprocess.run([str(BINARY), "serve", "--model", f"m={repo_dir / 'model' / '1' / 'model.onnx'}",
+                        "--ort-library", str(tmp_path / "nope.so"), "--http-port", "0", "--metrics-port", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert "failed to load the ONNX Runtime library" in p.stderr and "make setup" in p.stderr
+    assert "panicked" not in p.stderr
+
+
+def test_cuda_requested_without_cuda_reports_the_model_not_ready(repo_dir, tmp_path):
+    s = Server(["--model", f"model={repo_dir / 'model' / '1' / 'model.onnx'}", "--execution-provider", "cuda"],
+               tmp_path / "server.log")
+    try:
+        index = s.wait_loaded()
+        assert index[0]["state"] == "UNAVAILABLE" and "CUDA" in index[0]["reason"]
+        assert requests.get(f"{s.url}/v2/models/model/ready").status_code == 503
+    finally:
+        assert s.stop() == 0
+
+
+def test_perf_analyzer_runs_against_the_server(server):
+    pa = os.environ.get("KUBEMAAS_PERF_ANALYZER")
+    if not pa:
+        pytest.fail("KUBEMAAS_PERF_ANALYZER unset: run through `make test` (scripts/setup.sh --test)")
+    env = {**os.environ, "LD_LIBRARY_PATH": os.environ.get("KUBEMAAS_PERF_ANALYZER_LIBS", "")}
+    for shared_memory in ("none",):
+        p = subprocess.run([pa, "-m", "model", "-u", server.http, "-i", "http", "--shape", "x:4,10",
+                            "--concurrency-range", "1:2", "--measurement-interval", "1000",
+                            "--shared-memory", shared_memory],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert re.search(r"Concurrency: 2, throughput: [0-9.]+ infer/sec", p.stdout), p.stdout
+    # Server-side statistics saw the load.
+    st = requests.get(f"{server.url}/v2/models/model/stats").json()["model_stats"][0]
+    assert st["inference_stats"]["success"]["count"] > 10
