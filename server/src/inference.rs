@@ -15,19 +15,29 @@ use crate::tensor::Tensor;
 /// Finds the model input called `name`, or explains which inputs exist.
 pub fn input_spec<'a>(sig: &'a Signature, name: &str) -> Result<&'a TensorSpec, ApiError> {
     sig.inputs.iter().find(|i| i.name == name).ok_or_else(|| {
-        ApiError::BadRequest(format!("unknown input {name:?}; the model's inputs are {}", names(&sig.inputs)))
+        ApiError::BadRequest(format!(
+            "unknown input {name:?}; the model's inputs are {}",
+            names(&sig.inputs)
+        ))
     })
 }
 
 fn names(specs: &[TensorSpec]) -> String {
-    specs.iter().map(|s| format!("{:?}", s.name)).collect::<Vec<_>>().join(", ")
+    specs
+        .iter()
+        .map(|s| format!("{:?}", s.name))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Checks that `inputs` are exactly the model's inputs with compatible shapes.
 pub fn validate_inputs(sig: &Signature, inputs: &[Tensor]) -> Result<(), ApiError> {
     for (i, t) in inputs.iter().enumerate() {
         if inputs[..i].iter().any(|o| o.name == t.name) {
-            return Err(ApiError::BadRequest(format!("input {:?} is given more than once", t.name)));
+            return Err(ApiError::BadRequest(format!(
+                "input {:?} is given more than once",
+                t.name
+            )));
         }
         let spec = input_spec(sig, &t.name)?;
         if spec.datatype != t.dtype {
@@ -37,7 +47,11 @@ pub fn validate_inputs(sig: &Signature, inputs: &[Tensor]) -> Result<(), ApiErro
             )));
         }
         let fits = spec.shape.len() == t.shape.len()
-            && spec.shape.iter().zip(&t.shape).all(|(&m, &d)| m < 0 || m as usize == d);
+            && spec
+                .shape
+                .iter()
+                .zip(&t.shape)
+                .all(|(&m, &d)| m < 0 || m as usize == d);
         if !fits {
             return Err(ApiError::BadRequest(format!(
                 "input {:?} has shape {:?} but the model expects {:?} (-1 is any size)",
@@ -45,7 +59,11 @@ pub fn validate_inputs(sig: &Signature, inputs: &[Tensor]) -> Result<(), ApiErro
             )));
         }
     }
-    if let Some(missing) = sig.inputs.iter().find(|s| !inputs.iter().any(|t| t.name == s.name)) {
+    if let Some(missing) = sig
+        .inputs
+        .iter()
+        .find(|s| !inputs.iter().any(|t| t.name == s.name))
+    {
         return Err(ApiError::BadRequest(format!(
             "missing input {:?}; the model needs {}",
             missing.name,
@@ -65,7 +83,9 @@ pub fn validate_outputs(sig: &Signature, outputs: &[String]) -> Result<(), ApiEr
             )));
         }
         if outputs[..i].contains(name) {
-            return Err(ApiError::BadRequest(format!("output {name:?} is requested more than once")));
+            return Err(ApiError::BadRequest(format!(
+                "output {name:?} is requested more than once"
+            )));
         }
     }
     Ok(())
@@ -115,7 +135,9 @@ async fn execute_inner(
     validate_inputs(sig, &inputs)?;
     validate_outputs(sig, &outputs)?;
     let rows = match (sig.inputs.first(), inputs.first()) {
-        (Some(spec), Some(t)) if spec.shape.first() == Some(&-1) => t.shape.first().copied().unwrap_or(1) as u64,
+        (Some(spec), Some(t)) if spec.shape.first() == Some(&-1) => {
+            t.shape.first().copied().unwrap_or(1) as u64
+        }
         _ => 1,
     };
     stats.pending.fetch_add(1, Relaxed);
@@ -145,10 +167,22 @@ mod tests {
     fn sig() -> Signature {
         Signature {
             inputs: vec![
-                TensorSpec { name: "a".into(), datatype: DataType::F32, shape: vec![-1, 3] },
-                TensorSpec { name: "b".into(), datatype: DataType::I64, shape: vec![2] },
+                TensorSpec {
+                    name: "a".into(),
+                    datatype: DataType::F32,
+                    shape: vec![-1, 3],
+                },
+                TensorSpec {
+                    name: "b".into(),
+                    datatype: DataType::I64,
+                    shape: vec![2],
+                },
             ],
-            outputs: vec![TensorSpec { name: "y".into(), datatype: DataType::F32, shape: vec![-1] }],
+            outputs: vec![TensorSpec {
+                name: "y".into(),
+                datatype: DataType::F32,
+                shape: vec![-1],
+            }],
         }
     }
 
@@ -157,11 +191,16 @@ mod tests {
         let a = Tensor::zeros("a", DataType::F32, vec![5, 3]);
         let b = Tensor::zeros("b", DataType::I64, vec![2]);
         assert!(validate_inputs(&sig(), &[a.clone(), b.clone()]).is_ok());
-        let err = validate_inputs(&sig(), std::slice::from_ref(&a)).unwrap_err().to_string();
-        assert!(err.contains("missing input \"b\""), "{err}");
-        let err = validate_inputs(&sig(), &[Tensor::zeros("a", DataType::F32, vec![5, 4]), b.clone()])
+        let err = validate_inputs(&sig(), std::slice::from_ref(&a))
             .unwrap_err()
             .to_string();
+        assert!(err.contains("missing input \"b\""), "{err}");
+        let err = validate_inputs(
+            &sig(),
+            &[Tensor::zeros("a", DataType::F32, vec![5, 4]), b.clone()],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("expects [-1, 3]"), "{err}");
         let err = validate_inputs(&sig(), &[a.clone(), Tensor::zeros("b", DataType::I32, vec![2])])
             .unwrap_err()

@@ -8,7 +8,13 @@ use tracing_subscriber::EnvFilter;
 #[command(name = "kubemaas-server", version, about, long_about = None)]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, env = "KUBEMAAS_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "KUBEMAAS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     log_format: LogFormat,
 
     /// Log filter, e.g. `info` or `kubemaas_server=debug,ort=warn`.
@@ -34,10 +40,16 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    let Cli { log_format, log_level, command } = Cli::parse();
+    let Cli {
+        log_format,
+        log_level,
+        command,
+    } = Cli::parse();
     let filter = EnvFilter::try_new(&log_level)
         .map_err(|e| anyhow::anyhow!("invalid --log-level {log_level:?}: {e}"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),

@@ -41,8 +41,9 @@ pub const MODEL_READY: &str = "kubemaas_model_ready";
 pub const MODEL_INFO: &str = "kubemaas_model_info";
 
 /// Histogram bucket upper bounds in seconds.
-pub const LATENCY_BUCKETS: [f64; 14] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// Why a request failed, as Triton labels it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -115,7 +116,13 @@ pub struct ModelStats {
 
 impl ModelStats {
     /// Records a successful request with its phases.
-    pub fn record_success(&self, total: Duration, queue: Duration, phases: crate::backend::PhaseTimes, rows: u64) {
+    pub fn record_success(
+        &self,
+        total: Duration,
+        queue: Duration,
+        phases: crate::backend::PhaseTimes,
+        rows: u64,
+    ) {
         self.success.add(total);
         self.queue.add(queue);
         self.compute_input.add(phases.input);
@@ -124,7 +131,10 @@ impl ModelStats {
         self.inference_count.fetch_add(rows, Relaxed);
         self.execution_count.fetch_add(1, Relaxed);
         self.observe(total);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         self.last_inference_ms.store(now, Relaxed);
     }
 
@@ -188,27 +198,44 @@ pub fn render(models: &[ModelMetricsView<'_>]) -> String {
     let family = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
-    let labels = |m: &ModelMetricsView<'_>| format!("model=\"{}\",version=\"{}\"", escape(m.model), escape(m.version));
+    let labels =
+        |m: &ModelMetricsView<'_>| format!("model=\"{}\",version=\"{}\"", escape(m.model), escape(m.version));
     type Getter = fn(&ModelStats) -> u64;
     let counters: [(&str, &str, Getter); 8] = [
-        (REQUEST_SUCCESS, "Number of successful inference requests", |s| s.success.count.load(Relaxed)),
-        (INFERENCE_COUNT, "Number of inferences performed", |s| s.inference_count.load(Relaxed)),
-        (EXEC_COUNT, "Number of model executions performed", |s| s.execution_count.load(Relaxed)),
-        (REQUEST_DURATION_US, "Cumulative inference request duration in microseconds", |s| {
-            (s.success.ns.load(Relaxed) + s.fail.ns.load(Relaxed)) / 1000
+        (REQUEST_SUCCESS, "Number of successful inference requests", |s| {
+            s.success.count.load(Relaxed)
         }),
-        (QUEUE_DURATION_US, "Cumulative inference queuing duration in microseconds", |s| {
-            s.queue.ns.load(Relaxed) / 1000
+        (INFERENCE_COUNT, "Number of inferences performed", |s| {
+            s.inference_count.load(Relaxed)
         }),
-        (COMPUTE_INPUT_US, "Cumulative compute input duration in microseconds", |s| {
-            s.compute_input.ns.load(Relaxed) / 1000
+        (EXEC_COUNT, "Number of model executions performed", |s| {
+            s.execution_count.load(Relaxed)
         }),
-        (COMPUTE_INFER_US, "Cumulative compute inference duration in microseconds", |s| {
-            s.compute_infer.ns.load(Relaxed) / 1000
-        }),
-        (COMPUTE_OUTPUT_US, "Cumulative inference compute output duration in microseconds", |s| {
-            s.compute_output.ns.load(Relaxed) / 1000
-        }),
+        (
+            REQUEST_DURATION_US,
+            "Cumulative inference request duration in microseconds",
+            |s| (s.success.ns.load(Relaxed) + s.fail.ns.load(Relaxed)) / 1000,
+        ),
+        (
+            QUEUE_DURATION_US,
+            "Cumulative inference queuing duration in microseconds",
+            |s| s.queue.ns.load(Relaxed) / 1000,
+        ),
+        (
+            COMPUTE_INPUT_US,
+            "Cumulative compute input duration in microseconds",
+            |s| s.compute_input.ns.load(Relaxed) / 1000,
+        ),
+        (
+            COMPUTE_INFER_US,
+            "Cumulative compute inference duration in microseconds",
+            |s| s.compute_infer.ns.load(Relaxed) / 1000,
+        ),
+        (
+            COMPUTE_OUTPUT_US,
+            "Cumulative inference compute output duration in microseconds",
+            |s| s.compute_output.ns.load(Relaxed) / 1000,
+        ),
     ];
     for (name, help, get) in counters {
         family(&mut out, name, "counter", help);
@@ -216,41 +243,100 @@ pub fn render(models: &[ModelMetricsView<'_>]) -> String {
             let _ = writeln!(out, "{name}{{{}}} {}", labels(m), get(m.stats));
         }
     }
-    family(&mut out, REQUEST_FAILURE, "counter", "Number of failed inference requests");
+    family(
+        &mut out,
+        REQUEST_FAILURE,
+        "counter",
+        "Number of failed inference requests",
+    );
     for m in models {
         let failures = m.stats.failures.lock().map(|f| f.clone()).unwrap_or_default();
-        for reason in [FailureReason::Rejected, FailureReason::Backend, FailureReason::Other] {
+        for reason in [
+            FailureReason::Rejected,
+            FailureReason::Backend,
+            FailureReason::Other,
+        ] {
             let n = failures.get(&reason).copied().unwrap_or(0);
-            let _ = writeln!(out, "{REQUEST_FAILURE}{{{},reason=\"{}\"}} {n}", labels(m), reason.label());
+            let _ = writeln!(
+                out,
+                "{REQUEST_FAILURE}{{{},reason=\"{}\"}} {n}",
+                labels(m),
+                reason.label()
+            );
         }
     }
-    family(&mut out, PENDING, "gauge", "Instantaneous number of pending requests awaiting execution");
+    family(
+        &mut out,
+        PENDING,
+        "gauge",
+        "Instantaneous number of pending requests awaiting execution",
+    );
     for m in models {
-        let _ = writeln!(out, "{PENDING}{{{}}} {}", labels(m), m.stats.pending.load(Relaxed).max(0));
+        let _ = writeln!(
+            out,
+            "{PENDING}{{{}}} {}",
+            labels(m),
+            m.stats.pending.load(Relaxed).max(0)
+        );
     }
-    family(&mut out, REQUEST_DURATION_SECONDS, "histogram", "End-to-end inference request latency in seconds");
+    family(
+        &mut out,
+        REQUEST_DURATION_SECONDS,
+        "histogram",
+        "End-to-end inference request latency in seconds",
+    );
     for m in models {
-        let l = format!("{},execution_provider=\"{}\"", labels(m), escape(m.execution_provider));
+        let l = format!(
+            "{},execution_provider=\"{}\"",
+            labels(m),
+            escape(m.execution_provider)
+        );
         for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "{REQUEST_DURATION_SECONDS}_bucket{{{l},le=\"{b}\"}} {}", m.stats.buckets[i].load(Relaxed));
+            let _ = writeln!(
+                out,
+                "{REQUEST_DURATION_SECONDS}_bucket{{{l},le=\"{b}\"}} {}",
+                m.stats.buckets[i].load(Relaxed)
+            );
         }
         let count = m.stats.success.count.load(Relaxed) + m.stats.fail.count.load(Relaxed);
         let sum_ns = m.stats.success.ns.load(Relaxed) + m.stats.fail.ns.load(Relaxed);
-        let _ = writeln!(out, "{REQUEST_DURATION_SECONDS}_bucket{{{l},le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{REQUEST_DURATION_SECONDS}_sum{{{l}}} {}", sum_ns as f64 / 1e9);
+        let _ = writeln!(
+            out,
+            "{REQUEST_DURATION_SECONDS}_bucket{{{l},le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "{REQUEST_DURATION_SECONDS}_sum{{{l}}} {}",
+            sum_ns as f64 / 1e9
+        );
         let _ = writeln!(out, "{REQUEST_DURATION_SECONDS}_count{{{l}}} {count}");
     }
-    family(&mut out, MODEL_LOAD_SECONDS, "gauge", "Time taken to load and warm up the model version");
+    family(
+        &mut out,
+        MODEL_LOAD_SECONDS,
+        "gauge",
+        "Time taken to load and warm up the model version",
+    );
     for m in models {
         if let Some(t) = m.load_time {
             let _ = writeln!(out, "{MODEL_LOAD_SECONDS}{{{}}} {}", labels(m), t.as_secs_f64());
         }
     }
-    family(&mut out, MODEL_READY, "gauge", "1 when the model version is loaded and ready");
+    family(
+        &mut out,
+        MODEL_READY,
+        "gauge",
+        "1 when the model version is loaded and ready",
+    );
     for m in models {
         let _ = writeln!(out, "{MODEL_READY}{{{}}} {}", labels(m), u8::from(m.ready));
     }
-    family(&mut out, MODEL_INFO, "gauge", "Model version information; the execution provider really in use");
+    family(
+        &mut out,
+        MODEL_INFO,
+        "gauge",
+        "Model version information; the execution provider really in use",
+    );
     for m in models {
         if !m.execution_provider.is_empty() {
             let ep = escape(m.execution_provider);
@@ -284,7 +370,9 @@ mod tests {
         }]);
         assert!(text.contains("nv_inference_request_success{model=\"m\",version=\"1\"} 1\n"));
         assert!(text.contains("nv_inference_count{model=\"m\",version=\"1\"} 2\n"));
-        assert!(text.contains("nv_inference_request_failure{model=\"m\",version=\"1\",reason=\"REJECTED\"} 1\n"));
+        assert!(
+            text.contains("nv_inference_request_failure{model=\"m\",version=\"1\",reason=\"REJECTED\"} 1\n")
+        );
         assert!(text.contains("le=\"0.005\"} 2\n"));
         assert!(!text.contains("_total"));
     }

@@ -43,7 +43,9 @@ pub enum RepositoryError {
         second: PathBuf,
     },
     /// Nothing to serve.
-    #[error("no models found: give --model-repository DIR with DIR/<model>/<version>/model.onnx, or --model NAME=PATH")]
+    #[error(
+        "no models found: give --model-repository DIR with DIR/<model>/<version>/model.onnx, or --model NAME=PATH"
+    )]
     Empty,
 }
 
@@ -61,16 +63,27 @@ pub struct ModelSource {
 /// Lists the model versions in a Triton-layout directory. Entries that are not `<int>/model.onnx`
 /// are skipped with a warning, so a stray file does not stop the server.
 pub fn scan(dir: &Path) -> Result<Vec<ModelSource>, RepositoryError> {
-    let read = |p: &Path| std::fs::read_dir(p).map_err(|source| RepositoryError::Read { path: p.to_path_buf(), source });
+    let read = |p: &Path| {
+        std::fs::read_dir(p).map_err(|source| RepositoryError::Read {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
     let mut out = Vec::new();
     for model in read(dir)? {
-        let model = model.map_err(|source| RepositoryError::Read { path: dir.to_path_buf(), source })?;
+        let model = model.map_err(|source| RepositoryError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         if !model.path().is_dir() {
             continue;
         }
         let name = model.file_name().to_string_lossy().into_owned();
         for version in read(&model.path())? {
-            let version = version.map_err(|source| RepositoryError::Read { path: model.path(), source })?;
+            let version = version.map_err(|source| RepositoryError::Read {
+                path: model.path(),
+                source,
+            })?;
             let vname = version.file_name().to_string_lossy().into_owned();
             let Ok(v) = vname.parse::<u64>() else {
                 if version.path().is_dir() {
@@ -83,7 +96,11 @@ pub fn scan(dir: &Path) -> Result<Vec<ModelSource>, RepositoryError> {
                 tracing::warn!(model = %name, version = %vname, "skipping version without model.onnx");
                 continue;
             }
-            out.push(ModelSource { name: name.clone(), version: v, path: file });
+            out.push(ModelSource {
+                name: name.clone(),
+                version: v,
+                path: file,
+            });
         }
     }
     out.sort_by(|a, b| (&a.name, a.version).cmp(&(&b.name, b.version)));
@@ -94,7 +111,11 @@ pub fn scan(dir: &Path) -> Result<Vec<ModelSource>, RepositoryError> {
 pub fn parse_model_flag(flag: &str) -> Result<ModelSource, RepositoryError> {
     match flag.split_once('=') {
         Some((name, path)) if !name.is_empty() && !path.is_empty() && !name.contains('/') => {
-            Ok(ModelSource { name: name.to_string(), version: 1, path: PathBuf::from(path) })
+            Ok(ModelSource {
+                name: name.to_string(),
+                version: 1,
+                path: PathBuf::from(path),
+            })
         }
         _ => Err(RepositoryError::BadModelFlag(flag.to_string())),
     }
@@ -199,10 +220,17 @@ impl Repository {
         for s in sources {
             models.entry(s.name.clone()).or_default().insert(
                 s.version,
-                VersionEntry { state: ModelState::Loading, stats: Arc::default(), path: s.path.clone() },
+                VersionEntry {
+                    state: ModelState::Loading,
+                    stats: Arc::default(),
+                    path: s.path.clone(),
+                },
             );
         }
-        Repository { models: RwLock::new(models), shutting_down: AtomicBool::new(false) }
+        Repository {
+            models: RwLock::new(models),
+            shutting_down: AtomicBool::new(false),
+        }
     }
 
     /// Sets the state of one version.
@@ -216,8 +244,13 @@ impl Repository {
 
     /// Finds a version entry; `version` None or empty means the default (highest) version.
     pub fn entry(&self, name: &str, version: Option<&str>) -> Result<(u64, VersionEntry), LookupError> {
-        let models = self.models.read().map_err(|_| LookupError::UnknownModel(name.to_string()))?;
-        let versions = models.get(name).ok_or_else(|| LookupError::UnknownModel(name.to_string()))?;
+        let models = self
+            .models
+            .read()
+            .map_err(|_| LookupError::UnknownModel(name.to_string()))?;
+        let versions = models
+            .get(name)
+            .ok_or_else(|| LookupError::UnknownModel(name.to_string()))?;
         let found = match version.filter(|v| !v.is_empty()) {
             None => versions.iter().next_back(),
             Some(v) => v.parse::<u64>().ok().and_then(|n| versions.get_key_value(&n)),
@@ -231,9 +264,18 @@ impl Repository {
     }
 
     /// The ready model for a request, or why not.
-    pub fn ready_model(&self, name: &str, version: Option<&str>) -> Result<(Arc<LoadedModel>, Arc<ModelStats>), LookupError> {
+    pub fn ready_model(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<(Arc<LoadedModel>, Arc<ModelStats>), LookupError> {
         let (v, e) = self.entry(name, version)?;
-        let not_ready = |reason: String| LookupError::NotReady { model: name.to_string(), version: v, reason, stats: e.stats.clone() };
+        let not_ready = |reason: String| LookupError::NotReady {
+            model: name.to_string(),
+            version: v,
+            reason,
+            stats: e.stats.clone(),
+        };
         match &e.state {
             ModelState::Ready(m) => Ok((m.clone(), e.stats.clone())),
             ModelState::Loading => Err(not_ready("still loading".into())),
@@ -243,7 +285,9 @@ impl Repository {
 
     /// Every (name, version, entry), sorted.
     pub fn list(&self) -> Vec<(String, u64, VersionEntry)> {
-        let Ok(models) = self.models.read() else { return Vec::new() };
+        let Ok(models) = self.models.read() else {
+            return Vec::new();
+        };
         models
             .iter()
             .flat_map(|(n, vs)| vs.iter().map(move |(v, e)| (n.clone(), *v, e.clone())))
@@ -252,7 +296,11 @@ impl Repository {
 
     /// True when every version is loaded and the server is not shutting down.
     pub fn all_ready(&self) -> bool {
-        !self.is_shutting_down() && self.list().iter().all(|(_, _, e)| matches!(e.state, ModelState::Ready(_)))
+        !self.is_shutting_down()
+            && self
+                .list()
+                .iter()
+                .all(|(_, _, e)| matches!(e.state, ModelState::Ready(_)))
     }
 
     /// Marks the server as shutting down: readiness turns false at once.
@@ -304,7 +352,11 @@ pub fn load_and_warm(
         .inputs
         .iter()
         .map(|i| {
-            let shape = i.shape.iter().map(|&d| if d < 0 { 1 } else { d as usize }).collect();
+            let shape = i
+                .shape
+                .iter()
+                .map(|&d| if d < 0 { 1 } else { d as usize })
+                .collect();
             Tensor::zeros(i.name.clone(), i.datatype, shape)
         })
         .collect();
@@ -321,7 +373,13 @@ pub fn load_and_warm(
         load_ms = load_time.as_millis() as u64,
         "model ready"
     );
-    Ok(LoadedModel { name: source.name.clone(), version: source.version, backend, slots, load_time })
+    Ok(LoadedModel {
+        name: source.name.clone(),
+        version: source.version,
+        backend,
+        slots,
+        load_time,
+    })
 }
 
 #[cfg(test)]
@@ -338,7 +396,11 @@ mod tests {
         }
         std::fs::create_dir_all(dir.join("b/5")).unwrap(); // no model file
         std::fs::write(dir.join("README"), b"").unwrap();
-        let found: Vec<(String, u64)> = scan(&dir).unwrap().into_iter().map(|s| (s.name, s.version)).collect();
+        let found: Vec<(String, u64)> = scan(&dir)
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.name, s.version))
+            .collect();
         assert_eq!(found, vec![("a".into(), 1), ("a".into(), 3), ("b".into(), 2)]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -353,7 +415,11 @@ mod tests {
 
     #[test]
     fn duplicate_sources_and_empty_sources_are_rejected() {
-        let s = |n: &str, v| ModelSource { name: n.into(), version: v, path: PathBuf::from(n) };
+        let s = |n: &str, v| ModelSource {
+            name: n.into(),
+            version: v,
+            path: PathBuf::from(n),
+        };
         assert!(merge_sources(vec![]).is_err());
         assert!(merge_sources(vec![s("a", 1), s("a", 1)]).is_err());
         assert_eq!(merge_sources(vec![s("b", 1), s("a", 2)]).unwrap()[0].name, "a");
@@ -361,7 +427,11 @@ mod tests {
 
     #[test]
     fn default_version_is_the_highest_and_unknown_versions_are_reported() {
-        let s = |v| ModelSource { name: "m".into(), version: v, path: PathBuf::new() };
+        let s = |v| ModelSource {
+            name: "m".into(),
+            version: v,
+            path: PathBuf::new(),
+        };
         let repo = Repository::new(&[s(1), s(7), s(3)]);
         assert_eq!(repo.entry("m", None).unwrap().0, 7);
         assert_eq!(repo.entry("m", Some("3")).unwrap().0, 3);

@@ -20,7 +20,12 @@ pub struct ServeArgs {
     pub model_repository: Option<PathBuf>,
 
     /// Serve one model file as NAME (version 1). Repeatable.
-    #[arg(long = "model", value_name = "NAME=PATH", env = "KUBEMAAS_MODEL", value_delimiter = ',')]
+    #[arg(
+        long = "model",
+        value_name = "NAME=PATH",
+        env = "KUBEMAAS_MODEL",
+        value_delimiter = ','
+    )]
     pub models: Vec<String>,
 
     /// Address to listen on.
@@ -102,7 +107,10 @@ pub enum ServeError {
 fn init_library(explicit: Option<&PathBuf>) -> Result<ort::environment::Environment, ServeError> {
     let candidates: Vec<PathBuf> = match explicit {
         Some(p) => vec![p.clone()],
-        None => ortb::default_library_candidates().into_iter().filter(|p| p.exists()).collect(),
+        None => ortb::default_library_candidates()
+            .into_iter()
+            .filter(|p| p.exists())
+            .collect(),
     };
     let mut last = String::from("no candidate file exists");
     for path in &candidates {
@@ -116,9 +124,17 @@ fn init_library(explicit: Option<&PathBuf>) -> Result<ort::environment::Environm
     }
     let tried = match explicit {
         Some(p) => p.display().to_string(),
-        None => ortb::default_library_candidates().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        None => ortb::default_library_candidates()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
     };
-    Err(ServeError::Library { tried, version: ortb::ORT_VERSION, last })
+    Err(ServeError::Library {
+        tried,
+        version: ortb::ORT_VERSION,
+        last,
+    })
 }
 
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
@@ -151,18 +167,39 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let env = init_library(ort_library.as_ref())?;
 
     let repo = Arc::new(Repository::new(&sources));
-    let state = Arc::new(AppState { repo: repo.clone(), max_request_bytes });
+    let state = Arc::new(AppState {
+        repo: repo.clone(),
+        max_request_bytes,
+    });
     let http_listener = http::bind(SocketAddr::new(host, http_port)).await?;
     let metrics_listener = http::bind(SocketAddr::new(host, metrics_port)).await?;
-    let http_addr = http_listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let metrics_addr = metrics_listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let http_addr = http_listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     tracing::info!(http = %http_addr, metrics = %metrics_addr, models = sources.len(), "listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let grace = Duration::from_secs(shutdown_timeout);
     let servers = [
-        tokio::spawn(http::serve(http_listener, state.clone(), Surface::Full, stop_rx.clone(), grace)),
-        tokio::spawn(http::serve(metrics_listener, state.clone(), Surface::MetricsOnly, stop_rx, grace)),
+        tokio::spawn(http::serve(
+            http_listener,
+            state.clone(),
+            Surface::Full,
+            stop_rx.clone(),
+            grace,
+        )),
+        tokio::spawn(http::serve(
+            metrics_listener,
+            state.clone(),
+            Surface::MetricsOnly,
+            stop_rx,
+            grace,
+        )),
     ];
 
     // Load in the background so liveness answers while large models load.
@@ -192,7 +229,11 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     });
 
     wait_for_signal().await;
-    tracing::info!(delay_s = shutdown_delay, timeout_s = shutdown_timeout, "shutdown requested: readiness is now false");
+    tracing::info!(
+        delay_s = shutdown_delay,
+        timeout_s = shutdown_timeout,
+        "shutdown requested: readiness is now false"
+    );
     repo.begin_shutdown();
     tokio::time::sleep(Duration::from_secs(shutdown_delay)).await;
     tracing::info!("no longer accepting connections; draining in-flight requests");

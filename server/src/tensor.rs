@@ -203,10 +203,13 @@ pub fn element_count(shape: &[i64]) -> Result<usize, TensorError> {
     let mut n: usize = 1;
     for &d in shape {
         let d = usize::try_from(d).map_err(|_| TensorError::BadShape(shape.to_vec()))?;
-        n = n.checked_mul(d).ok_or_else(|| TensorError::BadShape(shape.to_vec()))?;
+        n = n
+            .checked_mul(d)
+            .ok_or_else(|| TensorError::BadShape(shape.to_vec()))?;
     }
     // Even with no data, a shape whose byte size overflows is nonsense.
-    n.checked_mul(8).ok_or_else(|| TensorError::BadShape(shape.to_vec()))?;
+    n.checked_mul(8)
+        .ok_or_else(|| TensorError::BadShape(shape.to_vec()))?;
     Ok(n)
 }
 
@@ -224,7 +227,12 @@ impl Tensor {
             (TensorData::Raw(b), Some(size)) => {
                 let expected = count * size;
                 if b.len() != expected {
-                    return Err(TensorError::ByteSizeMismatch { actual: b.len(), expected, shape, dtype });
+                    return Err(TensorError::ByteSizeMismatch {
+                        actual: b.len(),
+                        expected,
+                        shape,
+                        dtype,
+                    });
                 }
                 if dtype == DataType::Bool
                     && let Some(bad) = b.iter().find(|&&x| x > 1)
@@ -252,7 +260,12 @@ impl Tensor {
                 )));
             }
         }
-        Ok(Tensor { name: name.into(), dtype, shape, data })
+        Ok(Tensor {
+            name: name.into(),
+            dtype,
+            shape,
+            data,
+        })
     }
 
     /// Number of elements.
@@ -272,7 +285,12 @@ impl Tensor {
             Some(size) => TensorData::Raw(Bytes::from(vec![0u8; count * size])),
             None => TensorData::Strings(vec![Bytes::new(); count]),
         };
-        Tensor { name: name.into(), dtype, shape, data }
+        Tensor {
+            name: name.into(),
+            dtype,
+            shape,
+            data,
+        }
     }
 
     /// The binary-extension encoding: raw little-endian bytes, or for BYTES each element as a
@@ -313,13 +331,16 @@ impl Tensor {
             };
             let len = u32::from_le_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
             let start = pos + 4;
-            let end = start.checked_add(len).filter(|&e| e <= raw.len()).ok_or_else(|| {
-                TensorError::BadBytesEncoding(format!(
-                    "element {} declares {len} bytes but only {} remain",
-                    items.len(),
-                    raw.len() - start
-                ))
-            })?;
+            let end = start
+                .checked_add(len)
+                .filter(|&e| e <= raw.len())
+                .ok_or_else(|| {
+                    TensorError::BadBytesEncoding(format!(
+                        "element {} declares {len} bytes but only {} remain",
+                        items.len(),
+                        raw.len() - start
+                    ))
+                })?;
             items.push(raw.slice(start..end));
             pos = end;
         }
@@ -345,7 +366,12 @@ impl Serialize for JsonElements<'_> {
         let t = self.tensor;
         let count = t.len();
         let shape: Vec<usize> = if self.nested { t.shape.clone() } else { vec![count] };
-        Slice { tensor: t, shape: &shape, offset: 0 }.serialize(s)
+        Slice {
+            tensor: t,
+            shape: &shape,
+            offset: 0,
+        }
+        .serialize(s)
     }
 }
 
@@ -359,16 +385,27 @@ impl Serialize for Slice<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let Some((&first, rest)) = self.shape.split_first() else {
             // Rank 0: a scalar.
-            return Element { tensor: self.tensor, index: self.offset }.serialize(s);
+            return Element {
+                tensor: self.tensor,
+                index: self.offset,
+            }
+            .serialize(s);
         };
         let stride: usize = rest.iter().product();
         let mut seq = s.serialize_seq(Some(first))?;
         for i in 0..first {
             let offset = self.offset + i * stride;
             if rest.is_empty() {
-                seq.serialize_element(&Element { tensor: self.tensor, index: offset })?;
+                seq.serialize_element(&Element {
+                    tensor: self.tensor,
+                    index: offset,
+                })?;
             } else {
-                seq.serialize_element(&Slice { tensor: self.tensor, shape: rest, offset })?;
+                seq.serialize_element(&Slice {
+                    tensor: self.tensor,
+                    shape: rest,
+                    offset,
+                })?;
             }
         }
         seq.end()
@@ -422,7 +459,11 @@ impl Serialize for Element<'_> {
             DataType::F32 => float(s, f32::from_le_bytes(le(b, i))),
             DataType::F64 => {
                 let v = f64::from_le_bytes(le(b, i));
-                if v.is_finite() { s.serialize_f64(v) } else { s.serialize_none() }
+                if v.is_finite() {
+                    s.serialize_f64(v)
+                } else {
+                    s.serialize_none()
+                }
             }
             DataType::Bytes => s.serialize_none(),
         }
@@ -430,7 +471,11 @@ impl Serialize for Element<'_> {
 }
 
 fn float<S: Serializer>(s: S, v: f32) -> Result<S::Ok, S::Error> {
-    if v.is_finite() { s.serialize_f32(v) } else { s.serialize_none() }
+    if v.is_finite() {
+        s.serialize_f32(v)
+    } else {
+        s.serialize_none()
+    }
 }
 
 /// Accumulates elements of one type from a text protocol (JSON) into the tensor byte layout,
@@ -482,7 +527,11 @@ impl ElementWriter {
     }
 
     fn bad(&self, value: impl ToString, hint: &'static str) -> TensorError {
-        TensorError::BadElement { value: value.to_string(), dtype: self.dtype, hint }
+        TensorError::BadElement {
+            value: value.to_string(),
+            dtype: self.dtype,
+            hint,
+        }
     }
 
     /// Writes an integer given as i64.
@@ -527,7 +576,12 @@ impl ElementWriter {
                 self.raw.extend_from_slice(&v.to_le_bytes());
                 Ok(())
             }
-            Err(_) if matches!(self.dtype, DataType::F16 | DataType::BF16 | DataType::F32 | DataType::F64) => {
+            Err(_)
+                if matches!(
+                    self.dtype,
+                    DataType::F16 | DataType::BF16 | DataType::F32 | DataType::F64
+                ) =>
+            {
                 self.push_f64(v as f64)
             }
             Err(_) => {
@@ -575,7 +629,12 @@ impl ElementWriter {
             _ => None,
         };
         match special {
-            Some(f) if matches!(self.dtype, DataType::F16 | DataType::BF16 | DataType::F32 | DataType::F64) => {
+            Some(f)
+                if matches!(
+                    self.dtype,
+                    DataType::F16 | DataType::BF16 | DataType::F32 | DataType::F64
+                ) =>
+            {
                 self.push_f64(f)
             }
             _ => {
@@ -630,7 +689,10 @@ mod tests {
         .unwrap();
         let wire = t.to_binary();
         assert_eq!(&wire[..6], &[2, 0, 0, 0, b'a', b'b']);
-        assert_eq!(Tensor::from_binary("s", DataType::Bytes, vec![3], wire).unwrap(), t);
+        assert_eq!(
+            Tensor::from_binary("s", DataType::Bytes, vec![3], wire).unwrap(),
+            t
+        );
     }
 
     #[test]
@@ -642,13 +704,30 @@ mod tests {
 
     #[test]
     fn raw_data_length_must_match_shape() {
-        let err = Tensor::new("x", DataType::F32, vec![2, 2], TensorData::Raw(Bytes::from(vec![0u8; 12])));
-        assert!(matches!(err, Err(TensorError::ByteSizeMismatch { expected: 16, actual: 12, .. })));
+        let err = Tensor::new(
+            "x",
+            DataType::F32,
+            vec![2, 2],
+            TensorData::Raw(Bytes::from(vec![0u8; 12])),
+        );
+        assert!(matches!(
+            err,
+            Err(TensorError::ByteSizeMismatch {
+                expected: 16,
+                actual: 12,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn bool_bytes_other_than_zero_or_one_are_rejected() {
-        let err = Tensor::new("b", DataType::Bool, vec![2], TensorData::Raw(Bytes::from(vec![1u8, 7])));
+        let err = Tensor::new(
+            "b",
+            DataType::Bool,
+            vec![2],
+            TensorData::Raw(Bytes::from(vec![1u8, 7])),
+        );
         assert!(err.is_err());
     }
 
@@ -661,7 +740,10 @@ mod tests {
         w.push_i64(3).unwrap();
         w.push_f64(0.5).unwrap();
         let t = w.finish("f", vec![2]).unwrap();
-        assert_eq!(serde_json::to_string(&t.json_elements(false)).unwrap(), "[3.0,0.5]");
+        assert_eq!(
+            serde_json::to_string(&t.json_elements(false)).unwrap(),
+            "[3.0,0.5]"
+        );
         let mut w = ElementWriter::new(DataType::I32, 1, 1);
         assert!(w.push_f64(1.5).is_err());
     }
@@ -680,8 +762,14 @@ mod tests {
             w.push_i64(i).unwrap();
         }
         let t = w.finish("x", vec![2, 3]).unwrap();
-        assert_eq!(serde_json::to_string(&t.json_elements(false)).unwrap(), "[0,1,2,3,4,5]");
-        assert_eq!(serde_json::to_string(&t.json_elements(true)).unwrap(), "[[0,1,2],[3,4,5]]");
+        assert_eq!(
+            serde_json::to_string(&t.json_elements(false)).unwrap(),
+            "[0,1,2,3,4,5]"
+        );
+        assert_eq!(
+            serde_json::to_string(&t.json_elements(true)).unwrap(),
+            "[[0,1,2],[3,4,5]]"
+        );
     }
 
     #[test]
@@ -691,7 +779,10 @@ mod tests {
         w.push_str("NaN").unwrap();
         w.push_i64(-2).unwrap();
         let t = w.finish("h", vec![3]).unwrap();
-        assert_eq!(serde_json::to_string(&t.json_elements(false)).unwrap(), "[1.5,null,-2.0]");
+        assert_eq!(
+            serde_json::to_string(&t.json_elements(false)).unwrap(),
+            "[1.5,null,-2.0]"
+        );
     }
 
     #[test]

@@ -77,5 +77,9 @@ pub trait Backend: Send + Sync {
     fn instances(&self) -> usize;
     /// Runs the model on `inputs` (validated against the signature) and returns the `outputs` asked
     /// for (all when empty), in the order asked.
-    fn infer(&self, inputs: Vec<Tensor>, outputs: &[String]) -> Result<(Vec<Tensor>, PhaseTimes), BackendError>;
+    fn infer(
+        &self,
+        inputs: Vec<Tensor>,
+        outputs: &[String],
+    ) -> Result<(Vec<Tensor>, PhaseTimes), BackendError>;
 }

@@ -58,8 +58,12 @@ pub struct OrtOptions {
 
 /// Loads the ONNX Runtime shared library and creates the process-wide environment.
 pub fn init_runtime(library: &Path) -> Result<Environment, BackendError> {
-    let builder = ort::init_from(library).map_err(|e| BackendError::Library(format!("{}: {e}", library.display())))?;
-    builder.with_name("kubemaas").build().map_err(|e| BackendError::Library(e.to_string()))
+    let builder =
+        ort::init_from(library).map_err(|e| BackendError::Library(format!("{}: {e}", library.display())))?;
+    builder
+        .with_name("kubemaas")
+        .build()
+        .map_err(|e| BackendError::Library(e.to_string()))
 }
 
 /// A model with a pool of ONNX Runtime sessions.
@@ -71,12 +75,7 @@ pub struct OrtModel {
     available: Condvar,
 }
 
-fn build_session(
-    env: &Environment,
-    path: &Path,
-    opts: &OrtOptions,
-    cuda: bool,
-) -> Result<Session, String> {
+fn build_session(env: &Environment, path: &Path, opts: &OrtOptions, cuda: bool) -> Result<Session, String> {
     // SessionBuilder errors carry the builder and are not Send: turn them into strings right here.
     let level = match opts.optimization {
         OptLevel::Disable => GraphOptimizationLevel::Disable,
@@ -89,7 +88,9 @@ fn build_session(
         .with_optimization_level(level)
         .map_err(|e| e.to_string())?;
     if opts.intra_threads > 0 {
-        b = b.with_intra_threads(opts.intra_threads).map_err(|e| e.to_string())?;
+        b = b
+            .with_intra_threads(opts.intra_threads)
+            .map_err(|e| e.to_string())?;
     }
     if cuda {
         // Without error_on_failure ORT silently falls back to CPU and we would report a lie.
@@ -123,24 +124,35 @@ fn map_element_type(ty: TensorElementType) -> Option<DataType> {
 fn spec_of(name: &str, ty: &ValueType, what: &str) -> Result<TensorSpec, String> {
     match ty {
         ValueType::Tensor { ty, shape, .. } => {
-            let datatype = map_element_type(*ty)
-                .ok_or_else(|| format!("{what} {name:?} has element type {ty}, which KubeMaaS cannot serve"))?;
-            Ok(TensorSpec { name: name.to_string(), datatype, shape: shape.iter().copied().collect() })
+            let datatype = map_element_type(*ty).ok_or_else(|| {
+                format!("{what} {name:?} has element type {ty}, which KubeMaaS cannot serve")
+            })?;
+            Ok(TensorSpec {
+                name: name.to_string(),
+                datatype,
+                shape: shape.iter().copied().collect(),
+            })
         }
-        other => Err(format!("{what} {name:?} is a {other:?}, not a tensor; only tensor inputs and outputs are served")),
+        other => Err(format!(
+            "{what} {name:?} is a {other:?}, not a tensor; only tensor inputs and outputs are served"
+        )),
     }
 }
 
 impl OrtModel {
     /// Loads `path` into `opts.instances` sessions.
     pub fn load(env: &Environment, path: &Path, opts: &OrtOptions) -> Result<OrtModel, BackendError> {
-        let load_err = |message: String| BackendError::Load { path: path.display().to_string(), message };
+        let load_err = |message: String| BackendError::Load {
+            path: path.display().to_string(),
+            message,
+        };
         let instances = opts.instances.max(1);
         let (first, provider) = match opts.execution_provider {
             ExecutionProvider::Cpu => (build_session(env, path, opts, false).map_err(load_err)?, CPU_EP),
             ExecutionProvider::Cuda => (
-                build_session(env, path, opts, true)
-                    .map_err(|e| load_err(format!("CUDA execution provider requested but unavailable: {e}")))?,
+                build_session(env, path, opts, true).map_err(|e| {
+                    load_err(format!("CUDA execution provider requested but unavailable: {e}"))
+                })?,
                 CUDA_EP,
             ),
             ExecutionProvider::Auto => match build_session(env, path, opts, true) {
@@ -222,10 +234,13 @@ fn le_vec<T, const N: usize>(b: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
 
 fn to_value(t: Tensor) -> Result<DynValue, BackendError> {
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-    let rt = |e: ort::Error| BackendError::Runtime(format!("failed to create input tensor {:?}: {e}", t.name));
+    let rt =
+        |e: ort::Error| BackendError::Runtime(format!("failed to create input tensor {:?}: {e}", t.name));
     macro_rules! prim {
         ($b:expr, $n:literal, $f:expr) => {
-            ort::value::Tensor::from_array((shape.clone(), le_vec::<_, $n>($b, $f))).map_err(rt)?.into_dyn()
+            ort::value::Tensor::from_array((shape.clone(), le_vec::<_, $n>($b, $f)))
+                .map_err(rt)?
+                .into_dyn()
         };
     }
     Ok(match &t.data {
@@ -242,7 +257,9 @@ fn to_value(t: Tensor) -> Result<DynValue, BackendError> {
                     })
                 })
                 .collect::<Result<Vec<String>, _>>()?;
-            ort::value::Tensor::from_string_array((shape.clone(), &strings[..])).map_err(rt)?.into_dyn()
+            ort::value::Tensor::from_string_array((shape.clone(), &strings[..]))
+                .map_err(rt)?
+                .into_dyn()
         }
         TensorData::Raw(b) => match t.dtype {
             DataType::Bool => prim!(b, 1, |a: [u8; 1]| a[0] != 0),
@@ -277,14 +294,20 @@ fn from_value(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
             for x in data {
                 out.extend_from_slice(&x.to_le_bytes());
             }
-            (shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>(), TensorData::Raw(Bytes::from(out)))
+            (
+                shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>(),
+                TensorData::Raw(Bytes::from(out)),
+            )
         }};
     }
     let (shape, data) = match dtype {
         DataType::Bool => {
             let (shape, data) = v.try_extract_tensor::<bool>().map_err(rt)?;
             let out: Vec<u8> = data.iter().map(|&x| x as u8).collect();
-            (shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>(), TensorData::Raw(Bytes::from(out)))
+            (
+                shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>(),
+                TensorData::Raw(Bytes::from(out)),
+            )
         }
         DataType::U8 => prim!(u8),
         DataType::I8 => prim!(i8),
@@ -322,7 +345,11 @@ impl Backend for OrtModel {
         self.instances
     }
 
-    fn infer(&self, inputs: Vec<Tensor>, outputs: &[String]) -> Result<(Vec<Tensor>, PhaseTimes), BackendError> {
+    fn infer(
+        &self,
+        inputs: Vec<Tensor>,
+        outputs: &[String],
+    ) -> Result<(Vec<Tensor>, PhaseTimes), BackendError> {
         let t0 = Instant::now();
         let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
         for t in inputs {
@@ -342,8 +369,14 @@ impl Backend for OrtModel {
             .map_err(|e| BackendError::Runtime(e.to_string()))?
             .with_outputs(selector);
         let t1 = Instant::now();
-        let mut lease = Lease { model: self, session: Some(self.take_session()?) };
-        let session = lease.session.as_mut().ok_or_else(|| BackendError::Runtime("no session".into()))?;
+        let mut lease = Lease {
+            model: self,
+            session: Some(self.take_session()?),
+        };
+        let session = lease
+            .session
+            .as_mut()
+            .ok_or_else(|| BackendError::Runtime("no session".into()))?;
         let result = session
             .run_with_options(values, &run_options)
             .map_err(|e| BackendError::Runtime(e.to_string()))?;
@@ -358,7 +391,14 @@ impl Backend for OrtModel {
         drop(result);
         drop(lease);
         let t3 = Instant::now();
-        Ok((out, PhaseTimes { input: t1 - t0, infer: t2 - t1, output: t3 - t2 }))
+        Ok((
+            out,
+            PhaseTimes {
+                input: t1 - t0,
+                infer: t2 - t1,
+                output: t3 - t2,
+            },
+        ))
     }
 }
 

@@ -52,7 +52,9 @@ pub enum TransportError {
 
 /// Binds a listener.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, TransportError> {
-    TcpListener::bind(addr).await.map_err(|source| TransportError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| TransportError::Bind { addr, source })
 }
 
 /// Serves connections from `listener` until `shutdown` flips to true, then lets in-flight requests

@@ -27,7 +27,8 @@ fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
 fn bytes_response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
@@ -48,14 +49,21 @@ pub async fn handle(state: Arc<AppState>, surface: Surface, req: Request<Incomin
     }
 }
 
-async fn read_body(state: &AppState, req: Request<Incoming>) -> Result<(http::request::Parts, Bytes), ApiError> {
+async fn read_body(
+    state: &AppState,
+    req: Request<Incoming>,
+) -> Result<(http::request::Parts, Bytes), ApiError> {
     let limit = state.max_request_bytes;
     let too_large = || {
         ApiError::PayloadTooLarge(format!(
             "request body exceeds the limit of {limit} bytes; send less data per request or raise --max-request-bytes"
         ))
     };
-    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
@@ -63,11 +71,17 @@ async fn read_body(state: &AppState, req: Request<Incoming>) -> Result<(http::re
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok((parts, c.to_bytes())),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::BadRequest(format!("failed to read the request body: {e}"))),
+        Err(e) => Err(ApiError::BadRequest(format!(
+            "failed to read the request body: {e}"
+        ))),
     }
 }
 
-async fn route(state: &AppState, surface: Surface, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn route(
+    state: &AppState,
+    surface: Surface,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -77,16 +91,26 @@ async fn route(state: &AppState, surface: Surface, req: Request<Incoming>) -> Re
     let not_allowed = || ApiError::MethodNotAllowed(format!("{method} is not allowed on {path}"));
 
     if surface == Surface::MetricsOnly && !matches!(segs.as_slice(), ["metrics"] | ["v2", "health", _]) {
-        return Err(ApiError::NotFound(format!("{path} is not served on the metrics port; use the HTTP port")));
+        return Err(ApiError::NotFound(format!(
+            "{path} is not served on the metrics port; use the HTTP port"
+        )));
     }
     match segs.as_slice() {
-        ["metrics"] if get => {
-            Ok(bytes_response(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(repo.render_metrics())))
+        ["metrics"] if get => Ok(bytes_response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            Bytes::from(repo.render_metrics()),
+        )),
+        ["v2", "health", "live"] if get => {
+            Ok(json_response(StatusCode::OK, &serde_json::json!({"live": true})))
         }
-        ["v2", "health", "live"] if get => Ok(json_response(StatusCode::OK, &serde_json::json!({"live": true}))),
         ["v2", "health", "ready"] if get => {
             let ready = repo.all_ready();
-            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             Ok(json_response(status, &serde_json::json!({"ready": ready})))
         }
         ["v2"] if get => Ok(json_response(
@@ -97,7 +121,9 @@ async fn route(state: &AppState, surface: Surface, req: Request<Incoming>) -> Re
                 "extensions": ["binary_tensor_data", "statistics", "model_configuration", "model_repository(index)"],
             }),
         )),
-        ["v2", "repository", "index"] if post || get => Ok(json_response(StatusCode::OK, &repository_index(state))),
+        ["v2", "repository", "index"] if post || get => {
+            Ok(json_response(StatusCode::OK, &repository_index(state)))
+        }
         ["v2", "models", "stats"] if get => Ok(json_response(StatusCode::OK, &stats(state, None, None)?)),
         ["v2", "models", m, rest @ ..] => {
             let (version, rest) = match rest {
@@ -115,7 +141,9 @@ async fn route(state: &AppState, surface: Surface, req: Request<Incoming>) -> Re
             }
         }
         ["v1", "models", rest @ ..] => route_v1(state, rest, &method, req, &path).await,
-        _ => Err(ApiError::NotFound(format!("no endpoint at {path}; see GET /v2 for the protocol served"))),
+        _ => Err(ApiError::NotFound(format!(
+            "no endpoint at {path}; see GET /v2 for the protocol served"
+        ))),
     }
 }
 
@@ -142,7 +170,9 @@ async fn route_v1(
     };
     match (verb, tail.as_slice(), method == Method::POST) {
         (Some("predict"), [], true) => predict_v1(state, model, version, req).await,
-        (Some("predict"), [], false) => Err(ApiError::MethodNotAllowed(format!("{method} is not allowed on {path}; use POST"))),
+        (Some("predict"), [], false) => Err(ApiError::MethodNotAllowed(format!(
+            "{method} is not allowed on {path}; use POST"
+        ))),
         (Some(other), _, _) => Err(ApiError::BadRequest(format!(
             "unsupported verb :{other}; KubeMaaS serves :predict (classify and regress are TensorFlow-specific)"
         ))),
@@ -150,8 +180,16 @@ async fn route_v1(
         (None, ["metadata"], _) => {
             let (v, e) = state.repo.entry(model, version)?;
             match &e.state {
-                ModelState::Ready(m) => Ok(json_response(StatusCode::OK, &v1::metadata(model, v, m.backend.signature()))),
-                _ => Err(state.repo.ready_model(model, version).err().map(ApiError::from).unwrap_or_else(|| ApiError::Internal("inconsistent model state".into()))),
+                ModelState::Ready(m) => Ok(json_response(
+                    StatusCode::OK,
+                    &v1::metadata(model, v, m.backend.signature()),
+                )),
+                _ => Err(state
+                    .repo
+                    .ready_model(model, version)
+                    .err()
+                    .map(ApiError::from)
+                    .unwrap_or_else(|| ApiError::Internal("inconsistent model state".into()))),
             }
         }
         _ => Err(ApiError::NotFound(format!("no endpoint at {path}"))),
@@ -176,19 +214,37 @@ fn repository_index(state: &AppState) -> Value {
     )
 }
 
-fn model_metadata(state: &AppState, m: &str, version: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+fn model_metadata(
+    state: &AppState,
+    m: &str,
+    version: Option<&str>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let (model, _) = state.repo.ready_model(m, version)?;
     let versions: Vec<u64> = match version {
         Some(_) => vec![model.version],
-        None => state.repo.list().into_iter().filter(|(n, _, _)| n == m).map(|(_, v, _)| v).collect(),
+        None => state
+            .repo
+            .list()
+            .into_iter()
+            .filter(|(n, _, _)| n == m)
+            .map(|(_, v, _)| v)
+            .collect(),
     };
-    let meta = v2::model_metadata(m, &versions, model.backend.signature(), model.backend.execution_provider());
+    let meta = v2::model_metadata(
+        m,
+        &versions,
+        model.backend.signature(),
+        model.backend.execution_provider(),
+    );
     Ok(json_response(StatusCode::OK, &meta))
 }
 
 fn model_ready(state: &AppState, m: &str, version: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
     match state.repo.ready_model(m, version) {
-        Ok(_) if !state.repo.is_shutting_down() => Ok(json_response(StatusCode::OK, &serde_json::json!({"name": m, "ready": true}))),
+        Ok(_) if !state.repo.is_shutting_down() => Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({"name": m, "ready": true}),
+        )),
         Ok(_) => Ok(json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({"name": m, "ready": false, "error": "the server is shutting down"}),
@@ -204,7 +260,10 @@ fn model_ready(state: &AppState, m: &str, version: Option<&str>) -> Result<Respo
 fn model_config(state: &AppState, m: &str, version: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
     let (model, _) = state.repo.ready_model(m, version)?;
     let b = &model.backend;
-    Ok(json_response(StatusCode::OK, &v2::triton_config(m, b.signature(), b.execution_provider(), b.instances())))
+    Ok(json_response(
+        StatusCode::OK,
+        &v2::triton_config(m, b.signature(), b.execution_provider(), b.instances()),
+    ))
 }
 
 fn stats(state: &AppState, model: Option<&str>, version: Option<&str>) -> Result<Value, ApiError> {
@@ -234,15 +293,27 @@ fn stats(state: &AppState, model: Option<&str>, version: Option<&str>) -> Result
     Ok(serde_json::json!({ "model_stats": model_stats }))
 }
 
-async fn infer_v2(state: &AppState, m: &str, version: Option<&str>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn infer_v2(
+    state: &AppState,
+    m: &str,
+    version: Option<&str>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let start = Instant::now();
     let (model, stats) = state.repo.ready_model(m, version).map_err(count_not_ready)?;
     let result = async {
         let header_len = match req.headers().get(v2::HEADER_LENGTH) {
             None => None,
-            Some(v) => Some(v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {
-                ApiError::BadRequest("Inference-Header-Content-Length must be a non-negative integer".into())
-            })?),
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        ApiError::BadRequest(
+                            "Inference-Header-Content-Length must be a non-negative integer".into(),
+                        )
+                    })?,
+            ),
         };
         let (_, body) = read_body(state, req).await?;
         let request = v2::decode_request(model.backend.signature(), &body, header_len)?;
@@ -275,7 +346,12 @@ async fn infer_v2(state: &AppState, m: &str, version: Option<&str>, req: Request
     })
 }
 
-async fn predict_v1(state: &AppState, m: &str, version: Option<&str>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn predict_v1(
+    state: &AppState,
+    m: &str,
+    version: Option<&str>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let start = Instant::now();
     let (model, stats) = state.repo.ready_model(m, version).map_err(count_not_ready)?;
     let decoded = async {
@@ -291,7 +367,10 @@ async fn predict_v1(state: &AppState, m: &str, version: Option<&str>, req: Reque
         }
     };
     let outputs = inference::execute(model, &stats, start, request.inputs, Vec::new()).await?;
-    Ok(json_response(StatusCode::OK, &v1::encode_response(request.format, &outputs)?))
+    Ok(json_response(
+        StatusCode::OK,
+        &v1::encode_response(request.format, &outputs)?,
+    ))
 }
 
 /// Counts a request for a known but unready model as a failure before answering 503.
@@ -310,7 +389,13 @@ fn v1_status(state: &AppState, m: &str, version: Option<&str>) -> Result<Value, 
         }
         None => {
             state.repo.entry(m, None)?;
-            state.repo.list().into_iter().filter(|(n, _, _)| n == m).map(|(_, v, e)| (v, e)).collect()
+            state
+                .repo
+                .list()
+                .into_iter()
+                .filter(|(n, _, _)| n == m)
+                .map(|(_, v, e)| (v, e))
+                .collect()
         }
     };
     let statuses: Vec<Value> = entries

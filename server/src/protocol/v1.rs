@@ -59,7 +59,10 @@ fn write_elements(w: &mut ElementWriter, v: &Value, shape: &[usize]) -> Result<(
     match (v, shape.split_first()) {
         (Value::Array(items), Some((&n, rest))) => {
             if items.len() != n {
-                return Err(format!("ragged list: expected {n} elements, found {}", items.len()));
+                return Err(format!(
+                    "ragged list: expected {n} elements, found {}",
+                    items.len()
+                ));
             }
             items.iter().try_for_each(|i| write_elements(w, i, rest))
         }
@@ -101,7 +104,10 @@ fn tensor_from_values(spec: &TensorSpec, values: &[&Value], stacked: bool) -> Re
     if stacked {
         shape.insert(0, values.len());
     }
-    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("shape overflows".into()))?;
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad("shape overflows".into()))?;
     let mut w = ElementWriter::new(spec.datatype, count, count);
     for v in values {
         write_elements(&mut w, v, &inner).map_err(bad)?;
@@ -113,28 +119,44 @@ fn tensor_from_values(spec: &TensorSpec, values: &[&Value], stacked: bool) -> Re
 pub fn decode_request(sig: &Signature, body: &[u8]) -> Result<PredictRequest, ApiError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| json_error("predict request JSON", &e))?;
     let Value::Object(mut obj) = v else {
-        return Err(ApiError::BadRequest("the request must be a JSON object with \"instances\" or \"inputs\"".into()));
+        return Err(ApiError::BadRequest(
+            "the request must be a JSON object with \"instances\" or \"inputs\"".into(),
+        ));
     };
     let single = match sig.inputs.as_slice() {
         [only] => Some(only),
         _ => None,
     };
     match (obj.remove("instances"), obj.remove("inputs")) {
-        (Some(_), Some(_)) => Err(ApiError::BadRequest("give either \"instances\" (row format) or \"inputs\" (columnar format), not both".into())),
-        (None, None) => Err(ApiError::BadRequest("the request needs \"instances\" (row format) or \"inputs\" (columnar format)".into())),
+        (Some(_), Some(_)) => Err(ApiError::BadRequest(
+            "give either \"instances\" (row format) or \"inputs\" (columnar format), not both".into(),
+        )),
+        (None, None) => Err(ApiError::BadRequest(
+            "the request needs \"instances\" (row format) or \"inputs\" (columnar format)".into(),
+        )),
         (Some(Value::Array(instances)), None) => {
             if instances.is_empty() {
                 return Err(ApiError::BadRequest("\"instances\" is empty".into()));
             }
-            let named = instances.iter().all(|i| matches!(i, Value::Object(_)) && is_b64(i).is_none());
+            let named = instances
+                .iter()
+                .all(|i| matches!(i, Value::Object(_)) && is_b64(i).is_none());
             let inputs = if named {
                 let mut out = Vec::new();
-                let Some(Value::Object(first)) = instances.first() else { return Err(ApiError::BadRequest("\"instances\" is empty".into())) };
+                let Some(Value::Object(first)) = instances.first() else {
+                    return Err(ApiError::BadRequest("\"instances\" is empty".into()));
+                };
                 for name in first.keys() {
                     let spec = input_spec(sig, name)?;
                     let values = instances
                         .iter()
-                        .map(|i| i.get(name).ok_or_else(|| ApiError::BadRequest(format!("an instance lacks input {name:?}; every instance needs the same inputs"))))
+                        .map(|i| {
+                            i.get(name).ok_or_else(|| {
+                                ApiError::BadRequest(format!(
+                                    "an instance lacks input {name:?}; every instance needs the same inputs"
+                                ))
+                            })
+                        })
                         .collect::<Result<Vec<_>, _>>()?;
                     out.push(tensor_from_values(spec, &values, true)?);
                 }
@@ -149,7 +171,10 @@ pub fn decode_request(sig: &Signature, body: &[u8]) -> Result<PredictRequest, Ap
                 let values: Vec<&Value> = instances.iter().collect();
                 vec![tensor_from_values(spec, &values, true)?]
             };
-            Ok(PredictRequest { format: Format::Row, inputs })
+            Ok(PredictRequest {
+                format: Format::Row,
+                inputs,
+            })
         }
         (Some(_), None) => Err(ApiError::BadRequest("\"instances\" must be a list".into())),
         (None, Some(inputs)) => {
@@ -166,7 +191,10 @@ pub fn decode_request(sig: &Signature, body: &[u8]) -> Result<PredictRequest, Ap
                     )));
                 }
             };
-            Ok(PredictRequest { format: Format::Columnar, inputs: tensors })
+            Ok(PredictRequest {
+                format: Format::Columnar,
+                inputs: tensors,
+            })
         }
     }
 }
@@ -214,7 +242,11 @@ pub fn encode_response(format: Format, outputs: &[Tensor]) -> Result<Value, ApiE
 fn tf_signature(specs: &[TensorSpec]) -> Value {
     let mut m = Map::new();
     for s in specs {
-        let dims: Vec<Value> = s.shape.iter().map(|d| serde_json::json!({"size": d.to_string(), "name": ""})).collect();
+        let dims: Vec<Value> = s
+            .shape
+            .iter()
+            .map(|d| serde_json::json!({"size": d.to_string(), "name": ""}))
+            .collect();
         m.insert(
             s.name.clone(),
             serde_json::json!({"dtype": s.datatype.tf_name(), "tensor_shape": {"dim": dims, "unknown_rank": false}, "name": s.name}),
@@ -244,7 +276,11 @@ mod tests {
         Signature {
             inputs: inputs
                 .iter()
-                .map(|(n, d, s)| TensorSpec { name: (*n).into(), datatype: *d, shape: s.to_vec() })
+                .map(|(n, d, s)| TensorSpec {
+                    name: (*n).into(),
+                    datatype: *d,
+                    shape: s.to_vec(),
+                })
                 .collect(),
             outputs: vec![],
         }
@@ -265,7 +301,10 @@ mod tests {
         let body = br#"{"instances": [{"a": 1, "t": {"b64": "aGk="}}, {"a": 2, "t": "yo"}]}"#;
         let req = decode_request(&s, body).unwrap();
         let t = req.inputs.iter().find(|t| t.name == "t").unwrap();
-        assert_eq!(t.to_binary().as_ref(), &[2, 0, 0, 0, b'h', b'i', 2, 0, 0, 0, b'y', b'o']);
+        assert_eq!(
+            t.to_binary().as_ref(),
+            &[2, 0, 0, 0, b'h', b'i', 2, 0, 0, 0, b'y', b'o']
+        );
     }
 
     #[test]

@@ -68,12 +68,18 @@ fn bool_param(p: &Option<Map<String, Value>>, key: &str) -> Result<Option<bool>,
     match p.as_ref().and_then(|m| m.get(key)) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(ApiError::BadRequest(format!("parameter {key:?} must be true or false, got {other}"))),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "parameter {key:?} must be true or false, got {other}"
+        ))),
     }
 }
 
 /// Decodes a V2 request body. `json_len` is the `Inference-Header-Content-Length` header, if any.
-pub fn decode_request(sig: &Signature, body: &Bytes, json_len: Option<usize>) -> Result<InferRequest, ApiError> {
+pub fn decode_request(
+    sig: &Signature,
+    body: &Bytes,
+    json_len: Option<usize>,
+) -> Result<InferRequest, ApiError> {
     let (json, mut binary) = match json_len {
         Some(n) if n > body.len() => {
             return Err(ApiError::BadRequest(format!(
@@ -101,7 +107,8 @@ pub fn decode_request(sig: &Signature, body: &Bytes, json_len: Option<usize>) ->
                 input.name, dtype, spec.datatype
             )));
         }
-        let count = element_count(&input.shape).map_err(|e| ApiError::BadRequest(format!("input {:?}: {e}", input.name)))?;
+        let count = element_count(&input.shape)
+            .map_err(|e| ApiError::BadRequest(format!("input {:?}: {e}", input.name)))?;
         let shape: Vec<usize> = input.shape.iter().map(|&d| d as usize).collect();
         let binary_size = match input.parameters.as_ref().and_then(|p| p.get("binary_data_size")) {
             None => None,
@@ -154,15 +161,32 @@ pub fn decode_request(sig: &Signature, body: &Bytes, json_len: Option<usize>) ->
         binary_outputs.push(bool_param(&o.parameters, "binary_data")?.unwrap_or(binary_default));
         outputs.push(o.name);
     }
-    Ok(InferRequest { id: header.id, parameters: header.parameters, inputs, outputs, binary_outputs, binary_default })
+    Ok(InferRequest {
+        id: header.id,
+        parameters: header.parameters,
+        inputs,
+        outputs,
+        binary_outputs,
+        binary_default,
+    })
 }
 
-fn decode_data(name: &str, dtype: DataType, shape: Vec<usize>, count: usize, raw: &RawValue) -> Result<Tensor, ApiError> {
+fn decode_data(
+    name: &str,
+    dtype: DataType,
+    shape: Vec<usize>,
+    count: usize,
+    raw: &RawValue,
+) -> Result<Tensor, ApiError> {
     // A JSON element takes at least two bytes ("0,"): the body, not the claimed shape, bounds the
     // allocation.
     let mut writer = ElementWriter::new(dtype, count.min(raw.get().len() / 2 + 1), count);
     let mut de = serde_json::Deserializer::from_str(raw.get());
-    let result = DataSeed { writer: &mut writer, depth: 0 }.deserialize(&mut de);
+    let result = DataSeed {
+        writer: &mut writer,
+        depth: 0,
+    }
+    .deserialize(&mut de);
     if let Err(e) = result {
         return Err(ApiError::BadRequest(format!("input {name:?} data: {e}")));
     }
@@ -172,7 +196,9 @@ fn decode_data(name: &str, dtype: DataType, shape: Vec<usize>, count: usize, raw
             writer.count()
         )));
     }
-    writer.finish(name, shape).map_err(|e| ApiError::BadRequest(format!("input {name:?}: {e}")))
+    writer
+        .finish(name, shape)
+        .map_err(|e| ApiError::BadRequest(format!("input {name:?}: {e}")))
 }
 
 /// Streams JSON `data` (flat or nested arrays) straight into an [`ElementWriter`], so large tensors
@@ -216,11 +242,19 @@ impl<'de> Visitor<'de> for DataSeed<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         if self.depth >= MAX_DATA_DEPTH {
-            return Err(serde::de::Error::custom(format!("arrays nested deeper than {MAX_DATA_DEPTH} levels")));
+            return Err(serde::de::Error::custom(format!(
+                "arrays nested deeper than {MAX_DATA_DEPTH} levels"
+            )));
         }
         let depth = self.depth + 1;
         let writer = self.writer;
-        while seq.next_element_seed(DataSeed { writer: &mut *writer, depth })?.is_some() {}
+        while seq
+            .next_element_seed(DataSeed {
+                writer: &mut *writer,
+                depth,
+            })?
+            .is_some()
+        {}
         Ok(())
     }
 }
@@ -257,7 +291,12 @@ struct ResponseJson<'a> {
 
 /// Encodes the response to `req` for model `name` version `version`. Elements are written straight
 /// from the tensor bytes (f32 stays in its shortest f32 form).
-pub fn encode_response(name: &str, version: u64, req: &InferRequest, outputs: &[Tensor]) -> Result<EncodedResponse, ApiError> {
+pub fn encode_response(
+    name: &str,
+    version: u64,
+    req: &InferRequest,
+    outputs: &[Tensor],
+) -> Result<EncodedResponse, ApiError> {
     let mut blobs: Vec<Bytes> = Vec::new();
     let mut out_json = Vec::with_capacity(outputs.len());
     for (i, t) in outputs.iter().enumerate() {
@@ -270,7 +309,13 @@ pub fn encode_response(name: &str, version: u64, req: &InferRequest, outputs: &[
         } else {
             (None, Some(t.json_elements(false)))
         };
-        out_json.push(OutputJson { name: &t.name, datatype: t.dtype.v2_name(), shape: &t.shape, parameters, data });
+        out_json.push(OutputJson {
+            name: &t.name,
+            datatype: t.dtype.v2_name(),
+            shape: &t.shape,
+            parameters,
+            data,
+        });
     }
     let resp = ResponseJson {
         model_name: name,
@@ -279,15 +324,22 @@ pub fn encode_response(name: &str, version: u64, req: &InferRequest, outputs: &[
         parameters: req.parameters.as_ref(),
         outputs: out_json,
     };
-    let mut body = serde_json::to_vec(&resp).map_err(|e| ApiError::Internal(format!("failed to encode the response: {e}")))?;
+    let mut body = serde_json::to_vec(&resp)
+        .map_err(|e| ApiError::Internal(format!("failed to encode the response: {e}")))?;
     if blobs.is_empty() {
-        return Ok(EncodedResponse { body: Bytes::from(body), json_len: None });
+        return Ok(EncodedResponse {
+            body: Bytes::from(body),
+            json_len: None,
+        });
     }
     let json_len = body.len();
     for b in blobs {
         body.extend_from_slice(&b);
     }
-    Ok(EncodedResponse { body: Bytes::from(body), json_len: Some(json_len) })
+    Ok(EncodedResponse {
+        body: Bytes::from(body),
+        json_len: Some(json_len),
+    })
 }
 
 fn specs_json(specs: &[TensorSpec]) -> Value {
@@ -321,7 +373,11 @@ pub fn triton_config(name: &str, sig: &Signature, execution_provider: &str, inst
                 .collect(),
         )
     };
-    let kind = if execution_provider == crate::backend::ort::CUDA_EP { "KIND_GPU" } else { "KIND_CPU" };
+    let kind = if execution_provider == crate::backend::ort::CUDA_EP {
+        "KIND_GPU"
+    } else {
+        "KIND_CPU"
+    };
     serde_json::json!({
         "name": name,
         "platform": "onnxruntime_onnx",
@@ -343,10 +399,22 @@ mod tests {
     fn sig() -> Signature {
         Signature {
             inputs: vec![
-                TensorSpec { name: "x".into(), datatype: DataType::F32, shape: vec![-1, 2] },
-                TensorSpec { name: "s".into(), datatype: DataType::Bytes, shape: vec![-1] },
+                TensorSpec {
+                    name: "x".into(),
+                    datatype: DataType::F32,
+                    shape: vec![-1, 2],
+                },
+                TensorSpec {
+                    name: "s".into(),
+                    datatype: DataType::Bytes,
+                    shape: vec![-1],
+                },
             ],
-            outputs: vec![TensorSpec { name: "y".into(), datatype: DataType::F32, shape: vec![-1, 2] }],
+            outputs: vec![TensorSpec {
+                name: "y".into(),
+                datatype: DataType::F32,
+                shape: vec![-1, 2],
+            }],
         }
     }
 
@@ -391,17 +459,23 @@ mod tests {
     fn deep_nesting_and_element_count_mismatch_are_rejected() {
         let deep = format!("{}1{}", "[".repeat(40), "]".repeat(40));
         let body = format!(r#"{{"inputs":[{{"name":"x","shape":[1,1],"datatype":"FP32","data":{deep}}}]}}"#);
-        let err = decode_request(&sig(), &Bytes::from(body), None).unwrap_err().to_string();
+        let err = decode_request(&sig(), &Bytes::from(body), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nested deeper"), "{err}");
         let body = r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3]}]}"#;
-        let err = decode_request(&sig(), &Bytes::from(body), None).unwrap_err().to_string();
+        let err = decode_request(&sig(), &Bytes::from(body), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("needs 4"), "{err}");
     }
 
     #[test]
     fn huge_shapes_do_not_allocate() {
         let body = r#"{"inputs":[{"name":"x","shape":[4000000000,2],"datatype":"FP32","data":[1,2]}]}"#;
-        let err = decode_request(&sig(), &Bytes::from(body), None).unwrap_err().to_string();
+        let err = decode_request(&sig(), &Bytes::from(body), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("needs 8000000000"), "{err}");
     }
 }
