@@ -1,0 +1,60 @@
+//! Condition types and reasons written to `ModelDeployment.status.conditions`, defined once.
+//!
+//! Types follow the Kubernetes convention (`status` True/False/Unknown, PascalCase reasons) so that
+//! `kubectl wait --for=condition=Ready`, Flux's kstatus and Argo CD health checks work unchanged.
+
+/// Pods are bound to nodes (False carries the scheduler's message).
+pub const SCHEDULED: &str = "Scheduled";
+/// The model was downloaded, verified and loaded in the serving pods.
+pub const MODEL_LOADED: &str = "ModelLoaded";
+/// Enough pods are ready and the latest generation is rolled out.
+pub const READY: &str = "Ready";
+/// Something is wrong with running pods (crash loop, OOM, image pull).
+pub const DEGRADED: &str = "Degraded";
+
+/// Every condition type, in the order they are reported.
+pub const ALL: [&str; 4] = [SCHEDULED, MODEL_LOADED, READY, DEGRADED];
+
+/// Reasons, PascalCase.
+pub mod reason {
+    /// All pods are bound.
+    pub const ALL_PODS_SCHEDULED: &str = "AllPodsScheduled";
+    /// The scheduler could not place a pod.
+    pub const UNSCHEDULABLE: &str = "Unschedulable";
+    /// No pods exist yet.
+    pub const NO_PODS: &str = "NoPods";
+    /// Pods are being created or started.
+    pub const PENDING: &str = "Pending";
+    /// The model is loaded in every ready pod.
+    pub const LOADED: &str = "Loaded";
+    /// The download init container is still running.
+    pub const DOWNLOADING: &str = "Downloading";
+    /// The download failed.
+    pub const DOWNLOAD_FAILED: &str = "DownloadFailed";
+    /// The artifact's sha256 did not match.
+    pub const CHECKSUM_MISMATCH: &str = "ChecksumMismatch";
+    /// The server could not load the model.
+    pub const LOAD_FAILED: &str = "LoadFailed";
+    /// The startup budget ran out.
+    pub const STARTUP_TIMEOUT: &str = "StartupTimeout";
+    /// The model is loading in the server.
+    pub const LOADING: &str = "Loading";
+    /// Ready replicas meet the minimum.
+    pub const MINIMUM_REPLICAS_AVAILABLE: &str = "MinimumReplicasAvailable";
+    /// Fewer ready replicas than needed.
+    pub const INSUFFICIENT_REPLICAS: &str = "InsufficientReplicas";
+    /// A new generation is still rolling out.
+    pub const ROLLOUT_IN_PROGRESS: &str = "RolloutInProgress";
+    /// Nothing wrong.
+    pub const HEALTHY: &str = "Healthy";
+    /// A container restarts repeatedly.
+    pub const CRASH_LOOP_BACK_OFF: &str = "CrashLoopBackOff";
+    /// A container was killed for exceeding its memory limit.
+    pub const OOM_KILLED: &str = "OOMKilled";
+    /// The image cannot be pulled.
+    pub const IMAGE_PULL_BACK_OFF: &str = "ImagePullBackOff";
+    /// The spec is invalid in a way the schema cannot express.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The operator could not apply the children.
+    pub const RECONCILE_FAILED: &str = "ReconcileFailed";
+}

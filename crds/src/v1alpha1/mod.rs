@@ -1,0 +1,7 @@
+//! `kubemaas.io/v1alpha1`.
+
+mod spec;
+mod status;
+
+pub use spec::*;
+pub use status::*;

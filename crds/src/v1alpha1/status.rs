@@ -1,0 +1,77 @@
+//! `ModelDeployment.status`: the truth about the serving pods, written only by the operator.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Observed state.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Serving pods (any state), as counted by the Deployment.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Pods whose model is loaded and ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Pods running the latest pod template.
+    #[serde(default)]
+    pub updated_replicas: i32,
+    /// Label selector of the pods, for the scale subresource (and HPAs targeting it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Scheduled, ModelLoaded, Ready, Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Where clients reach the model inside the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Endpoints>,
+    /// Execution provider the pods really use: `CUDAExecutionProvider` or `CPUExecutionProvider`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<String>,
+    /// The served model as the server reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelStatus>,
+}
+
+/// In-cluster endpoints.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct Endpoints {
+    /// KServe V2 / TF-Serving REST base URL.
+    pub rest: String,
+    /// gRPC address.
+    pub grpc: String,
+}
+
+/// The served model.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct ModelStatus {
+    /// Served name.
+    pub name: String,
+    /// Served version.
+    pub version: String,
+    /// SHA-256 of the artifact, when pinned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Inputs.
+    #[serde(default)]
+    pub inputs: Vec<TensorInfo>,
+    /// Outputs.
+    #[serde(default)]
+    pub outputs: Vec<TensorInfo>,
+}
+
+/// A model input or output.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct TensorInfo {
+    /// Tensor name.
+    pub name: String,
+    /// KServe V2 datatype, e.g. `FP32`.
+    pub datatype: String,
+    /// Dimensions, -1 where dynamic.
+    pub shape: Vec<i64>,
+}
