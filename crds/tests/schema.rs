@@ -1,6 +1,7 @@
 //! The generated CRD: drift against the committed YAML, CEL rules evaluated without a cluster, and
 //! the schema shape kubectl and the apiserver rely on.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a panic is a failed test
 use kube::CustomResourceExt;
 use kubemaas_crds::v1alpha1::{ModelDeployment, ModelDeploymentSpec};
 use serde_json::{Value, json};
