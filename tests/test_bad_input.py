@@ -139,19 +139,24 @@ def test_body_over_the_limit_gets_413_declared_or_streamed(server):
     assert server.alive()
 
 
-def raw_exchange(server, payload: bytes, read=True):
+def raw_exchange(server, payload: bytes, half_close=True):
+    """Sends raw bytes; returns everything the server answers until it closes."""
     host, port = server.http.split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        return s.recv(65536) if read else b""
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+        return reply
 
 
 def test_garbage_and_truncated_http_only_affect_their_own_connection(server):
     raw_exchange(server, b"\x00\xff garbage \r\n\r\n")
     # Declares 1000 bytes, sends 10 then closes: the request fails alone.
     raw_exchange(server, b"POST /v2/models/model/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"inputs\":")
-    reply = raw_exchange(server, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    reply = raw_exchange(server, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", half_close=False)
     assert reply.startswith(b"HTTP/1.1 200")
     assert server.alive()
 

@@ -1,1 +1,248 @@
-fn main() {}
+//! `kubemaas-operator`: run the controller, print the CRDs, or render children without a cluster.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use kubemaas_operator::controller::{self, Scope, build::BuildConfig};
+use kubemaas_operator::{httpd, leader, metrics::Metrics, render};
+use tracing_subscriber::EnvFilter;
+
+/// KubeMaaS operator: reconciles ModelDeployments into serving pods with truthful status.
+#[derive(Debug, Parser)]
+#[command(name = "kubemaas-operator", version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "KUBEMAAS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `kubemaas_operator=debug,kube=info`.
+    #[arg(long, global = true, env = "KUBEMAAS_LOG", default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the controller against the cluster of the current kubeconfig (or in-cluster config).
+    Run(RunArgs),
+    /// Print the CustomResourceDefinitions as YAML.
+    Crd,
+    /// Print every object the operator would create for the ModelDeployments in a file.
+    Render(RenderArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ImageArgs {
+    /// Default server image for CPU pods.
+    #[arg(long, env = "KUBEMAAS_SERVER_IMAGE", default_value = "kubemaas/server:0.1.0")]
+    server_image: String,
+    /// Default server image for GPU pods.
+    #[arg(
+        long,
+        env = "KUBEMAAS_SERVER_CUDA_IMAGE",
+        default_value = "kubemaas/server-cuda:0.1.0"
+    )]
+    server_cuda_image: String,
+}
+
+impl ImageArgs {
+    fn build_config(self) -> BuildConfig {
+        let ImageArgs {
+            server_image,
+            server_cuda_image,
+        } = self;
+        BuildConfig {
+            server_image,
+            server_cuda_image,
+            ..BuildConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    images: ImageArgs,
+    /// Watch one namespace only (default: all namespaces).
+    #[arg(long, env = "KUBEMAAS_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "KUBEMAAS_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Elect one active replica through a Lease (disable only when running a single replica).
+    #[arg(long, env = "KUBEMAAS_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Namespace of the leader Lease (default: $POD_NAMESPACE, else `default`).
+    #[arg(long, env = "KUBEMAAS_LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "KUBEMAAS_LEADER_ELECTION_NAME",
+        default_value = "kubemaas-operator"
+    )]
+    leader_election_name: String,
+    /// Seconds a leader Lease stays valid without renewal.
+    #[arg(long, env = "KUBEMAAS_LEASE_DURATION", default_value_t = 15)]
+    lease_duration_seconds: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct RenderArgs {
+    /// File with one or more ModelDeployments (`-` for standard input).
+    #[arg(short = 'f', long = "filename")]
+    file: PathBuf,
+    #[command(flatten)]
+    images: ImageArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    let Cli {
+        log_format,
+        log_level,
+        command,
+    } = Cli::parse();
+    let filter =
+        EnvFilter::try_new(&log_level).with_context(|| format!("invalid --log-level {log_level:?}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+    match command {
+        Command::Crd => print!("{}", kubemaas_crds::crds_yaml()?),
+        Command::Render(RenderArgs { file, images }) => {
+            let input = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("failed to read {}", file.display()))?
+            };
+            print!(
+                "{}",
+                render::render(&input, &file.display().to_string(), &images.build_config())?
+            );
+        }
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(run(args))?,
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let RunArgs {
+        images,
+        watch_namespace,
+        metrics_addr,
+        leader_elect,
+        leader_election_namespace,
+        leader_election_name,
+        lease_duration_seconds,
+    } = args;
+    let client = kube::Client::try_default()
+        .await
+        .context("failed to build a Kubernetes client from the kubeconfig or in-cluster config")?;
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(httpd::Health {
+        metrics: metrics.clone(),
+        ready: false.into(),
+    });
+    let bound = httpd::serve(metrics_addr, health.clone())
+        .await
+        .with_context(|| format!("failed to listen on {metrics_addr}"))?;
+    tracing::info!(metrics = %bound, "operator listening");
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+        format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "kubemaas-operator".into()),
+            std::process::id()
+        )
+    });
+    let lease = leader::LeaseConfig {
+        namespace: leader_election_namespace
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into()),
+        name: leader_election_name,
+        identity: identity.clone(),
+        duration: Duration::from_secs(lease_duration_seconds.max(2)),
+        retry: Duration::from_secs((lease_duration_seconds / 5).clamp(1, 5)),
+    };
+    // Ready means: connected and taking part (leader or standby); standbys are ready too.
+    health.ready.store(true, Ordering::SeqCst);
+    if leader_elect {
+        tracing::info!(identity = %identity, lease = %lease.name, namespace = %lease.namespace, "waiting for leadership");
+        tokio::select! {
+            _ = leader::acquire(&client, &lease) => {}
+            _ = shutdown_signal() => return Ok(()),
+        }
+        tracing::info!(identity = %identity, "became leader");
+    }
+    metrics.set_leader(true);
+    let scope = Scope {
+        namespace: watch_namespace,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(controller::run(
+        client.clone(),
+        scope,
+        images.build_config(),
+        metrics.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let lost = async {
+        if leader_elect {
+            leader::hold(&client, &lease).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let lost_leadership = tokio::select! {
+        _ = lost => true,
+        _ = shutdown_signal() => false,
+    };
+    let _ = stop_tx.send(());
+    let _ = controller.await;
+    metrics.set_leader(false);
+    if lost_leadership {
+        anyhow::bail!("lost the leader lease; exiting so a fresh process can rejoin the election");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

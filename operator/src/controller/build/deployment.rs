@@ -1,0 +1,533 @@
+//! The serving Deployment: init container pulls the model, the server container serves it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, HTTPGetAction,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kubemaas_crds::v1alpha1::{Accelerator, ModelDeployment};
+
+use super::{BuildConfig, MODELS_DIR, child_labels, child_meta, model_name, ports, selector_labels};
+
+const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
+const GPU_TAINT: &str = "nvidia.com/gpu";
+const PROBE_PERIOD: i32 = 5;
+const PVC_MOUNT: &str = "/mnt/pvc";
+const NON_ROOT_UID: i64 = 65532;
+
+/// GPUs the pod asks for: `(resource name, count)`; none for CPU.
+fn gpu_request(md: &ModelDeployment) -> Option<(String, i32)> {
+    match (md.spec.accelerator, &md.spec.gpu) {
+        (Accelerator::Cpu, _) => None,
+        (_, Some(g)) => Some((g.resource_name.clone(), g.count)),
+        // cuda without a gpu block still needs one GPU; auto without one runs on CPU.
+        (Accelerator::Cuda, None) => Some(("nvidia.com/gpu".into(), 1)),
+        (Accelerator::Auto, None) => None,
+    }
+}
+
+fn image(md: &ModelDeployment, cfg: &BuildConfig) -> String {
+    match &md.spec.image {
+        Some(i) if !i.is_empty() => i.clone(),
+        _ if gpu_request(md).is_some() => cfg.server_cuda_image.clone(),
+        _ => cfg.server_image.clone(),
+    }
+}
+
+/// Cores in a CPU quantity, rounded up ("500m" → 1, "2" → 2); None when unparseable.
+fn cores(q: &Quantity) -> Option<i32> {
+    let s = q.0.trim();
+    let v = match s.strip_suffix('m') {
+        Some(milli) => milli.parse::<f64>().ok()? / 1000.0,
+        None => s.parse::<f64>().ok()?,
+    };
+    (v > 0.0).then(|| v.ceil() as i32)
+}
+
+/// Intra-op threads: explicit, else derived from the CPU limit (else request), else 0 (ORT's default).
+fn intra_op_threads(md: &ModelDeployment) -> i32 {
+    let explicit = md.spec.runtime.as_ref().map(|r| r.intra_op_threads).unwrap_or(0);
+    if explicit > 0 {
+        return explicit;
+    }
+    let res = md.spec.resources.as_ref();
+    let cpu = |m: Option<&BTreeMap<String, Quantity>>| m.and_then(|m| m.get("cpu")).and_then(cores);
+    cpu(res.and_then(|r| r.limits.as_ref()))
+        .or_else(|| cpu(res.and_then(|r| r.requests.as_ref())))
+        .unwrap_or(0)
+}
+
+/// Arguments of `kubemaas-server serve` for this spec.
+pub fn server_args(md: &ModelDeployment, cfg: &BuildConfig) -> Vec<String> {
+    let ep = match md.spec.accelerator {
+        Accelerator::Cpu => "cpu",
+        Accelerator::Cuda => "cuda",
+        Accelerator::Auto => "auto",
+    };
+    let instances = md.spec.runtime.as_ref().map(|r| r.instances).unwrap_or(1);
+    [
+        "serve",
+        "--model-repository",
+        MODELS_DIR,
+        "--execution-provider",
+        ep,
+        "--instances",
+        &instances.to_string(),
+        "--intra-op-threads",
+        &intra_op_threads(md).to_string(),
+        "--http-port",
+        &ports::HTTP.to_string(),
+        "--metrics-port",
+        &ports::METRICS.to_string(),
+        "--shutdown-delay",
+        &cfg.shutdown_delay_seconds.to_string(),
+        "--shutdown-timeout",
+        &cfg.shutdown_timeout_seconds.to_string(),
+        "--log-format",
+        "json",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+
+fn restricted() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failure_threshold),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(read_only),
+        ..VolumeMount::default()
+    }
+}
+
+fn empty_dir(name: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }
+}
+
+/// The serving Deployment.
+pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
+    let spec = &md.spec;
+    let name = model_name(md);
+    let version = spec.model.version.clone();
+    let image = image(md, cfg);
+    let overrides = spec.pod_template.clone().unwrap_or_default();
+
+    let mut resources = spec.resources.clone().unwrap_or_default();
+    let mut node_selector: BTreeMap<String, String> = BTreeMap::new();
+    let mut tolerations: Vec<Toleration> = Vec::new();
+    if let Some((resource, count)) = gpu_request(md) {
+        resources
+            .limits
+            .get_or_insert_with(BTreeMap::new)
+            .insert(resource, Quantity(count.to_string()));
+        tolerations.push(Toleration {
+            key: Some(GPU_TAINT.into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Toleration::default()
+        });
+        if let Some(product) = spec.gpu.as_ref().and_then(|g| g.product.clone()) {
+            node_selector.insert(GPU_PRODUCT_LABEL.into(), product);
+        }
+    }
+    node_selector.extend(overrides.node_selector.clone().unwrap_or_default());
+    tolerations.extend(overrides.tolerations.clone().unwrap_or_default());
+
+    let mut volumes = vec![empty_dir("models"), empty_dir("tmp")];
+    let mut pull_mounts = vec![mount("models", MODELS_DIR, false), mount("tmp", "/tmp", false)];
+    if let Some(rest) = spec.model.uri.strip_prefix("pvc://")
+        && let Some((claim, _)) = rest.split_once('/')
+    {
+        volumes.push(Volume {
+            name: "source".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.into(),
+                read_only: Some(true),
+            }),
+            ..Volume::default()
+        });
+        pull_mounts.push(mount("source", &format!("{PVC_MOUNT}/{claim}"), true));
+    }
+
+    let target = format!("{MODELS_DIR}/{name}/{version}/model.onnx");
+    let mut pull_args = vec!["pull".to_string(), spec.model.uri.clone(), target];
+    if let Some(sha) = &spec.model.sha256 {
+        pull_args.extend(["--sha256".into(), sha.clone()]);
+    }
+    pull_args.extend([
+        "--timeout".into(),
+        spec.startup_timeout_seconds.to_string(),
+        "--pvc-root".into(),
+        PVC_MOUNT.into(),
+    ]);
+
+    let pull = Container {
+        name: "model-pull".into(),
+        image: Some(image.clone()),
+        args: Some(pull_args),
+        // Credentials reach only the download, never the serving container.
+        env_from: spec.model.credentials_secret_ref.as_ref().map(|s| {
+            vec![EnvFromSource {
+                secret_ref: Some(SecretEnvSource {
+                    name: s.name.clone(),
+                    optional: Some(false),
+                }),
+                ..EnvFromSource::default()
+            }]
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), Quantity("100m".into())),
+                ("memory".into(), Quantity("128Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".into(), Quantity("1Gi".into()))])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(restricted()),
+        volume_mounts: Some(pull_mounts),
+        ..Container::default()
+    };
+
+    let ready_path = format!("/v2/models/{name}/ready");
+    let startup_failures = (spec.startup_timeout_seconds + PROBE_PERIOD - 1) / PROBE_PERIOD;
+    let port = |name: &str, p: i32| ContainerPort {
+        name: Some(name.into()),
+        container_port: p,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    };
+    let server = Container {
+        name: "server".into(),
+        image: Some(image),
+        args: Some(server_args(md, cfg)),
+        ports: Some(vec![
+            port("http", ports::HTTP),
+            port("grpc", ports::GRPC),
+            port("metrics", ports::METRICS),
+        ]),
+        env: overrides.env.clone(),
+        resources: Some(resources),
+        startup_probe: Some(http_probe(&ready_path, PROBE_PERIOD, startup_failures.max(1))),
+        readiness_probe: Some(http_probe(&ready_path, PROBE_PERIOD, 2)),
+        liveness_probe: Some(http_probe("/v2/health/live", 10, 3)),
+        security_context: Some(restricted()),
+        volume_mounts: Some(vec![
+            mount("models", MODELS_DIR, true),
+            mount("tmp", "/tmp", false),
+        ]),
+        ..Container::default()
+    };
+
+    let mut pod_labels = overrides.labels.clone().unwrap_or_default();
+    pod_labels.extend(child_labels(md)); // ours win: the selector depends on them
+    let mut annotations = overrides.annotations.clone().unwrap_or_default();
+    annotations.extend([
+        ("prometheus.io/scrape".to_string(), "true".to_string()),
+        ("prometheus.io/port".to_string(), ports::METRICS.to_string()),
+        ("prometheus.io/path".to_string(), "/metrics".to_string()),
+    ]);
+
+    let pod = PodSpec {
+        automount_service_account_token: Some(false),
+        service_account_name: overrides.service_account_name.clone(),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(NON_ROOT_UID),
+            run_as_group: Some(NON_ROOT_UID),
+            fs_group: Some(NON_ROOT_UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        init_containers: Some(vec![pull]),
+        containers: vec![server],
+        volumes: Some(volumes),
+        node_selector: (!node_selector.is_empty()).then_some(node_selector),
+        tolerations: (!tolerations.is_empty()).then_some(tolerations),
+        affinity: overrides.affinity.clone(),
+        runtime_class_name: overrides.runtime_class_name.clone(),
+        priority_class_name: overrides.priority_class_name.clone(),
+        image_pull_secrets: overrides.image_pull_secrets.clone(),
+        termination_grace_period_seconds: Some(cfg.shutdown_delay_seconds + cfg.shutdown_timeout_seconds + 5),
+        ..PodSpec::default()
+    };
+
+    Deployment {
+        metadata: child_meta(md),
+        spec: DeploymentSpec {
+            // With autoscaling the HPA owns replicas: leaving the field out of the apply keeps it so.
+            replicas: if spec.autoscaling.is_some() {
+                None
+            } else {
+                Some(spec.replicas)
+            },
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(md)),
+                ..LabelSelector::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..DeploymentSpec::default()
+        },
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::super::tests::md;
+    use super::*;
+
+    fn pod(d: &Deployment) -> &PodSpec {
+        d.spec.template.spec.as_ref().unwrap()
+    }
+
+    #[test]
+    fn cpu_deployment_pulls_then_serves_under_the_restricted_profile() {
+        let m = md(
+            json!({"model": {"uri": "s3://b/resnet.onnx", "sha256": "a".repeat(64), "credentialsSecretRef": {"name": "s3-creds"}},
+                          "replicas": 2}),
+        );
+        let d = deployment(&m, &BuildConfig::default());
+        assert_eq!(d.spec.replicas, Some(2));
+        let p = pod(&d);
+        assert_eq!(p.automount_service_account_token, Some(false));
+        let init = &p.init_containers.as_ref().unwrap()[0];
+        let args = init.args.as_ref().unwrap();
+        assert_eq!(
+            &args[..3],
+            ["pull", "s3://b/resnet.onnx", "/models/resnet/1/model.onnx"]
+        );
+        assert!(
+            args.windows(2)
+                .any(|w| w[0] == "--sha256" && w[1] == "a".repeat(64))
+        );
+        assert_eq!(
+            init.env_from.as_ref().unwrap()[0]
+                .secret_ref
+                .as_ref()
+                .unwrap()
+                .name,
+            "s3-creds"
+        );
+        let server = &p.containers[0];
+        assert!(
+            server.env_from.is_none(),
+            "credentials must stay in the init container"
+        );
+        assert_eq!(server.image.as_deref(), Some("kubemaas/server:0.1.0"));
+        let a = server.args.as_ref().unwrap();
+        assert!(a.windows(2).any(|w| w == ["--execution-provider", "cpu"]));
+        for c in [init, server] {
+            let sc = c.security_context.as_ref().unwrap();
+            assert_eq!(sc.allow_privilege_escalation, Some(false));
+            assert_eq!(sc.read_only_root_filesystem, Some(true));
+            assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &["ALL"]);
+            assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        }
+        assert_eq!(
+            server
+                .readiness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/v2/models/resnet/ready")
+        );
+        assert_eq!(
+            server
+                .liveness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/v2/health/live")
+        );
+        assert!(p.tolerations.is_none() && p.node_selector.is_none());
+    }
+
+    #[test]
+    fn startup_probe_budget_is_startup_timeout_seconds() {
+        let m = md(json!({"model": {"uri": "s3://b/m.onnx"}, "startupTimeoutSeconds": 120}));
+        let d = deployment(&m, &BuildConfig::default());
+        let probe = pod(&d).containers[0].startup_probe.clone().unwrap();
+        assert_eq!(
+            probe.period_seconds.unwrap() * probe.failure_threshold.unwrap(),
+            120
+        );
+    }
+
+    #[test]
+    fn deployment_requests_gpus_when_accelerator_is_cuda() {
+        let m = md(json!({"model": {"uri": "s3://b/m.onnx"}, "accelerator": "cuda",
+                          "gpu": {"count": 2, "product": "NVIDIA-H100-80GB-HBM3"}}));
+        let d = deployment(&m, &BuildConfig::default());
+        let p = pod(&d);
+        let server = &p.containers[0];
+        assert_eq!(server.image.as_deref(), Some("kubemaas/server-cuda:0.1.0"));
+        assert_eq!(
+            server.resources.as_ref().unwrap().limits.as_ref().unwrap()["nvidia.com/gpu"].0,
+            "2"
+        );
+        assert_eq!(
+            p.node_selector.as_ref().unwrap()["nvidia.com/gpu.product"],
+            "NVIDIA-H100-80GB-HBM3"
+        );
+        let t = &p.tolerations.as_ref().unwrap()[0];
+        assert_eq!(
+            (t.key.as_deref(), t.effect.as_deref()),
+            (Some("nvidia.com/gpu"), Some("NoSchedule"))
+        );
+        assert!(
+            server
+                .args
+                .as_ref()
+                .unwrap()
+                .windows(2)
+                .any(|w| w == ["--execution-provider", "cuda"])
+        );
+    }
+
+    #[test]
+    fn mig_resource_name_is_requested_as_is() {
+        let m = md(json!({"model": {"uri": "s3://b/m.onnx"}, "accelerator": "cuda",
+                          "gpu": {"resourceName": "nvidia.com/mig-1g.10gb"}}));
+        let d = deployment(&m, &BuildConfig::default());
+        let limits = pod(&d).containers[0].resources.clone().unwrap().limits.unwrap();
+        assert_eq!(limits["nvidia.com/mig-1g.10gb"].0, "1");
+        assert!(!limits.contains_key("nvidia.com/gpu"));
+    }
+
+    #[test]
+    fn auto_without_gpu_block_runs_the_cpu_image_and_lets_the_server_choose() {
+        let m = md(json!({"model": {"uri": "s3://b/m.onnx"}, "accelerator": "auto"}));
+        let d = deployment(&m, &BuildConfig::default());
+        let server = &pod(&d).containers[0];
+        assert_eq!(server.image.as_deref(), Some("kubemaas/server:0.1.0"));
+        assert!(
+            server
+                .args
+                .as_ref()
+                .unwrap()
+                .windows(2)
+                .any(|w| w == ["--execution-provider", "auto"])
+        );
+    }
+
+    #[test]
+    fn autoscaling_leaves_replicas_to_the_hpa() {
+        let m = md(json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"maxReplicas": 4}}));
+        assert_eq!(deployment(&m, &BuildConfig::default()).spec.replicas, None);
+    }
+
+    #[test]
+    fn intra_op_threads_derive_from_the_cpu_limit() {
+        let m = md(json!({"model": {"uri": "s3://b/m.onnx"}, "resources": {"limits": {"cpu": "2500m"}}}));
+        let a = server_args(&m, &BuildConfig::default());
+        assert!(a.windows(2).any(|w| w == ["--intra-op-threads", "3"]), "{a:?}");
+        let m = md(
+            json!({"model": {"uri": "s3://b/m.onnx"}, "runtime": {"intraOpThreads": 4}, "resources": {"limits": {"cpu": "8"}}}),
+        );
+        assert!(
+            server_args(&m, &BuildConfig::default())
+                .windows(2)
+                .any(|w| w == ["--intra-op-threads", "4"])
+        );
+    }
+
+    #[test]
+    fn pod_template_overrides_merge_on_top() {
+        let m = md(
+            json!({"model": {"uri": "pvc://models/resnet/model.onnx"}, "accelerator": "cuda",
+            "podTemplate": {"nodeSelector": {"zone": "a"}, "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+                            "runtimeClassName": "nvidia", "priorityClassName": "high", "labels": {"team": "ml", "kubemaas.io/model-deployment": "evil"},
+                            "annotations": {"a": "b"}, "env": [{"name": "X", "value": "1"}], "serviceAccountName": "sa"}}),
+        );
+        let d = deployment(&m, &BuildConfig::default());
+        let p = pod(&d);
+        assert_eq!(p.node_selector.as_ref().unwrap()["zone"], "a");
+        assert_eq!(p.tolerations.as_ref().unwrap().len(), 2);
+        assert_eq!(p.runtime_class_name.as_deref(), Some("nvidia"));
+        assert_eq!(p.service_account_name.as_deref(), Some("sa"));
+        let meta = d.spec.template.metadata.as_ref().unwrap();
+        assert_eq!(meta.labels.as_ref().unwrap()["team"], "ml");
+        assert_eq!(
+            meta.labels.as_ref().unwrap()["kubemaas.io/model-deployment"],
+            "resnet"
+        );
+        assert_eq!(meta.annotations.as_ref().unwrap()["prometheus.io/port"], "9090");
+        assert_eq!(p.containers[0].env.as_ref().unwrap()[0].name, "X");
+        let pvc = p
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "source")
+            .unwrap();
+        assert_eq!(pvc.persistent_volume_claim.as_ref().unwrap().claim_name, "models");
+    }
+}

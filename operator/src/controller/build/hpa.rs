@@ -1,0 +1,66 @@
+//! The HorizontalPodAutoscaler (autoscaling/v2), only when `autoscaling` is set.
+
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
+    MetricTarget, ResourceMetricSource,
+};
+use kube::ResourceExt;
+use kubemaas_crds::v1alpha1::{AutoscalingMetric, ModelDeployment};
+
+use super::child_meta;
+
+/// The HPA scaling the Deployment on CPU or memory utilisation of the server container.
+pub fn hpa(md: &ModelDeployment) -> Option<HorizontalPodAutoscaler> {
+    let a = md.spec.autoscaling.as_ref()?;
+    let resource = match a.metric {
+        AutoscalingMetric::Cpu => "cpu",
+        AutoscalingMetric::Memory => "memory",
+    };
+    Some(HorizontalPodAutoscaler {
+        metadata: child_meta(md),
+        spec: HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: "Deployment".into(),
+                name: md.name_any(),
+            },
+            min_replicas: Some(a.min_replicas),
+            max_replicas: a.max_replicas,
+            metrics: Some(vec![MetricSpec {
+                type_: "Resource".into(),
+                resource: Some(ResourceMetricSource {
+                    name: resource.into(),
+                    target: MetricTarget {
+                        type_: "Utilization".into(),
+                        average_utilization: Some(a.target),
+                        ..MetricTarget::default()
+                    },
+                }),
+                ..MetricSpec::default()
+            }]),
+            behavior: None,
+        },
+        status: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::md;
+    use super::*;
+
+    #[test]
+    fn hpa_targets_the_deployment_with_the_chosen_metric() {
+        let m = md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"},
+            "autoscaling": {"minReplicas": 2, "maxReplicas": 7, "metric": "memory", "target": 80}}));
+        let spec = hpa(&m).unwrap().spec;
+        assert_eq!((spec.min_replicas, spec.max_replicas), (Some(2), 7));
+        assert_eq!(spec.scale_target_ref.kind, "Deployment");
+        let r = spec.metrics.unwrap()[0].resource.clone().unwrap();
+        assert_eq!(
+            (r.name.as_str(), r.target.average_utilization),
+            ("memory", Some(80))
+        );
+        assert!(hpa(&md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}))).is_none());
+    }
+}

@@ -1,0 +1,64 @@
+//! The Service in front of the serving pods.
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kubemaas_crds::v1alpha1::ModelDeployment;
+
+use super::{child_meta, ports, selector_labels};
+
+/// ClusterIP Service with the http, grpc and metrics ports.
+pub fn service(md: &ModelDeployment) -> Service {
+    let port = |name: &str, p: i32| ServicePort {
+        name: Some(name.into()),
+        port: p,
+        target_port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        app_protocol: Some(if name == "grpc" {
+            "kubernetes.io/h2c".into()
+        } else {
+            "http".into()
+        }),
+        ..ServicePort::default()
+    };
+    Service {
+        metadata: child_meta(md),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(md)),
+            ports: Some(vec![
+                port("http", ports::HTTP),
+                port("grpc", ports::GRPC),
+                port("metrics", ports::METRICS),
+            ]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::md;
+    use super::*;
+
+    #[test]
+    fn service_exposes_http_grpc_and_metrics_by_name() {
+        let s = service(&md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}})));
+        let spec = s.spec.unwrap();
+        let ports: Vec<(String, i32)> = spec
+            .ports
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.name.unwrap(), p.port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("http".into(), 8080),
+                ("grpc".into(), 8081),
+                ("metrics".into(), 9090)
+            ]
+        );
+        assert_eq!(spec.selector.unwrap()["kubemaas.io/model-deployment"], "resnet");
+    }
+}

@@ -1,0 +1,197 @@
+//! The ModelDeployment controller: watches (by label) what it owns and reconciles
+//! validate → build → apply → status.
+
+pub mod apply;
+pub mod build;
+pub mod probe;
+pub mod reconcile;
+pub mod status;
+pub mod validate;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use kubemaas_crds::v1alpha1::ModelDeployment;
+use serde::de::DeserializeOwned;
+
+use crate::metrics::Metrics;
+
+/// Reconcile errors. Each maps to a metric label and an Event reason.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Server-side apply of a child failed.
+    #[error("failed to apply {kind} {name}: {source}")]
+    Apply {
+        /// Child kind.
+        kind: String,
+        /// Child name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Deleting an unwanted child failed.
+    #[error("failed to delete {kind} {name}: {source}")]
+    Delete {
+        /// Child kind.
+        kind: String,
+        /// Child name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Patching the status failed.
+    #[error("failed to patch status of ModelDeployment {name}: {source}")]
+    Status {
+        /// ModelDeployment name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// A namespaced object came without a namespace.
+    #[error("failed to reconcile: the object has no namespace")]
+    MissingNamespace,
+}
+
+impl Error {
+    /// Short PascalCase label for metrics and Event reasons.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Apply { .. } => "ApplyFailed",
+            Error::Delete { .. } => "DeleteFailed",
+            Error::Status { .. } => "StatusPatchFailed",
+            Error::MissingNamespace => "MissingNamespace",
+        }
+    }
+}
+
+/// Caches of the children, filled by label-selected watches.
+#[derive(Clone)]
+pub struct Stores {
+    /// Deployments.
+    pub deployments: Store<Deployment>,
+    /// Services.
+    pub services: Store<Service>,
+    /// HPAs.
+    pub hpas: Store<HorizontalPodAutoscaler>,
+    /// PDBs.
+    pub pdbs: Store<PodDisruptionBudget>,
+    /// Pods.
+    pub pods: Store<Pod>,
+}
+
+/// Shared state of every reconcile.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Builder settings.
+    pub build: build::BuildConfig,
+    /// Child caches.
+    pub stores: Stores,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Operator metrics.
+    pub metrics: Arc<Metrics>,
+    /// Pod metadata prober.
+    pub prober: probe::Prober,
+}
+
+/// Where to watch.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    /// One namespace, or all when None.
+    pub namespace: Option<String>,
+}
+
+fn api<K>(client: &Client, scope: &Scope) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    match &scope.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Maps a child to its ModelDeployment through the `kubemaas.io/model-deployment` label.
+fn owner_of<K: Resource>(obj: K) -> Option<ObjectRef<ModelDeployment>> {
+    let name = obj.labels().get(build::labels::MODEL_DEPLOYMENT)?.clone();
+    Some(ObjectRef::new(&name).within(&obj.namespace()?))
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    scope: Scope,
+    build: build::BuildConfig,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    // Only what carries our label is watched, so memory stays flat however many unrelated objects
+    // the cluster holds.
+    let owned = watcher::Config::default().labels(build::labels::MANAGED_SELECTOR);
+    macro_rules! cached {
+        ($ty:ty) => {{
+            let (store, writer) = reflector::store::<$ty>();
+            let stream = watcher(api::<$ty>(&client, &scope), owned.clone())
+                .default_backoff()
+                .reflect(writer)
+                .applied_objects();
+            (store, stream)
+        }};
+    }
+    let (deployments, deploy_stream) = cached!(Deployment);
+    let (services, svc_stream) = cached!(Service);
+    let (hpas, hpa_stream) = cached!(HorizontalPodAutoscaler);
+    let (pdbs, pdb_stream) = cached!(PodDisruptionBudget);
+    let (pods, pod_stream) = cached!(Pod);
+    let stores = Stores {
+        deployments,
+        services,
+        hpas,
+        pdbs,
+        pods,
+    };
+    let reporter = Reporter {
+        controller: "kubemaas-operator".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        build,
+        stores,
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics,
+        prober: probe::Prober::default(),
+    });
+    let mds: Api<ModelDeployment> = api(&client, &scope);
+    Controller::new(mds, watcher::Config::default())
+        .watches_stream(deploy_stream, owner_of)
+        .watches_stream(svc_stream, owner_of)
+        .watches_stream(hpa_stream, owner_of)
+        .watches_stream(pdb_stream, owner_of)
+        .watches_stream(pod_stream, owner_of)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(object = %obj.name, "reconciled"),
+                Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+            }
+        })
+        .await;
+}

@@ -1,0 +1,125 @@
+//! Asks a ready serving pod what it really runs (model metadata and execution provider), so the
+//! status reports the truth rather than the request. Results are cached per pod UID.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kubemaas_crds::v1alpha1::{ModelStatus, TensorInfo};
+
+use super::build::ports;
+use super::status::Probed;
+
+/// Probe client with a per-pod cache.
+pub struct Prober {
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    cache: Mutex<HashMap<String, Probed>>,
+    timeout: Duration,
+}
+
+impl Default for Prober {
+    fn default() -> Self {
+        Prober {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            cache: Mutex::new(HashMap::new()),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn parse(v: &serde_json::Value, version: &str) -> Probed {
+    let tensors = |key: &str| -> Vec<TensorInfo> {
+        v[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| serde_json::from_value(t.clone()).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    Probed {
+        accelerator: v["parameters"]["execution_provider"].as_str().map(String::from),
+        model: v["name"].as_str().map(|name| ModelStatus {
+            name: name.into(),
+            version: version.into(),
+            sha256: None,
+            inputs: tensors("inputs"),
+            outputs: tensors("outputs"),
+        }),
+    }
+}
+
+impl Prober {
+    /// Metadata from the first ready pod that answers; None when none does.
+    pub async fn probe(&self, pods: &[Pod], model: &str, version: &str) -> Option<Probed> {
+        for pod in pods.iter().filter(|p| is_ready(p)) {
+            let uid = pod.uid().unwrap_or_default();
+            if let Some(hit) = self.cache.lock().ok().and_then(|c| c.get(&uid).cloned()) {
+                return Some(hit);
+            }
+            let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+                continue;
+            };
+            let Ok(uri) = format!("http://{ip}:{}/v2/models/{model}/versions/{version}", ports::HTTP)
+                .parse::<http::Uri>()
+            else {
+                continue;
+            };
+            let fetched = tokio::time::timeout(self.timeout, async {
+                let resp = self.client.get(uri).await.ok()?;
+                if !resp.status().is_success() {
+                    return None;
+                }
+                let body = resp.into_body().collect().await.ok()?.to_bytes();
+                serde_json::from_slice::<serde_json::Value>(&body).ok()
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some(v) = fetched {
+                let probed = parse(&v, version);
+                if let Ok(mut c) = self.cache.lock() {
+                    // Bounded: entries of gone pods are dropped when the cache grows.
+                    if c.len() > 4096 {
+                        c.clear();
+                    }
+                    c.insert(uid, probed.clone());
+                }
+                return Some(probed);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_maps_to_status_fields() {
+        let v = serde_json::json!({"name": "resnet", "versions": ["1"], "platform": "onnxruntime_onnx",
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3, 224, 224]}],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 1000]}],
+            "parameters": {"execution_provider": "CUDAExecutionProvider"}});
+        let p = parse(&v, "1");
+        assert_eq!(p.accelerator.as_deref(), Some("CUDAExecutionProvider"));
+        let m = p.model.unwrap();
+        assert_eq!(m.inputs[0].shape, vec![-1, 3, 224, 224]);
+        assert_eq!(m.outputs[0].datatype, "FP32");
+    }
+}

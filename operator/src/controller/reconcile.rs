@@ -1,0 +1,166 @@
+//! One reconcile: validate → build → apply → observe → status, with a contract per step:
+//! validate and build are pure; apply is the only step writing children; status is computed purely
+//! and patched once, only when it changed. A reconcile of an unchanged object writes nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use kubemaas_crds::conditions::{self, reason};
+use kubemaas_crds::v1alpha1::{ModelDeployment, ModelDeploymentStatus};
+
+use super::build::{self, labels};
+use super::status::{self, Observed};
+use super::{Context, Error, apply, validate};
+
+/// Periodic resync; a resync of an unchanged object costs reads only.
+const RESYNC: Duration = Duration::from_secs(300);
+
+fn now() -> Time {
+    // The apiserver keeps seconds: truncate so a round trip compares equal.
+    let ts = k8s_openapi::jiff::Timestamp::now();
+    Time(k8s_openapi::jiff::Timestamp::from_second(ts.as_second()).unwrap_or(ts))
+}
+
+fn pods_of(ctx: &Context, md: &ModelDeployment) -> Vec<Pod> {
+    let (ns, name) = (md.namespace(), md.name_any());
+    ctx.stores
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace() == ns && p.labels().get(labels::MODEL_DEPLOYMENT) == Some(&name))
+        .map(|p| (*p).clone())
+        .collect()
+}
+
+async fn wait_for_caches(ctx: &Context) {
+    // Before the caches are filled every child would look missing and be re-applied.
+    let s = &ctx.stores;
+    let ready = async {
+        let _ = s.deployments.wait_until_ready().await;
+        let _ = s.services.wait_until_ready().await;
+        let _ = s.hpas.wait_until_ready().await;
+        let _ = s.pdbs.wait_until_ready().await;
+        let _ = s.pods.wait_until_ready().await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(30), ready).await;
+}
+
+/// Reconciles one ModelDeployment.
+pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started();
+    if md.meta().deletion_timestamp.is_some() {
+        // Children are garbage-collected through their owner references.
+        return Ok(Action::await_change());
+    }
+    wait_for_caches(&ctx).await;
+    if let Err(invalid) = validate::validate(&md) {
+        let status = invalid_status(&md, &invalid.to_string());
+        write_status(&ctx, &md, status).await?;
+        return Ok(Action::await_change());
+    }
+    let children = build::children(&md, &ctx.build);
+    let writes = apply::apply_children(&ctx.client, &ctx.stores, &md, children).await?;
+    ctx.metrics.child_writes(writes);
+
+    let ns = md.namespace().unwrap_or_default();
+    let deployment = ctx
+        .stores
+        .deployments
+        .get(&ObjectRef::new(&md.name_any()).within(&ns));
+    let pods = pods_of(&ctx, &md);
+    let probed = ctx
+        .prober
+        .probe(&pods, &build::model_name(&md), &md.spec.model.version)
+        .await;
+    let observed = Observed {
+        deployment: deployment.as_deref(),
+        pods: &pods,
+        probed,
+    };
+    let new = status::compute(&md, &observed, &now());
+    write_status(&ctx, &md, new).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+fn invalid_status(md: &ModelDeployment, message: &str) -> ModelDeploymentStatus {
+    let mut s = md.status.clone().unwrap_or_default();
+    let unchanged = s
+        .conditions
+        .iter()
+        .any(|c| c.type_ == conditions::READY && c.reason == reason::INVALID_SPEC && c.message == message);
+    if !unchanged {
+        s.conditions.retain(|c| c.type_ != conditions::READY);
+        s.conditions.push(Condition {
+            type_: conditions::READY.into(),
+            status: "False".into(),
+            reason: reason::INVALID_SPEC.into(),
+            message: message.into(),
+            last_transition_time: now(),
+            observed_generation: md.metadata.generation,
+        });
+    }
+    s.observed_generation = md.metadata.generation;
+    s
+}
+
+/// Patches the status only when it differs, and publishes an Event per changed condition.
+async fn write_status(ctx: &Context, md: &ModelDeployment, new: ModelDeploymentStatus) -> Result<(), Error> {
+    if md.status.as_ref() == Some(&new) {
+        return Ok(());
+    }
+    let name = md.name_any();
+    let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &md.namespace().unwrap_or_default());
+    let patch = serde_json::json!({ "status": new });
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| Error::Status {
+            name: name.clone(),
+            source,
+        })?;
+    ctx.metrics.child_writes(1);
+    let reference = md.object_ref(&());
+    for c in status::changed_conditions(md.status.as_ref(), &new) {
+        let event = Event {
+            type_: if status::is_healthy(c) {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: c.reason.clone(),
+            note: Some(format!("{} is {}: {}", c.type_, c.status, c.message)),
+            action: format!("Set{}", c.type_),
+            secondary: None,
+        };
+        // An event that cannot be published must not fail the reconcile.
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            tracing::debug!(error = %e, "failed to publish event");
+        }
+    }
+    Ok(())
+}
+
+/// Retries failed reconciles with backoff; the failure is counted and published as an Event.
+pub fn error_policy(md: Arc<ModelDeployment>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(err.reason());
+    tracing::warn!(name = %md.name_any(), error = %err, "reconcile failed");
+    let recorder = ctx.recorder.clone();
+    let reference = md.object_ref(&());
+    let event = Event {
+        type_: EventType::Warning,
+        reason: err.reason().into(),
+        note: Some(err.to_string()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    tokio::spawn(async move {
+        let _ = recorder.publish(&event, &reference).await;
+    });
+    Action::requeue(Duration::from_secs(5))
+}

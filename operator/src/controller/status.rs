@@ -1,0 +1,724 @@
+//! Status: a pure function from what was observed (the Deployment and *all* pods) to
+//! `ModelDeployment.status`. The reconcile patches it once, and only when it changed.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+use kubemaas_crds::conditions::{self, reason};
+use kubemaas_crds::v1alpha1::{Endpoints, ModelDeployment, ModelDeploymentStatus, ModelStatus};
+
+use super::build::{model_name, ports, selector_string};
+
+/// Exit code of `kubemaas-server pull` when the download fails.
+pub const EXIT_DOWNLOAD_FAILED: i32 = 2;
+/// Exit code of `kubemaas-server pull` when the checksum does not match.
+pub const EXIT_CHECKSUM_MISMATCH: i32 = 3;
+/// Exit code of `kubemaas-server serve` when its model fails to load.
+pub const EXIT_LOAD_FAILED: i32 = 4;
+
+/// What a serving pod reports about itself over HTTP (model metadata), when it could be asked.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Probed {
+    /// Execution provider in use.
+    pub accelerator: Option<String>,
+    /// Model as served.
+    pub model: Option<ModelStatus>,
+}
+
+/// Everything the status is computed from.
+pub struct Observed<'a> {
+    /// The Deployment, if it exists.
+    pub deployment: Option<&'a Deployment>,
+    /// Every pod of this ModelDeployment.
+    pub pods: &'a [Pod],
+    /// What a ready pod reported, if asked.
+    pub probed: Option<Probed>,
+}
+
+struct Cond {
+    type_: &'static str,
+    status: &'static str,
+    reason: &'static str,
+    message: String,
+}
+
+fn cond(type_: &'static str, ok: Option<bool>, reason: &'static str, message: impl Into<String>) -> Cond {
+    let status = match ok {
+        Some(true) => "True",
+        Some(false) => "False",
+        None => "Unknown",
+    };
+    Cond {
+        type_,
+        status,
+        reason,
+        message: message.into(),
+    }
+}
+
+fn statuses(pod: &Pod, init: bool) -> Vec<ContainerStatus> {
+    let s = pod.status.as_ref();
+    let list = if init {
+        s.and_then(|s| s.init_container_statuses.clone())
+    } else {
+        s.and_then(|s| s.container_statuses.clone())
+    };
+    list.unwrap_or_default()
+}
+
+fn scheduled(pods: &[Pod], desired: i32) -> Cond {
+    for pod in pods {
+        let conds = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.clone())
+            .unwrap_or_default();
+        if let Some(c) = conds
+            .iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        {
+            return cond(
+                conditions::SCHEDULED,
+                Some(false),
+                reason::UNSCHEDULABLE,
+                format!(
+                    "pod {}: {}",
+                    pod.name_any(),
+                    c.message.clone().unwrap_or_else(|| "unschedulable".into())
+                ),
+            );
+        }
+    }
+    let bound = pods
+        .iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+        .count();
+    if pods.is_empty() && desired > 0 {
+        return cond(
+            conditions::SCHEDULED,
+            None,
+            reason::NO_PODS,
+            "no pods created yet",
+        );
+    }
+    if bound < pods.len() {
+        return cond(
+            conditions::SCHEDULED,
+            None,
+            reason::PENDING,
+            format!("{bound}/{} pods bound to nodes", pods.len()),
+        );
+    }
+    cond(
+        conditions::SCHEDULED,
+        Some(true),
+        reason::ALL_PODS_SCHEDULED,
+        format!("{bound}/{} pods bound to nodes", pods.len()),
+    )
+}
+
+fn model_loaded(pods: &[Pod], ready: i32, desired: i32) -> Cond {
+    // Failures first: one failing pod is news even while others serve.
+    for pod in pods {
+        for s in statuses(pod, true) {
+            let term = s
+                .state
+                .as_ref()
+                .and_then(|st| st.terminated.clone())
+                .filter(|t| t.exit_code != 0)
+                .or_else(|| {
+                    s.last_state
+                        .as_ref()
+                        .and_then(|st| st.terminated.clone())
+                        .filter(|t| t.exit_code != 0)
+                });
+            if let Some(t) = term {
+                let why = t
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| format!("exit code {}", t.exit_code));
+                let r = if t.exit_code == EXIT_CHECKSUM_MISMATCH {
+                    reason::CHECKSUM_MISMATCH
+                } else {
+                    reason::DOWNLOAD_FAILED
+                };
+                return cond(
+                    conditions::MODEL_LOADED,
+                    Some(false),
+                    r,
+                    format!("pod {}: {}", pod.name_any(), why.trim()),
+                );
+            }
+        }
+        for s in statuses(pod, false) {
+            if let Some(t) = s.last_state.as_ref().and_then(|st| st.terminated.clone()) {
+                if t.exit_code == EXIT_LOAD_FAILED {
+                    let why = t
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "the server could not load the model".into());
+                    return cond(
+                        conditions::MODEL_LOADED,
+                        Some(false),
+                        reason::LOAD_FAILED,
+                        format!("pod {}: {}", pod.name_any(), why.trim()),
+                    );
+                }
+                // Killed by the startup probe before the model became ready.
+                if !s.started.unwrap_or(false)
+                    && t.reason.as_deref() != Some("OOMKilled")
+                    && s.restart_count > 0
+                {
+                    return cond(
+                        conditions::MODEL_LOADED,
+                        Some(false),
+                        reason::STARTUP_TIMEOUT,
+                        format!(
+                            "pod {}: the model did not become ready within startupTimeoutSeconds (restarted {} times)",
+                            pod.name_any(),
+                            s.restart_count
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    if ready > 0 && ready >= desired.min(pods.len() as i32) {
+        return cond(
+            conditions::MODEL_LOADED,
+            Some(true),
+            reason::LOADED,
+            format!("model loaded in {ready} ready pods"),
+        );
+    }
+    if ready > 0 {
+        return cond(
+            conditions::MODEL_LOADED,
+            Some(true),
+            reason::LOADED,
+            format!("model loaded in {ready} of {} pods", pods.len()),
+        );
+    }
+    if pods.is_empty() {
+        return cond(conditions::MODEL_LOADED, None, reason::NO_PODS, "no pods yet");
+    }
+    let downloading = pods.iter().any(|p| {
+        statuses(p, true)
+            .iter()
+            .any(|s| s.state.as_ref().is_some_and(|st| st.running.is_some()))
+    });
+    if downloading {
+        return cond(
+            conditions::MODEL_LOADED,
+            None,
+            reason::DOWNLOADING,
+            "downloading the model",
+        );
+    }
+    cond(
+        conditions::MODEL_LOADED,
+        None,
+        reason::LOADING,
+        "waiting for the model to load",
+    )
+}
+
+fn degraded(pods: &[Pod]) -> Cond {
+    for pod in pods {
+        for s in statuses(pod, true).into_iter().chain(statuses(pod, false)) {
+            let who = format!("pod {} container {}", pod.name_any(), s.name);
+            if let Some(w) = s.state.as_ref().and_then(|st| st.waiting.clone()) {
+                let msg = w.message.clone().unwrap_or_default();
+                match w.reason.as_deref() {
+                    Some("CrashLoopBackOff") => {
+                        let last = s
+                            .last_state
+                            .as_ref()
+                            .and_then(|l| l.terminated.as_ref())
+                            .map(|t| {
+                                format!(
+                                    " (last exit {}: {})",
+                                    t.exit_code,
+                                    t.reason.clone().unwrap_or_default()
+                                )
+                            })
+                            .unwrap_or_default();
+                        return cond(
+                            conditions::DEGRADED,
+                            Some(true),
+                            reason::CRASH_LOOP_BACK_OFF,
+                            format!("{who}: {msg}{last}"),
+                        );
+                    }
+                    Some("ImagePullBackOff") | Some("ErrImagePull") | Some("InvalidImageName") => {
+                        return cond(
+                            conditions::DEGRADED,
+                            Some(true),
+                            reason::IMAGE_PULL_BACK_OFF,
+                            format!("{who}: {msg}"),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            let oom = |t: &k8s_openapi::api::core::v1::ContainerStateTerminated| {
+                t.reason.as_deref() == Some("OOMKilled")
+            };
+            let terminated = s
+                .state
+                .as_ref()
+                .and_then(|st| st.terminated.clone())
+                .filter(oom)
+                .or_else(|| {
+                    s.last_state
+                        .as_ref()
+                        .and_then(|st| st.terminated.clone())
+                        .filter(oom)
+                });
+            if terminated.is_some() {
+                return cond(
+                    conditions::DEGRADED,
+                    Some(true),
+                    reason::OOM_KILLED,
+                    format!("{who} was OOMKilled: raise resources.limits.memory"),
+                );
+            }
+        }
+    }
+    cond(
+        conditions::DEGRADED,
+        Some(false),
+        reason::HEALTHY,
+        "no failing containers",
+    )
+}
+
+fn ready(md: &ModelDeployment, deployment: Option<&Deployment>, desired: i32) -> Cond {
+    let Some(d) = deployment else {
+        return cond(
+            conditions::READY,
+            Some(false),
+            reason::ROLLOUT_IN_PROGRESS,
+            "the Deployment does not exist yet",
+        );
+    };
+    let st = d.status.clone().unwrap_or_default();
+    let ready = st.ready_replicas.unwrap_or(0);
+    let rolled_out = st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0)
+        && st.updated_replicas.unwrap_or(0) >= st.replicas.unwrap_or(0).min(desired)
+        && st.replicas.unwrap_or(0) <= st.updated_replicas.unwrap_or(0).max(desired);
+    if ready < desired {
+        return cond(
+            conditions::READY,
+            Some(false),
+            reason::INSUFFICIENT_REPLICAS,
+            format!("{ready}/{desired} replicas ready"),
+        );
+    }
+    if !rolled_out {
+        return cond(
+            conditions::READY,
+            Some(false),
+            reason::ROLLOUT_IN_PROGRESS,
+            format!(
+                "{}/{} replicas updated to generation {}",
+                st.updated_replicas.unwrap_or(0),
+                st.replicas.unwrap_or(0),
+                md.metadata.generation.unwrap_or(0)
+            ),
+        );
+    }
+    cond(
+        conditions::READY,
+        Some(true),
+        reason::MINIMUM_REPLICAS_AVAILABLE,
+        format!("{ready}/{desired} replicas ready"),
+    )
+}
+
+/// Replicas the user wants at least.
+pub fn desired_replicas(md: &ModelDeployment) -> i32 {
+    md.spec
+        .autoscaling
+        .as_ref()
+        .map(|a| a.min_replicas)
+        .unwrap_or(md.spec.replicas)
+}
+
+/// Computes the new status. Conditions whose status did not change keep their
+/// `lastTransitionTime`; everything else is derived from `observed` alone.
+pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> ModelDeploymentStatus {
+    let old = md.status.clone().unwrap_or_default();
+    let generation = md.metadata.generation;
+    let desired = desired_replicas(md);
+    let dst = observed
+        .deployment
+        .and_then(|d| d.status.clone())
+        .unwrap_or_default();
+    let ready_replicas = dst.ready_replicas.unwrap_or(0);
+    let new = [
+        scheduled(observed.pods, desired),
+        model_loaded(observed.pods, ready_replicas, desired),
+        ready(md, observed.deployment, desired),
+        degraded(observed.pods),
+    ];
+    let conditions = new
+        .into_iter()
+        .map(|c| {
+            let previous = old.conditions.iter().find(|o| o.type_ == c.type_);
+            let last_transition_time = match previous {
+                Some(p) if p.status == c.status => p.last_transition_time.clone(),
+                _ => now.clone(),
+            };
+            Condition {
+                type_: c.type_.into(),
+                status: c.status.into(),
+                reason: c.reason.into(),
+                message: c.message,
+                last_transition_time,
+                observed_generation: generation,
+            }
+        })
+        .collect();
+    let name = md.name_any();
+    let ns = md.namespace().unwrap_or_else(|| "default".into());
+    let probed = observed.probed.clone().unwrap_or_default();
+    ModelDeploymentStatus {
+        observed_generation: generation,
+        replicas: dst.replicas.unwrap_or(0),
+        ready_replicas,
+        updated_replicas: dst.updated_replicas.unwrap_or(0),
+        selector: Some(selector_string(md)),
+        conditions,
+        endpoints: Some(Endpoints {
+            rest: format!("http://{name}.{ns}.svc:{}", ports::HTTP),
+            grpc: format!("{name}.{ns}.svc:{}", ports::GRPC),
+        }),
+        // Only what a pod really reported; an earlier report stays until a new one replaces it.
+        accelerator: probed.accelerator.or(old.accelerator),
+        model: probed.model.or(old.model).map(|mut m| {
+            m.name = model_name(md);
+            m.sha256 = md.spec.model.sha256.clone();
+            m
+        }),
+    }
+}
+
+/// Conditions whose status or reason changed between `old` and `new`: each becomes an Event.
+pub fn changed_conditions<'a>(
+    old: Option<&ModelDeploymentStatus>,
+    new: &'a ModelDeploymentStatus,
+) -> Vec<&'a Condition> {
+    new.conditions
+        .iter()
+        .filter(|c| {
+            !old.map(|o| &o.conditions).is_some_and(|o| {
+                o.iter()
+                    .any(|p| p.type_ == c.type_ && p.status == c.status && p.reason == c.reason)
+            })
+        })
+        .collect()
+}
+
+/// Whether a condition is good news (Normal event) or bad (Warning).
+pub fn is_healthy(c: &Condition) -> bool {
+    if c.type_ == conditions::DEGRADED {
+        c.status == "False"
+    } else {
+        c.status == "True"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use serde_json::json;
+
+    use super::super::build::tests::md;
+    use super::*;
+
+    fn now() -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap())
+    }
+
+    fn pod(v: serde_json::Value) -> Pod {
+        let mut base =
+            json!({"metadata": {"name": "resnet-abc"}, "spec": {"containers": [{"name": "server"}]}});
+        if let (Some(b), Some(o)) = (base.as_object_mut(), v.as_object()) {
+            for (k, val) in o {
+                b.insert(k.clone(), val.clone());
+            }
+        }
+        serde_json::from_value(base).unwrap()
+    }
+
+    fn deployment(replicas: i32, ready: i32, updated: i32) -> Deployment {
+        serde_json::from_value(json!({"metadata": {"name": "resnet", "generation": 2},
+            "spec": {"selector": {}, "template": {}},
+            "status": {"observedGeneration": 2, "replicas": replicas, "readyReplicas": ready, "updatedReplicas": updated}}))
+        .unwrap()
+    }
+
+    fn get<'a>(s: &'a ModelDeploymentStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    fn spec() -> ModelDeployment {
+        md(json!({"model": {"uri": "s3://b/m.onnx"}, "replicas": 2}))
+    }
+
+    #[test]
+    fn pending_unschedulable_pod_surfaces_the_scheduler_message() {
+        let p = pod(
+            json!({"status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/5 nodes are available: 3 Insufficient nvidia.com/gpu, 2 node(s) had untolerated taint."}]}}),
+        );
+        let d = deployment(1, 0, 1);
+        let s = compute(
+            &spec(),
+            &Observed {
+                deployment: Some(&d),
+                pods: &[p],
+                probed: None,
+            },
+            &now(),
+        );
+        let c = get(&s, "Scheduled");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Unschedulable"));
+        assert!(
+            c.message.contains("3 Insufficient nvidia.com/gpu"),
+            "{}",
+            c.message
+        );
+        assert_eq!(get(&s, "Ready").status, "False");
+    }
+
+    #[test]
+    fn init_container_failure_is_download_failed_or_checksum_mismatch() {
+        for (code, want) in [
+            (EXIT_DOWNLOAD_FAILED, "DownloadFailed"),
+            (EXIT_CHECKSUM_MISMATCH, "ChecksumMismatch"),
+        ] {
+            let p = pod(
+                json!({"spec": {"nodeName": "n1", "containers": [{"name": "server"}]}, "status": {"initContainerStatuses": [{"name": "model-pull", "image": "i", "imageID": "", "ready": false, "restartCount": 1,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}},
+                "lastState": {"terminated": {"exitCode": code, "reason": "Error", "message": "failed to download s3://b/m.onnx: 403 Forbidden"}}}]}}),
+            );
+            let d = deployment(1, 0, 1);
+            let s = compute(
+                &spec(),
+                &Observed {
+                    deployment: Some(&d),
+                    pods: &[p],
+                    probed: None,
+                },
+                &now(),
+            );
+            let c = get(&s, "ModelLoaded");
+            assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", want));
+            assert!(c.message.contains("403 Forbidden"));
+            assert_eq!(get(&s, "Degraded").reason, "CrashLoopBackOff");
+        }
+    }
+
+    #[test]
+    fn crash_loop_and_oom_killed_mark_degraded_with_the_container_message() {
+        let crash = pod(
+            json!({"status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 4,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+            "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}}),
+        );
+        let d = deployment(1, 0, 1);
+        let s = compute(
+            &spec(),
+            &Observed {
+                deployment: Some(&d),
+                pods: std::slice::from_ref(&crash),
+                probed: None,
+            },
+            &now(),
+        );
+        let c = get(&s, "Degraded");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "CrashLoopBackOff")
+        );
+        assert!(c.message.contains("back-off 40s"));
+        let oom = pod(
+            json!({"status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": true, "restartCount": 1, "started": true,
+            "state": {"running": {}}, "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}}),
+        );
+        let s = compute(
+            &spec(),
+            &Observed {
+                deployment: Some(&d),
+                pods: &[oom],
+                probed: None,
+            },
+            &now(),
+        );
+        assert_eq!(get(&s, "Degraded").reason, "OOMKilled");
+        let pull = pod(
+            json!({"status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"kubemaas/server:nope\""}}}]}}),
+        );
+        let s = compute(
+            &spec(),
+            &Observed {
+                deployment: Some(&d),
+                pods: &[pull],
+                probed: None,
+            },
+            &now(),
+        );
+        let c = get(&s, "Degraded");
+        assert_eq!(c.reason, "ImagePullBackOff");
+        assert!(c.message.contains("kubemaas/server:nope"));
+    }
+
+    #[test]
+    fn partial_readiness_is_not_ready_but_model_loaded() {
+        let ok = pod(
+            json!({"spec": {"nodeName": "n1", "containers": [{"name": "server"}]}, "status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": true, "restartCount": 0, "started": true, "state": {"running": {}}}]}}),
+        );
+        let d = deployment(2, 1, 2);
+        let s = compute(
+            &spec(),
+            &Observed {
+                deployment: Some(&d),
+                pods: &[ok.clone(), ok],
+                probed: None,
+            },
+            &now(),
+        );
+        assert_eq!(get(&s, "Ready").reason, "InsufficientReplicas");
+        assert_eq!(get(&s, "Ready").message, "1/2 replicas ready");
+        assert_eq!(get(&s, "ModelLoaded").status, "True");
+        assert_eq!((s.replicas, s.ready_replicas), (2, 1));
+    }
+
+    #[test]
+    fn rollout_in_progress_is_not_ready_until_updated() {
+        let mut d = deployment(3, 2, 1);
+        d.status.as_mut().unwrap().ready_replicas = Some(3);
+        let s = compute(
+            &spec(),
+            &Observed {
+                deployment: Some(&d),
+                pods: &[],
+                probed: None,
+            },
+            &now(),
+        );
+        assert_eq!(get(&s, "Ready").reason, "RolloutInProgress");
+        let mut stale = deployment(2, 2, 2);
+        stale.metadata.generation = Some(3);
+        let s = compute(
+            &spec(),
+            &Observed {
+                deployment: Some(&stale),
+                pods: &[],
+                probed: None,
+            },
+            &now(),
+        );
+        assert_eq!(get(&s, "Ready").reason, "RolloutInProgress");
+    }
+
+    #[test]
+    fn ready_when_enough_replicas_and_rolled_out_and_transition_time_is_kept() {
+        let ok = pod(
+            json!({"spec": {"nodeName": "n1", "containers": [{"name": "server"}]}, "status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": true, "restartCount": 0, "started": true, "state": {"running": {}}}]}}),
+        );
+        let d = deployment(2, 2, 2);
+        let mut m = spec();
+        let s1 = compute(
+            &m,
+            &Observed {
+                deployment: Some(&d),
+                pods: &[ok.clone(), ok.clone()],
+                probed: None,
+            },
+            &now(),
+        );
+        let r = get(&s1, "Ready");
+        assert_eq!((r.status.as_str(), r.observed_generation), ("True", Some(3)));
+        assert_eq!(
+            s1.selector.as_deref(),
+            Some("app.kubernetes.io/name=kubemaas-server,kubemaas.io/model-deployment=resnet")
+        );
+        assert_eq!(s1.endpoints.as_ref().unwrap().rest, "http://resnet.ml.svc:8080");
+        m.status = Some(s1.clone());
+        let later = Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_500).unwrap());
+        let s2 = compute(
+            &m,
+            &Observed {
+                deployment: Some(&d),
+                pods: &[ok.clone(), ok],
+                probed: None,
+            },
+            &later,
+        );
+        assert_eq!(
+            s1, s2,
+            "an unchanged world yields an identical status (so nothing is patched)"
+        );
+        assert!(changed_conditions(m.status.as_ref(), &s2).is_empty());
+    }
+
+    #[test]
+    fn startup_probe_kills_before_ready_are_startup_timeout() {
+        let p = pod(
+            json!({"status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 2, "started": false,
+            "state": {"running": {}}, "lastState": {"terminated": {"exitCode": 137, "reason": "Error"}}}]}}),
+        );
+        let d = deployment(1, 0, 1);
+        let s = compute(
+            &spec(),
+            &Observed {
+                deployment: Some(&d),
+                pods: &[p],
+                probed: None,
+            },
+            &now(),
+        );
+        assert_eq!(get(&s, "ModelLoaded").reason, "StartupTimeout");
+    }
+
+    #[test]
+    fn probed_accelerator_and_model_are_reported_and_kept() {
+        let d = deployment(1, 1, 1);
+        let probed = Probed {
+            accelerator: Some("CUDAExecutionProvider".into()),
+            model: Some(ModelStatus {
+                name: "x".into(),
+                version: "1".into(),
+                ..ModelStatus::default()
+            }),
+        };
+        let mut m = spec();
+        let s = compute(
+            &m,
+            &Observed {
+                deployment: Some(&d),
+                pods: &[],
+                probed: Some(probed),
+            },
+            &now(),
+        );
+        assert_eq!(s.accelerator.as_deref(), Some("CUDAExecutionProvider"));
+        assert_eq!(s.model.as_ref().unwrap().name, "resnet");
+        m.status = Some(s);
+        let s = compute(
+            &m,
+            &Observed {
+                deployment: Some(&d),
+                pods: &[],
+                probed: None,
+            },
+            &now(),
+        );
+        assert_eq!(s.accelerator.as_deref(), Some("CUDAExecutionProvider"));
+    }
+}
