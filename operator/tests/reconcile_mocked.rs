@@ -1,0 +1,280 @@
+//! Reconcile error paths against a mocked apiserver (tower-test behind `kube::Client::new`): every
+//! request the reconcile sends is recorded and answered by the scenario.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a panic is a failed test
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use kube::{Client, Resource};
+use kubemaas_crds::v1alpha1::{ModelDeployment, ModelDeploymentSpec};
+use kubemaas_operator::controller::build::{self, BuildConfig, stamp_hash};
+use kubemaas_operator::controller::status::{self, Observed};
+use kubemaas_operator::controller::{Context, Error, Stores, probe::Prober, reconcile};
+use kubemaas_operator::metrics::Metrics;
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+fn md(spec: serde_json::Value) -> ModelDeployment {
+    let spec: ModelDeploymentSpec = serde_json::from_value(spec).unwrap();
+    let mut md = ModelDeployment::new("resnet", spec);
+    md.metadata.namespace = Some("ml".into());
+    md.metadata.uid = Some("uid-1".into());
+    md.metadata.generation = Some(1);
+    md.metadata.resource_version = Some("10".into());
+    md
+}
+
+fn filled<K>(items: Vec<K>) -> (reflector::Store<K>, Writer<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (store, mut writer) = reflector::store::<K>();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for i in items {
+        writer.apply_watcher_event(&watcher::Event::InitApply(i));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    (store, writer)
+}
+
+/// A mocked apiserver answering with `answer(method, path)`; returns the client and the request log.
+fn mock(answer: impl Fn(&str, &str) -> (StatusCode, String) + Send + 'static) -> (Client, Log) {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let log: Log = Arc::default();
+    let seen = log.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+            seen.lock().unwrap().push(format!("{method} {path}"));
+            let (status, body) = answer(&method, &path);
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .body(Body::from(body.into_bytes()))
+                    .unwrap(),
+            );
+        }
+    });
+    (Client::new(svc, "default"), log)
+}
+
+fn api_error(code: u16, reason: &str) -> String {
+    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": format!("mock {reason}"),
+        "reason": reason, "code": code})
+    .to_string()
+}
+
+struct World {
+    deployments: Vec<Deployment>,
+    services: Vec<Service>,
+    hpas: Vec<HorizontalPodAutoscaler>,
+}
+
+fn context(client: Client, w: World) -> (Arc<Context>, Vec<Box<dyn std::any::Any>>) {
+    let (deployments, a) = filled(w.deployments);
+    let (services, b) = filled(w.services);
+    let (hpas, c) = filled(w.hpas);
+    let (pdbs, d) = filled::<PodDisruptionBudget>(vec![]);
+    let (pods, e) = filled::<Pod>(vec![]);
+    let keep: Vec<Box<dyn std::any::Any>> =
+        vec![Box::new(a), Box::new(b), Box::new(c), Box::new(d), Box::new(e)];
+    let ctx = Context {
+        client: client.clone(),
+        build: BuildConfig::default(),
+        stores: Stores {
+            deployments,
+            services,
+            hpas,
+            pdbs,
+            pods,
+        },
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "kubemaas-operator".into(),
+                instance: None,
+            },
+        ),
+        metrics: Arc::new(Metrics::default()),
+        prober: Prober::default(),
+    };
+    (Arc::new(ctx), keep)
+}
+
+/// The children as they would look in the cluster after a successful apply.
+fn applied_world(m: &ModelDeployment) -> World {
+    let c = build::children(m, &BuildConfig::default());
+    let mut d = stamp_hash(c.deployment);
+    d.status = Some(serde_json::from_value(serde_json::json!({"observedGeneration": 1, "replicas": 1, "readyReplicas": 1, "updatedReplicas": 1})).unwrap());
+    d.metadata.generation = Some(1);
+    World {
+        deployments: vec![d],
+        services: vec![stamp_hash(c.service)],
+        hpas: vec![],
+    }
+}
+
+async fn run(m: ModelDeployment, ctx: Arc<Context>) -> Result<kube::runtime::controller::Action, Error> {
+    tokio::time::timeout(Duration::from_secs(10), reconcile::reconcile(Arc::new(m), ctx))
+        .await
+        .expect("reconcile hung")
+}
+
+#[tokio::test]
+async fn no_op_reconcile_sends_no_request_at_all() {
+    let mut m = md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}));
+    let world = applied_world(&m);
+    // The status the operator would have written last time.
+    let now = Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap());
+    m.status = Some(status::compute(
+        &m,
+        &Observed {
+            deployment: world.deployments.first(),
+            pods: &[],
+            probed: None,
+        },
+        &now,
+    ));
+    let (client, log) = mock(|_, _| (StatusCode::INTERNAL_SERVER_ERROR, api_error(500, "InternalError")));
+    let (ctx, _keep) = context(client, world);
+    run(m, ctx.clone()).await.expect("no-op reconcile succeeds");
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "requests sent: {:?}",
+        log.lock().unwrap()
+    );
+    assert_eq!(ctx.metrics.writes(), 0);
+}
+
+#[tokio::test]
+async fn first_reconcile_applies_children_then_patches_status_once() {
+    let m = md(
+        serde_json::json!({"model": {"uri": "s3://b/m.onnx"}, "replicas": 2, "autoscaling": {"maxReplicas": 3}}),
+    );
+    let (client, log) = mock(|method, path| match method {
+        "PATCH" if path.ends_with("/status") => (
+            StatusCode::OK,
+            serde_json::to_string(&md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}))).unwrap(),
+        ),
+        "PATCH" => (StatusCode::OK, "{}".into()),
+        _ => (StatusCode::CREATED, "{}".into()),
+    });
+    let (ctx, _keep) = context(
+        client,
+        World {
+            deployments: vec![],
+            services: vec![],
+            hpas: vec![],
+        },
+    );
+    run(m, ctx).await.expect("reconcile succeeds");
+    let log = log.lock().unwrap().clone();
+    let patches: Vec<&String> = log.iter().filter(|l| l.starts_with("PATCH")).collect();
+    assert_eq!(
+        patches,
+        [
+            "PATCH /apis/apps/v1/namespaces/ml/deployments/resnet",
+            "PATCH /api/v1/namespaces/ml/services/resnet",
+            "PATCH /apis/autoscaling/v2/namespaces/ml/horizontalpodautoscalers/resnet",
+            "PATCH /apis/kubemaas.io/v1alpha1/namespaces/ml/modeldeployments/resnet/status",
+        ]
+    );
+    // Every condition is new: one Event each.
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.starts_with("POST") && l.contains("/events"))
+            .count(),
+        4
+    );
+}
+
+#[tokio::test]
+async fn apply_conflict_is_an_error_that_names_the_child_and_is_retried() {
+    let m = md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}));
+    let (client, _log) = mock(|method, _| match method {
+        "PATCH" => (StatusCode::CONFLICT, api_error(409, "Conflict")),
+        _ => (StatusCode::CREATED, "{}".into()),
+    });
+    let (ctx, _keep) = context(
+        client,
+        World {
+            deployments: vec![],
+            services: vec![],
+            hpas: vec![],
+        },
+    );
+    let err = run(m.clone(), ctx.clone()).await.expect_err("conflict surfaces");
+    assert!(
+        matches!(err, Error::Apply { ref kind, .. } if kind == "Deployment"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().starts_with("failed to apply Deployment resnet"),
+        "{err}"
+    );
+    let action = reconcile::error_policy(Arc::new(m), &err, ctx.clone());
+    assert_eq!(
+        format!("{action:?}"),
+        format!(
+            "{:?}",
+            kube::runtime::controller::Action::requeue(Duration::from_secs(5))
+        )
+    );
+    assert!(
+        ctx.metrics
+            .render()
+            .contains("kubemaas_operator_reconcile_errors_total{reason=\"ApplyFailed\"} 1")
+    );
+}
+
+#[tokio::test]
+async fn server_error_on_status_patch_is_reported_not_panicked() {
+    let m = md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}));
+    let world = applied_world(&m);
+    let (client, _log) = mock(|method, path| match (method, path.ends_with("/status")) {
+        ("PATCH", true) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            api_error(503, "ServiceUnavailable"),
+        ),
+        _ => (StatusCode::OK, "{}".into()),
+    });
+    let (ctx, _keep) = context(client, world);
+    let err = run(m, ctx).await.expect_err("5xx surfaces");
+    assert!(matches!(err, Error::Status { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn hpa_already_gone_when_autoscaling_is_removed_is_not_an_error() {
+    let m = md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}));
+    let mut world = applied_world(&m);
+    // The cache still shows an HPA that the apiserver has already deleted.
+    let with_hpa =
+        md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"maxReplicas": 3}}));
+    world.hpas.push(build::hpa(&with_hpa).unwrap());
+    let (client, log) = mock(|method, _| match method {
+        "DELETE" => (StatusCode::NOT_FOUND, api_error(404, "NotFound")),
+        _ => (
+            StatusCode::OK,
+            serde_json::to_string(&md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}))).unwrap(),
+        ),
+    });
+    let (ctx, _keep) = context(client, world);
+    run(m, ctx).await.expect("404 on delete means done");
+    assert!(
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l == "DELETE /apis/autoscaling/v2/namespaces/ml/horizontalpodautoscalers/resnet")
+    );
+}
