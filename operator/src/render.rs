@@ -39,7 +39,9 @@ pub fn render(input: &str, source_name: &str, cfg: &BuildConfig) -> Result<Strin
     let docs: Vec<serde_json::Value> =
         serde_saphyr::from_multiple(input).map_err(|e| parse(e.to_string()))?;
     let mut out = String::new();
-    for doc in docs.into_iter().filter(|d| !d.is_null()) {
+    // Other kinds in the file (e.g. the Secret next to a ModelDeployment) are not ours to render.
+    let ours = |d: &serde_json::Value| d["kind"] == "ModelDeployment";
+    for doc in docs.into_iter().filter(ours) {
         let mut md: ModelDeployment = serde_json::from_value(doc).map_err(|e| parse(e.to_string()))?;
         if md.metadata.namespace.is_none() {
             md.metadata.namespace = Some("default".into());
