@@ -11,6 +11,7 @@ pub mod http;
 pub mod inference;
 pub mod metrics;
 pub mod protocol;
+pub mod pull;
 pub mod repository;
 pub mod serve;
 pub mod tensor;

@@ -37,9 +37,12 @@ enum LogFormat {
 enum Command {
     /// Serve models over HTTP until SIGTERM.
     Serve(kubemaas_server::serve::ServeArgs),
+    /// Download a model artifact and verify its SHA-256 (the init container of a serving pod).
+    /// Exits 2 when the download fails, 3 on a checksum mismatch.
+    Pull(kubemaas_server::pull::PullArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<std::process::ExitCode> {
     let Cli {
         log_format,
         log_level,
@@ -57,6 +60,12 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match command {
         Command::Serve(args) => runtime.block_on(kubemaas_server::serve::run(args))?,
+        Command::Pull(args) => {
+            if let Err(e) = runtime.block_on(kubemaas_server::pull::pull(&args)) {
+                eprintln!("error: {e}");
+                return Ok(std::process::ExitCode::from(e.exit_code()));
+            }
+        }
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
