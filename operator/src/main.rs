@@ -104,6 +104,10 @@ struct RunArgs {
     /// Seconds a leader Lease stays valid without renewal.
     #[arg(long, env = "KUBEMAAS_LEASE_DURATION", default_value_t = 15)]
     lease_duration_seconds: u64,
+    /// Seconds between periodic resyncs of every ModelDeployment (changes are reacted to at once
+    /// anyway; a resync of an unchanged object sends no write).
+    #[arg(long, env = "KUBEMAAS_RESYNC_SECONDS", default_value_t = 300)]
+    resync_seconds: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -161,6 +165,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         leader_election_namespace,
         leader_election_name,
         lease_duration_seconds,
+        resync_seconds,
     } = args;
     let client = kube::Client::try_default()
         .await
@@ -205,11 +210,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespace: watch_namespace,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let resync = Duration::from_secs(resync_seconds.max(1));
     let controller = tokio::spawn(controller::run(
         client.clone(),
         scope,
         images.build_config(),
         metrics.clone(),
+        resync,
         async move {
             let _ = stop_rx.await;
         },

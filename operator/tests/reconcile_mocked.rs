@@ -108,6 +108,7 @@ fn context(client: Client, w: World) -> (Arc<Context>, Vec<Box<dyn std::any::Any
         ),
         metrics: Arc::new(Metrics::default()),
         prober: Prober::default(),
+        resync: Duration::from_secs(300),
     };
     (Arc::new(ctx), keep)
 }

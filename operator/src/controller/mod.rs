@@ -105,6 +105,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Pod metadata prober.
     pub prober: probe::Prober,
+    /// Periodic resync of every ModelDeployment.
+    pub resync: std::time::Duration,
 }
 
 /// Where to watch.
@@ -139,6 +141,7 @@ pub async fn run(
     scope: Scope,
     build: build::BuildConfig,
     metrics: Arc<Metrics>,
+    resync: std::time::Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     // Only what carries our label is watched, so memory stays flat however many unrelated objects
@@ -177,6 +180,7 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
         prober: probe::Prober::default(),
+        resync,
     });
     let mds: Api<ModelDeployment> = api(&client, &scope);
     Controller::new(mds, watcher::Config::default())

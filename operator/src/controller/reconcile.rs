@@ -19,9 +19,6 @@ use super::build::{self, labels};
 use super::status::{self, Observed};
 use super::{Context, Error, apply, validate};
 
-/// Periodic resync; a resync of an unchanged object costs reads only.
-const RESYNC: Duration = Duration::from_secs(300);
-
 fn now() -> Time {
     // The apiserver keeps seconds: truncate so a round trip compares equal.
     let ts = k8s_openapi::jiff::Timestamp::now();
@@ -86,7 +83,8 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     };
     let new = status::compute(&md, &observed, &now());
     write_status(&ctx, &md, new).await?;
-    Ok(Action::requeue(RESYNC))
+    // Periodic resync; a resync of an unchanged object costs reads only.
+    Ok(Action::requeue(ctx.resync))
 }
 
 fn invalid_status(md: &ModelDeployment, message: &str) -> ModelDeploymentStatus {
