@@ -167,9 +167,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         lease_duration_seconds,
         resync_seconds,
     } = args;
-    let client = kube::Client::try_default()
-        .await
-        .context("failed to build a Kubernetes client from the kubeconfig or in-cluster config")?;
+    let client = client().await?;
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(httpd::Health {
         metrics: metrics.clone(),
@@ -240,6 +238,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The API client, identifying itself (audit logs, apiserver metrics) as kubemaas-operator.
+async fn client() -> anyhow::Result<kube::Client> {
+    let config = kube::Config::infer()
+        .await
+        .context("failed to load a kubeconfig or the in-cluster config")?;
+    let agent = http::HeaderValue::from_static(concat!("kubemaas-operator/", env!("CARGO_PKG_VERSION")));
+    let set_agent = tower::util::MapRequestLayer::new(move |mut req: http::Request<kube::client::Body>| {
+        req.headers_mut().insert(http::header::USER_AGENT, agent.clone());
+        req
+    });
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .context("failed to build the Kubernetes client")?
+        .with_layer(&set_agent)
+        .build())
 }
 
 async fn shutdown_signal() {
