@@ -5,7 +5,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 SETUP := scripts/setup.sh
 
-.PHONY: help setup run test test-rust test-python lint fmt build
+.PHONY: help setup run test test-rust test-python e2e lint fmt build
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,14 +29,17 @@ lint: ## rustfmt and clippy, warnings are errors.
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test-rust: ## Unit tests.
-	$(CARGO) test --workspace
+test-rust: ## Unit and mocked-apiserver tests (the e2e crate needs a cluster: see `make e2e`).
+	$(CARGO) test --workspace --exclude kubemaas-e2e
 
 test-python: build ## Integration tests: the real server binary, real models, real clients.
 	@eval "$$(bash $(SETUP) --test)"; export ORT_DYLIB_PATH KUBEMAAS_PERF_ANALYZER KUBEMAAS_PERF_ANALYZER_LIBS; \
 	$(PY) -m pytest tests -v -rs --durations=10
 
-test: setup lint test-rust test-python ## Everything CI runs: installs what is missing, then lint, unit and integration tests.
+e2e: ## End-to-end suite on a real control plane built from Go modules (first build is slow, then cached).
+	bash e2e/run.sh
+
+test: setup lint test-rust test-python e2e ## Everything CI runs: installs what is missing, then lint, unit, integration and e2e tests.
 
 fmt: ## Format the code.
 	$(CARGO) fmt --all

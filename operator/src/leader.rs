@@ -111,6 +111,31 @@ pub async fn try_acquire(client: &Client, cfg: &LeaseConfig) -> Result<Role, Lea
     }
 }
 
+/// Gives the lease up (holder cleared) if this replica still holds it.
+pub async fn release(client: &Client, cfg: &LeaseConfig) -> Result<(), LeaderError> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    let err = |source| LeaderError::Api {
+        name: cfg.name.clone(),
+        source,
+    };
+    let Some(mut lease) = api.get_opt(&cfg.name).await.map_err(err)? else {
+        return Ok(());
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return Ok(());
+    };
+    if spec.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
+        return Ok(());
+    }
+    spec.holder_identity = None;
+    spec.renew_time = None;
+    match api.replace(&cfg.name, &PostParams::default(), &lease).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(err(e)),
+    }
+}
+
 /// Blocks until this replica becomes leader.
 pub async fn acquire(client: &Client, cfg: &LeaseConfig) {
     loop {

@@ -231,8 +231,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = shutdown_signal() => false,
     };
     let _ = stop_tx.send(());
-    let _ = controller.await;
+    // In-flight reconciles get a bounded time to finish; shutdown must not hang on them.
+    if tokio::time::timeout(Duration::from_secs(10), controller)
+        .await
+        .is_err()
+    {
+        tracing::warn!("controller did not stop within 10s; exiting anyway");
+    }
     metrics.set_leader(false);
+    if leader_elect && !lost_leadership {
+        // Hand over at once instead of making the standby wait for the lease to expire.
+        if let Err(e) = leader::release(&client, &lease).await {
+            tracing::warn!(error = %e, "failed to release the leader lease");
+        }
+    }
     if lost_leadership {
         anyhow::bail!("lost the leader lease; exiting so a fresh process can rejoin the election");
     }

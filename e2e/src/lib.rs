@@ -1,0 +1,370 @@
+//! Harness of the end-to-end suite: the control plane started by `e2e/cluster/up` (real etcd,
+//! kube-apiserver, kube-controller-manager, kube-scheduler, kwok nodes), one namespace per test,
+//! the operator as a real process, and waits on conditions (never fixed sleeps).
+//!
+//! The environment comes from `make e2e`: KUBECONFIG, KUBEMAAS_E2E_AUDIT_LOG, KUBEMAAS_E2E_LOGS,
+//! KUBECTL.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test harness: a panic is a failed test
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use kubemaas_crds::v1alpha1::ModelDeployment;
+
+/// Paths the suite needs.
+pub struct Env {
+    /// Cluster kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// kubectl binary.
+    pub kubectl: PathBuf,
+    /// apiserver audit log.
+    pub audit_log: PathBuf,
+    /// Component logs.
+    pub logs: PathBuf,
+    /// Repository root.
+    pub root: PathBuf,
+    /// Operator binary.
+    pub operator: PathBuf,
+}
+
+/// Reads the environment `make e2e` sets up; panics with the fix when it is missing.
+pub fn env() -> Env {
+    let var = |k: &str| {
+        std::env::var_os(k).map(PathBuf::from).unwrap_or_else(|| {
+            panic!("{k} is not set: run the suite with `make e2e`, which starts the control plane")
+        })
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    Env {
+        kubeconfig: var("KUBECONFIG"),
+        kubectl: var("KUBECTL"),
+        audit_log: var("KUBEMAAS_E2E_AUDIT_LOG"),
+        logs: var("KUBEMAAS_E2E_LOGS"),
+        operator: root.join("target/debug/kubemaas-operator"),
+        root,
+    }
+}
+
+/// A client for the e2e cluster.
+pub async fn client() -> Client {
+    let env = env();
+    let kc = Kubeconfig::read_from(&env.kubeconfig).expect("kubeconfig readable");
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig valid");
+    Client::try_from(cfg).expect("client")
+}
+
+/// Runs kubectl against the e2e cluster.
+pub fn kubectl(args: &[&str]) -> Output {
+    let env = env();
+    Command::new(&env.kubectl)
+        .args(args)
+        .env("KUBECONFIG", &env.kubeconfig)
+        .output()
+        .expect("kubectl runs")
+}
+
+/// Installs the generated CRD (idempotent) and waits until it is Established.
+pub fn install_crd() {
+    let env = env();
+    let crd = env.root.join("crds/generated/modeldeployments.kubemaas.io.yaml");
+    let out = kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        crd.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "CRD apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/modeldeployments.kubemaas.io",
+        "--timeout=60s",
+    ]);
+    assert!(
+        out.status.success(),
+        "CRD not established: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A namespace owned by one test, deleted when dropped.
+pub struct TestNs {
+    /// Its name.
+    pub name: String,
+}
+
+impl TestNs {
+    /// Creates `e2e-<label>-<n>`.
+    pub async fn new(client: &Client, label: &str) -> TestNs {
+        let name = format!(
+            "e2e-{label}-{}-{}",
+            std::process::id() % 10000,
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("namespace created");
+        TestNs { name }
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+/// The operator binary running against the e2e cluster, killed when dropped.
+pub struct Operator {
+    child: Child,
+    /// Its log file.
+    pub log: PathBuf,
+    /// Its identity (POD_NAME).
+    pub identity: String,
+}
+
+impl Operator {
+    /// Starts `kubemaas-operator run` watching `ns`, electing on a Lease in `ns`.
+    pub fn start(ns: &str, identity: &str, extra: &[&str]) -> Operator {
+        let env = env();
+        let log = env.root.join(format!("target/e2e/operator-{ns}-{identity}.log"));
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(&env.operator)
+            .args([
+                "run",
+                "--watch-namespace",
+                ns,
+                "--leader-election-namespace",
+                ns,
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--lease-duration-seconds",
+                "10",
+            ])
+            .args(extra)
+            .env("KUBECONFIG", &env.kubeconfig)
+            .env("POD_NAME", identity)
+            // Directives match by prefix: "kube=warn" would silence kubemaas_operator too.
+            .env("KUBEMAAS_LOG", "info,kube_runtime=warn,kube_client=warn")
+            .env("KUBEMAAS_LOG_FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("operator starts");
+        Operator {
+            child,
+            log,
+            identity: identity.into(),
+        }
+    }
+
+    /// Panics with its log if the process has exited (so a wait does not run into its timeout).
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "operator {} exited with {status}:\n{}",
+                self.identity,
+                self.log_tail()
+            );
+        }
+    }
+
+    /// SIGKILLs it (no graceful shutdown, like a node failure).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident set size in KiB (VmHWM), while it runs.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    /// The address of its /metrics (from its "operator listening" log line).
+    pub fn metrics_addr(&self) -> Option<String> {
+        std::fs::read_to_string(&self.log).ok()?.lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["message"] == "operator listening")
+                .then(|| v["metrics"].as_str().map(String::from))
+                .flatten()
+        })
+    }
+
+    /// A counter or gauge from its /metrics.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        use std::io::{Read, Write};
+        let addr = self.metrics_addr()?;
+        let mut s = std::net::TcpStream::connect(&addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// The last lines of its log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        tail(&self.log, 40)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The status of a condition type, if present.
+pub fn condition(md: &ModelDeployment, type_: &str) -> Option<(String, String, String)> {
+    md.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Polls `f` until it returns Some, or panics after `timeout` with `context()`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, context: impl Fn() -> String, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}\n{}", context());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the ModelDeployment satisfies `pred`; returns it.
+pub async fn wait_md(
+    api: &Api<ModelDeployment>,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    op: Option<&Operator>,
+    pred: impl Fn(&ModelDeployment) -> bool,
+) -> ModelDeployment {
+    let last = std::sync::Mutex::new(String::new());
+    wait_for(
+        what,
+        timeout,
+        || {
+            format!(
+                "last status: {}\noperator log:\n{}",
+                last.lock().unwrap(),
+                op.map(Operator::log_tail).unwrap_or_default()
+            )
+        },
+        || async {
+            if let Some(pid) = op.map(Operator::pid)
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                panic!(
+                    "the operator exited:\n{}",
+                    op.map(Operator::log_tail).unwrap_or_default()
+                );
+            }
+            let md = api.get_opt(name).await.ok().flatten()?;
+            *last.lock().unwrap() = serde_json::to_string(&md.status).unwrap_or_default();
+            pred(&md).then_some(md)
+        },
+    )
+    .await
+}
+
+/// True when Ready=True for the current generation.
+pub fn is_ready(md: &ModelDeployment) -> bool {
+    let gen_ok = md.status.as_ref().and_then(|s| s.observed_generation) == md.metadata.generation;
+    gen_ok && condition(md, "Ready").is_some_and(|c| c.0 == "True")
+}
+
+/// Applies a ModelDeployment from JSON into `ns`.
+pub async fn create_md(api: &Api<ModelDeployment>, md: serde_json::Value) -> ModelDeployment {
+    let md: ModelDeployment = serde_json::from_value(md).expect("valid ModelDeployment JSON");
+    api.create(&PostParams::default(), &md)
+        .await
+        .expect("ModelDeployment created")
+}
+
+/// Deletes a ModelDeployment (foreground is not needed: children go by owner references).
+pub async fn delete_md(api: &Api<ModelDeployment>, name: &str) {
+    api.delete(name, &DeleteParams::default())
+        .await
+        .expect("ModelDeployment deleted");
+}
+
+/// Write requests in `ns` recorded by the audit log after line `from`, by user agent prefix.
+pub fn audited_writes(ns: &str, agent: &str, from: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(env().audit_log).unwrap_or_default();
+    text.lines()
+        .skip(from)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| {
+            e["objectRef"]["namespace"] == ns && e["userAgent"].as_str().is_some_and(|a| a.starts_with(agent))
+        })
+        .filter(|e| e["objectRef"]["resource"] != "leases" && e["stage"] == "ResponseComplete")
+        .map(|e| {
+            format!(
+                "{} {}/{}",
+                e["verb"], e["objectRef"]["resource"], e["objectRef"]["name"]
+            )
+        })
+        .collect()
+}
+
+/// Number of lines in the audit log now.
+pub fn audit_len() -> usize {
+    std::fs::read_to_string(env().audit_log)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}

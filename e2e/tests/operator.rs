@@ -1,0 +1,478 @@
+//! The operator against a real control plane: CRD admission, reconcile to Ready, GPU scheduling,
+//! scale/rollout/cleanup, crash recovery, zero-write resyncs and leader election.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a panic is a failed test
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use kubemaas_crds::v1alpha1::ModelDeployment;
+use kubemaas_e2e::*;
+use serde_json::json;
+
+const LONG: Duration = Duration::from_secs(120);
+
+fn md_json(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "kubemaas.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name}, "spec": spec})
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+async fn pods_of(client: &kube::Client, ns: &str, md: &str) -> Vec<Pod> {
+    let lp = ListParams::default().labels(&format!("kubemaas.io/model-deployment={md}"));
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await
+        .unwrap()
+        .items
+}
+
+#[tokio::test]
+async fn crd_is_accepted_examples_apply_and_cel_rejects_invalid_manifests() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "admission").await;
+    let env = env();
+    let mut examples: Vec<_> = std::fs::read_dir(env.root.join("deploy/examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    examples.sort();
+    assert!(examples.len() >= 6);
+    for ex in &examples {
+        let out = kubectl(&["apply", "-n", &ns.name, "-f", ex.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "kubectl apply {} failed: {}",
+            ex.display(),
+            stderr(&out)
+        );
+    }
+    let mut invalid: Vec<_> = std::fs::read_dir(env.root.join("deploy/invalid"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    invalid.sort();
+    assert!(invalid.len() >= 5);
+    for bad in &invalid {
+        let text = std::fs::read_to_string(bad).unwrap();
+        let expected = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# expect: "))
+            .expect("invalid manifest declares its message");
+        let out = kubectl(&["apply", "-n", &ns.name, "-f", bad.to_str().unwrap()]);
+        assert!(!out.status.success(), "{} was accepted", bad.display());
+        assert!(
+            stderr(&out).contains(expected),
+            "{}: kubectl said {:?}, expected {expected:?}",
+            bad.display(),
+            stderr(&out)
+        );
+    }
+    // Defaults come from the schema: the stored object has them, nobody wrote them.
+    let md: ModelDeployment = Api::namespaced(client.clone(), &ns.name)
+        .get("text-classifier")
+        .await
+        .unwrap();
+    assert_eq!(
+        (md.spec.startup_timeout_seconds, md.spec.model.version.as_str()),
+        (600, "1")
+    );
+    let out = kubectl(&["explain", "modeldeployments.spec.gpu.resourceName"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("MIG profile"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn cpu_model_deployment_becomes_ready_with_owned_children() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "cpu").await;
+    let op = Operator::start(&ns.name, "op-cpu", &[]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let created = create_md(
+        &api,
+        md_json(
+            "classifier",
+            json!({"model": {"uri": "s3://b/m.onnx"}, "replicas": 2,
+        "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}}}),
+        ),
+    )
+    .await;
+    let md = wait_md(&api, "classifier", "Ready=True", LONG, Some(&op), is_ready).await;
+    let st = md.status.clone().unwrap();
+    assert_eq!(
+        (st.replicas, st.ready_replicas, st.observed_generation),
+        (2, 2, md.metadata.generation)
+    );
+    assert_eq!(condition(&md, "Scheduled").unwrap().0, "True");
+    assert_eq!(condition(&md, "Degraded").unwrap().0, "False");
+    let uid = created.uid().unwrap();
+    let owned_by_md = |refs: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>| {
+        refs.is_some_and(|r| r.iter().any(|o| o.uid == uid && o.controller == Some(true)))
+    };
+    let d: Deployment = Api::namespaced(client.clone(), &ns.name)
+        .get("classifier")
+        .await
+        .unwrap();
+    assert!(owned_by_md(d.metadata.owner_references.as_ref()));
+    let s: Service = Api::namespaced(client.clone(), &ns.name)
+        .get("classifier")
+        .await
+        .unwrap();
+    assert!(owned_by_md(s.metadata.owner_references.as_ref()));
+    let pdb: PodDisruptionBudget = Api::namespaced(client.clone(), &ns.name)
+        .get("classifier")
+        .await
+        .unwrap();
+    assert!(owned_by_md(pdb.metadata.owner_references.as_ref()));
+    // The controller-manager made the ReplicaSet, the scheduler bound the pods, kwok runs them.
+    let pods = pods_of(&client, &ns.name, "classifier").await;
+    assert_eq!(pods.len(), 2);
+    for p in &pods {
+        let node = p.spec.as_ref().unwrap().node_name.clone().unwrap();
+        assert!(node.starts_with("cpu-"), "CPU pod on {node}");
+        let ip = p.status.as_ref().unwrap().pod_ip.clone().unwrap();
+        assert!(ip.starts_with("127."), "fake pod IP {ip} must stay on loopback");
+    }
+    let out = kubectl(&[
+        "wait",
+        "-n",
+        &ns.name,
+        "--for=condition=Ready",
+        "mdep/classifier",
+        "--timeout=30s",
+    ]);
+    assert!(out.status.success(), "kubectl wait: {}", stderr(&out));
+    let out = kubectl(&["get", "-n", &ns.name, "mdep", "classifier"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("MODEL") && table.contains("ACCELERATOR") && table.contains("s3://b/m.onnx"),
+        "{table}"
+    );
+    let events = kubectl(&[
+        "get",
+        "events",
+        "-n",
+        &ns.name,
+        "--field-selector",
+        "involvedObject.kind=ModelDeployment",
+    ]);
+    assert!(String::from_utf8_lossy(&events.stdout).contains("MinimumReplicasAvailable"));
+}
+
+#[tokio::test]
+async fn gpu_pods_land_on_matching_nodes_and_overcommit_reports_the_scheduler() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "gpu").await;
+    let op = Operator::start(&ns.name, "op-gpu", &[]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    create_md(
+        &api,
+        md_json(
+            "h100",
+            json!({"model": {"uri": "s3://b/m.onnx"}, "accelerator": "cuda", "replicas": 2,
+        "gpu": {"count": 4, "product": "NVIDIA-H100-80GB-HBM3"}}),
+        ),
+    )
+    .await;
+    create_md(
+        &api,
+        md_json(
+            "mig",
+            json!({"model": {"uri": "s3://b/m.onnx"}, "accelerator": "cuda",
+        "gpu": {"resourceName": "nvidia.com/mig-1g.10gb"}}),
+        ),
+    )
+    .await;
+    create_md(
+        &api,
+        md_json(
+            "greedy",
+            json!({"model": {"uri": "s3://b/m.onnx"}, "accelerator": "cuda", "gpu": {"count": 9}}),
+        ),
+    )
+    .await;
+    wait_md(&api, "h100", "Ready=True", LONG, Some(&op), is_ready).await;
+    for p in pods_of(&client, &ns.name, "h100").await {
+        let node = p.spec.unwrap().node_name.unwrap();
+        assert!(node.starts_with("gpu-"), "H100 pod on {node}");
+    }
+    wait_md(&api, "mig", "Ready=True", LONG, Some(&op), is_ready).await;
+    for p in pods_of(&client, &ns.name, "mig").await {
+        assert_eq!(p.spec.unwrap().node_name.as_deref(), Some("mig-0"));
+    }
+    let md = wait_md(&api, "greedy", "Scheduled=False", LONG, Some(&op), |m| {
+        condition(m, "Scheduled").is_some_and(|c| c.0 == "False")
+    })
+    .await;
+    let (_, reason, message) = condition(&md, "Scheduled").unwrap();
+    assert_eq!(reason, "Unschedulable");
+    assert!(message.contains("Insufficient nvidia.com/gpu"), "{message}");
+    assert_eq!(condition(&md, "Ready").unwrap().0, "False");
+}
+
+#[tokio::test]
+async fn scale_subresource_uri_rollout_autoscaling_removal_and_garbage_collection() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "lifecycle").await;
+    let op = Operator::start(&ns.name, "op-life", &[]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
+    create_md(&api, md_json("life", json!({"model": {"uri": "s3://b/v1.onnx"}}))).await;
+    wait_md(&api, "life", "Ready", LONG, Some(&op), is_ready).await;
+
+    let out = kubectl(&["scale", "-n", &ns.name, "mdep/life", "--replicas=3"]);
+    assert!(out.status.success(), "kubectl scale: {}", stderr(&out));
+    let md = wait_md(&api, "life", "3 ready replicas", LONG, Some(&op), |m| {
+        is_ready(m) && m.status.as_ref().unwrap().ready_replicas == 3
+    })
+    .await;
+    assert_eq!(md.spec.replicas, 3);
+    assert_eq!(deployments.get("life").await.unwrap().spec.replicas, Some(3));
+
+    let before = deployments.get("life").await.unwrap();
+    let patch = json!({"spec": {"model": {"uri": "s3://b/v2.onnx"}}});
+    api.patch("life", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let md = wait_md(&api, "life", "Ready after the URI change", LONG, Some(&op), |m| {
+        m.metadata.generation == Some(3) && is_ready(m)
+    })
+    .await;
+    let after = deployments.get("life").await.unwrap();
+    assert!(
+        after.metadata.generation > before.metadata.generation,
+        "the Deployment rolled"
+    );
+    let args = after.spec.template.spec.unwrap().init_containers.unwrap()[0]
+        .args
+        .clone()
+        .unwrap();
+    assert_eq!(args[1], "s3://b/v2.onnx");
+    let rs = Api::<ReplicaSet>::namespaced(client.clone(), &ns.name)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(rs.items.len() >= 2, "a new ReplicaSet for the new template");
+    assert_eq!(md.status.unwrap().observed_generation, Some(3));
+
+    let patch = json!({"spec": {"autoscaling": {"minReplicas": 1, "maxReplicas": 4}}});
+    api.patch("life", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_for(
+        "the HPA",
+        LONG,
+        || op.log_tail(),
+        || async { hpas.get_opt("life").await.ok().flatten() },
+    )
+    .await;
+    let patch = json!({"spec": {"autoscaling": null}});
+    api.patch("life", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_for(
+        "the HPA to be deleted",
+        LONG,
+        || op.log_tail(),
+        || async { matches!(hpas.get_opt("life").await, Ok(None)).then_some(()) },
+    )
+    .await;
+
+    delete_md(&api, "life").await;
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    wait_for(
+        "every child garbage-collected",
+        LONG,
+        || op.log_tail(),
+        || async {
+            let d = deployments.get_opt("life").await.ok()?;
+            let s = services.get_opt("life").await.ok()?;
+            let p = pods.list(&ListParams::default()).await.ok()?;
+            (d.is_none() && s.is_none() && p.items.is_empty()).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn killed_operator_converges_without_duplicates_and_a_resync_writes_nothing() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "restart").await;
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let names: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
+    let mut op = Operator::start(&ns.name, "op-restart-1", &[]);
+    for n in &names {
+        create_md(&api, md_json(n, json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"minReplicas": 1, "maxReplicas": 2}}))).await;
+    }
+    // Kill it mid-flight: as soon as the first Deployment exists.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    wait_for(
+        "a first Deployment",
+        LONG,
+        || op.log_tail(),
+        || async {
+            (!deployments
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .is_empty())
+            .then_some(())
+        },
+    )
+    .await;
+    op.kill();
+    let op = Operator::start(&ns.name, "op-restart-2", &["--resync-seconds", "2"]);
+    for n in &names {
+        wait_md(&api, n, "Ready after restart", LONG, Some(&op), is_ready).await;
+    }
+    let count = |items: usize| items == names.len();
+    assert!(count(
+        deployments
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len()
+    ));
+    assert!(count(
+        Api::<Service>::namespaced(client.clone(), &ns.name)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len()
+    ));
+    assert!(count(
+        Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns.name)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len()
+    ));
+    assert!(count(
+        Api::<ReplicaSet>::namespaced(client.clone(), &ns.name)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len()
+    ));
+
+    // Let the world settle (every status final), then watch several resyncs of everything.
+    let settle = Instant::now();
+    let mut mark = audit_len();
+    wait_for(
+        "two quiet seconds",
+        LONG,
+        || op.log_tail(),
+        || {
+            let quiet = audited_writes(&ns.name, "kubemaas-operator", mark).is_empty();
+            if !quiet {
+                mark = audit_len();
+            }
+            async move { (quiet && settle.elapsed() > Duration::from_secs(2)).then_some(()) }
+        },
+    )
+    .await;
+    let start = audit_len();
+    let reconciles = || op.metric("kubemaas_operator_reconciles_total").unwrap_or(0.0);
+    let want = reconciles() + 3.0 * names.len() as f64;
+    wait_for(
+        "three resyncs of every ModelDeployment",
+        LONG,
+        || op.log_tail(),
+        || {
+            let done = reconciles() >= want;
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
+    let writes = audited_writes(&ns.name, "kubemaas-operator", start);
+    assert!(writes.is_empty(), "a no-op resync wrote: {writes:?}");
+}
+
+#[tokio::test]
+async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "leader").await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    let mut a = Operator::start(&ns.name, "op-a", &[]);
+    let holder = wait_for(
+        "a leader",
+        LONG,
+        || a.log_tail(),
+        || async {
+            leases
+                .get_opt("kubemaas-operator")
+                .await
+                .ok()
+                .flatten()?
+                .spec?
+                .holder_identity
+        },
+    )
+    .await;
+    assert_eq!(holder, "op-a");
+    let b = Operator::start(&ns.name, "op-b", &[]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    create_md(&api, md_json("first", json!({"model": {"uri": "s3://b/m.onnx"}}))).await;
+    wait_md(&api, "first", "Ready under op-a", LONG, Some(&a), is_ready).await;
+    assert!(
+        std::fs::read_to_string(&b.log)
+            .unwrap()
+            .contains("waiting for leadership")
+    );
+    assert!(
+        !std::fs::read_to_string(&b.log).unwrap().contains("became leader"),
+        "only one leader"
+    );
+
+    let killed = Instant::now();
+    a.kill();
+    let holder = wait_for(
+        "op-b to take over",
+        Duration::from_secs(30),
+        || b.log_tail(),
+        || async {
+            let h = leases
+                .get_opt("kubemaas-operator")
+                .await
+                .ok()
+                .flatten()?
+                .spec?
+                .holder_identity?;
+            (h == "op-b").then_some(h)
+        },
+    )
+    .await;
+    let took = killed.elapsed();
+    println!("leader failover took {took:?}");
+    assert_eq!(holder, "op-b");
+    create_md(
+        &api,
+        md_json("second", json!({"model": {"uri": "s3://b/m.onnx"}})),
+    )
+    .await;
+    wait_md(&api, "second", "Ready under op-b", LONG, Some(&b), is_ready).await;
+}
