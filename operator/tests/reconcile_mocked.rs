@@ -109,6 +109,7 @@ fn context(client: Client, w: World) -> (Arc<Context>, Vec<Box<dyn std::any::Any
         metrics: Arc::new(Metrics::default()),
         prober: Prober::default(),
         resync: Duration::from_secs(300),
+        failures: Default::default(),
     };
     (Arc::new(ctx), keep)
 }
@@ -224,18 +225,24 @@ async fn apply_conflict_is_an_error_that_names_the_child_and_is_retried() {
         err.to_string().starts_with("failed to apply Deployment resnet"),
         "{err}"
     );
-    let action = reconcile::error_policy(Arc::new(m), &err, ctx.clone());
-    assert_eq!(
-        format!("{action:?}"),
+    let m = Arc::new(m);
+    let first = reconcile::error_policy(m.clone(), &err, ctx.clone());
+    let second = reconcile::error_policy(m, &err, ctx.clone());
+    let requeue = |s| {
         format!(
             "{:?}",
-            kube::runtime::controller::Action::requeue(Duration::from_secs(5))
+            kube::runtime::controller::Action::requeue(Duration::from_secs(s))
         )
+    };
+    assert_eq!(
+        (format!("{first:?}"), format!("{second:?}")),
+        (requeue(5), requeue(10)),
+        "exponential backoff"
     );
     assert!(
         ctx.metrics
             .render()
-            .contains("kubemaas_operator_reconcile_errors_total{reason=\"ApplyFailed\"} 1")
+            .contains("kubemaas_operator_reconcile_errors_total{reason=\"ApplyFailed\"} 2")
     );
 }
 

@@ -107,6 +107,8 @@ pub struct Context {
     pub prober: probe::Prober,
     /// Periodic resync of every ModelDeployment.
     pub resync: std::time::Duration,
+    /// Consecutive failures per object (`namespace/name`), for exponential backoff.
+    pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 /// Where to watch.
@@ -181,6 +183,7 @@ pub async fn run(
         metrics,
         prober: probe::Prober::default(),
         resync,
+        failures: Default::default(),
     });
     let mds: Api<ModelDeployment> = api(&client, &scope);
     Controller::new(mds, watcher::Config::default())

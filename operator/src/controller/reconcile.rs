@@ -83,6 +83,9 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     };
     let new = status::compute(&md, &observed, &now());
     write_status(&ctx, &md, new).await?;
+    if let Ok(mut f) = ctx.failures.lock() {
+        f.remove(&key(&md));
+    }
     // Periodic resync; a resync of an unchanged object costs reads only.
     Ok(Action::requeue(ctx.resync))
 }
@@ -144,9 +147,31 @@ async fn write_status(ctx: &Context, md: &ModelDeployment, new: ModelDeploymentS
     Ok(())
 }
 
-/// Retries failed reconciles with backoff; the failure is counted and published as an Event.
+fn key(md: &ModelDeployment) -> String {
+    format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any())
+}
+
+/// Delay before retry number `attempt` (1-based): 5 s doubling up to 5 minutes.
+pub fn backoff(attempt: u32) -> Duration {
+    Duration::from_secs(
+        5u64.saturating_mul(1u64 << attempt.saturating_sub(1).min(6))
+            .min(300),
+    )
+}
+
+/// Retries failed reconciles with exponential backoff; the failure is counted and published as an
+/// Event.
 pub fn error_policy(md: Arc<ModelDeployment>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_failed(err.reason());
+    let attempt = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let n = f.entry(key(&md)).or_insert(0);
+            *n += 1;
+            *n
+        })
+        .unwrap_or(1);
     tracing::warn!(name = %md.name_any(), error = %err, "reconcile failed");
     let recorder = ctx.recorder.clone();
     let reference = md.object_ref(&());
@@ -160,5 +185,18 @@ pub fn error_policy(md: Arc<ModelDeployment>, err: &Error, ctx: Arc<Context>) ->
     tokio::spawn(async move {
         let _ = recorder.publish(&event, &reference).await;
     });
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(backoff(attempt))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_from_five_seconds_up_to_five_minutes() {
+        let secs: Vec<u64> = (1..=9).map(|a| backoff(a).as_secs()).collect();
+        assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(backoff(0), Duration::from_secs(5));
+    }
 }
