@@ -476,3 +476,82 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
     .await;
     wait_md(&api, "second", "Ready under op-b", LONG, Some(&b), is_ready).await;
 }
+
+#[tokio::test]
+async fn status_reports_what_a_real_server_at_the_pod_address_says() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "probe").await;
+    let op = Operator::start(&ns.name, "op-probe", &["--resync-seconds", "2"]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    create_md(
+        &api,
+        md_json(
+            "ocr",
+            json!({"model": {"uri": "s3://b/m.onnx", "sha256": "a".repeat(64)}}),
+        ),
+    )
+    .await;
+    wait_md(&api, "ocr", "Ready", LONG, Some(&op), is_ready).await;
+    // kwok runs pods on paper at a loopback address; put a real kubemaas-server there.
+    let pod = pods_of(&client, &ns.name, "ocr").await.pop().unwrap();
+    let ip = pod.status.unwrap().pod_ip.unwrap();
+    assert!(ip.starts_with("127."));
+    let env = env();
+    let models = std::env::var("KUBEMAAS_MODELS").expect("KUBEMAAS_MODELS from scripts/setup.sh");
+    let log = env.root.join(format!("target/e2e/server-{}.log", ns.name));
+    let mut server = std::process::Command::new(env.root.join("target/debug/kubemaas-server"))
+        .args([
+            "serve",
+            "--host",
+            &ip,
+            "--http-port",
+            "8080",
+            "--metrics-port",
+            "9090",
+            "--execution-provider",
+            "auto",
+        ])
+        .arg("--model")
+        .arg(format!("ocr={models}/ocr-cls/1/model.onnx"))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("server starts");
+    let md = wait_md(
+        &api,
+        "ocr",
+        "status.accelerator and status.model from the server",
+        LONG,
+        Some(&op),
+        |m| {
+            m.status
+                .as_ref()
+                .is_some_and(|s| s.accelerator.is_some() && s.model.is_some())
+        },
+    )
+    .await;
+    let _ = server.kill();
+    let _ = server.wait();
+    let st = md.status.unwrap();
+    assert_eq!(
+        st.accelerator.as_deref(),
+        Some("CPUExecutionProvider"),
+        "auto without a GPU falls back to CPU"
+    );
+    let model = st.model.unwrap();
+    assert_eq!((model.name.as_str(), model.version.as_str()), ("ocr", "1"));
+    assert_eq!(model.sha256, Some("a".repeat(64)));
+    assert_eq!(model.inputs[0].name, "x");
+    assert_eq!(model.inputs[0].shape, vec![-1, 3, -1, -1]);
+    assert_eq!(model.outputs[0].datatype, "FP32");
+    let out = kubectl(&[
+        "get",
+        "-n",
+        &ns.name,
+        "mdep",
+        "ocr",
+        "-o",
+        "jsonpath={.status.accelerator}",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "CPUExecutionProvider");
+}
