@@ -320,13 +320,7 @@ async fn infer_v2(
         Ok(request)
     }
     .await;
-    let mut request = match result {
-        Ok(r) => r,
-        Err(e) => {
-            stats.record_failure(start.elapsed(), inference::failure_reason(&e));
-            return Err(e);
-        }
-    };
+    let mut request = counted(&stats, start, result)?;
     let outputs = inference::execute(
         model.clone(),
         &stats,
@@ -359,18 +353,24 @@ async fn predict_v1(
         v1::decode_request(model.backend.signature(), &body)
     }
     .await;
-    let request = match decoded {
-        Ok(r) => r,
-        Err(e) => {
-            stats.record_failure(start.elapsed(), inference::failure_reason(&e));
-            return Err(e);
-        }
-    };
+    let request = counted(&stats, start, decoded)?;
     let outputs = inference::execute(model, &stats, start, request.inputs, Vec::new()).await?;
     Ok(json_response(
         StatusCode::OK,
         &v1::encode_response(request.format, &outputs)?,
     ))
+}
+
+/// Counts a request that failed before execution (decoding, body limits) as a failure of its model.
+fn counted<T>(
+    stats: &crate::metrics::ModelStats,
+    start: Instant,
+    r: Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    if let Err(e) = &r {
+        stats.record_failure(start.elapsed(), inference::failure_reason(e));
+    }
+    r
 }
 
 /// Counts a request for a known but unready model as a failure before answering 503.
