@@ -144,6 +144,11 @@ pub struct Operator {
 impl Operator {
     /// Starts `kubemaas-operator run` watching `ns`, electing on a Lease in `ns`.
     pub fn start(ns: &str, identity: &str, extra: &[&str]) -> Operator {
+        Operator::start_with_env(ns, identity, extra, &[])
+    }
+
+    /// Like [`Operator::start`], with extra environment variables.
+    pub fn start_with_env(ns: &str, identity: &str, extra: &[&str], vars: &[(&str, &str)]) -> Operator {
         let env = env();
         let log = env.root.join(format!("target/e2e/operator-{ns}-{identity}.log"));
         std::fs::create_dir_all(log.parent().unwrap()).unwrap();
@@ -166,6 +171,7 @@ impl Operator {
             // Directives match by prefix: "kube=warn" would silence kubemaas_operator too.
             .env("KUBEMAAS_LOG", "info,kube_runtime=warn,kube_client=warn")
             .env("KUBEMAAS_LOG_FORMAT", "json")
+            .envs(vars.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -186,6 +192,14 @@ impl Operator {
                 self.log_tail()
             );
         }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns whether it exited with success.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
     }
 
     /// SIGKILLs it (no graceful shutdown, like a node failure).

@@ -555,3 +555,84 @@ async fn status_reports_what_a_real_server_at_the_pod_address_says() {
     ]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "CPUExecutionProvider");
 }
+
+/// A minimal OTLP/HTTP receiver on loopback: records the path and body of every POST.
+fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Default::default();
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+            let mut len = 0usize;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = reader.read_exact(&mut body);
+            record.lock().unwrap().push((path, body));
+            let mut stream = reader.into_inner();
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn reconcile_spans_are_exported_over_otlp() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "otlp").await;
+    let (addr, seen) = otlp_receiver();
+    let endpoint = format!("http://{addr}");
+    let mut op = Operator::start_with_env(
+        &ns.name,
+        "op-otlp",
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ],
+    );
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    create_md(
+        &api,
+        md_json("traced", json!({"model": {"uri": "s3://b/m.onnx"}})),
+    )
+    .await;
+    wait_md(&api, "traced", "Ready", LONG, Some(&op), is_ready).await;
+    assert!(
+        op.terminate(),
+        "operator exits cleanly on SIGTERM:\n{}",
+        op.log_tail()
+    );
+    let seen = seen.lock().unwrap().clone();
+    let traces: Vec<&Vec<u8>> = seen
+        .iter()
+        .filter(|(p, _)| p == "/v1/traces")
+        .map(|(_, b)| b)
+        .collect();
+    assert!(
+        !traces.is_empty(),
+        "no OTLP export received; got {:?}",
+        seen.iter().map(|s| &s.0).collect::<Vec<_>>()
+    );
+    let all: Vec<u8> = traces.into_iter().flatten().copied().collect();
+    let has = |needle: &str| all.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(has("kubemaas-operator"), "service.name in the resource");
+    assert!(has("reconcile"), "the reconcile span");
+    assert!(has("traced"), "the object's name as a span attribute");
+}

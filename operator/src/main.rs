@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use kubemaas_operator::controller::{self, Scope, build::BuildConfig};
 use kubemaas_operator::{httpd, leader, metrics::Metrics, render};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
 
 /// KubeMaaS operator: reconciles ModelDeployments into serving pods with truthful status.
@@ -119,21 +120,70 @@ struct RenderArgs {
     images: ImageArgs,
 }
 
+/// Logs to stderr, plus spans to an OTLP collector when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; the protocol follows `OTEL_EXPORTER_OTLP_PROTOCOL`
+/// (`http/protobuf` by default, or `grpc`).
+fn init_telemetry(format: LogFormat, level: &str) -> anyhow::Result<Option<SdkTracerProvider>> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = EnvFilter::try_new(level).with_context(|| format!("invalid --log-level {level:?}"))?;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    let wants_otlp = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()));
+    let provider = if wants_otlp {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .build()
+            .context("failed to configure the OTLP exporter from OTEL_EXPORTER_OTLP_*")?;
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name("kubemaas-operator")
+            .build();
+        Some(
+            SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(resource)
+                .build(),
+        )
+    } else {
+        None
+    };
+    let otel = provider.as_ref().map(|p| {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer().with_tracer(p.tracer("kubemaas-operator"))
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .context("failed to install the log subscriber")?;
+    Ok(provider)
+}
+
 fn main() -> anyhow::Result<()> {
     let Cli {
         log_format,
         log_level,
         command,
     } = Cli::parse();
-    let filter =
-        EnvFilter::try_new(&log_level).with_context(|| format!("invalid --log-level {log_level:?}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+    let provider = init_telemetry(log_format, &log_level)?;
+    let result = dispatch(command);
+    if let Some(p) = provider {
+        // Flush buffered spans before exiting.
+        let _ = p.shutdown();
     }
+    result
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Crd => print!("{}", kubemaas_crds::crds_yaml()?),
         Command::Render(RenderArgs { file, images }) => {

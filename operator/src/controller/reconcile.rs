@@ -50,6 +50,7 @@ async fn wait_for_caches(ctx: &Context) {
 }
 
 /// Reconciles one ModelDeployment.
+#[tracing::instrument(skip_all, fields(namespace = %md.namespace().unwrap_or_default(), name = %md.name_any(), generation = md.metadata.generation))]
 pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_started();
     if md.meta().deletion_timestamp.is_some() {
