@@ -556,12 +556,15 @@ async fn status_reports_what_a_real_server_at_the_pod_address_says() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "CPUExecutionProvider");
 }
 
+/// (path, body) of every request an OTLP receiver got.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A minimal OTLP/HTTP receiver on loopback: records the path and body of every POST.
-fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>) {
+fn otlp_receiver() -> (String, Received) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let seen: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> = Default::default();
+    let seen: Received = Default::default();
     let record = seen.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
