@@ -99,3 +99,13 @@ def test_perf_analyzer_runs_against_the_server(server):
     # Server-side statistics saw the load.
     st = requests.get(f"{server.url}/v2/models/model/stats").json()["model_stats"][0]
     assert st["inference_stats"]["success"]["count"] > 10
+
+
+def test_exit_on_load_failure_ends_with_code_4_and_the_error_in_the_termination_log(repo_dir, tmp_path):
+    term = tmp_path / "termination-log"
+    p = subprocess.run([str(BINARY), "serve", "--host", "127.0.0.1", "--http-port", "0", "--metrics-port", "0",
+                        "--model", f"broken={repo_dir / 'broken' / '1' / 'model.onnx'}",
+                        "--exit-on-load-failure", "--termination-log", str(term)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 4, p.stderr
+    assert "model broken version 1: failed to load model" in term.read_text()

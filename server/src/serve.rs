@@ -76,7 +76,24 @@ pub struct ServeArgs {
     /// refused. Draining (--shutdown-timeout) starts after it.
     #[arg(long, env = "KUBEMAAS_SHUTDOWN_DELAY", default_value_t = 0)]
     pub shutdown_delay: u64,
+
+    /// Exit with code 4 when a model fails to load, writing the error to --termination-log (what
+    /// a Kubernetes pod wants: the operator reports it as ModelLoaded=False, reason LoadFailed).
+    /// Without it the server keeps serving the other models and reports the failed one not ready.
+    #[arg(long, env = "KUBEMAAS_EXIT_ON_LOAD_FAILURE")]
+    pub exit_on_load_failure: bool,
+
+    /// Where --exit-on-load-failure writes the load error.
+    #[arg(
+        long,
+        env = "KUBEMAAS_TERMINATION_LOG",
+        default_value = "/dev/termination-log"
+    )]
+    pub termination_log: PathBuf,
 }
+
+/// Exit code when a model fails to load and --exit-on-load-failure is set.
+pub const EXIT_LOAD_FAILED: i32 = 4;
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +171,8 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         max_request_bytes,
         shutdown_timeout,
         shutdown_delay,
+        exit_on_load_failure,
+        termination_log,
     } = args;
 
     let mut sources: Vec<ModelSource> = match &model_repository {
@@ -219,6 +238,12 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
                 Ok(m) => loader_repo.set_state(&source.name, source.version, ModelState::Ready(Arc::new(m))),
                 Err(e) => {
                     tracing::error!(model = %source.name, version = source.version, error = %e, "model failed to load");
+                    if exit_on_load_failure {
+                        let message = format!("model {} version {}: {e}", source.name, source.version);
+                        // Best effort: the file only exists inside Kubernetes.
+                        let _ = std::fs::write(&termination_log, &message);
+                        std::process::exit(EXIT_LOAD_FAILED);
+                    }
                     loader_repo.set_state(&source.name, source.version, ModelState::Failed(e));
                 }
             }

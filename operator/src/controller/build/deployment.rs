@@ -91,6 +91,8 @@ pub fn server_args(md: &ModelDeployment, cfg: &BuildConfig) -> Vec<String> {
         &cfg.shutdown_timeout_seconds.to_string(),
         "--log-format",
         "json",
+        // A model that cannot load ends the container with its error (status: LoadFailed).
+        "--exit-on-load-failure",
     ]
     .into_iter()
     .map(String::from)
@@ -376,6 +378,10 @@ mod tests {
         assert_eq!(server.image.as_deref(), Some("kubemaas/server:0.1.0"));
         let a = server.args.as_ref().unwrap();
         assert!(a.windows(2).any(|w| w == ["--execution-provider", "cpu"]));
+        assert!(
+            a.iter().any(|x| x == "--exit-on-load-failure"),
+            "load errors must reach the status"
+        );
         for c in [init, server] {
             let sc = c.security_context.as_ref().unwrap();
             assert_eq!(sc.allow_privilege_escalation, Some(false));
