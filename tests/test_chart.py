@@ -93,3 +93,23 @@ def test_chart_crd_is_the_generated_one_and_is_kept_on_uninstall():
     crd = next(d for d in docs_of() if d["kind"] == "CustomResourceDefinition")
     assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert crd["spec"] == yaml.safe_load(generated)["spec"]
+
+
+def test_kustomize_base_is_the_rendered_chart():
+    p = render(None)
+    assert p.returncode == 0, p.stderr
+    committed = (ROOT / "deploy" / "base" / "install.yaml").read_text().split("\n", 1)[1]
+    assert committed == p.stdout, "deploy/base/install.yaml drifted from the chart: run `make manifests`"
+
+
+def test_kustomize_build_validates_strictly(tmp_path):
+    kubectl = Path(sys.executable).parent / "kubectl"
+    p = subprocess.run([str(kubectl), "kustomize", str(ROOT / "deploy")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "kustomized.yaml"
+    out.write_text(p.stdout)
+    v = subprocess.run([str(VALIDATE), "--strict", "-k", "1.37.0", str(out)], capture_output=True, text=True, timeout=120)
+    assert v.returncode == 0, v.stdout + v.stderr
+    kinds = sorted(d["kind"] for d in yaml.safe_load_all(p.stdout) if d)
+    assert kinds == sorted(["Namespace", "ServiceAccount", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
+                            "Role", "RoleBinding", "Service", "Deployment"])
