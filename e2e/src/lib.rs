@@ -158,13 +158,16 @@ impl Operator {
                 "run",
                 "--watch-namespace",
                 ns,
-                "--leader-election-namespace",
-                ns,
                 "--metrics-addr",
                 "127.0.0.1:0",
                 "--lease-duration-seconds",
                 "10",
             ])
+            .args(if extra.contains(&"--leader-election-namespace") {
+                vec![]
+            } else {
+                vec!["--leader-election-namespace", ns]
+            })
             .args(extra)
             .env("KUBECONFIG", &env.kubeconfig)
             .env("POD_NAME", identity)
@@ -264,6 +267,13 @@ impl Drop for Operator {
     }
 }
 
+/// Whether a child process still runs (an exited, unreaped child is a zombie, not alive).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|s| !s.lines().any(|l| l.starts_with("State:") && l.contains('Z')))
+        .unwrap_or(false)
+}
+
 /// Last `n` lines of a file.
 pub fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -321,7 +331,7 @@ pub async fn wait_md(
         },
         || async {
             if let Some(pid) = op.map(Operator::pid)
-                && !Path::new(&format!("/proc/{pid}")).exists()
+                && !process_alive(pid)
             {
                 panic!(
                     "the operator exited:\n{}",

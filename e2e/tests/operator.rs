@@ -639,3 +639,117 @@ async fn reconcile_spans_are_exported_over_otlp() {
     assert!(has("reconcile"), "the reconcile span");
     assert!(has("traced"), "the object's name as a span attribute");
 }
+
+/// A kubeconfig that authenticates as `sa` in `ns` with a short-lived token (TokenRequest).
+fn service_account_kubeconfig(ns: &str, sa: &str, path: &std::path::Path) {
+    let out = kubectl(&["create", "token", sa, "-n", ns, "--duration", "1h"]);
+    assert!(out.status.success(), "create token: {}", stderr(&out));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let admin: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(env().kubeconfig).unwrap()).unwrap();
+    let cluster = admin["clusters"][0]["cluster"].clone();
+    let kc = json!({"apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": sa}}]});
+    std::fs::write(path, serde_json::to_string(&kc).unwrap()).unwrap();
+}
+
+#[tokio::test]
+async fn kustomize_install_grants_the_operator_enough_and_it_never_writes_spec() {
+    install_crd();
+    let out = kubectl(&["apply", "-k", env().root.join("deploy").to_str().unwrap()]);
+    assert!(out.status.success(), "kubectl apply -k deploy/: {}", stderr(&out));
+    let client = client().await;
+    let ns = TestNs::new(&client, "rbac").await;
+    // The operator runs as a process (images cannot run on fake nodes) with the identity and RBAC
+    // the install created: its ServiceAccount's token, nothing else.
+    let kubeconfig = env().root.join(format!("target/e2e/kubeconfig-{}-sa", ns.name));
+    service_account_kubeconfig("kubemaas-system", "kubemaas", &kubeconfig);
+    let op = Operator::start_with_env(
+        &ns.name,
+        "op-rbac",
+        &[
+            "--leader-election-namespace",
+            "kubemaas-system",
+            "--leader-election-name",
+            &format!("e2e-{}", ns.name),
+        ],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    create_md(
+        &api,
+        md_json(
+            "rbac",
+            json!({"model": {"uri": "s3://b/m.onnx"}, "replicas": 2,
+        "autoscaling": {"minReplicas": 2, "maxReplicas": 3}}),
+        ),
+    )
+    .await;
+    wait_md(
+        &api,
+        "rbac",
+        "Ready with the chart's permissions",
+        LONG,
+        Some(&op),
+        is_ready,
+    )
+    .await;
+    // Removing autoscaling exercises delete (HPA) under the same identity.
+    let patch = json!({"spec": {"autoscaling": null}});
+    api.patch("rbac", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
+    wait_for(
+        "the HPA deleted by the operator",
+        LONG,
+        || op.log_tail(),
+        || async { matches!(hpas.get_opt("rbac").await, Ok(None)).then_some(()) },
+    )
+    .await;
+    let md = wait_md(&api, "rbac", "Ready again", LONG, Some(&op), |m| {
+        m.metadata.generation == Some(2) && is_ready(m)
+    })
+    .await;
+    let log = std::fs::read_to_string(&op.log).unwrap();
+    assert!(
+        !log.contains("forbidden"),
+        "the chart's RBAC was not enough:\n{}",
+        op.log_tail()
+    );
+    // GitOps: the operator's field ownership on the ModelDeployment is status only.
+    let mine: Vec<_> = md
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.manager.as_deref() == Some("kubemaas-operator"))
+        .collect();
+    assert!(!mine.is_empty(), "the operator's status writes are recorded");
+    for m in mine {
+        assert_eq!(
+            m.subresource.as_deref(),
+            Some("status"),
+            "operator wrote outside status: {m:?}"
+        );
+        let fields = serde_json::to_value(&m.fields_v1).unwrap();
+        assert!(
+            fields.get("f:spec").is_none(),
+            "operator owns spec fields: {fields}"
+        );
+    }
+    let events = kubectl(&[
+        "get",
+        "events",
+        "-n",
+        &ns.name,
+        "--field-selector",
+        "involvedObject.name=rbac",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&events.stdout).contains("MinimumReplicasAvailable"),
+        "events written"
+    );
+}
