@@ -5,7 +5,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 eval "$(bash scripts/setup.sh --test)"
-export KUBECTL="$KUBEMAAS_VENV/bin/kubectl" ORT_DYLIB_PATH KUBEMAAS_MODELS
+export KUBECTL="$KUBEMAAS_VENV/bin/kubectl" ORT_DYLIB_PATH KUBEMAAS_MODELS KUBEMAAS_HELM
 cargo build -p kubemaas-operator -p kubemaas-server -p kubemaas-e2e --tests --bins >&2
 
 status=0

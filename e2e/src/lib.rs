@@ -72,6 +72,36 @@ pub fn kubectl(args: &[&str]) -> Output {
         .expect("kubectl runs")
 }
 
+/// Runs helm (from scripts/setup.sh) against the e2e cluster.
+pub fn helm(args: &[&str]) -> Output {
+    let env = env();
+    let helm = std::env::var_os("KUBEMAAS_HELM").expect("KUBEMAAS_HELM is set by `make e2e`");
+    Command::new(helm)
+        .args(args)
+        .env("KUBECONFIG", &env.kubeconfig)
+        .output()
+        .expect("helm runs")
+}
+
+/// A kubeconfig that authenticates as ServiceAccount `sa` of `ns` with a short-lived token.
+pub fn service_account_kubeconfig(ns: &str, sa: &str, path: &Path) {
+    let out = kubectl(&["create", "token", sa, "-n", ns, "--duration", "1h"]);
+    assert!(
+        out.status.success(),
+        "create token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let admin: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(env().kubeconfig).unwrap()).unwrap();
+    let cluster = admin["clusters"][0]["cluster"].clone();
+    let kc = serde_json::json!({"apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": sa}}]});
+    std::fs::write(path, serde_json::to_string(&kc).unwrap()).unwrap();
+}
+
 /// Installs the generated CRD (idempotent) and waits until it is Established.
 pub fn install_crd() {
     let env = env();

@@ -640,21 +640,6 @@ async fn reconcile_spans_are_exported_over_otlp() {
     assert!(has("traced"), "the object's name as a span attribute");
 }
 
-/// A kubeconfig that authenticates as `sa` in `ns` with a short-lived token (TokenRequest).
-fn service_account_kubeconfig(ns: &str, sa: &str, path: &std::path::Path) {
-    let out = kubectl(&["create", "token", sa, "-n", ns, "--duration", "1h"]);
-    assert!(out.status.success(), "create token: {}", stderr(&out));
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let admin: serde_json::Value =
-        serde_saphyr::from_str(&std::fs::read_to_string(env().kubeconfig).unwrap()).unwrap();
-    let cluster = admin["clusters"][0]["cluster"].clone();
-    let kc = json!({"apiVersion": "v1", "kind": "Config", "current-context": "sa",
-        "clusters": [{"name": "c", "cluster": cluster}],
-        "users": [{"name": sa, "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": sa}}]});
-    std::fs::write(path, serde_json::to_string(&kc).unwrap()).unwrap();
-}
-
 #[tokio::test]
 async fn kustomize_install_grants_the_operator_enough_and_it_never_writes_spec() {
     install_crd();
@@ -752,4 +737,37 @@ async fn kustomize_install_grants_the_operator_enough_and_it_never_writes_spec()
         String::from_utf8_lossy(&events.stdout).contains("MinimumReplicasAvailable"),
         "events written"
     );
+}
+
+#[tokio::test]
+async fn applying_the_same_manifest_twice_changes_nothing() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "gitops").await;
+    let op = Operator::start(&ns.name, "op-gitops", &[]);
+    let manifest = env().root.join("deploy/examples/autoscaled.yaml");
+    let first = kubectl(&["apply", "-n", &ns.name, "-f", manifest.to_str().unwrap()]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let before = wait_md(&api, "detector", "Ready", LONG, Some(&op), is_ready).await;
+    // What a GitOps sync does on every interval: apply again, and again server-side.
+    let again = kubectl(&["apply", "-n", &ns.name, "-f", manifest.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("unchanged"),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+    let diff = kubectl(&["diff", "-n", &ns.name, "-f", manifest.to_str().unwrap()]);
+    assert_eq!(
+        diff.status.code(),
+        Some(0),
+        "kubectl diff shows drift: {}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+    let after = api.get("detector").await.unwrap();
+    assert_eq!(
+        after.metadata.generation, before.metadata.generation,
+        "spec never changed"
+    );
+    assert_eq!(after.spec, before.spec);
 }
