@@ -254,6 +254,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(identity = %identity, "became leader");
     }
     metrics.set_leader(true);
+    tokio::select! {
+        _ = wait_for_crd(&client) => {}
+        _ = shutdown_signal() => return Ok(()),
+    }
     let scope = Scope {
         namespace: watch_namespace,
     };
@@ -300,6 +304,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Waits until the ModelDeployment CRD is served, saying how to install it meanwhile (instead of
+/// a watch failing with a bare 404 in a loop).
+async fn wait_for_crd(client: &kube::Client) {
+    let api: kube::Api<kubemaas_crds::v1alpha1::ModelDeployment> = kube::Api::all(client.clone());
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match api.list(&kube::api::ListParams::default().limit(1)).await {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 404 => tracing::error!(
+                "the ModelDeployment CRD is not installed: `kubemaas-operator crd | kubectl apply -f -` (or helm/kustomize install); retrying"
+            ),
+            // Other errors (RBAC, network) are reported by the controller itself.
+            Err(_) => return,
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
 }
 
 /// The API client, identifying itself (audit logs, apiserver metrics) as kubemaas-operator.
