@@ -379,18 +379,19 @@ async fn killed_operator_converges_without_duplicates_and_a_resync_writes_nothin
     ));
 
     // Let the world settle (every status final), then watch several resyncs of everything.
-    let settle = Instant::now();
+    let mut quiet_since = Instant::now();
     let mut mark = audit_len();
     wait_for(
-        "two quiet seconds",
+        "two seconds without an operator write",
         LONG,
         || op.log_tail(),
         || {
-            let quiet = audited_writes(&ns.name, "kubemaas-operator", mark).is_empty();
-            if !quiet {
+            if !audited_writes(&ns.name, "kubemaas-operator", mark).is_empty() {
                 mark = audit_len();
+                quiet_since = Instant::now();
             }
-            async move { (quiet && settle.elapsed() > Duration::from_secs(2)).then_some(()) }
+            let settled = quiet_since.elapsed() > Duration::from_secs(2);
+            async move { settled.then_some(()) }
         },
     )
     .await;

@@ -118,7 +118,7 @@ fn scheduled(pods: &[Pod], desired: i32) -> Cond {
     )
 }
 
-fn model_loaded(pods: &[Pod], ready: i32, desired: i32) -> Cond {
+fn model_loaded(pods: &[Pod], ready: i32) -> Cond {
     // Failures first: one failing pod is news even while others serve.
     for pod in pods {
         for s in statuses(pod, true) {
@@ -184,21 +184,13 @@ fn model_loaded(pods: &[Pod], ready: i32, desired: i32) -> Cond {
             }
         }
     }
-    if ready > 0 && ready >= desired.min(pods.len() as i32) {
-        return cond(
-            conditions::MODEL_LOADED,
-            Some(true),
-            reason::LOADED,
-            format!("model loaded in {ready} ready pods"),
-        );
-    }
     if ready > 0 {
-        return cond(
-            conditions::MODEL_LOADED,
-            Some(true),
-            reason::LOADED,
-            format!("model loaded in {ready} of {} pods", pods.len()),
-        );
+        let msg = if ready as usize >= pods.len() {
+            format!("model loaded in {ready} ready pods")
+        } else {
+            format!("model loaded in {ready} of {} pods", pods.len())
+        };
+        return cond(conditions::MODEL_LOADED, Some(true), reason::LOADED, msg);
     }
     if pods.is_empty() {
         return cond(conditions::MODEL_LOADED, None, reason::NO_PODS, "no pods yet");
@@ -359,7 +351,7 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
     let ready_replicas = dst.ready_replicas.unwrap_or(0);
     let new = [
         scheduled(observed.pods, desired),
-        model_loaded(observed.pods, ready_replicas, desired),
+        model_loaded(observed.pods, ready_replicas),
         ready(md, observed.deployment, desired),
         degraded(observed.pods),
     ];

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::tensor::{DataType, Tensor};
 
 /// Name, type and shape of one model input or output; `-1` marks a dynamic dimension.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TensorSpec {
     /// Tensor name in the model.
     pub name: String,
@@ -17,12 +17,6 @@ pub struct TensorSpec {
     pub datatype: DataType,
     /// Dimensions, `-1` where dynamic.
     pub shape: Vec<i64>,
-}
-
-impl serde::Serialize for DataType {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.v2_name())
-    }
 }
 
 /// Inputs and outputs of a model, read from the model itself.

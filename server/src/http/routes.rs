@@ -178,19 +178,11 @@ async fn route_v1(
         ))),
         (None, [], _) => Ok(json_response(StatusCode::OK, &v1_status(state, model, version)?)),
         (None, ["metadata"], _) => {
-            let (v, e) = state.repo.entry(model, version)?;
-            match &e.state {
-                ModelState::Ready(m) => Ok(json_response(
-                    StatusCode::OK,
-                    &v1::metadata(model, v, m.backend.signature()),
-                )),
-                _ => Err(state
-                    .repo
-                    .ready_model(model, version)
-                    .err()
-                    .map(ApiError::from)
-                    .unwrap_or_else(|| ApiError::Internal("inconsistent model state".into()))),
-            }
+            let (m, _) = state.repo.ready_model(model, version)?;
+            Ok(json_response(
+                StatusCode::OK,
+                &v1::metadata(model, m.version, m.backend.signature()),
+            ))
         }
         _ => Err(ApiError::NotFound(format!("no endpoint at {path}"))),
     }

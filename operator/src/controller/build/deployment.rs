@@ -99,6 +99,14 @@ pub fn server_args(md: &ModelDeployment, cfg: &BuildConfig) -> Vec<String> {
     .collect()
 }
 
+/// The restricted Pod Security profile's seccomp requirement.
+fn runtime_default() -> Option<SeccompProfile> {
+    Some(SeccompProfile {
+        type_: "RuntimeDefault".into(),
+        ..SeccompProfile::default()
+    })
+}
+
 fn restricted() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
@@ -108,10 +116,7 @@ fn restricted() -> SecurityContext {
         }),
         read_only_root_filesystem: Some(true),
         run_as_non_root: Some(true),
-        seccomp_profile: Some(SeccompProfile {
-            type_: "RuntimeDefault".into(),
-            ..SeccompProfile::default()
-        }),
+        seccomp_profile: runtime_default(),
         ..SecurityContext::default()
     }
 }
@@ -278,10 +283,7 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
             run_as_user: Some(NON_ROOT_UID),
             run_as_group: Some(NON_ROOT_UID),
             fs_group: Some(NON_ROOT_UID),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                ..SeccompProfile::default()
-            }),
+            seccomp_profile: runtime_default(),
             ..PodSecurityContext::default()
         }),
         init_containers: Some(vec![pull]),
