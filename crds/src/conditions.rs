@@ -33,6 +33,14 @@ pub mod reason {
     pub const DOWNLOAD_FAILED: &str = "DownloadFailed";
     /// The artifact's sha256 did not match.
     pub const CHECKSUM_MISMATCH: &str = "ChecksumMismatch";
+    /// The store refused the credentials (or has no such bucket/repository for them).
+    pub const ACCESS_DENIED: &str = "AccessDenied";
+    /// The object, prefix, repository or file does not exist.
+    pub const ARTIFACT_NOT_FOUND: &str = "ArtifactNotFound";
+    /// The artifact is larger than the download limit.
+    pub const ARTIFACT_TOO_LARGE: &str = "ArtifactTooLarge";
+    /// The artifact's host resolves or redirects to a refused address (e.g. cloud metadata).
+    pub const ADDRESS_REFUSED: &str = "AddressRefused";
     /// The server could not load the model.
     pub const LOAD_FAILED: &str = "LoadFailed";
     /// The startup budget ran out.

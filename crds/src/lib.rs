@@ -1,9 +1,12 @@
 //! KubeMaaS API types: the `ModelDeployment` custom resource (`kubemaas.io/v1alpha1`), its
 //! condition vocabulary and the generated CRD. Types only: no client, no runtime.
 
+pub mod artifact;
 pub mod conditions;
+#[cfg(feature = "api")]
 pub mod v1alpha1;
 
+#[cfg(feature = "api")]
 use kube::CustomResourceExt;
 
 /// The API group.
@@ -11,6 +14,7 @@ pub const GROUP: &str = "kubemaas.io";
 /// Finalizer name, reserved for cleanup that owner references cannot do.
 pub const FINALIZER: &str = "kubemaas.io/cleanup";
 
+#[cfg(feature = "api")]
 /// Every CRD of the project as YAML documents, exactly as committed under `crds/generated/`.
 pub fn crds_yaml() -> Result<String, serde_saphyr::ser::Error> {
     let crd = v1alpha1::ModelDeployment::crd();
