@@ -37,8 +37,9 @@ enum LogFormat {
 enum Command {
     /// Serve models over HTTP until SIGTERM.
     Serve(kubemaas_server::serve::ServeArgs),
-    /// Download a model artifact and verify its SHA-256 (the init container of a serving pod).
-    /// Exits 2 when the download fails, 3 on a checksum mismatch.
+    /// Download a model artifact (s3, gs, http(s), hf, pvc), verify it and place it atomically (the
+    /// init container of a serving pod). Exit codes: 2 download failed, 3 checksum mismatch,
+    /// 5 not found, 6 access denied, 7 too large, 8 address refused.
     Pull(kubemaas_server::pull::PullArgs),
 }
 
@@ -60,12 +61,13 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match command {
         Command::Serve(args) => runtime.block_on(kubemaas_server::serve::run(args))?,
-        Command::Pull(args) => {
-            if let Err(e) = runtime.block_on(kubemaas_server::pull::pull(&args)) {
+        Command::Pull(args) => match runtime.block_on(kubemaas_server::pull::pull(&args)) {
+            Ok(record) => println!("{}", serde_json::to_string(&record)?),
+            Err(e) => {
                 eprintln!("error: {e}");
                 return Ok(std::process::ExitCode::from(e.exit_code()));
             }
-        }
+        },
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -1,37 +1,85 @@
-//! `kubemaas-server pull URI DEST`: the init-container step that fetches a model artifact and
-//! verifies its SHA-256 before the server may see it. The file appears at DEST only when complete
-//! and verified (written to a temporary name, then renamed).
+//! `kubemaas-server pull URI DEST`: the init-container step that fetches a model artifact, verifies
+//! it, and only then puts it where the server will look.
 //!
-//! Exit codes (read by the operator's status): 2 download failed, 3 checksum mismatch.
+//! Sources (one module each, behind [`fetch::Source`]): `s3://` and `gs://` ([`store`]),
+//! `http(s)://` ([`http`]), `hf://` ([`hf`]), `pvc://` ([`local`]). A URI ending in `/` (or a whole
+//! Hugging Face repository) is a directory: every file below it lands under DEST, so ONNX models
+//! with external-data files work. Shared by all: streaming to a staging path next to DEST while
+//! hashing, retries with backoff and range resume ([`fetch`]), the byte limit, the address guard
+//! ([`guard`]), an optional sha256-keyed cache, and atomic placement: DEST appears only complete
+//! and verified. Exit codes and the record file are the contract in
+//! [`kubemaas_crds::artifact`].
 
+pub mod fetch;
+pub mod guard;
+pub mod hf;
+pub mod http;
+pub mod local;
+pub mod store;
+pub mod uri;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use kubemaas_crds::artifact::{PULL_RECORD_FILE, exit};
+use serde::Serialize;
 
-/// Exit code for a failed download.
-pub const EXIT_DOWNLOAD_FAILED: u8 = 2;
-/// Exit code for a checksum mismatch.
-pub const EXIT_CHECKSUM_MISMATCH: u8 = 3;
-const MAX_REDIRECTS: usize = 5;
+use fetch::{FetchError, Fetched, Limits, Progress, Source};
+use uri::ArtifactUri;
 
 /// Flags of `kubemaas-server pull`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PullArgs {
-    /// Artifact URI: http://..., or pvc://<claim>/<path> (read from --pvc-root/<claim>/<path>).
+    /// Artifact URI: s3://bucket/key, gs://bucket/object, http(s)://host/path,
+    /// hf://org/repo[/path][@revision], pvc://claim/path. A URI ending in '/' (or a whole hf repo)
+    /// is a directory whose files all land under DEST.
     pub uri: String,
-    /// Destination file, e.g. /models/<name>/<version>/model.onnx.
+    /// Destination: the model file (e.g. /models/NAME/1/model.onnx), or the version directory
+    /// (e.g. /models/NAME/1) for a directory URI.
     pub dest: PathBuf,
-    /// Expected SHA-256 (64 hex characters); a mismatch deletes the file and exits 3.
+    /// Expected SHA-256 (64 hex characters) of the file, or of a directory's manifest (sha256sum
+    /// lines "HEX  PATH" sorted by path). A mismatch leaves nothing at DEST and exits 3.
     #[arg(long, env = "KUBEMAAS_MODEL_SHA256")]
     pub sha256: Option<String>,
-    /// Give up after this many seconds.
+    /// Give up after this many seconds in all.
     #[arg(long, env = "KUBEMAAS_PULL_TIMEOUT", default_value_t = 600)]
     pub timeout: u64,
+    /// Refuse artifacts larger than this many bytes in all (exit 7).
+    #[arg(long, env = "KUBEMAAS_PULL_MAX_BYTES")]
+    pub max_bytes: Option<u64>,
+    /// Retries per file after a transient failure (connection lost, 5xx, 429, a stalled read);
+    /// a retry resumes with a range request where the source allows.
+    #[arg(long, env = "KUBEMAAS_PULL_RETRIES", default_value_t = 5)]
+    pub retries: u32,
+    /// Seconds without a byte after which a transfer counts as stalled (and is retried).
+    #[arg(long, env = "KUBEMAAS_PULL_READ_TIMEOUT", default_value_t = 30)]
+    pub read_timeout: u64,
+    /// TCP connect timeout, seconds.
+    #[arg(long, env = "KUBEMAAS_PULL_CONNECT_TIMEOUT", default_value_t = 10)]
+    pub connect_timeout: u64,
+    /// Allow http(s)/hf hosts that resolve to loopback or private ranges (10/8, 172.16/12,
+    /// 192.168/16, 100.64/10, fc00::/7), for stores inside your network. Link-local and cloud
+    /// metadata addresses are refused regardless.
+    #[arg(long, env = "KUBEMAAS_ALLOW_PRIVATE_ADDRESSES")]
+    pub allow_private_addresses: bool,
+    /// Pin a host name to addresses, like curl's --resolve: HOST=IP[,IP]. The address guard still
+    /// applies. Repeatable.
+    #[arg(long = "resolve", value_name = "HOST=IP")]
+    pub resolve: Vec<String>,
+    /// PEM file of extra CA certificates trusted for https, S3 and GCS endpoints.
+    #[arg(long, env = "KUBEMAAS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// File holding a bearer token sent to the http(s) URL's own host (never across a redirect to
+    /// another host).
+    #[arg(long, env = "KUBEMAAS_BEARER_TOKEN_FILE")]
+    pub bearer_token_file: Option<PathBuf>,
+    /// Directory of mounted credentials (the ModelDeployment's credentialsSecretRef): `credentials`
+    /// (AWS shared credentials file), `service-account.json` (GCS), `token` (bearer token for
+    /// http(s), Hugging Face token). Missing files are ignored.
+    #[arg(long, env = "KUBEMAAS_CREDENTIALS_DIR")]
+    pub credentials_dir: Option<PathBuf>,
     /// Where PersistentVolumeClaims are mounted for pvc:// URIs.
     #[arg(long, env = "KUBEMAAS_PVC_ROOT", default_value = "/mnt/pvc")]
     pub pvc_root: PathBuf,
@@ -42,24 +90,53 @@ pub struct PullArgs {
         default_value = "/dev/termination-log"
     )]
     pub termination_log: PathBuf,
+    /// Seconds between progress lines (bytes, rate, ETA).
+    #[arg(long, env = "KUBEMAAS_PULL_PROGRESS_SECONDS", default_value_t = 5)]
+    pub progress_seconds: u64,
+    /// A sha256-keyed artifact cache (e.g. a shared ReadWriteMany volume): a verified hit is copied
+    /// instead of downloaded, a download is stored for the next pod. Needs --sha256.
+    #[arg(long, env = "KUBEMAAS_MODEL_CACHE", requires = "sha256")]
+    pub cache_dir: Option<PathBuf>,
 }
 
-/// Why a pull failed.
+/// Why a pull failed; each kind has its own exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
-    /// The scheme is not handled by this build.
-    #[error(
-        "failed to download {uri}: the {scheme}:// scheme is not supported by this server build yet; use http:// or pvc://<claim>/<path>"
-    )]
-    Unsupported {
-        /// URI.
-        uri: String,
-        /// Scheme.
-        scheme: String,
-    },
-    /// The transfer failed.
+    /// Transfer failure, timeout, bad URI or local disk error.
     #[error("failed to download {uri}: {message}")]
     Download {
+        /// URI.
+        uri: String,
+        /// Why.
+        message: String,
+    },
+    /// Nothing at that location.
+    #[error("failed to download {uri}: not found: {message}")]
+    NotFound {
+        /// URI.
+        uri: String,
+        /// Why.
+        message: String,
+    },
+    /// Credentials refused.
+    #[error("failed to download {uri}: access denied: {message}")]
+    AccessDenied {
+        /// URI.
+        uri: String,
+        /// Why.
+        message: String,
+    },
+    /// Over `--max-bytes`.
+    #[error("failed to download {uri}: artifact too large: {message}")]
+    TooLarge {
+        /// URI.
+        uri: String,
+        /// Why.
+        message: String,
+    },
+    /// The address guard refused the host.
+    #[error("refused to download {uri}: {message}")]
+    AddressRefused {
         /// URI.
         uri: String,
         /// Why.
@@ -78,146 +155,552 @@ pub enum PullError {
 }
 
 impl PullError {
-    /// Process exit code.
+    /// Process exit code (see `kubemaas_crds::artifact::exit`).
     pub fn exit_code(&self) -> u8 {
         match self {
-            PullError::Checksum { .. } => EXIT_CHECKSUM_MISMATCH,
-            _ => EXIT_DOWNLOAD_FAILED,
+            PullError::Download { .. } => exit::DOWNLOAD_FAILED,
+            PullError::NotFound { .. } => exit::NOT_FOUND,
+            PullError::AccessDenied { .. } => exit::ACCESS_DENIED,
+            PullError::TooLarge { .. } => exit::TOO_LARGE,
+            PullError::AddressRefused { .. } => exit::ADDRESS_REFUSED,
+            PullError::Checksum { .. } => exit::CHECKSUM_MISMATCH,
+        }
+    }
+
+    fn from_fetch(uri: &str, e: FetchError) -> Self {
+        let uri = uri.to_string();
+        match e {
+            FetchError::NotFound(message) => PullError::NotFound { uri, message },
+            FetchError::Denied(message) => PullError::AccessDenied { uri, message },
+            FetchError::TooLarge(message) => PullError::TooLarge { uri, message },
+            FetchError::Refused(message) => PullError::AddressRefused { uri, message },
+            FetchError::Transient(message)
+            | FetchError::Changed(message)
+            | FetchError::Fatal(message)
+            | FetchError::Local(message) => PullError::Download { uri, message },
         }
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// What a successful pull fetched: printed as the last stdout line and written to
+/// `kubemaas-pull.json` in the version directory, where the server reads it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Record {
+    /// The URI as given.
+    pub uri: String,
+    /// SHA-256 of the file, or of the directory manifest.
+    pub sha256: String,
+    /// Bytes over all files.
+    pub bytes: u64,
+    /// Number of files.
+    pub files: usize,
+    /// Seconds the pull took.
+    pub seconds: f64,
 }
 
-async fn fetch_http(uri: &str, out: &mut tokio::fs::File, hasher: &mut Sha256) -> Result<u64, String> {
-    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut current = uri.to_string();
-    for _ in 0..=MAX_REDIRECTS {
-        let parsed: http::Uri = current.parse().map_err(|e| format!("invalid URI: {e}"))?;
-        let resp = client.get(parsed.clone()).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        if status.is_redirection() {
-            let loc = resp
-                .headers()
-                .get(http::header::LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| format!("HTTP {status} without a Location header"))?;
-            current = if loc.starts_with("http://") || loc.starts_with("https://") {
-                loc.to_string()
-            } else {
-                format!(
-                    "{}://{}{loc}",
-                    parsed.scheme_str().unwrap_or("http"),
-                    parsed.authority().map(|a| a.as_str()).unwrap_or("")
-                )
-            };
-            if !current.starts_with("http://") {
-                return Err(format!("redirected to {current}, which this build cannot fetch"));
-            }
-            continue;
+fn staging_path(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dest.with_file_name(format!(".{name}.partial"))
+}
+
+async fn remove_any(path: &Path) {
+    match tokio::fs::symlink_metadata(path).await {
+        Ok(m) if m.is_dir() => {
+            let _ = tokio::fs::remove_dir_all(path).await;
         }
-        if !status.is_success() {
-            return Err(format!("HTTP {status}"));
+        Ok(_) => {
+            let _ = tokio::fs::remove_file(path).await;
         }
-        let mut body = resp.into_body();
-        let mut total = 0u64;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| e.to_string())?;
-            if let Ok(data) = frame.into_data() {
-                hasher.update(&data);
-                out.write_all(&data)
-                    .await
-                    .map_err(|e| format!("failed to write: {e}"))?;
-                total += data.len() as u64;
-            }
-        }
-        return Ok(total);
+        Err(_) => {}
     }
-    Err(format!("more than {MAX_REDIRECTS} redirects"))
 }
 
-async fn fetch_file(src: &Path, out: &mut tokio::fs::File, hasher: &mut Sha256) -> Result<u64, String> {
-    let data = tokio::fs::read(src)
-        .await
-        .map_err(|e| format!("cannot read {}: {e}", src.display()))?;
-    hasher.update(&data);
-    out.write_all(&data)
-        .await
-        .map_err(|e| format!("failed to write: {e}"))?;
-    Ok(data.len() as u64)
+/// Fetches from `src` into the staging path, verifies, and moves it to `dest`. On any failure
+/// nothing is left at `dest` (nor at the staging path).
+pub async fn fetch_verify_place<S: Source>(
+    src: &S,
+    uri: &str,
+    directory: bool,
+    dest: &Path,
+    expected: Option<&str>,
+    limits: &Limits,
+    progress: &Progress,
+) -> Result<Fetched, PullError> {
+    let staging = staging_path(dest);
+    remove_any(&staging).await;
+    let outcome = async {
+        let fetched = fetch::fetch_all(src, &staging, directory, limits, progress)
+            .await
+            .map_err(|e| PullError::from_fetch(uri, e))?;
+        if let Some(want) = expected
+            && !want.eq_ignore_ascii_case(&fetched.sha256)
+        {
+            return Err(PullError::Checksum {
+                uri: uri.to_string(),
+                expected: want.to_string(),
+                actual: fetched.sha256,
+            });
+        }
+        remove_any(dest).await;
+        tokio::fs::rename(&staging, dest)
+            .await
+            .map_err(|e| PullError::Download {
+                uri: uri.to_string(),
+                message: format!("failed to move {} into place: {e}", dest.display()),
+            })?;
+        Ok(fetched)
+    }
+    .await;
+    if outcome.is_err() {
+        remove_any(&staging).await;
+    }
+    outcome
 }
 
-/// Downloads and verifies; returns the number of bytes written.
-pub async fn pull(args: &PullArgs) -> Result<u64, PullError> {
-    let uri = args.uri.clone();
-    let dl = |message: String| PullError::Download {
-        uri: uri.clone(),
+/// Copies a placed artifact into the cache under its digest (best effort, atomic by rename).
+async fn cache_store(
+    cache: &Path,
+    sha: &str,
+    placed: &Path,
+    directory: bool,
+    limits: &Limits,
+) -> Result<(), String> {
+    let entries = cache.join("sha256");
+    let final_path = entries.join(sha);
+    if tokio::fs::symlink_metadata(&final_path).await.is_ok() {
+        return Ok(());
+    }
+    tokio::fs::create_dir_all(&entries)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tmp = entries.join(format!("{sha}.{}.incoming", std::process::id()));
+    let src = local::LocalSource {
+        root: placed.parent().map(Path::to_path_buf).unwrap_or_default(),
+        path: format!(
+            "{}{}",
+            placed
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            if directory { "/" } else { "" }
+        ),
+    };
+    let progress = Progress::default();
+    let copied = fetch::fetch_all(&src, &tmp, directory, limits, &progress).await;
+    match copied {
+        Ok(f) if f.sha256 == sha => {
+            // A concurrent pod may have stored it first: then ours is dropped.
+            if tokio::fs::rename(&tmp, &final_path).await.is_err() {
+                remove_any(&tmp).await;
+            }
+            Ok(())
+        }
+        Ok(f) => {
+            remove_any(&tmp).await;
+            Err(format!("copy digest {} differs", f.sha256))
+        }
+        Err(e) => {
+            remove_any(&tmp).await;
+            Err(e.to_string())
+        }
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<Option<String>, PullError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s.trim().to_string()).filter(|s| !s.is_empty())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(PullError::Download {
+            uri: String::new(),
+            message: format!("cannot read {}: {e}", path.display()),
+        }),
+    }
+}
+
+async fn run(args: &PullArgs, started: Instant) -> Result<Record, PullError> {
+    let raw = args.uri.as_str();
+    let bad = |message: String| PullError::Download {
+        uri: raw.to_string(),
         message,
     };
-    let (scheme, rest) = uri
-        .split_once("://")
-        .ok_or_else(|| dl("expected scheme://...".into()))?;
-    if !matches!(scheme, "http" | "pvc") {
-        let e = PullError::Unsupported {
-            uri: uri.clone(),
-            scheme: scheme.to_string(),
-        };
-        let _ = std::fs::write(&args.termination_log, e.to_string());
-        return Err(e);
+    if let Some(s) = &args.sha256
+        && (s.len() != 64 || !s.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        return Err(bad(format!(
+            "--sha256 must be 64 hexadecimal characters, got {s:?}"
+        )));
     }
+    let expected = args.sha256.as_ref().map(|s| s.to_ascii_lowercase());
+    let uri = ArtifactUri::parse(raw).map_err(|e| bad(format!("invalid model URI: {e}")))?;
+    let directory = uri.is_directory();
     if let Some(parent) = args.dest.parent() {
         tokio::fs::create_dir_all(parent)
             .await
-            .map_err(|e| dl(format!("cannot create {}: {e}", parent.display())))?;
+            .map_err(|e| bad(format!("cannot create {}: {e}", parent.display())))?;
     }
-    let tmp = args.dest.with_extension("partial");
-    let mut out = tokio::fs::File::create(&tmp)
+    let limits = Limits {
+        retries: args.retries,
+        read_timeout: Duration::from_secs(args.read_timeout.max(1)),
+        backoff: Duration::from_millis(500),
+        max_bytes: args.max_bytes,
+    };
+    let progress = Arc::new(Progress::default());
+    let reporter =
+        progress.spawn_reporter(raw.to_string(), Duration::from_secs(args.progress_seconds.max(1)));
+    let result = fetch_uri(args, &uri, directory, expected.as_deref(), &limits, &progress).await;
+    reporter.abort();
+    let fetched = result?;
+    let record = Record {
+        uri: raw.to_string(),
+        sha256: fetched.sha256,
+        bytes: fetched.bytes,
+        files: fetched.files,
+        seconds: (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+    };
+    let version_dir = if directory {
+        args.dest.clone()
+    } else {
+        args.dest.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
+    let json = serde_json::to_string(&record).map_err(|e| bad(e.to_string()))?;
+    let tmp = version_dir.join(format!(".{PULL_RECORD_FILE}.tmp"));
+    std::fs::write(&tmp, &json)
+        .and_then(|()| std::fs::rename(&tmp, version_dir.join(PULL_RECORD_FILE)))
+        .map_err(|e| bad(format!("cannot write {PULL_RECORD_FILE}: {e}")))?;
+    tracing::info!(uri = %raw, dest = %args.dest.display(), bytes = record.bytes, files = record.files, sha256 = %record.sha256, seconds = record.seconds, "model pulled");
+    Ok(record)
+}
+
+async fn fetch_uri(
+    args: &PullArgs,
+    uri: &ArtifactUri,
+    directory: bool,
+    expected: Option<&str>,
+    limits: &Limits,
+    progress: &Progress,
+) -> Result<Fetched, PullError> {
+    let raw = args.uri.as_str();
+    let dest = args.dest.as_path();
+    let fail = |message: String| PullError::Download {
+        uri: raw.to_string(),
+        message,
+    };
+    // A verified cache hit replaces the download; a bad entry is dropped and fetched again.
+    if let (Some(cache), Some(sha)) = (&args.cache_dir, expected) {
+        let entry = cache.join("sha256").join(sha);
+        if tokio::fs::symlink_metadata(&entry).await.is_ok() {
+            let src = local::LocalSource {
+                root: cache.join("sha256"),
+                path: format!("{sha}{}", if directory { "/" } else { "" }),
+            };
+            match fetch_verify_place(&src, raw, directory, dest, Some(sha), limits, progress).await {
+                Ok(f) => {
+                    tracing::info!(cache = %entry.display(), "served from the artifact cache");
+                    return Ok(f);
+                }
+                Err(e) => {
+                    tracing::warn!(cache = %entry.display(), error = %e, "cache entry unusable; removing it and downloading");
+                    remove_any(&entry).await;
+                    progress.done.store(0, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    let ca = match &args.ca_file {
+        Some(p) => {
+            Some(std::fs::read(p).map_err(|e| fail(format!("cannot read --ca-file {}: {e}", p.display())))?)
+        }
+        None => None,
+    };
+    let connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
+    let token_file = |name: &str| -> Result<Option<String>, PullError> {
+        match &args.credentials_dir {
+            Some(d) => read_secret_file(&d.join(name)),
+            None => Ok(None),
+        }
+    };
+    let http = || -> Result<http::HttpFetcher, PullError> {
+        let mut overrides = HashMap::new();
+        for r in &args.resolve {
+            let (h, ips) = guard::parse_override(r).map_err(|e| fail(format!("--resolve: {e}")))?;
+            overrides.insert(h, ips);
+        }
+        let guard = Arc::new(guard::AddressGuard::new(args.allow_private_addresses, overrides));
+        http::HttpFetcher::new(
+            guard,
+            &http::ClientSettings {
+                ca_pem: ca.as_deref(),
+                connect_timeout,
+            },
+        )
+        .map_err(|e| PullError::from_fetch(raw, e))
+    };
+    let store_settings = store::StoreSettings {
+        ca_pem: ca.as_deref(),
+        connect_timeout,
+        credentials_dir: args.credentials_dir.as_deref(),
+    };
+    let place = |e| PullError::from_fetch(raw, e);
+    let fetched = match uri {
+        ArtifactUri::S3 { bucket, key } => {
+            let src = store::StoreSource {
+                store: store::s3(bucket, &store_settings).map_err(place)?,
+                key: key.clone(),
+            };
+            fetch_verify_place(&src, raw, directory, dest, expected, limits, progress).await?
+        }
+        ArtifactUri::Gcs { bucket, key } => {
+            let src = store::StoreSource {
+                store: store::gcs(bucket, &store_settings).map_err(place)?,
+                key: key.clone(),
+            };
+            fetch_verify_place(&src, raw, directory, dest, expected, limits, progress).await?
+        }
+        ArtifactUri::Http { url } => {
+            let token = match &args.bearer_token_file {
+                Some(f) => read_secret_file(f)?.or(None),
+                None => token_file("token")?,
+            };
+            let src = http::HttpSource {
+                http: http()?,
+                url: url.clone(),
+                token,
+            };
+            fetch_verify_place(&src, raw, directory, dest, expected, limits, progress).await?
+        }
+        ArtifactUri::Hf { repo, path, revision } => {
+            let endpoint_raw =
+                std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
+            let endpoint = reqwest::Url::parse(&endpoint_raw)
+                .map_err(|e| fail(format!("invalid HF_ENDPOINT {endpoint_raw:?}: {e}")))?;
+            let token = match std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
+                Some(t) => Some(t),
+                None => token_file("token")?,
+            };
+            let src = hf::HfSource {
+                http: http()?,
+                endpoint,
+                repo: repo.clone(),
+                path: path.clone(),
+                revision: revision.clone(),
+                token,
+            };
+            fetch_verify_place(&src, raw, directory, dest, expected, limits, progress).await?
+        }
+        ArtifactUri::Pvc { claim, path } => {
+            let src = local::LocalSource {
+                root: args.pvc_root.join(claim),
+                path: path.clone(),
+            };
+            fetch_verify_place(&src, raw, directory, dest, expected, limits, progress).await?
+        }
+    };
+    if let (Some(cache), Some(sha)) = (&args.cache_dir, expected)
+        && let Err(e) = cache_store(cache, sha, dest, directory, limits).await
+    {
+        tracing::warn!(cache = %cache.display(), error = %e, "could not store the artifact in the cache");
+    }
+    Ok(fetched)
+}
+
+/// Downloads, verifies and places the artifact; on failure writes the message to the termination
+/// log and leaves nothing at DEST.
+pub async fn pull(args: &PullArgs) -> Result<Record, PullError> {
+    // rustls needs one process-wide crypto provider; ring is the one the workspace already builds.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let started = Instant::now();
+    let result = match tokio::time::timeout(Duration::from_secs(args.timeout), run(args, started)).await {
+        Ok(r) => r,
+        Err(_) => {
+            // The transfer was dropped mid-way: clear what it staged.
+            remove_any(&staging_path(&args.dest)).await;
+            Err(PullError::Download {
+                uri: args.uri.clone(),
+                message: format!("timed out after {}s (--timeout)", args.timeout),
+            })
+        }
+    };
+    if let Err(e) = &result {
+        // Best effort: the termination log only exists inside Kubernetes.
+        let _ = std::fs::write(&args.termination_log, e.to_string());
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use bytes::Bytes;
+    use proptest::prelude::*;
+    use sha2::{Digest, Sha256};
+
+    use super::fetch::{Body, Entry};
+    use super::*;
+
+    /// Serves `content`; the first attempt breaks after `cut` bytes. Later attempts resume (or
+    /// restart) and, with `tamper`, serve a changed object.
+    struct Flaky {
+        content: Vec<u8>,
+        cut: usize,
+        resume: bool,
+        tamper: bool,
+        attempts: AtomicU32,
+    }
+
+    impl Source for Flaky {
+        async fn list(&self) -> Result<Vec<Entry>, FetchError> {
+            Ok(vec![Entry {
+                rel: String::new(),
+                size: Some(self.content.len() as u64),
+                locator: "flaky".into(),
+            }])
+        }
+
+        async fn open(&self, _e: &Entry, offset: u64, _v: Option<&str>) -> Result<Body, FetchError> {
+            let n = self.attempts.fetch_add(1, Ordering::SeqCst);
+            let mut data = self.content.clone();
+            if self.tamper && n > 0 && !data.is_empty() {
+                data[0] ^= 0xff;
+                let last = data.len() - 1;
+                data[last] ^= 0x55;
+            }
+            let start = if self.resume { offset as usize } else { 0 };
+            let mut items: Vec<Result<Bytes, FetchError>> = Vec::new();
+            if n == 0 && self.cut < data.len() {
+                for chunk in data[start..self.cut].chunks(97) {
+                    items.push(Ok(Bytes::copy_from_slice(chunk)));
+                }
+                items.push(Err(FetchError::Transient("connection reset".into())));
+            } else {
+                for chunk in data[start.min(data.len())..].chunks(97) {
+                    items.push(Ok(Bytes::copy_from_slice(chunk)));
+                }
+            }
+            Ok(Body {
+                stream: Box::pin(futures::stream::iter(items)),
+                total: Some(data.len() as u64),
+                resumed: self.resume,
+                validator: None,
+            })
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn whatever_the_interruption_dest_holds_the_declared_sha256_or_nothing(
+            content in proptest::collection::vec(any::<u8>(), 0..4000),
+            cut_frac in 0.0f64..1.2,
+            resume in any::<bool>(),
+            tamper in any::<bool>(),
+            retries in 0u32..3,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let dest = dir.path().join("m").join("1").join("model.onnx");
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            let declared = fetch::hex(&Sha256::digest(&content));
+            let src = Flaky {
+                cut: (content.len() as f64 * cut_frac) as usize,
+                content: content.clone(),
+                resume,
+                tamper,
+                attempts: AtomicU32::new(0),
+            };
+            let limits = Limits { retries, read_timeout: Duration::from_secs(5), backoff: Duration::from_millis(1), max_bytes: None };
+            let out = rt.block_on(fetch_verify_place(&src, "flaky://x", false, &dest, Some(&declared), &limits, &Progress::default()));
+            match out {
+                Ok(f) => {
+                    prop_assert_eq!(&f.sha256, &declared);
+                    prop_assert_eq!(fetch::hex(&Sha256::digest(std::fs::read(&dest).unwrap())), declared);
+                }
+                Err(_) => prop_assert!(!dest.exists(), "a failed pull left {}", dest.display()),
+            }
+            prop_assert!(!staging_path(&dest).exists(), "staging left behind");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resumed_transfer_is_byte_identical_and_a_tampered_one_never_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let content: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let declared = fetch::hex(&Sha256::digest(&content));
+        let limits = Limits {
+            retries: 2,
+            read_timeout: Duration::from_secs(5),
+            backoff: Duration::from_millis(1),
+            max_bytes: None,
+        };
+        let dest = dir.path().join("a.onnx");
+        let ok = Flaky {
+            content: content.clone(),
+            cut: 4321,
+            resume: true,
+            tamper: false,
+            attempts: AtomicU32::new(0),
+        };
+        fetch_verify_place(
+            &ok,
+            "x",
+            false,
+            &dest,
+            Some(&declared),
+            &limits,
+            &Progress::default(),
+        )
         .await
-        .map_err(|e| dl(format!("cannot create {}: {e}", tmp.display())))?;
-    let mut hasher = Sha256::new();
-    let transfer = async {
-        match scheme {
-            "http" => fetch_http(&uri, &mut out, &mut hasher).await,
-            _ => fetch_file(&args.pvc_root.join(rest), &mut out, &mut hasher).await,
-        }
-    };
-    let result = tokio::time::timeout(Duration::from_secs(args.timeout), transfer).await;
-    let outcome = match result {
-        Err(_) => Err(dl(format!("timed out after {}s", args.timeout))),
-        Ok(Err(m)) => Err(dl(m)),
-        Ok(Ok(n)) => Ok(n),
-    };
-    let verified = outcome.and_then(|n| {
-        let actual = hex(&hasher.finalize());
-        match &args.sha256 {
-            Some(expected) if !expected.eq_ignore_ascii_case(&actual) => Err(PullError::Checksum {
-                uri: uri.clone(),
-                expected: expected.clone(),
-                actual,
-            }),
-            _ => Ok((n, actual)),
-        }
-    });
-    match verified {
-        Ok((n, digest)) => {
-            out.sync_all()
-                .await
-                .map_err(|e| dl(format!("failed to flush: {e}")))?;
-            drop(out);
-            tokio::fs::rename(&tmp, &args.dest)
-                .await
-                .map_err(|e| dl(format!("failed to move into place: {e}")))?;
-            tracing::info!(uri = %uri, dest = %args.dest.display(), bytes = n, sha256 = %digest, "model pulled");
-            Ok(n)
-        }
-        Err(e) => {
-            drop(out);
-            let _ = tokio::fs::remove_file(&tmp).await;
-            // Best effort: the termination log only exists inside Kubernetes.
-            let _ = std::fs::write(&args.termination_log, e.to_string());
-            Err(e)
-        }
+        .unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), content);
+        assert_eq!(ok.attempts.load(Ordering::SeqCst), 2);
+
+        let dest2 = dir.path().join("b.onnx");
+        let bad = Flaky {
+            content: content.clone(),
+            cut: 4321,
+            resume: true,
+            tamper: true,
+            attempts: AtomicU32::new(0),
+        };
+        let e = fetch_verify_place(
+            &bad,
+            "x",
+            false,
+            &dest2,
+            Some(&declared),
+            &limits,
+            &Progress::default(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.exit_code(), exit::CHECKSUM_MISMATCH);
+        assert!(!dest2.exists());
+    }
+
+    #[tokio::test]
+    async fn the_byte_limit_stops_a_transfer_with_too_large() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = Flaky {
+            content: vec![1; 5000],
+            cut: 5000,
+            resume: true,
+            tamper: false,
+            attempts: AtomicU32::new(0),
+        };
+        let limits = Limits {
+            retries: 0,
+            read_timeout: Duration::from_secs(5),
+            backoff: Duration::from_millis(1),
+            max_bytes: Some(4999),
+        };
+        let dest = dir.path().join("a.onnx");
+        let e = fetch_verify_place(&src, "x", false, &dest, None, &limits, &Progress::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.exit_code(), exit::TOO_LARGE);
+        assert!(!dest.exists());
     }
 }

@@ -1,0 +1,267 @@
+//! The address guard for sources reached by URL (http, https, hf): a URL whose host resolves into a
+//! refused range is never connected to. The check runs on the resolved addresses, inside the
+//! resolver the HTTP client connects with, so a DNS answer cannot change between check and
+//! connection, and it runs again for every redirect hop.
+//!
+//! Always refused: link-local (where cloud metadata services live), known metadata addresses,
+//! unspecified, multicast, broadcast and reserved ranges. Refused unless `--allow-private-addresses`:
+//! loopback and private ranges (on-prem stores live there; a pod fetching from them is a choice).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+/// Why an address is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Allowed.
+    Allowed,
+    /// Refused unless private addresses are allowed.
+    Private(&'static str),
+    /// Always refused.
+    Never(&'static str),
+}
+
+fn classify_v4(ip: Ipv4Addr) -> Verdict {
+    let o = ip.octets();
+    if ip == Ipv4Addr::new(100, 100, 100, 200) {
+        return Verdict::Never("a cloud metadata address (Alibaba Cloud)");
+    }
+    if o[0] == 169 && o[1] == 254 {
+        return Verdict::Never("link-local (169.254.0.0/16, where cloud metadata services answer)");
+    }
+    if o[0] == 0 {
+        return Verdict::Never("unspecified (0.0.0.0/8)");
+    }
+    if ip.is_multicast() || ip.is_broadcast() || o[0] >= 240 {
+        return Verdict::Never("multicast, broadcast or reserved");
+    }
+    if ip.is_loopback() {
+        return Verdict::Private("loopback (127.0.0.0/8)");
+    }
+    if ip.is_private() {
+        return Verdict::Private("private (10/8, 172.16/12, 192.168/16)");
+    }
+    if o[0] == 100 && (o[1] & 0xc0) == 64 {
+        return Verdict::Private("shared address space (100.64.0.0/10)");
+    }
+    Verdict::Allowed
+}
+
+fn classify_v6(ip: Ipv6Addr) -> Verdict {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return classify_v4(v4);
+    }
+    let s = ip.segments();
+    // NAT64 (64:ff9b::/96) embeds an IPv4 address.
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+        let [a, b] = s[6].to_be_bytes();
+        let [c, d] = s[7].to_be_bytes();
+        return classify_v4(Ipv4Addr::new(a, b, c, d));
+    }
+    if ip == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
+        return Verdict::Never("a cloud metadata address (AWS, fd00:ec2::254)");
+    }
+    if ip.is_unspecified() {
+        return Verdict::Never("unspecified (::)");
+    }
+    if ip.is_multicast() {
+        return Verdict::Never("multicast");
+    }
+    if (s[0] & 0xffc0) == 0xfe80 {
+        return Verdict::Never("link-local (fe80::/10)");
+    }
+    if ip.is_loopback() {
+        return Verdict::Private("loopback (::1)");
+    }
+    if (s[0] & 0xfe00) == 0xfc00 {
+        return Verdict::Private("unique local (fc00::/7)");
+    }
+    Verdict::Allowed
+}
+
+/// Classifies one address.
+pub fn classify(ip: IpAddr) -> Verdict {
+    match ip {
+        IpAddr::V4(v4) => classify_v4(v4),
+        IpAddr::V6(v6) => classify_v6(v6),
+    }
+}
+
+/// Why a host could not be used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GuardError {
+    /// The host resolves to a refused address.
+    #[error("{host} resolves to {ip}, which is {why}; {hint}")]
+    Refused {
+        /// Host name or literal.
+        host: String,
+        /// The refused address.
+        ip: IpAddr,
+        /// The range it is in.
+        why: &'static str,
+        /// What the user can do.
+        hint: &'static str,
+    },
+    /// Name resolution failed.
+    #[error("cannot resolve {host}: {message}")]
+    Dns {
+        /// Host name.
+        host: String,
+        /// Resolver's words.
+        message: String,
+    },
+}
+
+/// Resolves host names (honouring `--resolve` overrides) and refuses addresses by range.
+#[derive(Debug, Clone, Default)]
+pub struct AddressGuard {
+    allow_private: bool,
+    overrides: HashMap<String, Vec<IpAddr>>,
+}
+
+impl AddressGuard {
+    /// A guard; `overrides` pin host names to addresses (like curl's `--resolve`).
+    pub fn new(allow_private: bool, overrides: HashMap<String, Vec<IpAddr>>) -> Self {
+        AddressGuard {
+            allow_private,
+            overrides,
+        }
+    }
+
+    /// Refuses one address.
+    pub fn check_ip(&self, host: &str, ip: IpAddr) -> Result<(), GuardError> {
+        let refused = |why, hint| {
+            Err(GuardError::Refused {
+                host: host.to_string(),
+                ip,
+                why,
+                hint,
+            })
+        };
+        match classify(ip) {
+            Verdict::Allowed => Ok(()),
+            Verdict::Private(_) if self.allow_private => Ok(()),
+            Verdict::Private(why) => refused(
+                why,
+                "pass --allow-private-addresses (spec.model.allowPrivateAddresses) for a store inside your network",
+            ),
+            Verdict::Never(why) => refused(why, "such addresses are never fetched from"),
+        }
+    }
+
+    /// Resolves a host and checks every address; all must be allowed.
+    pub async fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, GuardError> {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let ips: Vec<IpAddr> = if let Ok(ip) = bare.parse::<IpAddr>() {
+            vec![ip]
+        } else if let Some(pinned) = self.overrides.get(&bare.to_ascii_lowercase()) {
+            pinned.clone()
+        } else {
+            tokio::net::lookup_host((bare, 0))
+                .await
+                .map_err(|e| GuardError::Dns {
+                    host: bare.to_string(),
+                    message: e.to_string(),
+                })?
+                .map(|a| a.ip())
+                .collect()
+        };
+        if ips.is_empty() {
+            return Err(GuardError::Dns {
+                host: bare.to_string(),
+                message: "no addresses".into(),
+            });
+        }
+        for ip in &ips {
+            self.check_ip(bare, *ip)?;
+        }
+        Ok(ips)
+    }
+}
+
+/// The guard as the HTTP client's resolver: the client connects only to what this returns.
+#[derive(Debug, Clone)]
+pub struct GuardResolver(pub Arc<AddressGuard>);
+
+impl reqwest::dns::Resolve for GuardResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let guard = self.0.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let ips = guard.resolve(&host).await?;
+            let addrs: reqwest::dns::Addrs = Box::new(ips.into_iter().map(|ip| SocketAddr::new(ip, 0)));
+            Ok(addrs)
+        })
+    }
+}
+
+/// Parses `HOST=IP[,IP…]` (`--resolve`).
+pub fn parse_override(s: &str) -> Result<(String, Vec<IpAddr>), String> {
+    let (host, ips) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected HOST=IP, got {s:?}"))?;
+    let ips = ips
+        .split(',')
+        .map(|ip| ip.trim().parse::<IpAddr>().map_err(|e| format!("{ip:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((host.to_ascii_lowercase(), ips))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn metadata_and_link_local_are_never_allowed() {
+        let g = AddressGuard::new(true, HashMap::new());
+        for a in [
+            "169.254.169.254",
+            "169.254.170.2",
+            "fd00:ec2::254",
+            "100.100.100.200",
+            "fe80::1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+        ] {
+            assert!(g.check_ip("h", ip(a)).is_err(), "{a} must be refused");
+        }
+    }
+
+    #[test]
+    fn private_ranges_need_the_flag_and_public_ones_pass() {
+        let strict = AddressGuard::default();
+        let open = AddressGuard::new(true, HashMap::new());
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.20.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "::1",
+            "fd12::1",
+        ] {
+            assert!(strict.check_ip("h", ip(a)).is_err(), "{a}");
+            assert!(open.check_ip("h", ip(a)).is_ok(), "{a}");
+        }
+        for a in ["8.8.8.8", "2606:4700::1111", "172.32.0.1"] {
+            assert!(strict.check_ip("h", ip(a)).is_ok(), "{a}");
+        }
+    }
+
+    #[tokio::test]
+    async fn overrides_pin_names_and_are_still_checked() {
+        let (host, ips) = parse_override("Metadata.Test=169.254.169.254").unwrap();
+        let g = AddressGuard::new(true, HashMap::from([(host, ips)]));
+        let e = g.resolve("metadata.test").await.unwrap_err();
+        assert!(e.to_string().contains("169.254.169.254"), "{e}");
+        assert!(parse_override("nohost").is_err());
+    }
+}

@@ -1,0 +1,335 @@
+//! http(s):// sources (and the transport of the Hugging Face Hub): rustls, redirects followed by
+//! hand so that every hop passes the address guard, credentials never follow a redirect to
+//! another origin, and an interrupted body resumes with a range request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use reqwest::header::{AUTHORIZATION, CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, LOCATION, RANGE};
+use reqwest::{StatusCode, Url};
+
+use super::fetch::{Body, Entry, FetchError, Source};
+use super::guard::{AddressGuard, GuardError, GuardResolver};
+
+const MAX_REDIRECTS: usize = 10;
+
+/// Every cause of an error, each once.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+/// Maps an HTTP status to what the transfer loop does with it.
+pub fn status_error(status: StatusCode, url: &Url, detail: &str) -> FetchError {
+    let detail = if detail.is_empty() {
+        String::new()
+    } else {
+        format!(" ({detail})")
+    };
+    let msg = format!("HTTP {status} from {url}{detail}");
+    match status.as_u16() {
+        404 | 410 => FetchError::NotFound(msg),
+        401 | 403 => FetchError::Denied(msg),
+        408 | 425 | 429 | 500..=599 => FetchError::Transient(msg),
+        _ => FetchError::Fatal(msg),
+    }
+}
+
+fn guard_error(e: GuardError) -> FetchError {
+    match e {
+        GuardError::Refused { .. } => FetchError::Refused(e.to_string()),
+        GuardError::Dns { .. } => FetchError::Transient(e.to_string()),
+    }
+}
+
+/// An HTTP client bound to the address guard.
+#[derive(Clone)]
+pub struct HttpFetcher {
+    client: reqwest::Client,
+    guard: Arc<AddressGuard>,
+}
+
+/// TLS and timeout settings of the client.
+pub struct ClientSettings<'a> {
+    /// Extra trusted CA certificates (PEM).
+    pub ca_pem: Option<&'a [u8]>,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+}
+
+impl HttpFetcher {
+    /// Builds the client; the guard is its DNS resolver.
+    pub fn new(guard: Arc<AddressGuard>, settings: &ClientSettings<'_>) -> Result<Self, FetchError> {
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(GuardResolver(guard.clone())))
+            .connect_timeout(settings.connect_timeout)
+            .user_agent(concat!("kubemaas-server/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = settings.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| FetchError::Fatal(format!("invalid --ca-file: {}", chain(&e))))?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| FetchError::Fatal(format!("failed to build the HTTP client: {}", chain(&e))))?;
+        Ok(HttpFetcher { client, guard })
+    }
+
+    /// GET with redirects followed by hand. `auth` goes only to `url`'s own origin.
+    pub async fn get(
+        &self,
+        url: &Url,
+        auth: Option<&str>,
+        range_from: u64,
+        validator: Option<&str>,
+    ) -> Result<(reqwest::Response, Url), FetchError> {
+        let origin = url.origin();
+        let mut current = url.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            let host = current
+                .host_str()
+                .ok_or_else(|| FetchError::Fatal(format!("{current} has no host")))?;
+            // Typed refusal before connecting; the resolver enforces the same on connect.
+            self.guard.resolve(host).await.map_err(guard_error)?;
+            let mut req = self.client.get(current.clone());
+            if range_from > 0 {
+                req = req.header(RANGE, format!("bytes={range_from}-"));
+                if let Some(v) = validator {
+                    req = req.header(IF_RANGE, v);
+                }
+            }
+            if let Some(token) = auth
+                && current.origin() == origin
+            {
+                req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+            }
+            let resp = req.send().await.map_err(|e| request_error(&current, &e))?;
+            let status = resp.status();
+            if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
+                let loc = resp
+                    .headers()
+                    .get(LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .ok_or_else(|| {
+                        FetchError::Fatal(format!("HTTP {status} from {current} without a Location"))
+                    })?;
+                let next = current
+                    .join(loc)
+                    .map_err(|e| FetchError::Fatal(format!("bad redirect Location {loc:?}: {e}")))?;
+                if !matches!(next.scheme(), "http" | "https") {
+                    return Err(FetchError::Fatal(format!(
+                        "refused a redirect to {next}: only http(s)"
+                    )));
+                }
+                if current.scheme() == "https" && next.scheme() == "http" {
+                    return Err(FetchError::Fatal(format!(
+                        "refused a redirect from https to plain http ({next})"
+                    )));
+                }
+                tracing::debug!(from = %current, to = %next, "redirect");
+                current = next;
+                continue;
+            }
+            return Ok((resp, current));
+        }
+        Err(FetchError::Fatal(format!(
+            "more than {MAX_REDIRECTS} redirects from {url}"
+        )))
+    }
+
+    /// Opens a URL as a body, resuming at `offset` when the server honours the range.
+    pub async fn open_url(
+        &self,
+        url: &Url,
+        auth: Option<&str>,
+        offset: u64,
+        validator: Option<&str>,
+    ) -> Result<Body, FetchError> {
+        let (resp, final_url) = self.get(url, auth, offset, validator).await?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let validator = headers
+            .get(ETAG)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.starts_with("W/"))
+            .or_else(|| headers.get(LAST_MODIFIED).and_then(|v| v.to_str().ok()))
+            .map(String::from);
+        let (resumed, total) = match status {
+            StatusCode::OK => (false, resp.content_length()),
+            StatusCode::PARTIAL_CONTENT => {
+                let cr = headers
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                let (start, total) = parse_content_range(cr).ok_or_else(|| {
+                    FetchError::Transient(format!("unusable Content-Range {cr:?} from {final_url}"))
+                })?;
+                if start != offset {
+                    return Err(FetchError::Transient(format!(
+                        "asked for bytes from {offset}, got a range starting at {start}"
+                    )));
+                }
+                (true, total)
+            }
+            StatusCode::RANGE_NOT_SATISFIABLE if offset > 0 => {
+                return Err(FetchError::Changed(format!(
+                    "{final_url} no longer has byte {offset}"
+                )));
+            }
+            s => {
+                let text = resp.text().await.unwrap_or_default();
+                let detail: String = text.chars().take(200).collect();
+                return Err(status_error(s, &final_url, detail.trim()));
+            }
+        };
+        let url_for_errors = final_url.clone();
+        let stream = resp.bytes_stream().map(move |r| {
+            r.map_err(|e| FetchError::Transient(format!("reading {url_for_errors}: {}", chain(&e))))
+        });
+        Ok(Body {
+            stream: Box::pin(stream),
+            total,
+            resumed,
+            validator,
+        })
+    }
+
+    /// GET a small document (a listing) whole, with `auth`.
+    pub async fn get_json(
+        &self,
+        url: &Url,
+        auth: Option<&str>,
+    ) -> Result<(serde_json::Value, Option<String>), FetchError> {
+        let (resp, final_url) = self.get(url, auth, 0, None).await?;
+        let status = resp.status();
+        let link = resp
+            .headers()
+            .get(reqwest::header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        if !status.is_success() {
+            let code = resp
+                .headers()
+                .get("x-error-code")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            return Err(status_error(status, &final_url, &code));
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| FetchError::Transient(format!("reading {final_url}: {}", chain(&e))))?;
+        let v = serde_json::from_slice(&body)
+            .map_err(|e| FetchError::Fatal(format!("{final_url} did not answer JSON: {e}")))?;
+        Ok((v, link))
+    }
+}
+
+fn request_error(url: &Url, e: &reqwest::Error) -> FetchError {
+    let text = chain(e);
+    if let Some(g) = std::error::Error::source(e).and_then(find_guard_error) {
+        return guard_error(g);
+    }
+    let msg = format!("GET {url}: {text}");
+    if text.contains("certificate") || text.contains("UnknownIssuer") || text.contains("InvalidCertificate") {
+        // A TLS trust failure does not heal by retrying.
+        return FetchError::Fatal(format!("{msg} (give the store's CA with --ca-file)"));
+    }
+    FetchError::Transient(msg)
+}
+
+fn find_guard_error(mut e: &(dyn std::error::Error + 'static)) -> Option<GuardError> {
+    loop {
+        if let Some(g) = e.downcast_ref::<GuardError>() {
+            return Some(g.clone());
+        }
+        e = e.source()?;
+    }
+}
+
+/// Parses `bytes START-END/TOTAL` (TOTAL may be `*`).
+pub fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, _end) = range.split_once('-')?;
+    let total = if total == "*" {
+        None
+    } else {
+        Some(total.parse().ok()?)
+    };
+    Some((start.parse().ok()?, total))
+}
+
+/// One file at an http(s) URL.
+pub struct HttpSource {
+    /// The client.
+    pub http: HttpFetcher,
+    /// The URL.
+    pub url: Url,
+    /// Bearer token for the URL's origin.
+    pub token: Option<String>,
+}
+
+impl Source for HttpSource {
+    async fn list(&self) -> Result<Vec<Entry>, FetchError> {
+        Ok(vec![Entry {
+            rel: String::new(),
+            size: None,
+            locator: self.url.to_string(),
+        }])
+    }
+
+    async fn open(&self, _entry: &Entry, offset: u64, validator: Option<&str>) -> Result<Body, FetchError> {
+        self.http
+            .open_url(&self.url, self.token.as_deref(), offset, validator)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_is_parsed_with_and_without_a_total() {
+        assert_eq!(parse_content_range("bytes 100-199/200"), Some((100, Some(200))));
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
+        assert_eq!(parse_content_range("items 1-2/3"), None);
+    }
+
+    #[test]
+    fn statuses_map_to_not_found_denied_transient_and_fatal() {
+        let u = Url::parse("http://h/x").unwrap();
+        assert!(matches!(
+            status_error(StatusCode::NOT_FOUND, &u, ""),
+            FetchError::NotFound(_)
+        ));
+        assert!(matches!(
+            status_error(StatusCode::FORBIDDEN, &u, ""),
+            FetchError::Denied(_)
+        ));
+        assert!(matches!(
+            status_error(StatusCode::SERVICE_UNAVAILABLE, &u, ""),
+            FetchError::Transient(_)
+        ));
+        assert!(matches!(
+            status_error(StatusCode::TOO_MANY_REQUESTS, &u, ""),
+            FetchError::Transient(_)
+        ));
+        assert!(matches!(
+            status_error(StatusCode::BAD_REQUEST, &u, ""),
+            FetchError::Fatal(_)
+        ));
+    }
+}

@@ -1,0 +1,297 @@
+//! s3:// and gs:// sources through `object_store`, which owns request signing and the credential
+//! chains (static keys, IRSA web-identity tokens, ECS/instance metadata; GCS service accounts and
+//! workload identity). We add: a shared AWS credentials file, `STORAGE_EMULATOR_HOST`, an extra CA,
+//! no whole-request timeout (large bodies take long; stalls are caught per read by the loop).
+
+use std::path::Path as FsPath;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{
+    BackoffConfig, Certificate, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig,
+};
+
+use super::fetch::{Body, Entry, FetchError, Source};
+
+/// Store settings that come from flags rather than the environment.
+pub struct StoreSettings<'a> {
+    /// Extra trusted CA certificates (PEM).
+    pub ca_pem: Option<&'a [u8]>,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// `--credentials-dir`, for `credentials` (AWS) and `service-account.json` (GCS).
+    pub credentials_dir: Option<&'a FsPath>,
+}
+
+fn client_options(s: &StoreSettings<'_>, endpoint: Option<&str>) -> Result<ClientOptions, FetchError> {
+    let mut opts = ClientOptions::new()
+        .with_timeout_disabled()
+        .with_connect_timeout(s.connect_timeout)
+        .with_user_agent(reqwest::header::HeaderValue::from_static(concat!(
+            "kubemaas-server/",
+            env!("CARGO_PKG_VERSION")
+        )));
+    if endpoint.is_some_and(|e| e.starts_with("http://")) {
+        opts = opts.with_allow_http(true);
+    }
+    if let Some(pem) = s.ca_pem {
+        for cert in Certificate::from_pem_bundle(pem)
+            .map_err(|e| FetchError::Fatal(format!("invalid --ca-file: {e}")))?
+        {
+            opts = opts.with_root_certificate(cert);
+        }
+    }
+    Ok(opts)
+}
+
+fn retry() -> RetryConfig {
+    // Request-level retries inside object_store stay short: the transfer loop retries and resumes.
+    RetryConfig {
+        backoff: BackoffConfig::default(),
+        max_retries: 2,
+        retry_timeout: Duration::from_secs(30),
+    }
+}
+
+/// One profile of an AWS shared credentials file (INI): key id, secret, optional session token.
+pub fn read_aws_credentials(text: &str, profile: &str) -> Option<(String, String, Option<String>)> {
+    let mut in_profile = false;
+    let (mut id, mut secret, mut token) = (None, None, None);
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') || line.starts_with(';') || line.is_empty() {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            let name = name.trim();
+            in_profile = name == profile || name == format!("profile {profile}");
+            continue;
+        }
+        if !in_profile {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            let v = v.trim().to_string();
+            match k.trim() {
+                "aws_access_key_id" => id = Some(v),
+                "aws_secret_access_key" => secret = Some(v),
+                "aws_session_token" => token = Some(v),
+                _ => {}
+            }
+        }
+    }
+    Some((id?, secret?, token))
+}
+
+/// An S3 bucket (AWS or S3-compatible via `AWS_ENDPOINT_URL`).
+pub fn s3(bucket: &str, s: &StoreSettings<'_>) -> Result<Arc<dyn ObjectStore>, FetchError> {
+    let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
+        .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+        .ok()
+        .filter(|e| !e.is_empty());
+    let mut b = object_store::aws::AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_client_options(client_options(s, endpoint.as_deref())?)
+        .with_retry(retry());
+    if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+        b = b.with_region("us-east-1");
+    }
+    if let Some(ep) = &endpoint {
+        // S3-compatible stores (MinIO, Ceph, moto) address buckets by path.
+        b = b.with_endpoint(ep).with_virtual_hosted_style_request(false);
+    }
+    // A shared credentials file, when no key is in the environment: $AWS_SHARED_CREDENTIALS_FILE,
+    // else `credentials` in --credentials-dir.
+    if std::env::var("AWS_ACCESS_KEY_ID").is_err() {
+        let file = std::env::var_os("AWS_SHARED_CREDENTIALS_FILE")
+            .map(std::path::PathBuf::from)
+            .or_else(|| s.credentials_dir.map(|d| d.join("credentials")));
+        if let Some(file) = file.filter(|f| f.is_file()) {
+            let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| FetchError::Fatal(format!("cannot read {}: {e}", file.display())))?;
+            let (id, secret, token) = read_aws_credentials(&text, &profile).ok_or_else(|| {
+                FetchError::Denied(format!(
+                    "{} has no aws_access_key_id/aws_secret_access_key in profile [{profile}]",
+                    file.display()
+                ))
+            })?;
+            b = b.with_access_key_id(id).with_secret_access_key(secret);
+            if let Some(t) = token {
+                b = b.with_token(t);
+            }
+        }
+    }
+    b.build()
+        .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+        .map_err(|e| FetchError::Fatal(format!("S3 configuration: {e}")))
+}
+
+/// A GCS bucket; `STORAGE_EMULATOR_HOST` points it at an emulator (no authentication).
+pub fn gcs(bucket: &str, s: &StoreSettings<'_>) -> Result<Arc<dyn ObjectStore>, FetchError> {
+    let emulator = std::env::var("STORAGE_EMULATOR_HOST")
+        .ok()
+        .filter(|e| !e.is_empty());
+    let emulator = emulator.map(|e| {
+        if e.contains("://") {
+            e
+        } else {
+            format!("http://{e}")
+        }
+    });
+    let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+        .with_bucket_name(bucket)
+        .with_client_options(client_options(s, emulator.as_deref())?)
+        .with_retry(retry());
+    if let Some(ep) = &emulator {
+        b = b
+            .with_base_url(ep.trim_end_matches('/'))
+            .with_skip_signature(true);
+    } else if let Ok(path) = std::env::var("GOOGLE_APPLICATION_CREDENTIALS") {
+        b = b.with_application_credentials(path);
+    } else if let Some(file) = s
+        .credentials_dir
+        .map(|d| d.join("service-account.json"))
+        .filter(|f| f.is_file())
+    {
+        b = b.with_service_account_path(file.to_string_lossy());
+    }
+    b.build()
+        .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+        .map_err(|e| FetchError::Fatal(format!("GCS configuration: {e}")))
+}
+
+fn map_err(e: object_store::Error) -> FetchError {
+    let text = super::http::chain(&e);
+    match e {
+        object_store::Error::NotFound { .. } => FetchError::NotFound(text),
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+            FetchError::Denied(text)
+        }
+        object_store::Error::Precondition { .. } => FetchError::Changed(text),
+        object_store::Error::Generic { .. } => {
+            // Some stores answer a bad key with 400/403 inside a generic error.
+            if [
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "AccessDenied",
+                "403 Forbidden",
+                "401 Unauthorized",
+            ]
+            .iter()
+            .any(|k| text.contains(k))
+            {
+                FetchError::Denied(text)
+            } else if text.contains("404 Not Found")
+                || text.contains("NoSuchKey")
+                || text.contains("NoSuchBucket")
+            {
+                FetchError::NotFound(text)
+            } else {
+                FetchError::Transient(text)
+            }
+        }
+        _ => FetchError::Fatal(text),
+    }
+}
+
+/// An object or a prefix in a bucket.
+pub struct StoreSource {
+    /// The bucket.
+    pub store: Arc<dyn ObjectStore>,
+    /// Object key, or a prefix ending in `/`.
+    pub key: String,
+}
+
+impl Source for StoreSource {
+    async fn list(&self) -> Result<Vec<Entry>, FetchError> {
+        if let Some(prefix) = self.key.strip_suffix('/') {
+            let base = Path::from(prefix);
+            let metas: Vec<_> = self
+                .store
+                .list(Some(&base))
+                .map_err(map_err)
+                .try_collect()
+                .await?;
+            let mut entries = Vec::with_capacity(metas.len());
+            for m in metas {
+                let key = m.location.to_string();
+                let Some(rel) = key.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
+                    continue;
+                };
+                entries.push(Entry {
+                    rel: rel.to_string(),
+                    size: Some(m.size),
+                    locator: key,
+                });
+            }
+            entries.sort_by(|a, b| a.rel.cmp(&b.rel));
+            return Ok(entries);
+        }
+        let meta = self
+            .store
+            .head(&Path::from(self.key.as_str()))
+            .await
+            .map_err(map_err)?;
+        Ok(vec![Entry {
+            rel: String::new(),
+            size: Some(meta.size),
+            locator: meta.location.to_string(),
+        }])
+    }
+
+    async fn open(&self, entry: &Entry, offset: u64, validator: Option<&str>) -> Result<Body, FetchError> {
+        if entry.size == Some(offset) && offset > 0 {
+            // Everything arrived before the connection dropped.
+            return Ok(Body {
+                stream: Box::pin(futures::stream::empty()),
+                total: entry.size,
+                resumed: true,
+                validator: validator.map(String::from),
+            });
+        }
+        let opts = GetOptions {
+            range: (offset > 0).then_some(GetRange::Offset(offset)),
+            if_match: validator.map(String::from),
+            ..GetOptions::default()
+        };
+        let got = self
+            .store
+            .get_opts(&Path::from(entry.locator.as_str()), opts)
+            .await
+            .map_err(map_err)?;
+        let total = Some(got.meta.size);
+        let validator = got.meta.e_tag.clone();
+        let resumed = got.range.start == offset;
+        let stream = got.into_stream().map(|r| {
+            r.map_err(|e| FetchError::Transient(format!("reading the object: {}", super::http::chain(&e))))
+        });
+        Ok(Body {
+            stream: Box::pin(stream),
+            total,
+            resumed,
+            validator,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_credentials_file_profiles_are_read() {
+        let text = "[default]\naws_access_key_id = A\naws_secret_access_key = S\n\n[profile other]\naws_access_key_id=B\naws_secret_access_key=T\naws_session_token=X\n";
+        assert_eq!(
+            read_aws_credentials(text, "default"),
+            Some(("A".into(), "S".into(), None))
+        );
+        assert_eq!(
+            read_aws_credentials(text, "other"),
+            Some(("B".into(), "T".into(), Some("X".into())))
+        );
+        assert_eq!(read_aws_credentials(text, "missing"), None);
+    }
+}
