@@ -30,8 +30,12 @@ pub const SCHEMES: [&str; 6] = ["s3", "gs", "http", "https", "hf", "pvc"];
 pub const PULL_RECORD_FILE: &str = "kubemaas-pull.json";
 
 /// Whether a model URI names a directory of files (a prefix ending in `/`, a whole Hugging Face
-/// repository, or a PVC directory ending in `/`) rather than one file.
+/// repository, or a PVC directory ending in `/`) rather than one file. An `http(s)://` URL is
+/// always one file (HTTP has no directory listing).
 pub fn is_directory_uri(uri: &str) -> bool {
+    if uri.starts_with("http://") || uri.starts_with("https://") {
+        return false;
+    }
     if let Some(rest) = uri.strip_prefix("hf://") {
         let path = rest.rsplit_once('@').map_or(rest, |(p, _)| p);
         // org/repo alone, or org/repo/dir/
@@ -54,5 +58,6 @@ mod tests {
         assert!(!is_directory_uri("hf://org/repo/onnx/model.onnx@main"));
         assert!(!is_directory_uri("hf://org/repo/model.onnx"));
         assert!(is_directory_uri("pvc://claim/dir/"));
+        assert!(!is_directory_uri("https://h/dir/"), "a URL is one file");
     }
 }

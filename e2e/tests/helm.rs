@@ -98,7 +98,7 @@ async fn helm_install_upgrade_with_a_new_crd_and_uninstall() {
     create_md(
         &api,
         json!({"apiVersion": "kubemaas.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "m"},
-        "spec": {"model": {"uri": "s3://b/m.onnx"}}}),
+        "spec": {"model": {"uri": "s3://models/m.onnx"}}}),
     )
     .await;
     wait_md(

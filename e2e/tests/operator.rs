@@ -105,7 +105,7 @@ async fn cpu_model_deployment_becomes_ready_with_owned_children() {
         &api,
         md_json(
             "classifier",
-            json!({"model": {"uri": "s3://b/m.onnx"}, "replicas": 2,
+            json!({"model": {"uri": "s3://models/m.onnx"}, "replicas": 2,
         "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}}}),
         ),
     )
@@ -158,7 +158,7 @@ async fn cpu_model_deployment_becomes_ready_with_owned_children() {
     let out = kubectl(&["get", "-n", &ns.name, "mdep", "classifier"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
-        table.contains("MODEL") && table.contains("ACCELERATOR") && table.contains("s3://b/m.onnx"),
+        table.contains("MODEL") && table.contains("ACCELERATOR") && table.contains("s3://models/m.onnx"),
         "{table}"
     );
     let events = kubectl(&[
@@ -183,7 +183,7 @@ async fn gpu_pods_land_on_matching_nodes_and_overcommit_reports_the_scheduler() 
         &api,
         md_json(
             "h100",
-            json!({"model": {"uri": "s3://b/m.onnx"}, "accelerator": "cuda", "replicas": 2,
+            json!({"model": {"uri": "s3://models/m.onnx"}, "accelerator": "cuda", "replicas": 2,
         "gpu": {"count": 4, "product": "NVIDIA-H100-80GB-HBM3"}}),
         ),
     )
@@ -192,7 +192,7 @@ async fn gpu_pods_land_on_matching_nodes_and_overcommit_reports_the_scheduler() 
         &api,
         md_json(
             "mig",
-            json!({"model": {"uri": "s3://b/m.onnx"}, "accelerator": "cuda",
+            json!({"model": {"uri": "s3://models/m.onnx"}, "accelerator": "cuda",
         "gpu": {"resourceName": "nvidia.com/mig-1g.10gb"}}),
         ),
     )
@@ -201,7 +201,7 @@ async fn gpu_pods_land_on_matching_nodes_and_overcommit_reports_the_scheduler() 
         &api,
         md_json(
             "greedy",
-            json!({"model": {"uri": "s3://b/m.onnx"}, "accelerator": "cuda", "gpu": {"count": 9}}),
+            json!({"model": {"uri": "s3://models/m.onnx"}, "accelerator": "cuda", "gpu": {"count": 9}}),
         ),
     )
     .await;
@@ -233,7 +233,7 @@ async fn scale_subresource_uri_rollout_autoscaling_removal_and_garbage_collectio
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
-    create_md(&api, md_json("life", json!({"model": {"uri": "s3://b/v1.onnx"}}))).await;
+    create_md(&api, md_json("life", json!({"model": {"uri": "s3://models/v1.onnx"}}))).await;
     wait_md(&api, "life", "Ready", LONG, Some(&op), is_ready).await;
 
     let out = kubectl(&["scale", "-n", &ns.name, "mdep/life", "--replicas=3"]);
@@ -246,7 +246,7 @@ async fn scale_subresource_uri_rollout_autoscaling_removal_and_garbage_collectio
     assert_eq!(deployments.get("life").await.unwrap().spec.replicas, Some(3));
 
     let before = deployments.get("life").await.unwrap();
-    let patch = json!({"spec": {"model": {"uri": "s3://b/v2.onnx"}}});
+    let patch = json!({"spec": {"model": {"uri": "s3://models/v2.onnx"}}});
     api.patch("life", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
@@ -263,7 +263,7 @@ async fn scale_subresource_uri_rollout_autoscaling_removal_and_garbage_collectio
         .args
         .clone()
         .unwrap();
-    assert_eq!(args[1], "s3://b/v2.onnx");
+    assert_eq!(args[1], "s3://models/v2.onnx");
     let rs = Api::<ReplicaSet>::namespaced(client.clone(), &ns.name)
         .list(&ListParams::default())
         .await
@@ -320,7 +320,7 @@ async fn killed_operator_converges_without_duplicates_and_a_resync_writes_nothin
     let names: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
     let mut op = Operator::start(&ns.name, "op-restart-1", &[]);
     for n in &names {
-        create_md(&api, md_json(n, json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"minReplicas": 1, "maxReplicas": 2}}))).await;
+        create_md(&api, md_json(n, json!({"model": {"uri": "s3://models/m.onnx"}, "autoscaling": {"minReplicas": 1, "maxReplicas": 2}}))).await;
     }
     // Kill it mid-flight: as soon as the first Deployment exists.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
@@ -437,7 +437,7 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
     assert_eq!(holder, "op-a");
     let b = Operator::start(&ns.name, "op-b", &[]);
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
-    create_md(&api, md_json("first", json!({"model": {"uri": "s3://b/m.onnx"}}))).await;
+    create_md(&api, md_json("first", json!({"model": {"uri": "s3://models/m.onnx"}}))).await;
     wait_md(&api, "first", "Ready under op-a", LONG, Some(&a), is_ready).await;
     assert!(
         std::fs::read_to_string(&b.log)
@@ -472,7 +472,7 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
     assert_eq!(holder, "op-b");
     create_md(
         &api,
-        md_json("second", json!({"model": {"uri": "s3://b/m.onnx"}})),
+        md_json("second", json!({"model": {"uri": "s3://models/m.onnx"}})),
     )
     .await;
     wait_md(&api, "second", "Ready under op-b", LONG, Some(&b), is_ready).await;
@@ -489,7 +489,7 @@ async fn status_reports_what_a_real_server_at_the_pod_address_says() {
         &api,
         md_json(
             "ocr",
-            json!({"model": {"uri": "s3://b/m.onnx", "sha256": "a".repeat(64)}}),
+            json!({"model": {"uri": "s3://models/m.onnx", "sha256": "a".repeat(64)}}),
         ),
     )
     .await;
@@ -614,7 +614,7 @@ async fn reconcile_spans_are_exported_over_otlp() {
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     create_md(
         &api,
-        md_json("traced", json!({"model": {"uri": "s3://b/m.onnx"}})),
+        md_json("traced", json!({"model": {"uri": "s3://models/m.onnx"}})),
     )
     .await;
     wait_md(&api, "traced", "Ready", LONG, Some(&op), is_ready).await;
@@ -668,7 +668,7 @@ async fn kustomize_install_grants_the_operator_enough_and_it_never_writes_spec()
         &api,
         md_json(
             "rbac",
-            json!({"model": {"uri": "s3://b/m.onnx"}, "replicas": 2,
+            json!({"model": {"uri": "s3://models/m.onnx"}, "replicas": 2,
         "autoscaling": {"minReplicas": 2, "maxReplicas": 3}}),
         ),
     )

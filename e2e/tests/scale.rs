@@ -27,7 +27,7 @@ async fn two_hundred_model_deployments_all_reach_ready() {
         creates.push(tokio::spawn(async move {
             let md = json!({"apiVersion": "kubemaas.io/v1alpha1", "kind": "ModelDeployment",
                 "metadata": {"name": format!("m{i:03}")},
-                "spec": {"model": {"uri": "s3://b/m.onnx"}, "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}});
+                "spec": {"model": {"uri": "s3://models/m.onnx"}, "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}});
             create_md(&api, md).await;
         }));
     }

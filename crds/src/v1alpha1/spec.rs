@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, LocalObjectReference, ResourceRequirements, Toleration};
+use kube::core::Rule;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -94,16 +95,32 @@ fn default_startup_timeout() -> i32 {
 
 /// The model artifact.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("!has(self.cache) || has(self.sha256)")
+    .message("model.cache needs model.sha256: the cache is keyed by the pinned digest, so an unpinned artifact can be neither found in it nor verified against it; set sha256 (sha256sum model.onnx) or remove cache")
+    .field_path(".cache"))]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSource {
-    /// Where to download the ONNX file from: `s3://bucket/key`, `gs://bucket/object`,
-    /// `http(s)://...`, `pvc://<claim>/<path>` or `hf://<repo>/<file>`.
-    #[x_kube(validation = Rule::new("self.matches('^(s3://[^/]+/.+|gs://[^/]+/.+|https?://.+|pvc://[^/]+/.+|hf://.+/.+)$')")
-        .message("uri must be s3://bucket/key, gs://bucket/object, http(s)://..., pvc://<claim>/<path> or hf://<repo>/<file>"))]
+    /// Where `kubemaas-server pull` downloads the model from. One file (the ONNX model):
+    /// `s3://<bucket>/<key>`, `gs://<bucket>/<object>`, `http(s)://<host>/<path>`,
+    /// `hf://<org>/<repo>/<file>[@<revision>]` or `pvc://<claim>/<path>` (read from that
+    /// PersistentVolumeClaim, mounted read-only). A directory (`model.onnx` plus its external-data
+    /// files): `s3://<bucket>/<prefix>/`, `gs://<bucket>/<prefix>/`, `hf://<org>/<repo>` (the whole
+    /// repository), `hf://<org>/<repo>/<dir>/[@<revision>]` or `pvc://<claim>/<dir>/`; a directory
+    /// URI ends in `/`, except a whole Hugging Face repository. `@<revision>` (branch, tag or
+    /// commit; default `main`) is for `hf://` only. Bucket names follow the S3 and GCS naming rules,
+    /// the claim is a DNS-1123 name; `.` and `..` path components, empty components (`//`) and
+    /// backslashes are refused.
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = uri_shape_rule())]
+    #[x_kube(validation = uri_names_rule())]
+    #[x_kube(validation = Rule::new("!self.contains('\\\\') && !self.matches('[[:cntrl:]]')")
+        .message("uri must not contain backslashes or control characters: separate path components with '/'"))]
+    #[x_kube(validation = uri_empty_component_rule())]
+    #[x_kube(validation = uri_dot_component_rule())]
     pub uri: String,
 
     /// Expected SHA-256 of the artifact, 64 lower-case hex characters; the pod refuses to serve a
-    /// file that does not match.
+    /// file that does not match (status: ModelLoaded=False, reason ChecksumMismatch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^[a-f0-9]{64}$')")
         .message("sha256 must be 64 lower-case hexadecimal characters"))]
@@ -120,14 +137,123 @@ pub struct ModelSource {
     #[x_kube(validation = Rule::new("self.matches('^[1-9][0-9]{0,8}$')").message("model.version must be a positive integer such as \"1\""))]
     pub version: String,
 
-    /// Secret with download credentials (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, HF_TOKEN);
-    /// only the download init container sees it.
+    /// Secret with download credentials; only the download init container sees it, never the
+    /// serving container. Keys that are environment variable names (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`, `HF_TOKEN`, ...) become its
+    /// environment; the Secret is also mounted read-only there as files, so the keys `credentials`
+    /// (an AWS shared credentials file), `service-account.json` (a GCS service account key) and
+    /// `token` (a bearer token for http(s):// and the Hugging Face token) are used when present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
+
+    /// Allow `http(s)://` and `hf://` hosts that resolve to private addresses (10.0.0.0/8,
+    /// 172.16.0.0/12, 192.168.0.0/16, loopback, fc00::/7), e.g. an on-premises model store. Refused
+    /// by default (status: ModelLoaded=False, reason AddressRefused); link-local and cloud metadata
+    /// addresses are refused even when this is true. `s3://`, `gs://` and `pvc://` are not affected.
+    #[serde(default)]
+    pub allow_private_addresses: bool,
+
+    /// Largest artifact the download accepts, in bytes (for a directory, all its files together);
+    /// a larger one fails the download (status: ModelLoaded=False, reason ArtifactTooLarge).
+    /// Unlimited when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("model.maxBytes must be at least 1"))]
+    pub max_bytes: Option<i64>,
+
+    /// A shared artifact cache: an existing ReadWriteMany PersistentVolumeClaim, keyed by
+    /// `sha256` (required with it). A pod whose artifact is in the cache copies it from there (and
+    /// verifies it again) instead of downloading; a pod that downloads stores it there. Only the
+    /// download init container mounts it (read-write, at /cache).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<ArtifactCache>,
+}
+
+/// A PersistentVolumeClaim shared by the model's pods as a sha256-keyed artifact cache.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ArtifactCache {
+    /// Name of an existing ReadWriteMany PersistentVolumeClaim in the ModelDeployment's namespace.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$') && size(self) <= 253")
+        .message("cache.claimName must be a PersistentVolumeClaim name: lower-case letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"))]
+    pub claim_name: String,
 }
 
 fn default_version() -> String {
     "1".into()
+}
+
+// The model URI, checked at admission to accept exactly what `kubemaas-server pull` fetches. The
+// regular expressions are RE2 (the apiserver) and Rust `regex` (client-side validation, tests);
+// they use `[.]` rather than `\.` so that the rules read the same in Rust, YAML and CEL.
+
+/// An S3 bucket: 3-63 lower-case letters, digits, `.` and `-`, starting and ending with a letter
+/// or digit (the remaining S3 rules are in [`uri_names_rule`]).
+const S3_BUCKET: &str = "[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]";
+/// A GCS bucket: lower-case letters, digits, `-`, `_` and `.`, starting and ending with a letter
+/// or digit, 3-222 characters (at most 63 between dots: [`uri_names_rule`]).
+const GCS_BUCKET: &str = "[a-z0-9][a-z0-9_.-]{1,220}[a-z0-9]";
+/// A host name, IPv4 or bracketed IPv6 address, with an optional port; no user information.
+const HTTP_AUTHORITY: &str = r"([A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?|\\[[0-9A-Fa-f:.]+\\])(:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?";
+/// A Hugging Face user, organisation or repository name.
+const HF_NAME: &str = "[A-Za-z0-9]([A-Za-z0-9_.-]{0,94}[A-Za-z0-9])?";
+/// A Hugging Face revision: a branch, tag or commit (branches may contain `/`).
+const HF_REVISION: &str = "[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*";
+/// A PersistentVolumeClaim name (DNS-1123 subdomain; its length is in [`uri_names_rule`]).
+const CLAIM: &str = "[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*";
+/// Where a URI's path starts, for the path rules: after the authority (before any query) for
+/// http(s), right after the scheme for the others (their keys may contain `?` and `#`).
+const PATH_PREFIX: &str = "^(https?://[^?#]*|(s3|gs|hf|pvc)://.*)";
+
+/// Scheme and shape: what each scheme's `pull` accepts.
+fn uri_shape_rule() -> Rule {
+    let shape = format!(
+        "^(s3://{S3_BUCKET}/.+|gs://{GCS_BUCKET}/.+|https?://{HTTP_AUTHORITY}/[^?#]*[^/?#]([?#].*)?|hf://{HF_NAME}/{HF_NAME}(/[^@]*)?(@{HF_REVISION})?|pvc://{CLAIM}/.+)$"
+    );
+    Rule::new(format!("self.matches('{shape}')")).message(
+        "uri must be s3://<bucket>/<key>, gs://<bucket>/<object>, http(s)://<host>/<path to a file>, \
+         hf://<org>/<repo>[/<path>][@<revision>] or pvc://<claim>/<path>; a directory (model.onnx and its \
+         external data) is s3://<bucket>/<prefix>/, gs://<bucket>/<prefix>/, hf://<org>/<repo>[/<dir>/] or \
+         pvc://<claim>/<dir>/ (bucket and claim names are lower-case; no user:password@ in URLs)",
+    )
+}
+
+/// The naming rules of S3 and GCS buckets and of claims that the shape cannot express.
+fn uri_names_rule() -> Rule {
+    Rule::new(
+        "!self.matches('^(s3|gs)://[^/]*[.][.]') \
+         && !self.matches('^(s3|gs)://[0-9]+[.][0-9]+[.][0-9]+[.][0-9]+/') \
+         && !self.matches('^s3://(xn--|sthree-|amzn-s3-demo-)') \
+         && !self.matches('^s3://[^/]*(-s3alias|--ol-s3|[.]mrap|--x-s3|--table-s3)/') \
+         && !self.matches('^gs://[^/]*[a-z0-9_-]{64}') \
+         && !self.matches('^gs://(goog|[^/]*g[o0][o0]gle)') \
+         && !self.matches('^pvc://[^/]{254}')",
+    )
+    .message(
+        "uri names an invalid bucket or claim: an s3:// bucket has no '..', is not an IP address and has no \
+         reserved prefix (xn--, sthree-, amzn-s3-demo-) or suffix (-s3alias, --ol-s3, .mrap, --x-s3, --table-s3); \
+         a gs:// bucket has no '..', at most 63 characters between dots, is not an IP address, does not start \
+         with 'goog' or contain 'google'; a pvc:// claim has at most 253 characters",
+    )
+}
+
+/// Empty path components (`//`), which `pull` refuses.
+fn uri_empty_component_rule() -> Rule {
+    Rule::new(format!("!self.matches('{PATH_PREFIX}//')")).message(
+        "uri must not contain empty path components ('//'): remove the extra '/' (an absolute path inside the \
+         bucket, repository or claim is written without its leading '/')",
+    )
+}
+
+/// `.` and `..` path components (also percent-encoded, also as a Hugging Face revision), which
+/// `pull` refuses rather than resolve.
+fn uri_dot_component_rule() -> Rule {
+    Rule::new(format!(
+        "!self.matches('{PATH_PREFIX}[/@]([.]|%2[eE]){{1,2}}([/@?#]|$)')"
+    ))
+    .message(
+        "uri must not contain '.' or '..' path components: write the artifact's real path inside the bucket, \
+         repository or claim (pull never resolves them)",
+    )
 }
 
 /// A Secret in the same namespace.
