@@ -152,6 +152,24 @@ pub struct LoadedModel {
     pub slots: Semaphore,
     /// Time to load and warm up.
     pub load_time: Duration,
+    /// What `kubemaas-server pull` recorded about the artifact (`kubemaas-pull.json` beside the
+    /// model): uri, sha256, bytes, files, seconds. None when the model was not pulled.
+    pub artifact: Option<serde_json::Value>,
+}
+
+/// Reads the pull record in a model's version directory; a malformed one is logged and ignored.
+pub fn read_pull_record(model_file: &Path) -> Option<serde_json::Value> {
+    let path = model_file
+        .parent()?
+        .join(kubemaas_crds::artifact::PULL_RECORD_FILE);
+    let text = std::fs::read_to_string(&path).ok()?;
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) if v.is_object() => Some(v),
+        _ => {
+            tracing::warn!(path = %path.display(), "ignoring a malformed pull record");
+            None
+        }
+    }
 }
 
 /// State of a model version.
@@ -379,6 +397,7 @@ pub fn load_and_warm(
         backend,
         slots,
         load_time,
+        artifact: read_pull_record(&source.path),
     })
 }
 

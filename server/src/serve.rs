@@ -92,9 +92,6 @@ pub struct ServeArgs {
     pub termination_log: PathBuf,
 }
 
-/// Exit code when a model fails to load and --exit-on-load-failure is set.
-pub const EXIT_LOAD_FAILED: i32 = 4;
-
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -242,7 +239,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
                         let message = format!("model {} version {}: {e}", source.name, source.version);
                         // Best effort: the file only exists inside Kubernetes.
                         let _ = std::fs::write(&termination_log, &message);
-                        std::process::exit(EXIT_LOAD_FAILED);
+                        std::process::exit(i32::from(kubemaas_crds::artifact::exit::LOAD_FAILED));
                     }
                     loader_repo.set_state(&source.name, source.version, ModelState::Failed(e));
                 }

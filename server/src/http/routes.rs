@@ -227,6 +227,7 @@ fn model_metadata(
         &versions,
         model.backend.signature(),
         model.backend.execution_provider(),
+        model.artifact.as_ref(),
     );
     Ok(json_response(StatusCode::OK, &meta))
 }

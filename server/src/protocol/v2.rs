@@ -352,14 +352,26 @@ fn specs_json(specs: &[TensorSpec]) -> Value {
 }
 
 /// Model metadata (`GET /v2/models/{m}[/versions/{v}]`).
-pub fn model_metadata(name: &str, versions: &[u64], sig: &Signature, execution_provider: &str) -> Value {
+/// `parameters.artifact` carries the pull record (uri, sha256, bytes, files, seconds) when the
+/// model was fetched by `kubemaas-server pull`; the operator copies it into `status.model`.
+pub fn model_metadata(
+    name: &str,
+    versions: &[u64],
+    sig: &Signature,
+    execution_provider: &str,
+    artifact: Option<&Value>,
+) -> Value {
+    let mut parameters = serde_json::json!({"execution_provider": execution_provider});
+    if let Some(a) = artifact {
+        parameters["artifact"] = a.clone();
+    }
     serde_json::json!({
         "name": name,
         "versions": versions.iter().map(u64::to_string).collect::<Vec<_>>(),
         "platform": "onnxruntime_onnx",
         "inputs": specs_json(&sig.inputs),
         "outputs": specs_json(&sig.outputs),
-        "parameters": {"execution_provider": execution_provider},
+        "parameters": parameters,
     })
 }
 

@@ -187,8 +187,22 @@ impl HttpFetcher {
                 )));
             }
             s => {
+                let html = headers
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("html"));
                 let text = resp.text().await.unwrap_or_default();
-                let detail: String = text.chars().take(200).collect();
+                // A short plain or JSON answer says why; an HTML error page does not.
+                let detail: String = if html || text.trim_start().starts_with('<') {
+                    String::new()
+                } else {
+                    text.lines()
+                        .find(|l| !l.trim().is_empty())
+                        .unwrap_or("")
+                        .chars()
+                        .take(200)
+                        .collect()
+                };
                 return Err(status_error(s, &final_url, detail.trim()));
             }
         };

@@ -104,6 +104,7 @@ pub fn s3(bucket: &str, s: &StoreSettings<'_>) -> Result<Arc<dyn ObjectStore>, F
     }
     // A shared credentials file, when no key is in the environment: $AWS_SHARED_CREDENTIALS_FILE,
     // else `credentials` in --credentials-dir.
+    let mut has_file = false;
     if std::env::var("AWS_ACCESS_KEY_ID").is_err() {
         let file = std::env::var_os("AWS_SHARED_CREDENTIALS_FILE")
             .map(std::path::PathBuf::from)
@@ -119,10 +120,21 @@ pub fn s3(bucket: &str, s: &StoreSettings<'_>) -> Result<Arc<dyn ObjectStore>, F
                 ))
             })?;
             b = b.with_access_key_id(id).with_secret_access_key(secret);
+            has_file = true;
             if let Some(t) = token {
                 b = b.with_token(t);
             }
         }
+    }
+    let has_static = std::env::var("AWS_ACCESS_KEY_ID").is_ok()
+        || std::env::var("AWS_WEB_IDENTITY_TOKEN_FILE").is_ok()
+        || std::env::var("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI").is_ok()
+        || std::env::var("AWS_CONTAINER_CREDENTIALS_FULL_URI").is_ok()
+        || has_file;
+    if endpoint.is_some() && !has_static {
+        // An S3-compatible store has no instance metadata service to ask: without credentials
+        // the requests go unsigned (a public bucket) instead of probing 169.254.169.254.
+        b = b.with_skip_signature(true);
     }
     b.build()
         .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
