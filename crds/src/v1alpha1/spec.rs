@@ -119,8 +119,10 @@ pub struct ModelSource {
     #[x_kube(validation = uri_dot_component_rule())]
     pub uri: String,
 
-    /// Expected SHA-256 of the artifact, 64 lower-case hex characters; the pod refuses to serve a
-    /// file that does not match (status: ModelLoaded=False, reason ChecksumMismatch).
+    /// Expected SHA-256 of the artifact, 64 lower-case hex characters: of the file, or for a
+    /// directory of its manifest (the `sha256sum` lines `<hex>  <path>` of its files, sorted by
+    /// path). The pod refuses to serve an artifact that does not match (status: ModelLoaded=False,
+    /// reason ChecksumMismatch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^[a-f0-9]{64}$')")
         .message("sha256 must be 64 lower-case hexadecimal characters"))]
@@ -147,7 +149,8 @@ pub struct ModelSource {
     pub credentials_secret_ref: Option<SecretRef>,
 
     /// Allow `http(s)://` and `hf://` hosts that resolve to private addresses (10.0.0.0/8,
-    /// 172.16.0.0/12, 192.168.0.0/16, loopback, fc00::/7), e.g. an on-premises model store. Refused
+    /// 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, loopback, fc00::/7), e.g. an on-premises
+    /// model store. Refused
     /// by default (status: ModelLoaded=False, reason AddressRefused); link-local and cloud metadata
     /// addresses are refused even when this is true. `s3://`, `gs://` and `pvc://` are not affected.
     #[serde(default)]
