@@ -163,6 +163,7 @@ pub async fn download_entry<S: Source>(
     let mut validator: Option<String> = None;
     let mut failures = 0u32;
     let mut backoff = limits.backoff;
+    let mut total_counted = false;
     loop {
         let attempt = async {
             let opened =
@@ -191,6 +192,14 @@ pub async fn download_entry<S: Source>(
                 }
                 if body.validator.is_some() {
                     validator = body.validator.clone();
+                }
+                if entry.size.is_none()
+                    && !total_counted
+                    && let Some(t) = body.total
+                {
+                    // The listing did not know the size; the response does.
+                    progress.total.fetch_add(t, Ordering::Relaxed);
+                    total_counted = true;
                 }
                 let remaining = body.total.map(|t| t.saturating_sub(offset));
                 budget_check(limits, progress, remaining.unwrap_or(0))?;
