@@ -135,7 +135,7 @@ async fn run(m: ModelDeployment, ctx: Arc<Context>) -> Result<kube::runtime::con
 
 #[tokio::test]
 async fn no_op_reconcile_sends_no_request_at_all() {
-    let mut m = md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}));
+    let mut m = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}));
     let world = applied_world(&m);
     // The status the operator would have written last time.
     let now = Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap());
@@ -162,12 +162,12 @@ async fn no_op_reconcile_sends_no_request_at_all() {
 #[tokio::test]
 async fn first_reconcile_applies_children_then_patches_status_once() {
     let m = md(
-        serde_json::json!({"model": {"uri": "s3://b/m.onnx"}, "replicas": 2, "autoscaling": {"maxReplicas": 3}}),
+        serde_json::json!({"model": {"uri": "s3://models/m.onnx"}, "replicas": 2, "autoscaling": {"maxReplicas": 3}}),
     );
     let (client, log) = mock(|method, path| match method {
         "PATCH" if path.ends_with("/status") => (
             StatusCode::OK,
-            serde_json::to_string(&md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}))).unwrap(),
+            serde_json::to_string(&md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}))).unwrap(),
         ),
         "PATCH" => (StatusCode::OK, "{}".into()),
         _ => (StatusCode::CREATED, "{}".into()),
@@ -203,7 +203,7 @@ async fn first_reconcile_applies_children_then_patches_status_once() {
 
 #[tokio::test]
 async fn apply_conflict_is_an_error_that_names_the_child_and_is_retried() {
-    let m = md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}));
+    let m = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}));
     let (client, _log) = mock(|method, _| match method {
         "PATCH" => (StatusCode::CONFLICT, api_error(409, "Conflict")),
         _ => (StatusCode::CREATED, "{}".into()),
@@ -248,7 +248,7 @@ async fn apply_conflict_is_an_error_that_names_the_child_and_is_retried() {
 
 #[tokio::test]
 async fn server_error_on_status_patch_is_reported_not_panicked() {
-    let m = md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}));
+    let m = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}));
     let world = applied_world(&m);
     let (client, _log) = mock(|method, path| match (method, path.ends_with("/status")) {
         ("PATCH", true) => (
@@ -264,17 +264,17 @@ async fn server_error_on_status_patch_is_reported_not_panicked() {
 
 #[tokio::test]
 async fn hpa_already_gone_when_autoscaling_is_removed_is_not_an_error() {
-    let m = md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}));
+    let m = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}));
     let mut world = applied_world(&m);
     // The cache still shows an HPA that the apiserver has already deleted.
     let with_hpa =
-        md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"maxReplicas": 3}}));
+        md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}, "autoscaling": {"maxReplicas": 3}}));
     world.hpas.push(build::hpa(&with_hpa).unwrap());
     let (client, log) = mock(|method, _| match method {
         "DELETE" => (StatusCode::NOT_FOUND, api_error(404, "NotFound")),
         _ => (
             StatusCode::OK,
-            serde_json::to_string(&md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}))).unwrap(),
+            serde_json::to_string(&md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}))).unwrap(),
         ),
     });
     let (ctx, _keep) = context(client, world);

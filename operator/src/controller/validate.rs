@@ -45,7 +45,7 @@ mod tests {
 
     #[test]
     fn names_that_cannot_name_a_service_are_invalid() {
-        let mut m = md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}));
+        let mut m = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}));
         assert!(validate(&m).is_ok());
         for bad in ["1abc", "a.b", "Upper", "x-", &"a".repeat(64)] {
             m.metadata.name = Some(bad.into());

@@ -6,11 +6,13 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy,
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, HTTPGetAction,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretEnvSource, SecurityContext, Toleration, Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, SecretEnvSource, SecretVolumeSource, SecurityContext, Toleration,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kubemaas_crds::artifact::is_directory_uri;
 use kubemaas_crds::v1alpha1::{Accelerator, ModelDeployment};
 
 use super::{BuildConfig, MODELS_DIR, child_labels, child_meta, model_name, ports, selector_labels};
@@ -19,7 +21,14 @@ const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
 const GPU_TAINT: &str = "nvidia.com/gpu";
 const PROBE_PERIOD: i32 = 5;
 const PVC_MOUNT: &str = "/mnt/pvc";
+/// Where the credentials Secret is mounted as files (`credentials`, `service-account.json`,
+/// `token`), in the download init container only.
+pub const CREDENTIALS_MOUNT: &str = "/var/run/secrets/kubemaas/credentials";
+/// Where the shared artifact cache claim is mounted, in the download init container only.
+pub const CACHE_MOUNT: &str = "/cache";
 const NON_ROOT_UID: i64 = 65532;
+/// Name of the download init container (its failures become the `ModelLoaded` reason).
+pub const PULL_CONTAINER: &str = "model-pull";
 
 /// GPUs the pod asks for: `(resource name, count)`; none for CPU.
 fn gpu_request(md: &ModelDeployment) -> Option<(String, i32)> {
@@ -197,7 +206,13 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
         pull_mounts.push(mount("source", &format!("{PVC_MOUNT}/{claim}"), true));
     }
 
-    let target = format!("{MODELS_DIR}/{name}/{version}/model.onnx");
+    // A directory URI (a prefix, a whole Hugging Face repository) fills the version directory
+    // with model.onnx and its external-data files; a file URI becomes model.onnx in it.
+    let target = if is_directory_uri(&spec.model.uri) {
+        format!("{MODELS_DIR}/{name}/{version}")
+    } else {
+        format!("{MODELS_DIR}/{name}/{version}/model.onnx")
+    };
     let mut pull_args = vec!["pull".to_string(), spec.model.uri.clone(), target];
     if let Some(sha) = &spec.model.sha256 {
         pull_args.extend(["--sha256".into(), sha.clone()]);
@@ -208,13 +223,48 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
         "--pvc-root".into(),
         PVC_MOUNT.into(),
     ]);
+    if spec.model.allow_private_addresses {
+        pull_args.push("--allow-private-addresses".into());
+    }
+    if let Some(max) = spec.model.max_bytes {
+        pull_args.extend(["--max-bytes".into(), max.to_string()]);
+    }
+    if let Some(cache) = &spec.model.cache {
+        volumes.push(Volume {
+            name: "cache".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: cache.claim_name.clone(),
+                read_only: Some(false),
+            }),
+            ..Volume::default()
+        });
+        pull_mounts.push(mount("cache", CACHE_MOUNT, false));
+        pull_args.extend(["--cache-dir".into(), CACHE_MOUNT.into()]);
+    }
+    // Credentials reach only the download, never the serving container: env-style keys as its
+    // environment, file-style keys (credentials, service-account.json, token) as read-only files.
+    let credentials = spec.model.credentials_secret_ref.as_ref();
+    if let Some(secret) = credentials {
+        volumes.push(Volume {
+            name: "credentials".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.name.clone()),
+                // Owner and the pod's fsGroup (the non-root user's group) only.
+                default_mode: Some(0o440),
+                optional: Some(false),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        pull_mounts.push(mount("credentials", CREDENTIALS_MOUNT, true));
+        pull_args.extend(["--credentials-dir".into(), CREDENTIALS_MOUNT.into()]);
+    }
 
     let pull = Container {
-        name: "model-pull".into(),
+        name: PULL_CONTAINER.into(),
         image: Some(image.clone()),
         args: Some(pull_args),
-        // Credentials reach only the download, never the serving container.
-        env_from: spec.model.credentials_secret_ref.as_ref().map(|s| {
+        env_from: credentials.map(|s| {
             vec![EnvFromSource {
                 secret_ref: Some(SecretEnvSource {
                     name: s.name.clone(),
@@ -223,12 +273,15 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
                 ..EnvFromSource::default()
             }]
         }),
+        // `pull` streams each file to disk while hashing it and never holds the artifact in
+        // memory, so its footprint does not grow with the model: a small request keeps it
+        // schedulable next to the server, and the limit only bounds buffers and TLS.
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([
-                ("cpu".into(), Quantity("100m".into())),
-                ("memory".into(), Quantity("128Mi".into())),
+                ("cpu".into(), Quantity("50m".into())),
+                ("memory".into(), Quantity("64Mi".into())),
             ])),
-            limits: Some(BTreeMap::from([("memory".into(), Quantity("1Gi".into()))])),
+            limits: Some(BTreeMap::from([("memory".into(), Quantity("256Mi".into()))])),
             ..ResourceRequirements::default()
         }),
         security_context: Some(restricted()),
@@ -347,7 +400,7 @@ mod tests {
     #[test]
     fn cpu_deployment_pulls_then_serves_under_the_restricted_profile() {
         let m = md(
-            json!({"model": {"uri": "s3://b/resnet.onnx", "sha256": "a".repeat(64), "credentialsSecretRef": {"name": "s3-creds"}},
+            json!({"model": {"uri": "s3://models/resnet.onnx", "sha256": "a".repeat(64), "credentialsSecretRef": {"name": "s3-creds"}},
                           "replicas": 2}),
         );
         let d = deployment(&m, &BuildConfig::default());
@@ -358,7 +411,7 @@ mod tests {
         let args = init.args.as_ref().unwrap();
         assert_eq!(
             &args[..3],
-            ["pull", "s3://b/resnet.onnx", "/models/resnet/1/model.onnx"]
+            ["pull", "s3://models/resnet.onnx", "/models/resnet/1/model.onnx"]
         );
         assert!(
             args.windows(2)
@@ -376,6 +429,15 @@ mod tests {
         assert!(
             server.env_from.is_none(),
             "credentials must stay in the init container"
+        );
+        assert!(
+            !server
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.mount_path.starts_with("/var/run/secrets")),
+            "nor their files"
         );
         assert_eq!(server.image.as_deref(), Some("kubemaas/server:0.1.0"));
         let a = server.args.as_ref().unwrap();
@@ -420,7 +482,7 @@ mod tests {
 
     #[test]
     fn startup_probe_budget_is_startup_timeout_seconds() {
-        let m = md(json!({"model": {"uri": "s3://b/m.onnx"}, "startupTimeoutSeconds": 120}));
+        let m = md(json!({"model": {"uri": "s3://models/m.onnx"}, "startupTimeoutSeconds": 120}));
         let d = deployment(&m, &BuildConfig::default());
         let probe = pod(&d).containers[0].startup_probe.clone().unwrap();
         assert_eq!(
@@ -431,8 +493,10 @@ mod tests {
 
     #[test]
     fn deployment_requests_gpus_when_accelerator_is_cuda() {
-        let m = md(json!({"model": {"uri": "s3://b/m.onnx"}, "accelerator": "cuda",
-                          "gpu": {"count": 2, "product": "NVIDIA-H100-80GB-HBM3"}}));
+        let m = md(
+            json!({"model": {"uri": "s3://models/m.onnx"}, "accelerator": "cuda",
+                          "gpu": {"count": 2, "product": "NVIDIA-H100-80GB-HBM3"}}),
+        );
         let d = deployment(&m, &BuildConfig::default());
         let p = pod(&d);
         let server = &p.containers[0];
@@ -462,8 +526,10 @@ mod tests {
 
     #[test]
     fn mig_resource_name_is_requested_as_is() {
-        let m = md(json!({"model": {"uri": "s3://b/m.onnx"}, "accelerator": "cuda",
-                          "gpu": {"resourceName": "nvidia.com/mig-1g.10gb"}}));
+        let m = md(
+            json!({"model": {"uri": "s3://models/m.onnx"}, "accelerator": "cuda",
+                          "gpu": {"resourceName": "nvidia.com/mig-1g.10gb"}}),
+        );
         let d = deployment(&m, &BuildConfig::default());
         let limits = pod(&d).containers[0].resources.clone().unwrap().limits.unwrap();
         assert_eq!(limits["nvidia.com/mig-1g.10gb"].0, "1");
@@ -472,7 +538,7 @@ mod tests {
 
     #[test]
     fn auto_without_gpu_block_runs_the_cpu_image_and_lets_the_server_choose() {
-        let m = md(json!({"model": {"uri": "s3://b/m.onnx"}, "accelerator": "auto"}));
+        let m = md(json!({"model": {"uri": "s3://models/m.onnx"}, "accelerator": "auto"}));
         let d = deployment(&m, &BuildConfig::default());
         let server = &pod(&d).containers[0];
         assert_eq!(server.image.as_deref(), Some("kubemaas/server:0.1.0"));
@@ -488,17 +554,18 @@ mod tests {
 
     #[test]
     fn autoscaling_leaves_replicas_to_the_hpa() {
-        let m = md(json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"maxReplicas": 4}}));
+        let m = md(json!({"model": {"uri": "s3://models/m.onnx"}, "autoscaling": {"maxReplicas": 4}}));
         assert_eq!(deployment(&m, &BuildConfig::default()).spec.replicas, None);
     }
 
     #[test]
     fn intra_op_threads_derive_from_the_cpu_limit() {
-        let m = md(json!({"model": {"uri": "s3://b/m.onnx"}, "resources": {"limits": {"cpu": "2500m"}}}));
+        let m =
+            md(json!({"model": {"uri": "s3://models/m.onnx"}, "resources": {"limits": {"cpu": "2500m"}}}));
         let a = server_args(&m, &BuildConfig::default());
         assert!(a.windows(2).any(|w| w == ["--intra-op-threads", "3"]), "{a:?}");
         let m = md(
-            json!({"model": {"uri": "s3://b/m.onnx"}, "runtime": {"intraOpThreads": 4}, "resources": {"limits": {"cpu": "8"}}}),
+            json!({"model": {"uri": "s3://models/m.onnx"}, "runtime": {"intraOpThreads": 4}, "resources": {"limits": {"cpu": "8"}}}),
         );
         assert!(
             server_args(&m, &BuildConfig::default())
@@ -537,5 +604,204 @@ mod tests {
             .find(|v| v.name == "source")
             .unwrap();
         assert_eq!(pvc.persistent_volume_claim.as_ref().unwrap().claim_name, "models");
+    }
+
+    fn init(d: &Deployment) -> &Container {
+        &pod(d).init_containers.as_ref().unwrap()[0]
+    }
+
+    fn has_flag(args: &[String], flag: &str, value: &str) -> bool {
+        args.windows(2).any(|w| w[0] == flag && w[1] == value)
+    }
+
+    #[test]
+    fn a_directory_uri_is_pulled_into_the_version_directory_and_a_file_uri_into_model_onnx() {
+        for (uri, dest) in [
+            ("s3://models/embedder/2/", "/models/resnet/1"),
+            ("gs://models/embedder/", "/models/resnet/1"),
+            ("hf://org/repo", "/models/resnet/1"),
+            ("hf://org/repo/onnx/@v2", "/models/resnet/1"),
+            ("pvc://store/embedder/", "/models/resnet/1"),
+            ("s3://models/embedder/model.onnx", "/models/resnet/1/model.onnx"),
+            (
+                "hf://org/repo/onnx/model.onnx@main",
+                "/models/resnet/1/model.onnx",
+            ),
+            ("https://h.example.com/m.onnx", "/models/resnet/1/model.onnx"),
+        ] {
+            let d = deployment(&md(json!({"model": {"uri": uri}})), &BuildConfig::default());
+            let args = init(&d).args.clone().unwrap();
+            assert_eq!(&args[..3], ["pull", uri, dest], "{uri}");
+        }
+    }
+
+    #[test]
+    fn credentials_are_mounted_as_files_only_in_the_init_container_and_passed_as_credentials_dir() {
+        let m =
+            md(json!({"model": {"uri": "gs://models/m.onnx", "credentialsSecretRef": {"name": "gcs-key"}}}));
+        let d = deployment(&m, &BuildConfig::default());
+        let p = pod(&d);
+        let vol = p
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| {
+                v.secret
+                    .as_ref()
+                    .is_some_and(|s| s.secret_name.as_deref() == Some("gcs-key"))
+            })
+            .expect("a Secret volume");
+        let secret = vol.secret.as_ref().unwrap();
+        assert_eq!((secret.optional, secret.default_mode), (Some(false), Some(0o440)));
+        let pull = init(&d);
+        let m = pull
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == vol.name)
+            .expect("mounted in the init container");
+        assert_eq!(
+            (m.mount_path.as_str(), m.read_only),
+            ("/var/run/secrets/kubemaas/credentials", Some(true))
+        );
+        assert!(has_flag(
+            pull.args.as_ref().unwrap(),
+            "--credentials-dir",
+            "/var/run/secrets/kubemaas/credentials"
+        ));
+        assert_eq!(
+            pull.env_from.as_ref().unwrap()[0]
+                .secret_ref
+                .as_ref()
+                .unwrap()
+                .name,
+            "gcs-key",
+            "env-style keys still reach the download"
+        );
+        let server = &p.containers[0];
+        assert!(server.env_from.is_none() && server.env.is_none());
+        assert!(
+            !server
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.name == vol.name || m.mount_path.starts_with("/var/run/secrets")),
+            "the serving container must never see the credentials"
+        );
+        let plain = deployment(
+            &md(json!({"model": {"uri": "gs://models/m.onnx"}})),
+            &BuildConfig::default(),
+        );
+        assert!(
+            !init(&plain)
+                .args
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|a| a == "--credentials-dir")
+        );
+        assert!(
+            !pod(&plain)
+                .volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|v| v.secret.is_some())
+        );
+    }
+
+    #[test]
+    fn cache_claim_is_mounted_read_write_only_in_the_init_container_and_passed_as_cache_dir() {
+        let m = md(
+            json!({"model": {"uri": "s3://models/m.onnx", "sha256": "a".repeat(64),
+            "cache": {"claimName": "model-cache"}}}),
+        );
+        let d = deployment(&m, &BuildConfig::default());
+        let p = pod(&d);
+        let vol = p
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| {
+                v.persistent_volume_claim
+                    .as_ref()
+                    .is_some_and(|c| c.claim_name == "model-cache")
+            })
+            .expect("the cache claim as a volume");
+        assert_eq!(
+            vol.persistent_volume_claim.as_ref().unwrap().read_only,
+            Some(false)
+        );
+        let pull = init(&d);
+        let mount = pull
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == vol.name)
+            .unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            ("/cache", Some(false))
+        );
+        let args = pull.args.as_ref().unwrap();
+        assert!(has_flag(args, "--cache-dir", "/cache"));
+        assert!(has_flag(args, "--sha256", &"a".repeat(64)), "the cache key");
+        assert!(
+            !p.containers[0]
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.name == vol.name),
+            "the server never writes the cache"
+        );
+    }
+
+    #[test]
+    fn max_bytes_and_allow_private_addresses_become_pull_flags_only_when_set() {
+        let m = md(
+            json!({"model": {"uri": "http://10.0.0.5/m.onnx", "allowPrivateAddresses": true,
+            "maxBytes": 5_000_000_000_i64}}),
+        );
+        let d = deployment(&m, &BuildConfig::default());
+        let args = init(&d).args.clone().unwrap();
+        assert!(args.iter().any(|a| a == "--allow-private-addresses"), "{args:?}");
+        assert!(has_flag(&args, "--max-bytes", "5000000000"), "{args:?}");
+        let d = deployment(
+            &md(json!({"model": {"uri": "http://10.0.0.5/m.onnx"}})),
+            &BuildConfig::default(),
+        );
+        let args = init(&d).args.clone().unwrap();
+        for flag in [
+            "--allow-private-addresses",
+            "--max-bytes",
+            "--cache-dir",
+            "--credentials-dir",
+        ] {
+            assert!(
+                !args.iter().any(|a| a == flag),
+                "{flag} without its field: {args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn init_container_is_sized_for_streaming_whatever_the_model_size() {
+        let m =
+            md(json!({"model": {"uri": "s3://models/big/"}, "resources": {"limits": {"memory": "64Gi"}}}));
+        let d = deployment(&m, &BuildConfig::default());
+        let r = init(&d).resources.clone().unwrap();
+        let requests = r.requests.unwrap();
+        assert_eq!(
+            (requests["cpu"].0.as_str(), requests["memory"].0.as_str()),
+            ("50m", "64Mi")
+        );
+        assert_eq!(r.limits.unwrap()["memory"].0, "256Mi");
+        assert_eq!(init(&d).name, PULL_CONTAINER);
     }
 }

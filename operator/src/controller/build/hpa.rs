@@ -51,7 +51,7 @@ mod tests {
 
     #[test]
     fn hpa_targets_the_deployment_with_the_chosen_metric() {
-        let m = md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"},
+        let m = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"},
             "autoscaling": {"minReplicas": 2, "maxReplicas": 7, "metric": "memory", "target": 80}}));
         let spec = hpa(&m).unwrap().spec;
         assert_eq!((spec.min_replicas, spec.max_replicas), (Some(2), 7));
@@ -61,6 +61,6 @@ mod tests {
             (r.name.as_str(), r.target.average_utilization),
             ("memory", Some(80))
         );
-        assert!(hpa(&md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}))).is_none());
+        assert!(hpa(&md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}))).is_none());
     }
 }

@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use kubemaas_crds::v1alpha1::ModelDeployment;
 use serde::Serialize;
 
-pub use deployment::{deployment, server_args};
+pub use deployment::{PULL_CONTAINER, deployment, server_args};
 pub use hpa::hpa;
 pub use pdb::pdb;
 pub use service::service;
@@ -188,7 +188,7 @@ pub(crate) mod tests {
 
     #[test]
     fn children_are_owned_by_the_model_deployment_and_labelled() {
-        let m = md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}));
+        let m = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}));
         let c = children(&m, &BuildConfig::default());
         for meta in [&c.deployment.metadata, &c.service.metadata] {
             let owner = &meta.owner_references.as_ref().unwrap()[0];
@@ -206,10 +206,10 @@ pub(crate) mod tests {
 
     #[test]
     fn spec_hash_changes_with_content_only() {
-        let m = md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}));
+        let m = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}));
         let a = spec_hash(&deployment(&m, &BuildConfig::default()));
         assert_eq!(a, spec_hash(&deployment(&m, &BuildConfig::default())));
-        let m2 = md(serde_json::json!({"model": {"uri": "s3://b/other.onnx"}}));
+        let m2 = md(serde_json::json!({"model": {"uri": "s3://models/other.onnx"}}));
         assert_ne!(a, spec_hash(&deployment(&m2, &BuildConfig::default())));
     }
 }

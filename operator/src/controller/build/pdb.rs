@@ -36,14 +36,14 @@ mod tests {
 
     #[test]
     fn pdb_exists_only_with_more_than_one_replica() {
-        assert!(pdb(&md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}}))).is_none());
+        assert!(pdb(&md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}))).is_none());
         assert!(
             pdb(&md(
-                serde_json::json!({"model": {"uri": "s3://b/m.onnx"}, "replicas": 3})
+                serde_json::json!({"model": {"uri": "s3://models/m.onnx"}, "replicas": 3})
             ))
             .is_some()
         );
-        assert!(pdb(&md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}, "autoscaling": {"minReplicas": 2, "maxReplicas": 3}}))).is_some());
-        assert!(pdb(&md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}, "replicas": 5, "autoscaling": {"maxReplicas": 3}}))).is_none());
+        assert!(pdb(&md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}, "autoscaling": {"minReplicas": 2, "maxReplicas": 3}}))).is_some());
+        assert!(pdb(&md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}, "replicas": 5, "autoscaling": {"maxReplicas": 3}}))).is_none());
     }
 }

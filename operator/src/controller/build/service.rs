@@ -43,7 +43,7 @@ mod tests {
 
     #[test]
     fn service_exposes_http_grpc_and_metrics_by_name() {
-        let s = service(&md(serde_json::json!({"model": {"uri": "s3://b/m.onnx"}})));
+        let s = service(&md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}})));
         let spec = s.spec.unwrap();
         let ports: Vec<(String, i32)> = spec
             .ports
