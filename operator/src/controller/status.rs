@@ -2,20 +2,14 @@
 //! `ModelDeployment.status`. The reconcile patches it once, and only when it changed.
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
+use kubemaas_crds::artifact::exit;
 use kubemaas_crds::conditions::{self, reason};
 use kubemaas_crds::v1alpha1::{Endpoints, ModelDeployment, ModelDeploymentStatus, ModelStatus};
 
-use super::build::{model_name, ports, selector_string};
-
-/// Exit code of `kubemaas-server pull` when the download fails.
-pub const EXIT_DOWNLOAD_FAILED: i32 = 2;
-/// Exit code of `kubemaas-server pull` when the checksum does not match.
-pub const EXIT_CHECKSUM_MISMATCH: i32 = 3;
-/// Exit code of `kubemaas-server serve` when its model fails to load.
-pub const EXIT_LOAD_FAILED: i32 = 4;
+use super::build::{PULL_CONTAINER, model_name, ports, selector_string};
 
 /// What a serving pod reports about itself over HTTP (model metadata), when it could be asked.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -118,42 +112,59 @@ fn scheduled(pods: &[Pod], desired: i32) -> Cond {
     )
 }
 
+/// The `ModelLoaded=False` reason for an exit code of `kubemaas-server pull`. Codes outside the
+/// contract (killed, out of memory) are download failures too.
+fn pull_failure_reason(exit_code: i32) -> &'static str {
+    match u8::try_from(exit_code) {
+        Ok(exit::CHECKSUM_MISMATCH) => reason::CHECKSUM_MISMATCH,
+        Ok(exit::NOT_FOUND) => reason::ARTIFACT_NOT_FOUND,
+        Ok(exit::ACCESS_DENIED) => reason::ACCESS_DENIED,
+        Ok(exit::TOO_LARGE) => reason::ARTIFACT_TOO_LARGE,
+        Ok(exit::ADDRESS_REFUSED) => reason::ADDRESS_REFUSED,
+        _ => reason::DOWNLOAD_FAILED,
+    }
+}
+
+/// The download's failure, if it is failing *now*: terminated non-zero, or waiting to be
+/// restarted after a non-zero exit (CrashLoopBackOff, PodInitializing). Once a retry completed
+/// (exit 0) or runs, the kubelet's lastState is history, not the pod's state.
+fn current_pull_failure(s: &ContainerStatus) -> Option<ContainerStateTerminated> {
+    let state = s.state.as_ref()?;
+    if let Some(t) = &state.terminated {
+        return (t.exit_code != 0).then(|| t.clone());
+    }
+    state.waiting.as_ref()?;
+    s.last_state
+        .as_ref()?
+        .terminated
+        .clone()
+        .filter(|t| t.exit_code != 0)
+}
+
 fn model_loaded(pods: &[Pod], ready: i32) -> Cond {
     // Failures first: one failing pod is news even while others serve.
     for pod in pods {
-        for s in statuses(pod, true) {
-            let term = s
-                .state
-                .as_ref()
-                .and_then(|st| st.terminated.clone())
-                .filter(|t| t.exit_code != 0)
-                .or_else(|| {
-                    s.last_state
-                        .as_ref()
-                        .and_then(|st| st.terminated.clone())
-                        .filter(|t| t.exit_code != 0)
-                });
-            if let Some(t) = term {
-                let why = t
-                    .message
-                    .clone()
-                    .unwrap_or_else(|| format!("exit code {}", t.exit_code));
-                let r = if t.exit_code == EXIT_CHECKSUM_MISMATCH {
-                    reason::CHECKSUM_MISMATCH
-                } else {
-                    reason::DOWNLOAD_FAILED
-                };
-                return cond(
-                    conditions::MODEL_LOADED,
-                    Some(false),
-                    r,
-                    format!("pod {}: {}", pod.name_any(), why.trim()),
-                );
-            }
+        let pull = statuses(pod, true).into_iter().find(|s| s.name == PULL_CONTAINER);
+        if let Some(t) = pull.as_ref().and_then(current_pull_failure) {
+            // The termination message is what pull wrote to /dev/termination-log.
+            let why = match t.message.as_deref().map(str::trim) {
+                Some(m) if !m.is_empty() => m.to_string(),
+                _ => format!(
+                    "{PULL_CONTAINER} exited with code {}{}",
+                    t.exit_code,
+                    t.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                ),
+            };
+            return cond(
+                conditions::MODEL_LOADED,
+                Some(false),
+                pull_failure_reason(t.exit_code),
+                format!("pod {}: {why}", pod.name_any()),
+            );
         }
         for s in statuses(pod, false) {
             if let Some(t) = s.last_state.as_ref().and_then(|st| st.terminated.clone()) {
-                if t.exit_code == EXIT_LOAD_FAILED {
+                if t.exit_code == i32::from(exit::LOAD_FAILED) {
                     let why = t
                         .message
                         .clone()
@@ -457,7 +468,7 @@ mod tests {
     }
 
     fn spec() -> ModelDeployment {
-        md(json!({"model": {"uri": "s3://b/m.onnx"}, "replicas": 2}))
+        md(json!({"model": {"uri": "s3://models/m.onnx"}, "replicas": 2}))
     }
 
     #[test]
@@ -486,32 +497,128 @@ mod tests {
         assert_eq!(get(&s, "Ready").status, "False");
     }
 
+    /// A pod whose download init container is in `state`, after `last`.
+    fn pulling(state: serde_json::Value, last: serde_json::Value) -> Pod {
+        pod(
+            json!({"spec": {"nodeName": "n1", "containers": [{"name": "server"}]}, "status": {"initContainerStatuses": [{"name": "model-pull", "image": "i", "imageID": "", "ready": false, "restartCount": 1,
+            "state": state, "lastState": last}],
+            "containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "PodInitializing"}}}]}}),
+        )
+    }
+
+    fn failed(code: u8, message: &str) -> serde_json::Value {
+        json!({"terminated": {"exitCode": code, "reason": "Error", "message": message}})
+    }
+
+    fn model_loaded_of(p: Pod) -> (String, String, String) {
+        let d = deployment(1, 0, 1);
+        let s = compute(
+            &spec(),
+            &Observed {
+                deployment: Some(&d),
+                pods: &[p],
+                probed: None,
+            },
+            &now(),
+        );
+        let c = get(&s, "ModelLoaded");
+        (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
     #[test]
-    fn init_container_failure_is_download_failed_or_checksum_mismatch() {
-        for (code, want) in [
-            (EXIT_DOWNLOAD_FAILED, "DownloadFailed"),
-            (EXIT_CHECKSUM_MISMATCH, "ChecksumMismatch"),
+    fn every_pull_exit_code_becomes_its_model_loaded_reason_with_the_termination_message() {
+        for (code, want, message) in [
+            (
+                exit::DOWNLOAD_FAILED,
+                "DownloadFailed",
+                "failed to download s3://models/m.onnx: connection reset (5 retries)",
+            ),
+            (
+                exit::CHECKSUM_MISMATCH,
+                "ChecksumMismatch",
+                "checksum mismatch for s3://models/m.onnx: expected sha256 aaaa, got bbbb",
+            ),
+            (
+                exit::NOT_FOUND,
+                "ArtifactNotFound",
+                "s3://models/m.onnx: no such object",
+            ),
+            (
+                exit::ACCESS_DENIED,
+                "AccessDenied",
+                "s3://models/m.onnx: 403 Forbidden (InvalidAccessKeyId)",
+            ),
+            (
+                exit::TOO_LARGE,
+                "ArtifactTooLarge",
+                "s3://models/m.onnx is 9000000000 bytes, more than --max-bytes 1000",
+            ),
+            (
+                exit::ADDRESS_REFUSED,
+                "AddressRefused",
+                "models.example.com resolves to 169.254.169.254, a refused address",
+            ),
         ] {
-            let p = pod(
-                json!({"spec": {"nodeName": "n1", "containers": [{"name": "server"}]}, "status": {"initContainerStatuses": [{"name": "model-pull", "image": "i", "imageID": "", "ready": false, "restartCount": 1,
-                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}},
-                "lastState": {"terminated": {"exitCode": code, "reason": "Error", "message": "failed to download s3://b/m.onnx: 403 Forbidden"}}}]}}),
-            );
-            let d = deployment(1, 0, 1);
-            let s = compute(
-                &spec(),
-                &Observed {
-                    deployment: Some(&d),
-                    pods: &[p],
-                    probed: None,
-                },
-                &now(),
-            );
-            let c = get(&s, "ModelLoaded");
-            assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", want));
-            assert!(c.message.contains("403 Forbidden"));
-            assert_eq!(get(&s, "Degraded").reason, "CrashLoopBackOff");
+            // Failed just now, and waiting in back-off after that failure: both are current.
+            for p in [
+                pulling(failed(code, &format!("{message}\n")), json!({})),
+                pulling(
+                    json!({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}}),
+                    failed(code, message),
+                ),
+                pulling(
+                    json!({"waiting": {"reason": "PodInitializing"}}),
+                    failed(code, message),
+                ),
+            ] {
+                let (status, reason, shown) = model_loaded_of(p);
+                assert_eq!((status.as_str(), reason.as_str()), ("False", want), "exit {code}");
+                assert_eq!(shown, format!("pod resnet-abc: {message}"), "exit {code}");
+            }
         }
+    }
+
+    #[test]
+    fn an_exit_code_outside_the_contract_is_a_download_failure_named_by_its_code() {
+        let killed = json!({"terminated": {"exitCode": 137, "reason": "OOMKilled"}});
+        let (status, reason, shown) = model_loaded_of(pulling(killed, json!({})));
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "DownloadFailed"));
+        assert_eq!(
+            shown,
+            "pod resnet-abc: model-pull exited with code 137 (OOMKilled)"
+        );
+    }
+
+    #[test]
+    fn a_retry_in_progress_is_downloading_not_the_old_failure() {
+        let running = json!({"running": {"startedAt": "2026-01-01T00:00:00Z"}});
+        let (status, reason, _) =
+            model_loaded_of(pulling(running, failed(exit::ACCESS_DENIED, "403 Forbidden")));
+        assert_eq!((status.as_str(), reason.as_str()), ("Unknown", "Downloading"));
+    }
+
+    #[test]
+    fn a_failed_download_also_reports_the_crash_loop_as_degraded() {
+        let p = pulling(
+            json!({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}}),
+            failed(
+                exit::DOWNLOAD_FAILED,
+                "failed to download s3://models/m.onnx: 403 Forbidden",
+            ),
+        );
+        let d = deployment(1, 0, 1);
+        let s = compute(
+            &spec(),
+            &Observed {
+                deployment: Some(&d),
+                pods: &[p],
+                probed: None,
+            },
+            &now(),
+        );
+        assert_eq!(get(&s, "Degraded").reason, "CrashLoopBackOff");
+        assert!(get(&s, "ModelLoaded").message.contains("403 Forbidden"));
     }
 
     #[test]
@@ -712,5 +819,54 @@ mod tests {
             &now(),
         );
         assert_eq!(s.accelerator.as_deref(), Some("CUDAExecutionProvider"));
+    }
+
+    #[test]
+    fn a_download_failure_that_a_retry_fixed_does_not_stick() {
+        // The kubelet keeps the failed attempt in lastState after the retry completed.
+        let recovered = |ready: bool| {
+            pod(
+                json!({"spec": {"nodeName": "n1", "containers": [{"name": "server"}]}, "status": {
+                "initContainerStatuses": [{"name": "model-pull", "image": "i", "imageID": "", "ready": true, "restartCount": 1,
+                    "state": {"terminated": {"exitCode": 0, "reason": "Completed"}},
+                    "lastState": {"terminated": {"exitCode": 2, "reason": "Error", "message": "failed to download s3://models/m.onnx: connection reset"}}}],
+                "containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": ready, "restartCount": 0, "started": ready,
+                    "state": {"running": {}}}]}}),
+            )
+        };
+        let d = deployment(1, 0, 1);
+        let s = compute(
+            &spec(),
+            &Observed {
+                deployment: Some(&d),
+                pods: &[recovered(false)],
+                probed: None,
+            },
+            &now(),
+        );
+        let c = get(&s, "ModelLoaded");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("Unknown", "Loading"),
+            "{}",
+            c.message
+        );
+        let d = deployment(1, 1, 1);
+        let s = compute(
+            &spec(),
+            &Observed {
+                deployment: Some(&d),
+                pods: &[recovered(true)],
+                probed: None,
+            },
+            &now(),
+        );
+        let c = get(&s, "ModelLoaded");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "Loaded"),
+            "{}",
+            c.message
+        );
     }
 }
