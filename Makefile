@@ -33,7 +33,7 @@ test-rust: ## Unit and mocked-apiserver tests (the e2e crate needs a cluster: se
 	$(CARGO) test --workspace --exclude kubemaas-e2e
 
 test-python: build ## Integration tests: the real server binary, real models, real clients.
-	@eval "$$(bash $(SETUP) --test)"; export ORT_DYLIB_PATH KUBEMAAS_PERF_ANALYZER KUBEMAAS_PERF_ANALYZER_LIBS KUBEMAAS_HELM; \
+	@eval "$$(bash $(SETUP) --test)"; export ORT_DYLIB_PATH KUBEMAAS_PERF_ANALYZER KUBEMAAS_PERF_ANALYZER_LIBS KUBEMAAS_HELM KUBEMAAS_FAKE_GCS; \
 	$(PY) -m pytest tests -v -rs --durations=10
 
 e2e: ## End-to-end suite on a real control plane built from Go modules (first build is slow, then cached).

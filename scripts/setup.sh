@@ -98,6 +98,20 @@ if [ "${1:-}" = "--test" ]; then
     chmod +x "$HELM_DIR/helm"
     rm -rf "$tmp"
   fi
+  # fake-gcs-server (the GCS emulator the pull tests talk to), built once from its Go module.
+  FAKE_GCS_VERSION=v1.56.1
+  FAKE_GCS_DIR="$CACHE/fake-gcs-server/$FAKE_GCS_VERSION"
+  if [ ! -x "$FAKE_GCS_DIR/fake-gcs-server" ]; then
+    command -v go >/dev/null || { log "Go is needed to build fake-gcs-server (the pull tests' GCS emulator)"; exit 1; }
+    log "building fake-gcs-server $FAKE_GCS_VERSION from its Go module (a few minutes the first time)"
+    tmp="$(mktemp -d)"
+    (cd "$tmp" && GOBIN="$tmp" CGO_ENABLED=0 GOFLAGS=-mod=mod go install -trimpath -ldflags "-s -w" \
+      "github.com/fsouza/fake-gcs-server@$FAKE_GCS_VERSION" >&2)
+    mkdir -p "$FAKE_GCS_DIR"
+    mv "$tmp/fake-gcs-server" "$FAKE_GCS_DIR/fake-gcs-server"
+    rm -rf "$tmp"
+  fi
+  echo "KUBEMAAS_FAKE_GCS=$FAKE_GCS_DIR/fake-gcs-server"
   echo "KUBEMAAS_HELM=$HELM_DIR/helm"
   echo "KUBEMAAS_PERF_ANALYZER=$PA_DIR/perf_analyzer"
   echo "KUBEMAAS_PERF_ANALYZER_LIBS=$PA_DIR"

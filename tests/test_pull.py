@@ -1,78 +1,981 @@
-"""`kubemaas-server pull`: the init-container download with SHA-256 verification, against a real
-HTTP server on loopback; the pulled file is then served."""
+"""`kubemaas-server pull`, the model-download init container, against real stores on 127.0.0.1: moto's S3
+server with IAM authentication enforced, fake-gcs-server, HTTP/HTTPS file servers with a test CA and
+scripted failures, a fake Hugging Face Hub, and a PVC directory. Pulled models are then served by the
+real server and answer what ONNX Runtime answers in-process. The servers are in artifact_servers.py."""
 
-import hashlib
-import http.server
+import io
+import itertools
+import json
+import os
+import re
 import shutil
 import subprocess
-import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnxruntime as ort
 import pytest
+import requests
 
-from conftest import BINARY, MODELS
+from artifact_servers import FakeGcs, FakeHub, FileServer, MotoS3, TestCA, sha256_hex
+from conftest import BINARY, MODELS, Server
+
+MODEL = MODELS / "ocr-cls" / "1" / "model.onnx"
+RECORD = "kubemaas-pull.json"
+LOCAL = "--allow-private-addresses"  # every pull from 127.0.0.1 over http(s)/hf needs it
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def tree_sha256(root: Path) -> str:
+    """The directory digest of the contract: sha256 of `sha256sum`'s output for every file, sorted by
+    relative path in byte order (the pull record itself left out)."""
+    files = [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != RECORD]
+    lines = [f"{sha256_hex(p.read_bytes())}  {p.relative_to(root).as_posix()}\n"
+             for p in sorted(files, key=lambda p: p.relative_to(root).as_posix().encode())]
+    return sha256_hex("".join(lines).encode())
+
+
+def tree_sha256_coreutils(root: Path) -> str:
+    """The same digest from the shell pipeline the contract quotes."""
+    out = subprocess.run("find . -type f -printf '%P\\n' | LC_ALL=C sort | xargs -d '\\n' sha256sum | sha256sum",
+                         shell=True, cwd=root, capture_output=True, text=True, check=True, timeout=60)
+    return out.stdout.split()[0]
+
+
+def tree(root: Path) -> dict:
+    """{relative path: bytes} of every file below root, the pull record left out."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and p.relative_to(root).as_posix() != RECORD}
+
+
+@dataclass
+class Pull:
+    cmd: list
+    returncode: int
+    stdout: str
+    stderr: str
+    termination: str
+    seconds: float
+
+    @property
+    def record(self) -> dict:
+        lines = [line for line in self.stdout.splitlines() if line.strip()]
+        assert lines, f"no stdout at all\n{self.explain()}"
+        return json.loads(lines[-1])
+
+    def explain(self) -> str:
+        return (f"$ {' '.join(self.cmd)}\nexit {self.returncode} after {self.seconds:.1f}s\n"
+                f"termination log: {self.termination!r}\nstdout tail: {self.stdout[-1500:]}\n"
+                f"stderr tail:\n{self.stderr[-4000:]}")
+
+
+def assert_ok(p: Pull):
+    assert p.returncode == 0, p.explain()
+
+
+def assert_failed(p: Pull, code: int, dest: Path, *, mentions: str | None = None):
+    """Exit `code`, a message in the termination log, and nothing at DEST (nor a partial copy beside it)."""
+    assert p.returncode == code, p.explain()
+    assert not dest.exists() and not dest.is_symlink(), f"{dest} exists after a failed pull\n{p.explain()}"
+    if dest.parent.exists():
+        partial = [x.name for x in dest.parent.iterdir() if dest.name in x.name]
+        assert not partial, f"partial download left beside DEST: {partial}\n{p.explain()}"
+    assert p.termination.strip(), f"empty termination log\n{p.explain()}"
+    if mentions is not None:
+        assert re.search(mentions, p.termination, re.IGNORECASE), \
+            f"termination log does not mention {mentions!r}\n{p.explain()}"
+
+
+def no_network_prefix() -> list:
+    """`unshare --net`: a process in a fresh network namespace (loopback down) cannot reach any address,
+    so a test that provokes a connection to a refused address sends no packet anywhere if the guard
+    fails; it then sees a connection error (exit 2) instead of the refusal (exit 8)."""
+    try:
+        ok = subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10).returncode == 0
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        ok = False
+    assert ok, "the address-guard tests need `unshare --net` (util-linux, as root) to run without a network"
+    return ["unshare", "--net", "--"]
+
+
+def ort_outputs(model_path: Path, x: np.ndarray) -> dict:
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+
+
+def assert_serves_like_onnxruntime(repo: Path, name: str, reference_model: Path, log: Path, record=None):
+    """Serves `repo` with the real server and compares one KServe V2 inference on `name` with ONNX Runtime
+    running `reference_model` in-process. With `record` (the pull's final JSON line), the model metadata
+    must report it as `parameters.artifact` (what the operator copies into status.model)."""
+    s = Server(["--model-repository", str(repo)], log)
+    try:
+        index = s.wait_loaded()
+        assert [(m["name"], m["state"]) for m in index] == [(name, "READY")], index
+        if record is not None:
+            meta = requests.get(f"{s.url}/v2/models/{name}/versions/1", timeout=10).json()
+            assert meta["parameters"]["artifact"] == record, meta
+        x = np.random.default_rng(7).random((2, 3, 48, 192), dtype=np.float32)
+        body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+        r = requests.post(f"{s.url}/v2/models/{name}/infer", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        (want_name, want), = ort_outputs(reference_model, x).items()
+        out, = r.json()["outputs"]
+        assert out["name"] == want_name
+        np.testing.assert_allclose(np.array(out["data"], dtype=np.float32).reshape(out["shape"]), want,
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        assert s.stop() == 0, f"server exited non-zero; log at {log}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures
 
 
 @pytest.fixture(scope="module")
-def http_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("www")
-    shutil.copy(MODELS / "ocr-cls" / "1" / "model.onnx", root / "model.onnx")
-    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **kw)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+def model_bytes():
+    assert MODEL.exists(), f"{MODEL} missing: run scripts/setup.sh --test"
+    return MODEL.read_bytes()
 
 
-def pull(uri, dest, *extra, tmp):
-    return subprocess.run([str(BINARY), "pull", uri, str(dest), "--termination-log", str(tmp / "termination"), *extra],
-                          capture_output=True, text=True, timeout=120)
+@pytest.fixture(scope="module")
+def external_model(tmp_path_factory) -> Path:
+    """The bundled classifier saved with external data: model.onnx + model.onnx.data.
+
+    Its weights are Constant nodes holding float_data, which onnx never moves out (only raw_data
+    initializers are), so they become raw_data initializers first. Integer tensors stay inline
+    (int64_data): shape inference must read Reshape's shape, which it cannot from external data."""
+    out = tmp_path_factory.mktemp("external")
+    m = onnx.load(str(MODEL))
+    nodes = []
+    for n in m.graph.node:
+        if n.op_type == "Constant" and [a.name for a in n.attribute] == ["value"]:
+            arr = onnx.numpy_helper.to_array(n.attribute[0].t)
+            if arr.dtype.kind == "f":
+                m.graph.initializer.append(onnx.numpy_helper.from_array(arr, n.output[0]))
+            else:
+                m.graph.initializer.append(onnx.helper.make_tensor(
+                    n.output[0], onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), arr.shape, arr.ravel().tolist()))
+        else:
+            nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    onnx.save_model(m, str(out / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert (out / "model.onnx.data").stat().st_size > 5 * (out / "model.onnx").stat().st_size
+    return out
 
 
-def test_pull_over_http_verifies_sha256_and_the_file_serves(http_root, tmp_path):
-    root, base = http_root
-    digest = hashlib.sha256((root / "model.onnx").read_bytes()).hexdigest()
-    dest = tmp_path / "models" / "cls" / "1" / "model.onnx"
-    p = pull(f"{base}/model.onnx", dest, "--sha256", digest, tmp=tmp_path)
-    assert p.returncode == 0, p.stderr
-    assert hashlib.sha256(dest.read_bytes()).hexdigest() == digest
-    from conftest import Server
-    import requests
-    s = Server(["--model-repository", str(tmp_path / "models")], tmp_path / "server.log")
-    try:
-        assert s.wait_loaded()[0]["state"] == "READY"
-        assert requests.get(f"{s.url}/v2/models/cls").json()["inputs"][0]["name"] == "x"
-    finally:
-        assert s.stop() == 0
+@pytest.fixture(scope="module")
+def big_blob():
+    """11 MiB of incompressible bytes: three multipart parts of 5, 5 and 1 MiB."""
+    return np.random.default_rng(11).bytes(11 * 1024 * 1024)
 
 
-def test_checksum_mismatch_exits_3_and_leaves_no_file(http_root, tmp_path):
-    _, base = http_root
-    dest = tmp_path / "m.onnx"
-    p = pull(f"{base}/model.onnx", dest, "--sha256", "0" * 64, tmp=tmp_path)
-    assert p.returncode == 3, p.stderr
-    assert not dest.exists() and not dest.with_suffix(".partial").exists()
-    assert "checksum mismatch" in (tmp_path / "termination").read_text()
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory):
+    return TestCA(tmp_path_factory.mktemp("ca"))
 
 
-def test_http_404_exits_2_with_the_reason(http_root, tmp_path):
-    _, base = http_root
-    p = pull(f"{base}/missing.onnx", tmp_path / "m.onnx", tmp=tmp_path)
-    assert p.returncode == 2
-    assert "404" in (tmp_path / "termination").read_text()
+@pytest.fixture(scope="session")
+def metadata_trap():
+    """Where every cloud metadata endpoint variable points, so a credential chain that falls back to
+    instance metadata talks to 127.0.0.1 (and the test fails) instead of 169.254.169.254."""
+    with FileServer(name="metadata-trap") as trap:
+        yield trap
 
 
-def test_pvc_uri_copies_from_the_mounted_claim(http_root, tmp_path):
-    root, _ = http_root
-    # --pvc-root/<claim>/<path>, as the pod mounts it.
-    claim = tmp_path / "pvcs" / "claim"
-    claim.mkdir(parents=True)
-    shutil.copy(root / "model.onnx", claim / "model.onnx")
-    p = pull("pvc://claim/model.onnx", tmp_path / "m.onnx", "--pvc-root", str(tmp_path / "pvcs"), tmp=tmp_path)
-    assert p.returncode == 0, p.stderr
-    assert (tmp_path / "m.onnx").read_bytes() == (root / "model.onnx").read_bytes()
+@pytest.fixture(autouse=True)
+def nothing_asked_the_metadata_trap(metadata_trap):
+    metadata_trap.clear()
+    yield
+    asked = [(r.method, r.path) for r in metadata_trap.requests]
+    assert not asked, f"pull asked an instance-metadata endpoint: {asked}"
 
 
-def test_unsupported_scheme_exits_2_and_says_what_works(tmp_path):
-    p = pull("s3://bucket/model.onnx", tmp_path / "m.onnx", tmp=tmp_path)
-    assert p.returncode == 2
-    assert "use http:// or pvc://" in p.stderr
+@pytest.fixture
+def run_pull(tmp_path, metadata_trap):
+    """run_pull(uri, dest, *flags, env={}, timeout=120, network=True) -> Pull, with a clean environment:
+    no AWS/GCP/HF variables or proxies from the caller, a scratch HOME (no ~/.aws), metadata endpoints
+    pointed at the trap."""
+    logs = tmp_path / "termination-logs"
+    logs.mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
+    counter = itertools.count()
+    trap = f"127.0.0.1:{metadata_trap.port}"
+    drop = ("AWS_", "GOOGLE_", "GCE_", "HF_", "HUGGING", "STORAGE_EMULATOR_HOST")
+    proxies = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k.lower() not in proxies}
+    base.update({
+        "HOME": str(home),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_METADATA_ENDPOINT": f"http://{trap}",
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{trap}",
+        "GCE_METADATA_HOST": trap,
+        "GCE_METADATA_IP": trap,
+        "GCE_METADATA_ROOT": trap,
+        "NO_PROXY": "*",
+    })
+
+    def run(uri, dest, *flags, env=None, timeout=120, network=True) -> Pull:
+        term = logs / f"termination-{next(counter)}"
+        cmd = [str(BINARY), "pull", uri, str(dest), "--termination-log", str(term), *map(str, flags)]
+        if not network:
+            cmd = no_network_prefix() + cmd
+        e = dict(base)
+        e.update(env or {})
+        t = time.monotonic()
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, stdin=subprocess.DEVNULL)
+        took = time.monotonic() - t
+        return Pull(cmd, p.returncode, p.stdout, p.stderr, term.read_text() if term.exists() else "", took)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def s3(model_bytes, external_model, big_blob):
+    """moto S3 with IAM auth on; bucket `models` holding a single model, a model with external data, a
+    multipart object, and a prefix with a key that climbs out of it."""
+    from boto3.s3.transfer import TransferConfig
+
+    with MotoS3() as store:
+        c = store.client()
+        c.create_bucket(Bucket="models")
+        c.put_object(Bucket="models", Key="ocr/model.onnx", Body=model_bytes)
+        for f in ("model.onnx", "model.onnx.data"):
+            c.put_object(Bucket="models", Key=f"cls/{f}", Body=(external_model / f).read_bytes())
+        c.upload_fileobj(io.BytesIO(big_blob), "models", "big/weights.bin",
+                         Config=TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20,
+                                               use_threads=False))
+        c.put_object(Bucket="models", Key="evil/model.onnx", Body=model_bytes)
+        c.put_object(Bucket="models", Key="evil/../../escaped.txt", Body=b"outside")
+        yield store
+
+
+@pytest.fixture(scope="module")
+def gcs(model_bytes, external_model):
+    with FakeGcs() as store:
+        store.create_bucket("models")
+        store.upload("models", "ocr/model.onnx", model_bytes)
+        for f in ("model.onnx", "model.onnx.data"):
+            store.upload("models", f"cls/{f}", (external_model / f).read_bytes())
+        store.upload("models", "cls/extra/notes.txt", b"pulled from fake-gcs-server\n")
+        yield store
+
+
+@pytest.fixture
+def web(ca):
+    """An HTTPS file server (certificate from the test CA)."""
+    with FileServer(tls=ca, name="https") as s:
+        yield s
+
+
+@pytest.fixture
+def plain():
+    """A plain HTTP file server."""
+    with FileServer(name="http") as s:
+        yield s
+
+
+HUB_REPO = "kubemaas/ocr-cls"
+
+
+@pytest.fixture
+def hub(model_bytes, external_model):
+    """A fake Hub with a public repo (LFS files, a nested onnx/ directory, a refs/pr/1 revision), a
+    private repo, listings paginated two entries per page."""
+    files = {
+        "README.md": b"# ocr-cls\n",
+        "config.json": b'{"task": "text-direction"}\n',
+        "model.onnx": model_bytes,
+        "onnx/model.onnx": (external_model / "model.onnx").read_bytes(),
+        "onnx/model.onnx.data": (external_model / "model.onnx.data").read_bytes(),
+    }
+    with FakeHub(page_size=2) as h:
+        h.add_repo(HUB_REPO, files, lfs={"model.onnx", "onnx/model.onnx.data"})
+        h.add_repo(HUB_REPO, {"config.json": b'{"task": "from pull request 1"}\n', "model.onnx": model_bytes},
+                   revision="refs/pr/1", lfs={"model.onnx"})
+        h.add_repo("kubemaas/private", {"model.onnx": model_bytes}, private=True, lfs={"model.onnx"})
+        h.files = files
+        yield h
+
+
+def hub_env(hub, **extra):
+    return {"HF_ENDPOINT": hub.url, **extra}
+
+
+# --------------------------------------------------------------------------------------------------
+# S3 (moto, authentication enforced)
+
+
+def test_an_s3_object_pulled_with_its_sha256_serves_the_same_answers_as_onnxruntime(
+        s3, run_pull, tmp_path, model_bytes):
+    dest = tmp_path / "repo" / "ocr" / "1" / "model.onnx"
+    p = run_pull("s3://models/ocr/model.onnx", dest, "--sha256", sha256_hex(model_bytes), env=s3.env())
+    assert_ok(p)
+    assert dest.read_bytes() == model_bytes
+    assert_serves_like_onnxruntime(tmp_path / "repo", "ocr", MODEL, tmp_path / "server.log", record=p.record)
+
+
+def test_an_s3_prefix_with_external_data_is_pulled_served_and_matches_the_sha256sum_manifest(
+        s3, run_pull, tmp_path, external_model):
+    digest = tree_sha256(external_model)
+    assert digest == tree_sha256_coreutils(external_model)
+    dest = tmp_path / "repo" / "cls" / "1"
+    p = run_pull("s3://models/cls/", dest, "--sha256", digest, env=s3.env())
+    assert_ok(p)
+    assert tree(dest) == tree(external_model)
+    assert tree_sha256(dest) == digest
+    assert p.record["sha256"] == digest and p.record["files"] == 2
+    assert_serves_like_onnxruntime(tmp_path / "repo", "cls", MODEL, tmp_path / "server.log", record=p.record)
+
+
+def test_a_multipart_uploaded_s3_object_is_byte_identical_after_the_pull(s3, run_pull, tmp_path, big_blob):
+    etag = s3.client().head_object(Bucket="models", Key="big/weights.bin")["ETag"]
+    assert re.fullmatch(r'"[0-9a-f]{32}-3"', etag), f"not a 3-part multipart object: {etag}"
+    dest = tmp_path / "weights.bin"
+    p = run_pull("s3://models/big/weights.bin", dest, "--sha256", sha256_hex(big_blob), env=s3.env())
+    assert_ok(p)
+    assert dest.read_bytes() == big_blob
+    assert p.record["bytes"] == len(big_blob)
+
+
+@pytest.mark.parametrize("credentials", ["wrong secret key", "unknown access key id", "wrong session token"])
+def test_s3_credentials_the_store_rejects_exit_6(s3, run_pull, tmp_path, credentials):
+    if credentials == "wrong secret key":
+        env = s3.env(AWS_SECRET_ACCESS_KEY="wrong" + s3.secret_key[5:])
+    elif credentials == "unknown access key id":
+        env = s3.env(AWS_ACCESS_KEY_ID="AKIA" + "Z" * 16)
+    else:
+        env = s3.env(**s3.temporary_credentials())
+        env["AWS_SESSION_TOKEN"] = "not-the-token-sts-issued"
+    dest = tmp_path / "model.onnx"
+    assert_failed(run_pull("s3://models/ocr/model.onnx", dest, "--retries", 1, env=env), 6, dest)
+
+
+def test_s3_temporary_credentials_with_a_session_token_are_accepted(s3, run_pull, tmp_path, model_bytes):
+    dest = tmp_path / "model.onnx"
+    assert_ok(run_pull("s3://models/ocr/model.onnx", dest, env=s3.env(**s3.temporary_credentials())))
+    assert dest.read_bytes() == model_bytes
+
+
+def test_a_missing_s3_key_exits_5(s3, run_pull, tmp_path):
+    dest = tmp_path / "model.onnx"
+    assert_failed(run_pull("s3://models/ocr/missing.onnx", dest, env=s3.env()), 5, dest)
+
+
+def test_an_empty_s3_prefix_exits_5(s3, run_pull, tmp_path):
+    dest = tmp_path / "repo" / "none" / "1"
+    assert_failed(run_pull("s3://models/nothing-here/", dest, env=s3.env()), 5, dest)
+
+
+@pytest.mark.parametrize("uri", ["s3://models/ocr/model.onnx", "s3://models/cls/"])
+def test_an_s3_checksum_mismatch_exits_3_and_leaves_nothing_at_dest(s3, run_pull, tmp_path, uri):
+    dest = tmp_path / "repo" / "m" / "1"
+    dest = dest if uri.endswith("/") else dest / "model.onnx"
+    p = run_pull(uri, dest, "--sha256", "0" * 64, env=s3.env())
+    assert_failed(p, 3, dest, mentions="checksum|sha-?256")
+
+
+def test_s3_credentials_come_from_the_credentials_file_in_the_credentials_dir(s3, run_pull, tmp_path, model_bytes):
+    creds = tmp_path / "secret"
+    creds.mkdir()
+    (creds / "credentials").write_text(
+        f"[default]\naws_access_key_id = {s3.access_key}\naws_secret_access_key = {s3.secret_key}\n")
+    dest = tmp_path / "model.onnx"
+    env = s3.env(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None)
+    p = run_pull("s3://models/ocr/model.onnx", dest, "--credentials-dir", creds, env=env)
+    assert_ok(p)
+    assert dest.read_bytes() == model_bytes
+
+
+def test_s3_credentials_come_from_the_named_profile_of_a_shared_credentials_file(s3, run_pull, tmp_path, model_bytes):
+    shared = tmp_path / "aws-credentials"
+    shared.write_text(f"[default]\naws_access_key_id = AKIAZZZZZZZZZZZZZZZZ\naws_secret_access_key = nope\n\n"
+                      f"[models]\naws_access_key_id = {s3.access_key}\naws_secret_access_key = {s3.secret_key}\n")
+    env = s3.env(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None, AWS_SHARED_CREDENTIALS_FILE=str(shared),
+                 AWS_PROFILE="models")
+    dest = tmp_path / "model.onnx"
+    assert_ok(run_pull("s3://models/ocr/model.onnx", dest, env=env))
+    assert dest.read_bytes() == model_bytes
+
+
+def test_an_s3_prefix_listing_a_key_that_climbs_out_is_refused_and_writes_nothing_outside(s3, run_pull, tmp_path):
+    dest = tmp_path / "a" / "b" / "dest"
+    p = run_pull("s3://models/evil/", dest, env=s3.env())
+    assert_failed(p, 2, dest)
+    assert not [x for x in tmp_path.rglob("escaped.txt")], "a listed key with .. was written outside DEST"
+
+
+@pytest.mark.parametrize("uri", ["s3://models/ocr/../../etc/passwd", "s3://models//etc/passwd",
+                                 "gs://models/ocr/../../etc/passwd", "hf://kubemaas/ocr-cls/../../etc/passwd",
+                                 "pvc://claim/../../etc/passwd", "{plain}/models/../../etc/passwd"])
+def test_a_path_climbing_out_is_refused_before_any_request(run_pull, tmp_path, plain, uri):
+    """Every store endpoint points at a recording server: a refused URI never reaches it."""
+    uri = uri.format(plain=plain.url)
+    env = {"AWS_ENDPOINT_URL": plain.url, "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEEXAMPLE12", "AWS_SECRET_ACCESS_KEY": "x",
+           "AWS_REGION": "us-east-1", "STORAGE_EMULATOR_HOST": plain.url, "HF_ENDPOINT": plain.url}
+    pvcs = tmp_path / "pvcs"
+    (pvcs / "claim").mkdir(parents=True)
+    dest = tmp_path / "out" / "passwd"
+    p = run_pull(uri, dest, LOCAL, "--pvc-root", pvcs, "--retries", 0, env=env)
+    assert_failed(p, 2, dest)
+    assert plain.requests == [], [r.path for r in plain.requests]
+
+
+# --------------------------------------------------------------------------------------------------
+# GCS (fake-gcs-server through STORAGE_EMULATOR_HOST)
+
+
+def test_a_gcs_object_is_pulled_from_the_emulator(gcs, run_pull, tmp_path, model_bytes):
+    dest = tmp_path / "model.onnx"
+    p = run_pull("gs://models/ocr/model.onnx", dest, "--sha256", sha256_hex(model_bytes), env=gcs.env())
+    assert_ok(p)
+    assert dest.read_bytes() == model_bytes
+
+
+def test_a_gcs_prefix_is_pulled_into_a_directory_with_its_relative_paths(gcs, run_pull, tmp_path, external_model):
+    dest = tmp_path / "repo" / "cls" / "1"
+    p = run_pull("gs://models/cls/", dest, env=gcs.env())
+    assert_ok(p)
+    want = tree(external_model) | {"extra/notes.txt": b"pulled from fake-gcs-server\n"}
+    assert tree(dest) == want
+    assert p.record["files"] == 3 and p.record["sha256"] == tree_sha256(dest)
+
+
+def test_a_missing_gcs_object_exits_5(gcs, run_pull, tmp_path):
+    dest = tmp_path / "model.onnx"
+    assert_failed(run_pull("gs://models/ocr/missing.onnx", dest, env=gcs.env()), 5, dest)
+
+
+# --------------------------------------------------------------------------------------------------
+# HTTP and HTTPS
+
+
+def test_https_with_the_test_ca_in_ca_file_downloads_the_file(web, ca, run_pull, tmp_path, model_bytes):
+    web.route("/model.onnx", body=model_bytes)
+    dest = tmp_path / "model.onnx"
+    p = run_pull(web.url_for("/model.onnx"), dest, LOCAL, "--ca-file", ca.ca_file, "--sha256", sha256_hex(model_bytes))
+    assert_ok(p)
+    assert dest.read_bytes() == model_bytes
+
+
+def test_https_without_the_ca_file_fails_with_a_certificate_error(web, run_pull, tmp_path, model_bytes):
+    web.route("/model.onnx", body=model_bytes)
+    dest = tmp_path / "model.onnx"
+    p = run_pull(web.url_for("/model.onnx"), dest, LOCAL, "--retries", 0)
+    assert_failed(p, 2, dest, mentions="certificate")
+    assert web.gets("/model.onnx") == [], "a request went through an unverified TLS connection"
+
+
+def test_a_redirect_chain_is_followed_and_authorization_is_dropped_when_the_host_changes(
+        web, ca, run_pull, tmp_path, model_bytes):
+    with FileServer(tls=ca, name="other-host") as other:
+        other.route("/final/model.onnx", body=model_bytes)
+        web.route("/start", redirect="/hop")  # relative, same host
+        web.route("/hop", redirect=other.url_for("/final/model.onnx", host="localhost"), redirect_status=307)
+        token = tmp_path / "token"
+        token.write_text("chain-token\n")
+        dest = tmp_path / "model.onnx"
+        p = run_pull(web.url_for("/start"), dest, LOCAL, "--ca-file", ca.ca_file, "--bearer-token-file", token,
+                     "--resolve", "localhost=127.0.0.1")
+        assert_ok(p)
+        assert dest.read_bytes() == model_bytes
+        assert [r.header("authorization") for r in web.gets("/start") + web.gets("/hop")] == ["Bearer chain-token"] * 2
+        final = other.gets("/final/model.onnx")
+        assert final and all(r.header("authorization") is None for r in final), \
+            [r.header("authorization") for r in final]
+
+
+def test_a_redirect_from_https_to_plain_http_is_refused(web, plain, ca, run_pull, tmp_path, model_bytes):
+    plain.route("/model.onnx", body=model_bytes)
+    web.route("/model.onnx", redirect=plain.url_for("/model.onnx"))
+    dest = tmp_path / "model.onnx"
+    p = run_pull(web.url_for("/model.onnx"), dest, LOCAL, "--ca-file", ca.ca_file, "--retries", 0)
+    assert_failed(p, 2, dest)
+    assert plain.requests == []
+
+
+def test_more_than_ten_redirects_are_not_followed(plain, run_pull, tmp_path, model_bytes):
+    for i in range(15):
+        plain.route(f"/r{i}", redirect=f"/r{i + 1}")
+    plain.route("/r15", body=model_bytes)
+    dest = tmp_path / "model.onnx"
+    p = run_pull(plain.url_for("/r0"), dest, LOCAL, "--retries", 0)
+    assert_failed(p, 2, dest)
+    asked = {r.route for r in plain.requests}
+    assert "/r10" in asked and "/r11" not in asked, sorted(asked)
+
+
+def test_a_redirect_to_a_refused_address_is_refused_at_that_hop(plain, run_pull, tmp_path, model_bytes):
+    # 0.0.0.0 (unspecified) stays refused with --allow-private-addresses; on Linux it would reach this host.
+    plain.route("/model.onnx", redirect=f"http://0.0.0.0:{plain.port}/elsewhere.onnx")
+    plain.route("/elsewhere.onnx", body=model_bytes)
+    dest = tmp_path / "model.onnx"
+    p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--retries", 0)
+    assert_failed(p, 8, dest, mentions=r"0\.0\.0\.0")
+    assert plain.gets("/elsewhere.onnx") == []
+
+
+def test_a_dropped_connection_resumes_with_a_range_request(web, ca, run_pull, tmp_path):
+    body = np.random.default_rng(5).bytes(3 << 20)
+    cut = 1_000_000
+    route = web.route("/weights.bin", body=body, drop_after=cut)
+    dest = tmp_path / "weights.bin"
+    p = run_pull(web.url_for("/weights.bin"), dest, LOCAL, "--ca-file", ca.ca_file, "--retries", 3,
+                 "--sha256", sha256_hex(body))
+    assert_ok(p)
+    assert dest.read_bytes() == body
+    first, second, *rest = web.gets("/weights.bin")
+    assert first.header("range") is None and first.sent == cut
+    assert second.header("range") == f"bytes={cut}-", second.headers
+    assert second.header("if-range") == route.etag_value()
+    assert second.status == 206 and rest == []
+
+
+def test_a_resume_answered_with_200_restarts_from_zero(plain, run_pull, tmp_path):
+    body = np.random.default_rng(6).bytes(2 << 20)
+    plain.route("/weights.bin", body=body, drop_after=700_000, ranges=False)
+    dest = tmp_path / "weights.bin"
+    p = run_pull(plain.url_for("/weights.bin"), dest, LOCAL, "--retries", 3)
+    assert_ok(p)
+    assert dest.read_bytes() == body
+    gets = plain.gets("/weights.bin")
+    assert len(gets) == 2 and gets[1].status == 200, [(g.header("range"), g.status) for g in gets]
+    assert p.record["bytes"] == len(body)
+
+
+def test_an_object_changed_between_attempts_is_downloaded_again_from_zero(plain, run_pull, tmp_path):
+    """The retry carries If-Range with the first ETag; the server's content changed, so it answers 200
+    with the new content, which must replace (not extend) what the first attempt wrote."""
+    old, new = np.random.default_rng(9).bytes(2 << 20), np.random.default_rng(10).bytes(2 << 20)
+    route = plain.route("/weights.bin", body=old, drop_after=600_000, changed_body=new)
+    dest = tmp_path / "weights.bin"
+    p = run_pull(plain.url_for("/weights.bin"), dest, LOCAL, "--retries", 3, "--sha256", sha256_hex(new))
+    assert_ok(p)
+    assert dest.read_bytes() == new
+    first, second = plain.gets("/weights.bin")
+    assert second.header("if-range") == route.etag_value(old) and second.status == 200
+
+
+@pytest.mark.parametrize("status,code", [(404, 5), (403, 6), (401, 6)])
+def test_an_http_client_error_maps_to_its_exit_code_without_retrying(plain, run_pull, tmp_path, status, code):
+    plain.route("/model.onnx", status=status)
+    dest = tmp_path / "model.onnx"
+    p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--retries", 3)
+    assert_failed(p, code, dest, mentions=str(status))
+    methods = [r.method for r in plain.requests]
+    assert methods and len(methods) == len(set(methods)), f"retried: {methods}"
+
+
+def test_two_503_answers_then_200_succeed_with_three_retries(plain, run_pull, tmp_path, model_bytes):
+    plain.route("/model.onnx", body=model_bytes, fail_first=[503, 503])
+    dest = tmp_path / "model.onnx"
+    p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--retries", 3)
+    assert_ok(p)
+    assert dest.read_bytes() == model_bytes
+    assert [r.status for r in plain.gets("/model.onnx")] == [503, 503, 200]
+
+
+def test_500_429_and_408_are_retried_as_transient(plain, run_pull, tmp_path, model_bytes):
+    plain.route("/model.onnx", body=model_bytes, fail_first=[500, 429, 408])
+    dest = tmp_path / "model.onnx"
+    assert_ok(run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--retries", 3))
+    assert [r.status for r in plain.gets("/model.onnx")] == [500, 429, 408, 200]
+
+
+def test_a_server_error_outlasting_the_retries_exits_2_after_retries_plus_one_attempts(plain, run_pull, tmp_path):
+    plain.route("/model.onnx", status=503)
+    dest = tmp_path / "model.onnx"
+    p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--retries", 2)
+    assert_failed(p, 2, dest, mentions="503")
+    assert len(plain.gets("/model.onnx")) == 3
+
+
+def test_a_stalled_body_fails_after_the_read_timeout(plain, run_pull, tmp_path, model_bytes):
+    plain.route("/model.onnx", body=model_bytes, stall_after=0)
+    dest = tmp_path / "model.onnx"
+    p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--read-timeout", 1, "--retries", 1, timeout=60)
+    assert_failed(p, 2, dest)
+    assert p.seconds < 10, p.explain()
+    assert len(plain.gets("/model.onnx")) == 2  # a read timeout is transient: retried once
+
+
+def test_the_overall_timeout_ends_a_stalled_download(plain, run_pull, tmp_path, model_bytes):
+    plain.route("/model.onnx", body=model_bytes, stall_after=4096)
+    dest = tmp_path / "model.onnx"
+    p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--timeout", 2, "--read-timeout", 60, timeout=60)
+    assert_failed(p, 2, dest)
+    assert p.seconds < 10, p.explain()
+
+
+def test_max_bytes_smaller_than_content_length_exits_7_before_reading_the_body(plain, run_pull, tmp_path):
+    # The body never comes: a pull that waited for it would run into the read timeout (exit 2).
+    plain.route("/model.onnx", body=b"\0" * (10 << 20), stall_after=0)
+    dest = tmp_path / "model.onnx"
+    p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--max-bytes", 1000, "--read-timeout", 20, timeout=60)
+    assert_failed(p, 7, dest)
+    assert p.seconds < 10, p.explain()
+
+
+@pytest.mark.parametrize("length", ["chunked", "close"])
+def test_max_bytes_without_content_length_exits_7_once_the_limit_is_passed(plain, run_pull, tmp_path, length):
+    body = np.random.default_rng(8).bytes(2 << 20)
+    plain.route("/weights.bin", body=body, length=length)
+    dest = tmp_path / "weights.bin"
+    p = run_pull(plain.url_for("/weights.bin"), dest, LOCAL, "--max-bytes", 1 << 20)
+    assert_failed(p, 7, dest)
+
+
+@pytest.mark.parametrize("length", ["content-length", "chunked"])
+def test_max_bytes_equal_to_the_size_is_accepted(plain, run_pull, tmp_path, model_bytes, length):
+    plain.route("/model.onnx", body=model_bytes, length=length)
+    dest = tmp_path / "model.onnx"
+    assert_ok(run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--max-bytes", len(model_bytes)))
+    assert dest.read_bytes() == model_bytes
+
+
+def test_the_bearer_token_file_is_sent_as_an_authorization_header(web, ca, run_pull, tmp_path, model_bytes):
+    web.route("/model.onnx", body=model_bytes, token="file-token")
+    token = tmp_path / "token-file"
+    token.write_text("  file-token\n")
+    dest = tmp_path / "model.onnx"
+    assert_ok(run_pull(web.url_for("/model.onnx"), dest, LOCAL, "--ca-file", ca.ca_file, "--bearer-token-file", token))
+    assert dest.read_bytes() == model_bytes
+    assert [r.header("authorization") for r in web.gets("/model.onnx")] == ["Bearer file-token"]
+
+
+def test_the_token_in_the_credentials_dir_is_sent_to_an_http_server(plain, run_pull, tmp_path, model_bytes):
+    plain.route("/model.onnx", body=model_bytes, token="dir-token")
+    creds = tmp_path / "secret"
+    creds.mkdir()
+    (creds / "token").write_text("dir-token\n")
+    dest = tmp_path / "model.onnx"
+    assert_ok(run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--credentials-dir", creds))
+    assert dest.read_bytes() == model_bytes
+
+
+def test_plain_loopback_without_allow_private_addresses_exits_8(plain, run_pull, tmp_path, model_bytes):
+    plain.route("/model.onnx", body=model_bytes)
+    dest = tmp_path / "model.onnx"
+    p = run_pull(plain.url_for("/model.onnx"), dest, "--retries", 0)
+    assert_failed(p, 8, dest, mentions=r"127\.0\.0\.1")
+    assert plain.requests == []
+
+
+@pytest.mark.parametrize("uri,flags,address", [
+    ("http://metadata.test/model.onnx", ["--resolve", "metadata.test=169.254.169.254"], "169.254.169.254"),
+    ("http://169.254.169.254/latest/meta-data/", [], "169.254.169.254"),
+    ("http://[fd00:ec2::254]/latest/meta-data/", [], "fd00:ec2::254"),
+    ("http://100.100.100.200/latest/meta-data/", [], "100.100.100.200"),
+    ("http://[fe80::1]/model.onnx", [], "fe80::1"),
+])
+def test_metadata_and_link_local_addresses_exit_8_without_connecting(run_pull, tmp_path, uri, flags, address):
+    """Run without a network: were the guard missing, the connection would fail (exit 2) instead."""
+    dest = tmp_path / "model.onnx"
+    p = run_pull(uri, dest, LOCAL, *flags, "--connect-timeout", 2, "--retries", 0, timeout=60, network=False)
+    assert_failed(p, 8, dest, mentions=re.escape(address))
+    assert p.seconds < 10, p.explain()
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face Hub
+
+
+def test_a_whole_hf_repository_is_pulled_into_a_directory(hub, run_pull, tmp_path):
+    dest = tmp_path / "repo" / "ocr" / "1"
+    p = run_pull(f"hf://{HUB_REPO}", dest, LOCAL, env=hub_env(hub))
+    assert_ok(p)
+    assert tree(dest) == hub.files
+    assert p.record["files"] == len(hub.files) and p.record["sha256"] == tree_sha256(dest)
+    # the LFS files came from the second server, through the Hub's 302
+    lfs = {f"/repos/{HUB_REPO}/{sha256_hex(hub.files[f])}" for f in ("model.onnx", "onnx/model.onnx.data")}
+    assert {r.route for r in hub.lfs.requests if r.method == "GET"} == lfs
+
+
+def test_the_hf_tree_listing_follows_every_pagination_link(hub, run_pull, tmp_path):
+    dest = tmp_path / "snapshot"
+    assert_ok(run_pull(f"hf://{HUB_REPO}", dest, LOCAL, env=hub_env(hub)))
+    listings = hub.listing_requests(HUB_REPO)
+    # 5 files + 1 directory, 2 per page: 3 pages
+    assert len(listings) == 3, [r.path for r in listings]
+    assert [r.query.get("cursor") for r in listings] == [None, "2", "4"]
+    assert all(r.query.get("recursive") == "true" for r in listings)
+    assert tree(dest) == hub.files
+
+
+def test_an_hf_subdirectory_is_pulled_relative_to_it_and_served(hub, run_pull, tmp_path, external_model):
+    dest = tmp_path / "repo" / "cls" / "1"
+    p = run_pull(f"hf://{HUB_REPO}/onnx/", dest, LOCAL, env=hub_env(hub))
+    assert_ok(p)
+    assert tree(dest) == tree(external_model)
+    assert p.record["sha256"] == tree_sha256(external_model)
+    assert_serves_like_onnxruntime(tmp_path / "repo", "cls", MODEL, tmp_path / "server.log")
+
+
+def test_a_single_hf_file_is_pulled_through_the_lfs_redirect(hub, run_pull, tmp_path, model_bytes):
+    dest = tmp_path / "model.onnx"
+    p = run_pull(f"hf://{HUB_REPO}/model.onnx", dest, LOCAL, "--sha256", sha256_hex(model_bytes), env=hub_env(hub))
+    assert_ok(p)
+    assert dest.read_bytes() == model_bytes
+    assert [r.status for r in hub.gets(f"/{HUB_REPO}/resolve/main/model.onnx")] == [302]
+    assert hub.lfs.requests and all(r.status in (200, 206) for r in hub.lfs.requests)
+
+
+def test_an_hf_revision_with_a_slash_is_percent_encoded(hub, run_pull, tmp_path):
+    dest = tmp_path / "pr1"
+    p = run_pull(f"hf://{HUB_REPO}@refs/pr/1", dest, LOCAL, env=hub_env(hub))
+    assert_ok(p)
+    assert (dest / "config.json").read_bytes() == b'{"task": "from pull request 1"}\n'
+    assert sorted(tree(dest)) == ["config.json", "model.onnx"]
+    raw = [r.path for r in hub.requests]
+    assert any(path.startswith(f"/api/models/{HUB_REPO}/tree/refs%2Fpr%2F1") for path in raw), raw
+    assert f"/{HUB_REPO}/resolve/refs%2Fpr%2F1/config.json" in raw, raw
+    file_dest = tmp_path / "config.json"
+    assert_ok(run_pull(f"hf://{HUB_REPO}/config.json@refs/pr/1", file_dest, LOCAL, env=hub_env(hub)))
+    assert file_dest.read_bytes() == b'{"task": "from pull request 1"}\n'
+
+
+def test_a_private_hf_repo_without_a_token_exits_6(hub, run_pull, tmp_path):
+    dest = tmp_path / "private"
+    assert_failed(run_pull("hf://kubemaas/private", dest, LOCAL, env=hub_env(hub)), 6, dest)
+
+
+def test_a_private_hf_repo_is_pulled_with_hf_token_which_never_reaches_the_lfs_host(
+        hub, run_pull, tmp_path, model_bytes):
+    hub.lfs_host = "localhost"  # the LFS redirect changes host, as the Hub's CDN redirects do
+    dest = tmp_path / "private"
+    p = run_pull("hf://kubemaas/private", dest, LOCAL, "--resolve", "localhost=127.0.0.1",
+                 env=hub_env(hub, HF_TOKEN="hf_test_token"))
+    assert_ok(p)
+    assert tree(dest) == {"model.onnx": model_bytes}
+    assert hub.requests and all(r.header("authorization") == "Bearer hf_test_token" for r in hub.requests)
+    assert hub.lfs.requests and all(r.header("authorization") is None for r in hub.lfs.requests)
+    assert all(r.header("host").startswith("localhost:") for r in hub.lfs.requests)
+
+
+def test_the_token_in_the_credentials_dir_opens_a_private_hf_repo(hub, run_pull, tmp_path, model_bytes):
+    creds = tmp_path / "secret"
+    creds.mkdir()
+    (creds / "token").write_text("hf_test_token\n")
+    dest = tmp_path / "model.onnx"
+    p = run_pull("hf://kubemaas/private/model.onnx", dest, LOCAL, "--credentials-dir", creds, env=hub_env(hub))
+    assert_ok(p)
+    assert dest.read_bytes() == model_bytes
+
+
+@pytest.mark.parametrize("uri", [f"hf://{HUB_REPO}/missing.onnx", f"hf://{HUB_REPO}/model.onnx@no-such-branch"])
+def test_a_missing_hf_file_or_revision_exits_5(hub, run_pull, tmp_path, uri):
+    dest = tmp_path / "model.onnx"
+    assert_failed(run_pull(uri, dest, LOCAL, env=hub_env(hub)), 5, dest)
+
+
+def test_an_hf_endpoint_on_loopback_is_refused_without_allow_private_addresses(hub, run_pull, tmp_path):
+    dest = tmp_path / "model.onnx"
+    assert_failed(run_pull(f"hf://{HUB_REPO}/model.onnx", dest, "--retries", 0, env=hub_env(hub)), 8, dest)
+    assert hub.requests == []
+
+
+# --------------------------------------------------------------------------------------------------
+# PVC
+
+
+@pytest.fixture
+def pvcs(tmp_path, model_bytes, external_model):
+    """--pvc-root with a claim `claim` (a file, a nested directory) and a secret outside the claim."""
+    root = tmp_path / "pvcs"
+    claim = root / "claim"
+    (claim / "models" / "cls" / "extra").mkdir(parents=True)
+    (claim / "model.onnx").write_bytes(model_bytes)
+    for f in ("model.onnx", "model.onnx.data"):
+        shutil.copy(external_model / f, claim / "models" / "cls" / f)
+    (claim / "models" / "cls" / "extra" / "labels.txt").write_text("0\n180\n")
+    (root / "secret.txt").write_text("not part of the claim\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "model.onnx").write_bytes(model_bytes)
+    return root
+
+
+def test_a_pvc_file_is_copied_from_the_mounted_claim(pvcs, run_pull, tmp_path, model_bytes):
+    dest = tmp_path / "repo" / "m" / "1" / "model.onnx"
+    p = run_pull("pvc://claim/model.onnx", dest, "--pvc-root", pvcs, "--sha256", sha256_hex(model_bytes))
+    assert_ok(p)
+    assert dest.read_bytes() == model_bytes
+
+
+def test_a_pvc_directory_is_copied_with_its_tree(pvcs, run_pull, tmp_path):
+    dest = tmp_path / "repo" / "cls" / "1"
+    src = pvcs / "claim" / "models" / "cls"
+    p = run_pull("pvc://claim/models/cls/", dest, "--pvc-root", pvcs, "--sha256", tree_sha256(src))
+    assert_ok(p)
+    assert tree(dest) == tree(src)
+
+
+@pytest.mark.parametrize("uri", ["pvc://claim/../../etc/passwd", "pvc://claim/../secret.txt",
+                                 "pvc://claim//etc/passwd"])
+def test_a_pvc_path_climbing_out_of_the_claim_is_refused(pvcs, run_pull, tmp_path, uri):
+    dest = tmp_path / "out" / "model.onnx"
+    assert_failed(run_pull(uri, dest, "--pvc-root", pvcs), 2, dest)
+
+
+@pytest.mark.parametrize("layout", ["file link", "directory link", "link inside a directory"])
+def test_a_symlink_inside_the_claim_pointing_outside_it_is_refused(pvcs, run_pull, tmp_path, layout):
+    claim = pvcs / "claim"
+    outside = tmp_path / "outside"
+    if layout == "file link":
+        (claim / "escape.onnx").symlink_to(outside / "model.onnx")
+        uri, dest = "pvc://claim/escape.onnx", tmp_path / "out" / "model.onnx"
+    elif layout == "directory link":
+        (claim / "escape").symlink_to(outside)
+        uri, dest = "pvc://claim/escape/", tmp_path / "out" / "m" / "1"
+    else:
+        (claim / "mixed").mkdir()
+        (claim / "mixed" / "config.json").write_text("{}")
+        (claim / "mixed" / "model.onnx").symlink_to(outside / "model.onnx")
+        uri, dest = "pvc://claim/mixed/", tmp_path / "out" / "m" / "1"
+    assert_failed(run_pull(uri, dest, "--pvc-root", pvcs), 2, dest)
+
+
+def test_a_symlink_that_stays_inside_the_claim_is_followed(pvcs, run_pull, tmp_path, model_bytes):
+    # the layout of a Hugging Face cache on a volume: snapshots/<rev>/file -> ../../blobs/<sha>
+    claim = pvcs / "claim"
+    (claim / "blobs").mkdir()
+    (claim / "blobs" / sha256_hex(model_bytes)).write_bytes(model_bytes)
+    (claim / "snapshots" / "main").mkdir(parents=True)
+    (claim / "snapshots" / "main" / "model.onnx").symlink_to(Path("../../blobs") / sha256_hex(model_bytes))
+    dest = tmp_path / "repo" / "m" / "1"
+    assert_ok(run_pull("pvc://claim/snapshots/main/", dest, "--pvc-root", pvcs))
+    assert tree(dest) == {"model.onnx": model_bytes}
+    assert not (dest / "model.onnx").is_symlink()
+
+
+def test_pulling_again_into_an_existing_dest_leaves_exactly_the_new_artifact(pvcs, run_pull, tmp_path):
+    """An init container that restarts pulls again into the same volume."""
+    src = pvcs / "claim" / "models" / "cls"
+    dest = tmp_path / "repo" / "cls" / "1"
+    assert_ok(run_pull("pvc://claim/models/cls/", dest, "--pvc-root", pvcs))
+    (dest / "stale.onnx").write_bytes(b"left from an earlier pull")
+    (src / "extra" / "labels.txt").write_text("0\n90\n180\n270\n")
+    p = run_pull("pvc://claim/models/cls/", dest, "--pvc-root", pvcs)
+    assert_ok(p)
+    assert tree(dest) == tree(src)
+    assert p.record["sha256"] == tree_sha256(src)
+
+
+def test_a_missing_pvc_path_exits_5(pvcs, run_pull, tmp_path):
+    dest = tmp_path / "model.onnx"
+    assert_failed(run_pull("pvc://claim/missing.onnx", dest, "--pvc-root", pvcs), 5, dest)
+
+
+# --------------------------------------------------------------------------------------------------
+# What a successful pull reports
+
+
+def test_the_final_json_line_and_kubemaas_pull_json_describe_a_file_pull(plain, run_pull, tmp_path, model_bytes):
+    plain.route("/model.onnx", body=model_bytes)
+    uri = plain.url_for("/model.onnx")
+    dest = tmp_path / "repo" / "ocr" / "1" / "model.onnx"
+    p = run_pull(uri, dest, LOCAL)
+    assert_ok(p)
+    rec = p.record
+    assert set(rec) == {"uri", "sha256", "bytes", "files", "seconds"}, rec
+    assert rec["uri"] == uri and rec["sha256"] == sha256_hex(model_bytes)
+    assert rec["bytes"] == len(model_bytes) and rec["files"] == 1
+    assert isinstance(rec["seconds"], (int, float)) and 0 <= rec["seconds"] <= p.seconds
+    assert json.loads((dest.parent / RECORD).read_text()) == rec
+    assert sorted(x.name for x in dest.parent.iterdir()) == sorted(["model.onnx", RECORD])
+
+
+def test_kubemaas_pull_json_of_a_directory_pull_lies_inside_it(pvcs, run_pull, tmp_path):
+    src = pvcs / "claim" / "models" / "cls"
+    dest = tmp_path / "repo" / "cls" / "1"
+    p = run_pull("pvc://claim/models/cls/", dest, "--pvc-root", pvcs)
+    assert_ok(p)
+    files = tree(src)
+    rec = p.record
+    assert rec["uri"] == "pvc://claim/models/cls/" and rec["sha256"] == tree_sha256(src)
+    assert rec["files"] == len(files) == 3 and rec["bytes"] == sum(map(len, files.values()))
+    assert json.loads((dest / RECORD).read_text()) == rec
+
+
+def test_progress_lines_go_to_stderr_every_progress_seconds(plain, run_pull, tmp_path, model_bytes):
+    """A body that pauses 2.5 s half-way: with --progress-seconds 1 stderr gets at least two more lines
+    than with --progress-seconds 100, and stdout holds only the JSON record either way."""
+    plain.route("/model.onnx", body=model_bytes, pause=(len(model_bytes) // 2, 2.5))
+    lines = {}
+    for every in (100, 1):
+        p = run_pull(plain.url_for("/model.onnx"), tmp_path / str(every) / "model.onnx", LOCAL,
+                     "--progress-seconds", every)
+        assert_ok(p)
+        assert len([line for line in p.stdout.splitlines() if line.strip()]) == 1, p.stdout
+        assert p.record["bytes"] == len(model_bytes)
+        lines[every] = len([line for line in p.stderr.splitlines() if line.strip()])
+    assert lines[1] >= lines[100] + 2, lines
+
+
+# --------------------------------------------------------------------------------------------------
+# --cache-dir
+
+
+def cache_entries(cache: Path, content: bytes) -> list:
+    return [p for p in cache.rglob("*")
+            if p.is_file() and p.stat().st_size == len(content) and p.read_bytes() == content]
+
+
+def test_a_cached_artifact_serves_a_second_pull_when_the_origin_fails(plain, run_pull, tmp_path, model_bytes):
+    plain.route("/model.onnx", body=model_bytes)
+    cache = tmp_path / "cache"
+    digest = sha256_hex(model_bytes)
+    first = tmp_path / "first" / "model.onnx"
+    assert_ok(run_pull(plain.url_for("/model.onnx"), first, LOCAL, "--sha256", digest, "--cache-dir", cache))
+    assert cache_entries(cache, model_bytes), f"nothing cached under {cache}: {list(cache.rglob('*'))}"
+    plain.update("/model.onnx", status=500)
+    second = tmp_path / "second" / "model.onnx"
+    p = run_pull(plain.url_for("/model.onnx"), second, LOCAL, "--sha256", digest, "--cache-dir", cache, "--retries", 0)
+    assert_ok(p)
+    assert second.read_bytes() == model_bytes
+    assert p.record["sha256"] == digest
+
+
+def corrupt_cache(cache: Path, content: bytes):
+    entries = cache_entries(cache, content)
+    assert entries, f"nothing cached under {cache}: {list(cache.rglob('*'))}"
+    for e in entries:
+        e.chmod(0o644)
+        e.write_bytes(bytes(b ^ 0xFF for b in content[:64]) + content[64:])
+
+
+def test_a_corrupted_cache_entry_is_not_served_and_the_artifact_is_fetched_again(
+        plain, run_pull, tmp_path, model_bytes):
+    plain.route("/model.onnx", body=model_bytes)
+    cache = tmp_path / "cache"
+    digest = sha256_hex(model_bytes)
+    assert_ok(run_pull(plain.url_for("/model.onnx"), tmp_path / "a" / "model.onnx", LOCAL, "--sha256", digest,
+                       "--cache-dir", cache))
+    corrupt_cache(cache, model_bytes)
+    dest = tmp_path / "b" / "model.onnx"
+    assert_ok(run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--sha256", digest, "--cache-dir", cache))
+    assert dest.read_bytes() == model_bytes
+    assert [r.status for r in plain.gets("/model.onnx")] == [200, 200]
+
+
+def test_a_corrupted_cache_entry_is_never_served_even_when_the_origin_fails(plain, run_pull, tmp_path, model_bytes):
+    plain.route("/model.onnx", body=model_bytes)
+    cache = tmp_path / "cache"
+    digest = sha256_hex(model_bytes)
+    assert_ok(run_pull(plain.url_for("/model.onnx"), tmp_path / "a" / "model.onnx", LOCAL, "--sha256", digest,
+                       "--cache-dir", cache))
+    corrupt_cache(cache, model_bytes)
+    plain.update("/model.onnx", status=500)
+    dest = tmp_path / "b" / "model.onnx"
+    p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--sha256", digest, "--cache-dir", cache, "--retries", 0)
+    assert_failed(p, 2, dest)

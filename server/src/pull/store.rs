@@ -196,6 +196,12 @@ fn map_err(e: object_store::Error) -> FetchError {
             .any(|k| text.contains(k))
             {
                 FetchError::Denied(text)
+            } else if text.contains("HEAD") && text.contains("400 Bad Request") {
+                // S3 answers a bad or expired session token (and a wrong region) with 400, and a
+                // HEAD response carries no error code to tell them apart.
+                FetchError::Denied(format!(
+                    "{text} (HTTP 400 to HEAD: an invalid or expired session token, or a wrong region)"
+                ))
             } else if text.contains("404 Not Found")
                 || text.contains("NoSuchKey")
                 || text.contains("NoSuchBucket")
