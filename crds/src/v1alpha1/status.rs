@@ -54,15 +54,38 @@ pub struct ModelStatus {
     pub name: String,
     /// Served version.
     pub version: String,
-    /// SHA-256 of the artifact, when pinned.
+    /// SHA-256 of the served artifact: what the pod pulled (`artifact.sha256`), else the pinned
+    /// `spec.model.sha256` (a mismatch is never served).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// What `kubemaas-server pull` fetched, as the serving pod reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<ArtifactStatus>,
     /// Inputs.
     #[serde(default)]
     pub inputs: Vec<TensorInfo>,
     /// Outputs.
     #[serde(default)]
     pub outputs: Vec<TensorInfo>,
+}
+
+/// The artifact a serving pod pulled, from the record `kubemaas-server pull` leaves next to the
+/// model (`kubemaas-pull.json`) and the server reports in its model metadata
+/// (`parameters.artifact`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ArtifactStatus {
+    /// The URI it was pulled from.
+    pub uri: String,
+    /// SHA-256 of the file, or for a directory of its manifest (the `sha256sum` lines of its
+    /// files, sorted by path), as `spec.model.sha256` pins it.
+    pub sha256: String,
+    /// Bytes pulled (all files of a directory together).
+    pub bytes: i64,
+    /// Number of files (1 for a single ONNX file).
+    pub files: i64,
+    /// Seconds the pull took (download or cache copy, and verification).
+    pub pulled_seconds: f64,
 }
 
 /// A model input or output.

@@ -11,7 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kubemaas_crds::v1alpha1::{ModelStatus, TensorInfo};
+use kubemaas_crds::v1alpha1::{ArtifactStatus, ModelStatus, TensorInfo};
 
 use super::build::ports;
 use super::status::Probed;
@@ -40,6 +40,28 @@ fn is_ready(p: &Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// The pull record as the server reports it in `parameters.artifact` (`kubemaas-pull.json`).
+#[derive(serde::Deserialize)]
+struct PullRecord {
+    uri: String,
+    sha256: String,
+    bytes: u64,
+    files: u64,
+    seconds: f64,
+}
+
+/// `parameters.artifact` of the model metadata; None when absent or not a pull record.
+fn artifact(v: &serde_json::Value) -> Option<ArtifactStatus> {
+    let r: PullRecord = serde_json::from_value(v["parameters"]["artifact"].clone()).ok()?;
+    Some(ArtifactStatus {
+        uri: r.uri,
+        sha256: r.sha256,
+        bytes: i64::try_from(r.bytes).unwrap_or(i64::MAX),
+        files: i64::try_from(r.files).unwrap_or(i64::MAX),
+        pulled_seconds: r.seconds,
+    })
+}
+
 fn parse(v: &serde_json::Value, version: &str) -> Probed {
     let tensors = |key: &str| -> Vec<TensorInfo> {
         v[key]
@@ -57,6 +79,7 @@ fn parse(v: &serde_json::Value, version: &str) -> Probed {
             name: name.into(),
             version: version.into(),
             sha256: None,
+            artifact: artifact(v),
             inputs: tensors("inputs"),
             outputs: tensors("outputs"),
         }),
@@ -121,5 +144,31 @@ mod tests {
         let m = p.model.unwrap();
         assert_eq!(m.inputs[0].shape, vec![-1, 3, 224, 224]);
         assert_eq!(m.outputs[0].datatype, "FP32");
+        assert_eq!(
+            m.artifact, None,
+            "a server that pulled nothing reports no artifact"
+        );
+    }
+
+    #[test]
+    fn the_pull_record_in_model_metadata_becomes_the_artifact_status() {
+        let v = serde_json::json!({"name": "embedder", "versions": ["2"],
+            "inputs": [], "outputs": [],
+            "parameters": {"execution_provider": "CPUExecutionProvider",
+                "artifact": {"uri": "s3://models/embedder/2/", "sha256": "b".repeat(64),
+                    "bytes": 5_368_709_120_u64, "files": 2, "seconds": 41.25}}});
+        let m = parse(&v, "2").model.unwrap();
+        assert_eq!(
+            m.artifact,
+            Some(ArtifactStatus {
+                uri: "s3://models/embedder/2/".into(),
+                sha256: "b".repeat(64),
+                bytes: 5_368_709_120,
+                files: 2,
+                pulled_seconds: 41.25,
+            })
+        );
+        let garbled = serde_json::json!({"name": "m", "parameters": {"artifact": {"uri": 3}}});
+        assert_eq!(parse(&garbled, "1").model.unwrap().artifact, None);
     }
 }

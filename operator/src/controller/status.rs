@@ -402,7 +402,12 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
         accelerator: probed.accelerator.or(old.accelerator),
         model: probed.model.or(old.model).map(|mut m| {
             m.name = model_name(md);
-            m.sha256 = md.spec.model.sha256.clone();
+            // What the pod pulled; else what was pinned (a mismatch is never served).
+            m.sha256 = m
+                .artifact
+                .as_ref()
+                .map(|a| a.sha256.clone())
+                .or_else(|| md.spec.model.sha256.clone());
             m
         }),
     }
@@ -437,6 +442,8 @@ pub fn is_healthy(c: &Condition) -> bool {
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use serde_json::json;
+
+    use kubemaas_crds::v1alpha1::ArtifactStatus;
 
     use super::super::build::tests::md;
     use super::*;
@@ -867,6 +874,49 @@ mod tests {
             ("True", "Loaded"),
             "{}",
             c.message
+        );
+    }
+
+    #[test]
+    fn status_model_reports_the_pulled_artifact_and_its_sha256() {
+        let d = deployment(1, 1, 1);
+        let artifact = ArtifactStatus {
+            uri: "s3://models/m.onnx".into(),
+            sha256: "c".repeat(64),
+            bytes: 1234,
+            files: 1,
+            pulled_seconds: 0.5,
+        };
+        let probed = |artifact: Option<ArtifactStatus>| Probed {
+            accelerator: Some("CPUExecutionProvider".into()),
+            model: Some(ModelStatus {
+                name: "resnet".into(),
+                version: "1".into(),
+                artifact,
+                ..ModelStatus::default()
+            }),
+        };
+        let observe = |m: &ModelDeployment, p: Probed| {
+            compute(
+                m,
+                &Observed {
+                    deployment: Some(&d),
+                    pods: &[],
+                    probed: Some(p),
+                },
+                &now(),
+            )
+        };
+        let s = observe(&spec(), probed(Some(artifact.clone())));
+        let model = s.model.unwrap();
+        assert_eq!(model.artifact, Some(artifact.clone()));
+        assert_eq!(model.sha256, Some("c".repeat(64)), "unpinned: what was pulled");
+        let pinned = md(json!({"model": {"uri": "s3://models/m.onnx", "sha256": "a".repeat(64)}}));
+        let s = observe(&pinned, probed(None));
+        assert_eq!(
+            s.model.unwrap().sha256,
+            Some("a".repeat(64)),
+            "a server without a pull record: the pinned digest, which pull verified"
         );
     }
 }
