@@ -650,23 +650,29 @@ class MotoS3:
     InvalidAccessKeyId (403), a wrong secret SignatureDoesNotMatch (403).
     """
 
-    def __init__(self, region: str = "us-east-1"):
+    def __init__(self, region: str = "us-east-1", tls: "TestCA | None" = None):
         self.region = region
+        self.tls = tls
         self._proc = None
 
     def start(self):
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "INITIAL_NO_AUTH_ACTION_COUNT"}
-        self._proc = _Subprocess([sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", "0"], env=env,
-                                 ready_pattern=r"Running on http://127\.0\.0\.1:(\d+)")
+        args = [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", "0"]
+        if self.tls is not None:
+            # HTTPS with the test CA's certificate (STS web identity refuses plain http).
+            args += ["-c", str(self.tls.cert_file), "-k", str(self.tls.key_file)]
+        scheme = "https" if self.tls is not None else "http"
+        self._proc = _Subprocess(args, env=env, ready_pattern=scheme + r"://127\.0\.0\.1:(\d+)")
         self.port = int(self._proc.match.group(1))
-        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.url = f"{scheme}://{LOOPBACK}:{self.port}"
         iam = self._client("iam", "bootstrap", "bootstrap")
         iam.create_user(UserName="puller")
         key = iam.create_access_key(UserName="puller")["AccessKey"]
         iam.put_user_policy(UserName="puller", PolicyName="allow-all", PolicyDocument=json.dumps(
             {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
         self.access_key, self.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
-        r = requests.post(f"{self.url}/moto-api/reset-auth", data=b"0", timeout=10)
+        r = requests.post(f"{self.url}/moto-api/reset-auth", data=b"0", timeout=10,
+                          verify=str(self.tls.ca_file) if self.tls is not None else True)
         r.raise_for_status()
         return self
 
@@ -689,6 +695,7 @@ class MotoS3:
         from botocore.config import Config
 
         return boto3.client(service, endpoint_url=self.url, region_name=self.region,
+                            verify=str(self.tls.ca_file) if self.tls is not None else None,
                             aws_access_key_id=access_key, aws_secret_access_key=secret_key,
                             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
                                           connect_timeout=10, read_timeout=60))
@@ -697,17 +704,23 @@ class MotoS3:
         """A boto3 S3 client (path-style) signing with the IAM user's key unless told otherwise."""
         return self._client("s3", access_key or self.access_key, secret_key or self.secret_key)
 
-    def temporary_credentials(self) -> dict:
-        """STS AssumeRole credentials (ASIA… key, secret, session token) for an allow-all role: moto
-        checks the X-Amz-Security-Token of requests signed with them."""
+    def role_arn(self) -> str:
+        """An allow-all IAM role anyone may assume (also with a web identity token)."""
         iam = self._client("iam", self.access_key, self.secret_key)
         if not any(r["RoleName"] == "puller" for r in iam.list_roles()["Roles"]):
             iam.create_role(RoleName="puller", AssumeRolePolicyDocument=json.dumps({
                 "Version": "2012-10-17",
-                "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}]}))
+                "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"},
+                              {"Effect": "Allow", "Principal": {"Federated": "*"},
+                               "Action": "sts:AssumeRoleWithWebIdentity"}]}))
             iam.put_role_policy(RoleName="puller", PolicyName="allow-all", PolicyDocument=json.dumps(
                 {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-        role = iam.get_role(RoleName="puller")["Role"]["Arn"]
+        return iam.get_role(RoleName="puller")["Role"]["Arn"]
+
+    def temporary_credentials(self) -> dict:
+        """STS AssumeRole credentials (ASIA… key, secret, session token) for an allow-all role: moto
+        checks the X-Amz-Security-Token of requests signed with them."""
+        role = self.role_arn()
         sts = self._client("sts", self.access_key, self.secret_key)
         c = sts.assume_role(RoleArn=role, RoleSessionName="kubemaas-pull-test")["Credentials"]
         return {"AWS_ACCESS_KEY_ID": c["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": c["SecretAccessKey"],

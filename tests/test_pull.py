@@ -979,3 +979,91 @@ def test_a_corrupted_cache_entry_is_never_served_even_when_the_origin_fails(plai
     dest = tmp_path / "b" / "model.onnx"
     p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--sha256", digest, "--cache-dir", cache, "--retries", 0)
     assert_failed(p, 2, dest)
+
+
+# --------------------------------------------------------------------------------------------------
+# S3 with IRSA: a web identity token file and a role, exchanged at STS, no static key anywhere.
+# object_store calls STS over https only, with the action in the query string, which moto's server
+# cannot route when unsigned (and, with authentication enforced, cannot answer at all). So a small
+# HTTPS front on loopback plays STS: it checks the web identity token against the one the "issuer"
+# wrote, then mints real temporary credentials at moto (AssumeRole on the same role), which moto then
+# enforces on every S3 request, session token included.
+
+
+class StsFront:
+    def __init__(self, store, ca, token):
+        self.token = token
+        import http.server
+        import ssl
+        import threading
+        import urllib.parse
+
+        self.calls = []
+        self.errors = []
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+                front.calls.append(q)
+                sts = store._client("sts", store.access_key, store.secret_key)
+                try:
+                    if q.get("WebIdentityToken") != front.token:
+                        raise PermissionError("InvalidIdentityToken: the token is not the one the issuer wrote")
+                    c = sts.assume_role(RoleArn=q["RoleArn"], RoleSessionName=q["RoleSessionName"])["Credentials"]
+                except Exception as e:  # noqa: BLE001 (answered as STS would)
+                    front.errors.append(repr(e))
+                    msg = str(e).encode()
+                    self.send_response(403)
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                body = (
+                    "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">"
+                    "<AssumeRoleWithWebIdentityResult><Credentials>"
+                    f"<AccessKeyId>{c['AccessKeyId']}</AccessKeyId><SecretAccessKey>{c['SecretAccessKey']}</SecretAccessKey>"
+                    f"<SessionToken>{c['SessionToken']}</SessionToken>"
+                    f"<Expiration>{c['Expiration'].strftime('%Y-%m-%dT%H:%M:%SZ')}</Expiration>"
+                    "</Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>"
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.socket = ca.server_context().wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_s3_credentials_come_from_a_web_identity_token_file_irsa(s3, run_pull, tmp_path, ca, model_bytes):
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6bWw6cHVsbGVyIn0.c2ln"
+    sts = StsFront(s3, ca, jwt)
+    try:
+        token = tmp_path / "token"
+        token.write_text(jwt)  # a projected ServiceAccount token, as the kubelet writes it (no newline)
+        env = {"AWS_ENDPOINT_URL": s3.url, "AWS_ENDPOINT_URL_STS": sts.url, "AWS_REGION": s3.region,
+               "AWS_WEB_IDENTITY_TOKEN_FILE": str(token), "AWS_ROLE_ARN": s3.role_arn()}
+        dest = tmp_path / "m.onnx"
+        p = run_pull("s3://models/ocr/model.onnx", dest, "--ca-file", str(ca.ca_file), env=env)
+        assert not sts.errors, sts.errors
+        assert_ok(p)
+        assert dest.read_bytes() == model_bytes
+        assert [c["Action"] for c in sts.calls] == ["AssumeRoleWithWebIdentity"]
+        assert sts.calls[0]["WebIdentityToken"] == jwt
+        assert sts.calls[0]["RoleArn"] == env["AWS_ROLE_ARN"]
+        # Without the token file the requests go unsigned, and the authenticated store refuses them.
+        del env["AWS_WEB_IDENTITY_TOKEN_FILE"], env["AWS_ROLE_ARN"]
+        p = run_pull("s3://models/ocr/model.onnx", tmp_path / "n.onnx", env=env)
+        assert p.returncode == 6, p.explain()
+    finally:
+        sts.close()
