@@ -149,6 +149,21 @@ fn local(path: &Path, e: std::io::Error) -> FetchError {
     FetchError::Local(format!("failed to write {}: {e}", path.display()))
 }
 
+/// Empties a partly written file to start it again.
+async fn rewind(
+    file: &mut tokio::fs::File,
+    dest: &Path,
+    progress: &Progress,
+    written: u64,
+) -> Result<(), FetchError> {
+    progress.done.fetch_sub(written, Ordering::Relaxed);
+    file.set_len(0).await.map_err(|e| local(dest, e))?;
+    file.seek(std::io::SeekFrom::Start(0))
+        .await
+        .map_err(|e| local(dest, e))?;
+    Ok(())
+}
+
 /// Streams one entry into `dest` (created or truncated) and returns its size and SHA-256.
 pub async fn download_entry<S: Source>(
     src: &S,
@@ -182,11 +197,7 @@ pub async fn download_entry<S: Source>(
             Ok(mut body) => {
                 if !body.resumed && offset > 0 {
                     // The source restarted from zero: so do we.
-                    progress.done.fetch_sub(offset, Ordering::Relaxed);
-                    file.set_len(0).await.map_err(|e| local(dest, e))?;
-                    file.seek(std::io::SeekFrom::Start(0))
-                        .await
-                        .map_err(|e| local(dest, e))?;
+                    rewind(&mut file, dest, progress, offset).await?;
                     hasher = Sha256::new();
                     offset = 0;
                 }
@@ -247,11 +258,7 @@ pub async fn download_entry<S: Source>(
             Err(FetchError::Changed(m)) if failures < limits.retries => {
                 tracing::warn!(file = %entry.locator, "{m}; starting this file again");
                 validator = None;
-                progress.done.fetch_sub(offset, Ordering::Relaxed);
-                file.set_len(0).await.map_err(|e| local(dest, e))?;
-                file.seek(std::io::SeekFrom::Start(0))
-                    .await
-                    .map_err(|e| local(dest, e))?;
+                rewind(&mut file, dest, progress, offset).await?;
                 hasher = Sha256::new();
                 offset = 0;
                 failures += 1;
