@@ -174,6 +174,10 @@ fn main() -> anyhow::Result<()> {
         log_level,
         command,
     } = Cli::parse();
+    // rustls' process-wide provider, for clients that do not pick one (reqwest in the OTLP
+    // exporter panics without it when the workspace builds reqwest with `rustls-no-provider`, as
+    // the server's pull does). Ring, as the kube client uses. Fails only if one is already set.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let provider = init_telemetry(log_format, &log_level)?;
     let result = dispatch(command);
     if let Some(p) = provider {
