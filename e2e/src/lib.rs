@@ -18,6 +18,11 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use kubemaas_crds::v1alpha1::ModelDeployment;
 
+/// Label of pods whose status a test writes itself, the way the kubelet would (e.g. after running
+/// the init container's real command); kwok leaves their status alone, see
+/// `disregardStatusWithLabelSelector` in `e2e/cluster/up`. Its value there is `test`.
+pub const KUBELET_BY_TEST_LABEL: &str = "kubemaas.io/e2e-kubelet";
+
 /// Paths the suite needs.
 pub struct Env {
     /// Cluster kubeconfig.

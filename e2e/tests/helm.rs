@@ -31,7 +31,8 @@ async fn helm_install_upgrade_with_a_new_crd_and_uninstall() {
     let models = TestNs::new(&client, "helm-models").await;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     // Other tests may have installed the CRD with kubectl: mark it for Helm to adopt.
-    if crds.get_opt(CRD).await.unwrap().is_some() {
+    let adopted = crds.get_opt(CRD).await.unwrap().is_some();
+    if adopted {
         ok(
             kubectl(&[
                 "label",
@@ -134,17 +135,20 @@ async fn helm_install_upgrade_with_a_new_crd_and_uninstall() {
         "description: Model artifact URI (upgraded)",
     );
     std::fs::write(&crd_file, text).unwrap();
-    ok(
-        helm(&[
-            "upgrade",
-            "kubemaas",
-            upgraded.to_str().unwrap(),
-            "-n",
-            &release_ns.name,
-            "--wait=false",
-        ]),
-        "helm upgrade",
-    );
+    // An adopted CRD's fields are still co-owned by kubectl's server-side apply, so changing
+    // them conflicts: taking them over is what --force-conflicts is for.
+    let mut upgrade = vec![
+        "upgrade",
+        "kubemaas",
+        upgraded.to_str().unwrap(),
+        "-n",
+        &release_ns.name,
+        "--wait=false",
+    ];
+    if adopted {
+        upgrade.push("--force-conflicts");
+    }
+    ok(helm(&upgrade), "helm upgrade");
     let crd = crds.get(CRD).await.unwrap();
     let cols = crd.spec.versions[0].additional_printer_columns.clone().unwrap();
     assert_eq!(

@@ -95,6 +95,51 @@ async fn crd_is_accepted_examples_apply_and_cel_rejects_invalid_manifests() {
 }
 
 #[tokio::test]
+async fn the_apiserver_and_client_side_validation_agree_on_every_uri_rule() {
+    // The rules are RE2 in the apiserver and Rust regex in `validate_cel` (tests, `render`).
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "uris").await;
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let dry = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let cases = [
+        ("s3://models/resnet/1/", true),
+        ("gs://my_bucket.example.com/m.onnx", true),
+        ("https://[fd00::1]:8443/m.onnx?sig=a/../b", true),
+        ("hf://org/repo/onnx/model.onnx@refs/pr/1", true),
+        ("hf://org/repo", true),
+        ("pvc://model-store/dir/", true),
+        ("ftp://example.com/m.onnx", false),
+        ("s3://b/m.onnx", false),
+        ("s3://192.168.1.1/m.onnx", false),
+        ("gs://google-models/m.onnx", false),
+        ("https://h.example.com/a/%2E%2e/m.onnx", false),
+        ("https://user:pw@h.example.com/m.onnx", false),
+        ("https://h.example.com:70000/m.onnx", false),
+        ("hf://org/repo/x.onnx@..", false),
+        ("pvc://claim//etc/passwd", false),
+        ("pvc://claim/a\\b", false),
+        ("s3://models/m\u{1}.onnx", false),
+    ];
+    for (i, (uri, ok)) in cases.into_iter().enumerate() {
+        let md: ModelDeployment =
+            serde_json::from_value(md_json(&format!("u{i}"), json!({"model": {"uri": uri}}))).unwrap();
+        let client_side = md.validate_cel();
+        let server_side = api.create(&dry, &md).await;
+        assert_eq!(client_side.is_ok(), ok, "client side on {uri:?}: {client_side:?}");
+        assert_eq!(
+            server_side.is_ok(),
+            ok,
+            "apiserver on {uri:?}: {:?}",
+            server_side.err()
+        );
+    }
+}
+
+#[tokio::test]
 async fn cpu_model_deployment_becomes_ready_with_owned_children() {
     install_crd();
     let client = client().await;
@@ -233,7 +278,11 @@ async fn scale_subresource_uri_rollout_autoscaling_removal_and_garbage_collectio
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
-    create_md(&api, md_json("life", json!({"model": {"uri": "s3://models/v1.onnx"}}))).await;
+    create_md(
+        &api,
+        md_json("life", json!({"model": {"uri": "s3://models/v1.onnx"}})),
+    )
+    .await;
     wait_md(&api, "life", "Ready", LONG, Some(&op), is_ready).await;
 
     let out = kubectl(&["scale", "-n", &ns.name, "mdep/life", "--replicas=3"]);
@@ -437,7 +486,11 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over() {
     assert_eq!(holder, "op-a");
     let b = Operator::start(&ns.name, "op-b", &[]);
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
-    create_md(&api, md_json("first", json!({"model": {"uri": "s3://models/m.onnx"}}))).await;
+    create_md(
+        &api,
+        md_json("first", json!({"model": {"uri": "s3://models/m.onnx"}})),
+    )
+    .await;
     wait_md(&api, "first", "Ready under op-a", LONG, Some(&a), is_ready).await;
     assert!(
         std::fs::read_to_string(&b.log)

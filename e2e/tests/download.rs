@@ -1,0 +1,333 @@
+//! A download that really fails reaches the ModelDeployment's status on a real control plane.
+//!
+//! kwok runs pods on paper, so nothing executes the init container. Here the test plays the
+//! kubelet for one pod (labelled so that kwok leaves its status alone, see `e2e/cluster/up`): it
+//! runs the real `kubemaas-server pull` with the init container's own arguments against a loopback
+//! store, and writes the exit code and termination message into the pod's status through the
+//! status subresource, as the kubelet does. The operator must turn that into `ModelLoaded=False`
+//! with the pull's reason and message, and let it go once a retry succeeds.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a panic is a failed test
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams};
+use kubemaas_crds::artifact::{PULL_RECORD_FILE, exit};
+use kubemaas_crds::v1alpha1::ModelDeployment;
+use kubemaas_e2e::*;
+use serde_json::{Value, json};
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// A loopback HTTP store: every GET answers 404 until `serving` is set, then `path` answers `body`.
+fn loopback_store(path: &'static str, body: &'static [u8]) -> (String, Arc<AtomicBool>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let serving = Arc::new(AtomicBool::new(false));
+    let on = serving.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                    break;
+                }
+            }
+            let found = on.load(Ordering::SeqCst) && target == path;
+            let (status, payload): (&str, &[u8]) = if found {
+                ("200 OK", body)
+            } else {
+                ("404 Not Found", b"no such object\n")
+            };
+            let mut stream = reader.into_inner();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                payload.len()
+            );
+            if method != "HEAD" {
+                let _ = stream.write_all(payload);
+            }
+        }
+    });
+    (base, serving)
+}
+
+/// What the kubelet runs for the init container, run here: `kubemaas-server` with the container's
+/// own arguments, its absolute paths (DEST, --pvc-root, ...) moved under `root`, and the
+/// termination log at `root/dev/termination-log`. Returns the exit code and that log.
+fn run_init_container(pod: &Pod, root: &Path) -> (i32, String) {
+    let init = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+    let args: Vec<String> = init
+        .args
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|a| match a.strip_prefix('/') {
+            Some(abs) => root.join(abs).to_string_lossy().into_owned(),
+            None => a,
+        })
+        .collect();
+    assert_eq!(args[0], "pull", "the init container runs pull: {args:?}");
+    let log = root.join("dev/termination-log");
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let env = env();
+    let out = std::process::Command::new(env.root.join("target/debug/kubemaas-server"))
+        .args(&args)
+        .arg("--termination-log")
+        .arg(&log)
+        .output()
+        .expect("target/debug/kubemaas-server runs (make e2e builds it)");
+    let code = out.status.code().expect("pull exited (not killed)");
+    println!(
+        "pull {args:?} exited {code}; stderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (code, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now().to_string()
+}
+
+/// A terminated container state as the kubelet reports it (reason Error, or Completed on 0).
+fn terminated(code: i32, message: &str) -> Value {
+    let mut t = json!({"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
+        "startedAt": now(), "finishedAt": now()});
+    if !message.is_empty() {
+        t["message"] = json!(message);
+    }
+    json!({"terminated": t})
+}
+
+/// Writes the pod's status the way the kubelet does while (or after) the init container runs:
+/// `init` is its state, `last` its previous state; the pod is initialized once `init` completed.
+async fn kubelet_writes(pods: &Api<Pod>, pod: &Pod, init: Value, last: Value, restarts: i32) {
+    let name = pod.metadata.name.clone().unwrap();
+    let spec = pod.spec.as_ref().unwrap();
+    let initialized = init["terminated"]["exitCode"] == 0;
+    let init_container = &spec.init_containers.as_ref().unwrap()[0];
+    let server = &spec.containers[0];
+    let not = |type_: &str, reason: &str, names: &str| {
+        json!({"type": type_, "status": "False", "reason": reason, "lastTransitionTime": now(),
+            "message": format!("containers with incomplete status: [{names}]")})
+    };
+    let conditions = json!([
+        {"type": "PodScheduled", "status": "True", "lastTransitionTime": now()},
+        if initialized {
+            json!({"type": "Initialized", "status": "True", "lastTransitionTime": now()})
+        } else {
+            not("Initialized", "ContainersNotInitialized", &init_container.name)
+        },
+        not("ContainersReady", "ContainersNotReady", &server.name),
+        not("Ready", "ContainersNotReady", &server.name),
+    ]);
+    let server_state = if initialized {
+        json!({"running": {"startedAt": now()}})
+    } else {
+        json!({"waiting": {"reason": "PodInitializing"}})
+    };
+    let status = json!({"status": {
+        "phase": if initialized { "Running" } else { "Pending" },
+        "conditions": conditions,
+        "hostIP": "127.0.0.2",
+        "startTime": now(),
+        "initContainerStatuses": [{"name": init_container.name, "image": init_container.image, "imageID": "",
+            "ready": initialized, "started": false, "restartCount": restarts, "state": init, "lastState": last}],
+        "containerStatuses": [{"name": server.name, "image": server.image, "imageID": "",
+            "ready": false, "started": false, "restartCount": 0, "state": server_state, "lastState": {}}],
+    }});
+    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("pod status patched");
+}
+
+/// `kubectl wait` until the ModelLoaded condition has `reason`.
+fn kubectl_wait_reason(ns: &str, md: &str, reason: &str) {
+    let out = kubectl(&[
+        "wait",
+        "-n",
+        ns,
+        &format!("mdep/{md}"),
+        &format!("--for=jsonpath={{.status.conditions[?(@.type==\"ModelLoaded\")].reason}}={reason}"),
+        "--timeout=60s",
+    ]);
+    assert!(
+        out.status.success(),
+        "kubectl wait for ModelLoaded reason {reason}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn an_init_container_that_really_fails_sets_model_loaded_false_with_the_pull_reason_and_message_until_a_retry_succeeds()
+ {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "pullfail").await;
+    let op = Operator::start(&ns.name, "op-pullfail", &[]);
+    let (base, serving) = loopback_store("/models/ranker/1/model.onnx", b"not really onnx, but bytes");
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let name = "ranker";
+    create_md(
+        &api,
+        json!({"apiVersion": "kubemaas.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name},
+            "spec": {"model": {"uri": format!("{base}/models/ranker/1/model.onnx"), "allowPrivateAddresses": true},
+                "podTemplate": {"labels": {(KUBELET_BY_TEST_LABEL): "test"}}}}),
+    )
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let lp = ListParams::default().labels(&format!("kubemaas.io/model-deployment={name}"));
+    let pod = wait_for(
+        "the pod bound to a node",
+        LONG,
+        || op.log_tail(),
+        || async {
+            pods.list(&lp)
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+        },
+    )
+    .await;
+    assert!(
+        pod.status
+            .as_ref()
+            .is_none_or(|s| s.init_container_statuses.is_none() && s.pod_ip.is_none()),
+        "kwok left the pod to the test: {:?}",
+        pod.status
+    );
+    let root: PathBuf = env().root.join(format!("target/e2e/kubelet-{}", ns.name));
+
+    // First attempt: the object is not there. The real pull decides the exit code and message.
+    let (code, message) = run_init_container(&pod, &root);
+    assert_eq!(
+        code,
+        i32::from(exit::NOT_FOUND),
+        "pull's verdict on a 404: {message}"
+    );
+    assert!(!message.trim().is_empty(), "pull wrote its termination message");
+    kubelet_writes(&pods, &pod, terminated(code, &message), json!({}), 0).await;
+    let md = wait_md(
+        &api,
+        name,
+        "ModelLoaded=False, ArtifactNotFound",
+        LONG,
+        Some(&op),
+        |m| condition(m, "ModelLoaded").is_some_and(|c| c.0 == "False" && c.1 == "ArtifactNotFound"),
+    )
+    .await;
+    let (_, _, shown) = condition(&md, "ModelLoaded").unwrap();
+    assert!(
+        shown.contains(message.trim()),
+        "the condition carries the termination message {message:?}, got {shown:?}"
+    );
+    kubectl_wait_reason(&ns.name, name, "ArtifactNotFound");
+    let out = kubectl(&[
+        "wait",
+        "-n",
+        &ns.name,
+        &format!("mdep/{name}"),
+        "--for=condition=ModelLoaded=False",
+        "--timeout=10s",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The kubelet backs off: waiting in CrashLoopBackOff with the failure as lastState.
+    let backoff = json!({"waiting": {"reason": "CrashLoopBackOff",
+        "message": format!("back-off 10s restarting failed container={} pod={}", "model-pull", pod.metadata.name.clone().unwrap())}});
+    kubelet_writes(&pods, &pod, backoff, terminated(code, &message), 1).await;
+    let md = wait_md(
+        &api,
+        name,
+        "Degraded=True, CrashLoopBackOff",
+        LONG,
+        Some(&op),
+        |m| condition(m, "Degraded").is_some_and(|c| c.1 == "CrashLoopBackOff"),
+    )
+    .await;
+    let (status, reason, shown) = condition(&md, "ModelLoaded").unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "ArtifactNotFound"));
+    assert!(shown.contains(message.trim()), "{shown}");
+
+    // The object appears; the retry succeeds. The earlier failure stays in lastState (as the
+    // kubelet keeps it) but must not stick in the status.
+    serving.store(true, Ordering::SeqCst);
+    let (code, retry_message) = run_init_container(&pod, &root);
+    assert_eq!(code, 0, "the retry pulls: {retry_message}");
+    let version_dir = root.join(format!("models/{name}/1"));
+    assert!(version_dir.join("model.onnx").is_file());
+    assert!(
+        version_dir.join(PULL_RECORD_FILE).is_file(),
+        "pull leaves its record"
+    );
+    kubelet_writes(
+        &pods,
+        &pod,
+        terminated(0, ""),
+        terminated(i32::from(exit::NOT_FOUND), &message),
+        1,
+    )
+    .await;
+    let md = wait_md(&api, name, "ModelLoaded no longer False", LONG, Some(&op), |m| {
+        condition(m, "ModelLoaded").is_some_and(|c| c.0 != "False")
+    })
+    .await;
+    assert_eq!(condition(&md, "ModelLoaded").unwrap().1, "Loading");
+    kubectl_wait_reason(&ns.name, name, "Loading");
+    // Nobody but the "kubelet" wrote the pod's status: kwok did not make it ready meanwhile.
+    let now_pod = pods.get(pod.metadata.name.as_deref().unwrap()).await.unwrap();
+    let st = now_pod.status.unwrap();
+    let pull = &st.init_container_statuses.unwrap()[0];
+    let last = pull.last_state.as_ref().unwrap().terminated.as_ref().unwrap();
+    assert_eq!(last.exit_code, i32::from(exit::NOT_FOUND));
+    assert!(!st.container_statuses.unwrap()[0].ready, "{:?}", st.conditions);
+
+    // kwok leaves these pods alone, deletion included: once nothing can recreate them, the test
+    // finishes what a kubelet would.
+    delete_md(&api, name).await;
+    let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns.name);
+    wait_for(
+        "the Deployment and its ReplicaSets garbage-collected",
+        LONG,
+        || op.log_tail(),
+        || async {
+            let d = Api::<Deployment>::namespaced(client.clone(), &ns.name)
+                .get_opt(name)
+                .await
+                .ok()?;
+            let rs = replica_sets.list(&lp).await.ok()?;
+            (d.is_none() && rs.items.is_empty()).then_some(())
+        },
+    )
+    .await;
+    let out = kubectl(&[
+        "delete",
+        "pods",
+        "-n",
+        &ns.name,
+        "-l",
+        &format!("kubemaas.io/model-deployment={name}"),
+        "--grace-period=0",
+        "--force",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&root);
+}
