@@ -339,7 +339,7 @@ fn download_options_default_to_the_safe_side_in_the_schema() {
         ["model"]["properties"];
     assert_eq!(model["allowPrivateAddresses"]["default"], false);
     assert_eq!(model["maxBytes"]["format"], "int64");
-    assert_eq!(model["uri"]["maxLength"], 2048);
+    assert_eq!(model["uri"]["maxLength"], 8192, "room for presigned URLs");
     assert_eq!(
         model["cache"]["required"],
         json!(["claimName"]),

@@ -110,7 +110,7 @@ pub struct ModelSource {
     /// commit; default `main`) is for `hf://` only. Bucket names follow the S3 and GCS naming rules,
     /// the claim is a DNS-1123 name; `.` and `..` path components, empty components (`//`) and
     /// backslashes are refused.
-    #[schemars(length(max = 2048))]
+    #[schemars(length(max = 8192))]
     #[x_kube(validation = uri_shape_rule())]
     #[x_kube(validation = uri_names_rule())]
     #[x_kube(validation = Rule::new("!self.contains('\\\\') && !self.matches('[[:cntrl:]]')")
