@@ -65,4 +65,6 @@ pub mod reason {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// The operator could not apply the children.
     pub const RECONCILE_FAILED: &str = "ReconcileFailed";
+    /// The apiserver refused a child (quota, admission, RBAC); the message carries its words.
+    pub const APPLY_FAILED: &str = "ApplyFailed";
 }

@@ -2,6 +2,7 @@
 //! longer wanted. Unchanged children (same spec hash as observed) cost no request at all.
 
 use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -24,9 +25,9 @@ where
         .and_then(|o| o.annotations().get(labels::SPEC_HASH).cloned())
 }
 
-/// Applies `desired` unless the observed copy already carries the same hash. Returns whether a
-/// request was sent.
-async fn apply_one<K>(client: &Client, store: &Store<K>, ns: &str, desired: K) -> Result<bool, Error>
+/// Applies `desired` unless the observed copy already carries the same hash. Returns the object
+/// as the apiserver answered when a request was sent (fresher than the cache, which may lag).
+async fn apply_one<K>(client: &Client, store: &Store<K>, ns: &str, desired: K) -> Result<Option<K>, Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Clone
@@ -39,21 +40,22 @@ where
     let name = desired.name_any();
     let hash = desired.annotations().get(labels::SPEC_HASH).cloned();
     if hash.is_some() && observed_hash(store, &name, ns) == hash {
-        return Ok(false);
+        return Ok(None);
     }
     let api: Api<K> = Api::namespaced(client.clone(), ns);
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&desired),
-    )
-    .await
-    .map_err(|source| Error::Apply {
-        kind: K::kind(&()).to_string(),
-        name: name.clone(),
-        source,
-    })?;
-    Ok(true)
+    let applied = api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await
+        .map_err(|source| Error::Apply {
+            kind: K::kind(&()).to_string(),
+            name: name.clone(),
+            source,
+        })?;
+    Ok(Some(applied))
 }
 
 /// Deletes the child if the store shows it exists (so an absent child costs no request).
@@ -80,25 +82,39 @@ where
     }
 }
 
-/// Applies every wanted child and removes the unwanted ones. Returns the number of write requests.
+/// What [`apply_children`] did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Write requests sent.
+    pub writes: usize,
+    /// The Deployment as the apiserver answered, when it was written: status must be computed from
+    /// it (new generation, old rollout state), not from a cache that has not seen the write yet.
+    pub deployment: Option<Deployment>,
+}
+
+/// Applies every wanted child and removes the unwanted ones.
 pub async fn apply_children(
     client: &Client,
     stores: &Stores,
     md: &ModelDeployment,
     children: Children,
-) -> Result<usize, Error> {
+) -> Result<Applied, Error> {
     let ns = md.namespace().ok_or(Error::MissingNamespace)?;
     let name = md.name_any();
-    let mut writes = 0;
-    writes += usize::from(apply_one(client, &stores.deployments, &ns, children.deployment).await?);
-    writes += usize::from(apply_one(client, &stores.services, &ns, children.service).await?);
+    let deployment = apply_one(client, &stores.deployments, &ns, children.deployment).await?;
+    let mut writes = usize::from(deployment.is_some());
+    writes += usize::from(
+        apply_one(client, &stores.services, &ns, children.service)
+            .await?
+            .is_some(),
+    );
     writes += usize::from(match children.hpa {
-        Some(h) => apply_one(client, &stores.hpas, &ns, h).await?,
+        Some(h) => apply_one(client, &stores.hpas, &ns, h).await?.is_some(),
         None => delete_if_present(client, &stores.hpas, &ns, &name).await?,
     });
     writes += usize::from(match children.pdb {
-        Some(p) => apply_one(client, &stores.pdbs, &ns, p).await?,
+        Some(p) => apply_one(client, &stores.pdbs, &ns, p).await?.is_some(),
         None => delete_if_present(client, &stores.pdbs, &ns, &name).await?,
     });
-    Ok(writes)
+    Ok(Applied { writes, deployment })
 }

@@ -76,6 +76,20 @@ impl Error {
     }
 }
 
+/// A reconcile error as a status message: the apiserver's own words (e.g. `exceeded quota: …`)
+/// rather than the client's wrapping of them.
+pub fn http_message(e: &Error) -> String {
+    let words = |source: &kube::Error| match source {
+        kube::Error::Api(status) if !status.message.is_empty() => status.message.clone(),
+        other => other.to_string(),
+    };
+    match e {
+        Error::Apply { kind, name, source } => format!("failed to apply {kind} {name}: {}", words(source)),
+        Error::Delete { kind, name, source } => format!("failed to delete {kind} {name}: {}", words(source)),
+        other => other.to_string(),
+    }
+}
+
 /// Caches of the children, filled by label-selected watches.
 #[derive(Clone)]
 pub struct Stores {

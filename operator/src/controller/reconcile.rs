@@ -59,19 +59,32 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     }
     wait_for_caches(&ctx).await;
     if let Err(invalid) = validate::validate(&md) {
-        let status = invalid_status(&md, &invalid.to_string());
+        let status = not_ready_status(&md, reason::INVALID_SPEC, &invalid.to_string());
         write_status(&ctx, &md, status).await?;
         return Ok(Action::await_change());
     }
     let children = build::children(&md, &ctx.build);
-    let writes = apply::apply_children(&ctx.client, &ctx.stores, &md, children).await?;
-    ctx.metrics.child_writes(writes);
+    let applied = match apply::apply_children(&ctx.client, &ctx.stores, &md, children).await {
+        Ok(a) => a,
+        Err(e) => {
+            // The apiserver's words belong in status too (quota, admission webhooks, RBAC):
+            // `kubectl wait` and GitOps tools read conditions, not Events.
+            let status = not_ready_status(&md, reason::APPLY_FAILED, &super::http_message(&e));
+            if let Err(se) = write_status(&ctx, &md, status).await {
+                tracing::warn!(error = %se, "could not report the apply failure in status");
+            }
+            return Err(e);
+        }
+    };
+    ctx.metrics.child_writes(applied.writes);
 
     let ns = md.namespace().unwrap_or_default();
-    let deployment = ctx
-        .stores
-        .deployments
-        .get(&ObjectRef::new(&md.name_any()).within(&ns));
+    // What was just written is newer than the cache: a changed template must read as rolling out.
+    let deployment = applied.deployment.map(Arc::new).or_else(|| {
+        ctx.stores
+            .deployments
+            .get(&ObjectRef::new(&md.name_any()).within(&ns))
+    });
     let pods = pods_of(&ctx, &md);
     let probed = ctx
         .prober
@@ -91,18 +104,19 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     Ok(Action::requeue(ctx.resync))
 }
 
-fn invalid_status(md: &ModelDeployment, message: &str) -> ModelDeploymentStatus {
+/// The current status with `Ready=False` for `why` (other conditions kept as they were).
+fn not_ready_status(md: &ModelDeployment, why: &str, message: &str) -> ModelDeploymentStatus {
     let mut s = md.status.clone().unwrap_or_default();
     let unchanged = s
         .conditions
         .iter()
-        .any(|c| c.type_ == conditions::READY && c.reason == reason::INVALID_SPEC && c.message == message);
+        .any(|c| c.type_ == conditions::READY && c.reason == why && c.message == message);
     if !unchanged {
         s.conditions.retain(|c| c.type_ != conditions::READY);
         s.conditions.push(Condition {
             type_: conditions::READY.into(),
             status: "False".into(),
-            reason: reason::INVALID_SPEC.into(),
+            reason: why.into(),
             message: message.into(),
             last_transition_time: now(),
             observed_generation: md.metadata.generation,

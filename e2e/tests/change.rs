@@ -1,0 +1,146 @@
+//! The operator under change (issue 9): status stays honest while a new template rolls out, and a
+//! child the apiserver refuses shows up in status, not only in Events.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a panic is a failed test
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kubemaas_crds::v1alpha1::ModelDeployment;
+use kubemaas_e2e::{Operator, TestNs, client, condition, create_md, install_crd, is_ready, wait_md};
+use serde_json::json;
+
+fn md_json(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "kubemaas.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name}, "spec": spec})
+}
+
+#[tokio::test]
+async fn a_spec_change_is_not_ready_until_the_deployment_has_rolled_out_the_new_template() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "rollout").await;
+    let op = Operator::start(&ns.name, "op-rollout", &[]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    create_md(
+        &api,
+        md_json(
+            "ranker",
+            json!({"model": {"uri": "s3://models/m.onnx"}, "replicas": 2}),
+        ),
+    )
+    .await;
+    wait_md(
+        &api,
+        "ranker",
+        "Ready",
+        Duration::from_secs(90),
+        Some(&op),
+        is_ready,
+    )
+    .await;
+
+    // Record every status the operator writes from here on.
+    let cfg = watcher::Config::default().fields("metadata.name=ranker");
+    let mut seen = watcher(api.clone(), cfg).applied_objects().boxed();
+    let changed = api
+        .patch(
+            "ranker",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"model": {"uri": "s3://models/m2.onnx"}}})),
+        )
+        .await
+        .unwrap();
+    let generation = changed.metadata.generation.unwrap();
+    let first_for_new_generation = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(md) = seen.try_next().await.unwrap() {
+            if md.status.as_ref().and_then(|s| s.observed_generation) == Some(generation) {
+                return md;
+            }
+        }
+        panic!("watch ended");
+    })
+    .await
+    .expect("a status for the new generation within 60 s");
+    let ready = condition(&first_for_new_generation, "Ready").unwrap();
+    // The moment the operator first reports the new generation, the Deployment has just been told
+    // about it: no new pod can be serving yet.
+    assert_eq!(
+        (ready.0.as_str(), ready.1.as_str()),
+        ("False", "RolloutInProgress"),
+        "first status for generation {generation}: {ready:?}"
+    );
+    // And it does become Ready once the rollout is done, with the Deployment agreeing.
+    wait_md(
+        &api,
+        "ranker",
+        "Ready after the rollout",
+        Duration::from_secs(90),
+        Some(&op),
+        is_ready,
+    )
+    .await;
+    let d = deployments.get("ranker").await.unwrap();
+    let st = d.status.unwrap();
+    assert!(st.observed_generation >= d.metadata.generation, "{st:?}");
+    assert_eq!(st.updated_replicas, Some(2), "{st:?}");
+}
+
+#[tokio::test]
+async fn a_child_the_apiserver_refuses_shows_apply_failed_with_its_message_in_status() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "quota").await;
+    // A namespace where no Service may be created.
+    let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> = Api::namespaced(client.clone(), &ns.name);
+    quotas
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "no-services"}, "spec": {"hard": {"services": "0"}}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    // Admission enforces a quota once its controller has published the usage.
+    kubemaas_e2e::wait_for(
+        "the quota to be in force",
+        Duration::from_secs(60),
+        String::new,
+        || async {
+            let q = quotas.get("no-services").await.ok()?;
+            q.status.and_then(|s| s.hard).is_some().then_some(())
+        },
+    )
+    .await;
+    let op = Operator::start(&ns.name, "op-quota", &[]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    create_md(
+        &api,
+        md_json("blocked", json!({"model": {"uri": "s3://models/m.onnx"}})),
+    )
+    .await;
+    let md = wait_md(
+        &api,
+        "blocked",
+        "Ready=False ApplyFailed",
+        Duration::from_secs(60),
+        Some(&op),
+        |md| condition(md, "Ready").is_some_and(|c| c.1 == "ApplyFailed"),
+    )
+    .await;
+    let (status, _, message) = condition(&md, "Ready").unwrap();
+    assert_eq!(status, "False");
+    assert!(
+        message.contains("Service") && message.contains("exceeded quota"),
+        "the apiserver's words should reach status: {message}"
+    );
+    assert_eq!(
+        md.status.as_ref().unwrap().observed_generation,
+        md.metadata.generation
+    );
+}
