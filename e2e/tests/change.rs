@@ -144,3 +144,62 @@ async fn a_child_the_apiserver_refuses_shows_apply_failed_with_its_message_in_st
         md.metadata.generation
     );
 }
+
+#[tokio::test]
+async fn a_healthy_start_emits_no_warning_and_few_events() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "events").await;
+    let op = Operator::start(&ns.name, "op-events", &[]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    create_md(
+        &api,
+        md_json(
+            "quiet",
+            json!({"model": {"uri": "s3://models/m.onnx"}, "replicas": 2}),
+        ),
+    )
+    .await;
+    wait_md(
+        &api,
+        "quiet",
+        "Ready",
+        Duration::from_secs(90),
+        Some(&op),
+        is_ready,
+    )
+    .await;
+    // Let the last Events land (they are published after the status patch).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns.name);
+    let ours: Vec<_> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("ModelDeployment"))
+        .collect();
+    let describe = |e: &k8s_openapi::api::events::v1::Event| {
+        format!(
+            "{} {}: {}",
+            e.type_.clone().unwrap_or_default(),
+            e.reason.clone().unwrap_or_default(),
+            e.note.clone().unwrap_or_default()
+        )
+    };
+    let warnings: Vec<String> = ours
+        .iter()
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .map(describe)
+        .collect();
+    assert!(warnings.is_empty(), "a healthy start warned: {warnings:#?}");
+    // At 1,000 objects every Event is a write: a healthy start says what matters (scheduled,
+    // loaded, ready) and nothing about the brief, expected states on the way.
+    assert!(
+        ours.len() <= 3,
+        "{} events: {:#?}",
+        ours.len(),
+        ours.iter().map(describe).collect::<Vec<_>>()
+    );
+}

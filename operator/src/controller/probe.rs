@@ -86,52 +86,85 @@ fn parse(v: &serde_json::Value, version: &str) -> Probed {
     }
 }
 
+/// The metadata URL of a pod (IPv6 addresses in brackets).
+pub fn metadata_uri(ip: &str, model: &str, version: &str) -> Option<http::Uri> {
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    };
+    format!(
+        "http://{host}:{}/v2/models/{model}/versions/{version}",
+        ports::HTTP
+    )
+    .parse()
+    .ok()
+}
+
+/// Pods asked at once: enough that one slow pod does not hold the status back.
+const PARALLEL: usize = 4;
+
 impl Prober {
-    /// Metadata from the first ready pod that answers; None when none does.
+    /// Metadata from a ready pod that answers (cached per pod, asked a few at a time, so one
+    /// unresponsive pod costs one timeout, not one per pod); None when none does.
     pub async fn probe(&self, pods: &[Pod], model: &str, version: &str) -> Option<Probed> {
-        for pod in pods.iter().filter(|p| is_ready(p)) {
+        let ready: Vec<&Pod> = pods.iter().filter(|p| is_ready(p)).collect();
+        for pod in &ready {
             let uid = pod.uid().unwrap_or_default();
             if let Some(hit) = self.cache.lock().ok().and_then(|c| c.get(&uid).cloned()) {
                 return Some(hit);
             }
-            let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
-                continue;
-            };
-            let Ok(uri) = format!("http://{ip}:{}/v2/models/{model}/versions/{version}", ports::HTTP)
-                .parse::<http::Uri>()
-            else {
-                continue;
-            };
-            let fetched = tokio::time::timeout(self.timeout, async {
-                let resp = self.client.get(uri).await.ok()?;
-                if !resp.status().is_success() {
-                    return None;
-                }
-                let body = resp.into_body().collect().await.ok()?.to_bytes();
-                serde_json::from_slice::<serde_json::Value>(&body).ok()
-            })
-            .await
-            .ok()
-            .flatten();
-            if let Some(v) = fetched {
-                let probed = parse(&v, version);
-                if let Ok(mut c) = self.cache.lock() {
-                    // Bounded: entries of gone pods are dropped when the cache grows.
-                    if c.len() > 4096 {
-                        c.clear();
-                    }
-                    c.insert(uid, probed.clone());
-                }
-                return Some(probed);
+        }
+        for batch in ready.chunks(PARALLEL) {
+            let answers = futures::future::join_all(batch.iter().map(|p| self.ask(p, model, version))).await;
+            if let Some(hit) = answers.into_iter().flatten().next() {
+                return Some(hit);
             }
         }
         None
+    }
+
+    async fn ask(&self, pod: &Pod, model: &str, version: &str) -> Option<Probed> {
+        let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone())?;
+        let uri = metadata_uri(&ip, model, version)?;
+        let v = tokio::time::timeout(self.timeout, async {
+            let resp = self.client.get(uri).await.ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            let body = resp.into_body().collect().await.ok()?.to_bytes();
+            serde_json::from_slice::<serde_json::Value>(&body).ok()
+        })
+        .await
+        .ok()
+        .flatten()?;
+        let probed = parse(&v, version);
+        if let Ok(mut c) = self.cache.lock() {
+            // Bounded: entries of gone pods are dropped when the cache grows.
+            if c.len() > 4096 {
+                c.clear();
+            }
+            c.insert(pod.uid().unwrap_or_default(), probed.clone());
+        }
+        Some(probed)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_addresses_make_valid_urls_for_ipv4_and_ipv6() {
+        assert_eq!(
+            metadata_uri("10.1.2.3", "m", "1").unwrap().to_string(),
+            "http://10.1.2.3:8080/v2/models/m/versions/1"
+        );
+        assert_eq!(
+            metadata_uri("fd00::12", "m", "1").unwrap().to_string(),
+            "http://[fd00::12]:8080/v2/models/m/versions/1"
+        );
+    }
 
     #[test]
     fn metadata_maps_to_status_fields() {

@@ -143,11 +143,18 @@ async fn write_status(ctx: &Context, md: &ModelDeployment, new: ModelDeploymentS
     ctx.metrics.child_writes(1);
     let reference = md.object_ref(&());
     for c in status::changed_conditions(md.status.as_ref(), &new) {
+        let before = md
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|o| o.type_ == c.type_));
+        let Some(warning) = status::event_for(c, before) else {
+            continue;
+        };
         let event = Event {
-            type_: if status::is_healthy(c) {
-                EventType::Normal
-            } else {
+            type_: if warning {
                 EventType::Warning
+            } else {
+                EventType::Normal
             },
             reason: c.reason.clone(),
             note: Some(format!("{} is {}: {}", c.type_, c.status, c.message)),

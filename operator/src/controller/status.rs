@@ -438,6 +438,42 @@ pub fn is_healthy(c: &Condition) -> bool {
     }
 }
 
+/// Reasons that are a problem a person should look at, whenever they appear.
+const PROBLEMS: [&str; 15] = [
+    reason::UNSCHEDULABLE,
+    reason::DOWNLOAD_FAILED,
+    reason::CHECKSUM_MISMATCH,
+    reason::ARTIFACT_NOT_FOUND,
+    reason::ACCESS_DENIED,
+    reason::ARTIFACT_TOO_LARGE,
+    reason::ADDRESS_REFUSED,
+    reason::LOAD_FAILED,
+    reason::STARTUP_TIMEOUT,
+    reason::CRASH_LOOP_BACK_OFF,
+    reason::OOM_KILLED,
+    reason::IMAGE_PULL_BACK_OFF,
+    reason::INVALID_SPEC,
+    reason::APPLY_FAILED,
+    reason::RECONCILE_FAILED,
+];
+
+/// The Event a condition change deserves: `Some(true)` a Warning, `Some(false)` a Normal event,
+/// `None` none. At scale every Event is a write, so the expected, brief states on the way to
+/// Ready (no pods yet, pending, downloading, loading, replicas coming up, a rollout) say nothing;
+/// reaching a good state is Normal; a problem reason, or losing a good state, is a Warning.
+pub fn event_for(c: &Condition, before: Option<&Condition>) -> Option<bool> {
+    if is_healthy(c) {
+        // Degraded=False is only news as a recovery.
+        let recovered = before.is_some_and(|b| !is_healthy(b));
+        return (c.type_ != conditions::DEGRADED || recovered).then_some(false);
+    }
+    if PROBLEMS.contains(&c.reason.as_str()) {
+        return Some(true);
+    }
+    let expected = c.reason == reason::ROLLOUT_IN_PROGRESS;
+    (!expected && before.is_some_and(is_healthy)).then_some(true)
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -450,6 +486,63 @@ mod tests {
 
     fn now() -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap())
+    }
+
+    fn c(type_: &str, status: &str, reason: &str) -> Condition {
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: String::new(),
+            last_transition_time: now(),
+            observed_generation: None,
+        }
+    }
+
+    #[test]
+    fn events_warn_on_problems_and_losses_and_stay_quiet_on_the_way_to_ready() {
+        use conditions::{DEGRADED, MODEL_LOADED, READY, SCHEDULED};
+        // The way to Ready: nothing.
+        for (t, st, r) in [
+            (SCHEDULED, "Unknown", reason::PENDING),
+            (MODEL_LOADED, "Unknown", reason::LOADING),
+            (MODEL_LOADED, "Unknown", reason::DOWNLOADING),
+            (READY, "False", reason::INSUFFICIENT_REPLICAS),
+            (DEGRADED, "False", reason::HEALTHY),
+        ] {
+            assert_eq!(event_for(&c(t, st, r), None), None, "{t} {r}");
+        }
+        assert_eq!(
+            event_for(&c(READY, "True", reason::MINIMUM_REPLICAS_AVAILABLE), None),
+            Some(false)
+        );
+        // Problems warn whatever came before; losing Ready warns; a rollout does not.
+        assert_eq!(
+            event_for(&c(MODEL_LOADED, "False", reason::ACCESS_DENIED), None),
+            Some(true)
+        );
+        assert_eq!(
+            event_for(&c(SCHEDULED, "False", reason::UNSCHEDULABLE), None),
+            Some(true)
+        );
+        let was_ready = c(READY, "True", reason::MINIMUM_REPLICAS_AVAILABLE);
+        assert_eq!(
+            event_for(
+                &c(READY, "False", reason::INSUFFICIENT_REPLICAS),
+                Some(&was_ready)
+            ),
+            Some(true)
+        );
+        assert_eq!(
+            event_for(&c(READY, "False", reason::ROLLOUT_IN_PROGRESS), Some(&was_ready)),
+            None
+        );
+        // Recovering from Degraded is news.
+        let was_degraded = c(DEGRADED, "True", reason::OOM_KILLED);
+        assert_eq!(
+            event_for(&c(DEGRADED, "False", reason::HEALTHY), Some(&was_degraded)),
+            Some(false)
+        );
     }
 
     fn pod(v: serde_json::Value) -> Pod {

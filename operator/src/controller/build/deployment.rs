@@ -67,9 +67,13 @@ fn intra_op_threads(md: &ModelDeployment) -> i32 {
     }
     let res = md.spec.resources.as_ref();
     let cpu = |m: Option<&BTreeMap<String, Quantity>>| m.and_then(|m| m.get("cpu")).and_then(cores);
-    cpu(res.and_then(|r| r.limits.as_ref()))
+    let total = cpu(res.and_then(|r| r.limits.as_ref()))
         .or_else(|| cpu(res.and_then(|r| r.requests.as_ref())))
-        .unwrap_or(0)
+        .unwrap_or(0);
+    // Each instance is a session with its own thread pool: share the pod's cores among them
+    // instead of giving every one all of them (instances × cores threads would thrash).
+    let instances = md.spec.runtime.as_ref().map(|r| r.instances).unwrap_or(1).max(1);
+    if total == 0 { 0 } else { (total / instances).max(1) }
 }
 
 /// Arguments of `kubemaas-server serve` for this spec.
@@ -572,6 +576,23 @@ mod tests {
                 .windows(2)
                 .any(|w| w == ["--intra-op-threads", "4"])
         );
+    }
+
+    #[test]
+    fn derived_intra_op_threads_are_shared_among_instances() {
+        let threads = |spec: serde_json::Value| {
+            let a = server_args(&md(spec), &BuildConfig::default());
+            let i = a.iter().position(|x| x == "--intra-op-threads").unwrap();
+            a[i + 1].clone()
+        };
+        let base = json!({"model": {"uri": "s3://models/m.onnx"}, "resources": {"limits": {"cpu": "8"}}});
+        assert_eq!(threads(base.clone()), "8");
+        let mut four = base.clone();
+        four["runtime"] = json!({"instances": 4});
+        assert_eq!(threads(four), "2");
+        let mut many = base;
+        many["runtime"] = json!({"instances": 16});
+        assert_eq!(threads(many), "1");
     }
 
     #[test]

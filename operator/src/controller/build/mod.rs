@@ -7,7 +7,6 @@ mod pdb;
 mod service;
 
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -153,11 +152,14 @@ pub fn child_meta(md: &ModelDeployment) -> ObjectMeta {
 
 /// A stable hash of a desired child, stored in [`labels::SPEC_HASH`]: equal hashes mean applying
 /// again would change nothing, so no request is sent.
+///
+/// SHA-256 (first 8 bytes, hex) of the JSON: a fixed algorithm, unlike `DefaultHasher`, whose
+/// output may change with a Rust release and would then re-apply every child after an upgrade.
 pub fn spec_hash<T: Serialize>(obj: &T) -> String {
+    use sha2::Digest;
     let json = serde_json::to_string(obj).unwrap_or_default();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    json.hash(&mut h);
-    format!("{:016x}", h.finish())
+    let digest = sha2::Sha256::digest(json.as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Sets [`labels::SPEC_HASH`] on a desired child (computed without the annotation itself).
@@ -202,6 +204,12 @@ pub(crate) mod tests {
             assert_eq!(meta.namespace.as_deref(), Some("ml"));
         }
         assert!(c.hpa.is_none() && c.pdb.is_none());
+    }
+
+    #[test]
+    fn spec_hash_is_a_fixed_function_of_the_content() {
+        // Pinned: a toolchain upgrade must not change it (that would re-apply every child).
+        assert_eq!(spec_hash(&serde_json::json!({"a": 1})), "015abd7f5cc57a2d");
     }
 
     #[test]
