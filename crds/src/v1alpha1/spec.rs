@@ -148,9 +148,8 @@ pub struct ModelSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
 
-    /// Allow `http(s)://` and `hf://` hosts that resolve to private addresses (10.0.0.0/8,
-    /// 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, loopback, fc00::/7), e.g. an on-premises
-    /// model store. Refused
+    /// Allow `http(s)://` and `hf://` hosts that resolve to private addresses (RFC 1918, the
+    /// RFC 6598 shared space, loopback, IPv6 unique-local), e.g. an on-premises model store. Refused
     /// by default (status: ModelLoaded=False, reason AddressRefused); link-local and cloud metadata
     /// addresses are refused even when this is true. `s3://`, `gs://` and `pvc://` are not affected.
     #[serde(default)]

@@ -157,12 +157,12 @@ mod tests {
     #[test]
     fn pod_addresses_make_valid_urls_for_ipv4_and_ipv6() {
         assert_eq!(
-            metadata_uri("10.1.2.3", "m", "1").unwrap().to_string(),
-            "http://10.1.2.3:8080/v2/models/m/versions/1"
+            metadata_uri("127.1.2.3", "m", "1").unwrap().to_string(),
+            "http://127.1.2.3:8080/v2/models/m/versions/1"
         );
         assert_eq!(
-            metadata_uri("fd00::12", "m", "1").unwrap().to_string(),
-            "http://[fd00::12]:8080/v2/models/m/versions/1"
+            metadata_uri("::1", "m", "1").unwrap().to_string(),
+            "http://[::1]:8080/v2/models/m/versions/1"
         );
     }
 

@@ -59,8 +59,8 @@ pub struct PullArgs {
     /// TCP connect timeout, seconds.
     #[arg(long, env = "KUBEMAAS_PULL_CONNECT_TIMEOUT", default_value_t = 10)]
     pub connect_timeout: u64,
-    /// Allow http(s)/hf hosts that resolve to loopback or private ranges (10/8, 172.16/12,
-    /// 192.168/16, 100.64/10, fc00::/7), for stores inside your network. Link-local and cloud
+    /// Allow http(s)/hf hosts that resolve to loopback or private ranges (RFC 1918, the RFC 6598
+    /// shared space, IPv6 unique-local), for stores inside your network. Link-local and cloud
     /// metadata addresses are refused regardless.
     #[arg(long, env = "KUBEMAAS_ALLOW_PRIVATE_ADDRESSES")]
     pub allow_private_addresses: bool,

@@ -786,7 +786,7 @@ mod tests {
     #[test]
     fn max_bytes_and_allow_private_addresses_become_pull_flags_only_when_set() {
         let m = md(
-            json!({"model": {"uri": "http://10.0.0.5/m.onnx", "allowPrivateAddresses": true,
+            json!({"model": {"uri": "http://127.0.0.5/m.onnx", "allowPrivateAddresses": true,
             "maxBytes": 5_000_000_000_i64}}),
         );
         let d = deployment(&m, &BuildConfig::default());
@@ -794,7 +794,7 @@ mod tests {
         assert!(args.iter().any(|a| a == "--allow-private-addresses"), "{args:?}");
         assert!(has_flag(&args, "--max-bytes", "5000000000"), "{args:?}");
         let d = deployment(
-            &md(json!({"model": {"uri": "http://10.0.0.5/m.onnx"}})),
+            &md(json!({"model": {"uri": "http://127.0.0.5/m.onnx"}})),
             &BuildConfig::default(),
         );
         let args = init(&d).args.clone().unwrap();
