@@ -663,6 +663,19 @@ def test_the_token_in_the_credentials_dir_is_sent_to_an_http_server(plain, run_p
     assert dest.read_bytes() == model_bytes
 
 
+def test_proxy_variables_are_ignored_so_the_guard_sees_the_real_destination(plain, run_pull, tmp_path, model_bytes):
+    # A proxy would connect on pull's behalf, out of the address guard's sight: none is used.
+    plain.route("/model.onnx", body=model_bytes)
+    with FileServer(name="proxy") as proxy:
+        env = {k: proxy.url for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")}
+        dest = tmp_path / "model.onnx"
+        p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, env=env)
+        assert_ok(p)
+        assert dest.read_bytes() == model_bytes
+        assert proxy.requests == [], proxy.requests
+        assert len(plain.gets("/model.onnx")) == 1
+
+
 def test_plain_loopback_without_allow_private_addresses_exits_8(plain, run_pull, tmp_path, model_bytes):
     plain.route("/model.onnx", body=model_bytes)
     dest = tmp_path / "model.onnx"

@@ -22,9 +22,6 @@ pub mod exit {
     pub const ADDRESS_REFUSED: u8 = 8;
 }
 
-/// URI schemes `pull` fetches; the CRD accepts exactly these.
-pub const SCHEMES: [&str; 6] = ["s3", "gs", "http", "https", "hf", "pvc"];
-
 /// File `pull` writes next to the model (in the version directory) describing what it fetched:
 /// `{"uri", "sha256", "bytes", "files", "seconds"}`. The server reports it in model metadata.
 pub const PULL_RECORD_FILE: &str = "kubemaas-pull.json";

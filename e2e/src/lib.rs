@@ -387,6 +387,11 @@ pub fn is_ready(md: &ModelDeployment) -> bool {
     gen_ok && condition(md, "Ready").is_some_and(|c| c.0 == "True")
 }
 
+/// A ModelDeployment manifest as JSON.
+pub fn md_json(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"apiVersion": "kubemaas.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name}, "spec": spec})
+}
+
 /// Applies a ModelDeployment from JSON into `ns`.
 pub async fn create_md(api: &Api<ModelDeployment>, md: serde_json::Value) -> ModelDeployment {
     let md: ModelDeployment = serde_json::from_value(md).expect("valid ModelDeployment JSON");

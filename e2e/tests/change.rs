@@ -10,12 +10,8 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kubemaas_crds::v1alpha1::ModelDeployment;
-use kubemaas_e2e::{Operator, TestNs, client, condition, create_md, install_crd, is_ready, wait_md};
+use kubemaas_e2e::{Operator, TestNs, client, condition, create_md, install_crd, is_ready, md_json, wait_md};
 use serde_json::json;
-
-fn md_json(name: &str, spec: serde_json::Value) -> serde_json::Value {
-    json!({"apiVersion": "kubemaas.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name}, "spec": spec})
-}
 
 #[tokio::test]
 async fn a_spec_change_is_not_ready_until_the_deployment_has_rolled_out_the_new_template() {

@@ -18,10 +18,6 @@ use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(120);
 
-fn md_json(name: &str, spec: serde_json::Value) -> serde_json::Value {
-    json!({"apiVersion": "kubemaas.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name}, "spec": spec})
-}
-
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

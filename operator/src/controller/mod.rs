@@ -78,7 +78,7 @@ impl Error {
 
 /// A reconcile error as a status message: the apiserver's own words (e.g. `exceeded quota: …`)
 /// rather than the client's wrapping of them.
-pub fn http_message(e: &Error) -> String {
+pub fn status_message(e: &Error) -> String {
     let words = |source: &kube::Error| match source {
         kube::Error::Api(status) if !status.message.is_empty() => status.message.clone(),
         other => other.to_string(),

@@ -69,7 +69,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         Err(e) => {
             // The apiserver's words belong in status too (quota, admission webhooks, RBAC):
             // `kubectl wait` and GitOps tools read conditions, not Events.
-            let status = not_ready_status(&md, reason::APPLY_FAILED, &super::http_message(&e));
+            let status = not_ready_status(&md, reason::APPLY_FAILED, &super::status_message(&e));
             if let Err(se) = write_status(&ctx, &md, status).await {
                 tracing::warn!(error = %se, "could not report the apply failure in status");
             }

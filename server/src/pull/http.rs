@@ -71,6 +71,8 @@ impl HttpFetcher {
     pub fn new(guard: Arc<AddressGuard>, settings: &ClientSettings<'_>) -> Result<Self, FetchError> {
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            // A proxy would connect on our behalf, past the address guard.
+            .no_proxy()
             .dns_resolver(Arc::new(GuardResolver(guard.clone())))
             .connect_timeout(settings.connect_timeout)
             .user_agent(concat!("kubemaas-server/", env!("CARGO_PKG_VERSION")));
@@ -99,8 +101,12 @@ impl HttpFetcher {
             let host = current
                 .host_str()
                 .ok_or_else(|| FetchError::Fatal(format!("{current} has no host")))?;
-            // Typed refusal before connecting; the resolver enforces the same on connect.
-            self.guard.resolve(host).await.map_err(guard_error)?;
+            // Names are checked by the resolver the client connects through (one lookup, and
+            // the address checked is the one used); an IP literal never reaches a resolver.
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+                self.guard.check_ip(bare, ip).map_err(guard_error)?;
+            }
             let mut req = self.client.get(current.clone());
             if range_from > 0 {
                 req = req.header(RANGE, format!("bytes={range_from}-"));

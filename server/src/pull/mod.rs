@@ -461,7 +461,7 @@ async fn fetch_uri(
         }
         ArtifactUri::Http { url } => {
             let token = match &args.bearer_token_file {
-                Some(f) => read_secret_file(f)?.or(None),
+                Some(f) => read_secret_file(f)?,
                 None => token_file("token")?,
             };
             let src = http::HttpSource {

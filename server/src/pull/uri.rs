@@ -1,8 +1,6 @@
 //! Model URIs: parsed once into the source they name, refusing path tricks (`..`, `.`, empty or
 //! absolute components, backslashes) before any request is made.
 
-use std::fmt;
-
 /// A parsed artifact URI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ArtifactUri {
@@ -206,23 +204,6 @@ impl ArtifactUri {
             ArtifactUri::Http { .. } => false,
             ArtifactUri::Hf { path, .. } => path.is_empty() || path.ends_with('/'),
             ArtifactUri::Pvc { path, .. } => path.ends_with('/'),
-        }
-    }
-
-    /// Whether the address guard applies (sources reached by URL on behalf of the user).
-    pub fn is_guarded(&self) -> bool {
-        matches!(self, ArtifactUri::Http { .. } | ArtifactUri::Hf { .. })
-    }
-}
-
-impl fmt::Display for ArtifactUri {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ArtifactUri::S3 { bucket, key } => write!(f, "s3://{bucket}/{key}"),
-            ArtifactUri::Gcs { bucket, key } => write!(f, "gs://{bucket}/{key}"),
-            ArtifactUri::Http { url } => write!(f, "{url}"),
-            ArtifactUri::Hf { repo, path, revision } => write!(f, "hf://{repo}/{path}@{revision}"),
-            ArtifactUri::Pvc { claim, path } => write!(f, "pvc://{claim}/{path}"),
         }
     }
 }
