@@ -34,7 +34,11 @@ use super::status::ModelDeploymentStatus;
     printcolumn = r#"{"name":"Accelerator","type":"string","jsonPath":".status.accelerator","description":"Execution provider the pods really use"}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.replicas"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    // The name names the Service (a DNS-1035 label): refuse at admission what could never serve,
+    // rather than accept it and sit in InvalidSpec.
+    validation = Rule::new("size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("metadata.name must be a DNS-1035 label because it names the Service: at most 63 characters, lower-case letters, digits and '-', starting with a letter and ending with a letter or digit")
 )]
 #[x_kube(validation = Rule::new("!has(self.gpu) || self.accelerator != 'cpu'")
     .message("a gpu block needs accelerator: cuda or auto; remove gpu or change accelerator")
