@@ -199,3 +199,51 @@ async fn a_healthy_start_emits_no_warning_and_few_events() {
         ours.iter().map(describe).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test]
+async fn after_a_leader_change_the_first_reconciles_start_within_seconds() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "restart").await;
+    let mut first = Operator::start(&ns.name, "op-restart-1", &[]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let names: Vec<String> = (0..12).map(|i| format!("r{i}")).collect();
+    for n in &names {
+        create_md(&api, md_json(n, json!({"model": {"uri": "s3://models/m.onnx"}}))).await;
+    }
+    for n in &names {
+        wait_md(&api, n, "Ready", Duration::from_secs(90), Some(&first), is_ready).await;
+    }
+    let second = Operator::start(&ns.name, "op-restart-2", &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(first.terminate(), "a clean shutdown releases the lease");
+    // Changed while the standby takes over: it must act on it at once, for all 12.
+    for n in &names {
+        api.patch(
+            n,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 2}})),
+        )
+        .await
+        .unwrap();
+    }
+    let started = std::time::Instant::now();
+    for n in &names {
+        wait_md(
+            &api,
+            n,
+            "the new generation observed",
+            Duration::from_secs(60),
+            Some(&second),
+            |m| m.status.as_ref().and_then(|s| s.observed_generation) == m.metadata.generation,
+        )
+        .await;
+    }
+    let took = started.elapsed();
+    eprintln!("the new leader observed every change after {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the new leader took {took:?} to observe every change:\n{}",
+        second.log_tail()
+    );
+}

@@ -92,13 +92,7 @@ fn context(client: Client, w: World) -> (Arc<Context>, Vec<Box<dyn std::any::Any
     let ctx = Context {
         client: client.clone(),
         build: BuildConfig::default(),
-        stores: Stores {
-            deployments,
-            services,
-            hpas,
-            pdbs,
-            pods,
-        },
+        stores: Stores::new(deployments, services, hpas, pdbs, pods),
         recorder: Recorder::new(
             client,
             Reporter {

@@ -103,6 +103,58 @@ pub struct Stores {
     pub pdbs: Store<PodDisruptionBudget>,
     /// Pods.
     pub pods: Store<Pod>,
+    /// True once every cache above has seen its first full list.
+    ready: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Stores {
+    /// Bundles the caches and starts the one task that waits for them to fill.
+    ///
+    /// A store's `wait_until_ready` wakes only its most recent waiter (it keeps one waker), so
+    /// reconciles that waited on it directly slept out their whole timeout after a restart or a
+    /// leader change; a watch channel wakes every waiter.
+    pub fn new(
+        deployments: Store<Deployment>,
+        services: Store<Service>,
+        hpas: Store<HorizontalPodAutoscaler>,
+        pdbs: Store<PodDisruptionBudget>,
+        pods: Store<Pod>,
+    ) -> Stores {
+        let (tx, ready) = tokio::sync::watch::channel(false);
+        let (d, s, h, p, o) = (
+            deployments.clone(),
+            services.clone(),
+            hpas.clone(),
+            pdbs.clone(),
+            pods.clone(),
+        );
+        tokio::spawn(async move {
+            let _ = d.wait_until_ready().await;
+            let _ = s.wait_until_ready().await;
+            let _ = h.wait_until_ready().await;
+            let _ = p.wait_until_ready().await;
+            let _ = o.wait_until_ready().await;
+            let _ = tx.send(true);
+        });
+        Stores {
+            deployments,
+            services,
+            hpas,
+            pdbs,
+            pods,
+            ready,
+        }
+    }
+
+    /// Waits until every cache is filled, at most `limit`: before that every child would look
+    /// missing and be re-applied. Returns whether they are.
+    pub async fn wait_until_ready(&self, limit: std::time::Duration) -> bool {
+        let mut ready = self.ready.clone();
+        matches!(
+            tokio::time::timeout(limit, ready.wait_for(|r| *r)).await,
+            Ok(Ok(_))
+        )
+    }
 }
 
 /// Shared state of every reconcile.
@@ -178,13 +230,7 @@ pub async fn run(
     let (hpas, hpa_stream) = cached!(HorizontalPodAutoscaler);
     let (pdbs, pdb_stream) = cached!(PodDisruptionBudget);
     let (pods, pod_stream) = cached!(Pod);
-    let stores = Stores {
-        deployments,
-        services,
-        hpas,
-        pdbs,
-        pods,
-    };
+    let stores = Stores::new(deployments, services, hpas, pdbs, pods);
     let reporter = Reporter {
         controller: "kubemaas-operator".into(),
         instance: std::env::var("POD_NAME").ok(),

@@ -36,19 +36,6 @@ fn pods_of(ctx: &Context, md: &ModelDeployment) -> Vec<Pod> {
         .collect()
 }
 
-async fn wait_for_caches(ctx: &Context) {
-    // Before the caches are filled every child would look missing and be re-applied.
-    let s = &ctx.stores;
-    let ready = async {
-        let _ = s.deployments.wait_until_ready().await;
-        let _ = s.services.wait_until_ready().await;
-        let _ = s.hpas.wait_until_ready().await;
-        let _ = s.pdbs.wait_until_ready().await;
-        let _ = s.pods.wait_until_ready().await;
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(30), ready).await;
-}
-
 /// Reconciles one ModelDeployment.
 #[tracing::instrument(skip_all, fields(namespace = %md.namespace().unwrap_or_default(), name = %md.name_any(), generation = md.metadata.generation))]
 pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -57,7 +44,9 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         // Children are garbage-collected through their owner references.
         return Ok(Action::await_change());
     }
-    wait_for_caches(&ctx).await;
+    if !ctx.stores.wait_until_ready(Duration::from_secs(30)).await {
+        tracing::warn!("the child caches are not filled after 30 s; reconciling anyway");
+    }
     if let Err(invalid) = validate::validate(&md) {
         let status = not_ready_status(&md, reason::INVALID_SPEC, &invalid.to_string());
         write_status(&ctx, &md, status).await?;
