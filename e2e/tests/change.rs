@@ -200,6 +200,222 @@ async fn a_healthy_start_emits_no_warning_and_few_events() {
     );
 }
 
+/// Every `spec.replicas` the Deployment `name` takes, as the apiserver announces it, until dropped.
+fn record_replicas(
+    deployments: &Api<Deployment>,
+    name: &str,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Vec<i32>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut stream = watcher(deployments.clone(), cfg).applied_objects().boxed();
+    let sink = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Ok(Some(d)) = stream.try_next().await {
+            let r = d.spec.replicas.unwrap_or(-1);
+            let mut v = sink.lock().unwrap();
+            if v.last() != Some(&r) {
+                v.push(r);
+            }
+        }
+    });
+    (seen, task)
+}
+
+#[tokio::test]
+async fn autoscaling_takes_over_and_hands_back_replicas_without_a_dip_or_a_jump() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "handover").await;
+    let op = Operator::start(&ns.name, "op-handover", &[]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let hpas: Api<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler> =
+        Api::namespaced(client.clone(), &ns.name);
+    create_md(
+        &api,
+        md_json(
+            "busy",
+            json!({"model": {"uri": "s3://models/m.onnx"}, "replicas": 3}),
+        ),
+    )
+    .await;
+    wait_md(
+        &api,
+        "busy",
+        "Ready",
+        Duration::from_secs(90),
+        Some(&op),
+        is_ready,
+    )
+    .await;
+    let (seen, task) = record_replicas(&deployments, "busy");
+
+    // 3 running pods; autoscaling between 2 and 10 must keep them (the HPA decides later).
+    api.patch(
+        "busy",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"autoscaling": {"minReplicas": 2, "maxReplicas": 10}}})),
+    )
+    .await
+    .unwrap();
+    kubemaas_e2e::wait_for(
+        "the HPA",
+        Duration::from_secs(60),
+        || op.log_tail(),
+        || async { hpas.get_opt("busy").await.ok().flatten() },
+    )
+    .await;
+    wait_md(
+        &api,
+        "busy",
+        "Ready with the HPA",
+        Duration::from_secs(60),
+        Some(&op),
+        is_ready,
+    )
+    .await;
+    // Give a reset (to the default of 1) time to show up in the watch.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = seen.lock().unwrap().clone();
+    assert!(
+        during.iter().all(|r| *r == 3),
+        "spec.replicas of the Deployment while autoscaling took over: {during:?}"
+    );
+
+    // And back: autoscaling removed, 4 replicas asked for. The HPA must be gone before the
+    // Deployment is set, or the two fight; the count goes from 3 straight to 4.
+    api.patch(
+        "busy",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"autoscaling": null, "replicas": 4}})),
+    )
+    .await
+    .unwrap();
+    wait_md(
+        &api,
+        "busy",
+        "4 ready replicas",
+        Duration::from_secs(90),
+        Some(&op),
+        |m| is_ready(m) && m.status.as_ref().is_some_and(|s| s.ready_replicas == 4),
+    )
+    .await;
+    assert!(
+        hpas.get_opt("busy").await.unwrap().is_none(),
+        "the HPA is deleted"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    task.abort();
+    let all = seen.lock().unwrap().clone();
+    assert_eq!(
+        all,
+        vec![3, 4],
+        "spec.replicas of the Deployment over the whole test"
+    );
+}
+
+#[tokio::test]
+async fn drift_on_owned_fields_is_undone_within_seconds() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "drift").await;
+    let op = Operator::start(&ns.name, "op-drift", &[]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    create_md(
+        &api,
+        md_json(
+            "steady",
+            json!({"model": {"uri": "s3://models/m.onnx"}, "replicas": 2}),
+        ),
+    )
+    .await;
+    wait_md(
+        &api,
+        "steady",
+        "Ready",
+        Duration::from_secs(90),
+        Some(&op),
+        is_ready,
+    )
+    .await;
+    let image = |d: &Deployment| {
+        d.spec.template.spec.as_ref().unwrap().containers[0]
+            .image
+            .clone()
+            .unwrap()
+    };
+    let original = image(&deployments.get("steady").await.unwrap());
+
+    let out = kubemaas_e2e::kubectl(&["scale", "-n", &ns.name, "deploy/steady", "--replicas=0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    kubemaas_e2e::wait_for(
+        "kubectl scale --replicas=0 to be undone",
+        Duration::from_secs(15),
+        || op.log_tail(),
+        || async {
+            let d = deployments.get("steady").await.ok()?;
+            (d.spec.replicas == Some(2)).then_some(())
+        },
+    )
+    .await;
+
+    let out = kubemaas_e2e::kubectl(&[
+        "set",
+        "image",
+        "-n",
+        &ns.name,
+        "deploy/steady",
+        "server=example.com/other:1",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    kubemaas_e2e::wait_for(
+        "the edited image to be undone",
+        Duration::from_secs(15),
+        || op.log_tail(),
+        || async {
+            let d = deployments.get("steady").await.ok()?;
+            (image(&d) == original).then_some(())
+        },
+    )
+    .await;
+
+    // A Service port edited by hand comes back too.
+    let out = kubemaas_e2e::kubectl(&[
+        "patch",
+        "-n",
+        &ns.name,
+        "svc/steady",
+        "--type=json",
+        "-p",
+        r#"[{"op": "replace", "path": "/spec/ports/0/port", "value": 9999}]"#,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), &ns.name);
+    kubemaas_e2e::wait_for(
+        "the edited Service port to be undone",
+        Duration::from_secs(15),
+        || op.log_tail(),
+        || async {
+            let s = services.get("steady").await.ok()?;
+            (s.spec?.ports?[0].port != 9999).then_some(())
+        },
+    )
+    .await;
+    wait_md(
+        &api,
+        "steady",
+        "Ready again",
+        Duration::from_secs(60),
+        Some(&op),
+        is_ready,
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn after_a_leader_change_the_first_reconciles_start_within_seconds() {
     install_crd();

@@ -14,6 +14,8 @@ pub const FAILURES: &str = "kubemaas_operator_reconcile_errors_total";
 pub const DURATION: &str = "kubemaas_operator_reconcile_duration_seconds";
 /// Write requests sent (children applied or deleted, status patches).
 pub const WRITES: &str = "kubemaas_operator_write_requests_total";
+/// Children re-applied because a field the operator sets had been changed by someone else.
+pub const DRIFT: &str = "kubemaas_operator_drift_corrections_total";
 /// 1 while this replica leads.
 pub const LEADER: &str = "kubemaas_operator_leader";
 
@@ -26,6 +28,7 @@ pub struct Metrics {
     writes: AtomicU64,
     leader: AtomicU64,
     failures: Mutex<BTreeMap<&'static str, u64>>,
+    drift: Mutex<BTreeMap<String, u64>>,
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_us: AtomicU64,
@@ -67,6 +70,13 @@ impl Metrics {
         }
     }
 
+    /// Counts a drift correction of a child of `kind`.
+    pub fn drift_corrected(&self, kind: &str) {
+        if let Ok(mut d) = self.drift.lock() {
+            *d.entry(kind.to_string()).or_default() += 1;
+        }
+    }
+
     /// Counts write requests.
     pub fn child_writes(&self, n: usize) {
         self.writes.fetch_add(n as u64, Relaxed);
@@ -104,6 +114,13 @@ impl Metrics {
         );
         let _ = writeln!(
             o,
+            "# HELP {DRIFT} Children re-applied because someone else changed a field the operator sets.\n# TYPE {DRIFT} counter"
+        );
+        for (kind, n) in self.drift.lock().map(|d| d.clone()).unwrap_or_default() {
+            let _ = writeln!(o, "{DRIFT}{{kind=\"{kind}\"}} {n}");
+        }
+        let _ = writeln!(
+            o,
             "# HELP {LEADER} 1 while this replica holds the leader lease.\n# TYPE {LEADER} gauge\n{LEADER} {}",
             self.leader.load(Relaxed)
         );
@@ -138,7 +155,9 @@ mod tests {
         drop(m.reconcile_started());
         m.reconcile_failed("ApplyFailed");
         m.child_writes(2);
+        m.drift_corrected("Deployment");
         let t = m.render();
+        assert!(t.contains("kubemaas_operator_drift_corrections_total{kind=\"Deployment\"} 1\n"));
         assert!(t.contains("kubemaas_operator_reconciles_total 1\n"));
         assert!(t.contains("kubemaas_operator_reconcile_errors_total{reason=\"ApplyFailed\"} 1\n"));
         assert!(t.contains("kubemaas_operator_reconcile_duration_seconds_count 1\n"));

@@ -181,6 +181,9 @@ async fn first_reconcile_applies_children_then_patches_status_once() {
         patches,
         [
             "PATCH /apis/apps/v1/namespaces/ml/deployments/resnet",
+            // Autoscaled: the starting count is co-owned by the hand-over manager, so a later
+            // apply without `spec.replicas` does not reset it.
+            "PATCH /apis/apps/v1/namespaces/ml/deployments/resnet",
             "PATCH /api/v1/namespaces/ml/services/resnet",
             "PATCH /apis/autoscaling/v2/namespaces/ml/horizontalpodautoscalers/resnet",
             "PATCH /apis/kubemaas.io/v1alpha1/namespaces/ml/modeldeployments/resnet/status",

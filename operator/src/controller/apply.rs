@@ -1,5 +1,5 @@
-//! The only step that writes children: server-side apply of what changed, deletion of what is no
-//! longer wanted. Unchanged children (same spec hash as observed) cost no request at all.
+//! The only step that writes children: server-side apply of what changed or drifted, deletion of
+//! what is no longer wanted. A child whose hash and owned fields match costs no request at all.
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -11,23 +11,37 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::build::{Children, labels, stamp_hash};
-use super::{Error, Stores};
+use super::{Error, Stores, drift};
 
 /// Field manager of every write.
 pub const FIELD_MANAGER: &str = "kubemaas-operator";
 
-fn observed_hash<K>(store: &Store<K>, name: &str, ns: &str) -> Option<String>
+/// Field manager that keeps `spec.replicas` while autoscaling takes over (see [`hand_over_replicas`]).
+pub const HANDOVER_MANAGER: &str = "kubemaas-operator-handover";
+
+fn observed<K>(store: &Store<K>, name: &str, ns: &str) -> Option<std::sync::Arc<K>>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
-    store
-        .get(&ObjectRef::new(name).within(ns))
-        .and_then(|o| o.annotations().get(labels::SPEC_HASH).cloned())
+    store.get(&ObjectRef::new(name).within(ns))
 }
 
-/// Applies `desired` unless the observed copy already carries the same hash. Returns the object
-/// as the apiserver answered when a request was sent (fresher than the cache, which may lag).
-async fn apply_one<K>(client: &Client, store: &Store<K>, ns: &str, desired: K) -> Result<Option<K>, Error>
+/// What one apply did.
+struct Written<K> {
+    /// The object as the apiserver answered (fresher than the cache, which may lag).
+    object: K,
+    /// The hash matched, but a field we own had been changed by someone else.
+    drift: Option<String>,
+}
+
+/// Applies `desired` (already stamped with its hash) unless the observed copy carries the same
+/// hash and every field we set still holds our value.
+async fn apply_one<K>(
+    client: &Client,
+    store: &Store<K>,
+    ns: &str,
+    desired: K,
+) -> Result<Option<Written<K>>, Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Clone
@@ -36,14 +50,46 @@ where
         + std::fmt::Debug
         + 'static,
 {
-    let desired = stamp_hash(desired);
     let name = desired.name_any();
-    let hash = desired.annotations().get(labels::SPEC_HASH).cloned();
-    if hash.is_some() && observed_hash(store, &name, ns) == hash {
-        return Ok(None);
+    let hash = desired.annotations().get(labels::SPEC_HASH);
+    let live = observed(store, &name, ns);
+    let mut drift = None;
+    if let Some(live) = &live
+        && hash.is_some()
+        && live.annotations().get(labels::SPEC_HASH) == hash
+    {
+        let as_json = |o: &K| serde_json::to_value(o).unwrap_or_default();
+        match drift::first_difference(&as_json(live), &as_json(&desired)) {
+            None => return Ok(None),
+            Some(path) => {
+                tracing::info!(kind = %K::kind(&()), name = %name, field = %path, "correcting drift");
+                drift = Some(path);
+            }
+        }
     }
     let api: Api<K> = Api::namespaced(client.clone(), ns);
-    let applied = api
+    if drift.is_some() {
+        // An apply cannot take back a list entry another manager rewrote (a Service port edited
+        // from 8080 to 9999 is a new entry it owns; applying 8080 adds a duplicate the apiserver
+        // refuses). A merge patch replaces our lists wholesale; the apply then owns them again.
+        let spec = serde_json::to_value(&desired)
+            .ok()
+            .and_then(|mut v| v.get_mut("spec").map(serde_json::Value::take));
+        if let Some(spec) = spec {
+            let params = PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            };
+            api.patch(&name, &params, &Patch::Merge(serde_json::json!({ "spec": spec })))
+                .await
+                .map_err(|source| Error::Apply {
+                    kind: K::kind(&()).to_string(),
+                    name: name.clone(),
+                    source,
+                })?;
+        }
+    }
+    let object = api
         .patch(
             &name,
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -55,7 +101,7 @@ where
             name: name.clone(),
             source,
         })?;
-    Ok(Some(applied))
+    Ok(Some(Written { object, drift }))
 }
 
 /// Deletes the child if the store shows it exists (so an absent child costs no request).
@@ -67,7 +113,7 @@ where
         + std::fmt::Debug
         + 'static,
 {
-    if store.get(&ObjectRef::new(name).within(ns)).is_none() {
+    if observed(store, name, ns).is_none() {
         return Ok(false);
     }
     let api: Api<K> = Api::namespaced(client.clone(), ns);
@@ -82,6 +128,35 @@ where
     }
 }
 
+/// Makes a second field manager co-own `spec.replicas` at `replicas`.
+///
+/// Server-side apply resets a field to its default when its only applier stops sending it. With
+/// autoscaling the operator stops sending `spec.replicas`; if it was the only owner, a running
+/// Deployment of 10 would drop to 1 before the HPA acts. Applying the value under another manager
+/// first (the ownership transfer the Kubernetes server-side apply docs describe) keeps it until
+/// the HPA writes its own.
+async fn hand_over_replicas(client: &Client, ns: &str, name: &str, replicas: i32) -> Result<(), Error> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let body = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"replicas": replicas},
+    });
+    api.patch(
+        name,
+        &PatchParams::apply(HANDOVER_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|source| Error::Apply {
+        kind: "Deployment".into(),
+        name: name.into(),
+        source,
+    })
+}
+
 /// What [`apply_children`] did.
 #[derive(Debug, Default)]
 pub struct Applied {
@@ -90,6 +165,23 @@ pub struct Applied {
     /// The Deployment as the apiserver answered, when it was written: status must be computed from
     /// it (new generation, old rollout state), not from a cache that has not seen the write yet.
     pub deployment: Option<Deployment>,
+    /// Kinds of the children whose drift was corrected, with the first field found changed.
+    pub drift: Vec<(String, String)>,
+}
+
+impl Applied {
+    fn count<K>(&mut self, w: Option<Written<K>>) -> Option<K>
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let w = w?;
+        self.writes += 1;
+        if let Some(field) = w.drift {
+            self.writes += 1; // the merge patch before the apply
+            self.drift.push((K::kind(&()).to_string(), field));
+        }
+        Some(w.object)
+    }
 }
 
 /// Applies every wanted child and removes the unwanted ones.
@@ -101,20 +193,57 @@ pub async fn apply_children(
 ) -> Result<Applied, Error> {
     let ns = md.namespace().ok_or(Error::MissingNamespace)?;
     let name = md.name_any();
-    let deployment = apply_one(client, &stores.deployments, &ns, children.deployment).await?;
-    let mut writes = usize::from(deployment.is_some());
-    writes += usize::from(
-        apply_one(client, &stores.services, &ns, children.service)
-            .await?
-            .is_some(),
-    );
-    writes += usize::from(match children.hpa {
-        Some(h) => apply_one(client, &stores.hpas, &ns, h).await?.is_some(),
-        None => delete_if_present(client, &stores.hpas, &ns, &name).await?,
+    let mut done = Applied::default();
+    // The HPA goes before the Deployment takes `spec.replicas` back, so the two never fight.
+    if children.hpa.is_none() {
+        done.writes += usize::from(delete_if_present(client, &stores.hpas, &ns, &name).await?);
+    }
+
+    let mut deployment = stamp_hash(children.deployment);
+    let live = observed(&stores.deployments, &name, &ns);
+    // Who owns `spec.replicas` changes only when the annotation does: then hand it over.
+    let handover = md.spec.autoscaling.as_ref().and_then(|a| {
+        let already = live.as_ref().is_some_and(|d| {
+            d.annotations().get(labels::REPLICAS_BY).map(String::as_str)
+                == Some(labels::REPLICAS_BY_AUTOSCALER)
+        });
+        // Keep what runs (within the new bounds): the HPA scales from there.
+        let current = live.as_ref().and_then(|d| d.spec.replicas);
+        (!already).then(|| {
+            current
+                .unwrap_or(a.min_replicas)
+                .clamp(a.min_replicas, a.max_replicas)
+        })
     });
-    writes += usize::from(match children.pdb {
-        Some(p) => apply_one(client, &stores.pdbs, &ns, p).await?.is_some(),
-        None => delete_if_present(client, &stores.pdbs, &ns, &name).await?,
-    });
-    Ok(Applied { writes, deployment })
+    match (handover, &live) {
+        (Some(replicas), Some(_)) => {
+            hand_over_replicas(client, &ns, &name, replicas).await?;
+            done.writes += 1;
+        }
+        // A new Deployment starts at the count autoscaling asks for, not at the default of 1.
+        // The hash stays that of the built object, so the next reconcile sees no change.
+        (Some(replicas), None) => deployment.spec.replicas = Some(replicas),
+        (None, _) => {}
+    }
+    let written = apply_one(client, &stores.deployments, &ns, deployment).await?;
+    done.deployment = done.count(written);
+    if let (Some(replicas), None) = (handover, &live) {
+        hand_over_replicas(client, &ns, &name, replicas).await?;
+        done.writes += 1;
+    }
+
+    let service = apply_one(client, &stores.services, &ns, stamp_hash(children.service)).await?;
+    done.count(service);
+    if let Some(h) = children.hpa {
+        let hpa = apply_one(client, &stores.hpas, &ns, stamp_hash(h)).await?;
+        done.count(hpa);
+    }
+    match children.pdb {
+        Some(p) => {
+            let pdb = apply_one(client, &stores.pdbs, &ns, stamp_hash(p)).await?;
+            done.count(pdb);
+        }
+        None => done.writes += usize::from(delete_if_present(client, &stores.pdbs, &ns, &name).await?),
+    }
+    Ok(done)
 }

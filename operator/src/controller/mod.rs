@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod build;
+pub mod drift;
 pub mod probe;
 pub mod reconcile;
 pub mod status;

@@ -66,6 +66,9 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         }
     };
     ctx.metrics.child_writes(applied.writes);
+    for (kind, _) in &applied.drift {
+        ctx.metrics.drift_corrected(kind);
+    }
 
     let ns = md.namespace().unwrap_or_default();
     // What was just written is newer than the cache: a changed template must read as rolling out.

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kubemaas_crds::artifact::is_directory_uri;
 use kubemaas_crds::v1alpha1::{Accelerator, ModelDeployment};
 
-use super::{BuildConfig, MODELS_DIR, child_labels, child_meta, model_name, ports, selector_labels};
+use super::{BuildConfig, MODELS_DIR, child_labels, child_meta, labels, model_name, ports, selector_labels};
 
 const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
 const GPU_TAINT: &str = "nvidia.com/gpu";
@@ -356,8 +356,18 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
         ..PodSpec::default()
     };
 
+    let mut metadata = child_meta(md);
+    metadata.annotations = Some(BTreeMap::from([(
+        labels::REPLICAS_BY.to_string(),
+        if spec.autoscaling.is_some() {
+            labels::REPLICAS_BY_AUTOSCALER
+        } else {
+            labels::REPLICAS_BY_OPERATOR
+        }
+        .to_string(),
+    )]));
     Deployment {
-        metadata: child_meta(md),
+        metadata,
         spec: DeploymentSpec {
             // With autoscaling the HPA owns replicas: leaving the field out of the apply keeps it so.
             replicas: if spec.autoscaling.is_some() {

@@ -38,6 +38,13 @@ pub mod labels {
     pub const MODEL_DEPLOYMENT: &str = "kubemaas.io/model-deployment";
     /// Annotation holding the hash of the applied child, so unchanged children are not re-sent.
     pub const SPEC_HASH: &str = "kubemaas.io/spec-hash";
+    /// Deployment annotation saying who sets `spec.replicas`: [`REPLICAS_BY_OPERATOR`] or
+    /// [`REPLICAS_BY_AUTOSCALER`]. A change between the two is a hand-over (see `apply`).
+    pub const REPLICAS_BY: &str = "kubemaas.io/replicas-set-by";
+    /// `spec.replicas` of the ModelDeployment.
+    pub const REPLICAS_BY_OPERATOR: &str = "operator";
+    /// The HorizontalPodAutoscaler.
+    pub const REPLICAS_BY_AUTOSCALER: &str = "autoscaler";
     /// Label selector matching everything the operator manages.
     pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=kubemaas-operator";
 }
