@@ -463,3 +463,89 @@ async fn after_a_leader_change_the_first_reconciles_start_within_seconds() {
         second.log_tail()
     );
 }
+
+#[tokio::test]
+async fn an_old_oom_kill_in_last_state_does_not_keep_degraded() {
+    use k8s_openapi::api::core::v1::Pod;
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "oldoom").await;
+    let op = Operator::start(&ns.name, "op-oldoom", &[]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    create_md(
+        &api,
+        md_json(
+            "survivor",
+            json!({"model": {"uri": "s3://models/m.onnx"},
+                "podTemplate": {"labels": {(kubemaas_e2e::KUBELET_BY_TEST_LABEL): "test"}}}),
+        ),
+    )
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let lp = kube::api::ListParams::default().labels("kubemaas.io/model-deployment=survivor");
+    let pod = kubemaas_e2e::wait_for(
+        "the pod bound to a node",
+        Duration::from_secs(60),
+        || op.log_tail(),
+        || async {
+            pods.list(&lp)
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+        },
+    )
+    .await;
+    // Play the kubelet: the server was OOMKilled once, `ago` minutes ago, restarted and has served
+    // since; the kubelet keeps that termination in lastState for the pod's whole life.
+    let write = |ago: i64| {
+        let pods = pods.clone();
+        let pod = pod.clone();
+        async move {
+            let now = k8s_openapi::jiff::Timestamp::now();
+            let then = (now - k8s_openapi::jiff::SignedDuration::from_mins(ago)).to_string();
+            let spec = pod.spec.as_ref().unwrap();
+            let (init, server) = (&spec.init_containers.as_ref().unwrap()[0], &spec.containers[0]);
+            let ok = |t: &str| json!({"type": t, "status": "True", "lastTransitionTime": then});
+            let status = json!({"status": {
+                "phase": "Running", "hostIP": "127.0.0.2", "startTime": then,
+                "conditions": [ok("PodScheduled"), ok("Initialized"), ok("ContainersReady"), ok("Ready")],
+                "initContainerStatuses": [{"name": init.name, "image": init.image, "imageID": "", "ready": true,
+                    "restartCount": 0, "state": {"terminated": {"exitCode": 0, "reason": "Completed", "finishedAt": then}}}],
+                "containerStatuses": [{"name": server.name, "image": server.image, "imageID": "", "ready": true,
+                    "started": true, "restartCount": 1, "state": {"running": {"startedAt": then}},
+                    "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled", "startedAt": then, "finishedAt": then}}}],
+            }});
+            pods.patch_status(
+                pod.metadata.name.as_deref().unwrap(),
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            )
+            .await
+            .expect("pod status patched");
+        }
+    };
+    write(2).await;
+    let md = wait_md(
+        &api,
+        "survivor",
+        "Degraded=True OOMKilled for a restart 2 minutes ago",
+        Duration::from_secs(60),
+        Some(&op),
+        |m| condition(m, "Degraded").is_some_and(|c| c.0 == "True" && c.1 == "OOMKilled"),
+    )
+    .await;
+    assert!(condition(&md, "Degraded").unwrap().2.contains("OOMKilled"));
+    write(120).await;
+    // Two hours later the pod still serves: the kill is history, not the pod's state.
+    wait_md(
+        &api,
+        "survivor",
+        "Degraded=False with the same lastState two hours old",
+        Duration::from_secs(60),
+        Some(&op),
+        |m| condition(m, "Degraded").is_some_and(|c| c.0 == "False"),
+    )
+    .await;
+}

@@ -141,7 +141,30 @@ fn current_pull_failure(s: &ContainerStatus) -> Option<ContainerStateTerminated>
         .filter(|t| t.exit_code != 0)
 }
 
-fn model_loaded(pods: &[Pod], ready: i32) -> Cond {
+/// How long a termination the kubelet keeps in `lastState` still counts for a container that runs
+/// again: long enough to see a crash and its restart, short enough that one OOMKill or one failed
+/// load does not mark a pod that has served for hours.
+pub const RECENT_TERMINATION_SECONDS: i64 = 600;
+
+/// The server container's termination, if it is a *current* failure: it is terminated now, or
+/// waiting to restart, or it was restarted within [`RECENT_TERMINATION_SECONDS`], or it has not
+/// started since. A container that has run and served since an old termination is not failing.
+fn current_termination(s: &ContainerStatus, now: &Time) -> Option<ContainerStateTerminated> {
+    let state = s.state.as_ref();
+    if let Some(t) = state.and_then(|st| st.terminated.clone()) {
+        return Some(t);
+    }
+    let last = s.last_state.as_ref()?.terminated.clone()?;
+    let waiting = state.is_some_and(|st| st.waiting.is_some());
+    let recent = last
+        .finished_at
+        .as_ref()
+        .is_none_or(|f| now.0.duration_since(f.0).as_secs() < RECENT_TERMINATION_SECONDS);
+    let starting = !s.started.unwrap_or(false);
+    (waiting || recent || starting).then_some(last)
+}
+
+fn model_loaded(pods: &[Pod], ready: i32, now: &Time) -> Cond {
     // Failures first: one failing pod is news even while others serve.
     for pod in pods {
         let pull = statuses(pod, true).into_iter().find(|s| s.name == PULL_CONTAINER);
@@ -163,7 +186,7 @@ fn model_loaded(pods: &[Pod], ready: i32) -> Cond {
             );
         }
         for s in statuses(pod, false) {
-            if let Some(t) = s.last_state.as_ref().and_then(|st| st.terminated.clone()) {
+            if let Some(t) = current_termination(&s, now) {
                 if t.exit_code == i32::from(exit::LOAD_FAILED) {
                     let why = t
                         .message
@@ -227,7 +250,7 @@ fn model_loaded(pods: &[Pod], ready: i32) -> Cond {
     )
 }
 
-fn degraded(pods: &[Pod]) -> Cond {
+fn degraded(pods: &[Pod], now: &Time) -> Cond {
     for pod in pods {
         for s in statuses(pod, true).into_iter().chain(statuses(pod, false)) {
             let who = format!("pod {} container {}", pod.name_any(), s.name);
@@ -268,17 +291,7 @@ fn degraded(pods: &[Pod]) -> Cond {
             let oom = |t: &k8s_openapi::api::core::v1::ContainerStateTerminated| {
                 t.reason.as_deref() == Some("OOMKilled")
             };
-            let terminated = s
-                .state
-                .as_ref()
-                .and_then(|st| st.terminated.clone())
-                .filter(oom)
-                .or_else(|| {
-                    s.last_state
-                        .as_ref()
-                        .and_then(|st| st.terminated.clone())
-                        .filter(oom)
-                });
+            let terminated = current_termination(&s, now).filter(oom);
             if terminated.is_some() {
                 return cond(
                     conditions::DEGRADED,
@@ -362,9 +375,9 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
     let ready_replicas = dst.ready_replicas.unwrap_or(0);
     let new = [
         scheduled(observed.pods, desired),
-        model_loaded(observed.pods, ready_replicas),
+        model_loaded(observed.pods, ready_replicas, now),
         ready(md, observed.deployment, desired),
-        degraded(observed.pods),
+        degraded(observed.pods, now),
     ];
     let conditions = new
         .into_iter()
@@ -774,6 +787,46 @@ mod tests {
         let c = get(&s, "Degraded");
         assert_eq!(c.reason, "ImagePullBackOff");
         assert!(c.message.contains("kubemaas/server:nope"));
+    }
+
+    #[test]
+    fn an_old_termination_of_a_container_that_serves_again_is_history() {
+        let d = deployment(1, 1, 1);
+        let at = |minutes_ago: i64| {
+            let t = now().0 - k8s_openapi::jiff::SignedDuration::from_mins(minutes_ago);
+            t.to_string()
+        };
+        let serving_after = |last: serde_json::Value| {
+            pod(
+                json!({"status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": true,
+                "restartCount": 1, "started": true, "state": {"running": {}}, "lastState": {"terminated": last}}]}}),
+            )
+        };
+        let of = |p: Pod| {
+            let s = compute(
+                &spec(),
+                &Observed {
+                    deployment: Some(&d),
+                    pods: &[p],
+                    probed: None,
+                },
+                &now(),
+            );
+            (
+                get(&s, "Degraded").reason.clone(),
+                get(&s, "ModelLoaded").reason.clone(),
+            )
+        };
+        let oom = |ago| json!({"exitCode": 137, "reason": "OOMKilled", "finishedAt": at(ago)});
+        assert_eq!(of(serving_after(oom(120))), ("Healthy".into(), "Loaded".into()));
+        assert_eq!(
+            of(serving_after(oom(2))).0,
+            "OOMKilled",
+            "a restart 2 minutes ago is news"
+        );
+        let load = |ago| json!({"exitCode": i32::from(exit::LOAD_FAILED), "reason": "Error", "finishedAt": at(ago), "message": "bad model"});
+        assert_eq!(of(serving_after(load(120))).1, "Loaded");
+        assert_eq!(of(serving_after(load(2))).1, "LoadFailed");
     }
 
     #[test]
