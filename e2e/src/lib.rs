@@ -432,3 +432,84 @@ pub fn audit_len() -> usize {
         .map(|t| t.lines().count())
         .unwrap_or(0)
 }
+
+/// A TCP pass-through on loopback in front of the apiserver that can be told to stall: bytes are
+/// then read and held, never forwarded, on every connection old and new, the way an overloaded
+/// or partitioned apiserver looks to one client. TLS passes through untouched.
+pub struct StallingProxy {
+    /// Where clients connect.
+    pub addr: std::net::SocketAddr,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallingProxy {
+    /// Starts forwarding to the apiserver of the e2e kubeconfig.
+    pub async fn start() -> StallingProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let admin: serde_json::Value =
+            serde_saphyr::from_str(&std::fs::read_to_string(env().kubeconfig).unwrap()).unwrap();
+        let server = admin["clusters"][0]["cluster"]["server"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let upstream = server.trim_start_matches("https://").to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stalled.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut from, mut to) in [
+                    (
+                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    ),
+                    (Box::new(sr), Box::new(cw)),
+                ] {
+                    let flag = flag.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            while flag.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        StallingProxy { addr, stalled, task }
+    }
+
+    /// From now on nothing passes, in either direction.
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+    }
+
+    /// Writes a copy of the e2e kubeconfig that reaches the apiserver through this proxy.
+    pub fn kubeconfig(&self, path: &Path) {
+        let mut kc: serde_json::Value =
+            serde_saphyr::from_str(&std::fs::read_to_string(env().kubeconfig).unwrap()).unwrap();
+        kc["clusters"][0]["cluster"]["server"] = serde_json::json!(format!("https://{}", self.addr));
+        std::fs::write(path, serde_json::to_string(&kc).unwrap()).unwrap();
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

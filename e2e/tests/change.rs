@@ -549,3 +549,139 @@ async fn an_old_oom_kill_in_last_state_does_not_keep_degraded() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_leader_whose_apiserver_calls_hang_steps_down_before_the_standby_acts() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "hung").await;
+    let proxy = kubemaas_e2e::StallingProxy::start().await;
+    let kubeconfig = kubemaas_e2e::env()
+        .root
+        .join(format!("target/e2e/kubeconfig-{}", ns.name));
+    proxy.kubeconfig(&kubeconfig);
+    let mut hung = Operator::start_with_env(
+        &ns.name,
+        "op-hung",
+        &[],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    create_md(
+        &api,
+        md_json("kept", json!({"model": {"uri": "s3://models/m.onnx"}})),
+    )
+    .await;
+    wait_md(
+        &api,
+        "kept",
+        "Ready",
+        Duration::from_secs(90),
+        Some(&hung),
+        is_ready,
+    )
+    .await;
+    let standby = Operator::start(&ns.name, "op-standby", &[]);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    let holder = || async {
+        leases
+            .get("kubemaas-operator")
+            .await
+            .ok()
+            .and_then(|l| l.spec?.holder_identity)
+    };
+    assert_eq!(holder().await.as_deref(), Some("op-hung"));
+    // Let the standby see the lease being renewed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    proxy.stall();
+    let stalled = std::time::Instant::now();
+    let (mut stepped_down, mut taken_over) = (None, None);
+    while stalled.elapsed() < Duration::from_secs(60) && (stepped_down.is_none() || taken_over.is_none()) {
+        if stepped_down.is_none() && !kubemaas_e2e::process_alive(hung.pid()) {
+            stepped_down = Some(stalled.elapsed());
+        }
+        if taken_over.is_none() && holder().await.as_deref() == Some("op-standby") {
+            taken_over = Some(stalled.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = hung.log_tail();
+    hung.kill();
+    let (Some(down), Some(over)) = (stepped_down, taken_over) else {
+        panic!(
+            "after 60 s: stepped down {stepped_down:?}, taken over {taken_over:?}\nhung leader's log:\n{log}"
+        );
+    };
+    eprintln!("after the stall: the hung leader exited at {down:?}, the standby took over at {over:?}");
+    assert!(
+        down < over,
+        "the hung leader stopped {down:?} after the stall, the standby took over after {over:?}:\n{log}"
+    );
+    // And the new leader works.
+    api.patch(
+        "kept",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 2}})),
+    )
+    .await
+    .unwrap();
+    wait_md(
+        &api,
+        "kept",
+        "Ready with 2 replicas under the new leader",
+        Duration::from_secs(60),
+        Some(&standby),
+        |m| is_ready(m) && m.status.as_ref().is_some_and(|s| s.ready_replicas == 2),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_dead_controller_makes_the_process_exit_and_the_standby_takes_over() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "deadctl").await;
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    // The debug build's fault hook: the reconcile of "boom" panics.
+    let mut doomed =
+        Operator::start_with_env(&ns.name, "op-doomed", &[], &[("KUBEMAAS_E2E_PANIC_ON", "boom")]);
+    create_md(
+        &api,
+        md_json("fine", json!({"model": {"uri": "s3://models/m.onnx"}})),
+    )
+    .await;
+    wait_md(
+        &api,
+        "fine",
+        "Ready",
+        Duration::from_secs(90),
+        Some(&doomed),
+        is_ready,
+    )
+    .await;
+    let standby = Operator::start(&ns.name, "op-after", &[]);
+    create_md(
+        &api,
+        md_json("boom", json!({"model": {"uri": "s3://models/m.onnx"}})),
+    )
+    .await;
+    kubemaas_e2e::wait_for(
+        "the process whose controller died to exit",
+        Duration::from_secs(30),
+        || doomed.log_tail(),
+        || async { (!kubemaas_e2e::process_alive(doomed.pid())).then_some(()) },
+    )
+    .await;
+    assert!(!doomed.terminate(), "it exits non-zero");
+    wait_md(
+        &api,
+        "boom",
+        "Ready under the standby",
+        Duration::from_secs(60),
+        Some(&standby),
+        is_ready,
+    )
+    .await;
+}

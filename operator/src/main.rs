@@ -238,21 +238,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             std::process::id()
         )
     });
-    let lease = leader::LeaseConfig {
-        namespace: leader_election_namespace
+    let lease = leader::LeaseConfig::new(
+        leader_election_namespace
             .or_else(|| std::env::var("POD_NAMESPACE").ok())
             .unwrap_or_else(|| "default".into()),
-        name: leader_election_name,
-        identity: identity.clone(),
-        duration: Duration::from_secs(lease_duration_seconds.max(2)),
-        retry: Duration::from_secs((lease_duration_seconds / 5).clamp(1, 5)),
-    };
+        leader_election_name,
+        identity.clone(),
+        Duration::from_secs(lease_duration_seconds),
+    );
+    let mut elector = leader::Elector::new(client.clone(), lease);
     // Ready means: connected and taking part (leader or standby); standbys are ready too.
     health.ready.store(true, Ordering::SeqCst);
+    let mut renewed = tokio::time::Instant::now();
     if leader_elect {
-        tracing::info!(identity = %identity, lease = %lease.name, namespace = %lease.namespace, "waiting for leadership");
+        let l = elector.config();
+        tracing::info!(identity = %identity, lease = %l.name, namespace = %l.namespace, "waiting for leadership");
         tokio::select! {
-            _ = leader::acquire(&client, &lease) => {}
+            t = elector.acquire() => renewed = t,
             _ = shutdown_signal() => return Ok(()),
         }
         tracing::info!(identity = %identity, "became leader");
@@ -267,7 +269,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let resync = Duration::from_secs(resync_seconds.max(1));
-    let controller = tokio::spawn(controller::run(
+    let mut controller = tokio::spawn(controller::run(
         client.clone(),
         scope,
         images.build_config(),
@@ -277,34 +279,60 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let _ = stop_rx.await;
         },
     ));
-    let lost = async {
-        if leader_elect {
-            leader::hold(&client, &lease).await;
-        } else {
-            std::future::pending::<()>().await;
+    let outcome = {
+        let lost = async {
+            if leader_elect {
+                elector.hold(renewed).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = lost => Outcome::LostLease,
+            _ = shutdown_signal() => Outcome::Shutdown,
+            ended = &mut controller => Outcome::ControllerEnded(ended),
         }
     };
-    let lost_leadership = tokio::select! {
-        _ = lost => true,
-        _ = shutdown_signal() => false,
-    };
-    let _ = stop_tx.send(());
-    // In-flight reconciles get a bounded time to finish; shutdown must not hang on them.
-    if tokio::time::timeout(Duration::from_secs(10), controller)
-        .await
-        .is_err()
-    {
-        tracing::warn!("controller did not stop within 10s; exiting anyway");
-    }
     metrics.set_leader(false);
-    if leader_elect && !lost_leadership {
-        // Hand over at once instead of making the standby wait for the lease to expire.
-        if let Err(e) = leader::release(&client, &lease).await {
-            tracing::warn!(error = %e, "failed to release the leader lease");
+    match outcome {
+        Outcome::LostLease => {
+            // Another replica may act any moment now: stop at once, and be sure nothing of ours
+            // still runs before the process goes.
+            controller.abort();
+            let _ = controller.await;
+            anyhow::bail!("lost the leader lease; exiting so a fresh process can rejoin the election");
         }
-    }
-    if lost_leadership {
-        anyhow::bail!("lost the leader lease; exiting so a fresh process can rejoin the election");
+        Outcome::ControllerEnded(ended) => {
+            // Nothing reconciles any more: hand the lease over and exit non-zero, so a standby (or
+            // the restarted container) takes over instead of a leader that does nothing.
+            if leader_elect {
+                let _ = elector.release(elector.config().retry).await;
+            }
+            match ended {
+                Err(e) if e.is_panic() => anyhow::bail!("the controller panicked; exiting"),
+                Err(e) => anyhow::bail!("the controller task failed: {e}"),
+                Ok(()) => anyhow::bail!("the controller stopped unexpectedly; exiting"),
+            }
+        }
+        Outcome::Shutdown => {
+            let _ = stop_tx.send(());
+            // In-flight reconciles get a bounded time to finish; shutdown must not hang on them.
+            if tokio::time::timeout(Duration::from_secs(10), &mut controller)
+                .await
+                .is_err()
+            {
+                tracing::warn!("controller did not stop within 10s; aborting it");
+                controller.abort();
+                let _ = controller.await;
+            }
+            if leader_elect {
+                // Hand over at once instead of making the standby wait for the lease to expire;
+                // the controller is gone, so two leaders cannot overlap.
+                if let Err(e) = elector.release(elector.config().renew_deadline).await {
+                    tracing::warn!(error = %e, "failed to release the leader lease");
+                }
+            }
+        }
     }
     tracing::info!("stopped");
     Ok(())
@@ -343,6 +371,16 @@ async fn client() -> anyhow::Result<kube::Client> {
         .context("failed to build the Kubernetes client")?
         .with_layer(&set_agent)
         .build())
+}
+
+/// Why the leader stopped.
+enum Outcome {
+    /// The lease was lost or could not be renewed in time.
+    LostLease,
+    /// SIGTERM or Ctrl-C.
+    Shutdown,
+    /// The controller task ended on its own (a panic in a reconcile).
+    ControllerEnded(Result<(), tokio::task::JoinError>),
 }
 
 async fn shutdown_signal() {

@@ -44,6 +44,15 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         // Children are garbage-collected through their owner references.
         return Ok(Action::await_change());
     }
+    // Fault injection for the e2e suite, compiled into debug builds only: a reconcile that
+    // panics, to prove the process exits (and a standby takes over) when its controller dies.
+    #[cfg(debug_assertions)]
+    if std::env::var("KUBEMAAS_E2E_PANIC_ON").is_ok_and(|n| n == md.name_any()) {
+        panic!(
+            "KUBEMAAS_E2E_PANIC_ON: the reconcile of {} panics on purpose",
+            md.name_any()
+        );
+    }
     if !ctx.stores.wait_until_ready(Duration::from_secs(30)).await {
         tracing::warn!("the child caches are not filled after 30 s; reconciling anyway");
     }
