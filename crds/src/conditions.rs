@@ -53,6 +53,9 @@ pub mod reason {
     pub const INSUFFICIENT_REPLICAS: &str = "InsufficientReplicas";
     /// A new generation is still rolling out.
     pub const ROLLOUT_IN_PROGRESS: &str = "RolloutInProgress";
+    /// A rollout cannot progress (a new pod cannot be scheduled, or the Deployment's progress
+    /// deadline passed); the message carries the scheduler's or the Deployment's words.
+    pub const ROLLOUT_STUCK: &str = "RolloutStuck";
     /// Nothing wrong.
     pub const HEALTHY: &str = "Healthy";
     /// A container restarts repeatedly.

@@ -685,3 +685,111 @@ async fn a_dead_controller_makes_the_process_exit_and_the_standby_takes_over() {
     )
     .await;
 }
+
+/// A fake node of its own with `count` units of an extended resource no other node has, so a test
+/// can fill "the cluster's GPUs" without other tests' pods in the way. Deleted when dropped.
+struct GpuNode {
+    name: String,
+}
+
+impl GpuNode {
+    async fn create(client: &kube::Client, name: &str, resource: &str, count: u32) -> GpuNode {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+        let capacity = json!({"cpu": "64", "memory": "512Gi", "pods": "110", (resource): count.to_string()});
+        let node = json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake"},
+                "labels": {"kubernetes.io/hostname": name, "type": "kwok"}},
+            "status": {"allocatable": capacity, "capacity": capacity}});
+        nodes
+            .create(&PostParams::default(), &serde_json::from_value(node).unwrap())
+            .await
+            .unwrap();
+        GpuNode { name: name.into() }
+    }
+}
+
+impl Drop for GpuNode {
+    fn drop(&mut self) {
+        let _ = kubemaas_e2e::kubectl(&["delete", "node", &self.name, "--wait=false"]);
+    }
+}
+
+#[tokio::test]
+async fn a_gpu_model_rolls_forward_on_a_full_gpu_cluster_and_a_stuck_surge_shows_the_scheduler() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "gpufull").await;
+    let resource = format!("e2e.kubemaas.io/gpu-{}", ns.name);
+    let _node = GpuNode::create(&client, &format!("{}-node", ns.name), &resource, 2).await;
+    let op = Operator::start(&ns.name, "op-gpufull", &[]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    // Two replicas of one GPU each: every GPU of the cluster (for this resource) is in use.
+    create_md(
+        &api,
+        md_json(
+            "fits",
+            json!({"model": {"uri": "s3://models/v1.onnx"}, "accelerator": "cuda", "replicas": 2,
+                "gpu": {"resourceName": resource, "count": 1}}),
+        ),
+    )
+    .await;
+    wait_md(
+        &api,
+        "fits",
+        "Ready on both GPUs",
+        Duration::from_secs(90),
+        Some(&op),
+        is_ready,
+    )
+    .await;
+
+    api.patch(
+        "fits",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"model": {"uri": "s3://models/v2.onnx"}}})),
+    )
+    .await
+    .unwrap();
+    wait_md(
+        &api,
+        "fits",
+        "Ready after rolling v2 onto the same GPUs",
+        Duration::from_secs(90),
+        Some(&op),
+        |m| is_ready(m) && m.metadata.generation == Some(2),
+    )
+    .await;
+    let d = deployments.get("fits").await.unwrap();
+    let init = &d
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(init.args.as_ref().unwrap()[1], "s3://models/v2.onnx");
+
+    // Asking for a surge on a full cluster: the rollout cannot progress, and status says why.
+    api.patch(
+        "fits",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"model": {"uri": "s3://models/v3.onnx"}, "rollout": {"maxSurge": 1, "maxUnavailable": 0}}})),
+    )
+    .await
+    .unwrap();
+    let md = wait_md(
+        &api,
+        "fits",
+        "Ready=False RolloutStuck",
+        Duration::from_secs(60),
+        Some(&op),
+        |m| condition(m, "Ready").is_some_and(|c| c.1 == "RolloutStuck"),
+    )
+    .await;
+    let (status, _, message) = condition(&md, "Ready").unwrap();
+    assert_eq!(status, "False");
+    assert!(message.contains(&format!("Insufficient {resource}")), "{message}");
+}

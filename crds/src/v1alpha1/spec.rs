@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, LocalObjectReference, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::core::Rule;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -74,6 +75,13 @@ pub struct ModelDeploymentSpec {
     /// Autoscale between minReplicas and maxReplicas (a HorizontalPodAutoscaler); replaces `replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
+
+    /// How pods are replaced when the spec changes. By default one extra pod is started first
+    /// (maxSurge 1, maxUnavailable 0), except when pods request GPUs: then one old pod is stopped
+    /// first (maxSurge 0, maxUnavailable 1), because on a cluster whose GPUs are all in use an
+    /// extra GPU pod never schedules and the rollout would never end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
 
     /// Seconds a pod may take to download and load the model before it is restarted (startup probe).
     #[serde(default = "default_startup_timeout")]
@@ -280,6 +288,26 @@ pub enum Accelerator {
     Cuda,
     /// GPU when available, else CPU.
     Auto,
+}
+
+/// Rolling-update bounds of the Deployment (each a count such as `1` or a percentage such as
+/// `25%` of the replicas). A bound left out takes the default described on `spec.rollout`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.maxSurge) || !has(self.maxUnavailable) || !(string(self.maxSurge) in ['0', '0%'] && string(self.maxUnavailable) in ['0', '0%'])")
+    .message("rollout.maxSurge and rollout.maxUnavailable cannot both be 0: the rollout could never replace a pod"))]
+pub struct RolloutSpec {
+    /// Pods started above the replica count during a rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("type(self) == int ? self >= 0 : self.matches('^[0-9]+%$')")
+        .message("rollout.maxSurge must be a non-negative count or a percentage such as 25%"))]
+    pub max_surge: Option<IntOrString>,
+
+    /// Pods that may be unavailable during a rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("type(self) == int ? self >= 0 : self.matches('^[0-9]+%$')")
+        .message("rollout.maxUnavailable must be a non-negative count or a percentage such as 25%"))]
+    pub max_unavailable: Option<IntOrString>,
 }
 
 /// GPU request.

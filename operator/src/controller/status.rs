@@ -310,7 +310,39 @@ fn degraded(pods: &[Pod], now: &Time) -> Cond {
     )
 }
 
-fn ready(md: &ModelDeployment, deployment: Option<&Deployment>, desired: i32) -> Cond {
+/// Why a rollout cannot progress, if it cannot: the Deployment gave up (progress deadline), or a
+/// pod cannot be scheduled (on a full GPU cluster, a surge pod never is).
+fn stuck(d: &Deployment, pods: &[Pod]) -> Option<String> {
+    let conds = d
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default();
+    if let Some(c) = conds
+        .iter()
+        .find(|c| c.type_.as_deref() == Some("Progressing") && c.status.as_deref() == Some("False"))
+    {
+        return Some(format!(
+            "the rollout stopped: {}",
+            c.message
+                .clone()
+                .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
+        ));
+    }
+    pods.iter().find_map(|pod| {
+        let conds = pod.status.as_ref()?.conditions.clone()?;
+        let c = conds
+            .iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+        Some(format!(
+            "the rollout cannot progress: pod {} cannot be scheduled: {}",
+            pod.name_any(),
+            c.message.clone().unwrap_or_else(|| "unschedulable".into())
+        ))
+    })
+}
+
+fn ready(md: &ModelDeployment, deployment: Option<&Deployment>, desired: i32, pods: &[Pod]) -> Cond {
     let Some(d) = deployment else {
         return cond(
             conditions::READY,
@@ -333,6 +365,9 @@ fn ready(md: &ModelDeployment, deployment: Option<&Deployment>, desired: i32) ->
         );
     }
     if !rolled_out {
+        if let Some(why) = stuck(d, pods) {
+            return cond(conditions::READY, Some(false), reason::ROLLOUT_STUCK, why);
+        }
         return cond(
             conditions::READY,
             Some(false),
@@ -376,7 +411,7 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
     let new = [
         scheduled(observed.pods, desired),
         model_loaded(observed.pods, ready_replicas, now),
-        ready(md, observed.deployment, desired),
+        ready(md, observed.deployment, desired, observed.pods),
         degraded(observed.pods, now),
     ];
     let conditions = new
@@ -452,8 +487,9 @@ pub fn is_healthy(c: &Condition) -> bool {
 }
 
 /// Reasons that are a problem a person should look at, whenever they appear.
-const PROBLEMS: [&str; 15] = [
+const PROBLEMS: [&str; 16] = [
     reason::UNSCHEDULABLE,
+    reason::ROLLOUT_STUCK,
     reason::DOWNLOAD_FAILED,
     reason::CHECKSUM_MISMATCH,
     reason::ARTIFACT_NOT_FOUND,
@@ -848,6 +884,38 @@ mod tests {
         assert_eq!(get(&s, "Ready").message, "1/2 replicas ready");
         assert_eq!(get(&s, "ModelLoaded").status, "True");
         assert_eq!((s.replicas, s.ready_replicas), (2, 1));
+    }
+
+    #[test]
+    fn a_rollout_that_cannot_schedule_or_passed_its_deadline_is_stuck_with_the_reason() {
+        // spec() wants 2: both old pods ready, the surge pod of the new template cannot schedule.
+        let mut d = deployment(3, 2, 1);
+        d.status.as_mut().unwrap().ready_replicas = Some(2);
+        let surge = pod(
+            json!({"status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+            "reason": "Unschedulable", "message": "0/6 nodes are available: 2 Insufficient nvidia.com/gpu."}]}}),
+        );
+        let observed = |d, pods| Observed {
+            deployment: Some(d),
+            pods,
+            probed: None,
+        };
+        let s = compute(&spec(), &observed(&d, std::slice::from_ref(&surge)), &now());
+        let r = get(&s, "Ready");
+        assert_eq!((r.status.as_str(), r.reason.as_str()), ("False", "RolloutStuck"));
+        assert!(r.message.contains("Insufficient nvidia.com/gpu"), "{}", r.message);
+        let mut gave_up = deployment(3, 2, 1);
+        gave_up.status.as_mut().unwrap().ready_replicas = Some(2);
+        gave_up.status.as_mut().unwrap().conditions = Some(vec![serde_json::from_value(json!({"type": "Progressing",
+            "status": "False", "reason": "ProgressDeadlineExceeded", "message": "ReplicaSet \"resnet-1\" has timed out progressing."})).unwrap()]);
+        let s = compute(&spec(), &observed(&gave_up, &[]), &now());
+        assert_eq!(get(&s, "Ready").reason, "RolloutStuck");
+        assert!(get(&s, "Ready").message.contains("timed out progressing"));
+        assert_eq!(
+            event_for(get(&s, "Ready"), None),
+            Some(true),
+            "a stuck rollout warns"
+        );
     }
 
     #[test]

@@ -41,6 +41,37 @@ fn gpu_request(md: &ModelDeployment) -> Option<(String, i32)> {
     }
 }
 
+fn is_zero(v: &IntOrString) -> bool {
+    matches!(v, IntOrString::Int(0)) || matches!(v, IntOrString::String(s) if s == "0%")
+}
+
+/// Rolling-update bounds: `spec.rollout`, else surge first on CPU and replace in place on GPUs
+/// (a surge pod needs a free GPU, which a full cluster does not have).
+fn strategy(md: &ModelDeployment) -> DeploymentStrategy {
+    let (surge, unavailable) = if gpu_request(md).is_some() { (0, 1) } else { (1, 0) };
+    let asked = md.spec.rollout.clone();
+    let mut max_surge = asked
+        .as_ref()
+        .and_then(|r| r.max_surge.clone())
+        .unwrap_or(IntOrString::Int(surge));
+    let max_unavailable = asked
+        .as_ref()
+        .and_then(|r| r.max_unavailable.clone())
+        .unwrap_or(IntOrString::Int(unavailable));
+    // The schema refuses both set to 0; one set to 0 with the other defaulted to 0 (maxUnavailable
+    // 0 on a GPU model) means "never go below the count": surge one pod then.
+    if is_zero(&max_surge) && is_zero(&max_unavailable) {
+        max_surge = IntOrString::Int(1);
+    }
+    DeploymentStrategy {
+        type_: Some("RollingUpdate".into()),
+        rolling_update: Some(RollingUpdateDeployment {
+            max_surge: Some(max_surge),
+            max_unavailable: Some(max_unavailable),
+        }),
+    }
+}
+
 fn image(md: &ModelDeployment, cfg: &BuildConfig) -> String {
     match &md.spec.image {
         Some(i) if !i.is_empty() => i.clone(),
@@ -379,13 +410,7 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
                 match_labels: Some(selector_labels(md)),
                 ..LabelSelector::default()
             },
-            strategy: Some(DeploymentStrategy {
-                type_: Some("RollingUpdate".into()),
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(IntOrString::Int(1)),
-                    max_unavailable: Some(IntOrString::Int(0)),
-                }),
-            }),
+            strategy: Some(strategy(md)),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
@@ -563,6 +588,37 @@ mod tests {
                 .unwrap()
                 .windows(2)
                 .any(|w| w == ["--execution-provider", "auto"])
+        );
+    }
+
+    #[test]
+    fn gpu_models_replace_in_place_cpu_models_surge_and_spec_rollout_wins() {
+        let bounds = |spec: serde_json::Value| {
+            let d = deployment(&md(spec), &BuildConfig::default());
+            let r = d.spec.strategy.unwrap().rolling_update.unwrap();
+            (r.max_surge.unwrap(), r.max_unavailable.unwrap())
+        };
+        let int = IntOrString::Int;
+        let uri = json!({"uri": "s3://models/m.onnx"});
+        assert_eq!(bounds(json!({"model": uri})), (int(1), int(0)));
+        assert_eq!(
+            bounds(json!({"model": uri, "accelerator": "cuda"})),
+            (int(0), int(1))
+        );
+        assert_eq!(
+            bounds(json!({"model": uri, "accelerator": "auto", "gpu": {"count": 2}})),
+            (int(0), int(1))
+        );
+        assert_eq!(
+            bounds(
+                json!({"model": uri, "accelerator": "cuda", "rollout": {"maxSurge": "25%", "maxUnavailable": 0}})
+            ),
+            (IntOrString::String("25%".into()), int(0))
+        );
+        // maxUnavailable 0 on a GPU model with maxSurge left out: surge one rather than deadlock.
+        assert_eq!(
+            bounds(json!({"model": uri, "accelerator": "cuda", "rollout": {"maxUnavailable": 0}})),
+            (int(1), int(0))
         );
     }
 
