@@ -5,10 +5,10 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 SETUP := scripts/setup.sh
 
-.PHONY: help setup run test test-rust test-python e2e lint fmt build manifests
+.PHONY: help setup run test test-rust test-python e2e scale lint fmt build manifests
 
 help: ## List the targets.
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 setup: ## Fetch what is not committed (ONNX Runtime library, real models) into ~/.cache/kubemaas.
 	@bash $(SETUP) >/dev/null
@@ -38,6 +38,9 @@ test-python: build ## Integration tests: the real server binary, real models, re
 
 e2e: ## End-to-end suite on a real control plane built from Go modules (first build is slow, then cached).
 	bash e2e/run.sh
+
+scale: ## Scale check, outside `make test`: 1,000 ModelDeployments on a fresh control plane reach Ready; the operator's peak RSS must stay under 128 MiB.
+	E2E_TEST=scale KUBEMAAS_SCALE_COUNT=$${KUBEMAAS_SCALE_COUNT:-1000} KUBEMAAS_SCALE_MAX_RSS_MIB=$${KUBEMAAS_SCALE_MAX_RSS_MIB:-128} bash e2e/run.sh
 
 test: setup lint test-rust test-python e2e ## Everything CI runs: installs what is missing, then lint, unit, integration and e2e tests.
 

@@ -195,9 +195,12 @@ impl Operator {
                 ns,
                 "--metrics-addr",
                 "127.0.0.1:0",
-                "--lease-duration-seconds",
-                "10",
             ])
+            .args(if extra.contains(&"--lease-duration-seconds") {
+                vec![]
+            } else {
+                vec!["--lease-duration-seconds", "10"]
+            })
             .args(if extra.contains(&"--leader-election-namespace") {
                 vec![]
             } else {

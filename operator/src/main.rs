@@ -109,6 +109,10 @@ struct RunArgs {
     /// anyway; a resync of an unchanged object sends no write).
     #[arg(long, env = "KUBEMAAS_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
+    /// ModelDeployments reconciled at once. Each in-flight reconcile holds an apiserver connection:
+    /// unbounded, 1,000 new objects opened ~900 connections and overloaded a small apiserver.
+    #[arg(long, env = "KUBEMAAS_MAX_CONCURRENT_RECONCILES", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    max_concurrent_reconciles: u16,
 }
 
 #[derive(Debug, clap::Args)]
@@ -220,6 +224,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         leader_election_name,
         lease_duration_seconds,
         resync_seconds,
+        max_concurrent_reconciles,
     } = args;
     let client = client().await?;
     let metrics = Arc::new(Metrics::default());
@@ -246,7 +251,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         identity.clone(),
         Duration::from_secs(lease_duration_seconds),
     );
-    let mut elector = leader::Elector::new(client.clone(), lease);
+    // The lease gets a client (a connection) of its own, as client-go's leader election does: a
+    // renewal must not queue behind a thousand reconciles' requests.
+    let mut elector = leader::Elector::new(client_for_lease().await?, lease);
     // Ready means: connected and taking part (leader or standby); standbys are ready too.
     health.ready.store(true, Ordering::SeqCst);
     let mut renewed = tokio::time::Instant::now();
@@ -274,7 +281,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         scope,
         images.build_config(),
         metrics.clone(),
-        resync,
+        controller::Tuning {
+            resync,
+            concurrency: max_concurrent_reconciles,
+        },
         async move {
             let _ = stop_rx.await;
         },
@@ -355,6 +365,11 @@ async fn wait_for_crd(client: &kube::Client) {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(30));
     }
+}
+
+/// A second client, with its own connection pool, for the leader lease.
+async fn client_for_lease() -> anyhow::Result<kube::Client> {
+    client().await
 }
 
 /// The API client, identifying itself (audit logs, apiserver metrics) as kubemaas-operator.

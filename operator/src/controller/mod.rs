@@ -198,10 +198,50 @@ where
     }
 }
 
+/// What the caches drop from every object before keeping it: at 1,000 ModelDeployments the
+/// operator holds about 6,000 objects, and much of each is bookkeeping nothing here reads.
+pub mod trim {
+    use k8s_openapi::api::core::v1::{Pod, PodSpec};
+    use kube::{Resource, ResourceExt};
+
+    /// `kubectl apply`'s copy of the whole object, kept in an annotation.
+    const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+    /// Drops `managedFields` (often larger than the spec) and `kubectl apply`'s last-applied copy.
+    pub fn meta<K: Resource>(o: &mut K) {
+        o.meta_mut().managed_fields = None;
+        if let Some(a) = o.meta_mut().annotations.as_mut() {
+            a.remove(LAST_APPLIED);
+        }
+    }
+
+    /// Pods: status reads only their metadata name and labels, the node they are bound to, and
+    /// their status; the spec (containers, volumes, env) and annotations are dropped.
+    pub fn pod(p: &mut Pod) {
+        meta(p);
+        p.annotations_mut().clear();
+        p.meta_mut().owner_references = None;
+        let node_name = p.spec.as_ref().and_then(|s| s.node_name.clone());
+        p.spec = Some(PodSpec {
+            node_name,
+            ..PodSpec::default()
+        });
+    }
+}
+
 /// Maps a child to its ModelDeployment through the `kubemaas.io/model-deployment` label.
 fn owner_of<K: Resource>(obj: K) -> Option<ObjectRef<ModelDeployment>> {
     let name = obj.labels().get(build::labels::MODEL_DEPLOYMENT)?.clone();
     Some(ObjectRef::new(&name).within(&obj.namespace()?))
+}
+
+/// How the controller paces itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// Periodic resync of every ModelDeployment.
+    pub resync: std::time::Duration,
+    /// ModelDeployments reconciled at once.
+    pub concurrency: u16,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -210,27 +250,28 @@ pub async fn run(
     scope: Scope,
     build: build::BuildConfig,
     metrics: Arc<Metrics>,
-    resync: std::time::Duration,
+    tuning: Tuning,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     // Only what carries our label is watched, so memory stays flat however many unrelated objects
     // the cluster holds.
     let owned = watcher::Config::default().labels(build::labels::MANAGED_SELECTOR);
     macro_rules! cached {
-        ($ty:ty) => {{
+        ($ty:ty, $trim:expr) => {{
             let (store, writer) = reflector::store::<$ty>();
             let stream = watcher(api::<$ty>(&client, &scope), owned.clone())
                 .default_backoff()
+                .modify($trim)
                 .reflect(writer)
                 .applied_objects();
             (store, stream)
         }};
     }
-    let (deployments, deploy_stream) = cached!(Deployment);
-    let (services, svc_stream) = cached!(Service);
-    let (hpas, hpa_stream) = cached!(HorizontalPodAutoscaler);
-    let (pdbs, pdb_stream) = cached!(PodDisruptionBudget);
-    let (pods, pod_stream) = cached!(Pod);
+    let (deployments, deploy_stream) = cached!(Deployment, trim::meta::<Deployment>);
+    let (services, svc_stream) = cached!(Service, trim::meta::<Service>);
+    let (hpas, hpa_stream) = cached!(HorizontalPodAutoscaler, trim::meta::<HorizontalPodAutoscaler>);
+    let (pdbs, pdb_stream) = cached!(PodDisruptionBudget, trim::meta::<PodDisruptionBudget>);
+    let (pods, pod_stream) = cached!(Pod, trim::pod);
     let stores = Stores::new(deployments, services, hpas, pdbs, pods);
     let reporter = Reporter {
         controller: "kubemaas-operator".into(),
@@ -243,11 +284,17 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
         prober: probe::Prober::default(),
-        resync,
+        resync: tuning.resync,
         failures: Default::default(),
     });
-    let mds: Api<ModelDeployment> = api(&client, &scope);
-    Controller::new(mds, watcher::Config::default())
+    let (md_store, md_writer) = reflector::store::<ModelDeployment>();
+    let md_stream = watcher(api::<ModelDeployment>(&client, &scope), watcher::Config::default())
+        .default_backoff()
+        .modify(trim::meta::<ModelDeployment>)
+        .reflect(md_writer)
+        .applied_objects();
+    Controller::for_stream(md_stream, md_store)
+        .with_config(kube::runtime::controller::Config::default().concurrency(tuning.concurrency))
         .watches_stream(deploy_stream, owner_of)
         .watches_stream(svc_stream, owner_of)
         .watches_stream(hpa_stream, owner_of)
