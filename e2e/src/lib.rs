@@ -189,13 +189,7 @@ impl Operator {
         std::fs::create_dir_all(log.parent().unwrap()).unwrap();
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(&env.operator)
-            .args([
-                "run",
-                "--watch-namespace",
-                ns,
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ])
+            .args(["run", "--watch-namespace", ns, "--metrics-addr", "127.0.0.1:0"])
             .args(if extra.contains(&"--lease-duration-seconds") {
                 vec![]
             } else {

@@ -692,6 +692,9 @@ struct GpuNode {
     name: String,
 }
 
+/// Taint of [`GpuNode`]s; a test's pods tolerate it to land there.
+const TAINT: &str = "e2e.kubemaas.io/own-node";
+
 impl GpuNode {
     async fn create(client: &kube::Client, name: &str, resource: &str, count: u32) -> GpuNode {
         let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
@@ -699,6 +702,8 @@ impl GpuNode {
         let node = json!({"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake"},
                 "labels": {"kubernetes.io/hostname": name, "type": "kwok"}},
+            // Tainted, so only this test's pods land here (and nothing else is evicted with it).
+            "spec": {"taints": [{"key": TAINT, "value": "true", "effect": "NoSchedule"}]},
             "status": {"allocatable": capacity, "capacity": capacity}});
         nodes
             .create(&PostParams::default(), &serde_json::from_value(node).unwrap())
@@ -730,7 +735,8 @@ async fn a_gpu_model_rolls_forward_on_a_full_gpu_cluster_and_a_stuck_surge_shows
         md_json(
             "fits",
             json!({"model": {"uri": "s3://models/v1.onnx"}, "accelerator": "cuda", "replicas": 2,
-                "gpu": {"resourceName": resource, "count": 1}}),
+                "gpu": {"resourceName": resource, "count": 1},
+                "podTemplate": {"tolerations": [{"key": TAINT, "operator": "Exists", "effect": "NoSchedule"}]}}),
         ),
     )
     .await;
@@ -792,4 +798,85 @@ async fn a_gpu_model_rolls_forward_on_a_full_gpu_cluster_and_a_stuck_surge_shows
     let (status, _, message) = condition(&md, "Ready").unwrap();
     assert_eq!(status, "False");
     assert!(message.contains(&format!("Insufficient {resource}")), "{message}");
+}
+
+#[tokio::test]
+async fn fifty_model_deployments_converge_under_conflicts_server_errors_and_cut_watches() {
+    use k8s_openapi::api::core::v1::Service;
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "faults").await;
+    // Between the operator and the apiserver (debug build's fault layer): half of all writes get
+    // 409, a fifth 5xx, every watch ends after 10 s and every other resumed watch gets 410 Gone.
+    let op = Operator::start_with_env(
+        &ns.name,
+        "op-faults",
+        &[],
+        &[("KUBEMAAS_E2E_FAULTS", "conflict=0.5,error=0.2,watch=10,gone=1")],
+    );
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let names: Vec<String> = (0..50).map(|i| format!("f{i:02}")).collect();
+    for n in &names {
+        create_md(
+            &api,
+            md_json(n, json!({"model": {"uri": "s3://models/m.onnx"}, "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}})),
+        )
+        .await;
+    }
+    let started = std::time::Instant::now();
+    kubemaas_e2e::wait_for(
+        "all 50 Ready under faults",
+        Duration::from_secs(180),
+        || op.log_tail(),
+        || async {
+            let list = api.list(&Default::default()).await.ok()?;
+            let ready = list.items.iter().filter(|m| is_ready(m)).count();
+            (ready == names.len()).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "50 ModelDeployments Ready under faults after {:?}",
+        started.elapsed()
+    );
+    // Exactly one child of each kind per ModelDeployment: retries never duplicated anything.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let lp = kube::api::ListParams::default().labels("app.kubernetes.io/managed-by=kubemaas-operator");
+    let mut d: Vec<String> = deployments
+        .list(&lp)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|o| o.metadata.name)
+        .collect();
+    let mut s: Vec<String> = services
+        .list(&lp)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|o| o.metadata.name)
+        .collect();
+    d.sort();
+    s.sort();
+    assert_eq!(d, names);
+    assert_eq!(s, names);
+    // The operator counted what happened to it.
+    let failed = |reason: &str| {
+        op.metric(&format!(
+            "kubemaas_operator_reconcile_errors_total{{reason=\"{reason}\"}}"
+        ))
+        .unwrap_or(0.0)
+    };
+    let (apply, status) = (failed("ApplyFailed"), failed("StatusPatchFailed"));
+    eprintln!("reconcile errors counted: ApplyFailed {apply}, StatusPatchFailed {status}");
+    assert!(
+        apply > 0.0 && status > 0.0,
+        "ApplyFailed {apply}, StatusPatchFailed {status}"
+    );
+    let retries = op.metric("kubemaas_operator_api_retries_total").unwrap_or(0.0);
+    eprintln!("apiserver requests retried: {retries}");
+    assert!(retries > 50.0, "retries {retries}");
 }

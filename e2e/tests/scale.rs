@@ -13,7 +13,6 @@ use kubemaas_crds::v1alpha1::ModelDeployment;
 use kubemaas_e2e::*;
 use serde_json::json;
 
-
 #[tokio::test]
 async fn many_model_deployments_all_reach_ready_within_the_memory_budget() {
     let count: usize = std::env::var("KUBEMAAS_SCALE_COUNT")

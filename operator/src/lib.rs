@@ -6,6 +6,7 @@
 //! [`httpd`] the operator's own observability.
 
 pub mod controller;
+pub mod faults;
 pub mod httpd;
 pub mod leader;
 pub mod metrics;

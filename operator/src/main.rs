@@ -367,25 +367,51 @@ async fn wait_for_crd(client: &kube::Client) {
     }
 }
 
-/// A second client, with its own connection pool, for the leader lease.
+/// A second client, with its own connection pool, for the leader lease (never fault-injected).
 async fn client_for_lease() -> anyhow::Result<kube::Client> {
-    client().await
+    client_with(false).await
 }
 
-/// The API client, identifying itself (audit logs, apiserver metrics) as kubemaas-operator.
+/// The controller's client.
 async fn client() -> anyhow::Result<kube::Client> {
+    client_with(true).await
+}
+
+/// kube's client stack for the kubeconfig or the in-cluster config. Debug builds inject faults
+/// when `inject` and `KUBEMAAS_E2E_FAULTS` is set (the e2e suite's fault test); release builds
+/// never read it.
+async fn client_with(inject: bool) -> anyhow::Result<kube::Client> {
     let config = kube::Config::infer()
         .await
         .context("failed to load a kubeconfig or the in-cluster config")?;
+    let base =
+        kube::client::ClientBuilder::try_from(config).context("failed to build the Kubernetes client")?;
+    #[cfg(debug_assertions)]
+    if let (true, Ok(plan)) = (inject, std::env::var("KUBEMAAS_E2E_FAULTS")) {
+        let plan: kubemaas_operator::faults::FaultPlan = plan.parse()?;
+        tracing::warn!(
+            ?plan,
+            "injecting faults into apiserver requests (KUBEMAAS_E2E_FAULTS)"
+        );
+        return Ok(base
+            .with_layer(&kubemaas_operator::faults::FaultLayer::new(plan))
+            .with_layer(&user_agent())
+            .build());
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = inject;
+    Ok(base.with_layer(&user_agent()).build())
+}
+
+/// Identifies the operator (audit logs, apiserver metrics) as kubemaas-operator.
+fn user_agent() -> tower::util::MapRequestLayer<
+    impl Fn(http::Request<kube::client::Body>) -> http::Request<kube::client::Body> + Clone,
+> {
     let agent = http::HeaderValue::from_static(concat!("kubemaas-operator/", env!("CARGO_PKG_VERSION")));
-    let set_agent = tower::util::MapRequestLayer::new(move |mut req: http::Request<kube::client::Body>| {
+    tower::util::MapRequestLayer::new(move |mut req: http::Request<kube::client::Body>| {
         req.headers_mut().insert(http::header::USER_AGENT, agent.clone());
         req
-    });
-    Ok(kube::client::ClientBuilder::try_from(config)
-        .context("failed to build the Kubernetes client")?
-        .with_layer(&set_agent)
-        .build())
+    })
 }
 
 /// Why the leader stopped.

@@ -16,6 +16,12 @@ pub const DURATION: &str = "kubemaas_operator_reconcile_duration_seconds";
 pub const WRITES: &str = "kubemaas_operator_write_requests_total";
 /// Children re-applied because a field the operator sets had been changed by someone else.
 pub const DRIFT: &str = "kubemaas_operator_drift_corrections_total";
+/// Apiserver requests retried at once after a transient error (conflict, 5xx, no answer).
+pub const RETRIES: &str = "kubemaas_operator_api_retries_total";
+
+/// Count behind [`RETRIES`]; process-wide, as the retry helper runs below the reconcile context.
+pub static API_RETRIES: AtomicU64 = AtomicU64::new(0);
+
 /// 1 while this replica leads.
 pub const LEADER: &str = "kubemaas_operator_leader";
 
@@ -119,6 +125,11 @@ impl Metrics {
         for (kind, n) in self.drift.lock().map(|d| d.clone()).unwrap_or_default() {
             let _ = writeln!(o, "{DRIFT}{{kind=\"{kind}\"}} {n}");
         }
+        let _ = writeln!(
+            o,
+            "# HELP {RETRIES} Apiserver requests retried after a transient error.\n# TYPE {RETRIES} counter\n{RETRIES} {}",
+            API_RETRIES.load(Relaxed)
+        );
         let _ = writeln!(
             o,
             "# HELP {LEADER} 1 while this replica holds the leader lease.\n# TYPE {LEADER} gauge\n{LEADER} {}",

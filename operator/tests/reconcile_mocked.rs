@@ -234,8 +234,8 @@ async fn apply_conflict_is_an_error_that_names_the_child_and_is_retried() {
     };
     assert_eq!(
         (format!("{first:?}"), format!("{second:?}")),
-        (requeue(5), requeue(10)),
-        "exponential backoff"
+        (requeue(1), requeue(2)),
+        "a conflict is transient: exponential backoff from 1 s"
     );
     assert!(
         ctx.metrics

@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::build::{Children, labels, stamp_hash};
-use super::{Error, Stores, drift};
+use super::{Error, Stores, drift, retrying};
 
 /// Field manager of every write.
 pub const FIELD_MANAGER: &str = "kubemaas-operator";
@@ -80,7 +80,8 @@ where
                 field_manager: Some(FIELD_MANAGER.into()),
                 ..PatchParams::default()
             };
-            api.patch(&name, &params, &Patch::Merge(serde_json::json!({ "spec": spec })))
+            let merge = Patch::Merge(serde_json::json!({ "spec": spec }));
+            retrying(|| api.patch(&name, &params, &merge))
                 .await
                 .map_err(|source| Error::Apply {
                     kind: K::kind(&()).to_string(),
@@ -89,12 +90,8 @@ where
                 })?;
         }
     }
-    let object = api
-        .patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&desired),
-        )
+    let (params, patch) = (PatchParams::apply(FIELD_MANAGER).force(), Patch::Apply(&desired));
+    let object = retrying(|| api.patch(&name, &params, &patch))
         .await
         .map_err(|source| Error::Apply {
             kind: K::kind(&()).to_string(),
@@ -117,7 +114,8 @@ where
         return Ok(false);
     }
     let api: Api<K> = Api::namespaced(client.clone(), ns);
-    match api.delete(name, &DeleteParams::background()).await {
+    let params = DeleteParams::background();
+    match retrying(|| api.delete(name, &params)).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
         Err(source) => Err(Error::Delete {
@@ -143,18 +141,15 @@ async fn hand_over_replicas(client: &Client, ns: &str, name: &str, replicas: i32
         "metadata": {"name": name, "namespace": ns},
         "spec": {"replicas": replicas},
     });
-    api.patch(
-        name,
-        &PatchParams::apply(HANDOVER_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map(|_| ())
-    .map_err(|source| Error::Apply {
-        kind: "Deployment".into(),
-        name: name.into(),
-        source,
-    })
+    let (params, patch) = (PatchParams::apply(HANDOVER_MANAGER).force(), Patch::Apply(&body));
+    retrying(|| api.patch(name, &params, &patch))
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::Apply {
+            kind: "Deployment".into(),
+            name: name.into(),
+            source,
+        })
 }
 
 /// What [`apply_children`] did.

@@ -77,6 +77,55 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Whether a retry soon is likely to succeed: a conflict (someone wrote first), throttling,
+    /// a server error or a connection problem, as opposed to a refusal (quota, RBAC, validation).
+    pub fn is_transient(&self) -> bool {
+        let source = match self {
+            Error::Apply { source, .. } | Error::Delete { source, .. } | Error::Status { source, .. } => {
+                source
+            }
+            Error::MissingNamespace => return false,
+        };
+        transient(source)
+    }
+}
+
+/// Whether an apiserver error is worth an immediate retry: a conflict, throttling, a server error,
+/// or no answer at all.
+fn transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code == 409 || s.code == 429 || s.code >= 500,
+        _ => true,
+    }
+}
+
+/// Attempts one write gets before the reconcile fails (and is retried with backoff).
+const ATTEMPTS: u32 = 6;
+
+/// Runs `call` again on transient errors, up to [`ATTEMPTS`] times, 25 ms doubling between tries:
+/// client-go's `RetryOnConflict`, extended to 5xx. Each retry is counted in
+/// `kubemaas_operator_api_retries_total`.
+pub async fn retrying<T, F, Fut>(mut call: F) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let mut delay = std::time::Duration::from_millis(25);
+    for _ in 1..ATTEMPTS {
+        match call().await {
+            Err(e) if transient(&e) => {
+                tracing::debug!(error = %e, retry_in = ?delay, "transient apiserver error");
+                crate::metrics::API_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            done => return done,
+        }
+    }
+    call().await
+}
+
 /// A reconcile error as a status message: the apiserver's own words (e.g. `exceeded quota: …`)
 /// rather than the client's wrapping of them.
 pub fn status_message(e: &Error) -> String {
@@ -288,11 +337,14 @@ pub async fn run(
         failures: Default::default(),
     });
     let (md_store, md_writer) = reflector::store::<ModelDeployment>();
-    let md_stream = watcher(api::<ModelDeployment>(&client, &scope), watcher::Config::default())
-        .default_backoff()
-        .modify(trim::meta::<ModelDeployment>)
-        .reflect(md_writer)
-        .applied_objects();
+    let md_stream = watcher(
+        api::<ModelDeployment>(&client, &scope),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(trim::meta::<ModelDeployment>)
+    .reflect(md_writer)
+    .applied_objects();
     Controller::for_stream(md_stream, md_store)
         .with_config(kube::runtime::controller::Config::default().concurrency(tuning.concurrency))
         .watches_stream(deploy_stream, owner_of)

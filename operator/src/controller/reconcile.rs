@@ -134,8 +134,9 @@ async fn write_status(ctx: &Context, md: &ModelDeployment, new: ModelDeploymentS
     }
     let name = md.name_any();
     let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &md.namespace().unwrap_or_default());
-    let patch = serde_json::json!({ "status": new });
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+    let patch = Patch::Merge(serde_json::json!({ "status": new }));
+    let params = PatchParams::default();
+    super::retrying(|| api.patch_status(&name, &params, &patch))
         .await
         .map_err(|source| Error::Status {
             name: name.clone(),
@@ -182,6 +183,12 @@ pub fn backoff(attempt: u32) -> Duration {
     )
 }
 
+/// Delay before retry number `attempt` after a transient error (a conflict, a 5xx): 1 s doubling
+/// up to 30 s, since the next try usually succeeds.
+pub fn transient_backoff(attempt: u32) -> Duration {
+    Duration::from_secs((1u64 << attempt.saturating_sub(1).min(5)).min(30))
+}
+
 /// Retries failed reconciles with exponential backoff; the failure is counted and published as an
 /// Event.
 pub fn error_policy(md: Arc<ModelDeployment>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -208,7 +215,11 @@ pub fn error_policy(md: Arc<ModelDeployment>, err: &Error, ctx: Arc<Context>) ->
     tokio::spawn(async move {
         let _ = recorder.publish(&event, &reference).await;
     });
-    Action::requeue(backoff(attempt))
+    Action::requeue(if err.is_transient() {
+        transient_backoff(attempt)
+    } else {
+        backoff(attempt)
+    })
 }
 
 #[cfg(test)]
@@ -221,5 +232,11 @@ mod tests {
         let secs: Vec<u64> = (1..=9).map(|a| backoff(a).as_secs()).collect();
         assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
         assert_eq!(backoff(0), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn transient_errors_retry_from_one_second_up_to_thirty() {
+        let secs: Vec<u64> = (1..=8).map(|a| super::transient_backoff(a).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30, 30]);
     }
 }
