@@ -102,7 +102,8 @@ struct RunArgs {
         default_value = "kubemaas-operator"
     )]
     leader_election_name: String,
-    /// Seconds a leader Lease stays valid without renewal.
+    /// Seconds a leader Lease stays valid without renewal. The leader stops acting when it has not
+    /// renewed within 2/3 of it; a standby takes over once it has seen no renewal for all of it.
     #[arg(long, env = "KUBEMAAS_LEASE_DURATION", default_value_t = 15)]
     lease_duration_seconds: u64,
     /// Seconds between periodic resyncs of every ModelDeployment (changes are reacted to at once
