@@ -299,13 +299,13 @@ pub enum Accelerator {
 pub struct RolloutSpec {
     /// Pods started above the replica count during a rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("type(self) == int ? self >= 0 : self.matches('^[0-9]+%$')")
+    #[x_kube(validation = Rule::new("string(self).matches('^[0-9]+%?$')")
         .message("rollout.maxSurge must be a non-negative count or a percentage such as 25%"))]
     pub max_surge: Option<IntOrString>,
 
     /// Pods that may be unavailable during a rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("type(self) == int ? self >= 0 : self.matches('^[0-9]+%$')")
+    #[x_kube(validation = Rule::new("string(self).matches('^[0-9]+%?$')")
         .message("rollout.maxUnavailable must be a non-negative count or a percentage such as 25%"))]
     pub max_unavailable: Option<IntOrString>,
 }

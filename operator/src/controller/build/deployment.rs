@@ -45,6 +45,15 @@ fn is_zero(v: &IntOrString) -> bool {
     matches!(v, IntOrString::Int(0)) || matches!(v, IntOrString::String(s) if s == "0%")
 }
 
+/// A bound as the Deployment wants it: `"2"` (the schema lets a quoted count through) as the
+/// number 2; percentages stay strings.
+fn bound(v: IntOrString) -> IntOrString {
+    match v {
+        IntOrString::String(s) => s.parse().map(IntOrString::Int).unwrap_or(IntOrString::String(s)),
+        int => int,
+    }
+}
+
 /// Rolling-update bounds: `spec.rollout`, else surge first on CPU and replace in place on GPUs
 /// (a surge pod needs a free GPU, which a full cluster does not have).
 fn strategy(md: &ModelDeployment) -> DeploymentStrategy {
@@ -53,10 +62,12 @@ fn strategy(md: &ModelDeployment) -> DeploymentStrategy {
     let mut max_surge = asked
         .as_ref()
         .and_then(|r| r.max_surge.clone())
+        .map(bound)
         .unwrap_or(IntOrString::Int(surge));
     let max_unavailable = asked
         .as_ref()
         .and_then(|r| r.max_unavailable.clone())
+        .map(bound)
         .unwrap_or(IntOrString::Int(unavailable));
     // The schema refuses both set to 0; one set to 0 with the other defaulted to 0 (maxUnavailable
     // 0 on a GPU model) means "never go below the count": surge one pod then.
@@ -614,6 +625,10 @@ mod tests {
                 json!({"model": uri, "accelerator": "cuda", "rollout": {"maxSurge": "25%", "maxUnavailable": 0}})
             ),
             (IntOrString::String("25%".into()), int(0))
+        );
+        assert_eq!(
+            bounds(json!({"model": uri, "rollout": {"maxSurge": "2", "maxUnavailable": "10%"}})),
+            (int(2), IntOrString::String("10%".into()))
         );
         // maxUnavailable 0 on a GPU model with maxSurge left out: surge one rather than deadlock.
         assert_eq!(
