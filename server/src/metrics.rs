@@ -112,6 +112,9 @@ pub struct ModelStats {
     pub last_inference_ms: AtomicU64,
     failures: Mutex<BTreeMap<FailureReason, u64>>,
     buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    /// Recorders share it, a snapshot takes it alone: a reader never sees one request counted in
+    /// compute_input but not yet in compute_infer (perf_analyzer aborts on such a snapshot).
+    consistent: std::sync::RwLock<()>,
 }
 
 impl ModelStats {
@@ -123,6 +126,7 @@ impl ModelStats {
         phases: crate::backend::PhaseTimes,
         rows: u64,
     ) {
+        let _recording = self.consistent.read();
         self.success.add(total);
         self.queue.add(queue);
         self.compute_input.add(phases.input);
@@ -140,6 +144,7 @@ impl ModelStats {
 
     /// Records a failed request.
     pub fn record_failure(&self, total: Duration, reason: FailureReason) {
+        let _recording = self.consistent.read();
         self.fail.add(total);
         self.observe(total);
         if let Ok(mut f) = self.failures.lock() {
@@ -154,6 +159,22 @@ impl ModelStats {
                 self.buckets[i].fetch_add(1, Relaxed);
             }
         }
+    }
+
+    /// Triton's `model_stats` entry for this model version, taken while no request is half
+    /// recorded.
+    pub fn triton_json(&self, name: &str, version: &str) -> serde_json::Value {
+        let _snapshot = self.consistent.write();
+        serde_json::json!({
+            "name": name,
+            "version": version,
+            "last_inference": self.last_inference_ms.load(Relaxed),
+            "inference_count": self.inference_count.load(Relaxed),
+            "execution_count": self.execution_count.load(Relaxed),
+            "inference_stats": self.inference_stats_json(),
+            "batch_stats": [],
+            "memory_usage": [],
+        })
     }
 
     /// Triton's `inference_stats` object.
@@ -349,6 +370,38 @@ pub fn render(models: &[ModelMetricsView<'_>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stats_snapshot_never_sees_a_request_half_recorded() {
+        let stats = std::sync::Arc::new(ModelStats::default());
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..3)
+            .map(|_| {
+                let (stats, done) = (stats.clone(), done.clone());
+                std::thread::spawn(move || {
+                    while !done.load(Relaxed) {
+                        stats.record_success(
+                            Duration::from_micros(5),
+                            Duration::ZERO,
+                            crate::backend::PhaseTimes::default(),
+                            1,
+                        );
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..2_000 {
+            let j = stats.triton_json("m", "1");
+            let count = |k: &str| j["inference_stats"][k]["count"].as_u64();
+            assert_eq!(count("compute_input"), count("compute_infer"), "{j}");
+            assert_eq!(count("compute_infer"), count("compute_output"), "{j}");
+            assert_eq!(count("success"), j["execution_count"].as_u64(), "{j}");
+        }
+        done.store(true, Relaxed);
+        for w in writers {
+            let _ = w.join();
+        }
+    }
 
     #[test]
     fn rendering_keeps_triton_names_without_total_suffix() {

@@ -2,7 +2,6 @@
 //! `{"error": "..."}` body are decided in one place.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -269,19 +268,7 @@ fn stats(state: &AppState, model: Option<&str>, version: Option<&str>) -> Result
     };
     let model_stats: Vec<Value> = entries
         .into_iter()
-        .map(|(name, v, e)| {
-            let s = &e.stats;
-            serde_json::json!({
-                "name": name,
-                "version": v.to_string(),
-                "last_inference": s.last_inference_ms.load(Relaxed),
-                "inference_count": s.inference_count.load(Relaxed),
-                "execution_count": s.execution_count.load(Relaxed),
-                "inference_stats": s.inference_stats_json(),
-                "batch_stats": [],
-                "memory_usage": [],
-            })
-        })
+        .map(|(name, v, e)| e.stats.triton_json(&name, &v.to_string()))
         .collect();
     Ok(serde_json::json!({ "model_stats": model_stats }))
 }
