@@ -22,5 +22,5 @@ cleanup() {
 trap cleanup EXIT
 eval "$(bash e2e/cluster/up)"
 export KUBECONFIG KUBEMAAS_E2E_LOGS KUBEMAAS_E2E_AUDIT_LOG KUBEMAAS_E2E_STATE
-cargo test -p kubemaas-e2e ${E2E_TEST:+--test "$E2E_TEST"} -- --test-threads "${E2E_THREADS:-3}" --nocapture || status=$?
+cargo test -p kubemaas-e2e ${E2E_TEST:+--test "$E2E_TEST"} -- ${E2E_FILTER:-} ${E2E_IGNORED:+--ignored} --test-threads "${E2E_THREADS:-3}" --nocapture || status=$?
 exit "$status"
