@@ -241,17 +241,29 @@ mod tests {
         // documentation ranges (RFC 5737, RFC 3849).
         let strict = AddressGuard::default();
         let open = AddressGuard::new(true, HashMap::new());
-        for a in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.20.0.1",
-            "192.168.1.1",
-            "100.64.0.1",
-            "::1",
-            "fd12::1",
-        ] {
+        for a in ["127.0.0.1", "::1", "fd12::1"] {
             assert!(strict.check_ip("h", ip(a)).is_err(), "{a}");
             assert!(open.check_ip("h", ip(a)).is_ok(), "{a}");
+        }
+        // RFC 1918 and RFC 6598 blocks as (first address, prefix length): the first, middle and
+        // last address of each needs the flag, the addresses just outside do not.
+        let blocks: [(u32, u32); 4] = [
+            (0x0a00_0000, 8),
+            (0xac10_0000, 12),
+            (0xc0a8_0000, 16),
+            (0x6440_0000, 10),
+        ];
+        for (first, len) in blocks {
+            let size = 1u32 << (32 - len);
+            for inside in [first, first + size / 2, first + size - 1] {
+                let a = IpAddr::V4(Ipv4Addr::from(inside));
+                assert!(strict.check_ip("h", a).is_err(), "{a}");
+                assert!(open.check_ip("h", a).is_ok(), "{a}");
+            }
+            for outside in [first - 1, first + size] {
+                let a = IpAddr::V4(Ipv4Addr::from(outside));
+                assert!(strict.check_ip("h", a).is_ok(), "{a} is public");
+            }
         }
         for a in ["192.0.2.1", "2001:db8::1", "203.0.113.7"] {
             assert!(strict.check_ip("h", ip(a)).is_ok(), "{a}");
