@@ -510,3 +510,27 @@ impl Drop for StallingProxy {
         self.task.abort();
     }
 }
+
+/// Waits (up to `timeout`) for a pod of ModelDeployment `md` that the scheduler bound to a node.
+pub async fn bound_pod(
+    pods: &Api<k8s_openapi::api::core::v1::Pod>,
+    md: &str,
+    timeout: Duration,
+    op: &Operator,
+) -> k8s_openapi::api::core::v1::Pod {
+    let lp = kube::api::ListParams::default().labels(&format!("kubemaas.io/model-deployment={md}"));
+    wait_for(
+        "the pod bound to a node",
+        timeout,
+        || op.log_tail(),
+        || async {
+            pods.list(&lp)
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+        },
+    )
+    .await
+}

@@ -482,21 +482,7 @@ async fn an_old_oom_kill_in_last_state_does_not_keep_degraded() {
     )
     .await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let lp = kube::api::ListParams::default().labels("kubemaas.io/model-deployment=survivor");
-    let pod = kubemaas_e2e::wait_for(
-        "the pod bound to a node",
-        Duration::from_secs(60),
-        || op.log_tail(),
-        || async {
-            pods.list(&lp)
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
-        },
-    )
-    .await;
+    let pod = kubemaas_e2e::bound_pod(&pods, "survivor", Duration::from_secs(60), &op).await;
     // Play the kubelet: the server was OOMKilled once, `ago` minutes ago, restarted and has served
     // since; the kubelet keeps that termination in lastState for the pod's whole life.
     let write = |ago: i64| {
@@ -880,4 +866,10 @@ async fn fifty_model_deployments_converge_under_conflicts_server_errors_and_cut_
     let retries = op.metric("kubemaas_operator_api_retries_total").unwrap_or(0.0);
     eprintln!("apiserver requests retried: {retries}");
     assert!(retries > 50.0, "retries {retries}");
+    // The watchers met the injected 410 on resume (kube's watcher reports it, then re-lists).
+    let log = std::fs::read_to_string(&op.log).unwrap_or_default();
+    assert!(
+        log.contains("injected: too old resource version"),
+        "no 410 reached a watcher"
+    );
 }

@@ -193,20 +193,7 @@ async fn an_init_container_that_really_fails_sets_model_loaded_false_with_the_pu
     .await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let lp = ListParams::default().labels(&format!("kubemaas.io/model-deployment={name}"));
-    let pod = wait_for(
-        "the pod bound to a node",
-        LONG,
-        || op.log_tail(),
-        || async {
-            pods.list(&lp)
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
-        },
-    )
-    .await;
+    let pod = kubemaas_e2e::bound_pod(&pods, name, LONG, &op).await;
     assert!(
         pod.status
             .as_ref()

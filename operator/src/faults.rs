@@ -63,26 +63,11 @@ impl std::str::FromStr for FaultPlan {
     }
 }
 
-/// Counters of what was injected.
-#[derive(Debug, Default)]
-pub struct Injected {
-    /// 409s sent.
-    pub conflicts: AtomicU64,
-    /// 5xx sent.
-    pub errors: AtomicU64,
-    /// Watches shortened.
-    pub watches_cut: AtomicU64,
-    /// 410s sent.
-    pub gone: AtomicU64,
-}
-
 /// The tower layer.
 #[derive(Clone)]
 pub struct FaultLayer {
     plan: FaultPlan,
     seed: Arc<AtomicU64>,
-    /// What it did.
-    pub injected: Arc<Injected>,
 }
 
 impl FaultLayer {
@@ -96,7 +81,6 @@ impl FaultLayer {
         FaultLayer {
             plan,
             seed: Arc::new(AtomicU64::new(seed)),
-            injected: Arc::default(),
         }
     }
 }
@@ -172,12 +156,10 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let plan = &self.layer.plan;
-        let injected = &self.layer.injected;
         let write = !matches!(*req.method(), Method::GET | Method::HEAD);
         if write {
             let r = self.layer.roll();
             if r < plan.conflict {
-                injected.conflicts.fetch_add(1, Ordering::Relaxed);
                 let res = status(
                     StatusCode::CONFLICT,
                     "Conflict",
@@ -186,7 +168,6 @@ where
                 return Box::pin(async move { Ok(res) });
             }
             if r < plan.conflict + plan.error {
-                injected.errors.fetch_add(1, Ordering::Relaxed);
                 let code = if r < plan.conflict + plan.error / 2.0 {
                     StatusCode::SERVICE_UNAVAILABLE
                 } else {
@@ -203,7 +184,6 @@ where
                 p.starts_with("resourceVersion=") && p != "resourceVersion=" && p != "resourceVersion=0"
             });
             if resuming && plan.gone_on_resume && self.resumes.fetch_add(1, Ordering::Relaxed) % 2 == 1 {
-                injected.gone.fetch_add(1, Ordering::Relaxed);
                 let res = status(StatusCode::GONE, "Expired", "injected: too old resource version");
                 return Box::pin(async move { Ok(res) });
             }
@@ -212,7 +192,6 @@ where
                 let path = req.uri().path().to_string();
                 if let Ok(uri) = format!("{path}?{q}").parse() {
                     *req.uri_mut() = uri;
-                    injected.watches_cut.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }

@@ -31,7 +31,7 @@ struct Written<K> {
     /// The object as the apiserver answered (fresher than the cache, which may lag).
     object: K,
     /// The hash matched, but a field we own had been changed by someone else.
-    drift: Option<String>,
+    drifted: bool,
 }
 
 /// Applies `desired` (already stamped with its hash) unless the observed copy carries the same
@@ -51,31 +51,29 @@ where
         + 'static,
 {
     let name = desired.name_any();
+    let failed = |source| Error::Apply {
+        kind: K::kind(&()).to_string(),
+        name: name.clone(),
+        source,
+    };
     let hash = desired.annotations().get(labels::SPEC_HASH);
-    let live = observed(store, &name, ns);
-    let mut drift = None;
-    if let Some(live) = &live
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let mut drifted = false;
+    if let Some(live) = observed(store, &name, ns)
         && hash.is_some()
         && live.annotations().get(labels::SPEC_HASH) == hash
     {
-        let as_json = |o: &K| serde_json::to_value(o).unwrap_or_default();
-        match drift::first_difference(&as_json(live), &as_json(&desired)) {
-            None => return Ok(None),
-            Some(path) => {
-                tracing::info!(kind = %K::kind(&()), name = %name, field = %path, "correcting drift");
-                drift = Some(path);
-            }
-        }
-    }
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    if drift.is_some() {
+        let mut want = serde_json::to_value(&desired).unwrap_or_default();
+        let Some(path) = drift::first_difference(&serde_json::to_value(&*live).unwrap_or_default(), &want)
+        else {
+            return Ok(None);
+        };
+        tracing::info!(kind = %K::kind(&()), name = %name, field = %path, "correcting drift");
+        drifted = true;
         // An apply cannot take back a list entry another manager rewrote (a Service port edited
         // from 8080 to 9999 is a new entry it owns; applying 8080 adds a duplicate the apiserver
         // refuses). A merge patch replaces our lists wholesale; the apply then owns them again.
-        let spec = serde_json::to_value(&desired)
-            .ok()
-            .and_then(|mut v| v.get_mut("spec").map(serde_json::Value::take));
-        if let Some(spec) = spec {
+        if let Some(spec) = want.get_mut("spec").map(serde_json::Value::take) {
             let params = PatchParams {
                 field_manager: Some(FIELD_MANAGER.into()),
                 ..PatchParams::default()
@@ -83,22 +81,14 @@ where
             let merge = Patch::Merge(serde_json::json!({ "spec": spec }));
             retrying(|| api.patch(&name, &params, &merge))
                 .await
-                .map_err(|source| Error::Apply {
-                    kind: K::kind(&()).to_string(),
-                    name: name.clone(),
-                    source,
-                })?;
+                .map_err(failed)?;
         }
     }
     let (params, patch) = (PatchParams::apply(FIELD_MANAGER).force(), Patch::Apply(&desired));
     let object = retrying(|| api.patch(&name, &params, &patch))
         .await
-        .map_err(|source| Error::Apply {
-            kind: K::kind(&()).to_string(),
-            name: name.clone(),
-            source,
-        })?;
-    Ok(Some(Written { object, drift }))
+        .map_err(failed)?;
+    Ok(Some(Written { object, drifted }))
 }
 
 /// Deletes the child if the store shows it exists (so an absent child costs no request).
@@ -160,8 +150,8 @@ pub struct Applied {
     /// The Deployment as the apiserver answered, when it was written: status must be computed from
     /// it (new generation, old rollout state), not from a cache that has not seen the write yet.
     pub deployment: Option<Deployment>,
-    /// Kinds of the children whose drift was corrected, with the first field found changed.
-    pub drift: Vec<(String, String)>,
+    /// Kinds of the children whose drift was corrected (the field is logged where it was found).
+    pub drift: Vec<String>,
 }
 
 impl Applied {
@@ -171,9 +161,9 @@ impl Applied {
     {
         let w = w?;
         self.writes += 1;
-        if let Some(field) = w.drift {
+        if w.drifted {
             self.writes += 1; // the merge patch before the apply
-            self.drift.push((K::kind(&()).to_string(), field));
+            self.drift.push(K::kind(&()).to_string());
         }
         Some(w.object)
     }

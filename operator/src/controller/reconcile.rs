@@ -75,7 +75,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         }
     };
     ctx.metrics.child_writes(applied.writes);
-    for (kind, _) in &applied.drift {
+    for kind in &applied.drift {
         ctx.metrics.drift_corrected(kind);
     }
 
