@@ -315,6 +315,51 @@ async fn autoscaling_takes_over_and_hands_back_replicas_without_a_dip_or_a_jump(
         vec![3, 4],
         "spec.replicas of the Deployment over the whole test"
     );
+
+    // Created autoscaled: the Deployment starts at minReplicas, and a later template change (the
+    // operator's apply without spec.replicas) keeps it there.
+    let (seen, task) = record_replicas(&deployments, "fresh");
+    create_md(
+        &api,
+        md_json(
+            "fresh",
+            json!({"model": {"uri": "s3://models/m.onnx"}, "autoscaling": {"minReplicas": 3, "maxReplicas": 6}}),
+        ),
+    )
+    .await;
+    wait_md(
+        &api,
+        "fresh",
+        "Ready",
+        Duration::from_secs(90),
+        Some(&op),
+        is_ready,
+    )
+    .await;
+    api.patch(
+        "fresh",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"model": {"uri": "s3://models/m2.onnx"}}})),
+    )
+    .await
+    .unwrap();
+    wait_md(
+        &api,
+        "fresh",
+        "Ready after a template change",
+        Duration::from_secs(90),
+        Some(&op),
+        |m| is_ready(m) && m.metadata.generation == Some(2),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    task.abort();
+    let fresh = seen.lock().unwrap().clone();
+    assert_eq!(
+        fresh,
+        vec![3],
+        "spec.replicas of an autoscaled Deployment from its creation"
+    );
 }
 
 #[tokio::test]
