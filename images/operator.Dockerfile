@@ -10,6 +10,6 @@ RUN cargo build --release --locked --target x86_64-unknown-linux-musl -p kubemaa
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /src/target/x86_64-unknown-linux-musl/release/kubemaas-operator /kubemaas-operator
 USER 65532:65532
-EXPOSE 8080
+EXPOSE 8090
 ENTRYPOINT ["/kubemaas-operator"]
 CMD ["run"]

@@ -80,3 +80,47 @@ def test_invalid_manifests_are_refused_with_the_crd_message(manifest):
     p = render(manifest)
     assert p.returncode != 0
     assert expected in p.stderr, p.stderr
+
+
+MD_HEAD = "apiVersion: kubemaas.io/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: m\nspec:\n  model:\n    uri: s3://models/m.onnx\n"
+
+
+def render_text(text: str, tmp_path):
+    f = tmp_path / "in.yaml"
+    f.write_text(text)
+    return render(f)
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ("  acelerator: cuda\n", 'unknown field "spec.acelerator" (did you mean "accelerator"?)'),
+    ("  replcas: 2\n", 'unknown field "spec.replcas" (did you mean "replicas"?)'),
+    ("  gpu:\n    cuont: 1\n", 'unknown field "spec.gpu.cuont" (did you mean "count"?)'),
+    ("  replicas: \"3\"\n", 'spec.replicas: expected integer, got string "3"'),
+    ("  runtime:\n    instances: many\n", 'spec.runtime.instances: expected integer, got string "many"'),
+    ("  rollout:\n    maxSurge: true\n", "spec.rollout.maxSurge: expected integer or string, got boolean true"),
+], ids=["accelerator-typo", "replicas-typo", "nested-typo", "quoted-int", "word-for-int", "bool-for-int-or-string"])
+def test_render_refuses_unknown_fields_and_wrong_types_naming_the_path(extra, expected, tmp_path):
+    # What the apiserver's strict field validation (kubectl apply's default) refuses.
+    p = render_text(MD_HEAD + extra, tmp_path)
+    assert p.returncode == 1, p.stdout
+    assert expected in p.stderr, p.stderr
+    assert p.stdout == ""
+    assert "backtrace" not in p.stderr.lower()
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", "holds no ModelDeployment"),
+    ("# only a comment\n---\n", "holds no ModelDeployment"),
+    ("apiVersion: v1\nkind: Secret\nmetadata:\n  name: s3-creds\n", "found Secret/s3-creds"),
+    (MD_HEAD.replace("v1alpha1", "v1beta1"), 'apiVersion: expected "kubemaas.io/v1alpha1"'),
+], ids=["empty", "comment-only", "other-kind", "other-version"])
+def test_render_errors_on_input_without_a_model_deployment(text, expected, tmp_path):
+    p = render_text(text, tmp_path)
+    assert p.returncode == 1
+    assert expected in p.stderr, p.stderr
+
+
+def test_render_still_renders_a_manifest_with_a_secret_beside_it(tmp_path):
+    p = render_text("apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\n---\n" + MD_HEAD, tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert [d["kind"] for d in yaml.safe_load_all(p.stdout) if d] == ["Deployment", "Service"]

@@ -3,6 +3,7 @@
 
 pub mod artifact;
 pub mod conditions;
+pub mod report;
 #[cfg(feature = "api")]
 pub mod v1alpha1;
 

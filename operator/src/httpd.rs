@@ -18,8 +18,40 @@ use crate::metrics::Metrics;
 pub struct Health {
     /// Metrics rendered on `/metrics`.
     pub metrics: Arc<Metrics>,
-    /// `/readyz` answers 200 once set (the client works and, if electing, the election runs).
+    /// `/readyz` answers 200 while set: the apiserver answered the last probe (see
+    /// [`probe_apiserver`]); a standby is ready too, as it would take over.
     pub ready: AtomicBool,
+}
+
+/// How often the apiserver is probed, and how long one probe may take.
+pub const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps `health.ready` equal to "the apiserver at `url` answered `GET /version` within
+/// [`PROBE_EVERY`] on the last try", logging each change with the URL (a bare "client error
+/// (Connect)" every few seconds does not say which server is unreachable). Runs until the process
+/// ends.
+pub async fn probe_apiserver(client: kube::Client, url: String, health: Arc<Health>) {
+    let mut reachable: Option<bool> = None;
+    loop {
+        let answer = tokio::time::timeout(PROBE_EVERY, client.apiserver_version()).await;
+        let ok = matches!(answer, Ok(Ok(_)));
+        health.ready.store(ok, Ordering::SeqCst);
+        if reachable != Some(ok) {
+            match answer {
+                Ok(Ok(v)) => {
+                    tracing::info!(apiserver = %url, version = %v.git_version, "apiserver reachable")
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(apiserver = %url, error = %e, "cannot reach the apiserver; /readyz answers 503 until it answers")
+                }
+                Err(_) => {
+                    tracing::error!(apiserver = %url, timeout = ?PROBE_EVERY, "the apiserver did not answer in time; /readyz answers 503 until it answers")
+                }
+            }
+            reachable = Some(ok);
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
 }
 
 fn respond(health: &Health, req: &Request<Incoming>) -> Response<Full<Bytes>> {

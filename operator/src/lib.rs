@@ -11,3 +11,4 @@ pub mod httpd;
 pub mod leader;
 pub mod metrics;
 pub mod render;
+pub mod strict;

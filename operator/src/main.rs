@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -86,8 +85,9 @@ struct RunArgs {
     /// Watch one namespace only (default: all namespaces).
     #[arg(long, env = "KUBEMAAS_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
-    /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "KUBEMAAS_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    /// Address of /healthz, /readyz and /metrics (8090: the server's ports are 8080, 8081 and 9090,
+    /// so both run side by side on one machine).
+    #[arg(long, env = "KUBEMAAS_METRICS_ADDR", default_value = "0.0.0.0:8090")]
     metrics_addr: SocketAddr,
     /// Elect one active replica through a Lease (disable only when running a single replica).
     #[arg(long, env = "KUBEMAAS_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
@@ -173,7 +173,17 @@ fn init_telemetry(format: LogFormat, level: &str) -> anyhow::Result<Option<SdkTr
     Ok(provider)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run_cli() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", kubemaas_crds::report::error_report(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cli() -> anyhow::Result<()> {
     let Cli {
         log_format,
         log_level,
@@ -254,9 +264,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     // The lease gets a client (a connection) of its own, as client-go's leader election does: a
     // renewal must not queue behind a thousand reconciles' requests.
-    let mut elector = leader::Elector::new(client_for_lease().await?, lease);
-    // Ready means: connected and taking part (leader or standby); standbys are ready too.
-    health.ready.store(true, Ordering::SeqCst);
+    let lease_client = client_for_lease().await?;
+    // Ready means the apiserver answers (leader or standby alike: a standby is ready to take over).
+    let url = kube::Config::infer()
+        .await
+        .map(|c| c.cluster_url.to_string())
+        .unwrap_or_default();
+    tokio::spawn(httpd::probe_apiserver(lease_client.clone(), url, health.clone()));
+    let mut elector = leader::Elector::new(lease_client, lease);
     let mut renewed = tokio::time::Instant::now();
     if leader_elect {
         let l = elector.config();

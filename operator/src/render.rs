@@ -1,7 +1,7 @@
 //! `kubemaas-operator render -f md.yaml`: every child the operator would create, as YAML, without a
 //! cluster (for review and GitOps diffs).
 
-use kube::ResourceExt;
+use kube::{CustomResourceExt, ResourceExt};
 use kubemaas_crds::v1alpha1::ModelDeployment;
 
 use crate::controller::build::{self, BuildConfig};
@@ -25,9 +25,36 @@ pub enum RenderError {
         /// Why.
         message: String,
     },
+    /// A field is not in the CRD's schema, or has the wrong type (what the apiserver's strict
+    /// field validation refuses).
+    #[error("ModelDeployment {name} in {source_name} is not valid against the CRD schema: {}", .problems.join("; "))]
+    Strict {
+        /// Name.
+        name: String,
+        /// File name.
+        source_name: String,
+        /// Every problem, each with its field path.
+        problems: Vec<String>,
+    },
+    /// The input holds no ModelDeployment.
+    #[error("{source_name} holds no ModelDeployment (apiVersion kubemaas.io/v1alpha1){}", found_list(.found))]
+    NothingToRender {
+        /// File name.
+        source_name: String,
+        /// `Kind/name` of each object that was found instead.
+        found: Vec<String>,
+    },
     /// YAML output failed.
     #[error("failed to write YAML: {0}")]
     Yaml(String),
+}
+
+fn found_list(found: &[String]) -> String {
+    if found.is_empty() {
+        ", nor any other object".into()
+    } else {
+        format!("; found {}", found.join(", "))
+    }
 }
 
 /// Renders every document of `input` (one or more ModelDeployments separated by `---`).
@@ -38,10 +65,42 @@ pub fn render(input: &str, source_name: &str, cfg: &BuildConfig) -> Result<Strin
     };
     let docs: Vec<serde_json::Value> =
         serde_saphyr::from_multiple(input).map_err(|e| parse(e.to_string()))?;
+    // Empty documents (a trailing `---`, comments only) are not objects.
+    let docs: Vec<serde_json::Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
+    let schema = crd_schema().map_err(|e| RenderError::Yaml(e.to_string()))?;
     let mut out = String::new();
     // Other kinds in the file (e.g. the Secret next to a ModelDeployment) are not ours to render.
     let ours = |d: &serde_json::Value| d["kind"] == "ModelDeployment";
+    if !docs.iter().any(ours) {
+        return Err(RenderError::NothingToRender {
+            source_name: source_name.into(),
+            found: docs
+                .iter()
+                .map(|d| {
+                    let s = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
+                    format!("{}/{}", s(&d["kind"]), s(&d["metadata"]["name"]))
+                })
+                .collect(),
+        });
+    }
     for doc in docs.into_iter().filter(ours) {
+        let mut problems = crate::strict::check(&doc, &schema);
+        if doc["apiVersion"] != "kubemaas.io/v1alpha1" {
+            problems.insert(
+                0,
+                format!(
+                    "apiVersion: expected \"kubemaas.io/v1alpha1\", got {}",
+                    doc["apiVersion"]
+                ),
+            );
+        }
+        if !problems.is_empty() {
+            return Err(RenderError::Strict {
+                name: doc["metadata"]["name"].as_str().unwrap_or("(unnamed)").into(),
+                source_name: source_name.into(),
+                problems,
+            });
+        }
         let mut md: ModelDeployment = serde_json::from_value(doc).map_err(|e| parse(e.to_string()))?;
         if md.metadata.namespace.is_none() {
             md.metadata.namespace = Some("default".into());
@@ -80,4 +139,15 @@ pub fn render(input: &str, source_name: &str, cfg: &BuildConfig) -> Result<Strin
         }
     }
     Ok(out)
+}
+
+/// The `openAPIV3Schema` of the CRD's served version, as JSON.
+fn crd_schema() -> Result<serde_json::Value, serde_json::Error> {
+    let crd = ModelDeployment::crd();
+    let schema = crd
+        .spec
+        .versions
+        .iter()
+        .find_map(|v| v.schema.as_ref()?.open_api_v3_schema.as_ref());
+    serde_json::to_value(schema)
 }

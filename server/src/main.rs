@@ -43,7 +43,17 @@ enum Command {
     Pull(kubemaas_server::pull::PullArgs),
 }
 
-fn main() -> anyhow::Result<std::process::ExitCode> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{}", kubemaas_crds::report::error_report(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<std::process::ExitCode> {
     let Cli {
         log_format,
         log_level,

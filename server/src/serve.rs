@@ -40,9 +40,10 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_METRICS_PORT", default_value_t = 9090)]
     pub metrics_port: u16,
 
-    /// ONNX Runtime shared library (libonnxruntime.so). Without it, the project's cached copy
-    /// (~/.cache/kubemaas/ort/<version>/) and the directory of this executable are tried.
-    #[arg(long, env = "ORT_DYLIB_PATH")]
+    /// ONNX Runtime shared library (libonnxruntime.so). Without it (or with an empty
+    /// ORT_DYLIB_PATH), the project's cached copy (~/.cache/kubemaas/ort/<version>/) and the
+    /// directory of this executable are tried.
+    #[arg(long, env = "ORT_DYLIB_PATH", value_parser = path_or_unset)]
     pub ort_library: Option<PathBuf>,
 
     /// Execution provider: cpu, cuda (fail if CUDA does not register), or auto (CUDA when it
@@ -100,10 +101,10 @@ pub enum ServeError {
     Repository(#[from] repository::RepositoryError),
     /// The runtime library is missing.
     #[error(
-        "failed to load the ONNX Runtime library ({tried}).\n\
+        "failed to load the ONNX Runtime library (tried {tried}): {last}.\n\
          Get it with `make setup` (or scripts/setup.sh), which unpacks libonnxruntime.so from the \
          onnxruntime=={version} wheel on PyPI into ~/.cache/kubemaas/ort/{version}/, or pass \
-         --ort-library /path/to/libonnxruntime.so (env ORT_DYLIB_PATH). Last error: {last}"
+         --ort-library /path/to/libonnxruntime.so (env ORT_DYLIB_PATH)"
     )]
     Library {
         /// Paths tried.
@@ -118,7 +119,41 @@ pub enum ServeError {
     Transport(#[from] http::TransportError),
 }
 
+/// A path, where an empty value (`ORT_DYLIB_PATH=""`, as shells leave behind) means "not given"
+/// rather than an error about a flag the user never passed.
+fn path_or_unset(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
+}
+
+/// Why a library file cannot be loaded, as far as can be told without loading it: the loader's own
+/// message (`dlopen failed`) does not say.
+fn why_unloadable(path: &std::path::Path) -> &'static str {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(20);
+    let read = std::fs::File::open(path).and_then(|f| f.take(20).read_to_end(&mut head));
+    match read {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "the file does not exist",
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => "the file is not readable",
+        Err(_) if path.is_dir() => "it is a directory, not a file",
+        Err(_) => "the file cannot be read",
+        Ok(_) if !head.starts_with(b"\x7fELF") => "the file is not a shared library (no ELF header)",
+        Ok(_) if head.len() < 20 => "the file is too short to be a shared library",
+        // e_machine, little-endian: 62 is x86-64, 183 is AArch64.
+        Ok(_)
+            if u16::from_le_bytes([head[18], head[19]])
+                != if cfg!(target_arch = "aarch64") { 183 } else { 62 } =>
+        {
+            "the library is built for another CPU architecture"
+        }
+        Ok(_) => {
+            "the library or one of the libraries it needs could not be loaded (`ldd` on it lists \
+             any that are missing)"
+        }
+    }
+}
+
 fn init_library(explicit: Option<&PathBuf>) -> Result<ort::environment::Environment, ServeError> {
+    let explicit = explicit.filter(|p| !p.as_os_str().is_empty());
     let candidates: Vec<PathBuf> = match explicit {
         Some(p) => vec![p.clone()],
         None => ortb::default_library_candidates()
@@ -132,6 +167,10 @@ fn init_library(explicit: Option<&PathBuf>) -> Result<ort::environment::Environm
             Ok(env) => {
                 tracing::info!(library = %path.display(), "ONNX Runtime loaded");
                 return Ok(env);
+            }
+            // The loader says only "dlopen failed"; say why instead.
+            Err(crate::backend::BackendError::Library(m)) if m.contains("dlopen failed") => {
+                last = format!("{}: {}", path.display(), why_unloadable(path))
             }
             Err(e) => last = e.to_string(),
         }

@@ -41,7 +41,7 @@ pub enum Surface {
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// The address is taken or not allowed.
-    #[error("failed to listen on {addr}: {source}")]
+    #[error("failed to listen on {addr}: {source}{}", bind_hint(source))]
     Bind {
         /// Address.
         addr: SocketAddr,
@@ -102,5 +102,22 @@ pub async fn serve(
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!(surface = ?surface, "all connections drained"),
         _ = tokio::time::sleep(grace) => tracing::warn!(surface = ?surface, "shutdown timeout reached with requests still in flight"),
+    }
+}
+
+/// What to do about a port that cannot be bound.
+fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another process listens there: stop it, or choose other ports with --http-port and \
+             --metrics-port; 0 picks free ones)"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            " (ports below 1024 need privileges: choose a port above 1023)"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            " (no interface of this machine has that address: check --host)"
+        }
+        _ => "",
     }
 }

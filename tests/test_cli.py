@@ -1,0 +1,116 @@
+"""What a user sees when something is wrong around the binaries: the operator's readiness with no
+apiserver, errors printed once and without a backtrace, and `make help` listing every target."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+OPERATOR = ROOT / "target" / "debug" / "kubemaas-operator"
+SERVER = Path(os.environ.get("KUBEMAAS_SERVER_BIN", ROOT / "target" / "debug" / "kubemaas-server"))
+ROW_STATS = ROOT / "models" / "row-stats" / "1" / "model.onnx"
+
+
+def closed_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_operator_is_not_ready_while_the_apiserver_is_unreachable_and_says_where(tmp_path):
+    api = f"https://127.0.0.1:{closed_port()}"
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: c, cluster: {{server: "{api}", insecure-skip-tls-verify: true}}}}]
+users: [{{name: u, user: {{token: t}}}}]
+contexts: [{{name: x, context: {{cluster: c, user: u}}}}]
+current-context: x
+""")
+    log = tmp_path / "operator.log"
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "RUST_BACKTRACE": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(OPERATOR), "--log-format", "json", "run", "--metrics-addr", "127.0.0.1:0"],
+                                env=env, stderr=out, stdout=out, text=True)
+    try:
+        addr = None
+        for _ in range(300):
+            m = re.search(r'"metrics":"([0-9.:]+)"', log.read_text())
+            if m:
+                addr = m.group(1)
+                break
+            time.sleep(0.1)
+        assert addr, log.read_text()
+        # Give the probe time to run (it answers within 5 s) and check several times.
+        deadline = time.time() + 12
+        seen = []
+        while time.time() < deadline:
+            seen.append(requests.get(f"http://{addr}/readyz", timeout=5).status_code)
+            assert requests.get(f"http://{addr}/healthz", timeout=5).status_code == 200
+            time.sleep(1)
+        assert set(seen) == {503}, seen
+        text = log.read_text()
+        assert "cannot reach the apiserver" in text and api in text, text
+        assert proc.poll() is None, "the operator must keep running and retrying"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_port_in_use_is_one_line_with_advice_and_no_backtrace():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = subprocess.run([str(SERVER), "serve", "--host", "127.0.0.1", "--http-port", str(port), "--metrics-port", "0",
+                            "--model", f"m={ROW_STATS}"], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "RUST_BACKTRACE": "1"})
+    assert p.returncode == 1
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: failed to listen on 127.0.0.1:{port}: Address already in use (os error 98) "
+                      "(another process listens there: stop it, or choose other ports with --http-port and "
+                      "--metrics-port; 0 picks free ones)"], p.stderr
+    assert "backtrace" not in p.stderr.lower() and "caused by" not in p.stderr.lower(), p.stderr
+
+
+def test_an_empty_ort_dylib_path_means_unset_and_a_bad_one_says_why(tmp_path):
+    # Empty: the cached library is used, the server starts.
+    env = {**os.environ, "ORT_DYLIB_PATH": ""}
+    proc = subprocess.Popen([str(SERVER), "--log-format", "json", "serve", "--host", "127.0.0.1", "--http-port", "0",
+                             "--metrics-port", "0", "--model", f"m={ROW_STATS}"], env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stderr:
+            if '"listening"' in line:
+                break
+        else:
+            raise AssertionError("server did not start with ORT_DYLIB_PATH empty")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    # Not a library: the loader's bare "dlopen failed" comes with a reason.
+    bogus = tmp_path / "libonnxruntime.so"
+    bogus.write_text("not a library")
+    p = subprocess.run([str(SERVER), "serve", "--http-port", "0", "--metrics-port", "0", "--model", f"m={ROW_STATS}"],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "ORT_DYLIB_PATH": str(bogus)})
+    assert p.returncode == 1
+    assert "the file is not a shared library (no ELF header)" in p.stderr, p.stderr
+    assert p.stderr.count("failed to load the ONNX Runtime library") == 1, p.stderr
+
+
+def test_make_help_lists_every_target():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z0-9][a-z0-9-]*):", makefile, re.M))
+    phony = set(" ".join(re.findall(r"^\.PHONY:(.*)$", makefile, re.M)).split())
+    out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    listed = set(re.findall(r"^  make (\S+)", out, re.M))
+    assert listed == targets, f"not listed: {targets - listed}; listed but not targets: {listed - targets}"
+    assert phony == targets, f"not .PHONY: {targets - phony}; .PHONY but no rule: {phony - targets}"
