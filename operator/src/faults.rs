@@ -1,5 +1,5 @@
 //! Fault injection between the operator's client and the apiserver, for the e2e suite: conflicts
-//! and server errors on writes, watches that end every few seconds, and `410 Gone` when a watch
+//! and server errors on writes, watches that end every few seconds, and `410 Expired` when a watch
 //! resumes. `main` installs it only in debug builds and only when `KUBEMAAS_E2E_FAULTS` is set,
 //! e.g. `conflict=0.5,error=0.2,watch=10,gone=1`.
 
@@ -26,7 +26,8 @@ pub struct FaultPlan {
     pub error: f64,
     /// Watches end after this many seconds (the watcher then resumes).
     pub watch_seconds: Option<u32>,
-    /// Every other resumed watch (one with a resourceVersion) is answered `410 Gone`.
+    /// Every other resumed watch (one with a resourceVersion) gets `410 Expired`, as a watch
+    /// `ERROR` event the way the apiserver sends it.
     pub gone_on_resume: bool,
 }
 
@@ -130,6 +131,24 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response<Box<DynBody
     r
 }
 
+/// A watch whose resource version is too old, answered as the apiserver's watch cache answers it
+/// once it has accepted the request: `200 OK`, then one `ERROR` event carrying a `410 Expired`
+/// Status. A watcher re-lists on that event. (An HTTP 410 instead reads as a failed watch start,
+/// which kube's watcher retries with the same version after a growing backoff: injected that way,
+/// it kept a watcher blind for minutes and the test timed out.)
+fn expired_watch() -> Response<Box<DynBody>> {
+    let event = serde_json::json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+        "metadata": {}, "status": "Failure", "message": "injected: too old resource version",
+        "reason": "Expired", "code": 410}});
+    let full = Full::new(Bytes::from(format!("{event}\n"))).map_err(|never| -> BoxError { match never {} });
+    let mut r = Response::new(Box::new(full) as Box<DynBody>);
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 /// The request's query with `timeoutSeconds` set to `seconds`.
 fn shorten_watch(query: &str, seconds: u32) -> String {
     let mut parts: Vec<String> = query
@@ -184,8 +203,7 @@ where
                 p.starts_with("resourceVersion=") && p != "resourceVersion=" && p != "resourceVersion=0"
             });
             if resuming && plan.gone_on_resume && self.resumes.fetch_add(1, Ordering::Relaxed) % 2 == 1 {
-                let res = status(StatusCode::GONE, "Expired", "injected: too old resource version");
-                return Box::pin(async move { Ok(res) });
+                return Box::pin(async move { Ok(expired_watch()) });
             }
             if let Some(seconds) = plan.watch_seconds {
                 let q = shorten_watch(&query, seconds);
@@ -233,5 +251,21 @@ mod tests {
         assert!(rolls.iter().all(|r| (0.0..1.0).contains(r)));
         let below_half = rolls.iter().filter(|r| **r < 0.5).count();
         assert!((4_500..5_500).contains(&below_half), "{below_half}");
+    }
+
+    #[tokio::test]
+    async fn an_expired_watch_is_a_200_with_one_410_error_event_as_the_apiserver_sends() {
+        let r = expired_watch();
+        assert_eq!(r.status(), StatusCode::OK);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let text = std::str::from_utf8(&body).unwrap();
+        assert_eq!(text.lines().count(), 1);
+        // What kube's watcher decodes: an ERROR event whose Status says 410.
+        let ev: kube::core::WatchEvent<k8s_openapi::api::core::v1::Pod> =
+            serde_json::from_str(text.trim()).unwrap();
+        match ev {
+            kube::core::WatchEvent::Error(e) => assert_eq!((e.code, e.reason.as_str()), (410, "Expired")),
+            other => panic!("expected an ERROR event, got {other:?}"),
+        }
     }
 }
