@@ -19,7 +19,24 @@ if [ "$missing" = 0 ]; then echo "$OUT"; exit 0; fi
 
 mkdir -p "$OUT"
 WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+HEARTBEAT=""
+trap 'rm -rf "$WORK"; [ -z "$HEARTBEAT" ] || kill "$HEARTBEAT" 2>/dev/null' EXIT
+BUILD_START="$(date +%s)"
+
+# `timed NAME COMMAND...`: runs a slow step, saying every 30 s that it is still going, then how long
+# it took (a cold Kubernetes build is silent for minutes otherwise).
+timed() {
+  local name="$1" start
+  shift
+  start="$(date +%s)"
+  log "$name: started"
+  ( while sleep 30; do log "$name: still going, $(( $(date +%s) - start )) s"; done ) &
+  HEARTBEAT=$!
+  "$@"
+  kill "$HEARTBEAT" 2>/dev/null || true
+  HEARTBEAT=""
+  log "$name: done in $(( $(date +%s) - start )) s (total $(( $(date +%s) - BUILD_START )) s)"
+}
 export GOFLAGS="-mod=mod" CGO_ENABLED=0
 
 # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with local paths;
@@ -46,28 +63,24 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 )
 GO
-log "downloading modules"
-go mod tidy >&2
+timed "downloading modules" go mod tidy >&2
 for cmd in kube-apiserver kube-controller-manager kube-scheduler; do
   if [ ! -x "$OUT/$cmd" ]; then
-    log "building $cmd (slow the first time)"
-    go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${STAGING_VERSION#v0.}" -o "$OUT/$cmd" "k8s.io/kubernetes/cmd/$cmd" >&2
+    timed "building $cmd" go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${STAGING_VERSION#v0.}" -o "$OUT/$cmd" "k8s.io/kubernetes/cmd/$cmd" >&2
   fi
 done
 
 if [ ! -x "$OUT/etcd" ]; then
   # `go install ...@version` refuses etcd's module (it has replace directives); building it as a
   # dependency of a module of ours is fine.
-  log "building etcd $ETCD_VERSION"
   mkdir -p "$WORK/etcd" && cd "$WORK/etcd"
   go mod init kubemaas.io/e2e/etcd >/dev/null 2>&1
-  go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >&2
-  go build -trimpath -ldflags "-s -w" -o "$OUT/etcd" go.etcd.io/etcd/server/v3 >&2
+  timed "downloading etcd $ETCD_VERSION" go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >&2
+  timed "building etcd $ETCD_VERSION" go build -trimpath -ldflags "-s -w" -o "$OUT/etcd" go.etcd.io/etcd/server/v3 >&2
 fi
 for tool in kwok kwokctl; do
   if [ ! -x "$OUT/$tool" ]; then
-    log "building $tool $KWOK_VERSION"
-    GOBIN="$OUT" go install "sigs.k8s.io/kwok/cmd/$tool@$KWOK_VERSION" >&2
+    GOBIN="$OUT" timed "building $tool $KWOK_VERSION" go install "sigs.k8s.io/kwok/cmd/$tool@$KWOK_VERSION" >&2
   fi
 done
 for b in "${want[@]}"; do [ -x "$OUT/$b" ] || { log "missing $b after build"; exit 1; }; done
