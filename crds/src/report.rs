@@ -21,9 +21,25 @@ pub fn error_report(top: &(dyn Error + 'static)) -> String {
     out
 }
 
+/// The error and each cause that adds something, on one line joined by `: ` (for logs: a client's
+/// "client error (Connect)" says nothing until its cause, "Connection refused", follows).
+pub fn chain(top: &(dyn Error + 'static)) -> String {
+    let mut out = top.to_string();
+    let mut cause = top.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::error_report;
+    use super::{chain, error_report};
 
     #[derive(Debug)]
     struct E(&'static str, Option<Box<E>>);
@@ -51,5 +67,13 @@ mod tests {
             "error: failed to start the server\n  caused by: failed to bind 0.0.0.0:8080: Address already in use (os error 98)"
         );
         assert_eq!(error_report(&E("alone", None)), "error: alone");
+        let refused = E(
+            "client error (Connect)",
+            Some(Box::new(E("Connection refused (os error 111)", None))),
+        );
+        assert_eq!(
+            chain(&refused),
+            "client error (Connect): Connection refused (os error 111)"
+        );
     }
 }

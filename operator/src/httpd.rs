@@ -42,7 +42,7 @@ pub async fn probe_apiserver(client: kube::Client, url: String, health: Arc<Heal
                     tracing::info!(apiserver = %url, version = %v.git_version, "apiserver reachable")
                 }
                 Ok(Err(e)) => {
-                    tracing::error!(apiserver = %url, error = %e, "cannot reach the apiserver; /readyz answers 503 until it answers")
+                    tracing::error!(apiserver = %url, error = %kubemaas_crds::report::chain(&e), "cannot reach the apiserver; /readyz answers 503 until it answers")
                 }
                 Err(_) => {
                     tracing::error!(apiserver = %url, timeout = ?PROBE_EVERY, "the apiserver did not answer in time; /readyz answers 503 until it answers")

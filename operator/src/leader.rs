@@ -225,12 +225,23 @@ impl Elector {
     /// Blocks until this replica becomes leader; returns when the winning attempt was started
     /// (the lease counts from then, not from when the answer came).
     pub async fn acquire(&mut self) -> Instant {
+        // The same failure every retry period (an unreachable apiserver) is said once, then
+        // counted at debug level until something changes.
+        let mut last_error: Option<String> = None;
         loop {
             let started = Instant::now();
             match self.try_acquire(self.cfg.renew_deadline).await {
                 Ok(Role::Leader) => return started,
-                Ok(Role::Follower) => {}
-                Err(e) => tracing::warn!(error = %e, "leader election attempt failed"),
+                Ok(Role::Follower) => last_error = None,
+                Err(e) => {
+                    let text = kubemaas_crds::report::chain(&e);
+                    if last_error.as_ref() == Some(&text) {
+                        tracing::debug!(error = %text, "leader election attempt failed again");
+                    } else {
+                        tracing::warn!(error = %text, "leader election attempt failed; retrying every {:?}", self.cfg.retry);
+                        last_error = Some(text);
+                    }
+                }
             }
             tokio::time::sleep(self.cfg.retry).await;
         }

@@ -25,8 +25,14 @@ struct Cli {
         default_value = "text"
     )]
     log_format: LogFormat,
-    /// Log filter, e.g. `info` or `kubemaas_operator=debug,kube=info`.
-    #[arg(long, global = true, env = "KUBEMAAS_LOG", default_value = "info")]
+    /// Log filter, e.g. `info` or `kubemaas_operator=debug,kube=info`. The default silences
+    /// kube's per-request error line: every failure is logged once, with context, by the operator.
+    #[arg(
+        long,
+        global = true,
+        env = "KUBEMAAS_LOG",
+        default_value = "info,kube_client::client::builder=off"
+    )]
     log_level: String,
     #[command(subcommand)]
     command: Command,
