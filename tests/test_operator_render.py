@@ -47,6 +47,12 @@ def test_cuda_example_requests_a_gpu_on_the_named_product():
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
 
 
+def test_cuda_example_batching_reaches_the_server_flags():
+    args = children("cuda")["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    flags = dict(zip(args, args[1:]))
+    assert (flags["--max-batch-size"], flags["--max-queue-delay-us"], flags["--max-queue-size"]) == ("32", "2000", "512")
+
+
 def test_mig_example_requests_the_mig_resource():
     limits = children("mig")["Deployment"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/mig-1g.10gb"] == "1" and "nvidia.com/gpu" not in limits

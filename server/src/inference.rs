@@ -1,6 +1,6 @@
 //! Protocol-neutral request execution: validation against the model signature, queueing for a free
-//! instance, running off the async reactor, and statistics. Every protocol goes through here (and a
-//! batcher will slot in between validation and execution).
+//! instance (or the model's dynamic batcher), running off the async reactor, and statistics. Every
+//! protocol goes through here.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -94,7 +94,9 @@ pub fn validate_outputs(sig: &Signature, outputs: &[String]) -> Result<(), ApiEr
 /// The Triton failure reason for an error.
 pub fn failure_reason(e: &ApiError) -> FailureReason {
     match e {
-        ApiError::BadRequest(_) | ApiError::PayloadTooLarge(_) => FailureReason::Rejected,
+        ApiError::BadRequest(_) | ApiError::PayloadTooLarge(_) | ApiError::QueueFull(_) => {
+            FailureReason::Rejected
+        }
         ApiError::Internal(_) => FailureReason::Backend,
         _ => FailureReason::Other,
     }
@@ -142,20 +144,38 @@ async fn execute_inner(
     };
     stats.pending.fetch_add(1, Relaxed);
     let _pending = Pending(stats);
+    if let Some(batcher) = model.batcher.get() {
+        let done = batcher.submit(inputs, outputs, rows as usize).await?;
+        if done.reports_execution {
+            stats.record_batch(done.batch_rows as u64, done.phases);
+        }
+        stats.record_success(
+            start.elapsed(),
+            done.queue,
+            done.phases,
+            rows,
+            u64::from(done.reports_execution),
+        );
+        return Ok(done.outputs);
+    }
     let queued = Instant::now();
     let permit = model
         .slots
-        .acquire()
+        .clone()
+        .acquire_owned()
         .await
         .map_err(|_| ApiError::Unavailable("the model is being unloaded".into()))?;
     let queue_time = queued.elapsed();
     let m = model.clone();
-    // Inference is CPU-bound and blocking: keep it off the reactor threads.
-    let (out, phases) = tokio::task::spawn_blocking(move || m.backend.infer(inputs, &outputs))
-        .await
-        .map_err(|e| ApiError::Internal(format!("inference task failed: {e}")))??;
-    drop(permit);
-    stats.record_success(start.elapsed(), queue_time, phases, rows);
+    // Inference is CPU-bound and blocking: keep it off the reactor threads. The permit goes with
+    // it, so a client that disconnects mid-inference does not free the instance early.
+    let (out, phases) = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        m.backend.infer(inputs, &outputs)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("inference task failed: {e}")))??;
+    stats.record_success(start.elapsed(), queue_time, phases, rows, 1);
     Ok(out)
 }
 

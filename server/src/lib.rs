@@ -7,6 +7,7 @@
 //! requests; [`http`] is transport only; [`metrics`] renders Prometheus text; [`serve`] wires them.
 
 pub mod backend;
+pub mod batcher;
 pub mod http;
 pub mod inference;
 pub mod metrics;

@@ -111,6 +111,8 @@ pub struct ModelStats {
     /// Unix time in ms of the last inference.
     pub last_inference_ms: AtomicU64,
     failures: Mutex<BTreeMap<FailureReason, u64>>,
+    /// Executions per batch size (rows): count and the phases' cumulative times.
+    batches: Mutex<BTreeMap<u64, [Duration2; 3]>>,
     buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     /// Recorders share it, a snapshot takes it alone: a reader never sees one request counted in
     /// compute_input but not yet in compute_infer (perf_analyzer aborts on such a snapshot).
@@ -118,13 +120,15 @@ pub struct ModelStats {
 }
 
 impl ModelStats {
-    /// Records a successful request with its phases.
+    /// Records a successful request with its phases. `executions` is 1 for a request that ran
+    /// alone and, for a batch, 1 for one of its requests and 0 for the others.
     pub fn record_success(
         &self,
         total: Duration,
         queue: Duration,
         phases: crate::backend::PhaseTimes,
         rows: u64,
+        executions: u64,
     ) {
         let _recording = self.consistent.read();
         self.success.add(total);
@@ -133,13 +137,24 @@ impl ModelStats {
         self.compute_infer.add(phases.infer);
         self.compute_output.add(phases.output);
         self.inference_count.fetch_add(rows, Relaxed);
-        self.execution_count.fetch_add(1, Relaxed);
+        self.execution_count.fetch_add(executions, Relaxed);
         self.observe(total);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         self.last_inference_ms.store(now, Relaxed);
+    }
+
+    /// Records one batched execution of `rows` rows (Triton's `batch_stats`).
+    pub fn record_batch(&self, rows: u64, phases: crate::backend::PhaseTimes) {
+        let _recording = self.consistent.read();
+        if let Ok(mut b) = self.batches.lock() {
+            let e = b.entry(rows).or_default();
+            e[0].add(phases.input);
+            e[1].add(phases.infer);
+            e[2].add(phases.output);
+        }
     }
 
     /// Records a failed request.
@@ -172,9 +187,22 @@ impl ModelStats {
             "inference_count": self.inference_count.load(Relaxed),
             "execution_count": self.execution_count.load(Relaxed),
             "inference_stats": self.inference_stats_json(),
-            "batch_stats": [],
+            "batch_stats": self.batch_stats_json(),
             "memory_usage": [],
         })
+    }
+
+    /// Triton's `batch_stats`: one entry per batch size executed.
+    fn batch_stats_json(&self) -> serde_json::Value {
+        let batches = self.batches.lock().map(|b| {
+            b.iter()
+                .map(|(rows, [i, c, o])| {
+                    serde_json::json!({"batch_size": rows, "compute_input": i.json(),
+                        "compute_infer": c.json(), "compute_output": o.json()})
+                })
+                .collect::<Vec<_>>()
+        });
+        serde_json::Value::Array(batches.unwrap_or_default())
     }
 
     /// Triton's `inference_stats` object.
@@ -385,6 +413,7 @@ mod tests {
                             Duration::ZERO,
                             crate::backend::PhaseTimes::default(),
                             1,
+                            1,
                         );
                     }
                 })
@@ -411,6 +440,7 @@ mod tests {
             Duration::from_micros(10),
             crate::backend::PhaseTimes::default(),
             2,
+            1,
         );
         stats.record_failure(Duration::from_millis(1), FailureReason::Rejected);
         let text = render(&[ModelMetricsView {

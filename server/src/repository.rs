@@ -149,7 +149,9 @@ pub struct LoadedModel {
     /// The runtime.
     pub backend: Box<dyn Backend>,
     /// Bounds concurrent executions to the number of instances; waiting here is queue time.
-    pub slots: Semaphore,
+    pub slots: Arc<Semaphore>,
+    /// The dynamic batcher, when batching is on and the model can be batched.
+    pub batcher: std::sync::OnceLock<crate::batcher::Batcher>,
     /// Time to load and warm up.
     pub load_time: Duration,
     /// What `kubemaas-server pull` recorded about the artifact (`kubemaas-pull.json` beside the
@@ -382,7 +384,7 @@ pub fn load_and_warm(
         tracing::warn!(model = %source.name, version = source.version, error = %e, "warm-up inference rejected by the model; serving anyway");
     }
     let load_time = start.elapsed();
-    let slots = Semaphore::new(backend.instances());
+    let slots = Arc::new(Semaphore::new(backend.instances()));
     tracing::info!(
         model = %source.name,
         version = source.version,
@@ -396,6 +398,7 @@ pub fn load_and_warm(
         version: source.version,
         backend,
         slots,
+        batcher: std::sync::OnceLock::new(),
         load_time,
         artifact: read_pull_record(&source.path),
     })

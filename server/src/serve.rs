@@ -64,6 +64,26 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_INSTANCES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub instances: u16,
 
+    /// Dynamic batching: the most rows one execution may hold; 0 turns batching off. Concurrent
+    /// requests for a model whose inputs and outputs all have a dynamic first dimension are
+    /// joined along it (a request may carry several rows); other models run unbatched (logged).
+    #[arg(long, env = "KUBEMAAS_MAX_BATCH_SIZE", default_value_t = 0)]
+    pub max_batch_size: usize,
+
+    /// Dynamic batching: the longest the oldest queued request waits for others, in microseconds.
+    #[arg(long, env = "KUBEMAAS_MAX_QUEUE_DELAY_US", default_value_t = 1000)]
+    pub max_queue_delay_us: u64,
+
+    /// Dynamic batching: requests queued per model beyond this are refused at once with 503 and
+    /// `Retry-After`.
+    #[arg(long, env = "KUBEMAAS_MAX_QUEUE_SIZE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_queue_size: u32,
+
+    /// Dynamic batching: batch sizes dispatched as soon as reached, without waiting out the queue
+    /// delay (comma-separated or repeated).
+    #[arg(long, env = "KUBEMAAS_PREFERRED_BATCH_SIZE", value_delimiter = ',')]
+    pub preferred_batch_size: Vec<usize>,
+
     /// Largest request body accepted, in bytes; larger bodies get 413.
     #[arg(long, env = "KUBEMAAS_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_request_bytes: usize,
@@ -205,11 +225,21 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         intra_op_threads,
         instances,
         max_request_bytes,
+        max_batch_size,
+        max_queue_delay_us,
+        max_queue_size,
+        preferred_batch_size,
         shutdown_timeout,
         shutdown_delay,
         exit_on_load_failure,
         termination_log,
     } = args;
+    let batching = (max_batch_size > 0).then(|| crate::batcher::BatchConfig {
+        max_batch_size,
+        max_queue_delay: Duration::from_micros(max_queue_delay_us),
+        max_queue_size: max_queue_size as usize,
+        preferred_batch_sizes: preferred_batch_size,
+    });
 
     let mut sources: Vec<ModelSource> = match &model_repository {
         Some(dir) => repository::scan(dir)?,
@@ -271,7 +301,23 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
                 OrtModel::load(&env, path, &opts).map(|m| Box::new(m) as Box<dyn crate::backend::Backend>)
             });
             match loaded {
-                Ok(m) => loader_repo.set_state(&source.name, source.version, ModelState::Ready(Arc::new(m))),
+                Ok(m) => {
+                    let m = Arc::new(m);
+                    if let Some(config) = &batching {
+                        match crate::batcher::batchable(m.backend.signature()) {
+                            Ok(()) => {
+                                tracing::info!(model = %source.name, version = source.version, max_batch_size = config.max_batch_size, "dynamic batching on");
+                                let _ = m
+                                    .batcher
+                                    .set(crate::batcher::Batcher::start(Arc::downgrade(&m), config.clone()));
+                            }
+                            Err(why) => {
+                                tracing::warn!(model = %source.name, version = source.version, reason = %why, "dynamic batching off for this model")
+                            }
+                        }
+                    }
+                    loader_repo.set_state(&source.name, source.version, ModelState::Ready(m))
+                }
                 Err(e) => {
                     tracing::error!(model = %source.name, version = source.version, error = %e, "model failed to load");
                     if exit_on_load_failure {

@@ -351,7 +351,9 @@ pub struct RuntimeSpec {
     #[x_kube(validation = Rule::new("self >= 0").message("runtime.intraOpThreads must not be negative"))]
     pub intra_op_threads: i32,
 
-    /// Dynamic batching of concurrent requests.
+    /// Dynamic batching of concurrent requests (Triton's semantics): requests are joined along
+    /// their first dimension into one execution. Applies to models whose inputs and outputs all
+    /// have a dynamic first dimension; others are served unbatched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batching: Option<BatchingSpec>,
 }
@@ -360,7 +362,7 @@ pub struct RuntimeSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchingSpec {
-    /// Largest batch formed.
+    /// Most rows in one execution; a request with more rows is refused (400).
     #[serde(default = "default_max_batch")]
     #[x_kube(validation = Rule::new("self >= 1").message("batching.maxBatchSize must be at least 1"))]
     pub max_batch_size: i32,
@@ -370,7 +372,7 @@ pub struct BatchingSpec {
     #[x_kube(validation = Rule::new("self >= 0").message("batching.maxQueueDelayMicroseconds must not be negative"))]
     pub max_queue_delay_microseconds: i64,
 
-    /// Requests queued beyond this are rejected with 503.
+    /// Requests queued beyond this are refused at once with 503 and Retry-After.
     #[serde(default = "default_queue_size")]
     #[x_kube(validation = Rule::new("self >= 1").message("batching.maxQueueSize must be at least 1"))]
     pub max_queue_size: i32,

@@ -32,7 +32,13 @@ fn bytes_response(status: StatusCode, content_type: &'static str, body: Bytes) -
 }
 
 fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
-    bytes_response(e.status(), JSON, Bytes::from(e.body()))
+    let mut r = bytes_response(e.status(), JSON, Bytes::from(e.body()));
+    if matches!(e, ApiError::QueueFull(_)) {
+        // A full queue drains within the queue delay; clients (and proxies) may retry in a second.
+        r.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
 }
 
 /// Entry point for every request.
@@ -254,7 +260,13 @@ fn model_config(state: &AppState, m: &str, version: Option<&str>) -> Result<Resp
     let b = &model.backend;
     Ok(json_response(
         StatusCode::OK,
-        &v2::triton_config(m, b.signature(), b.execution_provider(), b.instances()),
+        &v2::triton_config(
+            m,
+            b.signature(),
+            b.execution_provider(),
+            b.instances(),
+            model.batcher.get().map(|b| b.config()),
+        ),
     ))
 }
 

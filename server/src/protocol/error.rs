@@ -7,7 +7,7 @@ use crate::repository::LookupError;
 use crate::tensor::TensorError;
 
 /// An error answered to a client as `{"error": "..."}`.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
     /// The request is malformed or does not fit the model (400).
     #[error("{0}")]
@@ -27,6 +27,9 @@ pub enum ApiError {
     /// The runtime failed (500).
     #[error("{0}")]
     Internal(String),
+    /// The model's batch queue is full (503 with `Retry-After`).
+    #[error("{0}")]
+    QueueFull(String),
 }
 
 impl ApiError {
@@ -37,7 +40,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::QueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -376,12 +376,21 @@ pub fn model_metadata(
 }
 
 /// Triton's model configuration (`GET /v2/models/{m}/config`), as `perf_analyzer` reads it.
-pub fn triton_config(name: &str, sig: &Signature, execution_provider: &str, instances: usize) -> Value {
+/// With dynamic batching, Triton's convention applies: `max_batch_size` > 0 and `dims` without the
+/// batch dimension (clients still send it).
+pub fn triton_config(
+    name: &str,
+    sig: &Signature,
+    execution_provider: &str,
+    instances: usize,
+    batching: Option<&crate::batcher::BatchConfig>,
+) -> Value {
+    let skip = usize::from(batching.is_some());
     let io = |specs: &[TensorSpec]| -> Value {
         Value::Array(
             specs
                 .iter()
-                .map(|s| serde_json::json!({"name": s.name, "data_type": s.datatype.triton_name(), "dims": s.shape}))
+                .map(|s| serde_json::json!({"name": s.name, "data_type": s.datatype.triton_name(), "dims": s.shape[skip.min(s.shape.len())..]}))
                 .collect(),
         )
     };
@@ -390,18 +399,26 @@ pub fn triton_config(name: &str, sig: &Signature, execution_provider: &str, inst
     } else {
         "KIND_CPU"
     };
-    serde_json::json!({
+    let mut config = serde_json::json!({
         "name": name,
         "platform": "onnxruntime_onnx",
         "backend": "onnxruntime",
         "version_policy": {"all": {}},
-        // No dynamic batching yet: dims include the batch dimension, as Triton does for max_batch_size 0.
-        "max_batch_size": 0,
+        // Without batching, dims include the batch dimension, as Triton does for max_batch_size 0.
+        "max_batch_size": batching.map_or(0, |b| b.max_batch_size),
         "input": io(&sig.inputs),
         "output": io(&sig.outputs),
         "instance_group": [{"name": name, "kind": kind, "count": instances}],
         "parameters": {"execution_provider": {"string_value": execution_provider}},
-    })
+    });
+    if let Some(b) = batching {
+        config["dynamic_batching"] = serde_json::json!({
+            "preferred_batch_size": b.preferred_batch_sizes,
+            "max_queue_delay_microseconds": b.max_queue_delay.as_micros() as u64,
+            "default_queue_policy": {"max_queue_size": b.max_queue_size},
+        });
+    }
+    config
 }
 
 #[cfg(test)]

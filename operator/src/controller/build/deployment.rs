@@ -151,7 +151,23 @@ pub fn server_args(md: &ModelDeployment, cfg: &BuildConfig) -> Vec<String> {
     ]
     .into_iter()
     .map(String::from)
+    .chain(batching_args(md))
     .collect()
+}
+
+/// `spec.runtime.batching` as the server's dynamic batching flags (none when it is unset).
+fn batching_args(md: &ModelDeployment) -> Vec<String> {
+    let Some(b) = md.spec.runtime.as_ref().and_then(|r| r.batching.as_ref()) else {
+        return Vec::new();
+    };
+    vec![
+        "--max-batch-size".into(),
+        b.max_batch_size.max(1).to_string(),
+        "--max-queue-delay-us".into(),
+        b.max_queue_delay_microseconds.max(0).to_string(),
+        "--max-queue-size".into(),
+        b.max_queue_size.max(1).to_string(),
+    ]
 }
 
 /// The restricted Pod Security profile's seccomp requirement.
@@ -710,6 +726,23 @@ mod tests {
 
     fn init(d: &Deployment) -> &Container {
         &pod(d).init_containers.as_ref().unwrap()[0]
+    }
+
+    #[test]
+    fn batching_reaches_the_server_flags_and_is_off_without_it() {
+        let a = server_args(
+            &md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}})),
+            &BuildConfig::default(),
+        );
+        assert!(!a.iter().any(|x| x == "--max-batch-size"), "{a:?}");
+        let a = server_args(
+            &md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"},
+                "runtime": {"batching": {"maxBatchSize": 16, "maxQueueDelayMicroseconds": 500, "maxQueueSize": 64}}})),
+            &BuildConfig::default(),
+        );
+        assert!(has_flag(&a, "--max-batch-size", "16"), "{a:?}");
+        assert!(has_flag(&a, "--max-queue-delay-us", "500"), "{a:?}");
+        assert!(has_flag(&a, "--max-queue-size", "64"), "{a:?}");
     }
 
     fn has_flag(args: &[String], flag: &str, value: &str) -> bool {

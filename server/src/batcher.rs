@@ -1,0 +1,411 @@
+//! Dynamic batching with Triton's semantics: requests for one model version queue together; as
+//! soon as an instance is free, the queue is drained into one batch of at most `max_batch_size`
+//! rows, waiting at most `max_queue_delay` (counted from the oldest request's arrival) for more to
+//! come. Requests are concatenated along dimension 0 and every output is split back by each
+//! request's rows. Requests whose other dimensions, types or requested outputs differ never share
+//! a batch. A full queue refuses at once (503); a request whose client went away before its batch
+//! formed is dropped without running.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backend::PhaseTimes;
+use crate::protocol::error::ApiError;
+use crate::repository::LoadedModel;
+use crate::tensor::{Tensor, TensorData};
+
+/// Batching settings of a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchConfig {
+    /// Most rows in one execution.
+    pub max_batch_size: usize,
+    /// Longest the oldest queued request waits for others to join.
+    pub max_queue_delay: Duration,
+    /// Requests waiting beyond this are refused with 503.
+    pub max_queue_size: usize,
+    /// Batch sizes dispatched as soon as they are reached, before the delay is up.
+    pub preferred_batch_sizes: Vec<usize>,
+}
+
+/// What a batched request gets back.
+pub struct Done {
+    /// This request's outputs.
+    pub outputs: Vec<Tensor>,
+    /// Phases of the whole batch's execution.
+    pub phases: PhaseTimes,
+    /// From enqueueing until the batch started.
+    pub queue: Duration,
+    /// Rows in the batch this request ran in.
+    pub batch_rows: usize,
+    /// Whether this request reports the batch's execution (exactly one per batch does).
+    pub reports_execution: bool,
+}
+
+struct Job {
+    inputs: Vec<Tensor>,
+    outputs: Vec<String>,
+    rows: usize,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<Done, ApiError>>,
+}
+
+impl Job {
+    /// Requests may share a batch when everything but the row count agrees.
+    fn fits_with(&self, other: &Job) -> bool {
+        self.outputs == other.outputs
+            && self.inputs.len() == other.inputs.len()
+            && self
+                .inputs
+                .iter()
+                .zip(&other.inputs)
+                .all(|(a, b)| a.name == b.name && a.dtype == b.dtype && a.shape.get(1..) == b.shape.get(1..))
+    }
+}
+
+/// The queue of one model version; dropping it stops its dispatcher.
+pub struct Batcher {
+    tx: mpsc::Sender<Job>,
+    config: BatchConfig,
+}
+
+impl Batcher {
+    /// Starts the dispatcher for `model` (which must accept a dynamic first dimension on every
+    /// input and output; see [`batchable`]).
+    pub fn start(model: std::sync::Weak<LoadedModel>, config: BatchConfig) -> Batcher {
+        let (tx, rx) = mpsc::channel(config.max_queue_size.max(1));
+        tokio::spawn(dispatch(model, config.clone(), rx));
+        Batcher { tx, config }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &BatchConfig {
+        &self.config
+    }
+
+    /// Queues a validated request of `rows` rows and waits for its share of a batch.
+    pub async fn submit(
+        &self,
+        inputs: Vec<Tensor>,
+        mut outputs: Vec<String>,
+        rows: usize,
+    ) -> Result<Done, ApiError> {
+        if rows > self.config.max_batch_size {
+            return Err(ApiError::BadRequest(format!(
+                "the request has {rows} rows but this model batches at most {} (max_batch_size); split it",
+                self.config.max_batch_size
+            )));
+        }
+        // Outputs are matched by name, so the order asked for is restored per request below.
+        let asked = outputs.clone();
+        outputs.sort();
+        let (reply, done) = oneshot::channel();
+        let job = Job {
+            inputs,
+            outputs,
+            rows,
+            enqueued: Instant::now(),
+            reply,
+        };
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ApiError::QueueFull(format!(
+                "the batch queue is full ({} requests waiting); retry shortly",
+                self.config.max_queue_size
+            )),
+            mpsc::error::TrySendError::Closed(_) => {
+                ApiError::Unavailable("the model is being unloaded".into())
+            }
+        })?;
+        let mut done = done
+            .await
+            .map_err(|_| ApiError::Unavailable("the model was unloaded before the request ran".into()))??;
+        if !asked.is_empty() {
+            let mut ordered = Vec::with_capacity(asked.len());
+            for name in &asked {
+                if let Some(i) = done.outputs.iter().position(|t| &t.name == name) {
+                    ordered.push(done.outputs.swap_remove(i));
+                }
+            }
+            done.outputs = ordered;
+        }
+        Ok(done)
+    }
+}
+
+/// Whether a model can be batched: every input and output has a dynamic first dimension.
+pub fn batchable(sig: &crate::backend::Signature) -> Result<(), String> {
+    let fixed = sig
+        .inputs
+        .iter()
+        .chain(&sig.outputs)
+        .find(|t| t.shape.first() != Some(&-1));
+    match fixed {
+        Some(t) => Err(format!(
+            "{:?} has shape {:?}: batching needs a dynamic first dimension on every input and output",
+            t.name, t.shape
+        )),
+        None => Ok(()),
+    }
+}
+
+async fn dispatch(model: std::sync::Weak<LoadedModel>, config: BatchConfig, mut rx: mpsc::Receiver<Job>) {
+    // Requests that did not fit the batch being formed wait here, in arrival order.
+    let mut held: VecDeque<Job> = VecDeque::new();
+    loop {
+        let first = match held.pop_front() {
+            Some(j) => j,
+            None => match rx.recv().await {
+                Some(j) => j,
+                None => return,
+            },
+        };
+        let Some(m) = model.upgrade() else { return };
+        // Wait for a free instance first: everything that arrives meanwhile joins this batch.
+        let Ok(permit) = m.slots.clone().acquire_owned().await else {
+            return;
+        };
+        let deadline = tokio::time::Instant::from_std(first.enqueued + config.max_queue_delay);
+        let mut rows = first.rows;
+        let mut batch = vec![first];
+        // Held requests first (they are older), then new arrivals until full or the delay is up.
+        let mut i = 0;
+        while i < held.len() && rows < config.max_batch_size {
+            if held[i].fits_with(&batch[0]) && rows + held[i].rows <= config.max_batch_size {
+                if let Some(j) = held.remove(i) {
+                    rows += j.rows;
+                    batch.push(j);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        while rows < config.max_batch_size && !config.preferred_batch_sizes.contains(&rows) {
+            let next = match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(j)) => j,
+                Ok(None) | Err(_) => break,
+            };
+            if next.fits_with(&batch[0]) && rows + next.rows <= config.max_batch_size {
+                rows += next.rows;
+                batch.push(next);
+            } else {
+                held.push_back(next);
+            }
+        }
+        // A client that went away must not cost an execution.
+        batch.retain(|j| !j.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        tokio::spawn(run(m, permit, batch));
+    }
+}
+
+async fn run(model: Arc<LoadedModel>, permit: tokio::sync::OwnedSemaphorePermit, mut batch: Vec<Job>) {
+    let started = Instant::now();
+    let rows: Vec<usize> = batch.iter().map(|j| j.rows).collect();
+    let total: usize = rows.iter().sum();
+    let outputs = batch[0].outputs.clone();
+    // Column k holds every request's input k (the same input: `fits_with` checked names).
+    let mut columns: Vec<Vec<Tensor>> = (0..batch[0].inputs.len())
+        .map(|_| Vec::with_capacity(batch.len()))
+        .collect();
+    for j in batch.iter_mut() {
+        for (column, t) in columns.iter_mut().zip(std::mem::take(&mut j.inputs)) {
+            column.push(t);
+        }
+    }
+    let inputs: Result<Vec<Tensor>, ApiError> = columns.into_iter().map(|c| concat(c.into_iter())).collect();
+    let result = match inputs {
+        Ok(inputs) => {
+            let m = model.clone();
+            tokio::task::spawn_blocking(move || m.backend.infer(inputs, &outputs))
+                .await
+                .map_err(|e| ApiError::Internal(format!("inference task failed: {e}")))
+                .and_then(|r| r.map_err(ApiError::from))
+        }
+        Err(e) => Err(e),
+    };
+    drop(permit);
+    let (outs, phases) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            for j in batch {
+                let _ = j.reply.send(Err(e.clone()));
+            }
+            return;
+        }
+    };
+    // Split every output by each request's rows.
+    let mut per_request: Vec<Vec<Tensor>> = vec![Vec::with_capacity(outs.len()); batch.len()];
+    for out in outs {
+        match split(&out, &rows, total) {
+            Ok(parts) => {
+                for (dest, part) in per_request.iter_mut().zip(parts) {
+                    dest.push(part);
+                }
+            }
+            Err(e) => {
+                for j in batch {
+                    let _ = j.reply.send(Err(e.clone()));
+                }
+                return;
+            }
+        }
+    }
+    for (n, (j, outputs)) in batch.into_iter().zip(per_request).enumerate() {
+        let _ = j.reply.send(Ok(Done {
+            outputs,
+            phases,
+            queue: started.saturating_duration_since(j.enqueued),
+            batch_rows: total,
+            reports_execution: n == 0,
+        }));
+    }
+}
+
+/// Joins tensors of the same name, type and trailing dimensions along dimension 0.
+fn concat(parts: impl Iterator<Item = Tensor>) -> Result<Tensor, ApiError> {
+    let parts: Vec<Tensor> = parts.collect();
+    let Some(first) = parts.first() else {
+        return Err(ApiError::Internal("empty batch".into()));
+    };
+    if parts.len() == 1 {
+        return parts
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::Internal("empty batch".into()));
+    }
+    let mut shape = first.shape.clone();
+    shape[0] = parts.iter().map(|t| t.shape[0]).sum();
+    let (name, dtype) = (first.name.clone(), first.dtype);
+    let data = match &first.data {
+        TensorData::Raw(_) => {
+            let mut buf = BytesMut::with_capacity(parts.iter().map(raw_len).sum());
+            for t in &parts {
+                if let TensorData::Raw(b) = &t.data {
+                    buf.extend_from_slice(b);
+                }
+            }
+            TensorData::Raw(buf.freeze())
+        }
+        TensorData::Strings(_) => TensorData::Strings(
+            parts
+                .into_iter()
+                .flat_map(|t| match t.data {
+                    TensorData::Strings(s) => s,
+                    TensorData::Raw(_) => Vec::new(),
+                })
+                .collect(),
+        ),
+    };
+    Tensor::new(name, dtype, shape, data).map_err(|e| ApiError::Internal(format!("batching inputs: {e}")))
+}
+
+fn raw_len(t: &Tensor) -> usize {
+    match &t.data {
+        TensorData::Raw(b) => b.len(),
+        TensorData::Strings(_) => 0,
+    }
+}
+
+/// Cuts `t` along dimension 0 into pieces of `rows` rows each.
+fn split(t: &Tensor, rows: &[usize], total: usize) -> Result<Vec<Tensor>, ApiError> {
+    if t.shape.first() != Some(&total) {
+        return Err(ApiError::Internal(format!(
+            "output {:?} has shape {:?}, not {total} rows: the model does not keep the batch dimension, so it cannot be batched",
+            t.name, t.shape
+        )));
+    }
+    let per_row: usize = t.shape[1..].iter().product();
+    let mut at = 0;
+    let mut out = Vec::with_capacity(rows.len());
+    for &r in rows {
+        let mut shape = t.shape.clone();
+        shape[0] = r;
+        let data = match &t.data {
+            TensorData::Raw(b) => {
+                let size = t.dtype.size().unwrap_or(1) * per_row;
+                TensorData::Raw(b.slice(at * size..(at + r) * size))
+            }
+            TensorData::Strings(s) => TensorData::Strings(s[at * per_row..(at + r) * per_row].to_vec()),
+        };
+        out.push(Tensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape,
+            data,
+        });
+        at += r;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::DataType;
+    use bytes::Bytes;
+
+    fn f32s(name: &str, rows: usize, cols: usize, start: f32) -> Tensor {
+        let v: Vec<u8> = (0..rows * cols)
+            .flat_map(|i| (start + i as f32).to_le_bytes())
+            .collect();
+        Tensor::new(
+            name,
+            DataType::F32,
+            vec![rows, cols],
+            TensorData::Raw(Bytes::from(v)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn concat_then_split_gives_back_each_part() {
+        let parts = vec![
+            f32s("x", 1, 3, 0.0),
+            f32s("x", 2, 3, 10.0),
+            f32s("x", 3, 3, 100.0),
+        ];
+        let joined = concat(parts.clone().into_iter()).unwrap();
+        assert_eq!(joined.shape, vec![6, 3]);
+        let back = split(&joined, &[1, 2, 3], 6).unwrap();
+        assert_eq!(back, parts);
+        let s = |v: &[&str], rows| {
+            Tensor::new(
+                "s",
+                DataType::Bytes,
+                vec![rows, 1],
+                TensorData::Strings(v.iter().map(|x| Bytes::from(x.to_string())).collect()),
+            )
+            .unwrap()
+        };
+        let strings = vec![s(&["a"], 1), s(&["b", "c"], 2)];
+        let joined = concat(strings.clone().into_iter()).unwrap();
+        assert_eq!(split(&joined, &[1, 2], 3).unwrap(), strings);
+    }
+
+    #[test]
+    fn an_output_without_the_batch_dimension_is_an_error_not_a_wrong_answer() {
+        let err = split(&f32s("y", 1, 3, 0.0), &[1, 2], 3).unwrap_err().to_string();
+        assert!(err.contains("does not keep the batch dimension"), "{err}");
+    }
+
+    #[test]
+    fn only_requests_that_agree_beyond_dimension_zero_share_a_batch() {
+        let job = |t: Tensor, outputs: Vec<&str>| Job {
+            rows: t.shape[0],
+            inputs: vec![t],
+            outputs: outputs.into_iter().map(String::from).collect(),
+            enqueued: Instant::now(),
+            reply: oneshot::channel().0,
+        };
+        let a = job(f32s("x", 1, 3, 0.0), vec!["y"]);
+        assert!(a.fits_with(&job(f32s("x", 4, 3, 0.0), vec!["y"])));
+        assert!(!a.fits_with(&job(f32s("x", 1, 4, 0.0), vec!["y"])));
+        assert!(!a.fits_with(&job(f32s("x", 1, 3, 0.0), vec!["y", "z"])));
+        assert!(!a.fits_with(&job(f32s("other", 1, 3, 0.0), vec!["y"])));
+    }
+}

@@ -1,0 +1,207 @@
+"""Dynamic batching (`--max-batch-size`): under concurrent load every response equals ONNX Runtime's
+own answer for that request alone, including requests of several rows, mixed trailing shapes,
+different output subsets and BYTES tensors; batches really form (Triton's `batch_stats`); a full
+queue answers 503 with Retry-After at once; a model without a dynamic first dimension is served
+unbatched; `/config` reports batching the way Triton does."""
+
+import base64
+import json
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import requests
+
+from conftest import Server
+
+
+@pytest.fixture(scope="module")
+def batching(repo_dir, tmp_path_factory):
+    s = Server(["--model-repository", str(repo_dir), "--instances", "1", "--max-batch-size", "8",
+                "--max-queue-delay-us", "20000"], tmp_path_factory.mktemp("batching") / "server.log")
+    s.wait_loaded()
+    yield s
+    assert s.stop() == 0
+
+
+def reference(repo_dir, model, feeds, outputs=None):
+    sess = ort.InferenceSession(str(repo_dir / model / "1" / "model.onnx"))
+    return dict(zip(outputs or [o.name for o in sess.get_outputs()], sess.run(outputs, feeds)))
+
+
+def v2(name, arr, datatype):
+    return {"name": name, "shape": list(arr.shape), "datatype": datatype, "data": arr.flatten().tolist()}
+
+
+def infer(server, model, inputs, outputs=None):
+    body = {"inputs": inputs}
+    if outputs:
+        body["outputs"] = [{"name": o} for o in outputs]
+    return requests.post(f"{server.url}/v2/models/{model}/infer", data=json.dumps(body), timeout=60)
+
+
+def stats(server, model):
+    return requests.get(f"{server.url}/v2/models/{model}/stats", timeout=10).json()["model_stats"][0]
+
+
+def test_concurrent_requests_batch_and_each_gets_its_own_answer(batching, repo_dir):
+    before = stats(batching, "model")
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((int(rng.integers(1, 4)), 10)).astype(np.float32) for _ in range(192)]
+
+    def one(x):
+        r = infer(batching, "model", [v2("x", x, "FP32")])
+        assert r.status_code == 200, r.text
+        [out] = r.json()["outputs"]
+        return np.array(out["data"], dtype=np.float32).reshape(out["shape"])
+
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(one, xs))
+    for x, y in zip(xs, got):
+        np.testing.assert_allclose(y, reference(repo_dir, "model", {"x": x})["y"], rtol=1e-5, atol=1e-6)
+    after = stats(batching, "model")
+    rows = sum(len(x) for x in xs)
+    assert after["inference_count"] - before["inference_count"] == rows
+    executions = after["execution_count"] - before["execution_count"]
+    # Batches really formed: fewer executions than requests, and batch sizes above one.
+    assert executions < len(xs), (executions, len(xs))
+    sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in after["batch_stats"]}
+    assert max(sizes) > 1 and max(sizes) <= 8, sizes
+    assert sum(sizes.values()) == after["execution_count"] - (before["execution_count"] - sum(
+        b["compute_infer"]["count"] for b in before["batch_stats"]))
+    # Triton's invariant perf_analyzer checks: per-request phase counts agree.
+    st = after["inference_stats"]
+    assert st["compute_input"]["count"] == st["compute_infer"]["count"] == st["compute_output"]["count"] == st["success"]["count"]
+
+
+def test_mixed_trailing_shapes_bytes_and_output_subsets_never_mix_wrongly(batching, repo_dir):
+    rng = random.Random(3)
+    cases = []
+    for i in range(96):
+        kind = i % 3
+        if kind == 0:  # dtypes: FP32 and BYTES with varying trailing dims
+            rows, n = rng.randint(1, 3), rng.choice([1, 2, 5])
+            cases.append(("dtypes", rows, n, None))
+        elif kind == 1:  # arith: two inputs, a subset of outputs
+            cases.append(("arith", rng.randint(1, 3), None, rng.choice([["a2"], ["b1"], ["b1", "a2"], None])))
+        else:
+            cases.append(("versioned", rng.randint(1, 4), None, None))
+
+    def one(case):
+        model, rows, n, outputs = case
+        if model == "dtypes":
+            f = np.arange(rows * n, dtype=np.float32).reshape(rows, n) + rows * 100 + n
+            s = np.array([[f"r{r}c{c}n{n}".encode() for c in range(n)] for r in range(rows)], dtype=object)
+            body = []
+            sig = requests.get(f"{batching.url}/v2/models/dtypes", timeout=10).json()["inputs"]
+            for spec in sig:
+                name, dt = spec["name"], spec["datatype"]
+                if name == "in_fp32":
+                    body.append(v2(name, f, "FP32"))
+                elif name == "in_bytes":
+                    body.append({"name": name, "shape": [rows, n], "datatype": "BYTES",
+                                 "data": [x.decode() for x in s.flatten()]})
+                elif dt == "BOOL":
+                    body.append({"name": name, "shape": [rows, n], "datatype": dt, "data": [False] * (rows * n)})
+                else:
+                    body.append({"name": name, "shape": [rows, n], "datatype": dt, "data": [0] * (rows * n)})
+            r = infer(batching, "dtypes", body, ["out_fp32", "out_bytes"])
+            assert r.status_code == 200, r.text
+            out = {o["name"]: o for o in r.json()["outputs"]}
+            assert [o["name"] for o in r.json()["outputs"]] == ["out_fp32", "out_bytes"]
+            assert out["out_fp32"]["shape"] == [rows, n] and out["out_fp32"]["data"] == f.flatten().tolist()
+            assert out["out_bytes"]["data"] == [x.decode() for x in s.flatten()]
+        elif model == "arith":
+            a = np.arange(rows * 4, dtype=np.float64).reshape(rows, 4) + rows
+            b = np.arange(rows * 3, dtype=np.int32).reshape(rows, 3) * rows
+            r = infer(batching, "arith", [v2("a", a, "FP64"), v2("b", b, "INT32")], outputs)
+            assert r.status_code == 200, r.text
+            got = {o["name"]: o for o in r.json()["outputs"]}
+            assert [o["name"] for o in r.json()["outputs"]] == (outputs or ["a2", "b1"])
+            if "a2" in got:
+                assert got["a2"]["data"] == (a * 2).flatten().tolist()
+            if "b1" in got:
+                assert got["b1"]["data"] == (b + 1).flatten().tolist()
+        else:
+            x = np.arange(rows, dtype=np.float32) * 10
+            r = infer(batching, "versioned", [v2("x", x, "FP32")])
+            assert r.status_code == 200, r.text
+            assert r.json()["outputs"][0]["data"] == (x + 3).tolist()
+
+    with ThreadPoolExecutor(24) as pool:
+        list(pool.map(one, cases))
+
+
+def test_config_reports_batching_as_triton_does_and_fixed_models_stay_unbatched(batching, repo_dir):
+    c = requests.get(f"{batching.url}/v2/models/model/config", timeout=10).json()
+    assert c["max_batch_size"] == 8
+    assert c["input"][0]["dims"] == [10] and c["output"][0]["dims"] == [3]
+    assert c["dynamic_batching"]["max_queue_delay_microseconds"] == 20000
+    # reshape's `shape` input has a fixed first dimension: served, but never batched.
+    r = requests.get(f"{batching.url}/v2/models/reshape/config", timeout=10).json()
+    assert r["max_batch_size"] == 0 and "dynamic_batching" not in r
+    log = batching.log_path.read_text()
+    assert "dynamic batching off for this model" in log and "reshape" in log
+    resp = infer(batching, "reshape", [v2("x", np.arange(6, dtype=np.float32), "FP32"),
+                                       v2("shape", np.array([2, 3], dtype=np.int64), "INT64")])
+    assert resp.status_code == 200 and resp.json()["outputs"][0]["shape"] == [2, 3]
+
+
+def test_a_request_larger_than_the_batch_is_refused_with_advice(batching):
+    r = infer(batching, "model", [v2("x", np.zeros((9, 10), dtype=np.float32), "FP32")])
+    assert r.status_code == 400
+    assert "at most 8" in r.json()["error"]
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once(repo_dir, tmp_path):
+    s = Server(["--model", f"slow={repo_dir / 'slow' / '1' / 'model.onnx'}", "--instances", "1",
+                "--max-batch-size", "64", "--max-queue-size", "1"], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        # 64 rows fill a batch alone and take a while: one runs, one waits for the instance, one
+        # waits in the queue, and the rest find it full.
+        x = np.ones((64, 512), dtype=np.float32)
+
+        def one(_):
+            r = infer(s, "slow", [v2("x", x, "FP32")])
+            return r.status_code, r.headers.get("Retry-After"), r.elapsed.total_seconds()
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, range(16)))
+        codes = [c for c, _, _ in results]
+        assert 200 in codes and 503 in codes, codes
+        refused = [(h, t) for c, h, t in results if c == 503]
+        assert all(h == "1" for h, _ in refused)
+        # Refused at once, not after waiting behind the queue.
+        ok_times = sorted(t for c, _, t in results if c == 200)
+        assert min(t for _, t in refused) < ok_times[-1]
+        metrics = requests.get(f"{s.url}/metrics", timeout=10).text
+        assert 'nv_inference_request_failure{model="slow",version="1",reason="REJECTED"}' in metrics
+    finally:
+        assert s.stop() == 0
+
+
+def test_perf_analyzer_drives_a_batching_model_with_triton_batch_semantics(batching):
+    # With max_batch_size > 0, perf_analyzer leaves the batch dimension out of --shape and sends
+    # -b rows per request, as it does against Triton.
+    import os
+    import re
+    import subprocess
+    pa = os.environ.get("KUBEMAAS_PERF_ANALYZER")
+    if not pa:
+        pytest.fail("KUBEMAAS_PERF_ANALYZER unset: run through `make test` (scripts/setup.sh --test)")
+    env = {**os.environ, "LD_LIBRARY_PATH": os.environ.get("KUBEMAAS_PERF_ANALYZER_LIBS", "")}
+    before = stats(batching, "model")
+    p = subprocess.run([pa, "-m", "model", "-u", batching.http, "-i", "http", "--shape", "x:10", "-b", "2",
+                        "--concurrency-range", "4:4", "--measurement-mode", "count_windows",
+                        "--measurement-request-count", "100", "--stability-percentage", "100", "--max-trials", "20"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"Concurrency: 4, throughput: [0-9.]+ infer/sec", p.stdout), p.stdout
+    after = stats(batching, "model")
+    requests_sent = after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]
+    executions = after["execution_count"] - before["execution_count"]
+    assert after["inference_count"] - before["inference_count"] == 2 * requests_sent
+    assert executions < requests_sent, (executions, requests_sent)
