@@ -205,3 +205,29 @@ def test_perf_analyzer_drives_a_batching_model_with_triton_batch_semantics(batch
     executions = after["execution_count"] - before["execution_count"]
     assert after["inference_count"] - before["inference_count"] == 2 * requests_sent
     assert executions < requests_sent, (executions, requests_sent)
+
+
+@pytest.mark.parametrize("flags", [[], ["--max-batch-size", "256"]], ids=["unbatched", "batched"])
+def test_a_request_past_its_timeout_gets_503_and_never_runs(flags, repo_dir, tmp_path):
+    s = Server(["--model", f"slow={repo_dir / 'slow' / '1' / 'model.onnx'}", "--instances", "1", *flags],
+               tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        big = np.ones((256, 512), dtype=np.float32)
+        before = stats(s, "slow")["inference_count"]
+        with ThreadPoolExecutor(3) as pool:
+            # Two long requests keep the only instance busy; the third may wait 1 ms at most.
+            busy = [pool.submit(infer, s, "slow", [v2("x", big, "FP32")]) for _ in range(2)]
+            import time
+            time.sleep(0.05)
+            body = {"inputs": [v2("x", np.ones((1, 512), dtype=np.float32), "FP32")], "parameters": {"timeout": 1000}}
+            r = requests.post(f"{s.url}/v2/models/slow/infer", data=json.dumps(body), timeout=60)
+            assert all(f.result().status_code == 200 for f in busy)
+        assert r.status_code == 503 and "timed out" in r.json()["error"], r.text
+        # It never ran: only the two long requests' rows were inferred.
+        assert stats(s, "slow")["inference_count"] - before == 512
+        bad = requests.post(f"{s.url}/v2/models/slow/infer", timeout=10, data=json.dumps(
+            {"inputs": body["inputs"], "parameters": {"timeout": "soon"}}))
+        assert bad.status_code == 400 and "parameters.timeout" in bad.json()["error"]
+    finally:
+        assert s.stop() == 0

@@ -50,6 +50,8 @@ struct Job {
     outputs: Vec<String>,
     rows: usize,
     enqueued: Instant,
+    /// When the request gives up waiting (`parameters.timeout`).
+    deadline: Option<Instant>,
     reply: oneshot::Sender<Result<Done, ApiError>>,
 }
 
@@ -92,6 +94,7 @@ impl Batcher {
         inputs: Vec<Tensor>,
         mut outputs: Vec<String>,
         rows: usize,
+        timeout: Option<Duration>,
     ) -> Result<Done, ApiError> {
         if rows > self.config.max_batch_size {
             return Err(ApiError::BadRequest(format!(
@@ -108,6 +111,7 @@ impl Batcher {
             outputs,
             rows,
             enqueued: Instant::now(),
+            deadline: timeout.map(|t| Instant::now() + t),
             reply,
         };
         self.tx.try_send(job).map_err(|e| match e {
@@ -194,13 +198,29 @@ async fn dispatch(model: std::sync::Weak<LoadedModel>, config: BatchConfig, mut 
                 held.push_back(next);
             }
         }
-        // A client that went away must not cost an execution.
+        // A client that went away must not cost an execution, nor one that stopped waiting.
+        let now = Instant::now();
+        let (expired, live): (Vec<Job>, Vec<Job>) = batch
+            .into_iter()
+            .partition(|j| j.deadline.is_some_and(|d| d <= now));
+        for j in expired {
+            let _ = j.reply.send(Err(timed_out(now - j.enqueued)));
+        }
+        batch = live;
         batch.retain(|j| !j.reply.is_closed());
         if batch.is_empty() {
             continue;
         }
         tokio::spawn(run(m, permit, batch));
     }
+}
+
+/// The answer to a request whose `parameters.timeout` ran out before it could run.
+pub fn timed_out(waited: Duration) -> ApiError {
+    ApiError::Unavailable(format!(
+        "request timed out after waiting {} µs for an instance (parameters.timeout)",
+        waited.as_micros()
+    ))
 }
 
 async fn run(model: Arc<LoadedModel>, permit: tokio::sync::OwnedSemaphorePermit, mut batch: Vec<Job>) {
@@ -400,6 +420,7 @@ mod tests {
             inputs: vec![t],
             outputs: outputs.into_iter().map(String::from).collect(),
             enqueued: Instant::now(),
+            deadline: None,
             reply: oneshot::channel().0,
         };
         let a = job(f32s("x", 1, 3, 0.0), vec!["y"]);

@@ -111,15 +111,18 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// Validates and runs one request on `model`; records statistics (timed from `start`).
+/// Validates and runs one request on `model`; records statistics (timed from `start`). With a
+/// `timeout`, a request still waiting for an instance (or its batch) when it runs out is answered
+/// 503 without running.
 pub async fn execute(
     model: Arc<LoadedModel>,
     stats: &ModelStats,
     start: Instant,
     inputs: Vec<Tensor>,
     outputs: Vec<String>,
+    timeout: Option<std::time::Duration>,
 ) -> Result<Vec<Tensor>, ApiError> {
-    let result = execute_inner(model, stats, start, inputs, outputs).await;
+    let result = execute_inner(model, stats, start, inputs, outputs, timeout).await;
     if let Err(e) = &result {
         stats.record_failure(start.elapsed(), failure_reason(e));
     }
@@ -132,6 +135,7 @@ async fn execute_inner(
     start: Instant,
     inputs: Vec<Tensor>,
     outputs: Vec<String>,
+    timeout: Option<std::time::Duration>,
 ) -> Result<Vec<Tensor>, ApiError> {
     let sig = model.backend.signature();
     validate_inputs(sig, &inputs)?;
@@ -145,7 +149,7 @@ async fn execute_inner(
     stats.pending.fetch_add(1, Relaxed);
     let _pending = Pending(stats);
     if let Some(batcher) = model.batcher.get() {
-        let done = batcher.submit(inputs, outputs, rows as usize).await?;
+        let done = batcher.submit(inputs, outputs, rows as usize, timeout).await?;
         if done.reports_execution {
             stats.record_batch(done.batch_rows as u64, done.phases);
         }
@@ -159,12 +163,14 @@ async fn execute_inner(
         return Ok(done.outputs);
     }
     let queued = Instant::now();
-    let permit = model
-        .slots
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| ApiError::Unavailable("the model is being unloaded".into()))?;
+    let acquire = model.slots.clone().acquire_owned();
+    let permit = match timeout {
+        Some(t) => tokio::time::timeout(t, acquire)
+            .await
+            .map_err(|_| crate::batcher::timed_out(queued.elapsed()))?,
+        None => acquire.await,
+    }
+    .map_err(|_| ApiError::Unavailable("the model is being unloaded".into()))?;
     let queue_time = queued.elapsed();
     let m = model.clone();
     // Inference is CPU-bound and blocking: keep it off the reactor threads. The permit goes with

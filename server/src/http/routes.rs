@@ -313,12 +313,14 @@ async fn infer_v2(
     }
     .await;
     let mut request = counted(&stats, start, result)?;
+    let timeout = counted(&stats, start, v2::timeout_param(request.parameters.as_ref()))?;
     let outputs = inference::execute(
         model.clone(),
         &stats,
         start,
         std::mem::take(&mut request.inputs),
         request.outputs.clone(),
+        timeout,
     )
     .await?;
     let encoded = v2::encode_response(m, model.version, &request, &outputs)?;
@@ -346,7 +348,7 @@ async fn predict_v1(
     }
     .await;
     let request = counted(&stats, start, decoded)?;
-    let outputs = inference::execute(model, &stats, start, request.inputs, Vec::new()).await?;
+    let outputs = inference::execute(model, &stats, start, request.inputs, Vec::new(), None).await?;
     Ok(json_response(
         StatusCode::OK,
         &v1::encode_response(request.format, &outputs)?,

@@ -375,6 +375,25 @@ pub fn model_metadata(
     })
 }
 
+/// Triton's per-request `parameters.timeout`: how long, in microseconds, the request may wait for
+/// an instance (or its batch) before it is answered 503 without running.
+pub fn timeout_param(
+    parameters: Option<&Map<String, Value>>,
+) -> Result<Option<std::time::Duration>, ApiError> {
+    match parameters.and_then(|p| p.get("timeout")) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|&us| us > 0)
+            .map(|us| Some(std::time::Duration::from_micros(us)))
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "parameters.timeout must be a positive integer number of microseconds, not {v}"
+                ))
+            }),
+    }
+}
+
 /// Triton's model configuration (`GET /v2/models/{m}/config`), as `perf_analyzer` reads it.
 /// With dynamic batching, Triton's convention applies: `max_batch_size` > 0 and `dims` without the
 /// batch dimension (clients still send it).
