@@ -5,7 +5,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 SETUP := scripts/setup.sh
 
-.PHONY: help setup run client-tools install images test test-rust test-python e2e scale faults lint fmt build manifests
+.PHONY: help setup run client-tools install images bench-batching test test-rust test-python e2e scale faults lint fmt build manifests
 
 help: ## List the targets.
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ scale: ## Scale check, outside `make test`: 1,000 ModelDeployments on a fresh co
 
 faults: ## The fault test alone (it is part of make e2e): 50 ModelDeployments converge through injected 409s, 5xx, cut watches and 410s.
 	E2E_TEST=change E2E_FILTER=fifty_model_deployments bash e2e/run.sh
+
+bench-batching: setup ## Benchmark, outside make test: dynamic batching off vs on (release server, ocr-cls, perf_analyzer at 1/4/16/64 clients); prints a table.
+	bash scripts/bench_batching.sh
 
 test: setup lint test-rust test-python e2e ## Everything CI runs: installs what is missing, then lint, unit, integration and e2e tests.
 
