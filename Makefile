@@ -8,7 +8,7 @@ SETUP := scripts/setup.sh
 .PHONY: help setup run client-tools install images bench-batching test test-rust test-python e2e scale faults lint fmt build manifests
 
 help: ## List the targets.
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 setup: ## Fetch what is not committed (ONNX Runtime library, real models) into ~/.cache/kubemaas.
 	@bash $(SETUP) >/dev/null
