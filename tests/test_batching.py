@@ -231,3 +231,20 @@ def test_a_request_past_its_timeout_gets_503_and_never_runs(flags, repo_dir, tmp
         assert bad.status_code == 400 and "parameters.timeout" in bad.json()["error"]
     finally:
         assert s.stop() == 0
+
+
+def test_requests_whose_inputs_disagree_on_rows_run_alone_and_stay_exact(batching):
+    # arith takes a [batch,4] and b [batch,3]; nothing forces the two batch sizes to agree. Such a
+    # request cannot be split back by rows, so it must not share an execution.
+    def one(i):
+        ra, rb = (1 + i % 3, 1 + (i // 3) % 3)
+        a = np.arange(ra * 4, dtype=np.float64).reshape(ra, 4) + i
+        b = np.arange(rb * 3, dtype=np.int32).reshape(rb, 3) + i
+        r = infer(batching, "arith", [v2("a", a, "FP64"), v2("b", b, "INT32")])
+        assert r.status_code == 200, r.text
+        got = {o["name"]: o for o in r.json()["outputs"]}
+        assert got["a2"]["shape"] == [ra, 4] and got["a2"]["data"] == (a * 2).flatten().tolist()
+        assert got["b1"]["shape"] == [rb, 3] and got["b1"]["data"] == (b + 1).flatten().tolist()
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(90)))

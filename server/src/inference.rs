@@ -148,7 +148,12 @@ async fn execute_inner(
     };
     stats.pending.fetch_add(1, Relaxed);
     let _pending = Pending(stats);
-    if let Some(batcher) = model.batcher.get() {
+    // Rows are what requests are joined by: a request whose inputs disagree on the first
+    // dimension cannot be split back by rows, so it runs alone.
+    let uniform = inputs
+        .iter()
+        .all(|t| t.shape.first() == inputs.first().and_then(|f| f.shape.first()));
+    if let Some(batcher) = model.batcher.get().filter(|_| uniform) {
         let done = batcher.submit(inputs, outputs, rows as usize, timeout).await?;
         if done.reports_execution {
             stats.record_batch(done.batch_rows as u64, done.phases);
