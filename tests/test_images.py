@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -138,7 +139,8 @@ def test_server_image_serves_a_model_and_pulls_nothing_it_lacks(images, tmp_path
     cmd, env = in_image(root, config, args)
     log = tmp_path / "server.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out)
+        # A session of its own: unshare does not pass SIGTERM on, so the group is signalled.
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, start_new_session=True)
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -157,8 +159,12 @@ def test_server_image_serves_a_model_and_pulls_nothing_it_lacks(images, tmp_path
         # The CPU feature detection found /proc/cpuinfo, as in a real container.
         assert "cpuinfo" not in log.read_text(), log.read_text()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            assert proc.wait(30) == 0, log.read_text()
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
 
 
 def test_two_builds_give_the_same_digests(images, tmp_path):
