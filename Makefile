@@ -4,6 +4,7 @@ CARGO ?= cargo
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 SETUP := scripts/setup.sh
+PREFIX ?= $(HOME)/.cargo
 
 .PHONY: help setup run client-tools install images bench-batching test test-rust test-python e2e scale faults lint fmt build manifests
 
@@ -24,9 +25,11 @@ client-tools: ## Install the README's clients: numpy and tritonclient into .venv
 	@bash $(SETUP) --clients >/dev/null
 	@printf 'Python clients: %s/bin/python; perf_analyzer: scripts/perf_analyzer\n' "$(VENV)"
 
-install: ## cargo install kubemaas-server and kubemaas-operator (release) into ~/.cargo/bin.
-	$(CARGO) install --locked --path server
-	$(CARGO) install --locked --path operator
+install: ## Build kubemaas-server and kubemaas-operator (release) and copy them into $(PREFIX)/bin (default ~/.cargo/bin).
+	$(CARGO) build --release --locked -p kubemaas-server -p kubemaas-operator
+	install -d "$(PREFIX)/bin"
+	install -m 0755 target/release/kubemaas-server target/release/kubemaas-operator "$(PREFIX)/bin/"
+	@printf 'installed into %s/bin; the server finds ONNX Runtime in ~/.cache/kubemaas (make setup) or via --ort-library\n' "$(PREFIX)"
 
 images: setup ## Build the container images as OCI archives in target/images (release binaries, no container engine) and print their sizes.
 	$(CARGO) build --release -p kubemaas-server -p kubemaas-operator
