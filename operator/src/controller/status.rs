@@ -508,8 +508,9 @@ const PROBLEMS: [&str; 16] = [
 
 /// The Event a condition change deserves: `Some(true)` a Warning, `Some(false)` a Normal event,
 /// `None` none. At scale every Event is a write, so the expected, brief states on the way to
-/// Ready (no pods yet, pending, downloading, loading, replicas coming up, a rollout) say nothing;
-/// reaching a good state is Normal; a problem reason, or losing a good state, is a Warning.
+/// Ready (no pods yet, pending, downloading, loading, replicas coming up, a rollout) say nothing,
+/// also when a pod waits for the scheduler after all were placed (start-up, scale-up); reaching a
+/// good state is Normal; a problem reason, or losing any other good state, is a Warning.
 pub fn event_for(c: &Condition, before: Option<&Condition>) -> Option<bool> {
     if is_healthy(c) {
         // Degraded=False is only news as a recovery.
@@ -519,7 +520,9 @@ pub fn event_for(c: &Condition, before: Option<&Condition>) -> Option<bool> {
     if PROBLEMS.contains(&c.reason.as_str()) {
         return Some(true);
     }
-    let expected = c.reason == reason::ROLLOUT_IN_PROGRESS;
+    // A rollout, and pods waiting for the scheduler, are on the way somewhere; if they get stuck,
+    // their own reasons (RolloutStuck, Unschedulable) warn.
+    let expected = c.reason == reason::ROLLOUT_IN_PROGRESS || c.reason == reason::PENDING;
     (!expected && before.is_some_and(is_healthy)).then_some(true)
 }
 
@@ -584,6 +587,14 @@ mod tests {
         );
         assert_eq!(
             event_for(&c(READY, "False", reason::ROLLOUT_IN_PROGRESS), Some(&was_ready)),
+            None
+        );
+        // A new pod waiting for the scheduler (start-up, scale-up) is on the way, not a loss: the
+        // e2e healthy start once warned "Scheduled is Unknown: 1/2 pods bound to nodes" when the
+        // second replica appeared after the first was bound. Unschedulable still warns.
+        let was_scheduled = c(SCHEDULED, "True", reason::ALL_PODS_SCHEDULED);
+        assert_eq!(
+            event_for(&c(SCHEDULED, "Unknown", reason::PENDING), Some(&was_scheduled)),
             None
         );
         // Recovering from Degraded is news.
