@@ -4,19 +4,29 @@
 
 use std::error::Error;
 
-/// `error: <message>` and one `  caused by: <cause>` line per cause whose text the lines above do
-/// not already contain (errors that embed their source in their own message would otherwise print
-/// it twice).
-pub fn error_report(top: &(dyn Error + 'static)) -> String {
-    let mut out = format!("error: {top}");
+/// The texts of `top`'s causes, skipping each one the text so far already contains (errors that
+/// embed their source in their own message would otherwise say it twice).
+fn new_causes(top: &(dyn Error + 'static)) -> Vec<String> {
+    let mut seen = top.to_string();
+    let mut out = Vec::new();
     let mut cause = top.source();
     while let Some(c) = cause {
         let text = c.to_string();
-        if !text.is_empty() && !out.contains(&text) {
-            out.push_str("\n  caused by: ");
-            out.push_str(&text);
+        if !text.is_empty() && !seen.contains(&text) {
+            seen.push_str(&text);
+            out.push(text);
         }
         cause = c.source();
+    }
+    out
+}
+
+/// `error: <message>` and one `  caused by: <cause>` line per cause that adds something.
+pub fn error_report(top: &(dyn Error + 'static)) -> String {
+    let mut out = format!("error: {top}");
+    for c in new_causes(top) {
+        out.push_str("\n  caused by: ");
+        out.push_str(&c);
     }
     out
 }
@@ -24,17 +34,10 @@ pub fn error_report(top: &(dyn Error + 'static)) -> String {
 /// The error and each cause that adds something, on one line joined by `: ` (for logs: a client's
 /// "client error (Connect)" says nothing until its cause, "Connection refused", follows).
 pub fn chain(top: &(dyn Error + 'static)) -> String {
-    let mut out = top.to_string();
-    let mut cause = top.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !text.is_empty() && !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
+    std::iter::once(top.to_string())
+        .chain(new_causes(top))
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 #[cfg(test)]

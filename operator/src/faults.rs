@@ -121,7 +121,11 @@ impl FaultLayer {
 fn status(code: StatusCode, reason: &str, message: &str) -> Response<Box<DynBody>> {
     let body = serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
         "message": message, "reason": reason, "code": code.as_u16()});
-    let full = Full::new(Bytes::from(body.to_string())).map_err(|never| -> BoxError { match never {} });
+    json_response(code, body.to_string())
+}
+
+fn json_response(code: StatusCode, body: String) -> Response<Box<DynBody>> {
+    let full = Full::new(Bytes::from(body)).map_err(|never| -> BoxError { match never {} });
     let mut r = Response::new(Box::new(full) as Box<DynBody>);
     *r.status_mut() = code;
     r.headers_mut().insert(
@@ -140,13 +144,7 @@ fn expired_watch() -> Response<Box<DynBody>> {
     let event = serde_json::json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
         "metadata": {}, "status": "Failure", "message": "injected: too old resource version",
         "reason": "Expired", "code": 410}});
-    let full = Full::new(Bytes::from(format!("{event}\n"))).map_err(|never| -> BoxError { match never {} });
-    let mut r = Response::new(Box::new(full) as Box<DynBody>);
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    r
+    json_response(StatusCode::OK, format!("{event}\n"))
 }
 
 /// The request's query with `timeoutSeconds` set to `seconds`.
