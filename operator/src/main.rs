@@ -270,12 +270,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     // The lease gets a client (a connection) of its own, as client-go's leader election does: a
     // renewal must not queue behind a thousand reconciles' requests.
-    let lease_client = client_for_lease().await?;
+    let (lease_client, url) = client_for_lease().await?;
     // Ready means the apiserver answers (leader or standby alike: a standby is ready to take over).
-    let url = kube::Config::infer()
-        .await
-        .map(|c| c.cluster_url.to_string())
-        .unwrap_or_default();
     tokio::spawn(httpd::probe_apiserver(lease_client.clone(), url, health.clone()));
     let mut elector = leader::Elector::new(lease_client, lease);
     let mut renewed = tokio::time::Instant::now();
@@ -389,23 +385,25 @@ async fn wait_for_crd(client: &kube::Client) {
     }
 }
 
-/// A second client, with its own connection pool, for the leader lease (never fault-injected).
-async fn client_for_lease() -> anyhow::Result<kube::Client> {
+/// A second client, with its own connection pool, for the leader lease (never fault-injected),
+/// and the apiserver's URL.
+async fn client_for_lease() -> anyhow::Result<(kube::Client, String)> {
     client_with(false).await
 }
 
 /// The controller's client.
 async fn client() -> anyhow::Result<kube::Client> {
-    client_with(true).await
+    Ok(client_with(true).await?.0)
 }
 
 /// kube's client stack for the kubeconfig or the in-cluster config. Debug builds inject faults
 /// when `inject` and `KUBEMAAS_E2E_FAULTS` is set (the e2e suite's fault test); release builds
 /// never read it.
-async fn client_with(inject: bool) -> anyhow::Result<kube::Client> {
+async fn client_with(inject: bool) -> anyhow::Result<(kube::Client, String)> {
     let config = kube::Config::infer()
         .await
         .context("failed to load a kubeconfig or the in-cluster config")?;
+    let url = config.cluster_url.to_string();
     let base =
         kube::client::ClientBuilder::try_from(config).context("failed to build the Kubernetes client")?;
     #[cfg(debug_assertions)]
@@ -415,14 +413,16 @@ async fn client_with(inject: bool) -> anyhow::Result<kube::Client> {
             ?plan,
             "injecting faults into apiserver requests (KUBEMAAS_E2E_FAULTS)"
         );
-        return Ok(base
-            .with_layer(&kubemaas_operator::faults::FaultLayer::new(plan))
-            .with_layer(&user_agent())
-            .build());
+        return Ok((
+            base.with_layer(&kubemaas_operator::faults::FaultLayer::new(plan))
+                .with_layer(&user_agent())
+                .build(),
+            url,
+        ));
     }
     #[cfg(not(debug_assertions))]
     let _ = inject;
-    Ok(base.with_layer(&user_agent()).build())
+    Ok((base.with_layer(&user_agent()).build(), url))
 }
 
 /// Identifies the operator (audit logs, apiserver metrics) as kubemaas-operator.
