@@ -62,6 +62,8 @@ pub mod reason {
     pub const CRASH_LOOP_BACK_OFF: &str = "CrashLoopBackOff";
     /// A container was killed for exceeding its memory limit.
     pub const OOM_KILLED: &str = "OOMKilled";
+    /// A `cuda` ModelDeployment's pod serves on the CPU provider (the server could not use CUDA).
+    pub const ACCELERATOR_FALLBACK: &str = "AcceleratorFallback";
     /// The image cannot be pulled.
     pub const IMAGE_PULL_BACK_OFF: &str = "ImagePullBackOff";
     /// The spec is invalid in a way the schema cannot express.

@@ -388,7 +388,25 @@ fn schema_has_status_and_scale_subresources_and_printer_columns() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(cols, ["Model", "Accelerator", "Replicas", "Ready", "Age"]);
+    assert_eq!(
+        cols,
+        [
+            "Model",
+            "Accelerator",
+            "Replicas",
+            "Ready",
+            "RPS",
+            "P99(ms)",
+            "Age"
+        ]
+    );
+    let wide: Vec<i64> = v["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["priority"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(wide, [0, 0, 0, 0, 1, 1, 0], "traffic columns show with -o wide");
 }
 
 #[test]

@@ -7,6 +7,8 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test harness: a panic is a failed test
 
+pub mod podrunner;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -382,6 +384,16 @@ pub async fn wait_md(
 pub fn is_ready(md: &ModelDeployment) -> bool {
     let gen_ok = md.status.as_ref().and_then(|s| s.observed_generation) == md.metadata.generation;
     gen_ok && condition(md, "Ready").is_some_and(|c| c.0 == "True")
+}
+
+/// The pods of a ModelDeployment.
+pub async fn pods_of(client: &Client, ns: &str, md: &str) -> Vec<k8s_openapi::api::core::v1::Pod> {
+    let lp = kube::api::ListParams::default().labels(&format!("kubemaas.io/model-deployment={md}"));
+    Api::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
 }
 
 /// A ModelDeployment manifest as JSON.

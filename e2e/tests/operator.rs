@@ -22,15 +22,6 @@ fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-async fn pods_of(client: &kube::Client, ns: &str, md: &str) -> Vec<Pod> {
-    let lp = ListParams::default().labels(&format!("kubemaas.io/model-deployment={md}"));
-    Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&lp)
-        .await
-        .unwrap()
-        .items
-}
-
 #[tokio::test]
 async fn crd_is_accepted_examples_apply_and_cel_rejects_invalid_manifests() {
     install_crd();

@@ -120,6 +120,20 @@ struct RunArgs {
     /// unbounded, 1,000 new objects opened ~900 connections and overloaded a small apiserver.
     #[arg(long, env = "KUBEMAAS_MAX_CONCURRENT_RECONCILES", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     max_concurrent_reconciles: u16,
+    /// Seconds between scrapes of the ready serving pods' `/metrics` (port 9090), which feed
+    /// `status.metrics` and the request-driven autoscaler.
+    #[arg(long, env = "KUBEMAAS_METRICS_INTERVAL", default_value_t = 15.0, value_parser = positive_seconds)]
+    metrics_interval: f64,
+}
+
+/// A number of seconds greater than zero (fractions allowed).
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds between 0 and 86400 (e.g. 15 or 0.5)"
+        )),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -242,6 +256,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         lease_duration_seconds,
         resync_seconds,
         max_concurrent_reconciles,
+        metrics_interval,
     } = args;
     let client = client().await?;
     let metrics = Arc::new(Metrics::default());
@@ -302,6 +317,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         controller::Tuning {
             resync,
             concurrency: max_concurrent_reconciles,
+            metrics_interval: Duration::from_secs_f64(metrics_interval),
         },
         async move {
             let _ = stop_rx.await;

@@ -22,6 +22,11 @@ pub const RETRIES: &str = "kubemaas_operator_api_retries_total";
 /// Count behind [`RETRIES`]; process-wide, as the retry helper runs below the reconcile context.
 pub static API_RETRIES: AtomicU64 = AtomicU64::new(0);
 
+/// Serving pods' `/metrics` scraped.
+pub const SCRAPES: &str = "kubemaas_operator_scrapes_total";
+/// Scrapes that failed, by reason (timeout, connect, status, parse).
+pub const SCRAPE_ERRORS: &str = "kubemaas_operator_scrape_errors_total";
+
 /// 1 while this replica leads.
 pub const LEADER: &str = "kubemaas_operator_leader";
 
@@ -35,6 +40,8 @@ pub struct Metrics {
     leader: AtomicU64,
     failures: Mutex<BTreeMap<&'static str, u64>>,
     drift: Mutex<BTreeMap<String, u64>>,
+    scrapes: AtomicU64,
+    scrape_errors: Mutex<BTreeMap<String, u64>>,
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_us: AtomicU64,
@@ -80,6 +87,16 @@ impl Metrics {
     pub fn drift_corrected(&self, kind: &str) {
         if let Ok(mut d) = self.drift.lock() {
             *d.entry(kind.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Counts a scrape of a serving pod, and its failure if it failed.
+    pub fn scraped(&self, error: Option<crate::controller::scrape::ScrapeError>) {
+        self.scrapes.fetch_add(1, Relaxed);
+        if let Some(e) = error
+            && let Ok(mut m) = self.scrape_errors.lock()
+        {
+            *m.entry(e.to_string()).or_default() += 1;
         }
     }
 
@@ -132,6 +149,18 @@ impl Metrics {
         );
         let _ = writeln!(
             o,
+            "# HELP {SCRAPES} Serving pods' /metrics scraped.\n# TYPE {SCRAPES} counter\n{SCRAPES} {}",
+            self.scrapes.load(Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP {SCRAPE_ERRORS} Scrapes of serving pods that failed, by reason.\n# TYPE {SCRAPE_ERRORS} counter"
+        );
+        for (r, n) in self.scrape_errors.lock().map(|m| m.clone()).unwrap_or_default() {
+            let _ = writeln!(o, "{SCRAPE_ERRORS}{{reason=\"{r}\"}} {n}");
+        }
+        let _ = writeln!(
+            o,
             "# HELP {LEADER} 1 while this replica holds the leader lease.\n# TYPE {LEADER} gauge\n{LEADER} {}",
             self.leader.load(Relaxed)
         );
@@ -167,7 +196,11 @@ mod tests {
         m.reconcile_failed("ApplyFailed");
         m.child_writes(2);
         m.drift_corrected("Deployment");
+        m.scraped(None);
+        m.scraped(Some(crate::controller::scrape::ScrapeError::Timeout));
         let t = m.render();
+        assert!(t.contains("kubemaas_operator_scrapes_total 2\n"));
+        assert!(t.contains("kubemaas_operator_scrape_errors_total{reason=\"timeout\"} 1\n"));
         assert!(t.contains("kubemaas_operator_drift_corrections_total{kind=\"Deployment\"} 1\n"));
         assert!(t.contains("kubemaas_operator_reconciles_total 1\n"));
         assert!(t.contains("kubemaas_operator_reconcile_errors_total{reason=\"ApplyFailed\"} 1\n"));

@@ -102,6 +102,10 @@ fn context(client: Client, w: World) -> (Arc<Context>, Vec<Box<dyn std::any::Any
         ),
         metrics: Arc::new(Metrics::default()),
         prober: Prober::default(),
+        scraper: Arc::new(kubemaas_operator::controller::scrape::Scraper::new(
+            Duration::from_secs(15),
+            Duration::from_secs(2),
+        )),
         resync: Duration::from_secs(300),
         failures: Default::default(),
     };

@@ -53,6 +53,8 @@ struct Job {
     /// When the request gives up waiting (`parameters.timeout`).
     deadline: Option<Instant>,
     reply: oneshot::Sender<Result<Done, ApiError>>,
+    /// Counts the job in the queue-depth gauge until its batch starts (or it is dropped).
+    queued: Option<crate::metrics::GaugeToken>,
 }
 
 impl Job {
@@ -95,6 +97,7 @@ impl Batcher {
         mut outputs: Vec<String>,
         rows: usize,
         timeout: Option<Duration>,
+        queued: crate::metrics::GaugeToken,
     ) -> Result<Done, ApiError> {
         if rows > self.config.max_batch_size {
             return Err(ApiError::BadRequest(format!(
@@ -113,6 +116,7 @@ impl Batcher {
             enqueued: Instant::now(),
             deadline: timeout.map(|t| Instant::now() + t),
             reply,
+            queued: Some(queued),
         };
         self.tx.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => ApiError::QueueFull(format!(
@@ -225,6 +229,9 @@ pub fn timed_out(waited: Duration) -> ApiError {
 
 async fn run(model: Arc<LoadedModel>, permit: tokio::sync::OwnedSemaphorePermit, mut batch: Vec<Job>) {
     let started = Instant::now();
+    for j in batch.iter_mut() {
+        j.queued = None;
+    }
     let rows: Vec<usize> = batch.iter().map(|j| j.rows).collect();
     let total: usize = rows.iter().sum();
     let outputs = batch[0].outputs.clone();
@@ -422,6 +429,7 @@ mod tests {
             enqueued: Instant::now(),
             deadline: None,
             reply: oneshot::channel().0,
+            queued: None,
         };
         let a = job(f32s("x", 1, 3, 0.0), vec!["y"]);
         assert!(a.fits_with(&job(f32s("x", 4, 3, 0.0), vec!["y"])));

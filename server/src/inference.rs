@@ -154,7 +154,10 @@ async fn execute_inner(
         .iter()
         .all(|t| t.shape.first() == inputs.first().and_then(|f| f.shape.first()));
     if let Some(batcher) = model.batcher.get().filter(|_| uniform) {
-        let done = batcher.submit(inputs, outputs, rows as usize, timeout).await?;
+        let queued = crate::metrics::GaugeToken::new(&stats.queued);
+        let done = batcher
+            .submit(inputs, outputs, rows as usize, timeout, queued)
+            .await?;
         if done.reports_execution {
             stats.record_batch(done.batch_rows as u64, done.phases);
         }
@@ -168,6 +171,7 @@ async fn execute_inner(
         return Ok(done.outputs);
     }
     let queued = Instant::now();
+    let waiting = crate::metrics::GaugeToken::new(&stats.queued);
     let acquire = model.slots.clone().acquire_owned();
     let permit = match timeout {
         Some(t) => tokio::time::timeout(t, acquire)
@@ -176,6 +180,7 @@ async fn execute_inner(
         None => acquire.await,
     }
     .map_err(|_| ApiError::Unavailable("the model is being unloaded".into()))?;
+    drop(waiting);
     let queue_time = queued.elapsed();
     let m = model.clone();
     // Inference is CPU-bound and blocking: keep it off the reactor threads. The permit goes with

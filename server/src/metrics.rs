@@ -7,8 +7,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Successful requests (Triton name).
@@ -31,6 +31,8 @@ pub const COMPUTE_INFER_US: &str = "nv_inference_compute_infer_duration_us";
 pub const COMPUTE_OUTPUT_US: &str = "nv_inference_compute_output_duration_us";
 /// Requests accepted and not yet answered (Triton name).
 pub const PENDING: &str = "nv_inference_pending_request_count";
+/// Requests waiting for an instance or for their batch to form (not yet executing).
+pub const QUEUE_DEPTH: &str = "kubemaas_inference_queue_depth";
 /// End-to-end request latency histogram.
 pub const REQUEST_DURATION_SECONDS: &str = "kubemaas_request_duration_seconds";
 /// Model load time.
@@ -87,6 +89,25 @@ impl Duration2 {
     }
 }
 
+/// Counts one request in a gauge until dropped (on every exit path, including a cancelled
+/// future or a batch job that is answered without running).
+#[derive(Debug)]
+pub struct GaugeToken(Arc<AtomicI64>);
+
+impl GaugeToken {
+    /// Adds one to `gauge` until the token is dropped.
+    pub fn new(gauge: &Arc<AtomicI64>) -> GaugeToken {
+        gauge.fetch_add(1, Relaxed);
+        GaugeToken(gauge.clone())
+    }
+}
+
+impl Drop for GaugeToken {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Statistics of one model version.
 #[derive(Debug, Default)]
 pub struct ModelStats {
@@ -108,6 +129,8 @@ pub struct ModelStats {
     pub execution_count: AtomicU64,
     /// Accepted, unanswered requests.
     pub pending: AtomicI64,
+    /// Requests waiting for an instance or a batch (shared with the batcher's queue).
+    pub queued: Arc<AtomicI64>,
     /// Unix time in ms of the last inference.
     pub last_inference_ms: AtomicU64,
     failures: Mutex<BTreeMap<FailureReason, u64>>,
@@ -326,6 +349,20 @@ pub fn render(models: &[ModelMetricsView<'_>]) -> String {
             "{PENDING}{{{}}} {}",
             labels(m),
             m.stats.pending.load(Relaxed).max(0)
+        );
+    }
+    family(
+        &mut out,
+        QUEUE_DEPTH,
+        "gauge",
+        "Requests waiting for an instance or for their batch to form",
+    );
+    for m in models {
+        let _ = writeln!(
+            out,
+            "{QUEUE_DEPTH}{{{}}} {}",
+            labels(m),
+            m.stats.queued.load(Relaxed).max(0)
         );
     }
     family(

@@ -36,6 +36,50 @@ pub struct ModelDeploymentStatus {
     /// The served model as the server reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelStatus>,
+    /// Traffic over the last scrape window, from the ready serving pods' own counters (the
+    /// operator scrapes their `/metrics` every `--metrics-interval`). Rewritten only when a value
+    /// changed meaningfully, so an idle ModelDeployment costs no writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<TrafficMetrics>,
+}
+
+/// Traffic of all ready serving pods together, over one scrape window.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficMetrics {
+    /// Requests answered per second (successes and failures).
+    pub requests_per_second: f64,
+    /// Failed requests per second.
+    pub errors_per_second: f64,
+    /// Median request latency in milliseconds, from the latency histogram's buckets (absent when
+    /// no request completed in the window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p50_ms: Option<f64>,
+    /// 99th-percentile request latency in milliseconds (absent when no request completed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p99_ms: Option<f64>,
+    /// Requests accepted and not yet answered, at the scrape.
+    pub inflight_requests: i64,
+    /// Requests waiting for an instance or for their batch, at the scrape.
+    pub queue_depth: i64,
+    /// Average concurrency over the window: the time requests spent in the servers per second
+    /// of wall time (what `autoscaling.metric: concurrency` scales on).
+    pub concurrency: f64,
+    /// Average rows per model execution (absent unless batching ran in the window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size_avg: Option<f64>,
+    /// Mean GPU utilisation (0–1) of the pods' GPUs, when the servers report it (NVML).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_utilization: Option<f64>,
+    /// GPU memory in use on the pods' GPUs, when the servers report it (NVML).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_used_bytes: Option<i64>,
+    /// Pods whose counters went into these numbers.
+    pub pods: i32,
+    /// Length of the window in seconds.
+    pub window_seconds: f64,
+    /// When these numbers were measured.
+    pub last_scrape_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
 }
 
 /// In-cluster endpoints.

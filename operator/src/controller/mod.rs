@@ -6,6 +6,7 @@ pub mod build;
 pub mod drift;
 pub mod probe;
 pub mod reconcile;
+pub mod scrape;
 pub mod status;
 pub mod validate;
 
@@ -221,6 +222,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Pod metadata prober.
     pub prober: probe::Prober,
+    /// Serving pods' metrics, scraped on an interval.
+    pub scraper: Arc<scrape::Scraper>,
     /// Periodic resync of every ModelDeployment.
     pub resync: std::time::Duration,
     /// Consecutive failures per object (`namespace/name`), for exponential backoff.
@@ -291,6 +294,8 @@ pub struct Tuning {
     pub resync: std::time::Duration,
     /// ModelDeployments reconciled at once.
     pub concurrency: u16,
+    /// Time between scrapes of the serving pods' metrics.
+    pub metrics_interval: std::time::Duration,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -333,10 +338,23 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
         prober: probe::Prober::default(),
+        scraper: Arc::new(scrape::Scraper::new(
+            tuning.metrics_interval,
+            std::time::Duration::from_secs(2),
+        )),
         resync: tuning.resync,
         failures: Default::default(),
     });
     let (md_store, md_writer) = reflector::store::<ModelDeployment>();
+    // Scraped metrics that changed trigger a reconcile of their ModelDeployment, which writes them.
+    let (scraped_tx, scraped_rx) = futures::channel::mpsc::channel(1024);
+    let scraping = scrape::run(
+        ctx.scraper.clone(),
+        md_store.clone(),
+        ctx.stores.pods.clone(),
+        ctx.metrics.clone(),
+        scraped_tx,
+    );
     let md_stream = watcher(
         api::<ModelDeployment>(&client, &scope),
         watcher::Config::default(),
@@ -345,13 +363,14 @@ pub async fn run(
     .modify(trim::meta::<ModelDeployment>)
     .reflect(md_writer)
     .applied_objects();
-    Controller::for_stream(md_stream, md_store)
+    let controller = Controller::for_stream(md_stream, md_store)
         .with_config(kube::runtime::controller::Config::default().concurrency(tuning.concurrency))
         .watches_stream(deploy_stream, owner_of)
         .watches_stream(svc_stream, owner_of)
         .watches_stream(hpa_stream, owner_of)
         .watches_stream(pdb_stream, owner_of)
         .watches_stream(pod_stream, owner_of)
+        .reconcile_on(scraped_rx)
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|res| async move {
@@ -359,6 +378,10 @@ pub async fn run(
                 Ok((obj, _)) => tracing::debug!(object = %obj.name, "reconciled"),
                 Err(e) => tracing::warn!(error = %e, "reconcile failed"),
             }
-        })
-        .await;
+        });
+    // The scrape loop never ends by itself; it stops with the controller.
+    tokio::select! {
+        _ = controller => {}
+        _ = scraping => {}
+    }
 }

@@ -62,7 +62,7 @@ fn artifact(v: &serde_json::Value) -> Option<ArtifactStatus> {
     })
 }
 
-fn parse(v: &serde_json::Value, version: &str) -> Probed {
+fn parse(v: &serde_json::Value, version: &str, pod: &str) -> Probed {
     let tensors = |key: &str| -> Vec<TensorInfo> {
         v[key]
             .as_array()
@@ -74,6 +74,10 @@ fn parse(v: &serde_json::Value, version: &str) -> Probed {
             .unwrap_or_default()
     };
     Probed {
+        pod: pod.into(),
+        fallback: v["parameters"]["execution_provider_fallback"]
+            .as_str()
+            .map(String::from),
         accelerator: v["parameters"]["execution_provider"].as_str().map(String::from),
         model: v["name"].as_str().map(|name| ModelStatus {
             name: name.into(),
@@ -138,7 +142,7 @@ impl Prober {
         .await
         .ok()
         .flatten()?;
-        let probed = parse(&v, version);
+        let probed = parse(&v, version, &pod.name_any());
         if let Ok(mut c) = self.cache.lock() {
             // Bounded: entries of gone pods are dropped when the cache grows.
             if c.len() > 4096 {
@@ -172,7 +176,7 @@ mod tests {
             "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3, 224, 224]}],
             "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 1000]}],
             "parameters": {"execution_provider": "CUDAExecutionProvider"}});
-        let p = parse(&v, "1");
+        let p = parse(&v, "1", "p");
         assert_eq!(p.accelerator.as_deref(), Some("CUDAExecutionProvider"));
         let m = p.model.unwrap();
         assert_eq!(m.inputs[0].shape, vec![-1, 3, 224, 224]);
@@ -190,7 +194,7 @@ mod tests {
             "parameters": {"execution_provider": "CPUExecutionProvider",
                 "artifact": {"uri": "s3://models/embedder/2/", "sha256": "b".repeat(64),
                     "bytes": 5_368_709_120_u64, "files": 2, "seconds": 41.25}}});
-        let m = parse(&v, "2").model.unwrap();
+        let m = parse(&v, "2", "p").model.unwrap();
         assert_eq!(
             m.artifact,
             Some(ArtifactStatus {
@@ -202,6 +206,6 @@ mod tests {
             })
         );
         let garbled = serde_json::json!({"name": "m", "parameters": {"artifact": {"uri": 3}}});
-        assert_eq!(parse(&garbled, "1").model.unwrap().artifact, None);
+        assert_eq!(parse(&garbled, "1", "p").model.unwrap().artifact, None);
     }
 }

@@ -19,7 +19,8 @@ use super::build::{self, labels};
 use super::status::{self, Observed};
 use super::{Context, Error, apply, validate};
 
-fn now() -> Time {
+/// Now, to the second (what the apiserver keeps).
+pub fn now() -> Time {
     // The apiserver keeps seconds: truncate so a round trip compares equal.
     let ts = k8s_openapi::jiff::Timestamp::now();
     Time(k8s_openapi::jiff::Timestamp::from_second(ts.as_second()).unwrap_or(ts))
@@ -96,7 +97,12 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         pods: &pods,
         probed,
     };
-    let new = status::compute(&md, &observed, &now());
+    let mut new = status::compute(&md, &observed, &now());
+    // Traffic as last scraped; after an operator restart, what status showed until a new window.
+    new.metrics = ctx
+        .scraper
+        .published(&super::scrape::key(&ns, &md.name_any()))
+        .or_else(|| md.status.as_ref().and_then(|s| s.metrics.clone()));
     write_status(&ctx, &md, new).await?;
     if let Ok(mut f) = ctx.failures.lock() {
         f.remove(&key(&md));

@@ -18,6 +18,10 @@ pub struct Probed {
     pub accelerator: Option<String>,
     /// Model as served.
     pub model: Option<ModelStatus>,
+    /// The pod that answered.
+    pub pod: String,
+    /// Why the server runs on CPU although it tried CUDA, in its own words.
+    pub fallback: Option<String>,
 }
 
 /// Everything the status is computed from.
@@ -250,7 +254,30 @@ fn model_loaded(pods: &[Pod], ready: i32, now: &Time) -> Cond {
     )
 }
 
-fn degraded(pods: &[Pod], now: &Time) -> Cond {
+/// A `cuda` ModelDeployment whose pod reports the CPU provider is not what was asked for, even
+/// though it serves.
+fn accelerator_fallback(md: &ModelDeployment, probed: Option<&Probed>) -> Option<Cond> {
+    let p = probed?;
+    let on_cpu = p.accelerator.as_deref() == Some("CPUExecutionProvider");
+    if md.spec.accelerator != kubemaas_crds::v1alpha1::Accelerator::Cuda || !on_cpu {
+        return None;
+    }
+    let why = p
+        .fallback
+        .clone()
+        .unwrap_or_else(|| "the server did not say why".into());
+    Some(cond(
+        conditions::DEGRADED,
+        Some(true),
+        reason::ACCELERATOR_FALLBACK,
+        format!(
+            "pod {} runs on CPUExecutionProvider although accelerator is cuda: {why}",
+            p.pod
+        ),
+    ))
+}
+
+fn degraded(md: &ModelDeployment, pods: &[Pod], probed: Option<&Probed>, now: &Time) -> Cond {
     for pod in pods {
         for s in statuses(pod, true).into_iter().chain(statuses(pod, false)) {
             let who = format!("pod {} container {}", pod.name_any(), s.name);
@@ -301,6 +328,9 @@ fn degraded(pods: &[Pod], now: &Time) -> Cond {
                 );
             }
         }
+    }
+    if let Some(c) = accelerator_fallback(md, probed) {
+        return c;
     }
     cond(
         conditions::DEGRADED,
@@ -412,7 +442,7 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
         scheduled(observed.pods, desired),
         model_loaded(observed.pods, ready_replicas, now),
         ready(md, observed.deployment, desired, observed.pods),
-        degraded(observed.pods, now),
+        degraded(md, observed.pods, observed.probed.as_ref(), now),
     ];
     let conditions = new
         .into_iter()
@@ -458,6 +488,8 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
                 .or_else(|| md.spec.model.sha256.clone());
             m
         }),
+        // Set by the reconcile from the scraper, which this pure function does not see.
+        metrics: old.metrics,
     }
 }
 
@@ -1027,6 +1059,7 @@ mod tests {
                 version: "1".into(),
                 ..ModelStatus::default()
             }),
+            ..Probed::default()
         };
         let mut m = spec();
         let s = compute(
@@ -1051,6 +1084,51 @@ mod tests {
             &now(),
         );
         assert_eq!(s.accelerator.as_deref(), Some("CUDAExecutionProvider"));
+    }
+
+    #[test]
+    fn a_cuda_model_deployment_served_on_cpu_is_degraded_with_the_pods_words() {
+        let d = deployment(1, 1, 1);
+        let on_cpu = Probed {
+            accelerator: Some("CPUExecutionProvider".into()),
+            pod: "resnet-abc".into(),
+            fallback: Some("libcudart.so.12: cannot open shared object file".into()),
+            ..Probed::default()
+        };
+        let status_for = |accelerator: &str, p: &Probed| {
+            let mut m = spec();
+            m.spec.accelerator = serde_json::from_value(json!(accelerator)).unwrap();
+            let s = compute(
+                &m,
+                &Observed {
+                    deployment: Some(&d),
+                    pods: &[],
+                    probed: Some(p.clone()),
+                },
+                &now(),
+            );
+            get(&s, "Degraded").clone()
+        };
+        let c = status_for("cuda", &on_cpu);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "AcceleratorFallback")
+        );
+        assert!(
+            c.message.contains("pod resnet-abc") && c.message.contains("libcudart.so.12"),
+            "{}",
+            c.message
+        );
+        assert_eq!(
+            status_for("auto", &on_cpu).reason,
+            "Healthy",
+            "auto may run on CPU"
+        );
+        let on_gpu = Probed {
+            accelerator: Some("CUDAExecutionProvider".into()),
+            ..on_cpu.clone()
+        };
+        assert_eq!(status_for("cuda", &on_gpu).reason, "Healthy");
     }
 
     #[test]
@@ -1120,6 +1198,7 @@ mod tests {
                 artifact,
                 ..ModelStatus::default()
             }),
+            ..Probed::default()
         };
         let observe = |m: &ModelDeployment, p: Probed| {
             compute(

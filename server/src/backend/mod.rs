@@ -67,6 +67,11 @@ pub trait Backend: Send + Sync {
     fn signature(&self) -> &Signature;
     /// The execution provider really in use, e.g. `CPUExecutionProvider`.
     fn execution_provider(&self) -> &str;
+    /// Why CUDA was tried and not used (`--execution-provider auto` on a machine where CUDA
+    /// failed), in the runtime's words; None when nothing fell back.
+    fn execution_provider_fallback(&self) -> Option<&str> {
+        None
+    }
     /// Number of executions that may run at once.
     fn instances(&self) -> usize;
     /// Runs the model on `inputs` (validated against the signature) and returns the `outputs` asked

@@ -70,6 +70,7 @@ pub fn init_runtime(library: &Path) -> Result<Environment, BackendError> {
 pub struct OrtModel {
     signature: Signature,
     provider: &'static str,
+    fallback: Option<String>,
     instances: usize,
     pool: Mutex<Vec<Session>>,
     available: Condvar,
@@ -147,6 +148,7 @@ impl OrtModel {
             message,
         };
         let instances = opts.instances.max(1);
+        let mut fallback = None;
         let (first, provider) = match opts.execution_provider {
             ExecutionProvider::Cpu => (build_session(env, path, opts, false).map_err(load_err)?, CPU_EP),
             ExecutionProvider::Cuda => (
@@ -159,6 +161,7 @@ impl OrtModel {
                 Ok(s) => (s, CUDA_EP),
                 Err(e) => {
                     tracing::info!(model = %path.display(), reason = %e, "CUDA unavailable, using CPU");
+                    fallback = Some(e);
                     (build_session(env, path, opts, false).map_err(load_err)?, CPU_EP)
                 }
             },
@@ -183,6 +186,7 @@ impl OrtModel {
         Ok(OrtModel {
             signature: Signature { inputs, outputs },
             provider,
+            fallback,
             instances,
             pool: Mutex::new(pool),
             available: Condvar::new(),
@@ -339,6 +343,10 @@ impl Backend for OrtModel {
 
     fn execution_provider(&self) -> &str {
         self.provider
+    }
+
+    fn execution_provider_fallback(&self) -> Option<&str> {
+        self.fallback.as_deref()
     }
 
     fn instances(&self) -> usize {

@@ -232,6 +232,7 @@ fn model_metadata(
         &versions,
         model.backend.signature(),
         model.backend.execution_provider(),
+        model.backend.execution_provider_fallback(),
         model.artifact.as_ref(),
     );
     Ok(json_response(StatusCode::OK, &meta))

@@ -354,14 +354,19 @@ fn specs_json(specs: &[TensorSpec]) -> Value {
 /// Model metadata (`GET /v2/models/{m}[/versions/{v}]`).
 /// `parameters.artifact` carries the pull record (uri, sha256, bytes, files, seconds) when the
 /// model was fetched by `kubemaas-server pull`; the operator copies it into `status.model`.
+/// `parameters.execution_provider_fallback` says why CUDA was not used when it was tried.
 pub fn model_metadata(
     name: &str,
     versions: &[u64],
     sig: &Signature,
     execution_provider: &str,
+    fallback: Option<&str>,
     artifact: Option<&Value>,
 ) -> Value {
     let mut parameters = serde_json::json!({"execution_provider": execution_provider});
+    if let Some(why) = fallback {
+        parameters["execution_provider_fallback"] = why.into();
+    }
     if let Some(a) = artifact {
         parameters["artifact"] = a.clone();
     }

@@ -1,0 +1,391 @@
+//! Real servers behind fake pods: kwok only pretends to run pods, so for every running pod of a
+//! ModelDeployment this starts what the kubelet would. It runs the pod's own init container
+//! (`kubemaas-server pull` with the pod's arguments) into a local directory, then the pod's own
+//! server container (`kubemaas-server serve` with the pod's arguments) bound to the pod's
+//! loopback IP and ports, and stops it when the pod goes away.
+//!
+//! Paths inside the pod are mapped to local ones: the model repository to a directory per pod,
+//! and `pvc://CLAIM/...` to `PVC_ROOT/CLAIM/...` (so `pvc://models/ocr-cls/1/model.onnx` serves
+//! the cached real model when `PVC_ROOT` is the cache directory).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+
+/// Mount points inside the pod, as the operator builds it.
+const MODELS_DIR: &str = "/models";
+const PVC_MOUNT: &str = "/mnt/pvc";
+
+/// How the pods' processes are run.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// The `kubemaas-server` binary.
+    pub server: PathBuf,
+    /// Where `pvc://CLAIM/...` URIs resolve (`PVC_ROOT/CLAIM/...`); a pod with a PVC schedules only
+    /// where the claim is bound, so the suite serves models over HTTP ([`file_store`]) instead.
+    pub pvc_root: PathBuf,
+    /// Work directories (one per pod) and logs.
+    pub work: PathBuf,
+    /// Serve `accelerator: cuda` pods with `--execution-provider auto`: a node whose GPU is
+    /// missing but whose server falls back to CPU (this machine has no GPU).
+    pub cuda_as_auto: bool,
+    /// Run only the pods of these ModelDeployments (all when None).
+    pub only: Option<Vec<String>>,
+}
+
+impl RunnerConfig {
+    /// The harness's settings: the debug server binary, `pvc://` from the cache directory that
+    /// holds the real models (`pvc://models/ocr-cls/1/model.onnx`), work under `target/e2e/<label>`.
+    pub fn for_tests(label: &str) -> RunnerConfig {
+        let env = crate::env();
+        let models = std::env::var("KUBEMAAS_MODELS").unwrap_or_default();
+        let pvc_root = Path::new(&models)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        RunnerConfig {
+            server: env.root.join("target/debug/kubemaas-server"),
+            pvc_root,
+            work: env.root.join("target/e2e").join(label),
+            cuda_as_auto: false,
+            only: None,
+        }
+    }
+}
+
+/// One pod's server.
+struct Running {
+    child: Child,
+    ip: String,
+}
+
+/// Runs servers for the pods of a namespace until dropped.
+pub struct PodRunner {
+    task: tokio::task::JoinHandle<()>,
+    servers: Arc<Mutex<HashMap<String, Running>>>,
+}
+
+impl PodRunner {
+    /// Starts watching `namespace` (polling every 300 ms).
+    pub fn start(client: Client, namespace: &str, config: RunnerConfig) -> PodRunner {
+        let servers: Arc<Mutex<HashMap<String, Running>>> = Default::default();
+        let api: Api<Pod> = Api::namespaced(client, namespace);
+        let shared = servers.clone();
+        let task = tokio::spawn(async move {
+            let params = ListParams::default().labels("kubemaas.io/model-deployment");
+            loop {
+                if let Ok(list) = api.list(&params).await {
+                    reconcile(&list.items, &config, &shared).await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+        PodRunner { task, servers }
+    }
+
+    /// Pod IPs with a running server.
+    pub fn serving(&self) -> Vec<String> {
+        let mut ips: Vec<String> = self
+            .servers
+            .lock()
+            .map(|s| s.values().map(|r| r.ip.clone()).collect())
+            .unwrap_or_default();
+        ips.sort();
+        ips
+    }
+
+    /// Stops every server.
+    pub fn stop(&self) {
+        self.task.abort();
+        if let Ok(mut s) = self.servers.lock() {
+            for (_, mut r) in s.drain() {
+                stop_child(&mut r.child);
+            }
+        }
+    }
+}
+
+impl Drop for PodRunner {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn stop_child(c: &mut Child) {
+    // SIGTERM first so the server drains; then make sure.
+    let _ = Command::new("kill").arg(c.id().to_string()).status();
+    for _ in 0..50 {
+        if matches!(c.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// The IP of a pod that kwok runs (Running, addressed, not being deleted), and not one a test
+/// plays the kubelet for.
+fn runnable(p: &Pod, config: &RunnerConfig) -> Option<String> {
+    let md = p.labels().get("kubemaas.io/model-deployment")?;
+    if config.only.as_ref().is_some_and(|only| !only.contains(md)) {
+        return None;
+    }
+    if p.metadata.deletion_timestamp.is_some() || p.labels().get(crate::KUBELET_BY_TEST_LABEL).is_some() {
+        return None;
+    }
+    let s = p.status.as_ref()?;
+    (s.phase.as_deref() == Some("Running")).then_some(())?;
+    s.pod_ip.clone()
+}
+
+async fn reconcile(pods: &[Pod], config: &RunnerConfig, servers: &Arc<Mutex<HashMap<String, Running>>>) {
+    let wanted: HashMap<String, (&Pod, String)> = pods
+        .iter()
+        .filter_map(|p| Some((p.uid()?, (p, runnable(p, config)?))))
+        .collect();
+    // Pods gone: stop their servers.
+    let gone: Vec<Running> = match servers.lock() {
+        Ok(mut s) => {
+            let keys: Vec<String> = s.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+            keys.iter().filter_map(|k| s.remove(k)).collect()
+        }
+        Err(_) => return,
+    };
+    for mut r in gone {
+        tokio::task::spawn_blocking(move || stop_child(&mut r.child));
+    }
+    for (uid, (pod, ip)) in wanted {
+        let known = servers.lock().map(|s| s.contains_key(&uid)).unwrap_or(true);
+        if known {
+            continue;
+        }
+        match start_pod(pod, &ip, config).await {
+            Ok(child) => {
+                if let Ok(mut s) = servers.lock() {
+                    s.insert(uid, Running { child, ip });
+                }
+            }
+            Err(e) => {
+                eprintln!("podrunner: pod {}: {e}", pod.name_any());
+                // Remember the failure as a finished process so it is not retried every poll.
+                if let Ok(child) = Command::new("true").spawn()
+                    && let Ok(mut s) = servers.lock()
+                {
+                    s.insert(uid, Running { child, ip });
+                }
+            }
+        }
+    }
+}
+
+/// Maps an in-pod path to the local one.
+fn local_arg(a: &str, models: &Path, config: &RunnerConfig) -> String {
+    if let Some(rest) = a.strip_prefix(MODELS_DIR) {
+        return format!("{}{rest}", models.display());
+    }
+    if a == PVC_MOUNT {
+        return config.pvc_root.display().to_string();
+    }
+    a.to_string()
+}
+
+async fn start_pod(pod: &Pod, ip: &str, config: &RunnerConfig) -> Result<Child, String> {
+    let spec = pod.spec.as_ref().ok_or("no spec")?;
+    let dir = config.work.join(format!("pod-{}", pod.name_any()));
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).map_err(|e| format!("{}: {e}", models.display()))?;
+    let log = |name: &str| std::fs::File::create(dir.join(name)).map_err(|e| format!("log {name}: {e}"));
+    for init in spec.init_containers.iter().flatten() {
+        let mut args: Vec<String> = Vec::new();
+        let mut given = init.args.clone().unwrap_or_default().into_iter();
+        while let Some(a) = given.next() {
+            // Cache and credential volumes are not mounted here.
+            if a == "--cache-dir" || a == "--credentials-dir" {
+                given.next();
+                continue;
+            }
+            args.push(local_arg(&a, &models, config));
+        }
+        let (server, out) = (config.server.clone(), log(&format!("{}.log", init.name))?);
+        let status = tokio::task::spawn_blocking(move || {
+            Command::new(server)
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(out)
+                .status()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("init container {} failed: {status}", init.name));
+        }
+    }
+    let main = spec.containers.first().ok_or("no container")?;
+    let mut args: Vec<String> = main
+        .args
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .map(|a| local_arg(a, &models, config))
+        .collect();
+    if config.cuda_as_auto
+        && let Some(i) = args.iter().position(|a| a == "--execution-provider")
+        && args.get(i + 1).map(String::as_str) == Some("cuda")
+    {
+        args[i + 1] = "auto".into();
+    }
+    args.extend(["--host".into(), ip.into()]);
+    Command::new(&config.server)
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(log("server.log")?)
+        .spawn()
+        .map_err(|e| format!("{}: {e}", config.server.display()))
+}
+
+/// A loopback HTTP file store for model artifacts: `GET /PATH` answers the file `ROOT/PATH`
+/// (404 otherwise), so a ModelDeployment's pull fetches a real model the way it would from a
+/// bucket's HTTPS endpoint. Runs until the process ends.
+pub fn file_store(root: PathBuf) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    let base = format!("http://{}", listener.local_addr().expect("local address"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let root = root.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    return;
+                }
+                let mut parts = line.split_whitespace();
+                let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                        break;
+                    }
+                }
+                let rel = target.trim_start_matches('/');
+                let body = (!rel.split('/').any(|c| c == ".."))
+                    .then(|| std::fs::read(root.join(rel)).ok())
+                    .flatten();
+                let mut stream = reader.into_inner();
+                let (status, payload) = match &body {
+                    Some(b) => ("200 OK", b.as_slice()),
+                    None => ("404 Not Found", b"no such object\n".as_slice()),
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    payload.len()
+                );
+                if method != "HEAD" {
+                    let _ = stream.write_all(payload);
+                }
+            });
+        }
+    });
+    base
+}
+
+/// What a load run measured on the client side.
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    /// Requests answered 200.
+    pub ok: usize,
+    /// Requests answered otherwise, or failed.
+    pub errors: usize,
+    /// Answers per second over the run.
+    pub rps: f64,
+    /// Median latency in milliseconds.
+    pub p50_ms: f64,
+    /// 99th-percentile latency in milliseconds.
+    pub p99_ms: f64,
+}
+
+/// Sends `body` as `POST path` to `addr` (host:port) from `clients` threads, each on one kept-alive
+/// connection sending its next request when the last is answered, for `duration`.
+pub fn load(addr: &str, path: &str, body: &[u8], clients: usize, duration: Duration) -> LoadReport {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let start = std::time::Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (addr, path, body) = (addr.to_string(), path.to_string(), body.to_vec());
+            std::thread::spawn(move || {
+                let (mut lat, mut errors) = (Vec::new(), 0usize);
+                let mut conn: Option<BufReader<std::net::TcpStream>> = None;
+                while start.elapsed() < duration {
+                    let t = std::time::Instant::now();
+                    let one = (|| -> std::io::Result<bool> {
+                        if conn.is_none() {
+                            conn = Some(BufReader::new(std::net::TcpStream::connect(&addr)?));
+                        }
+                        let r = conn.as_mut().expect("connected above");
+                        write!(
+                            r.get_mut(),
+                            "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                            body.len()
+                        )?;
+                        r.get_mut().write_all(&body)?;
+                        let mut status = String::new();
+                        r.read_line(&mut status)?;
+                        let mut length = 0usize;
+                        loop {
+                            let mut h = String::new();
+                            if r.read_line(&mut h)? == 0 || h == "\r\n" {
+                                break;
+                            }
+                            if let Some((k, v)) = h.split_once(':')
+                                && k.eq_ignore_ascii_case("content-length")
+                            {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut payload = vec![0; length];
+                        r.read_exact(&mut payload)?;
+                        Ok(status.split_whitespace().nth(1) == Some("200"))
+                    })();
+                    match one {
+                        Ok(true) => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                        Ok(false) => errors += 1,
+                        Err(_) => {
+                            errors += 1;
+                            conn = None;
+                        }
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for t in threads {
+        let (l, e) = t.join().expect("load thread");
+        lat.extend(l);
+        errors += e;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    let pick = |q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    LoadReport {
+        ok: lat.len(),
+        errors,
+        rps: (lat.len() + errors) as f64 / secs,
+        p50_ms: pick(0.5),
+        p99_ms: pick(0.99),
+    }
+}

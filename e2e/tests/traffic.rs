@@ -1,0 +1,288 @@
+//! Real servers behind the fake pods (`kubemaas_e2e::podrunner`): the status reports what the
+//! pods really serve and how much traffic they take, measured from their own counters.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use kube::Api;
+use kubemaas_crds::v1alpha1::ModelDeployment;
+use kubemaas_e2e::podrunner::{PodRunner, RunnerConfig, file_store, load};
+use kubemaas_e2e::*;
+use serde_json::json;
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// The committed row-stats model ([-1, 10] → [sum, mean, max]) over a loopback HTTP store.
+fn row_stats_uri() -> String {
+    let base = file_store(env().root.join("models"));
+    format!("{base}/row-stats/1/model.onnx")
+}
+
+fn spec(uri: &str) -> serde_json::Value {
+    json!({"model": {"uri": uri, "allowPrivateAddresses": true}, "replicas": 1})
+}
+
+const ROWS: &str = r#"{"inputs":[{"name":"x","shape":[2,10],"datatype":"FP32","data":[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20]}]}"#;
+
+/// Waits until the runner serves `n` pods and returns their IPs.
+async fn serving(runner: &PodRunner, n: usize) -> Vec<String> {
+    wait_for(
+        "the pod runner serves the pods",
+        LONG,
+        || format!("serving {:?}", runner.serving()),
+        || async {
+            let ips = runner.serving();
+            (ips.len() >= n).then_some(ips)
+        },
+    )
+    .await
+}
+
+/// Waits until `ip:8080` answers an inference (the model is pulled and loaded).
+async fn answering(ip: &str, model: &str) {
+    let addr = format!("{ip}:8080");
+    let path = format!("/v2/models/{model}/infer");
+    wait_for(
+        "the pod's server answers",
+        LONG,
+        || format!("{addr}{path}"),
+        || async {
+            let (a, p) = (addr.clone(), path.clone());
+            let r = tokio::task::spawn_blocking(move || {
+                load(&a, &p, ROWS.as_bytes(), 1, Duration::from_millis(50))
+            })
+            .await
+            .unwrap();
+            (r.ok > 0).then_some(())
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn status_reports_the_real_model_and_traffic_within_20_percent_of_the_client() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "traffic").await;
+    let op = Operator::start(&ns.name, "op-traffic", &["--metrics-interval", "2"]);
+    let runner = PodRunner::start(client.clone(), &ns.name, RunnerConfig::for_tests(&ns.name));
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    create_md(&api, md_json("stats", spec(&row_stats_uri()))).await;
+    wait_md(&api, "stats", "Ready", LONG, Some(&op), is_ready).await;
+    let ip = serving(&runner, 1).await.remove(0);
+    answering(&ip, "stats").await;
+
+    // 1. The model as the pod's server loaded it.
+    let md = wait_md(
+        &api,
+        "stats",
+        "status.model from the real server",
+        LONG,
+        Some(&op),
+        |m| m.status.as_ref().is_some_and(|s| s.model.is_some()),
+    )
+    .await;
+    let st = md.status.unwrap();
+    assert_eq!(st.accelerator.as_deref(), Some("CPUExecutionProvider"));
+    let model = st.model.unwrap();
+    assert_eq!(
+        (
+            model.inputs[0].name.as_str(),
+            model.inputs[0].datatype.as_str(),
+            model.inputs[0].shape.clone()
+        ),
+        ("x", "FP32", vec![-1, 10])
+    );
+    assert_eq!(model.outputs[0].name, "stats");
+    assert_eq!(model.outputs[0].shape, vec![-1, 3]);
+    let artifact = model.artifact.expect("the pull record of the real pull");
+    assert!(
+        artifact.uri.ends_with("/row-stats/1/model.onnx"),
+        "{}",
+        artifact.uri
+    );
+
+    // 2. Traffic: steady load from 4 clients; status agrees with what the clients measured.
+    let (addr, path) = (format!("{ip}:8080"), "/v2/models/stats/infer".to_string());
+    let loader =
+        tokio::task::spawn_blocking(move || load(&addr, &path, ROWS.as_bytes(), 4, Duration::from_secs(14)));
+    // Several 2 s windows inside the run; read what status shows near its end.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let seen = api.get("stats").await.unwrap().status.unwrap().metrics;
+    let report = loader.await.unwrap();
+    println!("client: {report:?}\nstatus: {seen:?}");
+    let m = seen.expect("status.metrics under load");
+    assert_eq!(report.errors, 0);
+    assert!(report.ok > 200, "{report:?}");
+    let ratio = m.requests_per_second / report.rps;
+    assert!(
+        (0.8..=1.2).contains(&ratio),
+        "status {} rps vs client {:.1} rps",
+        m.requests_per_second,
+        report.rps
+    );
+    let p99 = m.latency_p99_ms.expect("p99 under load");
+    assert!(
+        p99 <= 2.0 * report.p99_ms && p99 >= report.p99_ms / 2.0,
+        "status p99 {p99} ms vs client p99 {:.2} ms",
+        report.p99_ms
+    );
+    assert_eq!(m.errors_per_second, 0.0);
+    assert_eq!(m.pods, 1);
+    assert!(m.concurrency > 0.0);
+    // kubectl's wide columns show the same numbers.
+    let out = kubectl(&["get", "-n", &ns.name, "mdep", "-o", "wide"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(text.contains("RPS") && text.contains("P99(ms)"), "{text}");
+
+    // Idle again: the rate goes to zero, and then nothing more is written.
+    let idle = wait_md(
+        &api,
+        "stats",
+        "requestsPerSecond back to 0",
+        LONG,
+        Some(&op),
+        |m| {
+            m.status
+                .as_ref()
+                .and_then(|s| s.metrics.as_ref())
+                .is_some_and(|m| m.requests_per_second == 0.0)
+        },
+    )
+    .await;
+    let version = idle.metadata.resource_version.clone();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let later = api.get("stats").await.unwrap();
+    assert_eq!(
+        later.metadata.resource_version, version,
+        "an idle ModelDeployment is not rewritten by scrapes"
+    );
+    assert!(op.metric("kubemaas_operator_scrapes_total").unwrap_or(0.0) >= 5.0);
+    drop(runner);
+}
+
+#[tokio::test]
+async fn a_cuda_model_deployment_served_on_cpu_is_degraded_accelerator_fallback() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "fallback").await;
+    let op = Operator::start(&ns.name, "op-fallback", &["--metrics-interval", "2"]);
+    let config = RunnerConfig {
+        cuda_as_auto: true,
+        ..RunnerConfig::for_tests(&ns.name)
+    };
+    let runner = PodRunner::start(client.clone(), &ns.name, config);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let mut s = spec(&row_stats_uri());
+    s["accelerator"] = json!("cuda");
+    create_md(&api, md_json("gpu", s)).await;
+    let ip = serving(&runner, 1).await.remove(0);
+    answering(&ip, "gpu").await;
+    let md = wait_md(
+        &api,
+        "gpu",
+        "Degraded AcceleratorFallback",
+        LONG,
+        Some(&op),
+        |m| condition(m, "Degraded").is_some_and(|c| c.1 == "AcceleratorFallback"),
+    )
+    .await;
+    let (status, _, message) = condition(&md, "Degraded").unwrap();
+    println!("Degraded: {message}");
+    assert_eq!(status, "True");
+    assert!(
+        message.contains("runs on CPUExecutionProvider although accelerator is cuda"),
+        "{message}"
+    );
+    // The runtime's own words about why CUDA could not be used.
+    assert!(!message.contains("did not say why"), "{message}");
+    assert_eq!(
+        md.status.unwrap().accelerator.as_deref(),
+        Some("CPUExecutionProvider")
+    );
+}
+
+/// A pod "server" whose metrics port accepts and never answers, or answers garbage.
+fn fake_metrics(ip: &str, garbage: bool) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(format!("{ip}:9090")).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for mut s in listener.incoming().flatten() {
+            if garbage {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let body = "<html>not metrics</html>";
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            } else {
+                held.push(s);
+            }
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_hanging_or_garbage_metrics_endpoint_does_not_stall_other_model_deployments() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "badscrape").await;
+    let mut op = Operator::start(&ns.name, "op-badscrape", &["--metrics-interval", "1"]);
+    let config = RunnerConfig {
+        only: Some(vec!["good".into()]),
+        ..RunnerConfig::for_tests(&ns.name)
+    };
+    let runner = PodRunner::start(client.clone(), &ns.name, config);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let uri = row_stats_uri();
+    for name in ["hang", "garbage", "good"] {
+        create_md(&api, md_json(name, spec(&uri))).await;
+    }
+    for name in ["hang", "garbage"] {
+        wait_md(&api, name, "Ready", LONG, Some(&op), is_ready).await;
+        let pod = wait_for("the pod's IP", LONG, String::new, || async {
+            pods_of(&client, &ns.name, name).await.pop()?.status?.pod_ip
+        })
+        .await;
+        fake_metrics(&pod, name == "garbage");
+    }
+    let ip = serving(&runner, 1).await.remove(0);
+    answering(&ip, "good").await;
+    let (addr, path) = (format!("{ip}:8080"), "/v2/models/good/infer".to_string());
+    let loader =
+        tokio::task::spawn_blocking(move || load(&addr, &path, ROWS.as_bytes(), 2, Duration::from_secs(8)));
+    let started = std::time::Instant::now();
+    wait_md(
+        &api,
+        "good",
+        "traffic in status despite the bad pods",
+        Duration::from_secs(20),
+        Some(&op),
+        |m| {
+            m.status
+                .as_ref()
+                .and_then(|s| s.metrics.as_ref())
+                .is_some_and(|m| m.requests_per_second > 0.0)
+        },
+    )
+    .await;
+    println!("traffic showed after {:?}", started.elapsed());
+    loader.await.unwrap();
+    let timeouts = op.metric("kubemaas_operator_scrape_errors_total{reason=\"timeout\"}");
+    let garbage = op.metric("kubemaas_operator_scrape_errors_total{reason=\"parse\"}");
+    assert!(timeouts.unwrap_or(0.0) >= 1.0, "timeouts counted: {timeouts:?}");
+    assert!(garbage.unwrap_or(0.0) >= 1.0, "garbage counted: {garbage:?}");
+    for name in ["hang", "garbage"] {
+        let md = api.get(name).await.unwrap();
+        assert!(
+            md.status.unwrap().metrics.is_none(),
+            "{name}: no numbers from a pod that gave none"
+        );
+    }
+    op.assert_running();
+}

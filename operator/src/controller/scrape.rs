@@ -1,0 +1,666 @@
+//! Scrapes the ready serving pods' own `/metrics` (port 9090) on an interval and turns the
+//! counters' deltas into `status.metrics`: request and error rates, latency quantiles from the
+//! histogram, in-flight requests, queue depth, average concurrency and batch size.
+//!
+//! Pods are asked a bounded number at a time, each with a short timeout, so a pod that hangs or
+//! answers garbage costs one timeout and never holds back other ModelDeployments. The numbers are
+//! rounded and published (a reconcile is triggered) only when one changed meaningfully: an idle
+//! ModelDeployment costs no writes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kubemaas_crds::v1alpha1::{ModelDeployment, TrafficMetrics};
+
+use super::build::{labels, ports};
+use crate::metrics::Metrics;
+
+/// Why a scrape failed; the label of `kubemaas_operator_scrape_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, thiserror::Error)]
+pub enum ScrapeError {
+    /// No answer within the timeout.
+    #[error("timeout")]
+    Timeout,
+    /// Connection refused or reset.
+    #[error("connect")]
+    Connect,
+    /// An HTTP status other than 200.
+    #[error("status")]
+    Status,
+    /// A body too large, or not a KubeMaaS server's exposition.
+    #[error("parse")]
+    Parse,
+}
+
+/// One pod's counters and gauges at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sample {
+    /// Successful requests.
+    pub success: f64,
+    /// Failed requests (all reasons).
+    pub failure: f64,
+    /// Cumulative request time in microseconds.
+    pub duration_us: f64,
+    /// Rows inferred.
+    pub inferences: f64,
+    /// Model executions.
+    pub executions: f64,
+    /// Cumulative latency histogram: (upper bound in seconds, count), ascending, `+Inf` last.
+    pub buckets: Vec<(f64, f64)>,
+    /// Requests in flight.
+    pub inflight: f64,
+    /// Requests queued.
+    pub queue: f64,
+    /// Per-GPU utilisation (0–1), when reported.
+    pub gpu_utilization: Vec<f64>,
+    /// Per-GPU memory used in bytes, when reported.
+    pub gpu_memory_used: Vec<f64>,
+}
+
+/// The value of `name="…"` in a label set, if present.
+fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
+    let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
+    let end = labels[start..].find('"')?;
+    Some(&labels[start..start + end])
+}
+
+/// Parses a KubeMaaS server's exposition (sums over the models it serves). Text without the
+/// server's request counter is not one, and is an error rather than zeros.
+pub fn parse(text: &str) -> Result<Sample, ScrapeError> {
+    let mut s = Sample::default();
+    let mut seen_requests = false;
+    let mut buckets: HashMap<String, f64> = HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, rest) = match line.find('}') {
+            Some(i) => (&line[..=i], line[i + 1..].trim()),
+            None => match line.split_once(' ') {
+                Some((n, r)) => (n, r.trim()),
+                None => return Err(ScrapeError::Parse),
+            },
+        };
+        let (name, labels) = match series.find('{') {
+            Some(i) => (&series[..i], &series[i..]),
+            None => (series, ""),
+        };
+        let value: f64 = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .ok_or(ScrapeError::Parse)?;
+        if !value.is_finite() || value < 0.0 {
+            return Err(ScrapeError::Parse);
+        }
+        match name {
+            "nv_inference_request_success" => {
+                seen_requests = true;
+                s.success += value;
+            }
+            "nv_inference_request_failure" => s.failure += value,
+            "nv_inference_request_duration_us" => s.duration_us += value,
+            "nv_inference_count" => s.inferences += value,
+            "nv_inference_exec_count" => s.executions += value,
+            "nv_inference_pending_request_count" => s.inflight += value,
+            "kubemaas_inference_queue_depth" => s.queue += value,
+            "nv_gpu_utilization" => s.gpu_utilization.push(value),
+            "nv_gpu_memory_used_bytes" => s.gpu_memory_used.push(value),
+            "kubemaas_request_duration_seconds_bucket" => {
+                let le = label(labels, "le").ok_or(ScrapeError::Parse)?;
+                *buckets.entry(le.to_string()).or_default() += value;
+            }
+            _ => {}
+        }
+    }
+    if !seen_requests {
+        return Err(ScrapeError::Parse);
+    }
+    let mut b: Vec<(f64, f64)> = buckets
+        .into_iter()
+        .map(|(le, n)| {
+            let bound = if le == "+Inf" {
+                Ok(f64::INFINITY)
+            } else {
+                le.parse::<f64>()
+            };
+            bound.map(|b| (b, n)).map_err(|_| ScrapeError::Parse)
+        })
+        .collect::<Result<_, _>>()?;
+    b.sort_by(|x, y| x.0.total_cmp(&y.0));
+    s.buckets = b;
+    Ok(s)
+}
+
+/// The increase of a counter; a counter that went down was reset (the server restarted), so all
+/// of its current value is new, as Prometheus' `rate()` counts it.
+fn increase(before: f64, now: f64) -> f64 {
+    if now >= before { now - before } else { now }
+}
+
+/// The `q` quantile (0–1) of a cumulative histogram by linear interpolation within the bucket,
+/// as Prometheus' `histogram_quantile` computes it. None without observations.
+pub fn quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for &(bound, count) in buckets {
+        if count >= rank {
+            if bound.is_infinite() {
+                // Past the last finite bucket nothing is known but its bound.
+                return Some(lower);
+            }
+            let share = if count > below {
+                (rank - below) / (count - below)
+            } else {
+                0.0
+            };
+            return Some(lower + (bound - lower) * share);
+        }
+        lower = bound;
+        below = count;
+    }
+    Some(lower)
+}
+
+/// Rounds to three significant digits: a status reader needs no more, and fewer digits mean fewer
+/// meaningless changes.
+pub fn round3(v: f64) -> f64 {
+    if v == 0.0 || !v.is_finite() {
+        return 0.0;
+    }
+    let digits = 2 - v.abs().log10().floor() as i32;
+    let f = 10f64.powi(digits);
+    (v * f).round() / f
+}
+
+/// What one scrape round measured for one ModelDeployment, before rounding.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Window {
+    /// Requests per second.
+    pub rps: f64,
+    /// Failures per second.
+    pub eps: f64,
+    /// Latency quantiles in seconds.
+    pub p50: Option<f64>,
+    /// 99th percentile in seconds.
+    pub p99: Option<f64>,
+    /// Requests in flight now.
+    pub inflight: f64,
+    /// Requests queued now.
+    pub queue: f64,
+    /// Average concurrency (request-seconds per second).
+    pub concurrency: f64,
+    /// Rows per execution, when executions ran in batches.
+    pub batch_avg: Option<f64>,
+    /// Mean GPU utilisation.
+    pub gpu_utilization: Option<f64>,
+    /// GPU memory in use.
+    pub gpu_memory_used: Option<f64>,
+    /// Pods counted.
+    pub pods: usize,
+    /// Mean window length in seconds.
+    pub seconds: f64,
+}
+
+/// Combines every pod's (previous, current) samples; the window of each pod is its own.
+pub fn combine(pairs: &[(&Sample, &Sample, f64)]) -> Window {
+    let mut w = Window {
+        pods: pairs.len(),
+        ..Window::default()
+    };
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    let (mut inferences, mut executions) = (0.0, 0.0);
+    let (mut util, mut mem): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+    for (before, now, secs) in pairs {
+        let secs = secs.max(1e-3);
+        w.rps += (increase(before.success, now.success) + increase(before.failure, now.failure)) / secs;
+        w.eps += increase(before.failure, now.failure) / secs;
+        w.concurrency += increase(before.duration_us, now.duration_us) / 1e6 / secs;
+        w.inflight += now.inflight;
+        w.queue += now.queue;
+        w.seconds += secs / pairs.len() as f64;
+        inferences += increase(before.inferences, now.inferences);
+        executions += increase(before.executions, now.executions);
+        util.extend(&now.gpu_utilization);
+        mem.extend(&now.gpu_memory_used);
+        for &(bound, count) in &now.buckets {
+            let prior = before
+                .buckets
+                .iter()
+                .find(|(b, _)| *b == bound)
+                .map(|(_, c)| *c)
+                .unwrap_or(0.0);
+            let delta = if now.success + now.failure >= before.success + before.failure {
+                (count - prior).max(0.0)
+            } else {
+                count
+            };
+            match buckets.iter_mut().find(|(b, _)| *b == bound) {
+                Some(e) => e.1 += delta,
+                None => buckets.push((bound, delta)),
+            }
+        }
+    }
+    buckets.sort_by(|x, y| x.0.total_cmp(&y.0));
+    w.p50 = quantile(0.5, &buckets);
+    w.p99 = quantile(0.99, &buckets);
+    // A batch is more than one row per execution; unbatched models run one request per execution.
+    if executions > 0.0 && inferences > executions {
+        w.batch_avg = Some(inferences / executions);
+    }
+    if !util.is_empty() {
+        w.gpu_utilization = Some(util.iter().sum::<f64>() / util.len() as f64);
+    }
+    if !mem.is_empty() {
+        w.gpu_memory_used = Some(mem.iter().sum());
+    }
+    w
+}
+
+/// The status form of a window, rounded.
+pub fn to_status(w: &Window, at: Time) -> TrafficMetrics {
+    TrafficMetrics {
+        requests_per_second: round3(w.rps),
+        errors_per_second: round3(w.eps),
+        latency_p50_ms: w.p50.map(|s| round3(s * 1e3)),
+        latency_p99_ms: w.p99.map(|s| round3(s * 1e3)),
+        inflight_requests: w.inflight.round() as i64,
+        queue_depth: w.queue.round() as i64,
+        concurrency: round3(w.concurrency),
+        batch_size_avg: w.batch_avg.map(round3),
+        gpu_utilization: w.gpu_utilization.map(round3),
+        gpu_memory_used_bytes: w.gpu_memory_used.map(|b| b.round() as i64),
+        pods: i32::try_from(w.pods).unwrap_or(i32::MAX),
+        window_seconds: round3(w.seconds),
+        last_scrape_time: at,
+    }
+}
+
+/// Whether `new` differs from what status shows enough to be worth a write: a value appearing or
+/// vanishing, a pod count change, or a change of more than 10 % (and more than one request in
+/// flight or queued). The scrape time alone never is.
+pub fn meaningful(old: Option<&TrafficMetrics>, new: &TrafficMetrics) -> bool {
+    let Some(old) = old else { return true };
+    let far = |a: f64, b: f64| (a - b).abs() > 0.1 * a.abs().max(b.abs()) && (a - b).abs() > 1e-9;
+    let far_opt = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => far(a, b),
+        (None, None) => false,
+        _ => true,
+    };
+    let far_int = |a: i64, b: i64| (a - b).abs() > 1 && far(a as f64, b as f64);
+    old.pods != new.pods
+        || far(old.requests_per_second, new.requests_per_second)
+        || far(old.errors_per_second, new.errors_per_second)
+        || far(old.concurrency, new.concurrency)
+        || far_opt(old.latency_p50_ms, new.latency_p50_ms)
+        || far_opt(old.latency_p99_ms, new.latency_p99_ms)
+        || far_opt(old.batch_size_avg, new.batch_size_avg)
+        || far_opt(old.gpu_utilization, new.gpu_utilization)
+        || far_opt(
+            old.gpu_memory_used_bytes.map(|b| b as f64),
+            new.gpu_memory_used_bytes.map(|b| b as f64),
+        )
+        || far_int(old.inflight_requests, new.inflight_requests)
+        || far_int(old.queue_depth, new.queue_depth)
+}
+
+/// What the scraper keeps per ModelDeployment.
+#[derive(Default)]
+struct Entry {
+    /// Last sample per pod UID, with when it was taken.
+    pods: HashMap<String, (Instant, Sample)>,
+    /// What status should show.
+    published: Option<TrafficMetrics>,
+    /// Every window measured (not only published ones), newest last; for the autoscaler.
+    history: std::collections::VecDeque<(Instant, Window)>,
+}
+
+/// Windows kept per ModelDeployment for the autoscaler.
+const HISTORY: Duration = Duration::from_secs(3600);
+
+/// Pods asked at once across all ModelDeployments.
+const PARALLEL: usize = 16;
+
+/// Largest exposition read from a pod.
+const MAX_BODY: usize = 1 << 20;
+
+/// Scrapes serving pods and keeps what status and the autoscaler read.
+pub struct Scraper {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    /// Time between scrape rounds.
+    pub interval: Duration,
+    timeout: Duration,
+    state: Mutex<HashMap<String, Entry>>,
+}
+
+/// The scraper's key for a ModelDeployment.
+pub fn key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+fn ready_ip(p: &Pod) -> Option<String> {
+    let s = p.status.as_ref()?;
+    let ready = s
+        .conditions
+        .as_ref()
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    if !ready || p.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    s.pod_ip.clone()
+}
+
+/// The metrics URL of a pod address (IPv6 in brackets).
+pub fn metrics_uri(ip: &str) -> Option<http::Uri> {
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    };
+    format!("http://{host}:{}/metrics", ports::METRICS).parse().ok()
+}
+
+impl Scraper {
+    /// A scraper that runs a round every `interval`, giving each pod `timeout`.
+    pub fn new(interval: Duration, timeout: Duration) -> Scraper {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout));
+        Scraper {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            interval,
+            timeout,
+            state: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// What status should show for the ModelDeployment `key` (None before two scrapes).
+    pub fn published(&self, key: &str) -> Option<TrafficMetrics> {
+        self.state.lock().ok()?.get(key)?.published.clone()
+    }
+
+    /// Windows measured for `key` since `since`, oldest first.
+    pub fn windows_since(&self, key: &str, since: Instant) -> Vec<(Instant, Window)> {
+        self.state
+            .lock()
+            .ok()
+            .and_then(|s| {
+                s.get(key)
+                    .map(|e| e.history.iter().filter(|(t, _)| *t >= since).cloned().collect())
+            })
+            .unwrap_or_default()
+    }
+
+    async fn fetch(&self, ip: &str) -> Result<Sample, ScrapeError> {
+        let uri = metrics_uri(ip).ok_or(ScrapeError::Connect)?;
+        let text = tokio::time::timeout(self.timeout, async {
+            let resp = self.client.get(uri).await.map_err(|_| ScrapeError::Connect)?;
+            if resp.status() != http::StatusCode::OK {
+                return Err(ScrapeError::Status);
+            }
+            let body = Limited::new(resp.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|_| ScrapeError::Parse)?
+                .to_bytes();
+            String::from_utf8(body.to_vec()).map_err(|_| ScrapeError::Parse)
+        })
+        .await
+        .map_err(|_| ScrapeError::Timeout)??;
+        parse(&text)
+    }
+
+    /// One round: scrapes every ready pod of every ModelDeployment and returns those whose
+    /// published metrics changed.
+    pub async fn round(
+        &self,
+        mds: &Store<ModelDeployment>,
+        pods: &Store<Pod>,
+        metrics: &Metrics,
+    ) -> Vec<ObjectRef<ModelDeployment>> {
+        // Pods by ModelDeployment key.
+        let mut members: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        for p in pods.state() {
+            let (Some(ns), Some(md)) = (p.namespace(), p.labels().get(labels::MODEL_DEPLOYMENT)) else {
+                continue;
+            };
+            if let Some(ip) = ready_ip(&p) {
+                members
+                    .entry(key(&ns, md))
+                    .or_default()
+                    .push((p.uid().unwrap_or_default(), ip));
+            }
+        }
+        let wanted: Vec<(String, ObjectRef<ModelDeployment>)> = mds
+            .state()
+            .iter()
+            .filter_map(|m| {
+                let ns = m.namespace()?;
+                Some((key(&ns, &m.name_any()), ObjectRef::from_obj(m.as_ref())))
+            })
+            .collect();
+        let targets: Vec<(String, String, String)> = wanted
+            .iter()
+            .flat_map(|(k, _)| {
+                members
+                    .get(k)
+                    .into_iter()
+                    .flatten()
+                    .map(move |(uid, ip)| (k.clone(), uid.clone(), ip.clone()))
+            })
+            .collect();
+        let results: Vec<(String, String, Result<Sample, ScrapeError>, Instant)> =
+            futures::stream::iter(targets)
+                .map(|(k, uid, ip)| async move {
+                    let r = self.fetch(&ip).await;
+                    (k, uid, r, Instant::now())
+                })
+                .buffer_unordered(PARALLEL)
+                .collect()
+                .await;
+        let mut fresh: HashMap<String, Vec<(String, Instant, Sample)>> = HashMap::new();
+        for (k, uid, r, at) in results {
+            metrics.scraped(r.as_ref().err().copied());
+            if let Ok(s) = r {
+                fresh.entry(k).or_default().push((uid, at, s));
+            }
+        }
+        let now = Instant::now();
+        let stamp = super::reconcile::now();
+        let Ok(mut state) = self.state.lock() else {
+            return Vec::new();
+        };
+        let live: HashSet<&String> = wanted.iter().map(|(k, _)| k).collect();
+        state.retain(|k, _| live.contains(k));
+        let mut changed = Vec::new();
+        for (k, md) in &wanted {
+            let entry = state.entry(k.clone()).or_default();
+            let samples = fresh.remove(k).unwrap_or_default();
+            let pairs: Vec<(&Sample, &Sample, f64)> = samples
+                .iter()
+                .filter_map(|(uid, at, s)| {
+                    let (then, before) = entry.pods.get(uid)?;
+                    Some((before, s, at.duration_since(*then).as_secs_f64()))
+                })
+                .collect();
+            // Until a pod has two samples there is no rate; with no ready pod at all, zero is
+            // the truth.
+            let window = (!pairs.is_empty() || samples.is_empty()).then(|| combine(&pairs));
+            entry.pods = samples.into_iter().map(|(uid, at, s)| (uid, (at, s))).collect();
+            let Some(w) = window else { continue };
+            if samples_unseen_before(&entry.published, &w) {
+                continue;
+            }
+            entry.history.push_back((now, w.clone()));
+            while entry
+                .history
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > HISTORY)
+            {
+                entry.history.pop_front();
+            }
+            let status = to_status(&w, stamp.clone());
+            if meaningful(entry.published.as_ref(), &status) {
+                entry.published = Some(status);
+                changed.push(md.clone());
+            }
+        }
+        changed
+    }
+}
+
+/// A ModelDeployment that never had a ready pod has no metrics to publish yet.
+fn samples_unseen_before(published: &Option<TrafficMetrics>, w: &Window) -> bool {
+    published.is_none() && w.pods == 0
+}
+
+/// Runs scrape rounds every `scraper.interval` until dropped; each ModelDeployment whose metrics
+/// changed is sent to `changed` (to be reconciled, which writes them).
+pub async fn run(
+    scraper: Arc<Scraper>,
+    mds: Store<ModelDeployment>,
+    pods: Store<Pod>,
+    metrics: Arc<Metrics>,
+    changed: futures::channel::mpsc::Sender<ObjectRef<ModelDeployment>>,
+) {
+    let mut tick = tokio::time::interval(scraper.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for md in scraper.round(&mds, &pods, &metrics).await {
+            let mut tx = changed.clone();
+            if tx.try_send(md).is_err() {
+                // The controller is gone or busy; the next round or resync writes it.
+                tracing::debug!("scrape trigger dropped");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "# HELP nv_inference_request_success x\n# TYPE nv_inference_request_success counter\n\
+nv_inference_request_success{model=\"m\",version=\"1\"} 100\n\
+nv_inference_request_failure{model=\"m\",version=\"1\",reason=\"REJECTED\"} 3\n\
+nv_inference_request_failure{model=\"m\",version=\"1\",reason=\"BACKEND\"} 1\n\
+nv_inference_request_duration_us{model=\"m\",version=\"1\"} 2000000\n\
+nv_inference_count{model=\"m\",version=\"1\"} 400\n\
+nv_inference_exec_count{model=\"m\",version=\"1\"} 100\n\
+nv_inference_pending_request_count{model=\"m\",version=\"1\"} 5\n\
+kubemaas_inference_queue_depth{model=\"m\",version=\"1\"} 2\n\
+kubemaas_request_duration_seconds_bucket{model=\"m\",version=\"1\",execution_provider=\"CPUExecutionProvider\",le=\"0.01\"} 50\n\
+kubemaas_request_duration_seconds_bucket{model=\"m\",version=\"1\",execution_provider=\"CPUExecutionProvider\",le=\"0.1\"} 104\n\
+kubemaas_request_duration_seconds_bucket{model=\"m\",version=\"1\",execution_provider=\"CPUExecutionProvider\",le=\"+Inf\"} 104\n";
+
+    #[test]
+    fn the_server_exposition_parses_and_sums_over_labels() {
+        let s = parse(TEXT).unwrap();
+        assert_eq!(
+            (s.success, s.failure, s.inflight, s.queue),
+            (100.0, 4.0, 5.0, 2.0)
+        );
+        assert_eq!(
+            s.buckets,
+            vec![(0.01, 50.0), (0.1, 104.0), (f64::INFINITY, 104.0)]
+        );
+        assert!(s.gpu_utilization.is_empty(), "no NVML, no GPU numbers");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_zeros() {
+        assert_eq!(parse("<html>hello</html>"), Err(ScrapeError::Parse));
+        assert_eq!(parse("process_cpu_seconds_total 3\n"), Err(ScrapeError::Parse));
+        assert_eq!(
+            parse("nv_inference_request_success{model=\"m\"} banana\n"),
+            Err(ScrapeError::Parse)
+        );
+    }
+
+    #[test]
+    fn quantiles_interpolate_within_buckets_like_prometheus() {
+        let b = [(0.01, 50.0), (0.1, 100.0), (f64::INFINITY, 100.0)];
+        assert!((quantile(0.5, &b).unwrap() - 0.01).abs() < 1e-12);
+        assert!((quantile(0.75, &b).unwrap() - 0.055).abs() < 1e-12);
+        assert_eq!(quantile(0.5, &[(0.1, 0.0), (f64::INFINITY, 0.0)]), None);
+        // Everything beyond the last finite bucket: its bound is all that is known.
+        assert_eq!(quantile(0.99, &[(0.1, 0.0), (f64::INFINITY, 4.0)]), Some(0.1));
+    }
+
+    #[test]
+    fn a_window_is_the_deltas_over_each_pods_own_time() {
+        let before = parse(TEXT).unwrap();
+        let mut now = before.clone();
+        now.success += 200.0;
+        now.failure += 20.0;
+        now.duration_us += 4_000_000.0; // 4 request-seconds in 2 s: concurrency 2
+        now.inferences += 800.0;
+        now.executions += 200.0;
+        now.buckets = vec![(0.01, 160.0), (0.1, 324.0), (f64::INFINITY, 324.0)];
+        let w = combine(&[(&before, &now, 2.0)]);
+        assert!((w.rps - 110.0).abs() < 1e-9, "{w:?}");
+        assert!((w.eps - 10.0).abs() < 1e-9);
+        assert!((w.concurrency - 2.0).abs() < 1e-9);
+        assert_eq!(w.batch_avg, Some(4.0));
+        assert!(w.p50.unwrap() <= 0.01 + 1e-12);
+        // A restarted server's counters start again from zero: its whole value is new.
+        let restarted = Sample {
+            success: 10.0,
+            buckets: vec![(0.01, 10.0), (f64::INFINITY, 10.0)],
+            ..Sample::default()
+        };
+        let w = combine(&[(&before, &restarted, 1.0)]);
+        assert!((w.rps - 10.0).abs() < 1e-9, "{w:?}");
+    }
+
+    fn status(rps: f64, inflight: i64) -> TrafficMetrics {
+        to_status(
+            &Window {
+                rps,
+                inflight: inflight as f64,
+                pods: 1,
+                seconds: 15.0,
+                ..Window::default()
+            },
+            super::super::reconcile::now(),
+        )
+    }
+
+    #[test]
+    fn only_meaningful_changes_are_published() {
+        let a = status(100.0, 4);
+        assert!(meaningful(None, &a));
+        assert!(
+            !meaningful(Some(&a), &status(105.0, 5)),
+            "5 % and one request is noise"
+        );
+        assert!(meaningful(Some(&a), &status(120.0, 4)));
+        assert!(meaningful(Some(&a), &status(100.0, 9)));
+        assert!(
+            meaningful(Some(&status(3.0, 0)), &status(0.0, 0)),
+            "traffic stopping shows"
+        );
+        assert!(
+            !meaningful(Some(&status(0.0, 0)), &status(0.0, 0)),
+            "idle writes nothing"
+        );
+        assert_eq!(round3(1234.5), 1230.0);
+        assert_eq!(round3(0.012345), 0.0123);
+    }
+}
