@@ -125,12 +125,21 @@ pub fn install_crd() {
         "CRD apply failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/modeldeployments.kubemaas.io",
-        "--timeout=60s",
-    ]);
+    // Right after a changed CRD is applied its status may have no conditions yet, which
+    // `kubectl wait` reports as an error rather than waiting: ask again.
+    let mut out = kubectl(&["version", "--client"]);
+    for _ in 0..10 {
+        out = kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/modeldeployments.kubemaas.io",
+            "--timeout=60s",
+        ]);
+        if out.status.success() || !String::from_utf8_lossy(&out.stderr).contains("accessor error") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     assert!(
         out.status.success(),
         "CRD not established: {}",

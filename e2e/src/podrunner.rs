@@ -301,6 +301,8 @@ pub fn file_store(root: PathBuf) -> String {
 /// What a load run measured on the client side.
 #[derive(Debug, Clone)]
 pub struct LoadReport {
+    /// When each answer came, in order.
+    pub completions: Vec<std::time::Instant>,
     /// Requests answered 200.
     pub ok: usize,
     /// Requests answered otherwise, or failed.
@@ -313,6 +315,18 @@ pub struct LoadReport {
     pub p99_ms: f64,
 }
 
+impl LoadReport {
+    /// Answers per second between two instants.
+    pub fn rate_between(&self, from: std::time::Instant, to: std::time::Instant) -> f64 {
+        let n = self
+            .completions
+            .iter()
+            .filter(|t| **t > from && **t <= to)
+            .count();
+        n as f64 / to.duration_since(from).as_secs_f64().max(1e-3)
+    }
+}
+
 /// Sends `body` as `POST path` to `addr` (host:port) from `clients` threads, each on one kept-alive
 /// connection sending its next request when the last is answered, for `duration`.
 pub fn load(addr: &str, path: &str, body: &[u8], clients: usize, duration: Duration) -> LoadReport {
@@ -322,21 +336,25 @@ pub fn load(addr: &str, path: &str, body: &[u8], clients: usize, duration: Durat
         .map(|_| {
             let (addr, path, body) = (addr.to_string(), path.to_string(), body.to_vec());
             std::thread::spawn(move || {
-                let (mut lat, mut errors) = (Vec::new(), 0usize);
+                let (mut lat, mut errors, mut done) = (Vec::new(), 0usize, Vec::new());
                 let mut conn: Option<BufReader<std::net::TcpStream>> = None;
                 while start.elapsed() < duration {
                     let t = std::time::Instant::now();
                     let one = (|| -> std::io::Result<bool> {
                         if conn.is_none() {
-                            conn = Some(BufReader::new(std::net::TcpStream::connect(&addr)?));
+                            let s = std::net::TcpStream::connect(&addr)?;
+                            // Without it Nagle and delayed ACKs add 40 ms to every request.
+                            s.set_nodelay(true)?;
+                            conn = Some(BufReader::new(s));
                         }
                         let r = conn.as_mut().expect("connected above");
-                        write!(
-                            r.get_mut(),
+                        let mut request = format!(
                             "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
                             body.len()
-                        )?;
-                        r.get_mut().write_all(&body)?;
+                        )
+                        .into_bytes();
+                        request.extend_from_slice(&body);
+                        r.get_mut().write_all(&request)?;
                         let mut status = String::new();
                         r.read_line(&mut status)?;
                         let mut length = 0usize;
@@ -355,6 +373,7 @@ pub fn load(addr: &str, path: &str, body: &[u8], clients: usize, duration: Durat
                         r.read_exact(&mut payload)?;
                         Ok(status.split_whitespace().nth(1) == Some("200"))
                     })();
+                    done.push(std::time::Instant::now());
                     match one {
                         Ok(true) => lat.push(t.elapsed().as_secs_f64() * 1e3),
                         Ok(false) => errors += 1,
@@ -364,16 +383,18 @@ pub fn load(addr: &str, path: &str, body: &[u8], clients: usize, duration: Durat
                         }
                     }
                 }
-                (lat, errors)
+                (lat, errors, done)
             })
         })
         .collect();
-    let (mut lat, mut errors) = (Vec::new(), 0);
+    let (mut lat, mut errors, mut completions) = (Vec::new(), 0, Vec::new());
     for t in threads {
-        let (l, e) = t.join().expect("load thread");
+        let (l, e, d) = t.join().expect("load thread");
         lat.extend(l);
         errors += e;
+        completions.extend(d);
     }
+    completions.sort();
     let secs = start.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
     let pick = |q: f64| {
@@ -382,6 +403,7 @@ pub fn load(addr: &str, path: &str, body: &[u8], clients: usize, duration: Durat
             .unwrap_or(0.0)
     };
     LoadReport {
+        completions,
         ok: lat.len(),
         errors,
         rps: (lat.len() + errors) as f64 / secs,

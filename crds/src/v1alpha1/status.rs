@@ -65,7 +65,8 @@ pub struct TrafficMetrics {
     /// Average concurrency over the window: the time requests spent in the servers per second
     /// of wall time (what `autoscaling.metric: concurrency` scales on).
     pub concurrency: f64,
-    /// Average rows per model execution (absent unless batching ran in the window).
+    /// Average rows per model execution, whether the clients sent batches or the server's dynamic
+    /// batcher formed them (absent when every execution ran one row).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_size_avg: Option<f64>,
     /// Mean GPU utilisation (0–1) of the pods' GPUs, when the servers report it (NVML).
