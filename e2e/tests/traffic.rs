@@ -324,3 +324,144 @@ async fn a_hanging_or_garbage_metrics_endpoint_does_not_stall_other_model_deploy
     }
     op.assert_running();
 }
+
+/// The Deployment's `spec.replicas`.
+async fn replicas(client: &kube::Client, ns: &str, name: &str) -> Option<i32> {
+    let api: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), ns);
+    api.get_opt(name).await.ok().flatten()?.spec.replicas
+}
+
+#[tokio::test]
+async fn concurrency_eight_against_target_two_scales_to_four_and_back_to_min_replicas() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "kpa").await;
+    let op = Operator::start(&ns.name, "op-kpa", &["--metrics-interval", "1"]);
+    let runner = PodRunner::start(client.clone(), &ns.name, RunnerConfig::for_tests(&ns.name));
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    // A model that keeps the server busy (ocr-cls, ~60 KB of JSON per request), so the 8 clients'
+    // requests spend their time in the server, where concurrency is measured.
+    let models = std::env::var("KUBEMAAS_MODELS").expect("KUBEMAAS_MODELS from scripts/setup.sh");
+    let uri = format!("{}/ocr-cls/1/model.onnx", file_store(models.into()));
+    create_md(
+        &api,
+        md_json(
+            "kpa",
+            json!({"model": {"uri": uri, "allowPrivateAddresses": true},
+                "autoscaling": {"minReplicas": 1, "maxReplicas": 6, "metric": "concurrency", "target": 2,
+                    "stableWindowSeconds": 6, "scaleDownStabilizationSeconds": 6}}),
+        ),
+    )
+    .await;
+    wait_md(&api, "kpa", "Ready", LONG, Some(&op), is_ready).await;
+    assert_eq!(
+        replicas(&client, &ns.name, "kpa").await,
+        Some(1),
+        "starts at minReplicas"
+    );
+    let ip = serving(&runner, 1).await.remove(0);
+    // The load goes to this pod alone (there is no kube-proxy): scale-downs remove the others.
+    let pod = pods_of(&client, &ns.name, "kpa").await.pop().unwrap();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns.name);
+    pods.patch(
+        &pod.metadata.name.clone().unwrap(),
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(
+            json!({"metadata": {"annotations": {"controller.kubernetes.io/pod-deletion-cost": "1000"}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let zeros = vec!["0"; 3 * 48 * 192].join(",");
+    let body =
+        format!(r#"{{"inputs":[{{"name":"x","shape":[1,3,48,192],"datatype":"FP32","data":[{zeros}]}}]}}"#);
+    let (addr, path) = (format!("{ip}:8080"), "/v2/models/kpa/infer".to_string());
+    let (a, p, b) = (addr.clone(), path.clone(), body.clone());
+    wait_for("the pod's server answers", LONG, String::new, || {
+        let (a, p, b) = (a.clone(), p.clone(), b.clone());
+        async move {
+            let r =
+                tokio::task::spawn_blocking(move || load(&a, &p, b.as_bytes(), 1, Duration::from_millis(50)))
+                    .await
+                    .unwrap();
+            (r.ok > 0).then_some(())
+        }
+    })
+    .await;
+
+    // Steady concurrency 8 for 30 s; target 2 per pod: 4 pods, within two stable windows (12 s).
+    let began = std::time::Instant::now();
+    let loader =
+        tokio::task::spawn_blocking(move || load(&addr, &path, body.as_bytes(), 8, Duration::from_secs(30)));
+    let mut highest = 1;
+    let reached = wait_for(
+        "4 replicas under concurrency 8",
+        Duration::from_secs(60),
+        String::new,
+        || async {
+            let r = replicas(&client, &ns.name, "kpa").await?;
+            (r == 4).then(|| began.elapsed())
+        },
+    )
+    .await;
+    println!("4 replicas after {reached:?}");
+    while began.elapsed() < Duration::from_secs(29) {
+        highest = highest.max(replicas(&client, &ns.name, "kpa").await.unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let report = loader.await.unwrap();
+    println!("client: {:?}", LoadSummary(&report));
+    let md = api.get("kpa").await.unwrap();
+    let st = md.status.unwrap();
+    println!(
+        "status.metrics {:?}\nstatus.autoscaling {:?}",
+        st.metrics, st.autoscaling
+    );
+    assert!(
+        reached <= Duration::from_secs(12 + 3),
+        "took {reached:?} (two stable windows are 12 s)"
+    );
+    assert_eq!(highest, 4, "no overshoot under a steady load");
+    let a = st.autoscaling.expect("status.autoscaling");
+    assert_eq!(a.desired_replicas, 4);
+    assert!(
+        a.reason.contains("average concurrency") && a.reason.contains("target 2 per pod"),
+        "{}",
+        a.reason
+    );
+    assert!(a.last_scale_time.is_some());
+
+    // Load stops: after the stable window drains and 6 s of stabilization, back to 1.
+    let stopped = std::time::Instant::now();
+    let down = wait_for(
+        "back to minReplicas",
+        Duration::from_secs(60),
+        String::new,
+        || async {
+            let r = replicas(&client, &ns.name, "kpa").await?;
+            (r == 1).then(|| stopped.elapsed())
+        },
+    )
+    .await;
+    println!("back to 1 replica {down:?} after the load stopped");
+    assert!(
+        down >= Duration::from_secs(6),
+        "scale-down waited for stabilization: {down:?}"
+    );
+    // Every decision is an Event with its numbers.
+    let out = kubectl(&[
+        "get",
+        "events",
+        "-n",
+        &ns.name,
+        "--field-selector",
+        "reason=Scaled",
+        "-o",
+        "jsonpath={range .items[*]}{.note}{.message}{\"\\n\"}{end}",
+    ]);
+    let events = String::from_utf8_lossy(&out.stdout);
+    println!("{events}");
+    assert!(events.contains("to 4 replicas: average concurrency"), "{events}");
+    assert!(events.contains("to 1 replicas"), "{events}");
+    drop(runner);
+}

@@ -3,7 +3,6 @@
 //! protocol goes through here.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use crate::backend::{Signature, TensorSpec};
@@ -107,7 +106,7 @@ struct Pending<'a>(&'a ModelStats);
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        self.0.pending.fetch_sub(1, Relaxed);
+        self.0.inflight(-1);
     }
 }
 
@@ -146,7 +145,7 @@ async fn execute_inner(
         }
         _ => 1,
     };
-    stats.pending.fetch_add(1, Relaxed);
+    stats.inflight(1);
     let _pending = Pending(stats);
     // Rows are what requests are joined by: a request whose inputs disagree on the first
     // dimension cannot be split back by rows, so it runs alone.

@@ -33,6 +33,9 @@ pub const COMPUTE_OUTPUT_US: &str = "nv_inference_compute_output_duration_us";
 pub const PENDING: &str = "nv_inference_pending_request_count";
 /// Requests waiting for an instance or for their batch to form (not yet executing).
 pub const QUEUE_DEPTH: &str = "kubemaas_inference_queue_depth";
+/// Time-weighted in-flight requests: the integral of the in-flight count over time, in seconds.
+/// Its rate is the average concurrency, exactly, which the operator's autoscaler scales on.
+pub const INFLIGHT_SECONDS: &str = "kubemaas_inflight_request_seconds_total";
 /// End-to-end request latency histogram.
 pub const REQUEST_DURATION_SECONDS: &str = "kubemaas_request_duration_seconds";
 /// Model load time.
@@ -89,6 +92,35 @@ impl Duration2 {
     }
 }
 
+/// A count integrated over time.
+#[derive(Debug)]
+struct Integral {
+    since: std::time::Instant,
+    level: i64,
+    seconds: f64,
+}
+
+impl Default for Integral {
+    fn default() -> Self {
+        Integral {
+            since: std::time::Instant::now(),
+            level: 0,
+            seconds: 0.0,
+        }
+    }
+}
+
+impl Integral {
+    /// The integral up to now, after which the level changes by `delta`.
+    fn step(&mut self, delta: i64) -> f64 {
+        let now = std::time::Instant::now();
+        self.seconds += self.level.max(0) as f64 * now.duration_since(self.since).as_secs_f64();
+        self.since = now;
+        self.level += delta;
+        self.seconds
+    }
+}
+
 /// Counts one request in a gauge until dropped (on every exit path, including a cancelled
 /// future or a batch job that is answered without running).
 #[derive(Debug)]
@@ -129,6 +161,8 @@ pub struct ModelStats {
     pub execution_count: AtomicU64,
     /// Accepted, unanswered requests.
     pub pending: AtomicI64,
+    /// The integral of `pending` over time (see [`INFLIGHT_SECONDS`]).
+    inflight: Mutex<Integral>,
     /// Requests waiting for an instance or a batch (shared with the batcher's queue).
     pub queued: Arc<AtomicI64>,
     /// Unix time in ms of the last inference.
@@ -143,6 +177,19 @@ pub struct ModelStats {
 }
 
 impl ModelStats {
+    /// A request was accepted (`+1`) or answered (`-1`): the in-flight gauge and its integral.
+    pub fn inflight(&self, delta: i64) {
+        self.pending.fetch_add(delta, Relaxed);
+        if let Ok(mut i) = self.inflight.lock() {
+            i.step(delta);
+        }
+    }
+
+    /// Seconds of in-flight requests so far (see [`INFLIGHT_SECONDS`]).
+    pub fn inflight_seconds(&self) -> f64 {
+        self.inflight.lock().map(|mut i| i.step(0)).unwrap_or(0.0)
+    }
+
     /// Records a successful request with its phases. `executions` is 1 for a request that ran
     /// alone and, for a batch, 1 for one of its requests and 0 for the others.
     pub fn record_success(
@@ -353,6 +400,20 @@ pub fn render(models: &[ModelMetricsView<'_>]) -> String {
     }
     family(
         &mut out,
+        INFLIGHT_SECONDS,
+        "counter",
+        "Integral of in-flight requests over time in seconds; its rate is the average concurrency",
+    );
+    for m in models {
+        let _ = writeln!(
+            out,
+            "{INFLIGHT_SECONDS}{{{}}} {}",
+            labels(m),
+            m.stats.inflight_seconds()
+        );
+    }
+    family(
+        &mut out,
         QUEUE_DEPTH,
         "gauge",
         "Requests waiting for an instance or for their batch to form",
@@ -494,6 +555,30 @@ mod tests {
             text.contains("nv_inference_request_failure{model=\"m\",version=\"1\",reason=\"REJECTED\"} 1\n")
         );
         assert!(text.contains("le=\"0.005\"} 2\n"));
-        assert!(!text.contains("_total"));
+        assert!(
+            !text.lines().any(|l| l.starts_with("nv_") && l.contains("_total")),
+            "Triton's names have no _total suffix"
+        );
+        assert!(text.contains("kubemaas_inference_queue_depth{model=\"m\",version=\"1\"} 0\n"));
+    }
+
+    #[test]
+    fn in_flight_seconds_integrate_the_in_flight_count_over_time() {
+        let stats = ModelStats::default();
+        stats.inflight(1);
+        stats.inflight(1);
+        std::thread::sleep(Duration::from_millis(100));
+        stats.inflight(-1);
+        std::thread::sleep(Duration::from_millis(100));
+        stats.inflight(-1);
+        let s = stats.inflight_seconds();
+        // 2 in flight for 0.1 s, then 1 for 0.1 s: 0.3 request-seconds (sleeps only overshoot).
+        assert!((0.3..0.4).contains(&s), "{s}");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(stats.inflight_seconds(), s, "nothing in flight adds nothing");
+        let queued = GaugeToken::new(&stats.queued);
+        assert_eq!(stats.queued.load(Relaxed), 1);
+        drop(queued);
+        assert_eq!(stats.queued.load(Relaxed), 0);
     }
 }

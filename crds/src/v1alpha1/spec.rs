@@ -396,6 +396,9 @@ fn default_queue_size() -> i32 {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
     .message("autoscaling.minReplicas must not be greater than maxReplicas"))]
+#[x_kube(validation = Rule::new("!(self.metric in ['cpu', 'memory']) || self.target <= 1000")
+    .message("autoscaling.target is a utilisation percentage for cpu and memory: at most 1000")
+    .field_path(".target"))]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
     /// Fewest pods.
@@ -406,29 +409,67 @@ pub struct AutoscalingSpec {
     /// Most pods.
     pub max_replicas: i32,
 
-    /// What to scale on: `cpu` or `memory` utilisation of the server container.
+    /// What to scale on. `cpu` or `memory`: utilisation of the server container, through a
+    /// HorizontalPodAutoscaler. `concurrency` (requests in flight per pod) or `rps` (requests
+    /// per second per pod): measured from the pods' own counters by the operator, which sets the
+    /// replicas itself (no HPA, no metrics adapter), with a stable and a panic window like
+    /// Knative's autoscaler.
     #[serde(default)]
     pub metric: AutoscalingMetric,
 
-    /// Target average utilisation in percent of the container's request.
+    /// Target per pod: utilisation in percent of the container's request for `cpu`/`memory`
+    /// (1–1000), in-flight requests for `concurrency`, requests per second for `rps`.
     #[serde(default = "default_target")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000").message("autoscaling.target must be between 1 and 1000 (percent)"))]
+    #[x_kube(validation = Rule::new("self >= 1").message("autoscaling.target must be at least 1"))]
     pub target: i32,
+
+    /// `concurrency`/`rps` only: seconds of traffic averaged for a decision (the stable window).
+    /// A tenth of it is the panic window: when that short average asks for twice the ready pods
+    /// or more, the autoscaler scales up at once and does not scale down until a stable window
+    /// has passed without panic.
+    #[serde(default = "default_stable_window")]
+    #[x_kube(validation = Rule::new("self >= 6 && self <= 3600").message("autoscaling.stableWindowSeconds must be between 6 and 3600"))]
+    pub stable_window_seconds: i32,
+
+    /// Seconds a scale-down waits: the replicas never drop below the highest count recommended
+    /// within this period (for `cpu`/`memory` the HPA's `behavior.scaleDown` stabilization).
+    #[serde(default = "default_scale_down_stabilization")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 3600").message("autoscaling.scaleDownStabilizationSeconds must be between 0 and 3600"))]
+    pub scale_down_stabilization_seconds: i32,
 }
 
 fn default_target() -> i32 {
     70
 }
 
+fn default_stable_window() -> i32 {
+    60
+}
+
+fn default_scale_down_stabilization() -> i32 {
+    300
+}
+
 /// Autoscaling metric.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum AutoscalingMetric {
-    /// CPU utilisation.
+    /// CPU utilisation (HPA).
     #[default]
     Cpu,
-    /// Memory utilisation.
+    /// Memory utilisation (HPA).
     Memory,
+    /// Requests in flight per pod (the operator's own autoscaler).
+    Concurrency,
+    /// Requests per second per pod (the operator's own autoscaler).
+    Rps,
+}
+
+impl AutoscalingMetric {
+    /// Whether the operator scales on this metric itself (rather than through an HPA).
+    pub fn is_request_driven(self) -> bool {
+        matches!(self, AutoscalingMetric::Concurrency | AutoscalingMetric::Rps)
+    }
 }
 
 /// Pod settings merged on top of the generated pod.

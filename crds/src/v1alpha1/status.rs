@@ -41,6 +41,25 @@ pub struct ModelDeploymentStatus {
     /// changed meaningfully, so an idle ModelDeployment costs no writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<TrafficMetrics>,
+    /// The built-in autoscaler's last decision (`autoscaling.metric` `concurrency` or `rps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// What the built-in autoscaler decided, and why.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// Replicas the autoscaler wants.
+    pub desired_replicas: i32,
+    /// When it last changed the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// The numbers behind the decision, e.g. `average concurrency 7.9 over 6 s, target 2 per
+    /// pod: 4 pods`.
+    pub reason: String,
+    /// Whether the panic window drives decisions now (a burst).
+    pub panic: bool,
 }
 
 /// Traffic of all ready serving pods together, over one scrape window.
@@ -62,8 +81,8 @@ pub struct TrafficMetrics {
     pub inflight_requests: i64,
     /// Requests waiting for an instance or for their batch, at the scrape.
     pub queue_depth: i64,
-    /// Average concurrency over the window: the time requests spent in the servers per second
-    /// of wall time (what `autoscaling.metric: concurrency` scales on).
+    /// Average concurrency over the window: requests in flight, weighted by time (what
+    /// `autoscaling.metric: concurrency` scales on).
     pub concurrency: f64,
     /// Average rows per model execution, whether the clients sent batches or the server's dynamic
     /// batcher formed them (absent when every execution ran one row).

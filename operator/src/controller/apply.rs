@@ -122,8 +122,9 @@ where
 /// autoscaling the operator stops sending `spec.replicas`; if it was the only owner, a running
 /// Deployment of 10 would drop to 1 before the HPA acts. Applying the value under another manager
 /// first (the ownership transfer the Kubernetes server-side apply docs describe) keeps it until
-/// the HPA writes its own.
-async fn hand_over_replicas(client: &Client, ns: &str, name: &str, replicas: i32) -> Result<(), Error> {
+/// the HPA writes its own. The built-in autoscaler sets the replicas the same way, so one manager
+/// owns the field whichever autoscaler is in charge.
+pub async fn hand_over_replicas(client: &Client, ns: &str, name: &str, replicas: i32) -> Result<(), Error> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let body = serde_json::json!({
         "apiVersion": "apps/v1",

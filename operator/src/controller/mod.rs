@@ -2,6 +2,7 @@
 //! validate → build → apply → status.
 
 pub mod apply;
+pub mod autoscale;
 pub mod build;
 pub mod drift;
 pub mod probe;
@@ -351,7 +352,7 @@ pub async fn run(
     let scraping = scrape::run(
         ctx.scraper.clone(),
         md_store.clone(),
-        ctx.stores.pods.clone(),
+        ctx.stores.clone(),
         ctx.metrics.clone(),
         scraped_tx,
     );

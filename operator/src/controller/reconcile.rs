@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use kubemaas_crds::conditions::{self, reason};
@@ -98,6 +98,46 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         probed,
     };
     let mut new = status::compute(&md, &observed, &now());
+    if super::autoscale::Params::of(&md).is_some()
+        && let Some(d) = ctx.scraper.decision(&super::scrape::key(&ns, &md.name_any()))
+    {
+        let running = deployment.as_deref().and_then(|live| live.spec.replicas);
+        let mut last_scale_time = new.autoscaling.as_ref().and_then(|a| a.last_scale_time.clone());
+        if let Some(from) = running.filter(|r| *r != d.desired) {
+            apply::hand_over_replicas(&ctx.client, &ns, &md.name_any(), d.desired).await?;
+            ctx.metrics.child_writes(1);
+            last_scale_time = Some(now());
+            let event = Event {
+                type_: EventType::Normal,
+                reason: "Scaled".into(),
+                note: Some(format!(
+                    "scaled from {from} to {} replicas: {}",
+                    d.desired, d.reason
+                )),
+                action: "Scale".into(),
+                secondary: None,
+            };
+            // The shared recorder folds events of the same reason and action into one series
+            // that keeps the first note; every decision has its own numbers, so each gets its
+            // own Event from a recorder without history.
+            let recorder = Recorder::new(
+                ctx.client.clone(),
+                Reporter {
+                    controller: "kubemaas-operator".into(),
+                    instance: std::env::var("POD_NAME").ok(),
+                },
+            );
+            if let Err(e) = recorder.publish(&event, &md.object_ref(&())).await {
+                tracing::debug!(error = %e, "failed to publish event");
+            }
+        }
+        new.autoscaling = Some(kubemaas_crds::v1alpha1::AutoscalingStatus {
+            desired_replicas: d.desired,
+            last_scale_time,
+            reason: d.reason,
+            panic: d.panic,
+        });
+    }
     // Traffic as last scraped; after an operator restart, what status showed until a new window.
     new.metrics = ctx
         .scraper

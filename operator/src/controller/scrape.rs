@@ -52,6 +52,8 @@ pub struct Sample {
     pub failure: f64,
     /// Cumulative request time in microseconds.
     pub duration_us: f64,
+    /// Time-weighted in-flight requests in seconds (its rate is the average concurrency).
+    pub inflight_seconds: Option<f64>,
     /// Rows inferred.
     pub inferences: f64,
     /// Model executions.
@@ -112,6 +114,9 @@ pub fn parse(text: &str) -> Result<Sample, ScrapeError> {
             }
             "nv_inference_request_failure" => s.failure += value,
             "nv_inference_request_duration_us" => s.duration_us += value,
+            "kubemaas_inflight_request_seconds_total" => {
+                *s.inflight_seconds.get_or_insert(0.0) += value;
+            }
             "nv_inference_count" => s.inferences += value,
             "nv_inference_exec_count" => s.executions += value,
             "nv_inference_pending_request_count" => s.inflight += value,
@@ -231,7 +236,12 @@ pub fn combine(pairs: &[(&Sample, &Sample, f64)]) -> Window {
         let secs = secs.max(1e-3);
         w.rps += (increase(before.success, now.success) + increase(before.failure, now.failure)) / secs;
         w.eps += increase(before.failure, now.failure) / secs;
-        w.concurrency += increase(before.duration_us, now.duration_us) / 1e6 / secs;
+        // The time-weighted in-flight count is exact; request durations counted at completion
+        // (Little's law) can exceed the true concurrency within one window.
+        w.concurrency += match (before.inflight_seconds, now.inflight_seconds) {
+            (Some(b), Some(n)) => increase(b, n) / secs,
+            _ => increase(before.duration_us, now.duration_us) / 1e6 / secs,
+        };
         w.inflight += now.inflight;
         w.queue += now.queue;
         w.seconds += secs / pairs.len() as f64;
@@ -329,6 +339,8 @@ struct Entry {
     published: Option<TrafficMetrics>,
     /// Every window measured (not only published ones), newest last; for the autoscaler.
     history: std::collections::VecDeque<(Instant, Window)>,
+    /// The built-in autoscaler's memory and last decision.
+    autoscale: super::autoscale::State,
 }
 
 /// Windows kept per ModelDeployment for the autoscaler.
@@ -394,16 +406,9 @@ impl Scraper {
         self.state.lock().ok()?.get(key)?.published.clone()
     }
 
-    /// Windows measured for `key` since `since`, oldest first.
-    pub fn windows_since(&self, key: &str, since: Instant) -> Vec<(Instant, Window)> {
-        self.state
-            .lock()
-            .ok()
-            .and_then(|s| {
-                s.get(key)
-                    .map(|e| e.history.iter().filter(|(t, _)| *t >= since).cloned().collect())
-            })
-            .unwrap_or_default()
+    /// The built-in autoscaler's last decision for `key`.
+    pub fn decision(&self, key: &str) -> Option<super::autoscale::Decision> {
+        self.state.lock().ok()?.get(key)?.autoscale.decision.clone()
     }
 
     async fn fetch(&self, ip: &str) -> Result<Sample, ScrapeError> {
@@ -430,12 +435,12 @@ impl Scraper {
     pub async fn round(
         &self,
         mds: &Store<ModelDeployment>,
-        pods: &Store<Pod>,
+        stores: &super::Stores,
         metrics: &Metrics,
     ) -> Vec<ObjectRef<ModelDeployment>> {
         // Pods by ModelDeployment key.
         let mut members: HashMap<String, Vec<(String, String)>> = HashMap::new();
-        for p in pods.state() {
+        for p in stores.pods.state() {
             let (Some(ns), Some(md)) = (p.namespace(), p.labels().get(labels::MODEL_DEPLOYMENT)) else {
                 continue;
             };
@@ -446,17 +451,17 @@ impl Scraper {
                     .push((p.uid().unwrap_or_default(), ip));
             }
         }
-        let wanted: Vec<(String, ObjectRef<ModelDeployment>)> = mds
+        let wanted: Vec<(String, ObjectRef<ModelDeployment>, Arc<ModelDeployment>)> = mds
             .state()
-            .iter()
+            .into_iter()
             .filter_map(|m| {
                 let ns = m.namespace()?;
-                Some((key(&ns, &m.name_any()), ObjectRef::from_obj(m.as_ref())))
+                Some((key(&ns, &m.name_any()), ObjectRef::from_obj(m.as_ref()), m))
             })
             .collect();
         let targets: Vec<(String, String, String)> = wanted
             .iter()
-            .flat_map(|(k, _)| {
+            .flat_map(|(k, _, _)| {
                 members
                     .get(k)
                     .into_iter()
@@ -485,10 +490,10 @@ impl Scraper {
         let Ok(mut state) = self.state.lock() else {
             return Vec::new();
         };
-        let live: HashSet<&String> = wanted.iter().map(|(k, _)| k).collect();
+        let live: HashSet<&String> = wanted.iter().map(|(k, _, _)| k).collect();
         state.retain(|k, _| live.contains(k));
         let mut changed = Vec::new();
-        for (k, md) in &wanted {
+        for (k, md, obj) in &wanted {
             let entry = state.entry(k.clone()).or_default();
             let samples = fresh.remove(k).unwrap_or_default();
             let pairs: Vec<(&Sample, &Sample, f64)> = samples
@@ -515,8 +520,29 @@ impl Scraper {
                 entry.history.pop_front();
             }
             let status = to_status(&w, stamp.clone());
-            if meaningful(entry.published.as_ref(), &status) {
+            let mut publish = meaningful(entry.published.as_ref(), &status);
+            if publish {
                 entry.published = Some(status);
+            }
+            if let Some(p) = super::autoscale::Params::of(obj) {
+                let before = entry.autoscale.decision.clone();
+                let decided =
+                    super::autoscale::decide(&p, entry.history.make_contiguous(), now, &mut entry.autoscale);
+                let running = stores
+                    .deployments
+                    .get(&ObjectRef::new(&obj.name_any()).within(&obj.namespace().unwrap_or_default()))
+                    .and_then(|d| d.spec.replicas);
+                let moved = |a: &Option<super::autoscale::Decision>,
+                             b: &Option<super::autoscale::Decision>| {
+                    a.as_ref().map(|d| (d.desired, d.panic)) != b.as_ref().map(|d| (d.desired, d.panic))
+                };
+                // A reconcile applies a decision that differs from what runs, or from the last.
+                publish |= moved(&before, &decided)
+                    || decided
+                        .as_ref()
+                        .is_some_and(|d| running.is_some_and(|r| r != d.desired));
+            }
+            if publish {
                 changed.push(md.clone());
             }
         }
@@ -534,7 +560,7 @@ fn samples_unseen_before(published: &Option<TrafficMetrics>, w: &Window) -> bool
 pub async fn run(
     scraper: Arc<Scraper>,
     mds: Store<ModelDeployment>,
-    pods: Store<Pod>,
+    stores: super::Stores,
     metrics: Arc<Metrics>,
     changed: futures::channel::mpsc::Sender<ObjectRef<ModelDeployment>>,
 ) {
@@ -542,7 +568,7 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        for md in scraper.round(&mds, &pods, &metrics).await {
+        for md in scraper.round(&mds, &stores, &metrics).await {
             let mut tx = changed.clone();
             if tx.try_send(md).is_err() {
                 // The controller is gone or busy; the next round or resync writes it.
@@ -618,6 +644,11 @@ kubemaas_request_duration_seconds_bucket{model=\"m\",version=\"1\",execution_pro
         assert!((w.eps - 10.0).abs() < 1e-9);
         assert!((w.concurrency - 2.0).abs() < 1e-9);
         assert_eq!(w.batch_avg, Some(4.0));
+        // The server's time-weighted in-flight count wins over completed durations.
+        let (mut b2, mut n2) = (before.clone(), now.clone());
+        b2.inflight_seconds = Some(10.0);
+        n2.inflight_seconds = Some(13.0);
+        assert!((combine(&[(&b2, &n2, 2.0)]).concurrency - 1.5).abs() < 1e-9);
         assert!(w.p50.unwrap() <= 0.01 + 1e-12);
         // A restarted server's counters start again from zero: its whole value is new.
         let restarted = Sample {

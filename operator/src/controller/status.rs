@@ -490,6 +490,12 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
         }),
         // Set by the reconcile from the scraper, which this pure function does not see.
         metrics: old.metrics,
+        autoscaling: old.autoscaling.filter(|_| {
+            md.spec
+                .autoscaling
+                .as_ref()
+                .is_some_and(|a| a.metric.is_request_driven())
+        }),
     }
 }
 

@@ -1,20 +1,22 @@
 //! The HorizontalPodAutoscaler (autoscaling/v2), only when `autoscaling` is set.
 
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
-    MetricTarget, ResourceMetricSource,
+    CrossVersionObjectReference, HPAScalingRules, HorizontalPodAutoscaler, HorizontalPodAutoscalerBehavior,
+    HorizontalPodAutoscalerSpec, MetricSpec, MetricTarget, ResourceMetricSource,
 };
 use kube::ResourceExt;
 use kubemaas_crds::v1alpha1::{AutoscalingMetric, ModelDeployment};
 
 use super::child_meta;
 
-/// The HPA scaling the Deployment on CPU or memory utilisation of the server container.
+/// The HPA scaling the Deployment on CPU or memory utilisation of the server container. None for
+/// request-driven metrics, which the operator scales on itself.
 pub fn hpa(md: &ModelDeployment) -> Option<HorizontalPodAutoscaler> {
     let a = md.spec.autoscaling.as_ref()?;
     let resource = match a.metric {
         AutoscalingMetric::Cpu => "cpu",
         AutoscalingMetric::Memory => "memory",
+        AutoscalingMetric::Concurrency | AutoscalingMetric::Rps => return None,
     };
     Some(HorizontalPodAutoscaler {
         metadata: child_meta(md),
@@ -38,7 +40,13 @@ pub fn hpa(md: &ModelDeployment) -> Option<HorizontalPodAutoscaler> {
                 }),
                 ..MetricSpec::default()
             }]),
-            behavior: None,
+            behavior: Some(HorizontalPodAutoscalerBehavior {
+                scale_down: Some(HPAScalingRules {
+                    stabilization_window_seconds: Some(a.scale_down_stabilization_seconds),
+                    ..HPAScalingRules::default()
+                }),
+                scale_up: None,
+            }),
         },
         status: None,
     })
@@ -62,5 +70,10 @@ mod tests {
             ("memory", Some(80))
         );
         assert!(hpa(&md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}))).is_none());
+        let down = spec.behavior.unwrap().scale_down.unwrap();
+        assert_eq!(down.stabilization_window_seconds, Some(300), "the default");
+        let kpa = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"},
+            "autoscaling": {"maxReplicas": 7, "metric": "concurrency", "target": 2}}));
+        assert!(hpa(&kpa).is_none(), "the operator scales on requests itself");
     }
 }

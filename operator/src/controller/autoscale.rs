@@ -1,0 +1,295 @@
+//! The built-in, request-driven autoscaler (`autoscaling.metric` `concurrency` or `rps`), with
+//! the semantics of Knative's KPA: desired pods = observed total ÷ target per pod, averaged over a
+//! stable window; a panic window (a tenth of it) scales up at once on a burst of twice the ready
+//! pods' worth or more and holds until a stable window passes calmly; a scale-down never goes
+//! below the highest recommendation of the last `scaleDownStabilizationSeconds`. Decisions are
+//! pure functions of the scraped windows, so they are unit-tested without a cluster.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use kubemaas_crds::v1alpha1::{AutoscalingMetric, ModelDeployment};
+
+use super::scrape::Window;
+
+/// The panic window is the stable window divided by this (Knative's default 10 %).
+const PANIC_DIVISOR: u32 = 10;
+/// Panic when the panic window asks for this many times the ready pods (Knative's 200 %).
+const PANIC_THRESHOLD: f64 = 2.0;
+
+/// The settings of one ModelDeployment's autoscaling, when it is request-driven.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    /// What is measured.
+    pub metric: AutoscalingMetric,
+    /// Target per pod.
+    pub target: f64,
+    /// Bounds.
+    pub min: i32,
+    /// Bounds.
+    pub max: i32,
+    /// Averaging window.
+    pub stable: Duration,
+    /// Scale-down stabilization.
+    pub scale_down: Duration,
+}
+
+impl Params {
+    /// The request-driven autoscaling of `md`, if it has one.
+    pub fn of(md: &ModelDeployment) -> Option<Params> {
+        let a = md.spec.autoscaling.as_ref()?;
+        a.metric.is_request_driven().then(|| Params {
+            metric: a.metric,
+            target: f64::from(a.target.max(1)),
+            min: a.min_replicas.max(1),
+            max: a.max_replicas.max(a.min_replicas.max(1)),
+            stable: Duration::from_secs(u64::try_from(a.stable_window_seconds.max(1)).unwrap_or(60)),
+            scale_down: Duration::from_secs(
+                u64::try_from(a.scale_down_stabilization_seconds.max(0)).unwrap_or(0),
+            ),
+        })
+    }
+
+    fn value(&self, w: &Window) -> f64 {
+        match self.metric {
+            AutoscalingMetric::Rps => w.rps,
+            _ => w.concurrency,
+        }
+    }
+
+    fn unit(&self) -> &'static str {
+        match self.metric {
+            AutoscalingMetric::Rps => "requests per second",
+            _ => "concurrency",
+        }
+    }
+}
+
+/// A decision and the numbers behind it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Replicas wanted.
+    pub desired: i32,
+    /// Whether the panic window drove it.
+    pub panic: bool,
+    /// The numbers, for the Event and status.
+    pub reason: String,
+}
+
+/// What the autoscaler remembers per ModelDeployment between rounds.
+#[derive(Debug, Default)]
+pub struct State {
+    recommendations: VecDeque<(Instant, i32)>,
+    panic_since: Option<Instant>,
+    panic_high: i32,
+    /// The last decision.
+    pub decision: Option<Decision>,
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// Decides from `history` (windows, oldest first, the newest measured at `now`). None until a
+/// window exists.
+pub fn decide(
+    p: &Params,
+    history: &[(Instant, Window)],
+    now: Instant,
+    state: &mut State,
+) -> Option<Decision> {
+    let (_, latest) = history.last()?;
+    let since = |d: Duration| now.checked_sub(d).unwrap_or(now);
+    let stable_from = since(p.stable);
+    let panic_from = since(p.stable / PANIC_DIVISOR);
+    // A window measured at t covers the interval before t: one measured at the window's start
+    // lies outside it.
+    let stable = mean(
+        history
+            .iter()
+            .filter(|(t, _)| *t > stable_from)
+            .map(|(_, w)| p.value(w)),
+    )
+    .unwrap_or_else(|| p.value(latest));
+    let burst = mean(
+        history
+            .iter()
+            .filter(|(t, _)| *t > panic_from)
+            .map(|(_, w)| p.value(w)),
+    )
+    .unwrap_or_else(|| p.value(latest));
+    let ready = latest.pods.max(1) as f64;
+    let want = |observed: f64| (observed / p.target - 1e-9).ceil().max(0.0) as i32;
+    let (want_stable, want_panic) = (want(stable), want(burst));
+    if f64::from(want_panic) / ready >= PANIC_THRESHOLD {
+        state.panic_since = Some(now);
+    }
+    let panic = state
+        .panic_since
+        .is_some_and(|t| now.duration_since(t) < p.stable);
+    let recommended = if panic {
+        // In panic the count only grows: a burst's peak holds until calm returns.
+        state.panic_high = state.panic_high.max(want_panic).max(want_stable);
+        state.panic_high
+    } else {
+        state.panic_since = None;
+        state.panic_high = 0;
+        want_stable
+    };
+    state.recommendations.push_back((now, recommended));
+    let keep_from = since(p.scale_down);
+    while state.recommendations.front().is_some_and(|(t, _)| *t < keep_from) {
+        state.recommendations.pop_front();
+    }
+    let held = state
+        .recommendations
+        .iter()
+        .map(|(_, r)| *r)
+        .max()
+        .unwrap_or(recommended);
+    let desired = held.clamp(p.min, p.max);
+    let mut reason = format!(
+        "average {} {:.3} over {} s (panic window {:.3}), target {} per pod: {} pods",
+        p.unit(),
+        stable,
+        p.stable.as_secs(),
+        burst,
+        p.target,
+        recommended
+    );
+    if held > recommended {
+        reason.push_str(&format!(
+            "; holding {held} (highest in the last {} s of scale-down stabilization)",
+            p.scale_down.as_secs()
+        ));
+    }
+    if desired != held {
+        reason.push_str(&format!("; bounded to {}..{}", p.min, p.max));
+    }
+    if panic {
+        reason.push_str("; panic mode");
+    }
+    let d = Decision {
+        desired,
+        panic,
+        reason,
+    };
+    state.decision = Some(d.clone());
+    Some(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> Params {
+        Params {
+            metric: AutoscalingMetric::Concurrency,
+            target: 2.0,
+            min: 1,
+            max: 10,
+            stable: Duration::from_secs(60),
+            scale_down: Duration::from_secs(120),
+        }
+    }
+
+    fn window(concurrency: f64, pods: usize) -> Window {
+        Window {
+            concurrency,
+            rps: concurrency * 100.0,
+            pods,
+            ..Window::default()
+        }
+    }
+
+    /// Runs rounds every `step` seconds with the given (concurrency, pods); returns each desired.
+    fn run(
+        p: &Params,
+        state: &mut State,
+        history: &mut Vec<(Instant, Window)>,
+        start: Instant,
+        from_s: u64,
+        rounds: &[(f64, usize)],
+        step: u64,
+    ) -> Vec<i32> {
+        rounds
+            .iter()
+            .enumerate()
+            .map(|(i, (c, pods))| {
+                let at = start + Duration::from_secs(from_s + i as u64 * step);
+                history.push((at, window(*c, *pods)));
+                decide(p, history, at, state).unwrap().desired
+            })
+            .collect()
+    }
+
+    #[test]
+    fn steady_concurrency_eight_with_target_two_wants_four_pods() {
+        let (p, mut s, mut h, t0) = (params(), State::default(), Vec::new(), Instant::now());
+        let d = run(&p, &mut s, &mut h, t0, 0, &[(8.0, 4); 10], 6);
+        assert!(d.iter().all(|n| *n == 4), "{d:?}");
+        assert!(
+            s.decision
+                .unwrap()
+                .reason
+                .contains("average concurrency 8.000 over 60 s")
+        );
+    }
+
+    #[test]
+    fn a_burst_scales_up_at_once_in_panic_and_holds_until_a_calm_stable_window() {
+        let (p, mut s, mut h, t0) = (params(), State::default(), Vec::new(), Instant::now());
+        // Calm at 1 pod, then a burst to concurrency 10 on that 1 pod: the panic window (6 s)
+        // asks for 5 pods at once while the stable average still says 1-2.
+        run(&p, &mut s, &mut h, t0, 0, &[(1.0, 1); 10], 6);
+        let burst = run(&p, &mut s, &mut h, t0, 60, &[(10.0, 1)], 6);
+        assert_eq!(burst, [5], "panic scales to the burst's need at once");
+        assert!(s.decision.as_ref().unwrap().panic);
+        // The burst ends: in panic nothing scales down.
+        let after = run(&p, &mut s, &mut h, t0, 66, &[(0.0, 5); 5], 6);
+        assert!(after.iter().all(|n| *n == 5), "{after:?}");
+    }
+
+    #[test]
+    fn scale_down_waits_for_the_stabilization_period_then_goes_to_min() {
+        let p = Params {
+            stable: Duration::from_secs(6),
+            scale_down: Duration::from_secs(10),
+            ..params()
+        };
+        let (mut s, mut h, t0) = (State::default(), Vec::new(), Instant::now());
+        let up = run(&p, &mut s, &mut h, t0, 0, &[(8.0, 4); 4], 2);
+        assert_eq!(up.last(), Some(&4));
+        let down = run(&p, &mut s, &mut h, t0, 8, &[(0.0, 4); 12], 2);
+        // Load stops after 6 s. The recommendations fall as the 6 s stable window drains (8 s: 3,
+        // 10 s: 2, then 0), but each scale-down waits until the higher recommendations are 10 s
+        // old: 4 (last recommended at 6 s) holds until 16 s, 3 until 18 s, 2 until 20 s.
+        assert_eq!(down, [4, 4, 4, 4, 4, 3, 2, 1, 1, 1, 1, 1]);
+        assert!(s.decision.unwrap().reason.contains("bounded to 1..10"));
+    }
+
+    #[test]
+    fn rps_targets_count_requests_per_second_and_bounds_apply() {
+        let p = Params {
+            metric: AutoscalingMetric::Rps,
+            target: 150.0,
+            max: 3,
+            ..params()
+        };
+        let (mut s, mut h, t0) = (State::default(), Vec::new(), Instant::now());
+        // concurrency 4 → 400 rps: 3 pods at 150 each (2.67 rounds up).
+        assert_eq!(run(&p, &mut s, &mut h, t0, 0, &[(4.0, 3)], 6), [3]);
+        let (mut s, mut h) = (State::default(), Vec::new());
+        assert_eq!(
+            run(&p, &mut s, &mut h, t0, 0, &[(40.0, 3)], 6),
+            [3],
+            "bounded by maxReplicas"
+        );
+        assert_eq!(
+            decide(&p, &[], t0, &mut State::default()),
+            None,
+            "no window, no decision"
+        );
+    }
+}
