@@ -117,13 +117,13 @@ async fn status_reports_the_real_model_and_traffic_within_20_percent_of_the_clie
         artifact.uri
     );
 
-    // 2. Traffic: steady load from 4 clients for 16 s. Every change of status.metrics seen during
+    // 2. Traffic: steady load from 2 clients for 16 s. Every change of status.metrics seen during
     // the steady part is compared with the rate the clients measured over that same window
     // (which ended when the scrape ran, just before the change was seen).
     let (addr, path) = (format!("{ip}:8080"), "/v2/models/stats/infer".to_string());
     let began = std::time::Instant::now();
     let loader =
-        tokio::task::spawn_blocking(move || load(&addr, &path, ROWS.as_bytes(), 4, Duration::from_secs(16)));
+        tokio::task::spawn_blocking(move || load(&addr, &path, ROWS.as_bytes(), 2, Duration::from_secs(16)));
     let mut seen: Vec<(std::time::Instant, kubemaas_crds::v1alpha1::TrafficMetrics)> = Vec::new();
     while began.elapsed() < Duration::from_secs(15) {
         if let Some(m) = api.get("stats").await.unwrap().status.and_then(|s| s.metrics)
@@ -349,7 +349,7 @@ async fn concurrency_eight_against_target_two_scales_to_four_and_back_to_min_rep
             "kpa",
             json!({"model": {"uri": uri, "allowPrivateAddresses": true},
                 "autoscaling": {"minReplicas": 1, "maxReplicas": 6, "metric": "concurrency", "target": 2,
-                    "stableWindowSeconds": 6, "scaleDownStabilizationSeconds": 6}}),
+                    "stableWindowSeconds": 10, "scaleDownStabilizationSeconds": 10}}),
         ),
     )
     .await;
@@ -431,7 +431,7 @@ async fn concurrency_eight_against_target_two_scales_to_four_and_back_to_min_rep
     );
     assert!(a.last_scale_time.is_some());
 
-    // Load stops: after the stable window drains and 6 s of stabilization, back to 1.
+    // Load stops: after the stable window drains and 10 s of stabilization, back to 1.
     let stopped = std::time::Instant::now();
     let down = wait_for(
         "back to minReplicas",

@@ -101,10 +101,20 @@ pub fn failure_reason(e: &ApiError) -> FailureReason {
     }
 }
 
-/// Keeps the pending gauge right on every exit path, including a dropped (cancelled) future.
-struct Pending<'a>(&'a ModelStats);
+/// Counts a request as in flight (the pending gauge and its time integral) from when it is
+/// routed to its model until it is answered, on every exit path, including a dropped (cancelled)
+/// future. Reading and decoding the body count: a client waits through them too.
+pub struct InFlight<'a>(&'a ModelStats);
 
-impl Drop for Pending<'_> {
+impl<'a> InFlight<'a> {
+    /// Starts counting a request of the model with `stats`.
+    pub fn enter(stats: &'a ModelStats) -> InFlight<'a> {
+        stats.inflight(1);
+        InFlight(stats)
+    }
+}
+
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.inflight(-1);
     }
@@ -145,8 +155,6 @@ async fn execute_inner(
         }
         _ => 1,
     };
-    stats.inflight(1);
-    let _pending = Pending(stats);
     // Rows are what requests are joined by: a request whose inputs disagree on the first
     // dimension cannot be split back by rows, so it runs alone.
     let uniform = inputs

@@ -294,6 +294,7 @@ async fn infer_v2(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let start = Instant::now();
     let (model, stats) = state.repo.ready_model(m, version).map_err(count_not_ready)?;
+    let _inflight = inference::InFlight::enter(&stats);
     let result = async {
         let header_len = match req.headers().get(v2::HEADER_LENGTH) {
             None => None,
@@ -343,6 +344,7 @@ async fn predict_v1(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let start = Instant::now();
     let (model, stats) = state.repo.ready_model(m, version).map_err(count_not_ready)?;
+    let _inflight = inference::InFlight::enter(&stats);
     let decoded = async {
         let (_, body) = read_body(state, req).await?;
         v1::decode_request(model.backend.signature(), &body)
