@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SETUP := scripts/setup.sh
 PREFIX ?= $(HOME)/.cargo
 
-.PHONY: help setup run client-tools install images bench-batching test test-rust test-python e2e scale faults lint fmt build manifests
+.PHONY: help setup run demo client-tools install images bench-batching test test-rust test-python e2e scale faults lint fmt build manifests
 
 help: ## List the targets.
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ build: ## Build the workspace (debug).
 run: setup ## Build the server (release, server crate only) and serve the bundled models on 127.0.0.1:8080 (Ctrl-C stops it).
 	$(CARGO) build --release -p kubemaas-server
 	@bash scripts/quickstart.sh
+
+demo: setup ## The operator on one machine: local control plane, operator, real servers behind fake pods, a ModelDeployment with live metrics (Ctrl-C stops it; DEMO_ONESHOT=1 exits after printing).
+	@bash scripts/demo.sh
 
 client-tools: ## Install the README's clients: numpy and tritonclient into .venv, perf_analyzer (run it as scripts/perf_analyzer).
 	@bash $(SETUP) --clients >/dev/null
