@@ -245,8 +245,15 @@ def test_statistics_and_metrics_count_requests(server):
                      "nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
                      "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
                      "nv_inference_compute_output_duration_us", "nv_inference_pending_request_count",
-                     "kubemaas_request_duration_seconds_bucket", "kubemaas_model_load_duration_seconds"):
+                     "kubemaas_request_duration_seconds_bucket", "kubemaas_model_load_duration_seconds",
+                     "kubemaas_inference_queue_depth", "kubemaas_inflight_request_seconds_total"):
             assert f"\n{name}{{" in text, name
+        # On CPU no GPU family is exported: never an invented number.
+        assert "nv_gpu_" not in text
+        # The time-weighted in-flight count grew while the requests ran.
+        spent = [ln for ln in text.splitlines()
+                 if ln.startswith('kubemaas_inflight_request_seconds_total{model="versioned",version="1"}')]
+        assert float(spent[0].split()[-1]) > 0
         line = [ln for ln in text.splitlines() if ln.startswith('nv_inference_request_success{model="versioned",version="1"}')]
         assert int(line[0].split()[-1]) >= 3
         assert 'reason="REJECTED"' in text

@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod batcher;
+pub mod gpu;
 pub mod http;
 pub mod inference;
 pub mod metrics;

@@ -355,7 +355,15 @@ impl Repository {
                 }
             })
             .collect();
-        crate::metrics::render(&views)
+        let mut out = crate::metrics::render(&views);
+        // GPU families only where a model really runs on CUDA (NVML is not opened otherwise).
+        if views
+            .iter()
+            .any(|v| v.execution_provider == crate::backend::ort::CUDA_EP)
+        {
+            crate::gpu::render(&mut out, &crate::gpu::read());
+        }
+        out
     }
 }
 
