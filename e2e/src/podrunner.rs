@@ -301,8 +301,8 @@ pub fn file_store(root: PathBuf) -> String {
 /// What a load run measured on the client side.
 #[derive(Debug, Clone)]
 pub struct LoadReport {
-    /// When each answer came, in order.
-    pub completions: Vec<std::time::Instant>,
+    /// When each answer came and its latency in milliseconds (NaN for a failure), in order.
+    pub completions: Vec<(std::time::Instant, f64)>,
     /// Requests answered 200.
     pub ok: usize,
     /// Requests answered otherwise, or failed.
@@ -321,9 +321,22 @@ impl LoadReport {
         let n = self
             .completions
             .iter()
-            .filter(|t| **t > from && **t <= to)
+            .filter(|(t, _)| *t > from && *t <= to)
             .count();
         n as f64 / to.duration_since(from).as_secs_f64().max(1e-3)
+    }
+
+    /// The 99th-percentile latency (ms) of the answers between two instants.
+    pub fn p99_between(&self, from: std::time::Instant, to: std::time::Instant) -> Option<f64> {
+        let mut l: Vec<f64> = self
+            .completions
+            .iter()
+            .filter(|(t, ms)| *t > from && *t <= to && ms.is_finite())
+            .map(|(_, ms)| *ms)
+            .collect();
+        l.sort_by(f64::total_cmp);
+        l.get(((l.len() as f64 * 0.99) as usize).min(l.len().checked_sub(1)?))
+            .copied()
     }
 }
 
@@ -373,9 +386,10 @@ pub fn load(addr: &str, path: &str, body: &[u8], clients: usize, duration: Durat
                         r.read_exact(&mut payload)?;
                         Ok(status.split_whitespace().nth(1) == Some("200"))
                     })();
-                    done.push(std::time::Instant::now());
+                    let ms = t.elapsed().as_secs_f64() * 1e3;
+                    done.push((std::time::Instant::now(), if matches!(one, Ok(true)) { ms } else { f64::NAN }));
                     match one {
-                        Ok(true) => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                        Ok(true) => lat.push(ms),
                         Ok(false) => errors += 1,
                         Err(_) => {
                             errors += 1;
@@ -394,7 +408,7 @@ pub fn load(addr: &str, path: &str, body: &[u8], clients: usize, duration: Durat
         errors += e;
         completions.extend(d);
     }
-    completions.sort();
+    completions.sort_by(|a: &(std::time::Instant, f64), b| a.0.cmp(&b.0));
     let secs = start.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
     let pick = |q: f64| {

@@ -145,27 +145,37 @@ async fn status_reports_the_real_model_and_traffic_within_20_percent_of_the_clie
         !steady.is_empty(),
         "no status.metrics published under steady load: {seen:?}"
     );
-    let mut ratios = Vec::new();
+    // Rates and p99 against the clients' own, window by window.
+    let (mut rates, mut p99s) = (Vec::new(), Vec::new());
     for (at, m) in &steady {
         // The scrape ran shortly before the change became visible (reconcile, write, poll).
         let end = *at - Duration::from_millis(100);
-        let client_rps = report.rate_between(end - Duration::from_secs_f64(m.window_seconds), end);
+        let from = end - Duration::from_secs_f64(m.window_seconds);
+        let client_rps = report.rate_between(from, end);
+        let client_p99 = report.p99_between(from, end).unwrap_or(f64::NAN);
         println!(
-            "status {} rps, p99 {:?} ms; client {client_rps:.0} rps over the same window",
+            "status {} rps, p99 {:?} ms; clients {client_rps:.0} rps, p99 {client_p99:.2} ms over the same window",
             m.requests_per_second, m.latency_p99_ms
         );
-        ratios.push(m.requests_per_second / client_rps);
+        rates.push(m.requests_per_second / client_rps);
+        p99s.push(m.latency_p99_ms.unwrap_or(f64::NAN) / client_p99);
     }
-    ratios.sort_by(f64::total_cmp);
-    let median = ratios[ratios.len() / 2];
-    assert!((0.8..=1.2).contains(&median), "status / client rate: {ratios:?}");
-    let m = &steady.last().unwrap().1;
-    let p99 = m.latency_p99_ms.expect("p99 under load");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (rate, p99) = (median(rates.clone()), median(p99s.clone()));
     assert!(
-        p99 <= 2.0 * report.p99_ms && p99 >= report.p99_ms / 2.0,
-        "status p99 {p99} ms vs client p99 {:.2} ms",
-        report.p99_ms
+        (0.8..=1.2).contains(&rate),
+        "status / client rate per window: {rates:?}"
     );
+    // The server's p99 comes from histogram buckets (0.5, 1, 2.5, 5, 10, 25 ms ...) and leaves out
+    // the client's own time: within a factor of 2.
+    assert!(
+        (0.5..=2.0).contains(&p99),
+        "status / client p99 per window: {p99s:?}"
+    );
+    let m = &steady.last().unwrap().1;
     assert_eq!(m.errors_per_second, 0.0);
     assert_eq!(m.pods, 1);
     assert!(m.concurrency > 0.0);
