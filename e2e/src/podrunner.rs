@@ -408,7 +408,7 @@ pub fn load(addr: &str, path: &str, body: &[u8], clients: usize, duration: Durat
         errors += e;
         completions.extend(d);
     }
-    completions.sort_by(|a: &(std::time::Instant, f64), b| a.0.cmp(&b.0));
+    completions.sort_by_key(|c: &(std::time::Instant, f64)| c.0);
     let secs = start.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
     let pick = |q: f64| {
