@@ -337,14 +337,22 @@ struct Entry {
     pods: HashMap<String, (Instant, Sample)>,
     /// What status should show.
     published: Option<TrafficMetrics>,
-    /// Every window measured (not only published ones), newest last; for the autoscaler.
+    /// Windows measured (not only published ones), newest last, as far back as the autoscaler
+    /// reads ([`history_kept`]).
     history: std::collections::VecDeque<(Instant, Window)>,
     /// The built-in autoscaler's memory and last decision.
     autoscale: super::autoscale::State,
 }
 
 /// Windows kept per ModelDeployment for the autoscaler.
-const HISTORY: Duration = Duration::from_secs(3600);
+/// Only request-driven autoscaling reads past windows, and only as far back as its stable window
+/// or its scale-down stabilization reaches (at most an hour each): others keep none, so a
+/// thousand ModelDeployments cost no history.
+fn history_kept(md: &ModelDeployment) -> Duration {
+    super::autoscale::Params::of(md)
+        .map(|p| p.stable.max(p.scale_down))
+        .unwrap_or_default()
+}
 
 /// Pods asked at once across all ModelDeployments.
 const PARALLEL: usize = 16;
@@ -512,10 +520,11 @@ impl Scraper {
                 continue;
             }
             entry.history.push_back((now, w.clone()));
+            let kept = history_kept(obj);
             while entry
                 .history
                 .front()
-                .is_some_and(|(t, _)| now.duration_since(*t) > HISTORY)
+                .is_some_and(|(t, _)| now.duration_since(*t) > kept)
             {
                 entry.history.pop_front();
             }
@@ -658,6 +667,26 @@ kubemaas_request_duration_seconds_bucket{model=\"m\",version=\"1\",execution_pro
         };
         let w = combine(&[(&before, &restarted, 1.0)]);
         assert!((w.rps - 10.0).abs() < 1e-9, "{w:?}");
+    }
+
+    #[test]
+    fn history_is_kept_only_as_far_back_as_request_driven_autoscaling_reads() {
+        let md = |autoscaling: serde_json::Value| {
+            super::super::build::tests::md(
+                serde_json::json!({"model": {"uri": "s3://m/m.onnx"}, "autoscaling": autoscaling}),
+            )
+        };
+        assert_eq!(history_kept(&md(serde_json::json!(null))), Duration::ZERO);
+        assert_eq!(
+            history_kept(&md(serde_json::json!({"maxReplicas": 3}))),
+            Duration::ZERO,
+            "cpu: the HPA's job"
+        );
+        let kpa = md(
+            serde_json::json!({"maxReplicas": 3, "metric": "rps", "target": 50,
+            "stableWindowSeconds": 120, "scaleDownStabilizationSeconds": 30}),
+        );
+        assert_eq!(history_kept(&kpa), Duration::from_secs(120));
     }
 
     fn status(rps: f64, inflight: i64) -> TrafficMetrics {
