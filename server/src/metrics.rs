@@ -36,6 +36,17 @@ pub const QUEUE_DEPTH: &str = "kubemaas_inference_queue_depth";
 /// Time-weighted in-flight requests: the integral of the in-flight count over time, in seconds.
 /// Its rate is the average concurrency, exactly, which the operator's autoscaler scales on.
 pub const INFLIGHT_SECONDS: &str = "kubemaas_inflight_request_seconds_total";
+/// Seconds since the server started, taken when `/metrics` is rendered: the exact time between
+/// two scrapes on the server's own clock, whatever the network delayed.
+pub const UPTIME: &str = "kubemaas_uptime_seconds";
+
+static STARTED: std::sync::LazyLock<std::time::Instant> = std::sync::LazyLock::new(std::time::Instant::now);
+
+/// Marks the server's start (the first call fixes it); returns the seconds since.
+pub fn uptime() -> f64 {
+    STARTED.elapsed().as_secs_f64()
+}
+
 /// End-to-end request latency histogram.
 pub const REQUEST_DURATION_SECONDS: &str = "kubemaas_request_duration_seconds";
 /// Model load time.
@@ -317,6 +328,8 @@ pub fn render(models: &[ModelMetricsView<'_>]) -> String {
     let family = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
+    family(&mut out, UPTIME, "gauge", "Seconds since the server started");
+    let _ = writeln!(out, "{UPTIME} {}", uptime());
     let labels =
         |m: &ModelMetricsView<'_>| format!("model=\"{}\",version=\"{}\"", escape(m.model), escape(m.version));
     type Getter = fn(&ModelStats) -> u64;

@@ -212,6 +212,7 @@ fn init_library(explicit: Option<&PathBuf>) -> Result<ort::environment::Environm
 
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
+    crate::metrics::uptime();
     // Destructured so that no flag can be silently ignored.
     let ServeArgs {
         model_repository,

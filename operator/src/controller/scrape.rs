@@ -54,6 +54,8 @@ pub struct Sample {
     pub duration_us: f64,
     /// Time-weighted in-flight requests in seconds (its rate is the average concurrency).
     pub inflight_seconds: Option<f64>,
+    /// The server's own clock at rendering (`kubemaas_uptime_seconds`).
+    pub uptime: Option<f64>,
     /// Rows inferred.
     pub inferences: f64,
     /// Model executions.
@@ -114,6 +116,7 @@ pub fn parse(text: &str) -> Result<Sample, ScrapeError> {
             }
             "nv_inference_request_failure" => s.failure += value,
             "nv_inference_request_duration_us" => s.duration_us += value,
+            "kubemaas_uptime_seconds" => s.uptime = Some(value),
             "kubemaas_inflight_request_seconds_total" => {
                 *s.inflight_seconds.get_or_insert(0.0) += value;
             }
@@ -233,7 +236,13 @@ pub fn combine(pairs: &[(&Sample, &Sample, f64)]) -> Window {
     let (mut inferences, mut executions) = (0.0, 0.0);
     let (mut util, mut mem): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
     for (before, now, secs) in pairs {
-        let secs = secs.max(1e-3);
+        // The server's clock measures the window exactly; the operator's includes however long
+        // each answer took to arrive, which varies under load and inflates or deflates every rate.
+        let secs = match (before.uptime, now.uptime) {
+            (Some(b), Some(n)) if n > b => n - b,
+            _ => *secs,
+        }
+        .max(1e-3);
         w.rps += (increase(before.success, now.success) + increase(before.failure, now.failure)) / secs;
         w.eps += increase(before.failure, now.failure) / secs;
         // The time-weighted in-flight count is exact; request durations counted at completion
@@ -658,6 +667,14 @@ kubemaas_request_duration_seconds_bucket{model=\"m\",version=\"1\",execution_pro
         b2.inflight_seconds = Some(10.0);
         n2.inflight_seconds = Some(13.0);
         assert!((combine(&[(&b2, &n2, 2.0)]).concurrency - 1.5).abs() < 1e-9);
+        // The server's clock wins over when the answers arrived.
+        b2.uptime = Some(100.0);
+        n2.uptime = Some(103.0);
+        let w = combine(&[(&b2, &n2, 1.2)]);
+        assert!(
+            (w.concurrency - 1.0).abs() < 1e-9 && (w.seconds - 3.0).abs() < 1e-9,
+            "{w:?}"
+        );
         assert!(w.p50.unwrap() <= 0.01 + 1e-12);
         // A restarted server's counters start again from zero: its whole value is new.
         let restarted = Sample {
