@@ -396,6 +396,9 @@ fn default_queue_size() -> i32 {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
     .message("autoscaling.minReplicas must not be greater than maxReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.stableWindowSeconds) || self.metric in ['concurrency', 'rps']")
+    .message("autoscaling.stableWindowSeconds applies to metric concurrency or rps only (an HPA scales cpu and memory)")
+    .field_path(".stableWindowSeconds"))]
 #[x_kube(validation = Rule::new("!(self.metric in ['cpu', 'memory']) || self.target <= 1000")
     .message("autoscaling.target is a utilisation percentage for cpu and memory: at most 1000")
     .field_path(".target"))]
@@ -423,13 +426,14 @@ pub struct AutoscalingSpec {
     #[x_kube(validation = Rule::new("self >= 1").message("autoscaling.target must be at least 1"))]
     pub target: i32,
 
-    /// `concurrency`/`rps` only: seconds of traffic averaged for a decision (the stable window).
-    /// A tenth of it is the panic window: when that short average asks for twice the ready pods
-    /// or more, the autoscaler scales up at once and does not scale down until a stable window
-    /// has passed without panic.
-    #[serde(default = "default_stable_window")]
+    /// `concurrency`/`rps` only (default 60): seconds of traffic averaged for a decision (the
+    /// stable window). A tenth of it is the panic window: when that short average asks for twice
+    /// the ready pods or more, the autoscaler scales up at once and does not scale down until a
+    /// stable window has passed without panic. The HPA behind `cpu`/`memory` has no such window,
+    /// so it is refused there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 6 && self <= 3600").message("autoscaling.stableWindowSeconds must be between 6 and 3600"))]
-    pub stable_window_seconds: i32,
+    pub stable_window_seconds: Option<i32>,
 
     /// Seconds a scale-down waits: the replicas never drop below the highest count recommended
     /// within this period (for `cpu`/`memory` the HPA's `behavior.scaleDown` stabilization).
@@ -440,10 +444,6 @@ pub struct AutoscalingSpec {
 
 fn default_target() -> i32 {
     70
-}
-
-fn default_stable_window() -> i32 {
-    60
 }
 
 fn default_scale_down_stabilization() -> i32 {

@@ -43,7 +43,9 @@ impl Params {
             target: f64::from(a.target.max(1)),
             min: a.min_replicas.max(1),
             max: a.max_replicas.max(a.min_replicas.max(1)),
-            stable: Duration::from_secs(u64::try_from(a.stable_window_seconds.max(1)).unwrap_or(60)),
+            stable: Duration::from_secs(
+                u64::try_from(a.stable_window_seconds.unwrap_or(60).max(1)).unwrap_or(60),
+            ),
             scale_down: Duration::from_secs(
                 u64::try_from(a.scale_down_stabilization_seconds.max(0)).unwrap_or(0),
             ),
