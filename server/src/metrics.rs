@@ -170,9 +170,7 @@ pub struct ModelStats {
     pub inference_count: AtomicU64,
     /// Executions.
     pub execution_count: AtomicU64,
-    /// Accepted, unanswered requests.
-    pub pending: AtomicI64,
-    /// The integral of `pending` over time (see [`INFLIGHT_SECONDS`]).
+    /// Accepted, unanswered requests, and their integral over time (see [`INFLIGHT_SECONDS`]).
     inflight: Mutex<Integral>,
     /// Requests waiting for an instance or a batch (shared with the batcher's queue).
     pub queued: Arc<AtomicI64>,
@@ -190,10 +188,14 @@ pub struct ModelStats {
 impl ModelStats {
     /// A request was accepted (`+1`) or answered (`-1`): the in-flight gauge and its integral.
     pub fn inflight(&self, delta: i64) {
-        self.pending.fetch_add(delta, Relaxed);
         if let Ok(mut i) = self.inflight.lock() {
             i.step(delta);
         }
+    }
+
+    /// Requests accepted and not yet answered.
+    pub fn pending(&self) -> i64 {
+        self.inflight.lock().map(|i| i.level.max(0)).unwrap_or(0)
     }
 
     /// Seconds of in-flight requests so far (see [`INFLIGHT_SECONDS`]).
@@ -397,47 +399,32 @@ pub fn render(models: &[ModelMetricsView<'_>]) -> String {
             );
         }
     }
-    family(
-        &mut out,
-        PENDING,
-        "gauge",
-        "Instantaneous number of pending requests awaiting execution",
-    );
-    for m in models {
-        let _ = writeln!(
-            out,
-            "{PENDING}{{{}}} {}",
-            labels(m),
-            m.stats.pending.load(Relaxed).max(0)
-        );
-    }
-    family(
-        &mut out,
-        INFLIGHT_SECONDS,
-        "counter",
-        "Integral of in-flight requests over time in seconds; its rate is the average concurrency",
-    );
-    for m in models {
-        let _ = writeln!(
-            out,
-            "{INFLIGHT_SECONDS}{{{}}} {}",
-            labels(m),
-            m.stats.inflight_seconds()
-        );
-    }
-    family(
-        &mut out,
-        QUEUE_DEPTH,
-        "gauge",
-        "Requests waiting for an instance or for their batch to form",
-    );
-    for m in models {
-        let _ = writeln!(
-            out,
-            "{QUEUE_DEPTH}{{{}}} {}",
-            labels(m),
-            m.stats.queued.load(Relaxed).max(0)
-        );
+    type Gauge = fn(&ModelStats) -> f64;
+    let gauges: [(&str, &str, &str, Gauge); 3] = [
+        (
+            PENDING,
+            "gauge",
+            "Instantaneous number of pending requests awaiting execution",
+            |s| s.pending() as f64,
+        ),
+        (
+            INFLIGHT_SECONDS,
+            "counter",
+            "Integral of in-flight requests over time in seconds; its rate is the average concurrency",
+            ModelStats::inflight_seconds,
+        ),
+        (
+            QUEUE_DEPTH,
+            "gauge",
+            "Requests waiting for an instance or for their batch to form",
+            |s| s.queued.load(Relaxed).max(0) as f64,
+        ),
+    ];
+    for (name, kind, help, get) in gauges {
+        family(&mut out, name, kind, help);
+        for m in models {
+            let _ = writeln!(out, "{name}{{{}}} {}", labels(m), get(m.stats));
+        }
     }
     family(
         &mut out,
@@ -578,15 +565,27 @@ mod tests {
     #[test]
     fn in_flight_seconds_integrate_the_in_flight_count_over_time() {
         let stats = ModelStats::default();
+        let t0 = std::time::Instant::now();
         stats.inflight(1);
         stats.inflight(1);
+        let t1 = std::time::Instant::now();
         std::thread::sleep(Duration::from_millis(100));
+        let t2 = std::time::Instant::now();
         stats.inflight(-1);
+        let t3 = std::time::Instant::now();
         std::thread::sleep(Duration::from_millis(100));
+        let t4 = std::time::Instant::now();
         stats.inflight(-1);
+        let t5 = std::time::Instant::now();
+        assert_eq!(stats.pending(), 0);
         let s = stats.inflight_seconds();
-        // 2 in flight for 0.1 s, then 1 for 0.1 s: 0.3 request-seconds (sleeps only overshoot).
-        assert!((0.3..0.4).contains(&s), "{s}");
+        // 2 in flight, then 1: bounded by the instants taken around each change, however long
+        // the sleeps really took.
+        let secs = |a: std::time::Instant, b: std::time::Instant| b.duration_since(a).as_secs_f64();
+        let low = 2.0 * secs(t1, t2) + secs(t3, t4);
+        let high = 2.0 * secs(t0, t3) + secs(t2, t5);
+        assert!(low <= s && s <= high, "{low} <= {s} <= {high}");
+        assert!(s >= 0.3, "{s}");
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(stats.inflight_seconds(), s, "nothing in flight adds nothing");
         let queued = GaugeToken::new(&stats.queued);
