@@ -127,9 +127,7 @@ impl Metrics {
             o,
             "# HELP {FAILURES} Failed reconciles by reason.\n# TYPE {FAILURES} counter"
         );
-        for (r, n) in self.failures.lock().map(|f| f.clone()).unwrap_or_default() {
-            let _ = writeln!(o, "{FAILURES}{{reason=\"{r}\"}} {n}");
-        }
+        by_label(&mut o, FAILURES, "reason", &self.failures);
         let _ = writeln!(
             o,
             "# HELP {WRITES} Write requests sent to the apiserver.\n# TYPE {WRITES} counter\n{WRITES} {}",
@@ -139,9 +137,7 @@ impl Metrics {
             o,
             "# HELP {DRIFT} Children re-applied because someone else changed a field the operator sets.\n# TYPE {DRIFT} counter"
         );
-        for (kind, n) in self.drift.lock().map(|d| d.clone()).unwrap_or_default() {
-            let _ = writeln!(o, "{DRIFT}{{kind=\"{kind}\"}} {n}");
-        }
+        by_label(&mut o, DRIFT, "kind", &self.drift);
         let _ = writeln!(
             o,
             "# HELP {RETRIES} Apiserver requests retried after a transient error.\n# TYPE {RETRIES} counter\n{RETRIES} {}",
@@ -156,9 +152,7 @@ impl Metrics {
             o,
             "# HELP {SCRAPE_ERRORS} Scrapes of serving pods that failed, by reason.\n# TYPE {SCRAPE_ERRORS} counter"
         );
-        for (r, n) in self.scrape_errors.lock().map(|m| m.clone()).unwrap_or_default() {
-            let _ = writeln!(o, "{SCRAPE_ERRORS}{{reason=\"{r}\"}} {n}");
-        }
+        by_label(&mut o, SCRAPE_ERRORS, "reason", &self.scrape_errors);
         let _ = writeln!(
             o,
             "# HELP {LEADER} 1 while this replica holds the leader lease.\n# TYPE {LEADER} gauge\n{LEADER} {}",
@@ -182,6 +176,15 @@ impl Metrics {
             self.sum_us.load(Relaxed) as f64 / 1e6
         );
         o
+    }
+}
+
+/// One sample of `name` per entry of `counts`, labelled `label`.
+fn by_label<K: std::fmt::Display>(o: &mut String, name: &str, label: &str, counts: &Mutex<BTreeMap<K, u64>>) {
+    if let Ok(m) = counts.lock() {
+        for (value, n) in m.iter() {
+            let _ = writeln!(o, "{name}{{{label}=\"{value}\"}} {n}");
+        }
     }
 }
 

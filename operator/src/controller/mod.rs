@@ -299,6 +299,14 @@ pub struct Tuning {
     pub metrics_interval: std::time::Duration,
 }
 
+/// Who publishes the operator's Events: the controller name and, in a pod, the pod's name.
+pub fn reporter() -> Reporter {
+    Reporter {
+        controller: "kubemaas-operator".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    }
+}
+
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     client: Client,
@@ -328,10 +336,7 @@ pub async fn run(
     let (pdbs, pdb_stream) = cached!(PodDisruptionBudget, trim::meta::<PodDisruptionBudget>);
     let (pods, pod_stream) = cached!(Pod, trim::pod);
     let stores = Stores::new(deployments, services, hpas, pdbs, pods);
-    let reporter = Reporter {
-        controller: "kubemaas-operator".into(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
+    let reporter = reporter();
     let ctx = Arc::new(Context {
         client: client.clone(),
         build,

@@ -33,7 +33,8 @@ impl Default for Prober {
     }
 }
 
-fn is_ready(p: &Pod) -> bool {
+/// Whether the pod's Ready condition is True.
+pub fn is_ready(p: &Pod) -> bool {
     p.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -90,19 +91,19 @@ fn parse(v: &serde_json::Value, version: &str, pod: &str) -> Probed {
     }
 }
 
-/// The metadata URL of a pod (IPv6 addresses in brackets).
-pub fn metadata_uri(ip: &str, model: &str, version: &str) -> Option<http::Uri> {
+/// `http://IP:PORT/PATH` for a pod address (IPv6 addresses in brackets).
+pub fn pod_uri(ip: &str, port: i32, path: &str) -> Option<http::Uri> {
     let host = if ip.contains(':') {
         format!("[{ip}]")
     } else {
         ip.to_string()
     };
-    format!(
-        "http://{host}:{}/v2/models/{model}/versions/{version}",
-        ports::HTTP
-    )
-    .parse()
-    .ok()
+    format!("http://{host}:{port}{path}").parse().ok()
+}
+
+/// The metadata URL of a pod.
+pub fn metadata_uri(ip: &str, model: &str, version: &str) -> Option<http::Uri> {
+    pod_uri(ip, ports::HTTP, &format!("/v2/models/{model}/versions/{version}"))
 }
 
 /// Pods asked at once: enough that one slow pod does not hold the status back.

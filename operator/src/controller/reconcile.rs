@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use kubemaas_crds::conditions::{self, reason};
@@ -99,7 +99,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     };
     let mut new = status::compute(&md, &observed, &now());
     if super::autoscale::Params::of(&md).is_some()
-        && let Some(d) = ctx.scraper.decision(&super::scrape::key(&ns, &md.name_any()))
+        && let Some(d) = ctx.scraper.decision(&key(&md))
     {
         let running = deployment.as_deref().and_then(|live| live.spec.replicas);
         let mut last_scale_time = new.autoscaling.as_ref().and_then(|a| a.last_scale_time.clone());
@@ -120,13 +120,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
             // The shared recorder folds events of the same reason and action into one series
             // that keeps the first note; every decision has its own numbers, so each gets its
             // own Event from a recorder without history.
-            let recorder = Recorder::new(
-                ctx.client.clone(),
-                Reporter {
-                    controller: "kubemaas-operator".into(),
-                    instance: std::env::var("POD_NAME").ok(),
-                },
-            );
+            let recorder = Recorder::new(ctx.client.clone(), super::reporter());
             if let Err(e) = recorder.publish(&event, &md.object_ref(&())).await {
                 tracing::debug!(error = %e, "failed to publish event");
             }
@@ -141,7 +135,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     // Traffic as last scraped; after an operator restart, what status showed until a new window.
     new.metrics = ctx
         .scraper
-        .published(&super::scrape::key(&ns, &md.name_any()))
+        .published(&key(&md))
         .or_else(|| md.status.as_ref().and_then(|s| s.metrics.clone()));
     write_status(&ctx, &md, new).await?;
     if let Ok(mut f) = ctx.failures.lock() {
@@ -218,7 +212,7 @@ async fn write_status(ctx: &Context, md: &ModelDeployment, new: ModelDeploymentS
 }
 
 fn key(md: &ModelDeployment) -> String {
-    format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any())
+    super::scrape::key(&md.namespace().unwrap_or_default(), &md.name_any())
 }
 
 /// Delay before retry number `attempt` (1-based): 5 s doubling up to 5 minutes.

@@ -383,26 +383,12 @@ pub fn key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
+/// The address of a ready pod that is not being deleted.
 fn ready_ip(p: &Pod) -> Option<String> {
-    let s = p.status.as_ref()?;
-    let ready = s
-        .conditions
-        .as_ref()
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-    if !ready || p.metadata.deletion_timestamp.is_some() {
+    if !super::probe::is_ready(p) || p.metadata.deletion_timestamp.is_some() {
         return None;
     }
-    s.pod_ip.clone()
-}
-
-/// The metrics URL of a pod address (IPv6 in brackets).
-pub fn metrics_uri(ip: &str) -> Option<http::Uri> {
-    let host = if ip.contains(':') {
-        format!("[{ip}]")
-    } else {
-        ip.to_string()
-    };
-    format!("http://{host}:{}/metrics", ports::METRICS).parse().ok()
+    p.status.as_ref()?.pod_ip.clone()
 }
 
 impl Scraper {
@@ -429,7 +415,7 @@ impl Scraper {
     }
 
     async fn fetch(&self, ip: &str) -> Result<Sample, ScrapeError> {
-        let uri = metrics_uri(ip).ok_or(ScrapeError::Connect)?;
+        let uri = super::probe::pod_uri(ip, ports::METRICS, "/metrics").ok_or(ScrapeError::Connect)?;
         let text = tokio::time::timeout(self.timeout, async {
             let resp = self.client.get(uri).await.map_err(|_| ScrapeError::Connect)?;
             if resp.status() != http::StatusCode::OK {
@@ -525,7 +511,8 @@ impl Scraper {
             let window = (!pairs.is_empty() || samples.is_empty()).then(|| combine(&pairs));
             entry.pods = samples.into_iter().map(|(uid, at, s)| (uid, (at, s))).collect();
             let Some(w) = window else { continue };
-            if samples_unseen_before(&entry.published, &w) {
+            // A ModelDeployment that never had a ready pod has no numbers to publish yet.
+            if entry.published.is_none() && w.pods == 0 {
                 continue;
             }
             entry.history.push_back((now, w.clone()));
@@ -543,22 +530,7 @@ impl Scraper {
                 entry.published = Some(status);
             }
             if let Some(p) = super::autoscale::Params::of(obj) {
-                let before = entry.autoscale.decision.clone();
-                let decided =
-                    super::autoscale::decide(&p, entry.history.make_contiguous(), now, &mut entry.autoscale);
-                let running = stores
-                    .deployments
-                    .get(&ObjectRef::new(&obj.name_any()).within(&obj.namespace().unwrap_or_default()))
-                    .and_then(|d| d.spec.replicas);
-                let moved = |a: &Option<super::autoscale::Decision>,
-                             b: &Option<super::autoscale::Decision>| {
-                    a.as_ref().map(|d| (d.desired, d.panic)) != b.as_ref().map(|d| (d.desired, d.panic))
-                };
-                // A reconcile applies a decision that differs from what runs, or from the last.
-                publish |= moved(&before, &decided)
-                    || decided
-                        .as_ref()
-                        .is_some_and(|d| running.is_some_and(|r| r != d.desired));
+                publish |= autoscale_step(&p, entry, now, running_replicas(stores, obj));
             }
             if publish {
                 changed.push(md.clone());
@@ -568,9 +540,24 @@ impl Scraper {
     }
 }
 
-/// A ModelDeployment that never had a ready pod has no metrics to publish yet.
-fn samples_unseen_before(published: &Option<TrafficMetrics>, w: &Window) -> bool {
-    published.is_none() && w.pods == 0
+/// The Deployment's `spec.replicas`, from the cache.
+fn running_replicas(stores: &super::Stores, md: &ModelDeployment) -> Option<i32> {
+    let at = ObjectRef::new(&md.name_any()).within(&md.namespace().unwrap_or_default());
+    stores.deployments.get(&at)?.spec.replicas
+}
+
+/// Decides from the entry's windows; true when a reconcile must apply the decision: it differs
+/// from the last one or from what runs.
+fn autoscale_step(
+    p: &super::autoscale::Params,
+    entry: &mut Entry,
+    now: Instant,
+    running: Option<i32>,
+) -> bool {
+    let key = |d: &super::autoscale::Decision| (d.desired, d.panic);
+    let before = entry.autoscale.decision.as_ref().map(key);
+    let decided = super::autoscale::decide(p, entry.history.make_contiguous(), now, &mut entry.autoscale);
+    decided.as_ref().map(key) != before || decided.is_some_and(|d| running.is_some_and(|r| r != d.desired))
 }
 
 /// Runs scrape rounds every `scraper.interval` until dropped; each ModelDeployment whose metrics
@@ -580,15 +567,14 @@ pub async fn run(
     mds: Store<ModelDeployment>,
     stores: super::Stores,
     metrics: Arc<Metrics>,
-    changed: futures::channel::mpsc::Sender<ObjectRef<ModelDeployment>>,
+    mut changed: futures::channel::mpsc::Sender<ObjectRef<ModelDeployment>>,
 ) {
     let mut tick = tokio::time::interval(scraper.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         for md in scraper.round(&mds, &stores, &metrics).await {
-            let mut tx = changed.clone();
-            if tx.try_send(md).is_err() {
+            if changed.try_send(md).is_err() {
                 // The controller is gone or busy; the next round or resync writes it.
                 tracing::debug!("scrape trigger dropped");
             }
@@ -625,6 +611,23 @@ kubemaas_request_duration_seconds_bucket{model=\"m\",version=\"1\",execution_pro
             vec![(0.01, 50.0), (0.1, 104.0), (f64::INFINITY, 104.0)]
         );
         assert!(s.gpu_utilization.is_empty(), "no NVML, no GPU numbers");
+    }
+
+    #[test]
+    fn gpu_families_become_mean_utilization_and_summed_memory() {
+        let text = format!(
+            "{TEXT}nv_gpu_utilization{{gpu_uuid=\"GPU-a\"}} 0.5\nnv_gpu_utilization{{gpu_uuid=\"GPU-b\"}} 0.75\n\
+nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-b\"}} 500\n"
+        );
+        let s = parse(&text).unwrap();
+        let w = combine(&[(&s, &s, 1.0)]);
+        assert_eq!(w.gpu_utilization, Some(0.625));
+        assert_eq!(w.gpu_memory_used, Some(1500.0));
+        let st = to_status(&w, super::super::reconcile::now());
+        assert_eq!(
+            (st.gpu_utilization, st.gpu_memory_used_bytes),
+            (Some(0.625), Some(1500))
+        );
     }
 
     #[test]
