@@ -21,7 +21,7 @@ run: setup ## Build the server (release, server crate only) and serve the bundle
 	$(CARGO) build --release -p kubemaas-server
 	@bash scripts/quickstart.sh
 
-demo: setup ## The operator on one machine: local control plane, operator, real servers behind fake pods, a ModelDeployment with live metrics (Ctrl-C stops it; DEMO_ONESHOT=1 exits after printing).
+demo: ## The operator on one machine: local control plane, operator, real servers behind fake pods, a ModelDeployment with live metrics (Ctrl-C stops it; DEMO_ONESHOT=1 exits after printing).
 	@bash scripts/demo.sh
 
 client-tools: ## Install the README's clients: numpy and tritonclient into .venv, perf_analyzer (run it as scripts/perf_analyzer).

@@ -251,16 +251,17 @@ async fn start_pod(pod: &Pod, ip: &str, config: &RunnerConfig) -> Result<Child, 
         .map_err(|e| format!("{}: {e}", config.server.display()))
 }
 
-/// A loopback HTTP file store for model artifacts: `GET /PATH` answers the file `ROOT/PATH`
-/// (404 otherwise), so a ModelDeployment's pull fetches a real model the way it would from a
-/// bucket's HTTPS endpoint. Runs until the process ends.
-pub fn file_store(root: PathBuf) -> String {
+/// A loopback HTTP server for artifacts: `GET`/`HEAD` of a path answers what `object` returns for
+/// it (`application/octet-stream`), 404 when it returns None. Returns the base URL; runs until the
+/// process ends.
+pub fn object_store(object: impl Fn(&str) -> Option<Vec<u8>> + Send + Sync + 'static) -> String {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
     let base = format!("http://{}", listener.local_addr().expect("local address"));
+    let object = std::sync::Arc::new(object);
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let root = root.clone();
+            let object = object.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream);
                 let mut line = String::new();
@@ -275,10 +276,7 @@ pub fn file_store(root: PathBuf) -> String {
                         break;
                     }
                 }
-                let rel = target.trim_start_matches('/');
-                let body = (!rel.split('/').any(|c| c == ".."))
-                    .then(|| std::fs::read(root.join(rel)).ok())
-                    .flatten();
+                let body = object(target);
                 let mut stream = reader.into_inner();
                 let (status, payload) = match &body {
                     Some(b) => ("200 OK", b.as_slice()),
@@ -296,6 +294,19 @@ pub fn file_store(root: PathBuf) -> String {
         }
     });
     base
+}
+
+/// A loopback HTTP file store for model artifacts: `GET /PATH` answers the file `ROOT/PATH`
+/// (404 otherwise), so a ModelDeployment's pull fetches a real model the way it would from a
+/// bucket's HTTPS endpoint.
+pub fn file_store(root: PathBuf) -> String {
+    object_store(move |target| {
+        let rel = target.trim_start_matches('/');
+        if rel.split('/').any(|c| c == "..") {
+            return None;
+        }
+        std::fs::read(root.join(rel)).ok()
+    })
 }
 
 /// What a load run measured on the client side.

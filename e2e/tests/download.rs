@@ -9,7 +9,6 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a panic is a failed test
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,41 +27,10 @@ const LONG: Duration = Duration::from_secs(120);
 
 /// A loopback HTTP store: every GET answers 404 until `serving` is set, then `path` answers `body`.
 fn loopback_store(path: &'static str, body: &'static [u8]) -> (String, Arc<AtomicBool>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
     let serving = Arc::new(AtomicBool::new(false));
     let on = serving.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(stream);
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() {
-                continue;
-            }
-            let mut parts = line.split_whitespace();
-            let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            loop {
-                let mut h = String::new();
-                if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
-                    break;
-                }
-            }
-            let found = on.load(Ordering::SeqCst) && target == path;
-            let (status, payload): (&str, &[u8]) = if found {
-                ("200 OK", body)
-            } else {
-                ("404 Not Found", b"no such object\n")
-            };
-            let mut stream = reader.into_inner();
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status}\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                payload.len()
-            );
-            if method != "HEAD" {
-                let _ = stream.write_all(payload);
-            }
-        }
+    let base = kubemaas_e2e::podrunner::object_store(move |target| {
+        (on.load(Ordering::SeqCst) && target == path).then(|| body.to_vec())
     });
     (base, serving)
 }

@@ -40,7 +40,7 @@ async fn serving(runner: &PodRunner, n: usize) -> Vec<String> {
 }
 
 /// Waits until `ip:8080` answers an inference (the model is pulled and loaded).
-async fn answering(ip: &str, model: &str) {
+async fn answering(ip: &str, model: &str, body: &str) {
     let addr = format!("{ip}:8080");
     let path = format!("/v2/models/{model}/infer");
     wait_for(
@@ -48,12 +48,11 @@ async fn answering(ip: &str, model: &str) {
         LONG,
         || format!("{addr}{path}"),
         || async {
-            let (a, p) = (addr.clone(), path.clone());
-            let r = tokio::task::spawn_blocking(move || {
-                load(&a, &p, ROWS.as_bytes(), 1, Duration::from_millis(50))
-            })
-            .await
-            .unwrap();
+            let (a, p, b) = (addr.clone(), path.clone(), body.to_string());
+            let r =
+                tokio::task::spawn_blocking(move || load(&a, &p, b.as_bytes(), 1, Duration::from_millis(50)))
+                    .await
+                    .unwrap();
             (r.ok > 0).then_some(())
         },
     )
@@ -85,7 +84,7 @@ async fn status_reports_the_real_model_and_traffic_within_20_percent_of_the_clie
     create_md(&api, md_json("stats", spec(&row_stats_uri()))).await;
     wait_md(&api, "stats", "Ready", LONG, Some(&op), is_ready).await;
     let ip = serving(&runner, 1).await.remove(0);
-    answering(&ip, "stats").await;
+    answering(&ip, "stats", ROWS).await;
 
     // 1. The model as the pod's server loaded it.
     let md = wait_md(
@@ -227,7 +226,7 @@ async fn a_cuda_model_deployment_served_on_cpu_is_degraded_accelerator_fallback(
     s["accelerator"] = json!("cuda");
     create_md(&api, md_json("gpu", s)).await;
     let ip = serving(&runner, 1).await.remove(0);
-    answering(&ip, "gpu").await;
+    answering(&ip, "gpu", ROWS).await;
     let md = wait_md(
         &api,
         "gpu",
@@ -300,7 +299,7 @@ async fn a_hanging_or_garbage_metrics_endpoint_does_not_stall_other_model_deploy
         fake_metrics(&pod, name == "garbage");
     }
     let ip = serving(&runner, 1).await.remove(0);
-    answering(&ip, "good").await;
+    answering(&ip, "good", ROWS).await;
     let (addr, path) = (format!("{ip}:8080"), "/v2/models/good/infer".to_string());
     let loader =
         tokio::task::spawn_blocking(move || load(&addr, &path, ROWS.as_bytes(), 2, Duration::from_secs(8)));
@@ -401,18 +400,7 @@ async fn concurrency_eight_against_target_two_scales_to_four_and_back_to_min_rep
     let body =
         format!(r#"{{"inputs":[{{"name":"x","shape":[1,3,48,192],"datatype":"FP32","data":[{zeros}]}}]}}"#);
     let (addr, path) = (format!("{ip}:8080"), "/v2/models/kpa/infer".to_string());
-    let (a, p, b) = (addr.clone(), path.clone(), body.clone());
-    wait_for("the pod's server answers", LONG, String::new, || {
-        let (a, p, b) = (a.clone(), p.clone(), b.clone());
-        async move {
-            let r =
-                tokio::task::spawn_blocking(move || load(&a, &p, b.as_bytes(), 1, Duration::from_millis(50)))
-                    .await
-                    .unwrap();
-            (r.ok > 0).then_some(())
-        }
-    })
-    .await;
+    answering(&ip, "kpa", &body).await;
 
     // Steady concurrency 8 for 35 s; target 2 per pod: 4 pods, within two stable windows (20 s).
     let began = std::time::Instant::now();

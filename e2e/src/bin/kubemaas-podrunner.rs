@@ -14,12 +14,13 @@ use kubemaas_e2e::podrunner::{PodRunner, RunnerConfig, file_store};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: kubemaas-podrunner --namespace NS --server PATH --work DIR [--file-store DIR]\n\
+        "usage: kubemaas-podrunner --namespace NS --server PATH --work DIR [--file-store DIR] [--pvc-root DIR]\n\
          Runs real servers for the ModelDeployment pods of NS (kwok's pods run on paper only).\n\
          --namespace NS      namespace whose pods to run\n\
          --server PATH       the kubemaas-server binary\n\
          --work DIR          one directory per pod (pulled model, logs)\n\
-         --file-store DIR    also serve DIR over HTTP on 127.0.0.1 and print FILE_STORE=<url>"
+         --file-store DIR    also serve DIR over HTTP on 127.0.0.1 and print FILE_STORE=<url>\n\
+         --pvc-root DIR      where pvc://CLAIM/PATH resolves: DIR/CLAIM/PATH (default WORK/pvc)"
     );
     std::process::exit(2)
 }
@@ -27,7 +28,7 @@ fn usage() -> ! {
 #[tokio::main]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let (mut ns, mut server, mut work, mut store) = (None, None, None, None);
+    let (mut ns, mut server, mut work, mut store, mut pvc_root) = (None, None, None, None, None);
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| usage());
         match a.as_str() {
@@ -35,6 +36,7 @@ async fn main() {
             "--server" => server = Some(PathBuf::from(value())),
             "--work" => work = Some(PathBuf::from(value())),
             "--file-store" => store = Some(PathBuf::from(value())),
+            "--pvc-root" => pvc_root = Some(PathBuf::from(value())),
             _ => usage(),
         }
     }
@@ -53,8 +55,7 @@ async fn main() {
     };
     let config = RunnerConfig {
         server,
-        // pvc:// claims are looked up under the work directory.
-        pvc_root: work.join("pvc"),
+        pvc_root: pvc_root.unwrap_or_else(|| work.join("pvc")),
         work,
         cuda_as_auto: false,
         only: None,
