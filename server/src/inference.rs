@@ -202,6 +202,26 @@ async fn execute_inner(
     Ok(out)
 }
 
+/// Counts a request that failed before execution (decoding, body limits) as a failure of its model.
+pub fn counted<T>(
+    stats: &crate::metrics::ModelStats,
+    start: Instant,
+    r: Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    if let Err(e) = &r {
+        stats.record_failure(start.elapsed(), failure_reason(e));
+    }
+    r
+}
+
+/// Counts a request for a known but unready model as a failure before answering 503.
+pub fn count_not_ready(e: crate::repository::LookupError) -> ApiError {
+    if let crate::repository::LookupError::NotReady { stats, .. } = &e {
+        stats.record_failure(std::time::Duration::ZERO, crate::metrics::FailureReason::Other);
+    }
+    e.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

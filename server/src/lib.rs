@@ -4,11 +4,12 @@
 //!
 //! Layout: [`tensor`] is the protocol-neutral tensor; [`protocol`] holds the codecs; [`backend`]
 //! the runtime; [`repository`] the models and their states; [`inference`] executes validated
-//! requests; [`http`] is transport only; [`metrics`] renders Prometheus text; [`serve`] wires them.
+//! requests; [`http`] is the REST transport and [`grpc`] the gRPC one; [`metrics`] renders Prometheus text; [`serve`] wires them.
 
 pub mod backend;
 pub mod batcher;
 pub mod gpu;
+pub mod grpc;
 pub mod http;
 pub mod inference;
 pub mod metrics;

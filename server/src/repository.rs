@@ -314,6 +314,31 @@ impl Repository {
             .collect()
     }
 
+    /// The versions of model `name`, ascending (empty when unknown).
+    pub fn versions(&self, name: &str) -> Vec<u64> {
+        self.models
+            .read()
+            .map(|m| {
+                m.get(name)
+                    .map(|v| v.keys().copied().collect())
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Triton's repository index: every (name, version, state, reason), state being `READY`,
+    /// `LOADING` or `UNAVAILABLE` (with the load error as reason).
+    pub fn index(&self) -> Vec<(String, u64, &'static str, String)> {
+        self.list()
+            .into_iter()
+            .map(|(name, v, e)| match e.state {
+                ModelState::Ready(_) => (name, v, "READY", String::new()),
+                ModelState::Loading => (name, v, "LOADING", String::new()),
+                ModelState::Failed(err) => (name, v, "UNAVAILABLE", err),
+            })
+            .collect()
+    }
+
     /// True when every version is loaded and the server is not shutting down.
     pub fn all_ready(&self) -> bool {
         !self.is_shutting_down()

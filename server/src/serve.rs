@@ -36,6 +36,11 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_HTTP_PORT", default_value_t = 8080)]
     pub http_port: u16,
 
+    /// gRPC port (the Open Inference Protocol's `inference.GRPCInferenceService` with Triton's
+    /// extensions, and `grpc.health.v1.Health`). 0 picks a free port.
+    #[arg(long, env = "KUBEMAAS_GRPC_PORT", default_value_t = 8081)]
+    pub grpc_port: u16,
+
     /// Port serving only /metrics and health. 0 picks a free port.
     #[arg(long, env = "KUBEMAAS_METRICS_PORT", default_value_t = 9090)]
     pub metrics_port: u16,
@@ -84,7 +89,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_PREFERRED_BATCH_SIZE", value_delimiter = ',')]
     pub preferred_batch_size: Vec<usize>,
 
-    /// Largest request body accepted, in bytes; larger bodies get 413.
+    /// Largest request body accepted, in bytes: larger REST bodies get 413, larger gRPC messages
+    /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "KUBEMAAS_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_request_bytes: usize,
 
@@ -219,6 +225,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         models,
         host,
         http_port,
+        grpc_port,
         metrics_port,
         ort_library,
         execution_provider,
@@ -258,6 +265,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         max_request_bytes,
     });
     let http_listener = http::bind(SocketAddr::new(host, http_port)).await?;
+    let grpc_listener = http::bind(SocketAddr::new(host, grpc_port)).await?;
     let metrics_listener = http::bind(SocketAddr::new(host, metrics_port)).await?;
     let http_addr = http_listener
         .local_addr()
@@ -267,7 +275,11 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    tracing::info!(http = %http_addr, metrics = %metrics_addr, models = sources.len(), "listening");
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(http = %http_addr, grpc = %grpc_addr, metrics = %metrics_addr, models = sources.len(), "listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let grace = Duration::from_secs(shutdown_timeout);
@@ -276,6 +288,12 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
             http_listener,
             state.clone(),
             Surface::Full,
+            stop_rx.clone(),
+            grace,
+        )),
+        tokio::spawn(crate::grpc::serve(
+            grpc_listener,
+            state.clone(),
             stop_rx.clone(),
             grace,
         )),

@@ -109,7 +109,7 @@ pub async fn serve(
 fn bind_hint(e: &std::io::Error) -> &'static str {
     match e.kind() {
         std::io::ErrorKind::AddrInUse => {
-            " (another process listens there: stop it, or choose other ports with --http-port and \
+            " (another process listens there: stop it, or choose other ports with --http-port, --grpc-port and \
              --metrics-port; 0 picks free ones)"
         }
         std::io::ErrorKind::PermissionDenied => {

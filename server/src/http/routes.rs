@@ -123,7 +123,7 @@ async fn route(
             &serde_json::json!({
                 "name": "kubemaas",
                 "version": env!("CARGO_PKG_VERSION"),
-                "extensions": ["binary_tensor_data", "statistics", "model_configuration", "model_repository(index)"],
+                "extensions": v2::EXTENSIONS,
             }),
         )),
         ["v2", "repository", "index"] if post || get => {
@@ -197,14 +197,9 @@ fn repository_index(state: &AppState) -> Value {
     Value::Array(
         state
             .repo
-            .list()
+            .index()
             .into_iter()
-            .map(|(name, v, e)| {
-                let (st, reason) = match &e.state {
-                    ModelState::Ready(_) => ("READY", String::new()),
-                    ModelState::Loading => ("LOADING", String::new()),
-                    ModelState::Failed(err) => ("UNAVAILABLE", err.clone()),
-                };
+            .map(|(name, v, st, reason)| {
                 serde_json::json!({"name": name, "version": v.to_string(), "state": st, "reason": reason})
             })
             .collect(),
@@ -219,13 +214,7 @@ fn model_metadata(
     let (model, _) = state.repo.ready_model(m, version)?;
     let versions: Vec<u64> = match version {
         Some(_) => vec![model.version],
-        None => state
-            .repo
-            .list()
-            .into_iter()
-            .filter(|(n, _, _)| n == m)
-            .map(|(_, v, _)| v)
-            .collect(),
+        None => state.repo.versions(m),
     };
     let meta = v2::model_metadata(
         m,
@@ -257,21 +246,28 @@ fn model_ready(state: &AppState, m: &str, version: Option<&str>) -> Result<Respo
 }
 
 fn model_config(state: &AppState, m: &str, version: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
-    let (model, _) = state.repo.ready_model(m, version)?;
-    let b = &model.backend;
     Ok(json_response(
         StatusCode::OK,
-        &v2::triton_config(
-            m,
-            b.signature(),
-            b.execution_provider(),
-            b.instances(),
-            model.batcher.get().map(|b| b.config()),
-        ),
+        &model_config_json(state, m, version)?,
     ))
 }
 
-fn stats(state: &AppState, model: Option<&str>, version: Option<&str>) -> Result<Value, ApiError> {
+/// Triton's model configuration of a ready model (REST `/config` and the gRPC `ModelConfig`).
+pub(crate) fn model_config_json(state: &AppState, m: &str, version: Option<&str>) -> Result<Value, ApiError> {
+    let (model, _) = state.repo.ready_model(m, version)?;
+    let b = &model.backend;
+    Ok(v2::triton_config(
+        m,
+        b.signature(),
+        b.execution_provider(),
+        b.instances(),
+        model.batcher.get().map(|b| b.config()),
+    ))
+}
+
+/// Triton's statistics of one model version, or of all (REST `/stats` and the gRPC
+/// `ModelStatistics`).
+pub(crate) fn stats(state: &AppState, model: Option<&str>, version: Option<&str>) -> Result<Value, ApiError> {
     let entries = match model {
         Some(m) => {
             let (v, e) = state.repo.entry(m, version)?;
@@ -293,7 +289,10 @@ async fn infer_v2(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let start = Instant::now();
-    let (model, stats) = state.repo.ready_model(m, version).map_err(count_not_ready)?;
+    let (model, stats) = state
+        .repo
+        .ready_model(m, version)
+        .map_err(inference::count_not_ready)?;
     let _inflight = inference::InFlight::enter(&stats);
     let result = async {
         let header_len = match req.headers().get(v2::HEADER_LENGTH) {
@@ -314,8 +313,8 @@ async fn infer_v2(
         Ok(request)
     }
     .await;
-    let mut request = counted(&stats, start, result)?;
-    let timeout = counted(&stats, start, v2::timeout_param(request.parameters.as_ref()))?;
+    let mut request = inference::counted(&stats, start, result)?;
+    let timeout = inference::counted(&stats, start, v2::timeout_param(request.parameters.as_ref()))?;
     let outputs = inference::execute(
         model.clone(),
         &stats,
@@ -343,39 +342,22 @@ async fn predict_v1(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let start = Instant::now();
-    let (model, stats) = state.repo.ready_model(m, version).map_err(count_not_ready)?;
+    let (model, stats) = state
+        .repo
+        .ready_model(m, version)
+        .map_err(inference::count_not_ready)?;
     let _inflight = inference::InFlight::enter(&stats);
     let decoded = async {
         let (_, body) = read_body(state, req).await?;
         v1::decode_request(model.backend.signature(), &body)
     }
     .await;
-    let request = counted(&stats, start, decoded)?;
+    let request = inference::counted(&stats, start, decoded)?;
     let outputs = inference::execute(model, &stats, start, request.inputs, Vec::new(), None).await?;
     Ok(json_response(
         StatusCode::OK,
         &v1::encode_response(request.format, &outputs)?,
     ))
-}
-
-/// Counts a request that failed before execution (decoding, body limits) as a failure of its model.
-fn counted<T>(
-    stats: &crate::metrics::ModelStats,
-    start: Instant,
-    r: Result<T, ApiError>,
-) -> Result<T, ApiError> {
-    if let Err(e) = &r {
-        stats.record_failure(start.elapsed(), inference::failure_reason(e));
-    }
-    r
-}
-
-/// Counts a request for a known but unready model as a failure before answering 503.
-fn count_not_ready(e: LookupError) -> ApiError {
-    if let LookupError::NotReady { stats, .. } = &e {
-        stats.record_failure(std::time::Duration::ZERO, crate::metrics::FailureReason::Other);
-    }
-    e.into()
 }
 
 fn v1_status(state: &AppState, m: &str, version: Option<&str>) -> Result<Value, ApiError> {

@@ -14,6 +14,17 @@ use crate::tensor::{DataType, ElementWriter, Tensor, element_count};
 /// Header carrying the length of the JSON part of a binary-extension body.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 
+/// The platform reported for every model (Triton's name for ONNX models run by ONNX Runtime).
+pub const PLATFORM: &str = "onnxruntime_onnx";
+
+/// The protocol extensions the server implements (server metadata, REST and gRPC).
+pub const EXTENSIONS: [&str; 4] = [
+    "binary_tensor_data",
+    "statistics",
+    "model_configuration",
+    "model_repository(index)",
+];
+
 /// Deepest nesting accepted in a `data` array (tensors have far fewer dimensions).
 pub const MAX_DATA_DEPTH: usize = 32;
 
@@ -373,7 +384,7 @@ pub fn model_metadata(
     serde_json::json!({
         "name": name,
         "versions": versions.iter().map(u64::to_string).collect::<Vec<_>>(),
-        "platform": "onnxruntime_onnx",
+        "platform": PLATFORM,
         "inputs": specs_json(&sig.inputs),
         "outputs": specs_json(&sig.outputs),
         "parameters": parameters,
@@ -425,7 +436,7 @@ pub fn triton_config(
     };
     let mut config = serde_json::json!({
         "name": name,
-        "platform": "onnxruntime_onnx",
+        "platform": PLATFORM,
         "backend": "onnxruntime",
         "version_policy": {"all": {}},
         // Without batching, dims include the batch dimension, as Triton does for max_batch_size 0.

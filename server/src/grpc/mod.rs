@@ -1,0 +1,136 @@
+//! The Open Inference Protocol over gRPC (KServe's `inference.GRPCInferenceService` with Triton's
+//! extensions) and the standard `grpc.health.v1` service, on their own port. Requests decode into
+//! the same [`crate::tensor::Tensor`] and run through the same [`crate::inference::execute`] as
+//! REST, so batching, statistics and metrics are shared.
+
+pub mod codec;
+pub mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::{Code, Status};
+
+use crate::http::AppState;
+use crate::protocol::error::ApiError;
+
+/// Messages and stubs generated from `proto/inference.proto` (package `inference`).
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+pub mod pb {
+    tonic::include_proto!("inference");
+}
+
+/// Messages and stubs generated from `proto/health.proto` (package `grpc.health.v1`).
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+pub mod health_pb {
+    tonic::include_proto!("grpc.health.v1");
+}
+
+/// The gRPC status for an error: the codes gRPC clients retry and report by.
+pub fn status(e: &ApiError) -> Status {
+    let code = match e {
+        ApiError::BadRequest(_) => Code::InvalidArgument,
+        ApiError::NotFound(_) => Code::NotFound,
+        ApiError::MethodNotAllowed(_) => Code::Unimplemented,
+        ApiError::PayloadTooLarge(_) | ApiError::QueueFull(_) => Code::ResourceExhausted,
+        ApiError::Unavailable(_) => Code::Unavailable,
+        ApiError::Internal(_) => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// tonic refuses a message over the size limit with OUT_OF_RANGE before any handler runs; gRPC's
+/// convention (and what clients handle) is RESOURCE_EXHAUSTED, with advice. The server never
+/// answers OUT_OF_RANGE otherwise.
+pub fn oversized_to_resource_exhausted(limit: usize) -> impl Fn(Status) -> Status + Clone {
+    move |s: Status| {
+        if s.code() == Code::OutOfRange {
+            Status::resource_exhausted(format!(
+                "{}; send less data per request or raise --max-request-bytes (now {limit})",
+                s.message()
+            ))
+        } else {
+            s
+        }
+    }
+}
+
+/// Rewrites a trailers-only error response's status (how tonic answers a request it could not
+/// decode) with `f`.
+#[derive(Clone)]
+struct RewriteStatus<F>(F);
+
+impl<F: Fn(Status) -> Status> RewriteStatus<F> {
+    fn apply<B>(&self, mut resp: http::Response<B>) -> http::Response<B> {
+        if let Some(s) = Status::from_header_map(resp.headers())
+            && s.code() != Code::Ok
+        {
+            let new = (self.0)(s);
+            let headers = resp.headers_mut();
+            headers.remove("grpc-status");
+            headers.remove("grpc-message");
+            headers.remove("grpc-status-details-bin");
+            if let Err(e) = new.add_header(headers) {
+                tracing::debug!(error = %e, "could not rewrite a gRPC status");
+            }
+        }
+        resp
+    }
+}
+
+/// Serves gRPC on `listener` until `shutdown` flips to true, then lets in-flight calls and streams
+/// finish for at most `grace` (streams stop taking new requests at once and end after answering
+/// the ones they hold).
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let limit = state.max_request_bytes;
+    let inference = pb::grpc_inference_service_server::GrpcInferenceServiceServer::new(
+        service::Inference::new(state.clone(), shutdown.clone()),
+    )
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(usize::MAX);
+    let health = health_pb::health_server::HealthServer::new(service::Health::new(state, shutdown.clone()));
+    let rewrite = RewriteStatus(oversized_to_resource_exhausted(limit));
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut stop = shutdown.clone();
+    let signal = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let server = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(move |r| {
+            rewrite.apply::<tonic::body::Body>(r)
+        }))
+        .add_service(inference)
+        .add_service(health)
+        .serve_with_incoming_shutdown(incoming, signal);
+    let mut stopped = shutdown;
+    let deadline = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = server => match r {
+            Ok(()) => tracing::info!(surface = "grpc", "all connections drained"),
+            Err(e) => tracing::error!(error = %e, "gRPC server failed"),
+        },
+        _ = deadline => tracing::warn!(surface = "grpc", "shutdown timeout reached with requests still in flight"),
+    }
+}

@@ -1,0 +1,468 @@
+//! The gRPC handlers: `inference.GRPCInferenceService` and `grpc.health.v1.Health`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use serde_json::Value;
+use tokio::sync::watch;
+use tonic::server::NamedService;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::health_pb::health_check_response::ServingStatus;
+use super::health_pb::{HealthCheckRequest, HealthCheckResponse};
+use super::pb::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use super::pb::*;
+use super::{codec, status};
+use crate::http::AppState;
+use crate::http::routes;
+use crate::inference;
+use crate::protocol::error::ApiError;
+use crate::protocol::v2;
+
+/// Requests one `ModelStreamInfer` stream may have in flight; the stream reads no further
+/// requests until one is answered (flow control towards the client).
+pub const STREAM_CONCURRENCY: usize = 256;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn version_arg(v: &str) -> Option<&str> {
+    Some(v).filter(|v| !v.is_empty())
+}
+
+/// `inference.GRPCInferenceService`.
+pub struct Inference {
+    state: Arc<AppState>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Inference {
+    /// Handlers over `state`; streams stop reading requests when `shutdown` turns true.
+    pub fn new(state: Arc<AppState>, shutdown: watch::Receiver<bool>) -> Inference {
+        Inference { state, shutdown }
+    }
+}
+
+/// Runs one inference request through the shared execution path (statistics, metrics, batching).
+async fn infer(state: &AppState, mut req: ModelInferRequest) -> Result<ModelInferResponse, ApiError> {
+    let start = Instant::now();
+    let version = version_arg(&req.model_version).map(str::to_owned);
+    let (model, stats) = state
+        .repo
+        .ready_model(&req.model_name, version.as_deref())
+        .map_err(inference::count_not_ready)?;
+    let _inflight = inference::InFlight::enter(&stats);
+    let decoded = inference::counted(
+        &stats,
+        start,
+        codec::decode_request(model.backend.signature(), &mut req),
+    )?;
+    let timeout = inference::counted(&stats, start, v2::timeout_param(Some(&decoded.parameters)))?;
+    let outputs = inference::execute(
+        model.clone(),
+        &stats,
+        start,
+        decoded.inputs,
+        decoded.outputs,
+        timeout,
+    )
+    .await?;
+    Ok(codec::encode_response(
+        &req.model_name,
+        model.version,
+        &req,
+        decoded.raw,
+        outputs,
+    ))
+}
+
+/// Triton's model configuration as the `ModelConfig` message, from the same JSON REST answers.
+fn config_message(v: &Value) -> ModelConfig {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    let dims = |v: &Value| -> Vec<i64> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(Value::as_i64).collect())
+            .unwrap_or_default()
+    };
+    let data_type = |v: &Value| {
+        DataType::from_str_name(v.as_str().unwrap_or_default()).unwrap_or(DataType::TypeInvalid) as i32
+    };
+    let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    let batching = &v["dynamic_batching"];
+    ModelConfig {
+        name: text(&v["name"]),
+        platform: text(&v["platform"]),
+        backend: text(&v["backend"]),
+        version_policy: Some(ModelVersionPolicy {
+            policy_choice: Some(model_version_policy::PolicyChoice::All(
+                model_version_policy::All {},
+            )),
+        }),
+        max_batch_size: v["max_batch_size"].as_i64().unwrap_or(0) as i32,
+        input: list(&v["input"])
+            .iter()
+            .map(|t| ModelInput {
+                name: text(&t["name"]),
+                data_type: data_type(&t["data_type"]),
+                dims: dims(&t["dims"]),
+            })
+            .collect(),
+        output: list(&v["output"])
+            .iter()
+            .map(|t| ModelOutput {
+                name: text(&t["name"]),
+                data_type: data_type(&t["data_type"]),
+                dims: dims(&t["dims"]),
+            })
+            .collect(),
+        instance_group: list(&v["instance_group"])
+            .iter()
+            .map(|g| ModelInstanceGroup {
+                name: text(&g["name"]),
+                count: g["count"].as_i64().unwrap_or(0) as i32,
+                kind: model_instance_group::Kind::from_str_name(g["kind"].as_str().unwrap_or_default())
+                    .unwrap_or(model_instance_group::Kind::Auto) as i32,
+            })
+            .collect(),
+        dynamic_batching: batching.is_object().then(|| ModelDynamicBatching {
+            preferred_batch_size: dims(&batching["preferred_batch_size"])
+                .into_iter()
+                .map(|n| n as i32)
+                .collect(),
+            max_queue_delay_microseconds: batching["max_queue_delay_microseconds"].as_u64().unwrap_or(0),
+            default_queue_policy: Some(ModelQueuePolicy {
+                max_queue_size: batching["default_queue_policy"]["max_queue_size"]
+                    .as_u64()
+                    .unwrap_or(0) as u32,
+            }),
+        }),
+        parameters: v["parameters"]
+            .as_object()
+            .map(|p| {
+                p.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            ModelParameter {
+                                string_value: text(&v["string_value"]),
+                            },
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// Triton's statistics as `ModelStatistics` messages, from the same JSON REST answers.
+fn statistics_message(v: &Value) -> ModelStatisticsResponse {
+    let duration = |d: &Value| {
+        Some(StatisticDuration {
+            count: d["count"].as_u64().unwrap_or(0),
+            ns: d["ns"].as_u64().unwrap_or(0),
+        })
+    };
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let entries = v["model_stats"].as_array().cloned().unwrap_or_default();
+    ModelStatisticsResponse {
+        model_stats: entries
+            .iter()
+            .map(|m| {
+                let s = &m["inference_stats"];
+                ModelStatistics {
+                    name: m["name"].as_str().unwrap_or_default().to_string(),
+                    version: m["version"].as_str().unwrap_or_default().to_string(),
+                    last_inference: n(&m["last_inference"]),
+                    inference_count: n(&m["inference_count"]),
+                    execution_count: n(&m["execution_count"]),
+                    inference_stats: Some(InferStatistics {
+                        success: duration(&s["success"]),
+                        fail: duration(&s["fail"]),
+                        queue: duration(&s["queue"]),
+                        compute_input: duration(&s["compute_input"]),
+                        compute_infer: duration(&s["compute_infer"]),
+                        compute_output: duration(&s["compute_output"]),
+                        cache_hit: duration(&s["cache_hit"]),
+                        cache_miss: duration(&s["cache_miss"]),
+                    }),
+                    batch_stats: m["batch_stats"]
+                        .as_array()
+                        .map(|b| {
+                            b.iter()
+                                .map(|b| InferBatchStatistics {
+                                    batch_size: n(&b["batch_size"]),
+                                    compute_input: duration(&b["compute_input"]),
+                                    compute_infer: duration(&b["compute_infer"]),
+                                    compute_output: duration(&b["compute_output"]),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                }
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Inference {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.state.repo.all_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        req: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        let req = req.into_inner();
+        let ready = match self.state.repo.ready_model(&req.name, version_arg(&req.version)) {
+            Ok(_) => !self.state.repo.is_shutting_down(),
+            Err(crate::repository::LookupError::NotReady { .. }) => false,
+            Err(e) => return Err(status(&e.into())),
+        };
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: "kubemaas".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: v2::EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let req = req.into_inner();
+        let version = version_arg(&req.version);
+        let (model, _) = self
+            .state
+            .repo
+            .ready_model(&req.name, version)
+            .map_err(|e| status(&e.into()))?;
+        let versions = match version {
+            Some(_) => vec![model.version],
+            None => self.state.repo.versions(&req.name),
+        };
+        let sig = model.backend.signature();
+        let tensors = |specs: &[crate::backend::TensorSpec]| {
+            specs
+                .iter()
+                .map(|s| model_metadata_response::TensorMetadata {
+                    name: s.name.clone(),
+                    datatype: s.datatype.v2_name().into(),
+                    shape: s.shape.clone(),
+                })
+                .collect()
+        };
+        Ok(Response::new(ModelMetadataResponse {
+            name: req.name,
+            versions: versions.iter().map(u64::to_string).collect(),
+            platform: v2::PLATFORM.into(),
+            inputs: tensors(&sig.inputs),
+            outputs: tensors(&sig.outputs),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        req: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        match infer(&self.state, req.into_inner()).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(e) => {
+                if matches!(e, ApiError::Internal(_)) {
+                    tracing::error!(error = %e, "gRPC request failed");
+                }
+                Err(status(&e))
+            }
+        }
+    }
+
+    type ModelStreamInferStream = BoxStream<ModelStreamInferResponse>;
+
+    async fn model_stream_infer(
+        &self,
+        req: Request<Streaming<ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let state = self.state.clone();
+        let mut stop = self.shutdown.clone();
+        // At shutdown the stream reads no more requests, answers those it holds, then ends.
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let rewrite = super::oversized_to_resource_exhausted(state.max_request_bytes);
+        let answers = req
+            .into_inner()
+            .take_until(stopped)
+            .map(move |item| {
+                let state = state.clone();
+                let rewrite = rewrite.clone();
+                async move {
+                    // A request that cannot be decoded from the wire breaks the stream's framing:
+                    // it ends the stream with its status. Any other failure is one error message.
+                    let req = item.map_err(rewrite)?;
+                    let echo = ModelInferResponse {
+                        model_name: req.model_name.clone(),
+                        model_version: req.model_version.clone(),
+                        id: req.id.clone(),
+                        ..Default::default()
+                    };
+                    Ok(match infer(&state, req).await {
+                        Ok(r) => ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(r),
+                        },
+                        Err(e) => ModelStreamInferResponse {
+                            error_message: e.to_string(),
+                            infer_response: Some(echo),
+                        },
+                    })
+                }
+            })
+            // Answers leave in request order; up to STREAM_CONCURRENCY run at once.
+            .buffered(STREAM_CONCURRENCY);
+        Ok(Response::new(Box::pin(answers)))
+    }
+
+    async fn model_config(
+        &self,
+        req: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
+        let req = req.into_inner();
+        let json = routes::model_config_json(&self.state, &req.name, version_arg(&req.version))
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(ModelConfigResponse {
+            config: Some(config_message(&json)),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        req: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        let req = req.into_inner();
+        let model = Some(req.name.as_str()).filter(|n| !n.is_empty());
+        let json = routes::stats(&self.state, model, version_arg(&req.version)).map_err(|e| status(&e))?;
+        Ok(Response::new(statistics_message(&json)))
+    }
+
+    async fn repository_index(
+        &self,
+        req: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let only_ready = req.into_inner().ready;
+        let models = self
+            .state
+            .repo
+            .index()
+            .into_iter()
+            .filter(|(_, _, state, _)| !only_ready || *state == "READY")
+            .map(|(name, v, state, reason)| repository_index_response::ModelIndex {
+                name,
+                version: v.to_string(),
+                state: state.into(),
+                reason,
+            })
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+}
+
+/// `grpc.health.v1.Health`: what Kubernetes' gRPC probes and meshes ask.
+pub struct Health {
+    state: Arc<AppState>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// How often `Watch` re-reads readiness.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+impl Health {
+    /// Health of the server over `state`; `Watch` streams end when `shutdown` turns true.
+    pub fn new(state: Arc<AppState>, shutdown: watch::Receiver<bool>) -> Health {
+        Health { state, shutdown }
+    }
+}
+
+/// The status of `service` ("" is the whole server); None for a service not served here.
+fn serving(state: &AppState, service: &str) -> Option<ServingStatus> {
+    let inference = <GrpcInferenceServiceServer<Inference> as NamedService>::NAME;
+    (service.is_empty() || service == inference).then(|| {
+        if state.repo.all_ready() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    })
+}
+
+#[tonic::async_trait]
+impl super::health_pb::health_server::Health for Health {
+    async fn check(&self, req: Request<HealthCheckRequest>) -> Result<Response<HealthCheckResponse>, Status> {
+        let service = req.into_inner().service;
+        let s = serving(&self.state, &service).ok_or_else(|| {
+            Status::not_found(format!(
+                "unknown service {service:?}; this server reports \"\" and \"{}\"",
+                <GrpcInferenceServiceServer<Inference> as NamedService>::NAME
+            ))
+        })?;
+        Ok(Response::new(HealthCheckResponse { status: s as i32 }))
+    }
+
+    type WatchStream = BoxStream<HealthCheckResponse>;
+
+    async fn watch(&self, req: Request<HealthCheckRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let service = req.into_inner().service;
+        let start = (
+            self.state.clone(),
+            self.shutdown.clone(),
+            None::<ServingStatus>,
+            false,
+        );
+        // The current status at once, then every change; the stream ends at shutdown (after
+        // reporting NOT_SERVING) so it does not hold the drain open.
+        let updates = futures::stream::unfold(start, move |(state, mut stop, last, done)| {
+            let service = service.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    let now = serving(&state, &service).unwrap_or(ServingStatus::ServiceUnknown);
+                    let stopping = *stop.borrow();
+                    if last != Some(now) {
+                        let msg = HealthCheckResponse { status: now as i32 };
+                        return Some((Ok(msg), (state, stop, Some(now), stopping)));
+                    }
+                    if stopping {
+                        return None;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(updates)))
+    }
+}
