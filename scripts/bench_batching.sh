@@ -18,7 +18,7 @@ OUT="$(mktemp -d)"
 trap 'kill "${PID:-0}" 2>/dev/null || true; rm -rf "$OUT"' EXIT
 
 run_server() { # flags... -> sets PID and PORT
-  "$SERVER" --log-format json serve --host 127.0.0.1 --http-port 0 --metrics-port 0 \
+  "$SERVER" --log-format json serve --host 127.0.0.1 --http-port 0 --grpc-port 0 --metrics-port 0 \
     --ort-library "$ORT_DYLIB_PATH" --model "ocr-cls=$MODEL" "$@" 2> "$OUT/server.log" &
   PID=$!
   for _ in $(seq 300); do

@@ -25,9 +25,9 @@ class Server:
         self.log_path = log_path
         self.log = open(log_path, "w")
         cmd = [str(BINARY), "--log-format", "json", "serve", "--host", "127.0.0.1",
-               "--http-port", "0", "--metrics-port", "0", *args]
+               "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *args]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=self.log, text=True)
-        self.http = self.metrics = None
+        self.http = self.grpc = self.metrics = None
         ready = threading.Event()
 
         def pump():
@@ -39,7 +39,7 @@ class Server:
                 except ValueError:
                     continue
                 if ev.get("message") == "listening":
-                    self.http, self.metrics = ev["http"], ev["metrics"]
+                    self.http, self.grpc, self.metrics = ev["http"], ev["grpc"], ev["metrics"]
                     ready.set()
 
         self.pump = threading.Thread(target=pump, daemon=True)

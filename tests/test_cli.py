@@ -72,13 +72,13 @@ def test_port_in_use_is_one_line_with_advice_and_no_backtrace():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        p = subprocess.run([str(SERVER), "serve", "--host", "127.0.0.1", "--http-port", str(port), "--metrics-port", "0",
+        p = subprocess.run([str(SERVER), "serve", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0", "--metrics-port", "0",
                             "--model", f"m={ROW_STATS}"], capture_output=True, text=True, timeout=60,
                            env={**os.environ, "RUST_BACKTRACE": "1"})
     assert p.returncode == 1
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert errors == [f"error: failed to listen on 127.0.0.1:{port}: Address already in use (os error 98) "
-                      "(another process listens there: stop it, or choose other ports with --http-port and "
+                      "(another process listens there: stop it, or choose other ports with --http-port, --grpc-port and "
                       "--metrics-port; 0 picks free ones)"], p.stderr
     assert "backtrace" not in p.stderr.lower() and "caused by" not in p.stderr.lower(), p.stderr
 
@@ -87,7 +87,7 @@ def test_an_empty_ort_dylib_path_means_unset_and_a_bad_one_says_why(tmp_path):
     # Empty: the cached library is used, the server starts.
     env = {**os.environ, "ORT_DYLIB_PATH": ""}
     proc = subprocess.Popen([str(SERVER), "--log-format", "json", "serve", "--host", "127.0.0.1", "--http-port", "0",
-                             "--metrics-port", "0", "--model", f"m={ROW_STATS}"], env=env,
+                             "--grpc-port", "0", "--metrics-port", "0", "--model", f"m={ROW_STATS}"], env=env,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
         for line in proc.stderr:
@@ -101,7 +101,7 @@ def test_an_empty_ort_dylib_path_means_unset_and_a_bad_one_says_why(tmp_path):
     # Not a library: the loader's bare "dlopen failed" comes with a reason.
     bogus = tmp_path / "libonnxruntime.so"
     bogus.write_text("not a library")
-    p = subprocess.run([str(SERVER), "serve", "--http-port", "0", "--metrics-port", "0", "--model", f"m={ROW_STATS}"],
+    p = subprocess.run([str(SERVER), "serve", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--model", f"m={ROW_STATS}"],
                        capture_output=True, text=True, timeout=60, env={**os.environ, "ORT_DYLIB_PATH": str(bogus)})
     assert p.returncode == 1
     assert "the file is not a shared library (no ELF header)" in p.stderr, p.stderr

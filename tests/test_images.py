@@ -135,7 +135,7 @@ def test_server_image_serves_a_model_and_pulls_nothing_it_lacks(images, tmp_path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # The image's default command (serve the /models repository), on loopback.
-    args = config["config"]["Cmd"] + ["--host", "127.0.0.1", "--http-port", str(port), "--metrics-port", "0"]
+    args = config["config"]["Cmd"] + ["--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0", "--metrics-port", "0"]
     cmd, env = in_image(root, config, args)
     log = tmp_path / "server.log"
     with open(log, "w") as out:

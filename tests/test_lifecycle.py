@@ -62,7 +62,7 @@ def test_sigterm_under_load_loses_no_accepted_request(repo_dir, tmp_path):
 
 def test_missing_ort_library_exits_with_instructions(repo_dir, tmp_path):
     p = subprocess.run([str(BINARY), "serve", "--model", f"m={repo_dir / 'model' / '1' / 'model.onnx'}",
-                        "--ort-library", str(tmp_path / "nope.so"), "--http-port", "0", "--metrics-port", "0"],
+                        "--ort-library", str(tmp_path / "nope.so"), "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 1
     assert "failed to load the ONNX Runtime library" in p.stderr and "make setup" in p.stderr
@@ -103,7 +103,7 @@ def test_perf_analyzer_runs_against_the_server(server):
 
 def test_exit_on_load_failure_ends_with_code_4_and_the_error_in_the_termination_log(repo_dir, tmp_path):
     term = tmp_path / "termination-log"
-    p = subprocess.run([str(BINARY), "serve", "--host", "127.0.0.1", "--http-port", "0", "--metrics-port", "0",
+    p = subprocess.run([str(BINARY), "serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
                         "--model", f"broken={repo_dir / 'broken' / '1' / 'model.onnx'}",
                         "--exit-on-load-failure", "--termination-log", str(term)],
                        capture_output=True, text=True, timeout=60)

@@ -75,7 +75,7 @@ def quickstart(tmp_path_factory):
     """scripts/quickstart.sh (what `make run` execs) with the debug build and OS-picked ports."""
     log_path = tmp_path_factory.mktemp("readme") / "server.log"
     env = {**os.environ, "KUBEMAAS_SERVER": str(BINARY), "KUBEMAAS_HTTP_PORT": "0",
-           "KUBEMAAS_METRICS_PORT": "0", "KUBEMAAS_LOG_FORMAT": "json"}
+           "KUBEMAAS_GRPC_PORT": "0", "KUBEMAAS_METRICS_PORT": "0", "KUBEMAAS_LOG_FORMAT": "json"}
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, cwd=ROOT,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     ports, ready = {}, threading.Event()
@@ -90,7 +90,7 @@ def quickstart(tmp_path_factory):
             except ValueError:
                 continue
             if ev.get("message") == "listening":
-                ports["http"], ports["metrics"] = ev["http"], ev["metrics"]
+                ports["http"], ports["grpc"], ports["metrics"] = ev["http"], ev["grpc"], ev["metrics"]
                 ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
@@ -111,7 +111,8 @@ def quickstart(tmp_path_factory):
 
 
 def localise(cmd: str, ports) -> str:
-    return cmd.replace("localhost:8080", ports["http"]).replace("localhost:9090", ports["metrics"])
+    return (cmd.replace("localhost:8080", ports["http"]).replace("localhost:8081", ports["grpc"])
+            .replace("localhost:9090", ports["metrics"]))
 
 
 def readme_examples():
@@ -129,10 +130,11 @@ def test_quickstart_is_what_make_run_serves_on_the_readme_ports():
     assert run and "--release -p kubemaas-server" in run.group(1) and "scripts/quickstart.sh" in run.group(1)
     script = (ROOT / "scripts" / "quickstart.sh").read_text()
     assert 'KUBEMAAS_HTTP_PORT:-8080' in script and 'KUBEMAAS_METRICS_PORT:-9090' in script
+    assert 'KUBEMAAS_GRPC_PORT:-8081' in script
     assert "--host 127.0.0.1" in script
     # The README talks to exactly those ports and nothing else.
     hosts = set(re.findall(r"localhost:\d+", section(README.read_text(), "Examples")))
-    assert hosts <= {"localhost:8080", "localhost:9090"}, hosts
+    assert hosts <= {"localhost:8080", "localhost:8081", "localhost:9090"}, hosts
 
 
 @pytest.mark.parametrize("index", range(len(readme_examples())))

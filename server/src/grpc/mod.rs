@@ -53,19 +53,21 @@ pub fn status(e: &ApiError) -> Status {
     Status::new(code, e.to_string())
 }
 
-/// tonic refuses a message over the size limit with OUT_OF_RANGE before any handler runs; gRPC's
-/// convention (and what clients handle) is RESOURCE_EXHAUSTED, with advice. The server never
-/// answers OUT_OF_RANGE otherwise.
-pub fn oversized_to_resource_exhausted(limit: usize) -> impl Fn(Status) -> Status + Clone {
-    move |s: Status| {
-        if s.code() == Code::OutOfRange {
-            Status::resource_exhausted(format!(
-                "{}; send less data per request or raise --max-request-bytes (now {limit})",
-                s.message()
-            ))
-        } else {
-            s
+/// The statuses tonic answers itself, before any handler runs, in the codes gRPC clients expect:
+/// a message over the size limit is OUT_OF_RANGE in tonic and RESOURCE_EXHAUSTED by gRPC's
+/// convention; bytes that are not a protobuf message are INTERNAL in tonic, but the client sent
+/// them (INVALID_ARGUMENT). The server's own handlers never answer OUT_OF_RANGE, nor INTERNAL
+/// with prost's decode message.
+pub fn transport_status(limit: usize) -> impl Fn(Status) -> Status + Clone {
+    move |s: Status| match s.code() {
+        Code::OutOfRange => Status::resource_exhausted(format!(
+            "{}; send less data per request or raise --max-request-bytes (now {limit})",
+            s.message()
+        )),
+        Code::Internal if s.message().starts_with("failed to decode Protobuf message") => {
+            Status::invalid_argument(format!("the request is not a valid message: {}", s.message()))
         }
+        _ => s,
     }
 }
 
@@ -108,7 +110,7 @@ pub async fn serve(
     .max_decoding_message_size(limit)
     .max_encoding_message_size(usize::MAX);
     let health = health_pb::health_server::HealthServer::new(service::Health::new(state, shutdown.clone()));
-    let rewrite = RewriteStatus(oversized_to_resource_exhausted(limit));
+    let rewrite = RewriteStatus(transport_status(limit));
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut stop = shutdown.clone();
     let signal = async move {

@@ -309,7 +309,7 @@ impl GrpcInferenceService for Inference {
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        let rewrite = super::oversized_to_resource_exhausted(state.max_request_bytes);
+        let rewrite = super::transport_status(state.max_request_bytes);
         let answers = req
             .into_inner()
             .take_until(stopped)

@@ -138,6 +138,8 @@ pub fn server_args(md: &ModelDeployment, cfg: &BuildConfig) -> Vec<String> {
         &intra_op_threads(md).to_string(),
         "--http-port",
         &ports::HTTP.to_string(),
+        "--grpc-port",
+        &ports::GRPC.to_string(),
         "--metrics-port",
         &ports::METRICS.to_string(),
         "--shutdown-delay",
