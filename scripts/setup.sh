@@ -89,7 +89,7 @@ if [ "${1:-}" = "--clients" ] || [ "${1:-}" = "--test" ]; then
     log "creating virtualenv $VENV"
     python3 -m venv "$VENV"
   fi
-  if ! "$VENV/bin/python" -c 'import numpy, tritonclient.http' 2>/dev/null; then
+  if ! "$VENV/bin/python" -c 'import numpy, tritonclient.http, tritonclient.grpc' 2>/dev/null; then
     log "installing numpy and tritonclient into $VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "$(pin numpy)" "$(pin tritonclient)" >&2
   fi
