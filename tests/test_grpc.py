@@ -286,8 +286,9 @@ def test_a_stream_answers_100_requests_in_flight_in_order_and_failures_do_not_en
             assert error is None, (i, error)
             assert result.get_response().id == str(i)  # answers leave in request order
             np.testing.assert_allclose(result.as_numpy("y"), want, rtol=1e-4, atol=1e-4)
-    # The stream held (nearly) all of them at once: they were in flight together, not one by one.
-    assert peak[0] >= 80, peak[0]
+    # The stream held many at once (two instances run two at a time): in flight together, not one
+    # by one. The bound leaves room for a slow client and a busy machine.
+    assert peak[0] >= 40, peak[0]
 
 
 def test_errors_have_the_grpc_codes_clients_act_on_and_the_server_keeps_serving(server):
@@ -454,9 +455,9 @@ def test_health_service_follows_readiness_and_sigterm_drains_a_stream(repo_dir, 
         client.start_stream(callback=callback)
         for i in range(n):
             client.async_stream_infer("slow", [x], request_id=str(i))
-        # Half of them held (decoding 2 MiB messages takes a while in a debug build): ~2 s of work.
+        # All of them read (queued, running or answered): ~4 s of work left at most.
         deadline = time.time() + 60
-        while pending(s, "slow") < n // 2 and time.time() < deadline:
+        while pending(s, "slow") + len(answers) < n and time.time() < deadline:
             time.sleep(0.01)
         term = time.time()
         s.proc.send_signal(signal.SIGTERM)
@@ -470,7 +471,9 @@ def test_health_service_follows_readiness_and_sigterm_drains_a_stream(repo_dir, 
         client.stop_stream()
     finally:
         s.stop()
-    assert not errors, errors
+    # Every request is answered; then the server ends the stream, saying why.
+    assert len(errors) == 1 and "shutting down" in errors[0][1].message(), errors
+    assert errors[0][0] >= max(t for t, _ in answers)
     assert sorted(int(r.get_response().id) for _, r in answers) == list(range(n))
     assert max(t for t, _ in answers) > term + 1.0, "nothing was left to drain after the shutdown delay"
     assert exited - max(t for t, _ in answers) < 5, "the server waited for the stream beyond its last answer"

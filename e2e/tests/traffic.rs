@@ -59,6 +59,52 @@ async fn answering(ip: &str, model: &str, body: &str) {
     .await
 }
 
+/// The pod's gRPC port reports SERVING through `grpc.health.v1` and answers the V2 `ModelInfer`
+/// with typed contents, the same numbers as REST.
+async fn grpc_answers(ip: &str, port: i32) {
+    use kubemaas_server::grpc::health_pb::health_check_response::ServingStatus;
+    use kubemaas_server::grpc::health_pb::{HealthCheckRequest, health_client::HealthClient};
+    use kubemaas_server::grpc::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use kubemaas_server::grpc::pb::model_infer_request::InferInputTensor;
+    use kubemaas_server::grpc::pb::{InferTensorContents, ModelInferRequest};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{ip}:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("the pod's gRPC port accepts connections");
+    let health = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status, ServingStatus::Serving as i32);
+    let request = ModelInferRequest {
+        model_name: "stats".into(),
+        id: "e2e".into(),
+        inputs: vec![InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![2, 10],
+            contents: Some(InferTensorContents {
+                fp32_contents: (1..=20).map(|v| v as f32).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let answer = GrpcInferenceServiceClient::new(channel)
+        .model_infer(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.id, "e2e");
+    let stats = answer.outputs[0].contents.clone().unwrap().fp32_contents;
+    assert_eq!(stats, vec![55.0, 5.5, 10.0, 155.0, 15.5, 20.0]);
+}
+
 /// A load report without its completion times, for printing.
 struct LoadSummary<'a>(&'a kubemaas_e2e::podrunner::LoadReport);
 
@@ -115,6 +161,30 @@ async fn status_reports_the_real_model_and_traffic_within_20_percent_of_the_clie
         "{}",
         artifact.uri
     );
+
+    // 1b. gRPC where the Service points: the pod's server runs with the operator's own arguments.
+    let service: k8s_openapi::api::core::v1::Service = Api::namespaced(client.clone(), &ns.name)
+        .get("stats")
+        .await
+        .unwrap();
+    let grpc = service
+        .spec
+        .unwrap()
+        .ports
+        .unwrap()
+        .into_iter()
+        .find(|p| p.name.as_deref() == Some("grpc"));
+    let port = grpc.expect("the Service names a grpc port").port;
+    let pod = pods_of(&client, &ns.name, "stats").await.remove(0);
+    let container_port = pod.spec.unwrap().containers[0]
+        .ports
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| p.name.as_deref() == Some("grpc"))
+        .map(|p| p.container_port);
+    assert_eq!(container_port, Some(port));
+    grpc_answers(&ip, port).await;
 
     // 2. Traffic: steady load from 2 clients for 16 s. Every change of status.metrics seen during
     // the steady part is compared with the rate the clients measured over that same window

@@ -22,7 +22,7 @@ pub struct Decoded {
     pub inputs: Vec<Tensor>,
     /// Outputs requested (empty: all).
     pub outputs: Vec<String>,
-    /// Answer in `raw_output_contents` (the request used raw contents).
+    /// Answer in `raw_output_contents`: no input carried typed contents.
     pub raw: bool,
     /// Request parameters as JSON, for the options REST shares (`timeout`).
     pub parameters: Map<String, Value>,
@@ -41,6 +41,8 @@ pub fn decode_request(sig: &Signature, req: &mut ModelInferRequest) -> Result<De
     }
     let mut raw_contents = raw_contents.into_iter();
     let mut inputs = Vec::with_capacity(req.inputs.len());
+    // Typed answers only for a client that used typed contents; tritonclient reads raw ones.
+    let typed = !raw && req.inputs.iter().any(|i| i.contents.is_some());
     for input in &mut req.inputs {
         let tensor = decode_input(sig, input, raw.then(|| raw_contents.next()).flatten())?;
         inputs.push(tensor);
@@ -58,7 +60,7 @@ pub fn decode_request(sig: &Signature, req: &mut ModelInferRequest) -> Result<De
     Ok(Decoded {
         inputs,
         outputs,
-        raw,
+        raw: !typed,
         parameters: parameters_json(&req.parameters),
     })
 }
@@ -87,7 +89,7 @@ fn decode_input(
     let shape: Vec<usize> = input.shape.iter().map(|&d| d as usize).collect();
     let bad = |e: crate::tensor::TensorError| ApiError::BadRequest(format!("input {name:?}: {e}"));
     match (raw, input.contents.take()) {
-        (Some(_), Some(c)) if populated(&c).is_some() => Err(ApiError::BadRequest(format!(
+        (Some(_), Some(c)) if !populated(&c).is_empty() => Err(ApiError::BadRequest(format!(
             "input {name:?} has contents although the request carries raw_input_contents; send every input one way"
         ))),
         (Some(bytes), _) => Tensor::from_binary(name, dtype, shape, bytes).map_err(bad),
@@ -114,8 +116,8 @@ fn field_for(dtype: DataType) -> Option<&'static str> {
     })
 }
 
-/// The first non-empty field of `c`, with its element count.
-fn populated(c: &InferTensorContents) -> Option<(&'static str, usize)> {
+/// The non-empty fields of `c`, with their element counts.
+fn populated(c: &InferTensorContents) -> Vec<(&'static str, usize)> {
     [
         ("bool_contents", c.bool_contents.len()),
         ("int_contents", c.int_contents.len()),
@@ -127,7 +129,8 @@ fn populated(c: &InferTensorContents) -> Option<(&'static str, usize)> {
         ("bytes_contents", c.bytes_contents.len()),
     ]
     .into_iter()
-    .find(|(_, n)| *n > 0)
+    .filter(|(_, n)| *n > 0)
+    .collect()
 }
 
 /// Little-endian bytes of typed values, each converted (and range-checked) by `conv`.
@@ -159,14 +162,17 @@ fn typed_input(
             "input {name:?} is {dtype}, which has no typed contents in the protocol; send it in raw_input_contents"
         ))
     };
-    let field = field_for(dtype).ok_or_else(untyped)?;
     let given = populated(&c);
-    if let Some((other, _)) = given.filter(|(f, _)| *f != field) {
+    if given.is_empty() && count == 0 {
+        return Ok(Tensor::zeros(name, dtype, shape));
+    }
+    let field = field_for(dtype).ok_or_else(untyped)?;
+    if let Some((other, _)) = given.iter().find(|(f, _)| *f != field) {
         return Err(ApiError::BadRequest(format!(
             "input {name:?} is {dtype}: its elements go in {field}, not {other}"
         )));
     }
-    let n = given.map_or(0, |(_, n)| n);
+    let n = given.first().map_or(0, |(_, n)| *n);
     if n != count {
         return Err(ApiError::BadRequest(format!(
             "input {name:?} has {n} elements in {field} but shape {shape:?} needs {count}"
@@ -376,6 +382,10 @@ mod tests {
         let decoded = decode_request(&sig(), &mut req).unwrap();
         assert!(!decoded.raw);
         assert_eq!(decoded.inputs, tensors);
+        // Without typed contents (here: no input has elements) the answer is raw, as tritonclient
+        // reads it.
+        let mut empty = request(vec![input(DataType::F16, vec![0, 2], None)], Vec::new());
+        assert!(decode_request(&sig(), &mut empty).unwrap().raw);
     }
 
     #[test]
@@ -474,6 +484,17 @@ mod tests {
         assert!(e.contains("is invalid"), "{e}");
         let e = err(request(vec![input(DataType::F32, vec![1, 1], None)], Vec::new()));
         assert!(e.contains("no contents"), "{e}");
+        let both = Some(InferTensorContents {
+            fp32_contents: vec![1.0],
+            bytes_contents: vec![Bytes::from_static(b"x")],
+            ..Default::default()
+        });
+        let e = err(request(vec![input(DataType::F32, vec![1, 1], both)], Vec::new()));
+        assert!(e.contains("not bytes_contents"), "{e}");
+        // An empty FP16 tensor needs no contents, typed or not.
+        let empty = Some(InferTensorContents::default());
+        let mut req = request(vec![input(DataType::F16, vec![0, 2], empty)], Vec::new());
+        assert!(decode_request(&sig(), &mut req).is_ok());
     }
 
     #[test]

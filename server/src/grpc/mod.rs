@@ -94,6 +94,9 @@ impl<F: Fn(Status) -> Status> RewriteStatus<F> {
     }
 }
 
+/// Calls and streams one connection may have open at once; more wait in the client.
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+
 /// Serves gRPC on `listener` until `shutdown` flips to true, then lets in-flight calls and streams
 /// finish for at most `grace` (streams stop taking new requests at once and end after answering
 /// the ones they hold).
@@ -117,6 +120,8 @@ pub async fn serve(
         let _ = stop.wait_for(|s| *s).await;
     };
     let server = tonic::transport::Server::builder()
+        // Bounds what one connection holds at once (each call or stream holds its messages).
+        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
         .layer(tower::util::MapResponseLayer::new(move |r| {
             rewrite.apply::<tonic::body::Body>(r)
         }))

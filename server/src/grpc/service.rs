@@ -305,9 +305,13 @@ impl GrpcInferenceService for Inference {
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let state = self.state.clone();
         let mut stop = self.shutdown.clone();
-        // At shutdown the stream reads no more requests, answers those it holds, then ends.
+        // At shutdown the stream reads no more requests, answers those it holds, then ends with
+        // UNAVAILABLE, so a client knows that what it sent after them did not run.
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cut_by_stop = cut.clone();
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
+            cut_by_stop.store(true, std::sync::atomic::Ordering::SeqCst);
         };
         let rewrite = super::transport_status(state.max_request_bytes);
         let answers = req
@@ -340,7 +344,15 @@ impl GrpcInferenceService for Inference {
             })
             // Answers leave in request order; up to STREAM_CONCURRENCY run at once.
             .buffered(STREAM_CONCURRENCY);
-        Ok(Response::new(Box::pin(answers)))
+        let end = futures::stream::once(async move { cut.load(std::sync::atomic::Ordering::SeqCst) })
+            .filter_map(|cut| async move {
+                cut.then(|| {
+                    Err(Status::unavailable(
+                        "the server is shutting down: the requests above were answered; any sent after them were not read and did not run (send them to another replica)",
+                    ))
+                })
+            });
+        Ok(Response::new(Box::pin(answers.chain(end))))
     }
 
     async fn model_config(
