@@ -101,6 +101,12 @@ pub fn failure_reason(e: &ApiError) -> FailureReason {
     }
 }
 
+/// The span every protocol runs an inference request in (`--log-level debug` shows it), so a log
+/// line from anywhere below names the protocol, model and version it served.
+pub fn request_span(protocol: &'static str, model: &str, version: Option<&str>) -> tracing::Span {
+    tracing::debug_span!("infer", protocol, model, version = version.unwrap_or(""))
+}
+
 /// Counts a request as in flight (the pending gauge and its time integral) from when it is
 /// routed to its model until it is answered, on every exit path, including a dropped (cancelled)
 /// future. Reading and decoding the body count: a client waits through them too.

@@ -9,6 +9,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::health_pb::health_check_response::ServingStatus;
 use super::health_pb::{HealthCheckRequest, HealthCheckResponse};
@@ -45,7 +46,12 @@ impl Inference {
 }
 
 /// Runs one inference request through the shared execution path (statistics, metrics, batching).
-async fn infer(state: &AppState, mut req: ModelInferRequest) -> Result<ModelInferResponse, ApiError> {
+async fn infer(state: &AppState, req: ModelInferRequest) -> Result<ModelInferResponse, ApiError> {
+    let span = inference::request_span("grpc", &req.model_name, version_arg(&req.model_version));
+    infer_in_span(state, req).instrument(span).await
+}
+
+async fn infer_in_span(state: &AppState, mut req: ModelInferRequest) -> Result<ModelInferResponse, ApiError> {
     let start = Instant::now();
     let version = version_arg(&req.model_version).map(str::to_owned);
     let (model, stats) = state

@@ -10,6 +10,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::Value;
+use tracing::Instrument;
 
 use super::{AppState, Surface};
 use crate::inference;
@@ -140,7 +141,11 @@ async fn route(
                 ["ready"] if get => model_ready(state, m, version),
                 ["config"] if get => model_config(state, m, version),
                 ["stats"] if get => Ok(json_response(StatusCode::OK, &stats(state, Some(m), version)?)),
-                ["infer"] if post => infer_v2(state, m, version, req).await,
+                ["infer"] if post => {
+                    infer_v2(state, m, version, req)
+                        .instrument(inference::request_span("v2", m, version))
+                        .await
+                }
                 [] | ["ready"] | ["config"] | ["stats"] | ["infer"] => Err(not_allowed()),
                 _ => Err(ApiError::NotFound(format!("no endpoint at {path}"))),
             }
@@ -174,7 +179,11 @@ async fn route_v1(
         [] => return Err(ApiError::NotFound(format!("no endpoint at {path}"))),
     };
     match (verb, tail.as_slice(), method == Method::POST) {
-        (Some("predict"), [], true) => predict_v1(state, model, version, req).await,
+        (Some("predict"), [], true) => {
+            predict_v1(state, model, version, req)
+                .instrument(inference::request_span("v1", model, version))
+                .await
+        }
         (Some("predict"), [], false) => Err(ApiError::MethodNotAllowed(format!(
             "{method} is not allowed on {path}; use POST"
         ))),
