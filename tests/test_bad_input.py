@@ -166,3 +166,53 @@ def test_request_without_content_type_is_json(server):
     r = requests.post(f"{server.url}/v2/models/model/infer", data=body, headers={"Content-Type": None})
     assert "Content-Type" not in r.request.headers
     assert r.status_code == 200, r.text
+
+
+def test_a_request_the_model_itself_rejects_is_400_and_counted_rejected(server):
+    # Valid against the signature (x: FP32 [-1], shape: INT64 [2]) but 5 elements cannot take
+    # shape [2, 2]: ONNX Runtime's Reshape refuses it. The client's fault, not the server's.
+    def rejected():
+        text = requests.get(f"{server.metrics_url}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith('nv_inference_request_failure{model="reshape",version="1",reason="REJECTED"}'):
+                return int(line.split()[-1])
+        return 0
+
+    before = rejected()
+    body = req([{"name": "x", "shape": [5], "datatype": "FP32", "data": [1, 2, 3, 4, 5]},
+                {"name": "shape", "shape": [2], "datatype": "INT64", "data": [2, 2]}])
+    r = requests.post(f"{server.url}/v2/models/reshape/infer", data=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert "Reshape" in r.json()["error"] and "model rejected" in r.json()["error"], r.text
+    assert rejected() == before + 1
+    ok = req([{"name": "x", "shape": [4], "datatype": "FP32", "data": [1, 2, 3, 4]},
+              {"name": "shape", "shape": [2], "datatype": "INT64", "data": [2, 2]}])
+    assert requests.post(f"{server.url}/v2/models/reshape/infer", data=ok, timeout=30).status_code == 200
+
+
+def test_binary_bytes_elements_beyond_the_shape_are_refused_without_amplification(repo_dir, tmp_path):
+    # 64 MiB of empty BYTES elements (4 bytes each) for a [1, 1] input: a list of 16 million
+    # elements would take ~0.5 GiB (32 bytes each). Parsing must stop at the shape's count.
+    from conftest import Server
+
+    def peak_rss_mib(pid):
+        status = open(f"/proc/{pid}/status").read()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+    s = Server(["--model", f"dtypes={repo_dir / 'dtypes' / '1' / 'model.onnx'}",
+                "--max-request-bytes", str(65 << 20)], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        blob = b"\0" * (64 << 20)
+        header = json.dumps({"inputs": [{"name": "in_bytes", "shape": [1, 1], "datatype": "BYTES",
+                                         "parameters": {"binary_data_size": len(blob)}}]}).encode()
+        before = peak_rss_mib(s.proc.pid)
+        r = requests.post(f"{s.url}/v2/models/dtypes/infer", data=header + blob, timeout=120,
+                          headers={"Inference-Header-Content-Length": str(len(header))})
+        after = peak_rss_mib(s.proc.pid)
+        assert r.status_code == 400 and "in_bytes" in r.json()["error"], r.text
+        # The body itself (64 MiB, held once) and little else.
+        assert after - before < 200, (before, after)
+        assert s.alive()
+    finally:
+        assert s.stop() == 0

@@ -116,3 +116,18 @@ def test_make_help_lists_every_target():
     listed = set(re.findall(r"^  make (\S+)", out, re.M))
     assert listed == targets, f"not listed: {targets - listed}; listed but not targets: {listed - targets}"
     assert phony == targets, f"not .PHONY: {targets - phony}; .PHONY but no rule: {phony - targets}"
+
+
+def test_text_logs_carry_no_colour_codes_when_not_a_terminal(tmp_path):
+    # Pod logs are files, not terminals: ANSI escapes there are noise.
+    for binary, args in ((SERVER, ["serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0",
+                                   "--metrics-port", "0", "--model", f"m={ROW_STATS}"]),
+                         (OPERATOR, ["run", "--metrics-addr", "127.0.0.1:0"])):
+        env = {**os.environ, "KUBECONFIG": str(tmp_path / "missing-kubeconfig")}
+        proc = subprocess.Popen([str(binary), "--log-format", "text", *args], env=env,
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert err.strip(), binary
+        assert b"\x1b[" not in err, (binary, err[:300])

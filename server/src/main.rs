@@ -63,7 +63,9 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
         .map_err(|e| anyhow::anyhow!("invalid --log-level {log_level:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only on a terminal: pod logs are files, where escape codes are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),

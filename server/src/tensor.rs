@@ -320,9 +320,19 @@ impl Tensor {
         if dtype.size().is_some() {
             return Tensor::new(name, dtype, shape, TensorData::Raw(raw));
         }
-        let mut items = Vec::new();
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let count = element_count(&dims)?;
+        // An element is at least its 4-byte prefix in the body but 32 bytes in memory: stop at the
+        // shape's count instead of listing whatever the body holds.
+        let mut items = Vec::with_capacity(count.min(raw.len() / 4));
         let mut pos = 0usize;
         while pos < raw.len() {
+            if items.len() == count {
+                return Err(TensorError::BadBytesEncoding(format!(
+                    "the data holds more than the {count} elements of shape {shape:?} ({} bytes left over)",
+                    raw.len() - pos
+                )));
+            }
             let Some(len_bytes) = raw.get(pos..pos + 4) else {
                 return Err(TensorError::BadBytesEncoding(format!(
                     "element {} has a truncated 4-byte length prefix at offset {pos}",

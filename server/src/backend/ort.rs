@@ -387,7 +387,7 @@ impl Backend for OrtModel {
             .ok_or_else(|| BackendError::Runtime("no session".into()))?;
         let result = session
             .run_with_options(values, &run_options)
-            .map_err(|e| BackendError::Runtime(e.to_string()))?;
+            .map_err(run_error)?;
         let t2 = Instant::now();
         let mut out = Vec::with_capacity(wanted.len());
         for name in &wanted {
@@ -431,3 +431,18 @@ pub fn default_library_candidates() -> Vec<PathBuf> {
 
 /// The ONNX Runtime version the server is built and tested against.
 pub const ORT_VERSION: &str = "1.31.1";
+
+/// Classifies an error from running the model. The inputs already match the signature, and the
+/// model loaded and ran its warm-up, so an invalid argument or a node refusing its inputs (e.g.
+/// Reshape to a size that does not fit, dynamic dimensions that disagree between inputs) is the
+/// request's doing: a client error (400, counted REJECTED). Allocation failures and anything else
+/// stay server errors.
+fn run_error(e: ort::Error) -> BackendError {
+    let message = e.to_string();
+    let node_refused = message.contains("while running") && !message.contains("allocat");
+    if matches!(e.code(), ort::error::ErrorCode::InvalidArgument) || node_refused {
+        BackendError::InvalidInput(format!("the model rejected the input: {message}"))
+    } else {
+        BackendError::Runtime(message)
+    }
+}
