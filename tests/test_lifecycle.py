@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import BINARY, Server
+from conftest import BINARY, ROOT, Server
 
 
 def pending(server):
@@ -109,3 +110,21 @@ def test_exit_on_load_failure_ends_with_code_4_and_the_error_in_the_termination_
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 4, p.stderr
     assert "model broken version 1: failed to load model" in term.read_text()
+
+
+def test_sigterm_during_a_long_model_load_exits_at_once(tmp_path):
+    path = tmp_path / "slow-load" / "model.onnx"
+    subprocess.run([sys.executable, str(ROOT / "tests" / "models" / "make_models.py"), "--slow-to-load", str(path)],
+                   check=True)
+    s = Server(["--model", f"slowload={path}"], tmp_path / "server.log")
+    try:
+        time.sleep(1)
+        index = requests.post(f"{s.url}/v2/repository/index", timeout=5).json()
+        assert index[0]["state"] == "LOADING", index  # the load takes ~25 s
+        began = time.time()
+        s.proc.send_signal(signal.SIGTERM)
+        code = s.proc.wait(30)
+        took = time.time() - began
+    finally:
+        s.stop()
+    assert code == 0 and took < 2, (code, took)

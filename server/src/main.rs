@@ -72,7 +72,15 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match command {
-        Command::Serve(args) => runtime.block_on(kubemaas_server::serve::run(args))?,
+        Command::Serve(args) => match runtime.block_on(kubemaas_server::serve::run(args))? {
+            kubemaas_server::serve::Stopped::Clean => {}
+            // A model still loading runs on a blocking thread ONNX Runtime cannot interrupt:
+            // dropping the runtime would wait for it (tens of seconds for a large model), and a
+            // normal exit runs ONNX Runtime's static destructors under that thread (it crashed
+            // with SIGSEGV). Nothing is served yet and requests are drained: end the process
+            // without atexit handlers (`_exit`, wrapped by signal-hook).
+            kubemaas_server::serve::Stopped::WhileLoading => signal_hook::low_level::exit(0),
+        },
         Command::Pull(args) => match runtime.block_on(kubemaas_server::pull::pull(&args)) {
             Ok(record) => println!("{}", serde_json::to_string(&record)?),
             Err(e) => {

@@ -216,8 +216,18 @@ fn init_library(explicit: Option<&PathBuf>) -> Result<ort::environment::Environm
     })
 }
 
+/// How [`run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every model had finished loading (or failing to).
+    Clean,
+    /// A model was still loading: its thread cannot be interrupted, so the caller should end the
+    /// process without waiting for it.
+    WhileLoading,
+}
+
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
-pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
+pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
     crate::metrics::uptime();
     // Destructured so that no flag can be silently ignored.
     let ServeArgs {
@@ -367,9 +377,14 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     for s in servers {
         let _ = s.await;
     }
+    let loading = !loader.is_finished();
     loader.abort();
+    if loading {
+        tracing::info!("stopped while a model is still loading; exiting without waiting for it");
+        return Ok(Stopped::WhileLoading);
+    }
     tracing::info!("stopped");
-    Ok(())
+    Ok(Stopped::Clean)
 }
 
 async fn wait_for_signal() {

@@ -150,8 +150,24 @@ def main(out: Path):
     (d / "model.onnx").write_bytes(b"this is not an onnx model")
 
 
+def slow_to_load(nodes: int = 5000):
+    """A chain of Adds that ONNX Runtime's graph optimiser takes long to load (~25 s for 5,000
+    nodes on 2 cores; it grows faster than linearly), for shutdown-during-load tests."""
+    c = numpy_helper.from_array(np.array([1.0], dtype=np.float32), "c")
+    chain, prev = [], "x"
+    for i in range(nodes):
+        chain.append(helper.make_node("Add", [prev, "c"], [f"t{i}"]))
+        prev = f"t{i}"
+    chain.append(helper.make_node("Identity", [prev], ["y"]))
+    return model(chain, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1])], [c])
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "--row-stats":
+    if sys.argv[1] == "--slow-to-load":
+        Path(sys.argv[2]).parent.mkdir(parents=True, exist_ok=True)
+        Path(sys.argv[2]).write_bytes(slow_to_load().SerializeToString())
+    elif sys.argv[1] == "--row-stats":
         Path(sys.argv[2]).parent.mkdir(parents=True, exist_ok=True)
         Path(sys.argv[2]).write_bytes(row_stats().SerializeToString())
     else:
