@@ -258,4 +258,7 @@ def test_statistics_and_metrics_count_requests(server):
         assert int(line[0].split()[-1]) >= 3
         assert 'reason="REJECTED"' in text
         assert 'execution_provider="CPUExecutionProvider"' in text
-    assert requests.get(f"{server.metrics_url}/v2/models/model").status_code == 404
+    # The metrics port serves metrics, health and model metadata (what the operator reads), not inference.
+    assert requests.get(f"{server.metrics_url}/v2/models/model").status_code == 200
+    assert requests.post(f"{server.metrics_url}/v2/models/model/infer", json={}).status_code == 404
+    assert requests.get(f"{server.metrics_url}/v2/models/model/config").status_code == 404

@@ -94,6 +94,14 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_request_bytes: usize,
 
+    /// API keys: one per line, `KEY`, `ID:KEY` or `ID:KEY:MODEL[,MODEL...]` (only those models).
+    /// With it, every inference and metadata route of every protocol wants
+    /// `Authorization: Bearer KEY` (gRPC: `authorization` metadata): 401 without a valid key, 403
+    /// for a model the key may not call. Health and readiness stay open; the metrics port needs
+    /// no key. The file is re-read when it changes (a rotated Secret); keys are never logged.
+    #[arg(long, env = "KUBEMAAS_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
     /// Seconds to let in-flight requests finish after SIGTERM before exiting.
     #[arg(long, env = "KUBEMAAS_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
@@ -143,6 +151,9 @@ pub enum ServeError {
     /// A port could not be bound.
     #[error(transparent)]
     Transport(#[from] http::TransportError),
+    /// The API keys file is unreadable or malformed.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
 }
 
 /// A path, where an empty value (`ORT_DYLIB_PATH=""`, as shells leave behind) means "not given"
@@ -243,6 +254,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         intra_op_threads,
         instances,
         max_request_bytes,
+        api_keys_file,
         max_batch_size,
         max_queue_delay_us,
         max_queue_size,
@@ -269,10 +281,19 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
     let sources = repository::merge_sources(sources)?;
     let env = init_library(ort_library.as_ref())?;
 
+    let api_keys = match &api_keys_file {
+        Some(path) => {
+            let keys = Arc::new(crate::auth::ApiKeys::load(path)?);
+            keys.clone().watch(Duration::from_secs(1));
+            Some(keys)
+        }
+        None => None,
+    };
     let repo = Arc::new(Repository::new(&sources));
     let state = Arc::new(AppState {
         repo: repo.clone(),
         max_request_bytes,
+        api_keys,
     });
     let http_listener = http::bind(SocketAddr::new(host, http_port)).await?;
     let grpc_listener = http::bind(SocketAddr::new(host, grpc_port)).await?;

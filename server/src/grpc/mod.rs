@@ -49,6 +49,8 @@ pub fn status(e: &ApiError) -> Status {
         ApiError::PayloadTooLarge(_) | ApiError::QueueFull(_) => Code::ResourceExhausted,
         ApiError::Unavailable(_) => Code::Unavailable,
         ApiError::Internal(_) => Code::Internal,
+        ApiError::Unauthorized(_) => Code::Unauthenticated,
+        ApiError::Forbidden(_) => Code::PermissionDenied,
     };
     Status::new(code, e.to_string())
 }

@@ -32,6 +32,27 @@ fn version_arg(v: &str) -> Option<&str> {
     Some(v).filter(|v| !v.is_empty())
 }
 
+/// Checks the caller's `authorization` metadata against the API keys (nothing when keys are off).
+fn authorize(
+    state: &AppState,
+    metadata: &tonic::metadata::MetadataMap,
+    model: Option<&str>,
+) -> Result<(), ApiError> {
+    let Some(keys) = &state.api_keys else {
+        return Ok(());
+    };
+    let header = metadata.get("authorization").map(|v| v.as_bytes());
+    match ApiError::from_verdict(&keys.check(header, model), model) {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
+}
+
+/// [`authorize`] for a unary call, as a gRPC status.
+fn authorize_call<T>(state: &AppState, req: &Request<T>, model: Option<&str>) -> Result<(), Status> {
+    authorize(state, req.metadata(), model).map_err(|e| status(&e))
+}
+
 /// `inference.GRPCInferenceService`.
 pub struct Inference {
     state: Arc<AppState>,
@@ -244,8 +265,9 @@ impl GrpcInferenceService for Inference {
 
     async fn server_metadata(
         &self,
-        _: Request<ServerMetadataRequest>,
+        req: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
+        authorize_call(&self.state, &req, None)?;
         Ok(Response::new(ServerMetadataResponse {
             name: "kubemaas".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -257,6 +279,7 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
+        authorize_call(&self.state, &req, Some(&req.get_ref().name))?;
         let req = req.into_inner();
         let version = version_arg(&req.version);
         let (model, _) = self
@@ -292,6 +315,7 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
+        authorize_call(&self.state, &req, Some(&req.get_ref().model_name))?;
         match infer(&self.state, req.into_inner()).await {
             Ok(r) => Ok(Response::new(r)),
             Err(e) => {
@@ -309,6 +333,9 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        // A stream needs a valid key to open; each request is then checked for its model.
+        authorize_call(&self.state, &req, None)?;
+        let metadata = req.metadata().clone();
         let state = self.state.clone();
         let mut stop = self.shutdown.clone();
         // At shutdown the stream reads no more requests, answers those it holds, then ends with
@@ -326,6 +353,7 @@ impl GrpcInferenceService for Inference {
             .map(move |item| {
                 let state = state.clone();
                 let rewrite = rewrite.clone();
+                let metadata = metadata.clone();
                 async move {
                     // A request that cannot be decoded from the wire breaks the stream's framing:
                     // it ends the stream with its status. Any other failure is one error message.
@@ -336,7 +364,11 @@ impl GrpcInferenceService for Inference {
                         id: req.id.clone(),
                         ..Default::default()
                     };
-                    Ok(match infer(&state, req).await {
+                    let answer = match authorize(&state, &metadata, Some(&req.model_name)) {
+                        Ok(()) => infer(&state, req).await,
+                        Err(e) => Err(e),
+                    };
+                    Ok(match answer {
                         Ok(r) => ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(r),
@@ -365,6 +397,7 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<ModelConfigRequest>,
     ) -> Result<Response<ModelConfigResponse>, Status> {
+        authorize_call(&self.state, &req, Some(&req.get_ref().name))?;
         let req = req.into_inner();
         let json = routes::model_config_json(&self.state, &req.name, version_arg(&req.version))
             .map_err(|e| status(&e))?;
@@ -377,6 +410,8 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<ModelStatisticsRequest>,
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        let model = Some(req.get_ref().name.as_str()).filter(|n| !n.is_empty());
+        authorize_call(&self.state, &req, model)?;
         let req = req.into_inner();
         let model = Some(req.name.as_str()).filter(|n| !n.is_empty());
         let json = routes::stats(&self.state, model, version_arg(&req.version)).map_err(|e| status(&e))?;
@@ -387,6 +422,7 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        authorize_call(&self.state, &req, None)?;
         let only_ready = req.into_inner().ready;
         let models = self
             .state

@@ -26,6 +26,8 @@ pub struct AppState {
     pub repo: Arc<Repository>,
     /// Largest request body accepted, in bytes.
     pub max_request_bytes: usize,
+    /// API keys, when `--api-keys-file` is set: inference and metadata routes need one.
+    pub api_keys: Option<Arc<crate::auth::ApiKeys>>,
 }
 
 /// Which endpoints a listener serves.
@@ -33,7 +35,8 @@ pub struct AppState {
 pub enum Surface {
     /// Everything (the HTTP port).
     Full,
-    /// Only `/metrics` and health (the metrics port).
+    /// Only `/metrics`, health and model metadata (the metrics port: for the cluster's own
+    /// components, never behind API keys).
     MetricsOnly,
 }
 

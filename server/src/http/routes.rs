@@ -39,7 +39,53 @@ fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
         r.headers_mut()
             .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    if matches!(e, ApiError::Unauthorized(_)) {
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"kubemaas\""),
+        );
+    }
     r
+}
+
+/// Routes anyone may call with API keys on: liveness and readiness (server and per model), which
+/// the kubelet probes without credentials.
+fn is_open(segs: &[&str]) -> bool {
+    matches!(
+        segs,
+        ["v2", "health", "live" | "ready"]
+            | ["v2", "models", _, "ready"]
+            | ["v2", "models", _, "versions", _, "ready"]
+    )
+}
+
+/// The model a route addresses, for keys limited to some models.
+fn route_model<'a>(segs: &[&'a str]) -> Option<&'a str> {
+    match segs {
+        ["v2", "models", "stats"] => None,
+        ["v2", "models", m, ..] => Some(m),
+        ["v1", "models", m, ..] => Some(m.split_once(':').map_or(*m, |(head, _)| head)),
+        _ => None,
+    }
+}
+
+/// Refuses a request the API keys do not allow (nothing when keys are off).
+fn authorize(state: &AppState, req: &Request<Incoming>, segs: &[&str]) -> Result<(), ApiError> {
+    let Some(keys) = &state.api_keys else {
+        return Ok(());
+    };
+    if is_open(segs) {
+        return Ok(());
+    }
+    let model = route_model(segs);
+    let header = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match ApiError::from_verdict(&keys.check(header, model), model) {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
 }
 
 /// Entry point for every request.
@@ -96,10 +142,17 @@ async fn route(
     let repo = &state.repo;
     let not_allowed = || ApiError::MethodNotAllowed(format!("{method} is not allowed on {path}"));
 
-    if surface == Surface::MetricsOnly && !matches!(segs.as_slice(), ["metrics"] | ["v2", "health", _]) {
+    let metrics_port_route = matches!(
+        segs.as_slice(),
+        ["metrics"] | ["v2", "health", _] | ["v2", "models", _] | ["v2", "models", _, "versions", _]
+    ) && get;
+    if surface == Surface::MetricsOnly && !metrics_port_route {
         return Err(ApiError::NotFound(format!(
             "{path} is not served on the metrics port; use the HTTP port"
         )));
+    }
+    if surface == Surface::Full {
+        authorize(state, &req, &segs)?;
     }
     match segs.as_slice() {
         ["metrics"] if get => Ok(bytes_response(

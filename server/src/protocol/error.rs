@@ -30,6 +30,12 @@ pub enum ApiError {
     /// The model's batch queue is full (503 with `Retry-After`).
     #[error("{0}")]
     QueueFull(String),
+    /// No valid API key (401 with `WWW-Authenticate`).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid API key that may not call this model (403).
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl ApiError {
@@ -42,12 +48,27 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) | ApiError::QueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
         }
     }
 
     /// The JSON body.
     pub fn body(&self) -> String {
         serde_json::json!({ "error": self.to_string() }).to_string()
+    }
+}
+
+impl ApiError {
+    /// The error for a request the API keys refuse; None when the verdict allows it.
+    pub fn from_verdict(v: &crate::auth::Verdict, model: Option<&str>) -> Option<ApiError> {
+        use crate::auth::Verdict;
+        let message = crate::auth::refusal(v, model);
+        match v {
+            Verdict::Allowed(_) => None,
+            Verdict::Missing | Verdict::Invalid => Some(ApiError::Unauthorized(message)),
+            Verdict::Forbidden(_) => Some(ApiError::Forbidden(message)),
+        }
     }
 }
 

@@ -1,0 +1,311 @@
+//! API keys: who may call the models. `serve --api-keys-file PATH` turns it on; every inference
+//! and metadata route of every protocol then wants `Authorization: Bearer KEY` (gRPC: the same
+//! `authorization` metadata). Health and readiness stay open for the kubelet.
+//!
+//! The file has one key per line: `KEY`, `ID:KEY`, or `ID:KEY:MODEL[,MODEL...]` to allow only those
+//! models. Blank lines and lines starting with `#` are skipped. The file is re-read when it
+//! changes (a rotated Kubernetes Secret), and a file that no longer parses keeps the previous keys.
+//! Keys are compared in constant time and never logged; the ID (default `line-N`) names the caller.
+
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime};
+
+use subtle::ConstantTimeEq;
+
+/// Errors reading the key file.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The file cannot be read.
+    #[error("failed to read the API keys file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A line does not parse (the key itself is never quoted).
+    #[error("the API keys file {path}, line {line}: {why}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Key {
+    id: String,
+    secret: Vec<u8>,
+    models: Option<Vec<String>>,
+}
+
+/// The outcome of checking a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The key is valid for this request; the key's ID.
+    Allowed(String),
+    /// No `Authorization: Bearer` credential.
+    Missing,
+    /// A credential that matches no key.
+    Invalid,
+    /// A valid key (its ID) that may not call this model.
+    Forbidden(String),
+}
+
+/// Parses the key file's text.
+fn parse(path: &Path, text: &str) -> Result<Vec<Key>, AuthError> {
+    let mut keys = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let err = |why| AuthError::Parse {
+            path: path.to_path_buf(),
+            line: i + 1,
+            why,
+        };
+        let mut parts = line.splitn(3, ':');
+        let (id, secret, models) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(key), None, None) => (format!("line-{}", i + 1), key, None),
+            (Some(id), Some(key), models) => (id.to_string(), key, models),
+            _ => return Err(err("expected KEY, ID:KEY or ID:KEY:MODEL[,MODEL...]")),
+        };
+        if secret.is_empty() {
+            return Err(err("the key is empty"));
+        }
+        if id.is_empty() {
+            return Err(err("the ID before ':' is empty"));
+        }
+        if secret.chars().any(char::is_whitespace) {
+            return Err(err("a key may not contain whitespace"));
+        }
+        let models = match models {
+            None => None,
+            Some(list) => {
+                let names: Vec<String> = list
+                    .split(',')
+                    .map(|m| m.trim().to_string())
+                    .filter(|m| !m.is_empty())
+                    .collect();
+                if names.is_empty() {
+                    return Err(err("the model list after the second ':' is empty"));
+                }
+                Some(names)
+            }
+        };
+        keys.push(Key {
+            id,
+            secret: secret.as_bytes().to_vec(),
+            models,
+        });
+    }
+    Ok(keys)
+}
+
+/// What identifies a version of the file (a Secret update swaps a symlink; size and mtime change).
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// The keys of `--api-keys-file`, re-read when the file changes.
+pub struct ApiKeys {
+    path: PathBuf,
+    state: RwLock<(Vec<Key>, Stamp)>,
+}
+
+impl ApiKeys {
+    /// Reads the file; an unreadable or malformed file is an error (the server must not start
+    /// open when it was asked to be closed).
+    pub fn load(path: &Path) -> Result<ApiKeys, AuthError> {
+        let before = stamp(path);
+        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let keys = parse(path, &text)?;
+        tracing::info!(path = %path.display(), keys = keys.len(), "API keys loaded");
+        Ok(ApiKeys {
+            path: path.to_path_buf(),
+            state: RwLock::new((keys, before)),
+        })
+    }
+
+    /// Re-reads the file if it changed since the last read. A file that cannot be read or parsed
+    /// keeps the keys in force (logged without any key).
+    pub fn reload_if_changed(&self) {
+        let now = stamp(&self.path);
+        let unchanged = self.state.read().map(|s| s.1 == now).unwrap_or(false);
+        if unchanged {
+            return;
+        }
+        let loaded = std::fs::read_to_string(&self.path)
+            .map_err(|source| AuthError::Read {
+                path: self.path.clone(),
+                source,
+            })
+            .and_then(|text| parse(&self.path, &text));
+        match loaded {
+            Ok(keys) => {
+                tracing::info!(path = %self.path.display(), keys = keys.len(), "API keys reloaded");
+                if let Ok(mut s) = self.state.write() {
+                    *s = (keys, now);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "keeping the previous API keys");
+                if let Ok(mut s) = self.state.write() {
+                    s.1 = now;
+                }
+            }
+        }
+    }
+
+    /// Re-reads the file every `every` until the process ends.
+    pub fn watch(self: std::sync::Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let keys = self.clone();
+                // A stat and, rarely, a small read: off the reactor all the same.
+                let _ = tokio::task::spawn_blocking(move || keys.reload_if_changed()).await;
+            }
+        })
+    }
+
+    /// Checks an `Authorization` header value for a request to `model` (None: a server-wide route).
+    pub fn check(&self, authorization: Option<&[u8]>, model: Option<&str>) -> Verdict {
+        let Some(token) = authorization.and_then(bearer) else {
+            return Verdict::Missing;
+        };
+        let Ok(state) = self.state.read() else {
+            return Verdict::Invalid;
+        };
+        // Every key is compared, so the time taken does not say which one (or whether one) matched.
+        let mut found: Option<&Key> = None;
+        for k in &state.0 {
+            if bool::from(k.secret.as_slice().ct_eq(token)) {
+                found = Some(k);
+            }
+        }
+        match (found, model) {
+            (None, _) => Verdict::Invalid,
+            (Some(k), Some(m)) if k.models.as_ref().is_some_and(|ms| !ms.iter().any(|x| x == m)) => {
+                Verdict::Forbidden(k.id.clone())
+            }
+            (Some(k), _) => Verdict::Allowed(k.id.clone()),
+        }
+    }
+}
+
+/// The credential of `Bearer CREDENTIAL` (scheme case-insensitive, as RFC 9110 says).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    (scheme.eq_ignore_ascii_case(b"bearer ") && !rest.is_empty()).then(|| rest.trim_ascii())
+}
+
+/// The message a refused request gets (never the key).
+pub fn refusal(verdict: &Verdict, model: Option<&str>) -> String {
+    match verdict {
+        Verdict::Missing => {
+            "this server requires an API key: send the header Authorization: Bearer KEY".into()
+        }
+        Verdict::Invalid => "the API key is not valid".into(),
+        Verdict::Forbidden(id) => format!(
+            "API key {id:?} may not call model {:?}",
+            model.unwrap_or_default()
+        ),
+        Verdict::Allowed(_) => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(text: &str) -> ApiKeys {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, text).unwrap();
+        let k = ApiKeys::load(&path).unwrap();
+        drop(dir);
+        k
+    }
+
+    #[test]
+    fn keys_ids_and_model_lists_decide_who_may_call_what() {
+        let k = keys("# comment\n\nplainkey\nalice:alice-key\nbob:bob-key:ocr, stats\n");
+        assert_eq!(
+            k.check(Some(b"Bearer plainkey"), Some("x")),
+            Verdict::Allowed("line-3".into())
+        );
+        assert_eq!(
+            k.check(Some(b"bearer alice-key"), Some("x")),
+            Verdict::Allowed("alice".into())
+        );
+        assert_eq!(
+            k.check(Some(b"Bearer bob-key"), Some("stats")),
+            Verdict::Allowed("bob".into())
+        );
+        assert_eq!(
+            k.check(Some(b"Bearer bob-key"), Some("x")),
+            Verdict::Forbidden("bob".into())
+        );
+        assert_eq!(
+            k.check(Some(b"Bearer bob-key"), None),
+            Verdict::Allowed("bob".into())
+        );
+        assert_eq!(k.check(Some(b"Bearer nope"), Some("x")), Verdict::Invalid);
+        assert_eq!(k.check(Some(b"Basic alice-key"), Some("x")), Verdict::Missing);
+        assert_eq!(k.check(Some(b"Bearer "), Some("x")), Verdict::Missing);
+        assert_eq!(k.check(None, Some("x")), Verdict::Missing);
+        // A prefix of a key is not the key.
+        assert_eq!(k.check(Some(b"Bearer alice-ke"), Some("x")), Verdict::Invalid);
+    }
+
+    #[test]
+    fn malformed_lines_are_refused_without_quoting_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        for (text, why) in [
+            ("id:\n", "the key is empty"),
+            (":secret-one\n", "the ID before ':' is empty"),
+            ("id:secret two\n", "whitespace"),
+            ("id:secret-three:\n", "model list"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = ApiKeys::load(&path).err().unwrap().to_string();
+            assert!(e.contains(why) && e.contains("line 1"), "{e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_changed_file_is_reloaded_and_a_broken_one_keeps_the_old_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "a:old-key\n").unwrap();
+        let k = ApiKeys::load(&path).unwrap();
+        std::fs::write(&path, "a:new-key-longer\n").unwrap();
+        k.reload_if_changed();
+        assert_eq!(k.check(Some(b"Bearer old-key"), None), Verdict::Invalid);
+        assert_eq!(
+            k.check(Some(b"Bearer new-key-longer"), None),
+            Verdict::Allowed("a".into())
+        );
+        std::fs::write(&path, "a:\n").unwrap();
+        k.reload_if_changed();
+        assert_eq!(
+            k.check(Some(b"Bearer new-key-longer"), None),
+            Verdict::Allowed("a".into())
+        );
+    }
+}

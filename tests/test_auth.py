@@ -1,0 +1,150 @@
+"""API keys (`serve --api-keys-file`): every inference and metadata route of REST V2, V1 and gRPC
+wants a key; health and readiness stay open; keys limited to some models get 403 elsewhere; the file
+is re-read when it changes (rotation, revocation); keys never reach the log."""
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from conftest import Server
+
+ALICE, BOB = "alice-key-7f3a9c", "bob-key-51d0e2"
+X = {"inputs": [{"name": "x", "shape": [1, 10], "datatype": "FP32", "data": list(range(10))}]}
+V = {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]}]}
+
+
+@pytest.fixture(scope="module")
+def guarded(repo_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("auth")
+    keys = d / "keys"
+    keys.write_text(f"# who may call\nalice:{ALICE}\nbob:{BOB}:versioned\n")
+    s = Server(["--model", f"model={repo_dir / 'model' / '1' / 'model.onnx'}",
+                "--model", f"versioned={repo_dir / 'versioned' / '3' / 'model.onnx'}",
+                "--api-keys-file", str(keys)], d / "server.log")
+    s.keys = keys
+    for _ in range(300):
+        if requests.get(f"{s.url}/v2/health/ready", timeout=5).status_code == 200:
+            break
+        time.sleep(0.1)
+    yield s
+    assert s.stop() == 0
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_health_and_readiness_stay_open_for_the_kubelet(guarded):
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/model/ready", "/v2/models/versioned/versions/1/ready"):
+        r = requests.get(f"{guarded.url}{path}", timeout=5)
+        assert r.status_code in (200, 404) and r.status_code != 401, (path, r.status_code)
+    assert requests.get(f"{guarded.url}/v2/models/model/ready", timeout=5).status_code == 200
+    # The metrics port is for the cluster's own components: metrics and model metadata, no key.
+    assert requests.get(f"{guarded.metrics_url}/metrics", timeout=5).status_code == 200
+    meta = requests.get(f"{guarded.metrics_url}/v2/models/model", timeout=5)
+    assert meta.status_code == 200 and meta.json()["name"] == "model"
+    assert requests.post(f"{guarded.metrics_url}/v2/models/model/infer", json=X, timeout=5).status_code == 404
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("POST", "/v2/models/model/infer", X),
+    ("GET", "/v2/models/model", None),
+    ("GET", "/v2/models/model/config", None),
+    ("GET", "/v2/models/model/stats", None),
+    ("GET", "/v2/models/stats", None),
+    ("GET", "/v2", None),
+    ("POST", "/v2/repository/index", None),
+    ("GET", "/metrics", None),
+    ("POST", "/v1/models/model:predict", {"instances": [list(range(10))]}),
+    ("GET", "/v1/models/model/metadata", None),
+])
+def test_every_other_route_wants_a_valid_key(guarded, method, path, body):
+    url = f"{guarded.url}{path}"
+    for headers in ({}, bearer("wrong"), {"Authorization": f"Basic {ALICE}"}):
+        r = requests.request(method, url, json=body, headers=headers, timeout=10)
+        assert r.status_code == 401, (headers, r.status_code, r.text)
+        assert r.headers["WWW-Authenticate"].startswith("Bearer") and r.json()["error"], r.text
+    r = requests.request(method, url, json=body, headers=bearer(ALICE), timeout=10)
+    assert r.status_code == 200, r.text
+
+
+def test_a_key_limited_to_some_models_gets_403_for_the_others(guarded):
+    r = requests.post(f"{guarded.url}/v2/models/model/infer", json=X, headers=bearer(BOB), timeout=10)
+    assert r.status_code == 403 and "bob" in r.json()["error"] and "model" in r.json()["error"], r.text
+    r = requests.post(f"{guarded.url}/v2/models/versioned/infer", json=V, headers=bearer(BOB), timeout=10)
+    assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [4.0, 5.0], r.text
+    r = requests.post(f"{guarded.url}/v1/models/model:predict", json={"instances": [list(range(10))]},
+                      headers=bearer(BOB), timeout=10)
+    assert r.status_code == 403, r.text
+
+
+def test_grpc_wants_the_same_keys_in_metadata(guarded):
+    client = grpcclient.InferenceServerClient(guarded.grpc)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("model")
+    x = grpcclient.InferInput("x", [1, 10], "FP32")
+    x.set_data_from_numpy(np.arange(10, dtype=np.float32).reshape(1, 10))
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("model", [x])
+    assert e.value.status() == "StatusCode.UNAUTHENTICATED" and "Authorization: Bearer" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        client.get_model_metadata("model", headers={"authorization": "Bearer wrong"})
+    assert e.value.status() == "StatusCode.UNAUTHENTICATED"
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("model", [x], headers={"authorization": f"Bearer {BOB}"})
+    assert e.value.status() == "StatusCode.PERMISSION_DENIED"
+    got = client.infer("model", [x], headers={"authorization": f"Bearer {ALICE}"}).as_numpy("y")
+    assert got.shape == (1, 3)
+    assert client.get_model_config("model", headers={"authorization": f"Bearer {ALICE}"}).config.name == "model"
+    # A stream opens with a valid key; each request is checked for its model.
+    answers = []
+    client.start_stream(callback=lambda result, error: answers.append((result, error)),
+                        headers={"authorization": f"Bearer {BOB}"})
+    v = grpcclient.InferInput("x", [2], "FP32")
+    v.set_data_from_numpy(np.array([1, 2], dtype=np.float32))
+    client.async_stream_infer("model", [x], request_id="no")
+    client.async_stream_infer("versioned", [v], request_id="yes")
+    client.stop_stream()
+    assert answers[0][0] is None and "may not call model" in answers[0][1].message(), answers
+    assert answers[1][1] is None and list(answers[1][0].as_numpy("y")) == [4.0, 5.0]
+    # The standard health service stays open.
+    check = grpc.insecure_channel(guarded.grpc).unary_unary(
+        "/grpc.health.v1.Health/Check", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    assert check(b"", timeout=10) == b"\x08\x01"  # status: SERVING
+
+
+def test_rotated_and_revoked_keys_take_effect_without_a_restart_and_never_reach_the_log(guarded):
+    new = "alice-key-rotated-0b44"
+    guarded.keys.write_text(f"alice:{new}\n")  # alice rotated, bob revoked
+    url = f"{guarded.url}/v2/models/model/infer"
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        if requests.post(url, json=X, headers=bearer(new), timeout=5).status_code == 200:
+            break
+        time.sleep(0.2)
+    assert requests.post(url, json=X, headers=bearer(new), timeout=5).status_code == 200
+    assert requests.post(url, json=X, headers=bearer(ALICE), timeout=5).status_code == 401
+    r = requests.post(f"{guarded.url}/v2/models/versioned/infer", json=V, headers=bearer(BOB), timeout=5)
+    assert r.status_code == 401
+    # A broken file keeps the keys in force.
+    guarded.keys.write_text("alice:\n")
+    time.sleep(2.5)
+    assert requests.post(url, json=X, headers=bearer(new), timeout=5).status_code == 200
+    log = guarded.log_path.read_text()
+    assert "API keys reloaded" in log and "keeping the previous API keys" in log
+    for key in (ALICE, BOB, new):
+        assert key not in log
+
+
+def test_an_unreadable_keys_file_stops_the_server_instead_of_serving_open(repo_dir, tmp_path):
+    import subprocess
+
+    from conftest import BINARY
+    p = subprocess.run([str(BINARY), "serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0",
+                        "--metrics-port", "0", "--model", f"m={repo_dir / 'model' / '1' / 'model.onnx'}",
+                        "--api-keys-file", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "failed to read the API keys file" in p.stderr, p.stderr
