@@ -130,3 +130,15 @@ def test_render_still_renders_a_manifest_with_a_secret_beside_it(tmp_path):
     p = render_text("apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\n---\n" + MD_HEAD, tmp_path)
     assert p.returncode == 0, p.stderr
     assert [d["kind"] for d in yaml.safe_load_all(p.stdout) if d] == ["Deployment", "Service"]
+
+
+def test_api_keys_example_mounts_the_secret_in_the_server_only():
+    d = children("api-keys")["Deployment"]["spec"]["template"]["spec"]
+    server, pull = d["containers"][0], d["initContainers"][0]
+    assert "--api-keys-file" in server["args"]
+    assert server["args"][server["args"].index("--api-keys-file") + 1] == "/var/run/secrets/kubemaas/api-keys/keys"
+    assert any(m["name"] == "api-keys" and "subPath" not in m for m in server["volumeMounts"])
+    assert not any(m["name"] == "api-keys" for m in pull["volumeMounts"])
+    vol = next(v for v in d["volumes"] if v["name"] == "api-keys")
+    assert vol["secret"]["secretName"] == "classifier-callers"
+    assert vol["secret"]["items"] == [{"key": "keys", "path": "keys"}]

@@ -6,7 +6,9 @@
 //!
 //! Paths inside the pod are mapped to local ones: the model repository to a directory per pod,
 //! and `pvc://CLAIM/...` to `PVC_ROOT/CLAIM/...` (so `pvc://models/ocr-cls/1/model.onnx` serves
-//! the cached real model when `PVC_ROOT` is the cache directory).
+//! the cached real model when `PVC_ROOT` is the cache directory). Secret volumes of the server
+//! container are written into the pod's directory from the apiserver's Secret and rewritten when
+//! the Secret changes, as the kubelet does (atomically: a new file renamed over the old).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
@@ -75,13 +77,14 @@ impl PodRunner {
     /// Starts watching `namespace` (polling every 300 ms).
     pub fn start(client: Client, namespace: &str, config: RunnerConfig) -> PodRunner {
         let servers: Arc<Mutex<HashMap<String, Running>>> = Default::default();
-        let api: Api<Pod> = Api::namespaced(client, namespace);
+        let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        let secrets: Api<Secret> = Api::namespaced(client, namespace);
         let shared = servers.clone();
         let task = tokio::spawn(async move {
             let params = ListParams::default().labels("kubemaas.io/model-deployment");
             loop {
                 if let Ok(list) = api.list(&params).await {
-                    reconcile(&list.items, &config, &shared).await;
+                    reconcile(&list.items, &config, &shared, &secrets).await;
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
@@ -145,7 +148,12 @@ fn runnable(p: &Pod, config: &RunnerConfig) -> Option<String> {
     s.pod_ip.clone()
 }
 
-async fn reconcile(pods: &[Pod], config: &RunnerConfig, servers: &Arc<Mutex<HashMap<String, Running>>>) {
+async fn reconcile(
+    pods: &[Pod],
+    config: &RunnerConfig,
+    servers: &Arc<Mutex<HashMap<String, Running>>>,
+    secrets: &Api<Secret>,
+) {
     let wanted: HashMap<String, (&Pod, String)> = pods
         .iter()
         .filter_map(|p| Some((p.uid()?, (p, runnable(p, config)?))))
@@ -163,10 +171,12 @@ async fn reconcile(pods: &[Pod], config: &RunnerConfig, servers: &Arc<Mutex<Hash
     }
     for (uid, (pod, ip)) in wanted {
         let known = servers.lock().map(|s| s.contains_key(&uid)).unwrap_or(true);
+        // Like the kubelet, keep mounted Secrets current for running pods too.
+        let mounts = sync_secrets(pod, &pod_dir(pod, config), secrets).await;
         if known {
             continue;
         }
-        match start_pod(pod, &ip, config).await {
+        match start_pod(pod, &ip, config, &mounts).await {
             Ok(child) => {
                 if let Ok(mut s) = servers.lock() {
                     s.insert(uid, Running { child, ip });
@@ -185,10 +195,74 @@ async fn reconcile(pods: &[Pod], config: &RunnerConfig, servers: &Arc<Mutex<Hash
     }
 }
 
+/// A pod's work directory.
+fn pod_dir(pod: &Pod, config: &RunnerConfig) -> PathBuf {
+    config.work.join(format!("pod-{}", pod.name_any()))
+}
+
+/// Writes the Secret volumes the server container mounts into `DIR/volumes/<volume>/` (the
+/// Secret's items, or all its keys) when their content changed; returns (mount path, local dir)
+/// for mapping arguments. A Secret that cannot be read is left as it was (logged).
+async fn sync_secrets(pod: &Pod, dir: &Path, secrets: &Api<Secret>) -> Vec<(String, PathBuf)> {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Vec::new();
+    };
+    let mounts = spec.containers.first().and_then(|c| c.volume_mounts.clone()).unwrap_or_default();
+    let mut mapped = Vec::new();
+    for m in mounts {
+        let Some(source) = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == m.name)
+            .and_then(|v| v.secret.clone())
+        else {
+            continue;
+        };
+        let local = dir.join("volumes").join(&m.name);
+        mapped.push((m.mount_path.clone(), local.clone()));
+        let name = source.secret_name.clone().unwrap_or_default();
+        let secret = match secrets.get(&name).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("podrunner: pod {}: Secret {name}: {e}", pod.name_any());
+                continue;
+            }
+        };
+        let data = secret.data.unwrap_or_default();
+        let files: Vec<(String, Vec<u8>)> = match &source.items {
+            Some(items) => items
+                .iter()
+                .filter_map(|i| Some((i.path.clone(), data.get(&i.key)?.0.clone())))
+                .collect(),
+            None => data.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect(),
+        };
+        for (path, bytes) in files {
+            let target = local.join(&path);
+            if std::fs::read(&target).ok().as_deref() == Some(bytes.as_slice()) {
+                continue;
+            }
+            let staged = local.join(format!(".{path}.new"));
+            let written = std::fs::create_dir_all(&local)
+                .and_then(|_| std::fs::write(&staged, &bytes))
+                .and_then(|_| std::fs::rename(&staged, &target));
+            if let Err(e) = written {
+                eprintln!("podrunner: pod {}: writing {}: {e}", pod.name_any(), target.display());
+            }
+        }
+    }
+    mapped
+}
+
 /// Maps an in-pod path to the local one.
-fn local_arg(a: &str, models: &Path, config: &RunnerConfig) -> String {
+fn local_arg(a: &str, models: &Path, config: &RunnerConfig, mounts: &[(String, PathBuf)]) -> String {
     if let Some(rest) = a.strip_prefix(MODELS_DIR) {
         return format!("{}{rest}", models.display());
+    }
+    for (mount, local) in mounts {
+        if let Some(rest) = a.strip_prefix(mount.as_str()) {
+            return format!("{}{rest}", local.display());
+        }
     }
     if a == PVC_MOUNT {
         return config.pvc_root.display().to_string();
@@ -196,9 +270,14 @@ fn local_arg(a: &str, models: &Path, config: &RunnerConfig) -> String {
     a.to_string()
 }
 
-async fn start_pod(pod: &Pod, ip: &str, config: &RunnerConfig) -> Result<Child, String> {
+async fn start_pod(
+    pod: &Pod,
+    ip: &str,
+    config: &RunnerConfig,
+    mounts: &[(String, PathBuf)],
+) -> Result<Child, String> {
     let spec = pod.spec.as_ref().ok_or("no spec")?;
-    let dir = config.work.join(format!("pod-{}", pod.name_any()));
+    let dir = pod_dir(pod, config);
     let models = dir.join("models");
     std::fs::create_dir_all(&models).map_err(|e| format!("{}: {e}", models.display()))?;
     let log = |name: &str| std::fs::File::create(dir.join(name)).map_err(|e| format!("log {name}: {e}"));
@@ -211,7 +290,7 @@ async fn start_pod(pod: &Pod, ip: &str, config: &RunnerConfig) -> Result<Child, 
                 given.next();
                 continue;
             }
-            args.push(local_arg(&a, &models, config));
+            args.push(local_arg(&a, &models, config, &[]));
         }
         let (server, out) = (config.server.clone(), log(&format!("{}.log", init.name))?);
         let status = tokio::task::spawn_blocking(move || {
@@ -234,7 +313,7 @@ async fn start_pod(pod: &Pod, ip: &str, config: &RunnerConfig) -> Result<Child, 
         .clone()
         .unwrap_or_default()
         .iter()
-        .map(|a| local_arg(a, &models, config))
+        .map(|a| local_arg(a, &models, config, mounts))
         .collect();
     if config.cuda_as_auto
         && let Some(i) = args.iter().position(|a| a == "--execution-provider")

@@ -105,6 +105,23 @@ async fn grpc_answers(ip: &str, port: i32) {
     assert_eq!(stats, vec![55.0, 5.5, 10.0, 155.0, 15.5, 20.0]);
 }
 
+/// The HTTP status of one `POST path` to `addr` with `body`, sending `key` as a bearer token.
+fn post_status(addr: &str, path: &str, body: &str, key: Option<&str>) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let auth = key.map(|k| format!("authorization: Bearer {k}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n{auth}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    answer.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// A load report without its completion times, for printing.
 struct LoadSummary<'a>(&'a kubemaas_e2e::podrunner::LoadReport);
 
@@ -535,5 +552,83 @@ async fn concurrency_eight_against_target_two_scales_to_four_and_back_to_min_rep
     println!("{events}");
     assert!(events.contains("to 4 replicas: average concurrency"), "{events}");
     assert!(events.contains("to 1 replicas"), "{events}");
+    drop(runner);
+}
+
+#[tokio::test]
+async fn api_keys_from_a_secret_guard_the_pods_and_rotate_without_a_restart() {
+    use k8s_openapi::api::core::v1::Secret;
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "apikeys").await;
+    let op = Operator::start(&ns.name, "op-apikeys", &[]);
+    let runner = PodRunner::start(client.clone(), &ns.name, RunnerConfig::for_tests(&ns.name));
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let secret = |keys: &str| -> Secret {
+        serde_json::from_value(json!({"metadata": {"name": "callers"}, "stringData": {"keys": keys}})).unwrap()
+    };
+    secrets
+        .create(&Default::default(), &secret("web:key-one\n"))
+        .await
+        .unwrap();
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let mut guarded = spec(&row_stats_uri());
+    guarded["auth"] = json!({"apiKeysSecretRef": {"name": "callers"}});
+    create_md(&api, md_json("guarded", guarded)).await;
+    wait_md(&api, "guarded", "Ready", LONG, Some(&op), is_ready).await;
+    let ip = serving(&runner, 1).await.remove(0);
+    let addr = format!("{ip}:8080");
+    let path = "/v2/models/guarded/infer";
+    let status = |key: Option<&'static str>| {
+        let addr = addr.clone();
+        async move {
+            tokio::task::spawn_blocking(move || post_status(&addr, path, ROWS, key))
+                .await
+                .unwrap()
+        }
+    };
+    wait_for(
+        "the pod answers with the key",
+        LONG,
+        || "POST with key-one".into(),
+        || async { (status(Some("key-one")).await == Some(200)).then_some(()) },
+    )
+    .await;
+    assert_eq!(status(None).await, Some(401));
+    assert_eq!(status(Some("key-two")).await, Some(401));
+    // The operator still reads the model's metadata (on the metrics port, which needs no key).
+    wait_md(&api, "guarded", "status.model under API keys", LONG, Some(&op), |m| {
+        m.status.as_ref().is_some_and(|s| s.model.is_some())
+    })
+    .await;
+
+    // Rotation: the Secret changes, the mounted file follows, the same server process takes it.
+    secrets
+        .replace("callers", &Default::default(), &{
+            let mut s = secrets.get("callers").await.unwrap();
+            s.data = None;
+            s.string_data = Some([("keys".to_string(), "web:key-two\n".to_string())].into());
+            s
+        })
+        .await
+        .unwrap();
+    wait_for(
+        "the rotated key is accepted",
+        Duration::from_secs(30),
+        || "POST with key-two".into(),
+        || async { (status(Some("key-two")).await == Some(200)).then_some(()) },
+    )
+    .await;
+    assert_eq!(status(Some("key-one")).await, Some(401));
+    // The same process reloaded its keys (one start, one reload in its log).
+    let pod = pods_of(&client, &ns.name, "guarded").await.remove(0);
+    let log = RunnerConfig::for_tests(&ns.name)
+        .work
+        .join(format!("pod-{}", kube::ResourceExt::name_any(&pod)))
+        .join("server.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.matches("\"listening\"").count(), 1, "{text}");
+    assert!(text.contains("API keys reloaded"), "{text}");
+    assert!(!text.contains("key-one") && !text.contains("key-two"), "keys in the log");
     drop(runner);
 }

@@ -97,6 +97,40 @@ pub struct ModelDeploymentSpec {
     /// Pod settings merged on top of what the operator generates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_template: Option<PodTemplateOverrides>,
+
+    /// Who may call the model. Unset: anyone who can reach the Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+}
+
+/// Access control of the serving pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// API keys from a Secret in the same namespace, mounted into the server container (never the
+    /// init container) and re-read by the server when the Secret changes, so keys rotate without
+    /// a restart. Every inference and metadata request of every protocol must then send
+    /// `Authorization: Bearer KEY` (gRPC: `authorization` metadata); health and readiness stay open
+    /// for the kubelet. The Secret's entry holds one key per line: `KEY`, `ID:KEY`, or
+    /// `ID:KEY:MODEL[,MODEL...]` to allow only those models. A pod whose Secret is missing does
+    /// not start.
+    pub api_keys_secret_ref: ApiKeysSecretRef,
+}
+
+/// The Secret entry that holds the API keys.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct ApiKeysSecretRef {
+    /// Secret name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The entry (data key) of the Secret with the key lines.
+    #[serde(default = "default_api_keys_entry")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_api_keys_entry() -> String {
+    "keys".into()
 }
 
 fn default_replicas() -> i32 {

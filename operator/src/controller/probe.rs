@@ -101,9 +101,13 @@ pub fn pod_uri(ip: &str, port: i32, path: &str) -> Option<http::Uri> {
     format!("http://{host}:{port}{path}").parse().ok()
 }
 
-/// The metadata URL of a pod.
+/// The metadata URL of a pod: on the metrics port, which needs no API key (`spec.auth`).
 pub fn metadata_uri(ip: &str, model: &str, version: &str) -> Option<http::Uri> {
-    pod_uri(ip, ports::HTTP, &format!("/v2/models/{model}/versions/{version}"))
+    pod_uri(
+        ip,
+        ports::METRICS,
+        &format!("/v2/models/{model}/versions/{version}"),
+    )
 }
 
 /// Pods asked at once: enough that one slow pod does not hold the status back.
@@ -163,11 +167,11 @@ mod tests {
     fn pod_addresses_make_valid_urls_for_ipv4_and_ipv6() {
         assert_eq!(
             metadata_uri("127.1.2.3", "m", "1").unwrap().to_string(),
-            "http://127.1.2.3:8080/v2/models/m/versions/1"
+            "http://127.1.2.3:9090/v2/models/m/versions/1"
         );
         assert_eq!(
             metadata_uri("::1", "m", "1").unwrap().to_string(),
-            "http://[::1]:8080/v2/models/m/versions/1"
+            "http://[::1]:9090/v2/models/m/versions/1"
         );
     }
 

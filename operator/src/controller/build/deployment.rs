@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, HTTPGetAction,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, HTTPGetAction, KeyToPath,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
     ResourceRequirements, SeccompProfile, SecretEnvSource, SecretVolumeSource, SecurityContext, Toleration,
     Volume, VolumeMount,
@@ -26,6 +26,11 @@ const PVC_MOUNT: &str = "/mnt/pvc";
 pub const CREDENTIALS_MOUNT: &str = "/var/run/secrets/kubemaas/credentials";
 /// Where the shared artifact cache claim is mounted, in the download init container only.
 pub const CACHE_MOUNT: &str = "/cache";
+/// Where the server container finds the API keys of `spec.auth` (a directory, so Secret updates
+/// reach it; a subPath mount would never change).
+pub const API_KEYS_MOUNT: &str = "/var/run/secrets/kubemaas/api-keys";
+/// The file inside [`API_KEYS_MOUNT`].
+pub const API_KEYS_FILE: &str = "keys";
 const NON_ROOT_UID: i64 = 65532;
 /// Name of the download init container (its failures become the `ModelLoaded` reason).
 pub const PULL_CONTAINER: &str = "model-pull";
@@ -154,6 +159,19 @@ pub fn server_args(md: &ModelDeployment, cfg: &BuildConfig) -> Vec<String> {
     .into_iter()
     .map(String::from)
     .chain(batching_args(md))
+    .chain(
+        md.spec
+            .auth
+            .as_ref()
+            .map(|_| {
+                [
+                    "--api-keys-file".to_string(),
+                    format!("{API_KEYS_MOUNT}/{API_KEYS_FILE}"),
+                ]
+            })
+            .into_iter()
+            .flatten(),
+    )
     .collect()
 }
 
@@ -353,6 +371,26 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
         ..Container::default()
     };
 
+    let mut server_mounts = vec![mount("models", MODELS_DIR, true), mount("tmp", "/tmp", false)];
+    if let Some(keys) = spec.auth.as_ref().map(|a| &a.api_keys_secret_ref) {
+        volumes.push(Volume {
+            name: "api-keys".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(keys.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: keys.key.clone(),
+                    path: API_KEYS_FILE.into(),
+                    ..KeyToPath::default()
+                }]),
+                default_mode: Some(0o440),
+                optional: Some(false),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        server_mounts.push(mount("api-keys", API_KEYS_MOUNT, true));
+    }
+
     let ready_path = format!("/v2/models/{name}/ready");
     let startup_failures = (spec.startup_timeout_seconds + PROBE_PERIOD - 1) / PROBE_PERIOD;
     let port = |name: &str, p: i32| ContainerPort {
@@ -376,10 +414,7 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
         readiness_probe: Some(http_probe(&ready_path, PROBE_PERIOD, 2)),
         liveness_probe: Some(http_probe("/v2/health/live", 10, 3)),
         security_context: Some(restricted()),
-        volume_mounts: Some(vec![
-            mount("models", MODELS_DIR, true),
-            mount("tmp", "/tmp", false),
-        ]),
+        volume_mounts: Some(server_mounts),
         ..Container::default()
     };
 
@@ -770,6 +805,87 @@ mod tests {
             let args = init(&d).args.clone().unwrap();
             assert_eq!(&args[..3], ["pull", uri, dest], "{uri}");
         }
+    }
+
+    #[test]
+    fn api_keys_are_mounted_only_in_the_server_container_as_a_directory_and_passed_as_a_flag() {
+        let m = md(json!({"model": {"uri": "s3://b/m.onnx"},
+                          "auth": {"apiKeysSecretRef": {"name": "callers", "key": "api-keys"}}}));
+        let d = deployment(&m, &BuildConfig::default());
+        let p = pod(&d);
+        let vol = p
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "api-keys")
+            .expect("an api-keys volume");
+        let secret = vol.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("callers"));
+        let item = &secret.items.as_ref().unwrap()[0];
+        assert_eq!((item.key.as_str(), item.path.as_str()), ("api-keys", "keys"));
+        assert_eq!((secret.optional, secret.default_mode), (Some(false), Some(0o440)));
+        let server = &p.containers[0];
+        let mount = server
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "api-keys")
+            .expect("mounted in the server");
+        // A directory mount (no subPath): Secret updates reach the file, so keys rotate in place.
+        assert_eq!(
+            (
+                mount.mount_path.as_str(),
+                mount.read_only,
+                mount.sub_path.as_ref()
+            ),
+            (API_KEYS_MOUNT, Some(true), None)
+        );
+        assert!(has_flag(
+            server.args.as_ref().unwrap(),
+            "--api-keys-file",
+            "/var/run/secrets/kubemaas/api-keys/keys"
+        ));
+        assert!(
+            !init(&d)
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.name == "api-keys")
+        );
+        // Without spec.auth: no volume, no flag; the default entry name is `keys`.
+        let open = deployment(
+            &md(json!({"model": {"uri": "s3://b/m.onnx"}})),
+            &BuildConfig::default(),
+        );
+        assert!(
+            !pod(&open)
+                .volumes
+                .clone()
+                .unwrap()
+                .iter()
+                .any(|v| v.name == "api-keys")
+        );
+        assert!(
+            !pod(&open).containers[0]
+                .args
+                .clone()
+                .unwrap()
+                .contains(&"--api-keys-file".to_string())
+        );
+        let default_key =
+            md(json!({"model": {"uri": "s3://b/m.onnx"}, "auth": {"apiKeysSecretRef": {"name": "c"}}}));
+        let d = deployment(&default_key, &BuildConfig::default());
+        let v = pod(&d)
+            .volumes
+            .clone()
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "api-keys")
+            .unwrap();
+        assert_eq!(v.secret.unwrap().items.unwrap()[0].key, "keys");
     }
 
     #[test]
