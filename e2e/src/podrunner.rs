@@ -207,7 +207,11 @@ async fn sync_secrets(pod: &Pod, dir: &Path, secrets: &Api<Secret>) -> Vec<(Stri
     let Some(spec) = pod.spec.as_ref() else {
         return Vec::new();
     };
-    let mounts = spec.containers.first().and_then(|c| c.volume_mounts.clone()).unwrap_or_default();
+    let mounts = spec
+        .containers
+        .first()
+        .and_then(|c| c.volume_mounts.clone())
+        .unwrap_or_default();
     let mut mapped = Vec::new();
     for m in mounts {
         let Some(source) = spec
@@ -247,7 +251,11 @@ async fn sync_secrets(pod: &Pod, dir: &Path, secrets: &Api<Secret>) -> Vec<(Stri
                 .and_then(|_| std::fs::write(&staged, &bytes))
                 .and_then(|_| std::fs::rename(&staged, &target));
             if let Err(e) = written {
-                eprintln!("podrunner: pod {}: writing {}: {e}", pod.name_any(), target.display());
+                eprintln!(
+                    "podrunner: pod {}: writing {}: {e}",
+                    pod.name_any(),
+                    target.display()
+                );
             }
         }
     }

@@ -110,7 +110,9 @@ fn post_status(addr: &str, path: &str, body: &str, key: Option<&str>) -> Option<
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    let auth = key.map(|k| format!("authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let auth = key
+        .map(|k| format!("authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
         "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n{auth}content-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -565,7 +567,8 @@ async fn api_keys_from_a_secret_guard_the_pods_and_rotate_without_a_restart() {
     let runner = PodRunner::start(client.clone(), &ns.name, RunnerConfig::for_tests(&ns.name));
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
     let secret = |keys: &str| -> Secret {
-        serde_json::from_value(json!({"metadata": {"name": "callers"}, "stringData": {"keys": keys}})).unwrap()
+        serde_json::from_value(json!({"metadata": {"name": "callers"}, "stringData": {"keys": keys}}))
+            .unwrap()
     };
     secrets
         .create(&Default::default(), &secret("web:key-one\n"))
@@ -597,9 +600,14 @@ async fn api_keys_from_a_secret_guard_the_pods_and_rotate_without_a_restart() {
     assert_eq!(status(None).await, Some(401));
     assert_eq!(status(Some("key-two")).await, Some(401));
     // The operator still reads the model's metadata (on the metrics port, which needs no key).
-    wait_md(&api, "guarded", "status.model under API keys", LONG, Some(&op), |m| {
-        m.status.as_ref().is_some_and(|s| s.model.is_some())
-    })
+    wait_md(
+        &api,
+        "guarded",
+        "status.model under API keys",
+        LONG,
+        Some(&op),
+        |m| m.status.as_ref().is_some_and(|s| s.model.is_some()),
+    )
     .await;
 
     // Rotation: the Secret changes, the mounted file follows, the same server process takes it.
@@ -629,6 +637,9 @@ async fn api_keys_from_a_secret_guard_the_pods_and_rotate_without_a_restart() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(text.matches("\"listening\"").count(), 1, "{text}");
     assert!(text.contains("API keys reloaded"), "{text}");
-    assert!(!text.contains("key-one") && !text.contains("key-two"), "keys in the log");
+    assert!(
+        !text.contains("key-one") && !text.contains("key-two"),
+        "keys in the log"
+    );
     drop(runner);
 }
