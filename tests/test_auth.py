@@ -2,6 +2,7 @@
 wants a key; health and readiness stay open; keys limited to some models get 403 elsewhere; the file
 is re-read when it changes (rotation, revocation); keys never reach the log."""
 
+import json
 import time
 
 import grpc
@@ -25,7 +26,7 @@ def guarded(repo_dir, tmp_path_factory):
     keys.write_text(f"# who may call\nalice:{ALICE}\nbob:{BOB}:versioned\n")
     s = Server(["--model", f"model={repo_dir / 'model' / '1' / 'model.onnx'}",
                 "--model", f"versioned={repo_dir / 'versioned' / '3' / 'model.onnx'}",
-                "--api-keys-file", str(keys)], d / "server.log")
+                "--api-keys-file", str(keys), "--audit-log"], d / "server.log")
     s.keys = keys
     for _ in range(300):
         if requests.get(f"{s.url}/v2/health/ready", timeout=5).status_code == 200:
@@ -115,6 +116,36 @@ def test_grpc_wants_the_same_keys_in_metadata(guarded):
     check = grpc.insecure_channel(guarded.grpc).unary_unary(
         "/grpc.health.v1.Health/Check", request_serializer=lambda b: b, response_deserializer=lambda b: b)
     assert check(b"", timeout=10) == b"\x08\x01"  # status: SERVING
+
+
+def test_the_audit_log_says_who_called_what_and_how_it_went(guarded):
+    body = json.dumps(X).encode()
+    assert requests.post(f"{guarded.url}/v2/models/model/infer", data=body, headers=bearer(ALICE),
+                         timeout=10).status_code == 200
+    assert requests.post(f"{guarded.url}/v2/models/model/infer?who=nobody", data=body, timeout=10).status_code == 401
+    client = grpcclient.InferenceServerClient(guarded.grpc)
+    x = grpcclient.InferInput("x", [1, 10], "FP32")
+    x.set_data_from_numpy(np.arange(10, dtype=np.float32).reshape(1, 10))
+    client.infer("model", [x], headers={"authorization": f"Bearer {ALICE}"})
+    with pytest.raises(InferenceServerException):
+        client.get_model_config("model", headers={"authorization": f"Bearer {BOB}"})
+    time.sleep(0.3)
+    audit = [json.loads(line) for line in guarded.log_path.read_text().splitlines()
+             if '"target":"kubemaas_audit"' in line]
+    http_ok = [a for a in audit if a["protocol"] == "http" and a["caller"] == "alice" and a["status"] == "200"
+               and a["route"] == "/v2/models/model/infer"]
+    assert http_ok, audit
+    a = http_ok[-1]
+    assert a["model"] == "model" and a["bytes_in"] == len(body) and a["bytes_out"] > 0 and a["latency_ms"] > 0, a
+    assert any(a["caller"] == "anonymous" and a["status"] == "401" for a in audit), audit
+    grpc_ok = [a for a in audit if a["protocol"] == "grpc" and a["route"] == "ModelInfer"]
+    assert grpc_ok and grpc_ok[-1]["caller"] == "alice" and grpc_ok[-1]["status"] == "Ok", audit
+    assert grpc_ok[-1]["bytes_in"] > 40 and grpc_ok[-1]["bytes_out"] > 12
+    denied = [a for a in audit if a["route"] == "ModelConfig"]
+    assert denied and denied[-1]["status"] == "PermissionDenied" and denied[-1]["caller"] == "bob", audit
+    # Probes are not audited; keys never appear.
+    assert not any("/health/" in a["route"] for a in audit)
+    assert ALICE not in guarded.log_path.read_text()
 
 
 def test_rotated_and_revoked_keys_take_effect_without_a_restart_and_never_reach_the_log(guarded):

@@ -56,6 +56,16 @@ pub enum Verdict {
     Forbidden(String),
 }
 
+impl Verdict {
+    /// The ID of the key presented, when it is a known key (allowed or not): who is calling.
+    pub fn caller(&self) -> Option<&str> {
+        match self {
+            Verdict::Allowed(id) | Verdict::Forbidden(id) => Some(id),
+            Verdict::Missing | Verdict::Invalid => None,
+        }
+    }
+}
+
 /// Parses the key file's text.
 fn parse(path: &Path, text: &str) -> Result<Vec<Key>, AuthError> {
     let mut keys = Vec::new();

@@ -6,6 +6,7 @@
 //! the runtime; [`repository`] the models and their states; [`inference`] executes validated
 //! requests; [`http`] is the REST transport and [`grpc`] the gRPC one; [`metrics`] renders Prometheus text; [`serve`] wires them.
 
+pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod batcher;

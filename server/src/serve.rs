@@ -102,6 +102,12 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
 
+    /// Audit log: one structured line per request (log target `kubemaas_audit`: protocol, route,
+    /// model, version, the caller's key ID, status, bytes in and out, latency), except health and
+    /// readiness probes. Keys are never written.
+    #[arg(long, env = "KUBEMAAS_AUDIT_LOG")]
+    pub audit_log: bool,
+
     /// Seconds to let in-flight requests finish after SIGTERM before exiting.
     #[arg(long, env = "KUBEMAAS_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
@@ -255,6 +261,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         instances,
         max_request_bytes,
         api_keys_file,
+        audit_log,
         max_batch_size,
         max_queue_delay_us,
         max_queue_size,
@@ -294,6 +301,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         repo: repo.clone(),
         max_request_bytes,
         api_keys,
+        audit: audit_log,
     });
     let http_listener = http::bind(SocketAddr::new(host, http_port)).await?;
     let grpc_listener = http::bind(SocketAddr::new(host, grpc_port)).await?;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
+use prost::Message as _;
 use serde_json::Value;
 use tokio::sync::watch;
 use tonic::server::NamedService;
@@ -32,25 +33,91 @@ fn version_arg(v: &str) -> Option<&str> {
     Some(v).filter(|v| !v.is_empty())
 }
 
-/// Checks the caller's `authorization` metadata against the API keys (nothing when keys are off).
+/// Checks the caller's `authorization` metadata against the API keys (nothing when keys are off);
+/// `caller` gets the key's ID when the key is known (allowed or not).
 fn authorize(
     state: &AppState,
     metadata: &tonic::metadata::MetadataMap,
     model: Option<&str>,
+    caller: &mut Option<String>,
 ) -> Result<(), ApiError> {
     let Some(keys) = &state.api_keys else {
         return Ok(());
     };
     let header = metadata.get("authorization").map(|v| v.as_bytes());
-    match ApiError::from_verdict(&keys.check(header, model), model) {
+    let verdict = keys.check(header, model);
+    *caller = verdict.caller().map(str::to_owned);
+    match ApiError::from_verdict(&verdict, model) {
         None => Ok(()),
         Some(e) => Err(e),
     }
 }
 
 /// [`authorize`] for a unary call, as a gRPC status.
-fn authorize_call<T>(state: &AppState, req: &Request<T>, model: Option<&str>) -> Result<(), Status> {
-    authorize(state, req.metadata(), model).map_err(|e| status(&e))
+fn authorize_call<T>(
+    state: &AppState,
+    req: &Request<T>,
+    model: Option<&str>,
+    caller: &mut Option<String>,
+) -> Result<(), Status> {
+    authorize(state, req.metadata(), model, caller).map_err(|e| status(&e))
+}
+
+/// What an audit line says about one gRPC call or streamed request.
+struct Audited {
+    method: &'static str,
+    model: String,
+    version: String,
+    caller: Option<String>,
+    started: Instant,
+    bytes_in: usize,
+}
+
+impl Audited {
+    /// Starts the record of a call of `method` on `model`/`version` (sizes only measured when
+    /// `--audit-log` is on).
+    fn start<T: prost::Message>(
+        state: &AppState,
+        method: &'static str,
+        msg: &T,
+        model: &str,
+        version: &str,
+    ) -> Audited {
+        Audited {
+            method,
+            model: model.to_string(),
+            version: version.to_string(),
+            caller: None,
+            started: Instant::now(),
+            bytes_in: if state.audit { msg.encoded_len() } else { 0 },
+        }
+    }
+
+    /// Writes the line for an answer with `code` and `bytes_out` when `--audit-log` is on.
+    fn write(&self, state: &AppState, code: tonic::Code, bytes_out: usize) {
+        if !state.audit {
+            return;
+        }
+        crate::audit::write(&crate::audit::Record {
+            protocol: "grpc",
+            route: self.method,
+            model: Some(self.model.as_str()).filter(|m| !m.is_empty()),
+            version: version_arg(&self.version),
+            caller: self.caller.as_deref(),
+            status: &format!("{code:?}"),
+            bytes_in: self.bytes_in as u64,
+            bytes_out: bytes_out as u64,
+            latency: self.started.elapsed(),
+        });
+    }
+
+    /// [`Audited::write`] for a unary call's result.
+    fn result<T: prost::Message>(&self, state: &AppState, r: &Result<Response<T>, Status>) {
+        match r {
+            Ok(r) => self.write(state, tonic::Code::Ok, r.get_ref().encoded_len()),
+            Err(s) => self.write(state, s.code(), 0),
+        }
+    }
 }
 
 /// `inference.GRPCInferenceService`.
@@ -232,6 +299,59 @@ fn statistics_message(v: &Value) -> ModelStatisticsResponse {
     }
 }
 
+impl Inference {
+    fn metadata(
+        &self,
+        req: Request<ModelMetadataRequest>,
+        caller: &mut Option<String>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        authorize_call(&self.state, &req, Some(&req.get_ref().name), caller)?;
+        let req = req.into_inner();
+        let version = version_arg(&req.version);
+        let (model, _) = self
+            .state
+            .repo
+            .ready_model(&req.name, version)
+            .map_err(|e| status(&e.into()))?;
+        let versions = match version {
+            Some(_) => vec![model.version],
+            None => self.state.repo.versions(&req.name),
+        };
+        let sig = model.backend.signature();
+        let tensors = |specs: &[crate::backend::TensorSpec]| {
+            specs
+                .iter()
+                .map(|s| model_metadata_response::TensorMetadata {
+                    name: s.name.clone(),
+                    datatype: s.datatype.v2_name().into(),
+                    shape: s.shape.clone(),
+                })
+                .collect()
+        };
+        Ok(Response::new(ModelMetadataResponse {
+            name: req.name,
+            versions: versions.iter().map(u64::to_string).collect(),
+            platform: v2::PLATFORM.into(),
+            inputs: tensors(&sig.inputs),
+            outputs: tensors(&sig.outputs),
+        }))
+    }
+
+    fn config(
+        &self,
+        req: Request<ModelConfigRequest>,
+        caller: &mut Option<String>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
+        authorize_call(&self.state, &req, Some(&req.get_ref().name), caller)?;
+        let req = req.into_inner();
+        let json = routes::model_config_json(&self.state, &req.name, version_arg(&req.version))
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(ModelConfigResponse {
+            config: Some(config_message(&json)),
+        }))
+    }
+}
+
 #[tonic::async_trait]
 impl GrpcInferenceService for Inference {
     async fn server_live(
@@ -267,7 +387,7 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
-        authorize_call(&self.state, &req, None)?;
+        authorize_call(&self.state, &req, None, &mut None)?;
         Ok(Response::new(ServerMetadataResponse {
             name: "kubemaas".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -279,52 +399,33 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        authorize_call(&self.state, &req, Some(&req.get_ref().name))?;
-        let req = req.into_inner();
-        let version = version_arg(&req.version);
-        let (model, _) = self
-            .state
-            .repo
-            .ready_model(&req.name, version)
-            .map_err(|e| status(&e.into()))?;
-        let versions = match version {
-            Some(_) => vec![model.version],
-            None => self.state.repo.versions(&req.name),
-        };
-        let sig = model.backend.signature();
-        let tensors = |specs: &[crate::backend::TensorSpec]| {
-            specs
-                .iter()
-                .map(|s| model_metadata_response::TensorMetadata {
-                    name: s.name.clone(),
-                    datatype: s.datatype.v2_name().into(),
-                    shape: s.shape.clone(),
-                })
-                .collect()
-        };
-        Ok(Response::new(ModelMetadataResponse {
-            name: req.name,
-            versions: versions.iter().map(u64::to_string).collect(),
-            platform: v2::PLATFORM.into(),
-            inputs: tensors(&sig.inputs),
-            outputs: tensors(&sig.outputs),
-        }))
+        let m = req.get_ref();
+        let mut audit = Audited::start(&self.state, "ModelMetadata", m, &m.name, &m.version);
+        let result = self.metadata(req, &mut audit.caller);
+        audit.result(&self.state, &result);
+        result
     }
 
     async fn model_infer(
         &self,
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        authorize_call(&self.state, &req, Some(&req.get_ref().model_name))?;
-        match infer(&self.state, req.into_inner()).await {
-            Ok(r) => Ok(Response::new(r)),
-            Err(e) => {
-                if matches!(e, ApiError::Internal(_)) {
-                    tracing::error!(error = %e, "gRPC request failed");
+        let m = req.get_ref();
+        let mut audit = Audited::start(&self.state, "ModelInfer", m, &m.model_name, &m.model_version);
+        let result = match authorize_call(&self.state, &req, Some(&m.model_name), &mut audit.caller) {
+            Err(s) => Err(s),
+            Ok(()) => match infer(&self.state, req.into_inner()).await {
+                Ok(r) => Ok(Response::new(r)),
+                Err(e) => {
+                    if matches!(e, ApiError::Internal(_)) {
+                        tracing::error!(error = %e, "gRPC request failed");
+                    }
+                    Err(status(&e))
                 }
-                Err(status(&e))
-            }
-        }
+            },
+        };
+        audit.result(&self.state, &result);
+        result
     }
 
     type ModelStreamInferStream = BoxStream<ModelStreamInferResponse>;
@@ -334,7 +435,7 @@ impl GrpcInferenceService for Inference {
         req: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         // A stream needs a valid key to open; each request is then checked for its model.
-        authorize_call(&self.state, &req, None)?;
+        authorize_call(&self.state, &req, None, &mut None)?;
         let metadata = req.metadata().clone();
         let state = self.state.clone();
         let mut stop = self.shutdown.clone();
@@ -364,10 +465,22 @@ impl GrpcInferenceService for Inference {
                         id: req.id.clone(),
                         ..Default::default()
                     };
-                    let answer = match authorize(&state, &metadata, Some(&req.model_name)) {
+                    let mut audit = Audited::start(
+                        &state,
+                        "ModelStreamInfer",
+                        &req,
+                        &req.model_name,
+                        &req.model_version,
+                    );
+                    let answer = match authorize(&state, &metadata, Some(&req.model_name), &mut audit.caller)
+                    {
                         Ok(()) => infer(&state, req).await,
                         Err(e) => Err(e),
                     };
+                    match &answer {
+                        Ok(r) => audit.write(&state, tonic::Code::Ok, r.encoded_len()),
+                        Err(e) => audit.write(&state, status(e).code(), 0),
+                    }
                     Ok(match answer {
                         Ok(r) => ModelStreamInferResponse {
                             error_message: String::new(),
@@ -397,13 +510,11 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<ModelConfigRequest>,
     ) -> Result<Response<ModelConfigResponse>, Status> {
-        authorize_call(&self.state, &req, Some(&req.get_ref().name))?;
-        let req = req.into_inner();
-        let json = routes::model_config_json(&self.state, &req.name, version_arg(&req.version))
-            .map_err(|e| status(&e))?;
-        Ok(Response::new(ModelConfigResponse {
-            config: Some(config_message(&json)),
-        }))
+        let m = req.get_ref();
+        let mut audit = Audited::start(&self.state, "ModelConfig", m, &m.name, &m.version);
+        let result = self.config(req, &mut audit.caller);
+        audit.result(&self.state, &result);
+        result
     }
 
     async fn model_statistics(
@@ -411,7 +522,7 @@ impl GrpcInferenceService for Inference {
         req: Request<ModelStatisticsRequest>,
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
         let model = Some(req.get_ref().name.as_str()).filter(|n| !n.is_empty());
-        authorize_call(&self.state, &req, model)?;
+        authorize_call(&self.state, &req, model, &mut None)?;
         let req = req.into_inner();
         let model = Some(req.name.as_str()).filter(|n| !n.is_empty());
         let json = routes::stats(&self.state, model, version_arg(&req.version)).map_err(|e| status(&e))?;
@@ -422,7 +533,7 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
-        authorize_call(&self.state, &req, None)?;
+        authorize_call(&self.state, &req, None, &mut None)?;
         let only_ready = req.into_inner().ready;
         let models = self
             .state

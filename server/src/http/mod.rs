@@ -28,6 +28,8 @@ pub struct AppState {
     pub max_request_bytes: usize,
     /// API keys, when `--api-keys-file` is set: inference and metadata routes need one.
     pub api_keys: Option<Arc<crate::auth::ApiKeys>>,
+    /// Write an audit line per request (`--audit-log`).
+    pub audit: bool,
 }
 
 /// Which endpoints a listener serves.

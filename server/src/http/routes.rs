@@ -69,8 +69,22 @@ fn route_model<'a>(segs: &[&'a str]) -> Option<&'a str> {
     }
 }
 
-/// Refuses a request the API keys do not allow (nothing when keys are off).
-fn authorize(state: &AppState, req: &Request<Incoming>, segs: &[&str]) -> Result<(), ApiError> {
+/// The version a route addresses, if any.
+fn route_version<'a>(segs: &[&'a str]) -> Option<&'a str> {
+    match segs {
+        ["v2" | "v1", "models", _, "versions", v, ..] => Some(v.split_once(':').map_or(*v, |(head, _)| head)),
+        _ => None,
+    }
+}
+
+/// Refuses a request the API keys do not allow (nothing when keys are off); `caller` gets the key's
+/// ID when the key is known (allowed or not).
+fn authorize(
+    state: &AppState,
+    req: &Request<Incoming>,
+    segs: &[&str],
+    caller: &mut Option<String>,
+) -> Result<(), ApiError> {
     let Some(keys) = &state.api_keys else {
         return Ok(());
     };
@@ -82,7 +96,9 @@ fn authorize(state: &AppState, req: &Request<Incoming>, segs: &[&str]) -> Result
         .headers()
         .get(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    match ApiError::from_verdict(&keys.check(header, model), model) {
+    let verdict = keys.check(header, model);
+    *caller = verdict.caller().map(str::to_owned);
+    match ApiError::from_verdict(&verdict, model) {
         None => Ok(()),
         Some(e) => Err(e),
     }
@@ -90,7 +106,21 @@ fn authorize(state: &AppState, req: &Request<Incoming>, segs: &[&str]) -> Result
 
 /// Entry point for every request.
 pub async fn handle(state: Arc<AppState>, surface: Surface, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match route(&state, surface, req).await {
+    let audited = state.audit && surface == Surface::Full;
+    let started = std::time::Instant::now();
+    let path = if audited {
+        req.uri().path().to_string()
+    } else {
+        String::new()
+    };
+    let bytes_in = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let mut caller = None;
+    let response = match route(&state, surface, req, &mut caller).await {
         Ok(r) => r,
         Err(e) => {
             if e.status().is_server_error() && e.status() != StatusCode::SERVICE_UNAVAILABLE {
@@ -98,7 +128,23 @@ pub async fn handle(state: Arc<AppState>, surface: Surface, req: Request<Incomin
             }
             error_response(&e)
         }
+    };
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if audited && !is_open(&segs) {
+        use hyper::body::Body as _;
+        crate::audit::write(&crate::audit::Record {
+            protocol: "http",
+            route: &path,
+            model: route_model(&segs),
+            version: route_version(&segs),
+            caller: caller.as_deref(),
+            status: response.status().as_str(),
+            bytes_in,
+            bytes_out: response.body().size_hint().exact().unwrap_or(0),
+            latency: started.elapsed(),
+        });
     }
+    response
 }
 
 async fn read_body(
@@ -133,6 +179,7 @@ async fn route(
     state: &AppState,
     surface: Surface,
     req: Request<Incoming>,
+    caller: &mut Option<String>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -152,7 +199,7 @@ async fn route(
         )));
     }
     if surface == Surface::Full {
-        authorize(state, &req, &segs)?;
+        authorize(state, &req, &segs, caller)?;
     }
     match segs.as_slice() {
         ["metrics"] if get => Ok(bytes_response(
