@@ -128,3 +128,53 @@ def test_sigterm_during_a_long_model_load_exits_at_once(tmp_path):
     finally:
         s.stop()
     assert code == 0 and took < 2, (code, took)
+
+
+def test_slow_silent_and_idle_connections_are_closed_and_do_not_starve_a_client(repo_dir, tmp_path):
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))  # this test holds 1,000 sockets
+    s = Server(["--model", f"model={repo_dir / 'model' / '1' / 'model.onnx'}", "--header-read-timeout", "2"],
+               tmp_path / "server.log")
+    held = []
+    try:
+        s.wait_loaded()
+        host, port = s.http.rsplit(":", 1)
+        held = [socket.create_connection((host, int(port))) for _ in range(1000)]  # silent
+        slow = socket.create_connection((host, int(port)))
+        slow.sendall(b"POST /v2/models/model/infer HTTP/1.1\r\nHost: x\r\n")  # never finishes
+        held.append(slow)
+        keep = socket.create_connection((host, int(port)))  # one request, then idle keep-alive
+        keep.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        held.append(keep)
+        began = time.time()
+        r = requests.post(f"{s.url}/v2/models/model/infer", timeout=5,
+                          json={"inputs": [{"name": "x", "shape": [1, 10], "datatype": "FP32", "data": [0] * 10}]})
+        took = time.time() - began
+        assert r.status_code == 200 and took < 1, (r.status_code, took)
+        assert keep.recv(4096).startswith(b"HTTP/1.1 200")
+
+        def closed_within(sock, seconds):
+            sock.settimeout(seconds)
+            try:
+                while True:
+                    data = sock.recv(4096)
+                    if not data:
+                        return True
+            except socket.timeout:
+                return False
+            except ConnectionResetError:
+                return True
+
+        # --header-read-timeout 2: each is closed by the server, not left open.
+        assert closed_within(slow, 6), "a partial request head held its connection"
+        assert closed_within(keep, 6), "an idle keep-alive connection was never closed"
+        assert closed_within(held[0], 6), "a silent connection was never closed"
+        assert s.alive()
+    finally:
+        for sock in held:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert s.stop() == 0

@@ -108,6 +108,12 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_AUDIT_LOG")]
     pub audit_log: bool,
 
+    /// Seconds a connection may take to send a complete request head (HTTP ports): slow or silent
+    /// clients, and keep-alive connections idle that long, are closed, so they cannot hold
+    /// connections (and file descriptors) forever.
+    #[arg(long, env = "KUBEMAAS_HEADER_READ_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout: u64,
+
     /// Seconds to let in-flight requests finish after SIGTERM before exiting.
     #[arg(long, env = "KUBEMAAS_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
@@ -246,6 +252,12 @@ pub enum Stopped {
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
     crate::metrics::uptime();
+    // Every client connection is a file descriptor; the usual soft limit (1024) is far below what
+    // the hard limit allows a server.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(open_files = n, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+    }
     // Destructured so that no flag can be silently ignored.
     let ServeArgs {
         model_repository,
@@ -262,6 +274,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         max_request_bytes,
         api_keys_file,
         audit_log,
+        header_read_timeout,
         max_batch_size,
         max_queue_delay_us,
         max_queue_size,
@@ -302,6 +315,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         max_request_bytes,
         api_keys,
         audit: audit_log,
+        header_read_timeout: Duration::from_secs(header_read_timeout),
     });
     let http_listener = http::bind(SocketAddr::new(host, http_port)).await?;
     let grpc_listener = http::bind(SocketAddr::new(host, grpc_port)).await?;

@@ -12,7 +12,7 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -30,6 +30,9 @@ pub struct AppState {
     pub api_keys: Option<Arc<crate::auth::ApiKeys>>,
     /// Write an audit line per request (`--audit-log`).
     pub audit: bool,
+    /// A connection that has not sent a complete request head within this time is closed
+    /// (`--header-read-timeout`): slow, silent and idle keep-alive clients do not hold it.
+    pub header_read_timeout: Duration,
 }
 
 /// Which endpoints a listener serves.
@@ -72,7 +75,13 @@ pub async fn serve(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = Builder::new(TokioExecutor::new());
+    let mut builder = Builder::new(TokioExecutor::new());
+    let header_timeout = state.header_read_timeout;
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder.http2().timer(TokioTimer::new());
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -91,11 +100,18 @@ pub async fn serve(
                     let state = state.clone();
                     async move { Ok::<Response<Full<Bytes>>, std::convert::Infallible>(routes::handle(state, surface, req).await) }
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
+                let watcher = graceful.watcher();
+                let builder = builder.clone();
                 // A connection task that fails or panics affects only its own connection.
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    // Until a client sends its first byte the protocol is unknown and hyper's
+                    // header timeout has not started: a silent client is closed here.
+                    let mut first = [0u8; 1];
+                    if tokio::time::timeout(header_timeout, stream.peek(&mut first)).await.is_err() {
+                        return;
+                    }
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(error = %e, "connection closed with error");
                     }
                 });
