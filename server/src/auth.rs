@@ -216,6 +216,26 @@ impl ApiKeys {
     }
 }
 
+/// The one access check every protocol makes: `authorization` (the header or gRPC metadata value)
+/// for `model` against `keys` (None: keys are off, everything allowed). `caller` gets the key's ID
+/// when the key is known, allowed or not, for the audit log.
+pub fn authorize(
+    keys: Option<&ApiKeys>,
+    authorization: Option<&[u8]>,
+    model: Option<&str>,
+    caller: &mut Option<String>,
+) -> Result<(), crate::protocol::error::ApiError> {
+    let Some(keys) = keys else {
+        return Ok(());
+    };
+    let verdict = keys.check(authorization, model);
+    *caller = verdict.caller().map(str::to_owned);
+    match crate::protocol::error::ApiError::from_verdict(&verdict, model) {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
+}
+
 /// The credential of `Bearer CREDENTIAL` (scheme case-insensitive, as RFC 9110 says).
 fn bearer(value: &[u8]) -> Option<&[u8]> {
     let (scheme, rest) = value.split_at_checked(7)?;

@@ -506,7 +506,6 @@ mod tests {
                 parameter_choice: Some(ParameterChoice::Int64Param(5000)),
             },
         );
-        req.inputs.clear();
         let params = parameters_json(&req.parameters);
         assert_eq!(params.get("timeout"), Some(&Value::from(5000)));
     }

@@ -33,24 +33,15 @@ fn version_arg(v: &str) -> Option<&str> {
     Some(v).filter(|v| !v.is_empty())
 }
 
-/// Checks the caller's `authorization` metadata against the API keys (nothing when keys are off);
-/// `caller` gets the key's ID when the key is known (allowed or not).
+/// Checks the caller's `authorization` metadata against the API keys (see [`crate::auth::authorize`]).
 fn authorize(
     state: &AppState,
     metadata: &tonic::metadata::MetadataMap,
     model: Option<&str>,
     caller: &mut Option<String>,
 ) -> Result<(), ApiError> {
-    let Some(keys) = &state.api_keys else {
-        return Ok(());
-    };
     let header = metadata.get("authorization").map(|v| v.as_bytes());
-    let verdict = keys.check(header, model);
-    *caller = verdict.caller().map(str::to_owned);
-    match ApiError::from_verdict(&verdict, model) {
-        None => Ok(()),
-        Some(e) => Err(e),
-    }
+    crate::auth::authorize(state.api_keys.as_deref(), header, model, caller)
 }
 
 /// [`authorize`] for a unary call, as a gRPC status.

@@ -77,48 +77,37 @@ fn route_version<'a>(segs: &[&'a str]) -> Option<&'a str> {
     }
 }
 
-/// Refuses a request the API keys do not allow (nothing when keys are off); `caller` gets the key's
-/// ID when the key is known (allowed or not).
+/// Refuses a request the API keys do not allow; health and readiness are open.
 fn authorize(
     state: &AppState,
     req: &Request<Incoming>,
     segs: &[&str],
     caller: &mut Option<String>,
 ) -> Result<(), ApiError> {
-    let Some(keys) = &state.api_keys else {
-        return Ok(());
-    };
     if is_open(segs) {
         return Ok(());
     }
-    let model = route_model(segs);
     let header = req
         .headers()
         .get(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    let verdict = keys.check(header, model);
-    *caller = verdict.caller().map(str::to_owned);
-    match ApiError::from_verdict(&verdict, model) {
-        None => Ok(()),
-        Some(e) => Err(e),
-    }
+    crate::auth::authorize(state.api_keys.as_deref(), header, route_model(segs), caller)
 }
 
 /// Entry point for every request.
 pub async fn handle(state: Arc<AppState>, surface: Surface, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let audited = state.audit && surface == Surface::Full;
     let started = std::time::Instant::now();
-    let path = if audited {
-        req.uri().path().to_string()
-    } else {
-        String::new()
-    };
-    let bytes_in = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
+    // What the audit line needs from the request, taken before routing consumes it.
+    let seen = audited.then(|| {
+        let bytes_in = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        (req.uri().path().to_string(), bytes_in)
+    });
     let mut caller = None;
     let response = match route(&state, surface, req, &mut caller).await {
         Ok(r) => r,
@@ -129,8 +118,11 @@ pub async fn handle(state: Arc<AppState>, surface: Surface, req: Request<Incomin
             error_response(&e)
         }
     };
+    let Some((path, bytes_in)) = seen else {
+        return response;
+    };
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    if audited && !is_open(&segs) {
+    if !is_open(&segs) {
         use hyper::body::Body as _;
         crate::audit::write(&crate::audit::Record {
             protocol: "http",
