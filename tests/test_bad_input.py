@@ -216,3 +216,36 @@ def test_binary_bytes_elements_beyond_the_shape_are_refused_without_amplificatio
         assert s.alive()
     finally:
         assert s.stop() == 0
+
+
+@pytest.mark.parametrize("shape", ["values", "named"])
+def test_a_64_mib_tf_serving_body_decodes_without_a_json_tree(repo_dir, tmp_path, shape):
+    # `{"instances": [0,0,...]}` is 32 million elements: as a serde_json Value tree (32 bytes per
+    # element plus the clone of the list) it took about 2 GiB. Decoded straight into the tensor it
+    # takes the body plus the tensor (4 bytes per element). The rank does not match dense model's
+    # input ([-1, 10]), so the model never runs: the peak is decoding's alone.
+    from conftest import Server
+
+    def peak_rss_mib(pid):
+        status = open(f"/proc/{pid}/status").read()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+    element = b"0," if shape == "values" else b'{"x":0},'
+    n = (64 << 20) // len(element)
+    body = b'{"instances": [' + element * (n - 1) + element[:-1] + b"]}"
+    s = Server(["--model", f"dense={repo_dir / 'model' / '1' / 'model.onnx'}",
+                "--max-request-bytes", str(65 << 20)], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        before = peak_rss_mib(s.proc.pid)
+        r = requests.post(f"{s.url}/v1/models/dense:predict", data=body, timeout=300)
+        after = peak_rss_mib(s.proc.pid)
+        assert r.status_code == 400 and "shape" in r.json()["error"], r.text[:500]
+        # The body (64 MiB) and the tensor (4 bytes per element: 128 MiB, or 32 MiB named).
+        print(f"peak RSS growth {after - before:.0f} MiB")
+        assert after - before < 320, (before, after)
+        ok = requests.post(f"{s.url}/v1/models/dense:predict", timeout=30,
+                           json={"instances": [[float(i) for i in range(10)]]})
+        assert ok.status_code == 200 and len(ok.json()["predictions"][0]) == 3, ok.text
+    finally:
+        assert s.stop() == 0

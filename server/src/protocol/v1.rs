@@ -1,8 +1,13 @@
 //! TF-Serving REST API (also KServe's V1 protocol): `:predict` in the row (`instances`) and columnar
 //! (`inputs`) formats, model status and metadata.
 
+use std::collections::BTreeMap;
+
 use base64::Engine as _;
 use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::error::{ApiError, json_error};
@@ -29,138 +34,335 @@ pub struct PredictRequest {
     pub inputs: Vec<Tensor>,
 }
 
-fn is_b64(v: &Value) -> Option<&str> {
-    match v {
-        Value::Object(m) if m.len() == 1 => m.get("b64").and_then(Value::as_str),
-        _ => None,
-    }
+/// The top level of a `:predict` body. The tensors stay unparsed slices of the body: they are
+/// streamed into tensors later, never built as a `Value` tree (32 bytes per element).
+#[derive(Deserialize)]
+struct Body<'a> {
+    #[serde(borrow, default)]
+    instances: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    inputs: Option<&'a RawValue>,
 }
 
-/// Shape of a nested JSON value (lists are dimensions; numbers, strings, booleans and `{"b64"}` are
-/// elements).
-fn infer_shape(v: &Value) -> Result<Vec<usize>, String> {
-    let mut shape = Vec::new();
-    let mut cur = v;
-    while let Value::Array(items) = cur {
-        if shape.len() >= MAX_DATA_DEPTH {
-            return Err(format!("lists nested deeper than {MAX_DATA_DEPTH} levels"));
-        }
-        shape.push(items.len());
-        match items.first() {
-            Some(first) => cur = first,
-            None => break,
-        }
-    }
-    Ok(shape)
+/// One tensor being decoded from nested JSON lists: the elements go straight into the writer while
+/// the shape is tracked, and ragged lists are refused as soon as they appear.
+struct Builder<'s> {
+    spec: &'s TensorSpec,
+    writer: ElementWriter,
+    /// Length of each dimension, set by the first list seen at that depth.
+    dims: Vec<Option<usize>>,
+    /// Depth of the elements, set by the first element (or empty list) seen.
+    rank: Option<usize>,
+    /// Instances fed so far (row format with named inputs).
+    rows: usize,
 }
 
-/// Writes the elements of `v`, checking that it is a regular (non-ragged) array of `shape`.
-fn write_elements(w: &mut ElementWriter, v: &Value, shape: &[usize]) -> Result<(), String> {
-    match (v, shape.split_first()) {
-        (Value::Array(items), Some((&n, rest))) => {
-            if items.len() != n {
-                return Err(format!(
-                    "ragged list: expected {n} elements, found {}",
-                    items.len()
-                ));
+impl<'s> Builder<'s> {
+    /// `body_len` bounds the element count: a JSON element takes at least one byte.
+    fn new(spec: &'s TensorSpec, body_len: usize) -> Builder<'s> {
+        Builder {
+            spec,
+            writer: ElementWriter::new(spec.datatype, body_len / 2 + 1, body_len + 1),
+            dims: Vec::new(),
+            rank: None,
+            rows: 0,
+        }
+    }
+
+    fn bad(&self, m: impl std::fmt::Display) -> ApiError {
+        ApiError::BadRequest(format!("input {:?}: {m}", self.spec.name))
+    }
+
+    /// Streams one nested value in at `depth` (0 for a whole tensor, 1 for one row of a stacked
+    /// tensor).
+    fn feed(&mut self, raw: &RawValue, depth: usize) -> Result<(), ApiError> {
+        let mut de = serde_json::Deserializer::from_str(raw.get());
+        Nested { b: self, depth }
+            .deserialize(&mut de)
+            .map_err(|e| self.bad(e))
+    }
+
+    /// The tensor, with `rows` prepended to the shape when the values were stacked rows.
+    fn finish(self, stacked: bool) -> Result<Tensor, ApiError> {
+        let rank = self.rank.unwrap_or(self.dims.len());
+        let mut shape: Vec<usize> = self.dims.iter().take(rank).map(|d| d.unwrap_or(0)).collect();
+        if stacked {
+            match shape.first_mut() {
+                Some(first) => *first = self.rows,
+                None => shape.push(self.rows),
             }
-            items.iter().try_for_each(|i| write_elements(w, i, rest))
         }
-        (Value::Array(_), None) => Err("ragged list: a list where a single value was expected".into()),
-        (_, Some(_)) => Err("ragged list: a single value where a list was expected".into()),
-        (v, None) => {
-            let r = if let Some(b) = is_b64(v) {
-                let raw = base64::engine::general_purpose::STANDARD
-                    .decode(b)
-                    .map_err(|e| format!("invalid base64 in {{\"b64\": ...}}: {e}"))?;
-                w.push_bytes(Bytes::from(raw))
-            } else {
-                match v {
-                    Value::Bool(b) => w.push_bool(*b),
-                    Value::String(s) => w.push_str(s),
-                    Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
-                        (Some(i), _, _) => w.push_i64(i),
-                        (_, Some(u), _) => w.push_u64(u),
-                        (_, _, Some(f)) => w.push_f64(f),
-                        _ => return Err(format!("unrepresentable number {n}")),
-                    },
-                    Value::Null => return Err("null is not a tensor element".into()),
-                    Value::Object(_) => return Err("an object where a tensor element was expected".into()),
-                    Value::Array(_) => return Err("unexpected list".into()),
+        let (spec, writer) = (self.spec, self.writer);
+        writer
+            .finish(spec.name.clone(), shape)
+            .map_err(|e| ApiError::BadRequest(format!("input {:?}: {e}", spec.name)))
+    }
+
+    /// An element at `depth`: it fixes the rank, or must agree with it.
+    fn element<E: serde::de::Error>(&mut self, depth: usize) -> Result<&mut ElementWriter, E> {
+        match self.rank {
+            None => self.rank = Some(depth),
+            Some(r) if r == depth => {}
+            Some(_) => return Err(E::custom("ragged list: a single value where a list was expected")),
+        }
+        Ok(&mut self.writer)
+    }
+}
+
+/// Visits one nested value of a [`Builder`] at a depth.
+struct Nested<'b, 's> {
+    b: &'b mut Builder<'s>,
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Nested<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Nested<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "nested lists of {} values", self.b.spec.datatype)
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        self.b.element(self.depth)?.push_bool(v).map_err(E::custom)
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.b.element(self.depth)?.push_i64(v).map_err(E::custom)
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        self.b.element(self.depth)?.push_u64(v).map_err(E::custom)
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        self.b.element(self.depth)?.push_f64(v).map_err(E::custom)
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.b.element(self.depth)?.push_str(v).map_err(E::custom)
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Err(E::custom("null is not a tensor element"))
+    }
+
+    /// `{"b64": "..."}` is one BYTES element; any other object is an error.
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let not_b64 = || {
+            A::Error::custom("an object where a tensor element was expected (only {\"b64\": \"...\"} is one)")
+        };
+        let key: Option<std::borrow::Cow<'de, str>> = map.next_key()?;
+        if key.as_deref() != Some("b64") {
+            return Err(not_b64());
+        }
+        let text: std::borrow::Cow<'de, str> = map.next_value()?;
+        if map.next_key::<IgnoredAny>()?.is_some() {
+            return Err(not_b64());
+        }
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(|e| A::Error::custom(format!("invalid base64 in {{\"b64\": ...}}: {e}")))?;
+        self.b
+            .element(self.depth)?
+            .push_bytes(Bytes::from(raw))
+            .map_err(A::Error::custom)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let depth = self.depth;
+        if depth >= MAX_DATA_DEPTH {
+            return Err(A::Error::custom(format!(
+                "lists nested deeper than {MAX_DATA_DEPTH} levels"
+            )));
+        }
+        if self.b.rank.is_some_and(|r| depth >= r) {
+            return Err(A::Error::custom(
+                "ragged list: a list where a single value was expected",
+            ));
+        }
+        if self.b.dims.len() <= depth {
+            self.b.dims.resize(depth + 1, None);
+        }
+        let b = self.b;
+        let mut n = 0usize;
+        while seq
+            .next_element_seed(Nested {
+                b: &mut *b,
+                depth: depth + 1,
+            })?
+            .is_some()
+        {
+            n += 1;
+        }
+        match b.dims[depth] {
+            None => b.dims[depth] = Some(n),
+            Some(m) if m != n => {
+                return Err(A::Error::custom(format!(
+                    "ragged list: expected {m} elements, found {n}"
+                )));
+            }
+            Some(_) => {}
+        }
+        if n == 0 && b.rank.is_none() {
+            b.rank = Some(depth + 1);
+        }
+        Ok(())
+    }
+}
+
+/// The first non-blank character of a JSON value.
+fn first_char(raw: &RawValue) -> Option<char> {
+    raw.get().trim_start().chars().next()
+}
+
+/// `{"b64": "..."}`: one BYTES value, not an object naming inputs.
+fn is_b64(map: &BTreeMap<String, &RawValue>) -> bool {
+    map.len() == 1 && map.get("b64").is_some_and(|v| first_char(v) == Some('"'))
+}
+
+/// The first element of a JSON list, parsed alone (the rest is left unread).
+fn first_element(list: &RawValue) -> Result<Option<&RawValue>, ApiError> {
+    let text = list.get().trim_start();
+    let rest = text.strip_prefix('[').unwrap_or(text).trim_start();
+    if rest.starts_with(']') {
+        return Ok(None);
+    }
+    let mut de = serde_json::Deserializer::from_str(rest);
+    <&RawValue>::deserialize(&mut de)
+        .map(Some)
+        .map_err(|e| json_error("predict request JSON", &e))
+}
+
+/// Named row format: every instance is an object naming the inputs; each input's values are
+/// stacked along a new first dimension, streamed without a tree of the instances.
+struct NamedRows<'b, 's> {
+    sig: &'s Signature,
+    body_len: usize,
+    builders: &'b mut Vec<Builder<'s>>,
+    /// A request error found inside the visitor, kept whole (serde's error type is only a string).
+    failure: &'b mut Option<ApiError>,
+}
+
+impl<'de> DeserializeSeed<'de> for NamedRows<'_, '_> {
+    type Value = usize;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NamedRows<'_, '_> {
+    type Value = usize;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of objects naming the inputs")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<usize, A::Error> {
+        let mut rows = 0;
+        while let Some(instance) = seq.next_element::<BTreeMap<String, &'de RawValue>>()? {
+            if let Err(e) = self.instance(rows, &instance) {
+                *self.failure = Some(e);
+                return Err(A::Error::custom("rejected"));
+            }
+            rows += 1;
+        }
+        Ok(rows)
+    }
+}
+
+impl<'s> NamedRows<'_, 's> {
+    fn instance(&mut self, row: usize, instance: &BTreeMap<String, &RawValue>) -> Result<(), ApiError> {
+        let lacks = |name: &str| {
+            ApiError::BadRequest(format!(
+                "an instance lacks input {name:?}; every instance needs the same inputs"
+            ))
+        };
+        if is_b64(instance) {
+            return Err(ApiError::BadRequest(
+                "every instance must be an object naming the inputs, or none: {\"b64\": ...} is a value"
+                    .into(),
+            ));
+        }
+        for (name, value) in instance {
+            let index = match self.builders.iter().position(|b| &b.spec.name == name) {
+                Some(i) => i,
+                None if row > 0 => return Err(lacks(name)),
+                None => {
+                    self.builders
+                        .push(Builder::new(input_spec(self.sig, name)?, self.body_len));
+                    self.builders.len() - 1
                 }
             };
-            r.map_err(|e| e.to_string())
+            let b = &mut self.builders[index];
+            if b.dims.is_empty() {
+                b.dims.push(None);
+            }
+            b.feed(value, 1)?;
+            b.rows += 1;
+        }
+        match self.builders.iter().find(|b| b.rows != row + 1) {
+            Some(b) => Err(lacks(&b.spec.name)),
+            None => Ok(()),
         }
     }
-}
-
-/// Builds a tensor for `spec` from nested values stacked along a new first dimension (`rows`) or
-/// from one nested value (`rows` None).
-fn tensor_from_values(spec: &TensorSpec, values: &[&Value], stacked: bool) -> Result<Tensor, ApiError> {
-    let bad = |m: String| ApiError::BadRequest(format!("input {:?}: {m}", spec.name));
-    let first = values.first().ok_or_else(|| bad("no values".into()))?;
-    let inner = infer_shape(first).map_err(bad)?;
-    let mut shape = inner.clone();
-    if stacked {
-        shape.insert(0, values.len());
-    }
-    let count = shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| bad("shape overflows".into()))?;
-    let mut w = ElementWriter::new(spec.datatype, count, count);
-    for v in values {
-        write_elements(&mut w, v, &inner).map_err(bad)?;
-    }
-    w.finish(spec.name.clone(), shape).map_err(|e| bad(e.to_string()))
 }
 
 /// Decodes a `:predict` body.
 pub fn decode_request(sig: &Signature, body: &[u8]) -> Result<PredictRequest, ApiError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| json_error("predict request JSON", &e))?;
-    let Value::Object(mut obj) = v else {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ApiError::BadRequest(format!("the request body is not UTF-8 text: {e}")))?;
+    if !text.trim_start().starts_with('{') {
         return Err(ApiError::BadRequest(
             "the request must be a JSON object with \"instances\" or \"inputs\"".into(),
         ));
-    };
+    }
+    let parsed: Body = serde_json::from_str(text).map_err(|e| json_error("predict request JSON", &e))?;
     let single = match sig.inputs.as_slice() {
         [only] => Some(only),
         _ => None,
     };
-    match (obj.remove("instances"), obj.remove("inputs")) {
+    let body_len = body.len();
+    match (parsed.instances, parsed.inputs) {
         (Some(_), Some(_)) => Err(ApiError::BadRequest(
             "give either \"instances\" (row format) or \"inputs\" (columnar format), not both".into(),
         )),
         (None, None) => Err(ApiError::BadRequest(
             "the request needs \"instances\" (row format) or \"inputs\" (columnar format)".into(),
         )),
-        (Some(Value::Array(instances)), None) => {
-            if instances.is_empty() {
-                return Err(ApiError::BadRequest("\"instances\" is empty".into()));
+        (Some(instances), None) => {
+            if first_char(instances) != Some('[') {
+                return Err(ApiError::BadRequest("\"instances\" must be a list".into()));
             }
-            let named = instances
-                .iter()
-                .all(|i| matches!(i, Value::Object(_)) && is_b64(i).is_none());
+            let first = first_element(instances)?
+                .ok_or_else(|| ApiError::BadRequest("\"instances\" is empty".into()))?;
+            let named = first_char(first) == Some('{')
+                && !serde_json::from_str::<BTreeMap<String, &RawValue>>(first.get())
+                    .is_ok_and(|m| is_b64(&m));
             let inputs = if named {
-                let mut out = Vec::new();
-                let Some(Value::Object(first)) = instances.first() else {
-                    return Err(ApiError::BadRequest("\"instances\" is empty".into()));
-                };
-                for name in first.keys() {
-                    let spec = input_spec(sig, name)?;
-                    let values = instances
-                        .iter()
-                        .map(|i| {
-                            i.get(name).ok_or_else(|| {
-                                ApiError::BadRequest(format!(
-                                    "an instance lacks input {name:?}; every instance needs the same inputs"
-                                ))
-                            })
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
-                    out.push(tensor_from_values(spec, &values, true)?);
+                let mut builders = Vec::new();
+                let mut failure = None;
+                let mut de = serde_json::Deserializer::from_str(instances.get());
+                let rows = NamedRows {
+                    sig,
+                    body_len,
+                    builders: &mut builders,
+                    failure: &mut failure,
                 }
-                out
+                .deserialize(&mut de);
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                rows.map_err(|e| {
+                    ApiError::BadRequest(format!(
+                        "\"instances\": every instance must be an object naming the inputs ({e})"
+                    ))
+                })?;
+                builders
+                    .into_iter()
+                    .map(|b| b.finish(true))
+                    .collect::<Result<Vec<_>, _>>()?
             } else {
                 let spec = single.ok_or_else(|| {
                     ApiError::BadRequest(format!(
@@ -168,23 +370,40 @@ pub fn decode_request(sig: &Signature, body: &[u8]) -> Result<PredictRequest, Ap
                         sig.inputs.len()
                     ))
                 })?;
-                let values: Vec<&Value> = instances.iter().collect();
-                vec![tensor_from_values(spec, &values, true)?]
+                // The list of instances is the stacked tensor itself.
+                let mut b = Builder::new(spec, body_len);
+                b.feed(instances, 0)?;
+                vec![b.finish(false)?]
             };
             Ok(PredictRequest {
                 format: Format::Row,
                 inputs,
             })
         }
-        (Some(_), None) => Err(ApiError::BadRequest("\"instances\" must be a list".into())),
         (None, Some(inputs)) => {
-            let tensors = match (inputs, single) {
-                (Value::Object(map), _) if is_b64(&Value::Object(map.clone())).is_none() => map
+            let named = match first_char(inputs) {
+                Some('{') => {
+                    let map: BTreeMap<String, &RawValue> = serde_json::from_str(inputs.get())
+                        .map_err(|e| json_error("\"inputs\" object", &e))?;
+                    (!is_b64(&map)).then_some(map)
+                }
+                _ => None,
+            };
+            let tensors = match (named, single) {
+                (Some(map), _) => map
                     .iter()
-                    .map(|(name, v)| tensor_from_values(input_spec(sig, name)?, &[v], false))
+                    .map(|(name, v)| {
+                        let mut b = Builder::new(input_spec(sig, name)?, body_len);
+                        b.feed(v, 0)?;
+                        b.finish(false)
+                    })
                     .collect::<Result<Vec<_>, _>>()?,
-                (v, Some(spec)) => vec![tensor_from_values(spec, &[&v], false)?],
-                (_, None) => {
+                (None, Some(spec)) => {
+                    let mut b = Builder::new(spec, body_len);
+                    b.feed(inputs, 0)?;
+                    vec![b.finish(false)?]
+                }
+                (None, None) => {
                     return Err(ApiError::BadRequest(format!(
                         "the model has {} inputs: \"inputs\" must be an object naming them",
                         sig.inputs.len()
@@ -314,6 +533,92 @@ mod tests {
         assert!(decode_request(&s, br#"{"instances": [[1,2]], "inputs": [[1,2]]}"#).is_err());
         assert!(decode_request(&s, br#"{"inputs": [[1,[2]]]}"#).is_err());
         assert!(decode_request(&s, br#"[1,2]"#).is_err());
+    }
+
+    #[test]
+    fn shapes_are_tracked_while_streaming() {
+        let s = sig(&[("x", DataType::F32, &[-1, -1])]);
+        let shape = |body: &[u8]| decode_request(&s, body).map(|r| r.inputs[0].shape.clone());
+        assert_eq!(shape(br#"{"instances": [[1,2,3],[4,5,6]]}"#).unwrap(), vec![2, 3]);
+        assert_eq!(
+            shape(br#"{"inputs": [[[1],[2]],[[3],[4]]]}"#).unwrap(),
+            vec![2, 2, 1]
+        );
+        assert_eq!(shape(br#"{"inputs": [[], []]}"#).unwrap(), vec![2, 0]);
+        assert_eq!(shape(br#"{"inputs": 7}"#).unwrap(), Vec::<usize>::new());
+        assert_eq!(
+            shape(br#"{"instances": [{"x": [1, 2]}, {"x": [3, 4]}]}"#).unwrap(),
+            vec![2, 2]
+        );
+        for ragged in [
+            &br#"{"instances": [[1,2],[3]]}"#[..],
+            br#"{"instances": [[1,2],3]}"#,
+            br#"{"instances": [1,[2]]}"#,
+            br#"{"inputs": [[], [[1]]]}"#,
+            br#"{"instances": [{"x": [1, 2]}, {"x": [3]}]}"#,
+        ] {
+            let e = shape(ragged).unwrap_err().to_string();
+            assert!(e.contains("ragged"), "{e}");
+        }
+    }
+
+    #[test]
+    fn named_instances_must_all_name_the_same_inputs() {
+        let s = sig(&[("a", DataType::I64, &[-1]), ("b", DataType::I64, &[-1])]);
+        for (body, want) in [
+            (
+                &br#"{"instances": [{"a": 1, "b": 2}, {"a": 3}]}"#[..],
+                "lacks input \"b\"",
+            ),
+            (
+                br#"{"instances": [{"a": 1}, {"a": 3, "b": 2}]}"#,
+                "lacks input \"b\"",
+            ),
+            (
+                br#"{"instances": [{"a": 1, "b": 2}, 5]}"#,
+                "every instance must be an object",
+            ),
+            (br#"{"instances": [{"a": 1, "c": 2}]}"#, "unknown input \"c\""),
+            (
+                br#"{"instances": [{"a": null, "b": 1}]}"#,
+                "null is not a tensor element",
+            ),
+            (
+                br#"{"instances": [{"a": {"c": 1}, "b": 1}]}"#,
+                "an object where a tensor element",
+            ),
+            (br#"{"instances": []}"#, "\"instances\" is empty"),
+            (br#"{"instances": {"a": 1}}"#, "must be a list"),
+            (b"{\"instances\": [1, 2]}\xff", "not UTF-8"),
+        ] {
+            let e = decode_request(&s, body).unwrap_err().to_string();
+            assert!(e.contains(want), "{e} lacks {want}");
+        }
+        let r = decode_request(&s, br#"{"instances": [{"a": 1, "b": 2}, {"b": 4, "a": 3}]}"#).unwrap();
+        let a = r.inputs.iter().find(|t| t.name == "a").unwrap();
+        assert_eq!(a.shape, vec![2]);
+        assert_eq!(
+            a.to_binary().as_ref(),
+            [1i64.to_le_bytes(), 3i64.to_le_bytes()].concat()
+        );
+    }
+
+    #[test]
+    fn b64_values_are_elements_in_both_formats() {
+        let s = sig(&[("t", DataType::Bytes, &[-1])]);
+        for body in [
+            &br#"{"instances": [{"b64": "aGk="}]}"#[..],
+            br#"{"inputs": [{"b64": "aGk="}]}"#,
+        ] {
+            let r = decode_request(&s, body).unwrap();
+            assert_eq!(r.inputs[0].to_binary().as_ref(), &[2, 0, 0, 0, b'h', b'i']);
+        }
+        let r = decode_request(&s, br#"{"inputs": {"b64": "aGk="}}"#).unwrap();
+        assert_eq!(r.inputs[0].shape, Vec::<usize>::new());
+        let e = decode_request(&s, br#"{"inputs": [{"b64": "%%"}]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid base64"), "{e}");
     }
 
     #[test]
