@@ -103,6 +103,7 @@ class TestCA:
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
+        self._ca_key, self._ca_name, self._directory = ca_key, ca_name, directory
         pem = serialization.Encoding.PEM
         self.ca_file = directory / "ca.pem"
         self.cert_file = directory / "server.pem"
@@ -111,6 +112,34 @@ class TestCA:
         self.cert_file.write_bytes(cert.public_bytes(pem))
         self.key_file.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                                     serialization.NoEncryption()))
+
+    def issue_client(self, name: str) -> tuple[Path, Path]:
+        """A client certificate (for mutual TLS) signed by this CA: (certificate PEM, key PEM)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(self._ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(self._ca_key, hashes.SHA256())
+        )
+        pem = serialization.Encoding.PEM
+        cert_file, key_file = self._directory / f"{name}.pem", self._directory / f"{name}-key.pem"
+        cert_file.write_bytes(cert.public_bytes(pem))
+        key_file.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return cert_file, key_file
 
     def server_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

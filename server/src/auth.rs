@@ -118,9 +118,9 @@ fn parse(path: &Path, text: &str) -> Result<Vec<Key>, AuthError> {
 }
 
 /// What identifies a version of the file (a Secret update swaps a symlink; size and mtime change).
-type Stamp = Option<(SystemTime, u64)>;
+pub(crate) type Stamp = Option<(SystemTime, u64)>;
 
-fn stamp(path: &Path) -> Stamp {
+pub(crate) fn stamp(path: &Path) -> Stamp {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
 }

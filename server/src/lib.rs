@@ -6,6 +6,7 @@
 //! the runtime; [`repository`] the models and their states; [`inference`] executes validated
 //! requests; [`http`] is the REST transport and [`grpc`] the gRPC one; [`metrics`] renders Prometheus text; [`serve`] wires them.
 
+pub mod admission;
 pub mod audit;
 pub mod auth;
 pub mod backend;
@@ -14,6 +15,7 @@ pub mod gpu;
 pub mod grpc;
 pub mod http;
 pub mod inference;
+pub mod listener;
 pub mod metrics;
 pub mod protocol;
 pub mod pull;

@@ -114,6 +114,40 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_HEADER_READ_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub header_read_timeout: u64,
 
+    /// Seconds a request body may take to arrive whole (HTTP ports); slower bodies get 408, so a
+    /// client trickling bytes cannot hold a request open.
+    #[arg(long, env = "KUBEMAAS_BODY_READ_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout: u64,
+
+    /// Open client connections per port; more are closed as soon as they are accepted.
+    #[arg(long, env = "KUBEMAAS_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Inference requests in the server at once, all protocols together (each gRPC stream
+    /// message counts); more get 503 with `Retry-After` (gRPC UNAVAILABLE) at once.
+    #[arg(long, env = "KUBEMAAS_MAX_CONCURRENT_REQUESTS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+
+    /// Bytes of request bodies the server holds at once, all requests together (default: 8 ×
+    /// --max-request-bytes); a request that would exceed it gets 503 with `Retry-After` (gRPC
+    /// UNAVAILABLE), so concurrent large requests cannot exhaust memory.
+    #[arg(long, env = "KUBEMAAS_MAX_BUFFERED_REQUEST_BYTES")]
+    pub max_buffered_request_bytes: Option<usize>,
+
+    /// TLS certificate chain (PEM, leaf first) for the HTTP and gRPC ports; needs --tls-key. The
+    /// metrics port stays plain HTTP for probes and scrapers. Reloaded when the file changes.
+    #[arg(long, env = "KUBEMAAS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) for --tls-cert. Reloaded when the file changes.
+    #[arg(long, env = "KUBEMAAS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: a PEM CA bundle; clients must present a certificate it signed (needs
+    /// --tls-cert). Reloaded when the file changes.
+    #[arg(long, env = "KUBEMAAS_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Seconds to let in-flight requests finish after SIGTERM before exiting.
     #[arg(long, env = "KUBEMAAS_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
@@ -166,6 +200,12 @@ pub enum ServeError {
     /// The API keys file is unreadable or malformed.
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
+    /// The TLS files are unreadable or invalid.
+    #[error(transparent)]
+    Tls(#[from] crate::listener::TlsError),
+    /// Limits that contradict each other.
+    #[error("{0}")]
+    Limits(String),
 }
 
 /// A path, where an empty value (`ORT_DYLIB_PATH=""`, as shells leave behind) means "not given"
@@ -275,6 +315,13 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         api_keys_file,
         audit_log,
         header_read_timeout,
+        body_read_timeout,
+        max_connections,
+        max_concurrent_requests,
+        max_buffered_request_bytes,
+        tls_cert,
+        tls_key,
+        tls_client_ca,
         max_batch_size,
         max_queue_delay_us,
         max_queue_size,
@@ -309,6 +356,30 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         }
         None => None,
     };
+    let body_budget = max_buffered_request_bytes.unwrap_or(max_request_bytes.saturating_mul(8));
+    if body_budget < max_request_bytes {
+        return Err(ServeError::Limits(format!(
+            "--max-buffered-request-bytes ({body_budget}) is below --max-request-bytes ({max_request_bytes}): \
+             a request of the largest size allowed could never be admitted; raise it"
+        )));
+    }
+    let admission = Arc::new(crate::admission::Admission::new(crate::admission::Limits {
+        connections: max_connections as usize,
+        requests: max_concurrent_requests as usize,
+        body_bytes: body_budget,
+    }));
+    let tls = match (tls_cert, tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = Arc::new(crate::listener::Tls::load(crate::listener::TlsFiles {
+                cert,
+                key,
+                client_ca: tls_client_ca,
+            })?);
+            tls.clone().watch(Duration::from_secs(1));
+            Some(tls)
+        }
+        _ => None,
+    };
     let repo = Arc::new(Repository::new(&sources));
     let state = Arc::new(AppState {
         repo: repo.clone(),
@@ -316,6 +387,8 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         api_keys,
         audit: audit_log,
         header_read_timeout: Duration::from_secs(header_read_timeout),
+        body_read_timeout: Duration::from_secs(body_read_timeout),
+        admission: admission.clone(),
     });
     let http_listener = http::bind(SocketAddr::new(host, http_port)).await?;
     let grpc_listener = http::bind(SocketAddr::new(host, grpc_port)).await?;
@@ -336,22 +409,32 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let grace = Duration::from_secs(shutdown_timeout);
+    let accept = |listener, tls: Option<Arc<crate::listener::Tls>>| {
+        let opts = crate::listener::AcceptOptions {
+            admission: admission.clone(),
+            first_byte_timeout: Duration::from_secs(header_read_timeout),
+            tls,
+        };
+        crate::listener::accept(listener, opts, stop_rx.clone())
+    };
+    let (http_conns, grpc_conns) = (accept(http_listener, tls.clone()), accept(grpc_listener, tls));
+    let metrics_conns = accept(metrics_listener, None);
     let servers = [
         tokio::spawn(http::serve(
-            http_listener,
+            http_conns,
             state.clone(),
             Surface::Full,
             stop_rx.clone(),
             grace,
         )),
         tokio::spawn(crate::grpc::serve(
-            grpc_listener,
+            grpc_conns,
             state.clone(),
             stop_rx.clone(),
             grace,
         )),
         tokio::spawn(http::serve(
-            metrics_listener,
+            metrics_conns,
             state.clone(),
             Surface::MetricsOnly,
             stop_rx,

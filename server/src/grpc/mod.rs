@@ -9,11 +9,11 @@ pub mod service;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
 use crate::http::AppState;
+use crate::listener::Conn;
 use crate::protocol::error::ApiError;
 
 /// Messages and stubs generated from `proto/inference.proto` (package `inference`).
@@ -47,7 +47,8 @@ pub fn status(e: &ApiError) -> Status {
         ApiError::NotFound(_) => Code::NotFound,
         ApiError::MethodNotAllowed(_) => Code::Unimplemented,
         ApiError::PayloadTooLarge(_) | ApiError::QueueFull(_) => Code::ResourceExhausted,
-        ApiError::Unavailable(_) => Code::Unavailable,
+        ApiError::Unavailable(_) | ApiError::Overloaded(_) => Code::Unavailable,
+        ApiError::RequestTimeout(_) => Code::DeadlineExceeded,
         ApiError::Internal(_) => Code::Internal,
         ApiError::Unauthorized(_) => Code::Unauthenticated,
         ApiError::Forbidden(_) => Code::PermissionDenied,
@@ -103,7 +104,7 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// finish for at most `grace` (streams stop taking new requests at once and end after answering
 /// the ones they hold).
 pub async fn serve(
-    listener: TcpListener,
+    conns: mpsc::Receiver<Conn>,
     state: Arc<AppState>,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
@@ -116,7 +117,9 @@ pub async fn serve(
     .max_encoding_message_size(usize::MAX);
     let health = health_pb::health_server::HealthServer::new(service::Health::new(state, shutdown.clone()));
     let rewrite = RewriteStatus(transport_status(limit));
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = futures::stream::unfold(conns, |mut conns| async move {
+        conns.recv().await.map(|c| (Ok::<_, std::io::Error>(c), conns))
+    });
     let mut stop = shutdown.clone();
     let signal = async move {
         let _ = stop.wait_for(|s| *s).await;

@@ -138,6 +138,13 @@ async fn infer_in_span(state: &AppState, mut req: ModelInferRequest) -> Result<M
         .ready_model(&req.model_name, version.as_deref())
         .map_err(inference::count_not_ready)?;
     let _inflight = inference::InFlight::enter(&stats);
+    // The message is already decoded by tonic (within --max-request-bytes); its size still counts
+    // against the body budget while its tensors are decoded and run.
+    let admitted = state.admission.admit().and_then(|mut t| {
+        state.admission.reserve(&mut t, req.encoded_len())?;
+        Ok(t)
+    });
+    let _ticket = inference::counted(&stats, start, admitted)?;
     let decoded = inference::counted(
         &stats,
         start,

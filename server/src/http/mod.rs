@@ -16,7 +16,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+
+use crate::listener::Conn;
 
 use crate::repository::Repository;
 
@@ -33,6 +35,10 @@ pub struct AppState {
     /// A connection that has not sent a complete request head within this time is closed
     /// (`--header-read-timeout`): slow, silent and idle keep-alive clients do not hold it.
     pub header_read_timeout: Duration,
+    /// A request body must have arrived whole within this time (`--body-read-timeout`).
+    pub body_read_timeout: Duration,
+    /// Server-wide bounds on connections, requests in flight and buffered bytes.
+    pub admission: Arc<crate::admission::Admission>,
 }
 
 /// Which endpoints a listener serves.
@@ -65,10 +71,10 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, TransportError> {
         .map_err(|source| TransportError::Bind { addr, source })
 }
 
-/// Serves connections from `listener` until `shutdown` flips to true, then lets in-flight requests
-/// finish for at most `grace`.
+/// Serves the connections `accept` hands over until `shutdown` flips to true, then lets in-flight
+/// requests finish for at most `grace`.
 pub async fn serve(
-    listener: TcpListener,
+    mut conns: mpsc::Receiver<Conn>,
     state: Arc<AppState>,
     surface: Surface,
     mut shutdown: watch::Receiver<bool>,
@@ -76,41 +82,35 @@ pub async fn serve(
 ) {
     let graceful = GracefulShutdown::new();
     let mut builder = Builder::new(TokioExecutor::new());
-    let header_timeout = state.header_read_timeout;
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(state.header_read_timeout)
+        .max_headers(MAX_HEADERS);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        // What one HTTP/2 connection may hold at once, as on the gRPC port; a client resetting
+        // streams as fast as it opens them ("rapid reset") is cut off by hyper's reset limit.
+        .max_concurrent_streams(crate::grpc::MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+        // Pings find peers that vanished without closing; unanswered, the connection closes.
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // E.g. EMFILE: back off instead of spinning; the listener stays up.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
+            conn = conns.recv() => {
+                let Some(conn) = conn else { break };
                 let state = state.clone();
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let state = state.clone();
                     async move { Ok::<Response<Full<Bytes>>, std::convert::Infallible>(routes::handle(state, surface, req).await) }
                 });
                 let watcher = graceful.watcher();
-                let builder = builder.clone();
+                let conn = builder.serve_connection(TokioIo::new(conn), svc).into_owned();
                 // A connection task that fails or panics affects only its own connection.
                 tokio::spawn(async move {
-                    // Until a client sends its first byte the protocol is unknown and hyper's
-                    // header timeout has not started: a silent client is closed here.
-                    let mut first = [0u8; 1];
-                    if tokio::time::timeout(header_timeout, stream.peek(&mut first)).await.is_err() {
-                        return;
-                    }
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
                     if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(error = %e, "connection closed with error");
                     }
@@ -119,12 +119,19 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         }
     }
-    drop(listener);
+    drop(conns);
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!(surface = ?surface, "all connections drained"),
         _ = tokio::time::sleep(grace) => tracing::warn!(surface = ?surface, "shutdown timeout reached with requests still in flight"),
     }
 }
+
+/// Header lines one HTTP/1 request may have.
+const MAX_HEADERS: usize = 100;
+/// Bytes of headers one HTTP/2 request may have.
+const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+/// Streams a client may open and reset before the server has accepted them.
+const MAX_PENDING_RESETS: usize = 20;
 
 /// What to do about a port that cannot be bound.
 fn bind_hint(e: &std::io::Error) -> &'static str {

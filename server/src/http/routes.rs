@@ -13,6 +13,7 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::{AppState, Surface};
+use crate::admission::Ticket;
 use crate::inference;
 use crate::protocol::error::ApiError;
 use crate::protocol::{v1, v2};
@@ -34,7 +35,7 @@ fn bytes_response(status: StatusCode, content_type: &'static str, body: Bytes) -
 
 fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
     let mut r = bytes_response(e.status(), JSON, Bytes::from(e.body()));
-    if matches!(e, ApiError::QueueFull(_)) {
+    if matches!(e, ApiError::QueueFull(_) | ApiError::Overloaded(_)) {
         // A full queue drains within the queue delay; clients (and proxies) may retry in a second.
         r.headers_mut()
             .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -139,8 +140,12 @@ pub async fn handle(state: Arc<AppState>, surface: Surface, req: Request<Incomin
     response
 }
 
+/// Reads the whole body: at most `--max-request-bytes`, within `--body-read-timeout`, and only
+/// while the bytes held by all requests stay within `--max-buffered-request-bytes` (the declared
+/// length is reserved up front; a chunked body reserves as it arrives).
 async fn read_body(
     state: &AppState,
+    ticket: &mut Ticket,
     req: Request<Incoming>,
 ) -> Result<(http::request::Parts, Bytes), ApiError> {
     let limit = state.max_request_bytes;
@@ -157,14 +162,40 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let (parts, body) = req.into_parts();
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok((parts, c.to_bytes())),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(ApiError::BadRequest(format!(
-            "failed to read the request body: {e}"
-        ))),
+    let declared = declared.map(|n| n as usize);
+    if let Some(n) = declared {
+        state.admission.reserve(ticket, n)?;
     }
+    let (parts, body) = req.into_parts();
+    let mut body = Limited::new(body, limit);
+    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0));
+    let deadline = tokio::time::Instant::now() + state.body_read_timeout;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::RequestTimeout(format!(
+                    "the request body did not arrive within {} s (--body-read-timeout); {} bytes came",
+                    state.body_read_timeout.as_secs(),
+                    buf.len()
+                )));
+            }
+            Ok(None) => break,
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::BadRequest(format!(
+                    "failed to read the request body: {e}"
+                )));
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            if declared.is_none() {
+                state.admission.reserve(ticket, data.len())?;
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok((parts, buf.freeze()))
 }
 
 async fn route(
@@ -197,7 +228,7 @@ async fn route(
         ["metrics"] if get => Ok(bytes_response(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            Bytes::from(repo.render_metrics()),
+            Bytes::from(repo.render_metrics() + &state.admission.render()),
         )),
         ["v2", "health", "live"] if get => {
             Ok(json_response(StatusCode::OK, &serde_json::json!({"live": true})))
@@ -396,6 +427,7 @@ async fn infer_v2(
         .map_err(inference::count_not_ready)?;
     let _inflight = inference::InFlight::enter(&stats);
     let result = async {
+        let mut ticket = state.admission.admit()?;
         let header_len = match req.headers().get(v2::HEADER_LENGTH) {
             None => None,
             Some(v) => Some(
@@ -409,12 +441,13 @@ async fn infer_v2(
                     })?,
             ),
         };
-        let (_, body) = read_body(state, req).await?;
+        let (_, body) = read_body(state, &mut ticket, req).await?;
         let request = v2::decode_request(model.backend.signature(), &body, header_len)?;
-        Ok(request)
+        Ok((request, ticket))
     }
     .await;
-    let mut request = inference::counted(&stats, start, result)?;
+    // The ticket is held until the answer is encoded: the decoded inputs live that long.
+    let (mut request, _ticket) = inference::counted(&stats, start, result)?;
     let timeout = inference::counted(&stats, start, v2::timeout_param(request.parameters.as_ref()))?;
     let outputs = inference::execute(
         model.clone(),
@@ -449,11 +482,12 @@ async fn predict_v1(
         .map_err(inference::count_not_ready)?;
     let _inflight = inference::InFlight::enter(&stats);
     let decoded = async {
-        let (_, body) = read_body(state, req).await?;
-        v1::decode_request(model.backend.signature(), &body)
+        let mut ticket = state.admission.admit()?;
+        let (_, body) = read_body(state, &mut ticket, req).await?;
+        Ok((v1::decode_request(model.backend.signature(), &body)?, ticket))
     }
     .await;
-    let request = inference::counted(&stats, start, decoded)?;
+    let (request, _ticket) = inference::counted(&stats, start, decoded)?;
     let outputs = inference::execute(model, &stats, start, request.inputs, Vec::new(), None).await?;
     Ok(json_response(
         StatusCode::OK,

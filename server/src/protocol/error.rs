@@ -36,6 +36,12 @@ pub enum ApiError {
     /// A valid API key that may not call this model (403).
     #[error("{0}")]
     Forbidden(String),
+    /// A server-wide limit on requests or buffered bytes is reached (503 with `Retry-After`).
+    #[error("{0}")]
+    Overloaded(String),
+    /// The body did not arrive within `--body-read-timeout` (408).
+    #[error("{0}")]
+    RequestTimeout(String),
 }
 
 impl ApiError {
@@ -46,7 +52,10 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) | ApiError::QueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::QueueFull(_) | ApiError::Overloaded(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,

@@ -1,0 +1,220 @@
+"""Server-wide limits: connections, requests in flight, buffered body bytes, body and header read
+timeouts, HTTP/2 stream limits. Every bound is driven by raw sockets that hold the server's resources
+on purpose, so the assertions do not depend on timing luck."""
+
+import json
+import resource
+import socket
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import Server
+
+
+def metric(s, name):
+    text = requests.get(f"{s.metrics_url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics:\n{text}")
+
+
+def dense_request():
+    x = np.arange(20, dtype=np.float32).reshape(2, 10)
+    return {"inputs": [{"name": "x", "shape": [2, 10], "datatype": "FP32", "data": x.flatten().tolist()}]}
+
+
+def open_post(s, length, path="/v2/models/dense/infer", body=b""):
+    """A POST whose body never (fully) arrives: it holds an admitted request and its reserved bytes."""
+    host, port = s.http.rsplit(":", 1)
+    c = socket.create_connection((host, int(port)))
+    c.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {length}\r\n\r\n".encode() + body)
+    return c
+
+
+def wait_for(predicate, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+@pytest.fixture
+def serve(repo_dir, tmp_path):
+    servers = []
+
+    def start(*flags):
+        s = Server(["--model", f"dense={repo_dir / 'model' / '1' / 'model.onnx'}", *flags],
+                   tmp_path / f"server{len(servers)}.log")
+        servers.append(s)
+        s.wait_loaded()
+        return s
+
+    yield start
+    for s in servers:
+        assert s.stop() == 0, s.log_path.read_text()[-3000:]
+
+
+def test_a_thousand_idle_connections_and_a_slowloris_do_not_delay_a_normal_client(serve):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    s = serve("--header-read-timeout", "30")
+    host, port = s.http.rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port))) for _ in range(1000)]
+    slow = socket.create_connection((host, int(port)))
+    try:
+        head = b"POST /v2/models/dense/infer HTTP/1.1\r\nHost: x\r\n"
+        latencies = []
+        session = requests.Session()
+        for i, byte in enumerate(head * 2):
+            if i < 40:  # one header byte at a time, as a slowloris client does
+                slow.send(bytes([byte]))
+            t = time.perf_counter()
+            r = session.post(f"{s.url}/v2/models/dense/infer", json=dense_request(), timeout=5)
+            latencies.append(time.perf_counter() - t)
+            assert r.status_code == 200, r.text
+            if len(latencies) == 50:
+                break
+        assert max(latencies) < 1.0, latencies
+        # The idle connections are all still open: nothing was shed at the default cap.
+        assert metric(s, 'kubemaas_requests_shed_total{limit="max_connections"}') == 0
+    finally:
+        for c in idle + [slow]:
+            c.close()
+
+
+def test_connections_over_the_cap_are_closed_at_once_and_the_rest_serve(serve):
+    s = serve("--max-connections", "20", "--header-read-timeout", "30")
+    host, port = s.http.rsplit(":", 1)
+    held = [socket.create_connection((host, int(port))) for _ in range(20)]
+    try:
+        time.sleep(0.3)
+        extra = [socket.create_connection((host, int(port))) for _ in range(5)]
+        for c in extra:
+            c.settimeout(5)
+            assert c.recv(1) == b"", "a connection over the cap was left open"
+            c.close()
+        assert metric(s, 'kubemaas_requests_shed_total{limit="max_connections"}') == 5
+        # Freeing places lets new clients in; the metrics port has its own places.
+        for c in held[:3]:
+            c.close()
+        time.sleep(0.3)
+        r = requests.post(f"{s.url}/v2/models/dense/infer", json=dense_request(), timeout=5)
+        assert r.status_code == 200, r.text
+    finally:
+        for c in held:
+            c.close()
+
+
+def test_requests_over_the_concurrency_limit_get_503_with_retry_after_on_every_protocol(serve):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    s = serve("--max-concurrent-requests", "2")
+    holders = [open_post(s, 100), open_post(s, 100, path="/v1/models/dense:predict")]
+    try:
+        wait_for(lambda: metric(s, "kubemaas_requests_in_flight") == 2)
+        r = requests.post(f"{s.url}/v2/models/dense/infer", json=dense_request(), timeout=5)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+        assert "--max-concurrent-requests" in r.json()["error"]
+        client = grpcclient.InferenceServerClient(s.grpc)
+        x = grpcclient.InferInput("x", [1, 10], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 10), np.float32))
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("dense", [x])
+        assert e.value.status() == "StatusCode.UNAVAILABLE", e.value
+        assert metric(s, 'kubemaas_requests_shed_total{limit="max_concurrent_requests"}') == 2
+        # Health and metadata are not inference requests: they answer while the limit is reached.
+        assert requests.get(f"{s.url}/v2/models/dense", timeout=5).status_code == 200
+    finally:
+        for c in holders:
+            c.close()
+    wait_for(lambda: metric(s, "kubemaas_requests_in_flight") == 0)
+    r = requests.post(f"{s.url}/v2/models/dense/infer", json=dense_request(), timeout=5)
+    assert r.status_code == 200, r.text
+
+
+def test_the_buffered_body_budget_refuses_what_would_exceed_it_and_frees_on_close(serve):
+    s = serve("--max-request-bytes", "1000000", "--max-buffered-request-bytes", "1500000")
+    holder = open_post(s, 1_000_000)
+    try:
+        wait_for(lambda: metric(s, "kubemaas_request_body_bytes_held") == 1_000_000)
+        big = b"x" * 600_000
+        r = requests.post(f"{s.url}/v2/models/dense/infer", data=big, timeout=5)
+        assert r.status_code == 503 and "--max-buffered-request-bytes" in r.json()["error"], r.text
+        assert r.headers["Retry-After"] == "1"
+        # A chunked body (no declared length) is counted as it arrives.
+        r = requests.post(f"{s.url}/v2/models/dense/infer", data=iter([b"y" * 100_000] * 6), timeout=5)
+        assert r.status_code == 503, r.text
+        # What fits goes through to the decoder (which rejects this garbage with 400).
+        r = requests.post(f"{s.url}/v2/models/dense/infer", data=b"x" * 400_000, timeout=5)
+        assert r.status_code == 400, r.text
+    finally:
+        holder.close()
+    wait_for(lambda: metric(s, "kubemaas_request_body_bytes_held") == 0)
+    r = requests.post(f"{s.url}/v2/models/dense/infer", data=b"x" * 600_000, timeout=5)
+    assert r.status_code == 400, r.text
+    assert metric(s, 'kubemaas_requests_shed_total{limit="max_buffered_request_bytes"}') == 2
+
+
+def test_a_body_that_trickles_in_gets_408(serve):
+    s = serve("--body-read-timeout", "1")
+    body = json.dumps(dense_request()).encode()
+    c = open_post(s, len(body), body=body[:10])
+    try:
+        c.settimeout(10)
+        t = time.time()
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408"), reply
+        assert 0.9 < time.time() - t < 5
+        assert b"--body-read-timeout" in reply + c.recv(4096)
+    finally:
+        c.close()
+    r = requests.post(f"{s.url}/v2/models/dense/infer", json=dense_request(), timeout=5)
+    assert r.status_code == 200
+
+
+def test_the_rest_port_announces_http2_stream_and_header_limits(serve):
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    s = serve()
+    host, port = s.http.rsplit(":", 1)
+    c = socket.create_connection((host, int(port)))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    c.sendall(conn.data_to_send())
+    c.settimeout(5)
+    settings = None
+    while settings is None:
+        for ev in conn.receive_data(c.recv(65536)):
+            if isinstance(ev, h2.events.RemoteSettingsChanged):
+                settings = {k: v.new_value for k, v in ev.changed_settings.items()}
+    c.close()
+    assert settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] == 256
+    assert settings[h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE] == 65536
+
+
+def test_a_body_budget_below_the_request_limit_is_refused_at_start(repo_dir, tmp_path):
+    import subprocess
+
+    from conftest import BINARY
+    r = subprocess.run([str(BINARY), "serve", "--model", f"dense={repo_dir / 'model' / '1' / 'model.onnx'}",
+                        "--max-request-bytes", "1000", "--max-buffered-request-bytes", "999",
+                        "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert "--max-buffered-request-bytes (999) is below --max-request-bytes (1000)" in r.stderr, r.stderr
