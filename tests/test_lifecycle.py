@@ -178,3 +178,24 @@ def test_slow_silent_and_idle_connections_are_closed_and_do_not_starve_a_client(
             sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         assert s.stop() == 0
+
+
+def test_readiness_waits_for_loading_and_needs_one_model_that_serves(repo_dir, tmp_path):
+    # Only broken models: nothing would be served, so the server never becomes ready.
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    s = Server(["--model", f"a={broken}", "--model", f"b={broken}"], tmp_path / "broken.log")
+    try:
+        s.wait_loaded()
+        assert requests.get(f"{s.url}/v2/health/ready", timeout=5).status_code == 503
+    finally:
+        assert s.stop() == 0
+    # A good model next to a broken one: ready once loading is over, the broken one reported alone.
+    s = Server(["--model", f"good={repo_dir / 'model' / '1' / 'model.onnx'}", "--model", f"bad={broken}"],
+               tmp_path / "mixed.log")
+    try:
+        s.wait_loaded()
+        assert requests.get(f"{s.url}/v2/health/ready", timeout=5).status_code == 200
+        assert requests.get(f"{s.url}/v2/models/bad/ready", timeout=5).status_code == 503
+    finally:
+        assert s.stop() == 0

@@ -183,7 +183,9 @@ def test_warmup_rejected_by_model_is_not_a_load_failure(server):
 def test_broken_model_is_not_ready_with_its_error_and_others_serve(server):
     r = requests.get(f"{server.url}/v2/models/broken/ready")
     assert r.status_code == 503 and "failed to load" in r.json()["error"]
-    assert requests.get(f"{server.url}/v2/health/ready").status_code == 503
+    # Without --exit-on-load-failure the others keep serving, so the server is ready: a model that
+    # failed is reported on its own (above, and in the index) and does not hold the rest back.
+    assert requests.get(f"{server.url}/v2/health/ready").status_code == 200
     assert requests.get(f"{server.url}/v2/health/live").status_code == 200
     r = requests.post(f"{server.url}/v2/models/broken/infer", json={"inputs": []})
     assert r.status_code == 503 and "error" in r.json()

@@ -339,13 +339,19 @@ impl Repository {
             .collect()
     }
 
-    /// True when every version is loaded and the server is not shutting down.
+    /// Server readiness: every model that is to be served is ready. No model is still loading, at
+    /// least one is ready, and the server is not shutting down. A model that failed to load (the
+    /// server runs on without `--exit-on-load-failure`) is not to be served: it is reported on its
+    /// own (model readiness, repository index, metrics) and does not hold the others back.
     pub fn all_ready(&self) -> bool {
-        !self.is_shutting_down()
-            && self
-                .list()
-                .iter()
-                .all(|(_, _, e)| matches!(e.state, ModelState::Ready(_)))
+        let list = self.list();
+        let loading = list
+            .iter()
+            .any(|(_, _, e)| matches!(e.state, ModelState::Loading));
+        let ready = list
+            .iter()
+            .any(|(_, _, e)| matches!(e.state, ModelState::Ready(_)));
+        !self.is_shutting_down() && !loading && (ready || list.is_empty())
     }
 
     /// Marks the server as shutting down: readiness turns false at once.

@@ -160,7 +160,9 @@ pub struct ServeArgs {
 
     /// Exit with code 4 when a model fails to load, writing the error to --termination-log (what
     /// a Kubernetes pod wants: the operator reports it as ModelLoaded=False, reason LoadFailed).
-    /// Without it the server keeps serving the other models and reports the failed one not ready.
+    /// Without it the server keeps serving the other models and reports the failed one not ready;
+    /// server readiness then means every model still to be served is ready (at least one model
+    /// serving, none still loading), so the others take traffic.
     #[arg(long, env = "KUBEMAAS_EXIT_ON_LOAD_FAILURE")]
     pub exit_on_load_failure: bool,
 
@@ -486,7 +488,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
             }
         }
         if loader_repo.all_ready() {
-            tracing::info!("all models ready");
+            tracing::info!("ready: every model to be served is loaded");
         }
     });
 
