@@ -113,3 +113,20 @@ def test_kustomize_build_validates_strictly(tmp_path):
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(p.stdout) if d)
     assert kinds == sorted(["Namespace", "ServiceAccount", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
                             "Role", "RoleBinding", "Service", "Deployment"])
+
+
+def test_network_policy_admits_only_monitoring_to_the_metrics_port():
+    assert not [d for d in docs_of() if d["kind"] == "NetworkPolicy"], "off by default"
+    docs = docs_of("--set", "networkPolicy.enabled=true", "--set", "networkPolicy.monitoringNamespace=obs")
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 8090, "protocol": "TCP"}]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "obs"}}}]
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBEMAAS_MONITORING_NAMESPACE"] == "obs"
+    rules = [r for d in docs if d["kind"] == "ClusterRole" for r in d["rules"]]
+    assert {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+            "verbs": ["get", "list", "watch", "create", "patch", "delete"]} in rules

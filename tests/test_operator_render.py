@@ -142,3 +142,26 @@ def test_api_keys_example_mounts_the_secret_in_the_server_only():
     vol = next(v for v in d["volumes"] if v["name"] == "api-keys")
     assert vol["secret"]["secretName"] == "classifier-callers"
     assert vol["secret"]["items"] == [{"key": "keys", "path": "keys"}]
+
+
+def test_tls_example_mounts_the_certificates_probes_the_metrics_port_and_isolates_the_pods():
+    objs = children("tls-network-policy")
+    d = objs["Deployment"]["spec"]["template"]["spec"]
+    server, pull = d["containers"][0], d["initContainers"][0]
+    args = server["args"]
+    flag = lambda f: args[args.index(f) + 1]  # noqa: E731
+    assert flag("--tls-cert") == "/var/run/secrets/kubemaas/tls/tls.crt"
+    assert flag("--tls-key") == "/var/run/secrets/kubemaas/tls/tls.key"
+    assert flag("--tls-client-ca") == "/var/run/secrets/kubemaas/client-ca/ca.crt"
+    vols = {v["name"]: v["secret"] for v in d["volumes"] if "secret" in v}
+    assert vols["tls"]["secretName"] == "ranker-tls" and vols["client-ca"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    assert not any(m["name"] in ("tls", "client-ca") for m in pull["volumeMounts"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["httpGet"]["port"] == "metrics", probe
+    policy = objs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"]["kubemaas.io/model-deployment"] == "ranker"
+    inference, metrics = policy["ingress"]
+    assert inference["from"] == [{"namespaceSelector": {"matchLabels": {"team": "search"}}}]
+    assert [p["port"] for p in inference["ports"]] == [8080, 8081]
+    assert metrics["from"][0] == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    assert [p["port"] for p in metrics["ports"]] == [9090]

@@ -68,6 +68,14 @@ struct ImageArgs {
         default_value = "kubemaas/server-cuda:0.1.0"
     )]
     server_cuda_image: String,
+    /// Namespace whose pods (Prometheus) may reach the metrics port under a ModelDeployment's
+    /// NetworkPolicy when its `networkPolicy.metricsFrom` is empty.
+    #[arg(long, env = "KUBEMAAS_MONITORING_NAMESPACE", default_value = "monitoring")]
+    monitoring_namespace: String,
+    /// The operator's own namespace, let through to the serving pods' metrics port by
+    /// NetworkPolicies (in a pod: $POD_NAMESPACE). Unset: the operator runs outside the cluster.
+    #[arg(long, env = "POD_NAMESPACE")]
+    operator_namespace: Option<String>,
 }
 
 impl ImageArgs {
@@ -75,10 +83,14 @@ impl ImageArgs {
         let ImageArgs {
             server_image,
             server_cuda_image,
+            monitoring_namespace,
+            operator_namespace,
         } = self;
         BuildConfig {
             server_image,
             server_cuda_image,
+            monitoring_namespace,
+            operator_namespace,
             ..BuildConfig::default()
         }
     }

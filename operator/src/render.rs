@@ -133,6 +133,9 @@ pub fn render(input: &str, source_name: &str, cfg: &BuildConfig) -> Result<Strin
         if let Some(p) = &c.pdb {
             push(serde_json::to_value(p))?;
         }
+        if let Some(p) = &c.network_policy {
+            push(serde_json::to_value(p))?;
+        }
         for o in objects {
             out.push_str("---\n");
             out.push_str(&serde_saphyr::to_string(&o).map_err(|e| RenderError::Yaml(e.to_string()))?);

@@ -10,6 +10,7 @@ use http::{Request, Response, StatusCode};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::client::Body;
@@ -87,12 +88,19 @@ fn context(client: Client, w: World) -> (Arc<Context>, Vec<Box<dyn std::any::Any
     let (hpas, c) = filled(w.hpas);
     let (pdbs, d) = filled::<PodDisruptionBudget>(vec![]);
     let (pods, e) = filled::<Pod>(vec![]);
-    let keep: Vec<Box<dyn std::any::Any>> =
-        vec![Box::new(a), Box::new(b), Box::new(c), Box::new(d), Box::new(e)];
+    let (network_policies, f) = filled::<NetworkPolicy>(vec![]);
+    let keep: Vec<Box<dyn std::any::Any>> = vec![
+        Box::new(a),
+        Box::new(b),
+        Box::new(c),
+        Box::new(d),
+        Box::new(e),
+        Box::new(f),
+    ];
     let ctx = Context {
         client: client.clone(),
         build: BuildConfig::default(),
-        stores: Stores::new(deployments, services, hpas, pdbs, pods),
+        stores: Stores::new(deployments, services, hpas, pdbs, network_policies, pods),
         recorder: Recorder::new(
             client,
             Reporter {

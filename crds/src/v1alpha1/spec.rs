@@ -101,6 +101,66 @@ pub struct ModelDeploymentSpec {
     /// Who may call the model. Unset: anyone who can reach the Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthSpec>,
+
+    /// TLS on the inference ports (HTTP and gRPC). Unset: plain HTTP and gRPC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+
+    /// A NetworkPolicy for the serving pods: everything is refused except the inference ports from
+    /// `inferenceFrom` and the metrics port from `metricsFrom` and the operator. Unset: no policy
+    /// (whatever the namespace's own policies allow). Takes effect only where the cluster's network
+    /// plugin enforces NetworkPolicies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicySpec>,
+}
+
+/// TLS of the serving pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A Secret of type `kubernetes.io/tls` in the same namespace (entries `tls.crt`, the chain
+    /// leaf first, and `tls.key`), such as cert-manager writes. The server re-reads it when the
+    /// Secret changes, so certificates rotate without a restart. Probes then use the plain metrics
+    /// port. A pod whose Secret is missing does not start.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+
+    /// Mutual TLS: clients must present a certificate signed by a CA in this Secret entry (PEM).
+    /// Unset: any client may connect (authenticate callers with `auth` instead, or as well).
+    #[serde(default, rename = "clientCA", skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<ClientCaRef>,
+}
+
+/// The Secret entry holding the CA bundle that signs client certificates.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientCaRef {
+    /// Secret name (may be the same Secret as `secretName`).
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// The entry (data key) with the PEM CA bundle.
+    #[serde(default = "default_client_ca_entry")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_client_ca_entry() -> String {
+    "ca.crt".into()
+}
+
+/// Who may reach the serving pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Who may reach the inference ports (HTTP 8080 and gRPC 8081), as NetworkPolicy peers
+    /// (`namespaceSelector`, `podSelector`, `ipBlock`). Empty: pods of the same namespace only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inference_from: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
+
+    /// Who may reach the metrics port (9090) besides the operator. Empty: the namespace named by
+    /// the operator's `--monitoring-namespace` (default `monitoring`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics_from: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
 }
 
 /// Access control of the serving pods.

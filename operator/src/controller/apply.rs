@@ -231,5 +231,14 @@ pub async fn apply_children(
         }
         None => done.writes += usize::from(delete_if_present(client, &stores.pdbs, &ns, &name).await?),
     }
+    match children.network_policy {
+        Some(p) => {
+            let policy = apply_one(client, &stores.network_policies, &ns, stamp_hash(p)).await?;
+            done.count(policy);
+        }
+        None => {
+            done.writes += usize::from(delete_if_present(client, &stores.network_policies, &ns, &name).await?)
+        }
+    }
     Ok(done)
 }

@@ -17,6 +17,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
@@ -153,6 +154,8 @@ pub struct Stores {
     pub hpas: Store<HorizontalPodAutoscaler>,
     /// PDBs.
     pub pdbs: Store<PodDisruptionBudget>,
+    /// NetworkPolicies.
+    pub network_policies: Store<NetworkPolicy>,
     /// Pods.
     pub pods: Store<Pod>,
     /// True once every cache above has seen its first full list.
@@ -170,14 +173,16 @@ impl Stores {
         services: Store<Service>,
         hpas: Store<HorizontalPodAutoscaler>,
         pdbs: Store<PodDisruptionBudget>,
+        network_policies: Store<NetworkPolicy>,
         pods: Store<Pod>,
     ) -> Stores {
         let (tx, ready) = tokio::sync::watch::channel(false);
-        let (d, s, h, p, o) = (
+        let (d, s, h, p, n, o) = (
             deployments.clone(),
             services.clone(),
             hpas.clone(),
             pdbs.clone(),
+            network_policies.clone(),
             pods.clone(),
         );
         tokio::spawn(async move {
@@ -185,6 +190,7 @@ impl Stores {
             let _ = s.wait_until_ready().await;
             let _ = h.wait_until_ready().await;
             let _ = p.wait_until_ready().await;
+            let _ = n.wait_until_ready().await;
             let _ = o.wait_until_ready().await;
             let _ = tx.send(true);
         });
@@ -193,6 +199,7 @@ impl Stores {
             services,
             hpas,
             pdbs,
+            network_policies,
             pods,
             ready,
         }
@@ -334,8 +341,9 @@ pub async fn run(
     let (services, svc_stream) = cached!(Service, trim::meta::<Service>);
     let (hpas, hpa_stream) = cached!(HorizontalPodAutoscaler, trim::meta::<HorizontalPodAutoscaler>);
     let (pdbs, pdb_stream) = cached!(PodDisruptionBudget, trim::meta::<PodDisruptionBudget>);
+    let (network_policies, netpol_stream) = cached!(NetworkPolicy, trim::meta::<NetworkPolicy>);
     let (pods, pod_stream) = cached!(Pod, trim::pod);
-    let stores = Stores::new(deployments, services, hpas, pdbs, pods);
+    let stores = Stores::new(deployments, services, hpas, pdbs, network_policies, pods);
     let reporter = reporter();
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -375,6 +383,7 @@ pub async fn run(
         .watches_stream(svc_stream, owner_of)
         .watches_stream(hpa_stream, owner_of)
         .watches_stream(pdb_stream, owner_of)
+        .watches_stream(netpol_stream, owner_of)
         .watches_stream(pod_stream, owner_of)
         .reconcile_on(scraped_rx)
         .graceful_shutdown_on(shutdown)

@@ -46,7 +46,7 @@ pub struct AppState {
 pub enum Surface {
     /// Everything (the HTTP port).
     Full,
-    /// Only `/metrics`, health and model metadata (the metrics port: for the cluster's own
+    /// Only `/metrics`, health, model readiness and model metadata (the metrics port: for the cluster's own
     /// components, never behind API keys).
     MetricsOnly,
 }

@@ -214,7 +214,12 @@ async fn route(
 
     let metrics_port_route = matches!(
         segs.as_slice(),
-        ["metrics"] | ["v2", "health", _] | ["v2", "models", _] | ["v2", "models", _, "versions", _]
+        ["metrics"]
+            | ["v2", "health", _]
+            | ["v2", "models", _]
+            | ["v2", "models", _, "versions", _]
+            | ["v2", "models", _, "ready"]
+            | ["v2", "models", _, "versions", _, "ready"]
     ) && get;
     if surface == Surface::MetricsOnly && !metrics_port_route {
         return Err(ApiError::NotFound(format!(

@@ -31,6 +31,13 @@ pub const CACHE_MOUNT: &str = "/cache";
 pub const API_KEYS_MOUNT: &str = "/var/run/secrets/kubemaas/api-keys";
 /// The file inside [`API_KEYS_MOUNT`].
 pub const API_KEYS_FILE: &str = "keys";
+/// Where the server container finds the certificate and key of `spec.tls` (a directory, so
+/// Secret updates reach it).
+pub const TLS_MOUNT: &str = "/var/run/secrets/kubemaas/tls";
+/// Where the server container finds the client CA bundle of `spec.tls.clientCA`.
+pub const CLIENT_CA_MOUNT: &str = "/var/run/secrets/kubemaas/client-ca";
+/// The file inside [`CLIENT_CA_MOUNT`].
+pub const CLIENT_CA_FILE: &str = "ca.crt";
 const NON_ROOT_UID: i64 = 65532;
 /// Name of the download init container (its failures become the `ModelLoaded` reason).
 pub const PULL_CONTAINER: &str = "model-pull";
@@ -159,20 +166,58 @@ pub fn server_args(md: &ModelDeployment, cfg: &BuildConfig) -> Vec<String> {
     .into_iter()
     .map(String::from)
     .chain(batching_args(md))
-    .chain(
-        md.spec
-            .auth
-            .as_ref()
-            .map(|_| {
-                [
-                    "--api-keys-file".to_string(),
-                    format!("{API_KEYS_MOUNT}/{API_KEYS_FILE}"),
-                ]
-            })
-            .into_iter()
-            .flatten(),
-    )
+    .chain(security_args(md))
     .collect()
+}
+
+/// The server flags of `spec.auth` and `spec.tls`: files in the Secret volumes mounted for them.
+fn security_args(md: &ModelDeployment) -> Vec<String> {
+    let mut args = Vec::new();
+    if md.spec.auth.is_some() {
+        args.extend([
+            "--api-keys-file".into(),
+            format!("{API_KEYS_MOUNT}/{API_KEYS_FILE}"),
+        ]);
+    }
+    if let Some(tls) = &md.spec.tls {
+        args.extend([
+            "--tls-cert".into(),
+            format!("{TLS_MOUNT}/tls.crt"),
+            "--tls-key".into(),
+            format!("{TLS_MOUNT}/tls.key"),
+        ]);
+        if tls.client_ca.is_some() {
+            args.extend([
+                "--tls-client-ca".into(),
+                format!("{CLIENT_CA_MOUNT}/{CLIENT_CA_FILE}"),
+            ]);
+        }
+    }
+    args
+}
+
+/// A read-only volume of some entries of a Secret, which must exist (the pod waits for it).
+fn secret_volume(name: &str, secret: &str, entries: &[(&str, &str)]) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            items: Some(
+                entries
+                    .iter()
+                    .map(|(key, path)| KeyToPath {
+                        key: (*key).into(),
+                        path: (*path).into(),
+                        ..KeyToPath::default()
+                    })
+                    .collect(),
+            ),
+            default_mode: Some(0o440),
+            optional: Some(false),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
 }
 
 /// `spec.runtime.batching` as the server's dynamic batching flags (none when it is unset).
@@ -212,11 +257,11 @@ fn restricted() -> SecurityContext {
     }
 }
 
-fn http_probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
+fn http_probe(port: &str, path: &str, period: i32, failure_threshold: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
-            port: IntOrString::String("http".into()),
+            port: IntOrString::String(port.into()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
@@ -373,23 +418,32 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
 
     let mut server_mounts = vec![mount("models", MODELS_DIR, true), mount("tmp", "/tmp", false)];
     if let Some(keys) = spec.auth.as_ref().map(|a| &a.api_keys_secret_ref) {
-        volumes.push(Volume {
-            name: "api-keys".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(keys.name.clone()),
-                items: Some(vec![KeyToPath {
-                    key: keys.key.clone(),
-                    path: API_KEYS_FILE.into(),
-                    ..KeyToPath::default()
-                }]),
-                default_mode: Some(0o440),
-                optional: Some(false),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
+        volumes.push(secret_volume(
+            "api-keys",
+            &keys.name,
+            &[(&keys.key, API_KEYS_FILE)],
+        ));
         server_mounts.push(mount("api-keys", API_KEYS_MOUNT, true));
     }
+    if let Some(tls) = &spec.tls {
+        volumes.push(secret_volume(
+            "tls",
+            &tls.secret_name,
+            &[("tls.crt", "tls.crt"), ("tls.key", "tls.key")],
+        ));
+        server_mounts.push(mount("tls", TLS_MOUNT, true));
+        if let Some(ca) = &tls.client_ca {
+            volumes.push(secret_volume(
+                "client-ca",
+                &ca.secret_name,
+                &[(&ca.key, CLIENT_CA_FILE)],
+            ));
+            server_mounts.push(mount("client-ca", CLIENT_CA_MOUNT, true));
+        }
+    }
+    // With TLS (mutual TLS above all) the kubelet cannot probe the inference port: the metrics
+    // port, plain HTTP, answers the same readiness and liveness paths.
+    let probe_port = if spec.tls.is_some() { "metrics" } else { "http" };
 
     let ready_path = format!("/v2/models/{name}/ready");
     let startup_failures = (spec.startup_timeout_seconds + PROBE_PERIOD - 1) / PROBE_PERIOD;
@@ -410,9 +464,14 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
         ]),
         env: overrides.env.clone(),
         resources: Some(resources),
-        startup_probe: Some(http_probe(&ready_path, PROBE_PERIOD, startup_failures.max(1))),
-        readiness_probe: Some(http_probe(&ready_path, PROBE_PERIOD, 2)),
-        liveness_probe: Some(http_probe("/v2/health/live", 10, 3)),
+        startup_probe: Some(http_probe(
+            probe_port,
+            &ready_path,
+            PROBE_PERIOD,
+            startup_failures.max(1),
+        )),
+        readiness_probe: Some(http_probe(probe_port, &ready_path, PROBE_PERIOD, 2)),
+        liveness_probe: Some(http_probe(probe_port, "/v2/health/live", 10, 3)),
         security_context: Some(restricted()),
         volume_mounts: Some(server_mounts),
         ..Container::default()

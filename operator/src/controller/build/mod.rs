@@ -3,6 +3,7 @@
 
 mod deployment;
 mod hpa;
+mod network_policy;
 mod pdb;
 mod service;
 
@@ -11,6 +12,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
@@ -19,6 +21,7 @@ use serde::Serialize;
 
 pub use deployment::{PULL_CONTAINER, deployment, server_args};
 pub use hpa::hpa;
+pub use network_policy::network_policy;
 pub use pdb::pdb;
 pub use service::service;
 
@@ -73,6 +76,11 @@ pub struct BuildConfig {
     pub shutdown_delay_seconds: i64,
     /// Seconds in-flight requests get to finish after that.
     pub shutdown_timeout_seconds: i64,
+    /// The operator's own namespace (from `POD_NAMESPACE`): NetworkPolicies let it reach the
+    /// metrics port. None outside a pod.
+    pub operator_namespace: Option<String>,
+    /// Namespace allowed to the metrics port when `networkPolicy.metricsFrom` is empty.
+    pub monitoring_namespace: String,
 }
 
 impl Default for BuildConfig {
@@ -82,6 +90,8 @@ impl Default for BuildConfig {
             server_cuda_image: "kubemaas/server-cuda:0.1.0".into(),
             shutdown_delay_seconds: 5,
             shutdown_timeout_seconds: 30,
+            operator_namespace: None,
+            monitoring_namespace: "monitoring".into(),
         }
     }
 }
@@ -97,6 +107,8 @@ pub struct Children {
     pub hpa: Option<HorizontalPodAutoscaler>,
     /// When more than one replica is wanted.
     pub pdb: Option<PodDisruptionBudget>,
+    /// When `networkPolicy` is set.
+    pub network_policy: Option<NetworkPolicy>,
 }
 
 /// Builds every child of `md`.
@@ -106,6 +118,7 @@ pub fn children(md: &ModelDeployment, cfg: &BuildConfig) -> Children {
         service: service(md),
         hpa: hpa(md),
         pdb: pdb(md),
+        network_policy: network_policy(md, cfg),
     }
 }
 
