@@ -834,3 +834,88 @@ async fn applying_the_same_manifest_twice_changes_nothing() {
     );
     assert_eq!(after.spec, before.spec);
 }
+
+#[tokio::test]
+async fn tls_and_network_policy_reach_the_cluster_and_the_policy_goes_with_the_field() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "netpol").await;
+    let op = Operator::start(&ns.name, "op-netpol", &[]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns.name);
+    create_md(
+        &api,
+        md_json(
+            "ranker",
+            json!({"model": {"uri": "s3://models/m.onnx"},
+                   "tls": {"secretName": "ranker-tls", "clientCA": {"secretName": "ranker-ca", "key": "bundle.pem"}},
+                   "networkPolicy": {"inferenceFrom": [{"namespaceSelector": {"matchLabels": {"team": "search"}}}]}}),
+        ),
+    )
+    .await;
+    wait_md(&api, "ranker", "Ready", LONG, Some(&op), is_ready).await;
+    // The apiserver accepted the policy as built: it selects the pods and admits what was asked.
+    let policy = policies.get("ranker").await.unwrap();
+    let p = serde_json::to_value(&policy).unwrap();
+    assert_eq!(
+        p["spec"]["podSelector"]["matchLabels"]["kubemaas.io/model-deployment"],
+        "ranker"
+    );
+    assert_eq!(p["spec"]["policyTypes"], json!(["Ingress"]));
+    let rules = p["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(
+        rules[0]["from"],
+        json!([{"namespaceSelector": {"matchLabels": {"team": "search"}}}])
+    );
+    assert_eq!(
+        rules[0]["ports"],
+        json!([{"port": 8080, "protocol": "TCP"}, {"port": 8081, "protocol": "TCP"}])
+    );
+    assert_eq!(rules[1]["ports"], json!([{"port": 9090, "protocol": "TCP"}]));
+    assert_eq!(
+        rules[1]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+    assert!(
+        policy
+            .metadata
+            .owner_references
+            .unwrap()
+            .iter()
+            .any(|o| o.kind == "ModelDeployment")
+    );
+    // The pods mount the certificate Secrets and are probed on the plain metrics port.
+    let pods = pods_of(&client, &ns.name, "ranker").await;
+    let spec = pods[0].spec.clone().unwrap();
+    let server = &spec.containers[0];
+    let args = server.args.clone().unwrap();
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--tls-client-ca", "/var/run/secrets/kubemaas/client-ca/ca.crt"])
+    );
+    let secrets: Vec<String> = spec
+        .volumes
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.secret.as_ref().and_then(|s| s.secret_name.clone()))
+        .collect();
+    assert_eq!(secrets, ["ranker-tls", "ranker-ca"]);
+    let probe = server.readiness_probe.clone().unwrap().http_get.unwrap();
+    assert_eq!(
+        probe.port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("metrics".into())
+    );
+    // Removing the field removes the policy.
+    let patch = json!({"spec": {"networkPolicy": null}});
+    api.patch("ranker", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_for(
+        "the NetworkPolicy to be deleted",
+        LONG,
+        || op.log_tail(),
+        || async { matches!(policies.get_opt("ranker").await, Ok(None)).then_some(()) },
+    )
+    .await;
+}

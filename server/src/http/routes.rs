@@ -60,6 +60,27 @@ fn is_open(segs: &[&str]) -> bool {
     )
 }
 
+/// The methods a known route answers (the `Allow` header of a 405); None for an unknown path.
+fn allowed(segs: &[&str]) -> Option<&'static str> {
+    const READ: &str = "GET, HEAD";
+    let v1_predict = |last: &str| last.split_once(':').is_some_and(|(_, verb)| verb == "predict");
+    match segs {
+        ["metrics"] | ["v2"] | ["v2", "health", "live" | "ready"] | ["v2", "models", "stats"] => Some(READ),
+        ["v2", "repository", "index"] => Some("GET, HEAD, POST"),
+        ["v2", "models", _, "infer"] | ["v2", "models", _, "versions", _, "infer"] => Some("POST"),
+        ["v2", "models", _] | ["v2", "models", _, "versions", _] => Some(READ),
+        ["v2", "models", _, "ready" | "config" | "stats"]
+        | ["v2", "models", _, "versions", _, "ready" | "config" | "stats"] => Some(READ),
+        ["v1", "models", m] if v1_predict(m) => Some("POST"),
+        ["v1", "models", _, "versions", v] if v1_predict(v) => Some("POST"),
+        // Other verbs (`:classify`, `:regress`) are answered by the route itself.
+        ["v1", "models", .., last] if last.contains(':') => None,
+        ["v1", "models", _] | ["v1", "models", _, "versions", _] => Some(READ),
+        ["v1", "models", _, "metadata"] | ["v1", "models", _, "versions", _, "metadata"] => Some(READ),
+        _ => None,
+    }
+}
+
 /// The model a route addresses, for keys limited to some models.
 fn route_model<'a>(segs: &[&'a str]) -> Option<&'a str> {
     match segs {
@@ -110,13 +131,19 @@ pub async fn handle(state: Arc<AppState>, surface: Surface, req: Request<Incomin
         (req.uri().path().to_string(), bytes_in)
     });
     let mut caller = None;
+    let allow = allowed(&req.uri().path().trim_matches('/').split('/').collect::<Vec<_>>());
     let response = match route(&state, surface, req, &mut caller).await {
         Ok(r) => r,
         Err(e) => {
             if e.status().is_server_error() && e.status() != StatusCode::SERVICE_UNAVAILABLE {
                 tracing::error!(error = %e, "request failed");
             }
-            error_response(&e)
+            let mut r = error_response(&e);
+            if let (ApiError::MethodNotAllowed(_), Some(a)) = (&e, allow) {
+                r.headers_mut()
+                    .insert(http::header::ALLOW, HeaderValue::from_static(a));
+            }
+            r
         }
     };
     let Some((path, bytes_in)) = seen else {
@@ -224,6 +251,13 @@ async fn route(
     if surface == Surface::MetricsOnly && !metrics_port_route {
         return Err(ApiError::NotFound(format!(
             "{path} is not served on the metrics port; use the HTTP port"
+        )));
+    }
+    if let Some(allow) = allowed(&segs)
+        && !allow.split(", ").any(|m| m == method.as_str())
+    {
+        return Err(ApiError::MethodNotAllowed(format!(
+            "{method} is not allowed on {path}; use {allow}"
         )));
     }
     if surface == Surface::Full {
