@@ -112,39 +112,63 @@ def test_connections_over_the_cap_are_closed_at_once_and_the_rest_serve(serve):
             c.close()
 
 
-def test_requests_over_the_concurrency_limit_get_503_with_retry_after_on_every_protocol(serve):
+def test_requests_over_the_concurrency_limit_get_503_with_retry_after_on_every_protocol(repo_dir, tmp_path):
+    import threading
+
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    s = serve("--max-concurrent-requests", "2")
-    holders = [open_post(s, 100), open_post(s, 100, path="/v1/models/dense:predict")]
+    s = Server(["--model", f"dense={repo_dir / 'model' / '1' / 'model.onnx'}",
+                "--model", f"slow={repo_dir / 'slow' / '1' / 'model.onnx'}", "--instances", "1",
+                "--max-concurrent-requests", "2"], tmp_path / "server.log")
     try:
-        wait_for(lambda: metric(s, "kubemaas_requests_in_flight") == 2)
+        s.wait_loaded()
+        # Headers without their body hold no place: requests are admitted once their body is in.
+        idle = [open_post(s, 100) for _ in range(5)]
+        r = requests.post(f"{s.url}/v2/models/dense/infer", json=dense_request(), timeout=5)
+        assert r.status_code == 200, r.text
+        assert metric(s, "kubemaas_requests_in_flight") == 0
+        assert metric(s, "kubemaas_request_body_bytes_held") == 0
+        for c in idle:
+            c.close()
+        # Two long inferences (one runs, one waits for the single instance) take both places.
+        x = np.ones((4096, 512), dtype=np.float32)
+        body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.flatten().tolist()}]}
+        codes = []
+        holders = [threading.Thread(target=lambda: codes.append(requests.post(
+            f"{s.url}/v2/models/slow/infer", json=body, timeout=300).status_code)) for _ in range(2)]
+        for t in holders:
+            t.start()
+        wait_for(lambda: metric(s, "kubemaas_requests_in_flight") == 2, timeout=60)
         r = requests.post(f"{s.url}/v2/models/dense/infer", json=dense_request(), timeout=5)
         assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
         assert "--max-concurrent-requests" in r.json()["error"]
         client = grpcclient.InferenceServerClient(s.grpc)
-        x = grpcclient.InferInput("x", [1, 10], "FP32")
-        x.set_data_from_numpy(np.zeros((1, 10), np.float32))
+        g = grpcclient.InferInput("x", [1, 10], "FP32")
+        g.set_data_from_numpy(np.zeros((1, 10), np.float32))
         with pytest.raises(InferenceServerException) as e:
-            client.infer("dense", [x])
+            client.infer("dense", [g])
         assert e.value.status() == "StatusCode.UNAVAILABLE", e.value
-        assert metric(s, 'kubemaas_requests_shed_total{limit="max_concurrent_requests"}') == 2
         # Health and metadata are not inference requests: they answer while the limit is reached.
         assert requests.get(f"{s.url}/v2/models/dense", timeout=5).status_code == 200
+        assert metric(s, "kubemaas_requests_in_flight") == 2, "the holders finished too soon to test"
+        assert metric(s, 'kubemaas_requests_shed_total{limit="max_concurrent_requests"}') == 2
+        for t in holders:
+            t.join(300)
+        assert codes == [200, 200]
+        wait_for(lambda: metric(s, "kubemaas_requests_in_flight") == 0)
+        r = requests.post(f"{s.url}/v2/models/dense/infer", json=dense_request(), timeout=5)
+        assert r.status_code == 200, r.text
     finally:
-        for c in holders:
-            c.close()
-    wait_for(lambda: metric(s, "kubemaas_requests_in_flight") == 0)
-    r = requests.post(f"{s.url}/v2/models/dense/infer", json=dense_request(), timeout=5)
-    assert r.status_code == 200, r.text
+        assert s.stop() == 0
 
 
 def test_the_buffered_body_budget_refuses_what_would_exceed_it_and_frees_on_close(serve):
     s = serve("--max-request-bytes", "1000000", "--max-buffered-request-bytes", "1500000")
-    holder = open_post(s, 1_000_000)
+    # Bytes are counted as they arrive: a body one byte short of complete holds 999,999.
+    holder = open_post(s, 1_000_000, body=b"x" * 999_999)
     try:
-        wait_for(lambda: metric(s, "kubemaas_request_body_bytes_held") == 1_000_000)
+        wait_for(lambda: metric(s, "kubemaas_request_body_bytes_held") == 999_999)
         big = b"x" * 600_000
         r = requests.post(f"{s.url}/v2/models/dense/infer", data=big, timeout=5)
         assert r.status_code == 503 and "--max-buffered-request-bytes" in r.json()["error"], r.text

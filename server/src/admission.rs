@@ -34,9 +34,9 @@ pub struct Admission {
 }
 
 /// Held while a request is in the server; dropping it frees its share.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Ticket {
-    _request: OwnedSemaphorePermit,
+    request: Option<OwnedSemaphorePermit>,
     bytes: Option<OwnedSemaphorePermit>,
 }
 
@@ -60,13 +60,17 @@ impl Admission {
         self.limits
     }
 
-    /// Admits one inference request, or refuses it when `--max-concurrent-requests` are in flight.
-    pub fn admit(&self) -> Result<Ticket, ApiError> {
+    /// Admits `ticket`'s request as one in flight, or refuses it when `--max-concurrent-requests`
+    /// are. Called once its body is in: a client that sends headers and no body holds no place.
+    pub fn admit(&self, ticket: &mut Ticket) -> Result<(), ApiError> {
+        if ticket.request.is_some() {
+            return Ok(());
+        }
         match self.requests.clone().try_acquire_owned() {
-            Ok(p) => Ok(Ticket {
-                _request: p,
-                bytes: None,
-            }),
+            Ok(p) => {
+                ticket.request = Some(p);
+                Ok(())
+            }
             Err(_) => {
                 self.shed_requests.fetch_add(1, Relaxed);
                 Err(ApiError::Overloaded(format!(
@@ -92,15 +96,23 @@ impl Admission {
                 self.limits.body_bytes
             ))
         };
-        let n = u32::try_from(n).map_err(|_| refused())?;
-        let permit = self
-            .body_bytes
-            .clone()
-            .try_acquire_many_owned(n)
-            .map_err(|_| refused())?;
-        match &mut ticket.bytes {
-            Some(held) => held.merge(permit),
-            None => ticket.bytes = Some(permit),
+        if n > self.body_bytes.available_permits() {
+            return Err(refused());
+        }
+        // A semaphore hands out at most u32::MAX permits at once.
+        let mut left = n;
+        while left > 0 {
+            let step = left.min(u32::MAX as usize);
+            let permit = self
+                .body_bytes
+                .clone()
+                .try_acquire_many_owned(step as u32)
+                .map_err(|_| refused())?;
+            match &mut ticket.bytes {
+                Some(held) => held.merge(permit),
+                None => ticket.bytes = Some(permit),
+            }
+            left -= step;
         }
         Ok(())
     }
@@ -150,14 +162,18 @@ mod tests {
             requests: 2,
             body_bytes: 100,
         });
-        let mut t1 = a.admit().unwrap();
-        let t2 = a.admit().unwrap();
-        assert!(matches!(a.admit(), Err(ApiError::Overloaded(_))));
+        let admitted = || {
+            let mut t = Ticket::default();
+            a.admit(&mut t).map(|()| t)
+        };
+        let mut t1 = admitted().unwrap();
+        let t2 = admitted().unwrap();
+        assert!(matches!(admitted(), Err(ApiError::Overloaded(_))));
         a.reserve(&mut t1, 60).unwrap();
         a.reserve(&mut t1, 30).unwrap();
         let mut t3 = {
             drop(t2);
-            a.admit().unwrap()
+            admitted().unwrap()
         };
         assert!(a.reserve(&mut t3, 11).is_err());
         assert!(a.render().contains("kubemaas_request_body_bytes_held 90"));

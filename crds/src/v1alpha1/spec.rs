@@ -120,8 +120,8 @@ pub struct ModelDeploymentSpec {
 pub struct TlsSpec {
     /// A Secret of type `kubernetes.io/tls` in the same namespace (entries `tls.crt`, the chain
     /// leaf first, and `tls.key`), such as cert-manager writes. The server re-reads it when the
-    /// Secret changes, so certificates rotate without a restart. Probes then use the plain metrics
-    /// port. A pod whose Secret is missing does not start.
+    /// Secret changes, so certificates rotate without a restart. Probes use the plain metrics port.
+    /// A pod whose Secret is missing does not start.
     #[schemars(length(min = 1, max = 253))]
     pub secret_name: String,
 

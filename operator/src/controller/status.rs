@@ -473,7 +473,11 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
         selector: Some(selector_string(md)),
         conditions,
         endpoints: Some(Endpoints {
-            rest: format!("http://{name}.{ns}.svc:{}", ports::HTTP),
+            rest: format!(
+                "{}://{name}.{ns}.svc:{}",
+                if md.spec.tls.is_some() { "https" } else { "http" },
+                ports::HTTP
+            ),
             grpc: format!("{name}.{ns}.svc:{}", ports::GRPC),
         }),
         // Only what a pod really reported; an earlier report stays until a new one replaces it.

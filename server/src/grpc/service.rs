@@ -140,10 +140,12 @@ async fn infer_in_span(state: &AppState, mut req: ModelInferRequest) -> Result<M
     let _inflight = inference::InFlight::enter(&stats);
     // The message is already decoded by tonic (within --max-request-bytes); its size still counts
     // against the body budget while its tensors are decoded and run.
-    let admitted = state.admission.admit().and_then(|mut t| {
-        state.admission.reserve(&mut t, req.encoded_len())?;
-        Ok(t)
-    });
+    let mut ticket = crate::admission::Ticket::default();
+    let admitted = state
+        .admission
+        .reserve(&mut ticket, req.encoded_len())
+        .and_then(|()| state.admission.admit(&mut ticket))
+        .map(|()| ticket);
     let _ticket = inference::counted(&stats, start, admitted)?;
     let decoded = inference::counted(
         &stats,

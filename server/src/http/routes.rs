@@ -168,8 +168,9 @@ pub async fn handle(state: Arc<AppState>, surface: Surface, req: Request<Incomin
 }
 
 /// Reads the whole body: at most `--max-request-bytes`, within `--body-read-timeout`, and only
-/// while the bytes held by all requests stay within `--max-buffered-request-bytes` (the declared
-/// length is reserved up front; a chunked body reserves as it arrives).
+/// while the bytes held by all requests stay within `--max-buffered-request-bytes`. Bytes are
+/// reserved as they arrive, not as declared: a client that declares a large body and sends nothing
+/// holds nothing.
 async fn read_body(
     state: &AppState,
     ticket: &mut Ticket,
@@ -189,13 +190,13 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let declared = declared.map(|n| n as usize);
-    if let Some(n) = declared {
-        state.admission.reserve(ticket, n)?;
-    }
     let (parts, body) = req.into_parts();
     let mut body = Limited::new(body, limit);
-    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0));
+    // The declared size is allocated only once the client has sent a first MiB: headers alone
+    // make the server set aside nothing.
+    const EAGER: usize = 1 << 20;
+    let declared = declared.map_or(0, |n| n as usize);
+    let mut buf = bytes::BytesMut::with_capacity(declared.min(EAGER));
     let deadline = tokio::time::Instant::now() + state.body_read_timeout;
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
@@ -216,8 +217,9 @@ async fn read_body(
             }
         };
         if let Ok(data) = frame.into_data() {
-            if declared.is_none() {
-                state.admission.reserve(ticket, data.len())?;
+            state.admission.reserve(ticket, data.len())?;
+            if buf.len() + data.len() > EAGER && buf.capacity() < declared {
+                buf.reserve(declared - buf.len());
             }
             buf.extend_from_slice(&data);
         }
@@ -466,7 +468,7 @@ async fn infer_v2(
         .map_err(inference::count_not_ready)?;
     let _inflight = inference::InFlight::enter(&stats);
     let result = async {
-        let mut ticket = state.admission.admit()?;
+        let mut ticket = Ticket::default();
         let header_len = match req.headers().get(v2::HEADER_LENGTH) {
             None => None,
             Some(v) => Some(
@@ -481,6 +483,7 @@ async fn infer_v2(
             ),
         };
         let (_, body) = read_body(state, &mut ticket, req).await?;
+        state.admission.admit(&mut ticket)?;
         let request = v2::decode_request(model.backend.signature(), &body, header_len)?;
         Ok((request, ticket))
     }
@@ -521,8 +524,9 @@ async fn predict_v1(
         .map_err(inference::count_not_ready)?;
     let _inflight = inference::InFlight::enter(&stats);
     let decoded = async {
-        let mut ticket = state.admission.admit()?;
+        let mut ticket = Ticket::default();
         let (_, body) = read_body(state, &mut ticket, req).await?;
+        state.admission.admit(&mut ticket)?;
         Ok((v1::decode_request(model.backend.signature(), &body)?, ticket))
     }
     .await;

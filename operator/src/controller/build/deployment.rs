@@ -441,9 +441,10 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
             server_mounts.push(mount("client-ca", CLIENT_CA_MOUNT, true));
         }
     }
-    // With TLS (mutual TLS above all) the kubelet cannot probe the inference port: the metrics
-    // port, plain HTTP, answers the same readiness and liveness paths.
-    let probe_port = if spec.tls.is_some() { "metrics" } else { "http" };
+    // The kubelet probes the metrics port: plain HTTP even with (mutual) TLS on the inference
+    // ports, and not under their connection cap, so a flood of clients cannot fail liveness and
+    // restart every pod. It answers the same readiness and liveness paths.
+    let probe_port = "metrics";
 
     let ready_path = format!("/v2/models/{name}/ready");
     let startup_failures = (spec.startup_timeout_seconds + PROBE_PERIOD - 1) / PROBE_PERIOD;
