@@ -17,7 +17,7 @@ from conftest import Server
 def metric(s, name):
     text = requests.get(f"{s.metrics_url}/metrics", timeout=10).text
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
+        if line.split(" ")[0] == name:
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in metrics:\n{text}")
 

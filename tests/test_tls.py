@@ -104,7 +104,7 @@ def test_a_rotated_certificate_is_served_without_a_restart_and_a_broken_one_is_n
         time.sleep(2.5)
         r = requests.post(f"{https}/v2/models/dense/infer", json=dense_request(), verify=str(ca2.ca_file), timeout=10)
         assert r.status_code == 200, r.text
-        assert "keeping the TLS certificate in force" in s.log_path.read_text()
+        assert "keeping the previous TLS certificate" in s.log_path.read_text()
         assert s.proc.poll() is None
     finally:
         assert s.stop() == 0

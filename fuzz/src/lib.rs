@@ -17,23 +17,8 @@ use kubemaas_server::backend::{Signature, TensorSpec};
 use kubemaas_server::protocol::error::ApiError;
 use kubemaas_server::tensor::{DataType, Tensor, TensorData};
 
-/// Every data type, in a fixed order (a fuzz byte indexes it).
-pub const DTYPES: [DataType; 14] = [
-    DataType::Bool,
-    DataType::U8,
-    DataType::U16,
-    DataType::U32,
-    DataType::U64,
-    DataType::I8,
-    DataType::I16,
-    DataType::I32,
-    DataType::I64,
-    DataType::F16,
-    DataType::BF16,
-    DataType::F32,
-    DataType::F64,
-    DataType::Bytes,
-];
+/// Every data type, in the server's fixed order (a fuzz byte indexes it).
+pub use kubemaas_server::tensor::ALL_DATA_TYPES as DTYPES;
 
 fn spec(name: &str, datatype: DataType, shape: &[i64]) -> TensorSpec {
     TensorSpec {

@@ -8,8 +8,9 @@
 //! Keys are compared in constant time and never logged; the ID (default `line-N`) names the caller.
 
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
+
+use crate::watched::Watched;
 
 use subtle::ConstantTimeEq;
 
@@ -117,78 +118,40 @@ fn parse(path: &Path, text: &str) -> Result<Vec<Key>, AuthError> {
     Ok(keys)
 }
 
-/// What identifies a version of the file (a Secret update swaps a symlink; size and mtime change).
-pub(crate) type Stamp = Option<(SystemTime, u64)>;
-
-pub(crate) fn stamp(path: &Path) -> Stamp {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
+fn read_keys(path: &Path) -> Result<Vec<Key>, AuthError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text)
 }
 
 /// The keys of `--api-keys-file`, re-read when the file changes.
-pub struct ApiKeys {
-    path: PathBuf,
-    state: RwLock<(Vec<Key>, Stamp)>,
-}
+pub struct ApiKeys(std::sync::Arc<Watched<Vec<Key>, AuthError>>);
 
 impl ApiKeys {
     /// Reads the file; an unreadable or malformed file is an error (the server must not start
     /// open when it was asked to be closed).
     pub fn load(path: &Path) -> Result<ApiKeys, AuthError> {
-        let before = stamp(path);
-        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let keys = parse(path, &text)?;
-        tracing::info!(path = %path.display(), keys = keys.len(), "API keys loaded");
-        Ok(ApiKeys {
-            path: path.to_path_buf(),
-            state: RwLock::new((keys, before)),
-        })
+        let owned = path.to_path_buf();
+        let keys = Watched::load("API keys", vec![owned.clone()], move || read_keys(&owned))?;
+        tracing::info!(
+            path = %path.display(),
+            keys = keys.current().map_or(0, |k| k.len()),
+            "API keys loaded"
+        );
+        Ok(ApiKeys(std::sync::Arc::new(keys)))
     }
 
     /// Re-reads the file if it changed since the last read. A file that cannot be read or parsed
     /// keeps the keys in force (logged without any key).
     pub fn reload_if_changed(&self) {
-        let now = stamp(&self.path);
-        let unchanged = self.state.read().map(|s| s.1 == now).unwrap_or(false);
-        if unchanged {
-            return;
-        }
-        let loaded = std::fs::read_to_string(&self.path)
-            .map_err(|source| AuthError::Read {
-                path: self.path.clone(),
-                source,
-            })
-            .and_then(|text| parse(&self.path, &text));
-        match loaded {
-            Ok(keys) => {
-                tracing::info!(path = %self.path.display(), keys = keys.len(), "API keys reloaded");
-                if let Ok(mut s) = self.state.write() {
-                    *s = (keys, now);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "keeping the previous API keys");
-                if let Ok(mut s) = self.state.write() {
-                    s.1 = now;
-                }
-            }
-        }
+        self.0.reload_if_changed()
     }
 
     /// Re-reads the file every `every` until the process ends.
-    pub fn watch(self: std::sync::Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let keys = self.clone();
-                // A stat and, rarely, a small read: off the reactor all the same.
-                let _ = tokio::task::spawn_blocking(move || keys.reload_if_changed()).await;
-            }
-        })
+    pub fn watch(&self, every: Duration) {
+        self.0.clone().watch(every)
     }
 
     /// Checks an `Authorization` header value for a request to `model` (None: a server-wide route).
@@ -196,12 +159,12 @@ impl ApiKeys {
         let Some(token) = authorization.and_then(bearer) else {
             return Verdict::Missing;
         };
-        let Ok(state) = self.state.read() else {
+        let Some(keys) = self.0.current() else {
             return Verdict::Invalid;
         };
         // Every key is compared, so the time taken does not say which one (or whether one) matched.
         let mut found: Option<&Key> = None;
-        for k in &state.0 {
+        for k in keys.iter() {
             if bool::from(k.secret.as_slice().ct_eq(token)) {
                 found = Some(k);
             }

@@ -22,3 +22,4 @@ pub mod pull;
 pub mod repository;
 pub mod serve;
 pub mod tensor;
+pub mod watched;

@@ -6,7 +6,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::admission::Admission;
-use crate::auth::{Stamp, stamp};
+use crate::watched::Watched;
 
 /// Errors reading the TLS files.
 #[derive(Debug, thiserror::Error)]
@@ -127,60 +127,26 @@ impl TlsFiles {
 
 /// The TLS configuration in force, replaced when the files change (cert-manager rotating a
 /// Secret); connections already open keep the certificate they were made with.
-pub struct Tls {
-    files: TlsFiles,
-    state: RwLock<(Arc<rustls::ServerConfig>, Vec<Stamp>)>,
-}
+pub struct Tls(Arc<Watched<rustls::ServerConfig, TlsError>>);
 
 impl Tls {
     /// Loads the files; an error stops the server (it must not start without the TLS it was asked
     /// for).
     pub fn load(files: TlsFiles) -> Result<Tls, TlsError> {
-        let stamps = files.paths().into_iter().map(stamp).collect();
-        let config = Arc::new(files.load()?);
-        tracing::info!(cert = %files.cert.display(), client_certificates = files.client_ca.is_some(), "TLS on");
-        Ok(Tls {
-            files,
-            state: RwLock::new((config, stamps)),
-        })
+        let paths = files.paths().into_iter().map(Path::to_path_buf).collect();
+        let (cert, mutual) = (files.cert.display().to_string(), files.client_ca.is_some());
+        let tls = Watched::load("TLS certificate", paths, move || files.load())?;
+        tracing::info!(cert, client_certificates = mutual, "TLS on");
+        Ok(Tls(Arc::new(tls)))
     }
 
     fn current(&self) -> Option<Arc<rustls::ServerConfig>> {
-        self.state.read().ok().map(|s| s.0.clone())
-    }
-
-    /// Reloads when a file changed; a broken update keeps the configuration in force (logged).
-    pub fn reload_if_changed(&self) {
-        let now: Vec<Stamp> = self.files.paths().into_iter().map(stamp).collect();
-        if self.state.read().map(|s| s.1 == now).unwrap_or(false) {
-            return;
-        }
-        match self.files.load() {
-            Ok(config) => {
-                tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
-                if let Ok(mut s) = self.state.write() {
-                    *s = (Arc::new(config), now);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "keeping the TLS certificate in force");
-                if let Ok(mut s) = self.state.write() {
-                    s.1 = now;
-                }
-            }
-        }
+        self.0.current()
     }
 
     /// Checks the files every `every` until the process ends.
-    pub fn watch(self: Arc<Self>, every: Duration) {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let tls = self.clone();
-                let _ = tokio::task::spawn_blocking(move || tls.reload_if_changed()).await;
-            }
-        });
+    pub fn watch(&self, every: Duration) {
+        self.0.clone().watch(every)
     }
 }
 

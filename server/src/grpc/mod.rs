@@ -45,7 +45,7 @@ pub fn status(e: &ApiError) -> Status {
     let code = match e {
         ApiError::BadRequest(_) => Code::InvalidArgument,
         ApiError::NotFound(_) => Code::NotFound,
-        ApiError::MethodNotAllowed(_) => Code::Unimplemented,
+        ApiError::MethodNotAllowed { .. } => Code::Unimplemented,
         ApiError::PayloadTooLarge(_) | ApiError::QueueFull(_) => Code::ResourceExhausted,
         ApiError::Unavailable(_) | ApiError::Overloaded(_) => Code::Unavailable,
         ApiError::RequestTimeout(_) => Code::DeadlineExceeded,

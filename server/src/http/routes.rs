@@ -40,6 +40,10 @@ fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
         r.headers_mut()
             .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    if let ApiError::MethodNotAllowed { allow, .. } = e {
+        r.headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static(allow));
+    }
     if matches!(e, ApiError::Unauthorized(_)) {
         r.headers_mut().insert(
             http::header::WWW_AUTHENTICATE,
@@ -131,19 +135,13 @@ pub async fn handle(state: Arc<AppState>, surface: Surface, req: Request<Incomin
         (req.uri().path().to_string(), bytes_in)
     });
     let mut caller = None;
-    let allow = allowed(&req.uri().path().trim_matches('/').split('/').collect::<Vec<_>>());
     let response = match route(&state, surface, req, &mut caller).await {
         Ok(r) => r,
         Err(e) => {
             if e.status().is_server_error() && e.status() != StatusCode::SERVICE_UNAVAILABLE {
                 tracing::error!(error = %e, "request failed");
             }
-            let mut r = error_response(&e);
-            if let (ApiError::MethodNotAllowed(_), Some(a)) = (&e, allow) {
-                r.headers_mut()
-                    .insert(http::header::ALLOW, HeaderValue::from_static(a));
-            }
-            r
+            error_response(&e)
         }
     };
     let Some((path, bytes_in)) = seen else {
@@ -239,7 +237,6 @@ async fn route(
     let get = method == Method::GET || method == Method::HEAD;
     let post = method == Method::POST;
     let repo = &state.repo;
-    let not_allowed = || ApiError::MethodNotAllowed(format!("{method} is not allowed on {path}"));
 
     let metrics_port_route = matches!(
         segs.as_slice(),
@@ -258,9 +255,10 @@ async fn route(
     if let Some(allow) = allowed(&segs)
         && !allow.split(", ").any(|m| m == method.as_str())
     {
-        return Err(ApiError::MethodNotAllowed(format!(
-            "{method} is not allowed on {path}; use {allow}"
-        )));
+        return Err(ApiError::MethodNotAllowed {
+            message: format!("{method} is not allowed on {path}; use {allow}"),
+            allow,
+        });
     }
     if surface == Surface::Full {
         authorize(state, &req, &segs, caller)?;
@@ -310,11 +308,10 @@ async fn route(
                         .instrument(inference::request_span("v2", m, version))
                         .await
                 }
-                [] | ["ready"] | ["config"] | ["stats"] | ["infer"] => Err(not_allowed()),
                 _ => Err(ApiError::NotFound(format!("no endpoint at {path}"))),
             }
         }
-        ["v1", "models", rest @ ..] => route_v1(state, rest, &method, req, &path).await,
+        ["v1", "models", rest @ ..] => route_v1(state, rest, req, &path).await,
         _ => Err(ApiError::NotFound(format!(
             "no endpoint at {path}; see GET /v2 for the protocol served"
         ))),
@@ -324,7 +321,6 @@ async fn route(
 async fn route_v1(
     state: &AppState,
     rest: &[&str],
-    method: &Method,
     req: Request<Incoming>,
     path: &str,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -342,20 +338,18 @@ async fn route_v1(
         [m, tail @ ..] => (*m, None, tail.to_vec()),
         [] => return Err(ApiError::NotFound(format!("no endpoint at {path}"))),
     };
-    match (verb, tail.as_slice(), method == Method::POST) {
-        (Some("predict"), [], true) => {
+    // Methods were checked against `allowed` before routing.
+    match (verb, tail.as_slice()) {
+        (Some("predict"), []) => {
             predict_v1(state, model, version, req)
                 .instrument(inference::request_span("v1", model, version))
                 .await
         }
-        (Some("predict"), [], false) => Err(ApiError::MethodNotAllowed(format!(
-            "{method} is not allowed on {path}; use POST"
-        ))),
-        (Some(other), _, _) => Err(ApiError::BadRequest(format!(
+        (Some(other), _) => Err(ApiError::BadRequest(format!(
             "unsupported verb :{other}; KubeMaaS serves :predict (classify and regress are TensorFlow-specific)"
         ))),
-        (None, [], _) => Ok(json_response(StatusCode::OK, &v1_status(state, model, version)?)),
-        (None, ["metadata"], _) => {
+        (None, []) => Ok(json_response(StatusCode::OK, &v1_status(state, model, version)?)),
+        (None, ["metadata"]) => {
             let (m, _) = state.repo.ready_model(model, version)?;
             Ok(json_response(
                 StatusCode::OK,

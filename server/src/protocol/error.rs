@@ -16,8 +16,13 @@ pub enum ApiError {
     #[error("{0}")]
     NotFound(String),
     /// The method is not allowed on the path (405).
-    #[error("{0}")]
-    MethodNotAllowed(String),
+    #[error("{message}")]
+    MethodNotAllowed {
+        /// What went wrong.
+        message: String,
+        /// The methods the route answers (the `Allow` header).
+        allow: &'static str,
+    },
     /// The body is larger than the configured limit (413).
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -50,7 +55,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) | ApiError::QueueFull(_) | ApiError::Overloaded(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
