@@ -33,7 +33,15 @@ eval "$(bash e2e/cluster/up)"
 export KUBECONFIG
 k() { "$KUBECTL" "$@"; }
 k apply -f crds/generated/modeldeployments.kubemaas.io.yaml >/dev/null
-k wait --for=condition=Established crd/modeldeployments.kubemaas.io --timeout=60s >/dev/null
+# Polled rather than `kubectl wait`: for a moment after the apply the CRD's status.conditions is
+# null, and `kubectl wait` then fails at once ("accessor error: <nil>") instead of waiting.
+for _ in $(seq 1 120); do
+  established=$(k get crd modeldeployments.kubemaas.io \
+    -o jsonpath='{.status.conditions[?(@.type=="Established")].status}' 2>/dev/null || true)
+  [ "$established" = True ] && break
+  sleep 0.5
+done
+[ "$established" = True ] || { echo "the ModelDeployment CRD was not established within 60 s" >&2; exit 1; }
 k create namespace "$NS" >/dev/null
 
 say "starting the operator (scrapes pod metrics every 5 s) and the pod runner"
