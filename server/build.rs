@@ -1,8 +1,9 @@
 //! Generates the gRPC code (messages, server and client stubs) from `proto/` with protox, a
-//! protobuf compiler written in Rust, so building needs no `protoc` on the machine.
+//! protobuf compiler written in Rust, so building needs no `protoc` on the machine; and the ONNX
+//! model messages `compress` reads and writes (`proto/onnx.proto`, no service).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/inference.proto", "proto/health.proto"];
+    let files = ["proto/inference.proto", "proto/health.proto", "proto/onnx.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

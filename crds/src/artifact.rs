@@ -20,6 +20,9 @@ pub mod exit {
     pub const TOO_LARGE: u8 = 7;
     /// The host resolves to (or redirects to) a refused address, e.g. a cloud metadata endpoint.
     pub const ADDRESS_REFUSED: u8 = 8;
+    /// `pull --compress` (or `compress --check`): the compressed model's outputs agree with the
+    /// original's less than the required cosine similarity; nothing was placed.
+    pub const COMPRESSION_REJECTED: u8 = 9;
 }
 
 /// File `pull` writes next to the model (in the version directory) describing what it fetched:

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod batcher;
+pub mod compress;
 pub mod gpu;
 pub mod grpc;
 pub mod http;

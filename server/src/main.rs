@@ -41,6 +41,10 @@ enum Command {
     /// init container of a serving pod). Exit codes: 2 download failed, 3 checksum mismatch,
     /// 5 not found, 6 access denied, 7 too large, 8 address refused.
     Pull(kubemaas_server::pull::PullArgs),
+    /// Compress an ONNX model (int8-dynamic, fp16 or prune) and measure the result against the
+    /// original: size, per-output agreement on evaluation inputs, latency. The report (JSON) goes
+    /// to stdout. Exit codes: 9 --check rejected the result (nothing written), 1 other errors.
+    Compress(kubemaas_server::compress::CompressArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -70,6 +74,22 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
+    if let Command::Compress(args) = &command {
+        // No async work: ONNX Runtime and the passes run on this thread.
+        return match kubemaas_server::compress::run(args) {
+            Ok(_) => Ok(std::process::ExitCode::SUCCESS),
+            Err(e) => {
+                eprintln!("error: {e}");
+                let code = match e {
+                    kubemaas_server::compress::CompressError::Rejected(_) => {
+                        kubemaas_crds::artifact::exit::COMPRESSION_REJECTED
+                    }
+                    _ => 1,
+                };
+                Ok(std::process::ExitCode::from(code))
+            }
+        };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match command {
         Command::Serve(args) => match runtime.block_on(kubemaas_server::serve::run(args))? {
@@ -81,6 +101,7 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             // without atexit handlers (`_exit`, wrapped by signal-hook).
             kubemaas_server::serve::Stopped::WhileLoading => signal_hook::low_level::exit(0),
         },
+        Command::Compress(_) => {}
         Command::Pull(args) => match runtime.block_on(kubemaas_server::pull::pull(&args)) {
             Ok(record) => println!("{}", serde_json::to_string(&record)?),
             Err(e) => {

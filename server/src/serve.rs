@@ -212,7 +212,7 @@ pub enum ServeError {
 
 /// A path, where an empty value (`ORT_DYLIB_PATH=""`, as shells leave behind) means "not given"
 /// rather than an error about a flag the user never passed.
-fn path_or_unset(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+pub fn path_or_unset(s: &str) -> Result<PathBuf, std::convert::Infallible> {
     Ok(PathBuf::from(s))
 }
 
@@ -243,7 +243,8 @@ fn why_unloadable(path: &std::path::Path) -> &'static str {
     }
 }
 
-fn init_library(explicit: Option<&PathBuf>) -> Result<ort::environment::Environment, ServeError> {
+/// Loads ONNX Runtime from `explicit`, else from the usual places, and says why not in words.
+pub fn init_library(explicit: Option<&PathBuf>) -> Result<ort::environment::Environment, ServeError> {
     let explicit = explicit.filter(|p| !p.as_os_str().is_empty());
     let candidates: Vec<PathBuf> = match explicit {
         Some(p) => vec![p.clone()],
