@@ -23,6 +23,9 @@ pub mod exit {
     /// `pull --compress` (or `compress --check`): the compressed model's outputs agree with the
     /// original's less than the required cosine similarity; nothing was placed.
     pub const COMPRESSION_REJECTED: u8 = 9;
+    /// `pull --compress`: the model could not be compressed (an unsupported model or operator, or
+    /// the evaluation failed); nothing was placed.
+    pub const COMPRESSION_FAILED: u8 = 10;
 }
 
 /// File `pull` writes next to the model (in the version directory) describing what it fetched:

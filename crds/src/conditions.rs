@@ -41,6 +41,10 @@ pub mod reason {
     pub const ARTIFACT_TOO_LARGE: &str = "ArtifactTooLarge";
     /// The artifact's host resolves or redirects to a refused address (e.g. cloud metadata).
     pub const ADDRESS_REFUSED: &str = "AddressRefused";
+    /// The compressed model agreed with the original less than `compression.minCosine`.
+    pub const COMPRESSION_REJECTED: &str = "CompressionRejected";
+    /// The model could not be compressed (unsupported model or operator).
+    pub const COMPRESSION_FAILED: &str = "CompressionFailed";
     /// The server could not load the model.
     pub const LOAD_FAILED: &str = "LoadFailed";
     /// The startup budget ran out.

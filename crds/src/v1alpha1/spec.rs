@@ -276,6 +276,56 @@ pub struct ModelSource {
     /// download init container mounts it (read-write, at /cache).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<ArtifactCache>,
+
+    /// Compress the model in the pod, after the download and its verification and before the
+    /// server loads it (`kubemaas-server pull --compress`). The compressed model is measured
+    /// against the original on seeded random inputs within the model's declared shapes; if an
+    /// output's cosine similarity falls under `minCosine`, the pod serves nothing (status:
+    /// ModelLoaded=False, reason CompressionRejected, with the numbers). The measured report is in
+    /// `status.model.compression`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+}
+
+/// How the model is compressed at deploy time.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Compression {
+    /// `int8-dynamic`: int8 weights; MatMul and Gemm run in int8 with activations quantized per
+    /// request, Conv/ConvTranspose/Gather weights are stored in int8 (about 4x smaller artifact),
+    /// computed in float. `fp16`: float16 weights and activations with float32 inputs and outputs
+    /// kept (half the size; for GPUs).
+    pub mode: CompressionMode,
+    /// The cosine similarity to the original's outputs every output must reach, in (0, 1].
+    #[serde(default = "default_min_cosine")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0")
+        .message("compression.minCosine must be greater than 0 and at most 1, e.g. 0.99"))]
+    pub min_cosine: f64,
+}
+
+/// Compression modes a ModelDeployment accepts.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompressionMode {
+    /// int8 weights, dynamic activation quantization.
+    #[serde(rename = "int8-dynamic")]
+    Int8Dynamic,
+    /// float16.
+    #[serde(rename = "fp16")]
+    Fp16,
+}
+
+impl CompressionMode {
+    /// The name `kubemaas-server pull --compress` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CompressionMode::Int8Dynamic => "int8-dynamic",
+            CompressionMode::Fp16 => "fp16",
+        }
+    }
+}
+
+fn default_min_cosine() -> f64 {
+    0.99
 }
 
 /// A PersistentVolumeClaim shared by the model's pods as a sha256-keyed artifact cache.

@@ -125,6 +125,10 @@ pub struct ModelStatus {
     /// What `kubemaas-server pull` fetched, as the serving pod reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact: Option<ArtifactStatus>,
+    /// The compression the pod applied after the download (`spec.model.compression`), as
+    /// measured there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionStatus>,
     /// Inputs.
     #[serde(default)]
     pub inputs: Vec<TensorInfo>,
@@ -150,6 +154,30 @@ pub struct ArtifactStatus {
     pub files: i64,
     /// Seconds the pull took (download or cache copy, and verification).
     pub pulled_seconds: f64,
+}
+
+/// What compressing the model did, measured in the pod against the original.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CompressionStatus {
+    /// `int8-dynamic` or `fp16`.
+    pub mode: String,
+    /// Bytes of the original (model and external data).
+    pub bytes_before: i64,
+    /// Bytes of the served, compressed model.
+    pub bytes_after: i64,
+    /// bytesAfter ÷ bytesBefore.
+    pub size_ratio: f64,
+    /// The lowest cosine similarity of an output to the original's, over the evaluation inputs.
+    pub cosine: f64,
+    /// For classifier-shaped outputs: the lowest share of rows whose top class is unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top1_agreement: Option<f64>,
+    /// Original latency ÷ compressed latency in the pod (ONNX Runtime on CPU); above 1 is faster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speedup: Option<f64>,
+    /// The evaluation inputs, e.g. `4 random samples`.
+    pub inputs: String,
 }
 
 /// A model input or output.

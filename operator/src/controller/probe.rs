@@ -11,7 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kubemaas_crds::v1alpha1::{ArtifactStatus, ModelStatus, TensorInfo};
+use kubemaas_crds::v1alpha1::{ArtifactStatus, CompressionStatus, ModelStatus, TensorInfo};
 
 use super::build::ports;
 use super::status::Probed;
@@ -49,6 +49,45 @@ struct PullRecord {
     bytes: u64,
     files: u64,
     seconds: f64,
+    #[serde(default)]
+    compression: Option<CompressionRecord>,
+}
+
+/// The `compress` report inside the pull record (the fields status shows).
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CompressionRecord {
+    mode: String,
+    bytes_before: u64,
+    bytes_after: u64,
+    size_ratio: f64,
+    cosine: f64,
+    #[serde(default)]
+    top1_agreement: Option<f64>,
+    #[serde(default)]
+    latency: Option<LatencyRecord>,
+    inputs: String,
+}
+
+#[derive(serde::Deserialize)]
+struct LatencyRecord {
+    speedup: f64,
+}
+
+/// `parameters.artifact.compression` of the model metadata.
+fn compression(v: &serde_json::Value) -> Option<CompressionStatus> {
+    let r: PullRecord = serde_json::from_value(v["parameters"]["artifact"].clone()).ok()?;
+    let c = r.compression?;
+    Some(CompressionStatus {
+        mode: c.mode,
+        bytes_before: i64::try_from(c.bytes_before).unwrap_or(i64::MAX),
+        bytes_after: i64::try_from(c.bytes_after).unwrap_or(i64::MAX),
+        size_ratio: c.size_ratio,
+        cosine: c.cosine,
+        top1_agreement: c.top1_agreement,
+        speedup: c.latency.map(|l| l.speedup),
+        inputs: c.inputs,
+    })
 }
 
 /// `parameters.artifact` of the model metadata; None when absent or not a pull record.
@@ -85,6 +124,7 @@ fn parse(v: &serde_json::Value, version: &str, pod: &str) -> Probed {
             version: version.into(),
             sha256: None,
             artifact: artifact(v),
+            compression: compression(v),
             inputs: tensors("inputs"),
             outputs: tensors("outputs"),
         }),
@@ -212,5 +252,35 @@ mod tests {
         );
         let garbled = serde_json::json!({"name": "m", "parameters": {"artifact": {"uri": 3}}});
         assert_eq!(parse(&garbled, "1", "p").model.unwrap().artifact, None);
+        assert_eq!(m.compression, None, "not compressed");
+    }
+
+    #[test]
+    fn the_compression_report_in_the_pull_record_becomes_status_model_compression() {
+        // As `pull --compress` writes it (abridged: outputs and nodes are not shown in status).
+        let v = serde_json::json!({"name": "ocr", "inputs": [], "outputs": [],
+            "parameters": {"artifact": {"uri": "http://h/m.onnx", "sha256": "c".repeat(64),
+                "bytes": 10857958, "files": 1, "seconds": 0.5,
+                "compression": {"mode": "int8-dynamic", "bytesBefore": 10857958, "bytesAfter": 2910463,
+                    "sizeRatio": 0.268, "nodes": {"int8Compute": 9}, "skipped": [],
+                    "inputs": "4 random samples", "outputs": [{"name": "y", "cosine": 0.9987, "maxAbsError": 0.1}],
+                    "cosine": 0.9987, "top1Agreement": 1.0,
+                    "latency": {"beforeMs": 30.0, "afterMs": 27.7, "speedup": 1.083, "runs": 10, "threads": 0},
+                    "minCosine": 0.99, "passed": true}}}});
+        let m = parse(&v, "1", "p").model.unwrap();
+        assert_eq!(
+            m.compression,
+            Some(CompressionStatus {
+                mode: "int8-dynamic".into(),
+                bytes_before: 10857958,
+                bytes_after: 2910463,
+                size_ratio: 0.268,
+                cosine: 0.9987,
+                top1_agreement: Some(1.0),
+                speedup: Some(1.083),
+                inputs: "4 random samples".into(),
+            })
+        );
+        assert!(m.artifact.is_some(), "the artifact is still reported");
     }
 }

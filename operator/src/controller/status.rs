@@ -125,6 +125,8 @@ fn pull_failure_reason(exit_code: i32) -> &'static str {
         Ok(exit::ACCESS_DENIED) => reason::ACCESS_DENIED,
         Ok(exit::TOO_LARGE) => reason::ARTIFACT_TOO_LARGE,
         Ok(exit::ADDRESS_REFUSED) => reason::ADDRESS_REFUSED,
+        Ok(exit::COMPRESSION_REJECTED) => reason::COMPRESSION_REJECTED,
+        Ok(exit::COMPRESSION_FAILED) => reason::COMPRESSION_FAILED,
         _ => reason::DOWNLOAD_FAILED,
     }
 }
@@ -760,6 +762,16 @@ mod tests {
                 exit::ADDRESS_REFUSED,
                 "AddressRefused",
                 "models.example.com resolves to 169.254.169.254, a refused address",
+            ),
+            (
+                exit::COMPRESSION_REJECTED,
+                "CompressionRejected",
+                "s3://models/m.onnx: compression rejected: cosine similarity 0.98 to the original is under the required 0.999 (mode int8-dynamic, size ratio 0.27, inputs: 4 random samples)",
+            ),
+            (
+                exit::COMPRESSION_FAILED,
+                "CompressionFailed",
+                "failed to compress s3://models/m.onnx: node \"loop\" (op Loop): fp16 does not convert models with control flow (subgraphs)",
             ),
         ] {
             // Failed just now, and waiting in back-off after that failure: both are current.

@@ -338,7 +338,10 @@ impl Pair {
                 if let (Some(vx), Some(vy)) = (values(x), values(y)) {
                     a_all[i].extend(vx);
                     b_all[i].extend(vy);
-                    classes[i] = x.shape.last().copied().filter(|&c| c > 1 && x.shape.len() >= 2);
+                    // Classifier-shaped: [batch, classes] or [batch, steps, classes]. Maps such as
+                    // a detector's [1, 1, H, W] have no classes.
+                    let ranked = matches!(x.shape.len(), 2 | 3);
+                    classes[i] = x.shape.last().copied().filter(|&c| c > 1 && ranked);
                 }
             }
         }

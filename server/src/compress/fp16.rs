@@ -123,9 +123,23 @@ pub fn run(m: &mut ModelProto, sel: &Selection) -> Result<Outcome, CompressError
         }
     }
     let is_float = |name: &str| ty.get(name) == Some(&dtype::FLOAT);
+    // Constants float16 cannot hold (|x| > 65504, e.g. a BatchNormalization variance of 1e8 in
+    // PP-OCRv4 det) keep their readers in float32: saturating them changed det's output (cosine
+    // 0.87).
+    let max = f16::MAX.to_f32();
+    let out_of_range: HashSet<String> = g
+        .initializer
+        .iter()
+        .filter(|t| super::model::floats(t).is_some_and(|v| v.iter().any(|x| x.is_finite() && x.abs() > max)))
+        .map(|t| t.name.clone())
+        .collect();
     let convert = |n: &NodeProto| {
         let custom = !n.domain.is_empty() && n.domain != "ai.onnx";
-        !custom && !sel.keep_fp32(n) && !DEFAULT_KEEP.contains(&n.op_type.as_str()) && sel.includes(n)
+        !custom
+            && !sel.keep_fp32(n)
+            && !DEFAULT_KEEP.contains(&n.op_type.as_str())
+            && sel.includes(n)
+            && !n.input.iter().any(|i| out_of_range.contains(i))
     };
     let touches_float = |n: &NodeProto| n.input.iter().chain(&n.output).any(|x| is_float(x));
     // Precision of each float tensor where it is produced: true = float16.

@@ -93,6 +93,18 @@ pub struct PullArgs {
     /// Seconds between progress lines (bytes, rate, ETA).
     #[arg(long, env = "KUBEMAAS_PULL_PROGRESS_SECONDS", default_value_t = 5)]
     pub progress_seconds: u64,
+    /// Compress the model once it is downloaded and verified (`kubemaas-server compress` with
+    /// --check): the server then serves the compressed model, the original moves to
+    /// `original/` in the version directory, and the report joins the pull record. A result under
+    /// --min-cosine exits 9 and leaves nothing to serve.
+    #[arg(long, value_enum, env = "KUBEMAAS_COMPRESS")]
+    pub compress: Option<crate::compress::Mode>,
+    /// The cosine similarity to the original that --compress requires of every output, 0 to 1.
+    #[arg(long, env = "KUBEMAAS_COMPRESS_MIN_COSINE", default_value_t = 0.99)]
+    pub min_cosine: f64,
+    /// ONNX Runtime shared library for --compress's evaluation (as for `serve`).
+    #[arg(long, env = "ORT_DYLIB_PATH", value_parser = crate::serve::path_or_unset)]
+    pub ort_library: Option<PathBuf>,
     /// A sha256-keyed artifact cache (e.g. a shared ReadWriteMany volume): a verified hit is copied
     /// instead of downloaded, a download is stored for the next pod. Needs --sha256.
     #[arg(long, env = "KUBEMAAS_MODEL_CACHE", requires = "sha256")]
@@ -142,6 +154,22 @@ pub enum PullError {
         /// Why.
         message: String,
     },
+    /// `--compress` could not compress the model (unsupported model, evaluation failed).
+    #[error("failed to compress {uri}: {message}")]
+    Compression {
+        /// URI.
+        uri: String,
+        /// Why.
+        message: String,
+    },
+    /// `--compress`'s check refused the result: it agrees too little with the original.
+    #[error("{uri}: {message}")]
+    CompressionRejected {
+        /// URI.
+        uri: String,
+        /// The numbers.
+        message: String,
+    },
     /// The content does not match the pinned digest.
     #[error("checksum mismatch for {uri}: expected sha256 {expected}, got {actual}")]
     Checksum {
@@ -164,6 +192,8 @@ impl PullError {
             PullError::TooLarge { .. } => exit::TOO_LARGE,
             PullError::AddressRefused { .. } => exit::ADDRESS_REFUSED,
             PullError::Checksum { .. } => exit::CHECKSUM_MISMATCH,
+            PullError::Compression { .. } => exit::COMPRESSION_FAILED,
+            PullError::CompressionRejected { .. } => exit::COMPRESSION_REJECTED,
         }
     }
 
@@ -196,6 +226,9 @@ pub struct Record {
     pub files: usize,
     /// Seconds the pull took.
     pub seconds: f64,
+    /// The `compress` report, when the model was compressed after the download.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<serde_json::Value>,
 }
 
 fn staging_path(dest: &Path) -> PathBuf {
@@ -359,17 +392,14 @@ async fn run(args: &PullArgs, started: Instant) -> Result<Record, PullError> {
         bytes: fetched.bytes,
         files: fetched.files,
         seconds: (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+        compression: None,
     };
     let version_dir = if directory {
         args.dest.clone()
     } else {
         args.dest.parent().map(Path::to_path_buf).unwrap_or_default()
     };
-    let json = serde_json::to_string(&record).map_err(|e| bad(e.to_string()))?;
-    let tmp = version_dir.join(format!(".{PULL_RECORD_FILE}.tmp"));
-    std::fs::write(&tmp, &json)
-        .and_then(|()| std::fs::rename(&tmp, version_dir.join(PULL_RECORD_FILE)))
-        .map_err(|e| bad(format!("cannot write {PULL_RECORD_FILE}: {e}")))?;
+    write_record(&version_dir, &record).map_err(bad)?;
     tracing::info!(uri = %raw, dest = %args.dest.display(), bytes = record.bytes, files = record.files, sha256 = %record.sha256, seconds = record.seconds, "model pulled");
     Ok(record)
 }
@@ -523,11 +553,130 @@ pub async fn pull(args: &PullArgs) -> Result<Record, PullError> {
             })
         }
     };
+    let result = match (result, args.compress) {
+        (Ok(record), Some(mode)) => compress_pulled(args, mode, record).await,
+        (r, _) => r,
+    };
     if let Err(e) = &result {
         // Best effort: the termination log only exists inside Kubernetes.
         let _ = std::fs::write(&args.termination_log, e.to_string());
     }
     result
+}
+
+/// Writes the pull record beside the model, atomically.
+fn write_record(version_dir: &Path, record: &Record) -> Result<(), String> {
+    let json = serde_json::to_string(record).map_err(|e| e.to_string())?;
+    let tmp = version_dir.join(format!(".{PULL_RECORD_FILE}.tmp"));
+    std::fs::write(&tmp, &json)
+        .and_then(|()| std::fs::rename(&tmp, version_dir.join(PULL_RECORD_FILE)))
+        .map_err(|e| format!("cannot write {PULL_RECORD_FILE}: {e}"))
+}
+
+/// Where the original goes when `--compress` replaces it (inside the version directory, so the
+/// server, which loads only `model.onnx`, ignores it).
+pub const ORIGINAL_DIR: &str = "original";
+
+/// `--compress`: compresses the placed model, checks it against the original, and swaps it in.
+/// The original's files move to `original/` (external-data references stay valid there).
+async fn compress_pulled(
+    args: &PullArgs,
+    mode: crate::compress::Mode,
+    mut record: Record,
+) -> Result<Record, PullError> {
+    let uri = args.uri.clone();
+    let failed = |message: String| PullError::Compression {
+        uri: uri.clone(),
+        message,
+    };
+    let directory = kubemaas_crds::artifact::is_directory_uri(&args.uri);
+    let (version_dir, model) = if directory {
+        (args.dest.clone(), args.dest.join("model.onnx"))
+    } else {
+        (
+            args.dest.parent().map(Path::to_path_buf).unwrap_or_default(),
+            args.dest.clone(),
+        )
+    };
+    let options = crate::compress::Options {
+        mode,
+        exclude: Vec::new(),
+        keep_fp32: Vec::new(),
+        per_tensor: false,
+        sparsity: 0.5,
+        eval_inputs: Vec::new(),
+        samples: 4,
+        input_shapes: Vec::new(),
+        timing_runs: 10,
+        threads: 0,
+        check: true,
+        min_cosine: args.min_cosine.clamp(0.0, 1.0),
+    };
+    let library = args.ort_library.clone();
+    let (vd, m) = (version_dir.clone(), model.clone());
+    let outcome = tokio::task::spawn_blocking(
+        move || -> Result<crate::compress::Report, crate::compress::CompressError> {
+            let env = crate::serve::init_library(library.as_ref())
+                .map_err(|e| crate::compress::CompressError::Runtime(e.to_string()))?;
+            let staging = vd.join(".compressed");
+            let _ = std::fs::remove_dir_all(&staging);
+            std::fs::create_dir_all(&staging).map_err(|e| crate::compress::CompressError::Io {
+                path: staging.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let name = m
+                .file_name()
+                .map(std::ffi::OsStr::to_os_string)
+                .unwrap_or_else(|| "model.onnx".into());
+            let report = crate::compress::compress(&env, &m, &staging.join(&name), &options);
+            if report.is_err() {
+                let _ = std::fs::remove_dir_all(&staging);
+            }
+            report
+        },
+    )
+    .await
+    .map_err(|e| failed(e.to_string()))?;
+    let report = match outcome {
+        Ok(r) => r,
+        Err(crate::compress::CompressError::Rejected(r)) => {
+            let e = crate::compress::CompressError::Rejected(r);
+            return Err(PullError::CompressionRejected {
+                uri,
+                message: e.to_string(),
+            });
+        }
+        Err(e) => return Err(failed(e.to_string())),
+    };
+    // Swap: every file of the original into original/, then the compressed files in.
+    let original = version_dir.join(ORIGINAL_DIR);
+    let staging = version_dir.join(".compressed");
+    let swap = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&original)?;
+        for entry in std::fs::read_dir(&version_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let keep = name == PULL_RECORD_FILE || name == ORIGINAL_DIR || name == ".compressed";
+            if !keep {
+                std::fs::rename(entry.path(), original.join(&name))?;
+            }
+        }
+        for entry in std::fs::read_dir(&staging)? {
+            let entry = entry?;
+            std::fs::rename(entry.path(), version_dir.join(entry.file_name()))?;
+        }
+        std::fs::remove_dir_all(&staging)
+    };
+    swap().map_err(|e| failed(format!("cannot put the compressed model in place: {e}")))?;
+    tracing::info!(
+        mode = mode.as_str(),
+        size_ratio = report.size_ratio,
+        cosine = report.cosine,
+        "model compressed"
+    );
+    record.compression = Some(serde_json::to_value(&report).map_err(|e| failed(e.to_string()))?);
+    write_record(&version_dir, &record).map_err(failed)?;
+    Ok(record)
 }
 
 #[cfg(test)]

@@ -24,6 +24,41 @@ const PVC_MOUNT: &str = "/mnt/pvc";
 /// Where the credentials Secret is mounted as files (`credentials`, `service-account.json`,
 /// `token`), in the download init container only.
 pub const CREDENTIALS_MOUNT: &str = "/var/run/secrets/kubemaas/credentials";
+/// The download init container's resources. `pull` streams each file to disk while hashing it
+/// and never holds the artifact in memory, so its footprint does not grow with the model: a small
+/// request keeps it schedulable next to the server, and the limit only bounds buffers and TLS.
+/// With `compression` it loads the model twice into ONNX Runtime, as the server will once: it
+/// gets the server's CPU and memory (the pod's request is the larger of the two, so this costs no
+/// extra room), never its GPU (the evaluation runs on CPU).
+fn pull_resources(spec: &kubemaas_crds::v1alpha1::ModelDeploymentSpec) -> ResourceRequirements {
+    let small = ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".into(), Quantity("50m".into())),
+            ("memory".into(), Quantity("64Mi".into())),
+        ])),
+        limits: Some(BTreeMap::from([("memory".into(), Quantity("256Mi".into()))])),
+        ..ResourceRequirements::default()
+    };
+    if spec.model.compression.is_none() {
+        return small;
+    }
+    let cpu_memory = |m: Option<&BTreeMap<String, Quantity>>| {
+        m.map(|m| {
+            m.iter()
+                .filter(|(k, _)| *k == "cpu" || *k == "memory")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<BTreeMap<_, _>>()
+        })
+        .filter(|m| !m.is_empty())
+    };
+    let server = spec.resources.as_ref();
+    ResourceRequirements {
+        requests: cpu_memory(server.and_then(|r| r.requests.as_ref())).or(small.requests),
+        limits: cpu_memory(server.and_then(|r| r.limits.as_ref())),
+        ..ResourceRequirements::default()
+    }
+}
+
 /// Where the shared artifact cache claim is mounted, in the download init container only.
 pub const CACHE_MOUNT: &str = "/cache";
 /// Where the server container finds the API keys of `spec.auth` (a directory, so Secret updates
@@ -356,6 +391,14 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
     if let Some(max) = spec.model.max_bytes {
         pull_args.extend(["--max-bytes".into(), max.to_string()]);
     }
+    if let Some(c) = &spec.model.compression {
+        pull_args.extend([
+            "--compress".into(),
+            c.mode.as_str().into(),
+            "--min-cosine".into(),
+            c.min_cosine.to_string(),
+        ]);
+    }
     if let Some(cache) = &spec.model.cache {
         volumes.push(Volume {
             name: "cache".into(),
@@ -403,14 +446,7 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
         // `pull` streams each file to disk while hashing it and never holds the artifact in
         // memory, so its footprint does not grow with the model: a small request keeps it
         // schedulable next to the server, and the limit only bounds buffers and TLS.
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".into(), Quantity("50m".into())),
-                ("memory".into(), Quantity("64Mi".into())),
-            ])),
-            limits: Some(BTreeMap::from([("memory".into(), Quantity("256Mi".into()))])),
-            ..ResourceRequirements::default()
-        }),
+        resources: Some(pull_resources(spec)),
         security_context: Some(restricted()),
         volume_mounts: Some(pull_mounts),
         ..Container::default()
@@ -1072,6 +1108,46 @@ mod tests {
                 .iter()
                 .any(|m| m.name == vol.name),
             "the server never writes the cache"
+        );
+    }
+
+    #[test]
+    fn compression_becomes_pull_flags_and_gives_the_download_the_servers_cpu_and_memory_not_its_gpu() {
+        let m = md(json!({"model": {"uri": "s3://models/m.onnx",
+            "compression": {"mode": "int8-dynamic", "minCosine": 0.995}},
+            "accelerator": "cuda",
+            "resources": {"requests": {"cpu": "2", "memory": "3Gi"},
+                          "limits": {"cpu": "4", "memory": "6Gi", "nvidia.com/gpu": "1"}}}));
+        let d = deployment(&m, &BuildConfig::default());
+        let pull = init(&d);
+        let args = pull.args.clone().unwrap();
+        assert!(has_flag(&args, "--compress", "int8-dynamic"), "{args:?}");
+        assert!(has_flag(&args, "--min-cosine", "0.995"), "{args:?}");
+        let r = pull.resources.clone().unwrap();
+        let limits = r.limits.unwrap();
+        assert_eq!(limits["memory"].0, "6Gi", "the model is loaded twice");
+        assert_eq!(limits["cpu"].0, "4");
+        assert!(
+            !limits.contains_key("nvidia.com/gpu"),
+            "the evaluation runs on CPU"
+        );
+        assert_eq!(r.requests.unwrap()["memory"].0, "3Gi");
+        // Default minCosine, and no flags without the field.
+        let m = md(json!({"model": {"uri": "s3://models/m.onnx", "compression": {"mode": "fp16"}}}));
+        let args = init(&deployment(&m, &BuildConfig::default()))
+            .args
+            .clone()
+            .unwrap();
+        assert!(
+            has_flag(&args, "--compress", "fp16") && has_flag(&args, "--min-cosine", "0.99"),
+            "{args:?}"
+        );
+        let m = md(json!({"model": {"uri": "s3://models/m.onnx"}}));
+        let d = deployment(&m, &BuildConfig::default());
+        assert!(!init(&d).args.clone().unwrap().iter().any(|a| a == "--compress"));
+        assert_eq!(
+            init(&d).resources.clone().unwrap().limits.unwrap()["memory"].0,
+            "256Mi"
         );
     }
 
