@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SETUP := scripts/setup.sh
 PREFIX ?= $(HOME)/.cargo
 
-.PHONY: help setup run demo client-tools install images bench-batching bench-protocols fuzz test test-rust test-python e2e scale faults lint fmt build manifests
+.PHONY: help setup run demo client-tools install images bench-batching bench-protocols bench-compress fuzz test test-rust test-python e2e scale faults lint fmt build manifests
 
 help: ## List the targets.
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -63,6 +63,10 @@ bench-batching: setup ## Benchmark, outside make test: dynamic batching off vs o
 
 bench-protocols: setup ## Benchmark, outside make test: REST vs gRPC unary vs gRPC streaming (release server, row-stats and ocr-cls, perf_analyzer at 1/8 clients); prints a table.
 	bash scripts/bench_protocols.sh
+
+bench-compress: setup ## Benchmark, outside make test: compress int8-dynamic and fp16 vs onnxruntime quantize_dynamic on the OCR models (size, cosine on rendered text, latency); prints a table.
+	cargo build --release -q -p kubemaas-server
+	eval "$$(bash scripts/setup.sh --test)" && "$$KUBEMAAS_VENV/bin/python" scripts/bench_compress.py target/release/kubemaas-server "$$KUBEMAAS_MODELS"
 
 fuzz: ## Fuzz, outside make test: the V2/V1 decoders, the binary extension and the REST router, FUZZ_SECONDS (60) each (cargo-fuzz on stable; the first build takes ~20 min); fails on a crash, printing the reproducer.
 	bash scripts/fuzz.sh

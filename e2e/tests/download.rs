@@ -286,3 +286,114 @@ async fn an_init_container_that_really_fails_sets_model_loaded_false_with_the_pu
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// `spec.model.compression` end to end: a pod's real `pull --compress` compresses the real OCR
+/// classifier, the real server serves the result, and the measured report reaches
+/// `status.model.compression`; an impossible `minCosine` fails the real pull (exit 9) and becomes
+/// `ModelLoaded=False, CompressionRejected` with the numbers.
+#[tokio::test]
+async fn compression_reaches_ready_with_its_report_and_an_impossible_min_cosine_is_compression_rejected() {
+    use kubemaas_e2e::podrunner::{PodRunner, RunnerConfig, file_store};
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "compress").await;
+    let op = Operator::start(&ns.name, "op-compress", &[]);
+    let models = PathBuf::from(std::env::var("KUBEMAAS_MODELS").expect("KUBEMAAS_MODELS (make e2e sets it)"));
+    let uri = format!("{}/ocr-cls/1/model.onnx", file_store(models));
+    let config = RunnerConfig {
+        only: Some(vec!["ocr".into()]),
+        ..RunnerConfig::for_tests(&ns.name)
+    };
+    let runner = PodRunner::start(client.clone(), &ns.name, config);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    create_md(
+        &api,
+        md_json(
+            "ocr",
+            json!({"model": {"uri": uri, "allowPrivateAddresses": true,
+                "compression": {"mode": "int8-dynamic", "minCosine": 0.99}}, "replicas": 1}),
+        ),
+    )
+    .await;
+    let md = wait_md(
+        &api,
+        "ocr",
+        "Ready with status.model.compression",
+        Duration::from_secs(240),
+        Some(&op),
+        |m| {
+            is_ready(m)
+                && m.status
+                    .as_ref()
+                    .and_then(|s| s.model.as_ref())
+                    .is_some_and(|m| m.compression.is_some())
+        },
+    )
+    .await;
+    let model = md.status.unwrap().model.unwrap();
+    let c = model.compression.unwrap();
+    println!("status.model.compression: {c:?}");
+    assert_eq!(c.mode, "int8-dynamic");
+    assert_eq!(c.bytes_before, 585_532, "the real classifier's size");
+    assert!(c.size_ratio < 0.6 && c.bytes_after < c.bytes_before, "{c:?}");
+    assert!(c.cosine >= 0.99 && c.cosine <= 1.0, "{c:?}");
+    assert_eq!(c.inputs, "4 random samples");
+    assert!(c.speedup.is_some_and(|s| s > 0.0), "{c:?}");
+    assert_eq!(model.outputs.len(), 1, "the compressed model keeps the signature");
+    assert_eq!(model.outputs[0].datatype, "FP32");
+    assert_eq!(
+        model.artifact.unwrap().bytes,
+        585_532,
+        "the artifact is what was downloaded"
+    );
+    runner.stop();
+
+    // An impossible bar, with the test as the kubelet (as above): the real pull exits 9.
+    let name = "strict";
+    create_md(
+        &api,
+        json!({"apiVersion": "kubemaas.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name},
+            "spec": {"model": {"uri": uri, "allowPrivateAddresses": true,
+                    "compression": {"mode": "int8-dynamic", "minCosine": 1.0}},
+                "podTemplate": {"labels": {(KUBELET_BY_TEST_LABEL): "test"}}}}),
+    )
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let pod = kubemaas_e2e::bound_pod(&pods, name, LONG, &op).await;
+    let root: PathBuf = env().root.join(format!("target/e2e/kubelet-{}", ns.name));
+    let (code, message) = run_init_container(&pod, &root);
+    assert_eq!(code, i32::from(exit::COMPRESSION_REJECTED), "{message}");
+    assert!(
+        message.contains("compression rejected: cosine similarity"),
+        "{message}"
+    );
+    kubelet_writes(&pods, &pod, terminated(code, &message), json!({}), 0).await;
+    let md = wait_md(
+        &api,
+        name,
+        "ModelLoaded=False, CompressionRejected",
+        LONG,
+        Some(&op),
+        |m| condition(m, "ModelLoaded").is_some_and(|c| c.0 == "False" && c.1 == "CompressionRejected"),
+    )
+    .await;
+    let (_, _, shown) = condition(&md, "ModelLoaded").unwrap();
+    assert!(
+        shown.contains("under the required 1"),
+        "the numbers are in the condition: {shown}"
+    );
+    assert!(!is_ready(&md), "nothing wrong is served");
+    delete_md(&api, name).await;
+    let out = kubectl(&[
+        "delete",
+        "pods",
+        "-n",
+        &ns.name,
+        "-l",
+        &format!("kubemaas.io/model-deployment={name}"),
+        "--grace-period=0",
+        "--force",
+    ]);
+    let _ = out;
+    let _ = std::fs::remove_dir_all(&root);
+}
