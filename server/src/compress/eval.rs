@@ -410,3 +410,75 @@ pub fn round(x: f64, digits: i32) -> f64 {
     let p = 10f64.powi(digits);
     (x * p).round() / p
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn npy(descr: &str, fortran: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let mut header = format!("{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape}, }}");
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend((header.len() as u16).to_le_bytes());
+        b.extend(header.as_bytes());
+        b.extend(data);
+        b
+    }
+
+    #[test]
+    fn npy_arrays_parse_with_their_type_and_shape_and_bad_ones_say_why() {
+        let data: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let t = parse_npy("x", &npy("<f4", "False", "(2, 3)", &data)).unwrap();
+        assert_eq!((t.dtype, t.shape.clone()), (DataType::F32, vec![2, 3]));
+        assert_eq!(values(&t).unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let scalar = parse_npy("s", &npy("<i8", "False", "()", &7i64.to_le_bytes())).unwrap();
+        assert_eq!((scalar.shape.len(), values(&scalar).unwrap()), (0, vec![7.0]));
+        let one = parse_npy("v", &npy("|u1", "False", "(3,)", &[1, 2, 3])).unwrap();
+        assert_eq!(one.shape, vec![3]);
+        assert!(
+            parse_npy("x", &npy("<f4", "True", "(2, 3)", &data))
+                .unwrap_err()
+                .contains("Fortran")
+        );
+        assert!(
+            parse_npy("x", &npy(">f4", "False", "(2, 3)", &data))
+                .unwrap_err()
+                .contains(">f4")
+        );
+        assert!(
+            parse_npy("x", &npy("<f4", "False", "(2, 4)", &data)).is_err(),
+            "too few bytes"
+        );
+        assert!(
+            parse_npy("x", b"PK\x03\x04 zip")
+                .unwrap_err()
+                .contains("not a .npy")
+        );
+    }
+
+    #[test]
+    fn cosine_and_random_inputs_behave() {
+        assert!((cosine(&[1.0, 2.0], &[2.0, 4.0]) - 1.0).abs() < 1e-12);
+        assert_eq!(cosine(&[0.0, 0.0], &[0.0, 0.0]), 1.0);
+        assert_eq!(cosine(&[1.0, 0.0], &[0.0, 0.0]), 0.0);
+        assert!((cosine(&[1.0, 0.0], &[0.0, 1.0])).abs() < 1e-12);
+        let spec = [TensorSpec {
+            name: "x".into(),
+            datatype: DataType::F32,
+            shape: vec![-1, 3, -1],
+        }];
+        let a = random_inputs(&spec, &HashMap::new(), 1).unwrap();
+        assert_eq!(a[0].shape, vec![1, 3, 32]);
+        assert_eq!(a, random_inputs(&spec, &HashMap::new(), 1).unwrap(), "seeded");
+        assert_ne!(a, random_inputs(&spec, &HashMap::new(), 2).unwrap());
+        assert!(values(&a[0]).unwrap().iter().all(|v| (-1.0..1.0).contains(v)));
+        let given = HashMap::from([("x".to_string(), vec![2, 3, 5])]);
+        assert_eq!(random_inputs(&spec, &given, 0).unwrap()[0].shape, vec![2, 3, 5]);
+    }
+}

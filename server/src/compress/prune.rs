@@ -83,3 +83,35 @@ pub fn run(m: &mut ModelProto, sel: &Selection, sparsity: f64) -> Outcome {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::model::{f32_tensor, node};
+    use crate::compress::proto::GraphProto;
+
+    #[test]
+    fn exactly_the_target_share_is_zeroed_even_with_ties() {
+        // 10 values, five of them tied at the threshold magnitude.
+        let w = [0.5f32, -0.5, 0.5, 0.5, -0.5, 3.0, -4.0, 5.0, 0.1, 6.0];
+        let mut m = ModelProto {
+            graph: Some(GraphProto {
+                node: vec![node(
+                    "MatMul",
+                    "mm".into(),
+                    vec!["a".into(), "w".into()],
+                    vec!["y".into()],
+                )],
+                initializer: vec![f32_tensor("w", vec![2, 5], &w)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let out = run(&mut m, &Selection::default(), 0.4);
+        assert_eq!((out.pruned_weights, out.elements, out.zeros), (1, 10, 4));
+        let v = floats(&m.graph.unwrap().initializer[0]).unwrap();
+        assert_eq!(v[8], 0.0, "the smallest goes first");
+        assert_eq!(v[5..8], [3.0, -4.0, 5.0], "large weights stay");
+        assert_eq!(v.iter().filter(|x| **x == 0.0).count(), 4);
+    }
+}

@@ -383,3 +383,96 @@ pub fn run(m: &mut ModelProto, sel: &Selection) -> Result<Outcome, CompressError
 pub fn sort_initializers(g: &mut super::proto::GraphProto) {
     g.initializer.sort_by(|a, b| a.name.cmp(&b.name));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::model::floats;
+    use crate::compress::proto::{GraphProto, OperatorSetIdProto};
+
+    #[test]
+    fn symmetric_int8_keeps_each_column_within_half_a_step() {
+        let w: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 19) as f32 - 9.0) * if i % 4 == 0 { 10.0 } else { 0.1 })
+            .collect();
+        let q = quantize(&w, 16, 4, Axis::Cols);
+        assert_eq!(q.scales.len(), 4);
+        for (i, (&v, &b)) in w.iter().zip(&q.q).enumerate() {
+            let back = f32::from(b as i8) * q.scales[i % 4];
+            assert!((back - v).abs() <= q.scales[i % 4] / 2.0 + 1e-6, "{v} -> {back}");
+        }
+        let zeros = quantize(&[0.0; 8], 2, 4, Axis::Rows);
+        assert_eq!(zeros.scales, vec![1.0, 1.0], "an all-zero row keeps scale 1");
+        assert!(zeros.q.iter().all(|&b| b == 0));
+    }
+
+    fn matmul_model(k: usize, n: usize) -> ModelProto {
+        let w: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.37).sin()).collect();
+        ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: 13,
+            }],
+            graph: Some(GraphProto {
+                node: vec![node(
+                    "MatMul",
+                    "mm".into(),
+                    vec!["a".into(), "w".into()],
+                    vec!["y".into()],
+                )],
+                initializer: vec![f32_tensor("w", vec![k as i64, n as i64], &w)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_matmul_becomes_the_dynamic_integer_pattern_and_its_float_weight_goes() {
+        let mut m = matmul_model(32, 8);
+        let out = run(&mut m, &Selection::default()).unwrap();
+        assert_eq!(out.integer_nodes, 1);
+        let g = m.graph.unwrap();
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(
+            ops,
+            ["DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul", "Mul"]
+        );
+        assert_eq!(g.node.last().unwrap().output, ["y"], "the output keeps its name");
+        assert!(
+            !g.initializer.iter().any(|t| t.name == "w"),
+            "the float weight is gone"
+        );
+        let wq = g.initializer.iter().find(|t| t.name == "w_int8").unwrap();
+        assert_eq!(
+            (wq.data_type, wq.dims.clone(), wq.raw_data.len()),
+            (dtype::INT8, vec![32, 8], 256)
+        );
+        let s = g.initializer.iter().find(|t| t.name == "w_scale").unwrap();
+        assert_eq!(floats(s).unwrap().len(), 8, "one scale per output column");
+    }
+
+    #[test]
+    fn excluded_small_and_old_opset_matmuls_are_left_with_a_reason() {
+        let mut m = matmul_model(32, 8);
+        let sel = Selection {
+            exclude: vec!["MatMul".into()],
+            ..Default::default()
+        };
+        let out = run(&mut m, &sel).unwrap();
+        assert_eq!(out.integer_nodes, 0);
+        let mut m = matmul_model(4, 4);
+        let out = run(&mut m, &Selection::default()).unwrap();
+        assert!(
+            out.skipped[0].why.contains("only 16 elements"),
+            "{:?}",
+            out.skipped
+        );
+        let mut m = matmul_model(32, 8);
+        m.opset_import[0].version = 10;
+        let out = run(&mut m, &Selection::default()).unwrap();
+        assert!(out.skipped[0].why.contains("opset 10"), "{:?}", out.skipped);
+        assert_eq!(m.graph.unwrap().node.len(), 1);
+    }
+}
