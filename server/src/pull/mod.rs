@@ -603,6 +603,7 @@ async fn compress_pulled(
         exclude: Vec::new(),
         keep_fp32: Vec::new(),
         per_tensor: false,
+        all_integer: false,
         sparsity: 0.5,
         eval_inputs: Vec::new(),
         samples: 4,
