@@ -436,7 +436,7 @@ mod tests {
 
     #[test]
     fn a_matmul_becomes_the_dynamic_integer_pattern_and_its_float_weight_goes() {
-        let mut m = matmul_model(32, 8);
+        let mut m = matmul_model(8, 32);
         let out = run(&mut m, &Selection::default()).unwrap();
         assert_eq!(out.integer_nodes, 1);
         let g = m.graph.unwrap();
@@ -453,15 +453,30 @@ mod tests {
         let wq = g.initializer.iter().find(|t| t.name == "w_int8").unwrap();
         assert_eq!(
             (wq.data_type, wq.dims.clone(), wq.raw_data.len()),
-            (dtype::INT8, vec![32, 8], 256)
+            (dtype::INT8, vec![8, 32], 256)
         );
         let s = g.initializer.iter().find(|t| t.name == "w_scale").unwrap();
-        assert_eq!(floats(s).unwrap().len(), 8, "one scale per output column");
+        assert_eq!(floats(s).unwrap().len(), 32, "one scale per output column");
+    }
+
+    #[test]
+    fn a_down_projection_stores_int8_weights_but_keeps_a_float_product_unless_all_integer() {
+        let mut m = matmul_model(64, 16);
+        let out = run(&mut m, &Selection::default()).unwrap();
+        assert_eq!((out.integer_nodes, out.weight_only_nodes), (0, 1));
+        let ops: Vec<String> = m.graph.unwrap().node.iter().map(|n| n.op_type.clone()).collect();
+        assert_eq!(ops, ["Cast", "Mul", "MatMul"]);
+        let mut m = matmul_model(64, 16);
+        let sel = Selection {
+            all_integer: true,
+            ..Default::default()
+        };
+        assert_eq!(run(&mut m, &sel).unwrap().integer_nodes, 1);
     }
 
     #[test]
     fn excluded_small_and_old_opset_matmuls_are_left_with_a_reason() {
-        let mut m = matmul_model(32, 8);
+        let mut m = matmul_model(8, 32);
         let sel = Selection {
             exclude: vec!["MatMul".into()],
             ..Default::default()
@@ -475,7 +490,7 @@ mod tests {
             "{:?}",
             out.skipped
         );
-        let mut m = matmul_model(32, 8);
+        let mut m = matmul_model(8, 32);
         m.opset_import[0].version = 10;
         let out = run(&mut m, &Selection::default()).unwrap();
         assert!(out.skipped[0].why.contains("opset 10"), "{:?}", out.skipped);
