@@ -438,3 +438,28 @@ fn every_spec_field_has_a_description_and_defaults_live_in_the_schema() {
         "1"
     );
 }
+
+#[test]
+fn compression_accepts_the_modes_pull_implements_and_a_min_cosine_in_range() {
+    for mode in ["int8-dynamic", "fp16"] {
+        let spec = json!({"model": {"uri": "s3://models/m.onnx",
+            "compression": {"mode": mode, "minCosine": 0.999, "inputShapes": {"x": [1, 3, 48, 320]}}}});
+        assert_eq!(rejection(spec), "accepted", "{mode}");
+    }
+    for bad in [0.0, -0.5, 1.5] {
+        let msg = rejection(json!({"model": {"uri": "s3://models/m.onnx",
+            "compression": {"mode": "fp16", "minCosine": bad}}}));
+        assert!(
+            msg.contains("compression.minCosine must be greater than 0 and at most 1"),
+            "{bad}: {msg}"
+        );
+    }
+    for shapes in [json!({"x": [1, 0]}), json!({"x": []}), json!({"a=b": [1]})] {
+        let msg = rejection(json!({"model": {"uri": "s3://models/m.onnx",
+            "compression": {"mode": "fp16", "inputShapes": shapes}}}));
+        assert!(
+            msg.contains("compression.inputShapes maps an input name"),
+            "{shapes}: {msg}"
+        );
+    }
+}

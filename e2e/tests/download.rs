@@ -306,12 +306,28 @@ async fn compression_reaches_ready_with_its_report_and_an_impossible_min_cosine_
     };
     let runner = PodRunner::start(client.clone(), &ns.name, config);
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    // The apiserver itself enforces the CEL rule on inputShapes.
+    let bad = serde_json::from_value(md_json(
+        "bad-shapes",
+        json!({"model": {"uri": uri, "compression": {"mode": "fp16", "inputShapes": {"x": [1, 0]}}}}),
+    ))
+    .unwrap();
+    let err = api
+        .create(&Default::default(), &bad)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("compression.inputShapes maps an input name"),
+        "{err}"
+    );
     create_md(
         &api,
         md_json(
             "ocr",
             json!({"model": {"uri": uri, "allowPrivateAddresses": true,
-                "compression": {"mode": "int8-dynamic", "minCosine": 0.99}}, "replicas": 1}),
+                "compression": {"mode": "int8-dynamic", "minCosine": 0.99,
+                    "inputShapes": {"x": [2, 3, 48, 192]}}}, "replicas": 1}),
         ),
     )
     .await;

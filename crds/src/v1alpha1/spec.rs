@@ -301,7 +301,20 @@ pub struct Compression {
     #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0")
         .message("compression.minCosine must be greater than 0 and at most 1, e.g. 0.99"))]
     pub min_cosine: f64,
+    /// Sizes of the model's dynamic dimensions for the evaluation inputs, per input name, e.g.
+    /// `{x: [1, 3, 48, 320]}` for an image model whose height and width are dynamic. Inputs not
+    /// named here take 1 for a dynamic first (batch) dimension and 32 for other dynamic ones.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.contains('=') && size(self[k]) >= 1 && self[k].all(d, d >= 1 && d <= 65536))")
+        .message("compression.inputShapes maps an input name (without '=') to its dimensions, each from 1 to 65536, e.g. {x: [1, 3, 48, 320]}"))]
+    pub input_shapes: BTreeMap<String, Dims>,
 }
+
+/// A tensor's dimensions, at most 16.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(transparent)]
+pub struct Dims(#[schemars(length(max = 16))] pub Vec<i64>);
 
 /// Compression modes a ModelDeployment accepts.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -134,7 +134,8 @@ fn unit_interval(s: &str) -> Result<f64, String> {
     }
 }
 
-fn parse_shape(s: &str) -> Result<(String, Vec<usize>), String> {
+/// `NAME=1x3x48x320` → the name and its dimensions.
+pub fn parse_shape(s: &str) -> Result<(String, Vec<usize>), String> {
     let (name, dims) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected NAME=DIMS, e.g. x=1x3x48x320"))?;

@@ -102,6 +102,10 @@ pub struct PullArgs {
     /// The cosine similarity to the original that --compress requires of every output, 0 to 1.
     #[arg(long, env = "KUBEMAAS_COMPRESS_MIN_COSINE", default_value_t = 0.99)]
     pub min_cosine: f64,
+    /// --compress: size of a random evaluation input's dynamic dimensions, NAME=1x3x48x320.
+    /// Repeatable.
+    #[arg(long = "input-shape", value_name = "NAME=DIMS", value_parser = crate::compress::parse_shape)]
+    pub input_shapes: Vec<(String, Vec<usize>)>,
     /// ONNX Runtime shared library for --compress's evaluation (as for `serve`).
     #[arg(long, env = "ORT_DYLIB_PATH", value_parser = crate::serve::path_or_unset)]
     pub ort_library: Option<PathBuf>,
@@ -607,7 +611,7 @@ async fn compress_pulled(
         sparsity: 0.5,
         eval_inputs: Vec::new(),
         samples: 4,
-        input_shapes: Vec::new(),
+        input_shapes: args.input_shapes.clone(),
         timing_runs: 10,
         threads: 0,
         check: true,

@@ -398,6 +398,10 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
             "--min-cosine".into(),
             c.min_cosine.to_string(),
         ]);
+        for (input, dims) in &c.input_shapes {
+            let dims: Vec<String> = dims.0.iter().map(i64::to_string).collect();
+            pull_args.extend(["--input-shape".into(), format!("{input}={}", dims.join("x"))]);
+        }
     }
     if let Some(cache) = &spec.model.cache {
         volumes.push(Volume {
@@ -1133,7 +1137,10 @@ mod tests {
         );
         assert_eq!(r.requests.unwrap()["memory"].0, "3Gi");
         // Default minCosine, and no flags without the field.
-        let m = md(json!({"model": {"uri": "s3://models/m.onnx", "compression": {"mode": "fp16"}}}));
+        let m = md(
+            json!({"model": {"uri": "s3://models/m.onnx", "compression": {"mode": "fp16",
+            "inputShapes": {"x": [1, 3, 48, 320], "y": [2, 7]}}}}),
+        );
         let args = init(&deployment(&m, &BuildConfig::default()))
             .args
             .clone()
@@ -1142,6 +1149,8 @@ mod tests {
             has_flag(&args, "--compress", "fp16") && has_flag(&args, "--min-cosine", "0.99"),
             "{args:?}"
         );
+        assert!(has_flag(&args, "--input-shape", "x=1x3x48x320"), "{args:?}");
+        assert!(has_flag(&args, "--input-shape", "y=2x7"), "{args:?}");
         let m = md(json!({"model": {"uri": "s3://models/m.onnx"}}));
         let d = deployment(&m, &BuildConfig::default());
         assert!(!init(&d).args.clone().unwrap().iter().any(|a| a == "--compress"));
