@@ -115,11 +115,13 @@ def main():
                 npz += ["--eval-inputs", str(d / f"{name}-{i}.npz")]
                 np.savez(d / f"{name}-{i}.npz", **feed(x))
             variants = {}
-            for mode in ("int8-dynamic", "fp16"):
-                out = d / f"{name}-{mode}.onnx"
-                subprocess.run([str(BINARY), "compress", str(src), str(out), "--mode", mode, "--timing-runs", "0", *npz],
+            for label, flags in (("int8-dynamic", ["--mode", "int8-dynamic"]),
+                                 ("int8-dynamic --all-integer", ["--mode", "int8-dynamic", "--all-integer"]),
+                                 ("fp16", ["--mode", "fp16"])):
+                out = d / f"{name}-{len(variants)}.onnx"
+                subprocess.run([str(BINARY), "compress", str(src), str(out), *flags, "--timing-runs", "0", *npz],
                                check=True, capture_output=True)
-                variants[f"kubemaas {mode}"] = out
+                variants[f"kubemaas {label}"] = out
             for label, kw in (("onnxruntime quantize_dynamic (MatMul/Gemm)", {"op_types_to_quantize": ["MatMul", "Gemm"]}),
                               ("onnxruntime quantize_dynamic (default)", {})):
                 out = d / f"{name}-ort-{len(kw)}.onnx"
