@@ -309,7 +309,7 @@ def test_bad_models_get_clear_errors_and_the_original_is_never_overwritten(tmp_p
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
         [numpy_helper.from_array(np.ones(1, np.float32), "x_in")])
     iffy = tmp_path / "if.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), iffy)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), iffy)
     p = compress(iffy, tmp_path / "o2.onnx", "fp16", check=False)
     assert p.returncode == 1 and 'node "branchy" (op If)' in p.stderr, p.stderr
 
@@ -339,7 +339,7 @@ def test_pull_compress_serves_the_compressed_model_and_keeps_the_original(tmp_pa
     c = record["compression"]
     assert c["mode"] == "int8-dynamic" and c["passed"] is True and c["sizeRatio"] <= 0.35, c
     assert dest.stat().st_size == c["bytesAfter"]
-    assert (version / "original" / "model.onnx").read_bytes() == REC.read_bytes()
+    assert (version / ".kubemaas-original" / "model.onnx").read_bytes() == REC.read_bytes()
     assert record["sha256"] == hashlib.sha256(REC.read_bytes()).hexdigest(), "the digest is the download's"
     assert "MatMulInteger" in {n.op_type for n in onnx.load(dest).graph.node}
 
@@ -351,4 +351,50 @@ def test_pull_compress_serves_the_compressed_model_and_keeps_the_original(tmp_pa
     assert proc.returncode == 9, proc.stderr
     message = (tmp_path / "term2").read_text()
     assert "compression rejected: cosine similarity 0.9" in message and "required 1" in message, message
-    assert not (dest2.parent / "original").exists() and not (dest2.parent / ".compressed").exists()
+    assert not dest2.exists() and not (dest2.parent / "kubemaas-pull.json").exists(), "nothing is placed"
+    assert not (dest2.parent / ".kubemaas-original").exists()
+    assert not (dest2.parent / ".kubemaas-compressed").exists()
+
+
+def test_an_output_named_onto_the_inputs_side_file_or_itself_from_the_working_directory_is_refused(tmp_path):
+    """OUT must never replace any file of the original: not the model given as a bare name from its
+    own directory, and not its external-data file (OUT.data)."""
+    pre = tmp_path / "pre.onnx"
+    initializers_from_constants(CLS, pre)
+    m = onnx.load(pre)
+    for t in m.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
+    d = tmp_path / "d"
+    d.mkdir()
+    onnx.save(m, d / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="w.data", size_threshold=256)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in d.iterdir()}
+    for out in ("model.onnx", "w"):  # "w" would write its weights to w.data
+        p = subprocess.run([str(BINARY), "compress", "model.onnx", out, "--mode", "fp16", "--timing-runs", "0"],
+                           capture_output=True, text=True, timeout=300, cwd=d)
+        assert p.returncode == 1, (out, p.stderr)
+        assert "the original is never overwritten" in p.stderr, p.stderr
+        after = {q.name: hashlib.sha256(q.read_bytes()).hexdigest() for q in d.iterdir()}
+        assert after == before, f"OUT {out!r} changed the original's files"
+
+
+def test_fp16_keeps_shape_arithmetic_exact(tmp_path):
+    """Sizes computed in float (Shape -> Cast -> Mul -> ...) must not round to float16: 4097 is not a
+    float16 number. The check's random inputs (32 wide) cannot see it; a serving request can."""
+    g = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["s"]),
+         helper.make_node("Cast", ["s"], ["sf"], to=onnx.TensorProto.FLOAT),
+         helper.make_node("Mul", ["sf", "one"], ["size"]),
+         helper.make_node("Mul", ["x", "w"], ["h"]),
+         helper.make_node("ReduceSum", ["h"], ["y"], keepdims=0)], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, "w"])],
+        [helper.make_tensor_value_info("size", onnx.TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(np.ones(1, np.float32), "one"),
+         numpy_helper.from_array(np.ones((1, 1), np.float32), "w")])
+    src = tmp_path / "shape.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), src)
+    out = tmp_path / "shape16.onnx"
+    compress(src, out, "fp16", "--timing-runs", "0", "--input-shape", "x=1x4")
+    size, _ = ort.InferenceSession(str(out)).run(None, {"x": np.zeros((4097, 1), np.float32).T})
+    assert size.tolist() == [1.0, 4097.0]

@@ -140,6 +140,9 @@ pub fn parse_npy(name: &str, b: &[u8]) -> Result<Tensor, String> {
     Tensor::new(name, dtype, shape, TensorData::Raw(data)).map_err(|e| e.to_string())
 }
 
+/// The most elements one random evaluation input may have (256 MiB of FP32).
+pub const MAX_RANDOM_ELEMENTS: usize = 64 << 20;
+
 /// A small deterministic generator (xorshift), so random samples are the same on every run.
 struct Rng(u64);
 
@@ -184,7 +187,18 @@ pub fn random_inputs(
                 })
                 .collect(),
         };
-        let n: usize = shape.iter().product();
+        // Bounded: shapes come from flags and manifests, and memory is the init container's.
+        let n = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .filter(|&n| n <= MAX_RANDOM_ELEMENTS)
+            .ok_or_else(|| CompressError::Inputs {
+                path: String::new(),
+                message: format!(
+                    "input {:?} of shape {shape:?} is larger than {MAX_RANDOM_ELEMENTS} elements; give smaller --input-shape sizes",
+                    s.name
+                ),
+            })?;
         let mut raw: Vec<u8> = Vec::new();
         for _ in 0..n {
             let u = rng.unit();
@@ -480,5 +494,10 @@ mod tests {
         assert!(values(&a[0]).unwrap().iter().all(|v| (-1.0..1.0).contains(v)));
         let given = HashMap::from([("x".to_string(), vec![2, 3, 5])]);
         assert_eq!(random_inputs(&spec, &given, 0).unwrap()[0].shape, vec![2, 3, 5]);
+        for huge in [vec![1, 3, 65536, 65536], vec![usize::MAX, 2, 1]] {
+            let given = HashMap::from([("x".to_string(), huge)]);
+            let e = random_inputs(&spec, &given, 0).unwrap_err().to_string();
+            assert!(e.contains("larger than"), "{e}");
+        }
     }
 }

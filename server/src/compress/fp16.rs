@@ -142,6 +142,27 @@ pub fn run(m: &mut ModelProto, sel: &Selection) -> Result<Outcome, CompressError
             && !n.input.iter().any(|i| out_of_range.contains(i))
     };
     let touches_float = |n: &NodeProto| n.input.iter().chain(&n.output).any(|x| is_float(x));
+    // Sizes computed in float (Shape -> Cast -> Mul -> Cast back to int64) stay float32: float16
+    // holds integers exactly only up to 2048, so a 4097-wide input would get a 4096 size. A node
+    // is size arithmetic when it casts an integer to float, or when every float input it has is
+    // size arithmetic or a constant.
+    let integer = |t: Option<&i32>| matches!(t, Some(2..=7 | 12 | 13));
+    let constants: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    let mut sizes: HashSet<String> = HashSet::new();
+    let mut flags = Vec::with_capacity(g.node.len());
+    for n in &g.node {
+        let floats: Vec<&String> = n.input.iter().filter(|x| is_float(x)).collect();
+        let cast_of_integer = n.op_type == "Cast" && integer(n.input.first().and_then(|x| ty.get(x)));
+        let derived = !floats.is_empty()
+            && floats.iter().any(|x| sizes.contains(*x))
+            && floats
+                .iter()
+                .all(|x| sizes.contains(*x) || constants.contains(x.as_str()));
+        if cast_of_integer || derived {
+            sizes.extend(n.output.iter().filter(|o| is_float(o)).cloned());
+        }
+        flags.push(convert(n) && !cast_of_integer && !derived);
+    }
     // Precision of each float tensor where it is produced: true = float16.
     let mut half: HashMap<String, bool> = HashMap::new();
     // Initializers named like a graph output, or like a graph input (a default the caller may
@@ -150,8 +171,8 @@ pub fn run(m: &mut ModelProto, sel: &Selection) -> Result<Outcome, CompressError
     // Float initializers are float16 when every reader converts, else float32 (the readers that
     // convert then get a Cast).
     let mut readers_convert: HashMap<String, bool> = HashMap::new();
-    for n in &g.node {
-        let c = convert(n) && touches_float(n);
+    for (n, &converts) in g.node.iter().zip(&flags) {
+        let c = converts && touches_float(n);
         for i in &n.input {
             let e = readers_convert.entry(i.clone()).or_insert(true);
             *e &= c;
@@ -170,12 +191,11 @@ pub fn run(m: &mut ModelProto, sel: &Selection) -> Result<Outcome, CompressError
     let mut names = Names::new(g);
     let mut casts: HashMap<(String, bool), String> = HashMap::new();
     let mut nodes = Vec::with_capacity(g.node.len() * 2);
-    for mut n in std::mem::take(&mut g.node) {
+    for (mut n, &c) in std::mem::take(&mut g.node).into_iter().zip(&flags) {
         if !touches_float(&n) {
             nodes.push(n);
             continue;
         }
-        let c = convert(&n);
         if c {
             out.converted_nodes += 1;
         } else {

@@ -283,17 +283,31 @@ pub fn compress(
     output: &Path,
     o: &Options,
 ) -> Result<Report, CompressError> {
-    let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), b.parent().map(std::fs::canonicalize)) {
-        (Ok(a), Some(Ok(dir))) => b.file_name().is_some_and(|n| a == dir.join(n)),
-        _ => false,
-    };
-    if same(input, output) {
-        return Err(CompressError::Usage(format!(
-            "OUT {} is the input: the original is never overwritten; give another path",
-            output.display()
-        )));
-    }
     let loaded = model::load(input)?;
+    // Where a file would land, resolved like the input's files (a bare name is in the working
+    // directory), so no spelling of OUT can replace any file of the original.
+    let resolved = |p: &Path| -> Option<PathBuf> {
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        Some(std::fs::canonicalize(dir).ok()?.join(p.file_name()?))
+    };
+    let refuse = |p: &Path| -> Result<(), CompressError> {
+        match resolved(p) {
+            Some(r) if loaded.files.contains(&r) => Err(CompressError::Usage(format!(
+                "{} is a file of the input model: the original is never overwritten; give another OUT",
+                p.display()
+            ))),
+            _ => Ok(()),
+        }
+    };
+    refuse(output)?;
+    if let Some(name) = output.file_name() {
+        let mut data = name.to_os_string();
+        data.push(".data");
+        refuse(&output.with_file_name(data))?;
+    }
     let mut m = loaded.model;
     model::constants_to_initializers(&mut m);
     let sel = Selection {
@@ -367,22 +381,23 @@ pub fn compress(
         if report.passed == Some(false) {
             return Err(CompressError::Rejected(Box::new(report)));
         }
-        for entry in std::fs::read_dir(&staging).map_err(|e| CompressError::Io {
+        let io = |e: std::io::Error| CompressError::Io {
             path: staging.display().to_string(),
             message: e.to_string(),
-        })? {
-            let entry = entry.map_err(|e| CompressError::Io {
-                path: staging.display().to_string(),
-                message: e.to_string(),
-            })?;
-            let dest = out_dir.join(entry.file_name());
-            if same(input, &dest) {
-                return Err(CompressError::Usage(format!(
-                    "{} would replace the input; choose another OUT",
-                    dest.display()
-                )));
-            }
-            std::fs::rename(entry.path(), &dest).map_err(|e| CompressError::Io {
+        };
+        let mut staged_files = Vec::new();
+        for entry in std::fs::read_dir(&staging).map_err(io)? {
+            staged_files.push(entry.map_err(io)?.file_name());
+        }
+        // Every destination is checked before the first rename; the side file moves before the
+        // model that names it.
+        for name in &staged_files {
+            refuse(&out_dir.join(name))?;
+        }
+        staged_files.sort_by_key(|n| n.as_os_str() == file);
+        for name in staged_files {
+            let dest = out_dir.join(&name);
+            std::fs::rename(staging.join(&name), &dest).map_err(|e| CompressError::Io {
                 path: dest.display().to_string(),
                 message: e.to_string(),
             })?;
@@ -421,6 +436,12 @@ fn measure(
         (s, format!("{} .npz samples", o.eval_inputs.len()))
     };
     let outputs = pair.agreement(&samples)?;
+    if outputs.is_empty() {
+        // A check that compared nothing must not pass.
+        return Err(CompressError::Runtime(
+            "no output of the model is numeric: there is nothing to compare the compressed model on".into(),
+        ));
+    }
     let cosine = outputs.iter().map(|a| a.cosine).fold(1.0, f64::min);
     let top1 = outputs.iter().filter_map(|a| a.top1_agreement).reduce(f64::min);
     let latency = match (o.timing_runs, samples.first()) {

@@ -2,6 +2,7 @@
 //! compression passes share.
 
 use std::collections::{HashMap, HashSet};
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -47,6 +48,8 @@ pub struct Loaded {
     pub bytes: u64,
     /// Whether any tensor was stored externally.
     pub had_external: bool,
+    /// The model file and its external-data files, canonical: what the output must never replace.
+    pub files: Vec<PathBuf>,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> CompressError {
@@ -89,10 +92,15 @@ pub fn load(path: &Path) -> Result<Loaded, CompressError> {
     for f in &files {
         bytes += std::fs::metadata(f).map_err(|e| io_err(f, e))?.len();
     }
+    let mut originals = vec![std::fs::canonicalize(path).map_err(|e| io_err(path, e))?];
+    for f in files {
+        originals.push(std::fs::canonicalize(&f).map_err(|e| io_err(&f, e))?);
+    }
     Ok(Loaded {
         model,
         bytes,
         had_external,
+        files: originals,
     })
 }
 
@@ -152,20 +160,27 @@ fn read_external(dir: &Path, t: &mut TensorProto) -> Result<PathBuf, CompressErr
             .transpose()
     };
     let offset = parse("offset")?.unwrap_or(0);
-    let data = std::fs::read(&file).map_err(|e| io_err(&file, e))?;
-    let start = usize::try_from(offset).map_err(|_| bad("offset too large".into()))?;
-    let end = match parse("length")? {
-        Some(l) => start.saturating_add(usize::try_from(l).map_err(|_| bad("length too large".into()))?),
-        None => data.len(),
+    // Only this tensor's bytes are read: a model's side file can hold gigabytes for hundreds of
+    // tensors.
+    let mut f = std::fs::File::open(&file).map_err(|e| io_err(&file, e))?;
+    let size = f.metadata().map_err(|e| io_err(&file, e))?.len();
+    let length = match parse("length")? {
+        Some(l) => l,
+        None => size.saturating_sub(offset),
     };
-    let slice = data.get(start..end).ok_or_else(|| {
-        bad(format!(
-            "bytes {start}..{end} are outside {} ({} bytes)",
-            file.display(),
-            data.len()
-        ))
-    })?;
-    t.raw_data = slice.to_vec();
+    if offset.checked_add(length).is_none_or(|end| end > size) {
+        return Err(bad(format!(
+            "bytes {offset}..{} are outside {} ({size} bytes)",
+            offset.saturating_add(length),
+            file.display()
+        )));
+    }
+    let length = usize::try_from(length).map_err(|_| bad("length too large".into()))?;
+    let mut buf = vec![0u8; length];
+    f.seek(std::io::SeekFrom::Start(offset))
+        .and_then(|_| f.read_exact(&mut buf))
+        .map_err(|e| io_err(&file, e))?;
+    t.raw_data = buf;
     t.external_data.clear();
     t.data_location = 0;
     Ok(file)

@@ -110,7 +110,7 @@ pub fn run(m: &mut ModelProto, sel: &Selection) -> Result<Outcome, CompressError
         let op = n.op_type.as_str();
         let quantizable =
             n.domain.is_empty() && matches!(op, "MatMul" | "Gemm" | "Conv" | "ConvTranspose" | "Gather");
-        if !quantizable || !sel.includes(&n) {
+        if !quantizable || !sel.includes(&n) || n.output.is_empty() || n.output[0].is_empty() {
             nodes.push(n);
             continue;
         }

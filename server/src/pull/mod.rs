@@ -95,8 +95,8 @@ pub struct PullArgs {
     pub progress_seconds: u64,
     /// Compress the model once it is downloaded and verified (`kubemaas-server compress` with
     /// --check): the server then serves the compressed model, the original moves to
-    /// `original/` in the version directory, and the report joins the pull record. A result under
-    /// --min-cosine exits 9 and leaves nothing to serve.
+    /// `.kubemaas-original/` in the version directory, and the report joins the pull record. A
+    /// result under --min-cosine exits 9 and leaves nothing to serve.
     #[arg(long, value_enum, env = "KUBEMAAS_COMPRESS")]
     pub compress: Option<crate::compress::Mode>,
     /// The cosine similarity to the original that --compress requires of every output, 0 to 1.
@@ -558,7 +558,23 @@ pub async fn pull(args: &PullArgs) -> Result<Record, PullError> {
         }
     };
     let result = match (result, args.compress) {
-        (Ok(record), Some(mode)) => compress_pulled(args, mode, record).await,
+        (Ok(record), Some(mode)) => {
+            let r = compress_pulled(args, mode, record).await;
+            if r.is_err() {
+                // Nothing is placed: no uncompressed model a later server could pick up.
+                remove_any(&args.dest).await;
+                if let Some(dir) = args
+                    .dest
+                    .parent()
+                    .filter(|_| !kubemaas_crds::artifact::is_directory_uri(&args.uri))
+                {
+                    remove_any(&dir.join(PULL_RECORD_FILE)).await;
+                    remove_any(&dir.join(ORIGINAL_DIR)).await;
+                    remove_any(&dir.join(COMPRESSED_DIR)).await;
+                }
+            }
+            r
+        }
         (r, _) => r,
     };
     if let Err(e) = &result {
@@ -578,11 +594,14 @@ fn write_record(version_dir: &Path, record: &Record) -> Result<(), String> {
 }
 
 /// Where the original goes when `--compress` replaces it (inside the version directory, so the
-/// server, which loads only `model.onnx`, ignores it).
-pub const ORIGINAL_DIR: &str = "original";
+/// server, which loads only `model.onnx`, ignores it). Hidden and prefixed, because artifacts
+/// have their own `original/` directories (Hugging Face repositories do).
+pub const ORIGINAL_DIR: &str = ".kubemaas-original";
+/// Where `--compress` writes before the swap.
+const COMPRESSED_DIR: &str = ".kubemaas-compressed";
 
 /// `--compress`: compresses the placed model, checks it against the original, and swaps it in.
-/// The original's files move to `original/` (external-data references stay valid there).
+/// The original's files move to `.kubemaas-original/` (external-data references stay valid there).
 async fn compress_pulled(
     args: &PullArgs,
     mode: crate::compress::Mode,
@@ -623,7 +642,7 @@ async fn compress_pulled(
         move || -> Result<crate::compress::Report, crate::compress::CompressError> {
             let env = crate::serve::init_library(library.as_ref())
                 .map_err(|e| crate::compress::CompressError::Runtime(e.to_string()))?;
-            let staging = vd.join(".compressed");
+            let staging = vd.join(COMPRESSED_DIR);
             let _ = std::fs::remove_dir_all(&staging);
             std::fs::create_dir_all(&staging).map_err(|e| crate::compress::CompressError::Io {
                 path: staging.display().to_string(),
@@ -653,15 +672,19 @@ async fn compress_pulled(
         }
         Err(e) => return Err(failed(e.to_string())),
     };
-    // Swap: every file of the original into original/, then the compressed files in.
+    // Swap: every file of the original into .kubemaas-original/, then the compressed files in.
     let original = version_dir.join(ORIGINAL_DIR);
-    let staging = version_dir.join(".compressed");
+    let staging = version_dir.join(COMPRESSED_DIR);
     let swap = || -> std::io::Result<()> {
+        // A previous run's original (an init container that ran again) is replaced.
+        if original.exists() {
+            std::fs::remove_dir_all(&original)?;
+        }
         std::fs::create_dir_all(&original)?;
         for entry in std::fs::read_dir(&version_dir)? {
             let entry = entry?;
             let name = entry.file_name();
-            let keep = name == PULL_RECORD_FILE || name == ORIGINAL_DIR || name == ".compressed";
+            let keep = name == PULL_RECORD_FILE || name == ORIGINAL_DIR || name == COMPRESSED_DIR;
             if !keep {
                 std::fs::rename(entry.path(), original.join(&name))?;
             }
