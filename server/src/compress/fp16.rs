@@ -33,6 +33,11 @@ pub const DEFAULT_KEEP: &[&str] = &[
     "QuantizeLinear",
     "DequantizeLinear",
     "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "Bernoulli",
+    "EyeLike",
+    "LayerNormalization",
 ];
 
 /// What the pass did.
@@ -74,6 +79,8 @@ fn infer(n: &NodeProto, input: &dyn Fn(usize) -> i32) -> Vec<i32> {
         }
         "TopK" => vec![input(0), dtype::INT64],
         "MaxPool" => vec![input(0), dtype::INT64],
+        "Dropout" => vec![input(0), dtype::BOOL],
+        "LayerNormalization" => vec![input(0), dtype::FLOAT, dtype::FLOAT],
         "Unique" => vec![input(0), dtype::INT64, dtype::INT64, dtype::INT64],
         "DynamicQuantizeLinear" => vec![dtype::UINT8, dtype::FLOAT, dtype::UINT8],
         "QuantizeLinear" => one(if n.input.len() > 2 { input(2) } else { dtype::UINT8 }),

@@ -106,6 +106,10 @@ pub struct PullArgs {
     /// Repeatable.
     #[arg(long = "input-shape", value_name = "NAME=DIMS", value_parser = crate::compress::parse_shape)]
     pub input_shapes: Vec<(String, Vec<usize>)>,
+    /// --compress: ONNX Runtime intra-op threads for the evaluation (0: one per core of the
+    /// machine; in a pod, give the container's CPU limit).
+    #[arg(long, env = "KUBEMAAS_COMPRESS_THREADS", default_value_t = 0)]
+    pub compress_threads: usize,
     /// ONNX Runtime shared library for --compress's evaluation (as for `serve`).
     #[arg(long, env = "ORT_DYLIB_PATH", value_parser = crate::serve::path_or_unset)]
     pub ort_library: Option<PathBuf>,
@@ -632,7 +636,7 @@ async fn compress_pulled(
         samples: 4,
         input_shapes: args.input_shapes.clone(),
         timing_runs: 10,
-        threads: 0,
+        threads: args.compress_threads,
         check: true,
         min_cosine: args.min_cosine.clamp(0.0, 1.0),
     };

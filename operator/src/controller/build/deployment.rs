@@ -148,17 +148,22 @@ fn cores(q: &Quantity) -> Option<i32> {
     (v > 0.0).then(|| v.ceil() as i32)
 }
 
+/// Whole cores of the CPU limit (else request), 0 when neither is set.
+fn pod_cores(md: &ModelDeployment) -> i32 {
+    let res = md.spec.resources.as_ref();
+    let cpu = |m: Option<&BTreeMap<String, Quantity>>| m.and_then(|m| m.get("cpu")).and_then(cores);
+    cpu(res.and_then(|r| r.limits.as_ref()))
+        .or_else(|| cpu(res.and_then(|r| r.requests.as_ref())))
+        .unwrap_or(0)
+}
+
 /// Intra-op threads: explicit, else derived from the CPU limit (else request), else 0 (ORT's default).
 fn intra_op_threads(md: &ModelDeployment) -> i32 {
     let explicit = md.spec.runtime.as_ref().map(|r| r.intra_op_threads).unwrap_or(0);
     if explicit > 0 {
         return explicit;
     }
-    let res = md.spec.resources.as_ref();
-    let cpu = |m: Option<&BTreeMap<String, Quantity>>| m.and_then(|m| m.get("cpu")).and_then(cores);
-    let total = cpu(res.and_then(|r| r.limits.as_ref()))
-        .or_else(|| cpu(res.and_then(|r| r.requests.as_ref())))
-        .unwrap_or(0);
+    let total = pod_cores(md);
     // Each instance is a session with its own thread pool: share the pod's cores among them
     // instead of giving every one all of them (instances × cores threads would thrash).
     let instances = md.spec.runtime.as_ref().map(|r| r.instances).unwrap_or(1).max(1);
@@ -398,6 +403,12 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
             "--min-cosine".into(),
             c.min_cosine.to_string(),
         ]);
+        // The evaluation runs one session at a time on the cores the init container gets (the
+        // server's): more threads than that would be throttled and skew the measured speed-up.
+        let threads = pod_cores(md);
+        if threads > 0 {
+            pull_args.extend(["--compress-threads".into(), threads.to_string()]);
+        }
         for (input, dims) in &c.input_shapes {
             let dims: Vec<String> = dims.0.iter().map(i64::to_string).collect();
             pull_args.extend(["--input-shape".into(), format!("{input}={}", dims.join("x"))]);
@@ -1131,6 +1142,10 @@ mod tests {
         let limits = r.limits.unwrap();
         assert_eq!(limits["memory"].0, "6Gi", "the model is loaded twice");
         assert_eq!(limits["cpu"].0, "4");
+        assert!(
+            has_flag(&args, "--compress-threads", "4"),
+            "the evaluation uses the limit's cores: {args:?}"
+        );
         assert!(
             !limits.contains_key("nvidia.com/gpu"),
             "the evaluation runs on CPU"
