@@ -91,9 +91,16 @@ for ip in "${IPS[@]}"; do
   load+=($!)
 done
 sleep 12
-k get mdep -n "$NS" -o wide
-echo
-k get mdep -n "$NS" row-stats -o jsonpath='status.metrics: {.status.metrics}{"\n"}status.model.inputs: {.status.model.inputs}{"\n"}'
+# The table and status.metrics come from two reads; the operator may write new metrics in between.
+# Read until the scrape time is the same before and after, so both show the same numbers.
+scraped() { k get mdep -n "$NS" row-stats -o jsonpath='{.status.metrics.lastScrapeTime}'; }
+for _ in $(seq 1 10); do
+  before="$(scraped)"
+  table="$(k get mdep -n "$NS" -o wide)"
+  status="$(k get mdep -n "$NS" row-stats -o jsonpath='status.metrics: {.status.metrics}{"\n"}status.model.inputs: {.status.model.inputs}{"\n"}')"
+  [ "$before" = "$(scraped)" ] && break
+done
+printf '%s\n\n%s\n' "$table" "$status"
 for p in "${load[@]}"; do wait "$p" || true; done
 
 if [ "${DEMO_ONESHOT:-}" = 1 ]; then
