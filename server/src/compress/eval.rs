@@ -49,17 +49,6 @@ pub struct Latency {
     pub threads: usize,
 }
 
-/// How inputs are made.
-#[derive(Debug, Clone)]
-pub struct InputPlan {
-    /// `.npz` files, one sample each: arrays named after the model's inputs.
-    pub npz: Vec<std::path::PathBuf>,
-    /// Random samples when no files are given.
-    pub samples: usize,
-    /// Sizes for dynamic dimensions, per input (`NAME=1x3x48x320`).
-    pub shapes: HashMap<String, Vec<usize>>,
-}
-
 /// Reads one `.npz` archive into tensors named after its arrays (`NAME.npy` → `NAME`).
 pub fn read_npz(path: &Path) -> Result<Vec<Tensor>, CompressError> {
     let bad = |message: String| CompressError::Inputs {

@@ -28,8 +28,6 @@ pub mod dtype {
     pub const BOOL: i32 = 9;
     /// float16.
     pub const FLOAT16: i32 = 10;
-    /// float64.
-    pub const DOUBLE: i32 = 11;
 }
 
 /// `TensorProto.data_location` of a tensor whose bytes live in a side file.

@@ -379,15 +379,10 @@ pub fn run(m: &mut ModelProto, sel: &Selection) -> Result<Outcome, CompressError
             g.initializer.push(t);
         }
     }
-    sort_initializers(g);
+    // A stable order (the map above has none), so the same input compresses to the same bytes.
+    g.initializer.sort_by(|a, b| a.name.cmp(&b.name));
     g.node = nodes;
     Ok(out)
-}
-
-/// Initializers in a stable order (the map above has none), so the same input compresses to the
-/// same bytes.
-pub fn sort_initializers(g: &mut super::proto::GraphProto) {
-    g.initializer.sort_by(|a, b| a.name.cmp(&b.name));
 }
 
 #[cfg(test)]
