@@ -17,13 +17,22 @@ import requests
 from conftest import Server
 
 
-@pytest.fixture(scope="module")
-def batching(repo_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=[[], ["--pad-batches", "always"]], ids=["unpadded", "padded"])
+def batching(repo_dir, tmp_path_factory, request):
+    """The same tests run with batches padded with zero rows to 1, 2, 4 or 8 (CUDA's default):
+    padded rows must never leak into an answer."""
     s = Server(["--model-repository", str(repo_dir), "--instances", "1", "--max-batch-size", "8",
-                "--max-queue-delay-us", "20000"], tmp_path_factory.mktemp("batching") / "server.log")
+                "--max-queue-delay-us", "20000", *request.param], tmp_path_factory.mktemp("batching") / "server.log")
     s.wait_loaded()
+    s.padded = bool(request.param)
     yield s
     assert s.stop() == 0
+
+
+def test_padding_is_on_only_when_asked_on_a_cpu(batching):
+    padded = [json.loads(line).get("padded_to") for line in batching.log_path.read_text().splitlines()
+              if '"dynamic batching on"' in line and '"model":"model"' in line]
+    assert padded == (["[1, 2, 4, 8]"] if batching.padded else ["[]"]), padded
 
 
 def reference(repo_dir, model, feeds, outputs=None):

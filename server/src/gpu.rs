@@ -53,11 +53,18 @@ pub fn read() -> Vec<GpuReading> {
                 uuid: d.uuid().ok()?,
                 utilization: d.utilization_rates().ok().map(|u| f64::from(u.gpu) / 100.0),
                 memory_total: memory.as_ref().map(|m| m.total),
-                memory_used: memory.as_ref().map(|m| m.used),
+                memory_used: memory.as_ref().map(used_bytes),
                 power_watts: d.power_usage().ok().map(|mw| f64::from(mw) / 1000.0),
             })
         })
         .collect()
+}
+
+/// Used memory as Triton reports it: NVML's version-1 `used`, which is `total - free` and so counts
+/// the driver's reserved memory. `nvml-wrapper` reads version 2, whose `used` leaves the reservation
+/// out (on an H200 seen 615 MiB lower than `nvidia-ml-py`'s reading of the same device).
+fn used_bytes(m: &nvml_wrapper::struct_wrappers::device::MemoryInfo) -> u64 {
+    m.total.saturating_sub(m.free)
 }
 
 /// Appends the readings in Triton's exposition; a value NVML did not give is left out.
@@ -93,6 +100,21 @@ pub fn render(out: &mut String, gpus: &[GpuReading]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn used_memory_counts_the_drivers_reservation_as_triton_does() {
+        // The H200's reading (2026-11-29): NVML v2 said used 1,458,372,608 and reserved
+        // 644,939,776; nvidia-ml-py's v1 `used` was 2,103,312,384.
+        let total = 150_754_820_096;
+        let m = nvml_wrapper::struct_wrappers::device::MemoryInfo {
+            free: total - 1_458_372_608 - 644_939_776,
+            reserved: 644_939_776,
+            total,
+            used: 1_458_372_608,
+            version: 2,
+        };
+        assert_eq!(used_bytes(&m), 2_103_312_384);
+    }
 
     #[test]
     fn readings_render_with_tritons_names_and_missing_values_are_left_out() {

@@ -50,10 +50,75 @@ pub struct OrtOptions {
     pub execution_provider: ExecutionProvider,
     /// Graph optimisation level.
     pub optimization: OptLevel,
-    /// Intra-op threads per session; 0 lets ONNX Runtime decide.
+    /// Intra-op threads per session; 0 chooses from the usable cores (see [`plan_threads`]).
     pub intra_threads: usize,
-    /// Sessions per model, so requests run in parallel without one lock.
+    /// Sessions per model, so requests run in parallel without one lock; 0 chooses (see
+    /// [`plan_threads`]).
     pub instances: usize,
+    /// CUDA device ordinal the CUDA execution provider runs on.
+    pub gpu_device: i32,
+    /// How cuDNN picks convolution algorithms on CUDA.
+    pub conv_algo_search: ConvAlgoSearch,
+}
+
+/// How cuDNN chooses a convolution algorithm for each new input shape (the CUDA execution
+/// provider's `cudnn_conv_algo_search`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConvAlgoSearch {
+    /// Try every algorithm on the first run of each shape: best for fixed shapes, but each new shape
+    /// (every batch size the batcher forms, every image size) stalls its request, seconds on a
+    /// large network.
+    Exhaustive,
+    /// cuDNN's heuristics, no trial runs: no stall when shapes vary.
+    Heuristic,
+    /// cuDNN's default algorithm.
+    Default,
+}
+
+/// Sessions per model and intra-op threads per session, as resolved for one model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadPlan {
+    /// ONNX Runtime sessions (instances) for the model.
+    pub instances: usize,
+    /// Intra-op threads of each session.
+    pub intra_threads: usize,
+}
+
+/// Most instances chosen automatically on a CPU: beyond this, more sessions mostly cost memory
+/// (each holds its own copy of the weights) and a batch of a few rows beats another instance.
+const AUTO_CPU_INSTANCES: usize = 4;
+/// Instances chosen automatically on CUDA; each session has its own CUDA stream.
+const AUTO_CUDA_INSTANCES: usize = 1;
+
+/// Resolves `--instances` and `--intra-op-threads` (0 = choose) for `cpus` usable cores.
+///
+/// Many small sessions with one thread each serve concurrent requests best on a CPU: ONNX
+/// Runtime's intra-op parallelism on small tensors mostly spins, and every session whose pool
+/// spans all cores competes with the others. So, unless told: as many instances as cores (at most
+/// [`AUTO_CPU_INSTANCES`]) and the cores shared among them, so instances × threads never exceeds
+/// the cores this process may use (its cgroup CPU quota and affinity, which
+/// [`std::thread::available_parallelism`] reads).
+pub fn plan_threads(instances: usize, intra_threads: usize, cpus: usize, cuda: bool) -> ThreadPlan {
+    let cpus = cpus.max(1);
+    let instances = match (instances, intra_threads) {
+        (0, _) if cuda => AUTO_CUDA_INSTANCES,
+        (0, 0) => cpus.min(AUTO_CPU_INSTANCES),
+        (0, t) => (cpus / t).clamp(1, AUTO_CPU_INSTANCES),
+        (n, _) => n,
+    };
+    let intra_threads = match intra_threads {
+        0 => (cpus / instances).max(1),
+        t => t,
+    };
+    ThreadPlan {
+        instances,
+        intra_threads,
+    }
+}
+
+/// Cores this process may use: the cgroup CPU quota and the affinity mask are honoured.
+pub fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Loads the ONNX Runtime shared library and creates the process-wide environment.
@@ -76,7 +141,13 @@ pub struct OrtModel {
     available: Condvar,
 }
 
-fn build_session(env: &Environment, path: &Path, opts: &OrtOptions, cuda: bool) -> Result<Session, String> {
+fn build_session(
+    env: &Environment,
+    path: &Path,
+    opts: &OrtOptions,
+    intra_threads: usize,
+    cuda: bool,
+) -> Result<Session, String> {
     // SessionBuilder errors carry the builder and are not Send: turn them into strings right here.
     let level = match opts.optimization {
         OptLevel::Disable => GraphOptimizationLevel::Disable,
@@ -88,15 +159,19 @@ fn build_session(env: &Environment, path: &Path, opts: &OrtOptions, cuda: bool) 
         .map_err(|e| e.to_string())?
         .with_optimization_level(level)
         .map_err(|e| e.to_string())?;
-    if opts.intra_threads > 0 {
-        b = b
-            .with_intra_threads(opts.intra_threads)
-            .map_err(|e| e.to_string())?;
-    }
+    b = b.with_intra_threads(intra_threads).map_err(|e| e.to_string())?;
     if cuda {
         // Without error_on_failure ORT silently falls back to CPU and we would report a lie.
+        let search = match opts.conv_algo_search {
+            ConvAlgoSearch::Exhaustive => ort::ep::cuda::ConvAlgorithmSearch::Exhaustive,
+            ConvAlgoSearch::Heuristic => ort::ep::cuda::ConvAlgorithmSearch::Heuristic,
+            ConvAlgoSearch::Default => ort::ep::cuda::ConvAlgorithmSearch::Default,
+        };
+        let ep = ort::ep::CUDA::default()
+            .with_device_id(opts.gpu_device)
+            .with_conv_algorithm_search(search);
         b = b
-            .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+            .with_execution_providers([ep.build().error_on_failure()])
             .map_err(|e| e.to_string())?;
     }
     b.commit_from_file(path).map_err(|e| e.to_string())
@@ -147,26 +222,47 @@ impl OrtModel {
             path: path.display().to_string(),
             message,
         };
-        let instances = opts.instances.max(1);
+        let cpus = usable_cpus();
+        let cpu_plan = plan_threads(opts.instances, opts.intra_threads, cpus, false);
+        let cuda_plan = plan_threads(opts.instances, opts.intra_threads, cpus, true);
         let mut fallback = None;
         let (first, provider) = match opts.execution_provider {
-            ExecutionProvider::Cpu => (build_session(env, path, opts, false).map_err(load_err)?, CPU_EP),
+            ExecutionProvider::Cpu => (
+                build_session(env, path, opts, cpu_plan.intra_threads, false).map_err(load_err)?,
+                CPU_EP,
+            ),
             ExecutionProvider::Cuda => (
-                build_session(env, path, opts, true).map_err(|e| {
-                    load_err(format!("CUDA execution provider requested but unavailable: {e}"))
+                build_session(env, path, opts, cuda_plan.intra_threads, true).map_err(|e| {
+                    load_err(format!(
+                        "CUDA execution provider requested on device {} but unavailable: {e}",
+                        opts.gpu_device
+                    ))
                 })?,
                 CUDA_EP,
             ),
-            ExecutionProvider::Auto => match build_session(env, path, opts, true) {
+            ExecutionProvider::Auto => match build_session(env, path, opts, cuda_plan.intra_threads, true) {
                 Ok(s) => (s, CUDA_EP),
                 Err(e) => {
                     tracing::info!(model = %path.display(), reason = %e, "CUDA unavailable, using CPU");
                     fallback = Some(e);
-                    (build_session(env, path, opts, false).map_err(load_err)?, CPU_EP)
+                    (
+                        build_session(env, path, opts, cpu_plan.intra_threads, false).map_err(load_err)?,
+                        CPU_EP,
+                    )
                 }
             },
         };
         let cuda = provider == CUDA_EP;
+        let plan = if cuda { cuda_plan } else { cpu_plan };
+        let instances = plan.instances.max(1);
+        tracing::info!(
+            model = %path.display(),
+            instances,
+            intra_op_threads = plan.intra_threads,
+            usable_cpus = cpus,
+            chosen = opts.instances == 0 || opts.intra_threads == 0,
+            "sessions"
+        );
         let inputs = first
             .inputs()
             .iter()
@@ -181,7 +277,7 @@ impl OrtModel {
             .map_err(load_err)?;
         let mut pool = vec![first];
         for _ in 1..instances {
-            pool.push(build_session(env, path, opts, cuda).map_err(load_err)?);
+            pool.push(build_session(env, path, opts, plan.intra_threads, cuda).map_err(load_err)?);
         }
         Ok(OrtModel {
             signature: Signature { inputs, outputs },
@@ -444,5 +540,47 @@ fn run_error(e: ort::Error) -> BackendError {
         BackendError::InvalidInput(format!("the model rejected the input: {message}"))
     } else {
         BackendError::Runtime(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ThreadPlan, plan_threads};
+
+    fn plan(instances: usize, intra_threads: usize) -> ThreadPlan {
+        ThreadPlan {
+            instances,
+            intra_threads,
+        }
+    }
+
+    #[test]
+    fn chosen_instances_and_threads_never_oversubscribe_the_usable_cores() {
+        assert_eq!(plan_threads(0, 0, 1, false), plan(1, 1));
+        assert_eq!(plan_threads(0, 0, 2, false), plan(2, 1));
+        assert_eq!(plan_threads(0, 0, 4, false), plan(4, 1));
+        assert_eq!(plan_threads(0, 0, 16, false), plan(4, 4));
+        assert_eq!(plan_threads(0, 0, 6, false), plan(4, 1));
+        for cpus in 1..=64 {
+            let p = plan_threads(0, 0, cpus, false);
+            assert!(p.instances * p.intra_threads <= cpus, "{cpus}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn what_is_given_is_kept_and_the_rest_shares_the_cores() {
+        assert_eq!(plan_threads(2, 0, 8, false), plan(2, 4));
+        assert_eq!(plan_threads(0, 2, 8, false), plan(4, 2));
+        assert_eq!(plan_threads(0, 4, 2, false), plan(1, 4));
+        assert_eq!(plan_threads(3, 5, 2, false), plan(3, 5));
+        assert_eq!(plan_threads(16, 0, 2, false), plan(16, 1));
+        // No usable-core count (0) is treated as one core.
+        assert_eq!(plan_threads(0, 0, 0, false), plan(1, 1));
+    }
+
+    #[test]
+    fn cuda_defaults_to_one_instance_with_the_cores_for_its_cpu_nodes() {
+        assert_eq!(plan_threads(0, 0, 16, true), plan(1, 16));
+        assert_eq!(plan_threads(2, 0, 16, true), plan(2, 8));
     }
 }

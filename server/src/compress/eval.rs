@@ -300,6 +300,8 @@ impl Pair {
             optimization: OptLevel::All,
             intra_threads: threads,
             instances: 1,
+            gpu_device: 0,
+            conv_algo_search: crate::backend::ort::ConvAlgoSearch::Heuristic,
         };
         let load = |p: &Path, which: &str| {
             OrtModel::load(env, p, &opts).map_err(|e| {

@@ -1,0 +1,300 @@
+"""GPU benchmark and checks of kubemaas-server on an NVIDIA GPU machine (run there, loopback only).
+
+Sent with ../shared/gpu/prepare.sh as extra files (this script, perf_analyzer with its libraries in
+pa/, the fp16 models in fp16/, ocr-rec in rec/); run from /tmp/kgpu after assemble.sh:
+    python3 extra/gpu_bench.py
+It measures, side by side in one run, and writes $OUT/gpu-bench.json:
+  1. NVML: the server's nv_gpu_* families under load against pynvml's own readings of the same GPU;
+  2. dynamic batching off vs on for PP-OCR cls (one image per request) at 1/16/64 clients,
+     1 and 4 instances, with the batch statistics that bound p99;
+  3. fp32 vs fp16 (kubemaas-server compress) of cls, det and rec on CUDA;
+  4. --gpu-device naming a device that does not exist fails the load with a clear message.
+"""
+import http.client, json, os, re, subprocess, sys, threading, time
+import numpy as np
+
+P = "/tmp/kgpu"
+X = f"{P}/extra"
+OUT = os.environ.get("OUT", "/tmp")
+SERVER = f"{P}/bin/kubemaas-server"
+ORT = os.environ["ORT_DYLIB_PATH"]
+res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+PORT = [8300]
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def save():
+    json.dump(res, open(f"{OUT}/gpu-bench.json", "w"), indent=1)
+
+
+EP = os.environ.get("GPU_BENCH_EP", "cuda")  # "cpu" only for a dry run of this script without a GPU
+
+
+def start(models, *flags, ep=EP, wait=True):
+    PORT[0] += 10
+    port = PORT[0]
+    logf = open(f"{OUT}/server.log", "a")
+    args = [SERVER, "serve", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", str(port + 1),
+            "--metrics-port", str(port + 2), "--ort-library", ORT, "--execution-provider", ep, *flags]
+    for name, path in models.items():
+        args += ["--model", f"{name}={path}"]
+    logf.write(f"\n=== {' '.join(args)}\n"); logf.flush()
+    p = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT)
+    t0 = time.time()
+    while wait and time.time() - t0 < 240:
+        if p.poll() is not None:
+            return p, port
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/v2/health/ready")
+            if c.getresponse().status == 200:
+                return p, port
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return p, port
+
+
+def stop(p):
+    p.terminate()
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
+def get(port, path):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.request("GET", path)
+    r = c.getresponse()
+    return r.status, r.read()
+
+
+def infer(port, model, arr, outs):
+    hdr = json.dumps({"inputs": [{"name": "x", "shape": list(arr.shape), "datatype": "FP32",
+                                  "parameters": {"binary_data_size": arr.nbytes}}],
+                      "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in outs]}).encode()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    c.request("POST", f"/v2/models/{model}/infer", body=hdr + arr.tobytes(),
+              headers={"Inference-Header-Content-Length": str(len(hdr))})
+    r = c.getresponse()
+    body = r.read()
+    if r.status != 200:
+        raise RuntimeError(f"{r.status} {body[:300]!r}")
+    hl = int(r.getheader("Inference-Header-Content-Length"))
+    meta = json.loads(body[:hl])
+    o = meta["outputs"][0]
+    return np.frombuffer(body[hl:hl + o["parameters"]["binary_data_size"]], dtype=np.float32).reshape(o["shape"])
+
+
+def pa(port, model, conc, shape, batched=False, secs=1500):
+    """perf_analyzer, binary tensors over HTTP: (infer/s, p50 ms, p99 ms)."""
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{X}/pa:" + os.environ.get("LD_LIBRARY_PATH", ""))
+    args = [f"{X}/pa/perf_analyzer", "-m", model, "-u", f"127.0.0.1:{port}", "-i", "http",
+            "--concurrency-range", f"{conc}:{conc}", "-p", str(secs), "--max-trials", "5", "--percentile", "99"]
+    if batched:
+        args += ["-b", "1", "--shape", "x:" + ",".join(map(str, shape[1:]))]
+    else:
+        args += ["--shape", "x:" + ",".join(map(str, shape))]
+    for stability in ("50", "1000"):  # a second try accepts whatever three windows give
+        r = subprocess.run(args + ["--stability-percentage", stability], capture_output=True, text=True, env=env,
+                           timeout=120)
+        txt = r.stdout + r.stderr
+        m = re.findall(rf"Concurrency: {conc}, throughput: ([0-9.]+) infer/sec", txt)
+        if m:
+            break
+    p50 = re.findall(r"p50 latency: (\d+) usec", txt)
+    p99 = re.findall(r"p99 latency: (\d+) usec", txt)
+    if not m:
+        log("perf_analyzer failed:", txt[-800:])
+        return None
+    return {"infer_per_s": float(m[-1]), "p50_ms": int(p50[-1]) / 1e3 if p50 else None,
+            "p99_ms": int(p99[-1]) / 1e3 if p99 else None}
+
+
+def metrics(port):
+    st, b = get(port + 2, "/metrics")
+    out = {}
+    for line in b.decode().splitlines():
+        if line.startswith("nv_gpu_"):
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
+def nvml_check(models):
+    """The server's nv_gpu_* against pynvml's readings, idle and under load."""
+    import pynvml
+    pynvml.nvmlInit()
+    h = pynvml.nvmlDeviceGetHandleByIndex(0)
+    uuid = pynvml.nvmlDeviceGetUUID(h)
+    uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+    p, port = start({"ocr-det": models["ocr-det"]}, "--instances", "2")
+    out = {"uuid": uuid}
+    try:
+        out["idle_server"] = metrics(port)
+        stop_flag = []
+        loader = threading.Thread(target=lambda: out.__setitem__("load", pa(port, "ocr-det", 16, (1, 3, 640, 640), secs=3000)))
+        loader.start()
+        time.sleep(5)
+        samples = []
+        for _ in range(4):
+            m = metrics(port)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            samples.append({"server": m, "nvml": {
+                "utilization": pynvml.nvmlDeviceGetUtilizationRates(h).gpu / 100.0,
+                "memory_used": mem.used, "memory_total": mem.total,
+                "power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0}})
+            time.sleep(1)
+        loader.join()
+        out["samples"] = samples
+        s = samples[-1]["server"]
+        fam = {k.split("{")[0] for k in s}
+        out["families"] = sorted(fam)
+        out["labels_have_uuid"] = all(uuid in k for k in s)
+        log("NVML families", out["families"], "uuid label", out["labels_have_uuid"])
+        for smp in samples:
+            log("server", smp["server"], "\n  nvml", smp["nvml"])
+    finally:
+        stop(p)
+    return out
+
+
+def batching(models):
+    cls = models["ocr-cls"]
+    shape = (1, 3, 48, 192)
+    configs = {
+        "off, 1 instance": (["--instances", "1"], False),
+        "off, 4 instances": (["--instances", "4"], False),
+        "on, 1 instance": (["--instances", "1", "--max-batch-size", "64", "--max-queue-delay-us", "1000",
+                            "--max-queue-size", "4096"], True),
+        "on, 2 instances": (["--instances", "2", "--max-batch-size", "64", "--max-queue-delay-us", "1000",
+                             "--max-queue-size", "4096"], True),
+    }
+    out = {}
+    for label, (flags, batched) in configs.items():
+        p, port = start({"ocr-cls": cls}, *flags)
+        try:
+            row = {}
+            for conc in (1, 16, 64):
+                row[conc] = pa(port, "ocr-cls", conc, shape, batched)
+                log("cls", label, conc, row[conc])
+            st, b = get(port, "/v2/models/ocr-cls/stats")
+            row["stats"] = json.loads(b)
+            out[label] = row
+        finally:
+            stop(p)
+        res["batching"] = out
+        save()
+    return out
+
+
+def padded(models):
+    """Batching with and without padding to a few sizes, against no batching, at 16 and 64 clients."""
+    batch = ["--max-batch-size", "64", "--max-queue-delay-us", "1000", "--max-queue-size", "4096"]
+    configs = {"off, 1 instance": (["--instances", "1"], False),
+               "on, padded (auto)": (["--instances", "1", *batch], True),
+               "on, not padded": (["--instances", "1", "--pad-batches", "never", *batch], True),
+               "on, padded, 2 instances": (["--instances", "2", *batch], True)}
+    out = {}
+    for label, (flags, batched) in configs.items():
+        p, port = start({"ocr-cls": models["ocr-cls"]}, *flags)
+        try:
+            row = {c: pa(port, "ocr-cls", c, (1, 3, 48, 192), batched) for c in (16, 64)}
+            st, b = get(port, "/v2/models/ocr-cls/stats")
+            row["stats"] = json.loads(b)
+            out[label] = row
+            log("padded", label, {c: row[c] for c in (16, 64)})
+        finally:
+            stop(p)
+        res["padded"] = out
+        save()
+    return out
+
+
+def conv(models):
+    """cuDNN's exhaustive vs heuristic algorithm search on fixed shapes (where exhaustive can only win)."""
+    out = {}
+    for search in ("exhaustive", "heuristic"):
+        p, port = start({"ocr-cls": models["ocr-cls"], "ocr-det": models["ocr-det"]}, "--instances", "1",
+                        "--cuda-conv-algo-search", search)
+        try:
+            out[search] = {"cls_c16": pa(port, "ocr-cls", 16, (1, 3, 48, 192)),
+                           "det_c1": pa(port, "ocr-det", 1, (1, 3, 640, 640)),
+                           "det_c16": pa(port, "ocr-det", 16, (1, 3, 640, 640))}
+            log("conv", search, out[search])
+        finally:
+            stop(p)
+    return out
+
+
+def fp16(models):
+    shapes = {"ocr-cls": (1, 3, 48, 192), "ocr-det": (1, 3, 640, 640), "ocr-rec": (1, 3, 48, 320)}
+    both = {}
+    for m in shapes:
+        both[m] = models[m]
+        both[m + "-fp16"] = f"{X}/fp16/{m}.onnx"
+    p, port = start(both, "--instances", "1")
+    out = {}
+    try:
+        rng = np.random.default_rng(3)
+        for m, shape in shapes.items():
+            x = rng.random(shape, dtype=np.float32)
+            st, b = get(port, f"/v2/models/{m}")
+            outs = [o["name"] for o in json.loads(b)["outputs"]]
+            a, h = infer(port, m, x, outs).ravel(), infer(port, m + "-fp16", x, outs).ravel()
+            cos = float(np.dot(a, h) / (np.linalg.norm(a) * np.linalg.norm(h)))
+            row = {"cosine_fp16_vs_fp32_on_cuda": cos}
+            for conc in (1, 16):
+                row[f"fp32_c{conc}"] = pa(port, m, conc, shape)
+                row[f"fp16_c{conc}"] = pa(port, m + "-fp16", conc, shape)
+                log(m, conc, row[f"fp32_c{conc}"], row[f"fp16_c{conc}"])
+            out[m] = row
+            res["fp16"] = out
+            save()
+    finally:
+        stop(p)
+    return out
+
+
+def bad_device(models):
+    p, port = start({"ocr-cls": models["ocr-cls"]}, "--gpu-device", "7", "--exit-on-load-failure", wait=False)
+    try:
+        p.wait(60)
+    except subprocess.TimeoutExpired:
+        stop(p)
+    text = open(f"{OUT}/server.log").read()
+    tail = text[text.rfind("=== "):]
+    line = next((l for l in tail.splitlines() if "device 7" in l), tail[-600:])
+    return {"exit_code": p.returncode, "message": line[:800]}
+
+
+def main():
+    smi = subprocess.run(["bash", "-c", "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1"],
+                         capture_output=True, text=True).stdout.strip()
+    res["gpu"] = smi
+    log(smi)
+    models = {"ocr-cls": f"{P}/models/ocr-cls/1/model.onnx", "ocr-det": f"{P}/models/ocr-det/1/model.onnx",
+              "ocr-rec": f"{X}/rec/model.onnx"}
+    steps = [("nvml", nvml_check), ("batching", batching), ("padded", padded), ("conv", conv), ("fp16", fp16), ("bad_device", bad_device)]
+    only = sys.argv[1:]
+    for name, fn in steps:
+        if only and name not in only:
+            continue
+        t = time.time()
+        try:
+            res[name] = fn(models)
+        except Exception as e:  # one failed step must not lose the others' numbers
+            res[name + "_error"] = repr(e)
+            log("STEP FAILED", name, repr(e))
+        res[name + "_seconds"] = round(time.time() - t, 1)
+        log(f"== {name} done in {res[name + '_seconds']} s")
+        save()
+    log(json.dumps({k: v for k, v in res.items() if k not in ("batching",)}, indent=1)[:6000])
+
+
+if __name__ == "__main__":
+    main()
