@@ -16,6 +16,7 @@ pub mod gpu;
 pub mod grpc;
 pub mod http;
 pub mod inference;
+pub mod jsonfloat;
 pub mod listener;
 pub mod metrics;
 pub mod protocol;

@@ -189,6 +189,10 @@ fn decode_data(
     count: usize,
     raw: &RawValue,
 ) -> Result<Tensor, ApiError> {
+    if let Some(bytes) = crate::jsonfloat::parse_floats(raw.get().as_bytes(), dtype, count, MAX_DATA_DEPTH) {
+        return Tensor::new(name, dtype, shape, crate::tensor::TensorData::Raw(bytes.into()))
+            .map_err(|e| ApiError::BadRequest(format!("input {name:?}: {e}")));
+    }
     // A JSON element takes at least two bytes ("0,"): the body, not the claimed shape, bounds the
     // allocation.
     let mut writer = ElementWriter::new(dtype, count.min(raw.get().len() / 2 + 1), count);

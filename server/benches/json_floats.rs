@@ -1,0 +1,85 @@
+//! Micro-benchmark of JSON tensor decoding (`cargo bench -p kubemaas-server --bench json_floats`):
+//! whole V2 request bodies with FP32 `data` as numpy's `tolist()` prints them, decoded by the fast
+//! path (`jsonfloat`) and by the general serde path, side by side in one run, in MB of JSON per
+//! second on one core. Prints a table; asserts nothing about speed.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kubemaas_server::backend::{Signature, TensorSpec};
+use kubemaas_server::protocol::v2::{DataSeed, decode_request};
+use kubemaas_server::tensor::{DataType, ElementWriter};
+use serde::de::DeserializeSeed;
+
+fn values(n: usize) -> Vec<f32> {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    (0..n)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Runs `f` repeatedly for about `budget`, returning MB/s of `bytes` per call (best of 5 rounds).
+fn rate(bytes: usize, budget: Duration, mut f: impl FnMut()) -> f64 {
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let mut calls = 0u32;
+        while start.elapsed() < budget / 5 {
+            f();
+            calls += 1;
+        }
+        best = best.max(bytes as f64 * f64::from(calls) / start.elapsed().as_secs_f64() / 1e6);
+    }
+    best
+}
+
+fn main() {
+    println!("| body | JSON size | fast path MB/s | serde path MB/s | whole request MB/s | fast ÷ serde |");
+    println!("|---|---|---|---|---|---|");
+    for (label, shape) in [
+        ("PP-OCR cls 3×48×192", vec![1usize, 3, 48, 192]),
+        ("1 MiB FP32 (262,144)", vec![1, 262_144]),
+    ] {
+        let n: usize = shape.iter().product();
+        let data: Vec<String> = values(n).iter().map(|v| format!("{}", f64::from(*v))).collect();
+        let array = format!("[{}]", data.join(", "));
+        let body =
+            format!(r#"{{"inputs":[{{"name":"x","shape":{shape:?},"datatype":"FP32","data":{array}}}]}}"#);
+        let sig = Signature {
+            inputs: vec![TensorSpec {
+                name: "x".into(),
+                datatype: DataType::F32,
+                shape: shape.iter().map(|&d| d as i64).collect(),
+            }],
+            outputs: vec![],
+        };
+        let budget = Duration::from_secs(2);
+        let fast = rate(array.len(), budget, || {
+            let out = kubemaas_server::jsonfloat::parse_floats(array.as_bytes(), DataType::F32, n, 32);
+            assert!(out.is_some_and(|b| b.len() == n * 4));
+        });
+        let serde_path = rate(array.len(), budget, || {
+            let mut writer = ElementWriter::new(DataType::F32, n, n);
+            let mut de = serde_json::Deserializer::from_str(&array);
+            let seed = DataSeed {
+                writer: &mut writer,
+                depth: 0,
+            };
+            assert!(seed.deserialize(&mut de).is_ok() && writer.count() == n);
+        });
+        let bytes = Bytes::from(body.clone());
+        let whole = rate(body.len(), budget, || {
+            assert!(decode_request(&sig, &bytes, None).is_ok());
+        });
+        println!(
+            "| {label} | {:.0} KB | {fast:.0} | {serde_path:.0} | {whole:.0} | {:.2}× |",
+            array.len() as f64 / 1e3,
+            fast / serde_path
+        );
+    }
+}
