@@ -104,7 +104,7 @@ mod tests {
         ];
         for text in cases {
             for dtype in [DataType::F32, DataType::F64] {
-                let want = general(text, dtype, text.matches(|c: char| c == ',').count() + 1).unwrap();
+                let want = general(text, dtype, text.matches(',').count() + 1).unwrap();
                 let count = want.len() / if dtype == DataType::F32 { 4 } else { 8 };
                 let got = parse_floats(text.as_bytes(), dtype, count, 32);
                 assert_eq!(got.as_deref(), Some(&want[..]), "{text} as {dtype}");
