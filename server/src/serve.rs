@@ -68,7 +68,7 @@ pub struct ServeArgs {
 
     /// ONNX Runtime sessions per model: requests run in parallel up to this many. 0 chooses: on a
     /// CPU one per usable core, at most 4 (with one intra-op thread each on up to 4 cores); on
-    /// CUDA 1.
+    /// CUDA 4 (each its own CUDA stream and its own copy of the weights in GPU memory).
     #[arg(long, env = "KUBEMAAS_INSTANCES", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
     pub instances: u16,
 

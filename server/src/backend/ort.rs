@@ -87,8 +87,10 @@ pub struct ThreadPlan {
 /// Most instances chosen automatically on a CPU: beyond this, more sessions mostly cost memory
 /// (each holds its own copy of the weights) and a batch of a few rows beats another instance.
 const AUTO_CPU_INSTANCES: usize = 4;
-/// Instances chosen automatically on CUDA; each session has its own CUDA stream.
-const AUTO_CUDA_INSTANCES: usize = 1;
+/// Instances chosen automatically on CUDA; each session has its own CUDA stream, so small models
+/// overlap their copies and kernels. On an H200 (2026-11-29), PP-OCR cls at 16 clients served
+/// 1,552 images/s with 4 instances against 555 with 1, and det 640² 469 against 168 requests/s.
+const AUTO_CUDA_INSTANCES: usize = 4;
 
 /// Resolves `--instances` and `--intra-op-threads` (0 = choose) for `cpus` usable cores.
 ///
@@ -579,8 +581,9 @@ mod tests {
     }
 
     #[test]
-    fn cuda_defaults_to_one_instance_with_the_cores_for_its_cpu_nodes() {
-        assert_eq!(plan_threads(0, 0, 16, true), plan(1, 16));
+    fn cuda_defaults_to_four_instances_sharing_the_cores_for_their_cpu_nodes() {
+        assert_eq!(plan_threads(0, 0, 16, true), plan(4, 4));
+        assert_eq!(plan_threads(0, 0, 2, true), plan(4, 1));
         assert_eq!(plan_threads(2, 0, 16, true), plan(2, 8));
     }
 }

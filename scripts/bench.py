@@ -1,0 +1,397 @@
+"""`make bench`: kubemaas-server side by side with the in-process limit and the rivals, loopback only.
+
+Contestants, each serving the same ONNX file on 127.0.0.1 with the same cores:
+  limit        ONNX Runtime in-process, no server (Python threads calling Session.run; the same
+               sessions and threads as the server's default choice);
+  kubemaas     the release server with no thread or instance flags (its own choice), binary tensors
+               and JSON, batching off and on;
+  kserve       KServe 0.21's Python ModelServer with an onnxruntime model (JSON, hey);
+  mlserver     MLServer 1.7 with an onnxruntime runtime (JSON, hey);
+  hello        a hello-world hyper server answering a fixed body (JSON, hey): the per-request floor.
+Models: PP-OCR cls 3×48×192, PP-OCR det 640×640, all-MiniLM-L6-v2 int8 at sequence length 32, and a
+generated 10×10 dense layer. One load generator for all, hey (keep-alive HTTP/1.1). Prints a table (throughput, p50, p99, errors, server RSS, ratios to the
+limit and to the best rival), writes it into docs/benchmarks.md and draws target/bench/bench.png.
+
+Usage: python scripts/bench.py [--models cls,det,minilm,dense] [--clients 1,4,16,64] [--seconds 5]
+"""
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("KUBEMAAS_CACHE", Path.home() / ".cache" / "kubemaas"))
+BENCH = CACHE / "bench"
+KSERVE = BENCH / "kserve-0.21.0" / "bin" / "python"
+MLSERVER = BENCH / "mlserver-1.7.1" / "bin" / "mlserver"
+HEY = BENCH / "hey-v0.1.4" / "hey"
+SERVER = ROOT / "target" / "release" / "kubemaas-server"
+HELLO = ROOT / "target" / "release" / "examples" / "hello"
+OUT = ROOT / "target" / "bench"
+CORES = len(os.sched_getaffinity(0))
+BATCH_FLAGS = ["--max-batch-size", "32", "--max-queue-delay-us", "2000", "--max-queue-size", "4096"]
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid):
+    """Resident memory of a process and all its descendants (MLServer forks workers)."""
+    children = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(p.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    total, todo = 0, [pid]
+    while todo:
+        q = todo.pop()
+        todo += children.get(q, [])
+        try:
+            m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{q}/status").read_text())
+            total += int(m.group(1)) if m else 0
+        except OSError:
+            pass
+    return total / 1024
+
+
+class Proc:
+    """A server process on a free port, ready once `ready_path` answers 200."""
+
+    def __init__(self, label, argv, port, ready_path, env=None, cwd=None):
+        self.label, self.port = label, port
+        self.logf = open(OUT / f"{label}.log", "w")
+        self.p = subprocess.Popen(argv, stdout=self.logf, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                  start_new_session=True)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.p.poll() is not None:
+                raise RuntimeError(f"{label} exited: {(OUT / f'{label}.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"{label} did not become ready: {(OUT / f'{label}.log').read_text()[-2000:]}")
+
+    def rss(self):
+        return rss_mib(self.p.pid)
+
+    def stop(self):
+        try:
+            os.killpg(self.p.pid, 15)
+            self.p.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.p.pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+# ---------------------------------------------------------------- models and request bodies
+
+def dense_model(path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(10)
+    w = numpy_helper.from_array(rng.standard_normal((10, 10)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "b")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+                          "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 10])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 10])], [w, b])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, path)
+
+
+def models(tmp):
+    dense = Path(tmp) / "dense.onnx"
+    dense_model(str(dense))
+    m = CACHE / "models"
+    rng = np.random.default_rng(1)
+    seq = 32
+    ids = rng.integers(1000, 5000, (1, seq)).astype(np.int64)
+    return {
+        "cls": (m / "ocr-cls/1/model.onnx", {"x": rng.random((1, 3, 48, 192), dtype=np.float32)}),
+        "det": (m / "ocr-det/1/model.onnx", {"x": rng.random((1, 3, 640, 640), dtype=np.float32)}),
+        "minilm": (m / "minilm/1/model.onnx", {"input_ids": ids, "attention_mask": np.ones((1, seq), np.int64),
+                                               "token_type_ids": np.zeros((1, seq), np.int64)}),
+        "dense": (dense, {"x": rng.random((1, 10), dtype=np.float32)}),
+    }
+
+
+def fit_inputs(path, inputs):
+    """Only the inputs the model has (MiniLM exports differ in token_type_ids)."""
+    names = [i.name for i in ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()]
+    return {k: v for k, v in inputs.items() if k in names}
+
+
+def binary_body(path, inputs):
+    """A V2 binary-extension body (as tritonclient sends): inputs and outputs as raw bytes."""
+    dt = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+    outs = [o.name for o in ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_outputs()]
+    header = json.dumps({"inputs": [{"name": k, "shape": list(v.shape), "datatype": dt[v.dtype],
+                                     "parameters": {"binary_data_size": v.nbytes}} for k, v in inputs.items()],
+                         "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in outs]}).encode()
+    return header + b"".join(np.ascontiguousarray(v).tobytes() for v in inputs.values()), len(header)
+
+
+def v2_body(inputs):
+    dt = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+    return json.dumps({"inputs": [{"name": k, "shape": list(v.shape), "datatype": dt[v.dtype],
+                                   "data": v.flatten().tolist()} for k, v in inputs.items()]})
+
+
+# ---------------------------------------------------------------- load generators
+
+def hey(url, body_file, clients, seconds, header_len=None):
+    """hey: JSON bodies, or binary-extension bodies (JSON header of `header_len` bytes, then tensors)."""
+    kind = ["-T", "application/json"] if header_len is None else \
+        ["-T", "application/octet-stream", "-H", f"Inference-Header-Content-Length: {header_len}"]
+    r = subprocess.run([str(HEY), "-z", f"{seconds}s", "-c", str(clients), "-m", "POST", *kind,
+                        "-D", str(body_file), url], capture_output=True, text=True, timeout=seconds + 120)
+    out = r.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    pct = dict(re.findall(r"\s+(\d+)% in ([\d.]+) secs", out))
+    codes = dict((int(c), int(n)) for c, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
+    errors = sum(n for c, n in codes.items() if c != 200)
+    if "Error distribution" in out:
+        errors += sum(int(n) for n in re.findall(r"\[(\d+)\]\t", out.split("Error distribution")[1]))
+    if not rps:
+        return {"rps": 0.0, "p50": None, "p99": None, "errors": -1, "note": (out + r.stderr)[-300:]}
+    ok = codes.get(200, 0)
+    return {"rps": float(rps.group(1)) * (ok / max(sum(codes.values()), 1)),
+            "p50": float(pct["50"]) * 1e3 if "50" in pct else None,
+            "p99": float(pct["99"]) * 1e3 if "99" in pct else None, "errors": errors}
+
+
+def limit(path, inputs, clients, seconds):
+    """ONNX Runtime in-process with the server's default sessions and threads (`plan_threads`)."""
+    instances = min(CORES, 4)
+    threads = max(1, CORES // instances)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sessions = [ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]) for _ in range(instances)]
+    locks = [threading.Lock() for _ in sessions]
+    for s in sessions:
+        s.run(None, inputs)
+    lat, stop = [[] for _ in range(clients)], time.perf_counter() + seconds
+
+    def client(k):
+        i = k % instances
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            with locks[i]:  # one run per session at a time, as the server's instances
+                sessions[i].run(None, inputs)
+            lat[k].append(time.perf_counter() - t)
+            i = (i + 1) % instances
+
+    ts = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    allv = np.array([v for lst in lat for v in lst])
+    return {"rps": len(allv) / (time.perf_counter() - t0), "p50": float(np.percentile(allv, 50)) * 1e3,
+            "p99": float(np.percentile(allv, 99)) * 1e3, "errors": 0,
+            "rss": rss_mib(os.getpid())}
+
+
+# ---------------------------------------------------------------- the run
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="cls,det,minilm,dense")
+    ap.add_argument("--clients", default="1,4,16,64")
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--contestants", default="limit,kubemaas-binary,kubemaas-binary-batched,kubemaas-json,"
+                    "kubemaas-json-batched,kserve,mlserver,hello")
+    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from target/bench/bench.json")
+    a = ap.parse_args()
+    if a.replot:
+        plot(json.loads((OUT / "bench.json").read_text()))
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    clients = [int(c) for c in a.clients.split(",")]
+    want = set(a.contestants.split(","))
+    rows = []
+    tmp = tempfile.mkdtemp(prefix="kubemaas-bench-")
+    all_models = models(tmp)
+    ort_lib = os.environ["ORT_DYLIB_PATH"]
+    for name in a.models.split(","):
+        path, inputs = all_models[name]
+        inputs = fit_inputs(path, inputs)
+        body = Path(tmp) / f"{name}.json"
+        body.write_text(v2_body(inputs))
+        binary = Path(tmp) / f"{name}.bin"
+        data, header_len = binary_body(path, inputs)
+        binary.write_bytes(data)
+        log(f"== {name}: {path.name}, JSON body {body.stat().st_size / 1e3:.0f} KB")
+
+        def record(contestant, c, r, rss=None):
+            r = dict(r, model=name, contestant=contestant, clients=c)
+            if rss is not None:
+                r["rss"] = rss
+            rows.append(r)
+            log(f"{name:7} c={c:<3} {contestant:26} {r['rps']:9.1f}/s p50 {r['p50']} p99 {r['p99']} "
+                f"errors {r['errors']} rss {r.get('rss', 0):.0f} MiB {r.get('note', '')}")
+
+        if "limit" in want:
+            for c in clients:
+                record("limit (in-process ORT)", c, limit(path, inputs, c, a.seconds))
+        for batched in (False, True):
+            tags = [t for t in (f"kubemaas-binary{'-batched' if batched else ''}",
+                                f"kubemaas-json{'-batched' if batched else ''}") if t in want]
+            if not tags:
+                continue
+            port = free_port()
+            srv = Proc(f"kubemaas-{name}-{batched}", [str(SERVER), "serve", "--host", "127.0.0.1", "--http-port",
+                                                      str(port), "--grpc-port", "0", "--metrics-port", "0",
+                                                      "--ort-library", ort_lib, "--model", f"{name}={path}",
+                                                      *(BATCH_FLAGS if batched else [])],
+                       port, f"/v2/models/{name}/ready")
+            try:
+                for c in clients:
+                    label = " batched" if batched else ""
+                    url = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
+                    if tags[0].startswith("kubemaas-binary"):
+                        record(f"kubemaas binary{label}", c, hey(url, binary, c, a.seconds, header_len), srv.rss())
+                    if tags[-1].startswith("kubemaas-json"):
+                        record(f"kubemaas JSON{label}", c, hey(url, body, c, a.seconds), srv.rss())
+            finally:
+                srv.stop()
+        if "kserve" in want:
+            port = free_port()
+            srv = Proc(f"kserve-{name}", [str(KSERVE), str(ROOT / "scripts/bench_rivals/kserve_onnx.py"),
+                                          "--model_path", str(path), "--model_name", name, "--http_port", str(port),
+                                          "--grpc_port", str(free_port())], port, f"/v2/models/{name}/ready")
+            try:
+                for c in clients:
+                    record("KServe 0.21 (JSON)", c,
+                           hey(f"http://127.0.0.1:{port}/v2/models/{name}/infer", body, c, a.seconds), srv.rss())
+            finally:
+                srv.stop()
+        if "mlserver" in want:
+            port = free_port()
+            d = Path(tmp) / f"mlserver-{name}"
+            (d / name).mkdir(parents=True, exist_ok=True)
+            (d / "settings.json").write_text(json.dumps({"host": "127.0.0.1", "http_port": port,
+                                                         "grpc_port": free_port(), "metrics_port": free_port()}))
+            (d / name / "model-settings.json").write_text(json.dumps({
+                "name": name, "implementation": "mlserver_onnx.OnnxModel", "parameters": {"uri": str(path)}}))
+            env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts/bench_rivals"))
+            srv = Proc(f"mlserver-{name}", [str(MLSERVER), "start", str(d)], port, f"/v2/models/{name}/ready",
+                       env=env)
+            try:
+                for c in clients:
+                    record("MLServer 1.7 (JSON)", c,
+                           hey(f"http://127.0.0.1:{port}/v2/models/{name}/infer", body, c, a.seconds), srv.rss())
+            finally:
+                srv.stop()
+        if "hello" in want and name == "dense":
+            port = free_port()
+            srv = Proc("hello", [str(HELLO), str(port)], port, "/")
+            try:
+                for c in clients:
+                    record("hello-world hyper (floor)", c, hey(f"http://127.0.0.1:{port}/", body, c, a.seconds),
+                           srv.rss())
+            finally:
+                srv.stop()
+    (OUT / "bench.json").write_text(json.dumps(rows, indent=1))
+    table = render(rows, a)
+    print(table)
+    plot(rows)
+    if not a.no_docs:
+        write_docs(table)
+
+
+def render(rows, a):
+    def f(x, digits=1):
+        return "–" if x is None else f"{x:,.{digits}f}"
+
+    lines = [f"{time.strftime('%Y-%m-%d', time.gmtime())}, {CORES} cores, {a.seconds:g} s per cell, "
+             f"ONNX Runtime {ort.__version__}; rivals answer JSON only.", "",
+             "| model | clients | contestant | infer/s | p50 ms | p99 ms | errors | RSS MiB | ÷ limit | ÷ best rival |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        same = [x for x in rows if x["model"] == r["model"] and x["clients"] == r["clients"]]
+        lim = next((x["rps"] for x in same if x["contestant"].startswith("limit")), 0)
+        rival = max([x["rps"] for x in same if x["contestant"].startswith(("KServe", "MLServer"))] or [0])
+        to_limit = f"{r['rps'] / lim:.2f}×" if lim else "–"
+        to_rival = f"{r['rps'] / rival:.2f}×" if rival else "–"
+        lines.append(f"| {r['model']} | {r['clients']} | {r['contestant']} | {f(r['rps'])} | {f(r['p50'], 2)} | "
+                     f"{f(r['p99'], 2)} | {r['errors']} | {f(r.get('rss'), 0)} | {to_limit} | {to_rival} |")
+    return "\n".join(lines)
+
+
+def plot(rows):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no PNG (scripts/bench_tools.sh installs it)")
+        return
+    names = sorted({r["model"] for r in rows})
+    everyone = sorted({r["contestant"] for r in rows})
+    colour = {who: plt.cm.tab10(i % 10) for i, who in enumerate(everyone)}
+    fig, axes = plt.subplots(2, len(names), figsize=(5 * len(names), 8), squeeze=False)
+    for j, m in enumerate(names):
+        for who in sorted({r["contestant"] for r in rows if r["model"] == m}):
+            pts = sorted((r["clients"], r["rps"], r["p99"]) for r in rows if r["model"] == m and r["contestant"] == who)
+            axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=who, color=colour[who])
+            axes[1][j].plot([p[0] for p in pts], [p[2] or np.nan for p in pts], marker="o", color=colour[who])
+        axes[0][j].set_title(m)
+        for k, ylabel in ((0, "infer/s"), (1, "p99 ms")):
+            axes[k][j].set_xscale("log", base=2)
+            axes[k][j].set_yscale("log")
+            axes[k][j].set_xlabel("clients")
+            axes[k][j].set_ylabel(ylabel)
+    handles = [plt.Line2D([], [], color=colour[w], marker="o") for w in everyone]
+    fig.legend(handles, everyone, loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(OUT / "bench.png", dpi=90)
+    log(f"wrote {OUT / 'bench.png'}")
+
+
+def write_docs(table):
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text()
+    start, end = "<!-- make bench: start -->", "<!-- make bench: end -->"
+    block = f"{start}\n{table}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text += f"\n## Side by side (`make bench`)\n\n{block}\n"
+    doc.write_text(text)
+    log(f"updated {doc}")
+
+
+if __name__ == "__main__":
+    main()
