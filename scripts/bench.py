@@ -290,7 +290,8 @@ def main():
             port = free_port()
             srv = Proc(f"kserve-{name}", [str(KSERVE), str(ROOT / "scripts/bench_rivals/kserve_onnx.py"),
                                           "--model_path", str(path), "--model_name", name, "--http_port", str(port),
-                                          "--grpc_port", str(free_port())], port, f"/v2/models/{name}/ready")
+                                          "--grpc_port", str(free_port())], port, f"/v2/models/{name}/ready",
+                       cwd=tmp)  # KServe writes Prometheus files into its working directory
             try:
                 for c in clients:
                     record("KServe 0.21 (JSON)", c,
@@ -307,7 +308,7 @@ def main():
                 "name": name, "implementation": "mlserver_onnx.OnnxModel", "parameters": {"uri": str(path)}}))
             env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts/bench_rivals"))
             srv = Proc(f"mlserver-{name}", [str(MLSERVER), "start", str(d)], port, f"/v2/models/{name}/ready",
-                       env=env)
+                       env=env, cwd=tmp)
             try:
                 for c in clients:
                     record("MLServer 1.7 (JSON)", c,
