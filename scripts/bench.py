@@ -127,9 +127,22 @@ def dense_model(path):
     onnx.save(m, path)
 
 
+def identity_model(path, n):
+    import onnx
+    from onnx import TensorProto, helper
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, n])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, path)
+
+
 def models(tmp):
     dense = Path(tmp) / "dense.onnx"
     dense_model(str(dense))
+    big = Path(tmp) / "mib.onnx"
+    identity_model(str(big), 262_144)
     m = CACHE / "models"
     rng = np.random.default_rng(1)
     seq = 32
@@ -140,6 +153,8 @@ def models(tmp):
         "minilm": (m / "minilm/1/model.onnx", {"input_ids": ids, "attention_mask": np.ones((1, seq), np.int64),
                                                "token_type_ids": np.zeros((1, seq), np.int64)}),
         "dense": (dense, {"x": rng.random((1, 10), dtype=np.float32)}),
+        # 1 MiB of FP32 in and out: what JSON costs against binary end to end.
+        "mib": (big, {"x": rng.random((1, 262_144), dtype=np.float32)}),
     }
 
 
@@ -226,11 +241,12 @@ def limit(path, inputs, clients, seconds):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="cls,det,minilm,dense")
+    ap.add_argument("--models", default="cls,det,minilm,dense,mib")
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--contestants", default="limit,kubemaas-binary,kubemaas-binary-batched,kubemaas-json,"
-                    "kubemaas-json-batched,kserve,mlserver,hello")
+                    "kubemaas-json-batched,kserve,mlserver,hello",
+                    help="also: configs (the server's default against explicit instance × thread splits)")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from target/bench/bench.json")
     a = ap.parse_args()
@@ -286,6 +302,23 @@ def main():
                         record(f"kubemaas JSON{label}", c, hey(url, body, c, a.seconds), srv.rss())
             finally:
                 srv.stop()
+        if "configs" in want:
+            # The server's own choice against explicit instance × thread splits of the same cores.
+            splits = sorted({(i, max(1, CORES // i)) for i in (1, 2, 4) if i <= 2 * CORES} | {(1, CORES)})
+            for instances, threads in splits:
+                port = free_port()
+                srv = Proc(f"kubemaas-{name}-{instances}x{threads}",
+                           [str(SERVER), "serve", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
+                            "--metrics-port", "0", "--ort-library", ort_lib, "--model", f"{name}={path}",
+                            "--instances", str(instances), "--intra-op-threads", str(threads)],
+                           port, f"/v2/models/{name}/ready")
+                try:
+                    for c in clients:
+                        record(f"kubemaas binary {instances}×{threads} threads", c,
+                               hey(f"http://127.0.0.1:{port}/v2/models/{name}/infer", binary, c, a.seconds,
+                                   header_len), srv.rss())
+                finally:
+                    srv.stop()
         if "kserve" in want:
             port = free_port()
             srv = Proc(f"kserve-{name}", [str(KSERVE), str(ROOT / "scripts/bench_rivals/kserve_onnx.py"),
