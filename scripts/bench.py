@@ -159,15 +159,15 @@ def models(tmp):
 
 
 def fit_inputs(path, inputs):
-    """Only the inputs the model has (MiniLM exports differ in token_type_ids)."""
-    names = [i.name for i in ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()]
-    return {k: v for k, v in inputs.items() if k in names}
+    """Only the inputs the model has (MiniLM exports differ in token_type_ids), and its output names."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    return {k: v for k, v in inputs.items() if k in names}, [o.name for o in sess.get_outputs()]
 
 
-def binary_body(path, inputs):
+def binary_body(inputs, outs):
     """A V2 binary-extension body (as tritonclient sends): inputs and outputs as raw bytes."""
     dt = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
-    outs = [o.name for o in ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_outputs()]
     header = json.dumps({"inputs": [{"name": k, "shape": list(v.shape), "datatype": dt[v.dtype],
                                      "parameters": {"binary_data_size": v.nbytes}} for k, v in inputs.items()],
                          "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in outs]}).encode()
@@ -262,11 +262,11 @@ def main():
     ort_lib = os.environ["ORT_DYLIB_PATH"]
     for name in a.models.split(","):
         path, inputs = all_models[name]
-        inputs = fit_inputs(path, inputs)
+        inputs, outputs = fit_inputs(path, inputs)
         body = Path(tmp) / f"{name}.json"
         body.write_text(v2_body(inputs))
         binary = Path(tmp) / f"{name}.bin"
-        data, header_len = binary_body(path, inputs)
+        data, header_len = binary_body(inputs, outputs)
         binary.write_bytes(data)
         log(f"== {name}: {path.name}, JSON body {body.stat().st_size / 1e3:.0f} KB")
 
@@ -281,82 +281,63 @@ def main():
         if "limit" in want:
             for c in clients:
                 record("limit (in-process ORT)", c, limit(path, inputs, c, a.seconds))
-        for batched in (False, True):
-            tags = [t for t in (f"kubemaas-binary{'-batched' if batched else ''}",
-                                f"kubemaas-json{'-batched' if batched else ''}") if t in want]
-            if not tags:
-                continue
+        infer = f"/v2/models/{name}/infer"
+
+        def measure(label, argv, loads, ready=f"/v2/models/{name}/ready", **proc):
+            """One server (`argv(port)`), then at each client count every (contestant, path, body,
+            binary header length) of `loads`."""
             port = free_port()
-            srv = Proc(f"kubemaas-{name}-{batched}", [str(SERVER), "serve", "--host", "127.0.0.1", "--http-port",
-                                                      str(port), "--grpc-port", "0", "--metrics-port", "0",
-                                                      "--ort-library", ort_lib, "--model", f"{name}={path}",
-                                                      *(BATCH_FLAGS if batched else [])],
-                       port, f"/v2/models/{name}/ready")
+            srv = Proc(label, argv(port), port, ready, **proc)
             try:
                 for c in clients:
-                    label = " batched" if batched else ""
-                    url = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
-                    if tags[0].startswith("kubemaas-binary"):
-                        record(f"kubemaas binary{label}", c, hey(url, binary, c, a.seconds, header_len), srv.rss())
-                    if tags[-1].startswith("kubemaas-json"):
-                        record(f"kubemaas JSON{label}", c, hey(url, body, c, a.seconds), srv.rss())
+                    for contestant, url_path, payload, hlen in loads:
+                        record(contestant, c, hey(f"http://127.0.0.1:{port}{url_path}", payload, c, a.seconds, hlen),
+                               srv.rss())
             finally:
                 srv.stop()
+
+        def kubemaas(port, *flags):
+            return [str(SERVER), "serve", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
+                    "--metrics-port", "0", "--ort-library", ort_lib, "--model", f"{name}={path}", *flags]
+
+        for batched in (False, True):
+            suffix = "-batched" if batched else ""
+            flags = BATCH_FLAGS if batched else []
+            loads = [(f"kubemaas {kind}{' batched' if batched else ''}", infer, payload, hlen)
+                     for kind, tag, payload, hlen in (("binary", "kubemaas-binary", binary, header_len),
+                                                      ("JSON", "kubemaas-json", body, None))
+                     if tag + suffix in want]
+            if loads:
+                measure(f"kubemaas-{name}{suffix}", lambda p: kubemaas(p, *flags), loads)
         if "configs" in want:
             # The server's own choice against explicit instance × thread splits of the same cores.
             splits = sorted({(i, max(1, CORES // i)) for i in (1, 2, 4) if i <= 2 * CORES} | {(1, CORES)})
             for instances, threads in splits:
-                port = free_port()
-                srv = Proc(f"kubemaas-{name}-{instances}x{threads}",
-                           [str(SERVER), "serve", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
-                            "--metrics-port", "0", "--ort-library", ort_lib, "--model", f"{name}={path}",
-                            "--instances", str(instances), "--intra-op-threads", str(threads)],
-                           port, f"/v2/models/{name}/ready")
-                try:
-                    for c in clients:
-                        record(f"kubemaas binary {instances}×{threads} threads", c,
-                               hey(f"http://127.0.0.1:{port}/v2/models/{name}/infer", binary, c, a.seconds,
-                                   header_len), srv.rss())
-                finally:
-                    srv.stop()
+                measure(f"kubemaas-{name}-{instances}x{threads}",
+                        lambda p: kubemaas(p, "--instances", str(instances), "--intra-op-threads", str(threads)),
+                        [(f"kubemaas binary {instances}×{threads} threads", infer, binary, header_len)])
         if "kserve" in want:
-            port = free_port()
-            srv = Proc(f"kserve-{name}", [str(KSERVE), str(ROOT / "scripts/bench_rivals/kserve_onnx.py"),
-                                          "--model_path", str(path), "--model_name", name, "--http_port", str(port),
-                                          "--grpc_port", str(free_port())], port, f"/v2/models/{name}/ready",
-                       cwd=tmp)  # KServe writes Prometheus files into its working directory
-            try:
-                for c in clients:
-                    record("KServe 0.21 (JSON)", c,
-                           hey(f"http://127.0.0.1:{port}/v2/models/{name}/infer", body, c, a.seconds), srv.rss())
-            finally:
-                srv.stop()
+            # cwd: KServe writes Prometheus files into its working directory.
+            measure(f"kserve-{name}", lambda p: [str(KSERVE), str(ROOT / "scripts/bench_rivals/kserve_onnx.py"),
+                                                 "--model_path", str(path), "--model_name", name,
+                                                 "--http_port", str(p), "--grpc_port", str(free_port())],
+                    [("KServe 0.21 (JSON)", infer, body, None)], cwd=tmp)
         if "mlserver" in want:
-            port = free_port()
             d = Path(tmp) / f"mlserver-{name}"
-            (d / name).mkdir(parents=True, exist_ok=True)
-            (d / "settings.json").write_text(json.dumps({"host": "127.0.0.1", "http_port": port,
-                                                         "grpc_port": free_port(), "metrics_port": free_port()}))
-            (d / name / "model-settings.json").write_text(json.dumps({
-                "name": name, "implementation": "mlserver_onnx.OnnxModel", "parameters": {"uri": str(path)}}))
-            env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts/bench_rivals"))
-            srv = Proc(f"mlserver-{name}", [str(MLSERVER), "start", str(d)], port, f"/v2/models/{name}/ready",
-                       env=env, cwd=tmp)
-            try:
-                for c in clients:
-                    record("MLServer 1.7 (JSON)", c,
-                           hey(f"http://127.0.0.1:{port}/v2/models/{name}/infer", body, c, a.seconds), srv.rss())
-            finally:
-                srv.stop()
+
+            def mlserver(port):
+                (d / name).mkdir(parents=True, exist_ok=True)
+                (d / "settings.json").write_text(json.dumps({"host": "127.0.0.1", "http_port": port,
+                                                             "grpc_port": free_port(), "metrics_port": free_port()}))
+                (d / name / "model-settings.json").write_text(json.dumps({
+                    "name": name, "implementation": "mlserver_onnx.OnnxModel", "parameters": {"uri": str(path)}}))
+                return [str(MLSERVER), "start", str(d)]
+
+            measure(f"mlserver-{name}", mlserver, [("MLServer 1.7 (JSON)", infer, body, None)], cwd=tmp,
+                    env=dict(os.environ, PYTHONPATH=str(ROOT / "scripts/bench_rivals")))
         if "hello" in want and name == "dense":
-            port = free_port()
-            srv = Proc("hello", [str(HELLO), str(port)], port, "/")
-            try:
-                for c in clients:
-                    record("hello-world hyper (floor)", c, hey(f"http://127.0.0.1:{port}/", body, c, a.seconds),
-                           srv.rss())
-            finally:
-                srv.stop()
+            measure("hello", lambda p: [str(HELLO), str(p)], [("hello-world hyper (floor)", "/", body, None)],
+                    ready="/")
     (OUT / "bench.json").write_text(json.dumps(rows, indent=1))
     table = render(rows, a)
     print(table)

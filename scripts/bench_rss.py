@@ -3,6 +3,8 @@ threads) serves PP-OCR cls; hey keeps 64 clients sending binary requests for `--
 30 s warm-up; RSS is sampled every 15 s. Prints the samples and the spread around the median (the
 issue's target: ±5 %). Loopback only. Batching on with `--batching`."""
 import argparse
+import os
+import re
 import statistics
 import subprocess
 import sys
@@ -24,12 +26,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="kubemaas-rss-")
     path, inputs = bench.models(tmp)["cls"]
     body = Path(tmp) / "cls.bin"
-    data, header_len = bench.binary_body(path, inputs)
+    data, header_len = bench.binary_body(*bench.fit_inputs(path, inputs))
     body.write_bytes(data)
     port = bench.free_port()
     srv = bench.Proc("rss-server", [str(bench.SERVER), "serve", "--host", "127.0.0.1", "--http-port", str(port),
                                     "--grpc-port", "0", "--metrics-port", "0", "--ort-library",
-                                    bench.os.environ["ORT_DYLIB_PATH"], "--model", f"cls={path}",
+                                    os.environ["ORT_DYLIB_PATH"], "--model", f"cls={path}",
                                     *(bench.BATCH_FLAGS if a.batching else [])], port, "/v2/models/cls/ready")
     warm, total = 30, int(30 + a.minutes * 60)
     load = subprocess.Popen([str(bench.HEY), "-z", f"{total}s", "-c", str(a.clients), "-m", "POST",
@@ -49,7 +51,7 @@ def main():
         srv.stop()
     rss = [r for _, r in samples]
     med = statistics.median(rss)
-    rps = bench.re.search(r"Requests/sec:\s+([\d.]+)", out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     print(f"\ncls, {a.clients} clients, batching {'on' if a.batching else 'off'}, {a.minutes:g} min after {warm} s "
           f"warm-up, {rps.group(1) if rps else '?'} req/s: RSS median {med:.1f} MiB, min {min(rss):.1f} "
           f"({(min(rss) / med - 1) * 100:+.1f} %), max {max(rss):.1f} ({(max(rss) / med - 1) * 100:+.1f} %), "

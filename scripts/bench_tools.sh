@@ -23,5 +23,7 @@ if [ ! -x "$BENCH/hey-v0.1.4/hey" ]; then
   echo "building hey v0.1.4" >&2
   GOBIN="$BENCH/hey-v0.1.4" go install github.com/rakyll/hey@v0.1.4
 fi
-"$ROOT/.venv/bin/python" -c "import matplotlib" 2>/dev/null || "$ROOT/.venv/bin/pip" install -q "matplotlib==3.10.8"
+# The project's virtualenv (numpy, onnxruntime) comes from setup.sh --test, which make bench runs next.
+eval "$(bash "$ROOT/scripts/setup.sh" --test)"
+"$KUBEMAAS_VENV/bin/python" -c "import matplotlib" 2>/dev/null || "$KUBEMAAS_VENV/bin/pip" install -q "matplotlib==3.10.8"
 echo "KUBEMAAS_BENCH=$BENCH"

@@ -136,7 +136,6 @@ def nvml_check(models):
     out = {"uuid": uuid}
     try:
         out["idle_server"] = metrics(port)
-        stop_flag = []
         loader = threading.Thread(target=lambda: out.__setitem__("load", pa(port, "ocr-det", 16, (1, 3, 640, 640), secs=3000)))
         loader.start()
         time.sleep(5)
@@ -268,7 +267,7 @@ def bad_device(models):
         stop(p)
     text = open(f"{OUT}/server.log").read()
     tail = text[text.rfind("=== "):]
-    line = next((l for l in tail.splitlines() if "device 7" in l), tail[-600:])
+    line = next((l for l in tail.splitlines() if "failed to load" in l), tail[-600:])
     return {"exit_code": p.returncode, "message": line[:800]}
 
 

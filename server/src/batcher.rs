@@ -30,7 +30,7 @@ pub struct BatchConfig {
     /// Batch sizes dispatched as soon as they are reached, before the delay is up.
     pub preferred_batch_sizes: Vec<usize>,
     /// Batch sizes a batch is padded up to (zero rows, dropped from the outputs), ascending;
-    /// empty: no padding. See [`padding_sizes`].
+    /// empty: no padding. See [`padding_sizes`]; `--pad-batches` decides per model.
     pub pad_to: Vec<usize>,
 }
 
@@ -236,7 +236,8 @@ async fn dispatch(model: std::sync::Weak<LoadedModel>, config: BatchConfig, mut 
         if batch.is_empty() {
             continue;
         }
-        tokio::spawn(run(m, permit, batch, config.pad_to.clone()));
+        let rows: usize = batch.iter().map(|j| j.rows).sum();
+        tokio::spawn(run(m, permit, batch, pad_target(&config.pad_to, rows)));
     }
 }
 
@@ -252,7 +253,7 @@ async fn run(
     model: Arc<LoadedModel>,
     permit: tokio::sync::OwnedSemaphorePermit,
     mut batch: Vec<Job>,
-    pad_to: Vec<usize>,
+    padded: usize,
 ) {
     let started = Instant::now();
     for j in batch.iter_mut() {
@@ -270,7 +271,7 @@ async fn run(
             column.push(t);
         }
     }
-    let padded = pad_target(&pad_to, total);
+    let padded = padded.max(total);
     let inputs: Result<Vec<Tensor>, ApiError> = columns
         .into_iter()
         .map(|c| concat(c.into_iter()).and_then(|t| pad(t, padded - total)))

@@ -381,7 +381,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         max_batch_size,
         max_queue_delay: Duration::from_micros(max_queue_delay_us),
         max_queue_size: max_queue_size as usize,
-        pad_to: crate::batcher::padding_sizes(max_batch_size, &preferred_batch_size),
+        pad_to: Vec::new(),
         preferred_batch_sizes: preferred_batch_size,
     });
 
@@ -516,8 +516,11 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
                                     PadBatches::Never => false,
                                     PadBatches::Auto => m.backend.execution_provider() == ortb::CUDA_EP,
                                 };
-                                if !pad {
-                                    config.pad_to.clear();
+                                if pad {
+                                    config.pad_to = crate::batcher::padding_sizes(
+                                        config.max_batch_size,
+                                        &config.preferred_batch_sizes,
+                                    );
                                 }
                                 tracing::info!(model = %source.name, version = source.version, max_batch_size = config.max_batch_size, padded_to = ?config.pad_to, "dynamic batching on");
                                 let _ = m
