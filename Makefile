@@ -58,7 +58,7 @@ scale: ## Scale check, outside `make test`: 1,000 ModelDeployments on a fresh co
 faults: ## The fault test alone (it is part of make e2e): 50 ModelDeployments converge through injected 409s, 5xx, cut watches and 410s.
 	E2E_TEST=change E2E_FILTER=fifty_model_deployments bash e2e/run.sh
 
-bench: setup ## Benchmark, outside make test: kubemaas-server (binary/JSON, batching off/on) vs in-process ONNX Runtime, KServe 0.21, MLServer 1.7 and a hello-world hyper server; cls/det/MiniLM/dense at 1/4/16/64 clients (hey); table into docs/benchmarks.md, PNG in target/bench (BENCH_ARGS="--models dense --seconds 2" for a quick run).
+bench: setup ## Benchmark, outside make test: kubemaas-server (binary/JSON, batching off/on) vs in-process ONNX Runtime, KServe 0.21, MLServer 1.7 and a hello-world hyper server; cls/det/MiniLM/dense and a 1 MiB payload at 1/4/16/64 clients (hey); table into docs/benchmarks.md, PNG in target/bench (BENCH_ARGS="--models dense --seconds 2" for a quick run).
 	bash scripts/bench_tools.sh
 	cargo build --release -q -p kubemaas-server --bin kubemaas-server --example hello
 	eval "$$(bash scripts/setup.sh --test)" && ORT_DYLIB_PATH="$$ORT_DYLIB_PATH" "$$KUBEMAAS_VENV/bin/python" scripts/bench.py $(BENCH_ARGS)
