@@ -90,6 +90,17 @@ def repo_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def busy_model(tmp_path_factory):
+    """A model that keeps an instance busy for about a second per 256 rows from a small request
+    (`make_models.py --busy`), for tests about queueing, cancellation and draining: unlike
+    MatMul-heavy models, its run time does not shrink much on a faster CPU."""
+    path = tmp_path_factory.mktemp("busy") / "model.onnx"
+    subprocess.run([sys.executable, str(ROOT / "tests" / "models" / "make_models.py"), "--busy", str(path)],
+                   check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
 def server(repo_dir, tmp_path_factory):
     """One server for the whole session, serving every test model with 2 instances."""
     s = Server(["--model-repository", str(repo_dir), "--instances", "2",

@@ -422,9 +422,9 @@ def test_a_full_batch_queue_is_resource_exhausted_at_once(repo_dir, tmp_path):
         assert s.stop() == 0
 
 
-def test_health_service_follows_readiness_and_sigterm_drains_a_stream(repo_dir, tmp_path, v2pb):
+def test_health_service_follows_readiness_and_sigterm_drains_a_stream(busy_model, tmp_path, v2pb):
     _, hpb = v2pb
-    s = Server(["--model", f"slow={repo_dir / 'slow' / '1' / 'model.onnx'}", "--instances", "1",
+    s = Server(["--model", f"slow={busy_model}", "--instances", "1",
                 "--shutdown-delay", "1", "--shutdown-timeout", "30"], tmp_path / "server.log")
     channel = grpc.insecure_channel(s.grpc)
     check = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=lambda m: m.SerializeToString(),
@@ -443,12 +443,12 @@ def test_health_service_follows_readiness_and_sigterm_drains_a_stream(repo_dir, 
         watcher = threading.Thread(target=lambda: watched.extend(u.status for u in updates))
         watcher.start()
 
-        # Twenty slow requests (~0.2 s each, one instance) in flight on one stream at SIGTERM: most
-        # are still queued when the 1 s shutdown delay ends and draining begins.
+        # Twenty slow requests (~0.1-0.2 s each, one instance) in flight on one stream at SIGTERM:
+        # most are still queued when the 1 s shutdown delay ends and draining begins.
         client = grpcclient.InferenceServerClient(s.grpc)
         answers, errors, n = [], [], 20
-        x = grpcclient.InferInput("x", [1024, 512], "FP32")
-        x.set_data_from_numpy(np.ones((1024, 512), dtype=np.float32))
+        x = grpcclient.InferInput("x", [128, 256], "FP32")
+        x.set_data_from_numpy(np.ones((128, 256), dtype=np.float32))
 
         def callback(result, error):
             (errors if error else answers).append((time.time(), error or result))

@@ -12,6 +12,7 @@ test checks it is what this script writes.
 
 Usage: python make_models.py OUT_DIR
        python make_models.py --row-stats FILE
+       python make_models.py --busy FILE   (a model that runs ~1 s for 256 rows: cancellation tests)
 """
 
 import sys
@@ -163,8 +164,35 @@ def slow_to_load(nodes: int = 5000):
                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1])], [c])
 
 
+def busy(iterations: int = 8000, width: int = 256):
+    """x FP32 [-1,256] multiplied by one orthogonal 256x256 matrix 8,000 times in an ONNX Loop: about
+    28 ms for one row and 1 ms per further row on one core, from a small request, so a test can keep
+    an instance busy for a second without a large body. Orthogonal keeps every row's norm, so
+    answers stay well away from zero and can be compared."""
+    rng = np.random.default_rng(7)
+    q, _ = np.linalg.qr(rng.standard_normal((width, width)))
+    m = numpy_helper.from_array(q.astype(np.float32), "m")
+    state = [-1, width]
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["s_in", "m"], ["s_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("s_in", TensorProto.FLOAT, state)],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("s_out", TensorProto.FLOAT, state)])
+    n = numpy_helper.from_array(np.array(iterations, dtype=np.int64), "n")
+    keep_going = numpy_helper.from_array(np.array(True), "keep_going")
+    return model([helper.make_node("Loop", ["n", "keep_going", "x"], ["y"], body=body)],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, state)],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, state)], [m, n, keep_going])
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "--slow-to-load":
+    if sys.argv[1] == "--busy":
+        Path(sys.argv[2]).parent.mkdir(parents=True, exist_ok=True)
+        Path(sys.argv[2]).write_bytes(busy().SerializeToString())
+    elif sys.argv[1] == "--slow-to-load":
         Path(sys.argv[2]).parent.mkdir(parents=True, exist_ok=True)
         Path(sys.argv[2]).write_bytes(slow_to_load().SerializeToString())
     elif sys.argv[1] == "--row-stats":
