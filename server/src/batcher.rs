@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::PhaseTimes;
+use crate::backend::{PhaseTimes, Reply, Work};
 use crate::protocol::error::ApiError;
 use crate::repository::LoadedModel;
 use crate::tensor::{Tensor, TensorData};
@@ -60,10 +60,6 @@ pub struct Done {
     pub phases: PhaseTimes,
     /// From enqueueing until the batch started.
     pub queue: Duration,
-    /// Rows in the batch this request ran in.
-    pub batch_rows: usize,
-    /// Whether this request reports the batch's execution (exactly one per batch does).
-    pub reports_execution: bool,
 }
 
 struct Job {
@@ -76,6 +72,8 @@ struct Job {
     reply: oneshot::Sender<Result<Done, ApiError>>,
     /// Counts the job in the queue-depth gauge until its batch starts (or it is dropped).
     queued: Option<crate::metrics::GaugeToken>,
+    /// The model version's statistics, where the batch's execution is counted.
+    stats: Arc<crate::metrics::ModelStats>,
 }
 
 impl Job {
@@ -119,6 +117,7 @@ impl Batcher {
         rows: usize,
         timeout: Option<Duration>,
         queued: crate::metrics::GaugeToken,
+        stats: Arc<crate::metrics::ModelStats>,
     ) -> Result<Done, ApiError> {
         if rows > self.config.max_batch_size {
             return Err(ApiError::BadRequest(format!(
@@ -138,6 +137,7 @@ impl Batcher {
             deadline: timeout.map(|t| Instant::now() + t),
             reply,
             queued: Some(queued),
+            stats,
         };
         self.tx.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => ApiError::QueueFull(format!(
@@ -278,15 +278,28 @@ async fn run(
         .collect();
     let result = match inputs {
         Ok(inputs) => {
-            let m = model.clone();
-            tokio::task::spawn_blocking(move || m.backend.infer(inputs, &outputs))
+            // The batch's execution is counted when it runs, whoever is still waiting for it.
+            let stats = batch[0].stats.clone();
+            let (reply, outcome) = oneshot::channel();
+            model.backend.submit(
+                Work {
+                    inputs,
+                    outputs,
+                    reply: Reply::Async(reply),
+                    on_run: Some(Box::new(move |phases| {
+                        stats.record_execution(total as u64, *phases, true)
+                    })),
+                    permit: Some(permit),
+                },
+                None,
+            );
+            outcome
                 .await
-                .map_err(|e| ApiError::Internal(format!("inference task failed: {e}")))
+                .map_err(|_| ApiError::Internal("the model's instance stopped before answering".into()))
                 .and_then(|r| r.map_err(ApiError::from))
         }
         Err(e) => Err(e),
     };
-    drop(permit);
     let (outs, phases) = match result {
         Ok(r) => r,
         Err(e) => {
@@ -313,13 +326,11 @@ async fn run(
             }
         }
     }
-    for (n, (j, outputs)) in batch.into_iter().zip(per_request).enumerate() {
+    for (j, outputs) in batch.into_iter().zip(per_request) {
         let _ = j.reply.send(Ok(Done {
             outputs,
             phases,
             queue: started.saturating_duration_since(j.enqueued),
-            batch_rows: total,
-            reports_execution: n == 0,
         }));
     }
 }
@@ -527,6 +538,7 @@ mod tests {
             deadline: None,
             reply: oneshot::channel().0,
             queued: None,
+            stats: Arc::new(crate::metrics::ModelStats::default()),
         };
         let a = job(f32s("x", 1, 3, 0.0), vec!["y"]);
         assert!(a.fits_with(&job(f32s("x", 4, 3, 0.0), vec!["y"])));

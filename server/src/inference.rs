@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{Signature, TensorSpec};
+use crate::backend::{Reply, Signature, TensorSpec, Work};
 use crate::metrics::{FailureReason, ModelStats};
 use crate::protocol::error::ApiError;
 use crate::repository::LoadedModel;
@@ -131,7 +131,7 @@ impl Drop for InFlight<'_> {
 /// 503 without running.
 pub async fn execute(
     model: Arc<LoadedModel>,
-    stats: &ModelStats,
+    stats: &Arc<ModelStats>,
     start: Instant,
     inputs: Vec<Tensor>,
     outputs: Vec<String>,
@@ -146,7 +146,7 @@ pub async fn execute(
 
 async fn execute_inner(
     model: Arc<LoadedModel>,
-    stats: &ModelStats,
+    stats: &Arc<ModelStats>,
     start: Instant,
     inputs: Vec<Tensor>,
     outputs: Vec<String>,
@@ -169,18 +169,9 @@ async fn execute_inner(
     if let Some(batcher) = model.batcher.get().filter(|_| uniform) {
         let queued = crate::metrics::GaugeToken::new(&stats.queued);
         let done = batcher
-            .submit(inputs, outputs, rows as usize, timeout, queued)
+            .submit(inputs, outputs, rows as usize, timeout, queued, stats.clone())
             .await?;
-        if done.reports_execution {
-            stats.record_batch(done.batch_rows as u64, done.phases);
-        }
-        stats.record_success(
-            start.elapsed(),
-            done.queue,
-            done.phases,
-            rows,
-            u64::from(done.reports_execution),
-        );
+        stats.record_success(start.elapsed(), done.queue, done.phases);
         return Ok(done.outputs);
     }
     let queued = Instant::now();
@@ -195,16 +186,27 @@ async fn execute_inner(
     .map_err(|_| ApiError::Unavailable("the model is being unloaded".into()))?;
     drop(waiting);
     let queue_time = queued.elapsed();
-    let m = model.clone();
-    // Inference is CPU-bound and blocking: keep it off the reactor threads. The permit goes with
-    // it, so a client that disconnects mid-inference does not free the instance early.
-    let (out, phases) = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        m.backend.infer(inputs, &outputs)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("inference task failed: {e}")))??;
-    stats.record_success(start.elapsed(), queue_time, phases, rows, 1);
+    // The instance's own thread runs it. The permit goes with the work and is released only when
+    // the instance is free again, so a client that disconnects mid-run frees nothing early; one
+    // that disconnects before its run starts is dropped unrun.
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    let counted = stats.clone();
+    model.backend.submit(
+        Work {
+            inputs,
+            outputs,
+            reply: Reply::Async(reply),
+            on_run: Some(Box::new(move |phases| {
+                counted.record_execution(rows, *phases, false)
+            })),
+            permit: Some(permit),
+        },
+        None,
+    );
+    let (out, phases) = outcome
+        .await
+        .map_err(|_| ApiError::Internal("the model's instance stopped before answering".into()))??;
+    stats.record_success(start.elapsed(), queue_time, phases);
     Ok(out)
 }
 

@@ -203,24 +203,14 @@ impl ModelStats {
         self.inflight.lock().map(|mut i| i.step(0)).unwrap_or(0.0)
     }
 
-    /// Records a successful request with its phases. `executions` is 1 for a request that ran
-    /// alone and, for a batch, 1 for one of its requests and 0 for the others.
-    pub fn record_success(
-        &self,
-        total: Duration,
-        queue: Duration,
-        phases: crate::backend::PhaseTimes,
-        rows: u64,
-        executions: u64,
-    ) {
+    /// Records a successful request with the phases of the execution it ran in.
+    pub fn record_success(&self, total: Duration, queue: Duration, phases: crate::backend::PhaseTimes) {
         let _recording = self.consistent.read();
         self.success.add(total);
         self.queue.add(queue);
         self.compute_input.add(phases.input);
         self.compute_infer.add(phases.infer);
         self.compute_output.add(phases.output);
-        self.inference_count.fetch_add(rows, Relaxed);
-        self.execution_count.fetch_add(executions, Relaxed);
         self.observe(total);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -229,10 +219,13 @@ impl ModelStats {
         self.last_inference_ms.store(now, Relaxed);
     }
 
-    /// Records one batched execution of `rows` rows (Triton's `batch_stats`).
-    pub fn record_batch(&self, rows: u64, phases: crate::backend::PhaseTimes) {
+    /// Records one execution of `rows` rows, when it happens: an execution whose clients all left
+    /// while it ran still ran and is counted. `batched` also counts it in Triton's `batch_stats`.
+    pub fn record_execution(&self, rows: u64, phases: crate::backend::PhaseTimes, batched: bool) {
         let _recording = self.consistent.read();
-        if let Ok(mut b) = self.batches.lock() {
+        self.inference_count.fetch_add(rows, Relaxed);
+        self.execution_count.fetch_add(1, Relaxed);
+        if batched && let Ok(mut b) = self.batches.lock() {
             let e = b.entry(rows).or_default();
             e[0].add(phases.input);
             e[1].add(phases.infer);
@@ -506,13 +499,9 @@ mod tests {
                 let (stats, done) = (stats.clone(), done.clone());
                 std::thread::spawn(move || {
                     while !done.load(Relaxed) {
-                        stats.record_success(
-                            Duration::from_micros(5),
-                            Duration::ZERO,
-                            crate::backend::PhaseTimes::default(),
-                            1,
-                            1,
-                        );
+                        let phases = crate::backend::PhaseTimes::default();
+                        stats.record_execution(1, phases, true);
+                        stats.record_success(Duration::from_micros(5), Duration::ZERO, phases);
                     }
                 })
             })
@@ -522,7 +511,18 @@ mod tests {
             let count = |k: &str| j["inference_stats"][k]["count"].as_u64();
             assert_eq!(count("compute_input"), count("compute_infer"), "{j}");
             assert_eq!(count("compute_infer"), count("compute_output"), "{j}");
-            assert_eq!(count("success"), j["execution_count"].as_u64(), "{j}");
+            assert_eq!(count("success"), count("queue"), "{j}");
+            // Executions are counted when they run, before their requests answer.
+            assert!(count("success") <= j["execution_count"].as_u64(), "{j}");
+            let batched: u64 = j["batch_stats"]
+                .as_array()
+                .map(|b| {
+                    b.iter()
+                        .filter_map(|e| e["compute_infer"]["count"].as_u64())
+                        .sum()
+                })
+                .unwrap_or(0);
+            assert_eq!(Some(batched), j["execution_count"].as_u64(), "{j}");
         }
         done.store(true, Relaxed);
         for w in writers {
@@ -533,12 +533,11 @@ mod tests {
     #[test]
     fn rendering_keeps_triton_names_without_total_suffix() {
         let stats = ModelStats::default();
+        stats.record_execution(2, crate::backend::PhaseTimes::default(), false);
         stats.record_success(
             Duration::from_millis(3),
             Duration::from_micros(10),
             crate::backend::PhaseTimes::default(),
-            2,
-            1,
         );
         stats.record_failure(Duration::from_millis(1), FailureReason::Rejected);
         let text = render(&[ModelMetricsView {

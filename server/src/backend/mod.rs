@@ -61,7 +61,60 @@ pub enum BackendError {
     Runtime(String),
 }
 
-/// A loaded model ready to execute. Implementations are blocking; callers run them off the reactor.
+/// What an execution returns: the outputs asked for, and the time each phase took.
+pub type Outcome = Result<(Vec<Tensor>, PhaseTimes), BackendError>;
+
+/// Where an execution's outcome goes.
+pub enum Reply {
+    /// To an async caller. If the caller has gone (its client disconnected) when an instance picks
+    /// the work up, the work is dropped without running.
+    Async(tokio::sync::oneshot::Sender<Outcome>),
+    /// To a thread blocked until the outcome comes.
+    Blocking(std::sync::mpsc::SyncSender<Outcome>),
+}
+
+impl Reply {
+    /// Whether nobody waits for the outcome any more.
+    pub fn abandoned(&self) -> bool {
+        match self {
+            Reply::Async(tx) => tx.is_closed(),
+            Reply::Blocking(_) => false,
+        }
+    }
+
+    /// Delivers the outcome; a caller that has gone is not an error.
+    pub fn send(self, outcome: Outcome) {
+        match self {
+            Reply::Async(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Reply::Blocking(tx) => {
+                let _ = tx.send(outcome);
+            }
+        }
+    }
+}
+
+/// Called on the instance's thread after a successful run, with its phases.
+pub type OnRun = Box<dyn FnOnce(&PhaseTimes) + Send>;
+
+/// One execution handed to a model's instances.
+pub struct Work {
+    /// Inputs, validated against the signature.
+    pub inputs: Vec<Tensor>,
+    /// Outputs asked for (all when empty), in the order asked.
+    pub outputs: Vec<String>,
+    /// Where the outcome goes.
+    pub reply: Reply,
+    /// Runs after a successful run and before the reply, whether or not anyone still waits: an
+    /// execution that happened is counted even when its client left.
+    pub on_run: Option<OnRun>,
+    /// The caller's place in the model's instance bound, released only once the instance is free
+    /// again, so a client that disconnects mid-run never lets another execution start beside it.
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// A loaded model ready to execute. Each instance runs on its own thread; callers hand it [`Work`].
 pub trait Backend: Send + Sync {
     /// Inputs and outputs as declared by the model.
     fn signature(&self) -> &Signature;
@@ -74,11 +127,30 @@ pub trait Backend: Send + Sync {
     }
     /// Number of executions that may run at once.
     fn instances(&self) -> usize;
-    /// Runs the model on `inputs` (validated against the signature) and returns the `outputs` asked
-    /// for (all when empty), in the order asked.
-    fn infer(
-        &self,
-        inputs: Vec<Tensor>,
-        outputs: &[String],
-    ) -> Result<(Vec<Tensor>, PhaseTimes), BackendError>;
+    /// Hands `work` to instance `instance`, or to any free one when None, waiting while none is
+    /// free. A caller holding a permit of the model's instance bound (one per instance) never
+    /// waits: an instance is free again before its permit is released.
+    fn submit(&self, work: Work, instance: Option<usize>);
+    /// Runs the model on any free instance and waits for the outcome. Blocking: call it off the
+    /// async reactor.
+    fn infer(&self, inputs: Vec<Tensor>, outputs: &[String]) -> Outcome {
+        self.infer_on(None, inputs, outputs)
+    }
+    /// Runs the model on `instance` (any when None) and waits for the outcome. Blocking.
+    fn infer_on(&self, instance: Option<usize>, inputs: Vec<Tensor>, outputs: &[String]) -> Outcome {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let work = Work {
+            inputs,
+            outputs: outputs.to_vec(),
+            reply: Reply::Blocking(tx),
+            on_run: None,
+            permit: None,
+        };
+        self.submit(work, instance);
+        rx.recv().unwrap_or_else(|_| {
+            Err(BackendError::Runtime(
+                "the model's instance stopped before answering".into(),
+            ))
+        })
+    }
 }

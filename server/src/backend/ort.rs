@@ -1,7 +1,7 @@
 //! ONNX Runtime backend: sessions, execution-provider selection, conversion to and from ORT values.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -11,7 +11,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, TensorElementType, ValueType};
 
-use super::{Backend, BackendError, PhaseTimes, Signature, TensorSpec};
+use super::{Backend, BackendError, Outcome, PhaseTimes, Signature, TensorSpec, Work};
 use crate::tensor::{DataType, Tensor, TensorData};
 
 /// Name ORT gives the CPU execution provider.
@@ -134,14 +134,67 @@ pub fn init_runtime(library: &Path) -> Result<Environment, BackendError> {
         .map_err(|e| BackendError::Library(e.to_string()))
 }
 
-/// A model with a pool of ONNX Runtime sessions.
+/// A model served by `instances` ONNX Runtime sessions, each owned by its own worker thread: a
+/// session keeps its thread (and that thread's caches) for its whole life, and no session is
+/// passed between threads or locked per run. Dropping the model ends the threads once they finish
+/// what they run.
 pub struct OrtModel {
     signature: Signature,
     provider: &'static str,
     fallback: Option<String>,
-    instances: usize,
-    pool: Mutex<Vec<Session>>,
-    available: Condvar,
+    queues: Vec<mpsc::Sender<Work>>,
+    idle: Arc<Idle>,
+}
+
+/// The instances not running anything.
+struct Idle {
+    free: Mutex<Vec<usize>>,
+    freed: Condvar,
+}
+
+impl Idle {
+    fn release(&self, k: usize) {
+        if let Ok(mut free) = self.free.lock() {
+            free.push(k);
+            self.freed.notify_all();
+        }
+    }
+}
+
+/// An instance's thread: runs what it is handed, one at a time, until the model is dropped.
+fn worker(
+    k: usize,
+    mut session: Session,
+    all_outputs: Vec<String>,
+    jobs: mpsc::Receiver<Work>,
+    idle: Arc<Idle>,
+) {
+    while let Ok(work) = jobs.recv() {
+        let Work {
+            inputs,
+            outputs,
+            reply,
+            on_run,
+            permit,
+        } = work;
+        // A caller that left before its run starts costs nothing.
+        let outcome = (!reply.abandoned()).then(|| {
+            // A panic inside ONNX Runtime's bindings fails this request, not the instance.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(&mut session, &all_outputs, inputs, &outputs)
+            }))
+            .unwrap_or_else(|_| Err(BackendError::Runtime("the ONNX Runtime run panicked".into())))
+        });
+        // Free before the permit goes: whoever takes the permit next must find a free instance.
+        idle.release(k);
+        drop(permit);
+        if let Some(outcome) = outcome {
+            if let (Ok((_, phases)), Some(on_run)) = (&outcome, on_run) {
+                on_run(phases);
+            }
+            reply.send(outcome);
+        }
+    }
 }
 
 fn build_session(
@@ -278,49 +331,50 @@ impl OrtModel {
             .map(|o| spec_of(o.name(), o.dtype(), "output"))
             .collect::<Result<Vec<_>, _>>()
             .map_err(load_err)?;
-        let mut pool = vec![first];
+        let mut sessions = vec![first];
         for _ in 1..instances {
-            pool.push(build_session(env, path, opts, plan.intra_threads, cuda).map_err(load_err)?);
+            sessions.push(build_session(env, path, opts, plan.intra_threads, cuda).map_err(load_err)?);
+        }
+        let all_outputs: Vec<String> = outputs.iter().map(|o| o.name.clone()).collect();
+        let idle = Arc::new(Idle {
+            free: Mutex::new((0..instances).rev().collect()),
+            freed: Condvar::new(),
+        });
+        let mut queues = Vec::with_capacity(instances);
+        for (k, session) in sessions.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel();
+            let (all_outputs, idle) = (all_outputs.clone(), idle.clone());
+            std::thread::Builder::new()
+                .name(format!("instance-{k}"))
+                .spawn(move || worker(k, session, all_outputs, rx, idle))
+                .map_err(|e| load_err(format!("cannot start the thread of instance {k}: {e}")))?;
+            queues.push(tx);
         }
         Ok(OrtModel {
             signature: Signature { inputs, outputs },
             provider,
             fallback,
-            instances,
-            pool: Mutex::new(pool),
-            available: Condvar::new(),
+            queues,
+            idle,
         })
     }
 
-    fn take_session(&self) -> Result<Session, BackendError> {
-        let poisoned = |_| BackendError::Runtime("session pool lock poisoned".into());
-        let mut pool = self.pool.lock().map_err(poisoned)?;
+    /// Takes instance `which` (any when None) out of the free list, waiting until it is free.
+    fn take(&self, which: Option<usize>) -> Result<usize, BackendError> {
+        if which.is_some_and(|k| k >= self.queues.len()) {
+            return Err(BackendError::Runtime(format!("no instance {which:?}")));
+        }
+        let poisoned = |_| BackendError::Runtime("instance list lock poisoned".into());
+        let mut free = self.idle.free.lock().map_err(poisoned)?;
         loop {
-            if let Some(s) = pool.pop() {
-                return Ok(s);
+            let at = match which {
+                None => free.len().checked_sub(1),
+                Some(k) => free.iter().position(|&i| i == k),
+            };
+            if let Some(at) = at {
+                return Ok(free.swap_remove(at));
             }
-            pool = self.available.wait(pool).map_err(poisoned)?;
-        }
-    }
-
-    fn return_session(&self, s: Session) {
-        if let Ok(mut pool) = self.pool.lock() {
-            pool.push(s);
-            self.available.notify_one();
-        }
-    }
-}
-
-/// Returns a session to the pool even if the run fails.
-struct Lease<'a> {
-    model: &'a OrtModel,
-    session: Option<Session>,
-}
-
-impl Drop for Lease<'_> {
-    fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            self.model.return_session(s);
+            free = self.idle.freed.wait(free).map_err(poisoned)?;
         }
     }
 }
@@ -449,64 +503,61 @@ impl Backend for OrtModel {
     }
 
     fn instances(&self) -> usize {
-        self.instances
+        self.queues.len()
     }
 
-    fn infer(
-        &self,
-        inputs: Vec<Tensor>,
-        outputs: &[String],
-    ) -> Result<(Vec<Tensor>, PhaseTimes), BackendError> {
-        let t0 = Instant::now();
-        let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
-        for t in inputs {
-            let name = t.name.clone();
-            values.push((name, to_value(t)?));
-        }
-        let wanted: Vec<String> = if outputs.is_empty() {
-            self.signature.outputs.iter().map(|o| o.name.clone()).collect()
-        } else {
-            outputs.to_vec()
+    fn submit(&self, work: Work, instance: Option<usize>) {
+        let k = match self.take(instance) {
+            Ok(k) => k,
+            Err(e) => return work.reply.send(Err(e)),
         };
-        let mut selector = ort::session::OutputSelector::no_default();
-        for name in &wanted {
-            selector = selector.with(name.clone());
+        if let Err(mpsc::SendError(work)) = self.queues[k].send(work) {
+            // The thread is gone (it can only end with the model); k stays out of the free list.
+            work.reply
+                .send(Err(BackendError::Runtime(format!("instance {k} has stopped"))));
         }
-        let run_options = RunOptions::new()
-            .map_err(|e| BackendError::Runtime(e.to_string()))?
-            .with_outputs(selector);
-        let t1 = Instant::now();
-        let mut lease = Lease {
-            model: self,
-            session: Some(self.take_session()?),
-        };
-        let session = lease
-            .session
-            .as_mut()
-            .ok_or_else(|| BackendError::Runtime("no session".into()))?;
-        let result = session
-            .run_with_options(values, &run_options)
-            .map_err(run_error)?;
-        let t2 = Instant::now();
-        let mut out = Vec::with_capacity(wanted.len());
-        for name in &wanted {
-            let v = result
-                .get(name)
-                .ok_or_else(|| BackendError::Runtime(format!("the model did not produce output {name:?}")))?;
-            out.push(from_value(name, v)?);
-        }
-        drop(result);
-        drop(lease);
-        let t3 = Instant::now();
-        Ok((
-            out,
-            PhaseTimes {
-                input: t1 - t0,
-                infer: t2 - t1,
-                output: t3 - t2,
-            },
-        ))
     }
+}
+
+/// Runs `session` on `inputs` and returns the `outputs` asked for (all of `all_outputs` when
+/// empty), in the order asked.
+fn run(session: &mut Session, all_outputs: &[String], inputs: Vec<Tensor>, outputs: &[String]) -> Outcome {
+    let t0 = Instant::now();
+    let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
+    for t in inputs {
+        let name = t.name.clone();
+        values.push((name, to_value(t)?));
+    }
+    let wanted = if outputs.is_empty() { all_outputs } else { outputs };
+    let mut selector = ort::session::OutputSelector::no_default();
+    for name in wanted {
+        selector = selector.with(name.clone());
+    }
+    let run_options = RunOptions::new()
+        .map_err(|e| BackendError::Runtime(e.to_string()))?
+        .with_outputs(selector);
+    let t1 = Instant::now();
+    let result = session
+        .run_with_options(values, &run_options)
+        .map_err(run_error)?;
+    let t2 = Instant::now();
+    let mut out = Vec::with_capacity(wanted.len());
+    for name in wanted {
+        let v = result
+            .get(name)
+            .ok_or_else(|| BackendError::Runtime(format!("the model did not produce output {name:?}")))?;
+        out.push(from_value(name, v)?);
+    }
+    drop(result);
+    let t3 = Instant::now();
+    Ok((
+        out,
+        PhaseTimes {
+            input: t1 - t0,
+            infer: t2 - t1,
+            output: t3 - t2,
+        },
+    ))
 }
 
 /// Where the ONNX Runtime library is looked for, in order, when no path is given explicitly.
