@@ -1,6 +1,7 @@
 """What a user sees when something is wrong around the binaries: the operator's readiness with no
 apiserver, errors printed once and without a backtrace, and `make help` listing every target."""
 
+import json
 import os
 import re
 import signal
@@ -9,7 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import requests
+
+from conftest import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 OPERATOR = ROOT / "target" / "debug" / "kubemaas-operator"
@@ -131,3 +135,25 @@ def test_text_logs_carry_no_colour_codes_when_not_a_terminal(tmp_path):
         _, err = proc.communicate(timeout=60)
         assert err.strip(), binary
         assert b"\x1b[" not in err, (binary, err[:300])
+
+
+@pytest.mark.parametrize("flags, instances, threads", [
+    (["--cpus", "3"], 3, 1),
+    (["--cpus", "16"], 4, 4),
+    (["--cpus", "8", "--instances", "2"], 2, 4),
+    (["--cpus", "8", "--intra-op-threads", "4"], 2, 4),
+    ([], min(len(os.sched_getaffinity(0)), 4), 1),
+], ids=["3-cores", "16-cores", "8-cores-2-instances", "8-cores-4-threads", "usable-cores"])
+def test_the_server_plans_instances_and_threads_for_the_cores_it_is_given(tmp_path, flags, instances, threads):
+    # What the operator relies on when it passes a pod's cores (--cpus) and leaves the rest at 0:
+    # the instances really serve (/config's instance_group) and instances x threads fit the cores.
+    s = Server(["--model", f"row-stats={ROW_STATS}", "--execution-provider", "cpu", *flags], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        config = requests.get(f"{s.url}/v2/models/row-stats/config", timeout=10).json()
+        assert config["instance_group"][0]["count"] == instances, config
+        events = [json.loads(line) for line in s.log_path.read_text().splitlines() if line.startswith("{")]
+        [plan] = [e for e in events if e.get("message") == "sessions"]
+        assert (plan["instances"], plan["intra_op_threads"]) == (instances, threads), plan
+    finally:
+        assert s.stop() == 0

@@ -72,6 +72,12 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_INSTANCES", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
     pub instances: u16,
 
+    /// Cores to plan for when `--instances` or `--intra-op-threads` is 0. 0: the cores this
+    /// process may use (its cgroup CPU quota and affinity). The operator passes the pod's CPU
+    /// limit, else its request: a pod with a request and no limit has no quota to read.
+    #[arg(long, env = "KUBEMAAS_CPUS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=4096))]
+    pub cpus: u16,
+
     /// CUDA device ordinal for the CUDA execution provider (`nvidia-smi` numbering, after
     /// CUDA_VISIBLE_DEVICES). A device that does not exist fails the load with `cuda` and falls
     /// back to the CPU with `auto`.
@@ -354,6 +360,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         graph_optimization,
         intra_op_threads,
         instances,
+        cpus,
         gpu_device,
         cuda_conv_algo_search,
         max_request_bytes,
@@ -495,6 +502,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         optimization: graph_optimization,
         intra_threads: intra_op_threads,
         instances: usize::from(instances),
+        cpus: usize::from(cpus),
         gpu_device,
         conv_algo_search: cuda_conv_algo_search,
     };

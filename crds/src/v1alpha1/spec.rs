@@ -500,12 +500,15 @@ fn default_gpu_resource() -> String {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RuntimeSpec {
-    /// ONNX Runtime sessions per pod: requests run in parallel up to this many.
-    #[serde(default = "default_one")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("runtime.instances must be between 1 and 64"))]
+    /// ONNX Runtime sessions per pod, each with its own thread: requests run in parallel up to
+    /// this many. 0 (the default) lets the server choose: on a CPU one per core of the pod's CPU
+    /// limit (else request), at most 4; on CUDA 4.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 64").message("runtime.instances must be between 0 (the server chooses) and 64"))]
     pub instances: i32,
 
-    /// Intra-op threads per session; 0 derives it from the CPU limit.
+    /// Intra-op threads per session; 0 shares the pod's CPU limit (else request) among the
+    /// instances.
     #[serde(default)]
     #[x_kube(validation = Rule::new("self >= 0").message("runtime.intraOpThreads must not be negative"))]
     pub intra_op_threads: i32,

@@ -55,6 +55,8 @@ pub struct OrtOptions {
     /// Sessions per model, so requests run in parallel without one lock; 0 chooses (see
     /// [`plan_threads`]).
     pub instances: usize,
+    /// Cores to plan for when choosing; 0: the cores this process may use ([`usable_cpus`]).
+    pub cpus: usize,
     /// CUDA device ordinal the CUDA execution provider runs on.
     pub gpu_device: i32,
     /// How cuDNN picks convolution algorithms on CUDA.
@@ -278,7 +280,7 @@ impl OrtModel {
             path: path.display().to_string(),
             message,
         };
-        let cpus = usable_cpus();
+        let cpus = if opts.cpus > 0 { opts.cpus } else { usable_cpus() };
         let cpu_plan = plan_threads(opts.instances, opts.intra_threads, cpus, false);
         let cuda_plan = plan_threads(opts.instances, opts.intra_threads, cpus, true);
         let mut fallback = None;

@@ -300,6 +300,7 @@ impl Pair {
             optimization: OptLevel::All,
             intra_threads: threads,
             instances: 1,
+            cpus: 0,
             gpu_device: 0,
             conv_algo_search: crate::backend::ort::ConvAlgoSearch::Heuristic,
         };

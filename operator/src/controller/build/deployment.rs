@@ -157,19 +157,6 @@ fn pod_cores(md: &ModelDeployment) -> i32 {
         .unwrap_or(0)
 }
 
-/// Intra-op threads: explicit, else derived from the CPU limit (else request), else 0 (ORT's default).
-fn intra_op_threads(md: &ModelDeployment) -> i32 {
-    let explicit = md.spec.runtime.as_ref().map(|r| r.intra_op_threads).unwrap_or(0);
-    if explicit > 0 {
-        return explicit;
-    }
-    let total = pod_cores(md);
-    // Each instance is a session with its own thread pool: share the pod's cores among them
-    // instead of giving every one all of them (instances × cores threads would thrash).
-    let instances = md.spec.runtime.as_ref().map(|r| r.instances).unwrap_or(1).max(1);
-    if total == 0 { 0 } else { (total / instances).max(1) }
-}
-
 /// Arguments of `kubemaas-server serve` for this spec.
 pub fn server_args(md: &ModelDeployment, cfg: &BuildConfig) -> Vec<String> {
     let ep = match md.spec.accelerator {
@@ -177,7 +164,11 @@ pub fn server_args(md: &ModelDeployment, cfg: &BuildConfig) -> Vec<String> {
         Accelerator::Cuda => "cuda",
         Accelerator::Auto => "auto",
     };
-    let instances = md.spec.runtime.as_ref().map(|r| r.instances).unwrap_or(1);
+    let runtime = md.spec.runtime.as_ref();
+    // 0s are the server's to resolve: it shares the cores among the instances so instances ×
+    // threads never exceeds them, and it knows whether CUDA really registered.
+    let instances = runtime.map(|r| r.instances).unwrap_or(0);
+    let intra_op_threads = runtime.map(|r| r.intra_op_threads).unwrap_or(0);
     [
         "serve",
         "--model-repository",
@@ -187,7 +178,7 @@ pub fn server_args(md: &ModelDeployment, cfg: &BuildConfig) -> Vec<String> {
         "--instances",
         &instances.to_string(),
         "--intra-op-threads",
-        &intra_op_threads(md).to_string(),
+        &intra_op_threads.to_string(),
         "--http-port",
         &ports::HTTP.to_string(),
         "--grpc-port",
@@ -205,9 +196,19 @@ pub fn server_args(md: &ModelDeployment, cfg: &BuildConfig) -> Vec<String> {
     ]
     .into_iter()
     .map(String::from)
+    .chain(cpu_args(md))
     .chain(batching_args(md))
     .chain(security_args(md))
     .collect()
+}
+
+/// `--cpus`: the pod's whole cores for the server to plan instances and threads for, when the
+/// spec gives a CPU limit or request (without a limit there is no cgroup quota to read).
+fn cpu_args(md: &ModelDeployment) -> Vec<String> {
+    match pod_cores(md) {
+        0 => Vec::new(),
+        cores => vec!["--cpus".into(), cores.to_string()],
+    }
 }
 
 /// The server flags of `spec.auth` and `spec.tls`: files in the Secret volumes mounted for them.
@@ -808,36 +809,30 @@ mod tests {
     }
 
     #[test]
-    fn intra_op_threads_derive_from_the_cpu_limit() {
-        let m =
-            md(json!({"model": {"uri": "s3://models/m.onnx"}, "resources": {"limits": {"cpu": "2500m"}}}));
-        let a = server_args(&m, &BuildConfig::default());
-        assert!(a.windows(2).any(|w| w == ["--intra-op-threads", "3"]), "{a:?}");
-        let m = md(
-            json!({"model": {"uri": "s3://models/m.onnx"}, "runtime": {"intraOpThreads": 4}, "resources": {"limits": {"cpu": "8"}}}),
-        );
-        assert!(
-            server_args(&m, &BuildConfig::default())
-                .windows(2)
-                .any(|w| w == ["--intra-op-threads", "4"])
-        );
-    }
-
-    #[test]
-    fn derived_intra_op_threads_are_shared_among_instances() {
-        let threads = |spec: serde_json::Value| {
+    fn the_server_plans_instances_and_threads_for_the_pods_cores() {
+        let flag = |spec: serde_json::Value, name: &str| {
             let a = server_args(&md(spec), &BuildConfig::default());
-            let i = a.iter().position(|x| x == "--intra-op-threads").unwrap();
-            a[i + 1].clone()
+            a.iter().position(|x| x == name).map(|i| a[i + 1].clone())
         };
-        let base = json!({"model": {"uri": "s3://models/m.onnx"}, "resources": {"limits": {"cpu": "8"}}});
-        assert_eq!(threads(base.clone()), "8");
-        let mut four = base.clone();
-        four["runtime"] = json!({"instances": 4});
-        assert_eq!(threads(four), "2");
-        let mut many = base;
-        many["runtime"] = json!({"instances": 16});
-        assert_eq!(threads(many), "1");
+        // Nothing said: the server chooses both, for the pod's cores (2500m rounds up to 3).
+        let limited =
+            json!({"model": {"uri": "s3://models/m.onnx"}, "resources": {"limits": {"cpu": "2500m"}}});
+        assert_eq!(flag(limited.clone(), "--instances").as_deref(), Some("0"));
+        assert_eq!(flag(limited.clone(), "--intra-op-threads").as_deref(), Some("0"));
+        assert_eq!(flag(limited, "--cpus").as_deref(), Some("3"));
+        // A request without a limit still bounds the plan; neither leaves it to the server.
+        let requested =
+            json!({"model": {"uri": "s3://models/m.onnx"}, "resources": {"requests": {"cpu": "2"}}});
+        assert_eq!(flag(requested, "--cpus").as_deref(), Some("2"));
+        assert_eq!(
+            flag(json!({"model": {"uri": "s3://models/m.onnx"}}), "--cpus"),
+            None
+        );
+        // What the spec says is passed as it is.
+        let given = json!({"model": {"uri": "s3://models/m.onnx"}, "runtime": {"instances": 4, "intraOpThreads": 2},
+                           "resources": {"limits": {"cpu": "8"}}});
+        assert_eq!(flag(given.clone(), "--instances").as_deref(), Some("4"));
+        assert_eq!(flag(given, "--intra-op-threads").as_deref(), Some("2"));
     }
 
     #[test]
