@@ -169,10 +169,15 @@ pub async fn handle(state: Arc<AppState>, surface: Surface, req: Request<Incomin
 /// while the bytes held by all requests stay within `--max-buffered-request-bytes`. Bytes are
 /// reserved as they arrive, not as declared: a client that declares a large body and sends nothing
 /// holds nothing.
+/// Reads a request body within the limits. `aligned_at`: an offset into the body (where the binary
+/// tensors of the binary extension start) that should land 16-byte aligned in memory, so numeric
+/// tensors there are handed to ONNX Runtime in place rather than copied; best effort, never needed
+/// for correctness.
 async fn read_body(
     state: &AppState,
     ticket: &mut Ticket,
     req: Request<Incoming>,
+    aligned_at: Option<usize>,
 ) -> Result<(http::request::Parts, Bytes), ApiError> {
     let limit = state.max_request_bytes;
     let too_large = || {
@@ -194,7 +199,15 @@ async fn read_body(
     // make the server set aside nothing.
     const EAGER: usize = 1 << 20;
     let declared = declared.map_or(0, |n| n as usize);
-    let mut buf = bytes::BytesMut::with_capacity(declared.min(EAGER));
+    const ALIGN: usize = 16;
+    let mut buf = bytes::BytesMut::with_capacity(declared.min(EAGER) + ALIGN);
+    // Leading filler bytes, cut off below. The allocator's blocks are 16-aligned, so the offset
+    // also holds if the buffer grows and moves.
+    let skip = match aligned_at {
+        Some(at) if declared > 0 => (ALIGN - (buf.as_ptr() as usize + at) % ALIGN) % ALIGN,
+        _ => 0,
+    };
+    buf.resize(skip, 0);
     let deadline = tokio::time::Instant::now() + state.body_read_timeout;
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
@@ -202,7 +215,7 @@ async fn read_body(
                 return Err(ApiError::RequestTimeout(format!(
                     "the request body did not arrive within {} s (--body-read-timeout); {} bytes came",
                     state.body_read_timeout.as_secs(),
-                    buf.len()
+                    buf.len() - skip
                 )));
             }
             Ok(None) => break,
@@ -216,13 +229,13 @@ async fn read_body(
         };
         if let Ok(data) = frame.into_data() {
             state.admission.reserve(ticket, data.len())?;
-            if buf.len() + data.len() > EAGER && buf.capacity() < declared {
-                buf.reserve(declared - buf.len());
+            if buf.len() + data.len() > EAGER && buf.capacity() < declared + skip {
+                buf.reserve(declared + skip - buf.len());
             }
             buf.extend_from_slice(&data);
         }
     }
-    Ok((parts, buf.freeze()))
+    Ok((parts, buf.freeze().slice(skip..)))
 }
 
 async fn route(
@@ -476,7 +489,7 @@ async fn infer_v2(
                     })?,
             ),
         };
-        let (_, body) = read_body(state, &mut ticket, req).await?;
+        let (_, body) = read_body(state, &mut ticket, req, header_len).await?;
         state.admission.admit(&mut ticket)?;
         let request = v2::decode_request(model.backend.signature(), &body, header_len)?;
         Ok((request, ticket))
@@ -519,7 +532,7 @@ async fn predict_v1(
     let _inflight = inference::InFlight::enter(&stats);
     let decoded = async {
         let mut ticket = Ticket::default();
-        let (_, body) = read_body(state, &mut ticket, req).await?;
+        let (_, body) = read_body(state, &mut ticket, req, None).await?;
         state.admission.admit(&mut ticket)?;
         Ok((v1::decode_request(model.backend.signature(), &body)?, ticket))
     }
