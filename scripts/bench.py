@@ -247,6 +247,9 @@ def main():
     ap.add_argument("--contestants", default="limit,kubemaas-binary,kubemaas-binary-batched,kubemaas-json,"
                     "kubemaas-json-batched,kserve,mlserver,hello",
                     help="also: configs (the server's default against explicit instance × thread splits)")
+    ap.add_argument("--baseline", metavar="BINARY",
+                    help="another kubemaas-server build (e.g. an earlier commit's) run on the same kubemaas loads "
+                         "right after each one, labelled 'baseline', for before/after ratios in one run")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from target/bench/bench.json")
     a = ap.parse_args()
@@ -296,8 +299,8 @@ def main():
             finally:
                 srv.stop()
 
-        def kubemaas(port, *flags):
-            return [str(SERVER), "serve", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
+        def kubemaas(port, *flags, binary=SERVER):
+            return [str(binary), "serve", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
                     "--metrics-port", "0", "--ort-library", ort_lib, "--model", f"{name}={path}", *flags]
 
         for batched in (False, True):
@@ -309,6 +312,9 @@ def main():
                      if tag + suffix in want]
             if loads:
                 measure(f"kubemaas-{name}{suffix}", lambda p: kubemaas(p, *flags), loads)
+                if a.baseline:
+                    measure(f"baseline-{name}{suffix}", lambda p: kubemaas(p, *flags, binary=a.baseline),
+                            [(label.replace("kubemaas", "baseline"), *rest) for label, *rest in loads])
         if "configs" in want:
             # The server's own choice against explicit instance × thread splits of the same cores.
             splits = sorted({(i, max(1, CORES // i)) for i in (1, 2, 4) if i <= 2 * CORES} | {(1, CORES)})

@@ -33,6 +33,16 @@ def test_padding_is_on_only_when_asked_on_a_cpu(batching):
     padded = [json.loads(line).get("padded_to") for line in batching.log_path.read_text().splitlines()
               if '"dynamic batching on"' in line and '"model":"model"' in line]
     assert padded == (["[1, 2, 4, 8]"] if batching.padded else ["[]"]), padded
+    # Padded sizes are run once on every instance before the model is ready, where the shapes
+    # are known (`model` is [-1,10]); `dtypes` has open trailing dimensions and says why not.
+    events = [json.loads(line) for line in batching.log_path.read_text().splitlines() if line.startswith("{")]
+    warmed = {e["model"]: e for e in events if e.get("message") == "padded batch sizes warmed"}
+    skipped = {e["model"]: e for e in events if e.get("message") == "padded batch sizes not warmed"}
+    if batching.padded:
+        assert warmed["model"]["sizes"] == "[1, 2, 4, 8]" and warmed["model"]["instances"] == 1, warmed
+        assert "only inputs fixed beyond the first dimension" in skipped["dtypes"]["reason"], skipped
+    else:
+        assert not warmed and not skipped
 
 
 def reference(repo_dir, model, feeds, outputs=None):
@@ -164,14 +174,14 @@ def test_a_request_larger_than_the_batch_is_refused_with_advice(batching):
     assert "at most 8" in r.json()["error"]
 
 
-def test_a_full_queue_answers_503_with_retry_after_at_once(repo_dir, tmp_path):
-    s = Server(["--model", f"slow={repo_dir / 'slow' / '1' / 'model.onnx'}", "--instances", "1",
+def test_a_full_queue_answers_503_with_retry_after_at_once(busy_model, tmp_path):
+    s = Server(["--model", f"slow={busy_model}", "--instances", "1",
                 "--max-batch-size", "64", "--max-queue-size", "1"], tmp_path / "server.log")
     try:
         s.wait_loaded()
-        # 64 rows fill a batch alone and take a while: one runs, one waits for the instance, one
+        # 64 rows fill a batch alone and take ~0.1 s: one runs, one waits for the instance, one
         # waits in the queue, and the rest find it full.
-        x = np.ones((64, 512), dtype=np.float32)
+        x = np.ones((64, 256), dtype=np.float32)
 
         def one(_):
             r = infer(s, "slow", [v2("x", x, "FP32")])
@@ -217,19 +227,18 @@ def test_perf_analyzer_drives_a_batching_model_with_triton_batch_semantics(batch
 
 
 @pytest.mark.parametrize("flags", [[], ["--max-batch-size", "256"]], ids=["unbatched", "batched"])
-def test_a_request_past_its_timeout_gets_503_and_never_runs(flags, repo_dir, tmp_path):
-    s = Server(["--model", f"slow={repo_dir / 'slow' / '1' / 'model.onnx'}", "--instances", "1", *flags],
-               tmp_path / "server.log")
+def test_a_request_past_its_timeout_gets_503_and_never_runs(flags, busy_model, tmp_path):
+    s = Server(["--model", f"slow={busy_model}", "--instances", "1", *flags], tmp_path / "server.log")
     try:
         s.wait_loaded()
-        big = np.ones((256, 512), dtype=np.float32)
+        big = np.ones((256, 256), dtype=np.float32)
         before = stats(s, "slow")["inference_count"]
         with ThreadPoolExecutor(3) as pool:
             # Two long requests keep the only instance busy; the third may wait 1 ms at most.
             busy = [pool.submit(infer, s, "slow", [v2("x", big, "FP32")]) for _ in range(2)]
             import time
             time.sleep(0.05)
-            body = {"inputs": [v2("x", np.ones((1, 512), dtype=np.float32), "FP32")], "parameters": {"timeout": 1000}}
+            body = {"inputs": [v2("x", np.ones((1, 256), dtype=np.float32), "FP32")], "parameters": {"timeout": 1000}}
             r = requests.post(f"{s.url}/v2/models/slow/infer", data=json.dumps(body), timeout=60)
             assert all(f.result().status_code == 200 for f in busy)
         assert r.status_code == 503 and "timed out" in r.json()["error"], r.text

@@ -419,32 +419,10 @@ pub fn load_and_warm(
             Tensor::zeros(i.name.clone(), i.datatype, shape)
         })
         .collect();
-    // Every instance is warmed, at once: each session pays for its own first run (on CUDA, the
-    // first run of a shape in a session is far slower than the next).
-    let waiting: Vec<_> = (0..backend.instances())
-        .map(|k| {
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            let work = crate::backend::Work {
-                inputs: inputs.clone(),
-                outputs: Vec::new(),
-                reply: crate::backend::Reply::Blocking(tx),
-                on_run: None,
-                permit: None,
-            };
-            backend.submit(work, Some(k));
-            rx
-        })
-        .collect();
-    for rx in waiting {
-        let outcome = rx.recv().unwrap_or_else(|_| {
-            Err(crate::backend::BackendError::Runtime(
-                "the instance stopped".into(),
-            ))
-        });
-        if let Err(e) = outcome {
-            tracing::warn!(model = %source.name, version = source.version, error = %e, "warm-up inference rejected by the model; serving anyway");
-            break;
-        }
+    // Every instance is warmed: each session pays for its own first run (on CUDA, the first run
+    // of a shape in a session is far slower than the next).
+    if let Err(e) = backend.infer_on_every_instance(&inputs) {
+        tracing::warn!(model = %source.name, version = source.version, error = %e, "warm-up inference rejected by the model; serving anyway");
     }
     let load_time = start.elapsed();
     let slots = Arc::new(Semaphore::new(backend.instances()));

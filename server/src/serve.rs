@@ -531,6 +531,22 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
                                     );
                                 }
                                 tracing::info!(model = %source.name, version = source.version, max_batch_size = config.max_batch_size, padded_to = ?config.pad_to, "dynamic batching on");
+                                if !config.pad_to.is_empty() {
+                                    // Before the model is ready: the first requests must not pay
+                                    // for the padded shapes' first runs.
+                                    let started = std::time::Instant::now();
+                                    match crate::batcher::warm_padded_sizes(
+                                        m.backend.as_ref(),
+                                        &config.pad_to,
+                                    ) {
+                                        Ok(sizes) => {
+                                            tracing::info!(model = %source.name, version = source.version, sizes = ?sizes, instances = m.backend.instances(), ms = started.elapsed().as_millis() as u64, "padded batch sizes warmed")
+                                        }
+                                        Err(why) => {
+                                            tracing::warn!(model = %source.name, version = source.version, reason = %why, "padded batch sizes not warmed")
+                                        }
+                                    }
+                                }
                                 let _ = m
                                     .batcher
                                     .set(crate::batcher::Batcher::start(Arc::downgrade(&m), config));

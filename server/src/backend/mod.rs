@@ -136,6 +136,35 @@ pub trait Backend: Send + Sync {
     fn infer(&self, inputs: Vec<Tensor>, outputs: &[String]) -> Outcome {
         self.infer_on(None, inputs, outputs)
     }
+    /// Runs `inputs` once on every instance, all at once, and waits for them: warm-up before the
+    /// model is served. The first error, if any. Blocking.
+    fn infer_on_every_instance(&self, inputs: &[Tensor]) -> Result<(), BackendError> {
+        let waiting: Vec<_> = (0..self.instances())
+            .map(|k| {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                let work = Work {
+                    inputs: inputs.to_vec(),
+                    outputs: Vec::new(),
+                    reply: Reply::Blocking(tx),
+                    on_run: None,
+                    permit: None,
+                };
+                self.submit(work, Some(k));
+                rx
+            })
+            .collect();
+        let mut first_error = None;
+        for rx in waiting {
+            let outcome = rx
+                .recv()
+                .unwrap_or_else(|_| Err(BackendError::Runtime("the instance stopped".into())));
+            if let (Err(e), None) = (outcome, &first_error) {
+                first_error = Some(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     /// Runs the model on `instance` (any when None) and waits for the outcome. Blocking.
     fn infer_on(&self, instance: Option<usize>, inputs: Vec<Tensor>, outputs: &[String]) -> Outcome {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
