@@ -9,8 +9,11 @@ Contestants, each serving the same ONNX file on 127.0.0.1 with the same cores:
   mlserver     MLServer 1.7 with an onnxruntime runtime (JSON, hey);
   hello        a hello-world hyper server answering a fixed body (JSON, hey): the per-request floor.
 Models: PP-OCR cls 3×48×192, PP-OCR det 640×640, all-MiniLM-L6-v2 int8 at sequence length 32, and a
-generated 10×10 dense layer. One load generator for all, hey (keep-alive HTTP/1.1). Prints a table (throughput, p50, p99, errors, server RSS, ratios to the
-limit and to the best rival), writes it into docs/benchmarks.md and draws target/bench/bench.png.
+generated 10×10 dense layer. One load generator for all, hey (keep-alive HTTP/1.1). Prints a table
+(throughput, p50, p99, errors, server RSS, the server's CPU per request, ratios to the limit and to
+the best rival), writes it into docs/benchmarks.md and draws target/bench/bench.png. CPU per request
+(the server's process tree, user + system, over the run ÷ requests answered; for the limit, its own
+process ÷ runs) separates what the server costs from what hey takes of the same cores.
 
 Usage: python scripts/bench.py [--models cls,det,minilm,dense] [--clients 1,4,16,64] [--seconds 5]
 """
@@ -53,8 +56,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def rss_mib(pid):
-    """Resident memory of a process and all its descendants (MLServer forks workers)."""
+def tree(pid):
+    """A process and all its descendants (MLServer forks workers)."""
     children = {}
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
@@ -63,16 +66,36 @@ def rss_mib(pid):
                 children.setdefault(ppid, []).append(int(p.name))
             except (OSError, IndexError, ValueError):
                 pass
-    total, todo = 0, [pid]
+    out, todo = [], [pid]
     while todo:
         q = todo.pop()
+        out.append(q)
         todo += children.get(q, [])
+    return out
+
+
+def rss_mib(pid):
+    """Resident memory of a process tree."""
+    total = 0
+    for q in tree(pid):
         try:
             m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{q}/status").read_text())
             total += int(m.group(1)) if m else 0
         except OSError:
             pass
     return total / 1024
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process tree so far (/proc/*/stat utime and stime)."""
+    total = 0
+    for q in tree(pid):
+        try:
+            fields = Path(f"/proc/{q}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class Proc:
@@ -99,6 +122,9 @@ class Proc:
 
     def rss(self):
         return rss_mib(self.p.pid)
+
+    def cpu(self):
+        return cpu_seconds(self.p.pid)
 
     def stop(self):
         try:
@@ -196,9 +222,9 @@ def hey(url, body_file, clients, seconds, header_len=None):
     if "Error distribution" in out:
         errors += sum(int(n) for n in re.findall(r"\[(\d+)\]\t", out.split("Error distribution")[1]))
     if not rps:
-        return {"rps": 0.0, "p50": None, "p99": None, "errors": -1, "note": (out + r.stderr)[-300:]}
+        return {"rps": 0.0, "p50": None, "p99": None, "errors": -1, "requests": 0, "note": (out + r.stderr)[-300:]}
     ok = codes.get(200, 0)
-    return {"rps": float(rps.group(1)) * (ok / max(sum(codes.values()), 1)),
+    return {"rps": float(rps.group(1)) * (ok / max(sum(codes.values()), 1)), "requests": sum(codes.values()),
             "p50": float(pct["50"]) * 1e3 if "50" in pct else None,
             "p99": float(pct["99"]) * 1e3 if "99" in pct else None, "errors": errors}
 
@@ -226,6 +252,7 @@ def limit(path, inputs, clients, seconds):
             i = (i + 1) % instances
 
     ts = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     for t in ts:
         t.start()
@@ -234,7 +261,7 @@ def limit(path, inputs, clients, seconds):
     allv = np.array([v for lst in lat for v in lst])
     return {"rps": len(allv) / (time.perf_counter() - t0), "p50": float(np.percentile(allv, 50)) * 1e3,
             "p99": float(np.percentile(allv, 99)) * 1e3, "errors": 0,
-            "rss": rss_mib(os.getpid())}
+            "rss": rss_mib(os.getpid()), "cpu_ms": (time.process_time() - cpu0) * 1e3 / max(len(allv), 1)}
 
 
 # ---------------------------------------------------------------- the run
@@ -279,7 +306,7 @@ def main():
                 r["rss"] = rss
             rows.append(r)
             log(f"{name:7} c={c:<3} {contestant:26} {r['rps']:9.1f}/s p50 {r['p50']} p99 {r['p99']} "
-                f"errors {r['errors']} rss {r.get('rss', 0):.0f} MiB {r.get('note', '')}")
+                f"errors {r['errors']} rss {r.get('rss', 0):.0f} MiB cpu {r.get('cpu_ms') or 0:.3f} ms/req {r.get('note', '')}")
 
         if "limit" in want:
             for c in clients:
@@ -294,8 +321,12 @@ def main():
             try:
                 for c in clients:
                     for contestant, url_path, payload, hlen in loads:
-                        record(contestant, c, hey(f"http://127.0.0.1:{port}{url_path}", payload, c, a.seconds, hlen),
-                               srv.rss())
+                        cpu0 = srv.cpu()
+                        r = hey(f"http://127.0.0.1:{port}{url_path}", payload, c, a.seconds, hlen)
+                        # The server's own CPU per answered request: what it costs beyond the model,
+                        # whatever the load generator beside it takes of the same cores.
+                        r["cpu_ms"] = (srv.cpu() - cpu0) * 1e3 / max(r["requests"], 1)
+                        record(contestant, c, r, srv.rss())
             finally:
                 srv.stop()
 
@@ -358,8 +389,8 @@ def render(rows, a):
 
     lines = [f"{time.strftime('%Y-%m-%d', time.gmtime())}, {CORES} cores, {a.seconds:g} s per cell, "
              f"ONNX Runtime {ort.__version__}; rivals answer JSON only.", "",
-             "| model | clients | contestant | infer/s | p50 ms | p99 ms | errors | RSS MiB | ÷ limit | ÷ best rival |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | clients | contestant | infer/s | p50 ms | p99 ms | errors | RSS MiB | CPU ms/req | ÷ limit | ÷ best rival |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         same = [x for x in rows if x["model"] == r["model"] and x["clients"] == r["clients"]]
         lim = next((x["rps"] for x in same if x["contestant"].startswith("limit")), 0)
@@ -367,7 +398,8 @@ def render(rows, a):
         to_limit = f"{r['rps'] / lim:.2f}×" if lim else "–"
         to_rival = f"{r['rps'] / rival:.2f}×" if rival else "–"
         lines.append(f"| {r['model']} | {r['clients']} | {r['contestant']} | {f(r['rps'])} | {f(r['p50'], 2)} | "
-                     f"{f(r['p99'], 2)} | {r['errors']} | {f(r.get('rss'), 0)} | {to_limit} | {to_rival} |")
+                     f"{f(r['p99'], 2)} | {r['errors']} | {f(r.get('rss'), 0)} | {f(r.get('cpu_ms'), 3)} | {to_limit} | "
+                     f"{to_rival} |")
     return "\n".join(lines)
 
 

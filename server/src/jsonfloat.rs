@@ -49,8 +49,9 @@ pub fn parse_floats(text: &[u8], dtype: DataType, count: usize, max_depth: usize
                 }
                 let token = &text[i..i + used];
                 i += used;
-                if v.fract() == 0.0
-                    && v.abs() > MAX_EXACT_INTEGER
+                // The magnitude first: `fract` is a libm call, and only huge numbers need it.
+                if v.abs() > MAX_EXACT_INTEGER
+                    && v.fract() == 0.0
                     && !token.iter().any(|c| matches!(c, b'.' | b'e' | b'E'))
                 {
                     // A long integer, which the general path converts from i64/u64.

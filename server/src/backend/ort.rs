@@ -150,15 +150,24 @@ pub struct OrtModel {
 
 /// The instances not running anything.
 struct Idle {
-    free: Mutex<Vec<usize>>,
+    state: Mutex<IdleState>,
     freed: Condvar,
+}
+
+struct IdleState {
+    free: Vec<usize>,
+    /// Threads blocked in `take`: only they need a wake-up (a syscall), and they are rare (warm-up,
+    /// blocking callers): an async caller holds a permit and always finds an instance free.
+    waiting: usize,
 }
 
 impl Idle {
     fn release(&self, k: usize) {
-        if let Ok(mut free) = self.free.lock() {
-            free.push(k);
-            self.freed.notify_all();
+        if let Ok(mut state) = self.state.lock() {
+            state.free.push(k);
+            if state.waiting > 0 {
+                self.freed.notify_all();
+            }
         }
     }
 }
@@ -339,7 +348,10 @@ impl OrtModel {
         }
         let all_outputs: Vec<String> = outputs.iter().map(|o| o.name.clone()).collect();
         let idle = Arc::new(Idle {
-            free: Mutex::new((0..instances).rev().collect()),
+            state: Mutex::new(IdleState {
+                free: (0..instances).rev().collect(),
+                waiting: 0,
+            }),
             freed: Condvar::new(),
         });
         let mut queues = Vec::with_capacity(instances);
@@ -367,16 +379,18 @@ impl OrtModel {
             return Err(BackendError::Runtime(format!("no instance {which:?}")));
         }
         let poisoned = |_| BackendError::Runtime("instance list lock poisoned".into());
-        let mut free = self.idle.free.lock().map_err(poisoned)?;
+        let mut state = self.idle.state.lock().map_err(poisoned)?;
         loop {
             let at = match which {
-                None => free.len().checked_sub(1),
-                Some(k) => free.iter().position(|&i| i == k),
+                None => state.free.len().checked_sub(1),
+                Some(k) => state.free.iter().position(|&i| i == k),
             };
             if let Some(at) = at {
-                return Ok(free.swap_remove(at));
+                return Ok(state.free.swap_remove(at));
             }
-            free = self.idle.freed.wait(free).map_err(poisoned)?;
+            state.waiting += 1;
+            state = self.idle.freed.wait(state).map_err(poisoned)?;
+            state.waiting -= 1;
         }
     }
 }
