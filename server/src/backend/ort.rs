@@ -454,6 +454,22 @@ fn to_value(t: &Tensor) -> Result<DynValue, BackendError> {
                 .into_dyn()
         };
     }
+    // Misaligned numeric data (gRPC's raw contents land anywhere in the message): one block copy
+    // into an aligned buffer on a little-endian host.
+    macro_rules! pod {
+        ($b:expr, $t:ty, $n:literal, $f:expr) => {
+            if cfg!(target_endian = "little") {
+                let n = $b.len() / $n;
+                let mut v = vec![<$t as bytemuck::Zeroable>::zeroed(); n];
+                bytemuck::cast_slice_mut::<$t, u8>(&mut v).copy_from_slice(&$b[..n * $n]);
+                ort::value::Tensor::from_array((shape.clone(), v))
+                    .map_err(rt)?
+                    .into_dyn()
+            } else {
+                prim!($b, $n, $f)
+            }
+        };
+    }
     Ok(match &t.data {
         TensorData::Strings(items) => {
             let strings = items
@@ -474,18 +490,18 @@ fn to_value(t: &Tensor) -> Result<DynValue, BackendError> {
         }
         TensorData::Raw(b) => match t.dtype {
             DataType::Bool => prim!(b, 1, |a: [u8; 1]| a[0] != 0),
-            DataType::U8 => prim!(b, 1, |a: [u8; 1]| a[0]),
-            DataType::I8 => prim!(b, 1, i8::from_le_bytes),
-            DataType::U16 => prim!(b, 2, u16::from_le_bytes),
-            DataType::I16 => prim!(b, 2, i16::from_le_bytes),
-            DataType::U32 => prim!(b, 4, u32::from_le_bytes),
-            DataType::I32 => prim!(b, 4, i32::from_le_bytes),
-            DataType::U64 => prim!(b, 8, u64::from_le_bytes),
-            DataType::I64 => prim!(b, 8, i64::from_le_bytes),
-            DataType::F16 => prim!(b, 2, f16::from_le_bytes),
-            DataType::BF16 => prim!(b, 2, bf16::from_le_bytes),
-            DataType::F32 => prim!(b, 4, f32::from_le_bytes),
-            DataType::F64 => prim!(b, 8, f64::from_le_bytes),
+            DataType::U8 => pod!(b, u8, 1, |a: [u8; 1]| a[0]),
+            DataType::I8 => pod!(b, i8, 1, i8::from_le_bytes),
+            DataType::U16 => pod!(b, u16, 2, u16::from_le_bytes),
+            DataType::I16 => pod!(b, i16, 2, i16::from_le_bytes),
+            DataType::U32 => pod!(b, u32, 4, u32::from_le_bytes),
+            DataType::I32 => pod!(b, i32, 4, i32::from_le_bytes),
+            DataType::U64 => pod!(b, u64, 8, u64::from_le_bytes),
+            DataType::I64 => pod!(b, i64, 8, i64::from_le_bytes),
+            DataType::F16 => pod!(b, f16, 2, f16::from_le_bytes),
+            DataType::BF16 => pod!(b, bf16, 2, bf16::from_le_bytes),
+            DataType::F32 => pod!(b, f32, 4, f32::from_le_bytes),
+            DataType::F64 => pod!(b, f64, 8, f64::from_le_bytes),
             DataType::Bytes => return Err(BackendError::Runtime("BYTES tensor with raw data".into())),
         },
     })
@@ -501,13 +517,15 @@ fn from_value(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
     macro_rules! prim {
         ($t:ty) => {{
             let (shape, data) = v.try_extract_tensor::<$t>().map_err(rt)?;
-            let mut out = Vec::with_capacity(std::mem::size_of_val(data));
-            for x in data {
-                out.extend_from_slice(&x.to_le_bytes());
-            }
+            let out = if cfg!(target_endian = "little") {
+                // One copy out of ONNX Runtime's buffer, as one block.
+                Bytes::copy_from_slice(bytemuck::cast_slice::<$t, u8>(data))
+            } else {
+                Bytes::from(data.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+            };
             (
                 shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>(),
-                TensorData::Raw(Bytes::from(out)),
+                TensorData::Raw(out),
             )
         }};
     }
