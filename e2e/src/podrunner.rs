@@ -441,11 +441,52 @@ impl LoadReport {
 /// Sends `body` as `POST path` to `addr` (host:port) from `clients` threads, each on one kept-alive
 /// connection sending its next request when the last is answered, for `duration`.
 pub fn load(addr: &str, path: &str, body: &[u8], clients: usize, duration: Duration) -> LoadReport {
+    load_with(
+        addr,
+        path,
+        "content-type: application/json\r\n",
+        body,
+        clients,
+        duration,
+    )
+}
+
+/// [`load`] with the binary tensor extension: `body` is a JSON header of `header_len` bytes and
+/// then the tensors' bytes. Decoding it costs the server almost nothing, so the time a request
+/// spends in the server is the model's.
+pub fn load_binary(
+    addr: &str,
+    path: &str,
+    header_len: usize,
+    body: &[u8],
+    clients: usize,
+    duration: Duration,
+) -> LoadReport {
+    let headers = format!(
+        "content-type: application/octet-stream\r\ninference-header-content-length: {header_len}\r\n"
+    );
+    load_with(addr, path, &headers, body, clients, duration)
+}
+
+/// [`load`] with `headers` (complete lines, each ending in CRLF) instead of the JSON content type.
+fn load_with(
+    addr: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+    clients: usize,
+    duration: Duration,
+) -> LoadReport {
     use std::io::{BufRead, BufReader, Read, Write};
     let start = std::time::Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|_| {
-            let (addr, path, body) = (addr.to_string(), path.to_string(), body.to_vec());
+            let (addr, path, headers, body) = (
+                addr.to_string(),
+                path.to_string(),
+                headers.to_string(),
+                body.to_vec(),
+            );
             std::thread::spawn(move || {
                 let (mut lat, mut errors, mut done) = (Vec::new(), 0usize, Vec::new());
                 let mut conn: Option<BufReader<std::net::TcpStream>> = None;
@@ -460,7 +501,7 @@ pub fn load(addr: &str, path: &str, body: &[u8], clients: usize, duration: Durat
                         }
                         let r = conn.as_mut().expect("connected above");
                         let mut request = format!(
-                            "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                            "POST {path} HTTP/1.1\r\nhost: {addr}\r\n{headers}content-length: {}\r\n\r\n",
                             body.len()
                         )
                         .into_bytes();
@@ -485,7 +526,10 @@ pub fn load(addr: &str, path: &str, body: &[u8], clients: usize, duration: Durat
                         Ok(status.split_whitespace().nth(1) == Some("200"))
                     })();
                     let ms = t.elapsed().as_secs_f64() * 1e3;
-                    done.push((std::time::Instant::now(), if matches!(one, Ok(true)) { ms } else { f64::NAN }));
+                    done.push((
+                        std::time::Instant::now(),
+                        if matches!(one, Ok(true)) { ms } else { f64::NAN },
+                    ));
                     match one {
                         Ok(true) => lat.push(ms),
                         Ok(false) => errors += 1,
