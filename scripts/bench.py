@@ -98,6 +98,12 @@ def cpu_seconds(pid):
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def kubemaas_argv(binary, port, ort_lib, name, path, *flags):
+    """A kubemaas-server serving one model on 127.0.0.1:`port` (HTTP only)."""
+    return [str(binary), "serve", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
+            "--metrics-port", "0", "--ort-library", ort_lib, "--model", f"{name}={path}", *flags]
+
+
 class Proc:
     """A server process on a free port, ready once `ready_path` answers 200."""
 
@@ -331,8 +337,7 @@ def main():
                 srv.stop()
 
         def kubemaas(port, *flags, binary=SERVER):
-            return [str(binary), "serve", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
-                    "--metrics-port", "0", "--ort-library", ort_lib, "--model", f"{name}={path}", *flags]
+            return kubemaas_argv(binary, port, ort_lib, name, path, *flags)
 
         for batched in (False, True):
             suffix = "-batched" if batched else ""

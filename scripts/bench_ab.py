@@ -9,6 +9,7 @@ Usage: python scripts/bench_ab.py A_BINARY B_BINARY [--models dense,cls,mib] [--
            [--rounds 6] [--seconds 3] [--json] [--flags "--max-batch-size 32"]
 """
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -29,7 +30,6 @@ def main():
     ap.add_argument("--json", action="store_true", help="JSON bodies too, not only binary tensors")
     ap.add_argument("--flags", default="", help="extra server flags for both, e.g. batching")
     a = ap.parse_args()
-    import os
     ort_lib = os.environ["ORT_DYLIB_PATH"]
     tmp = tempfile.mkdtemp(prefix="kubemaas-ab-")
     all_models = bench.models(tmp)
@@ -46,8 +46,7 @@ def main():
         try:
             for label, exe in (("A", a.a), ("B", a.b)):
                 port = bench.free_port()
-                argv = [exe, "serve", "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0",
-                        "--metrics-port", "0", "--ort-library", ort_lib, "--model", f"{name}={path}", *a.flags.split()]
+                argv = bench.kubemaas_argv(exe, port, ort_lib, name, path, *a.flags.split())
                 servers[label] = (bench.Proc(f"{label}-{name}", argv, port, f"/v2/models/{name}/ready"), port)
             bodies = [("binary", binary, header_len)] + ([("JSON", body, None)] if a.json else [])
             for kind, payload, hlen in bodies:

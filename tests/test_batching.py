@@ -4,7 +4,6 @@ different output subsets and BYTES tensors; batches really form (Triton's `batch
 queue answers 503 with Retry-After at once; a model without a dynamic first dimension is served
 unbatched; `/config` reports batching the way Triton does."""
 
-import base64
 import json
 import random
 from concurrent.futures import ThreadPoolExecutor

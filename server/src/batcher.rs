@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::{PhaseTimes, Reply, Work};
+use crate::backend::{OnRun, PhaseTimes};
 use crate::protocol::error::ApiError;
 use crate::repository::LoadedModel;
 use crate::tensor::{Tensor, TensorData};
@@ -55,11 +55,8 @@ pub fn padding_sizes(max: usize, preferred: &[usize]) -> Vec<usize> {
 /// Runs every padded batch size once on every instance before the model is served, so that no
 /// request pays for a shape's first run (on an H200, 0.1–1.2 s each for PP-OCR cls). Only for
 /// models whose inputs are fixed beyond the first dimension: for the others, the shapes requests
-/// will bring are not known. Blocking; returns the sizes warmed.
-pub fn warm_padded_sizes(
-    backend: &dyn crate::backend::Backend,
-    sizes: &[usize],
-) -> Result<Vec<usize>, String> {
+/// will bring are not known. Blocking.
+pub fn warm_padded_sizes(backend: &dyn crate::backend::Backend, sizes: &[usize]) -> Result<(), String> {
     let sig = backend.signature();
     if let Some(open) = sig.inputs.iter().find(|i| i.shape.iter().skip(1).any(|&d| d < 0)) {
         return Err(format!(
@@ -82,7 +79,7 @@ pub fn warm_padded_sizes(
             .infer_on_every_instance(&inputs)
             .map_err(|e| format!("batch size {rows}: {e}"))?;
     }
-    Ok(sizes.to_vec())
+    Ok(())
 }
 
 /// What a batched request gets back.
@@ -105,8 +102,6 @@ struct Job {
     reply: oneshot::Sender<Result<Done, ApiError>>,
     /// Counts the job in the queue-depth gauge until its batch starts (or it is dropped).
     queued: Option<crate::metrics::GaugeToken>,
-    /// The model version's statistics, where the batch's execution is counted.
-    stats: Arc<crate::metrics::ModelStats>,
 }
 
 impl Job {
@@ -131,9 +126,14 @@ pub struct Batcher {
 impl Batcher {
     /// Starts the dispatcher for `model` (which must accept a dynamic first dimension on every
     /// input and output; see [`batchable`]).
-    pub fn start(model: std::sync::Weak<LoadedModel>, config: BatchConfig) -> Batcher {
+    /// Executions are counted in `stats` (the model version's) when they run.
+    pub fn start(
+        model: std::sync::Weak<LoadedModel>,
+        config: BatchConfig,
+        stats: Arc<crate::metrics::ModelStats>,
+    ) -> Batcher {
         let (tx, rx) = mpsc::channel(config.max_queue_size.max(1));
-        tokio::spawn(dispatch(model, config.clone(), rx));
+        tokio::spawn(dispatch(model, config.clone(), stats, rx));
         Batcher { tx, config }
     }
 
@@ -150,7 +150,6 @@ impl Batcher {
         rows: usize,
         timeout: Option<Duration>,
         queued: crate::metrics::GaugeToken,
-        stats: Arc<crate::metrics::ModelStats>,
     ) -> Result<Done, ApiError> {
         if rows > self.config.max_batch_size {
             return Err(ApiError::BadRequest(format!(
@@ -170,7 +169,6 @@ impl Batcher {
             deadline: timeout.map(|t| Instant::now() + t),
             reply,
             queued: Some(queued),
-            stats,
         };
         self.tx.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => ApiError::QueueFull(format!(
@@ -213,7 +211,12 @@ pub fn batchable(sig: &crate::backend::Signature) -> Result<(), String> {
     }
 }
 
-async fn dispatch(model: std::sync::Weak<LoadedModel>, config: BatchConfig, mut rx: mpsc::Receiver<Job>) {
+async fn dispatch(
+    model: std::sync::Weak<LoadedModel>,
+    config: BatchConfig,
+    stats: Arc<crate::metrics::ModelStats>,
+    mut rx: mpsc::Receiver<Job>,
+) {
     // Requests that did not fit the batch being formed wait here, in arrival order.
     let mut held: VecDeque<Job> = VecDeque::new();
     loop {
@@ -270,7 +273,13 @@ async fn dispatch(model: std::sync::Weak<LoadedModel>, config: BatchConfig, mut 
             continue;
         }
         let rows: usize = batch.iter().map(|j| j.rows).sum();
-        tokio::spawn(run(m, permit, batch, pad_target(&config.pad_to, rows)));
+        tokio::spawn(run(
+            m,
+            permit,
+            batch,
+            pad_target(&config.pad_to, rows),
+            stats.clone(),
+        ));
     }
 }
 
@@ -287,6 +296,7 @@ async fn run(
     permit: tokio::sync::OwnedSemaphorePermit,
     mut batch: Vec<Job>,
     padded: usize,
+    stats: Arc<crate::metrics::ModelStats>,
 ) {
     let started = Instant::now();
     for j in batch.iter_mut() {
@@ -311,25 +321,8 @@ async fn run(
         .collect();
     let result = match inputs {
         Ok(inputs) => {
-            // The batch's execution is counted when it runs, whoever is still waiting for it.
-            let stats = batch[0].stats.clone();
-            let (reply, outcome) = oneshot::channel();
-            model.backend.submit(
-                Work {
-                    inputs,
-                    outputs,
-                    reply: Reply::Async(reply),
-                    on_run: Some(Box::new(move |phases| {
-                        stats.record_execution(total as u64, *phases, true)
-                    })),
-                    permit: Some(permit),
-                },
-                None,
-            );
-            outcome
-                .await
-                .map_err(|_| ApiError::Internal("the model's instance stopped before answering".into()))
-                .and_then(|r| r.map_err(ApiError::from))
+            let on_run: OnRun = Box::new(move |phases| stats.record_execution(total as u64, *phases, true));
+            crate::inference::run_on_instance(&model, inputs, outputs, permit, on_run).await
         }
         Err(e) => Err(e),
     };
@@ -571,7 +564,6 @@ mod tests {
             deadline: None,
             reply: oneshot::channel().0,
             queued: None,
-            stats: Arc::new(crate::metrics::ModelStats::default()),
         };
         let a = job(f32s("x", 1, 3, 0.0), vec!["y"]);
         assert!(a.fits_with(&job(f32s("x", 4, 3, 0.0), vec!["y"])));

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{Reply, Signature, TensorSpec, Work};
+use crate::backend::{OnRun, PhaseTimes, Reply, Signature, TensorSpec, Work};
 use crate::metrics::{FailureReason, ModelStats};
 use crate::protocol::error::ApiError;
 use crate::repository::LoadedModel;
@@ -169,7 +169,7 @@ async fn execute_inner(
     if let Some(batcher) = model.batcher.get().filter(|_| uniform) {
         let queued = crate::metrics::GaugeToken::new(&stats.queued);
         let done = batcher
-            .submit(inputs, outputs, rows as usize, timeout, queued, stats.clone())
+            .submit(inputs, outputs, rows as usize, timeout, queued)
             .await?;
         stats.record_success(start.elapsed(), done.queue, done.phases);
         return Ok(done.outputs);
@@ -189,25 +189,35 @@ async fn execute_inner(
     // The instance's own thread runs it. The permit goes with the work and is released only when
     // the instance is free again, so a client that disconnects mid-run frees nothing early; one
     // that disconnects before its run starts is dropped unrun.
-    let (reply, outcome) = tokio::sync::oneshot::channel();
     let counted = stats.clone();
-    model.backend.submit(
-        Work {
-            inputs,
-            outputs,
-            reply: Reply::Async(reply),
-            on_run: Some(Box::new(move |phases| {
-                counted.record_execution(rows, *phases, false)
-            })),
-            permit: Some(permit),
-        },
-        None,
-    );
-    let (out, phases) = outcome
-        .await
-        .map_err(|_| ApiError::Internal("the model's instance stopped before answering".into()))??;
+    let on_run: OnRun = Box::new(move |phases| counted.record_execution(rows, *phases, false));
+    let (out, phases) = run_on_instance(&model, inputs, outputs, permit, on_run).await?;
     stats.record_success(start.elapsed(), queue_time, phases);
     Ok(out)
+}
+
+/// Hands validated inputs to a free instance of `model` and waits for the outcome. `permit` (the
+/// caller's place in the instance bound) is released by the instance's thread once it is free
+/// again; `on_run` counts the execution when it happens, whoever is still waiting for it.
+pub async fn run_on_instance(
+    model: &LoadedModel,
+    inputs: Vec<Tensor>,
+    outputs: Vec<String>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    on_run: OnRun,
+) -> Result<(Vec<Tensor>, PhaseTimes), ApiError> {
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    let work = Work {
+        inputs,
+        outputs,
+        reply: Reply::Async(reply),
+        on_run: Some(on_run),
+        permit: Some(permit),
+    };
+    model.backend.submit(work, None);
+    Ok(outcome
+        .await
+        .map_err(|_| ApiError::Internal("the model's instance stopped before answering".into()))??)
 }
 
 /// Counts a request that failed before execution (decoding, body limits) as a failure of its model.

@@ -338,6 +338,47 @@ pub enum Stopped {
     WhileLoading,
 }
 
+/// Turns dynamic batching on for a loaded model that can be batched (else says why not): pads
+/// batches when `pad_batches` says so and then, before the model is ready, runs every padded size
+/// once on every instance, so the first requests do not pay for those shapes' first runs.
+fn start_batching(
+    m: &Arc<repository::LoadedModel>,
+    source: &repository::ModelSource,
+    config: &crate::batcher::BatchConfig,
+    pad_batches: PadBatches,
+    stats: Arc<crate::metrics::ModelStats>,
+) {
+    let (name, version) = (&source.name, source.version);
+    if let Err(why) = crate::batcher::batchable(m.backend.signature()) {
+        tracing::warn!(model = %name, version, reason = %why, "dynamic batching off for this model");
+        return;
+    }
+    let mut config = config.clone();
+    let pad = match pad_batches {
+        PadBatches::Always => true,
+        PadBatches::Never => false,
+        PadBatches::Auto => m.backend.execution_provider() == ortb::CUDA_EP,
+    };
+    if pad {
+        config.pad_to = crate::batcher::padding_sizes(config.max_batch_size, &config.preferred_batch_sizes);
+    }
+    tracing::info!(model = %name, version, max_batch_size = config.max_batch_size, padded_to = ?config.pad_to, "dynamic batching on");
+    if !config.pad_to.is_empty() {
+        let started = std::time::Instant::now();
+        match crate::batcher::warm_padded_sizes(m.backend.as_ref(), &config.pad_to) {
+            Ok(()) => {
+                tracing::info!(model = %name, version, sizes = ?config.pad_to, instances = m.backend.instances(), ms = started.elapsed().as_millis() as u64, "padded batch sizes warmed")
+            }
+            Err(why) => {
+                tracing::warn!(model = %name, version, reason = %why, "padded batch sizes not warmed")
+            }
+        }
+    }
+    let _ = m
+        .batcher
+        .set(crate::batcher::Batcher::start(Arc::downgrade(m), config, stats));
+}
+
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
     crate::metrics::uptime();
@@ -515,46 +556,11 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
             match loaded {
                 Ok(m) => {
                     let m = Arc::new(m);
-                    if let Some(config) = &batching {
-                        match crate::batcher::batchable(m.backend.signature()) {
-                            Ok(()) => {
-                                let mut config = config.clone();
-                                let pad = match pad_batches {
-                                    PadBatches::Always => true,
-                                    PadBatches::Never => false,
-                                    PadBatches::Auto => m.backend.execution_provider() == ortb::CUDA_EP,
-                                };
-                                if pad {
-                                    config.pad_to = crate::batcher::padding_sizes(
-                                        config.max_batch_size,
-                                        &config.preferred_batch_sizes,
-                                    );
-                                }
-                                tracing::info!(model = %source.name, version = source.version, max_batch_size = config.max_batch_size, padded_to = ?config.pad_to, "dynamic batching on");
-                                if !config.pad_to.is_empty() {
-                                    // Before the model is ready: the first requests must not pay
-                                    // for the padded shapes' first runs.
-                                    let started = std::time::Instant::now();
-                                    match crate::batcher::warm_padded_sizes(
-                                        m.backend.as_ref(),
-                                        &config.pad_to,
-                                    ) {
-                                        Ok(sizes) => {
-                                            tracing::info!(model = %source.name, version = source.version, sizes = ?sizes, instances = m.backend.instances(), ms = started.elapsed().as_millis() as u64, "padded batch sizes warmed")
-                                        }
-                                        Err(why) => {
-                                            tracing::warn!(model = %source.name, version = source.version, reason = %why, "padded batch sizes not warmed")
-                                        }
-                                    }
-                                }
-                                let _ = m
-                                    .batcher
-                                    .set(crate::batcher::Batcher::start(Arc::downgrade(&m), config));
-                            }
-                            Err(why) => {
-                                tracing::warn!(model = %source.name, version = source.version, reason = %why, "dynamic batching off for this model")
-                            }
-                        }
+                    if let Some(config) = &batching
+                        && let Ok((_, entry)) =
+                            loader_repo.entry(&source.name, Some(&source.version.to_string()))
+                    {
+                        start_batching(&m, source, config, pad_batches, entry.stats);
                     }
                     loader_repo.set_state(&source.name, source.version, ModelState::Ready(m))
                 }

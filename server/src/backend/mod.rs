@@ -114,6 +114,30 @@ pub struct Work {
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+impl Work {
+    /// Work whose outcome a thread waits for on the returned receiver (warm-up, tools).
+    pub fn blocking(inputs: Vec<Tensor>, outputs: Vec<String>) -> (Work, std::sync::mpsc::Receiver<Outcome>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let work = Work {
+            inputs,
+            outputs,
+            reply: Reply::Blocking(tx),
+            on_run: None,
+            permit: None,
+        };
+        (work, rx)
+    }
+}
+
+/// Waits for the outcome of [`Work::blocking`]; a thread that ended without answering is an error.
+fn wait(rx: std::sync::mpsc::Receiver<Outcome>) -> Outcome {
+    rx.recv().unwrap_or_else(|_| {
+        Err(BackendError::Runtime(
+            "the model's instance stopped before answering".into(),
+        ))
+    })
+}
+
 /// A loaded model ready to execute. Each instance runs on its own thread; callers hand it [`Work`].
 pub trait Backend: Send + Sync {
     /// Inputs and outputs as declared by the model.
@@ -134,52 +158,22 @@ pub trait Backend: Send + Sync {
     /// Runs the model on any free instance and waits for the outcome. Blocking: call it off the
     /// async reactor.
     fn infer(&self, inputs: Vec<Tensor>, outputs: &[String]) -> Outcome {
-        self.infer_on(None, inputs, outputs)
+        let (work, rx) = Work::blocking(inputs, outputs.to_vec());
+        self.submit(work, None);
+        wait(rx)
     }
     /// Runs `inputs` once on every instance, all at once, and waits for them: warm-up before the
     /// model is served. The first error, if any. Blocking.
     fn infer_on_every_instance(&self, inputs: &[Tensor]) -> Result<(), BackendError> {
         let waiting: Vec<_> = (0..self.instances())
             .map(|k| {
-                let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                let work = Work {
-                    inputs: inputs.to_vec(),
-                    outputs: Vec::new(),
-                    reply: Reply::Blocking(tx),
-                    on_run: None,
-                    permit: None,
-                };
+                let (work, rx) = Work::blocking(inputs.to_vec(), Vec::new());
                 self.submit(work, Some(k));
                 rx
             })
             .collect();
-        let mut first_error = None;
-        for rx in waiting {
-            let outcome = rx
-                .recv()
-                .unwrap_or_else(|_| Err(BackendError::Runtime("the instance stopped".into())));
-            if let (Err(e), None) = (outcome, &first_error) {
-                first_error = Some(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
-    }
-
-    /// Runs the model on `instance` (any when None) and waits for the outcome. Blocking.
-    fn infer_on(&self, instance: Option<usize>, inputs: Vec<Tensor>, outputs: &[String]) -> Outcome {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let work = Work {
-            inputs,
-            outputs: outputs.to_vec(),
-            reply: Reply::Blocking(tx),
-            on_run: None,
-            permit: None,
-        };
-        self.submit(work, instance);
-        rx.recv().unwrap_or_else(|_| {
-            Err(BackendError::Runtime(
-                "the model's instance stopped before answering".into(),
-            ))
-        })
+        // Every run is waited for, even after an error: none is left running behind the caller.
+        let outcomes: Vec<Outcome> = waiting.into_iter().map(wait).collect();
+        outcomes.into_iter().find_map(Result::err).map_or(Ok(()), Err)
     }
 }

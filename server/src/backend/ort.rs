@@ -405,72 +405,16 @@ fn le_vec<T, const N: usize>(b: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
         .collect()
 }
 
-/// An input for ONNX Runtime. Raw numeric data that is little-endian and aligned for its element
-/// type (binary request bodies are read so that it usually is) is handed over in place, without a
-/// copy; anything else is converted into a new buffer by [`to_value`].
+/// An input for ONNX Runtime, and whether it went in place. On a little-endian host, numeric data
+/// that is aligned for its element type (binary request bodies are read so that it usually is) is
+/// lent to ONNX Runtime without a copy, and misaligned data (gRPC's raw contents land anywhere in
+/// the message) is copied as one block. BOOL is normalised to 0/1; BYTES become strings.
 fn input_value(t: &Tensor) -> Result<(SessionInputValue<'_>, bool), BackendError> {
-    if cfg!(target_endian = "little")
-        && let TensorData::Raw(b) = &t.data
-    {
-        macro_rules! in_place {
-            ($t:ty) => {
-                if let Ok(data) = bytemuck::try_cast_slice::<u8, $t>(b) {
-                    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-                    let view = TensorRef::from_array_view((shape, data)).map_err(|e| {
-                        BackendError::Runtime(format!("failed to create input tensor {:?}: {e}", t.name))
-                    })?;
-                    return Ok((view.into(), true));
-                }
-            };
-        }
-        match t.dtype {
-            DataType::U8 => in_place!(u8),
-            DataType::I8 => in_place!(i8),
-            DataType::U16 => in_place!(u16),
-            DataType::I16 => in_place!(i16),
-            DataType::U32 => in_place!(u32),
-            DataType::I32 => in_place!(i32),
-            DataType::U64 => in_place!(u64),
-            DataType::I64 => in_place!(i64),
-            DataType::F16 => in_place!(f16),
-            DataType::BF16 => in_place!(bf16),
-            DataType::F32 => in_place!(f32),
-            DataType::F64 => in_place!(f64),
-            // BOOL is normalised to 0/1 on the copy; BYTES are strings.
-            DataType::Bool | DataType::Bytes => {}
-        }
-    }
-    Ok((to_value(t)?.into(), false))
-}
-
-fn to_value(t: &Tensor) -> Result<DynValue, BackendError> {
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
     let rt =
         |e: ort::Error| BackendError::Runtime(format!("failed to create input tensor {:?}: {e}", t.name));
-    macro_rules! prim {
-        ($b:expr, $n:literal, $f:expr) => {
-            ort::value::Tensor::from_array((shape.clone(), le_vec::<_, $n>($b, $f)))
-                .map_err(rt)?
-                .into_dyn()
-        };
-    }
-    // Misaligned numeric data (gRPC's raw contents land anywhere in the message): one block copy
-    // into an aligned buffer on a little-endian host.
-    macro_rules! pod {
-        ($b:expr, $t:ty, $n:literal, $f:expr) => {
-            if cfg!(target_endian = "little") {
-                let n = $b.len() / $n;
-                let mut v = vec![<$t as bytemuck::Zeroable>::zeroed(); n];
-                bytemuck::cast_slice_mut::<$t, u8>(&mut v).copy_from_slice(&$b[..n * $n]);
-                ort::value::Tensor::from_array((shape.clone(), v))
-                    .map_err(rt)?
-                    .into_dyn()
-            } else {
-                prim!($b, $n, $f)
-            }
-        };
-    }
-    Ok(match &t.data {
+    let b = match &t.data {
+        TensorData::Raw(b) => b,
         TensorData::Strings(items) => {
             let strings = items
                 .iter()
@@ -484,27 +428,54 @@ fn to_value(t: &Tensor) -> Result<DynValue, BackendError> {
                     })
                 })
                 .collect::<Result<Vec<String>, _>>()?;
-            ort::value::Tensor::from_string_array((shape.clone(), &strings[..]))
-                .map_err(rt)?
-                .into_dyn()
+            let value = ort::value::Tensor::from_string_array((shape, &strings[..])).map_err(rt)?;
+            return Ok((value.into_dyn().into(), false));
         }
-        TensorData::Raw(b) => match t.dtype {
-            DataType::Bool => prim!(b, 1, |a: [u8; 1]| a[0] != 0),
-            DataType::U8 => pod!(b, u8, 1, |a: [u8; 1]| a[0]),
-            DataType::I8 => pod!(b, i8, 1, i8::from_le_bytes),
-            DataType::U16 => pod!(b, u16, 2, u16::from_le_bytes),
-            DataType::I16 => pod!(b, i16, 2, i16::from_le_bytes),
-            DataType::U32 => pod!(b, u32, 4, u32::from_le_bytes),
-            DataType::I32 => pod!(b, i32, 4, i32::from_le_bytes),
-            DataType::U64 => pod!(b, u64, 8, u64::from_le_bytes),
-            DataType::I64 => pod!(b, i64, 8, i64::from_le_bytes),
-            DataType::F16 => pod!(b, f16, 2, f16::from_le_bytes),
-            DataType::BF16 => pod!(b, bf16, 2, bf16::from_le_bytes),
-            DataType::F32 => pod!(b, f32, 4, f32::from_le_bytes),
-            DataType::F64 => pod!(b, f64, 8, f64::from_le_bytes),
-            DataType::Bytes => return Err(BackendError::Runtime("BYTES tensor with raw data".into())),
-        },
-    })
+    };
+    macro_rules! owned {
+        ($v:expr) => {
+            Ok((
+                ort::value::Tensor::from_array((shape, $v))
+                    .map_err(rt)?
+                    .into_dyn()
+                    .into(),
+                false,
+            ))
+        };
+    }
+    macro_rules! numeric {
+        ($t:ty, $n:literal, $f:expr) => {{
+            if !cfg!(target_endian = "little") {
+                return owned!(le_vec::<$t, $n>(b, $f));
+            }
+            if let Ok(data) = bytemuck::try_cast_slice::<u8, $t>(b) {
+                return Ok((
+                    TensorRef::from_array_view((shape, data)).map_err(rt)?.into(),
+                    true,
+                ));
+            }
+            let n = b.len() / $n;
+            let mut v = vec![<$t as bytemuck::Zeroable>::zeroed(); n];
+            bytemuck::cast_slice_mut::<$t, u8>(&mut v).copy_from_slice(&b[..n * $n]);
+            owned!(v)
+        }};
+    }
+    match t.dtype {
+        DataType::Bool => owned!(le_vec::<bool, 1>(b, |a| a[0] != 0)),
+        DataType::U8 => numeric!(u8, 1, |a: [u8; 1]| a[0]),
+        DataType::I8 => numeric!(i8, 1, i8::from_le_bytes),
+        DataType::U16 => numeric!(u16, 2, u16::from_le_bytes),
+        DataType::I16 => numeric!(i16, 2, i16::from_le_bytes),
+        DataType::U32 => numeric!(u32, 4, u32::from_le_bytes),
+        DataType::I32 => numeric!(i32, 4, i32::from_le_bytes),
+        DataType::U64 => numeric!(u64, 8, u64::from_le_bytes),
+        DataType::I64 => numeric!(i64, 8, i64::from_le_bytes),
+        DataType::F16 => numeric!(f16, 2, f16::from_le_bytes),
+        DataType::BF16 => numeric!(bf16, 2, bf16::from_le_bytes),
+        DataType::F32 => numeric!(f32, 4, f32::from_le_bytes),
+        DataType::F64 => numeric!(f64, 8, f64::from_le_bytes),
+        DataType::Bytes => Err(BackendError::Runtime("BYTES tensor with raw data".into())),
+    }
 }
 
 fn from_value(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {

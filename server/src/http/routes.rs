@@ -169,10 +169,10 @@ pub async fn handle(state: Arc<AppState>, surface: Surface, req: Request<Incomin
 /// while the bytes held by all requests stay within `--max-buffered-request-bytes`. Bytes are
 /// reserved as they arrive, not as declared: a client that declares a large body and sends nothing
 /// holds nothing.
-/// Reads a request body within the limits. `aligned_at`: an offset into the body (where the binary
-/// tensors of the binary extension start) that should land 16-byte aligned in memory, so numeric
-/// tensors there are handed to ONNX Runtime in place rather than copied; best effort, never needed
-/// for correctness.
+///
+/// `aligned_at`: an offset into the body (where the binary extension's tensors start) that should
+/// land 16-byte aligned in memory, so numeric tensors there are lent to ONNX Runtime in place
+/// rather than copied; best effort, never needed for correctness.
 async fn read_body(
     state: &AppState,
     ticket: &mut Ticket,

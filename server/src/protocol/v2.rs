@@ -314,14 +314,21 @@ pub fn encode_response(
 ) -> Result<EncodedResponse, ApiError> {
     let mut blobs: Vec<Bytes> = Vec::new();
     let mut out_json = Vec::with_capacity(outputs.len());
+    // What the body will hold, so it is allocated once: growing a multi-megabyte Vec by doubling
+    // copies it over and over (the largest cost after number formatting when answering 1 MiB of
+    // FP32 as JSON).
+    let mut size = 512;
     for (i, t) in outputs.iter().enumerate() {
         let binary = req.binary_outputs.get(i).copied().unwrap_or(req.binary_default);
+        size += 160 + t.name.len();
         let (parameters, data) = if binary {
             let blob = t.to_binary();
             let p = serde_json::json!({"binary_data_size": blob.len()});
+            size += blob.len();
             blobs.push(blob);
             (Some(p), None)
         } else {
+            size += json_elements_len(t);
             (None, Some(t.json_elements(false)))
         };
         out_json.push(OutputJson {
@@ -339,10 +346,7 @@ pub fn encode_response(
         parameters: req.parameters.as_ref(),
         outputs: out_json,
     };
-    // Sized up front: growing a multi-megabyte Vec by doubling copies it over and over (the
-    // largest cost after number formatting when answering 1 MiB of FP32 as JSON).
-    let blob_bytes: usize = blobs.iter().map(Bytes::len).sum();
-    let mut body = Vec::with_capacity(json_len_estimate(outputs, req) + blob_bytes);
+    let mut body = Vec::with_capacity(size);
     serde_json::to_writer(&mut body, &resp)
         .map_err(|e| ApiError::Internal(format!("failed to encode the response: {e}")))?;
     if blobs.is_empty() {
@@ -361,30 +365,15 @@ pub fn encode_response(
     })
 }
 
-/// About how long the JSON part of a response is: a little per output, and per element of the
-/// outputs sent as JSON a typical width (floats print at most 9 significant digits for FP32 and
-/// 17 for FP64, plus sign, point, exponent and comma).
-fn json_len_estimate(outputs: &[Tensor], req: &InferRequest) -> usize {
-    let per_output: usize = outputs
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let binary = req.binary_outputs.get(i).copied().unwrap_or(req.binary_default);
-            let per_element = match t.dtype {
-                _ if binary => 0,
-                DataType::F64 => 24,
-                DataType::F32 | DataType::F16 | DataType::BF16 => 14,
-                DataType::Bytes => 0,
-                _ => 8,
-            };
-            let strings = match &t.data {
-                crate::tensor::TensorData::Strings(s) if !binary => s.iter().map(|b| b.len() + 4).sum(),
-                _ => 0,
-            };
-            160 + t.name.len() + t.len() * per_element + strings
-        })
-        .sum();
-    512 + per_output
+/// About how long a tensor's elements are as JSON: floats print at most 9 significant digits for
+/// FP32 and 17 for FP64, plus sign, point, exponent and comma; strings their bytes and quotes.
+fn json_elements_len(t: &Tensor) -> usize {
+    match (&t.data, t.dtype) {
+        (crate::tensor::TensorData::Strings(s), _) => s.iter().map(|b| b.len() + 4).sum(),
+        (_, DataType::F64) => t.len() * 24,
+        (_, DataType::F32 | DataType::F16 | DataType::BF16) => t.len() * 14,
+        _ => t.len() * 8,
+    }
 }
 
 fn specs_json(specs: &[TensorSpec]) -> Value {
