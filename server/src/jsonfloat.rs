@@ -1,8 +1,11 @@
 //! The fast path for the commonest large JSON input: FP32 or FP64 `data` given as numbers in
-//! (possibly nested) arrays. Numbers go straight from the request text into the tensor's
-//! little-endian bytes with a fast float parser, skipping serde's per-element visitor calls. The
-//! general path (serde) stays for everything else and for every error message, so the fast path
-//! only has to recognise what it handles and step aside otherwise.
+//! (possibly nested) arrays. [`prepass`] walks a V2 request once, parses every input's numeric
+//! `data` array straight into the tensor's bytes with a fast float parser, and hands serde the
+//! request with those arrays cut out, so serde never scans them (its scan to delimit a raw value
+//! cost as much as the parsing). The general path (serde) stays for everything else and for every
+//! error message, so the fast path only has to recognise what it handles and step aside otherwise.
+
+use std::ops::Range;
 
 use crate::tensor::DataType;
 
@@ -10,65 +13,426 @@ use crate::tensor::DataType;
 /// rather than through `f64`, so they take that path.
 const MAX_EXACT_INTEGER: f64 = 9_007_199_254_740_992.0;
 
-/// Parses `text`, which serde_json has already checked is valid JSON, when it holds only numbers
-/// in arrays nested at most `max_depth` deep, into `count` elements of `dtype` (FP32 or FP64) as
-/// little-endian bytes, exactly as the general path would (a number is read as the nearest `f64`,
-/// then narrowed). `None` when anything else appears (a string, a boolean, `null`, an object, a
-/// long integer, deeper nesting), when the count differs, or for another data type: the caller
-/// then takes the general path, which also words the error.
-pub fn parse_floats(text: &[u8], dtype: DataType, count: usize, max_depth: usize) -> Option<Vec<u8>> {
-    let width = match dtype {
-        DataType::F32 => 4,
-        DataType::F64 => 8,
-        _ => return None,
-    };
-    // The claimed shape does not size the allocation: a number takes at least two bytes ("0,").
-    let mut out = Vec::with_capacity(count.min(text.len() / 2 + 1) * width);
-    let limit = count.checked_mul(width)?;
-    let mut depth = 0usize;
-    let mut i = 0;
-    while i < text.len() {
-        match text[i] {
-            b'[' => {
-                depth += 1;
-                if depth > max_depth {
-                    return None;
-                }
-                i += 1;
+/// Where parsed numbers go.
+enum Sink {
+    F32(Vec<u8>),
+    F64(Vec<u8>),
+    /// The datatype is not known yet: keep every number as the nearest `f64`.
+    Wide(Vec<f64>),
+}
+
+impl Sink {
+    fn new(dtype: Option<DataType>, capacity: usize) -> Option<Sink> {
+        Some(match dtype {
+            Some(DataType::F32) => Sink::F32(Vec::with_capacity(capacity * 4)),
+            Some(DataType::F64) => Sink::F64(Vec::with_capacity(capacity * 8)),
+            Some(_) => return None,
+            None => Sink::Wide(Vec::with_capacity(capacity)),
+        })
+    }
+
+    #[inline]
+    fn push(&mut self, v: f64) {
+        match self {
+            Sink::F32(b) => b.extend_from_slice(&(v as f32).to_le_bytes()),
+            Sink::F64(b) => b.extend_from_slice(&v.to_le_bytes()),
+            Sink::Wide(w) => w.push(v),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Sink::F32(b) => b.len() / 4,
+            Sink::F64(b) => b.len() / 8,
+            Sink::Wide(w) => w.len(),
+        }
+    }
+
+    /// `count` elements of `dtype` as little-endian bytes, exactly as the general path would
+    /// write them (a number is read as the nearest `f64`, then narrowed); `None` when the count
+    /// or the type differs.
+    fn into_bytes(self, dtype: DataType, count: usize) -> Option<Vec<u8>> {
+        if self.len() != count {
+            return None;
+        }
+        match (self, dtype) {
+            (Sink::F32(b), DataType::F32) | (Sink::F64(b), DataType::F64) => Some(b),
+            (Sink::Wide(w), DataType::F32) => {
+                Some(w.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect())
             }
-            b']' => {
-                depth = depth.checked_sub(1)?;
-                i += 1;
+            (Sink::Wide(w), DataType::F64) => Some(w.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            _ => None,
+        }
+    }
+}
+
+/// A byte cursor over JSON text. Every method returns `None` on anything it does not accept; the
+/// caller then leaves the text to serde.
+struct Scanner<'a> {
+    text: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Scanner<'a> {
+    fn ws(&mut self) {
+        while matches!(self.text.get(self.at), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            self.at += 1;
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.text.get(self.at).copied()
+    }
+
+    fn take(&mut self) -> Option<u8> {
+        let c = self.peek()?;
+        self.at += 1;
+        Some(c)
+    }
+
+    /// A string at the cursor; returns its raw contents (escapes left as written).
+    fn string(&mut self) -> Option<&'a [u8]> {
+        let text = self.text;
+        if self.take()? != b'"' {
+            return None;
+        }
+        let start = self.at;
+        loop {
+            match self.take()? {
+                b'"' => return Some(&text[start..self.at - 1]),
+                b'\\' => {
+                    self.take()?;
+                }
+                _ => {}
             }
-            b',' | b' ' | b'\n' | b'\r' | b'\t' => i += 1,
-            b'-' | b'0'..=b'9' => {
-                // serde_json validated the text, so what starts here is one JSON number.
-                let (v, used): (f64, usize) = fast_float2::parse_partial(&text[i..]).ok()?;
-                if used == 0 {
-                    return None;
+        }
+    }
+
+    /// Steps over any value. Only its extent matters here: what it holds stays in the text that
+    /// serde parses, which checks it.
+    fn skip_value(&mut self) -> Option<()> {
+        match self.peek()? {
+            b'"' => self.string().map(drop),
+            b'[' | b'{' => {
+                let mut depth = 0usize;
+                loop {
+                    match self.peek()? {
+                        b'"' => {
+                            self.string()?;
+                            continue;
+                        }
+                        b'[' | b'{' => depth += 1,
+                        b']' | b'}' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                self.at += 1;
+                                return Some(());
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.at += 1;
                 }
-                let token = &text[i..i + used];
-                i += used;
-                // The magnitude first: `fract` is a libm call, and only huge numbers need it.
-                if v.abs() > MAX_EXACT_INTEGER
-                    && v.fract() == 0.0
-                    && !token.iter().any(|c| matches!(c, b'.' | b'e' | b'E'))
-                {
-                    // A long integer, which the general path converts from i64/u64.
-                    return None;
+            }
+            _ => {
+                let start = self.at;
+                while !matches!(
+                    self.peek(),
+                    None | Some(b',' | b']' | b'}' | b' ' | b'\n' | b'\r' | b'\t')
+                ) {
+                    self.at += 1;
                 }
-                if out.len() >= limit {
-                    return None;
-                }
-                match dtype {
-                    DataType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
-                    _ => out.extend_from_slice(&v.to_le_bytes()),
+                (self.at > start).then_some(())
+            }
+        }
+    }
+
+    /// The members of the object at the cursor, one call of `member` per key with the cursor on
+    /// its value; `member` must step over the value.
+    fn object(&mut self, mut member: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
+        if self.take()? != b'{' {
+            return None;
+        }
+        self.ws();
+        if self.peek()? == b'}' {
+            self.at += 1;
+            return Some(());
+        }
+        loop {
+            let key = self.string()?;
+            self.ws();
+            if self.take()? != b':' {
+                return None;
+            }
+            self.ws();
+            member(self, key)?;
+            self.ws();
+            match self.take()? {
+                b',' => self.ws(),
+                b'}' => return Some(()),
+                _ => return None,
+            }
+        }
+    }
+
+    /// One JSON number, checked against JSON's grammar (the fast float parser accepts more).
+    #[inline]
+    fn number(&mut self) -> Option<f64> {
+        let text = self.text;
+        let start = self.at;
+        let mut j = start;
+        let digit = |j: usize| text.get(j).is_some_and(u8::is_ascii_digit);
+        if text.get(j) == Some(&b'-') {
+            j += 1;
+        }
+        match text.get(j)? {
+            b'0' => j += 1,
+            b'1'..=b'9' => {
+                j += 1;
+                while digit(j) {
+                    j += 1;
                 }
             }
             _ => return None,
         }
+        let mut integer = true;
+        if text.get(j) == Some(&b'.') {
+            integer = false;
+            j += 1;
+            if !digit(j) {
+                return None;
+            }
+            while digit(j) {
+                j += 1;
+            }
+        }
+        if matches!(text.get(j), Some(b'e' | b'E')) {
+            integer = false;
+            j += 1;
+            if matches!(text.get(j), Some(b'+' | b'-')) {
+                j += 1;
+            }
+            if !digit(j) {
+                return None;
+            }
+            while digit(j) {
+                j += 1;
+            }
+        }
+        let v: f64 = fast_float2::parse(&text[start..j]).ok()?;
+        // serde refuses numbers beyond f64's range; long integers take the general path.
+        if !v.is_finite() || (integer && v.abs() > MAX_EXACT_INTEGER) {
+            return None;
+        }
+        self.at = j;
+        Some(v)
     }
-    (out.len() == limit && depth == 0).then_some(out)
+
+    /// A number, or arrays of numbers nested at most `max_depth` deep, into `sink`.
+    fn numbers(&mut self, sink: &mut Sink, max_depth: usize) -> Option<()> {
+        if self.peek()? != b'[' {
+            sink.push(self.number()?);
+            return Some(());
+        }
+        let mut depth = 0usize;
+        loop {
+            // A value is expected here (or the end of an array that has just opened).
+            let mut closed = false;
+            match self.peek()? {
+                b'[' => {
+                    depth += 1;
+                    if depth > max_depth {
+                        return None;
+                    }
+                    self.at += 1;
+                    self.ws();
+                    if self.peek()? != b']' {
+                        continue;
+                    }
+                    self.at += 1;
+                    closed = true;
+                }
+                _ => sink.push(self.number()?),
+            }
+            if closed {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(());
+                }
+            }
+            // After a value: more of this array, or its end (and maybe its parents' ends).
+            loop {
+                self.ws();
+                match self.take()? {
+                    b',' => {
+                        self.ws();
+                        break;
+                    }
+                    b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(());
+                        }
+                    }
+                    _ => return None,
+                }
+            }
+        }
+    }
+}
+
+/// Parses `text`, a whole `data` value, when it holds only numbers in arrays nested at most
+/// `max_depth` deep, into `count` elements of `dtype` (FP32 or FP64) as little-endian bytes,
+/// exactly as the general path would (a number is read as the nearest `f64`, then narrowed).
+/// `None` when anything else appears (a string, a boolean, `null`, an object, a long integer,
+/// deeper nesting, text that is not JSON), when the count differs, or for another data type: the
+/// caller then takes the general path, which also words the error.
+pub fn parse_floats(text: &[u8], dtype: DataType, count: usize, max_depth: usize) -> Option<Vec<u8>> {
+    // The claimed shape does not size the allocation: a number takes at least two bytes ("0,").
+    let mut sink = Sink::new(Some(dtype), count.min(text.len() / 2 + 1))?;
+    let mut s = Scanner { text, at: 0 };
+    s.ws();
+    s.numbers(&mut sink, max_depth)?;
+    s.ws();
+    if s.at != text.len() {
+        return None;
+    }
+    sink.into_bytes(dtype, count)
+}
+
+/// An input's `data` array parsed by [`prepass`].
+pub struct FoundData {
+    /// The input's position in the request's `inputs`.
+    pub input: usize,
+    /// Where the array was in the request text (for the general path when the fast one steps
+    /// aside).
+    pub span: Range<usize>,
+    numbers: Sink,
+}
+
+impl FoundData {
+    /// The array as `count` elements of `dtype`, little-endian; `None` when the general path must
+    /// decide (another data type, another count).
+    pub fn into_bytes(self, dtype: DataType, count: usize) -> Option<Vec<u8>> {
+        self.numbers.into_bytes(dtype, count)
+    }
+}
+
+/// What [`prepass`] found.
+pub struct Prepass {
+    /// The request with every parsed `data` array replaced by `null`: what serde parses.
+    pub text: Vec<u8>,
+    /// The arrays, in the order of their inputs.
+    pub found: Vec<FoundData>,
+}
+
+/// One pass over a V2 request's JSON: every `inputs[i].data` that is an array of numbers (nested
+/// at most `max_depth` deep) and whose input's `datatype`, when given before it, is FP32 or FP64,
+/// is parsed. `None` when there is nothing to parse or the text is not what this pass expects
+/// (serde then parses the original text and words any error).
+pub fn prepass(text: &[u8], max_depth: usize) -> Option<Prepass> {
+    let mut found = Vec::new();
+    let mut s = Scanner { text, at: 0 };
+    s.ws();
+    s.object(|s, key| {
+        if key != b"inputs" || s.peek()? != b'[' {
+            return s.skip_value();
+        }
+        s.at += 1;
+        s.ws();
+        if s.peek()? == b']' {
+            s.at += 1;
+            return Some(());
+        }
+        let mut input = 0;
+        loop {
+            if s.peek()? == b'{' {
+                s.input(input, &mut found, max_depth)?;
+            } else {
+                s.skip_value()?;
+            }
+            input += 1;
+            s.ws();
+            match s.take()? {
+                b',' => s.ws(),
+                b']' => return Some(()),
+                _ => return None,
+            }
+        }
+    })?;
+    s.ws();
+    if s.at != text.len() || found.is_empty() {
+        return None;
+    }
+    let cut: usize = found.iter().map(|f: &FoundData| f.span.len()).sum();
+    let mut rest = Vec::with_capacity(text.len() - cut + 4 * found.len());
+    let mut from = 0;
+    for f in &found {
+        rest.extend_from_slice(&text[from..f.span.start]);
+        rest.extend_from_slice(b"null");
+        from = f.span.end;
+    }
+    rest.extend_from_slice(&text[from..]);
+    Some(Prepass { text: rest, found })
+}
+
+impl Scanner<'_> {
+    /// One input object: notes its `datatype` and `shape` and parses its `data`.
+    fn input(&mut self, input: usize, found: &mut Vec<FoundData>, max_depth: usize) -> Option<()> {
+        let mut dtype: Option<Result<DataType, ()>> = None;
+        let mut count: Option<usize> = None;
+        self.object(|s, key| match key {
+            b"datatype" if s.peek()? == b'"' => {
+                let name = s.string()?;
+                dtype = Some(
+                    std::str::from_utf8(name)
+                        .ok()
+                        .and_then(DataType::from_v2_name)
+                        .ok_or(()),
+                );
+                Some(())
+            }
+            b"shape" => {
+                let start = s.at;
+                s.skip_value()?;
+                count = shape_count(&s.text[start..s.at]);
+                Some(())
+            }
+            b"data" if s.peek()? == b'[' => {
+                let known = match dtype {
+                    None => None,
+                    Some(Ok(d @ (DataType::F32 | DataType::F64))) => Some(d),
+                    // Not a float input: serde's general path handles it.
+                    Some(_) => return s.skip_value(),
+                };
+                let start = s.at;
+                // A number takes at least two bytes ("0,"), so the text, not the claimed shape,
+                // bounds the allocation.
+                let capacity = count.unwrap_or(0).min((s.text.len() - start) / 2 + 1);
+                let mut numbers = Sink::new(known, capacity)?;
+                s.numbers(&mut numbers, max_depth)?;
+                found.push(FoundData {
+                    input,
+                    span: start..s.at,
+                    numbers,
+                });
+                Some(())
+            }
+            _ => s.skip_value(),
+        })
+    }
+}
+
+/// The element count of a shape written as a plain array of non-negative integers.
+fn shape_count(text: &[u8]) -> Option<usize> {
+    let inner = text.strip_prefix(b"[")?.strip_suffix(b"]")?;
+    let inner = std::str::from_utf8(inner).ok()?;
+    if inner.trim().is_empty() {
+        return Some(1);
+    }
+    inner
+        .split(',')
+        .try_fold(1usize, |n, d| n.checked_mul(d.trim().parse::<usize>().ok()?))
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use super::error::{ApiError, json_error};
 use crate::backend::{Signature, TensorSpec};
 use crate::inference::input_spec;
-use crate::tensor::{DataType, ElementWriter, Tensor, element_count};
+use crate::tensor::{DataType, ElementWriter, Tensor, TensorData, element_count};
 
 /// Header carrying the length of the JSON part of a binary-extension body.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -91,6 +91,18 @@ pub fn decode_request(
     body: &Bytes,
     json_len: Option<usize>,
 ) -> Result<InferRequest, ApiError> {
+    decode_request_with(sig, body, json_len, true)
+}
+
+/// [`decode_request`], with the one-pass parse of data arrays on or off. Off is serde alone, the
+/// route the one pass must always agree with: the tests compare the two and the `json_floats`
+/// benchmark measures them side by side.
+pub fn decode_request_with(
+    sig: &Signature,
+    body: &Bytes,
+    json_len: Option<usize>,
+    prepass: bool,
+) -> Result<InferRequest, ApiError> {
     let (json, mut binary) = match json_len {
         Some(n) if n > body.len() => {
             return Err(ApiError::BadRequest(format!(
@@ -101,10 +113,24 @@ pub fn decode_request(
         Some(n) => (body.slice(..n), body.slice(n..)),
         None => (body.clone(), Bytes::new()),
     };
-    let header: RequestHeader<'_> =
-        serde_json::from_slice(&json).map_err(|e| json_error("inference request JSON", &e))?;
+    // One pass parses the numeric data arrays, and serde parses what is left. When serde rejects
+    // that, it parses the original instead, so error messages point into what the client sent.
+    let (rest, found) = prepass
+        .then(|| crate::jsonfloat::prepass(&json, MAX_DATA_DEPTH))
+        .flatten()
+        .map(|p| (p.text, p.found))
+        .unwrap_or_default();
+    let (header, found): (RequestHeader<'_>, _) = match serde_json::from_slice(&rest) {
+        Ok(header) if !found.is_empty() => (header, found),
+        _ => (
+            serde_json::from_slice(&json).map_err(|e| json_error("inference request JSON", &e))?,
+            Vec::new(),
+        ),
+    };
+    let mut found = found.into_iter().peekable();
     let mut inputs = Vec::with_capacity(header.inputs.len());
-    for input in &header.inputs {
+    for (index, input) in header.inputs.iter().enumerate() {
+        let parsed = found.next_if(|f| f.input == index);
         let spec = input_spec(sig, &input.name)?;
         let dtype = DataType::from_v2_name(&input.datatype).ok_or_else(|| {
             ApiError::BadRequest(format!(
@@ -130,14 +156,14 @@ pub fn decode_request(
                 ))
             })?),
         };
-        let tensor = match (binary_size, input.data) {
-            (Some(_), Some(_)) => {
+        let tensor = match (binary_size, input.data, parsed) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
                 return Err(ApiError::BadRequest(format!(
                     "input {:?} has both \"data\" and binary_data_size; send one",
                     input.name
                 )));
             }
-            (Some(n), None) => {
+            (Some(n), None, None) => {
                 if n > binary.len() {
                     return Err(ApiError::BadRequest(format!(
                         "input {:?} declares binary_data_size {n} but only {} binary bytes remain in the body",
@@ -149,8 +175,21 @@ pub fn decode_request(
                 Tensor::from_binary(&input.name, dtype, shape, raw)
                     .map_err(|e| ApiError::BadRequest(format!("input {:?}: {e}", input.name)))?
             }
-            (None, Some(raw)) => decode_data(&input.name, dtype, shape, count, raw)?,
-            (None, None) => {
+            (None, _, Some(found)) => {
+                let span = found.span.clone();
+                match found.into_bytes(dtype, count) {
+                    Some(bytes) => Tensor::new(&input.name, dtype, shape, TensorData::Raw(bytes.into()))
+                        .map_err(|e| ApiError::BadRequest(format!("input {:?}: {e}", input.name)))?,
+                    // Another type or count: the general path decides, and words the error.
+                    None => {
+                        let text = std::str::from_utf8(&json[span])
+                            .map_err(|e| ApiError::BadRequest(format!("input {:?} data: {e}", input.name)))?;
+                        decode_data(&input.name, dtype, shape, count, text)?
+                    }
+                }
+            }
+            (None, Some(raw), None) => decode_data(&input.name, dtype, shape, count, raw.get())?,
+            (None, None, None) => {
                 return Err(ApiError::BadRequest(format!(
                     "input {:?} has no \"data\" and no binary_data_size parameter",
                     input.name
@@ -187,16 +226,16 @@ fn decode_data(
     dtype: DataType,
     shape: Vec<usize>,
     count: usize,
-    raw: &RawValue,
+    text: &str,
 ) -> Result<Tensor, ApiError> {
-    if let Some(bytes) = crate::jsonfloat::parse_floats(raw.get().as_bytes(), dtype, count, MAX_DATA_DEPTH) {
-        return Tensor::new(name, dtype, shape, crate::tensor::TensorData::Raw(bytes.into()))
+    if let Some(bytes) = crate::jsonfloat::parse_floats(text.as_bytes(), dtype, count, MAX_DATA_DEPTH) {
+        return Tensor::new(name, dtype, shape, TensorData::Raw(bytes.into()))
             .map_err(|e| ApiError::BadRequest(format!("input {name:?}: {e}")));
     }
     // A JSON element takes at least two bytes ("0,"): the body, not the claimed shape, bounds the
     // allocation.
-    let mut writer = ElementWriter::new(dtype, count.min(raw.get().len() / 2 + 1), count);
-    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let mut writer = ElementWriter::new(dtype, count.min(text.len() / 2 + 1), count);
+    let mut de = serde_json::Deserializer::from_str(text);
     let result = DataSeed {
         writer: &mut writer,
         depth: 0,
@@ -369,7 +408,7 @@ pub fn encode_response(
 /// FP32 and 17 for FP64, plus sign, point, exponent and comma; strings their bytes and quotes.
 fn json_elements_len(t: &Tensor) -> usize {
     match (&t.data, t.dtype) {
-        (crate::tensor::TensorData::Strings(s), _) => s.iter().map(|b| b.len() + 4).sum(),
+        (TensorData::Strings(s), _) => s.iter().map(|b| b.len() + 4).sum(),
         (_, DataType::F64) => t.len() * 24,
         (_, DataType::F32 | DataType::F16 | DataType::BF16) => t.len() * 14,
         _ => t.len() * 8,
@@ -564,5 +603,187 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("needs 8000000000"), "{err}");
+    }
+
+    fn wide_sig() -> Signature {
+        let spec = |name: &str, datatype, shape: &[i64]| TensorSpec {
+            name: name.into(),
+            datatype,
+            shape: shape.to_vec(),
+        };
+        Signature {
+            inputs: vec![
+                spec("x", DataType::F32, &[-1, 2]),
+                spec("d", DataType::F64, &[-1]),
+                spec("i", DataType::I64, &[-1]),
+                spec("s", DataType::Bytes, &[-1]),
+                spec("b", DataType::Bool, &[-1]),
+            ],
+            outputs: vec![spec("y", DataType::F32, &[-1, 2])],
+        }
+    }
+
+    /// Both decoding routes, as text: the one-pass parse of data arrays and serde alone.
+    fn both(body: &str) -> (String, String) {
+        let body = Bytes::from(body.to_string());
+        let sig = wide_sig();
+        (
+            format!("{:?}", decode_request_with(&sig, &body, None, true)),
+            format!("{:?}", decode_request_with(&sig, &body, None, false)),
+        )
+    }
+
+    /// Request bodies of every shape the one pass meets: key orders, nesting, whitespace, other
+    /// inputs around, and data that it must hand back to serde.
+    fn bodies() -> Vec<String> {
+        let datas = [
+            "[1,2,3,4]",
+            "[[1,2],[3,4]]",
+            " [ [ 0.1 , -2.5e-3 ] ,\n\t[ 3 , 1E2 ] ] ",
+            "[[-0, 0.30000001192092896], [6.02214076e23, 1e39]]",
+            "[[],[1,2],[],[3,4]]",
+            "[1,2,3]",
+            "[1,2,3,4,5]",
+            "[[1,2],[3,\"4\"]]",
+            "[true,1,2,3]",
+            "[1,2,3,null]",
+            "[1e400,1,2,3]",
+            "[12345678901234567890,1,2,3]",
+            "[[[[[1,2,3,4]]]]]",
+            "null",
+            "7",
+            "[1,2,3,4,]",
+            "[,1,2,3]",
+            "[1 2 3 4]",
+            "[01,2,3,4]",
+            "[1.,2,3,4]",
+            "[.5,2,3,4]",
+            "[+1,2,3,4]",
+            "[1e,2,3,4]",
+            "[-,2,3,4]",
+            "[NaN,2,3,4]",
+            "[Infinity,2,3,4]",
+            "[1,2,3,4",
+            "[[1,2],[3,4]",
+            "[1,2],[3,4]]",
+            "[{\"a\":1},2,3,4]",
+        ];
+        let mut out = Vec::new();
+        let fields = |datatype: &str, data: &str| {
+            [
+                r#""name":"x""#.to_string(),
+                r#""shape":[2,2]"#.to_string(),
+                format!(r#""datatype":"{datatype}""#),
+                format!(r#""data":{data}"#),
+            ]
+        };
+        let others = [
+            r#"{"name":"i","shape":[2],"data":[5,-6],"datatype":"INT64"}"#,
+            r#"{"name":"i","datatype":"INT64","shape":[2],"data":[5,-6]}"#,
+            r#"{"name":"d","data":[[0.5],[1e-300]],"datatype":"FP64","shape":[2]}"#,
+            r#"{"name":"s","datatype":"BYTES","shape":[2],"data":["a]","\"b\\"]}"#,
+            r#"{"name":"s","data":["a]","b"],"shape":[2],"datatype":"BYTES"}"#,
+            r#"{"name":"b","shape":[2],"data":[true,0],"datatype":"BOOL"}"#,
+            r#"{"name":"b","shape":[2],"datatype":"BOOL","data":[true,false],"parameters":{}}"#,
+        ];
+        for data in datas {
+            for datatype in ["FP32", "INT64", "FP33"] {
+                let f = fields(datatype, data);
+                // Every order of the four keys.
+                for perm in 0..24usize {
+                    let mut idx: Vec<usize> = (0..4).collect();
+                    let mut k = perm;
+                    let mut order = Vec::new();
+                    for n in (1..=4).rev() {
+                        order.push(idx.remove(k % n));
+                        k /= n;
+                    }
+                    let input = format!(
+                        "{{{}}}",
+                        order.iter().map(|&i| f[i].as_str()).collect::<Vec<_>>().join(",")
+                    );
+                    let other = others[perm % others.len()];
+                    out.push(format!(r#"{{"inputs":[{input}]}}"#));
+                    if datatype == "FP32" {
+                        out.push(format!(
+                            r#"{{"id":"r","parameters":{{"inputs":[{{"data":[1]}}]}}, "inputs" : [ {other} , {input} ] ,"outputs":[{{"name":"y","data":[1]}}]}}"#
+                        ));
+                        out.push(format!(r#"{{"inputs":[{input},{other}]}}"#));
+                    }
+                }
+            }
+        }
+        out.extend(
+            [
+                r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4]}]}x"#,
+                r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4]}],"inputs":[]}"#,
+                r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4],"data":[1,2,3,4]}]}"#,
+                r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","d\u0061ta":[1,2,3,4]}]}"#,
+                r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4],"parameters":{"binary_data_size":16}}]}"#,
+                r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4]}]"#,
+                r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4]}}"#,
+                r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4]},]}"#,
+                r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4]} {"name":"i"}]}"#,
+                r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4],}]}"#,
+                r#"{"inputs":[{"name":"x","shape":[2,2] "datatype":"FP32","data":[1,2,3,4]}]}"#,
+                r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data"[1,2,3,4]}]}"#,
+                r#"{"inputs":[{"name":"x","shape":[-1,2],"datatype":"FP32","data":[1,2,3,4]}]}"#,
+                r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4]}],"parameters":{"binary_data_output":1}}"#,
+                r#"[{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4]}]}]"#,
+                r#"{"inputs":[7,{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4]}]}"#,
+                "{\"inputs\":[{\"name\":\"x\",\"shape\":[2,2],\"datatype\":\"FP32\",\"data\":[1,2,3,4]}]}\n",
+                r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4]}]} {}"#,
+                r#"{"inputs":[]}"#,
+                "",
+            ]
+            .map(str::to_string),
+        );
+        out
+    }
+
+    #[test]
+    fn the_one_pass_parse_answers_exactly_as_serde_alone() {
+        let mut fast = 0;
+        let mut ok = 0;
+        for body in bodies() {
+            let (one_pass, serde_alone) = both(&body);
+            assert_eq!(one_pass, serde_alone, "{body}");
+            fast += usize::from(crate::jsonfloat::prepass(body.as_bytes(), MAX_DATA_DEPTH).is_some());
+            ok += usize::from(one_pass.starts_with("Ok"));
+        }
+        // The comparison is not vacuous: many bodies took the one pass, and many decoded.
+        assert!(fast > 500 && ok > 300, "{fast} took the one pass, {ok} decoded");
+    }
+
+    #[test]
+    fn mangled_bodies_answer_exactly_as_serde_alone() {
+        let bodies = bodies();
+        let mut seed = 0x1234_5678_9abc_def1u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as usize
+        };
+        let alphabet = b"[]{},:\" 0123456789-+.eE\\atnul";
+        for _ in 0..30_000 {
+            let mut body = bodies[next() % bodies.len()].clone().into_bytes();
+            for _ in 0..1 + next() % 3 {
+                let at = next() % body.len().max(1);
+                match next() % 3 {
+                    0 if !body.is_empty() => {
+                        body.remove(at);
+                    }
+                    1 => body.insert(at, alphabet[next() % alphabet.len()]),
+                    _ if !body.is_empty() => body[at] = alphabet[next() % alphabet.len()],
+                    _ => {}
+                }
+            }
+            let Ok(body) = String::from_utf8(body) else {
+                continue;
+            };
+            let (one_pass, serde_alone) = both(&body);
+            assert_eq!(one_pass, serde_alone, "{body}");
+        }
     }
 }
