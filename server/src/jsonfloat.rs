@@ -175,56 +175,37 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// One JSON number, checked against JSON's grammar (the fast float parser accepts more).
+    /// One JSON number. The fast float parser reads it and says where it ends; JSON's grammar is
+    /// narrower than the parser's (no `+`, leading zeros, bare points, `inf` or `nan`), so the
+    /// few places where they differ are checked on the token.
     #[inline]
     fn number(&mut self) -> Option<f64> {
-        let text = self.text;
-        let start = self.at;
-        let mut j = start;
-        let digit = |j: usize| text.get(j).is_some_and(u8::is_ascii_digit);
-        if text.get(j) == Some(&b'-') {
-            j += 1;
-        }
-        match text.get(j)? {
-            b'0' => j += 1,
-            b'1'..=b'9' => {
-                j += 1;
-                while digit(j) {
-                    j += 1;
+        let rest = &self.text[self.at..];
+        let digits = usize::from(rest.first() == Some(&b'-'));
+        match rest.get(digits)? {
+            b'0' => {
+                if rest.get(digits + 1).is_some_and(u8::is_ascii_digit) {
+                    return None;
                 }
             }
+            b'1'..=b'9' => {}
             _ => return None,
         }
-        let mut integer = true;
-        if text.get(j) == Some(&b'.') {
-            integer = false;
-            j += 1;
-            if !digit(j) {
+        let (v, used): (f64, usize) = fast_float2::parse_partial(rest).ok()?;
+        let token = &rest[..used];
+        // A point must have digits after it, before any exponent.
+        if let Some(point) = token.iter().position(|&c| c == b'.') {
+            if !token.get(point + 1).is_some_and(u8::is_ascii_digit) {
                 return None;
             }
-            while digit(j) {
-                j += 1;
-            }
         }
-        if matches!(text.get(j), Some(b'e' | b'E')) {
-            integer = false;
-            j += 1;
-            if matches!(text.get(j), Some(b'+' | b'-')) {
-                j += 1;
-            }
-            if !digit(j) {
-                return None;
-            }
-            while digit(j) {
-                j += 1;
-            }
-        }
-        let v: f64 = fast_float2::parse(&text[start..j]).ok()?;
         // serde refuses numbers beyond f64's range; long integers take the general path.
-        if !v.is_finite() || (integer && v.abs() > MAX_EXACT_INTEGER) {
+        if !v.is_finite()
+            || (v.abs() > MAX_EXACT_INTEGER && !token.iter().any(|c| matches!(c, b'.' | b'e' | b'E')))
+        {
             return None;
         }
-        self.at = j;
+        self.at += used;
         Some(v)
     }
 
