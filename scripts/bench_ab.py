@@ -6,7 +6,10 @@ the median throughput and p99 of each and the ratio B / A per load. `make bench`
 the rivals; this compares a change against the build before it.
 
 Usage: python scripts/bench_ab.py A_BINARY B_BINARY [--models dense,cls,mib] [--clients 4,16]
-           [--rounds 6] [--seconds 3] [--json] [--flags "--max-batch-size 32"]
+           [--rounds 6] [--seconds 3] [--json] [--flags "--max-batch-size 32"] [--flags-b "..."]
+
+Give the same binary twice with --flags-b to compare two configurations of one build (e.g. the
+server's own choice of instances against `--instances 4 --intra-op-threads 1`).
 """
 import argparse
 import os
@@ -29,6 +32,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=3)
     ap.add_argument("--json", action="store_true", help="JSON bodies too, not only binary tensors")
     ap.add_argument("--flags", default="", help="extra server flags for both, e.g. batching")
+    ap.add_argument("--flags-b", default=None, help="B's flags instead of --flags (A keeps --flags)")
     a = ap.parse_args()
     ort_lib = os.environ["ORT_DYLIB_PATH"]
     tmp = tempfile.mkdtemp(prefix="kubemaas-ab-")
@@ -44,9 +48,10 @@ def main():
         binary.write_bytes(data)
         servers = {}
         try:
-            for label, exe in (("A", a.a), ("B", a.b)):
+            flags_b = a.flags if a.flags_b is None else a.flags_b
+            for label, exe, flags in (("A", a.a, a.flags), ("B", a.b, flags_b)):
                 port = bench.free_port()
-                argv = bench.kubemaas_argv(exe, port, ort_lib, name, path, *a.flags.split())
+                argv = bench.kubemaas_argv(exe, port, ort_lib, name, path, *flags.split())
                 servers[label] = (bench.Proc(f"{label}-{name}", argv, port, f"/v2/models/{name}/ready"), port)
             bodies = [("binary", binary, header_len)] + ([("JSON", body, None)] if a.json else [])
             for kind, payload, hlen in bodies:
