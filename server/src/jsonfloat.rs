@@ -194,10 +194,10 @@ impl<'a> Scanner<'a> {
         let (v, used): (f64, usize) = fast_float2::parse_partial(rest).ok()?;
         let token = &rest[..used];
         // A point must have digits after it, before any exponent.
-        if let Some(point) = token.iter().position(|&c| c == b'.') {
-            if !token.get(point + 1).is_some_and(u8::is_ascii_digit) {
-                return None;
-            }
+        if let Some(point) = token.iter().position(|&c| c == b'.')
+            && !token.get(point + 1).is_some_and(u8::is_ascii_digit)
+        {
+            return None;
         }
         // serde refuses numbers beyond f64's range; long integers take the general path.
         if !v.is_finite()
@@ -279,6 +279,97 @@ pub fn parse_floats(text: &[u8], dtype: DataType, count: usize, max_depth: usize
         return None;
     }
     sink.into_bytes(dtype, count)
+}
+
+/// Nested lists of numbers with the shape their nesting gives, for TF-Serving's formats, which
+/// send no shape: `text` is a whole value, `dtype` FP32 or FP64. The numbers are appended to `out`
+/// as little-endian bytes (no second buffer: a tensor may be most of a large body), and the shape
+/// is returned. `None`, with `out` as it was, when the lists are ragged or hold an empty list (the
+/// general path words those errors), nest deeper than `max_depth`, hold more than `limit`
+/// numbers, or anything [`parse_floats`] refuses.
+pub fn parse_shaped(
+    text: &[u8],
+    dtype: DataType,
+    max_depth: usize,
+    limit: usize,
+    out: &mut Vec<u8>,
+) -> Option<Vec<usize>> {
+    let start = out.len();
+    let mut sink = match dtype {
+        DataType::F32 => Sink::F32(std::mem::take(out)),
+        DataType::F64 => Sink::F64(std::mem::take(out)),
+        _ => return None,
+    };
+    let shape = shaped_numbers(text, &mut sink, max_depth, limit + start / dtype.size()?);
+    let (Sink::F32(bytes) | Sink::F64(bytes)) = sink else {
+        return None;
+    };
+    *out = bytes;
+    if shape.is_none() {
+        out.truncate(start);
+    }
+    shape
+}
+
+/// [`parse_shaped`]'s walk: numbers into `sink` (which holds no more than `limit`), the shape out.
+fn shaped_numbers(text: &[u8], sink: &mut Sink, max_depth: usize, limit: usize) -> Option<Vec<usize>> {
+    let before = sink.len();
+    let mut s = Scanner { text, at: 0 };
+    s.ws();
+    // Per open list, its elements so far; per depth, the length every list there must have.
+    let mut open: Vec<usize> = Vec::new();
+    let mut dims: Vec<Option<usize>> = Vec::new();
+    let mut rank: Option<usize> = None;
+    loop {
+        // A value is expected here.
+        if s.peek()? == b'[' {
+            if rank.is_some_and(|r| open.len() >= r) || open.len() >= max_depth {
+                return None;
+            }
+            s.at += 1;
+            s.ws();
+            if s.peek()? == b']' {
+                return None;
+            }
+            open.push(0);
+            continue;
+        }
+        if *rank.get_or_insert(open.len()) != open.len() || sink.len() >= limit {
+            return None;
+        }
+        sink.push(s.number()?);
+        // After a value (a number or a list just closed): more of its list, or the list's end.
+        loop {
+            let Some(count) = open.last_mut() else {
+                s.ws();
+                if s.at != text.len() {
+                    return None;
+                }
+                // Every depth holds a closed list, so every length is known.
+                let shape = dims.into_iter().collect::<Option<Vec<usize>>>()?;
+                return (sink.len() - before == shape.iter().product::<usize>()).then_some(shape);
+            };
+            *count += 1;
+            s.ws();
+            match s.take()? {
+                b',' => {
+                    s.ws();
+                    break;
+                }
+                b']' => {
+                    let n = open.pop()?;
+                    let level = open.len();
+                    if dims.len() <= level {
+                        dims.resize(level + 1, None);
+                    }
+                    if *dims[level].get_or_insert(n) != n {
+                        return None;
+                    }
+                }
+                _ => return None,
+            }
+        }
+    }
 }
 
 /// An input's `data` array parsed by [`prepass`].
@@ -482,6 +573,54 @@ mod tests {
         assert_eq!(
             parse_floats(text.as_bytes(), DataType::F32, values.len(), 32),
             Some(want)
+        );
+    }
+
+    #[test]
+    fn nesting_gives_the_shape_and_ragged_or_empty_lists_step_aside() {
+        let shaped = |t: &str| parse_shaped(t.as_bytes(), DataType::F32, 32, 100, &mut Vec::new());
+        assert_eq!(shaped("[[1,2,3],[4,5,6]]"), Some(vec![2, 3]));
+        assert_eq!(shaped(" [ [ [0.5] ] , [ [ -1 ] ] ] "), Some(vec![2, 1, 1]));
+        assert_eq!(shaped("7"), Some(vec![]));
+        // Appended after what is there; on refusal, what was there is left as it was.
+        let mut out = vec![7u8; 8];
+        assert_eq!(
+            parse_shaped(b"[[1.5],[-2]]", DataType::F64, 32, 2, &mut out),
+            Some(vec![2, 1])
+        );
+        assert_eq!(
+            out,
+            [[7u8; 8], 1.5f64.to_le_bytes(), (-2f64).to_le_bytes()].concat()
+        );
+        assert_eq!(
+            parse_shaped(b"[[1.5],[-2, 3]]", DataType::F64, 32, 9, &mut out),
+            None
+        );
+        assert_eq!(parse_shaped(b"[4, 5]", DataType::F64, 32, 1, &mut out), None);
+        assert_eq!(out.len(), 24);
+        for t in [
+            "[[1,2],[3]]",
+            "[[1],2]",
+            "[1,[2]]",
+            "[]",
+            "[[],[]]",
+            "[[1,2],[3,4]",
+            "[1] 2",
+        ] {
+            assert_eq!(shaped(t), None, "{t}");
+        }
+        // The depth and count limits.
+        assert_eq!(
+            parse_shaped(b"[[[1]]]", DataType::F32, 2, 100, &mut Vec::new()),
+            None
+        );
+        assert_eq!(
+            parse_shaped(b"[1,2,3]", DataType::F32, 32, 2, &mut Vec::new()),
+            None
+        );
+        assert_eq!(
+            parse_shaped(b"[1,2,3]", DataType::I32, 32, 9, &mut Vec::new()),
+            None
         );
     }
 

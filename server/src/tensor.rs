@@ -361,7 +361,21 @@ impl Tensor {
     /// (TF-Serving style). Floats use the shortest round-trip form; NaN and infinities become `null`
     /// because JSON has no literal for them (use the binary extension to carry them exactly).
     pub fn json_elements(&self, nested: bool) -> JsonElements<'_> {
-        JsonElements { tensor: self, nested }
+        JsonElements {
+            tensor: self,
+            nested,
+            row: None,
+        }
+    }
+
+    /// Serialises one row (an index into the first dimension) as nested JSON arrays, like
+    /// [`Tensor::json_elements`] with `nested`; `None` for a scalar or a row past the end.
+    pub fn json_row(&self, row: usize) -> Option<JsonElements<'_>> {
+        (row < self.shape.first().copied()?).then_some(JsonElements {
+            tensor: self,
+            nested: true,
+            row: Some(row),
+        })
     }
 }
 
@@ -369,17 +383,26 @@ impl Tensor {
 pub struct JsonElements<'a> {
     tensor: &'a Tensor,
     nested: bool,
+    /// Only this row of the first dimension.
+    row: Option<usize>,
 }
 
 impl Serialize for JsonElements<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let t = self.tensor;
         let count = t.len();
-        let shape: Vec<usize> = if self.nested { t.shape.clone() } else { vec![count] };
+        let (shape, offset) = match (self.row, self.nested) {
+            (Some(row), _) => {
+                let inner = t.shape.get(1..).unwrap_or_default();
+                (inner.to_vec(), row * inner.iter().product::<usize>())
+            }
+            (None, true) => (t.shape.clone(), 0),
+            (None, false) => (vec![count], 0),
+        };
         Slice {
             tensor: t,
             shape: &shape,
-            offset: 0,
+            offset,
         }
         .serialize(s)
     }
@@ -524,6 +547,11 @@ impl ElementWriter {
         self.count
     }
 
+    /// The most elements this writer accepts.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     fn bump(&mut self) -> Result<(), TensorError> {
         self.count += 1;
         if self.count > self.limit {
@@ -599,6 +627,22 @@ impl ElementWriter {
                 Err(self.bad(v, " (out of range for this type)"))
             }
         }
+    }
+
+    /// Lets `fill` append elements already encoded as this type's little-endian bytes (as the fast
+    /// JSON float path writes them) straight into the tensor's buffer, given how many more the
+    /// limit allows. `fill` returns `None` when it appended nothing; so does this, also for BYTES.
+    pub fn append_le<T>(&mut self, fill: impl FnOnce(&mut Vec<u8>, usize) -> Option<T>) -> Option<T> {
+        let width = self.dtype.size()?;
+        let start = self.raw.len();
+        let out = fill(&mut self.raw, self.limit.saturating_sub(self.count));
+        let added = (self.raw.len() - start) / width;
+        if out.is_none() || self.count + added > self.limit {
+            self.raw.truncate(start);
+            return None;
+        }
+        self.count += added;
+        out
     }
 
     /// Writes a floating-point number; rejected for integer and boolean types.

@@ -539,9 +539,10 @@ async fn predict_v1(
     .await;
     let (request, _ticket) = inference::counted(&stats, start, decoded)?;
     let outputs = inference::execute(model, &stats, start, request.inputs, Vec::new(), None).await?;
-    Ok(json_response(
+    Ok(bytes_response(
         StatusCode::OK,
-        &v1::encode_response(request.format, &outputs)?,
+        JSON,
+        Bytes::from(v1::encode_response(request.format, &outputs)?),
     ))
 }
 

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::ser::{SerializeMap, SerializeSeq};
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -14,7 +15,7 @@ use super::error::{ApiError, json_error};
 use super::v2::MAX_DATA_DEPTH;
 use crate::backend::{Signature, TensorSpec};
 use crate::inference::input_spec;
-use crate::tensor::{ElementWriter, Tensor};
+use crate::tensor::{DataType, ElementWriter, Tensor};
 
 /// Which of TF-Serving's request formats was used; the response mirrors it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,17 +56,20 @@ struct Builder<'s> {
     rank: Option<usize>,
     /// Instances fed so far (row format with named inputs).
     rows: usize,
+    /// Try the fast float path first (off only to compare against serde alone).
+    fast: bool,
 }
 
 impl<'s> Builder<'s> {
     /// `body_len` bounds the element count: a JSON element takes at least one byte.
-    fn new(spec: &'s TensorSpec, body_len: usize) -> Builder<'s> {
+    fn new(spec: &'s TensorSpec, body_len: usize, fast: bool) -> Builder<'s> {
         Builder {
             spec,
             writer: ElementWriter::new(spec.datatype, body_len / 2 + 1, body_len + 1),
             dims: Vec::new(),
             rank: None,
             rows: 0,
+            fast,
         }
     }
 
@@ -76,10 +80,48 @@ impl<'s> Builder<'s> {
     /// Streams one nested value in at `depth` (0 for a whole tensor, 1 for one row of a stacked
     /// tensor).
     fn feed(&mut self, raw: &RawValue, depth: usize) -> Result<(), ApiError> {
+        if self.fast && self.feed_floats(raw, depth) {
+            return Ok(());
+        }
         let mut de = serde_json::Deserializer::from_str(raw.get());
         Nested { b: self, depth }
             .deserialize(&mut de)
             .map_err(|e| self.bad(e))
+    }
+
+    /// Feeds FP32/FP64 lists through the fast float path when they are rectangular and agree with
+    /// what was fed before; `false`, having changed nothing, when the general path must decide.
+    fn feed_floats(&mut self, raw: &RawValue, depth: usize) -> bool {
+        if !matches!(self.spec.datatype, DataType::F32 | DataType::F64) {
+            return false;
+        }
+        let (dtype, max_depth) = (self.spec.datatype, MAX_DATA_DEPTH.saturating_sub(depth));
+        let (rank, dims) = (self.rank, &self.dims);
+        // The shape must agree with what was fed before, else the general path decides.
+        let agrees = |shape: &[usize]| {
+            let rank_here = depth + shape.len();
+            rank.is_none_or(|r| r == rank_here)
+                && dims.iter().skip(rank_here).all(Option::is_none)
+                && shape
+                    .iter()
+                    .enumerate()
+                    .all(|(k, &n)| dims.get(depth + k).copied().flatten().is_none_or(|m| m == n))
+        };
+        let Some(shape) = self.writer.append_le(|out, room| {
+            crate::jsonfloat::parse_shaped(raw.get().as_bytes(), dtype, max_depth, room, out)
+                .filter(|shape| agrees(shape))
+        }) else {
+            return false;
+        };
+        let rank = depth + shape.len();
+        if self.dims.len() < rank {
+            self.dims.resize(rank, None);
+        }
+        for (k, n) in shape.into_iter().enumerate() {
+            self.dims[depth + k] = Some(n);
+        }
+        self.rank = Some(rank);
+        true
     }
 
     /// The tensor, with `rows` prepended to the shape when the values were stacked rows.
@@ -240,6 +282,7 @@ fn first_element(list: &RawValue) -> Result<Option<&RawValue>, ApiError> {
 struct NamedRows<'b, 's> {
     sig: &'s Signature,
     body_len: usize,
+    fast: bool,
     builders: &'b mut Vec<Builder<'s>>,
     /// A request error found inside the visitor, kept whole (serde's error type is only a string).
     failure: &'b mut Option<ApiError>,
@@ -290,8 +333,11 @@ impl<'s> NamedRows<'_, 's> {
                 Some(i) => i,
                 None if row > 0 => return Err(lacks(name)),
                 None => {
-                    self.builders
-                        .push(Builder::new(input_spec(self.sig, name)?, self.body_len));
+                    self.builders.push(Builder::new(
+                        input_spec(self.sig, name)?,
+                        self.body_len,
+                        self.fast,
+                    ));
                     self.builders.len() - 1
                 }
             };
@@ -311,6 +357,12 @@ impl<'s> NamedRows<'_, 's> {
 
 /// Decodes a `:predict` body.
 pub fn decode_request(sig: &Signature, body: &[u8]) -> Result<PredictRequest, ApiError> {
+    decode_request_with(sig, body, true)
+}
+
+/// [`decode_request`], with the fast float path for FP32/FP64 lists on or off. Off is serde
+/// alone, which the fast path must always agree with: the tests compare the two.
+pub fn decode_request_with(sig: &Signature, body: &[u8], fast: bool) -> Result<PredictRequest, ApiError> {
     let text = std::str::from_utf8(body)
         .map_err(|e| ApiError::BadRequest(format!("the request body is not UTF-8 text: {e}")))?;
     if !text.trim_start().starts_with('{') {
@@ -335,11 +387,22 @@ pub fn decode_request(sig: &Signature, body: &[u8]) -> Result<PredictRequest, Ap
             if first_char(instances) != Some('[') {
                 return Err(ApiError::BadRequest("\"instances\" must be a list".into()));
             }
-            let first = first_element(instances)?
-                .ok_or_else(|| ApiError::BadRequest("\"instances\" is empty".into()))?;
-            let named = first_char(first) == Some('{')
-                && !serde_json::from_str::<BTreeMap<String, &RawValue>>(first.get())
-                    .is_ok_and(|m| is_b64(&m));
+            // Only an object needs reading to tell named instances from a {"b64": ...} value: a
+            // first instance that is a list (often the whole tensor) is not scanned twice.
+            let rest = instances
+                .get()
+                .trim_start()
+                .strip_prefix('[')
+                .unwrap_or_default()
+                .trim_start();
+            if rest.starts_with(']') {
+                return Err(ApiError::BadRequest("\"instances\" is empty".into()));
+            }
+            let named = rest.starts_with('{')
+                && first_element(instances)?.is_some_and(|first| {
+                    !serde_json::from_str::<BTreeMap<String, &RawValue>>(first.get())
+                        .is_ok_and(|m| is_b64(&m))
+                });
             let inputs = if named {
                 let mut builders = Vec::new();
                 let mut failure = None;
@@ -347,6 +410,7 @@ pub fn decode_request(sig: &Signature, body: &[u8]) -> Result<PredictRequest, Ap
                 let rows = NamedRows {
                     sig,
                     body_len,
+                    fast,
                     builders: &mut builders,
                     failure: &mut failure,
                 }
@@ -371,7 +435,7 @@ pub fn decode_request(sig: &Signature, body: &[u8]) -> Result<PredictRequest, Ap
                     ))
                 })?;
                 // The list of instances is the stacked tensor itself.
-                let mut b = Builder::new(spec, body_len);
+                let mut b = Builder::new(spec, body_len, fast);
                 b.feed(instances, 0)?;
                 vec![b.finish(false)?]
             };
@@ -393,13 +457,13 @@ pub fn decode_request(sig: &Signature, body: &[u8]) -> Result<PredictRequest, Ap
                 (Some(map), _) => map
                     .iter()
                     .map(|(name, v)| {
-                        let mut b = Builder::new(input_spec(sig, name)?, body_len);
+                        let mut b = Builder::new(input_spec(sig, name)?, body_len, fast);
                         b.feed(v, 0)?;
                         b.finish(false)
                     })
                     .collect::<Result<Vec<_>, _>>()?,
                 (None, Some(spec)) => {
-                    let mut b = Builder::new(spec, body_len);
+                    let mut b = Builder::new(spec, body_len, fast);
                     b.feed(inputs, 0)?;
                     vec![b.finish(false)?]
                 }
@@ -418,44 +482,111 @@ pub fn decode_request(sig: &Signature, body: &[u8]) -> Result<PredictRequest, Ap
     }
 }
 
-/// Encodes the `:predict` response.
-pub fn encode_response(format: Format, outputs: &[Tensor]) -> Result<Value, ApiError> {
-    let nested = |t: &Tensor| {
-        serde_json::to_value(t.json_elements(true))
-            .map_err(|e| ApiError::Internal(format!("failed to encode output {:?}: {e}", t.name)))
+/// Encodes the `:predict` response: `{"predictions": ...}` in the row format (one object per row
+/// naming every output when there are several), `{"outputs": ...}` in the columnar format. The
+/// elements are written straight from the tensors, never built as a `Value` tree.
+pub fn encode_response(format: Format, outputs: &[Tensor]) -> Result<Vec<u8>, ApiError> {
+    let rows = match (format, outputs) {
+        (Format::Row, [_, _, ..]) => {
+            let rows = outputs
+                .first()
+                .and_then(|t| t.shape.first())
+                .copied()
+                .unwrap_or(0);
+            if let Some(t) = outputs.iter().find(|t| t.shape.first() != Some(&rows)) {
+                return Err(ApiError::BadRequest(format!(
+                    "output {:?} has no batch dimension of {rows} rows; use the columnar format (\"inputs\")",
+                    t.name
+                )));
+            }
+            rows
+        }
+        _ => 0,
     };
-    Ok(match (format, outputs) {
-        (Format::Row, [only]) => serde_json::json!({ "predictions": nested(only)? }),
-        (Format::Columnar, [only]) => serde_json::json!({ "outputs": nested(only)? }),
-        (Format::Columnar, many) => {
-            let mut m = Map::new();
-            for t in many {
-                m.insert(t.name.clone(), nested(t)?);
-            }
-            serde_json::json!({ "outputs": m })
-        }
-        (Format::Row, many) => {
-            // One object per row, each naming every output's slice for that row.
-            let rows = many.first().and_then(|t| t.shape.first()).copied().unwrap_or(0);
-            let mut per_row: Vec<Map<String, Value>> = vec![Map::new(); rows];
-            for t in many {
-                match nested(t)? {
-                    Value::Array(items) if items.len() == rows => {
-                        for (row, item) in per_row.iter_mut().zip(items) {
-                            row.insert(t.name.clone(), item);
-                        }
-                    }
-                    _ => {
-                        return Err(ApiError::BadRequest(format!(
-                            "output {:?} has no batch dimension of {rows} rows; use the columnar format (\"inputs\")",
-                            t.name
-                        )));
-                    }
-                }
-            }
-            serde_json::json!({ "predictions": per_row })
-        }
+    // Outputs by name, as TF-Serving lists them.
+    let mut by_name: Vec<&Tensor> = outputs.iter().collect();
+    by_name.sort_by(|a, b| a.name.cmp(&b.name));
+    serde_json::to_vec(&PredictResponse {
+        format,
+        outputs: &by_name,
+        rows,
     })
+    .map_err(|e| ApiError::Internal(format!("failed to encode the response: {e}")))
+}
+
+struct PredictResponse<'a> {
+    format: Format,
+    outputs: &'a [&'a Tensor],
+    rows: usize,
+}
+
+impl Serialize for PredictResponse<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut top = s.serialize_map(Some(1))?;
+        match (self.format, self.outputs) {
+            (Format::Row, [only]) => top.serialize_entry("predictions", &only.json_elements(true))?,
+            (Format::Columnar, [only]) => top.serialize_entry("outputs", &only.json_elements(true))?,
+            (Format::Columnar, many) => top.serialize_entry("outputs", &Columns(many))?,
+            (Format::Row, many) => top.serialize_entry(
+                "predictions",
+                &Rows {
+                    outputs: many,
+                    rows: self.rows,
+                },
+            )?,
+        }
+        top.end()
+    }
+}
+
+/// `{name: elements, ...}` for every output.
+struct Columns<'a>(&'a [&'a Tensor]);
+
+impl Serialize for Columns<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for t in self.0 {
+            m.serialize_entry(&t.name, &t.json_elements(true))?;
+        }
+        m.end()
+    }
+}
+
+/// One `{name: row elements, ...}` object per row (every output has `rows` rows).
+struct Rows<'a> {
+    outputs: &'a [&'a Tensor],
+    rows: usize,
+}
+
+impl Serialize for Rows<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut list = s.serialize_seq(Some(self.rows))?;
+        for row in 0..self.rows {
+            list.serialize_element(&Row {
+                outputs: self.outputs,
+                row,
+            })?;
+        }
+        list.end()
+    }
+}
+
+struct Row<'a> {
+    outputs: &'a [&'a Tensor],
+    row: usize,
+}
+
+impl Serialize for Row<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.outputs.len()))?;
+        for t in self.outputs {
+            let elements = t.json_row(self.row).ok_or_else(|| {
+                serde::ser::Error::custom(format!("output {:?} has no row {}", t.name, self.row))
+            })?;
+            m.serialize_entry(&t.name, &elements)?;
+        }
+        m.end()
+    }
 }
 
 fn tf_signature(specs: &[TensorSpec]) -> Value {
@@ -628,11 +759,205 @@ mod tests {
             w.push_i64(v).unwrap();
         }
         let t = w.finish("y", vec![2, 2]).unwrap();
-        let v = encode_response(Format::Row, std::slice::from_ref(&t)).unwrap();
+        let v: Value =
+            serde_json::from_slice(&encode_response(Format::Row, std::slice::from_ref(&t)).unwrap()).unwrap();
         assert_eq!(v, serde_json::json!({"predictions": [[1.0, 2.0], [3.0, 4.0]]}));
         let mut t2 = t.clone();
         t2.name = "z".into();
-        let v = encode_response(Format::Row, &[t, t2]).unwrap();
+        let v: Value = serde_json::from_slice(&encode_response(Format::Row, &[t, t2]).unwrap()).unwrap();
         assert_eq!(v["predictions"][1]["z"], serde_json::json!([3.0, 4.0]));
+    }
+
+    /// What the response was when it was built as a `Value` tree: the reference for the encoder
+    /// that writes straight from the tensors.
+    fn as_value_tree(format: Format, outputs: &[Tensor]) -> Result<Value, String> {
+        let nested = |t: &Tensor| serde_json::to_value(t.json_elements(true)).unwrap();
+        Ok(match (format, outputs) {
+            (Format::Row, [only]) => serde_json::json!({ "predictions": nested(only) }),
+            (Format::Columnar, [only]) => serde_json::json!({ "outputs": nested(only) }),
+            (Format::Columnar, many) => {
+                let m: Map<String, Value> = many.iter().map(|t| (t.name.clone(), nested(t))).collect();
+                serde_json::json!({ "outputs": m })
+            }
+            (Format::Row, many) => {
+                let rows = many.first().and_then(|t| t.shape.first()).copied().unwrap_or(0);
+                let mut per_row: Vec<Map<String, Value>> = vec![Map::new(); rows];
+                for t in many {
+                    match nested(t) {
+                        Value::Array(items) if items.len() == rows => {
+                            for (row, item) in per_row.iter_mut().zip(items) {
+                                row.insert(t.name.clone(), item);
+                            }
+                        }
+                        _ => return Err(t.name.clone()),
+                    }
+                }
+                serde_json::json!({ "predictions": per_row })
+            }
+        })
+    }
+
+    #[test]
+    fn responses_equal_the_value_tree_they_replace() {
+        let tensor = |name: &str, dtype: DataType, shape: Vec<usize>| {
+            let n: usize = shape.iter().product();
+            let mut w = ElementWriter::new(dtype, n, n);
+            for i in 0..n {
+                match dtype {
+                    DataType::Bytes => w.push_str(&format!("s\"{i}")).unwrap(),
+                    DataType::Bool => w.push_bool(i % 2 == 0).unwrap(),
+                    DataType::F32 => w
+                        .push_f64([0.1, -2.5e-7, f64::NAN, 3e30][i % 4] * i as f64)
+                        .unwrap(),
+                    _ => w.push_i64(i as i64 - 3).unwrap(),
+                }
+            }
+            w.finish(name, shape).unwrap()
+        };
+        let sets = [
+            vec![tensor("y", DataType::F32, vec![2, 3])],
+            vec![tensor("y", DataType::F32, vec![])],
+            vec![tensor("y", DataType::F32, vec![0, 4])],
+            vec![
+                tensor("b", DataType::F32, vec![2, 2, 2]),
+                tensor("a", DataType::I64, vec![2]),
+            ],
+            vec![
+                tensor("z", DataType::Bytes, vec![3, 1]),
+                tensor("m", DataType::Bool, vec![3, 2]),
+            ],
+            vec![
+                tensor("y", DataType::F32, vec![2, 3]),
+                tensor("w", DataType::I32, vec![3, 2]),
+            ],
+            vec![
+                tensor("y", DataType::F32, vec![2, 3]),
+                tensor("s", DataType::F32, vec![]),
+            ],
+            vec![],
+        ];
+        for outputs in sets {
+            for format in [Format::Row, Format::Columnar] {
+                let direct = encode_response(format, &outputs)
+                    .map(|b| serde_json::from_slice::<Value>(&b).unwrap())
+                    .map_err(|e| e.to_string());
+                let tree = as_value_tree(format, &outputs);
+                match (&direct, &tree) {
+                    // Floats compare as the f32 they encode: the tree widened them to f64 first.
+                    (Ok(d), Ok(t)) => assert_eq!(as_f32(d), as_f32(t), "{format:?} {outputs:?}"),
+                    (Err(d), Err(name)) => {
+                        assert!(d.contains(&format!("output {name:?} has no batch")), "{d}")
+                    }
+                    _ => panic!("{direct:?} against {tree:?}"),
+                }
+            }
+        }
+    }
+
+    fn as_f32(v: &Value) -> Value {
+        match v {
+            Value::Number(n) if n.is_f64() => serde_json::json!(n.as_f64().map(|f| f as f32)),
+            Value::Array(a) => Value::Array(a.iter().map(as_f32).collect()),
+            Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), as_f32(v))).collect()),
+            other => other.clone(),
+        }
+    }
+
+    /// Nested values of every kind the fast float path meets, and some it must hand back.
+    const VALUES: [&str; 24] = [
+        "[[1,2],[3,4]]",
+        "[[[1,2]],[[3,4]]]",
+        " [ [ 0.5 , -2.5e-3 ] ,\n [ 3 , 1E2 ] ] ",
+        "[[-0, 5e-324], [6.02214076e23, 1e39]]",
+        "[1,2]",
+        "[[1,2]]",
+        "7",
+        "[[1,2],[3]]",
+        "[[1,2],[[3],4]]",
+        "[[1,2],3]",
+        "[]",
+        "[[]]",
+        "[[],[]]",
+        "[[1,\"2\"]]",
+        "[[1,true]]",
+        "[[1e400,1]]",
+        "[[01,2]]",
+        "[[1.,2]]",
+        "[[12345678901234567890,1]]",
+        "[[{\"b64\":\"aGk=\"}]]",
+        "[[1,2],[3,4]",
+        "[[1,2],[3,4]]]",
+        "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]",
+        "[[1,null]]",
+    ];
+
+    fn v1_bodies() -> Vec<String> {
+        let mut out = Vec::new();
+        for v in VALUES {
+            out.push(format!(r#"{{"instances": {v}}}"#));
+            out.push(format!(r#"{{"inputs": {v}}}"#));
+            out.push(format!(r#"{{"inputs": {{"x": {v}, "i": [[5]]}}}}"#));
+            for w in VALUES {
+                out.push(format!(
+                    r#"{{"instances": [{{"x": {v}, "i": [1]}}, {{"i": [2], "x": {w}}}]}}"#
+                ));
+            }
+        }
+        out
+    }
+
+    fn v1_sigs() -> [Signature; 3] {
+        [
+            sig(&[("x", DataType::F32, &[-1, 2])]),
+            sig(&[("x", DataType::F64, &[-1, -1, -1])]),
+            sig(&[("x", DataType::F32, &[-1, 2]), ("i", DataType::I64, &[-1, 1])]),
+        ]
+    }
+
+    #[test]
+    fn the_fast_float_path_answers_exactly_as_serde_alone() {
+        let mut ok = 0;
+        for s in v1_sigs() {
+            for body in v1_bodies() {
+                let fast = format!("{:?}", decode_request_with(&s, body.as_bytes(), true));
+                let general = format!("{:?}", decode_request_with(&s, body.as_bytes(), false));
+                assert_eq!(fast, general, "{body}");
+                ok += usize::from(fast.starts_with("Ok"));
+            }
+        }
+        // Not vacuous: many bodies decoded.
+        assert!(ok > 50, "{ok} decoded");
+    }
+
+    #[test]
+    fn mangled_predict_bodies_answer_exactly_as_serde_alone() {
+        let bodies = v1_bodies();
+        let sigs = v1_sigs();
+        let mut seed = 0x0fed_cba9_8765_4321u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as usize
+        };
+        let alphabet = b"[]{},:\" 0123456789-+.eE\\atnul";
+        for _ in 0..20_000 {
+            let mut body = bodies[next() % bodies.len()].clone().into_bytes();
+            for _ in 0..1 + next() % 3 {
+                let at = next() % body.len().max(1);
+                match next() % 3 {
+                    0 if !body.is_empty() => {
+                        body.remove(at);
+                    }
+                    1 => body.insert(at, alphabet[next() % alphabet.len()]),
+                    _ if !body.is_empty() => body[at] = alphabet[next() % alphabet.len()],
+                    _ => {}
+                }
+            }
+            let s = &sigs[next() % sigs.len()];
+            let fast = format!("{:?}", decode_request_with(s, &body, true));
+            let general = format!("{:?}", decode_request_with(s, &body, false));
+            assert_eq!(fast, general, "{}", String::from_utf8_lossy(&body));
+        }
     }
 }
