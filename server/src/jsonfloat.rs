@@ -13,21 +13,18 @@ use crate::tensor::DataType;
 /// rather than through `f64`, so they take that path.
 const MAX_EXACT_INTEGER: f64 = 9_007_199_254_740_992.0;
 
-/// Where parsed numbers go.
+/// Where parsed numbers go: a tensor's little-endian bytes.
 enum Sink {
     F32(Vec<u8>),
     F64(Vec<u8>),
-    /// The datatype is not known yet: keep every number as the nearest `f64`.
-    Wide(Vec<f64>),
 }
 
 impl Sink {
-    fn new(dtype: Option<DataType>, capacity: usize) -> Option<Sink> {
+    fn new(dtype: DataType, capacity: usize) -> Option<Sink> {
         Some(match dtype {
-            Some(DataType::F32) => Sink::F32(Vec::with_capacity(capacity * 4)),
-            Some(DataType::F64) => Sink::F64(Vec::with_capacity(capacity * 8)),
-            Some(_) => return None,
-            None => Sink::Wide(Vec::with_capacity(capacity)),
+            DataType::F32 => Sink::F32(Vec::with_capacity(capacity * 4)),
+            DataType::F64 => Sink::F64(Vec::with_capacity(capacity * 8)),
+            _ => return None,
         })
     }
 
@@ -36,7 +33,6 @@ impl Sink {
         match self {
             Sink::F32(b) => b.extend_from_slice(&(v as f32).to_le_bytes()),
             Sink::F64(b) => b.extend_from_slice(&v.to_le_bytes()),
-            Sink::Wide(w) => w.push(v),
         }
     }
 
@@ -44,7 +40,6 @@ impl Sink {
         match self {
             Sink::F32(b) => b.len() / 4,
             Sink::F64(b) => b.len() / 8,
-            Sink::Wide(w) => w.len(),
         }
     }
 
@@ -57,10 +52,6 @@ impl Sink {
         }
         match (self, dtype) {
             (Sink::F32(b), DataType::F32) | (Sink::F64(b), DataType::F64) => Some(b),
-            (Sink::Wide(w), DataType::F32) => {
-                Some(w.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect())
-            }
-            (Sink::Wide(w), DataType::F64) => Some(w.iter().flat_map(|v| v.to_le_bytes()).collect()),
             _ => None,
         }
     }
@@ -270,7 +261,7 @@ impl<'a> Scanner<'a> {
 /// caller then takes the general path, which also words the error.
 pub fn parse_floats(text: &[u8], dtype: DataType, count: usize, max_depth: usize) -> Option<Vec<u8>> {
     // The claimed shape does not size the allocation: a number takes at least two bytes ("0,").
-    let mut sink = Sink::new(Some(dtype), count.min(text.len() / 2 + 1))?;
+    let mut sink = Sink::new(dtype, count.min(text.len() / 2 + 1))?;
     let mut s = Scanner { text, at: 0 };
     s.ws();
     s.numbers(&mut sink, max_depth)?;
@@ -399,8 +390,9 @@ pub struct Prepass {
 }
 
 /// One pass over a V2 request's JSON: every `inputs[i].data` that is an array of numbers (nested
-/// at most `max_depth` deep) and whose input's `datatype`, when given before it, is FP32 or FP64,
-/// is parsed. `None` when there is nothing to parse or the text is not what this pass expects
+/// at most `max_depth` deep) and whose input's `datatype`, given before it, is FP32 or FP64, is
+/// parsed (arrays that come before their datatype are left to serde: parsing them blind would
+/// need a wider buffer than the tensor's). `None` when there is nothing to parse or the text is not what this pass expects
 /// (serde then parses the original text and words any error).
 pub fn prepass(text: &[u8], max_depth: usize) -> Option<Prepass> {
     let mut found = Vec::new();
@@ -471,17 +463,16 @@ impl Scanner<'_> {
                 Some(())
             }
             b"data" if s.peek()? == b'[' => {
-                let known = match dtype {
-                    None => None,
-                    Some(Ok(d @ (DataType::F32 | DataType::F64))) => Some(d),
-                    // Not a float input: serde's general path handles it.
-                    Some(_) => return s.skip_value(),
+                let Some(Ok(dtype @ (DataType::F32 | DataType::F64))) = dtype else {
+                    // Not a float input, or its datatype comes later (clients send it first):
+                    // serde's general path handles it.
+                    return s.skip_value();
                 };
                 let start = s.at;
                 // A number takes at least two bytes ("0,"), so the text, not the claimed shape,
                 // bounds the allocation.
                 let capacity = count.unwrap_or(0).min((s.text.len() - start) / 2 + 1);
-                let mut numbers = Sink::new(known, capacity)?;
+                let mut numbers = Sink::new(dtype, capacity)?;
                 s.numbers(&mut numbers, max_depth)?;
                 found.push(FoundData {
                     input,

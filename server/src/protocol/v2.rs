@@ -752,7 +752,7 @@ mod tests {
             ok += usize::from(one_pass.starts_with("Ok"));
         }
         // The comparison is not vacuous: many bodies took the one pass, and many decoded.
-        assert!(fast > 500 && ok > 300, "{fast} took the one pass, {ok} decoded");
+        assert!(fast > 250 && ok > 300, "{fast} took the one pass, {ok} decoded");
     }
 
     #[test]
