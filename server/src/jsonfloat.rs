@@ -292,9 +292,7 @@ pub fn parse_shaped(
         _ => return None,
     };
     let shape = shaped_numbers(text, &mut sink, max_depth, limit + start / dtype.size()?);
-    let (Sink::F32(bytes) | Sink::F64(bytes)) = sink else {
-        return None;
-    };
+    let (Sink::F32(bytes) | Sink::F64(bytes)) = sink;
     *out = bytes;
     if shape.is_none() {
         out.truncate(start);
