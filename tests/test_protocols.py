@@ -219,6 +219,42 @@ def test_real_ocr_classifier_matches_onnxruntime(server, repo_dir):
     np.testing.assert_allclose(res.as_numpy(name), want, rtol=1e-5, atol=1e-6)
 
 
+def test_json_float_inputs_reach_the_model_exactly_however_they_are_written(server, repo_dir):
+    # FP32 numbers sent as JSON must reach ONNX Runtime as the very float32 values a binary tensor
+    # carries, whether the one-pass parser takes them (datatype before data, any nesting, spacing
+    # or spelling) or serde does (datatype after data), on V2 and on TF-Serving's :predict.
+    x = np.random.default_rng(7).random((2, 3, 48, 192), dtype=np.float32) * 4 - 2
+    x[0, 0, 0, :4] = [0.0, -0.0, 1e-30, 3e5]
+    client = httpclient.InferenceServerClient(server.http)
+    i = httpclient.InferInput("x", list(x.shape), "FP32")
+    i.set_data_from_numpy(x, binary_data=True)
+    res = client.infer("ocr-cls", [i])
+    (name, want), = reference(repo_dir, "ocr-cls", {"x": x}).items()
+    binary = res.as_numpy(name)
+    np.testing.assert_allclose(binary, want, rtol=1e-5, atol=1e-6)
+
+    flat = x.flatten().tolist()
+    nested = x.tolist()
+    spelled = "[" + ",\n ".join(f"{v:.9e}" for v in x.flatten()) + "]"
+    bodies = {
+        "flat, numpy's digits": json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": flat}]}),
+        "nested, indented": json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": nested}]}, indent=1),
+        "9 digits with exponents": '{"inputs":[{"name":"x","shape":[2,3,48,192],"datatype":"FP32","data":' + spelled + "}]}",
+        "datatype after data": json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "data": flat, "datatype": "FP32"}]}),
+    }
+    for label, body in bodies.items():
+        r = requests.post(f"{server.url}/v2/models/ocr-cls/infer", data=body)
+        assert r.status_code == 200, (label, r.text[:300])
+        out = r.json()["outputs"][0]
+        got = np.array(out["data"], dtype=np.float32).reshape(out["shape"])
+        np.testing.assert_array_equal(got, binary, err_msg=label)
+    for body in ({"instances": nested}, {"inputs": nested}):
+        r = requests.post(f"{server.url}/v1/models/ocr-cls:predict", data=json.dumps(body))
+        assert r.status_code == 200, r.text[:300]
+        got = np.array(next(iter(r.json().values())), dtype=np.float32)
+        np.testing.assert_array_equal(got, binary, err_msg=str(list(body)))
+
+
 def test_real_minilm_embedding_matches_onnxruntime(server, repo_dir):
     ids = np.array([[101, 7592, 2088, 2003, 1037, 3231, 102]], dtype=np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
