@@ -89,12 +89,13 @@ impl<'a> Scanner<'a> {
         }
         let start = self.at;
         loop {
+            self.at += memchr::memchr2(b'"', b'\\', text.get(self.at..)?)?;
             match self.take()? {
                 b'"' => return Some(&text[start..self.at - 1]),
-                b'\\' => {
+                _ => {
+                    // An escape: the next byte is part of it, even a quote.
                     self.take()?;
                 }
-                _ => {}
             }
         }
     }

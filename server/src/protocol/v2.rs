@@ -115,7 +115,13 @@ pub fn decode_request_with(
     };
     // One pass parses the numeric data arrays, and serde parses what is left. When serde rejects
     // that, it parses the original instead, so error messages point into what the client sent.
-    let (rest, found) = prepass
+    // A model without float inputs has nothing for the pass to parse (and its BYTES data may be
+    // long strings that serde steps over faster).
+    let floats = sig
+        .inputs
+        .iter()
+        .any(|s| matches!(s.datatype, DataType::F32 | DataType::F64));
+    let (rest, found) = (prepass && floats)
         .then(|| crate::jsonfloat::prepass(&json, MAX_DATA_DEPTH))
         .flatten()
         .map(|p| (p.text, p.found))
