@@ -292,7 +292,14 @@ pub fn parse_shaped(
         DataType::F64 => Sink::F64(std::mem::take(out)),
         _ => return None,
     };
-    let shape = shaped_numbers(text, &mut sink, max_depth, limit + start / dtype.size()?);
+    let mut s = Scanner { text, at: 0 };
+    s.ws();
+    let shape = s
+        .shaped_numbers(&mut sink, max_depth, limit + start / dtype.size()?)
+        .filter(|_| {
+            s.ws();
+            s.at == text.len()
+        });
     let (Sink::F32(bytes) | Sink::F64(bytes)) = sink;
     *out = bytes;
     if shape.is_none() {
@@ -301,65 +308,115 @@ pub fn parse_shaped(
     shape
 }
 
-/// [`parse_shaped`]'s walk: numbers into `sink` (which holds no more than `limit`), the shape out.
-fn shaped_numbers(text: &[u8], sink: &mut Sink, max_depth: usize, limit: usize) -> Option<Vec<usize>> {
-    let before = sink.len();
-    let mut s = Scanner { text, at: 0 };
-    s.ws();
-    // Per open list, its elements so far; per depth, the length every list there must have.
-    let mut open: Vec<usize> = Vec::new();
-    let mut dims: Vec<Option<usize>> = Vec::new();
-    let mut rank: Option<usize> = None;
-    loop {
-        // A value is expected here.
-        if s.peek()? == b'[' {
-            if rank.is_some_and(|r| open.len() >= r) || open.len() >= max_depth {
-                return None;
-            }
-            s.at += 1;
-            s.ws();
-            if s.peek()? == b']' {
-                return None;
-            }
-            open.push(0);
-            continue;
-        }
-        if *rank.get_or_insert(open.len()) != open.len() || sink.len() >= limit {
-            return None;
-        }
-        sink.push(s.number()?);
-        // After a value (a number or a list just closed): more of its list, or the list's end.
+impl Scanner<'_> {
+    /// [`parse_shaped`]'s walk over the value at the cursor, which it leaves after the value:
+    /// numbers into `sink` (which then holds no more than `limit`), the shape out.
+    fn shaped_numbers(&mut self, sink: &mut Sink, max_depth: usize, limit: usize) -> Option<Vec<usize>> {
+        let before = sink.len();
+        // Per open list, its elements so far; per depth, the length every list there must have.
+        let mut open: Vec<usize> = Vec::new();
+        let mut dims: Vec<Option<usize>> = Vec::new();
+        let mut rank: Option<usize> = None;
         loop {
-            let Some(count) = open.last_mut() else {
-                s.ws();
-                if s.at != text.len() {
+            // A value is expected here.
+            if self.peek()? == b'[' {
+                if rank.is_some_and(|r| open.len() >= r) || open.len() >= max_depth {
                     return None;
                 }
-                // Every depth holds a closed list, so every length is known.
-                let shape = dims.into_iter().collect::<Option<Vec<usize>>>()?;
-                return (sink.len() - before == shape.iter().product::<usize>()).then_some(shape);
-            };
-            *count += 1;
-            s.ws();
-            match s.take()? {
-                b',' => {
-                    s.ws();
-                    break;
+                self.at += 1;
+                self.ws();
+                if self.peek()? == b']' {
+                    return None;
                 }
-                b']' => {
-                    let n = open.pop()?;
-                    let level = open.len();
-                    if dims.len() <= level {
-                        dims.resize(level + 1, None);
+                open.push(0);
+                continue;
+            }
+            if *rank.get_or_insert(open.len()) != open.len() || sink.len() >= limit {
+                return None;
+            }
+            sink.push(self.number()?);
+            // After a value (a number or a list just closed): more of its list, or its end.
+            loop {
+                let Some(count) = open.last_mut() else {
+                    // Every depth holds a closed list, so every length is known.
+                    let shape = dims.into_iter().collect::<Option<Vec<usize>>>()?;
+                    return (sink.len() - before == shape.iter().product::<usize>()).then_some(shape);
+                };
+                *count += 1;
+                self.ws();
+                match self.take()? {
+                    b',' => {
+                        self.ws();
+                        break;
                     }
-                    if *dims[level].get_or_insert(n) != n {
-                        return None;
+                    b']' => {
+                        let n = open.pop()?;
+                        let level = open.len();
+                        if dims.len() <= level {
+                            dims.resize(level + 1, None);
+                        }
+                        if *dims[level].get_or_insert(n) != n {
+                            return None;
+                        }
                     }
+                    _ => return None,
                 }
-                _ => return None,
             }
         }
     }
+}
+
+/// What [`lone_member_floats`] found.
+pub struct LoneMember {
+    /// Which of the two keys was given.
+    pub key: usize,
+    /// The numbers, little-endian.
+    pub bytes: Vec<u8>,
+    /// The shape their nesting gives.
+    pub shape: Vec<usize>,
+    /// Where the value was in the text.
+    pub span: Range<usize>,
+}
+
+/// TF-Serving's `{"instances": [...]}` or `{"inputs": [...]}` for a model with one FP32/FP64
+/// input, in one pass: `keys` are the two member names; the one present must hold nested lists
+/// of numbers (see [`parse_shaped`]), and other members are only stepped over: the caller must
+/// have the rest of the text checked (with the value's span replaced). `None` when both or neither
+/// key is present, a key repeats, or anything else is not what this pass handles: the caller then
+/// decodes the request with serde, which also words any error.
+pub fn lone_member_floats(
+    text: &[u8],
+    keys: [&[u8]; 2],
+    dtype: DataType,
+    max_depth: usize,
+    limit: usize,
+) -> Option<LoneMember> {
+    let mut found = None;
+    let mut repeated = false;
+    let mut s = Scanner { text, at: 0 };
+    s.ws();
+    s.object(|s, key| {
+        let Some(which) = keys.iter().position(|k| *k == key) else {
+            return s.skip_value();
+        };
+        repeated |= found.is_some();
+        if s.peek()? != b'[' {
+            return None;
+        }
+        let mut sink = Sink::new(dtype, 0)?;
+        let start = s.at;
+        let shape = s.shaped_numbers(&mut sink, max_depth, limit)?;
+        let (Sink::F32(bytes) | Sink::F64(bytes)) = sink;
+        found = Some(LoneMember {
+            key: which,
+            bytes,
+            shape,
+            span: start..s.at,
+        });
+        Some(())
+    })?;
+    s.ws();
+    (s.at == text.len() && !repeated).then_some(found)?
 }
 
 /// An input's `data` array parsed by [`prepass`].

@@ -15,7 +15,7 @@ use super::error::{ApiError, json_error};
 use super::v2::MAX_DATA_DEPTH;
 use crate::backend::{Signature, TensorSpec};
 use crate::inference::input_spec;
-use crate::tensor::{DataType, ElementWriter, Tensor};
+use crate::tensor::{DataType, ElementWriter, Tensor, TensorData};
 
 /// Which of TF-Serving's request formats was used; the response mirrors it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -370,6 +370,9 @@ pub fn decode_request_with(sig: &Signature, body: &[u8], fast: bool) -> Result<P
             "the request must be a JSON object with \"instances\" or \"inputs\"".into(),
         ));
     }
+    if fast && let Some(request) = one_pass(sig, body) {
+        return Ok(request);
+    }
     let parsed: Body = serde_json::from_str(text).map_err(|e| json_error("predict request JSON", &e))?;
     let single = match sig.inputs.as_slice() {
         [only] => Some(only),
@@ -480,6 +483,35 @@ pub fn decode_request_with(sig: &Signature, body: &[u8], fast: bool) -> Result<P
             })
         }
     }
+}
+
+/// The commonest `:predict` body, decoded in one pass: a model with one FP32/FP64 input, and
+/// `instances` or `inputs` holding its values as nested lists (the list of instances is the
+/// stacked tensor itself). `None` for anything else, which serde decodes.
+fn one_pass(sig: &Signature, body: &[u8]) -> Option<PredictRequest> {
+    let [spec] = sig.inputs.as_slice() else {
+        return None;
+    };
+    let found = crate::jsonfloat::lone_member_floats(
+        body,
+        [b"instances", b"inputs"],
+        spec.datatype,
+        MAX_DATA_DEPTH,
+        body.len() + 1,
+    )?;
+    // The pass only stepped over the other members: serde checks that the rest is JSON.
+    let rest = [&body[..found.span.start], b"null", &body[found.span.end..]].concat();
+    serde_json::from_slice::<IgnoredAny>(&rest).ok()?;
+    let data = TensorData::Raw(found.bytes.into());
+    let tensor = Tensor::new(spec.name.clone(), spec.datatype, found.shape, data).ok()?;
+    Some(PredictRequest {
+        format: if found.key == 0 {
+            Format::Row
+        } else {
+            Format::Columnar
+        },
+        inputs: vec![tensor],
+    })
 }
 
 /// Encodes the `:predict` response: `{"predictions": ...}` in the row format (one object per row
@@ -903,6 +935,20 @@ mod tests {
                 ));
             }
         }
+        out.extend(
+            [
+                r#"{"signature_name": "serving_default", "instances": [[1,2],[3,4]]}"#,
+                r#"{"instances": [[1,2]], "meta": {"instances": [[9]], "s": "\"}"}}"#,
+                r#"{"instances": [[1,2]], "instances": [[3,4]]}"#,
+                r#"{"instances": [[1,2]], "inputs": [[1,2]]}"#,
+                r#"{"instances": [[1,2]]} x"#,
+                r#"{"instances": [[1,2]],}"#,
+                r#"{"inputs": null}"#,
+                r#"{"instances": {"x": [[1,2]]}}"#,
+                "{}",
+            ]
+            .map(str::to_string),
+        );
         out
     }
 
