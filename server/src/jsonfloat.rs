@@ -1,9 +1,10 @@
-//! The fast path for the commonest large JSON input: FP32 or FP64 `data` given as numbers in
-//! (possibly nested) arrays. [`prepass`] walks a V2 request once, parses every input's numeric
-//! `data` array straight into the tensor's bytes with a fast float parser, and hands serde the
-//! request with those arrays cut out, so serde never scans them (its scan to delimit a raw value
-//! cost as much as the parsing). The general path (serde) stays for everything else and for every
-//! error message, so the fast path only has to recognise what it handles and step aside otherwise.
+//! The fast path for the commonest large JSON input: FP32 or FP64 numbers in (possibly nested)
+//! arrays. [`prepass`] walks a V2 request once, parses every input's numeric `data` array straight
+//! into the tensor's bytes with a fast float parser, and hands serde the request with those arrays
+//! cut out, so serde never scans them (its scan to delimit a raw value cost as much as the
+//! parsing). [`parse_shaped`] and [`lone_member_floats`] do the same for TF-Serving's bodies, whose
+//! shape is their nesting. The general path (serde) stays for everything else and for every error
+//! message, so the fast path only has to recognise what it handles and step aside otherwise.
 
 use std::ops::Range;
 
