@@ -4,7 +4,7 @@ Contestants, each serving the same ONNX file on 127.0.0.1 with the same cores:
   limit        ONNX Runtime in-process, no server (Python threads calling Session.run; the same
                sessions and threads as the server's default choice);
   kubemaas     the release server with no thread or instance flags (its own choice), binary tensors
-               and JSON, batching off and on;
+               and JSON, batching off and on, and TF-Serving's :predict (JSON, batching off);
   kserve       KServe 0.21's Python ModelServer with an onnxruntime model (JSON, hey);
   mlserver     MLServer 1.7 with an onnxruntime runtime (JSON, hey);
   hello        a hello-world hyper server answering a fixed body (JSON, hey): the per-request floor.
@@ -206,6 +206,13 @@ def binary_body(inputs, outs):
     return header + b"".join(np.ascontiguousarray(v).tobytes() for v in inputs.values()), len(header)
 
 
+def v1_body(inputs):
+    """TF-Serving's :predict body: the row format for one input, the columnar one for several."""
+    if len(inputs) == 1:
+        return json.dumps({"instances": next(iter(inputs.values())).tolist()})
+    return json.dumps({"inputs": {k: v.tolist() for k, v in inputs.items()}})
+
+
 def v2_body(inputs):
     dt = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
     return json.dumps({"inputs": [{"name": k, "shape": list(v.shape), "datatype": dt[v.dtype],
@@ -278,7 +285,7 @@ def main():
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--contestants", default="limit,kubemaas-binary,kubemaas-binary-batched,kubemaas-json,"
-                    "kubemaas-json-batched,kserve,mlserver,hello",
+                    "kubemaas-json-batched,kubemaas-tfserving,kserve,mlserver,hello",
                     help="also: configs (the server's default against explicit instance × thread splits)")
     ap.add_argument("--baseline", metavar="BINARY",
                     help="another kubemaas-server build (e.g. an earlier commit's) run on the same kubemaas loads "
@@ -301,6 +308,8 @@ def main():
         inputs, outputs = fit_inputs(path, inputs)
         body = Path(tmp) / f"{name}.json"
         body.write_text(v2_body(inputs))
+        v1 = Path(tmp) / f"{name}.v1.json"
+        v1.write_text(v1_body(inputs))
         binary = Path(tmp) / f"{name}.bin"
         data, header_len = binary_body(inputs, outputs)
         binary.write_bytes(data)
@@ -346,6 +355,8 @@ def main():
                      for kind, tag, payload, hlen in (("binary", "kubemaas-binary", binary, header_len),
                                                       ("JSON", "kubemaas-json", body, None))
                      if tag + suffix in want]
+            if not batched and "kubemaas-tfserving" in want:
+                loads.append(("kubemaas TF-Serving JSON", f"/v1/models/{name}:predict", v1, None))
             if loads:
                 measure(f"kubemaas-{name}{suffix}", lambda p: kubemaas(p, *flags), loads)
                 if a.baseline:
