@@ -3,9 +3,9 @@
 //! protocol goes through here.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::backend::{OnRun, PhaseTimes, Reply, Signature, TensorSpec, Work};
+use crate::backend::{Claim, OnRun, PhaseTimes, Reply, Signature, TensorSpec, Work};
 use crate::metrics::{FailureReason, ModelStats};
 use crate::protocol::error::ApiError;
 use crate::repository::LoadedModel;
@@ -174,6 +174,12 @@ async fn execute_inner(
         stats.record_success(start.elapsed(), done.queue, done.phases);
         return Ok(done.outputs);
     }
+    let counted = stats.clone();
+    let on_run: OnRun = Box::new(move |phases| counted.record_execution(rows, *phases, false));
+    if model.batcher.get().is_none() {
+        return queue_for_an_instance(&model, stats, start, inputs, outputs, timeout, on_run).await;
+    }
+    // A batched model's other requests keep to the instance permits its batcher paces itself by.
     let queued = Instant::now();
     let waiting = crate::metrics::GaugeToken::new(&stats.queued);
     let acquire = model.slots.clone().acquire_owned();
@@ -189,9 +195,62 @@ async fn execute_inner(
     // The instance's own thread runs it. The permit goes with the work and is released only when
     // the instance is free again, so a client that disconnects mid-run frees nothing early; one
     // that disconnects before its run starts is dropped unrun.
-    let counted = stats.clone();
-    let on_run: OnRun = Box::new(move |phases| counted.record_execution(rows, *phases, false));
     let (out, phases) = run_on_instance(&model, inputs, outputs, permit, on_run).await?;
+    stats.record_success(start.elapsed(), queue_time, phases);
+    Ok(out)
+}
+
+/// Withdraws queued work when its caller goes (the client left): it will never run, and it stops
+/// counting as pending at once.
+struct Withdraw(Arc<Claim>);
+
+impl Drop for Withdraw {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// An unbatched request: queued for the first free instance, which takes it itself the moment its
+/// run ends (no hand-over through this task). The instance bound is the instances' own threads;
+/// `timeout` withdraws work that has not started by then.
+async fn queue_for_an_instance(
+    model: &LoadedModel,
+    stats: &Arc<ModelStats>,
+    start: Instant,
+    inputs: Vec<Tensor>,
+    outputs: Vec<String>,
+    timeout: Option<std::time::Duration>,
+    on_run: OnRun,
+) -> Result<Vec<Tensor>, ApiError> {
+    let queued = Instant::now();
+    let claim = Arc::new(Claim::new(Box::new(crate::metrics::GaugeToken::new(
+        &stats.queued,
+    ))));
+    let withdraw = Withdraw(claim.clone());
+    let (reply, mut outcome) = tokio::sync::oneshot::channel();
+    model.backend.enqueue(Work {
+        inputs,
+        outputs,
+        reply: Reply::Async(reply),
+        on_run: Some(on_run),
+        permit: None,
+        claim: Some(claim.clone()),
+    });
+    let outcome = match timeout {
+        Some(t) => match tokio::time::timeout(t, &mut outcome).await {
+            Ok(outcome) => outcome,
+            Err(_) if claim.cancel() => return Err(crate::batcher::timed_out(queued.elapsed())),
+            // It started just in time: its answer comes.
+            Err(_) => outcome.await,
+        },
+        None => outcome.await,
+    };
+    drop(withdraw);
+    let (out, phases) =
+        outcome.map_err(|_| ApiError::Internal("the model's instance stopped before answering".into()))??;
+    let queue_time = claim
+        .started()
+        .map_or(Duration::ZERO, |s| s.saturating_duration_since(queued));
     stats.record_success(start.elapsed(), queue_time, phases);
     Ok(out)
 }
@@ -213,6 +272,7 @@ pub async fn run_on_instance(
         reply: Reply::Async(reply),
         on_run: Some(on_run),
         permit: Some(permit),
+        claim: None,
     };
     model.backend.submit(work, None);
     Ok(outcome

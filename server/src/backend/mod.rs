@@ -4,7 +4,9 @@
 
 pub mod ort;
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::tensor::{DataType, Tensor};
 
@@ -112,6 +114,56 @@ pub struct Work {
     /// The caller's place in the model's instance bound, released only once the instance is free
     /// again, so a client that disconnects mid-run never lets another execution start beside it.
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// For work queued with [`Backend::enqueue`]: decides between the instance starting it and
+    /// its caller giving up (timeout, or the client left), whichever comes first.
+    pub claim: Option<Arc<Claim>>,
+}
+
+/// Shared by queued work and its caller. Whoever takes it first decides: the instance (the work
+/// runs) or the caller (it never will). Either way, what was held until then (the pending gauge)
+/// is released at once.
+pub struct Claim {
+    taken: AtomicBool,
+    started: OnceLock<Instant>,
+    held: Mutex<Option<Box<dyn Send>>>,
+}
+
+impl Claim {
+    /// A claim holding `held` until the work starts or its caller gives up.
+    pub fn new(held: Box<dyn Send>) -> Claim {
+        Claim {
+            taken: AtomicBool::new(false),
+            started: OnceLock::new(),
+            held: Mutex::new(Some(held)),
+        }
+    }
+
+    fn take(&self) -> bool {
+        let won = !self.taken.swap(true, Ordering::AcqRel);
+        if let Ok(mut held) = self.held.lock() {
+            held.take();
+        }
+        won
+    }
+
+    /// The instance's side: true when the work is its to run.
+    pub fn start(&self) -> bool {
+        let won = self.take();
+        if won {
+            let _ = self.started.set(Instant::now());
+        }
+        won
+    }
+
+    /// The caller's side: true when the work will now never run.
+    pub fn cancel(&self) -> bool {
+        self.take()
+    }
+
+    /// When an instance started the work.
+    pub fn started(&self) -> Option<Instant> {
+        self.started.get().copied()
+    }
 }
 
 impl Work {
@@ -124,6 +176,7 @@ impl Work {
             reply: Reply::Blocking(tx),
             on_run: None,
             permit: None,
+            claim: None,
         };
         (work, rx)
     }
@@ -155,6 +208,10 @@ pub trait Backend: Send + Sync {
     /// free. A caller holding a permit of the model's instance bound (one per instance) never
     /// waits: an instance is free again before its permit is released.
     fn submit(&self, work: Work, instance: Option<usize>);
+    /// Hands `work` to a free instance, or queues it for the first instance to come free, which
+    /// takes it as soon as its run ends (no hand-over through the caller). Never waits. For work
+    /// outside the instance permits; its `claim` lets the caller withdraw it.
+    fn enqueue(&self, work: Work);
     /// Runs the model on any free instance and waits for the outcome. Blocking: call it off the
     /// async reactor.
     fn infer(&self, inputs: Vec<Tensor>, outputs: &[String]) -> Outcome {
@@ -175,5 +232,53 @@ pub trait Backend: Send + Sync {
         // Every run is waited for, even after an error: none is left running behind the caller.
         let outcomes: Vec<Outcome> = waiting.into_iter().map(wait).collect();
         outcomes.into_iter().find_map(Result::err).map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicI64;
+
+    /// Counts itself in a gauge while alive, like the pending gauge a claim holds.
+    struct Held(Arc<AtomicI64>);
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn claim() -> (Arc<Claim>, Arc<AtomicI64>) {
+        let gauge = Arc::new(AtomicI64::new(1));
+        (Arc::new(Claim::new(Box::new(Held(gauge.clone())))), gauge)
+    }
+
+    #[test]
+    fn a_claim_goes_to_whoever_takes_it_first_and_releases_what_it_held_once() {
+        let (c, gauge) = claim();
+        assert!(c.start() && c.started().is_some());
+        assert!(!c.cancel(), "a started run cannot be withdrawn");
+        assert_eq!(gauge.load(Ordering::SeqCst), 0);
+
+        let (c, gauge) = claim();
+        assert!(c.cancel());
+        assert!(!c.start() && c.started().is_none(), "withdrawn work never runs");
+        assert!(!c.cancel());
+        assert_eq!(gauge.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn racing_instances_and_callers_never_both_win() {
+        for _ in 0..2_000 {
+            let (c, gauge) = claim();
+            let (a, b) = (c.clone(), c.clone());
+            let starter = std::thread::spawn(move || a.start());
+            let canceller = std::thread::spawn(move || b.cancel());
+            let (started, cancelled) = (starter.join().unwrap(), canceller.join().unwrap());
+            assert!(started != cancelled, "exactly one side wins");
+            assert_eq!(started, c.started().is_some());
+            assert_eq!(gauge.load(Ordering::SeqCst), 0);
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! ONNX Runtime backend: sessions, execution-provider selection, conversion to and from ORT values.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::Instant;
@@ -156,19 +157,26 @@ struct Idle {
 
 struct IdleState {
     free: Vec<usize>,
+    /// Work queued while every instance was busy ([`Backend::enqueue`]), oldest first: an
+    /// instance whose run ends takes the next one itself.
+    pending: VecDeque<Work>,
     /// Threads blocked in `take`: only they need a wake-up (a syscall), and they are rare (warm-up,
     /// blocking callers): an async caller holds a permit and always finds an instance free.
     waiting: usize,
 }
 
 impl Idle {
-    fn release(&self, k: usize) {
-        if let Ok(mut state) = self.state.lock() {
-            state.free.push(k);
-            if state.waiting > 0 {
-                self.freed.notify_all();
-            }
+    /// Instance `k` has ended a run: it takes the oldest queued work, if any, else it is free.
+    fn finish(&self, k: usize) -> Option<Work> {
+        let mut state = self.state.lock().ok()?;
+        if let Some(next) = state.pending.pop_front() {
+            return Some(next);
         }
+        state.free.push(k);
+        if state.waiting > 0 {
+            self.freed.notify_all();
+        }
+        None
     }
 }
 
@@ -180,24 +188,36 @@ fn worker(
     jobs: mpsc::Receiver<Work>,
     idle: Arc<Idle>,
 ) {
-    while let Ok(work) = jobs.recv() {
+    let mut next = None;
+    loop {
+        let work = match next.take() {
+            Some(work) => work,
+            None => match jobs.recv() {
+                Ok(work) => work,
+                Err(_) => return,
+            },
+        };
         let Work {
             inputs,
             outputs,
             reply,
             on_run,
             permit,
+            claim,
         } = work;
-        // A caller that left before its run starts costs nothing.
-        let outcome = (!reply.abandoned()).then(|| {
+        // A caller that left, or withdrew its queued work, before the run starts costs nothing.
+        let runs = !reply.abandoned() && claim.as_ref().is_none_or(|c| c.start());
+        let outcome = runs.then(|| {
             // A panic inside ONNX Runtime's bindings fails this request, not the instance.
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 run(&mut session, &all_outputs, inputs, &outputs)
             }))
             .unwrap_or_else(|_| Err(BackendError::Runtime("the ONNX Runtime run panicked".into())))
         });
-        // Free before the permit goes: whoever takes the permit next must find a free instance.
-        idle.release(k);
+        // Queued work is taken before the reply goes out, so the instance never waits for a
+        // caller to hand it over. Free before the permit goes: whoever takes the permit next
+        // must find a free instance.
+        next = idle.finish(k);
         drop(permit);
         if let Some(outcome) = outcome {
             if let (Ok((_, phases)), Some(on_run)) = (&outcome, on_run) {
@@ -350,6 +370,7 @@ impl OrtModel {
         let idle = Arc::new(Idle {
             state: Mutex::new(IdleState {
                 free: (0..instances).rev().collect(),
+                pending: VecDeque::new(),
                 waiting: 0,
             }),
             freed: Condvar::new(),
@@ -550,10 +571,35 @@ impl Backend for OrtModel {
     }
 
     fn submit(&self, work: Work, instance: Option<usize>) {
-        let k = match self.take(instance) {
-            Ok(k) => k,
-            Err(e) => return work.reply.send(Err(e)),
+        match self.take(instance) {
+            Ok(k) => self.send(k, work),
+            Err(e) => work.reply.send(Err(e)),
+        }
+    }
+
+    fn enqueue(&self, work: Work) {
+        let free = match self.idle.state.lock() {
+            Ok(mut state) => match state.free.pop() {
+                Some(k) => Some((k, work)),
+                None => {
+                    state.pending.push_back(work);
+                    None
+                }
+            },
+            Err(_) => {
+                let e = BackendError::Runtime("instance list lock poisoned".into());
+                return work.reply.send(Err(e));
+            }
         };
+        if let Some((k, work)) = free {
+            self.send(k, work);
+        }
+    }
+}
+
+impl OrtModel {
+    /// Gives `work` to instance `k`, taken out of the free list by the caller.
+    fn send(&self, k: usize, work: Work) {
         if let Err(mpsc::SendError(work)) = self.queues[k].send(work) {
             // The thread is gone (it can only end with the model); k stays out of the free list.
             work.reply
