@@ -223,13 +223,14 @@ async fn queue_for_an_instance(
     on_run: OnRun,
 ) -> Result<Vec<Tensor>, ApiError> {
     let queued = Instant::now();
-    let claim = Arc::new(Claim::new(Box::new(crate::metrics::GaugeToken::new(
-        &stats.queued,
-    ))));
+    // The claim holds the inputs and the pending gauge until an instance starts the work or
+    // this caller withdraws it.
+    let pending = Box::new(crate::metrics::GaugeToken::new(&stats.queued));
+    let claim = Arc::new(Claim::new(pending, inputs));
     let withdraw = Withdraw(claim.clone());
     let (reply, mut outcome) = tokio::sync::oneshot::channel();
     model.backend.enqueue(Work {
-        inputs,
+        inputs: Vec::new(),
         outputs,
         reply: Reply::Async(reply),
         on_run: Some(on_run),

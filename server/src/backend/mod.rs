@@ -115,49 +115,51 @@ pub struct Work {
     /// again, so a client that disconnects mid-run never lets another execution start beside it.
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// For work queued with [`Backend::enqueue`]: decides between the instance starting it and
-    /// its caller giving up (timeout, or the client left), whichever comes first.
+    /// its caller giving up (timeout, or the client left), whichever comes first. It holds the
+    /// inputs (`inputs` is then empty).
     pub claim: Option<Arc<Claim>>,
 }
 
-/// Shared by queued work and its caller. Whoever takes it first decides: the instance (the work
-/// runs) or the caller (it never will). Either way, what was held until then (the pending gauge)
-/// is released at once.
+/// Shared by queued work and its caller, and holding the work's inputs. Whoever takes it first
+/// decides: the instance (it gets the inputs and runs them) or the caller (the work never runs,
+/// and its inputs are freed at once rather than when an instance reaches it in the queue). Either
+/// way, what was held until then (the pending gauge) is released at once.
 pub struct Claim {
     taken: AtomicBool,
     started: OnceLock<Instant>,
-    held: Mutex<Option<Box<dyn Send>>>,
+    held: Mutex<Option<Held>>,
 }
 
+/// What a [`Claim`] holds for whoever takes it: something released then, and the inputs.
+type Held = (Box<dyn Send>, Vec<Tensor>);
+
 impl Claim {
-    /// A claim holding `held` until the work starts or its caller gives up.
-    pub fn new(held: Box<dyn Send>) -> Claim {
+    /// A claim holding `held` and the work's `inputs` until the work starts or its caller gives up.
+    pub fn new(held: Box<dyn Send>, inputs: Vec<Tensor>) -> Claim {
         Claim {
             taken: AtomicBool::new(false),
             started: OnceLock::new(),
-            held: Mutex::new(Some(held)),
+            held: Mutex::new(Some((held, inputs))),
         }
     }
 
-    fn take(&self) -> bool {
+    /// What was held, to whoever takes the claim first; `None` to the other.
+    fn take(&self) -> Option<Held> {
         let won = !self.taken.swap(true, Ordering::AcqRel);
-        if let Ok(mut held) = self.held.lock() {
-            held.take();
-        }
-        won
+        let held = self.held.lock().ok()?.take();
+        held.filter(|_| won)
     }
 
-    /// The instance's side: true when the work is its to run.
-    pub fn start(&self) -> bool {
-        let won = self.take();
-        if won {
-            let _ = self.started.set(Instant::now());
-        }
-        won
+    /// The instance's side: the inputs, when the work is its to run.
+    pub fn start(&self) -> Option<Vec<Tensor>> {
+        let (_, inputs) = self.take()?;
+        let _ = self.started.set(Instant::now());
+        Some(inputs)
     }
 
     /// The caller's side: true when the work will now never run.
     pub fn cancel(&self) -> bool {
-        self.take()
+        self.take().is_some()
     }
 
     /// When an instance started the work.
@@ -241,9 +243,9 @@ mod tests {
     use std::sync::atomic::AtomicI64;
 
     /// Counts itself in a gauge while alive, like the pending gauge a claim holds.
-    struct Held(Arc<AtomicI64>);
+    struct Gauged(Arc<AtomicI64>);
 
-    impl Drop for Held {
+    impl Drop for Gauged {
         fn drop(&mut self) {
             self.0.fetch_sub(1, Ordering::SeqCst);
         }
@@ -251,19 +253,25 @@ mod tests {
 
     fn claim() -> (Arc<Claim>, Arc<AtomicI64>) {
         let gauge = Arc::new(AtomicI64::new(1));
-        (Arc::new(Claim::new(Box::new(Held(gauge.clone())))), gauge)
+        (
+            Arc::new(Claim::new(Box::new(Gauged(gauge.clone())), Vec::new())),
+            gauge,
+        )
     }
 
     #[test]
     fn a_claim_goes_to_whoever_takes_it_first_and_releases_what_it_held_once() {
         let (c, gauge) = claim();
-        assert!(c.start() && c.started().is_some());
+        assert!(c.start().is_some() && c.started().is_some());
         assert!(!c.cancel(), "a started run cannot be withdrawn");
         assert_eq!(gauge.load(Ordering::SeqCst), 0);
 
         let (c, gauge) = claim();
         assert!(c.cancel());
-        assert!(!c.start() && c.started().is_none(), "withdrawn work never runs");
+        assert!(
+            c.start().is_none() && c.started().is_none(),
+            "withdrawn work never runs"
+        );
         assert!(!c.cancel());
         assert_eq!(gauge.load(Ordering::SeqCst), 0);
     }
@@ -273,7 +281,7 @@ mod tests {
         for _ in 0..2_000 {
             let (c, gauge) = claim();
             let (a, b) = (c.clone(), c.clone());
-            let starter = std::thread::spawn(move || a.start());
+            let starter = std::thread::spawn(move || a.start().is_some());
             let canceller = std::thread::spawn(move || b.cancel());
             let (started, cancelled) = (starter.join().unwrap(), canceller.join().unwrap());
             assert!(started != cancelled, "exactly one side wins");

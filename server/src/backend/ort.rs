@@ -206,8 +206,12 @@ fn worker(
             claim,
         } = work;
         // A caller that left, or withdrew its queued work, before the run starts costs nothing.
-        let runs = !reply.abandoned() && claim.as_ref().is_none_or(|c| c.start());
-        let outcome = runs.then(|| {
+        let inputs = match (&claim, reply.abandoned()) {
+            (_, true) => None,
+            (Some(claim), false) => claim.start(),
+            (None, false) => Some(inputs),
+        };
+        let outcome = inputs.map(|inputs| {
             // A panic inside ONNX Runtime's bindings fails this request, not the instance.
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 run(&mut session, &all_outputs, inputs, &outputs)
