@@ -26,6 +26,18 @@ fn values(n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// A model with one FP32 input `x` of `shape`.
+fn one_fp32_input(shape: &[usize]) -> Signature {
+    Signature {
+        inputs: vec![TensorSpec {
+            name: "x".into(),
+            datatype: DataType::F32,
+            shape: shape.iter().map(|&d| d as i64).collect(),
+        }],
+        outputs: vec![],
+    }
+}
+
 /// Runs `f` repeatedly for about `budget`, returning MB/s of `bytes` per call (best of 5 rounds).
 fn rate(bytes: usize, budget: Duration, mut f: impl FnMut()) -> f64 {
     let mut best = 0.0f64;
@@ -55,14 +67,7 @@ fn main() {
         let array = format!("[{}]", data.join(", "));
         let body =
             format!(r#"{{"inputs":[{{"name":"x","shape":{shape:?},"datatype":"FP32","data":{array}}}]}}"#);
-        let sig = Signature {
-            inputs: vec![TensorSpec {
-                name: "x".into(),
-                datatype: DataType::F32,
-                shape: shape.iter().map(|&d| d as i64).collect(),
-            }],
-            outputs: vec![],
-        };
+        let sig = one_fp32_input(&shape);
         let budget = Duration::from_secs(2);
         let fast = rate(array.len(), budget, || {
             let out = kubemaas_server::jsonfloat::parse_floats(array.as_bytes(), DataType::F32, n, 32);
@@ -114,14 +119,7 @@ fn main() {
         .collect();
     let planes: Vec<String> = rows.chunks(48).map(|p| format!("[{}]", p.join(", "))).collect();
     let body = format!(r#"{{"instances": [[{}]]}}"#, planes.join(", "));
-    let sig = Signature {
-        inputs: vec![TensorSpec {
-            name: "x".into(),
-            datatype: DataType::F32,
-            shape: shape.iter().map(|&d| d as i64).collect(),
-        }],
-        outputs: vec![],
-    };
+    let sig = one_fp32_input(&shape);
     let budget = Duration::from_secs(2);
     let fast = rate(body.len(), budget, || {
         assert!(

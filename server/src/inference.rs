@@ -247,8 +247,7 @@ async fn queue_for_an_instance(
         None => outcome.await,
     };
     drop(withdraw);
-    let (out, phases) =
-        outcome.map_err(|_| ApiError::Internal("the model's instance stopped before answering".into()))??;
+    let (out, phases) = outcome.map_err(stopped)??;
     let queue_time = claim
         .started()
         .map_or(Duration::ZERO, |s| s.saturating_duration_since(queued));
@@ -276,9 +275,12 @@ pub async fn run_on_instance(
         claim: None,
     };
     model.backend.submit(work, None);
-    Ok(outcome
-        .await
-        .map_err(|_| ApiError::Internal("the model's instance stopped before answering".into()))??)
+    Ok(outcome.await.map_err(stopped)??)
+}
+
+/// An instance's thread ended without answering (it only ends with its model).
+fn stopped(_: tokio::sync::oneshot::error::RecvError) -> ApiError {
+    ApiError::Internal("the model's instance stopped before answering".into())
 }
 
 /// Counts a request that failed before execution (decoding, body limits) as a failure of its model.

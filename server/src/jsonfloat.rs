@@ -201,72 +201,20 @@ impl<'a> Scanner<'a> {
         self.at += used;
         Some(v)
     }
-
-    /// A number, or arrays of numbers nested at most `max_depth` deep, into `sink`.
-    fn numbers(&mut self, sink: &mut Sink, max_depth: usize) -> Option<()> {
-        if self.peek()? != b'[' {
-            sink.push(self.number()?);
-            return Some(());
-        }
-        let mut depth = 0usize;
-        loop {
-            // A value is expected here (or the end of an array that has just opened).
-            let mut closed = false;
-            match self.peek()? {
-                b'[' => {
-                    depth += 1;
-                    if depth > max_depth {
-                        return None;
-                    }
-                    self.at += 1;
-                    self.ws();
-                    if self.peek()? != b']' {
-                        continue;
-                    }
-                    self.at += 1;
-                    closed = true;
-                }
-                _ => sink.push(self.number()?),
-            }
-            if closed {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(());
-                }
-            }
-            // After a value: more of this array, or its end (and maybe its parents' ends).
-            loop {
-                self.ws();
-                match self.take()? {
-                    b',' => {
-                        self.ws();
-                        break;
-                    }
-                    b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(());
-                        }
-                    }
-                    _ => return None,
-                }
-            }
-        }
-    }
 }
 
 /// Parses `text`, a whole `data` value, when it holds only numbers in arrays nested at most
 /// `max_depth` deep, into `count` elements of `dtype` (FP32 or FP64) as little-endian bytes,
 /// exactly as the general path would (a number is read as the nearest `f64`, then narrowed).
 /// `None` when anything else appears (a string, a boolean, `null`, an object, a long integer,
-/// deeper nesting, text that is not JSON), when the count differs, or for another data type: the
-/// caller then takes the general path, which also words the error.
+/// deeper nesting, ragged or empty lists, text that is not JSON), when the count differs, or for
+/// another data type: the caller then takes the general path, which also words the error.
 pub fn parse_floats(text: &[u8], dtype: DataType, count: usize, max_depth: usize) -> Option<Vec<u8>> {
     // The claimed shape does not size the allocation: a number takes at least two bytes ("0,").
     let mut sink = Sink::new(dtype, count.min(text.len() / 2 + 1))?;
     let mut s = Scanner { text, at: 0 };
     s.ws();
-    s.numbers(&mut sink, max_depth)?;
+    s.shaped_numbers(&mut sink, max_depth, count)?;
     s.ws();
     if s.at != text.len() {
         return None;
@@ -310,8 +258,9 @@ pub fn parse_shaped(
 }
 
 impl Scanner<'_> {
-    /// [`parse_shaped`]'s walk over the value at the cursor, which it leaves after the value:
-    /// numbers into `sink` (which then holds no more than `limit`), the shape out.
+    /// The one walk every entry point uses: the number, or rectangular non-empty lists of
+    /// numbers nested at most `max_depth` deep, at the cursor, which it leaves after the value.
+    /// Numbers go into `sink` (which then holds no more than `limit`); the shape comes out.
     fn shaped_numbers(&mut self, sink: &mut Sink, max_depth: usize, limit: usize) -> Option<Vec<usize>> {
         let before = sink.len();
         // Per open list, its elements so far; per depth, the length every list there must have.
@@ -392,6 +341,8 @@ pub fn lone_member_floats(
     max_depth: usize,
     limit: usize,
 ) -> Option<LoneMember> {
+    // Other types are the general path's from the start, before any of the text is read.
+    Sink::new(dtype, 0)?;
     let mut found = None;
     let mut repeated = false;
     let mut s = Scanner { text, at: 0 };
@@ -530,7 +481,7 @@ impl Scanner<'_> {
                 // bounds the allocation.
                 let capacity = count.unwrap_or(0).min((s.text.len() - start) / 2 + 1);
                 let mut numbers = Sink::new(dtype, capacity)?;
-                s.numbers(&mut numbers, max_depth)?;
+                s.shaped_numbers(&mut numbers, max_depth, count.unwrap_or(usize::MAX))?;
                 found.push(FoundData {
                     input,
                     span: start..s.at,
@@ -553,6 +504,36 @@ fn shape_count(text: &[u8]) -> Option<usize> {
     inner
         .split(',')
         .try_fold(1usize, |n, d| n.checked_mul(d.trim().parse::<usize>().ok()?))
+}
+
+/// Request bodies damaged at random (1–3 bytes removed, inserted or replaced with JSON's
+/// punctuation, digits and letters), for tests that compare the fast path with serde alone on
+/// text neither was written for. Reproducible from `seed`.
+#[cfg(test)]
+pub(crate) fn mangled(bodies: &[String], seed: u64, count: usize) -> impl Iterator<Item = Vec<u8>> + '_ {
+    let mut seed = seed;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed as usize
+    };
+    let alphabet = b"[]{},:\" 0123456789-+.eE\\atnul";
+    (0..count).map(move |_| {
+        let mut body = bodies[next() % bodies.len()].clone().into_bytes();
+        for _ in 0..1 + next() % 3 {
+            let at = next() % body.len().max(1);
+            match next() % 3 {
+                0 if !body.is_empty() => {
+                    body.remove(at);
+                }
+                1 => body.insert(at, alphabet[next() % alphabet.len()]),
+                _ if !body.is_empty() => body[at] = alphabet[next() % alphabet.len()],
+                _ => {}
+            }
+        }
+        body
+    })
 }
 
 #[cfg(test)]

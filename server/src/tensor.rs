@@ -547,11 +547,6 @@ impl ElementWriter {
         self.count
     }
 
-    /// The most elements this writer accepts.
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     fn bump(&mut self) -> Result<(), TensorError> {
         self.count += 1;
         if self.count > self.limit {
