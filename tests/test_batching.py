@@ -250,6 +250,22 @@ def test_a_request_past_its_timeout_gets_503_and_never_runs(flags, busy_model, t
         assert s.stop() == 0
 
 
+def test_a_free_instance_runs_a_request_however_short_its_timeout(repo_dir, tmp_path):
+    # parameters.timeout bounds the wait for an instance. An idle server has one free, so nothing
+    # waits: a 1 µs timeout must not turn away work that was handed to an instance at once.
+    s = Server(["--model", f"model={repo_dir / 'model' / '1' / 'model.onnx'}", "--instances", "2"],
+               tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        x = np.random.default_rng(5).standard_normal((3, 10)).astype(np.float32)
+        body = json.dumps({"inputs": [v2("x", x, "FP32")], "parameters": {"timeout": 1}})
+        codes = [requests.post(f"{s.url}/v2/models/model/infer", data=body, timeout=10).status_code
+                 for _ in range(200)]
+        assert codes.count(200) == len(codes), {c: codes.count(c) for c in set(codes)}
+    finally:
+        assert s.stop() == 0
+
+
 def test_requests_whose_inputs_disagree_on_rows_run_alone_and_stay_exact(batching):
     # arith takes a [batch,4] and b [batch,3]; nothing forces the two batch sizes to agree. Such a
     # request cannot be split back by rows, so it must not share an execution.

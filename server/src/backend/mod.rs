@@ -210,9 +210,10 @@ pub trait Backend: Send + Sync {
     /// free. A caller holding a permit of the model's instance bound (one per instance) never
     /// waits: an instance is free again before its permit is released.
     fn submit(&self, work: Work, instance: Option<usize>);
-    /// Hands `work` to a free instance, or queues it for the first instance to come free, which
-    /// takes it as soon as its run ends (no hand-over through the caller). Never waits. For work
-    /// outside the instance permits; its `claim` lets the caller withdraw it.
+    /// Hands `work` to a free instance, where it starts at once, or queues it for the first
+    /// instance to come free, which takes it as soon as its run ends (no hand-over through the
+    /// caller). Never waits. For work outside the instance permits; its `claim` lets the caller
+    /// withdraw it while it is queued.
     fn enqueue(&self, work: Work);
     /// Runs the model on any free instance and waits for the outcome. Blocking: call it off the
     /// async reactor.

@@ -595,7 +595,14 @@ impl Backend for OrtModel {
                 return work.reply.send(Err(e));
             }
         };
-        if let Some((k, work)) = free {
+        if let Some((k, mut work)) = free {
+            // Handed to a free instance at once, it waits for nothing: it starts here, so a
+            // timeout shorter than the thread's wake-up cannot withdraw it (only a client that
+            // leaves, which the instance still checks).
+            if let Some(inputs) = work.claim.as_ref().and_then(|c| c.start()) {
+                work.inputs = inputs;
+                work.claim = None;
+            }
             self.send(k, work);
         }
     }
