@@ -137,16 +137,19 @@ def test_text_logs_carry_no_colour_codes_when_not_a_terminal(tmp_path):
         assert b"\x1b[" not in err, (binary, err[:300])
 
 
-@pytest.mark.parametrize("flags, instances, threads", [
-    (["--cpus", "3"], 3, 1),
-    (["--cpus", "16"], 4, 4),
-    (["--cpus", "8", "--instances", "2"], 2, 4),
-    (["--cpus", "8", "--intra-op-threads", "4"], 2, 4),
-    ([], min(len(os.sched_getaffinity(0)), 4), 1),
-], ids=["3-cores", "16-cores", "8-cores-2-instances", "8-cores-4-threads", "usable-cores"])
-def test_the_server_plans_instances_and_threads_for_the_cores_it_is_given(tmp_path, flags, instances, threads):
+@pytest.mark.parametrize("flags, instances, threads, io", [
+    (["--cpus", "3"], 3, 1, 1),
+    (["--cpus", "16"], 4, 4, 4),
+    (["--cpus", "8", "--instances", "2"], 2, 4, 2),
+    (["--cpus", "8", "--intra-op-threads", "4"], 2, 4, 2),
+    (["--cpus", "2", "--io-threads", "3"], 2, 1, 3),
+    ([], min(len(os.sched_getaffinity(0)), 4), 1, max(1, len(os.sched_getaffinity(0)) // 4)),
+], ids=["3-cores", "16-cores", "8-cores-2-instances", "8-cores-4-threads", "3-io-threads", "usable-cores"])
+def test_the_server_plans_instances_and_threads_for_the_cores_it_is_given(tmp_path, flags, instances, threads, io):
     # What the operator relies on when it passes a pod's cores (--cpus) and leaves the rest at 0:
-    # the instances really serve (/config's instance_group) and instances x threads fit the cores.
+    # the instances really serve (/config's instance_group) and instances x threads fit the cores;
+    # the I/O threads (the async runtime's workers, as it counts them) are one per 4 cores unless
+    # --io-threads says.
     s = Server(["--model", f"row-stats={ROW_STATS}", "--execution-provider", "cpu", *flags], tmp_path / "server.log")
     try:
         s.wait_loaded()
@@ -155,5 +158,7 @@ def test_the_server_plans_instances_and_threads_for_the_cores_it_is_given(tmp_pa
         events = [json.loads(line) for line in s.log_path.read_text().splitlines() if line.startswith("{")]
         [plan] = [e for e in events if e.get("message") == "sessions"]
         assert (plan["instances"], plan["intra_op_threads"]) == (instances, threads), plan
+        [listening] = [e for e in events if e.get("message") == "listening"]
+        assert listening["io_threads"] == io, listening
     finally:
         assert s.stop() == 0

@@ -90,7 +90,11 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
             }
         };
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Serve(args) = &command {
+        runtime.worker_threads(kubemaas_server::serve::io_threads(args.io_threads, args.cpus));
+    }
+    let runtime = runtime.enable_all().build()?;
     match command {
         Command::Serve(args) => match runtime.block_on(kubemaas_server::serve::run(args))? {
             kubemaas_server::serve::Stopped::Clean => {}

@@ -357,6 +357,17 @@ impl Tensor {
         Tensor::new(name, dtype, shape, TensorData::Strings(items))
     }
 
+    /// About how long the elements are as JSON: floats print at most 9 significant digits for
+    /// FP32 and 17 for FP64, plus sign, point, exponent and comma; strings their bytes and quotes.
+    pub fn json_len(&self) -> usize {
+        match (&self.data, self.dtype) {
+            (TensorData::Strings(s), _) => s.iter().map(|b| b.len() + 4).sum(),
+            (_, DataType::F64) => self.len() * 24,
+            (_, DataType::F32 | DataType::F16 | DataType::BF16) => self.len() * 14,
+            _ => self.len() * 8,
+        }
+    }
+
     /// Serialises the elements as a JSON array: flat when `nested` is false, otherwise nested by shape
     /// (TF-Serving style). Floats use the shortest round-trip form; NaN and infinities become `null`
     /// because JSON has no literal for them (use the binary extension to carry them exactly).

@@ -39,6 +39,8 @@ pub struct AppState {
     pub body_read_timeout: Duration,
     /// Server-wide bounds on connections, requests in flight and buffered bytes.
     pub admission: Arc<crate::admission::Admission>,
+    /// Where large JSON bodies are parsed and written, off the I/O threads.
+    pub offload: crate::offload::Offload,
 }
 
 /// Which endpoints a listener serves.

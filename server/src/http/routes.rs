@@ -491,7 +491,14 @@ async fn infer_v2(
         };
         let (_, body) = read_body(state, &mut ticket, req, header_len).await?;
         state.admission.admit(&mut ticket)?;
-        let request = v2::decode_request(model.backend.signature(), &body, header_len)?;
+        let json = header_len.unwrap_or(body.len());
+        let decoding = model.clone();
+        let request = state
+            .offload
+            .run(json, move || {
+                v2::decode_request(decoding.backend.signature(), &body, header_len)
+            })
+            .await??;
         Ok((request, ticket))
     }
     .await;
@@ -507,7 +514,13 @@ async fn infer_v2(
         timeout,
     )
     .await?;
-    let encoded = v2::encode_response(m, model.version, &request, &outputs)?;
+    let (name, version) = (m.to_string(), model.version);
+    let encoded = state
+        .offload
+        .run(v2::json_response_len(&request, &outputs), move || {
+            v2::encode_response(&name, version, &request, &outputs)
+        })
+        .await??;
     Ok(match encoded.json_len {
         None => bytes_response(StatusCode::OK, JSON, encoded.body),
         Some(n) => {
@@ -534,16 +547,25 @@ async fn predict_v1(
         let mut ticket = Ticket::default();
         let (_, body) = read_body(state, &mut ticket, req, None).await?;
         state.admission.admit(&mut ticket)?;
-        Ok((v1::decode_request(model.backend.signature(), &body)?, ticket))
+        let decoding = model.clone();
+        let request = state
+            .offload
+            .run(body.len(), move || {
+                v1::decode_request(decoding.backend.signature(), &body)
+            })
+            .await??;
+        Ok((request, ticket))
     }
     .await;
     let (request, _ticket) = inference::counted(&stats, start, decoded)?;
     let outputs = inference::execute(model, &stats, start, request.inputs, Vec::new(), None).await?;
-    Ok(bytes_response(
-        StatusCode::OK,
-        JSON,
-        Bytes::from(v1::encode_response(request.format, &outputs)?),
-    ))
+    let format = request.format;
+    let json: usize = outputs.iter().map(crate::tensor::Tensor::json_len).sum();
+    let body = state
+        .offload
+        .run(json, move || v1::encode_response(format, &outputs))
+        .await??;
+    Ok(bytes_response(StatusCode::OK, JSON, Bytes::from(body)))
 }
 
 fn v1_status(state: &AppState, m: &str, version: Option<&str>) -> Result<Value, ApiError> {

@@ -349,6 +349,17 @@ struct ResponseJson<'a> {
     outputs: Vec<OutputJson<'a>>,
 }
 
+/// About how many bytes of JSON [`encode_response`] writes for `outputs`: what deciding where to
+/// write it needs (binary outputs cost a copy, not formatting).
+pub fn json_response_len(req: &InferRequest, outputs: &[Tensor]) -> usize {
+    outputs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !req.binary_outputs.get(*i).copied().unwrap_or(req.binary_default))
+        .map(|(_, t)| t.json_len())
+        .sum()
+}
+
 /// Encodes the response to `req` for model `name` version `version`. Elements are written straight
 /// from the tensor bytes (f32 stays in its shortest f32 form).
 pub fn encode_response(
@@ -373,7 +384,7 @@ pub fn encode_response(
             blobs.push(blob);
             (Some(p), None)
         } else {
-            size += json_elements_len(t);
+            size += t.json_len();
             (None, Some(t.json_elements(false)))
         };
         out_json.push(OutputJson {
@@ -408,17 +419,6 @@ pub fn encode_response(
         body: Bytes::from(body),
         json_len: Some(json_len),
     })
-}
-
-/// About how long a tensor's elements are as JSON: floats print at most 9 significant digits for
-/// FP32 and 17 for FP64, plus sign, point, exponent and comma; strings their bytes and quotes.
-fn json_elements_len(t: &Tensor) -> usize {
-    match (&t.data, t.dtype) {
-        (TensorData::Strings(s), _) => s.iter().map(|b| b.len() + 4).sum(),
-        (_, DataType::F64) => t.len() * 24,
-        (_, DataType::F32 | DataType::F16 | DataType::BF16) => t.len() * 14,
-        _ => t.len() * 8,
-    }
 }
 
 fn specs_json(specs: &[TensorSpec]) -> Value {
