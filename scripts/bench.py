@@ -2,7 +2,9 @@
 
 Contestants, each serving the same ONNX file on 127.0.0.1 with the same cores:
   limit        ONNX Runtime in-process, no server (Python threads calling Session.run; the same
-               sessions and threads as the server's default choice);
+               sessions and threads as the server's default choice), one request per run, and
+               batched: each session running batches of clients ÷ sessions rows (at most 32, the
+               batching contestants' --max-batch-size) back to back, the batcher's best case;
   kubemaas     the release server with no thread or instance flags (its own choice), binary tensors
                and JSON, batching off and on, and TF-Serving's :predict (JSON, batching off);
   kserve       KServe 0.21's Python ModelServer with an onnxruntime model (JSON, hey);
@@ -43,7 +45,8 @@ SERVER = ROOT / "target" / "release" / "kubemaas-server"
 HELLO = ROOT / "target" / "release" / "examples" / "hello"
 OUT = ROOT / "target" / "bench"
 CORES = len(os.sched_getaffinity(0))
-BATCH_FLAGS = ["--max-batch-size", "32", "--max-queue-delay-us", "2000", "--max-queue-size", "4096"]
+MAX_BATCH = 32
+BATCH_FLAGS = ["--max-batch-size", str(MAX_BATCH), "--max-queue-delay-us", "2000", "--max-queue-size", "4096"]
 
 
 def log(*a):
@@ -242,8 +245,13 @@ def hey(url, body_file, clients, seconds, header_len=None):
             "p99": float(pct["99"]) * 1e3 if "99" in pct else None, "errors": errors}
 
 
-def limit(path, inputs, clients, seconds):
-    """ONNX Runtime in-process with the server's default sessions and threads (`plan_threads`)."""
+def limit(path, inputs, clients, seconds, batched=False):
+    """ONNX Runtime in-process with the server's default sessions and threads (`plan_threads`).
+
+    Unbatched: `clients` Python threads, each running one request at a time on the sessions in turn.
+    Batched: the most the batcher could form, ready and waiting: each session runs batches of
+    clients ÷ sessions rows (at most the server's --max-batch-size), back to back; infer/s counts
+    rows and the latencies are the runs'."""
     instances = min(CORES, 4)
     threads = max(1, CORES // instances)
     opts = ort.SessionOptions()
@@ -251,9 +259,14 @@ def limit(path, inputs, clients, seconds):
     opts.inter_op_num_threads = 1
     sessions = [ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]) for _ in range(instances)]
     locks = [threading.Lock() for _ in sessions]
+    rows = 1
+    if batched:
+        rows = max(1, min(MAX_BATCH, -(-clients // instances)))
+        inputs = {k: np.concatenate([v] * rows) for k, v in inputs.items()}
+    workers = instances if batched else clients
     for s in sessions:
         s.run(None, inputs)
-    lat, stop = [[] for _ in range(clients)], time.perf_counter() + seconds
+    lat, stop = [[] for _ in range(workers)], time.perf_counter() + seconds
 
     def client(k):
         i = k % instances
@@ -264,7 +277,7 @@ def limit(path, inputs, clients, seconds):
             lat[k].append(time.perf_counter() - t)
             i = (i + 1) % instances
 
-    ts = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    ts = [threading.Thread(target=client, args=(k,)) for k in range(workers)]
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     for t in ts:
@@ -272,9 +285,10 @@ def limit(path, inputs, clients, seconds):
     for t in ts:
         t.join()
     allv = np.array([v for lst in lat for v in lst])
-    return {"rps": len(allv) / (time.perf_counter() - t0), "p50": float(np.percentile(allv, 50)) * 1e3,
-            "p99": float(np.percentile(allv, 99)) * 1e3, "errors": 0,
-            "rss": rss_mib(os.getpid()), "cpu_ms": (time.process_time() - cpu0) * 1e3 / max(len(allv), 1)}
+    done = len(allv) * rows
+    return {"rps": done / (time.perf_counter() - t0), "p50": float(np.percentile(allv, 50)) * 1e3,
+            "p99": float(np.percentile(allv, 99)) * 1e3, "errors": 0, "batch": rows,
+            "rss": rss_mib(os.getpid()), "cpu_ms": (time.process_time() - cpu0) * 1e3 / max(done, 1)}
 
 
 # ---------------------------------------------------------------- the run
@@ -284,7 +298,7 @@ def main():
     ap.add_argument("--models", default="cls,det,minilm,dense,mib")
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--seconds", type=float, default=5)
-    ap.add_argument("--contestants", default="limit,kubemaas-binary,kubemaas-binary-batched,kubemaas-json,"
+    ap.add_argument("--contestants", default="limit,limit-batched,kubemaas-binary,kubemaas-binary-batched,kubemaas-json,"
                     "kubemaas-json-batched,kubemaas-tfserving,kserve,mlserver,hello",
                     help="also: configs (the server's default against explicit instance × thread splits)")
     ap.add_argument("--baseline", metavar="BINARY",
@@ -326,6 +340,9 @@ def main():
         if "limit" in want:
             for c in clients:
                 record("limit (in-process ORT)", c, limit(path, inputs, c, a.seconds))
+        if "limit-batched" in want:
+            for c in clients:
+                record("limit batched (in-process ORT)", c, limit(path, inputs, c, a.seconds, batched=True))
         infer = f"/v2/models/{name}/infer"
 
         def measure(label, argv, loads, ready=f"/v2/models/{name}/ready", **proc):
@@ -409,7 +426,10 @@ def render(rows, a):
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         same = [x for x in rows if x["model"] == r["model"] and x["clients"] == r["clients"]]
-        lim = next((x["rps"] for x in same if x["contestant"].startswith("limit")), 0)
+        # Batched contestants against the in-process limit with batches, the others against one
+        # request per run: the same batch sizes on both sides.
+        kind = "limit batched" if "batched" in r["contestant"] else "limit ("
+        lim = next((x["rps"] for x in same if x["contestant"].startswith(kind)), 0)
         rival = max([x["rps"] for x in same if x["contestant"].startswith(("KServe", "MLServer"))] or [0])
         to_limit = f"{r['rps'] / lim:.2f}×" if lim else "–"
         to_rival = f"{r['rps'] / rival:.2f}×" if rival else "–"
