@@ -249,9 +249,9 @@ def limit(path, inputs, clients, seconds, batched=False):
     """ONNX Runtime in-process with the server's default sessions and threads (`plan_threads`).
 
     Unbatched: `clients` Python threads, each running one request at a time on the sessions in turn.
-    Batched: the most the batcher could form, ready and waiting: each session runs batches of
-    clients ÷ sessions rows (at most the server's --max-batch-size), back to back; infer/s counts
-    rows and the latencies are the runs'."""
+    Batched: the most the batcher could form, ready and waiting: each session (as many as there
+    are clients) runs batches of clients ÷ sessions rows (at most the server's --max-batch-size),
+    back to back; infer/s counts rows and the latencies are the runs'."""
     instances = min(CORES, 4)
     threads = max(1, CORES // instances)
     opts = ort.SessionOptions()
@@ -263,7 +263,8 @@ def limit(path, inputs, clients, seconds, batched=False):
     if batched:
         rows = max(1, min(MAX_BATCH, -(-clients // instances)))
         inputs = {k: np.concatenate([v] * rows) for k, v in inputs.items()}
-    workers = instances if batched else clients
+    # Batched, as many sessions run as there are clients to keep them busy.
+    workers = min(clients, instances) if batched else clients
     for s in sessions:
         s.run(None, inputs)
     lat, stop = [[] for _ in range(workers)], time.perf_counter() + seconds
