@@ -44,14 +44,20 @@ impl Offload {
         if bytes < self.threshold {
             return Ok(work());
         }
-        let _permit = self
+        let permit = self
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?;
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|e| ApiError::Internal(format!("request work failed: {e}")))
+        // The permit goes with the work: a caller that goes away (its client left) cannot stop a
+        // blocking job, and the job still occupies its core until it ends.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("request work failed: {e}")))
     }
 }
 
@@ -94,6 +100,36 @@ mod tests {
         }
         let most = most.load(std::sync::atomic::Ordering::SeqCst);
         assert!((1..=2).contains(&most), "{most} jobs ran at once with 2 permits");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_whose_caller_left_keeps_its_core_until_it_ends() {
+        use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+        let pool = Offload::new(1, 0);
+        let base = std::time::Instant::now();
+        let (first_ended, second_started) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let first = {
+            let (pool, ended) = (pool.clone(), first_ended.clone());
+            tokio::spawn(async move {
+                pool.run(1, move || {
+                    std::thread::sleep(std::time::Duration::from_millis(60));
+                    ended.store(base.elapsed().as_nanos() as u64, SeqCst);
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(15)).await;
+        first.abort();
+        let started = second_started.clone();
+        let second = pool
+            .run(1, move || started.store(base.elapsed().as_nanos() as u64, SeqCst))
+            .await;
+        assert!(second.is_ok());
+        let (ended, started) = (first_ended.load(SeqCst), second_started.load(SeqCst));
+        assert!(
+            ended > 0 && ended <= started,
+            "first job ended at {ended} ns, second started at {started} ns"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]
