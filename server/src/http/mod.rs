@@ -7,10 +7,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -21,6 +25,55 @@ use tokio::sync::{mpsc, watch};
 use crate::listener::Conn;
 
 use crate::repository::Repository;
+
+/// A response body of one or more chunks, handed to the connection as they are: a binary-extension
+/// answer is its JSON header and then each output's bytes, which are never copied into one buffer
+/// first (on a plain TCP connection hyper writes them with one vectored write).
+#[derive(Debug, Default)]
+pub struct Chunks {
+    parts: VecDeque<Bytes>,
+    left: u64,
+}
+
+impl Chunks {
+    /// A body of one chunk.
+    pub fn one(body: Bytes) -> Chunks {
+        Chunks::many(vec![body])
+    }
+
+    /// A body of these chunks, in order.
+    pub fn many(parts: Vec<Bytes>) -> Chunks {
+        let left = parts.iter().map(|p| p.len() as u64).sum();
+        Chunks {
+            parts: parts.into_iter().filter(|p| !p.is_empty()).collect(),
+            left,
+        }
+    }
+}
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let next = self.parts.pop_front();
+        if let Some(part) = &next {
+            self.left -= part.len() as u64;
+        }
+        Poll::Ready(next.map(|part| Ok(Frame::data(part))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
 
 /// Shared state of every handler.
 pub struct AppState {
@@ -107,7 +160,7 @@ pub async fn serve(
                 let state = state.clone();
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let state = state.clone();
-                    async move { Ok::<Response<Full<Bytes>>, std::convert::Infallible>(routes::handle(state, surface, req).await) }
+                    async move { Ok::<Response<Chunks>, Infallible>(routes::handle(state, surface, req).await) }
                 });
                 let watcher = graceful.watcher();
                 let conn = builder.serve_connection(TokioIo::new(conn), svc).into_owned();
@@ -149,5 +202,27 @@ fn bind_hint(e: &std::io::Error) -> &'static str {
             " (no interface of this machine has that address: check --host)"
         }
         _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn chunks_arrive_whole_in_order_with_their_exact_length() {
+        let body = Chunks::many(vec![
+            Bytes::from_static(b"{\"a\":1}"),
+            Bytes::new(),
+            Bytes::from_static(&[1, 2, 3]),
+            Bytes::from_static(&[4]),
+        ]);
+        assert_eq!(hyper::body::Body::size_hint(&body).exact(), Some(11));
+        let all = body.collect().await.map(|c| c.to_bytes());
+        assert_eq!(all.ok().as_deref(), Some(&b"{\"a\":1}\x01\x02\x03\x04"[..]));
+        let empty = Chunks::many(vec![Bytes::new()]);
+        assert!(hyper::body::Body::is_end_stream(&empty));
+        assert_eq!(hyper::body::Body::size_hint(&empty).exact(), Some(0));
     }
 }

@@ -7,12 +7,12 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::Value;
 use tracing::Instrument;
 
-use super::{AppState, Surface};
+use super::{AppState, Chunks, Surface};
 use crate::admission::Ticket;
 use crate::inference;
 use crate::protocol::error::ApiError;
@@ -21,19 +21,19 @@ use crate::repository::{LookupError, ModelState};
 
 const JSON: &str = "application/json";
 
-fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
+fn json_response(status: StatusCode, v: &Value) -> Response<Chunks> {
     bytes_response(status, JSON, Bytes::from(v.to_string()))
 }
 
-fn bytes_response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body));
+fn bytes_response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Chunks> {
+    let mut r = Response::new(Chunks::one(body));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
-fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+fn error_response(e: &ApiError) -> Response<Chunks> {
     let mut r = bytes_response(e.status(), JSON, Bytes::from(e.body()));
     if matches!(e, ApiError::QueueFull(_) | ApiError::Overloaded(_)) {
         // A full queue drains within the queue delay; clients (and proxies) may retry in a second.
@@ -121,7 +121,7 @@ fn authorize(
 }
 
 /// Entry point for every request.
-pub async fn handle(state: Arc<AppState>, surface: Surface, req: Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn handle(state: Arc<AppState>, surface: Surface, req: Request<Incoming>) -> Response<Chunks> {
     let audited = state.audit && surface == Surface::Full;
     let started = std::time::Instant::now();
     // What the audit line needs from the request, taken before routing consumes it.
@@ -243,7 +243,7 @@ async fn route(
     surface: Surface,
     req: Request<Incoming>,
     caller: &mut Option<String>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<Chunks>, ApiError> {
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -336,7 +336,7 @@ async fn route_v1(
     rest: &[&str],
     req: Request<Incoming>,
     path: &str,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<Chunks>, ApiError> {
     // `/v1/models/m:predict` and `/v1/models/m/versions/1:predict`: the verb hangs off the last segment.
     let (last, verb) = match rest.last().and_then(|l| l.split_once(':')) {
         Some((head, verb)) => (head, Some(verb)),
@@ -386,11 +386,7 @@ fn repository_index(state: &AppState) -> Value {
     )
 }
 
-fn model_metadata(
-    state: &AppState,
-    m: &str,
-    version: Option<&str>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+fn model_metadata(state: &AppState, m: &str, version: Option<&str>) -> Result<Response<Chunks>, ApiError> {
     let (model, _) = state.repo.ready_model(m, version)?;
     let versions: Vec<u64> = match version {
         Some(_) => vec![model.version],
@@ -407,7 +403,7 @@ fn model_metadata(
     Ok(json_response(StatusCode::OK, &meta))
 }
 
-fn model_ready(state: &AppState, m: &str, version: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+fn model_ready(state: &AppState, m: &str, version: Option<&str>) -> Result<Response<Chunks>, ApiError> {
     match state.repo.ready_model(m, version) {
         Ok(_) if !state.repo.is_shutting_down() => Ok(json_response(
             StatusCode::OK,
@@ -425,7 +421,7 @@ fn model_ready(state: &AppState, m: &str, version: Option<&str>) -> Result<Respo
     }
 }
 
-fn model_config(state: &AppState, m: &str, version: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+fn model_config(state: &AppState, m: &str, version: Option<&str>) -> Result<Response<Chunks>, ApiError> {
     Ok(json_response(
         StatusCode::OK,
         &model_config_json(state, m, version)?,
@@ -467,7 +463,7 @@ async fn infer_v2(
     m: &str,
     version: Option<&str>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<Chunks>, ApiError> {
     let start = Instant::now();
     let (model, stats) = state
         .repo
@@ -521,14 +517,19 @@ async fn infer_v2(
             v2::encode_response(&name, version, &request, &outputs)
         })
         .await??;
-    Ok(match encoded.json_len {
-        None => bytes_response(StatusCode::OK, JSON, encoded.body),
-        Some(n) => {
-            let mut r = bytes_response(StatusCode::OK, "application/octet-stream", encoded.body);
-            r.headers_mut().insert(v2::HEADER_LENGTH, HeaderValue::from(n));
-            r
-        }
-    })
+    if encoded.blobs.is_empty() {
+        return Ok(bytes_response(StatusCode::OK, JSON, encoded.json));
+    }
+    let json_len = encoded.json.len();
+    let mut parts = Vec::with_capacity(1 + encoded.blobs.len());
+    parts.push(encoded.json);
+    parts.extend(encoded.blobs);
+    let mut r = Response::new(Chunks::many(parts));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    r.headers_mut()
+        .insert(v2::HEADER_LENGTH, HeaderValue::from(json_len));
+    Ok(r)
 }
 
 async fn predict_v1(
@@ -536,7 +537,7 @@ async fn predict_v1(
     m: &str,
     version: Option<&str>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<Chunks>, ApiError> {
     let start = Instant::now();
     let (model, stats) = state
         .repo

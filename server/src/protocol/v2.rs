@@ -319,12 +319,12 @@ impl<'de> Visitor<'de> for DataSeed<'_> {
     }
 }
 
-/// Response encoding: JSON only, or JSON header plus binary blobs.
+/// Response encoding: JSON only, or a JSON header plus binary blobs (Triton's binary extension).
 pub struct EncodedResponse {
-    /// Body bytes.
-    pub body: Bytes,
-    /// Length of the JSON part when binary blobs follow.
-    pub json_len: Option<usize>,
+    /// The JSON document.
+    pub json: Bytes,
+    /// The outputs asked for as binary, in order; they follow the JSON as they are, uncopied.
+    pub blobs: Vec<Bytes>,
 }
 
 #[derive(serde::Serialize)]
@@ -370,7 +370,7 @@ pub fn encode_response(
 ) -> Result<EncodedResponse, ApiError> {
     let mut blobs: Vec<Bytes> = Vec::new();
     let mut out_json = Vec::with_capacity(outputs.len());
-    // What the body will hold, so it is allocated once: growing a multi-megabyte Vec by doubling
+    // What the JSON will hold, so it is allocated once: growing a multi-megabyte Vec by doubling
     // copies it over and over (the largest cost after number formatting when answering 1 MiB of
     // FP32 as JSON).
     let mut size = 512;
@@ -380,7 +380,6 @@ pub fn encode_response(
         let (parameters, data) = if binary {
             let blob = t.to_binary();
             let p = serde_json::json!({"binary_data_size": blob.len()});
-            size += blob.len();
             blobs.push(blob);
             (Some(p), None)
         } else {
@@ -402,22 +401,12 @@ pub fn encode_response(
         parameters: req.parameters.as_ref(),
         outputs: out_json,
     };
-    let mut body = Vec::with_capacity(size);
-    serde_json::to_writer(&mut body, &resp)
+    let mut json = Vec::with_capacity(size);
+    serde_json::to_writer(&mut json, &resp)
         .map_err(|e| ApiError::Internal(format!("failed to encode the response: {e}")))?;
-    if blobs.is_empty() {
-        return Ok(EncodedResponse {
-            body: Bytes::from(body),
-            json_len: None,
-        });
-    }
-    let json_len = body.len();
-    for b in blobs {
-        body.extend_from_slice(&b);
-    }
     Ok(EncodedResponse {
-        body: Bytes::from(body),
-        json_len: Some(json_len),
+        json: Bytes::from(json),
+        blobs,
     })
 }
 
@@ -572,8 +561,9 @@ mod tests {
         let req = decode_request(&sig(), &Bytes::from(body), Some(json.len())).unwrap();
         assert_eq!(req.binary_outputs, vec![true]);
         let resp = encode_response("m", 1, &req, &req.inputs[..1]).unwrap();
-        let n = resp.json_len.unwrap();
-        assert_eq!(&resp.body[n..], &[0, 0, 0xc0, 0x3f, 0, 0, 0, 0xc0]);
+        assert_eq!(resp.blobs.concat(), [0, 0, 0xc0, 0x3f, 0, 0, 0, 0xc0]);
+        let header: Value = serde_json::from_slice(&resp.json).unwrap();
+        assert_eq!(header["outputs"][0]["parameters"]["binary_data_size"], 8);
     }
 
     #[test]
