@@ -3,14 +3,13 @@
 
 pub mod routes;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
-
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
