@@ -82,7 +82,7 @@ pub struct ServeArgs {
     /// workers). 0 chooses one per 4 cores planned for (`--cpus`, else the usable cores), at least
     /// one: inference runs on the instances' own threads and large JSON bodies are parsed and
     /// written on a separate bounded pool, so these threads only move bytes, and each extra one
-    /// competes with the instances for the same cores. On 2 cores one served PP-OCR cls 1.05–1.3×
+    /// competes with the instances for the same cores. On 2 cores one served PP-OCR cls 1.0–1.3×
     /// and a 10×10 dense model up to 1.36× what two did, and 1 MiB bodies as fast as two.
     #[arg(long, env = "KUBEMAAS_IO_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub io_threads: u16,
