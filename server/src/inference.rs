@@ -219,7 +219,7 @@ async fn queue_for_an_instance(
     start: Instant,
     inputs: Vec<Tensor>,
     outputs: Vec<String>,
-    timeout: Option<std::time::Duration>,
+    timeout: Option<Duration>,
     on_run: OnRun,
 ) -> Result<Vec<Tensor>, ApiError> {
     let queued = Instant::now();

@@ -388,19 +388,11 @@ fn start_batching(
         .set(crate::batcher::Batcher::start(Arc::downgrade(m), config, stats));
 }
 
-/// The cores to plan for: `--cpus`, else the cores this process may use.
-pub fn planned_cpus(cpus: u16) -> usize {
-    match cpus {
-        0 => crate::backend::ort::usable_cpus(),
-        n => usize::from(n),
-    }
-}
-
 /// The async runtime's worker threads for `serve`: `--io-threads`, else one per 4 planned cores,
 /// at least one.
 pub fn io_threads(io_threads: u16, cpus: u16) -> usize {
     match io_threads {
-        0 => (planned_cpus(cpus) / 4).max(1),
+        0 => (crate::backend::ort::planned_cpus(usize::from(cpus)) / 4).max(1),
         n => usize::from(n),
     }
 }
@@ -512,7 +504,10 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         header_read_timeout: Duration::from_secs(header_read_timeout),
         body_read_timeout: Duration::from_secs(body_read_timeout),
         admission: admission.clone(),
-        offload: crate::offload::Offload::new(planned_cpus(cpus), crate::offload::OFFLOAD_BYTES),
+        offload: crate::offload::Offload::new(
+            crate::backend::ort::planned_cpus(usize::from(cpus)),
+            crate::offload::OFFLOAD_BYTES,
+        ),
     });
     let http_listener = http::bind(SocketAddr::new(host, http_port)).await?;
     let grpc_listener = http::bind(SocketAddr::new(host, grpc_port)).await?;

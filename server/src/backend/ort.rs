@@ -127,6 +127,11 @@ pub fn usable_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// The cores to plan threads for: `cpus` when given (`--cpus`), else [`usable_cpus`].
+pub fn planned_cpus(cpus: usize) -> usize {
+    if cpus > 0 { cpus } else { usable_cpus() }
+}
+
 /// Loads the ONNX Runtime shared library and creates the process-wide environment.
 pub fn init_runtime(library: &Path) -> Result<Environment, BackendError> {
     let builder =
@@ -313,7 +318,7 @@ impl OrtModel {
             path: path.display().to_string(),
             message,
         };
-        let cpus = if opts.cpus > 0 { opts.cpus } else { usable_cpus() };
+        let cpus = planned_cpus(opts.cpus);
         let cpu_plan = plan_threads(opts.instances, opts.intra_threads, cpus, false);
         let cuda_plan = plan_threads(opts.instances, opts.intra_threads, cpus, true);
         let mut fallback = None;
