@@ -107,3 +107,43 @@ def test_every_type_side_by_side_comes_back_byte_for_byte(traced):
     [(in_place, copied)] = handed_over(traced)[before:]
     # BOOL and BYTES are always converted; the numeric tensors that landed aligned went in place.
     assert in_place + copied == 14 and copied >= 2 and in_place >= 2, (in_place, copied)
+
+
+def binary_outputs(r):
+    """{name: raw bytes} of a binary-extension answer."""
+    assert r.status_code == 200, r.text
+    n = int(r.headers["Inference-Header-Content-Length"])
+    got, at = {}, n
+    for o in json.loads(r.content[:n])["outputs"]:
+        size = o["parameters"]["binary_data_size"]
+        got[o["name"]] = r.content[at:at + size]
+        at += size
+    return got
+
+
+def test_answers_keep_their_own_bytes_while_later_runs_go_on(traced):
+    # Outputs leave in ONNX Runtime's own buffers, uncopied: each answer holds its buffer until it
+    # is written. 6 clients at once, each with its own 512 KiB input, on one instance that runs
+    # the next request while earlier answers are still being written; a buffer freed or reused too
+    # early would give some client another's numbers, or garbage.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(k):
+        rng = np.random.default_rng(100 + k)
+        with requests.Session() as http:
+            for _ in range(25):
+                a = rng.standard_normal((16_384, 4))
+                b = rng.integers(-9, 9, (16_384, 3)).astype(np.int32)
+                head, body = binary_request([("a", a, "FP64"), ("b", b, "INT32")], 0)
+                header = json.loads(head)
+                header["outputs"] = [{"name": n, "parameters": {"binary_data": True}} for n in ("a2", "b1")]
+                head = json.dumps(header).encode()
+                body = head + a.tobytes() + b.tobytes()
+                got = binary_outputs(http.post(f"{traced.url}/v2/models/arith/infer", data=body, timeout=60,
+                                               headers={"Inference-Header-Content-Length": str(len(head))}))
+                if got != {"a2": (a * 2).tobytes(), "b1": (b + 1).tobytes()}:
+                    return False
+        return True
+
+    with ThreadPoolExecutor(6) as pool:
+        assert all(pool.map(client, range(6)))

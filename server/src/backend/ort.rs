@@ -508,7 +508,29 @@ fn input_value(t: &Tensor) -> Result<(SessionInputValue<'_>, bool), BackendError
     }
 }
 
-fn from_value(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
+/// An output value of ONNX Runtime seen as its bytes, for [`Bytes::from_owner`]. Its element type
+/// was checked when it was made, so the view is never empty by mistake.
+struct Output<T> {
+    value: DynValue,
+    element: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> Output<T> {
+    fn new(value: DynValue) -> Self {
+        Output { value, element: std::marker::PhantomData }
+    }
+}
+
+impl<T: ort::value::PrimitiveTensorElementType + bytemuck::Pod> AsRef<[u8]> for Output<T> {
+    fn as_ref(&self) -> &[u8] {
+        match self.value.try_extract_tensor::<T>() {
+            Ok((_, data)) => bytemuck::cast_slice(data),
+            Err(_) => &[],
+        }
+    }
+}
+
+fn from_value(name: &str, v: DynValue) -> Result<Tensor, BackendError> {
     let rt = |e: ort::Error| BackendError::Runtime(format!("failed to read output {name:?}: {e}"));
     let ValueType::Tensor { ty, .. } = v.dtype() else {
         return Err(BackendError::Runtime(format!("output {name:?} is not a tensor")));
@@ -518,16 +540,15 @@ fn from_value(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
     macro_rules! prim {
         ($t:ty) => {{
             let (shape, data) = v.try_extract_tensor::<$t>().map_err(rt)?;
+            let shape = shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>();
             let out = if cfg!(target_endian = "little") {
-                // One copy out of ONNX Runtime's buffer, as one block.
-                Bytes::copy_from_slice(bytemuck::cast_slice::<$t, u8>(data))
+                // ONNX Runtime's own buffer becomes the answer's bytes: the value lives as long
+                // as they do, so nothing is copied on the way to the client.
+                Bytes::from_owner(Output::<$t>::new(v))
             } else {
                 Bytes::from(data.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
             };
-            (
-                shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>(),
-                TensorData::Raw(out),
-            )
+            (shape, TensorData::Raw(out))
         }};
     }
     let (shape, data) = match dtype {
@@ -653,10 +674,12 @@ fn run(session: &mut Session, all_outputs: &[String], inputs: Vec<Tensor>, outpu
         .run_with_options(values, &run_options)
         .map_err(run_error)?;
     let t2 = Instant::now();
+    let mut result = result;
     let mut out = Vec::with_capacity(wanted.len());
     for name in wanted {
+        // Taken out of the outputs (the names were checked to be distinct), so they can outlive them.
         let v = result
-            .get(name)
+            .remove(name)
             .ok_or_else(|| BackendError::Runtime(format!("the model did not produce output {name:?}")))?;
         out.push(from_value(name, v)?);
     }
