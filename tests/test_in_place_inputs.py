@@ -122,10 +122,9 @@ def binary_outputs(r):
 
 
 def test_answers_keep_their_own_bytes_while_later_runs_go_on(traced):
-    # Outputs leave in ONNX Runtime's own buffers, uncopied: each answer holds its buffer until it
-    # is written. 6 clients at once, each with its own 512 KiB input, on one instance that runs
-    # the next request while earlier answers are still being written; a buffer freed or reused too
-    # early would give some client another's numbers, or garbage.
+    # 6 clients at once, each with its own 512 KiB input, on one instance that runs the next
+    # request while earlier answers are still being written: an output buffer freed or reused too
+    # early (ONNX Runtime's arena hands chunks out again) would give some client another's numbers.
     from concurrent.futures import ThreadPoolExecutor
 
     def client(k):

@@ -508,29 +508,7 @@ fn input_value(t: &Tensor) -> Result<(SessionInputValue<'_>, bool), BackendError
     }
 }
 
-/// An output value of ONNX Runtime seen as its bytes, for [`Bytes::from_owner`]. Its element type
-/// was checked when it was made, so the view is never empty by mistake.
-struct Output<T> {
-    value: DynValue,
-    element: std::marker::PhantomData<fn() -> T>,
-}
-
-impl<T> Output<T> {
-    fn new(value: DynValue) -> Self {
-        Output { value, element: std::marker::PhantomData }
-    }
-}
-
-impl<T: ort::value::PrimitiveTensorElementType + bytemuck::Pod> AsRef<[u8]> for Output<T> {
-    fn as_ref(&self) -> &[u8] {
-        match self.value.try_extract_tensor::<T>() {
-            Ok((_, data)) => bytemuck::cast_slice(data),
-            Err(_) => &[],
-        }
-    }
-}
-
-fn from_value(name: &str, v: DynValue) -> Result<Tensor, BackendError> {
+fn from_value(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
     let rt = |e: ort::Error| BackendError::Runtime(format!("failed to read output {name:?}: {e}"));
     let ValueType::Tensor { ty, .. } = v.dtype() else {
         return Err(BackendError::Runtime(format!("output {name:?} is not a tensor")));
@@ -540,15 +518,18 @@ fn from_value(name: &str, v: DynValue) -> Result<Tensor, BackendError> {
     macro_rules! prim {
         ($t:ty) => {{
             let (shape, data) = v.try_extract_tensor::<$t>().map_err(rt)?;
-            let shape = shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>();
             let out = if cfg!(target_endian = "little") {
-                // ONNX Runtime's own buffer becomes the answer's bytes: the value lives as long
-                // as they do, so nothing is copied on the way to the client.
-                Bytes::from_owner(Output::<$t>::new(v))
+                // One copy out of ONNX Runtime's buffer, as one block. Lending the buffer itself
+                // (tried) kept one arena chunk per answer in flight: +37 % RSS at 64 clients on
+                // 1 MiB answers for 1.00x throughput at 4 and 16 clients.
+                Bytes::copy_from_slice(bytemuck::cast_slice::<$t, u8>(data))
             } else {
                 Bytes::from(data.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
             };
-            (shape, TensorData::Raw(out))
+            (
+                shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>(),
+                TensorData::Raw(out),
+            )
         }};
     }
     let (shape, data) = match dtype {
@@ -674,12 +655,10 @@ fn run(session: &mut Session, all_outputs: &[String], inputs: Vec<Tensor>, outpu
         .run_with_options(values, &run_options)
         .map_err(run_error)?;
     let t2 = Instant::now();
-    let mut result = result;
     let mut out = Vec::with_capacity(wanted.len());
     for name in wanted {
-        // Taken out of the outputs (the names were checked to be distinct), so they can outlive them.
         let v = result
-            .remove(name)
+            .get(name)
             .ok_or_else(|| BackendError::Runtime(format!("the model did not produce output {name:?}")))?;
         out.push(from_value(name, v)?);
     }
