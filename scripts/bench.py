@@ -299,6 +299,9 @@ def main():
     ap.add_argument("--models", default="cls,det,minilm,dense,mib")
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--warmup", type=float, default=1,
+                    help="seconds of the same load, not measured, before each server cell (new batch sizes, "
+                         "connections, the rivals' first calls)")
     ap.add_argument("--contestants", default="limit,limit-batched,kubemaas-binary,kubemaas-binary-batched,kubemaas-json,"
                     "kubemaas-json-batched,kubemaas-tfserving,kserve,mlserver,hello",
                     help="also: configs (the server's default against explicit instance × thread splits)")
@@ -354,6 +357,8 @@ def main():
             try:
                 for c in clients:
                     for contestant, url_path, payload, hlen in loads:
+                        if a.warmup > 0:
+                            hey(f"http://127.0.0.1:{port}{url_path}", payload, c, a.warmup, hlen)
                         cpu0 = srv.cpu()
                         r = hey(f"http://127.0.0.1:{port}{url_path}", payload, c, a.seconds, hlen)
                         # The server's own CPU per answered request: what it costs beyond the model,
@@ -421,7 +426,8 @@ def render(rows, a):
     def f(x, digits=1):
         return "–" if x is None else f"{x:,.{digits}f}"
 
-    lines = [f"{time.strftime('%Y-%m-%d', time.gmtime())}, {CORES} cores, {a.seconds:g} s per cell, "
+    lines = [f"{time.strftime('%Y-%m-%d', time.gmtime())}, {CORES} cores, {a.seconds:g} s per cell after {a.warmup:g} s of the "
+             f"same load unmeasured, "
              f"ONNX Runtime {ort.__version__}; rivals answer JSON only.", "",
              "| model | clients | contestant | infer/s | p50 ms | p99 ms | errors | RSS MiB | CPU ms/req | ÷ limit | ÷ best rival |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
