@@ -33,6 +33,47 @@ use crate::metrics::Metrics;
 /// apart) before the object is taken as deleted.
 const MISSING_RETRIES: u32 = 10;
 
+/// The ModelDeployment an erased reference (as the controller's errors carry it) names.
+fn model_deployment_ref(erased: &ObjectRef<kube::core::DynamicObject>) -> ObjectRef<ModelDeployment> {
+    let mut obj = ObjectRef::new(&erased.name);
+    obj.namespace = erased.namespace.clone();
+    obj
+}
+
+/// Per ModelDeployment, the reconciles dropped in a row because it was not in the cache.
+#[derive(Default)]
+struct Missing(std::sync::Mutex<std::collections::HashMap<ObjectRef<ModelDeployment>, u32>>);
+
+impl Missing {
+    /// One more drop of `obj`: whether to retry it. After [`MISSING_RETRIES`] in a row it is taken
+    /// as deleted and forgotten (and so is everything, should the lock be poisoned).
+    fn dropped(&self, obj: &ObjectRef<ModelDeployment>) -> bool {
+        let Ok(mut m) = self.0.lock() else {
+            return false;
+        };
+        let tries = m.entry(obj.clone()).or_insert(0);
+        *tries += 1;
+        if *tries > MISSING_RETRIES {
+            m.remove(obj);
+            return false;
+        }
+        true
+    }
+
+    /// `obj` was found (reconciled, or failed in the reconciler): its count starts again.
+    fn found(&self, obj: &ObjectRef<ModelDeployment>) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(obj);
+        }
+    }
+
+    /// How many objects are being retried.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().map_or(0, |m| m.len())
+    }
+}
+
 /// Reconcile errors. Each maps to a metric label and an Event reason.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -386,10 +427,7 @@ pub async fn run(
     // it without calling the error policy (in one fault e2e run, 3 such drops came with 3 of 50
     // ModelDeployments never Ready). Such an object is retried a few times, a second apart.
     let (missing_tx, missing_rx) = futures::channel::mpsc::unbounded::<ObjectRef<ModelDeployment>>();
-    let missing = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
-        ObjectRef<ModelDeployment>,
-        u32,
-    >::new()));
+    let missing = Arc::new(Missing::default());
     let controller = Controller::for_stream(md_stream, md_store)
         .with_config(kube::runtime::controller::Config::default().concurrency(tuning.concurrency))
         .watches_stream(deploy_stream, owner_of)
@@ -405,26 +443,15 @@ pub async fn run(
         .for_each(move |res| {
             let (missing, missing_tx) = (missing.clone(), missing_tx.clone());
             async move {
+                use kube::runtime::controller::Error as RunError;
                 match res {
                     Ok((obj, _)) => {
-                        if let Ok(mut m) = missing.lock() {
-                            m.remove(&obj);
-                        }
+                        missing.found(&obj);
                         tracing::debug!(object = %obj.name, "reconciled")
                     }
-                    Err(kube::runtime::controller::Error::ObjectNotFound(erased)) => {
-                        let mut obj = ObjectRef::<ModelDeployment>::new(&erased.name);
-                        obj.namespace = erased.namespace.clone();
-                        let tries = missing.lock().map_or(MISSING_RETRIES + 1, |mut m| {
-                            let n = m.entry(obj.clone()).or_insert(0);
-                            *n += 1;
-                            let tries = *n;
-                            if tries > MISSING_RETRIES {
-                                m.remove(&obj);
-                            }
-                            tries
-                        });
-                        if tries > MISSING_RETRIES {
+                    Err(RunError::ObjectNotFound(erased)) => {
+                        let obj = model_deployment_ref(&erased);
+                        if !missing.dropped(&obj) {
                             tracing::debug!(object = %erased, "not in the cache after retries: deleted");
                             return;
                         }
@@ -433,7 +460,12 @@ pub async fn run(
                             let _ = missing_tx.unbounded_send(obj);
                         });
                     }
-                    Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+                    Err(e) => {
+                        if let RunError::ReconcilerFailed(_, obj) = &e {
+                            missing.found(&model_deployment_ref(obj));
+                        }
+                        tracing::warn!(error = %e, "reconcile failed")
+                    }
                 }
             }
         });
@@ -441,5 +473,50 @@ pub async fn run(
     tokio::select! {
         _ = controller => {}
         _ = scraping => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_object_is_retried_ten_times_in_a_row_then_forgotten() {
+        let missing = Missing::default();
+        let a = ObjectRef::<ModelDeployment>::new("a").within("ns");
+        let b = ObjectRef::<ModelDeployment>::new("b").within("ns");
+        for _ in 0..MISSING_RETRIES {
+            assert!(missing.dropped(&a));
+        }
+        assert!(missing.dropped(&b), "each object has its own count");
+        assert!(
+            !missing.dropped(&a),
+            "the 11th drop in a row is taken as a deletion"
+        );
+        assert_eq!(missing.len(), 1, "a deleted object is forgotten");
+        // Seen again after all (it came back), it is retried from the start.
+        assert!(missing.dropped(&a));
+        assert_eq!(missing.len(), 2);
+    }
+
+    #[test]
+    fn an_object_found_starts_its_count_again() {
+        let missing = Missing::default();
+        let a = ObjectRef::<ModelDeployment>::new("a").within("ns");
+        for _ in 0..MISSING_RETRIES {
+            assert!(missing.dropped(&a));
+        }
+        missing.found(&a);
+        assert_eq!(missing.len(), 0);
+        for _ in 0..MISSING_RETRIES {
+            assert!(missing.dropped(&a));
+        }
+        assert!(!missing.dropped(&a));
+    }
+
+    #[test]
+    fn an_erased_reference_names_the_same_model_deployment() {
+        let a = ObjectRef::<ModelDeployment>::new("a").within("ns");
+        assert_eq!(model_deployment_ref(&a.clone().erase()), a);
     }
 }
