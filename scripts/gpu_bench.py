@@ -247,7 +247,10 @@ def targets(models):
             stop(p)
         res["targets"] = out
         save()
+    # The 8x is against one unbatched instance; the best unbatched (4 instances, the CUDA
+    # default) is reported beside it so the ratio is not read against a weak baseline only.
     off = (out.get("off, 1 instance") or {}).get("c64")
+    off4 = (out.get("off, 4 instances") or {}).get("c64")
     for label in ("on, 1 instance", "on, 2 instances"):
         row = out.get(label) or {}
         on = row.get("c64")
@@ -255,6 +258,7 @@ def targets(models):
             continue
         bound = delay_us / 1e3 + 2 * row["batch_compute_ms"]
         row["check"] = {"on_over_off": round(on["infer_per_s"] / off["infer_per_s"], 2),
+                        "on_over_off_4_instances": round(on["infer_per_s"] / off4["infer_per_s"], 2) if off4 else None,
                         "at_least_8x": on["infer_per_s"] >= 8 * off["infer_per_s"],
                         "at_least_5000_per_s": on["infer_per_s"] >= 5000,
                         "p99_bound_ms": round(bound, 2),
