@@ -317,7 +317,7 @@ async fn run(
     let padded = padded.max(total);
     let inputs: Result<Vec<Tensor>, ApiError> = columns
         .into_iter()
-        .map(|c| concat(c.into_iter()).and_then(|t| pad(t, padded - total)))
+        .map(|c| concat(c.into_iter(), padded).and_then(|t| pad(t, padded - total)))
         .collect();
     let result = match inputs {
         Ok(inputs) => {
@@ -361,8 +361,10 @@ async fn run(
     }
 }
 
-/// Joins tensors of the same name, type and trailing dimensions along dimension 0.
-fn concat(parts: impl Iterator<Item = Tensor>) -> Result<Tensor, ApiError> {
+/// Joins tensors of the same name, type and trailing dimensions along dimension 0, in a buffer with
+/// room for `capacity_rows` rows: the padded size, so that padding (`pad`) fills the same buffer
+/// instead of copying the whole batch into a second one.
+fn concat(parts: impl Iterator<Item = Tensor>, capacity_rows: usize) -> Result<Tensor, ApiError> {
     let parts: Vec<Tensor> = parts.collect();
     let Some(first) = parts.first() else {
         return Err(ApiError::Internal("empty batch".into()));
@@ -378,7 +380,9 @@ fn concat(parts: impl Iterator<Item = Tensor>) -> Result<Tensor, ApiError> {
     let (name, dtype) = (first.name.clone(), first.dtype);
     let data = match &first.data {
         TensorData::Raw(_) => {
-            let mut buf = BytesMut::with_capacity(parts.iter().map(raw_len).sum());
+            let len: usize = parts.iter().map(raw_len).sum();
+            let row_bytes = len / shape[0].max(1);
+            let mut buf = BytesMut::with_capacity(len.max(row_bytes * capacity_rows));
             for t in &parts {
                 if let TensorData::Raw(b) = &t.data {
                     buf.extend_from_slice(b);
@@ -404,7 +408,8 @@ fn pad_target(sizes: &[usize], rows: usize) -> usize {
     sizes.iter().copied().find(|&s| s >= rows).unwrap_or(rows)
 }
 
-/// Appends `extra` rows of zeros (empty strings for BYTES) along dimension 0.
+/// Appends `extra` rows of zeros (empty strings for BYTES) along dimension 0, in place when the
+/// buffer is not shared (a joined batch has room for its padded size).
 fn pad(t: Tensor, extra: usize) -> Result<Tensor, ApiError> {
     if extra == 0 {
         return Ok(t);
@@ -415,9 +420,13 @@ fn pad(t: Tensor, extra: usize) -> Result<Tensor, ApiError> {
     let data = match t.data {
         TensorData::Raw(b) => {
             let row_bytes = t.dtype.size().unwrap_or(1) * per_row;
-            let mut buf = BytesMut::with_capacity(b.len() + extra * row_bytes);
-            buf.extend_from_slice(&b);
-            buf.resize(b.len() + extra * row_bytes, 0);
+            let len = b.len() + extra * row_bytes;
+            let mut buf = b.try_into_mut().unwrap_or_else(|shared| {
+                let mut buf = BytesMut::with_capacity(len);
+                buf.extend_from_slice(&shared);
+                buf
+            });
+            buf.resize(len, 0);
             TensorData::Raw(buf.freeze())
         }
         TensorData::Strings(mut v) => {
@@ -493,7 +502,7 @@ mod tests {
             f32s("x", 2, 3, 10.0),
             f32s("x", 3, 3, 100.0),
         ];
-        let joined = concat(parts.clone().into_iter()).unwrap();
+        let joined = concat(parts.clone().into_iter(), 0).unwrap();
         assert_eq!(joined.shape, vec![6, 3]);
         let back = split(&joined, &[1, 2, 3], 6).unwrap();
         assert_eq!(back, parts);
@@ -507,7 +516,7 @@ mod tests {
             .unwrap()
         };
         let strings = vec![s(&["a"], 1), s(&["b", "c"], 2)];
-        let joined = concat(strings.clone().into_iter()).unwrap();
+        let joined = concat(strings.clone().into_iter(), 0).unwrap();
         assert_eq!(split(&joined, &[1, 2], 3).unwrap(), strings);
     }
 
@@ -522,8 +531,29 @@ mod tests {
     }
 
     #[test]
+    fn a_joined_batch_has_room_for_its_padding_which_fills_the_same_buffer() {
+        let joined = concat([f32s("x", 1, 2, 1.0), f32s("x", 2, 2, 3.0)].into_iter(), 8).unwrap();
+        let TensorData::Raw(b) = &joined.data else {
+            panic!()
+        };
+        let (at, data) = (b.as_ptr(), b.to_vec());
+        let padded = pad(joined, 5).unwrap();
+        assert_eq!(padded.shape, vec![8, 2]);
+        let TensorData::Raw(b) = &padded.data else {
+            panic!()
+        };
+        assert_eq!(
+            b.as_ptr(),
+            at,
+            "padded in the joined buffer, not copied into a new one"
+        );
+        assert_eq!((&b[..24], b.len()), (&data[..], 64));
+        assert!(b[24..].iter().all(|&x| x == 0), "the padded rows are zeros");
+    }
+
+    #[test]
     fn padded_rows_are_zeros_and_split_drops_them() {
-        let joined = concat([f32s("x", 1, 2, 1.0), f32s("x", 2, 2, 3.0)].into_iter()).unwrap();
+        let joined = concat([f32s("x", 1, 2, 1.0), f32s("x", 2, 2, 3.0)].into_iter(), 0).unwrap();
         let padded = pad(joined.clone(), 1).unwrap();
         assert_eq!(padded.shape, vec![4, 2]);
         let TensorData::Raw(b) = &padded.data else {
