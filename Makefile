@@ -63,7 +63,7 @@ bench: setup ## Benchmark, outside make test: kubemaas-server (binary/JSON, batc
 	cargo build --release -q -p kubemaas-server --bin kubemaas-server --example hello
 	eval "$$(bash scripts/setup.sh --test)" && ORT_DYLIB_PATH="$$ORT_DYLIB_PATH" "$$KUBEMAAS_VENV/bin/python" scripts/bench.py $(BENCH_ARGS)
 
-bench-rss: setup ## Benchmark, outside make test: kubemaas-server's RSS sampled every 15 s over 5 minutes of 64 clients on PP-OCR cls (RSS_ARGS="--batching" for batching on); prints the spread around the median.
+bench-rss: setup ## Benchmark, outside make test: kubemaas-server's RSS sampled every 15 s over 5 minutes of 64 clients on PP-OCR cls (RSS_ARGS="--batching" for batching on); prints the spread around the median, also split into mimalloc's arenas, other anonymous memory (ONNX Runtime) and files.
 	bash scripts/bench_tools.sh
 	cargo build --release -q -p kubemaas-server --bin kubemaas-server
 	eval "$$(bash scripts/setup.sh --test)" && ORT_DYLIB_PATH="$$ORT_DYLIB_PATH" "$$KUBEMAAS_VENV/bin/python" scripts/bench_rss.py $(RSS_ARGS)
