@@ -15,7 +15,7 @@ setup: ## Fetch what is not committed (ONNX Runtime library, real models) into ~
 	@bash $(SETUP) >/dev/null
 
 build: ## Build the workspace (debug).
-	$(CARGO) build --workspace
+	$(CARGO) build --workspace --lib --bins --examples
 
 run: setup ## Build the server (release, server crate only) and serve the bundled models on 127.0.0.1:8080 (Ctrl-C stops it).
 	$(CARGO) build --release -p kubemaas-server

@@ -1,7 +1,7 @@
 """GPU benchmark and checks of kubemaas-server on an NVIDIA GPU machine (run there, loopback only).
 
 Sent with ../shared/gpu/prepare.sh as extra files (this script, perf_analyzer with its libraries in
-pa/, the fp16 models in fp16/, ocr-rec in rec/); run from /tmp/kgpu after assemble.sh:
+pa/, the fp16 models in fp16/, ocr-rec in rec/, target/release/examples/ort_probe); run from /tmp/kgpu after assemble.sh:
     python3 extra/gpu_bench.py
 It measures, side by side in one run, and writes $OUT/gpu-bench.json:
   1. NVML: the server's nv_gpu_* families under load against pynvml's own readings of the same GPU;
@@ -10,7 +10,11 @@ It measures, side by side in one run, and writes $OUT/gpu-bench.json:
   3. fp32 vs fp16 (kubemaas-server compress) of cls, det and rec on CUDA;
   4. --gpu-device naming a device that does not exist fails the load with a clear message;
   5. `targets`: the issue's batching target at 64 clients (>= 8x off, >= 5,000 img/s, p99 within
-     max queue delay + 2 x batch compute), over long windows with the padded sizes warmed.
+     max queue delay + 2 x batch compute), over long windows with the padded sizes warmed;
+  6. `probe`: in-process, what host copies, pinned buffers with I/O binding and CUDA graphs cost or
+     save per run of cls and det (needs extra/ort_probe, the server's `ort_probe` example);
+  7. `cores`: the CPU defaults (instances, intra-op and I/O threads) against explicit splits on this
+     machine's cores, which the 2-core CI machine cannot measure.
 Run one step with `python3 extra/gpu_bench.py targets`; GPU_BENCH_EP=cpu dry-runs it on a CPU.
 """
 import http.client, json, os, re, subprocess, sys, threading, time
@@ -312,6 +316,55 @@ def fp16(models):
     return out
 
 
+def probe(models):
+    """In-process copies, I/O binding and CUDA graphs (the ort_probe example, sent as extra/ort_probe):
+    one process per model so a failed capture cannot take the other's numbers with it."""
+    exe = f"{X}/ort_probe"
+    if not os.path.exists(exe):
+        raise RuntimeError("extra/ort_probe missing: build it with cargo build --release -p kubemaas-server "
+                           "--example ort_probe and pass target/release/examples/ort_probe to prepare.sh")
+    out = {}
+    ep = "cpu" if EP == "cpu" else "cuda"
+    for name, shape, batches in (("ocr-cls", "3x48x192", "1,8,64"), ("ocr-det", "3x640x640", "1,4")):
+        js = f"{OUT}/probe-{name}.json"
+        r = subprocess.run([exe, "--model", models[name], "--shape", shape, "--batches", batches, "--ep", ep,
+                            "--seconds", "2", "--ort-library", ORT, "--json", js],
+                           capture_output=True, text=True, timeout=240)
+        log(r.stdout, r.stderr[-1500:])
+        out[name] = json.load(open(js)) if r.returncode == 0 else {"exit": r.returncode, "stderr": r.stderr[-1500:]}
+    return out
+
+
+def cores(models):
+    """The CPU defaults on this machine's cores (the 2-core CI machine cannot test the rule for more):
+    the CPU execution provider, PP-OCR cls, binary tensors, the default choice of instances, intra-op
+    threads and I/O threads against explicit splits, at 16 and 64 clients."""
+    shape = (1, 3, 48, 192)
+    n = os.cpu_count() or 1
+    configs = {"default": [], "io 1": ["--io-threads", "1"], "io 2": ["--io-threads", "2"],
+               f"io {max(n // 2, 1)}": ["--io-threads", str(max(n // 2, 1))],
+               f"{n} x 1": ["--instances", str(n), "--intra-op-threads", "1"],
+               f"{max(n // 4, 1)} x 4": ["--instances", str(max(n // 4, 1)), "--intra-op-threads", "4"],
+               f"1 x {n}": ["--instances", "1", "--intra-op-threads", str(n)]}
+    out = {"cores": n}
+    for label, flags in configs.items():
+        p, port = start({"ocr-cls": models["ocr-cls"]}, *flags, ep="cpu")
+        try:
+            row = {c: pa(port, "ocr-cls", c, shape, secs=2000) for c in (16, 64)}
+            log("cores", label, row)
+            out[label] = row
+        finally:
+            stop(p)
+        res["cores"] = out
+        save()
+    for c in (16, 64):
+        rates = {k: v[c]["infer_per_s"] for k, v in out.items() if isinstance(v, dict) and v.get(c)}
+        if rates.get("default"):
+            best = max(rates, key=rates.get)
+            out[f"default_vs_best_c{c}"] = {"best": best, "ratio": round(rates["default"] / rates[best], 3)}
+    return out
+
+
 def bad_device(models):
     p, port = start({"ocr-cls": models["ocr-cls"]}, "--gpu-device", "7", "--exit-on-load-failure", wait=False)
     try:
@@ -331,7 +384,8 @@ def main():
     log(smi)
     models = {"ocr-cls": f"{P}/models/ocr-cls/1/model.onnx", "ocr-det": f"{P}/models/ocr-det/1/model.onnx",
               "ocr-rec": f"{X}/rec/model.onnx"}
-    steps = [("nvml", nvml_check), ("targets", targets), ("batching", batching), ("padded", padded), ("conv", conv), ("fp16", fp16), ("bad_device", bad_device)]
+    steps = [("nvml", nvml_check), ("targets", targets), ("batching", batching), ("padded", padded), ("conv", conv), ("fp16", fp16), ("probe", probe), ("cores", cores),
+             ("bad_device", bad_device)]
     only = sys.argv[1:]
     for name, fn in steps:
         if only and name not in only:

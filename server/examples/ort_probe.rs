@@ -1,0 +1,461 @@
+//! How much of one ONNX Runtime run is copies and kernel launches, measured in-process, so the
+//! server's CUDA path is changed only where a measurement says it pays (the throughput issue's
+//! "pinned host buffers or I/O binding" and "measure whether CUDA graphs help").
+//!
+//! For each batch size it times the same random input through up to five ways of running:
+//! - `plain`: what kubemaas-server does today: the input lent from ordinary host memory, ONNX
+//!   Runtime allocates the outputs in host memory, and they are copied out;
+//! - `pinned`: the input copied into page-locked (CUDA pinned) host memory and the outputs bound
+//!   to pinned memory through an I/O binding, so both transfers are DMA;
+//! - `device`: input and outputs stay on the device (the input copied there once, before timing):
+//!   the run alone, the floor for the two above;
+//! - `graph`: a session with CUDA graphs on (inputs and outputs bound at fixed device addresses),
+//!   timed end to end: host to pinned, pinned to device, replay, device to pinned, pinned out;
+//! - `graph-run`: the same session's replay alone, the floor with graphs.
+//!
+//! Every way's outputs are compared with `plain`'s (largest absolute difference). On a CPU
+//! (`--ep cpu`, a dry run) `device` uses host memory and the CUDA-only ways say why they cannot
+//! run. Usage (`--help` for all flags):
+//!
+//! ```text
+//! cargo build --release -p kubemaas-server --example ort_probe
+//! target/release/examples/ort_probe --model models/ocr-cls/1/model.onnx --shape 3x48x192 --batches 1,8,64
+//! ```
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, ValueEnum};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::Session;
+use ort::value::{Tensor, TensorRef, TensorValueType, ValueRef};
+
+/// Times ONNX Runtime runs of one model with host, pinned, device-resident and CUDA-graph I/O.
+#[derive(Debug, Parser)]
+#[command(name = "ort_probe", about)]
+struct Args {
+    /// The ONNX model (one FP32 input whose first dimension is the batch).
+    #[arg(long)]
+    model: PathBuf,
+    /// The input's shape without the batch dimension, e.g. `3x48x192`.
+    #[arg(long)]
+    shape: String,
+    /// Batch sizes to time, comma-separated.
+    #[arg(long, default_value = "1,8,64", value_delimiter = ',')]
+    batches: Vec<usize>,
+    /// Execution provider: `cuda`, or `cpu` for a dry run without a GPU.
+    #[arg(long, value_enum, default_value = "cuda")]
+    ep: Ep,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    gpu_device: i32,
+    /// Ways to time, comma-separated (plain, pinned, device, graph, graph-run).
+    #[arg(
+        long,
+        default_value = "plain,pinned,device,graph,graph-run",
+        value_delimiter = ','
+    )]
+    modes: Vec<Mode>,
+    /// ONNX Runtime intra-op threads per session (the CPU nodes' threads on CUDA).
+    #[arg(long, default_value_t = 1)]
+    intra_op_threads: usize,
+    /// Seconds each way is timed per batch size, after one second of the same runs untimed.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// The ONNX Runtime library (libonnxruntime.so); defaults to `ORT_DYLIB_PATH`.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    ort_library: PathBuf,
+    /// Write the rows as JSON to this file as well.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Ep {
+    Cuda,
+    Cpu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Plain,
+    Pinned,
+    Device,
+    Graph,
+    GraphRun,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Plain => "plain",
+            Mode::Pinned => "pinned",
+            Mode::Device => "device",
+            Mode::Graph => "graph",
+            Mode::GraphRun => "graph-run",
+        }
+    }
+}
+
+/// One way at one batch size: its run times, or why it could not run.
+struct Row {
+    batch: usize,
+    mode: Mode,
+    result: Result<Timing, String>,
+}
+
+struct Timing {
+    runs: usize,
+    mean_us: f64,
+    p50_us: f64,
+    p99_us: f64,
+    items_per_s: f64,
+    max_abs_diff: f32,
+}
+
+/// Host copies of a run's outputs, in the session's output order.
+type Outputs = Vec<Vec<f32>>;
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let item: Vec<usize> = args
+        .shape
+        .split('x')
+        .map(|d| {
+            d.trim()
+                .parse::<usize>()
+                .with_context(|| format!("bad --shape {:?}", args.shape))
+        })
+        .collect::<Result<_>>()?;
+    let env = kubemaas_server::backend::ort::init_runtime(&args.ort_library)?;
+    let plain = build(&env, &args, false)?;
+    if plain.inputs().len() != 1 {
+        bail!(
+            "the probe takes models with one input; this one has {}",
+            plain.inputs().len()
+        );
+    }
+    let mut rows = Vec::new();
+    let mut plain = plain;
+    for &batch in &args.batches {
+        let shape: Vec<i64> = std::iter::once(batch)
+            .chain(item.iter().copied())
+            .map(|d| d as i64)
+            .collect();
+        let data = random(shape.iter().product::<i64>() as usize);
+        let (reference, _) = run_plain(&mut plain, &shape, &data)?;
+        for &mode in &args.modes {
+            let result =
+                probe(&env, &args, &mut plain, mode, &shape, &data, &reference).map_err(|e| format!("{e:#}"));
+            if let Err(e) = &result {
+                eprintln!("batch {batch} {}: {e}", mode.name());
+            }
+            rows.push(Row { batch, mode, result });
+        }
+    }
+    print_table(&args, &rows);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&json_rows(&rows))?)?;
+    }
+    Ok(())
+}
+
+fn build(env: &ort::environment::Environment, args: &Args, graph: bool) -> Result<Session> {
+    let mut b = Session::builder(env)
+        .map_err(|e| anyhow!("{e}"))?
+        .with_intra_threads(args.intra_op_threads)
+        .map_err(|e| anyhow!("{e}"))?;
+    if args.ep == Ep::Cuda {
+        let ep = ort::ep::CUDA::default()
+            .with_device_id(args.gpu_device)
+            .with_cuda_graph(graph);
+        b = b
+            .with_execution_providers([ep.build().error_on_failure()])
+            .map_err(|e| anyhow!("{e}"))?;
+    } else if graph {
+        bail!("CUDA graphs need --ep cuda");
+    }
+    b.commit_from_file(&args.model).map_err(|e| anyhow!("{e}"))
+}
+
+/// Deterministic inputs in [-1, 1), so two probes of one model feed it the same numbers.
+fn random(n: usize) -> Vec<f32> {
+    let mut s: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A host copy of an FP32 output, wherever ONNX Runtime left it.
+fn host_copy(v: ValueRef<'_>) -> Result<Vec<f32>> {
+    let t = v.downcast::<TensorValueType<f32>>()?;
+    if t.memory_info().is_cpu_accessible() {
+        Ok(t.try_extract_tensor::<f32>()?.1.to_vec())
+    } else {
+        Ok(t.to(AllocationDevice::CPU, 0)?
+            .try_extract_tensor::<f32>()?
+            .1
+            .to_vec())
+    }
+}
+
+fn run_plain(session: &mut Session, shape: &[i64], data: &[f32]) -> Result<(Outputs, Duration)> {
+    let t0 = Instant::now();
+    let input = TensorRef::from_array_view((shape.to_vec(), data))?;
+    let out = session.run(ort::inputs![input])?;
+    let copies = out.values().map(host_copy).collect::<Result<Vec<_>>>()?;
+    Ok((copies, t0.elapsed()))
+}
+
+fn max_diff(a: &Outputs, b: &Outputs) -> Result<f32> {
+    if a.len() != b.len() || a.iter().zip(b).any(|(x, y)| x.len() != y.len()) {
+        bail!("outputs differ in count or size");
+    }
+    Ok(a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max))
+}
+
+/// Runs `step` for a second untimed, then for `secs` timed; the first run's outputs are compared.
+fn time(
+    secs: f64,
+    batch: usize,
+    reference: &Outputs,
+    mut step: impl FnMut() -> Result<Option<Outputs>>,
+) -> Result<Timing> {
+    let first = step()?;
+    let max_abs_diff = match first {
+        Some(o) => max_diff(reference, &o)?,
+        None => f32::NAN,
+    };
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_secs(1) {
+        step()?;
+    }
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while start.elapsed().as_secs_f64() < secs {
+        let t = Instant::now();
+        step()?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let total = start.elapsed().as_secs_f64();
+    times.sort_by(f64::total_cmp);
+    let q = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+    Ok(Timing {
+        runs: times.len(),
+        mean_us: times.iter().sum::<f64>() / times.len() as f64,
+        p50_us: q(0.5),
+        p99_us: q(0.99),
+        items_per_s: (times.len() * batch) as f64 / total,
+        max_abs_diff,
+    })
+}
+
+fn mem(args: &Args, device: AllocationDevice<'static>, ty: MemoryType) -> Result<MemoryInfo<'static>> {
+    let id = if device == AllocationDevice::CPU {
+        0
+    } else {
+        args.gpu_device
+    };
+    Ok(MemoryInfo::new(device, id, AllocatorType::Device, ty)?)
+}
+
+fn probe(
+    env: &ort::environment::Environment,
+    args: &Args,
+    plain: &mut Session,
+    mode: Mode,
+    shape: &[i64],
+    data: &[f32],
+    reference: &Outputs,
+) -> Result<Timing> {
+    let batch = shape[0] as usize;
+    let input_name = plain.inputs()[0].name().to_string();
+    let output_names: Vec<String> = plain.outputs().iter().map(|o| o.name().to_string()).collect();
+    let cuda = args.ep == Ep::Cuda;
+    match mode {
+        Mode::Plain => time(args.seconds, batch, reference, || {
+            Ok(Some(run_plain(plain, shape, data)?.0))
+        }),
+        Mode::Pinned => {
+            if !cuda {
+                bail!("pinned memory needs --ep cuda");
+            }
+            let pinned_in = Allocator::new(
+                plain,
+                mem(args, AllocationDevice::CUDA_PINNED, MemoryType::CPUInput)?,
+            )?;
+            let out_info = mem(args, AllocationDevice::CUDA_PINNED, MemoryType::CPUOutput)?;
+            let mut input = Tensor::<f32>::new(&pinned_in, shape.to_vec())?;
+            let mut binding = plain.create_binding()?;
+            for name in &output_names {
+                binding.bind_output_to_device(name, &out_info)?;
+            }
+            time(args.seconds, batch, reference, || {
+                input.try_extract_tensor_mut::<f32>()?.1.copy_from_slice(data);
+                binding.bind_input(&input_name, &input)?;
+                let out = plain.run_binding(&binding)?;
+                Ok(Some(out.values().map(host_copy).collect::<Result<Vec<_>>>()?))
+            })
+        }
+        Mode::Device => {
+            let (device, id) = if cuda {
+                (AllocationDevice::CUDA, args.gpu_device)
+            } else {
+                (AllocationDevice::CPU, 0)
+            };
+            let host = Tensor::from_array((shape.to_vec(), data.to_vec()))?;
+            let input = host.to(device.clone(), id)?;
+            let out_info = mem(args, device, MemoryType::Default)?;
+            let mut binding = plain.create_binding()?;
+            binding.bind_input(&input_name, &input)?;
+            for name in &output_names {
+                binding.bind_output_to_device(name, &out_info)?;
+            }
+            binding.synchronize_inputs()?;
+            let mut checked = false;
+            time(args.seconds, batch, reference, || {
+                let out = plain.run_binding(&binding)?;
+                if checked {
+                    return Ok(None);
+                }
+                checked = true;
+                Ok(Some(out.values().map(host_copy).collect::<Result<Vec<_>>>()?))
+            })
+        }
+        Mode::Graph | Mode::GraphRun => {
+            let mut session = build(env, args, true)?;
+            let on_device =
+                Allocator::new(&session, mem(args, AllocationDevice::CUDA, MemoryType::Default)?)?;
+            let pinned_in = Allocator::new(
+                &session,
+                mem(args, AllocationDevice::CUDA_PINNED, MemoryType::CPUInput)?,
+            )?;
+            let pinned_out = Allocator::new(
+                &session,
+                mem(args, AllocationDevice::CUDA_PINNED, MemoryType::CPUOutput)?,
+            )?;
+            let mut staged = Tensor::<f32>::new(&pinned_in, shape.to_vec())?;
+            let mut input = Tensor::<f32>::new(&on_device, shape.to_vec())?;
+            let mut binding = session.create_binding()?;
+            let mut outputs = Vec::new();
+            let mut landed = Vec::new();
+            for (name, r) in output_names.iter().zip(reference) {
+                // The graph replays at fixed addresses: every output is bound to its own
+                // buffer, shaped as the reference run's (ONNX shapes give the batch as a symbol).
+                let dims = output_dims(plain, name, batch, r.len())?;
+                let mut t = Tensor::<f32>::new(&on_device, dims.clone())?;
+                binding.bind_output(name, &mut t)?;
+                landed.push(Tensor::<f32>::new(&pinned_out, dims)?);
+                outputs.push(t);
+            }
+            staged.try_extract_tensor_mut::<f32>()?.1.copy_from_slice(data);
+            staged.copy_into(&mut input)?;
+            binding.bind_input(&input_name, &input)?;
+            // The first run captures the graph; time replays only.
+            session.run_binding(&binding)?;
+            let end_to_end = mode == Mode::Graph;
+            time(args.seconds, batch, reference, || {
+                if end_to_end {
+                    staged.try_extract_tensor_mut::<f32>()?.1.copy_from_slice(data);
+                    staged.copy_into(&mut input)?;
+                }
+                session.run_binding(&binding)?;
+                let mut copies = Vec::with_capacity(outputs.len());
+                for (t, l) in outputs.iter().zip(landed.iter_mut()) {
+                    t.copy_into(&mut *l)?;
+                    copies.push(l.try_extract_tensor::<f32>()?.1.to_vec());
+                }
+                Ok(Some(copies))
+            })
+        }
+    }
+}
+
+/// The output's dimensions at this batch size: the model's, with symbolic ones resolved from the
+/// reference run's element count (only the batch dimension may be symbolic).
+fn output_dims(session: &Session, name: &str, batch: usize, elements: usize) -> Result<Vec<i64>> {
+    let outlet = session
+        .outputs()
+        .iter()
+        .find(|o| o.name() == name)
+        .ok_or_else(|| anyhow!("no output {name}"))?;
+    let dims: Vec<i64> = match outlet.dtype() {
+        ort::value::ValueType::Tensor { shape, .. } => shape.iter().copied().collect(),
+        other => bail!("output {name} is not a tensor: {other:?}"),
+    };
+    let known: i64 = dims.iter().skip(1).filter(|&&d| d > 0).product();
+    let mut out: Vec<i64> = dims.iter().skip(1).copied().collect();
+    let unknown = out.iter().filter(|&&d| d <= 0).count();
+    if unknown > 0 {
+        bail!("output {name} has symbolic dimensions besides the batch; CUDA graphs need them fixed");
+    }
+    if known * batch as i64 != elements as i64 {
+        bail!("output {name} holds {elements} values, not {batch} × {known}");
+    }
+    out.insert(0, batch as i64);
+    Ok(out)
+}
+
+fn print_table(args: &Args, rows: &[Row]) {
+    println!(
+        "{} on {:?}, {} s per way",
+        args.model.display(),
+        args.ep,
+        args.seconds
+    );
+    println!("| batch | way | runs | mean µs | p50 µs | p99 µs | items/s | ÷ plain | max abs diff |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        match &r.result {
+            Ok(t) => {
+                let base = rows
+                    .iter()
+                    .find(|p| p.batch == r.batch && p.mode == Mode::Plain)
+                    .and_then(|p| p.result.as_ref().ok())
+                    .map(|p| t.items_per_s / p.items_per_s);
+                let ratio = base.map_or("–".into(), |x| format!("{x:.2}×"));
+                println!(
+                    "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {ratio} | {:.2e} |",
+                    r.batch,
+                    r.mode.name(),
+                    t.runs,
+                    t.mean_us,
+                    t.p50_us,
+                    t.p99_us,
+                    t.items_per_s,
+                    t.max_abs_diff
+                );
+            }
+            Err(e) => println!(
+                "| {} | {} | – | – | – | – | – | – | {} |",
+                r.batch,
+                r.mode.name(),
+                e.replace('|', "/")
+            ),
+        }
+    }
+}
+
+fn json_rows(rows: &[Row]) -> serde_json::Value {
+    serde_json::Value::Array(
+        rows.iter()
+            .map(|r| match &r.result {
+                Ok(t) => serde_json::json!({
+                    "batch": r.batch, "way": r.mode.name(), "runs": t.runs, "mean_us": t.mean_us,
+                    "p50_us": t.p50_us, "p99_us": t.p99_us, "items_per_s": t.items_per_s,
+                    "max_abs_diff": if t.max_abs_diff.is_nan() { None } else { Some(t.max_abs_diff) },
+                }),
+                Err(e) => serde_json::json!({"batch": r.batch, "way": r.mode.name(), "error": e}),
+            })
+            .collect(),
+    )
+}
