@@ -1,8 +1,9 @@
 """GPU benchmark and checks of kubemaas-server on an NVIDIA GPU machine (run there, loopback only).
 
-Sent with ../shared/gpu/prepare.sh as extra files (this script, perf_analyzer with its libraries in
-pa/, the fp16 models in fp16/, ocr-rec in rec/, target/release/examples/ort_probe); run from /tmp/kgpu after assemble.sh:
-    python3 extra/gpu_bench.py
+scripts/gpu_pack.sh packs it with everything it needs (the release server, ort_probe, perf_analyzer
+and its libraries in pa/, the fp16 models in fp16/, ocr-rec in rec/); docs/gpu.md walks through a
+run. From /tmp/kgpu after .gpu/assemble.sh:
+    python3 extra/gpu_bench.py [STEP ...]
 It measures, side by side in one run, and writes $OUT/gpu-bench.json:
   1. NVML: the server's nv_gpu_* families under load against pynvml's own readings of the same GPU;
   2. dynamic batching off vs on for PP-OCR cls (one image per request) at 1/16/64 clients,
@@ -345,7 +346,9 @@ def cores(models):
                f"io {max(n // 2, 1)}": ["--io-threads", str(max(n // 2, 1))],
                f"{n} x 1": ["--instances", str(n), "--intra-op-threads", "1"],
                f"{max(n // 4, 1)} x 4": ["--instances", str(max(n // 4, 1)), "--intra-op-threads", "4"],
-               f"1 x {n}": ["--instances", "1", "--intra-op-threads", str(n)]}
+               f"1 x {n}": ["--instances", "1", "--intra-op-threads", str(n)],
+               # The default once more: how far two starts of one configuration differ here.
+               "default again": []}
     out = {"cores": n}
     for label, flags in configs.items():
         p, port = start({"ocr-cls": models["ocr-cls"]}, *flags, ep="cpu")
@@ -358,7 +361,8 @@ def cores(models):
         res["cores"] = out
         save()
     for c in (16, 64):
-        rates = {k: v[c]["infer_per_s"] for k, v in out.items() if isinstance(v, dict) and v.get(c)}
+        rates = {k: v[c]["infer_per_s"] for k, v in out.items()
+                 if isinstance(v, dict) and v.get(c) and k != "default again"}
         if rates.get("default"):
             best = max(rates, key=rates.get)
             out[f"default_vs_best_c{c}"] = {"best": best, "ratio": round(rates["default"] / rates[best], 3)}

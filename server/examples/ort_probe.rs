@@ -13,6 +13,10 @@
 //!   timed end to end: host to pinned, pinned to device, replay, device to pinned, pinned out;
 //! - `graph-run`: the same session's replay alone, the floor with graphs.
 //!
+//! ONNX Runtime's C API has no plain copy between devices; the `ort` crate copies by running a
+//! one-node Identity session, so each copy in `graph` costs one more (small) run. `graph` is thus
+//! an upper bound for graphs with copies, and `graph-run` the lower one.
+//!
 //! Every way's outputs are compared with `plain`'s (largest absolute difference). On a CPU
 //! (`--ep cpu`, a dry run) `device` uses host memory and the CUDA-only ways say why they cannot
 //! run. Usage (`--help` for all flags):
