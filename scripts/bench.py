@@ -18,6 +18,8 @@ the best rival), writes it into docs/benchmarks.md and draws target/bench/bench.
 process ÷ runs) separates what the server costs from what hey takes of the same cores.
 
 Usage: python scripts/bench.py [--models cls,det,minilm,dense] [--clients 1,4,16,64] [--seconds 5]
+KUBEMAAS_BENCH_SERVER names another server binary (default target/release/kubemaas-server); the
+scripts that import this one (bench_rss.py) follow it too.
 """
 import argparse
 import json

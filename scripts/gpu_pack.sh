@@ -16,7 +16,9 @@ WORK="$CACHE/gpu"
 mkdir -p "$WORK/wheels"
 
 # The tools and models the CPU suite uses (perf_analyzer, ONNX Runtime for fp16 conversion, models).
-eval "$(bash scripts/setup.sh --test)"
+# (Assigned first: a failure inside `eval "$(...)"` would not stop the script.)
+vars="$(bash scripts/setup.sh --test)"
+eval "$vars"
 export ORT_DYLIB_PATH
 
 whl="$(ls "$WORK"/wheels/onnxruntime_gpu-"$ORT_VERSION"-*.whl 2>/dev/null | head -n1 || true)"
@@ -33,7 +35,8 @@ cuda_xz="$WORK/cuda-$ORT_VERSION.xz"
 if [ ! -f "$cuda_xz" ]; then
   tmp="$(mktemp -d)"
   unzip -q -o -j "$whl" onnxruntime/capi/libonnxruntime_providers_cuda.so -d "$tmp"
-  xz -6 -T0 -c "$tmp/libonnxruntime_providers_cuda.so" > "$cuda_xz.tmp" && mv "$cuda_xz.tmp" "$cuda_xz"
+  xz -6 -T0 -c "$tmp/libonnxruntime_providers_cuda.so" > "$cuda_xz.tmp"
+  mv "$cuda_xz.tmp" "$cuda_xz"
   rm -rf "$tmp"
 fi
 
@@ -70,6 +73,13 @@ rm -rf .gpu && mkdir .gpu
 cat "$cuda_xz" "$WORK/rest.tar.xz" > "$WORK/all.bin"
 split -n 4 -d -a 1 "$WORK/all.bin" .gpu/p
 rm -f "$WORK/all.bin"
+# One transfer carries at most 64 MiB, the working tree (a few MiB) included.
+for part in .gpu/p?; do
+  if [ "$(stat -c %s "$part")" -gt $((60 * 1024 * 1024)) ]; then
+    echo "$part is over 60 MiB: pack fewer extra files" >&2
+    exit 1
+  fi
+done
 stat -c %s "$cuda_xz" > .gpu/cuda-bytes
 cp scripts/gpu_unpack.sh .gpu/assemble.sh
 ls -la .gpu >&2

@@ -25,6 +25,9 @@ tail -c +"$((n + 1))" /tmp/acc/all | tar -xJ -C /tmp/kgpu
 rm -f /tmp/acc/all
 libs="$( (ls -d /opt/*/.venv/lib/python3*/site-packages/nvidia/*/lib \
   /usr/local/lib/python3*/dist-packages/nvidia/*/lib 2>/dev/null || true) | tr '\n' ':')"
+if [ -z "$libs" ]; then
+  echo "warning: no CUDA libraries found under the Python packages searched; set LD_LIBRARY_PATH to cuDNN 9 and CUDA 13's lib folders before running" >&2
+fi
 ort="$(ls /tmp/kgpu/lib/libonnxruntime.so.* | head -n1)"
 {
   echo "export LD_LIBRARY_PATH=${libs}/tmp/kgpu/lib:\${LD_LIBRARY_PATH:-}"

@@ -13,9 +13,9 @@
 //!   timed end to end: host to pinned, pinned to device, replay, device to pinned, pinned out;
 //! - `graph-run`: the same session's replay alone, the floor with graphs.
 //!
-//! ONNX Runtime's C API has no plain copy between devices; the `ort` crate copies by running a
-//! one-node Identity session, so each copy in `graph` costs one more (small) run. `graph` is thus
-//! an upper bound for graphs with copies, and `graph-run` the lower one.
+//! The `ort` crate has no safe plain copy between devices: it copies by running a one-node
+//! Identity session (a run, and a copy inside it), so each copy in `graph` costs one more small
+//! run. `graph` is thus an upper bound for graphs with copies, and `graph-run` the lower one.
 //!
 //! Every way's outputs are compared with `plain`'s (largest absolute difference). On a CPU
 //! (`--ep cpu`, a dry run) `device` uses host memory and the CUDA-only ways say why they cannot
@@ -23,7 +23,8 @@
 //!
 //! ```text
 //! cargo build --release -p kubemaas-server --example ort_probe
-//! target/release/examples/ort_probe --model models/ocr-cls/1/model.onnx --shape 3x48x192 --batches 1,8,64
+//! ORT_DYLIB_PATH=.../libonnxruntime.so target/release/examples/ort_probe \
+//!     --model ~/.cache/kubemaas/models/ocr-cls/1/model.onnx --shape 3x48x192 --batches 1,8,64
 //! ```
 
 use std::path::PathBuf;
@@ -65,7 +66,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     intra_op_threads: usize,
     /// Seconds each way is timed per batch size, after one second of the same runs untimed.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, value_parser = positive_seconds)]
     seconds: f64,
     /// The ONNX Runtime library (libonnxruntime.so); defaults to `ORT_DYLIB_PATH`.
     #[arg(long, env = "ORT_DYLIB_PATH")]
@@ -115,11 +116,32 @@ struct Timing {
     p50_us: f64,
     p99_us: f64,
     items_per_s: f64,
+    /// Largest difference from the plain run on the checked input; NaN where one side is NaN
+    /// and the other is not counts as infinite.
     max_abs_diff: f32,
+    /// Values compared: every output's elements together.
+    output_elements: usize,
+}
+
+/// A host copy of one output.
+#[derive(Debug, Clone)]
+struct Out {
+    shape: Vec<i64>,
+    data: Vec<f32>,
 }
 
 /// Host copies of a run's outputs, in the session's output order.
-type Outputs = Vec<Vec<f32>>;
+type Outputs = Vec<Out>;
+
+/// Inputs larger than this are refused: the probe keeps three copies in host memory.
+const MAX_ELEMENTS: usize = 1 << 30;
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -129,11 +151,18 @@ fn main() -> Result<()> {
         .map(|d| {
             d.trim()
                 .parse::<usize>()
-                .with_context(|| format!("bad --shape {:?}", args.shape))
+                .ok()
+                .filter(|&d| d > 0)
+                .with_context(|| {
+                    format!(
+                        "bad --shape {:?}: give positive dimensions like 3x48x192",
+                        args.shape
+                    )
+                })
         })
         .collect::<Result<_>>()?;
     let env = kubemaas_server::backend::ort::init_runtime(&args.ort_library)?;
-    let plain = build(&env, &args, false)?;
+    let mut plain = build(&env, &args, false)?;
     if plain.inputs().len() != 1 {
         bail!(
             "the probe takes models with one input; this one has {}",
@@ -141,27 +170,43 @@ fn main() -> Result<()> {
         );
     }
     let mut rows = Vec::new();
-    let mut plain = plain;
     for &batch in &args.batches {
-        let shape: Vec<i64> = std::iter::once(batch)
-            .chain(item.iter().copied())
-            .map(|d| d as i64)
-            .collect();
-        let data = random(shape.iter().product::<i64>() as usize);
-        let (reference, _) = run_plain(&mut plain, &shape, &data)?;
+        let dims: Vec<usize> = std::iter::once(batch).chain(item.iter().copied()).collect();
+        let n = dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n > 0 && n <= MAX_ELEMENTS)
+            .with_context(|| {
+                format!(
+                    "batch {batch} of {} is empty or over {MAX_ELEMENTS} values",
+                    args.shape
+                )
+            })?;
+        let shape: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+        // Two different inputs: the graph ways are checked on one they were not captured with.
+        let inputs = [random(n, 1), random(n, 2)];
+        let references = inputs
+            .iter()
+            .map(|x| run_plain(&mut plain, &shape, x))
+            .collect::<Result<Vec<_>>>();
         for &mode in &args.modes {
-            let result =
-                probe(&env, &args, &mut plain, mode, &shape, &data, &reference).map_err(|e| format!("{e:#}"));
+            let result = match &references {
+                Ok(refs) => probe(&env, &args, &mut plain, mode, &shape, &inputs, refs),
+                Err(e) => Err(anyhow!("the plain run failed: {e:#}")),
+            }
+            .map_err(|e| format!("{e:#}"));
             if let Err(e) = &result {
                 eprintln!("batch {batch} {}: {e}", mode.name());
             }
             rows.push(Row { batch, mode, result });
+            // Written after every row, so a crash in a later way keeps what was measured.
+            if let Some(path) = &args.json {
+                std::fs::write(path, serde_json::to_string_pretty(&json_rows(&rows))?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
         }
     }
     print_table(&args, &rows);
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&json_rows(&rows))?)?;
-    }
     Ok(())
 }
 
@@ -184,8 +229,8 @@ fn build(env: &ort::environment::Environment, args: &Args, graph: bool) -> Resul
 }
 
 /// Deterministic inputs in [-1, 1), so two probes of one model feed it the same numbers.
-fn random(n: usize) -> Vec<f32> {
-    let mut s: u64 = 0x9e37_79b9_7f4a_7c15;
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s: u64 = 0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     (0..n)
         .map(|_| {
             s = s
@@ -197,57 +242,63 @@ fn random(n: usize) -> Vec<f32> {
 }
 
 /// A host copy of an FP32 output, wherever ONNX Runtime left it.
-fn host_copy(v: ValueRef<'_>) -> Result<Vec<f32>> {
+fn host_copy(v: ValueRef<'_>) -> Result<Out> {
     let t = v.downcast::<TensorValueType<f32>>()?;
-    if t.memory_info().is_cpu_accessible() {
-        Ok(t.try_extract_tensor::<f32>()?.1.to_vec())
+    let (shape, data) = if t.memory_info().is_cpu_accessible() {
+        let (shape, data) = t.try_extract_tensor::<f32>()?;
+        (shape.to_vec(), data.to_vec())
     } else {
-        Ok(t.to(AllocationDevice::CPU, 0)?
-            .try_extract_tensor::<f32>()?
-            .1
-            .to_vec())
-    }
+        let host = t.to(AllocationDevice::CPU, 0)?;
+        let (shape, data) = host.try_extract_tensor::<f32>()?;
+        (shape.to_vec(), data.to_vec())
+    };
+    Ok(Out { shape, data })
 }
 
-fn run_plain(session: &mut Session, shape: &[i64], data: &[f32]) -> Result<(Outputs, Duration)> {
-    let t0 = Instant::now();
+fn copies(out: &ort::session::SessionOutputs<'_>) -> Result<Outputs> {
+    out.values().map(host_copy).collect()
+}
+
+fn run_plain(session: &mut Session, shape: &[i64], data: &[f32]) -> Result<Outputs> {
     let input = TensorRef::from_array_view((shape.to_vec(), data))?;
     let out = session.run(ort::inputs![input])?;
-    let copies = out.values().map(host_copy).collect::<Result<Vec<_>>>()?;
-    Ok((copies, t0.elapsed()))
+    copies(&out)
 }
 
 fn max_diff(a: &Outputs, b: &Outputs) -> Result<f32> {
-    if a.len() != b.len() || a.iter().zip(b).any(|(x, y)| x.len() != y.len()) {
-        bail!("outputs differ in count or size");
+    if a.len() != b.len() || a.iter().zip(b).any(|(x, y)| x.shape != y.shape) {
+        bail!("outputs differ in count or shape");
     }
     Ok(a.iter()
         .zip(b)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .flat_map(|(x, y)| x.data.iter().zip(&y.data))
+        .map(|(p, q)| match (p.is_nan(), q.is_nan()) {
+            (true, true) => 0.0,
+            (false, false) => (p - q).abs(),
+            _ => f32::INFINITY,
+        })
         .fold(0.0, f32::max))
 }
 
-/// Runs `step` for a second untimed, then for `secs` timed; the first run's outputs are compared.
+/// Calls `step(true)` once and compares what it returns with `reference`; then runs
+/// `step(false)` for a second untimed and for `secs` timed.
 fn time(
     secs: f64,
     batch: usize,
     reference: &Outputs,
-    mut step: impl FnMut() -> Result<Option<Outputs>>,
+    mut step: impl FnMut(bool) -> Result<Option<Outputs>>,
 ) -> Result<Timing> {
-    let first = step()?;
-    let max_abs_diff = match first {
-        Some(o) => max_diff(reference, &o)?,
-        None => f32::NAN,
-    };
+    let checked = step(true)?.context("the checked run returned no outputs")?;
+    let max_abs_diff = max_diff(reference, &checked)?;
     let warm = Instant::now();
     while warm.elapsed() < Duration::from_secs(1) {
-        step()?;
+        step(false)?;
     }
     let mut times = Vec::new();
     let start = Instant::now();
-    while start.elapsed().as_secs_f64() < secs {
+    while start.elapsed().as_secs_f64() < secs || times.is_empty() {
         let t = Instant::now();
-        step()?;
+        step(false)?;
         times.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let total = start.elapsed().as_secs_f64();
@@ -260,6 +311,7 @@ fn time(
         p99_us: q(0.99),
         items_per_s: (times.len() * batch) as f64 / total,
         max_abs_diff,
+        output_elements: reference.iter().map(|o| o.data.len()).sum(),
     })
 }
 
@@ -272,22 +324,26 @@ fn mem(args: &Args, device: AllocationDevice<'static>, ty: MemoryType) -> Result
     Ok(MemoryInfo::new(device, id, AllocatorType::Device, ty)?)
 }
 
+/// Times one way. `inputs[0]` is the timed input; the graph ways are checked on `inputs[1]`,
+/// which they were not captured with, so a replay that ignores its bound input or writes nothing
+/// shows as a difference.
 fn probe(
     env: &ort::environment::Environment,
     args: &Args,
     plain: &mut Session,
     mode: Mode,
     shape: &[i64],
-    data: &[f32],
-    reference: &Outputs,
+    inputs: &[Vec<f32>; 2],
+    references: &[Outputs],
 ) -> Result<Timing> {
     let batch = shape[0] as usize;
+    let data = &inputs[0];
     let input_name = plain.inputs()[0].name().to_string();
     let output_names: Vec<String> = plain.outputs().iter().map(|o| o.name().to_string()).collect();
     let cuda = args.ep == Ep::Cuda;
     match mode {
-        Mode::Plain => time(args.seconds, batch, reference, || {
-            Ok(Some(run_plain(plain, shape, data)?.0))
+        Mode::Plain => time(args.seconds, batch, &references[0], |_| {
+            Ok(Some(run_plain(plain, shape, data)?))
         }),
         Mode::Pinned => {
             if !cuda {
@@ -303,11 +359,12 @@ fn probe(
             for name in &output_names {
                 binding.bind_output_to_device(name, &out_info)?;
             }
-            time(args.seconds, batch, reference, || {
+            // The way as a server would use it: every run copies its input in and its outputs out.
+            time(args.seconds, batch, &references[0], |_| {
                 input.try_extract_tensor_mut::<f32>()?.1.copy_from_slice(data);
                 binding.bind_input(&input_name, &input)?;
                 let out = plain.run_binding(&binding)?;
-                Ok(Some(out.values().map(host_copy).collect::<Result<Vec<_>>>()?))
+                Ok(Some(copies(&out)?))
             })
         }
         Mode::Device => {
@@ -325,14 +382,10 @@ fn probe(
                 binding.bind_output_to_device(name, &out_info)?;
             }
             binding.synchronize_inputs()?;
-            let mut checked = false;
-            time(args.seconds, batch, reference, || {
+            // Timed: the run alone; only the checked run copies its outputs back.
+            time(args.seconds, batch, &references[0], |check| {
                 let out = plain.run_binding(&binding)?;
-                if checked {
-                    return Ok(None);
-                }
-                checked = true;
-                Ok(Some(out.values().map(host_copy).collect::<Result<Vec<_>>>()?))
+                if check { Ok(Some(copies(&out)?)) } else { Ok(None) }
             })
         }
         Mode::Graph | Mode::GraphRun => {
@@ -352,61 +405,48 @@ fn probe(
             let mut binding = session.create_binding()?;
             let mut outputs = Vec::new();
             let mut landed = Vec::new();
-            for (name, r) in output_names.iter().zip(reference) {
-                // The graph replays at fixed addresses: every output is bound to its own
-                // buffer, shaped as the reference run's (ONNX shapes give the batch as a symbol).
-                let dims = output_dims(plain, name, batch, r.len())?;
-                let mut t = Tensor::<f32>::new(&on_device, dims.clone())?;
+            for (name, r) in output_names.iter().zip(&references[0]) {
+                // The graph replays at fixed addresses: each output gets its own buffer, shaped
+                // as the plain run's output at this batch size (one graph per session and shape).
+                let mut t = Tensor::<f32>::new(&on_device, r.shape.clone())?;
                 binding.bind_output(name, &mut t)?;
-                landed.push(Tensor::<f32>::new(&pinned_out, dims)?);
+                landed.push(Tensor::<f32>::new(&pinned_out, r.shape.clone())?);
                 outputs.push(t);
             }
             staged.try_extract_tensor_mut::<f32>()?.1.copy_from_slice(data);
             staged.copy_into(&mut input)?;
             binding.bind_input(&input_name, &input)?;
-            // The first run captures the graph; time replays only.
+            // The first run captures the graph; the rest replay it.
             session.run_binding(&binding)?;
             let end_to_end = mode == Mode::Graph;
-            time(args.seconds, batch, reference, || {
-                if end_to_end {
-                    staged.try_extract_tensor_mut::<f32>()?.1.copy_from_slice(data);
-                    staged.copy_into(&mut input)?;
+            let mut stage = |x: &[f32]| -> Result<()> {
+                staged.try_extract_tensor_mut::<f32>()?.1.copy_from_slice(x);
+                staged.copy_into(&mut input)?;
+                Ok(())
+            };
+            time(args.seconds, batch, &references[1], |check| {
+                if check {
+                    stage(&inputs[1])?;
+                } else if end_to_end {
+                    stage(data)?;
                 }
                 session.run_binding(&binding)?;
-                let mut copies = Vec::with_capacity(outputs.len());
+                if !check && !end_to_end {
+                    return Ok(None);
+                }
+                let mut out = Vec::with_capacity(outputs.len());
                 for (t, l) in outputs.iter().zip(landed.iter_mut()) {
                     t.copy_into(&mut *l)?;
-                    copies.push(l.try_extract_tensor::<f32>()?.1.to_vec());
+                    let (shape, data) = l.try_extract_tensor::<f32>()?;
+                    out.push(Out {
+                        shape: shape.to_vec(),
+                        data: data.to_vec(),
+                    });
                 }
-                Ok(Some(copies))
+                Ok(Some(out))
             })
         }
     }
-}
-
-/// The output's dimensions at this batch size: the model's, with symbolic ones resolved from the
-/// reference run's element count (only the batch dimension may be symbolic).
-fn output_dims(session: &Session, name: &str, batch: usize, elements: usize) -> Result<Vec<i64>> {
-    let outlet = session
-        .outputs()
-        .iter()
-        .find(|o| o.name() == name)
-        .ok_or_else(|| anyhow!("no output {name}"))?;
-    let dims: Vec<i64> = match outlet.dtype() {
-        ort::value::ValueType::Tensor { shape, .. } => shape.iter().copied().collect(),
-        other => bail!("output {name} is not a tensor: {other:?}"),
-    };
-    let known: i64 = dims.iter().skip(1).filter(|&&d| d > 0).product();
-    let mut out: Vec<i64> = dims.iter().skip(1).copied().collect();
-    let unknown = out.iter().filter(|&&d| d <= 0).count();
-    if unknown > 0 {
-        bail!("output {name} has symbolic dimensions besides the batch; CUDA graphs need them fixed");
-    }
-    if known * batch as i64 != elements as i64 {
-        bail!("output {name} holds {elements} values, not {batch} × {known}");
-    }
-    out.insert(0, batch as i64);
-    Ok(out)
 }
 
 fn print_table(args: &Args, rows: &[Row]) {
@@ -456,7 +496,7 @@ fn json_rows(rows: &[Row]) -> serde_json::Value {
                 Ok(t) => serde_json::json!({
                     "batch": r.batch, "way": r.mode.name(), "runs": t.runs, "mean_us": t.mean_us,
                     "p50_us": t.p50_us, "p99_us": t.p99_us, "items_per_s": t.items_per_s,
-                    "max_abs_diff": if t.max_abs_diff.is_nan() { None } else { Some(t.max_abs_diff) },
+                    "max_abs_diff": t.max_abs_diff, "output_elements": t.output_elements,
                 }),
                 Err(e) => serde_json::json!({"batch": r.batch, "way": r.mode.name(), "error": e}),
             })
