@@ -133,6 +133,29 @@ def metrics(port):
     return out
 
 
+def latency_hist(port, model):
+    """The server's own request-duration histogram for `model`: {upper edge in s: cumulative count}."""
+    st, b = get(port + 2, "/metrics")
+    out = {}
+    for line in b.decode().splitlines():
+        if line.startswith("kubemaas_request_duration_seconds_bucket") and f'model="{model}"' in line:
+            edge = re.search(r'le="([^"]+)"', line).group(1)
+            out[float("inf") if edge == "+Inf" else float(edge)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def share_within(before, after, bound_s):
+    """Of the requests answered between two histograms, the share the server itself answered
+    within `bound_s`, bracketed by the bucket edges around it: (at least, at most)."""
+    d = {e: after.get(e, 0) - before.get(e, 0) for e in after}
+    total = d.get(float("inf"), 0)
+    if not total:
+        return None
+    below = max((e for e in d if e <= bound_s), default=None)
+    above = min((e for e in d if e >= bound_s), default=float("inf"))
+    return (round(d[below] / total, 4) if below is not None else 0.0, round(d[above] / total, 4))
+
+
 def nvml_check(models):
     """The server's nv_gpu_* against pynvml's readings, idle and under load."""
     import pynvml
@@ -237,7 +260,9 @@ def targets(models):
     for label, (flags, batched) in configs.items():
         p, port = start({"ocr-cls": models["ocr-cls"]}, *flags)
         try:
+            h0 = latency_hist(port, "ocr-cls")
             row = {"c64": pa(port, "ocr-cls", 64, (1, 3, 48, 192), batched, secs=5000)}
+            row["hist"] = (h0, latency_hist(port, "ocr-cls"))
             st, b = get(port, "/v2/models/ocr-cls/stats")
             stats = json.loads(b)["model_stats"][0]
             sizes = stats.get("batch_stats", [])
@@ -267,7 +292,11 @@ def targets(models):
                         "at_least_8x": on["infer_per_s"] >= 8 * off["infer_per_s"],
                         "at_least_5000_per_s": on["infer_per_s"] >= 5000,
                         "p99_bound_ms": round(bound, 2),
-                        "p99_within_bound": on["p99_ms"] is not None and on["p99_ms"] <= bound}
+                        "p99_within_bound": on["p99_ms"] is not None and on["p99_ms"] <= bound,
+                        # perf_analyzer's p99 includes its own delays on a busy host; the server's
+                        # histogram says what share it answered within the bound (bucket-bracketed,
+                        # the measured windows and the trials between them).
+                        "server_share_within_bound": share_within(*row["hist"], bound / 1e3)}
         log("targets check", label, row["check"])
     return out
 
