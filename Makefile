@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SETUP := scripts/setup.sh
 PREFIX ?= $(HOME)/.cargo
 
-.PHONY: bench bench-rss help setup run demo client-tools install images bench-batching bench-protocols bench-compress fuzz test test-rust test-python e2e scale faults lint fmt build manifests
+.PHONY: bench bench-rss gpu-pack help setup run demo client-tools install images bench-batching bench-protocols bench-compress fuzz test test-rust test-python e2e scale faults lint fmt build manifests
 
 help: ## List the targets.
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ bench: setup ## Benchmark, outside make test: kubemaas-server (binary/JSON, batc
 	bash scripts/bench_tools.sh
 	cargo build --release -q -p kubemaas-server --bin kubemaas-server --example hello
 	eval "$$(bash scripts/setup.sh --test)" && ORT_DYLIB_PATH="$$ORT_DYLIB_PATH" "$$KUBEMAAS_VENV/bin/python" scripts/bench.py $(BENCH_ARGS)
+
+gpu-pack: setup ## Pack the GPU benchmark (server, ort_probe, models, perf_analyzer, ONNX Runtime's CUDA build) into .gpu/p0..p3 for a GPU machine that cannot download; docs/gpu.md says how to run it there.
+	bash scripts/gpu_pack.sh
 
 bench-rss: setup ## Benchmark, outside make test: kubemaas-server's RSS sampled every 15 s over 5 minutes of 64 clients on PP-OCR cls (RSS_ARGS="--batching" for batching on); prints the spread around the median, also split into mimalloc's arenas, other anonymous memory (ONNX Runtime) and files.
 	bash scripts/bench_tools.sh
