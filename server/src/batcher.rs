@@ -1,6 +1,7 @@
 //! Dynamic batching with Triton's semantics: requests for one model version queue together; as
 //! soon as an instance is free, the queue is drained into one batch of at most `max_batch_size`
-//! rows, waiting at most `max_queue_delay` (counted from the oldest request's arrival) for more to
+//! rows (on the CPU, at most an even share of what is queued per instance: see [`split_cap`]),
+//! waiting at most `max_queue_delay` (counted from the oldest request's arrival) for more to
 //! come. Requests are concatenated along dimension 0 and every output is split back by each
 //! request's rows. Requests whose other dimensions, types or requested outputs differ never share
 //! a batch. A full queue refuses at once (503); a request whose client went away before its batch
@@ -233,12 +234,23 @@ async fn dispatch(
             return;
         };
         let deadline = tokio::time::Instant::from_std(first.enqueued + config.max_queue_delay);
+        // Queued rows (a job holds at least one; held jobs' rows are known).
+        let queued = first.rows + held.iter().map(|j| j.rows).sum::<usize>() + rx.len();
+        // On the CPU each instance is a core of its own and a batch costs what its rows cost one
+        // by one, so the queue is shared over all instances; on a GPU a larger batch comes almost
+        // free, and the free instance takes the queue, as Triton's batcher does.
+        let sharing = if m.backend.execution_provider() == crate::backend::ort::CUDA_EP {
+            0
+        } else {
+            m.backend.instances().saturating_sub(1)
+        };
+        let cap = split_cap(config.max_batch_size, queued, sharing);
         let mut rows = first.rows;
         let mut batch = vec![first];
         // Held requests first (they are older), then new arrivals until full or the delay is up.
         let mut i = 0;
-        while i < held.len() && rows < config.max_batch_size {
-            if held[i].fits_with(&batch[0]) && rows + held[i].rows <= config.max_batch_size {
+        while i < held.len() && rows < cap {
+            if held[i].fits_with(&batch[0]) && rows + held[i].rows <= cap {
                 if let Some(j) = held.remove(i) {
                     rows += j.rows;
                     batch.push(j);
@@ -247,12 +259,12 @@ async fn dispatch(
                 i += 1;
             }
         }
-        while rows < config.max_batch_size && !config.preferred_batch_sizes.contains(&rows) {
+        while rows < cap && !config.preferred_batch_sizes.contains(&rows) {
             let next = match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(j)) => j,
                 Ok(None) | Err(_) => break,
             };
-            if next.fits_with(&batch[0]) && rows + next.rows <= config.max_batch_size {
+            if next.fits_with(&batch[0]) && rows + next.rows <= cap {
                 rows += next.rows;
                 batch.push(next);
             } else {
@@ -281,6 +293,19 @@ async fn dispatch(
             stats.clone(),
         ));
     }
+}
+
+/// The rows the batch being formed may take: all of `max`, unless `others` more instances share
+/// the queue and more rows are already queued than there are instances. Then the queue is shared
+/// out evenly, so that one instance does not run a long batch of everything queued while the
+/// others get the crumbs. With little queued the usual rule holds: wait up to the queue delay
+/// for more, up to `max`.
+pub fn split_cap(max: usize, queued: usize, others: usize) -> usize {
+    let instances = others + 1;
+    if others == 0 || queued <= instances {
+        return max;
+    }
+    queued.div_ceil(instances).clamp(1, max)
 }
 
 /// The answer to a request whose `parameters.timeout` ran out before it could run.
@@ -493,6 +518,27 @@ mod tests {
             TensorData::Raw(Bytes::from(v)),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_queue_is_shared_out_over_the_free_instances() {
+        // (max, queued rows, other instances sharing the queue) -> rows this batch may take
+        for (max, queued, others, cap) in [
+            (64, 60, 0, 64), // one instance (or a GPU) takes up to max, as Triton's batcher does
+            (64, 60, 1, 30), // two instances: half each
+            (64, 61, 1, 31),
+            (64, 60, 3, 15),
+            (64, 200, 1, 64), // never over max
+            (64, 2, 1, 64),   // little queued: wait for more, as usual
+            (64, 1, 3, 64),
+            (8, 9, 1, 5),
+        ] {
+            assert_eq!(
+                split_cap(max, queued, others),
+                cap,
+                "max {max} queued {queued} others {others}"
+            );
+        }
     }
 
     #[test]
