@@ -30,8 +30,13 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, ValueEnum};
+use kubemaas_server::backend::TensorSpec;
+use kubemaas_server::compress::eval::{MAX_RANDOM_ELEMENTS, random_inputs};
+use kubemaas_server::tensor::{DataType, TensorData};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::value::{Tensor, TensorRef, TensorValueType, ValueRef};
@@ -133,9 +138,6 @@ struct Out {
 /// Host copies of a run's outputs, in the session's output order.
 type Outputs = Vec<Out>;
 
-/// Inputs larger than this are refused: the probe keeps three copies in host memory.
-const MAX_ELEMENTS: usize = 1 << 30;
-
 fn positive_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
@@ -172,19 +174,20 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     for &batch in &args.batches {
         let dims: Vec<usize> = std::iter::once(batch).chain(item.iter().copied()).collect();
-        let n = dims
+        let fits = dims
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .filter(|&n| n > 0 && n <= MAX_ELEMENTS)
-            .with_context(|| {
-                format!(
-                    "batch {batch} of {} is empty or over {MAX_ELEMENTS} values",
-                    args.shape
-                )
-            })?;
+            .is_some_and(|n| n > 0 && n <= MAX_RANDOM_ELEMENTS);
+        if !fits {
+            bail!(
+                "batch {batch} of {} is empty or over {MAX_RANDOM_ELEMENTS} values",
+                args.shape
+            );
+        }
         let shape: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
         // Two different inputs: the graph ways are checked on one they were not captured with.
-        let inputs = [random(n, 1), random(n, 2)];
+        let name = plain.inputs()[0].name().to_string();
+        let inputs = [random(&name, &dims, 1)?, random(&name, &dims, 2)?];
         let references = inputs
             .iter()
             .map(|x| run_plain(&mut plain, &shape, x))
@@ -228,17 +231,25 @@ fn build(env: &ort::environment::Environment, args: &Args, graph: bool) -> Resul
     b.commit_from_file(&args.model).map_err(|e| anyhow!("{e}"))
 }
 
-/// Deterministic inputs in [-1, 1), so two probes of one model feed it the same numbers.
-fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s: u64 = 0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+/// Deterministic inputs in [-1, 1) from the compressor's seeded generator, so two probes of one
+/// model feed it the same numbers.
+fn random(name: &str, dims: &[usize], seed: u64) -> Result<Vec<f32>> {
+    let spec = TensorSpec {
+        name: name.to_string(),
+        datatype: DataType::F32,
+        shape: Vec::new(),
+    };
+    let shapes = HashMap::from([(name.to_string(), dims.to_vec())]);
+    let tensor = random_inputs(&[spec], &shapes, seed)?
+        .pop()
+        .context("no input generated")?;
+    match tensor.data {
+        TensorData::Raw(b) => Ok(b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()),
+        TensorData::Strings(_) => bail!("FP32 input generated as strings"),
+    }
 }
 
 /// A host copy of an FP32 output, wherever ONNX Runtime left it.

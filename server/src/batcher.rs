@@ -134,7 +134,17 @@ impl Batcher {
         stats: Arc<crate::metrics::ModelStats>,
     ) -> Batcher {
         let (tx, rx) = mpsc::channel(config.max_queue_size.max(1));
-        tokio::spawn(dispatch(model, config.clone(), stats, rx));
+        // On the CPU each instance is a core of its own and a batch costs what its rows cost one
+        // by one, so the queue is shared over all instances; on a GPU a larger batch comes almost
+        // free, and the free instance takes the queue, as Triton's batcher does.
+        let sharing = model.upgrade().map_or(0, |m| {
+            if m.backend.execution_provider() == crate::backend::ort::CUDA_EP {
+                0
+            } else {
+                m.backend.instances().saturating_sub(1)
+            }
+        });
+        tokio::spawn(dispatch(model, config.clone(), sharing, stats, rx));
         Batcher { tx, config }
     }
 
@@ -212,9 +222,11 @@ pub fn batchable(sig: &crate::backend::Signature) -> Result<(), String> {
     }
 }
 
+/// `sharing`: how many other instances share the queue ([`split_cap`]).
 async fn dispatch(
     model: std::sync::Weak<LoadedModel>,
     config: BatchConfig,
+    sharing: usize,
     stats: Arc<crate::metrics::ModelStats>,
     mut rx: mpsc::Receiver<Job>,
 ) {
@@ -236,14 +248,6 @@ async fn dispatch(
         let deadline = tokio::time::Instant::from_std(first.enqueued + config.max_queue_delay);
         // Queued rows (a job holds at least one; held jobs' rows are known).
         let queued = first.rows + held.iter().map(|j| j.rows).sum::<usize>() + rx.len();
-        // On the CPU each instance is a core of its own and a batch costs what its rows cost one
-        // by one, so the queue is shared over all instances; on a GPU a larger batch comes almost
-        // free, and the free instance takes the queue, as Triton's batcher does.
-        let sharing = if m.backend.execution_provider() == crate::backend::ort::CUDA_EP {
-            0
-        } else {
-            m.backend.instances().saturating_sub(1)
-        };
         let cap = split_cap(config.max_batch_size, queued, sharing);
         let mut rows = first.rows;
         let mut batch = vec![first];
@@ -521,7 +525,7 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_is_shared_out_over_the_free_instances() {
+    fn a_queue_is_shared_out_over_the_instances() {
         // (max, queued rows, other instances sharing the queue) -> rows this batch may take
         for (max, queued, others, cap) in [
             (64, 60, 0, 64), // one instance (or a GPU) takes up to max, as Triton's batcher does
