@@ -281,3 +281,62 @@ def test_requests_whose_inputs_disagree_on_rows_run_alone_and_stay_exact(batchin
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(one, range(90)))
+
+
+def test_on_a_cpu_a_queue_is_shared_out_over_the_instances_not_drained_by_one(busy_model, tmp_path):
+    # Two instances, both busy with a long request, and 8 one-row requests queued behind them.
+    # Triton's rule (the free instance takes everything queued) would run all 8 in one batch on
+    # the first instance to come free while the other, soon free too, gets nothing. On the CPU
+    # each instance is a core of its own, so the first free one takes an even share, 4; the
+    # next finds 4 queued and takes 2; the last 2 are no more than the instances, so they go
+    # together. Each answer is still ONNX Runtime's own for that row alone.
+    s = Server(["--model", f"slow={busy_model}", "--instances", "2", "--intra-op-threads", "2",
+                "--max-batch-size", "2048", "--max-queue-delay-us", "2000"], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        import time
+
+        def gauge(name):
+            for line in requests.get(f"{s.metrics_url}/metrics", timeout=10).text.splitlines():
+                if line.startswith(name + '{model="slow"'):
+                    return float(line.rsplit(" ", 1)[1])
+            raise AssertionError(f"no {name} for slow")
+
+        def long_request():
+            # Binary, so that the 1.5 MB body costs no parsing: the request runs as soon as it is in.
+            big = np.ones((1500, 256), dtype=np.float32).tobytes()
+            header = json.dumps({"inputs": [{"name": "x", "shape": [1500, 256], "datatype": "FP32",
+                                             "parameters": {"binary_data_size": len(big)}}]}).encode()
+            return requests.post(f"{s.url}/v2/models/slow/infer", data=header + big, timeout=120,
+                                 headers={"Inference-Header-Content-Length": str(len(header))})
+
+        xs = [np.random.default_rng(40 + i).standard_normal((1, 256)).astype(np.float32) for i in range(8)]
+        with ThreadPoolExecutor(10) as pool:
+            # A long request is a batch of its own (more rows than the instances' even share of
+            # the queue) and holds its instance for seconds: 1,500 rows at 1-2 ms each.
+            longs = [pool.submit(long_request) for _ in range(2)]
+            deadline = time.time() + 30
+            while not (gauge("nv_inference_pending_request_count") == 2 and
+                       gauge("kubemaas_inference_queue_depth") == 0):
+                assert time.time() < deadline, "the long requests never started"
+                time.sleep(0.01)
+            time.sleep(0.3)  # both are in (and so running): the 1.5 MB bodies take milliseconds
+            smalls = [pool.submit(infer, s, "slow", [v2("x", x, "FP32")]) for x in xs]
+            while gauge("kubemaas_inference_queue_depth") < 8:
+                assert time.time() < deadline, "the one-row requests never all queued"
+                time.sleep(0.01)
+            assert not any(f.done() for f in longs), "a long request ended before the small ones queued"
+            assert [f.result().status_code for f in longs] == [200, 200]
+            got = [f.result() for f in smalls]
+        sess = ort.InferenceSession(str(busy_model))
+        for x, r in zip(xs, got):
+            assert r.status_code == 200, r.text
+            out = r.json()["outputs"][0]
+            assert out["shape"] == [1, 256]
+            want = sess.run(None, {"x": x})[0]
+            np.testing.assert_allclose(np.array(out["data"], dtype=np.float32).reshape(1, 256), want,
+                                       rtol=1e-4, atol=1e-4)
+        sizes = sorted((b["batch_size"], b["compute_infer"]["count"]) for b in stats(s, "slow")["batch_stats"])
+        assert sizes == [(2, 2), (4, 1), (1500, 2)], sizes
+    finally:
+        assert s.stop() == 0
