@@ -283,13 +283,19 @@ def test_requests_whose_inputs_disagree_on_rows_run_alone_and_stay_exact(batchin
         list(pool.map(one, range(90)))
 
 
-def test_on_a_cpu_a_queue_is_shared_out_over_the_instances_not_drained_by_one(busy_model, tmp_path):
-    # Two instances, both busy with a long request, and 8 one-row requests queued behind them.
-    # Triton's rule (the free instance takes everything queued) would run all 8 in one batch on
-    # the first instance to come free while the other, soon free too, gets nothing. On the CPU
-    # each instance is a core of its own, so the first free one takes an even share, 4; the
-    # next finds 4 queued and takes 2; the last 2 are no more than the instances, so they go
-    # together. Each answer is still ONNX Runtime's own for that row alone.
+@pytest.mark.parametrize("rows,batches", [
+    # Triton's rule (the free instance takes everything queued) would run all 8 rows in one batch
+    # on the first instance to come free while the other, soon free too, gets nothing. On the CPU
+    # each instance is a core of its own, so the first free one takes an even share, 4; the next
+    # finds 4 queued and takes 2; the last 2 are no more than the instances, so they go together.
+    ([1] * 8, [2, 2, 4]),
+    # Shares are counted in rows, not requests: 12 rows queued, so 6 (two requests of 3), then 3,
+    # then the last request alone.
+    ([3] * 4, [3, 3, 6]),
+], ids=["one-row", "three-row"])
+def test_on_a_cpu_a_queue_is_shared_out_over_the_instances_not_drained_by_one(rows, batches, busy_model, tmp_path):
+    # Two instances, both busy with a long request, and requests queued behind them. Each answer is
+    # still ONNX Runtime's own for that request alone.
     s = Server(["--model", f"slow={busy_model}", "--instances", "2", "--intra-op-threads", "2",
                 "--max-batch-size", "2048", "--max-queue-delay-us", "2000"], tmp_path / "server.log")
     try:
@@ -310,7 +316,7 @@ def test_on_a_cpu_a_queue_is_shared_out_over_the_instances_not_drained_by_one(bu
             return requests.post(f"{s.url}/v2/models/slow/infer", data=header + big, timeout=120,
                                  headers={"Inference-Header-Content-Length": str(len(header))})
 
-        xs = [np.random.default_rng(40 + i).standard_normal((1, 256)).astype(np.float32) for i in range(8)]
+        xs = [np.random.default_rng(40 + i).standard_normal((n, 256)).astype(np.float32) for i, n in enumerate(rows)]
         with ThreadPoolExecutor(10) as pool:
             # A long request is a batch of its own (more rows than the instances' even share of
             # the queue) and holds its instance for seconds: 1,500 rows at 1-2 ms each.
@@ -322,7 +328,7 @@ def test_on_a_cpu_a_queue_is_shared_out_over_the_instances_not_drained_by_one(bu
                 time.sleep(0.01)
             time.sleep(0.3)  # both are in (and so running): the 1.5 MB bodies take milliseconds
             smalls = [pool.submit(infer, s, "slow", [v2("x", x, "FP32")]) for x in xs]
-            while gauge("kubemaas_inference_queue_depth") < 8:
+            while gauge("kubemaas_inference_queue_depth") < len(xs):
                 assert time.time() < deadline, "the one-row requests never all queued"
                 time.sleep(0.01)
             assert not any(f.done() for f in longs), "a long request ended before the small ones queued"
@@ -332,11 +338,11 @@ def test_on_a_cpu_a_queue_is_shared_out_over_the_instances_not_drained_by_one(bu
         for x, r in zip(xs, got):
             assert r.status_code == 200, r.text
             out = r.json()["outputs"][0]
-            assert out["shape"] == [1, 256]
+            assert out["shape"] == list(x.shape)
             want = sess.run(None, {"x": x})[0]
-            np.testing.assert_allclose(np.array(out["data"], dtype=np.float32).reshape(1, 256), want,
+            np.testing.assert_allclose(np.array(out["data"], dtype=np.float32).reshape(x.shape), want,
                                        rtol=1e-4, atol=1e-4)
         sizes = sorted((b["batch_size"], b["compute_infer"]["count"]) for b in stats(s, "slow")["batch_stats"])
-        assert sizes == [(2, 2), (4, 1), (1500, 2)], sizes
+        assert sizes == sorted([(b, batches.count(b)) for b in set(batches)] + [(1500, 2)]), sizes
     finally:
         assert s.stop() == 0

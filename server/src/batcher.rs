@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -122,6 +123,8 @@ impl Job {
 pub struct Batcher {
     tx: mpsc::Sender<Job>,
     config: BatchConfig,
+    /// Rows in the channel, not yet taken by the dispatcher: the queue is shared out by rows.
+    in_channel: Arc<AtomicUsize>,
 }
 
 impl Batcher {
@@ -144,8 +147,17 @@ impl Batcher {
                 m.backend.instances().saturating_sub(1)
             }
         });
-        tokio::spawn(dispatch(model, config.clone(), sharing, stats, rx));
-        Batcher { tx, config }
+        let in_channel = Arc::new(AtomicUsize::new(0));
+        let queue = Queue {
+            rx,
+            rows: in_channel.clone(),
+        };
+        tokio::spawn(dispatch(model, config.clone(), sharing, stats, queue));
+        Batcher {
+            tx,
+            config,
+            in_channel,
+        }
     }
 
     /// The settings.
@@ -181,15 +193,20 @@ impl Batcher {
             reply,
             queued: Some(queued),
         };
-        self.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => ApiError::QueueFull(format!(
-                "the batch queue is full ({} requests waiting); retry shortly",
-                self.config.max_queue_size
-            )),
-            mpsc::error::TrySendError::Closed(_) => {
-                ApiError::Unavailable("the model is being unloaded".into())
-            }
-        })?;
+        // Counted before it can be taken, so the count never goes below zero.
+        self.in_channel.fetch_add(rows, Relaxed);
+        if let Err(e) = self.tx.try_send(job) {
+            self.in_channel.fetch_sub(rows, Relaxed);
+            return Err(match e {
+                mpsc::error::TrySendError::Full(_) => ApiError::QueueFull(format!(
+                    "the batch queue is full ({} requests waiting); retry shortly",
+                    self.config.max_queue_size
+                )),
+                mpsc::error::TrySendError::Closed(_) => {
+                    ApiError::Unavailable("the model is being unloaded".into())
+                }
+            });
+        }
         let mut done = done
             .await
             .map_err(|_| ApiError::Unavailable("the model was unloaded before the request ran".into()))??;
@@ -222,13 +239,27 @@ pub fn batchable(sig: &crate::backend::Signature) -> Result<(), String> {
     }
 }
 
+/// The dispatcher's end of the channel, with the rows it holds.
+struct Queue {
+    rx: mpsc::Receiver<Job>,
+    rows: Arc<AtomicUsize>,
+}
+
+impl Queue {
+    async fn recv(&mut self) -> Option<Job> {
+        let job = self.rx.recv().await?;
+        self.rows.fetch_sub(job.rows, Relaxed);
+        Some(job)
+    }
+}
+
 /// `sharing`: how many other instances share the queue ([`split_cap`]).
 async fn dispatch(
     model: std::sync::Weak<LoadedModel>,
     config: BatchConfig,
     sharing: usize,
     stats: Arc<crate::metrics::ModelStats>,
-    mut rx: mpsc::Receiver<Job>,
+    mut rx: Queue,
 ) {
     // Requests that did not fit the batch being formed wait here, in arrival order.
     let mut held: VecDeque<Job> = VecDeque::new();
@@ -246,8 +277,7 @@ async fn dispatch(
             return;
         };
         let deadline = tokio::time::Instant::from_std(first.enqueued + config.max_queue_delay);
-        // Queued rows (a job holds at least one; held jobs' rows are known).
-        let queued = first.rows + held.iter().map(|j| j.rows).sum::<usize>() + rx.len();
+        let queued = first.rows + held.iter().map(|j| j.rows).sum::<usize>() + rx.rows.load(Relaxed);
         let cap = split_cap(config.max_batch_size, queued, sharing);
         let mut rows = first.rows;
         let mut batch = vec![first];
