@@ -64,6 +64,13 @@ def stats(server, model):
     return requests.get(f"{server.url}/v2/models/{model}/stats", timeout=10).json()["model_stats"][0]
 
 
+def gauge(server, name, model):
+    for line in requests.get(f"{server.metrics_url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + f'{{model="{model}"'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} for {model}")
+
+
 def test_concurrent_requests_batch_and_each_gets_its_own_answer(batching, repo_dir):
     before = stats(batching, "model")
     rng = np.random.default_rng(1)
@@ -233,10 +240,16 @@ def test_a_request_past_its_timeout_gets_503_and_never_runs(flags, busy_model, t
         big = np.ones((256, 256), dtype=np.float32)
         before = stats(s, "slow")["inference_count"]
         with ThreadPoolExecutor(3) as pool:
-            # Two long requests keep the only instance busy; the third may wait 1 ms at most.
+            # Two long requests keep the only instance busy; the third may wait 1 ms at most. It is
+            # sent once one long request runs and the other waits (a sleep was not enough: a small
+            # body can overtake two large ones still being read).
             busy = [pool.submit(infer, s, "slow", [v2("x", big, "FP32")]) for _ in range(2)]
             import time
-            time.sleep(0.05)
+            deadline = time.time() + 30
+            while not (gauge(s, "nv_inference_pending_request_count", "slow") == 2 and
+                       gauge(s, "kubemaas_inference_queue_depth", "slow") == 1):
+                assert time.time() < deadline, "the long requests never got in"
+                time.sleep(0.005)
             body = {"inputs": [v2("x", np.ones((1, 256), dtype=np.float32), "FP32")], "parameters": {"timeout": 1000}}
             r = requests.post(f"{s.url}/v2/models/slow/infer", data=json.dumps(body), timeout=60)
             assert all(f.result().status_code == 200 for f in busy)
@@ -296,17 +309,11 @@ def test_requests_whose_inputs_disagree_on_rows_run_alone_and_stay_exact(batchin
 def test_on_a_cpu_a_queue_is_shared_out_over_the_instances_not_drained_by_one(rows, batches, busy_model, tmp_path):
     # Two instances, both busy with a long request, and requests queued behind them. Each answer is
     # still ONNX Runtime's own for that request alone.
-    s = Server(["--model", f"slow={busy_model}", "--instances", "2", "--intra-op-threads", "2",
+    s = Server(["--model", f"slow={busy_model}", "--instances", "2", "--intra-op-threads", "2", "--execution-provider", "cpu",
                 "--max-batch-size", "2048", "--max-queue-delay-us", "2000"], tmp_path / "server.log")
     try:
         s.wait_loaded()
         import time
-
-        def gauge(name):
-            for line in requests.get(f"{s.metrics_url}/metrics", timeout=10).text.splitlines():
-                if line.startswith(name + '{model="slow"'):
-                    return float(line.rsplit(" ", 1)[1])
-            raise AssertionError(f"no {name} for slow")
 
         def long_request():
             # Binary, so that the 1.5 MB body costs no parsing: the request runs as soon as it is in.
@@ -319,16 +326,16 @@ def test_on_a_cpu_a_queue_is_shared_out_over_the_instances_not_drained_by_one(ro
         xs = [np.random.default_rng(40 + i).standard_normal((n, 256)).astype(np.float32) for i, n in enumerate(rows)]
         with ThreadPoolExecutor(10) as pool:
             # A long request is a batch of its own (more rows than the instances' even share of
-            # the queue) and holds its instance for seconds: 1,500 rows at 1-2 ms each.
+            # the queue) and holds its instance for seconds: 1,500 rows at a few ms each.
             longs = [pool.submit(long_request) for _ in range(2)]
             deadline = time.time() + 30
-            while not (gauge("nv_inference_pending_request_count") == 2 and
-                       gauge("kubemaas_inference_queue_depth") == 0):
+            while not (gauge(s, "nv_inference_pending_request_count", "slow") == 2 and
+                       gauge(s, "kubemaas_inference_queue_depth", "slow") == 0):
                 assert time.time() < deadline, "the long requests never started"
                 time.sleep(0.01)
             time.sleep(0.3)  # both are in (and so running): the 1.5 MB bodies take milliseconds
             smalls = [pool.submit(infer, s, "slow", [v2("x", x, "FP32")]) for x in xs]
-            while gauge("kubemaas_inference_queue_depth") < len(xs):
+            while gauge(s, "kubemaas_inference_queue_depth", "slow") < len(xs):
                 assert time.time() < deadline, "the one-row requests never all queued"
                 time.sleep(0.01)
             assert not any(f.done() for f in longs), "a long request ended before the small ones queued"
@@ -344,5 +351,41 @@ def test_on_a_cpu_a_queue_is_shared_out_over_the_instances_not_drained_by_one(ro
                                        rtol=1e-4, atol=1e-4)
         sizes = sorted((b["batch_size"], b["compute_infer"]["count"]) for b in stats(s, "slow")["batch_stats"])
         assert sizes == sorted([(b, batches.count(b)) for b in set(batches)] + [(1500, 2)]), sizes
+    finally:
+        assert s.stop() == 0
+
+
+def test_a_batch_the_next_request_would_overflow_goes_at_once(repo_dir, tmp_path):
+    # Triton's rule: a batch is dispatched as soon as the next queued request would take it past
+    # max_batch_size, not after the queue delay. With max 8, 5 rows wait for more; a 4-row request
+    # cannot join (9 > 8), so the 5 rows go at once, and the 4 rows wait out their own delay.
+    s = Server(["--model", f"model={repo_dir / 'model' / '1' / 'model.onnx'}", "--instances", "1",
+                "--execution-provider", "cpu", "--max-batch-size", "8", "--max-queue-delay-us", "1500000"],
+               tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        import time
+        xs = [np.random.default_rng(50 + n).standard_normal((n, 10)).astype(np.float32) for n in (5, 4)]
+
+        def timed(x):
+            t = time.perf_counter()
+            r = infer(s, "model", [v2("x", x, "FP32")])
+            return r, time.perf_counter() - t
+
+        with ThreadPoolExecutor(2) as pool:
+            five = pool.submit(timed, xs[0])
+            time.sleep(0.2)
+            four = pool.submit(timed, xs[1])
+            (r5, t5), (r4, t4) = five.result(), four.result()
+        assert r5.status_code == 200 and r4.status_code == 200, (r5.text, r4.text)
+        for x, r in ((xs[0], r5), (xs[1], r4)):
+            want = reference(repo_dir, "model", {"x": x})
+            for out in r.json()["outputs"]:
+                np.testing.assert_allclose(np.array(out["data"]).reshape(out["shape"]), want[out["name"]], rtol=1e-5, atol=1e-5)
+        # The 5 rows left when the 4 came (about 0.2 s), long before their 1.5 s delay was up.
+        assert t5 < 1.0, f"the 5-row batch waited {t5:.2f} s"
+        assert t4 >= 1.4, f"the 4-row request waited {t4:.2f} s, not its queue delay"
+        sizes = sorted((b["batch_size"], b["compute_infer"]["count"]) for b in stats(s, "model")["batch_stats"])
+        assert sizes == [(4, 1), (5, 1)], sizes
     finally:
         assert s.stop() == 0

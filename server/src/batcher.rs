@@ -1,8 +1,10 @@
 //! Dynamic batching with Triton's semantics: requests for one model version queue together; as
 //! soon as an instance is free, the queue is drained into one batch of at most `max_batch_size`
-//! rows (on the CPU, at most an even share of what is queued per instance: see [`split_cap`]),
+//! rows (on the CPU, at most an even share of the rows queued per instance: see [`split_cap`]),
 //! waiting at most `max_queue_delay` (counted from the oldest request's arrival) for more to
-//! come. Requests are concatenated along dimension 0 and every output is split back by each
+//! come, unless the next request would take the batch past that cap: then it goes at once. A
+//! request always runs whole, so one larger than its share runs alone, at once. Requests are
+//! concatenated along dimension 0 and every output is split back by each
 //! request's rows. Requests whose other dimensions, types or requested outputs differ never share
 //! a batch. A full queue refuses at once (503); a request whose client went away before its batch
 //! formed is dropped without running.
@@ -282,28 +284,35 @@ async fn dispatch(
         let mut rows = first.rows;
         let mut batch = vec![first];
         // Held requests first (they are older), then new arrivals until full or the delay is up.
+        // As in Triton, a batch that the next request it could join would take past its cap is
+        // full: it goes at once, not after the delay. Requests of another shape wait their turn.
+        let mut full = false;
         let mut i = 0;
         while i < held.len() && rows < cap {
-            if held[i].fits_with(&batch[0]) && rows + held[i].rows <= cap {
-                if let Some(j) = held.remove(i) {
-                    rows += j.rows;
-                    batch.push(j);
-                }
-            } else {
+            if !held[i].fits_with(&batch[0]) {
                 i += 1;
+            } else if rows + held[i].rows > cap {
+                full = true;
+                break;
+            } else if let Some(j) = held.remove(i) {
+                rows += j.rows;
+                batch.push(j);
             }
         }
-        while rows < cap && !config.preferred_batch_sizes.contains(&rows) {
+        while !full && rows < cap && !config.preferred_batch_sizes.contains(&rows) {
             let next = match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(j)) => j,
                 Ok(None) | Err(_) => break,
             };
-            if next.fits_with(&batch[0]) && rows + next.rows <= cap {
-                rows += next.rows;
-                batch.push(next);
-            } else {
-                held.push_back(next);
+            if next.fits_with(&batch[0]) {
+                if rows + next.rows <= cap {
+                    rows += next.rows;
+                    batch.push(next);
+                    continue;
+                }
+                full = true;
             }
+            held.push_back(next);
         }
         // A client that went away must not cost an execution, nor one that stopped waiting.
         let now = Instant::now();
@@ -330,10 +339,11 @@ async fn dispatch(
 }
 
 /// The rows the batch being formed may take: all of `max`, unless `others` more instances share
-/// the queue and more rows are already queued than there are instances. Then the queue is shared
-/// out evenly, so that one instance does not run a long batch of everything queued while the
-/// others get the crumbs. With little queued the usual rule holds: wait up to the queue delay
-/// for more, up to `max`.
+/// the queue and more rows are already queued (`queued`, the first request's included) than
+/// there are instances. Then the queue is shared out evenly, so that one instance does not run a
+/// long batch of everything queued while the others get the crumbs. With little queued the usual
+/// rule holds: wait up to the queue delay for more, up to `max`. The first request is taken
+/// whole even when it alone is over the cap.
 pub fn split_cap(max: usize, queued: usize, others: usize) -> usize {
     let instances = others + 1;
     if others == 0 || queued <= instances {
