@@ -564,6 +564,73 @@ mod tests {
         .unwrap()
     }
 
+    #[tokio::test]
+    async fn the_rows_in_the_channel_are_counted_in_and_out() {
+        // A batcher without a dispatcher: this test plays the dispatcher's end of the channel.
+        let (tx, rx) = mpsc::channel(2);
+        let in_channel = Arc::new(AtomicUsize::new(0));
+        let batcher = Arc::new(Batcher {
+            tx,
+            config: BatchConfig {
+                max_batch_size: 8,
+                max_queue_delay: Duration::from_millis(1),
+                max_queue_size: 2,
+                preferred_batch_sizes: vec![],
+                pad_to: vec![],
+            },
+            in_channel: in_channel.clone(),
+        });
+        let mut queue = Queue {
+            rx,
+            rows: in_channel.clone(),
+        };
+        let gauge = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let submit = |rows: usize| {
+            let b = batcher.clone();
+            let token = crate::metrics::GaugeToken::new(&gauge);
+            tokio::spawn(async move {
+                b.submit(vec![f32s("x", rows, 2, 0.0)], vec![], rows, None, token)
+                    .await
+            })
+        };
+        let three = submit(3);
+        let five = submit(5);
+        let counted = |n| {
+            let in_channel = in_channel.clone();
+            async move {
+                for _ in 0..1000 {
+                    if in_channel.load(Relaxed) == n {
+                        return true;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                false
+            }
+        };
+        assert!(counted(8).await, "two requests of 3 and 5 rows in the channel");
+        // The channel holds 2: a third request is refused and its rows are not left counted.
+        let refused = submit(1).await.unwrap();
+        assert!(
+            matches!(refused, Err(ApiError::QueueFull(_))),
+            "{:?}",
+            refused.err()
+        );
+        assert_eq!(in_channel.load(Relaxed), 8);
+        // Taking a job out uncounts its rows, whichever order they come in.
+        let first = queue.recv().await.unwrap();
+        assert_eq!(in_channel.load(Relaxed), 8 - first.rows);
+        let second = queue.recv().await.unwrap();
+        assert_eq!(in_channel.load(Relaxed), 0);
+        let mut rows = [first.rows, second.rows];
+        rows.sort();
+        assert_eq!(rows, [3, 5]);
+        // A dropped job answers its caller, as when the model is unloaded; nothing stays counted.
+        drop((first, second));
+        assert!(matches!(three.await.unwrap(), Err(ApiError::Unavailable(_))));
+        assert!(matches!(five.await.unwrap(), Err(ApiError::Unavailable(_))));
+        assert_eq!(in_channel.load(Relaxed), 0);
+    }
+
     #[test]
     fn a_queue_is_shared_out_over_the_instances() {
         // (max, queued rows, other instances sharing the queue) -> rows this batch may take
