@@ -166,7 +166,8 @@ def slow_to_load(nodes: int = 5000):
 
 def busy(iterations: int = 8000, width: int = 256):
     """x FP32 [-1,256] multiplied by one orthogonal 256x256 matrix 8,000 times in an ONNX Loop: about
-    28 ms for one row and 1 ms per further row on one core, from a small request, so a test can keep
+    20–30 ms for one row and 1–4 ms per further row on one core (4 ms on the CI machine of
+    2026-11-30), from a small request, so a test can keep
     an instance busy for a second without a large body. Orthogonal keeps every row's norm, so
     answers stay well away from zero and can be compared."""
     rng = np.random.default_rng(7)
