@@ -389,3 +389,37 @@ def test_a_batch_the_next_request_would_overflow_goes_at_once(repo_dir, tmp_path
         assert sizes == [(4, 1), (5, 1)], sizes
     finally:
         assert s.stop() == 0
+
+
+def test_on_a_cpu_requests_sent_at_once_are_shared_out_as_they_arrive(busy_model, tmp_path):
+    # Closed-loop clients whose answers came back together send again together. With two idle
+    # instances and a long queue delay, one instance used to collect all of them for the whole
+    # delay while the other idled ([6] after 1 s). Now once more rows have arrived than there are
+    # instances, a batch takes its share and goes: [2] at once, [2] at once on the other
+    # instance, and the last 2 (no more than the instances) wait for more, as usual.
+    s = Server(["--model", f"slow={busy_model}", "--instances", "2", "--intra-op-threads", "2",
+                "--execution-provider", "cpu", "--max-batch-size", "64", "--max-queue-delay-us", "1000000"],
+               tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        import time
+        xs = [np.random.default_rng(60 + i).standard_normal((1, 256)).astype(np.float32) for i in range(6)]
+
+        def timed(x):
+            t = time.perf_counter()
+            r = infer(s, "slow", [v2("x", x, "FP32")])
+            return r, time.perf_counter() - t
+
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(timed, xs))
+        sess = ort.InferenceSession(str(busy_model))
+        for x, (r, _) in zip(xs, got):
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(np.array(r.json()["outputs"][0]["data"], dtype=np.float32).reshape(1, 256),
+                                       sess.run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
+        times = sorted(t for _, t in got)
+        assert times[3] < 0.6, f"only {sum(t < 0.6 for t in times)} of 6 answered before the 1 s delay: {times}"
+        sizes = sorted((b["batch_size"], b["compute_infer"]["count"]) for b in stats(s, "slow")["batch_stats"])
+        assert sizes == [(2, 3)], sizes
+    finally:
+        assert s.stop() == 0

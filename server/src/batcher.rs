@@ -280,7 +280,7 @@ async fn dispatch(
         };
         let deadline = tokio::time::Instant::from_std(first.enqueued + config.max_queue_delay);
         let queued = first.rows + held.iter().map(|j| j.rows).sum::<usize>() + rx.rows.load(Relaxed);
-        let cap = split_cap(config.max_batch_size, queued, sharing);
+        let mut cap = split_cap(config.max_batch_size, queued, sharing);
         let mut rows = first.rows;
         let mut batch = vec![first];
         // Held requests first (they are older), then new arrivals until full or the delay is up.
@@ -304,6 +304,15 @@ async fn dispatch(
                 Ok(Some(j)) => j,
                 Ok(None) | Err(_) => break,
             };
+            // The share is kept up to date as requests arrive: clients that all send at once
+            // (as closed-loop clients do once their answers come back together) are shared out
+            // over the instances as they come, instead of one instance collecting them all while
+            // the others idle through the queue delay.
+            let arrived =
+                rows + next.rows + held.iter().map(|j| j.rows).sum::<usize>() + rx.rows.load(Relaxed);
+            cap = cap
+                .min(split_cap(config.max_batch_size, arrived, sharing))
+                .max(rows);
             if next.fits_with(&batch[0]) {
                 if rows + next.rows <= cap {
                     rows += next.rows;
