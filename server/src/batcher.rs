@@ -1,6 +1,7 @@
 //! Dynamic batching with Triton's semantics: requests for one model version queue together; as
 //! soon as an instance is free, the queue is drained into one batch of at most `max_batch_size`
-//! rows (on the CPU, at most an even share of the rows queued per instance: see [`split_cap`]),
+//! rows (on the CPU, at most an even share of the rows queued per instance, kept up to date as
+//! requests arrive: see [`split_cap`]),
 //! waiting at most `max_queue_delay` (counted from the oldest request's arrival) for more to
 //! come, unless the next request would take the batch past that cap: then it goes at once. A
 //! request always runs whole, so one larger than its share runs alone, at once. Requests are
