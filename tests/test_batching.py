@@ -395,7 +395,7 @@ def test_on_a_cpu_requests_sent_at_once_are_shared_out_as_they_arrive(busy_model
     # Closed-loop clients whose answers came back together send again together. With two idle
     # instances and a long queue delay, one instance used to collect all of them for the whole
     # delay while the other idled ([6] after 1 s). Now once more rows have arrived than there are
-    # instances, a batch takes its share and goes: [2] at once, [2] at once on the other
+    # instances, a batch goes with what it holds: [2] at once, [2] at once on the other
     # instance, and the last 2 (no more than the instances) wait for more, as usual.
     s = Server(["--model", f"slow={busy_model}", "--instances", "2", "--intra-op-threads", "2",
                 "--execution-provider", "cpu", "--max-batch-size", "64", "--max-queue-delay-us", "1000000"],
@@ -420,6 +420,8 @@ def test_on_a_cpu_requests_sent_at_once_are_shared_out_as_they_arrive(busy_model
         times = sorted(t for _, t in got)
         assert times[3] < 0.6, f"only {sum(t < 0.6 for t in times)} of 6 answered before the 1 s delay: {times}"
         sizes = sorted((b["batch_size"], b["compute_infer"]["count"]) for b in stats(s, "slow")["batch_stats"])
-        assert sizes == [(2, 3)], sizes
+        # Usually 2, 2, 2. If the dispatcher first looks when 5 or 6 are already in (a preempted
+        # moment on a busy machine), the first batch takes 3: then 3, 2, 1. Never one batch of all.
+        assert sizes in ([(2, 3)], [(1, 1), (2, 1), (3, 1)]), sizes
     finally:
         assert s.stop() == 0

@@ -1,10 +1,10 @@
 //! Dynamic batching with Triton's semantics: requests for one model version queue together; as
 //! soon as an instance is free, the queue is drained into one batch of at most `max_batch_size`
-//! rows (on the CPU, at most an even share of the rows queued per instance, kept up to date as
-//! requests arrive: see [`split_cap`]),
+//! rows (on the CPU, an even share of the rows queued per instance, lowered as requests arrive
+//! during the delay: see [`split_cap`]),
 //! waiting at most `max_queue_delay` (counted from the oldest request's arrival) for more to
 //! come, unless the next request would take the batch past that cap: then it goes at once. A
-//! request always runs whole, so one larger than its share runs alone, at once. Requests are
+//! request always runs whole, so one larger than its share runs alone. Requests are
 //! concatenated along dimension 0 and every output is split back by each
 //! request's rows. Requests whose other dimensions, types or requested outputs differ never share
 //! a batch. A full queue refuses at once (503); a request whose client went away before its batch
@@ -305,15 +305,18 @@ async fn dispatch(
                 Ok(Some(j)) => j,
                 Ok(None) | Err(_) => break,
             };
-            // The share is kept up to date as requests arrive: clients that all send at once
-            // (as closed-loop clients do once their answers come back together) are shared out
-            // over the instances as they come, instead of one instance collecting them all while
+            // The share is lowered (never raised) as requests arrive: once more rows have come
+            // than there are instances, the batch goes with what it holds (at least its share).
+            // Clients that all send at once (closed-loop clients whose answers came back together)
+            // are so spread over the instances, instead of one instance collecting them all while
             // the others idle through the queue delay.
-            let arrived =
-                rows + next.rows + held.iter().map(|j| j.rows).sum::<usize>() + rx.rows.load(Relaxed);
-            cap = cap
-                .min(split_cap(config.max_batch_size, arrived, sharing))
-                .max(rows);
+            if sharing > 0 {
+                let arrived =
+                    rows + next.rows + held.iter().map(|j| j.rows).sum::<usize>() + rx.rows.load(Relaxed);
+                cap = cap
+                    .min(split_cap(config.max_batch_size, arrived, sharing))
+                    .max(rows);
+            }
             if next.fits_with(&batch[0]) {
                 if rows + next.rows <= cap {
                     rows += next.rows;
