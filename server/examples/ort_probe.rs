@@ -255,15 +255,19 @@ fn random(name: &str, dims: &[usize], seed: u64) -> Result<Vec<f32>> {
 /// A host copy of an FP32 output, wherever ONNX Runtime left it.
 fn host_copy(v: ValueRef<'_>) -> Result<Out> {
     let t = v.downcast::<TensorValueType<f32>>()?;
-    let (shape, data) = if t.memory_info().is_cpu_accessible() {
-        let (shape, data) = t.try_extract_tensor::<f32>()?;
-        (shape.to_vec(), data.to_vec())
+    let host = if t.memory_info().is_cpu_accessible() {
+        None
     } else {
-        let host = t.to(AllocationDevice::CPU, 0)?;
-        let (shape, data) = host.try_extract_tensor::<f32>()?;
-        (shape.to_vec(), data.to_vec())
+        Some(t.to(AllocationDevice::CPU, 0)?)
     };
-    Ok(Out { shape, data })
+    let (shape, data) = match &host {
+        Some(h) => h.try_extract_tensor::<f32>()?,
+        None => t.try_extract_tensor::<f32>()?,
+    };
+    Ok(Out {
+        shape: shape.to_vec(),
+        data: data.to_vec(),
+    })
 }
 
 fn copies(out: &ort::session::SessionOutputs<'_>) -> Result<Outputs> {

@@ -256,6 +256,11 @@ impl Queue {
     }
 }
 
+/// Rows waiting outside the batch being formed: held back, or still in the channel.
+fn waiting(held: &VecDeque<Job>, rx: &Queue) -> usize {
+    held.iter().map(|j| j.rows).sum::<usize>() + rx.rows.load(Relaxed)
+}
+
 /// `sharing`: how many other instances share the queue ([`split_cap`]).
 async fn dispatch(
     model: std::sync::Weak<LoadedModel>,
@@ -280,8 +285,7 @@ async fn dispatch(
             return;
         };
         let deadline = tokio::time::Instant::from_std(first.enqueued + config.max_queue_delay);
-        let queued = first.rows + held.iter().map(|j| j.rows).sum::<usize>() + rx.rows.load(Relaxed);
-        let mut cap = split_cap(config.max_batch_size, queued, sharing);
+        let mut cap = split_cap(config.max_batch_size, first.rows + waiting(&held, &rx), sharing);
         let mut rows = first.rows;
         let mut batch = vec![first];
         // Held requests first (they are older), then new arrivals until full or the delay is up.
@@ -311,8 +315,7 @@ async fn dispatch(
             // are so spread over the instances, instead of one instance collecting them all while
             // the others idle through the queue delay.
             if sharing > 0 {
-                let arrived =
-                    rows + next.rows + held.iter().map(|j| j.rows).sum::<usize>() + rx.rows.load(Relaxed);
+                let arrived = rows + next.rows + waiting(&held, &rx);
                 cap = cap
                     .min(split_cap(config.max_batch_size, arrived, sharing))
                     .max(rows);
@@ -362,7 +365,7 @@ pub fn split_cap(max: usize, queued: usize, others: usize) -> usize {
     if others == 0 || queued <= instances {
         return max;
     }
-    queued.div_ceil(instances).clamp(1, max)
+    queued.div_ceil(instances).min(max)
 }
 
 /// The answer to a request whose `parameters.timeout` ran out before it could run.
