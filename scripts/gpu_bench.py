@@ -123,11 +123,12 @@ def pa(port, model, conc, shape, batched=False, secs=1500):
             "p99_ms": int(p99[-1]) / 1e3 if p99 else None}
 
 
-def metrics(port):
+def metrics(port, prefix="nv_gpu_"):
+    """The server's samples whose names start with `prefix`: {name with labels: value}."""
     st, b = get(port + 2, "/metrics")
     out = {}
     for line in b.decode().splitlines():
-        if line.startswith("nv_gpu_"):
+        if line.startswith(prefix):
             k, v = line.rsplit(" ", 1)
             out[k] = float(v)
     return out
@@ -135,12 +136,11 @@ def metrics(port):
 
 def latency_hist(port, model):
     """The server's own request-duration histogram for `model`: {upper edge in s: cumulative count}."""
-    st, b = get(port + 2, "/metrics")
     out = {}
-    for line in b.decode().splitlines():
-        if line.startswith("kubemaas_request_duration_seconds_bucket") and f'model="{model}"' in line:
-            edge = re.search(r'le="([^"]+)"', line).group(1)
-            out[float("inf") if edge == "+Inf" else float(edge)] = float(line.rsplit(" ", 1)[1])
+    for k, v in metrics(port, "kubemaas_request_duration_seconds_bucket").items():
+        if f'model="{model}"' in k:
+            edge = re.search(r'le="([^"]+)"', k).group(1)
+            out[float("inf") if edge == "+Inf" else float(edge)] = v
     return out
 
 
@@ -360,15 +360,18 @@ def probe(models):
         for group in ("plain,pinned,device", "graph,graph-run"):
             key = f"{name} {group}"
             js = f"{OUT}/probe-{name}-{group.split(',')[0]}.json"
+            if os.path.exists(js):
+                os.remove(js)  # rows from an earlier run must not pass for this one's
             try:
                 r = subprocess.run([exe, "--model", models[name], "--shape", shape, "--batches", batches,
                                     "--ep", ep, "--modes", group, "--seconds", "2", "--ort-library", ORT,
                                     "--json", js], capture_output=True, text=True, timeout=300)
                 log(r.stdout, r.stderr[-1500:])
-                out[key] = {"exit": r.returncode, "rows": json.load(open(js)) if os.path.exists(js) else None,
-                            "stderr": r.stderr[-1500:]}
+                entry = {"exit": r.returncode, "stderr": r.stderr[-1500:]}
             except Exception as e:  # a hang or a crash keeps the rows already written
-                out[key] = {"error": repr(e), "rows": json.load(open(js)) if os.path.exists(js) else None}
+                entry = {"error": repr(e)}
+            entry["rows"] = json.load(open(js)) if os.path.exists(js) else None
+            out[key] = entry
             res["probe"] = out
             save()
     return out
