@@ -6,6 +6,7 @@ unbatched; `/config` reports batching the way Triton does."""
 
 import json
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -62,6 +63,24 @@ def infer(server, model, inputs, outputs=None):
 
 def stats(server, model):
     return requests.get(f"{server.url}/v2/models/{model}/stats", timeout=10).json()["model_stats"][0]
+
+
+def timed(server, model, x):
+    """One FP32 request for input x, and how long its answer took, in seconds."""
+    t = time.perf_counter()
+    r = infer(server, model, [v2("x", x, "FP32")])
+    return r, time.perf_counter() - t
+
+
+def assert_busy_answers(busy_model, xs, responses):
+    """Each answer of the busy model is ONNX Runtime's own for that request alone."""
+    sess = ort.InferenceSession(str(busy_model))
+    for x, r in zip(xs, responses, strict=True):
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"][0]
+        assert out["shape"] == list(x.shape)
+        np.testing.assert_allclose(np.array(out["data"], dtype=np.float32).reshape(x.shape),
+                                   sess.run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
 
 
 def gauge(server, name, model):
@@ -244,7 +263,6 @@ def test_a_request_past_its_timeout_gets_503_and_never_runs(flags, busy_model, t
             # sent once one long request runs and the other waits (a sleep was not enough: a small
             # body can overtake two large ones still being read).
             busy = [pool.submit(infer, s, "slow", [v2("x", big, "FP32")]) for _ in range(2)]
-            import time
             deadline = time.time() + 30
             while not (gauge(s, "nv_inference_pending_request_count", "slow") == 2 and
                        gauge(s, "kubemaas_inference_queue_depth", "slow") == 1):
@@ -313,7 +331,6 @@ def test_on_a_cpu_a_queue_is_shared_out_over_the_instances_not_drained_by_one(ro
                 "--max-batch-size", "2048", "--max-queue-delay-us", "2000"], tmp_path / "server.log")
     try:
         s.wait_loaded()
-        import time
 
         def long_request():
             # Binary, so that the 1.5 MB body costs no parsing: the request runs as soon as it is in.
@@ -341,14 +358,7 @@ def test_on_a_cpu_a_queue_is_shared_out_over_the_instances_not_drained_by_one(ro
             assert not any(f.done() for f in longs), "a long request ended before the small ones queued"
             assert [f.result().status_code for f in longs] == [200, 200]
             got = [f.result() for f in smalls]
-        sess = ort.InferenceSession(str(busy_model))
-        for x, r in zip(xs, got):
-            assert r.status_code == 200, r.text
-            out = r.json()["outputs"][0]
-            assert out["shape"] == list(x.shape)
-            want = sess.run(None, {"x": x})[0]
-            np.testing.assert_allclose(np.array(out["data"], dtype=np.float32).reshape(x.shape), want,
-                                       rtol=1e-4, atol=1e-4)
+        assert_busy_answers(busy_model, xs, got)
         sizes = sorted((b["batch_size"], b["compute_infer"]["count"]) for b in stats(s, "slow")["batch_stats"])
         assert sizes == sorted([(b, batches.count(b)) for b in set(batches)] + [(1500, 2)]), sizes
     finally:
@@ -364,18 +374,12 @@ def test_a_batch_the_next_request_would_overflow_goes_at_once(repo_dir, tmp_path
                tmp_path / "server.log")
     try:
         s.wait_loaded()
-        import time
         xs = [np.random.default_rng(50 + n).standard_normal((n, 10)).astype(np.float32) for n in (5, 4)]
 
-        def timed(x):
-            t = time.perf_counter()
-            r = infer(s, "model", [v2("x", x, "FP32")])
-            return r, time.perf_counter() - t
-
         with ThreadPoolExecutor(2) as pool:
-            five = pool.submit(timed, xs[0])
+            five = pool.submit(timed, s, "model", xs[0])
             time.sleep(0.2)
-            four = pool.submit(timed, xs[1])
+            four = pool.submit(timed, s, "model", xs[1])
             (r5, t5), (r4, t4) = five.result(), four.result()
         assert r5.status_code == 200 and r4.status_code == 200, (r5.text, r4.text)
         for x, r in ((xs[0], r5), (xs[1], r4)):
@@ -402,21 +406,11 @@ def test_on_a_cpu_requests_sent_at_once_are_shared_out_as_they_arrive(busy_model
                tmp_path / "server.log")
     try:
         s.wait_loaded()
-        import time
         xs = [np.random.default_rng(60 + i).standard_normal((1, 256)).astype(np.float32) for i in range(6)]
 
-        def timed(x):
-            t = time.perf_counter()
-            r = infer(s, "slow", [v2("x", x, "FP32")])
-            return r, time.perf_counter() - t
-
         with ThreadPoolExecutor(6) as pool:
-            got = list(pool.map(timed, xs))
-        sess = ort.InferenceSession(str(busy_model))
-        for x, (r, _) in zip(xs, got):
-            assert r.status_code == 200, r.text
-            np.testing.assert_allclose(np.array(r.json()["outputs"][0]["data"], dtype=np.float32).reshape(1, 256),
-                                       sess.run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
+            got = list(pool.map(lambda x: timed(s, "slow", x), xs))
+        assert_busy_answers(busy_model, xs, [r for r, _ in got])
         times = sorted(t for _, t in got)
         assert times[3] < 0.6, f"only {sum(t < 0.6 for t in times)} of 6 answered before the 1 s delay: {times}"
         sizes = sorted((b["batch_size"], b["compute_infer"]["count"]) for b in stats(s, "slow")["batch_stats"])
