@@ -1,10 +1,11 @@
 //! Dynamic batching with Triton's semantics: requests for one model version queue together; as
 //! soon as an instance is free, the queue is drained into one batch of at most `max_batch_size`
-//! rows (on the CPU, an even share of the rows queued per instance, lowered as requests arrive
-//! during the delay: see [`split_cap`]),
+//! rows (on the CPU, an even share of the rows queued per instance: see [`split_cap`]),
 //! waiting at most `max_queue_delay` (counted from the oldest request's arrival) for more to
-//! come, unless the next request would take the batch past that cap: then it goes at once. A
-//! request always runs whole, so one larger than its share runs alone. Requests are
+//! come, unless the next request would take the batch past that cap: then it goes at once. On
+//! the CPU a batch also goes once it holds its even share of the requests in flight (queued,
+//! or running on the other instances: see [`share_of_flight`]): waiting longer would only idle
+//! its core. A request always runs whole, so one larger than its share runs alone. Requests are
 //! concatenated along dimension 0 and every output is split back by each
 //! request's rows. Requests whose other dimensions, types or requested outputs differ never share
 //! a batch. A full queue refuses at once (503); a request whose client went away before its batch
@@ -16,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::backend::{OnRun, PhaseTimes};
 use crate::protocol::error::ApiError;
@@ -154,6 +155,7 @@ impl Batcher {
         let queue = Queue {
             rx,
             rows: in_channel.clone(),
+            running: Arc::new(Running::default()),
         };
         tokio::spawn(dispatch(model, config.clone(), sharing, stats, queue));
         Batcher {
@@ -246,6 +248,39 @@ pub fn batchable(sig: &crate::backend::Signature) -> Result<(), String> {
 struct Queue {
     rx: mpsc::Receiver<Job>,
     rows: Arc<AtomicUsize>,
+    /// Requests in batches that are running.
+    running: Arc<Running>,
+}
+
+/// Requests running on the instances, and a signal each time a batch of them ends.
+#[derive(Default)]
+struct Running {
+    requests: AtomicUsize,
+    ended: Notify,
+}
+
+/// Counts a batch's requests as running until it is dropped, when its execution ended.
+struct RunningBatch {
+    requests: usize,
+    running: Arc<Running>,
+}
+
+impl RunningBatch {
+    fn start(running: &Arc<Running>, requests: usize) -> RunningBatch {
+        running.requests.fetch_add(requests, Relaxed);
+        RunningBatch {
+            requests,
+            running: running.clone(),
+        }
+    }
+}
+
+impl Drop for RunningBatch {
+    fn drop(&mut self) {
+        self.running.requests.fetch_sub(self.requests, Relaxed);
+        // A permit is stored when the dispatcher is not waiting: it then looks once more, for nothing.
+        self.running.ended.notify_one();
+    }
 }
 
 impl Queue {
@@ -271,6 +306,7 @@ async fn dispatch(
 ) {
     // Requests that did not fit the batch being formed wait here, in arrival order.
     let mut held: VecDeque<Job> = VecDeque::new();
+    let running = rx.running.clone();
     loop {
         let first = match held.pop_front() {
             Some(j) => j,
@@ -285,7 +321,7 @@ async fn dispatch(
             return;
         };
         let deadline = tokio::time::Instant::from_std(first.enqueued + config.max_queue_delay);
-        let mut cap = split_cap(config.max_batch_size, first.rows + waiting(&held, &rx), sharing);
+        let cap = split_cap(config.max_batch_size, first.rows + waiting(&held, &rx), sharing);
         let mut rows = first.rows;
         let mut batch = vec![first];
         // Held requests first (they are older), then new arrivals until full or the delay is up.
@@ -305,21 +341,20 @@ async fn dispatch(
             }
         }
         while !full && rows < cap && !config.preferred_batch_sizes.contains(&rows) {
-            let next = match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(j)) => j,
-                Ok(None) | Err(_) => break,
-            };
-            // The share is lowered (never raised) as requests arrive: once more rows have come
-            // than there are instances, the batch goes with what it holds (at least its share).
-            // Clients that all send at once (closed-loop clients whose answers came back together)
-            // are so spread over the instances, instead of one instance collecting them all while
-            // the others idle through the queue delay.
             if sharing > 0 {
-                let arrived = rows + next.rows + waiting(&held, &rx);
-                cap = cap
-                    .min(split_cap(config.max_batch_size, arrived, sharing))
-                    .max(rows);
+                let in_flight = batch.len() + held.len() + rx.rx.len() + running.requests.load(Relaxed);
+                if batch.len() >= share_of_flight(in_flight, sharing) {
+                    break;
+                }
             }
+            // Looked at again when a request comes, and on the CPU when a batch ends (fewer in flight).
+            let next = tokio::select! {
+                r = tokio::time::timeout_at(deadline, rx.recv()) => match r {
+                    Ok(Some(j)) => j,
+                    Ok(None) | Err(_) => break,
+                },
+                _ = running.ended.notified(), if sharing > 0 => continue,
+            };
             if next.fits_with(&batch[0]) {
                 if rows + next.rows <= cap {
                     rows += next.rows;
@@ -344,12 +379,14 @@ async fn dispatch(
             continue;
         }
         let rows: usize = batch.iter().map(|j| j.rows).sum();
+        let counted = RunningBatch::start(&running, batch.len());
         tokio::spawn(run(
             m,
             permit,
             batch,
             pad_target(&config.pad_to, rows),
             stats.clone(),
+            counted,
         ));
     }
 }
@@ -368,6 +405,17 @@ pub fn split_cap(max: usize, queued: usize, others: usize) -> usize {
     queued.div_ceil(instances).min(max)
 }
 
+/// On the CPU, the requests a batch waits for before it goes: an even share of the requests in
+/// flight (`in_flight`: in the batch, queued, and running on the `others` instances). Closed-loop
+/// clients send again when answered, so a running request is one that will be back; with no more
+/// than its share, the batch would only idle its core waiting for requests that the other
+/// instances hold, and on the CPU a batch costs what its rows cost one by one. A lone request
+/// (one client, or one beside a long request running elsewhere) so runs at once instead of
+/// waiting out the queue delay for company, as it would in Triton.
+pub fn share_of_flight(in_flight: usize, others: usize) -> usize {
+    in_flight.div_ceil(others + 1).max(1)
+}
+
 /// The answer to a request whose `parameters.timeout` ran out before it could run.
 pub fn timed_out(waited: Duration) -> ApiError {
     ApiError::Unavailable(format!(
@@ -382,6 +430,7 @@ async fn run(
     mut batch: Vec<Job>,
     padded: usize,
     stats: Arc<crate::metrics::ModelStats>,
+    running: RunningBatch,
 ) {
     let started = Instant::now();
     for j in batch.iter_mut() {
@@ -411,6 +460,7 @@ async fn run(
         }
         Err(e) => Err(e),
     };
+    drop(running);
     let (outs, phases) = match result {
         Ok(r) => r,
         Err(e) => {
@@ -599,6 +649,7 @@ mod tests {
         let mut queue = Queue {
             rx,
             rows: in_channel.clone(),
+            running: Arc::default(),
         };
         let gauge = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let submit = |rows: usize| {
@@ -666,6 +717,41 @@ mod tests {
                 "max {max} queued {queued} others {others}"
             );
         }
+    }
+
+    #[test]
+    fn a_batch_waits_for_its_share_of_the_requests_in_flight_and_no_more() {
+        // (requests in flight, other instances) -> requests the batch waits for
+        for (in_flight, others, share) in [
+            (1, 1, 1),  // one client: it runs at once
+            (2, 1, 1),  // one running elsewhere, one here: at once
+            (4, 1, 2),  // four clients on two instances: pairs
+            (16, 1, 8), // sixteen: eight each
+            (5, 3, 2),
+            (0, 1, 1), // never less than the first request
+        ] {
+            assert_eq!(
+                share_of_flight(in_flight, others),
+                share,
+                "{in_flight} in flight, {others} others"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_running_batch_is_counted_until_it_ends_and_its_end_is_signalled() {
+        let running = Arc::new(Running::default());
+        let one = RunningBatch::start(&running, 3);
+        let two = RunningBatch::start(&running, 2);
+        assert_eq!(running.requests.load(Relaxed), 5);
+        drop(one);
+        assert_eq!(running.requests.load(Relaxed), 2);
+        // The end is stored for a dispatcher that was not waiting yet.
+        tokio::time::timeout(Duration::from_secs(1), running.ended.notified())
+            .await
+            .expect("the end of a batch was not signalled");
+        drop(two);
+        assert_eq!(running.requests.load(Relaxed), 0);
     }
 
     #[test]
