@@ -24,5 +24,6 @@ pub mod protocol;
 pub mod pull;
 pub mod repository;
 pub mod serve;
+pub mod shm;
 pub mod tensor;
 pub mod watched;

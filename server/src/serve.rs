@@ -154,6 +154,15 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_AUDIT_LOG")]
     pub audit_log: bool,
 
+    /// Triton's system shared memory extension: clients on this host (a sidecar in the pod, a
+    /// benchmark) may register POSIX shared memory objects under /dev/shm as regions
+    /// (`/v2/systemsharedmemory`, gRPC `SystemSharedMemoryRegister`) and pass inputs and receive
+    /// outputs through them instead of the socket (`perf_analyzer --shared-memory system`,
+    /// `tritonclient.utils.shared_memory`). Off by default, as in Triton (`--allow-client-shm`):
+    /// a registered region lets clients make the server read and write that object.
+    #[arg(long, env = "KUBEMAAS_ALLOW_CLIENT_SHM")]
+    pub allow_client_shm: bool,
+
     /// Seconds a connection may take to send a complete request head (HTTP ports): slow or silent
     /// clients, and keep-alive connections idle that long, are closed, so they cannot hold
     /// connections (and file descriptors) forever.
@@ -429,6 +438,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         max_request_bytes,
         api_keys_file,
         audit_log,
+        allow_client_shm,
         header_read_timeout,
         body_read_timeout,
         max_connections,
@@ -503,6 +513,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         max_request_bytes,
         api_keys,
         audit: audit_log,
+        shm: Arc::new(crate::shm::SharedMemory::new(allow_client_shm)),
         header_read_timeout: Duration::from_secs(header_read_timeout),
         body_read_timeout: Duration::from_secs(body_read_timeout),
         admission: admission.clone(),

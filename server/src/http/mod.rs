@@ -93,6 +93,8 @@ pub struct AppState {
     pub admission: Arc<crate::admission::Admission>,
     /// Where large JSON bodies are parsed and written, off the I/O threads.
     pub offload: crate::offload::Offload,
+    /// Registered system shared memory regions (`--allow-client-shm`).
+    pub shm: Arc<crate::shm::SharedMemory>,
 }
 
 /// Which endpoints a listener serves.

@@ -81,6 +81,22 @@ fn allowed(segs: &[&str]) -> Option<&'static str> {
         ["v1", "models", .., last] if last.contains(':') => None,
         ["v1", "models", _] | ["v1", "models", _, "versions", _] => Some(READ),
         ["v1", "models", _, "metadata"] | ["v1", "models", _, "versions", _, "metadata"] => Some(READ),
+        ["v2", "systemsharedmemory" | "cudasharedmemory", "status"]
+        | [
+            "v2",
+            "systemsharedmemory" | "cudasharedmemory",
+            "region",
+            _,
+            "status",
+        ] => Some(READ),
+        ["v2", "systemsharedmemory" | "cudasharedmemory", "unregister"]
+        | [
+            "v2",
+            "systemsharedmemory" | "cudasharedmemory",
+            "region",
+            _,
+            "register" | "unregister",
+        ] => Some("POST"),
         _ => None,
     }
 }
@@ -325,6 +341,10 @@ async fn route(
             }
         }
         ["v1", "models", rest @ ..] => route_v1(state, rest, req, &path).await,
+        ["v2", "systemsharedmemory", rest @ ..] => system_shared_memory(state, rest, req).await,
+        ["v2", "cudasharedmemory", ..] => Err(ApiError::BadRequest(
+            "CUDA shared memory is not supported by this server; use system shared memory (--allow-client-shm) or send the tensors in the request".into(),
+        )),
         _ => Err(ApiError::NotFound(format!(
             "no endpoint at {path}; see GET /v2 for the protocol served"
         ))),
@@ -458,6 +478,54 @@ pub(crate) fn stats(state: &AppState, model: Option<&str>, version: Option<&str>
     Ok(serde_json::json!({ "model_stats": model_stats }))
 }
 
+/// Triton's system shared memory extension: status, register and unregister.
+async fn system_shared_memory(
+    state: &AppState,
+    rest: &[&str],
+    req: Request<Incoming>,
+) -> Result<Response<Chunks>, ApiError> {
+    let shm = &state.shm;
+    let ok = || json_response(StatusCode::OK, &serde_json::json!({}));
+    match rest {
+        ["status"] => Ok(json_response(
+            StatusCode::OK,
+            &serde_json::to_value(shm.status(None)?).map_err(internal)?,
+        )),
+        ["region", name, "status"] => Ok(json_response(
+            StatusCode::OK,
+            &serde_json::to_value(shm.status(Some(name))?).map_err(internal)?,
+        )),
+        ["unregister"] => shm.unregister(None).map(|()| ok()).map_err(Into::into),
+        ["region", name, "unregister"] => shm.unregister(Some(name)).map(|()| ok()).map_err(Into::into),
+        ["region", name, "register"] => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Register {
+                key: String,
+                #[serde(default)]
+                offset: u64,
+                byte_size: u64,
+            }
+            let (_, body) = read_body(state, &mut Ticket::default(), req, None).await?;
+            let r: Register = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::BadRequest(format!(
+                    "shared memory register request: {e}; send {{\"key\": \"/name\", \"offset\": 0, \"byte_size\": N}}"
+                ))
+            })?;
+            shm.register(name, &r.key, r.offset, r.byte_size)?;
+            Ok(ok())
+        }
+        _ => Err(ApiError::NotFound(format!(
+            "no endpoint at /v2/systemsharedmemory/{}",
+            rest.join("/")
+        ))),
+    }
+}
+
+fn internal(e: serde_json::Error) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
 async fn infer_v2(
     state: &AppState,
     m: &str,
@@ -489,10 +557,11 @@ async fn infer_v2(
         state.admission.admit(&mut ticket)?;
         let json = header_len.unwrap_or(body.len());
         let decoding = model.clone();
+        let shm = state.shm.clone();
         let request = state
             .offload
             .run(json, move || {
-                v2::decode_request(decoding.backend.signature(), &body, header_len)
+                v2::decode_request_shm(decoding.backend.signature(), &body, header_len, &shm)
             })
             .await??;
         Ok((request, ticket))
@@ -511,10 +580,11 @@ async fn infer_v2(
     )
     .await?;
     let (name, version) = (m.to_string(), model.version);
+    let shm = state.shm.clone();
     let encoded = state
         .offload
         .run(v2::json_response_len(&request, &outputs), move || {
-            v2::encode_response(&name, version, &request, &outputs)
+            v2::encode_response(&name, version, &request, &outputs, Some(&shm))
         })
         .await??;
     if encoded.blobs.is_empty() {

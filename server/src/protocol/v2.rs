@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use super::error::{ApiError, json_error};
 use crate::backend::{Signature, TensorSpec};
 use crate::inference::input_spec;
+use crate::shm::{SharedMemory, ShmError, ShmRef};
 use crate::tensor::{DataType, ElementWriter, Tensor, TensorData, element_count};
 
 /// Header carrying the length of the JSON part of a binary-extension body.
@@ -73,6 +74,58 @@ pub struct InferRequest {
     pub binary_outputs: Vec<bool>,
     /// Answer every output in binary unless it says otherwise.
     pub binary_default: bool,
+    /// Per requested output: the shared memory to write it to instead of the answer.
+    pub shm_outputs: Vec<Option<ShmRef>>,
+}
+
+/// The `shared_memory_*` parameters of one input or output (Triton's shared memory extension):
+/// none, or a region and a byte size, with an optional offset.
+fn shm_param(p: &Option<Map<String, Value>>, what: &str) -> Result<Option<ShmRef>, ApiError> {
+    let Some(p) = p else { return Ok(None) };
+    let number = |key: &str| -> Result<Option<u64>, ApiError> {
+        match p.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                ApiError::BadRequest(format!("{what}: {key} must be a non-negative integer, got {v}"))
+            }),
+        }
+    };
+    let region = match p.get("shared_memory_region") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(v) => {
+            return Err(ApiError::BadRequest(format!(
+                "{what}: shared_memory_region must be a region name (a string), got {v}"
+            )));
+        }
+    };
+    shm_ref(
+        region,
+        number("shared_memory_offset")?,
+        number("shared_memory_byte_size")?,
+        what,
+    )
+}
+
+/// Checks that the shared memory parameters come as Triton requires: a region and a byte size
+/// together, the offset optional (default 0).
+pub fn shm_ref(
+    region: Option<String>,
+    offset: Option<u64>,
+    byte_size: Option<u64>,
+    what: &str,
+) -> Result<Option<ShmRef>, ApiError> {
+    match (region, byte_size) {
+        (None, None) if offset.is_none() => Ok(None),
+        (Some(region), Some(byte_size)) => Ok(Some(ShmRef {
+            region,
+            offset: offset.unwrap_or(0),
+            byte_size,
+        })),
+        _ => Err(ApiError::BadRequest(format!(
+            "{what}: shared_memory_region and shared_memory_byte_size go together (shared_memory_offset is optional)"
+        ))),
+    }
 }
 
 fn bool_param(p: &Option<Map<String, Value>>, key: &str) -> Result<Option<bool>, ApiError> {
@@ -102,6 +155,27 @@ pub fn decode_request_with(
     body: &Bytes,
     json_len: Option<usize>,
     prepass: bool,
+) -> Result<InferRequest, ApiError> {
+    decode(sig, body, json_len, prepass, None)
+}
+
+/// [`decode_request`] for a server whose clients may name registered shared memory regions
+/// (`shm`) in place of an input's data, or to receive an output.
+pub fn decode_request_shm(
+    sig: &Signature,
+    body: &Bytes,
+    json_len: Option<usize>,
+    shm: &SharedMemory,
+) -> Result<InferRequest, ApiError> {
+    decode(sig, body, json_len, true, Some(shm))
+}
+
+fn decode(
+    sig: &Signature,
+    body: &Bytes,
+    json_len: Option<usize>,
+    prepass: bool,
+    shm: Option<&SharedMemory>,
 ) -> Result<InferRequest, ApiError> {
     let (json, mut binary) = match json_len {
         Some(n) if n > body.len() => {
@@ -162,6 +236,19 @@ pub fn decode_request_with(
                 ))
             })?),
         };
+        let what = format!("input {:?}", input.name);
+        if let Some(at) = shm_param(&input.parameters, &what)? {
+            if binary_size.is_some() || input.data.is_some() || parsed.is_some() {
+                return Err(ApiError::BadRequest(format!(
+                    "{what} names a shared memory region and also carries data; send one"
+                )));
+            }
+            let raw = shm.ok_or(ShmError::Disabled)?.read(&at, &what)?;
+            let tensor = Tensor::from_binary(&input.name, dtype, shape, raw)
+                .map_err(|e| ApiError::BadRequest(format!("{what}: {e}")))?;
+            inputs.push(tensor);
+            continue;
+        }
         let tensor = match (binary_size, input.data, parsed) {
             (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
                 return Err(ApiError::BadRequest(format!(
@@ -213,8 +300,14 @@ pub fn decode_request_with(
     let binary_default = bool_param(&header.parameters, "binary_data_output")?.unwrap_or(false);
     let mut outputs = Vec::new();
     let mut binary_outputs = Vec::new();
+    let mut shm_outputs = Vec::new();
     for o in header.outputs.unwrap_or_default() {
         binary_outputs.push(bool_param(&o.parameters, "binary_data")?.unwrap_or(binary_default));
+        let at = shm_param(&o.parameters, &format!("output {:?}", o.name))?;
+        if at.is_some() && shm.is_none_or(|s| !s.allowed()) {
+            return Err(ShmError::Disabled.into());
+        }
+        shm_outputs.push(at);
         outputs.push(o.name);
     }
     Ok(InferRequest {
@@ -224,6 +317,7 @@ pub fn decode_request_with(
         outputs,
         binary_outputs,
         binary_default,
+        shm_outputs,
     })
 }
 
@@ -356,17 +450,20 @@ pub fn json_response_len(req: &InferRequest, outputs: &[Tensor]) -> usize {
         .iter()
         .enumerate()
         .filter(|(i, _)| !req.binary_outputs.get(*i).copied().unwrap_or(req.binary_default))
+        .filter(|(i, _)| req.shm_outputs.get(*i).is_none_or(Option::is_none))
         .map(|(_, t)| t.json_len())
         .sum()
 }
 
 /// Encodes the response to `req` for model `name` version `version`. Elements are written straight
-/// from the tensor bytes (f32 stays in its shortest f32 form).
+/// from the tensor bytes (f32 stays in its shortest f32 form). Outputs asked for in shared memory
+/// are written to their regions in `shm` and answered with their name, type and shape only.
 pub fn encode_response(
     name: &str,
     version: u64,
     req: &InferRequest,
     outputs: &[Tensor],
+    shm: Option<&SharedMemory>,
 ) -> Result<EncodedResponse, ApiError> {
     let mut blobs: Vec<Bytes> = Vec::new();
     let mut out_json = Vec::with_capacity(outputs.len());
@@ -377,7 +474,15 @@ pub fn encode_response(
     for (i, t) in outputs.iter().enumerate() {
         let binary = req.binary_outputs.get(i).copied().unwrap_or(req.binary_default);
         size += 160 + t.name.len();
-        let (parameters, data) = if binary {
+        let at = req.shm_outputs.get(i).and_then(Option::as_ref);
+        let (parameters, data) = if let Some(at) = at {
+            let blob = t.to_binary();
+            let what = format!("output {:?}", t.name);
+            shm.ok_or(ShmError::Disabled)?.write(at, &blob, &what)?;
+            // As Triton answers it: name, type and shape only. Triton's C++ client reads any
+            // output `parameters` as the binary extension's and requires `binary_data_size`.
+            (None, None)
+        } else if binary {
             let blob = t.to_binary();
             let p = serde_json::json!({"binary_data_size": blob.len()});
             blobs.push(blob);
@@ -560,7 +665,7 @@ mod tests {
         body.extend_from_slice(&[2, 0, 0, 0, b'o', b'k']);
         let req = decode_request(&sig(), &Bytes::from(body), Some(json.len())).unwrap();
         assert_eq!(req.binary_outputs, vec![true]);
-        let resp = encode_response("m", 1, &req, &req.inputs[..1]).unwrap();
+        let resp = encode_response("m", 1, &req, &req.inputs[..1], None).unwrap();
         assert_eq!(resp.blobs.concat(), [0, 0, 0xc0, 0x3f, 0, 0, 0, 0xc0]);
         let header: Value = serde_json::from_slice(&resp.json).unwrap();
         assert_eq!(header["outputs"][0]["parameters"]["binary_data_size"], 8);
