@@ -311,8 +311,11 @@ def test_errors_have_the_grpc_codes_clients_act_on_and_the_server_keeps_serving(
     big.set_data_from_numpy(np.ones((4608, 512), dtype=np.float32))
     status, message = triton_code(lambda: client.infer("slow", [big]))
     assert status == "StatusCode.RESOURCE_EXHAUSTED" and "--max-request-bytes" in message, message
-    # Triton RPCs KubeMaaS does not serve.
-    assert triton_code(lambda: client.get_system_shared_memory_status())[0] == "StatusCode.UNIMPLEMENTED"
+    # Triton RPCs KubeMaaS does not serve, and system shared memory on a server not started with
+    # --allow-client-shm.
+    assert triton_code(lambda: client.get_cuda_shared_memory_status())[0] == "StatusCode.UNIMPLEMENTED"
+    status, message = triton_code(lambda: client.get_system_shared_memory_status())
+    assert status == "StatusCode.INVALID_ARGUMENT" and "--allow-client-shm" in message, message
     assert client.infer("model", [x]).as_numpy("y").shape == (1, 3)
 
 

@@ -52,7 +52,7 @@ def client_for(server, protocol):
             else grpcclient.InferenceServerClient(server.grpc))
 
 
-@pytest.mark.parametrize("protocol", ["http"])
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_tritonclient_passes_inputs_and_outputs_through_shared_memory(shm_server, repo_dir, regions, protocol):
     lib = CLIENTS[protocol]
     client = client_for(shm_server, protocol)
@@ -66,6 +66,8 @@ def test_tritonclient_passes_inputs_and_outputs_through_shared_memory(shm_server
     client.register_system_shared_memory(in_region, in_key, img.nbytes)
     client.register_system_shared_memory(out_region, out_key, out_ref.nbytes + 64)
     try:
+        meta = client.get_server_metadata(**({"as_json": True} if protocol == "grpc" else {}))
+        assert "system_shared_memory" in meta["extensions"], meta
         status = client.get_system_shared_memory_status(**({"as_json": True} if protocol == "grpc" else {}))
         names = ({r["name"] for r in status} if protocol == "http" else set(status.get("regions", {})))
         assert {in_region, out_region} <= names, status
@@ -81,7 +83,7 @@ def test_tritonclient_passes_inputs_and_outputs_through_shared_memory(shm_server
             assert meta == {"name": out_name, "datatype": "FP32", "shape": list(out_ref.shape)}, meta
         else:
             assert (meta.datatype, list(meta.shape)) == ("FP32", list(out_ref.shape)), meta
-            assert not result.get_response().raw_output_contents
+            assert list(result.get_response().raw_output_contents) == [b""]
         got = shm.get_contents_as_numpy(out_handle, np.float32, list(out_ref.shape), offset=64)
         np.testing.assert_allclose(got, out_ref, rtol=1e-5, atol=1e-6)
 
@@ -157,10 +159,14 @@ def test_shared_memory_is_off_unless_allowed(server, regions):
         {"name": "x", "shape": [1, 10], "datatype": "FP32",
          "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 40}}]}, timeout=10)
     assert r.status_code == 400 and "--allow-client-shm" in r.json()["error"], r.text
+    client = grpcclient.InferenceServerClient(server.grpc)
+    with pytest.raises(InferenceServerException, match="--allow-client-shm"):
+        client.register_system_shared_memory("r", key, 40)
+    assert "system_shared_memory" not in requests.get(f"{server.url}/v2", timeout=10).json()["extensions"]
     assert server.alive()
 
 
-@pytest.mark.parametrize("protocol", ["http"])
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_perf_analyzer_drives_the_server_through_shared_memory(shm_server, protocol):
     pa = os.environ.get("KUBEMAAS_PERF_ANALYZER")
     if not pa:

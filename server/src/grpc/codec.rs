@@ -13,6 +13,7 @@ use super::pb::{InferParameter, InferTensorContents, ModelInferRequest, ModelInf
 use crate::backend::Signature;
 use crate::inference::input_spec;
 use crate::protocol::error::ApiError;
+use crate::shm::{SharedMemory, ShmError, ShmRef};
 use crate::tensor::{DataType, Tensor, TensorData, element_count};
 
 /// A decoded `ModelInferRequest`.
@@ -26,28 +27,76 @@ pub struct Decoded {
     pub raw: bool,
     /// Request parameters as JSON, for the options REST shares (`timeout`).
     pub parameters: Map<String, Value>,
+    /// Per requested output: the shared memory to write it to instead of the answer.
+    pub shm_outputs: Vec<Option<ShmRef>>,
+}
+
+/// The `shared_memory_*` parameters of one input or output (Triton's shared memory extension).
+fn shm_param(p: &HashMap<String, InferParameter>, what: &str) -> Result<Option<ShmRef>, ApiError> {
+    let number = |key: &str| -> Result<Option<u64>, ApiError> {
+        match p.get(key).and_then(|v| v.parameter_choice.as_ref()) {
+            None => Ok(None),
+            Some(ParameterChoice::Int64Param(n)) if *n >= 0 => Ok(Some(*n as u64)),
+            Some(ParameterChoice::Uint64Param(n)) => Ok(Some(*n)),
+            Some(other) => Err(ApiError::BadRequest(format!(
+                "{what}: {key} must be a non-negative integer, got {other:?}"
+            ))),
+        }
+    };
+    let region = match p
+        .get("shared_memory_region")
+        .and_then(|v| v.parameter_choice.as_ref())
+    {
+        None => None,
+        Some(ParameterChoice::StringParam(s)) => Some(s.clone()),
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "{what}: shared_memory_region must be a region name (a string), got {other:?}"
+            )));
+        }
+    };
+    crate::protocol::v2::shm_ref(
+        region,
+        number("shared_memory_offset")?,
+        number("shared_memory_byte_size")?,
+        what,
+    )
 }
 
 /// Decodes a request for a model with signature `sig`. Raw contents are taken, not copied.
-pub fn decode_request(sig: &Signature, req: &mut ModelInferRequest) -> Result<Decoded, ApiError> {
+/// Inputs may name registered regions of `shm` instead of carrying data.
+pub fn decode_request(
+    sig: &Signature,
+    req: &mut ModelInferRequest,
+    shm: Option<&SharedMemory>,
+) -> Result<Decoded, ApiError> {
     let raw_contents = std::mem::take(&mut req.raw_input_contents);
     let raw = !raw_contents.is_empty();
-    if raw && raw_contents.len() != req.inputs.len() {
+    let in_shm = req
+        .inputs
+        .iter()
+        .map(|i| shm_param(&i.parameters, &format!("input {:?}", i.name)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let carried = in_shm.iter().filter(|s| s.is_none()).count();
+    if raw && raw_contents.len() != carried {
         return Err(ApiError::BadRequest(format!(
-            "raw_input_contents has {} entries but the request has {} inputs; send one entry per input, in input order",
+            "raw_input_contents has {} entries but the request has {carried} inputs outside shared memory; send one entry per such input, in input order",
             raw_contents.len(),
-            req.inputs.len()
         )));
     }
     let mut raw_contents = raw_contents.into_iter();
     let mut inputs = Vec::with_capacity(req.inputs.len());
     // Typed answers only for a client that used typed contents; tritonclient reads raw ones.
     let typed = !raw && req.inputs.iter().any(|i| i.contents.is_some());
-    for input in &mut req.inputs {
-        let tensor = decode_input(sig, input, raw.then(|| raw_contents.next()).flatten())?;
+    for (input, at) in req.inputs.iter_mut().zip(in_shm) {
+        let tensor = match at {
+            Some(at) => shm_input(sig, input, &at, shm)?,
+            None => decode_input(sig, input, raw.then(|| raw_contents.next()).flatten())?,
+        };
         inputs.push(tensor);
     }
     let mut outputs = Vec::with_capacity(req.outputs.len());
+    let mut shm_outputs = Vec::with_capacity(req.outputs.len());
     for o in &req.outputs {
         if o.parameters.contains_key("classification") {
             return Err(ApiError::BadRequest(format!(
@@ -55,6 +104,11 @@ pub fn decode_request(sig: &Signature, req: &mut ModelInferRequest) -> Result<De
                 o.name
             )));
         }
+        let at = shm_param(&o.parameters, &format!("output {:?}", o.name))?;
+        if at.is_some() && shm.is_none_or(|s| !s.allowed()) {
+            return Err(ShmError::Disabled.into());
+        }
+        shm_outputs.push(at);
         outputs.push(o.name.clone());
     }
     Ok(Decoded {
@@ -62,7 +116,37 @@ pub fn decode_request(sig: &Signature, req: &mut ModelInferRequest) -> Result<De
         outputs,
         raw: !typed,
         parameters: parameters_json(&req.parameters),
+        shm_outputs,
     })
+}
+
+/// An input whose data is in a registered shared memory region.
+fn shm_input(
+    sig: &Signature,
+    input: &InferInputTensor,
+    at: &ShmRef,
+    shm: Option<&SharedMemory>,
+) -> Result<Tensor, ApiError> {
+    let name = input.name.as_str();
+    let what = format!("input {name:?}");
+    if input.contents.as_ref().is_some_and(|c| !populated(c).is_empty()) {
+        return Err(ApiError::BadRequest(format!(
+            "{what} names a shared memory region and also carries contents; send one"
+        )));
+    }
+    let spec = input_spec(sig, name)?;
+    let dtype = DataType::from_v2_name(&input.datatype)
+        .filter(|d| *d == spec.datatype)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{what} has datatype {:?} but the model expects {}",
+                input.datatype, spec.datatype
+            ))
+        })?;
+    element_count(&input.shape).map_err(|e| ApiError::BadRequest(format!("{what}: {e}")))?;
+    let shape: Vec<usize> = input.shape.iter().map(|&d| d as usize).collect();
+    let raw = shm.ok_or(ShmError::Disabled)?.read(at, &what)?;
+    Tensor::from_binary(name, dtype, shape, raw).map_err(|e| ApiError::BadRequest(format!("{what}: {e}")))
 }
 
 fn decode_input(
@@ -261,14 +345,21 @@ fn typed_output(t: &Tensor) -> Option<InferTensorContents> {
 /// Encodes the response to `req` (whose id and parameters are echoed). Outputs go in
 /// `raw_output_contents` when the request used raw contents or when an output is FP16/BF16 (which
 /// have no typed form; the protocol wants all outputs one way), else in typed `contents`.
+/// Outputs asked for in shared memory (`in_shm`, per output) are written to their regions in `shm`
+/// and answered with name, type and shape only.
 pub fn encode_response(
     model: &str,
     version: u64,
     req: &ModelInferRequest,
     raw: bool,
     outputs: Vec<Tensor>,
-) -> ModelInferResponse {
+    in_shm: &[Option<ShmRef>],
+    shm: Option<&SharedMemory>,
+) -> Result<ModelInferResponse, ApiError> {
     let raw = raw || outputs.iter().any(|t| field_for(t.dtype).is_none());
+    let at = |i: usize| in_shm.get(i).and_then(Option::as_ref);
+    // Raw entries stay aligned with the outputs: an empty one for an output in shared memory
+    // (Triton's C++ client, perf_analyzer's, indexes them by output and crashes on fewer).
     let mut resp = ModelInferResponse {
         model_name: model.to_string(),
         model_version: version.to_string(),
@@ -277,8 +368,15 @@ pub fn encode_response(
         outputs: Vec::with_capacity(outputs.len()),
         raw_output_contents: Vec::new(),
     };
-    for t in outputs {
-        let contents = if raw {
+    for (i, t) in outputs.into_iter().enumerate() {
+        let contents = if let Some(at) = at(i) {
+            let what = format!("output {:?}", t.name);
+            shm.ok_or(ShmError::Disabled)?.write(at, &t.to_binary(), &what)?;
+            if raw {
+                resp.raw_output_contents.push(Bytes::new());
+            }
+            None
+        } else if raw {
             resp.raw_output_contents.push(t.to_binary());
             None
         } else {
@@ -292,7 +390,7 @@ pub fn encode_response(
             contents,
         });
     }
-    resp
+    Ok(resp)
 }
 
 #[cfg(test)]
@@ -335,7 +433,7 @@ mod tests {
     }
 
     fn err(mut req: ModelInferRequest) -> String {
-        decode_request(&sig(), &mut req).unwrap_err().to_string()
+        decode_request(&sig(), &mut req, None).unwrap_err().to_string()
     }
 
     #[test]
@@ -365,7 +463,16 @@ mod tests {
                 Tensor::new(d.v2_name(), d, vec![2, 2], data).unwrap()
             })
             .collect();
-        let resp = encode_response("m", 1, &ModelInferRequest::default(), false, tensors.clone());
+        let resp = encode_response(
+            "m",
+            1,
+            &ModelInferRequest::default(),
+            false,
+            tensors.clone(),
+            &[],
+            None,
+        )
+        .unwrap();
         assert!(resp.raw_output_contents.is_empty());
         let inputs = resp
             .outputs
@@ -379,20 +486,29 @@ mod tests {
             })
             .collect();
         let mut req = request(inputs, Vec::new());
-        let decoded = decode_request(&sig(), &mut req).unwrap();
+        let decoded = decode_request(&sig(), &mut req, None).unwrap();
         assert!(!decoded.raw);
         assert_eq!(decoded.inputs, tensors);
         // Without typed contents (here: no input has elements) the answer is raw, as tritonclient
         // reads it.
         let mut empty = request(vec![input(DataType::F16, vec![0, 2], None)], Vec::new());
-        assert!(decode_request(&sig(), &mut empty).unwrap().raw);
+        assert!(decode_request(&sig(), &mut empty, None).unwrap().raw);
     }
 
     #[test]
     fn half_precision_outputs_force_raw_contents_for_all_outputs() {
         let half = Tensor::zeros("FP16", DataType::F16, vec![1, 2]);
         let int = Tensor::zeros("INT32", DataType::I32, vec![1, 2]);
-        let resp = encode_response("m", 3, &ModelInferRequest::default(), false, vec![int, half]);
+        let resp = encode_response(
+            "m",
+            3,
+            &ModelInferRequest::default(),
+            false,
+            vec![int, half],
+            &[],
+            None,
+        )
+        .unwrap();
         assert_eq!(resp.raw_output_contents.len(), 2);
         assert!(resp.outputs.iter().all(|o| o.contents.is_none()));
         assert_eq!(resp.model_version, "3");
@@ -411,7 +527,7 @@ mod tests {
             ],
         );
         let mut req = ok;
-        let d = decode_request(&sig(), &mut req).unwrap();
+        let d = decode_request(&sig(), &mut req, None).unwrap();
         assert!(d.raw);
         assert_eq!(
             d.inputs[1].data,
@@ -494,7 +610,7 @@ mod tests {
         // An empty FP16 tensor needs no contents, typed or not.
         let empty = Some(InferTensorContents::default());
         let mut req = request(vec![input(DataType::F16, vec![0, 2], empty)], Vec::new());
-        assert!(decode_request(&sig(), &mut req).is_ok());
+        assert!(decode_request(&sig(), &mut req, None).is_ok());
     }
 
     #[test]

@@ -150,7 +150,7 @@ async fn infer_in_span(state: &AppState, mut req: ModelInferRequest) -> Result<M
     let decoded = inference::counted(
         &stats,
         start,
-        codec::decode_request(model.backend.signature(), &mut req),
+        codec::decode_request(model.backend.signature(), &mut req, Some(&state.shm)),
     )?;
     let timeout = inference::counted(&stats, start, v2::timeout_param(Some(&decoded.parameters)))?;
     let outputs = inference::execute(
@@ -162,13 +162,15 @@ async fn infer_in_span(state: &AppState, mut req: ModelInferRequest) -> Result<M
         timeout,
     )
     .await?;
-    Ok(codec::encode_response(
+    codec::encode_response(
         &req.model_name,
         model.version,
         &req,
         decoded.raw,
         outputs,
-    ))
+        &decoded.shm_outputs,
+        Some(&state.shm),
+    )
 }
 
 /// Triton's model configuration as the `ModelConfig` message, from the same JSON REST answers.
@@ -391,7 +393,10 @@ impl GrpcInferenceService for Inference {
         Ok(Response::new(ServerMetadataResponse {
             name: "kubemaas".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            extensions: v2::EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+            extensions: v2::extensions(&self.state.shm)
+                .iter()
+                .map(|e| e.to_string())
+                .collect(),
         }))
     }
 
@@ -549,6 +554,57 @@ impl GrpcInferenceService for Inference {
             })
             .collect();
         Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        req: Request<SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
+        authorize_call(&self.state, &req, None, &mut None)?;
+        let name = req.into_inner().name;
+        let regions = self
+            .state
+            .shm
+            .status(Some(name.as_str()).filter(|n| !n.is_empty()))
+            .map_err(|e| status(&e.into()))?
+            .into_iter()
+            .map(|r| {
+                let region = system_shared_memory_status_response::RegionStatus {
+                    name: r.name.clone(),
+                    key: r.key,
+                    offset: r.offset,
+                    byte_size: r.byte_size,
+                };
+                (r.name, region)
+            })
+            .collect();
+        Ok(Response::new(SystemSharedMemoryStatusResponse { regions }))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        req: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
+        authorize_call(&self.state, &req, None, &mut None)?;
+        let r = req.into_inner();
+        self.state
+            .shm
+            .register(&r.name, &r.key, r.offset, r.byte_size)
+            .map_err(|e| status(&e.into()))?;
+        Ok(Response::new(SystemSharedMemoryRegisterResponse {}))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        req: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
+        authorize_call(&self.state, &req, None, &mut None)?;
+        let name = req.into_inner().name;
+        self.state
+            .shm
+            .unregister(Some(name.as_str()).filter(|n| !n.is_empty()))
+            .map_err(|e| status(&e.into()))?;
+        Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
     }
 }
 

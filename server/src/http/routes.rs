@@ -315,7 +315,7 @@ async fn route(
             &serde_json::json!({
                 "name": "kubemaas",
                 "version": env!("CARGO_PKG_VERSION"),
-                "extensions": v2::EXTENSIONS,
+                "extensions": v2::extensions(&state.shm),
             }),
         )),
         ["v2", "repository", "index"] if post || get => {

@@ -26,6 +26,15 @@ pub const EXTENSIONS: [&str; 4] = [
     "model_repository(index)",
 ];
 
+/// [`EXTENSIONS`], with `system_shared_memory` when clients may use it (`--allow-client-shm`).
+pub fn extensions(shm: &SharedMemory) -> Vec<&'static str> {
+    let mut all = EXTENSIONS.to_vec();
+    if shm.allowed() {
+        all.push("system_shared_memory");
+    }
+    all
+}
+
 /// Deepest nesting accepted in a `data` array (tensors have far fewer dimensions).
 pub const MAX_DATA_DEPTH: usize = 32;
 
