@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SETUP := scripts/setup.sh
 PREFIX ?= $(HOME)/.cargo
 
-.PHONY: bench bench-rss gpu-pack help setup run demo client-tools install images bench-batching bench-protocols bench-compress fuzz test test-rust test-python e2e scale faults lint fmt build manifests
+.PHONY: bench bench-shm bench-rss gpu-pack help setup run demo client-tools install images bench-batching bench-protocols bench-compress fuzz test test-rust test-python e2e scale faults lint fmt build manifests
 
 help: ## List the targets.
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -73,6 +73,10 @@ bench-rss: setup ## Benchmark, outside make test: kubemaas-server's RSS sampled 
 
 bench-batching: setup ## Benchmark, outside make test: dynamic batching off vs on (release server, ocr-cls, perf_analyzer at 1/4/16/64 clients); prints a table.
 	bash scripts/bench_batching.sh
+
+bench-shm: setup ## Benchmark, outside make test: binary tensors vs Triton's system shared memory (perf_analyzer --shared-memory system) vs ONNX Runtime in-process; det/cls/1 MiB at 1/4 clients; prints a table (SHM_ARGS="--models det --clients 4").
+	cargo build --release -q -p kubemaas-server
+	eval "$$(bash scripts/setup.sh --test)" && ORT_DYLIB_PATH="$$ORT_DYLIB_PATH" "$$KUBEMAAS_VENV/bin/python" scripts/bench_shm.py $(SHM_ARGS)
 
 bench-protocols: setup ## Benchmark, outside make test: REST vs gRPC unary vs gRPC streaming (release server, row-stats and ocr-cls, perf_analyzer at 1/8 clients); prints a table.
 	bash scripts/bench_protocols.sh
