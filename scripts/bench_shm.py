@@ -31,7 +31,7 @@ def perf(model, port, shape, clients, seconds, extra):
     """perf_analyzer over HTTP at one concurrency: (infer/s, p50 ms, p99 ms), or None if it failed."""
     argv = [str(PERF), "-m", model, "-u", f"127.0.0.1:{port}", "-i", "http", "--shape", shape,
             "--concurrency-range", f"{clients}:{clients}", "--measurement-interval", str(int(seconds * 1000)),
-            "--stability-percentage", "25", "--max-trials", "6", "--percentile", "99", *extra]
+            "--stability-percentage", "25", "--max-trials", "10", "--percentile", "99", *extra]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     out = p.stdout + p.stderr
     tput = re.search(rf"Concurrency: {clients}, throughput: ([0-9.]+) infer/sec", out)
