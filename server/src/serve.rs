@@ -513,7 +513,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         max_request_bytes,
         api_keys,
         audit: audit_log,
-        shm: Arc::new(crate::shm::SharedMemory::new(allow_client_shm)),
+        shm: Arc::new(crate::shm::SharedMemory::new(allow_client_shm, max_request_bytes)),
         header_read_timeout: Duration::from_secs(header_read_timeout),
         body_read_timeout: Duration::from_secs(body_read_timeout),
         admission: admission.clone(),

@@ -48,6 +48,16 @@ pub enum ShmError {
     /// A size or offset out of bounds.
     #[error("{0}")]
     Bounds(String),
+    /// An input larger than a request may be.
+    #[error("{what} is {size} bytes in shared memory, over --max-request-bytes ({limit})")]
+    TooLarge {
+        /// The input.
+        what: String,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// Reading or writing the object failed.
     #[error("shared memory region {region:?}: {source}")]
     Io {
@@ -63,6 +73,7 @@ impl From<ShmError> for crate::protocol::error::ApiError {
         use crate::protocol::error::ApiError;
         match e {
             ShmError::Unknown(_) => ApiError::NotFound(e.to_string()),
+            ShmError::TooLarge { .. } => ApiError::PayloadTooLarge(e.to_string()),
             ShmError::Io { .. } => ApiError::Internal(e.to_string()),
             _ => ApiError::BadRequest(e.to_string()),
         }
@@ -103,14 +114,18 @@ pub struct ShmRef {
 /// The registered regions of a server.
 pub struct SharedMemory {
     allowed: bool,
+    // An input read from a region is held in memory like a request body, so the same bound holds.
+    max_input: u64,
     regions: Mutex<BTreeMap<String, Region>>,
 }
 
 impl SharedMemory {
     /// A registry; `allowed` false refuses every registration and use (`--allow-client-shm`).
-    pub fn new(allowed: bool) -> SharedMemory {
+    /// Inputs larger than `max_input` bytes (`--max-request-bytes`) are refused.
+    pub fn new(allowed: bool, max_input: usize) -> SharedMemory {
         SharedMemory {
             allowed,
+            max_input: max_input as u64,
             regions: Mutex::new(BTreeMap::new()),
         }
     }
@@ -232,6 +247,13 @@ impl SharedMemory {
 
     /// Reads the `at.byte_size` bytes of an input.
     pub fn read(&self, at: &ShmRef, what: &str) -> Result<Bytes, ShmError> {
+        if self.allowed && at.byte_size > self.max_input {
+            return Err(ShmError::TooLarge {
+                what: what.into(),
+                size: at.byte_size,
+                limit: self.max_input,
+            });
+        }
         let (file, pos) = self.locate(at, at.byte_size, what)?;
         let len = usize::try_from(at.byte_size)
             .map_err(|_| ShmError::Bounds(format!("{what}: {} bytes is too large", at.byte_size)))?;
@@ -315,7 +337,7 @@ mod tests {
 
     #[test]
     fn off_unless_allowed() {
-        let shm = SharedMemory::new(false);
+        let shm = SharedMemory::new(false, 1 << 20);
         assert!(matches!(shm.register("r", "/x", 0, 1), Err(ShmError::Disabled)));
         assert!(matches!(shm.status(None), Err(ShmError::Disabled)));
         assert!(matches!(
@@ -328,7 +350,7 @@ mod tests {
     fn a_region_is_read_and_written_within_its_bounds_only() {
         let name = format!("kubemaas-unit-{}", std::process::id());
         let _obj = object(&name, 64);
-        let shm = SharedMemory::new(true);
+        let shm = SharedMemory::new(true, 1 << 20);
         // Bytes 16..48 of the object.
         shm.register("r", &format!("/{name}"), 16, 32).expect("register");
         assert!(matches!(
@@ -371,6 +393,13 @@ mod tests {
             shm.read(&at("r", u64::MAX, 2), "input"),
             Err(ShmError::Bounds(_))
         ));
+        let small = SharedMemory::new(true, 8);
+        small.register("r", &format!("/{name}"), 0, 64).expect("register");
+        assert!(matches!(
+            small.read(&at("r", 0, 16), "input"),
+            Err(ShmError::TooLarge { .. })
+        ));
+        assert_eq!(small.read(&at("r", 0, 8), "input").expect("read").len(), 8);
 
         assert_eq!(shm.status(None).expect("status").len(), 1);
         shm.unregister(Some("r")).expect("unregister");

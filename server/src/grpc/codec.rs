@@ -32,7 +32,15 @@ pub struct Decoded {
 }
 
 /// The `shared_memory_*` parameters of one input or output (Triton's shared memory extension).
-fn shm_param(p: &HashMap<String, InferParameter>, what: &str) -> Result<Option<ShmRef>, ApiError> {
+fn shm_param(
+    p: &HashMap<String, InferParameter>,
+    what: impl Fn() -> String,
+) -> Result<Option<ShmRef>, ApiError> {
+    if !p.keys().any(|k| k.starts_with("shared_memory_")) {
+        return Ok(None);
+    }
+    let what = what();
+    let what = what.as_str();
     let number = |key: &str| -> Result<Option<u64>, ApiError> {
         match p.get(key).and_then(|v| v.parameter_choice.as_ref()) {
             None => Ok(None),
@@ -75,7 +83,7 @@ pub fn decode_request(
     let in_shm = req
         .inputs
         .iter()
-        .map(|i| shm_param(&i.parameters, &format!("input {:?}", i.name)))
+        .map(|i| shm_param(&i.parameters, || format!("input {:?}", i.name)))
         .collect::<Result<Vec<_>, _>>()?;
     let carried = in_shm.iter().filter(|s| s.is_none()).count();
     if raw && raw_contents.len() != carried {
@@ -104,7 +112,7 @@ pub fn decode_request(
                 o.name
             )));
         }
-        let at = shm_param(&o.parameters, &format!("output {:?}", o.name))?;
+        let at = shm_param(&o.parameters, || format!("output {:?}", o.name))?;
         if at.is_some() && shm.is_none_or(|s| !s.allowed()) {
             return Err(ShmError::Disabled.into());
         }

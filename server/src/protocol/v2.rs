@@ -89,8 +89,13 @@ pub struct InferRequest {
 
 /// The `shared_memory_*` parameters of one input or output (Triton's shared memory extension):
 /// none, or a region and a byte size, with an optional offset.
-fn shm_param(p: &Option<Map<String, Value>>, what: &str) -> Result<Option<ShmRef>, ApiError> {
+fn shm_param(p: &Option<Map<String, Value>>, what: impl Fn() -> String) -> Result<Option<ShmRef>, ApiError> {
     let Some(p) = p else { return Ok(None) };
+    if !p.keys().any(|k| k.starts_with("shared_memory_")) {
+        return Ok(None);
+    }
+    let what = what();
+    let what = what.as_str();
     let number = |key: &str| -> Result<Option<u64>, ApiError> {
         match p.get(key) {
             None => Ok(None),
@@ -245,8 +250,8 @@ fn decode(
                 ))
             })?),
         };
-        let what = format!("input {:?}", input.name);
-        if let Some(at) = shm_param(&input.parameters, &what)? {
+        if let Some(at) = shm_param(&input.parameters, || format!("input {:?}", input.name))? {
+            let what = format!("input {:?}", input.name);
             if binary_size.is_some() || input.data.is_some() || parsed.is_some() {
                 return Err(ApiError::BadRequest(format!(
                     "{what} names a shared memory region and also carries data; send one"
@@ -312,7 +317,7 @@ fn decode(
     let mut shm_outputs = Vec::new();
     for o in header.outputs.unwrap_or_default() {
         binary_outputs.push(bool_param(&o.parameters, "binary_data")?.unwrap_or(binary_default));
-        let at = shm_param(&o.parameters, &format!("output {:?}", o.name))?;
+        let at = shm_param(&o.parameters, || format!("output {:?}", o.name))?;
         if at.is_some() && shm.is_none_or(|s| !s.allowed()) {
             return Err(ShmError::Disabled.into());
         }
