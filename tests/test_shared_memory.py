@@ -6,6 +6,7 @@ that says what to fix, and the server keeps serving."""
 import os
 import re
 import subprocess
+import time
 import uuid
 
 import numpy as np
@@ -138,7 +139,7 @@ def test_bad_registrations_and_references_get_a_4xx_that_says_what_to_fix(shm_se
         ({"shared_memory_region": "r", "shared_memory_byte_size": 40, "shared_memory_offset": 4}, (1, 10), None,
          400, "which has 40 bytes"),
         ({"shared_memory_region": 7, "shared_memory_byte_size": 40}, (1, 10), None, 400, "a region name"),
-        ({"shared_memory_region": "nope", "shared_memory_byte_size": 40}, (1, 10), None, 404, "no system shared memory"),
+        ({"shared_memory_region": "nope", "shared_memory_byte_size": 40}, (1, 10), None, 400, "no system shared memory"),
     ]:
         r = infer(params, shape, data)
         assert r.status_code == status_code and words in r.json()["error"], (params, r.status_code, r.text)
@@ -186,3 +187,68 @@ def test_perf_analyzer_drives_the_server_through_shared_memory(shm_server, proto
     assert count(after) - count(before) >= 200
     # perf_analyzer unregisters what it registered.
     assert requests.get(f"{shm_server.url}/v2/systemsharedmemory/status", timeout=10).json() == []
+
+
+def test_region_names_and_keys_with_any_characters_work_through_tritonclient(shm_server, repo_dir):
+    # tritonclient percent-encodes the region name in the register URL and sends it as is in the
+    # request; perf_analyzer's keys carry tensor names such as "input_1:0".
+    client = httpclient.InferenceServerClient(shm_server.http)
+    x = np.random.default_rng(22).random((1, 10), dtype=np.float32)
+    want = reference(repo_dir, "model", {"x": x})
+    key = f"/kubemaas-{uuid.uuid4().hex[:8]}_x:0"
+    h = shm.create_shared_memory_region("odd", key, x.nbytes)
+    try:
+        shm.set_shared_memory_region(h, [x])
+        client.register_system_shared_memory("in: a%", key, x.nbytes)
+        status = requests.get(f"{shm_server.url}/v2/systemsharedmemory/status", timeout=10).json()
+        assert [r["name"] for r in status] == ["in: a%"], status
+        inp = httpclient.InferInput("x", [1, 10], "FP32")
+        inp.set_shared_memory("in: a%", x.nbytes)
+        got = client.infer("model", [inp])
+        for name, value in want.items():
+            np.testing.assert_allclose(got.as_numpy(name), value, rtol=1e-5, atol=1e-6)
+    finally:
+        client.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(h)
+
+
+def test_keys_limited_to_some_models_may_not_use_shared_memory(repo_dir, tmp_path, regions):
+    # Regions are shared by every client: a key limited to some models could read or overwrite
+    # the tensors of models it may not call, so only keys without a model list may use them.
+    keys = tmp_path / "keys"
+    keys.write_text("admin:admin-secret\nscoped:scoped-secret:model\n")
+    s = Server(["--model", f"model={repo_dir / 'model' / '1' / 'model.onnx'}", "--allow-client-shm",
+                "--api-keys-file", str(keys)], tmp_path / "server.log")
+    try:
+        for _ in range(300):
+            if requests.get(f"{s.url}/v2/health/ready", timeout=5).status_code == 200:
+                break
+            time.sleep(0.1)
+        name, key, handle = regions(40)
+        shm.set_shared_memory_region(handle, [np.arange(10, dtype=np.float32)])
+        auth = lambda k: {"Authorization": f"Bearer {k}"}  # noqa: E731
+        grpc_auth = lambda k: {"authorization": f"Bearer {k}"}  # noqa: E731  (gRPC metadata is lower case)
+        body = {"key": key, "offset": 0, "byte_size": 40}
+        r = requests.post(f"{s.url}/v2/systemsharedmemory/region/r/register", json=body,
+                          headers=auth("scoped-secret"), timeout=10)
+        assert r.status_code == 403 and "may not use shared memory" in r.json()["error"], r.text
+        r = requests.post(f"{s.url}/v2/systemsharedmemory/region/r/register", json=body,
+                          headers=auth("admin-secret"), timeout=10)
+        assert r.status_code == 200, r.text
+        req = {"inputs": [{"name": "x", "shape": [1, 10], "datatype": "FP32",
+                           "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 40}}]}
+        r = requests.post(f"{s.url}/v2/models/model/infer", json=req, headers=auth("scoped-secret"), timeout=10)
+        assert r.status_code == 403 and "may not use shared memory" in r.json()["error"], r.text
+        r = requests.post(f"{s.url}/v2/models/model/infer", json=req, headers=auth("admin-secret"), timeout=10)
+        assert r.status_code == 200, r.text
+        # The same over gRPC.
+        g = grpcclient.InferenceServerClient(s.grpc)
+        with pytest.raises(InferenceServerException, match="may not use shared memory"):
+            g.get_system_shared_memory_status(headers=grpc_auth("scoped-secret"))
+        x = grpcclient.InferInput("x", [1, 10], "FP32")
+        x.set_shared_memory("r", 40)
+        with pytest.raises(InferenceServerException, match="may not use shared memory"):
+            g.infer("model", [x], headers=grpc_auth("scoped-secret"))
+        assert g.infer("model", [x], headers=grpc_auth("admin-secret")).as_numpy("y").shape == (1, 3)
+    finally:
+        assert s.stop() == 0

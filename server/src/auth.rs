@@ -44,6 +44,12 @@ struct Key {
     models: Option<Vec<String>>,
 }
 
+/// What a key is checked for on Triton's shared memory routes and on requests that use shared
+/// memory. No model is named so (names are URL segments; this has a '/'), so a key limited to
+/// some models is refused: regions are shared by every client, and a scoped key could otherwise
+/// read or overwrite the tensors of models it may not call.
+pub const SHARED_MEMORY: &str = "system/shared-memory";
+
 /// The outcome of checking a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -179,6 +185,11 @@ impl ApiKeys {
     }
 }
 
+/// Whether the request's key may use shared memory ([`SHARED_MEMORY`]): always when keys are off.
+pub fn may_use_shared_memory(keys: Option<&ApiKeys>, authorization: Option<&[u8]>) -> bool {
+    keys.is_none_or(|k| matches!(k.check(authorization, Some(SHARED_MEMORY)), Verdict::Allowed(_)))
+}
+
 /// The one access check every protocol makes: `authorization` (the header or gRPC metadata value)
 /// for `model` against `keys` (None: keys are off, everything allowed). `caller` gets the key's ID
 /// when the key is known, allowed or not, for the audit log.
@@ -212,6 +223,9 @@ pub fn refusal(verdict: &Verdict, model: Option<&str>) -> String {
             "this server requires an API key: send the header Authorization: Bearer KEY".into()
         }
         Verdict::Invalid => "the API key is not valid".into(),
+        Verdict::Forbidden(id) if model == Some(SHARED_MEMORY) => format!(
+            "API key {id:?} is limited to some models and may not use shared memory regions; use a key without a model list"
+        ),
         Verdict::Forbidden(id) => format!(
             "API key {id:?} may not call model {:?}",
             model.unwrap_or_default()

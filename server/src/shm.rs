@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -19,6 +19,9 @@ use bytes::Bytes;
 
 /// Where Linux keeps POSIX shared memory objects (`shm_open` names).
 pub const SHM_DIR: &str = "/dev/shm";
+
+/// Most regions registered at once: each holds an open file (and the object's memory).
+pub const MAX_REGIONS: usize = 1024;
 
 /// Why a shared memory operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,9 +31,22 @@ pub enum ShmError {
     Disabled,
     /// The key is not one POSIX shared memory name.
     #[error(
-        "shared memory key {0:?} is not a POSIX shared memory name: use one name such as \"/input0\" (letters, digits, '.', '_', '-')"
+        "shared memory key {0:?} is not a POSIX shared memory name: use one name such as \"/input0\" (no '/' after the first, at most 255 bytes)"
     )]
     BadKey(String),
+    /// The key names something other than a regular file (a link, a directory).
+    #[error("shared memory key {0:?} is not a shared memory object (a link or a directory)")]
+    NotObject(String),
+    /// The caller's API key is limited to some models.
+    #[error(
+        "this API key is limited to some models and may not use shared memory regions; use a key without a model list"
+    )]
+    Refused,
+    /// The object became shorter than the region after registration.
+    #[error(
+        "shared memory region {0:?} is past the end of its object now: the client shrank it after registering"
+    )]
+    Shrunk(String),
     /// The object could not be opened or measured.
     #[error("cannot open shared memory key {key:?}: {source}")]
     Open {
@@ -48,12 +64,14 @@ pub enum ShmError {
     /// A size or offset out of bounds.
     #[error("{0}")]
     Bounds(String),
-    /// An input larger than a request may be.
-    #[error("{what} is {size} bytes in shared memory, over --max-request-bytes ({limit})")]
+    /// Inputs larger together than a request may be.
+    #[error(
+        "{what} brings the request's inputs in shared memory to {size} bytes, over --max-request-bytes ({limit})"
+    )]
     TooLarge {
         /// The input.
         what: String,
-        /// Its size.
+        /// The inputs' bytes with it.
         size: u64,
         /// The limit.
         limit: u64,
@@ -72,8 +90,8 @@ impl From<ShmError> for crate::protocol::error::ApiError {
     fn from(e: ShmError) -> Self {
         use crate::protocol::error::ApiError;
         match e {
-            ShmError::Unknown(_) => ApiError::NotFound(e.to_string()),
             ShmError::TooLarge { .. } => ApiError::PayloadTooLarge(e.to_string()),
+            ShmError::Refused => ApiError::Forbidden(e.to_string()),
             ShmError::Io { .. } => ApiError::Internal(e.to_string()),
             _ => ApiError::BadRequest(e.to_string()),
         }
@@ -149,21 +167,29 @@ impl SharedMemory {
             return Err(ShmError::Bounds("a shared memory region needs a name".into()));
         }
         let path = key_path(key)?;
+        let open_error = |source| ShmError::Open {
+            key: key.into(),
+            source,
+        };
+        // As shm_open does: a link is not followed, so a key cannot point the server at its own
+        // files (its keys, its models) through a link another process put in /dev/shm.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
-            .map_err(|source| ShmError::Open {
-                key: key.into(),
-                source,
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    ShmError::NotObject(key.into())
+                } else {
+                    open_error(e)
+                }
             })?;
-        let len = file
-            .metadata()
-            .map_err(|source| ShmError::Open {
-                key: key.into(),
-                source,
-            })?
-            .len();
+        let meta = file.metadata().map_err(open_error)?;
+        if !meta.is_file() {
+            return Err(ShmError::NotObject(key.into()));
+        }
+        let len = meta.len();
         if offset.checked_add(byte_size).is_none_or(|end| end > len) {
             return Err(ShmError::Bounds(format!(
                 "region {name:?} would be bytes {offset}..{} of shared memory key {key:?}, which has {len} bytes",
@@ -173,6 +199,11 @@ impl SharedMemory {
         let mut regions = self.regions();
         if regions.contains_key(name) {
             return Err(ShmError::Exists(name.into()));
+        }
+        if regions.len() >= MAX_REGIONS {
+            return Err(ShmError::Bounds(format!(
+                "{MAX_REGIONS} shared memory regions are registered, the most this server holds; unregister some first"
+            )));
         }
         regions.insert(
             name.into(),
@@ -245,12 +276,14 @@ impl SharedMemory {
         Ok((r.file.clone(), r.status.offset + at.offset))
     }
 
-    /// Reads the `at.byte_size` bytes of an input.
-    pub fn read(&self, at: &ShmRef, what: &str) -> Result<Bytes, ShmError> {
-        if self.allowed && at.byte_size > self.max_input {
+    /// Reads the `at.byte_size` bytes of an input. `used` counts the bytes this request has read
+    /// from shared memory so far: together they may not pass `--max-request-bytes`.
+    pub fn read(&self, at: &ShmRef, what: &str, used: &mut u64) -> Result<Bytes, ShmError> {
+        let total = used.saturating_add(at.byte_size);
+        if self.allowed && total > self.max_input {
             return Err(ShmError::TooLarge {
                 what: what.into(),
-                size: at.byte_size,
+                size: total,
                 limit: self.max_input,
             });
         }
@@ -258,10 +291,17 @@ impl SharedMemory {
         let len = usize::try_from(at.byte_size)
             .map_err(|_| ShmError::Bounds(format!("{what}: {} bytes is too large", at.byte_size)))?;
         let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, pos).map_err(|source| ShmError::Io {
-            region: at.region.clone(),
-            source,
+        file.read_exact_at(&mut buf, pos).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::UnexpectedEof {
+                ShmError::Shrunk(at.region.clone())
+            } else {
+                ShmError::Io {
+                    region: at.region.clone(),
+                    source,
+                }
+            }
         })?;
+        *used = total;
         Ok(Bytes::from(buf))
     }
 
@@ -282,16 +322,26 @@ impl SharedMemory {
     }
 }
 
-/// The file of POSIX shared memory object `key` ("/name" or "name", as `shm_open` takes it).
+/// The registry a request may use: `None` when its API key is limited to some models
+/// ([`ShmError::Refused`]), and none when the server was started without `--allow-client-shm`.
+pub fn usable(shm: Option<&SharedMemory>) -> Result<&SharedMemory, ShmError> {
+    match shm {
+        None => Err(ShmError::Refused),
+        Some(s) if !s.allowed => Err(ShmError::Disabled),
+        Some(s) => Ok(s),
+    }
+}
+
+/// The file of POSIX shared memory object `key` ("/name" or "name", as `shm_open` takes it): one
+/// file name under [`SHM_DIR`], whatever its characters (perf_analyzer derives keys from tensor
+/// names such as `input_1:0`).
 fn key_path(key: &str) -> Result<PathBuf, ShmError> {
     let name = key.strip_prefix('/').unwrap_or(key);
     let ok = !name.is_empty()
         && name != "."
         && name != ".."
         && name.len() <= 255
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && !name.bytes().any(|b| b == b'/' || b == 0);
     if !ok {
         return Err(ShmError::BadKey(key.into()));
     }
@@ -323,14 +373,21 @@ mod tests {
         }
     }
 
+    fn read(shm: &SharedMemory, at: &ShmRef) -> Result<Bytes, ShmError> {
+        shm.read(at, "input", &mut 0)
+    }
+
     #[test]
     fn keys_are_one_posix_name() {
-        assert_eq!(key_path("/in0").ok(), Some(PathBuf::from("/dev/shm/in0")));
-        assert_eq!(
-            key_path("in_0.x-y").ok(),
-            Some(PathBuf::from("/dev/shm/in_0.x-y"))
-        );
-        for bad in ["", "/", "..", "/../etc/passwd", "a/b", "/a b", "/.."] {
+        for (key, path) in [
+            ("/in0", "/dev/shm/in0"),
+            ("in_0.x-y", "/dev/shm/in_0.x-y"),
+            ("/input_1:0_0", "/dev/shm/input_1:0_0"),
+            ("/a b", "/dev/shm/a b"),
+        ] {
+            assert_eq!(key_path(key).ok(), Some(PathBuf::from(path)), "{key:?}");
+        }
+        for bad in ["", "/", "..", "/../etc/passwd", "a/b", "/..", "a\0b"] {
             assert!(matches!(key_path(bad), Err(ShmError::BadKey(_))), "{bad:?}");
         }
     }
@@ -340,66 +397,69 @@ mod tests {
         let shm = SharedMemory::new(false, 1 << 20);
         assert!(matches!(shm.register("r", "/x", 0, 1), Err(ShmError::Disabled)));
         assert!(matches!(shm.status(None), Err(ShmError::Disabled)));
-        assert!(matches!(
-            shm.read(&at("r", 0, 1), "input"),
-            Err(ShmError::Disabled)
-        ));
+        assert!(matches!(read(&shm, &at("r", 0, 1)), Err(ShmError::Disabled)));
+    }
+
+    #[test]
+    fn a_link_in_the_shm_directory_is_not_followed() {
+        let name = format!("kubemaas-unit-link-{}", std::process::id());
+        let target = object(&format!("{name}-target"), 16);
+        let link = PathBuf::from(SHM_DIR).join(&name);
+        std::os::unix::fs::symlink(&target.0, &link).expect("make a link");
+        let _link = Object(link);
+        let shm = SharedMemory::new(true, 1 << 20);
+        let got = shm.register("r", &format!("/{name}"), 0, 8);
+        assert!(matches!(got, Err(ShmError::NotObject(_))), "{got:?}");
     }
 
     #[test]
     fn a_region_is_read_and_written_within_its_bounds_only() {
         let name = format!("kubemaas-unit-{}", std::process::id());
-        let _obj = object(&name, 64);
+        let obj = object(&name, 64);
+        let key = format!("/{name}");
         let shm = SharedMemory::new(true, 1 << 20);
         // Bytes 16..48 of the object.
-        shm.register("r", &format!("/{name}"), 16, 32).expect("register");
-        assert!(matches!(
-            shm.register("r", &format!("/{name}"), 0, 8),
-            Err(ShmError::Exists(_))
-        ));
-        assert!(matches!(
-            shm.register("s", &format!("/{name}"), 60, 8),
-            Err(ShmError::Bounds(_))
-        ));
-        assert!(matches!(
-            shm.register("s", "/kubemaas-no-such-object", 0, 8),
-            Err(ShmError::Open { .. })
-        ));
+        shm.register("r", &key, 16, 32).expect("register");
+        assert!(matches!(shm.register("r", &key, 0, 8), Err(ShmError::Exists(_))));
+        assert!(matches!(shm.register("s", &key, 60, 8), Err(ShmError::Bounds(_))));
+        let missing = shm.register("s", "/kubemaas-no-such-object", 0, 8);
+        assert!(matches!(missing, Err(ShmError::Open { .. })));
 
         shm.write(&at("r", 4, 8), &[1, 2, 3, 4, 5, 6, 7, 8], "output")
             .expect("write");
         assert_eq!(
-            &shm.read(&at("r", 4, 8), "input").expect("read")[..],
+            &read(&shm, &at("r", 4, 8)).expect("read")[..],
             &[1, 2, 3, 4, 5, 6, 7, 8]
         );
         // Region offset 4 is object offset 20.
-        let raw = std::fs::read(PathBuf::from(SHM_DIR).join(&name)).expect("read the object");
+        let raw = std::fs::read(&obj.0).expect("read the object");
         assert_eq!(&raw[20..28], &[1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(raw[19], 7);
 
+        assert!(matches!(read(&shm, &at("r", 30, 4)), Err(ShmError::Bounds(_))));
+        let too_big = shm.write(&at("r", 0, 2), &[0; 4], "output");
+        assert!(matches!(too_big, Err(ShmError::Bounds(_))));
+        assert!(matches!(read(&shm, &at("q", 0, 1)), Err(ShmError::Unknown(_))));
         assert!(matches!(
-            shm.read(&at("r", 30, 4), "input"),
+            read(&shm, &at("r", u64::MAX, 2)),
             Err(ShmError::Bounds(_))
         ));
-        assert!(matches!(
-            shm.write(&at("r", 0, 2), &[0; 4], "output"),
-            Err(ShmError::Bounds(_))
-        ));
-        assert!(matches!(
-            shm.read(&at("q", 0, 1), "input"),
-            Err(ShmError::Unknown(_))
-        ));
-        assert!(matches!(
-            shm.read(&at("r", u64::MAX, 2), "input"),
-            Err(ShmError::Bounds(_))
-        ));
-        let small = SharedMemory::new(true, 8);
-        small.register("r", &format!("/{name}"), 0, 64).expect("register");
-        assert!(matches!(
-            small.read(&at("r", 0, 16), "input"),
-            Err(ShmError::TooLarge { .. })
-        ));
-        assert_eq!(small.read(&at("r", 0, 8), "input").expect("read").len(), 8);
+
+        // The inputs of one request share one bound.
+        let small = SharedMemory::new(true, 12);
+        small.register("r", &key, 0, 64).expect("register");
+        let mut used = 0;
+        assert_eq!(small.read(&at("r", 0, 8), "a", &mut used).expect("read").len(), 8);
+        let over = small.read(&at("r", 0, 8), "b", &mut used);
+        assert!(
+            matches!(over, Err(ShmError::TooLarge { size: 16, .. })),
+            "{over:?}"
+        );
+
+        // A client that shrinks its object after registering gets a 400, not a server error.
+        std::fs::write(&obj.0, [0u8; 4]).expect("shrink");
+        let shrunk = read(&shm, &at("r", 0, 8));
+        assert!(matches!(shrunk, Err(ShmError::Shrunk(_))), "{shrunk:?}");
 
         assert_eq!(shm.status(None).expect("status").len(), 1);
         shm.unregister(Some("r")).expect("unregister");

@@ -357,6 +357,14 @@ impl Tensor {
         Tensor::new(name, dtype, shape, TensorData::Strings(items))
     }
 
+    /// Bytes of the elements in the binary extension's form (BYTES: 4-byte length prefixes).
+    pub fn binary_len(&self) -> usize {
+        match &self.data {
+            TensorData::Raw(b) => b.len(),
+            TensorData::Strings(s) => s.iter().map(|b| b.len() + 4).sum(),
+        }
+    }
+
     /// About how long the elements are as JSON: floats print at most 9 significant digits for
     /// FP32 and 17 for FP64, plus sign, point, exponent and comma; strings their bytes and quotes.
     pub fn json_len(&self) -> usize {

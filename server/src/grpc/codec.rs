@@ -13,7 +13,7 @@ use super::pb::{InferParameter, InferTensorContents, ModelInferRequest, ModelInf
 use crate::backend::Signature;
 use crate::inference::input_spec;
 use crate::protocol::error::ApiError;
-use crate::shm::{SharedMemory, ShmError, ShmRef};
+use crate::shm::{SharedMemory, ShmRef};
 use crate::tensor::{DataType, Tensor, TensorData, element_count};
 
 /// A decoded `ModelInferRequest`.
@@ -29,6 +29,8 @@ pub struct Decoded {
     pub parameters: Map<String, Value>,
     /// Per requested output: the shared memory to write it to instead of the answer.
     pub shm_outputs: Vec<Option<ShmRef>>,
+    /// Bytes of input read from shared memory.
+    pub shm_bytes: u64,
 }
 
 /// The `shared_memory_*` parameters of one input or output (Triton's shared memory extension).
@@ -96,9 +98,10 @@ pub fn decode_request(
     let mut inputs = Vec::with_capacity(req.inputs.len());
     // Typed answers only for a client that used typed contents; tritonclient reads raw ones.
     let typed = !raw && req.inputs.iter().any(|i| i.contents.is_some());
+    let mut shm_bytes = 0;
     for (input, at) in req.inputs.iter_mut().zip(in_shm) {
         let tensor = match at {
-            Some(at) => shm_input(sig, input, &at, shm)?,
+            Some(at) => shm_input(sig, input, &at, shm, &mut shm_bytes)?,
             None => decode_input(sig, input, raw.then(|| raw_contents.next()).flatten())?,
         };
         inputs.push(tensor);
@@ -113,8 +116,8 @@ pub fn decode_request(
             )));
         }
         let at = shm_param(&o.parameters, || format!("output {:?}", o.name))?;
-        if at.is_some() && shm.is_none_or(|s| !s.allowed()) {
-            return Err(ShmError::Disabled.into());
+        if at.is_some() {
+            crate::shm::usable(shm)?;
         }
         shm_outputs.push(at);
         outputs.push(o.name.clone());
@@ -125,6 +128,7 @@ pub fn decode_request(
         raw: !typed,
         parameters: parameters_json(&req.parameters),
         shm_outputs,
+        shm_bytes,
     })
 }
 
@@ -134,6 +138,7 @@ fn shm_input(
     input: &InferInputTensor,
     at: &ShmRef,
     shm: Option<&SharedMemory>,
+    used: &mut u64,
 ) -> Result<Tensor, ApiError> {
     let name = input.name.as_str();
     let what = format!("input {name:?}");
@@ -153,7 +158,7 @@ fn shm_input(
         })?;
     element_count(&input.shape).map_err(|e| ApiError::BadRequest(format!("{what}: {e}")))?;
     let shape: Vec<usize> = input.shape.iter().map(|&d| d as usize).collect();
-    let raw = shm.ok_or(ShmError::Disabled)?.read(at, &what)?;
+    let raw = crate::shm::usable(shm)?.read(at, &what, used)?;
     Tensor::from_binary(name, dtype, shape, raw).map_err(|e| ApiError::BadRequest(format!("{what}: {e}")))
 }
 
@@ -379,7 +384,7 @@ pub fn encode_response(
     for (i, t) in outputs.into_iter().enumerate() {
         let contents = if let Some(at) = at(i) {
             let what = format!("output {:?}", t.name);
-            shm.ok_or(ShmError::Disabled)?.write(at, &t.to_binary(), &what)?;
+            crate::shm::usable(shm)?.write(at, &t.to_binary(), &what)?;
             if raw {
                 resp.raw_output_contents.push(Bytes::new());
             }

@@ -125,12 +125,30 @@ impl Inference {
 }
 
 /// Runs one inference request through the shared execution path (statistics, metrics, batching).
-async fn infer(state: &AppState, req: ModelInferRequest) -> Result<ModelInferResponse, ApiError> {
+/// `may_use_shm`: whether the caller's key may name shared memory regions.
+async fn infer(
+    state: &AppState,
+    req: ModelInferRequest,
+    may_use_shm: bool,
+) -> Result<ModelInferResponse, ApiError> {
     let span = inference::request_span("grpc", &req.model_name, version_arg(&req.model_version));
-    infer_in_span(state, req).instrument(span).await
+    infer_in_span(state, req, may_use_shm).instrument(span).await
 }
 
-async fn infer_in_span(state: &AppState, mut req: ModelInferRequest) -> Result<ModelInferResponse, ApiError> {
+/// Whether the key in `metadata` may use shared memory (see [`crate::auth::SHARED_MEMORY`]).
+fn may_use_shm(state: &AppState, metadata: &tonic::metadata::MetadataMap) -> bool {
+    crate::auth::may_use_shared_memory(
+        state.api_keys.as_deref(),
+        metadata.get("authorization").map(|v| v.as_bytes()),
+    )
+}
+
+async fn infer_in_span(
+    state: &AppState,
+    mut req: ModelInferRequest,
+    may_use_shm: bool,
+) -> Result<ModelInferResponse, ApiError> {
+    let shm = may_use_shm.then_some(state.shm.as_ref());
     let start = Instant::now();
     let version = version_arg(&req.model_version).map(str::to_owned);
     let (model, stats) = state
@@ -146,11 +164,17 @@ async fn infer_in_span(state: &AppState, mut req: ModelInferRequest) -> Result<M
         .reserve(&mut ticket, req.encoded_len())
         .and_then(|()| state.admission.admit(&mut ticket))
         .map(|()| ticket);
-    let _ticket = inference::counted(&stats, start, admitted)?;
+    let mut ticket = inference::counted(&stats, start, admitted)?;
     let decoded = inference::counted(
         &stats,
         start,
-        codec::decode_request(model.backend.signature(), &mut req, Some(&state.shm)),
+        codec::decode_request(model.backend.signature(), &mut req, shm),
+    )?;
+    // Inputs read from shared memory are held like a message until the answer is built.
+    inference::counted(
+        &stats,
+        start,
+        state.admission.reserve(&mut ticket, decoded.shm_bytes as usize),
     )?;
     let timeout = inference::counted(&stats, start, v2::timeout_param(Some(&decoded.parameters)))?;
     let outputs = inference::execute(
@@ -169,7 +193,7 @@ async fn infer_in_span(state: &AppState, mut req: ModelInferRequest) -> Result<M
         decoded.raw,
         outputs,
         &decoded.shm_outputs,
-        Some(&state.shm),
+        shm,
     )
 }
 
@@ -417,9 +441,10 @@ impl GrpcInferenceService for Inference {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let m = req.get_ref();
         let mut audit = Audited::start(&self.state, "ModelInfer", m, &m.model_name, &m.model_version);
+        let shm_ok = may_use_shm(&self.state, req.metadata());
         let result = match authorize_call(&self.state, &req, Some(&m.model_name), &mut audit.caller) {
             Err(s) => Err(s),
-            Ok(()) => match infer(&self.state, req.into_inner()).await {
+            Ok(()) => match infer(&self.state, req.into_inner(), shm_ok).await {
                 Ok(r) => Ok(Response::new(r)),
                 Err(e) => {
                     if matches!(e, ApiError::Internal(_)) {
@@ -479,7 +504,7 @@ impl GrpcInferenceService for Inference {
                     );
                     let answer = match authorize(&state, &metadata, Some(&req.model_name), &mut audit.caller)
                     {
-                        Ok(()) => infer(&state, req).await,
+                        Ok(()) => infer(&state, req, may_use_shm(&state, &metadata)).await,
                         Err(e) => Err(e),
                     };
                     match &answer {
@@ -560,7 +585,7 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<SystemSharedMemoryStatusRequest>,
     ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
-        authorize_call(&self.state, &req, None, &mut None)?;
+        authorize_call(&self.state, &req, Some(crate::auth::SHARED_MEMORY), &mut None)?;
         let name = req.into_inner().name;
         let regions = self
             .state
@@ -585,26 +610,46 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<SystemSharedMemoryRegisterRequest>,
     ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
-        authorize_call(&self.state, &req, None, &mut None)?;
-        let r = req.into_inner();
-        self.state
-            .shm
-            .register(&r.name, &r.key, r.offset, r.byte_size)
-            .map_err(|e| status(&e.into()))?;
-        Ok(Response::new(SystemSharedMemoryRegisterResponse {}))
+        let mut audit = Audited::start(&self.state, "SystemSharedMemoryRegister", req.get_ref(), "", "");
+        let result = authorize_call(
+            &self.state,
+            &req,
+            Some(crate::auth::SHARED_MEMORY),
+            &mut audit.caller,
+        )
+        .and_then(|()| {
+            let r = req.get_ref();
+            self.state
+                .shm
+                .register(&r.name, &r.key, r.offset, r.byte_size)
+                .map_err(|e| status(&e.into()))
+        })
+        .map(|()| Response::new(SystemSharedMemoryRegisterResponse {}));
+        audit.result(&self.state, &result);
+        result
     }
 
     async fn system_shared_memory_unregister(
         &self,
         req: Request<SystemSharedMemoryUnregisterRequest>,
     ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
-        authorize_call(&self.state, &req, None, &mut None)?;
-        let name = req.into_inner().name;
-        self.state
-            .shm
-            .unregister(Some(name.as_str()).filter(|n| !n.is_empty()))
-            .map_err(|e| status(&e.into()))?;
-        Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
+        let mut audit = Audited::start(&self.state, "SystemSharedMemoryUnregister", req.get_ref(), "", "");
+        let result = authorize_call(
+            &self.state,
+            &req,
+            Some(crate::auth::SHARED_MEMORY),
+            &mut audit.caller,
+        )
+        .and_then(|()| {
+            let name = req.get_ref().name.as_str();
+            self.state
+                .shm
+                .unregister(Some(name).filter(|n| !n.is_empty()))
+                .map_err(|e| status(&e.into()))
+        })
+        .map(|()| Response::new(SystemSharedMemoryUnregisterResponse {}));
+        audit.result(&self.state, &result);
+        result
     }
 }
 

@@ -105,6 +105,7 @@ fn allowed(segs: &[&str]) -> Option<&'static str> {
 fn route_model<'a>(segs: &[&'a str]) -> Option<&'a str> {
     match segs {
         ["v2", "models", "stats"] => None,
+        ["v2", "systemsharedmemory", ..] => Some(crate::auth::SHARED_MEMORY),
         ["v2", "models", m, ..] => Some(m),
         ["v1", "models", m, ..] => Some(m.split_once(':').map_or(*m, |(head, _)| head)),
         _ => None,
@@ -486,17 +487,31 @@ async fn system_shared_memory(
 ) -> Result<Response<Chunks>, ApiError> {
     let shm = &state.shm;
     let ok = || json_response(StatusCode::OK, &serde_json::json!({}));
+    // tritonclient percent-encodes the region name in the path; requests carry it as is.
+    let region = |seg: &str| {
+        percent_encoding::percent_decode_str(seg)
+            .decode_utf8()
+            .map(|n| n.into_owned())
+            .map_err(|_| ApiError::BadRequest(format!("region name {seg:?} is not UTF-8 once decoded")))
+    };
     match rest {
         ["status"] => Ok(json_response(
             StatusCode::OK,
             &serde_json::to_value(shm.status(None)?).map_err(internal)?,
         )),
-        ["region", name, "status"] => Ok(json_response(
-            StatusCode::OK,
-            &serde_json::to_value(shm.status(Some(name))?).map_err(internal)?,
-        )),
+        ["region", name, "status"] => match shm.status(Some(&region(name)?)) {
+            Ok(s) => Ok(json_response(
+                StatusCode::OK,
+                &serde_json::to_value(s).map_err(internal)?,
+            )),
+            Err(e @ crate::shm::ShmError::Unknown(_)) => Err(ApiError::NotFound(e.to_string())),
+            Err(e) => Err(e.into()),
+        },
         ["unregister"] => shm.unregister(None).map(|()| ok()).map_err(Into::into),
-        ["region", name, "unregister"] => shm.unregister(Some(name)).map(|()| ok()).map_err(Into::into),
+        ["region", name, "unregister"] => shm
+            .unregister(Some(&region(name)?))
+            .map(|()| ok())
+            .map_err(Into::into),
         ["region", name, "register"] => {
             #[derive(serde::Deserialize)]
             #[serde(deny_unknown_fields)]
@@ -512,7 +527,7 @@ async fn system_shared_memory(
                     "shared memory register request: {e}; send {{\"key\": \"/name\", \"offset\": 0, \"byte_size\": N}}"
                 ))
             })?;
-            shm.register(name, &r.key, r.offset, r.byte_size)?;
+            shm.register(&region(name)?, &r.key, r.offset, r.byte_size)?;
             Ok(ok())
         }
         _ => Err(ApiError::NotFound(format!(
@@ -538,6 +553,12 @@ async fn infer_v2(
         .ready_model(m, version)
         .map_err(inference::count_not_ready)?;
     let _inflight = inference::InFlight::enter(&stats);
+    let may_use_shm = crate::auth::may_use_shared_memory(
+        state.api_keys.as_deref(),
+        req.headers()
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    );
     let result = async {
         let mut ticket = Ticket::default();
         let header_len = match req.headers().get(v2::HEADER_LENGTH) {
@@ -557,13 +578,15 @@ async fn infer_v2(
         state.admission.admit(&mut ticket)?;
         let json = header_len.unwrap_or(body.len());
         let decoding = model.clone();
-        let shm = state.shm.clone();
+        let shm = may_use_shm.then(|| state.shm.clone());
         let request = state
             .offload
             .run(json, move || {
-                v2::decode_request_shm(decoding.backend.signature(), &body, header_len, &shm)
+                v2::decode_request_shm(decoding.backend.signature(), &body, header_len, shm.as_deref())
             })
             .await??;
+        // Inputs read from shared memory are held like a body until the answer is encoded.
+        state.admission.reserve(&mut ticket, request.shm_bytes as usize)?;
         Ok((request, ticket))
     }
     .await;
@@ -580,11 +603,11 @@ async fn infer_v2(
     )
     .await?;
     let (name, version) = (m.to_string(), model.version);
-    let shm = state.shm.clone();
+    let shm = may_use_shm.then(|| state.shm.clone());
     let encoded = state
         .offload
         .run(v2::json_response_len(&request, &outputs), move || {
-            v2::encode_response(&name, version, &request, &outputs, Some(&shm))
+            v2::encode_response(&name, version, &request, &outputs, shm.as_deref())
         })
         .await??;
     if encoded.blobs.is_empty() {

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use super::error::{ApiError, json_error};
 use crate::backend::{Signature, TensorSpec};
 use crate::inference::input_spec;
-use crate::shm::{SharedMemory, ShmError, ShmRef};
+use crate::shm::{SharedMemory, ShmRef};
 use crate::tensor::{DataType, ElementWriter, Tensor, TensorData, element_count};
 
 /// Header carrying the length of the JSON part of a binary-extension body.
@@ -85,6 +85,8 @@ pub struct InferRequest {
     pub binary_default: bool,
     /// Per requested output: the shared memory to write it to instead of the answer.
     pub shm_outputs: Vec<Option<ShmRef>>,
+    /// Bytes of input read from shared memory (held like a body while the request lives).
+    pub shm_bytes: u64,
 }
 
 /// The `shared_memory_*` parameters of one input or output (Triton's shared memory extension):
@@ -174,14 +176,15 @@ pub fn decode_request_with(
 }
 
 /// [`decode_request`] for a server whose clients may name registered shared memory regions
-/// (`shm`) in place of an input's data, or to receive an output.
+/// (`shm`; `None` for a caller whose API key may not use them) in place of an input's data, or to
+/// receive an output.
 pub fn decode_request_shm(
     sig: &Signature,
     body: &Bytes,
     json_len: Option<usize>,
-    shm: &SharedMemory,
+    shm: Option<&SharedMemory>,
 ) -> Result<InferRequest, ApiError> {
-    decode(sig, body, json_len, true, Some(shm))
+    decode(sig, body, json_len, true, shm)
 }
 
 fn decode(
@@ -223,6 +226,7 @@ fn decode(
     };
     let mut found = found.into_iter().peekable();
     let mut inputs = Vec::with_capacity(header.inputs.len());
+    let mut shm_bytes = 0;
     for (index, input) in header.inputs.iter().enumerate() {
         let parsed = found.next_if(|f| f.input == index);
         let spec = input_spec(sig, &input.name)?;
@@ -257,7 +261,7 @@ fn decode(
                     "{what} names a shared memory region and also carries data; send one"
                 )));
             }
-            let raw = shm.ok_or(ShmError::Disabled)?.read(&at, &what)?;
+            let raw = crate::shm::usable(shm)?.read(&at, &what, &mut shm_bytes)?;
             let tensor = Tensor::from_binary(&input.name, dtype, shape, raw)
                 .map_err(|e| ApiError::BadRequest(format!("{what}: {e}")))?;
             inputs.push(tensor);
@@ -318,8 +322,8 @@ fn decode(
     for o in header.outputs.unwrap_or_default() {
         binary_outputs.push(bool_param(&o.parameters, "binary_data")?.unwrap_or(binary_default));
         let at = shm_param(&o.parameters, || format!("output {:?}", o.name))?;
-        if at.is_some() && shm.is_none_or(|s| !s.allowed()) {
-            return Err(ShmError::Disabled.into());
+        if at.is_some() {
+            crate::shm::usable(shm)?;
         }
         shm_outputs.push(at);
         outputs.push(o.name);
@@ -332,6 +336,7 @@ fn decode(
         binary_outputs,
         binary_default,
         shm_outputs,
+        shm_bytes,
     })
 }
 
@@ -464,8 +469,11 @@ pub fn json_response_len(req: &InferRequest, outputs: &[Tensor]) -> usize {
         .iter()
         .enumerate()
         .filter(|(i, _)| !req.binary_outputs.get(*i).copied().unwrap_or(req.binary_default))
-        .filter(|(i, _)| req.shm_outputs.get(*i).is_none_or(Option::is_none))
-        .map(|(_, t)| t.json_len())
+        .map(|(i, t)| match req.shm_outputs.get(i) {
+            // Writing to shared memory is a copy: large ones go off the I/O threads too.
+            Some(Some(_)) => t.binary_len(),
+            _ => t.json_len(),
+        })
         .sum()
 }
 
@@ -492,7 +500,7 @@ pub fn encode_response(
         let (parameters, data) = if let Some(at) = at {
             let blob = t.to_binary();
             let what = format!("output {:?}", t.name);
-            shm.ok_or(ShmError::Disabled)?.write(at, &blob, &what)?;
+            crate::shm::usable(shm)?.write(at, &blob, &what)?;
             // As Triton answers it: name, type and shape only. Triton's C++ client reads any
             // output `parameters` as the binary extension's and requires `binary_data_size`.
             (None, None)
