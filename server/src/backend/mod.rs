@@ -4,7 +4,6 @@
 
 pub mod ort;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -125,7 +124,6 @@ pub struct Work {
 /// and its inputs are freed at once rather than when an instance reaches it in the queue). Either
 /// way, what was held until then (the pending gauge) is released at once.
 pub struct Claim {
-    taken: AtomicBool,
     started: OnceLock<Instant>,
     held: Mutex<Option<Held>>,
 }
@@ -137,17 +135,16 @@ impl Claim {
     /// A claim holding `held` and the work's `inputs` until the work starts or its caller gives up.
     pub fn new(held: Box<dyn Send>, inputs: Vec<Tensor>) -> Claim {
         Claim {
-            taken: AtomicBool::new(false),
             started: OnceLock::new(),
             held: Mutex::new(Some((held, inputs))),
         }
     }
 
-    /// What was held, to whoever takes the claim first; `None` to the other.
+    /// What was held, to whoever takes the claim first; `None` to the other. The lock decides:
+    /// a separate "taken" flag let the loser reach the lock first and drop what the winner was
+    /// owed, so that neither side won.
     fn take(&self) -> Option<Held> {
-        let won = !self.taken.swap(true, Ordering::AcqRel);
-        let held = self.held.lock().ok()?.take();
-        held.filter(|_| won)
+        self.held.lock().ok()?.take()
     }
 
     /// The instance's side: the inputs, when the work is its to run.
@@ -242,6 +239,7 @@ pub trait Backend: Send + Sync {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicI64;
+    use std::sync::atomic::Ordering;
 
     /// Counts itself in a gauge while alive, like the pending gauge a claim holds.
     struct Gauged(Arc<AtomicI64>);
