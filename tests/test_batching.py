@@ -83,6 +83,14 @@ def assert_busy_answers(busy_model, xs, responses):
                                    sess.run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
 
 
+def two_cpu_instances(busy_model, tmp_path, max_batch, delay_us, threads):
+    """The busy model as `slow` on two CPU instances (pinned to the CPU: a host with CUDA must not
+    change the rule under test), batching at most `max_batch` rows with a `delay_us` queue delay."""
+    return Server(["--model", f"slow={busy_model}", "--instances", "2", "--intra-op-threads", str(threads),
+                   "--execution-provider", "cpu", "--max-batch-size", str(max_batch),
+                   "--max-queue-delay-us", str(delay_us)], tmp_path / "server.log")
+
+
 def gauge(server, name, model):
     for line in requests.get(f"{server.metrics_url}/metrics", timeout=10).text.splitlines():
         if line.startswith(name + f'{{model="{model}"'):
@@ -327,8 +335,7 @@ def test_requests_whose_inputs_disagree_on_rows_run_alone_and_stay_exact(batchin
 def test_on_a_cpu_a_queue_is_shared_out_over_the_instances_not_drained_by_one(rows, batches, busy_model, tmp_path):
     # Two instances, both busy with a long request, and requests queued behind them. Each answer is
     # still ONNX Runtime's own for that request alone.
-    s = Server(["--model", f"slow={busy_model}", "--instances", "2", "--intra-op-threads", "2", "--execution-provider", "cpu",
-                "--max-batch-size", "2048", "--max-queue-delay-us", "2000"], tmp_path / "server.log")
+    s = two_cpu_instances(busy_model, tmp_path, max_batch=2048, delay_us=2000, threads=2)
     try:
         s.wait_loaded()
 
@@ -402,9 +409,7 @@ def test_on_a_cpu_requests_sent_at_once_are_shared_out_as_they_arrive(busy_model
     # while it holds fewer requests than its even share of those in flight (queued, or running
     # on the other instance), so none of the six waits out the 1 s delay, and no batch takes
     # more than half of them.
-    s = Server(["--model", f"slow={busy_model}", "--instances", "2", "--intra-op-threads", "2",
-                "--execution-provider", "cpu", "--max-batch-size", "64", "--max-queue-delay-us", "1000000"],
-               tmp_path / "server.log")
+    s = two_cpu_instances(busy_model, tmp_path, max_batch=64, delay_us=1_000_000, threads=2)
     try:
         s.wait_loaded()
         xs = [np.random.default_rng(60 + i).standard_normal((1, 256)).astype(np.float32) for i in range(6)]
@@ -425,9 +430,7 @@ def test_on_a_cpu_a_request_does_not_wait_for_company_while_the_other_instance_r
     # instance. Requests in flight: two, so its share is one, which it already holds. On the
     # CPU waiting would only idle this core (a batch costs what its rows cost one by one), so it
     # runs at once instead of waiting out the 1 s queue delay for company, as Triton's would.
-    s = Server(["--model", f"slow={busy_model}", "--instances", "2", "--intra-op-threads", "1",
-                "--execution-provider", "cpu", "--max-batch-size", "2048", "--max-queue-delay-us", "1000000"],
-               tmp_path / "server.log")
+    s = two_cpu_instances(busy_model, tmp_path, max_batch=2048, delay_us=1_000_000, threads=1)
     try:
         s.wait_loaded()
         big = np.ones((1500, 256), dtype=np.float32)

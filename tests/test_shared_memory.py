@@ -3,6 +3,7 @@ in POSIX shared memory, register the regions, and read the outputs back from the
 ONNX Runtime's own. Off by default, with a clear error; bad keys, sizes and regions get a 4xx
 that says what to fix, and the server keeps serving."""
 
+import json
 import os
 import re
 import subprocess
@@ -218,7 +219,7 @@ def test_keys_limited_to_some_models_may_not_use_shared_memory(repo_dir, tmp_pat
     keys = tmp_path / "keys"
     keys.write_text("admin:admin-secret\nscoped:scoped-secret:model\n")
     s = Server(["--model", f"model={repo_dir / 'model' / '1' / 'model.onnx'}", "--allow-client-shm",
-                "--api-keys-file", str(keys)], tmp_path / "server.log")
+                "--api-keys-file", str(keys), "--audit-log"], tmp_path / "server.log")
     try:
         for _ in range(300):
             if requests.get(f"{s.url}/v2/health/ready", timeout=5).status_code == 200:
@@ -250,5 +251,13 @@ def test_keys_limited_to_some_models_may_not_use_shared_memory(repo_dir, tmp_pat
         with pytest.raises(InferenceServerException, match="may not use shared memory"):
             g.infer("model", [x], headers=grpc_auth("scoped-secret"))
         assert g.infer("model", [x], headers=grpc_auth("admin-secret")).as_numpy("y").shape == (1, 3)
+        g.unregister_system_shared_memory("r", headers=grpc_auth("admin-secret"))
+        # Calls that change or list the regions are audited, with who made them.
+        audit = [json.loads(line) for line in s.log_path.read_text().splitlines()
+                 if '"target":"kubemaas_audit"' in line]
+        calls = [(a["protocol"], a["route"], a["caller"], a["status"]) for a in audit
+                 if "SharedMemory" in a["route"] or "systemsharedmemory" in a["route"]]
+        assert ("grpc", "SystemSharedMemoryStatus", "scoped", "PermissionDenied") in calls, calls
+        assert ("grpc", "SystemSharedMemoryUnregister", "admin", "Ok") in calls, calls
     finally:
         assert s.stop() == 0

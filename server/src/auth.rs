@@ -185,9 +185,17 @@ impl ApiKeys {
     }
 }
 
-/// Whether the request's key may use shared memory ([`SHARED_MEMORY`]): always when keys are off.
-pub fn may_use_shared_memory(keys: Option<&ApiKeys>, authorization: Option<&[u8]>) -> bool {
-    keys.is_none_or(|k| matches!(k.check(authorization, Some(SHARED_MEMORY)), Verdict::Allowed(_)))
+/// Refuses a request that uses shared memory when its key may not ([`SHARED_MEMORY`]). Checked
+/// only for requests that name a region, after decoding and before anything runs or is written.
+pub fn check_shared_memory(
+    keys: Option<&ApiKeys>,
+    authorization: Option<&[u8]>,
+    uses_shm: bool,
+) -> Result<(), crate::protocol::error::ApiError> {
+    if uses_shm {
+        authorize(keys, authorization, Some(SHARED_MEMORY), &mut None)?;
+    }
+    Ok(())
 }
 
 /// The one access check every protocol makes: `authorization` (the header or gRPC metadata value)

@@ -155,7 +155,6 @@ impl Batcher {
         let queue = Queue {
             rx,
             rows: in_channel.clone(),
-            running: Arc::new(Running::default()),
         };
         tokio::spawn(dispatch(model, config.clone(), sharing, stats, queue));
         Batcher {
@@ -248,8 +247,6 @@ pub fn batchable(sig: &crate::backend::Signature) -> Result<(), String> {
 struct Queue {
     rx: mpsc::Receiver<Job>,
     rows: Arc<AtomicUsize>,
-    /// Requests in batches that are running.
-    running: Arc<Running>,
 }
 
 /// Requests running on the instances, and a signal each time a batch of them ends.
@@ -306,7 +303,8 @@ async fn dispatch(
 ) {
     // Requests that did not fit the batch being formed wait here, in arrival order.
     let mut held: VecDeque<Job> = VecDeque::new();
-    let running = rx.running.clone();
+    // Requests in batches that are running, and a signal each time one of those batches ends.
+    let running = Arc::new(Running::default());
     loop {
         let first = match held.pop_front() {
             Some(j) => j,
@@ -649,7 +647,6 @@ mod tests {
         let mut queue = Queue {
             rx,
             rows: in_channel.clone(),
-            running: Arc::default(),
         };
         let gauge = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let submit = |rows: usize| {

@@ -37,11 +37,6 @@ pub enum ShmError {
     /// The key names something other than a regular file (a link, a directory).
     #[error("shared memory key {0:?} is not a shared memory object (a link or a directory)")]
     NotObject(String),
-    /// The caller's API key is limited to some models.
-    #[error(
-        "this API key is limited to some models and may not use shared memory regions; use a key without a model list"
-    )]
-    Refused,
     /// The object became shorter than the region after registration.
     #[error(
         "shared memory region {0:?} is past the end of its object now: the client shrank it after registering"
@@ -91,7 +86,6 @@ impl From<ShmError> for crate::protocol::error::ApiError {
         use crate::protocol::error::ApiError;
         match e {
             ShmError::TooLarge { .. } => ApiError::PayloadTooLarge(e.to_string()),
-            ShmError::Refused => ApiError::Forbidden(e.to_string()),
             ShmError::Io { .. } => ApiError::Internal(e.to_string()),
             _ => ApiError::BadRequest(e.to_string()),
         }
@@ -134,6 +128,7 @@ pub struct SharedMemory {
     allowed: bool,
     // An input read from a region is held in memory like a request body, so the same bound holds.
     max_input: u64,
+    max_regions: usize,
     regions: Mutex<BTreeMap<String, Region>>,
 }
 
@@ -144,6 +139,7 @@ impl SharedMemory {
         SharedMemory {
             allowed,
             max_input: max_input as u64,
+            max_regions: MAX_REGIONS,
             regions: Mutex::new(BTreeMap::new()),
         }
     }
@@ -200,9 +196,10 @@ impl SharedMemory {
         if regions.contains_key(name) {
             return Err(ShmError::Exists(name.into()));
         }
-        if regions.len() >= MAX_REGIONS {
+        if regions.len() >= self.max_regions {
             return Err(ShmError::Bounds(format!(
-                "{MAX_REGIONS} shared memory regions are registered, the most this server holds; unregister some first"
+                "{} shared memory regions are registered, the most this server holds; unregister some first",
+                self.max_regions
             )));
         }
         regions.insert(
@@ -322,13 +319,12 @@ impl SharedMemory {
     }
 }
 
-/// The registry a request may use: `None` when its API key is limited to some models
-/// ([`ShmError::Refused`]), and none when the server was started without `--allow-client-shm`.
+/// The registry a request may use: none without one (`None`, as in the fuzz targets) or when the
+/// server was started without `--allow-client-shm`.
 pub fn usable(shm: Option<&SharedMemory>) -> Result<&SharedMemory, ShmError> {
     match shm {
-        None => Err(ShmError::Refused),
-        Some(s) if !s.allowed => Err(ShmError::Disabled),
-        Some(s) => Ok(s),
+        Some(s) if s.allowed => Ok(s),
+        _ => Err(ShmError::Disabled),
     }
 }
 
@@ -462,6 +458,21 @@ mod tests {
         assert!(matches!(shrunk, Err(ShmError::Shrunk(_))), "{shrunk:?}");
 
         assert_eq!(shm.status(None).expect("status").len(), 1);
+        // Each region holds an open file: their number is bounded (MAX_REGIONS; 2 here).
+        let few = SharedMemory {
+            max_regions: 2,
+            ..SharedMemory::new(true, 1 << 20)
+        };
+        few.register("a", &key, 0, 4).expect("register");
+        few.register("b", &key, 0, 4).expect("register");
+        let third = few.register("c", &key, 0, 4);
+        assert!(
+            matches!(third, Err(ShmError::Bounds(ref m)) if m.contains("2 shared memory regions")),
+            "{third:?}"
+        );
+        few.unregister(Some("a")).expect("unregister");
+        few.register("c", &key, 0, 4)
+            .expect("room again after unregistering");
         shm.unregister(Some("r")).expect("unregister");
         assert!(matches!(shm.status(Some("r")), Err(ShmError::Unknown(_))));
     }

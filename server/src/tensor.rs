@@ -299,8 +299,7 @@ impl Tensor {
         match &self.data {
             TensorData::Raw(b) => b.clone(),
             TensorData::Strings(items) => {
-                let total: usize = items.iter().map(|s| 4 + s.len()).sum();
-                let mut out = Vec::with_capacity(total);
+                let mut out = Vec::with_capacity(self.binary_len());
                 for s in items {
                     out.extend_from_slice(&(s.len() as u32).to_le_bytes());
                     out.extend_from_slice(s);

@@ -31,9 +31,12 @@ pub struct Decoded {
     pub shm_outputs: Vec<Option<ShmRef>>,
     /// Bytes of input read from shared memory.
     pub shm_bytes: u64,
+    /// Whether an input or an output is in shared memory (the caller's key must allow it).
+    pub uses_shm: bool,
 }
 
-/// The `shared_memory_*` parameters of one input or output (Triton's shared memory extension).
+/// The `shared_memory_*` parameters of one input or output (Triton's shared memory extension),
+/// read as REST reads them.
 fn shm_param(
     p: &HashMap<String, InferParameter>,
     what: impl Fn() -> String,
@@ -41,36 +44,7 @@ fn shm_param(
     if !p.keys().any(|k| k.starts_with("shared_memory_")) {
         return Ok(None);
     }
-    let what = what();
-    let what = what.as_str();
-    let number = |key: &str| -> Result<Option<u64>, ApiError> {
-        match p.get(key).and_then(|v| v.parameter_choice.as_ref()) {
-            None => Ok(None),
-            Some(ParameterChoice::Int64Param(n)) if *n >= 0 => Ok(Some(*n as u64)),
-            Some(ParameterChoice::Uint64Param(n)) => Ok(Some(*n)),
-            Some(other) => Err(ApiError::BadRequest(format!(
-                "{what}: {key} must be a non-negative integer, got {other:?}"
-            ))),
-        }
-    };
-    let region = match p
-        .get("shared_memory_region")
-        .and_then(|v| v.parameter_choice.as_ref())
-    {
-        None => None,
-        Some(ParameterChoice::StringParam(s)) => Some(s.clone()),
-        Some(other) => {
-            return Err(ApiError::BadRequest(format!(
-                "{what}: shared_memory_region must be a region name (a string), got {other:?}"
-            )));
-        }
-    };
-    crate::protocol::v2::shm_ref(
-        region,
-        number("shared_memory_offset")?,
-        number("shared_memory_byte_size")?,
-        what,
-    )
+    crate::protocol::v2::shm_param(&Some(parameters_json(p)), what)
 }
 
 /// Decodes a request for a model with signature `sig`. Raw contents are taken, not copied.
@@ -88,6 +62,7 @@ pub fn decode_request(
         .map(|i| shm_param(&i.parameters, || format!("input {:?}", i.name)))
         .collect::<Result<Vec<_>, _>>()?;
     let carried = in_shm.iter().filter(|s| s.is_none()).count();
+    let mut uses_shm = carried < in_shm.len();
     if raw && raw_contents.len() != carried {
         return Err(ApiError::BadRequest(format!(
             "raw_input_contents has {} entries but the request has {carried} inputs outside shared memory; send one entry per such input, in input order",
@@ -118,6 +93,7 @@ pub fn decode_request(
         let at = shm_param(&o.parameters, || format!("output {:?}", o.name))?;
         if at.is_some() {
             crate::shm::usable(shm)?;
+            uses_shm = true;
         }
         shm_outputs.push(at);
         outputs.push(o.name.clone());
@@ -129,37 +105,26 @@ pub fn decode_request(
         parameters: parameters_json(&req.parameters),
         shm_outputs,
         shm_bytes,
+        uses_shm,
     })
 }
 
-/// An input whose data is in a registered shared memory region.
+/// An input whose data is in a registered shared memory region: decoded as raw contents.
 fn shm_input(
     sig: &Signature,
-    input: &InferInputTensor,
+    input: &mut InferInputTensor,
     at: &ShmRef,
     shm: Option<&SharedMemory>,
     used: &mut u64,
 ) -> Result<Tensor, ApiError> {
-    let name = input.name.as_str();
-    let what = format!("input {name:?}");
+    let what = format!("input {:?}", input.name);
     if input.contents.as_ref().is_some_and(|c| !populated(c).is_empty()) {
         return Err(ApiError::BadRequest(format!(
             "{what} names a shared memory region and also carries contents; send one"
         )));
     }
-    let spec = input_spec(sig, name)?;
-    let dtype = DataType::from_v2_name(&input.datatype)
-        .filter(|d| *d == spec.datatype)
-        .ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "{what} has datatype {:?} but the model expects {}",
-                input.datatype, spec.datatype
-            ))
-        })?;
-    element_count(&input.shape).map_err(|e| ApiError::BadRequest(format!("{what}: {e}")))?;
-    let shape: Vec<usize> = input.shape.iter().map(|&d| d as usize).collect();
     let raw = crate::shm::usable(shm)?.read(at, &what, used)?;
-    Tensor::from_binary(name, dtype, shape, raw).map_err(|e| ApiError::BadRequest(format!("{what}: {e}")))
+    decode_input(sig, input, Some(raw))
 }
 
 fn decode_input(

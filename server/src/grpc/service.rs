@@ -8,6 +8,7 @@ use futures::{Stream, StreamExt};
 use prost::Message as _;
 use serde_json::Value;
 use tokio::sync::watch;
+use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -118,6 +119,27 @@ pub struct Inference {
 }
 
 impl Inference {
+    /// A call on the shared memory registry: it needs a key without a model list
+    /// ([`crate::auth::SHARED_MEMORY`]) and is audited.
+    fn shared_memory<T: prost::Message, R: prost::Message>(
+        &self,
+        method: &'static str,
+        req: Request<T>,
+        call: impl FnOnce(&crate::shm::SharedMemory, T) -> Result<R, crate::shm::ShmError>,
+    ) -> Result<Response<R>, Status> {
+        let mut audit = Audited::start(&self.state, method, req.get_ref(), "", "");
+        let result = authorize_call(
+            &self.state,
+            &req,
+            Some(crate::auth::SHARED_MEMORY),
+            &mut audit.caller,
+        )
+        .and_then(|()| call(&self.state.shm, req.into_inner()).map_err(|e| status(&e.into())))
+        .map(Response::new);
+        audit.result(&self.state, &result);
+        result
+    }
+
     /// Handlers over `state`; streams stop reading requests when `shutdown` turns true.
     pub fn new(state: Arc<AppState>, shutdown: watch::Receiver<bool>) -> Inference {
         Inference { state, shutdown }
@@ -125,30 +147,30 @@ impl Inference {
 }
 
 /// Runs one inference request through the shared execution path (statistics, metrics, batching).
-/// `may_use_shm`: whether the caller's key may name shared memory regions.
+/// `authorization`: the caller's key, kept when keys are on for a request that names shared memory.
 async fn infer(
     state: &AppState,
     req: ModelInferRequest,
-    may_use_shm: bool,
+    authorization: Option<MetadataValue<Ascii>>,
 ) -> Result<ModelInferResponse, ApiError> {
     let span = inference::request_span("grpc", &req.model_name, version_arg(&req.model_version));
-    infer_in_span(state, req, may_use_shm).instrument(span).await
+    infer_in_span(state, req, authorization).instrument(span).await
 }
 
-/// Whether the key in `metadata` may use shared memory (see [`crate::auth::SHARED_MEMORY`]).
-fn may_use_shm(state: &AppState, metadata: &tonic::metadata::MetadataMap) -> bool {
-    crate::auth::may_use_shared_memory(
-        state.api_keys.as_deref(),
-        metadata.get("authorization").map(|v| v.as_bytes()),
-    )
+/// The caller's key, kept (a cheap clone) when keys are on: see [`infer`].
+fn authorization(state: &AppState, metadata: &MetadataMap) -> Option<MetadataValue<Ascii>> {
+    state
+        .api_keys
+        .as_ref()
+        .and_then(|_| metadata.get("authorization").cloned())
 }
 
 async fn infer_in_span(
     state: &AppState,
     mut req: ModelInferRequest,
-    may_use_shm: bool,
+    authorization: Option<MetadataValue<Ascii>>,
 ) -> Result<ModelInferResponse, ApiError> {
-    let shm = may_use_shm.then_some(state.shm.as_ref());
+    let shm = Some(state.shm.as_ref());
     let start = Instant::now();
     let version = version_arg(&req.model_version).map(str::to_owned);
     let (model, stats) = state
@@ -171,11 +193,13 @@ async fn infer_in_span(
         codec::decode_request(model.backend.signature(), &mut req, shm),
     )?;
     // Inputs read from shared memory are held like a message until the answer is built.
-    inference::counted(
-        &stats,
-        start,
-        state.admission.reserve(&mut ticket, decoded.shm_bytes as usize),
-    )?;
+    let allowed = crate::auth::check_shared_memory(
+        state.api_keys.as_deref(),
+        authorization.as_ref().map(|v| v.as_bytes()),
+        decoded.uses_shm,
+    )
+    .and_then(|()| state.admission.reserve(&mut ticket, decoded.shm_bytes as usize));
+    inference::counted(&stats, start, allowed)?;
     let timeout = inference::counted(&stats, start, v2::timeout_param(Some(&decoded.parameters)))?;
     let outputs = inference::execute(
         model.clone(),
@@ -441,10 +465,10 @@ impl GrpcInferenceService for Inference {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let m = req.get_ref();
         let mut audit = Audited::start(&self.state, "ModelInfer", m, &m.model_name, &m.model_version);
-        let shm_ok = may_use_shm(&self.state, req.metadata());
+        let key = authorization(&self.state, req.metadata());
         let result = match authorize_call(&self.state, &req, Some(&m.model_name), &mut audit.caller) {
             Err(s) => Err(s),
-            Ok(()) => match infer(&self.state, req.into_inner(), shm_ok).await {
+            Ok(()) => match infer(&self.state, req.into_inner(), key).await {
                 Ok(r) => Ok(Response::new(r)),
                 Err(e) => {
                     if matches!(e, ApiError::Internal(_)) {
@@ -504,7 +528,7 @@ impl GrpcInferenceService for Inference {
                     );
                     let answer = match authorize(&state, &metadata, Some(&req.model_name), &mut audit.caller)
                     {
-                        Ok(()) => infer(&state, req, may_use_shm(&state, &metadata)).await,
+                        Ok(()) => infer(&state, req, authorization(&state, &metadata)).await,
                         Err(e) => Err(e),
                     };
                     match &answer {
@@ -585,71 +609,42 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<SystemSharedMemoryStatusRequest>,
     ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
-        authorize_call(&self.state, &req, Some(crate::auth::SHARED_MEMORY), &mut None)?;
-        let name = req.into_inner().name;
-        let regions = self
-            .state
-            .shm
-            .status(Some(name.as_str()).filter(|n| !n.is_empty()))
-            .map_err(|e| status(&e.into()))?
-            .into_iter()
-            .map(|r| {
-                let region = system_shared_memory_status_response::RegionStatus {
-                    name: r.name.clone(),
-                    key: r.key,
-                    offset: r.offset,
-                    byte_size: r.byte_size,
-                };
-                (r.name, region)
-            })
-            .collect();
-        Ok(Response::new(SystemSharedMemoryStatusResponse { regions }))
+        self.shared_memory("SystemSharedMemoryStatus", req, |shm, r| {
+            let regions = shm
+                .status(Some(r.name.as_str()).filter(|n| !n.is_empty()))?
+                .into_iter()
+                .map(|r| {
+                    let region = system_shared_memory_status_response::RegionStatus {
+                        name: r.name.clone(),
+                        key: r.key,
+                        offset: r.offset,
+                        byte_size: r.byte_size,
+                    };
+                    (r.name, region)
+                })
+                .collect();
+            Ok(SystemSharedMemoryStatusResponse { regions })
+        })
     }
 
     async fn system_shared_memory_register(
         &self,
         req: Request<SystemSharedMemoryRegisterRequest>,
     ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
-        let mut audit = Audited::start(&self.state, "SystemSharedMemoryRegister", req.get_ref(), "", "");
-        let result = authorize_call(
-            &self.state,
-            &req,
-            Some(crate::auth::SHARED_MEMORY),
-            &mut audit.caller,
-        )
-        .and_then(|()| {
-            let r = req.get_ref();
-            self.state
-                .shm
-                .register(&r.name, &r.key, r.offset, r.byte_size)
-                .map_err(|e| status(&e.into()))
+        self.shared_memory("SystemSharedMemoryRegister", req, |shm, r| {
+            shm.register(&r.name, &r.key, r.offset, r.byte_size)
+                .map(|()| SystemSharedMemoryRegisterResponse {})
         })
-        .map(|()| Response::new(SystemSharedMemoryRegisterResponse {}));
-        audit.result(&self.state, &result);
-        result
     }
 
     async fn system_shared_memory_unregister(
         &self,
         req: Request<SystemSharedMemoryUnregisterRequest>,
     ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
-        let mut audit = Audited::start(&self.state, "SystemSharedMemoryUnregister", req.get_ref(), "", "");
-        let result = authorize_call(
-            &self.state,
-            &req,
-            Some(crate::auth::SHARED_MEMORY),
-            &mut audit.caller,
-        )
-        .and_then(|()| {
-            let name = req.get_ref().name.as_str();
-            self.state
-                .shm
-                .unregister(Some(name).filter(|n| !n.is_empty()))
-                .map_err(|e| status(&e.into()))
+        self.shared_memory("SystemSharedMemoryUnregister", req, |shm, r| {
+            shm.unregister(Some(r.name.as_str()).filter(|n| !n.is_empty()))
+                .map(|()| SystemSharedMemoryUnregisterResponse {})
         })
-        .map(|()| Response::new(SystemSharedMemoryUnregisterResponse {}));
-        audit.result(&self.state, &result);
-        result
     }
 }
 

@@ -494,19 +494,17 @@ async fn system_shared_memory(
             .map(|n| n.into_owned())
             .map_err(|_| ApiError::BadRequest(format!("region name {seg:?} is not UTF-8 once decoded")))
     };
+    let status = |name: Option<String>| -> Result<Response<Chunks>, ApiError> {
+        let regions = match shm.status(name.as_deref()) {
+            Err(e @ crate::shm::ShmError::Unknown(_)) => return Err(ApiError::NotFound(e.to_string())),
+            r => r?,
+        };
+        let body = serde_json::to_value(regions).map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(json_response(StatusCode::OK, &body))
+    };
     match rest {
-        ["status"] => Ok(json_response(
-            StatusCode::OK,
-            &serde_json::to_value(shm.status(None)?).map_err(internal)?,
-        )),
-        ["region", name, "status"] => match shm.status(Some(&region(name)?)) {
-            Ok(s) => Ok(json_response(
-                StatusCode::OK,
-                &serde_json::to_value(s).map_err(internal)?,
-            )),
-            Err(e @ crate::shm::ShmError::Unknown(_)) => Err(ApiError::NotFound(e.to_string())),
-            Err(e) => Err(e.into()),
-        },
+        ["status"] => status(None),
+        ["region", name, "status"] => status(Some(region(name)?)),
         ["unregister"] => shm.unregister(None).map(|()| ok()).map_err(Into::into),
         ["region", name, "unregister"] => shm
             .unregister(Some(&region(name)?))
@@ -537,10 +535,6 @@ async fn system_shared_memory(
     }
 }
 
-fn internal(e: serde_json::Error) -> ApiError {
-    ApiError::Internal(e.to_string())
-}
-
 async fn infer_v2(
     state: &AppState,
     m: &str,
@@ -553,12 +547,11 @@ async fn infer_v2(
         .ready_model(m, version)
         .map_err(inference::count_not_ready)?;
     let _inflight = inference::InFlight::enter(&stats);
-    let may_use_shm = crate::auth::may_use_shared_memory(
-        state.api_keys.as_deref(),
-        req.headers()
-            .get(http::header::AUTHORIZATION)
-            .map(|v| v.as_bytes()),
-    );
+    // Kept for requests that turn out to name shared memory regions (a cheap clone).
+    let authorization = state
+        .api_keys
+        .as_ref()
+        .and_then(|_| req.headers().get(http::header::AUTHORIZATION).cloned());
     let result = async {
         let mut ticket = Ticket::default();
         let header_len = match req.headers().get(v2::HEADER_LENGTH) {
@@ -578,13 +571,18 @@ async fn infer_v2(
         state.admission.admit(&mut ticket)?;
         let json = header_len.unwrap_or(body.len());
         let decoding = model.clone();
-        let shm = may_use_shm.then(|| state.shm.clone());
+        let shm = state.shm.clone();
         let request = state
             .offload
             .run(json, move || {
-                v2::decode_request_shm(decoding.backend.signature(), &body, header_len, shm.as_deref())
+                v2::decode_request_shm(decoding.backend.signature(), &body, header_len, &shm)
             })
             .await??;
+        crate::auth::check_shared_memory(
+            state.api_keys.as_deref(),
+            authorization.as_ref().map(|v| v.as_bytes()),
+            request.uses_shm,
+        )?;
         // Inputs read from shared memory are held like a body until the answer is encoded.
         state.admission.reserve(&mut ticket, request.shm_bytes as usize)?;
         Ok((request, ticket))
@@ -603,11 +601,11 @@ async fn infer_v2(
     )
     .await?;
     let (name, version) = (m.to_string(), model.version);
-    let shm = may_use_shm.then(|| state.shm.clone());
+    let shm = state.shm.clone();
     let encoded = state
         .offload
         .run(v2::json_response_len(&request, &outputs), move || {
-            v2::encode_response(&name, version, &request, &outputs, shm.as_deref())
+            v2::encode_response(&name, version, &request, &outputs, Some(&shm))
         })
         .await??;
     if encoded.blobs.is_empty() {

@@ -87,11 +87,16 @@ pub struct InferRequest {
     pub shm_outputs: Vec<Option<ShmRef>>,
     /// Bytes of input read from shared memory (held like a body while the request lives).
     pub shm_bytes: u64,
+    /// Whether an input or an output is in shared memory (the caller's key must allow it).
+    pub uses_shm: bool,
 }
 
 /// The `shared_memory_*` parameters of one input or output (Triton's shared memory extension):
 /// none, or a region and a byte size, with an optional offset.
-fn shm_param(p: &Option<Map<String, Value>>, what: impl Fn() -> String) -> Result<Option<ShmRef>, ApiError> {
+pub(crate) fn shm_param(
+    p: &Option<Map<String, Value>>,
+    what: impl Fn() -> String,
+) -> Result<Option<ShmRef>, ApiError> {
     let Some(p) = p else { return Ok(None) };
     if !p.keys().any(|k| k.starts_with("shared_memory_")) {
         return Ok(None);
@@ -125,7 +130,7 @@ fn shm_param(p: &Option<Map<String, Value>>, what: impl Fn() -> String) -> Resul
 
 /// Checks that the shared memory parameters come as Triton requires: a region and a byte size
 /// together, the offset optional (default 0).
-pub fn shm_ref(
+fn shm_ref(
     region: Option<String>,
     offset: Option<u64>,
     byte_size: Option<u64>,
@@ -176,15 +181,14 @@ pub fn decode_request_with(
 }
 
 /// [`decode_request`] for a server whose clients may name registered shared memory regions
-/// (`shm`; `None` for a caller whose API key may not use them) in place of an input's data, or to
-/// receive an output.
+/// (`shm`) in place of an input's data, or to receive an output.
 pub fn decode_request_shm(
     sig: &Signature,
     body: &Bytes,
     json_len: Option<usize>,
-    shm: Option<&SharedMemory>,
+    shm: &SharedMemory,
 ) -> Result<InferRequest, ApiError> {
-    decode(sig, body, json_len, true, shm)
+    decode(sig, body, json_len, true, Some(shm))
 }
 
 fn decode(
@@ -227,6 +231,7 @@ fn decode(
     let mut found = found.into_iter().peekable();
     let mut inputs = Vec::with_capacity(header.inputs.len());
     let mut shm_bytes = 0;
+    let mut uses_shm = false;
     for (index, input) in header.inputs.iter().enumerate() {
         let parsed = found.next_if(|f| f.input == index);
         let spec = input_spec(sig, &input.name)?;
@@ -262,6 +267,7 @@ fn decode(
                 )));
             }
             let raw = crate::shm::usable(shm)?.read(&at, &what, &mut shm_bytes)?;
+            uses_shm = true;
             let tensor = Tensor::from_binary(&input.name, dtype, shape, raw)
                 .map_err(|e| ApiError::BadRequest(format!("{what}: {e}")))?;
             inputs.push(tensor);
@@ -324,6 +330,7 @@ fn decode(
         let at = shm_param(&o.parameters, || format!("output {:?}", o.name))?;
         if at.is_some() {
             crate::shm::usable(shm)?;
+            uses_shm = true;
         }
         shm_outputs.push(at);
         outputs.push(o.name);
@@ -337,6 +344,7 @@ fn decode(
         binary_default,
         shm_outputs,
         shm_bytes,
+        uses_shm,
     })
 }
 
@@ -468,11 +476,15 @@ pub fn json_response_len(req: &InferRequest, outputs: &[Tensor]) -> usize {
     outputs
         .iter()
         .enumerate()
-        .filter(|(i, _)| !req.binary_outputs.get(*i).copied().unwrap_or(req.binary_default))
-        .map(|(i, t)| match req.shm_outputs.get(i) {
-            // Writing to shared memory is a copy: large ones go off the I/O threads too.
-            Some(Some(_)) => t.binary_len(),
-            _ => t.json_len(),
+        .map(|(i, t)| {
+            if req.shm_outputs.get(i).is_some_and(Option::is_some) {
+                // Writing to shared memory is a copy: large ones go off the I/O threads too.
+                t.binary_len()
+            } else if req.binary_outputs.get(i).copied().unwrap_or(req.binary_default) {
+                0
+            } else {
+                t.json_len()
+            }
         })
         .sum()
 }
