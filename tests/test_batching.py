@@ -451,3 +451,45 @@ def test_on_a_cpu_a_request_does_not_wait_for_company_while_the_other_instance_r
         assert sizes == [1, 1500], sizes
     finally:
         assert s.stop() == 0
+
+
+def test_on_a_cpu_a_batch_does_not_wait_for_requests_it_cannot_join(busy_model, tmp_path):
+    # Both instances are busy: one for seconds, one for a moment. Meanwhile a request that names
+    # its output and one that does not queue up: those two never share a batch (as requests of
+    # different sequence lengths do not). A batch waits for company only while it holds less
+    # than its share of the requests in flight that could join it, so when the instance comes
+    # free each runs at once, one after the other. Counting the other one too, the first waited
+    # out the 2 s queue delay for a request it could never take.
+    s = two_cpu_instances(busy_model, tmp_path, max_batch=2048, delay_us=2_000_000, threads=1)
+    try:
+        s.wait_loaded()
+        big = np.ones((1500, 256), dtype=np.float32)
+        medium = np.ones((48, 256), dtype=np.float32)
+        xs = [np.random.default_rng(80 + i).standard_normal((1, 256)).astype(np.float32) for i in range(2)]
+        named = [None, ["y"]]
+
+        def one(i):
+            t = time.perf_counter()
+            r = infer(s, "slow", [v2("x", xs[i], "FP32")], named[i])
+            return r, time.perf_counter() - t
+
+        with ThreadPoolExecutor(4) as pool:
+            long = pool.submit(infer, s, "slow", [v2("x", big, "FP32")])
+            deadline = time.time() + 30
+            while gauge(s, "nv_inference_pending_request_count", "slow") < 1:
+                assert time.time() < deadline, "the long request never started"
+                time.sleep(0.01)
+            time.sleep(0.3)  # its JSON body is parsed and it runs
+            short = pool.submit(infer, s, "slow", [v2("x", medium, "FP32")])
+            time.sleep(0.02)
+            got = list(pool.map(one, range(2)))
+            assert short.result().status_code == 200
+            assert not long.done(), "the long request ended before the short ones came"
+            assert long.result().status_code == 200
+        assert_busy_answers(busy_model, xs, [r for r, _ in got])
+        times = [round(t, 2) for _, t in got]
+        assert max(times) < 1.0, f"the short requests waited {times} s beside a running instance"
+        sizes = sorted(b["batch_size"] for b in stats(s, "slow")["batch_stats"] for _ in range(b["compute_infer"]["count"]))
+        assert sizes == [1, 1, 48, 1500], sizes
+    finally:
+        assert s.stop() == 0

@@ -3,8 +3,8 @@
 //! rows (on the CPU, an even share of the rows queued per instance: see [`split_cap`]),
 //! waiting at most `max_queue_delay` (counted from the oldest request's arrival) for more to
 //! come, unless the next request would take the batch past that cap: then it goes at once. On
-//! the CPU a batch also goes once it holds its even share of the requests in flight (queued,
-//! or running on the other instances: see [`share_of_flight`]): waiting longer would only idle
+//! the CPU a batch also goes once it holds its even share of the requests in flight (queued and
+//! able to join it, or running on the other instances: see [`share_of_flight`]): waiting longer would only idle
 //! its core. A request always runs whole, so one larger than its share runs alone. Requests are
 //! concatenated along dimension 0 and every output is split back by each
 //! request's rows. Requests whose other dimensions, types or requested outputs differ never share
@@ -340,7 +340,10 @@ async fn dispatch(
         }
         while !full && rows < cap && !config.preferred_batch_sizes.contains(&rows) {
             if sharing > 0 {
-                let in_flight = batch.len() + held.len() + rx.rx.len() + running.requests.load(Relaxed);
+                // Held requests of another shape (another sequence length, other outputs) can
+                // never join: waiting for them would only hold this batch and them back.
+                let joinable = held.iter().filter(|j| j.fits_with(&batch[0])).count();
+                let in_flight = batch.len() + joinable + rx.rx.len() + running.requests.load(Relaxed);
                 if batch.len() >= share_of_flight(in_flight, sharing) {
                     break;
                 }
@@ -404,7 +407,8 @@ pub fn split_cap(max: usize, queued: usize, others: usize) -> usize {
 }
 
 /// On the CPU, the requests a batch waits for before it goes: an even share of the requests in
-/// flight (`in_flight`: in the batch, queued, and running on the `others` instances). Closed-loop
+/// flight (`in_flight`: in the batch, queued, and running on the `others` instances; queued
+/// requests the batch could never take, of another shape, do not count). Closed-loop
 /// clients send again when answered, so a running request is one that will be back; with no more
 /// than its share, the batch would only idle its core waiting for requests that the other
 /// instances hold, and on the CPU a batch costs what its rows cost one by one. A lone request

@@ -114,7 +114,8 @@ pub struct ServeArgs {
 
     /// Dynamic batching: the longest the oldest queued request waits for others, in microseconds.
     /// On the CPU with several instances a batch stops waiting sooner, once it holds its even
-    /// share of the requests in flight (queued, or running on the other instances).
+    /// share of the requests in flight (queued and able to join it, or running on the other
+    /// instances).
     #[arg(long, env = "KUBEMAAS_MAX_QUEUE_DELAY_US", default_value_t = 1000)]
     pub max_queue_delay_us: u64,
 
