@@ -43,6 +43,12 @@ use super::status::ModelDeploymentStatus;
     validation = Rule::new("size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
         .message("metadata.name must be a DNS-1035 label because it names the Service: at most 63 characters, lower-case letters, digits and '-', starting with a letter and ending with a letter or digit")
 )]
+#[x_kube(validation = Rule::new("!has(self.resources) || !has(self.resources.claims) || size(self.resources.claims) == 0")
+    .message("resources.claims is not supported: a ModelDeployment's pods set no resourceClaims; use resources.requests and limits, and spec.gpu for GPUs")
+    .field_path(".resources.claims"))]
+#[x_kube(validation = Rule::new("!has(self.resources) || ((!has(self.resources.limits) || !self.resources.limits.exists(k, k.startsWith('nvidia.com/'))) && (!has(self.resources.requests) || !self.resources.requests.exists(k, k.startsWith('nvidia.com/'))))")
+    .message("request GPUs with spec.gpu (count and resourceName), not spec.resources: the operator sets the GPU limit from spec.gpu")
+    .field_path(".resources"))]
 #[x_kube(validation = Rule::new("!has(self.gpu) || self.accelerator != 'cpu'")
     .message("a gpu block needs accelerator: cuda or auto; remove gpu or change accelerator")
     .field_path(".gpu"))]
@@ -87,7 +93,7 @@ pub struct ModelDeploymentSpec {
 
     /// Seconds a pod may take to download and load the model before it is restarted (startup probe).
     #[serde(default = "default_startup_timeout")]
-    #[x_kube(validation = Rule::new("self >= 10").message("startupTimeoutSeconds must be at least 10"))]
+    #[x_kube(validation = Rule::new("self >= 10 && self <= 86400").message("startupTimeoutSeconds must be between 10 and 86400 (a day)"))]
     pub startup_timeout_seconds: i32,
 
     /// Server image override; by default the operator's configured CPU or CUDA image.
@@ -430,9 +436,11 @@ fn uri_dot_component_rule() -> Rule {
 }
 
 /// A Secret in the same namespace.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct SecretRef {
     /// Secret name.
+    #[x_kube(validation = Rule::new("size(self) >= 1 && size(self) <= 253 && self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')")
+        .message("model.credentialsSecretRef.name must be a Secret name: lower-case letters, digits, '-' and '.', at most 253 characters"))]
     pub name: String,
 }
 
@@ -453,7 +461,7 @@ pub enum Accelerator {
 /// `25%` of the replicas). A bound left out takes the default described on `spec.rollout`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.maxSurge) || !has(self.maxUnavailable) || !(string(self.maxSurge) in ['0', '0%'] && string(self.maxUnavailable) in ['0', '0%'])")
+#[x_kube(validation = Rule::new("!has(self.maxSurge) || !has(self.maxUnavailable) || !(string(self.maxSurge).matches('^0+%?$') && string(self.maxUnavailable).matches('^0+%?$'))")
     .message("rollout.maxSurge and rollout.maxUnavailable cannot both be 0: the rollout could never replace a pod"))]
 pub struct RolloutSpec {
     /// Pods started above the replica count during a rollout.
@@ -462,10 +470,10 @@ pub struct RolloutSpec {
         .message("rollout.maxSurge must be a non-negative count or a percentage such as 25%"))]
     pub max_surge: Option<IntOrString>,
 
-    /// Pods that may be unavailable during a rollout.
+    /// Pods that may be unavailable during a rollout (a percentage at most 100%).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("string(self).matches('^[0-9]+%?$')")
-        .message("rollout.maxUnavailable must be a non-negative count or a percentage such as 25%"))]
+    #[x_kube(validation = Rule::new("string(self).matches('^([0-9]+|0*([0-9]{1,2}|100)%)$')")
+        .message("rollout.maxUnavailable must be a non-negative count or a percentage of at most 100%, such as 25%"))]
     pub max_unavailable: Option<IntOrString>,
 }
 
@@ -481,6 +489,8 @@ pub struct GpuSpec {
     /// Extended resource to request: `nvidia.com/gpu`, or a MIG profile such as
     /// `nvidia.com/mig-1g.10gb`.
     #[serde(default = "default_gpu_resource")]
+    #[x_kube(validation = Rule::new("size(self) <= 253 && self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$') && !self.matches('^([^/]*[.])?kubernetes[.]io/') && !self.startsWith('requests.')")
+        .message("gpu.resourceName must be an extended resource such as nvidia.com/gpu or nvidia.com/mig-1g.10gb (a domain, '/', a name)"))]
     pub resource_name: String,
 
     /// GPU model to require (node label `nvidia.com/gpu.product`), e.g. `NVIDIA-H100-80GB-HBM3`.

@@ -88,8 +88,15 @@ fn gpu_request(md: &ModelDeployment) -> Option<(String, i32)> {
     }
 }
 
+/// `0`, `"0%"`, and the same with leading zeros (`"00%"`): the Deployment reads them all as 0.
 fn is_zero(v: &IntOrString) -> bool {
-    matches!(v, IntOrString::Int(0)) || matches!(v, IntOrString::String(s) if s == "0%")
+    match v {
+        IntOrString::Int(n) => *n == 0,
+        IntOrString::String(s) => {
+            let digits = s.strip_suffix('%').unwrap_or(s);
+            !digits.is_empty() && digits.bytes().all(|b| b == b'0')
+        }
+    }
 }
 
 /// A bound as the Deployment wants it: `"2"` (the schema lets a quoted count through) as the
@@ -499,7 +506,13 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
     let probe_port = "metrics";
 
     let ready_path = format!("/v2/models/{name}/ready");
-    let startup_failures = (spec.startup_timeout_seconds + PROBE_PERIOD - 1) / PROBE_PERIOD;
+    // Saturating: the schema caps the budget at a day, but an object stored before that rule
+    // (or written past it) must not overflow.
+    let startup_failures = spec
+        .startup_timeout_seconds
+        .max(1)
+        .saturating_add(PROBE_PERIOD - 1)
+        / PROBE_PERIOD;
     let port = |name: &str, p: i32| ContainerPort {
         name: Some(name.into()),
         container_port: p,
@@ -800,6 +813,19 @@ mod tests {
             bounds(json!({"model": uri, "accelerator": "cuda", "rollout": {"maxUnavailable": 0}})),
             (int(1), int(0))
         );
+        // "00%" is zero as well: the same, not a Deployment that can never roll.
+        assert_eq!(
+            bounds(json!({"model": uri, "accelerator": "cuda", "rollout": {"maxUnavailable": "00%"}})),
+            (int(1), IntOrString::String("00%".into()))
+        );
+    }
+
+    #[test]
+    fn a_startup_budget_past_the_schema_cap_does_not_overflow() {
+        let m = md(json!({"model": {"uri": "s3://models/m.onnx"}, "startupTimeoutSeconds": i32::MAX}));
+        let d = deployment(&m, &BuildConfig::default());
+        let probe = pod(&d).containers[0].startup_probe.clone().unwrap();
+        assert_eq!(probe.failure_threshold, Some(i32::MAX / PROBE_PERIOD));
     }
 
     #[test]
