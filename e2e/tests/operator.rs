@@ -340,6 +340,67 @@ async fn scale_subresource_uri_rollout_autoscaling_removal_and_garbage_collectio
         || async { hpas.get_opt("life").await.ok().flatten() },
     )
     .await;
+    // The HPA scales on CPU utilisation; this control plane has no metrics API, so it cannot. That
+    // must show in the ModelDeployment's status (and as a Warning Event), in the HPA's own words,
+    // not only in an object the user never looks at.
+    let active = wait_for(
+        "the HPA's ScalingActive condition",
+        LONG,
+        || op.log_tail(),
+        || async {
+            let hpa = hpas.get_opt("life").await.ok().flatten()?;
+            hpa.status?
+                .conditions?
+                .into_iter()
+                .find(|c| c.type_ == "ScalingActive")
+        },
+    )
+    .await;
+    assert_eq!(active.status, "False", "no metrics API here: {active:?}");
+    let said = active.message.clone().unwrap_or_default();
+    let why = active.reason.clone().unwrap_or_default();
+    let md = wait_md(
+        &api,
+        "life",
+        "status.autoscaling from the HPA",
+        LONG,
+        Some(&op),
+        |m| {
+            m.status
+                .as_ref()
+                .and_then(|s| s.autoscaling.as_ref())
+                .is_some_and(|a| a.reason.contains(&said) && a.reason.contains(&why))
+        },
+    )
+    .await;
+    let a = md.status.unwrap().autoscaling.unwrap();
+    assert!(a.reason.contains("HorizontalPodAutoscaler cannot scale"), "{a:?}");
+    let hpa_status = hpas.get("life").await.unwrap().status.unwrap();
+    assert_eq!(
+        a.desired_replicas, hpa_status.desired_replicas,
+        "{a:?} {hpa_status:?}"
+    );
+    let warned = wait_for(
+        "an AutoscalingFailed Event",
+        LONG,
+        || op.log_tail(),
+        || async {
+            let out = kubectl(&[
+                "get",
+                "events",
+                "-n",
+                &ns.name,
+                "--field-selector",
+                "reason=AutoscalingFailed",
+                "-o",
+                "jsonpath={range .items[*]}{.type}:{.note}{.message}{\"\\n\"}{end}",
+            ]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.contains("Warning:").then_some(text)
+        },
+    )
+    .await;
+    assert!(warned.contains(&said), "{warned}");
     let patch = json!({"spec": {"autoscaling": null}});
     api.patch("life", &PatchParams::default(), &Patch::Merge(&patch))
         .await

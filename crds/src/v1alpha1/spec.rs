@@ -91,7 +91,10 @@ pub struct ModelDeploymentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutSpec>,
 
-    /// Seconds a pod may take to download and load the model before it is restarted (startup probe).
+    /// Seconds the model download may take (the download init container gives up then, and the
+    /// pod retries), and then, counted afresh, seconds the server may take to load the model and
+    /// report ready before it is restarted (startup probe). `model.compression` runs between the
+    /// two and is not bounded by it.
     #[serde(default = "default_startup_timeout")]
     #[x_kube(validation = Rule::new("self >= 10 && self <= 86400").message("startupTimeoutSeconds must be between 10 and 86400 (a day)"))]
     pub startup_timeout_seconds: i32,

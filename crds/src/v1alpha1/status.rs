@@ -41,12 +41,14 @@ pub struct ModelDeploymentStatus {
     /// changed meaningfully, so an idle ModelDeployment costs no writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<TrafficMetrics>,
-    /// The built-in autoscaler's last decision (`autoscaling.metric` `concurrency` or `rps`).
+    /// The autoscaler's last decision: the operator's own for `autoscaling.metric` `concurrency`
+    /// or `rps`; the HorizontalPodAutoscaler's for `cpu` or `memory`, including why it cannot
+    /// scale (no metrics API, pods without a request of that resource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingStatus>,
 }
 
-/// What the built-in autoscaler decided, and why.
+/// What the autoscaler decided, and why.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingStatus {

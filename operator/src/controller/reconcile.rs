@@ -132,6 +132,28 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
             panic: d.panic,
         });
     }
+    // CPU or memory autoscaling: the HPA decides, and says so in its status, which users do not
+    // read; its decision, or why it cannot scale, goes into ours (and a failure into an Event).
+    if build::hpa::hpa(&md).is_some()
+        && let Some(hpa) = ctx.stores.hpas.get(&ObjectRef::new(&md.name_any()).within(&ns))
+    {
+        new.autoscaling = status::autoscaling_from_hpa(&hpa);
+        let before = md.status.as_ref().and_then(|s| s.autoscaling.as_ref());
+        if let Some(failure) = status::hpa_failure(&hpa)
+            && before.is_none_or(|b| b.reason != failure)
+        {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "AutoscalingFailed".into(),
+                note: Some(failure),
+                action: "Scale".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &md.object_ref(&())).await {
+                tracing::debug!(error = %e, "failed to publish event");
+            }
+        }
+    }
     // Traffic as last scraped; after an operator restart, what status showed until a new window.
     new.metrics = ctx
         .scraper

@@ -2,12 +2,15 @@
 //! `ModelDeployment.status`. The reconcile patches it once, and only when it changed.
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kubemaas_crds::artifact::exit;
 use kubemaas_crds::conditions::{self, reason};
-use kubemaas_crds::v1alpha1::{Endpoints, ModelDeployment, ModelDeploymentStatus, ModelStatus};
+use kubemaas_crds::v1alpha1::{
+    AutoscalingStatus, Endpoints, ModelDeployment, ModelDeploymentStatus, ModelStatus,
+};
 
 use super::build::{PULL_CONTAINER, model_name, ports, selector_string};
 
@@ -505,6 +508,74 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
     }
 }
 
+/// Why the HorizontalPodAutoscaler cannot scale (its `ScalingActive` condition is False, e.g. no
+/// metrics API, or pods without a request of the metric's resource), in its own words.
+pub fn hpa_failure(hpa: &HorizontalPodAutoscaler) -> Option<String> {
+    let c = hpa
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "ScalingActive" && c.status == "False")?;
+    Some(format!(
+        "the HorizontalPodAutoscaler cannot scale ({}): {}",
+        c.reason.as_deref().unwrap_or("unknown reason"),
+        c.message.as_deref().unwrap_or("no message")
+    ))
+}
+
+/// `status.autoscaling` for CPU or memory autoscaling, which the HPA decides: its desired replicas
+/// and last scale time, and why: the utilisation against the target, or why it cannot scale.
+/// None until the HPA has a status.
+pub fn autoscaling_from_hpa(hpa: &HorizontalPodAutoscaler) -> Option<AutoscalingStatus> {
+    let st = hpa.status.as_ref()?;
+    let reason = hpa_failure(hpa).unwrap_or_else(|| {
+        let target = hpa
+            .spec
+            .metrics
+            .as_ref()
+            .and_then(|m| m.first())
+            .and_then(|m| m.resource.as_ref());
+        let current = st
+            .current_metrics
+            .as_ref()
+            .and_then(|m| m.first())
+            .and_then(|m| m.resource.as_ref());
+        let mut why = match (target, current.and_then(|c| c.current.average_utilization)) {
+            (Some(t), Some(u)) => format!(
+                "average {} utilisation {u}% of the request, target {}%: {} replicas",
+                t.name,
+                t.target.average_utilization.unwrap_or(0),
+                st.desired_replicas
+            ),
+            _ => format!("{} replicas (no utilisation measured yet)", st.desired_replicas),
+        };
+        // At the minimum or the maximum: the HPA says which.
+        if let Some(limited) = st
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "ScalingLimited" && c.status == "True")
+        {
+            why.push_str(&format!(
+                "; {}",
+                limited
+                    .message
+                    .as_deref()
+                    .unwrap_or("limited by minReplicas or maxReplicas")
+            ));
+        }
+        why
+    });
+    Some(AutoscalingStatus {
+        desired_replicas: st.desired_replicas,
+        last_scale_time: st.last_scale_time.clone(),
+        reason,
+        panic: false,
+    })
+}
+
 /// Conditions whose status or reason changed between `old` and `new`: each becomes an Event.
 pub fn changed_conditions<'a>(
     old: Option<&ModelDeploymentStatus>,
@@ -582,6 +653,63 @@ mod tests {
 
     fn now() -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap())
+    }
+
+    /// An HPA as kube-controller-manager writes it, scaling on CPU with `conditions` and `current`.
+    fn hpa(conditions: serde_json::Value, current: serde_json::Value) -> HorizontalPodAutoscaler {
+        serde_json::from_value(json!({
+            "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": "m", "namespace": "ns"},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "m"},
+                "minReplicas": 1, "maxReplicas": 4,
+                "metrics": [{"type": "Resource", "resource": {"name": "cpu",
+                    "target": {"type": "Utilization", "averageUtilization": 70}}}]},
+            "status": {"currentReplicas": 2, "desiredReplicas": 3, "conditions": conditions,
+                "currentMetrics": current}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn cpu_autoscaling_reports_what_the_hpa_decided_and_why_it_cannot_scale() {
+        let failing = hpa(
+            json!([
+                {"type": "AbleToScale", "status": "True", "reason": "SucceededGetScale",
+                 "message": "the HPA controller was able to get the target's current scale"},
+                {"type": "ScalingActive", "status": "False", "reason": "FailedGetResourceMetric",
+                 "message": "the HPA was unable to compute the replica count: failed to get cpu utilization: missing request for cpu in container server of Pod m-1"}
+            ]),
+            json!(null),
+        );
+        let a = autoscaling_from_hpa(&failing).unwrap();
+        assert_eq!(a.desired_replicas, 3);
+        assert_eq!(
+            a.reason,
+            "the HorizontalPodAutoscaler cannot scale (FailedGetResourceMetric): the HPA was unable to compute the replica count: failed to get cpu utilization: missing request for cpu in container server of Pod m-1"
+        );
+        assert_eq!(hpa_failure(&failing).as_deref(), Some(a.reason.as_str()));
+
+        let scaling = hpa(
+            json!([
+                {"type": "ScalingActive", "status": "True", "reason": "ValidMetricFound", "message": "ok"},
+                {"type": "ScalingLimited", "status": "True", "reason": "TooManyReplicas",
+                 "message": "the desired replica count is more than the maximum replica count"}
+            ]),
+            json!([{"type": "Resource", "resource": {"name": "cpu", "current": {"averageUtilization": 95, "averageValue": "950m"}}}]),
+        );
+        let a = autoscaling_from_hpa(&scaling).unwrap();
+        assert_eq!(
+            a.reason,
+            "average cpu utilisation 95% of the request, target 70%: 3 replicas; the desired replica count is more than the maximum replica count"
+        );
+        assert!(hpa_failure(&scaling).is_none());
+
+        let mut fresh = scaling.clone();
+        fresh.status = None;
+        assert!(
+            autoscaling_from_hpa(&fresh).is_none(),
+            "nothing to say before the HPA's first sync"
+        );
     }
 
     fn c(type_: &str, status: &str, reason: &str) -> Condition {
