@@ -1080,3 +1080,40 @@ def test_s3_credentials_come_from_a_web_identity_token_file_irsa(s3, run_pull, t
         assert p.returncode == 6, p.explain()
     finally:
         sts.close()
+
+
+def test_a_presigned_urls_signature_and_a_password_never_leave_the_pull(plain, run_pull, tmp_path, model_bytes):
+    # A presigned URL carries its credential in the query; a URL may carry a password. The pull
+    # record is served as model metadata, also on the metrics port, which asks no API key, and a
+    # failure's message becomes the ModelDeployment's condition: neither may repeat them.
+    secret = "X-Amz-Credential=AKIDEXAMPLE%2F20261130&X-Amz-Signature=0123456789abcdefsecret"
+    plain.route("/model.onnx", body=model_bytes)
+    repo = tmp_path / "repo"
+    dest = repo / "cls" / "1" / "model.onnx"
+    p = run_pull(plain.url_for("/model.onnx") + "?" + secret, dest, LOCAL)
+    assert_ok(p)
+    assert plain.gets("/model.onnx")[0].query["X-Amz-Signature"] == "0123456789abcdefsecret", "the query reached the store"
+    assert "secret" not in p.stdout + p.stderr, p.explain()
+    assert p.record["uri"] == plain.url_for("/model.onnx") + "?redacted", p.record
+    s = Server(["--model-repository", str(repo)], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        for base in (s.url, s.metrics_url):
+            meta = requests.get(f"{base}/v2/models/cls/versions/1", timeout=10)
+            assert meta.status_code == 200 and "secret" not in meta.text, meta.text
+    finally:
+        assert s.stop() == 0
+
+    plain.route("/missing.onnx", status=404)
+    dest = tmp_path / "missing" / "model.onnx"
+    p = run_pull(plain.url_for("/missing.onnx") + "?" + secret, dest, LOCAL, "--retries", 0)
+    assert_failed(p, 5, dest, mentions="404")
+    assert "secret" not in p.termination + p.stdout + p.stderr, p.explain()
+    assert "missing.onnx?redacted" in p.termination, p.termination
+
+    # A password in the URL is refused (credentials go in files), and not repeated in the refusal.
+    with_password = plain.url_for("/missing.onnx").replace("://", "://reader:hunter2secret@")
+    p = run_pull(with_password, dest, LOCAL, "--retries", 0)
+    assert_failed(p, 2, dest, mentions="credentials inside the URL are refused")
+    assert "secret" not in p.termination + p.stdout + p.stderr, p.explain()
+    assert "reader:redacted@" in p.termination, p.termination

@@ -47,6 +47,45 @@ pub fn is_directory_uri(uri: &str) -> bool {
     uri.ends_with('/')
 }
 
+/// The credential-bearing parts of a model URI, each with what stands in for it: a presigned or
+/// signed URL's query (`?X-Amz-Signature=…`, `?X-Goog-Signature=…`) and a password in the
+/// authority (`https://user:password@host/…`).
+fn uri_secrets(uri: &str) -> Vec<(String, &'static str)> {
+    let mut secrets = Vec::new();
+    let without_fragment = uri.split('#').next().unwrap_or(uri);
+    if let Some((_, query)) = without_fragment.split_once('?')
+        && !query.is_empty()
+    {
+        secrets.push((format!("?{query}"), "?redacted"));
+    }
+    if let Some((_, rest)) = uri.split_once("://") {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if let Some((userinfo, _)) = authority.rsplit_once('@')
+            && let Some((_, password)) = userinfo.split_once(':')
+            && !password.is_empty()
+        {
+            secrets.push((format!(":{password}@"), ":redacted@"));
+        }
+    }
+    secrets
+}
+
+/// `text` with every credential of `uri` in it replaced (see [`redact_uri`]): for messages that
+/// quote the URI, such as a failed download's, which becomes a condition message.
+pub fn redact(text: &str, uri: &str) -> String {
+    uri_secrets(uri)
+        .iter()
+        .fold(text.to_string(), |t, (secret, stand_in)| {
+            t.replace(secret, stand_in)
+        })
+}
+
+/// `uri` as it may be reported (pull record, model metadata, status, logs): a query is replaced by
+/// `?redacted` (a presigned URL's query is its credential) and a password by `redacted`.
+pub fn redact_uri(uri: &str) -> String {
+    redact(uri, uri)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +101,30 @@ mod tests {
         assert!(!is_directory_uri("hf://org/repo/model.onnx"));
         assert!(is_directory_uri("pvc://claim/dir/"));
         assert!(!is_directory_uri("https://h/dir/"), "a URL is one file");
+    }
+
+    #[test]
+    fn credentials_in_a_uri_are_never_repeated() {
+        assert_eq!(
+            redact_uri("https://b.s3.amazonaws.com/m.onnx?X-Amz-Signature=abc&X-Amz-Credential=k"),
+            "https://b.s3.amazonaws.com/m.onnx?redacted"
+        );
+        assert_eq!(
+            redact_uri("https://u:p%40ss@host:8443/m.onnx?sig=1#frag"),
+            "https://u:redacted@host:8443/m.onnx?redacted#frag"
+        );
+        for plain in [
+            "s3://bucket/m.onnx",
+            "hf://org/repo",
+            "https://u@host/m.onnx",
+            "pvc://c/m/",
+        ] {
+            assert_eq!(redact_uri(plain), plain);
+        }
+        let message = "error sending request for url (https://u:pw@h/m?sig=s3cr3t): 404";
+        assert_eq!(
+            redact(message, "https://u:pw@h/m?sig=s3cr3t"),
+            "error sending request for url (https://u:redacted@h/m?redacted): 404"
+        );
     }
 }

@@ -178,9 +178,11 @@ pub struct NetworkPolicySpec {
 pub struct AuthSpec {
     /// API keys from a Secret in the same namespace, mounted into the server container (never the
     /// init container) and re-read by the server when the Secret changes, so keys rotate without
-    /// a restart. Every inference and metadata request of every protocol must then send
-    /// `Authorization: Bearer KEY` (gRPC: `authorization` metadata); health and readiness stay open
-    /// for the kubelet. The Secret's entry holds one key per line: `KEY`, `ID:KEY`, or
+    /// a restart. Every inference and metadata request of every protocol on the inference ports
+    /// must then send `Authorization: Bearer KEY` (gRPC: `authorization` metadata); health and
+    /// readiness stay open for the kubelet, and so does the metrics port (9090: `/metrics`,
+    /// health and model metadata, which the operator and Prometheus read; limit who reaches it
+    /// with `networkPolicy.metricsFrom`). The Secret's entry holds one key per line: `KEY`, `ID:KEY`, or
     /// `ID:KEY:MODEL[,MODEL...]` to allow only those models. A pod whose Secret is missing does
     /// not start.
     pub api_keys_secret_ref: ApiKeysSecretRef,

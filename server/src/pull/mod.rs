@@ -205,6 +205,51 @@ impl PullError {
         }
     }
 
+    /// The same error with `uri`'s credentials (a presigned query, a password) replaced wherever
+    /// they appear: its message becomes the pod's termination message and the condition's.
+    fn redacted(self, uri: &str) -> Self {
+        let r = |s: String| kubemaas_crds::artifact::redact(&s, uri);
+        match self {
+            PullError::Download { uri: u, message } => PullError::Download {
+                uri: r(u),
+                message: r(message),
+            },
+            PullError::NotFound { uri: u, message } => PullError::NotFound {
+                uri: r(u),
+                message: r(message),
+            },
+            PullError::AccessDenied { uri: u, message } => PullError::AccessDenied {
+                uri: r(u),
+                message: r(message),
+            },
+            PullError::TooLarge { uri: u, message } => PullError::TooLarge {
+                uri: r(u),
+                message: r(message),
+            },
+            PullError::AddressRefused { uri: u, message } => PullError::AddressRefused {
+                uri: r(u),
+                message: r(message),
+            },
+            PullError::Compression { uri: u, message } => PullError::Compression {
+                uri: r(u),
+                message: r(message),
+            },
+            PullError::CompressionRejected { uri: u, message } => PullError::CompressionRejected {
+                uri: r(u),
+                message: r(message),
+            },
+            PullError::Checksum {
+                uri: u,
+                expected,
+                actual,
+            } => PullError::Checksum {
+                uri: r(u),
+                expected,
+                actual,
+            },
+        }
+    }
+
     fn from_fetch(uri: &str, e: FetchError) -> Self {
         let uri = uri.to_string();
         match e {
@@ -224,7 +269,8 @@ impl PullError {
 /// `kubemaas-pull.json` in the version directory, where the server reads it.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Record {
-    /// The URI as given.
+    /// The URI as given, less its credentials (`kubemaas_crds::artifact::redact_uri`): the record
+    /// is served as model metadata.
     pub uri: String,
     /// SHA-256 of the file, or of the directory manifest.
     pub sha256: String,
@@ -389,13 +435,13 @@ async fn run(args: &PullArgs, started: Instant) -> Result<Record, PullError> {
         max_bytes: args.max_bytes,
     };
     let progress = Arc::new(Progress::default());
-    let reporter =
-        progress.spawn_reporter(raw.to_string(), Duration::from_secs(args.progress_seconds.max(1)));
+    let shown = kubemaas_crds::artifact::redact_uri(raw);
+    let reporter = progress.spawn_reporter(shown.clone(), Duration::from_secs(args.progress_seconds.max(1)));
     let result = fetch_uri(args, &uri, directory, expected.as_deref(), &limits, &progress).await;
     reporter.abort();
     let fetched = result?;
     let record = Record {
-        uri: raw.to_string(),
+        uri: shown.clone(),
         sha256: fetched.sha256,
         bytes: fetched.bytes,
         files: fetched.files,
@@ -408,7 +454,7 @@ async fn run(args: &PullArgs, started: Instant) -> Result<Record, PullError> {
         args.dest.parent().map(Path::to_path_buf).unwrap_or_default()
     };
     write_record(&version_dir, &record).map_err(bad)?;
-    tracing::info!(uri = %raw, dest = %args.dest.display(), bytes = record.bytes, files = record.files, sha256 = %record.sha256, seconds = record.seconds, "model pulled");
+    tracing::info!(uri = %shown, dest = %args.dest.display(), bytes = record.bytes, files = record.files, sha256 = %record.sha256, seconds = record.seconds, "model pulled");
     Ok(record)
 }
 
@@ -581,6 +627,7 @@ pub async fn pull(args: &PullArgs) -> Result<Record, PullError> {
         }
         (r, _) => r,
     };
+    let result = result.map_err(|e| e.redacted(&args.uri));
     if let Err(e) = &result {
         // Best effort: the termination log only exists inside Kubernetes.
         let _ = std::fs::write(&args.termination_log, e.to_string());
