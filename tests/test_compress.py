@@ -398,3 +398,15 @@ def test_fp16_keeps_shape_arithmetic_exact(tmp_path):
     compress(src, out, "fp16", "--timing-runs", "0", "--input-shape", "x=1x4")
     size, _ = ort.InferenceSession(str(out)).run(None, {"x": np.zeros((4097, 1), np.float32).T})
     assert size.tolist() == [1.0, 4097.0]
+
+
+def test_an_input_shape_for_no_input_or_of_the_wrong_rank_is_refused_naming_the_inputs(tmp_path):
+    # A typo in --input-shape (spec.model.compression.inputShapes) used to be ignored: the input's
+    # dynamic dimensions quietly fell back to 1 and 32 and the evaluation measured something else.
+    out = tmp_path / "out.onnx"
+    for given, says in [("nosuch=1x3x48x192", '"nosuch" names no input of the model; its inputs: "x"'),
+                        ("x=1x3x48", 'input "x" has 4 dimensions'),
+                        ("x=1x4x48x192", 'dimension 1 of input "x" is fixed at 3')]:
+        proc = compress(CLS, out, "int8-dynamic", "--timing-runs", "0", "--input-shape", given, check=False)
+        assert proc.returncode != 0 and says in proc.stderr, (given, proc.returncode, proc.stderr)
+        assert not out.exists()
