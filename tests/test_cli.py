@@ -162,3 +162,17 @@ def test_the_server_plans_instances_and_threads_for_the_cores_it_is_given(tmp_pa
         assert listening["io_threads"] == io, listening
     finally:
         assert s.stop() == 0
+
+
+def test_gpu_devices_are_a_list_and_a_bad_one_is_refused_by_name(tmp_path):
+    # --gpu-device takes the pod's GPUs as a list (the operator passes 0,1 for gpu.count 2); a
+    # negative ordinal is refused before anything loads; on this machine without CUDA a `cuda`
+    # load names the device it tried first.
+    bad = subprocess.run([str(SERVER), "serve", "--model", f"m={ROW_STATS}", "--gpu-device", "0,-1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--gpu-device" in bad.stderr and "-1" in bad.stderr, bad.stderr
+    p = subprocess.run([str(SERVER), "serve", "--host", "127.0.0.1", "--model", f"m={ROW_STATS}", "--http-port", "0", "--grpc-port", "0",
+                        "--metrics-port", "0", "--execution-provider", "cuda", "--gpu-device", "3,1",
+                        "--exit-on-load-failure"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 4, p.stderr
+    assert "CUDA execution provider requested on device 3 but unavailable" in p.stderr, p.stderr[-2000:]

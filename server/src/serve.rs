@@ -87,11 +87,12 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_IO_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub io_threads: u16,
 
-    /// CUDA device ordinal for the CUDA execution provider (`nvidia-smi` numbering, after
-    /// CUDA_VISIBLE_DEVICES). A device that does not exist fails the load with `cuda` and falls
-    /// back to the CPU with `auto`.
-    #[arg(long, env = "KUBEMAAS_GPU_DEVICE", default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..))]
-    pub gpu_device: i32,
+    /// CUDA device ordinals for the CUDA execution provider (`nvidia-smi` numbering, after
+    /// CUDA_VISIBLE_DEVICES), comma-separated: instances are spread over them in turn, as
+    /// Triton spreads an instance group, and with `--instances 0` each device gets four. A
+    /// device that does not exist fails the load with `cuda` and falls back to the CPU with `auto`.
+    #[arg(long, env = "KUBEMAAS_GPU_DEVICE", value_delimiter = ',', default_value = "0", value_parser = clap::value_parser!(i32).range(0..))]
+    pub gpu_device: Vec<i32>,
 
     /// How cuDNN picks a convolution algorithm for each new input shape on CUDA. `exhaustive`
     /// (ONNX Runtime's default) times every algorithm on a shape's first run: the fastest for fixed
@@ -582,7 +583,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         intra_threads: intra_op_threads,
         instances: usize::from(instances),
         cpus: usize::from(cpus),
-        gpu_device,
+        gpu_devices: gpu_device,
         conv_algo_search: cuda_conv_algo_search,
     };
     let loader_repo = repo.clone();

@@ -486,7 +486,8 @@ pub struct RolloutSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuSpec {
-    /// GPUs per pod (limits of `resourceName`).
+    /// GPUs per pod (limits of `resourceName`). The server spreads its instances over all of
+    /// them in turn (four per GPU unless `runtime.instances` says how many in all).
     #[serde(default = "default_one")]
     #[x_kube(validation = Rule::new("self >= 1").message("gpu.count must be at least 1"))]
     pub count: i32,
@@ -517,7 +518,7 @@ fn default_gpu_resource() -> String {
 pub struct RuntimeSpec {
     /// ONNX Runtime sessions per pod, each with its own thread: requests run in parallel up to
     /// this many. 0 (the default) lets the server choose: on a CPU one per core of the pod's CPU
-    /// limit (else request), at most 4; on CUDA 4.
+    /// limit (else request), at most 4; on CUDA 4 per GPU, spread over the pod's GPUs.
     #[serde(default)]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 64").message("runtime.instances must be between 0 (the server chooses) and 64"))]
     pub instances: i32,

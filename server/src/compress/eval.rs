@@ -343,7 +343,7 @@ impl Pair {
             intra_threads: threads,
             instances: 1,
             cpus: 0,
-            gpu_device: 0,
+            gpu_devices: vec![0],
             conv_algo_search: crate::backend::ort::ConvAlgoSearch::Heuristic,
         };
         let load = |p: &Path, which: &str| {

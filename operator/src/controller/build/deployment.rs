@@ -204,9 +204,22 @@ pub fn server_args(md: &ModelDeployment, cfg: &BuildConfig) -> Vec<String> {
     .into_iter()
     .map(String::from)
     .chain(cpu_args(md))
+    .chain(gpu_args(md))
     .chain(batching_args(md))
     .chain(security_args(md))
     .collect()
+}
+
+/// `--gpu-device 0,1,…`: with more than one GPU per pod, the server spreads its instances over
+/// all of them (the container sees its GPUs as devices 0..count); with one, device 0 is the default.
+fn gpu_args(md: &ModelDeployment) -> Vec<String> {
+    match gpu_request(md) {
+        Some((_, count)) if count > 1 => vec![
+            "--gpu-device".into(),
+            (0..count).map(|d| d.to_string()).collect::<Vec<_>>().join(","),
+        ],
+        _ => Vec::new(),
+    }
 }
 
 /// `--cpus`: the pod's whole cores for the server to plan instances and threads for, when the
@@ -750,6 +763,22 @@ mod tests {
                 .windows(2)
                 .any(|w| w == ["--execution-provider", "cuda"])
         );
+    }
+
+    #[test]
+    fn every_gpu_of_the_pod_gets_instances() {
+        let args = |spec: serde_json::Value| server_args(&md(spec), &BuildConfig::default());
+        let uri = json!({"uri": "s3://models/m.onnx"});
+        let two = args(json!({"model": uri, "accelerator": "cuda", "gpu": {"count": 2}}));
+        assert!(has_flag(&two, "--gpu-device", "0,1"), "{two:?}");
+        let four = args(json!({"model": uri, "accelerator": "auto", "gpu": {"count": 4}}));
+        assert!(has_flag(&four, "--gpu-device", "0,1,2,3"), "{four:?}");
+        for one in [
+            json!({"model": uri, "accelerator": "cuda"}),
+            json!({"model": uri}),
+        ] {
+            assert!(!args(one).iter().any(|a| a == "--gpu-device"));
+        }
     }
 
     #[test]
