@@ -145,14 +145,18 @@ fn image(md: &ModelDeployment, cfg: &BuildConfig) -> String {
     }
 }
 
-/// Cores in a CPU quantity, rounded up ("500m" → 1, "2" → 2); None when unparseable.
+/// The most cores `serve --cpus` plans for.
+const MAX_CPUS: i32 = 4096;
+
+/// Cores in a CPU quantity, rounded up ("500m" → 1, "2" → 2) and capped at what the server plans
+/// for (a larger `--cpus` would stop it from starting); None when unparseable.
 fn cores(q: &Quantity) -> Option<i32> {
     let s = q.0.trim();
     let v = match s.strip_suffix('m') {
         Some(milli) => milli.parse::<f64>().ok()? / 1000.0,
         None => s.parse::<f64>().ok()?,
     };
-    (v > 0.0).then(|| v.ceil() as i32)
+    (v > 0.0).then(|| (v.ceil().min(f64::from(MAX_CPUS))) as i32)
 }
 
 /// Whole cores of the CPU limit (else request), 0 when neither is set.
@@ -883,6 +887,9 @@ mod tests {
             flag(json!({"model": {"uri": "s3://models/m.onnx"}}), "--cpus"),
             None
         );
+        // More cores than the server plans for: capped, not a flag that stops it from starting.
+        let huge = json!({"model": {"uri": "s3://models/m.onnx"}, "resources": {"limits": {"cpu": "5000"}}});
+        assert_eq!(flag(huge, "--cpus").as_deref(), Some("4096"));
         // What the spec says is passed as it is.
         let given = json!({"model": {"uri": "s3://models/m.onnx"}, "runtime": {"instances": 4, "intraOpThreads": 2},
                            "resources": {"limits": {"cpu": "8"}}});
