@@ -903,11 +903,26 @@ mod tests {
             json!({"model": {"uri": "pvc://models/resnet/model.onnx"}, "accelerator": "cuda",
             "podTemplate": {"nodeSelector": {"zone": "a"}, "tolerations": [{"key": "dedicated", "operator": "Exists"}],
                             "runtimeClassName": "nvidia", "priorityClassName": "high", "labels": {"team": "ml", "kubemaas.io/model-deployment": "evil"},
-                            "annotations": {"a": "b"}, "env": [{"name": "X", "value": "1"}], "serviceAccountName": "sa"}}),
+                            "annotations": {"a": "b"}, "env": [{"name": "X", "value": "1"}], "serviceAccountName": "sa",
+                            "imagePullSecrets": [{"name": "registry"}],
+                            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                                {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                    "labelSelector": {"matchLabels": {"team": "ml"}}}}]}}}}),
         );
         let d = deployment(&m, &BuildConfig::default());
         let p = pod(&d);
         assert_eq!(p.node_selector.as_ref().unwrap()["zone"], "a");
+        assert_eq!(p.priority_class_name.as_deref(), Some("high"));
+        assert_eq!(p.image_pull_secrets.as_ref().unwrap()[0].name, "registry");
+        let anti = p.affinity.as_ref().unwrap().pod_anti_affinity.as_ref().unwrap();
+        let term = &anti
+            .preferred_during_scheduling_ignored_during_execution
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!(
+            (term.weight, term.pod_affinity_term.topology_key.as_str()),
+            (100, "kubernetes.io/hostname")
+        );
         assert_eq!(p.tolerations.as_ref().unwrap().len(), 2);
         assert_eq!(p.runtime_class_name.as_deref(), Some("nvidia"));
         assert_eq!(p.service_account_name.as_deref(), Some("sa"));
@@ -927,6 +942,32 @@ mod tests {
             .find(|v| v.name == "source")
             .unwrap();
         assert_eq!(pvc.persistent_volume_claim.as_ref().unwrap().claim_name, "models");
+    }
+
+    #[test]
+    fn spec_image_replaces_the_server_image_in_both_containers_and_empty_means_the_default() {
+        let images = |spec: serde_json::Value| {
+            let d = deployment(&md(spec), &BuildConfig::default());
+            let p = pod(&d);
+            (
+                p.containers[0].image.clone().unwrap(),
+                p.init_containers.as_ref().unwrap()[0].image.clone().unwrap(),
+            )
+        };
+        let uri = json!({"uri": "s3://models/m.onnx"});
+        let mine = "registry.example.com/kubemaas/server:custom".to_string();
+        assert_eq!(images(json!({"model": uri, "image": mine})), (mine.clone(), mine));
+        let default = BuildConfig::default().server_image;
+        assert_eq!(
+            images(json!({"model": uri, "image": ""})),
+            (default.clone(), default.clone())
+        );
+        assert_eq!(images(json!({"model": uri})), (default.clone(), default));
+        let cuda = BuildConfig::default().server_cuda_image;
+        assert_eq!(
+            images(json!({"model": uri, "accelerator": "cuda"})),
+            (cuda.clone(), cuda)
+        );
     }
 
     fn init(d: &Deployment) -> &Container {
