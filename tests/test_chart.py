@@ -130,3 +130,14 @@ def test_network_policy_admits_only_monitoring_to_the_metrics_port():
     rules = [r for d in docs if d["kind"] == "ClusterRole" for r in d["rules"]]
     assert {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
             "verbs": ["get", "list", "watch", "create", "patch", "delete"]} in rules
+
+
+def test_the_chart_keeps_the_operators_default_log_filter():
+    # The chart always sets KUBEMAAS_LOG; a plain `info` brought back the per-request error line
+    # of kube's client that the operator's own default silences (each failure is logged once).
+    help_text = subprocess.run([str(ROOT / "target" / "debug" / "kubemaas-operator"), "--help"],
+                               capture_output=True, text=True, timeout=60).stdout
+    default = help_text.split("--log-level", 1)[1].split("[default: ", 1)[1].split("]", 1)[0]
+    d = next(x for x in docs_of() if x["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBEMAAS_LOG"] == default == "info,kube_client::client::builder=off", (env["KUBEMAAS_LOG"], default)
