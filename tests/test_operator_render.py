@@ -165,3 +165,9 @@ def test_tls_example_mounts_the_certificates_probes_the_metrics_port_and_isolate
     assert [p["port"] for p in inference["ports"]] == [8080, 8081]
     assert metrics["from"][0] == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     assert [p["port"] for p in metrics["ports"]] == [9090]
+
+
+def test_every_example_has_its_own_name_so_all_can_be_applied_together():
+    names = [d["metadata"]["name"] for e in EXAMPLES for d in yaml.safe_load_all(e.read_text())
+             if d and d["kind"] == "ModelDeployment"]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
