@@ -1,4 +1,4 @@
-# KubeMaaS. `make help` lists the targets. The README's two commands are `make run` and `make test`.
+# KubeMaaS. `make help` lists the targets. The README's main commands are `make run`, `make test` and `make demo`.
 SHELL := /bin/bash
 CARGO ?= cargo
 VENV ?= $(CURDIR)/.venv

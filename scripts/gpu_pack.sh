@@ -5,7 +5,7 @@
 # with its libraries, and the benchmark script. docs/gpu.md walks through a run.
 #
 # Usage, from anywhere in the repository:  bash scripts/gpu_pack.sh [EXTRA_FILE ...]
-# Writes .gpu/p0 .. .gpu/p3 (about 50 MB each), .gpu/cuda-bytes and .gpu/assemble.sh (git-ignored).
+# Writes .gpu/p0 .. .gpu/p3 (about 57 MB each), .gpu/cuda-bytes and .gpu/assemble.sh (git-ignored).
 # Downloads (one wheel from PyPI) and the compressed CUDA library are cached by version under
 # ~/.cache/kubemaas/gpu/.
 set -euo pipefail

@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// KubeMaaS inference server: ONNX models behind the KServe V2 and TF-Serving REST protocols.
+/// KubeMaaS inference server: ONNX models behind KServe V2 / Triton (REST and gRPC) and TF-Serving REST.
 #[derive(Debug, Parser)]
 #[command(name = "kubemaas-server", version, about, long_about = None)]
 struct Cli {
@@ -42,11 +42,12 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve models over HTTP until SIGTERM.
+    /// Serve models over HTTP and gRPC until SIGTERM.
     Serve(kubemaas_server::serve::ServeArgs),
     /// Download a model artifact (s3, gs, http(s), hf, pvc), verify it and place it atomically (the
     /// init container of a serving pod). Exit codes: 2 download failed, 3 checksum mismatch,
-    /// 5 not found, 6 access denied, 7 too large, 8 address refused.
+    /// 5 not found, 6 access denied, 7 too large, 8 address refused, 9 compression rejected,
+    /// 10 compression failed (9 and 10 with --compress).
     Pull(kubemaas_server::pull::PullArgs),
     /// Compress an ONNX model (int8-dynamic, fp16 or prune) and measure the result against the
     /// original: size, per-output agreement on evaluation inputs, latency. The report (JSON) goes

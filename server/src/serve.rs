@@ -41,7 +41,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_GRPC_PORT", default_value_t = 8081)]
     pub grpc_port: u16,
 
-    /// Port serving only /metrics and health. 0 picks a free port.
+    /// Port serving /metrics, health, readiness and model metadata, plain HTTP and without an API
+    /// key (for the kubelet, the operator and Prometheus). 0 picks a free port.
     #[arg(long, env = "KUBEMAAS_METRICS_PORT", default_value_t = 9090)]
     pub metrics_port: u16,
 

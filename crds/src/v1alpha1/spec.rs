@@ -24,7 +24,7 @@ use super::status::ModelDeploymentStatus;
     shortname = "mdep",
     namespaced,
     cel,
-    doc = "A ModelDeployment serves an ONNX model from autoscaled KubeMaaS server pods (KServe V2, TF-Serving REST) and reports in status whether it is scheduled, loaded and ready.",
+    doc = "A ModelDeployment serves an ONNX model from autoscaled KubeMaaS server pods (KServe V2 / Triton REST and gRPC, TF-Serving REST) and reports in status whether it is scheduled, loaded and ready.",
     status = "ModelDeploymentStatus",
     scale(
         spec_replicas_path = ".spec.replicas",
