@@ -539,6 +539,8 @@ pub struct RuntimeSpec {
 /// Dynamic batching.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.preferredBatchSizes) || self.preferredBatchSizes.all(n, n >= 1 && n <= self.maxBatchSize)")
+    .message("batching.preferredBatchSizes must each be between 1 and maxBatchSize"))]
 pub struct BatchingSpec {
     /// Most rows in one execution; a request with more rows is refused (400).
     #[serde(default = "default_max_batch")]
@@ -554,6 +556,12 @@ pub struct BatchingSpec {
     #[serde(default = "default_queue_size")]
     #[x_kube(validation = Rule::new("self >= 1").message("batching.maxQueueSize must be at least 1"))]
     pub max_queue_size: i32,
+
+    /// Batch sizes (rows) dispatched as soon as a batch reaches one, without waiting out the
+    /// queue delay (Triton's `preferred_batch_size`); each at most maxBatchSize.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub preferred_batch_sizes: Vec<i32>,
 }
 
 fn default_max_batch() -> i32 {

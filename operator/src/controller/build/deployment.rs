@@ -290,14 +290,19 @@ fn batching_args(md: &ModelDeployment) -> Vec<String> {
     let Some(b) = md.spec.runtime.as_ref().and_then(|r| r.batching.as_ref()) else {
         return Vec::new();
     };
-    vec![
+    let mut args = vec![
         "--max-batch-size".into(),
         b.max_batch_size.max(1).to_string(),
         "--max-queue-delay-us".into(),
         b.max_queue_delay_microseconds.max(0).to_string(),
         "--max-queue-size".into(),
         b.max_queue_size.max(1).to_string(),
-    ]
+    ];
+    if !b.preferred_batch_sizes.is_empty() {
+        let sizes: Vec<String> = b.preferred_batch_sizes.iter().map(|n| n.to_string()).collect();
+        args.extend(["--preferred-batch-size".into(), sizes.join(",")]);
+    }
+    args
 }
 
 /// The restricted Pod Security profile's seccomp requirement.
@@ -989,6 +994,13 @@ mod tests {
         assert!(has_flag(&a, "--max-batch-size", "16"), "{a:?}");
         assert!(has_flag(&a, "--max-queue-delay-us", "500"), "{a:?}");
         assert!(has_flag(&a, "--max-queue-size", "64"), "{a:?}");
+        assert!(!a.iter().any(|x| x == "--preferred-batch-size"), "{a:?}");
+        let a = server_args(
+            &md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"},
+                "runtime": {"batching": {"maxBatchSize": 16, "preferredBatchSizes": [4, 8]}}})),
+            &BuildConfig::default(),
+        );
+        assert!(has_flag(&a, "--preferred-batch-size", "4,8"), "{a:?}");
     }
 
     fn has_flag(args: &[String], flag: &str, value: &str) -> bool {
