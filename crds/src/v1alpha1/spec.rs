@@ -613,8 +613,10 @@ pub struct AutoscalingSpec {
     /// `concurrency`/`rps` only (default 60): seconds of traffic averaged for a decision (the
     /// stable window). A tenth of it is the panic window: when that short average asks for twice
     /// the ready pods or more, the autoscaler scales up at once and does not scale down until a
-    /// stable window has passed without panic. The HPA behind `cpu`/`memory` has no such window,
-    /// so it is refused there.
+    /// stable window has passed without panic. Both windows hold at least the latest scrape
+    /// (the operator's `--metrics-interval`, 15 s by default), so a panic window shorter than
+    /// that interval acts on one scrape. The HPA behind `cpu`/`memory` has no such window, so it
+    /// is refused there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 6 && self <= 3600").message("autoscaling.stableWindowSeconds must be between 6 and 3600"))]
     pub stable_window_seconds: Option<i32>,

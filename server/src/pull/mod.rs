@@ -205,49 +205,25 @@ impl PullError {
         }
     }
 
-    /// The same error with `uri`'s credentials (a presigned query, a password) replaced wherever
-    /// they appear: its message becomes the pod's termination message and the condition's.
-    fn redacted(self, uri: &str) -> Self {
-        let r = |s: String| kubemaas_crds::artifact::redact(&s, uri);
-        match self {
-            PullError::Download { uri: u, message } => PullError::Download {
-                uri: r(u),
-                message: r(message),
-            },
-            PullError::NotFound { uri: u, message } => PullError::NotFound {
-                uri: r(u),
-                message: r(message),
-            },
-            PullError::AccessDenied { uri: u, message } => PullError::AccessDenied {
-                uri: r(u),
-                message: r(message),
-            },
-            PullError::TooLarge { uri: u, message } => PullError::TooLarge {
-                uri: r(u),
-                message: r(message),
-            },
-            PullError::AddressRefused { uri: u, message } => PullError::AddressRefused {
-                uri: r(u),
-                message: r(message),
-            },
-            PullError::Compression { uri: u, message } => PullError::Compression {
-                uri: r(u),
-                message: r(message),
-            },
-            PullError::CompressionRejected { uri: u, message } => PullError::CompressionRejected {
-                uri: r(u),
-                message: r(message),
-            },
-            PullError::Checksum {
-                uri: u,
-                expected,
-                actual,
-            } => PullError::Checksum {
-                uri: r(u),
-                expected,
-                actual,
-            },
+    /// The same error with the credentials of `given` (the URI as given: a presigned query, a
+    /// password) replaced wherever they appear: its message becomes the pod's termination message
+    /// and the condition's.
+    fn redacted(mut self, given: &str) -> Self {
+        let (uri, message) = match &mut self {
+            PullError::Download { uri, message }
+            | PullError::NotFound { uri, message }
+            | PullError::AccessDenied { uri, message }
+            | PullError::TooLarge { uri, message }
+            | PullError::AddressRefused { uri, message }
+            | PullError::Compression { uri, message }
+            | PullError::CompressionRejected { uri, message } => (uri, Some(message)),
+            PullError::Checksum { uri, .. } => (uri, None),
+        };
+        *uri = kubemaas_crds::artifact::redact(uri, given);
+        if let Some(m) = message {
+            *m = kubemaas_crds::artifact::redact(m, given);
         }
+        self
     }
 
     fn from_fetch(uri: &str, e: FetchError) -> Self {
