@@ -234,10 +234,12 @@ fn build(env: &ort::environment::Environment, args: &Args, graph: bool) -> Resul
 /// Deterministic inputs in [-1, 1) from the compressor's seeded generator, so two probes of one
 /// model feed it the same numbers.
 fn random(name: &str, dims: &[usize], seed: u64) -> Result<Vec<f32>> {
+    // Every dimension open: the shape comes from `dims` (random_inputs checks given shapes
+    // against the spec's rank and fixed sizes).
     let spec = TensorSpec {
         name: name.to_string(),
         datatype: DataType::F32,
-        shape: Vec::new(),
+        shape: vec![-1; dims.len()],
     };
     let shapes = HashMap::from([(name.to_string(), dims.to_vec())]);
     let tensor = random_inputs(&[spec], &shapes, seed)?
