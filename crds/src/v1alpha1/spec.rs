@@ -232,6 +232,7 @@ pub struct ModelSource {
     #[schemars(length(max = 8192))]
     #[x_kube(validation = uri_shape_rule())]
     #[x_kube(validation = uri_names_rule())]
+    #[x_kube(validation = uri_host_rule())]
     #[x_kube(validation = Rule::new("!self.contains('\\\\') && !self.matches('[[:cntrl:]]')")
         .message("uri must not contain backslashes or control characters: separate path components with '/'"))]
     #[x_kube(validation = uri_empty_component_rule())]
@@ -398,6 +399,34 @@ fn uri_shape_rule() -> Rule {
          hf://<org>/<repo>[/<path>][@<revision>] or pvc://<claim>/<path>; a directory (model.onnx and its \
          external data) is s3://<bucket>/<prefix>/, gs://<bucket>/<prefix>/, hf://<org>/<repo>[/<dir>/] or \
          pvc://<claim>/<dir>/ (bucket and claim names are lower-case; no user:password@ in URLs)",
+    )
+}
+
+/// An IPv4 octet, 0-255 without leading zeros.
+const OCTET: &str = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
+
+/// What the shape lets through as an http(s) host but a URL parser refuses (WHATWG, as `pull`
+/// parses): a host whose last label is a number is an IPv4 address and must be a dotted quad of
+/// octets (`999.1.1.1`, `1.2.3.4.5` and `host.123` are not), and a bracketed IPv6 address must
+/// be eight groups of 1-4 hex digits (the last two may be an IPv4 address), or fewer around one
+/// `::`, with at most eight colons in all. Shorthand IPv4 forms a URL parser also reads (`0x7f.1`,
+/// `1.2.3`) are refused on purpose.
+fn uri_host_rule() -> Rule {
+    let ipv4 = format!("({OCTET}[.]){{3}}{OCTET}");
+    let numeric_last = r"^https?://([^/:?#\\[]*[.])?([0-9]+|0[xX][0-9A-Fa-f]*)(:[0-9]*)?/";
+    let dotted_quad = format!(r"^https?://{ipv4}(:[0-9]*)?/");
+    let group = "[0-9A-Fa-f]{1,4}";
+    let v6_full = format!(r"^https?://\\[(({group}:){{7}}{group}|({group}:){{6}}{ipv4})\\]");
+    let v6_short = format!(r"^https?://\\[({group}(:{group})*)?::(({group}:)*({group}|{ipv4}))?\\]");
+    Rule::new(format!(
+        "(!self.matches('{numeric_last}') || self.matches('{dotted_quad}')) \
+         && (!self.matches('^https?://\\\\[') || ((self.matches('{v6_full}') || self.matches('{v6_short}')) \
+         && !self.matches('^https?://\\\\[([0-9A-Fa-f.]*:){{9}}')))"
+    ))
+    .message(
+        "uri's host is not a valid address: a host ending in a number must be an IPv4 address of four \
+         numbers 0-255 (e.g. 10.0.0.7), and an IPv6 address in brackets is eight groups of 1-4 hex digits, \
+         or fewer around one '::' (e.g. [2001:db8::7])",
     )
 }
 
