@@ -178,3 +178,31 @@ def test_an_unreadable_keys_file_stops_the_server_instead_of_serving_open(repo_d
                         "--metrics-port", "0", "--model", f"m={repo_dir / 'model' / '1' / 'model.onnx'}",
                         "--api-keys-file", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "failed to read the API keys file" in p.stderr, p.stderr
+
+
+def test_a_key_limited_to_a_model_reaches_no_other_on_v1_even_one_whose_name_starts_the_same(repo_dir, tmp_path):
+    # TF-Serving routes put the verb after a ':' on the last segment. Authorization read the model
+    # name up to the first ':' of its segment, routing up to the verb, so with models `a` and `a:b`
+    # a key for `a` reached `a:b` through /v1/models/a:b/... (and a key for `a:b` got 403 there).
+    keys = tmp_path / "keys"
+    keys.write_text(f"only-a:{ALICE}:a\nonly-ab:{BOB}:a:b\n")
+    path = repo_dir / "model" / "1" / "model.onnx"
+    s = Server(["--model", f"a={path}", "--model", f"a:b={path}", "--api-keys-file", str(keys)],
+               tmp_path / "server.log")
+    try:
+        for _ in range(300):
+            if requests.get(f"{s.url}/v2/health/ready", timeout=5).status_code == 200:
+                break
+            time.sleep(0.1)
+        row = {"instances": [list(range(10))]}
+        for method, route, body in [("POST", "/v1/models/a:b/versions/1:predict", row),
+                                    ("GET", "/v1/models/a:b/metadata", None),
+                                    ("GET", "/v1/models/a:b/versions/1", None)]:
+            r = requests.request(method, f"{s.url}{route}", json=body, headers=bearer(ALICE), timeout=10)
+            assert r.status_code == 403, (route, r.status_code, r.text)
+            r = requests.request(method, f"{s.url}{route}", json=body, headers=bearer(BOB), timeout=10)
+            assert r.status_code == 200, (route, r.status_code, r.text)
+        r = requests.post(f"{s.url}/v1/models/a:predict", json=row, headers=bearer(ALICE), timeout=10)
+        assert r.status_code == 200, r.text
+    finally:
+        assert s.stop() == 0

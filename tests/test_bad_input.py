@@ -78,6 +78,10 @@ CASES = [
     ("header-length-beyond-body", "POST", "/v2/models/model/infer", req([X]), {"Inference-Header-Content-Length": "999999"}, 400),
     ("header-length-not-a-number", "POST", "/v2/models/model/infer", req([X]), {"Inference-Header-Content-Length": "abc"}, 400),
     ("header-length-cuts-json", "POST", "/v2/models/model/infer", req([X]), {"Inference-Header-Content-Length": "10"}, 400),
+    ("header-length-u64-max", "POST", "/v2/models/model/infer", req([X]),
+     {"Inference-Header-Content-Length": "18446744073709551615"}, 400),
+    ("output-classification", "POST", "/v2/models/model/infer",
+     req([X], outputs=[{"name": "y", "parameters": {"classification": 2}}]), {}, 400),
     ("bytes-binary-bad-prefix", "POST", "/v2/models/dtypes/infer",
      req([{"name": "in_bytes", "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}]) + "\x09\0\0\0ab",
      {"Inference-Header-Content-Length": "__LEN__"}, 400),
@@ -247,5 +251,31 @@ def test_a_64_mib_tf_serving_body_decodes_without_a_json_tree(repo_dir, tmp_path
         ok = requests.post(f"{s.url}/v1/models/dense:predict", timeout=30,
                            json={"instances": [[float(i) for i in range(10)]]})
         assert ok.status_code == 200 and len(ok.json()["predictions"][0]) == 3, ok.text
+    finally:
+        assert s.stop() == 0
+
+
+@pytest.mark.parametrize("dims", [[2**40], [2**31, 2**31, 2**31]], ids=["4-tib-input", "overflowing-input"])
+def test_a_model_whose_fixed_input_cannot_exist_loads_without_warm_up_and_the_others_serve(repo_dir, tmp_path, dims):
+    # Warm-up ran every model once on zeros of its fixed input shape: [2**40] FP32 asked for 4 TiB
+    # (the allocation aborted the server) and [2**31]*3 overflowed the element count (a panic that
+    # killed the loader, so the models after it never loaded).
+    import onnx
+    from onnx import TensorProto, helper
+    from conftest import Server
+
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "huge",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)])
+    huge = tmp_path / "huge.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), huge)
+    s = Server(["--model", f"huge={huge}", "--model", f"model={repo_dir / 'model' / '1' / 'model.onnx'}"],
+               tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        r = requests.post(f"{s.url}/v2/models/model/infer", data=req([X]), timeout=30)
+        assert r.status_code == 200, r.text
+        assert requests.get(f"{s.url}/v2/models/huge/ready", timeout=10).status_code == 200
+        assert "not warmed" in s.log_path.read_text()
     finally:
         assert s.stop() == 0

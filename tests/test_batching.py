@@ -493,3 +493,28 @@ def test_on_a_cpu_a_batch_does_not_wait_for_requests_it_cannot_join(busy_model, 
         assert sizes == [1, 1, 48, 1500], sizes
     finally:
         assert s.stop() == 0
+
+
+@pytest.mark.parametrize("width", [2**40, 2**62], ids=["tib-rows", "overflowing-rows"])
+def test_a_request_of_zero_rows_answers_and_never_pads_a_row_of_its_width(batching, width):
+    # A shape with a leading 0 holds no elements, however wide its other dimensions. Padded to one
+    # row, a [0, 2**40] batch asked for a row of 2**40 elements (the allocation aborted the
+    # process), and [0, 2**62] overflowed the row size (a panic in the batch's task).
+    sig = requests.get(f"{batching.url}/v2/models/dtypes", timeout=10).json()["inputs"]
+    body = [{"name": s["name"], "shape": [0, width], "datatype": s["datatype"], "data": []} for s in sig]
+    r = infer(batching, "dtypes", body)
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 200:
+        assert all(o["shape"] == [0, width] and o["data"] == [] for o in r.json()["outputs"]), r.text[:500]
+    assert batching.alive()
+    ok = infer(batching, "model", [v2("x", np.ones((1, 10), np.float32), "FP32")])
+    assert ok.status_code == 200, ok.text
+
+
+def test_a_request_whose_inputs_disagree_on_rows_is_still_held_to_the_largest_batch(batching):
+    # Such a request runs alone, outside the batcher; max_batch_size still applies to it, as to
+    # every request of a batching model (Triton refuses it too).
+    a = np.zeros((1000, 4), np.float64)
+    b = np.zeros((1, 3), np.int32)
+    r = infer(batching, "arith", [v2("a", a, "FP64"), v2("b", b, "INT32")])
+    assert r.status_code == 400 and "at most 8" in r.json()["error"], r.text[:300]

@@ -176,3 +176,19 @@ def test_gpu_devices_are_a_list_and_a_bad_one_is_refused_by_name(tmp_path):
                         "--exit-on-load-failure"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 4, p.stderr
     assert "CUDA execution provider requested on device 3 but unavailable" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flag", ["--body-read-timeout", "--header-read-timeout"])
+def test_a_read_timeout_past_a_day_is_refused_at_start_not_on_the_first_request(flag, tmp_path):
+    # 10**19 s was accepted, and adding it to the clock panicked on every request with a body.
+    p = subprocess.run([str(SERVER), "serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0",
+                        "--metrics-port", "0", "--model", f"m={ROW_STATS}", flag, str(10**19)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and flag in p.stderr and "86400" in p.stderr, p.stderr
+    s = Server(["--model", f"m={ROW_STATS}", flag, "86400"], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        body = {"inputs": [{"name": "x", "shape": [2, 10], "datatype": "FP32", "data": list(range(20))}]}
+        assert requests.post(f"{s.url}/v2/models/m/infer", json=body, timeout=30).status_code == 200
+    finally:
+        assert s.stop() == 0

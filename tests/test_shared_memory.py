@@ -261,3 +261,15 @@ def test_keys_limited_to_some_models_may_not_use_shared_memory(repo_dir, tmp_pat
         assert ("grpc", "SystemSharedMemoryUnregister", "admin", "Ok") in calls, calls
     finally:
         assert s.stop() == 0
+
+
+def test_an_unknown_region_is_not_found_over_rest_and_grpc_alike(shm_server):
+    # REST answered 404 for the status of a region never registered; gRPC said INVALID_ARGUMENT,
+    # as if the request were malformed. Triton answers NOT_FOUND on both.
+    r = requests.get(f"{shm_server.url}/v2/systemsharedmemory/region/nope/status", timeout=10)
+    assert r.status_code == 404 and "nope" in r.json()["error"], r.text
+    client = grpcclient.InferenceServerClient(shm_server.grpc)
+    with pytest.raises(InferenceServerException) as e:
+        client.get_system_shared_memory_status(region_name="nope")
+    assert e.value.status() == "StatusCode.NOT_FOUND", (e.value.status(), e.value.message())
+    assert "nope" in e.value.message()

@@ -78,9 +78,10 @@ pub fn warm_padded_sizes(backend: &dyn crate::backend::Backend, sizes: &[usize])
                 let shape = std::iter::once(rows)
                     .chain(i.shape.iter().skip(1).map(|&d| d as usize))
                     .collect();
-                Tensor::zeros(i.name.clone(), i.datatype, shape)
+                Tensor::warm_up_zeros(&i.name, i.datatype, shape)
             })
-            .collect();
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("batch size {rows}: {e}"))?;
         backend
             .infer_on_every_instance(&inputs)
             .map_err(|e| format!("batch size {rows}: {e}"))?;
@@ -542,6 +543,10 @@ fn concat(parts: impl Iterator<Item = Tensor>, capacity_rows: usize) -> Result<T
 
 /// The smallest padding size holding `rows`, or `rows` itself when none does (or none is set).
 fn pad_target(sizes: &[usize], rows: usize) -> usize {
+    // A batch of no rows stays empty: a padded row of a [0, huge] shape would be huge.
+    if rows == 0 {
+        return 0;
+    }
     sizes.iter().copied().find(|&s| s >= rows).unwrap_or(rows)
 }
 

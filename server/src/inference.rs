@@ -176,8 +176,21 @@ async fn execute_inner(
     }
     let counted = stats.clone();
     let on_run: OnRun = Box::new(move |phases| counted.record_execution(rows, *phases, false));
-    if model.batcher.get().is_none() {
+    let Some(batcher) = model.batcher.get() else {
         return queue_for_an_instance(&model, stats, start, inputs, outputs, timeout, on_run).await;
+    };
+    // Run alone, it is still held to the largest batch, as every request of a batching model is.
+    let most = inputs
+        .iter()
+        .filter_map(|t| t.shape.first())
+        .copied()
+        .max()
+        .unwrap_or(0);
+    if most > batcher.config().max_batch_size {
+        return Err(ApiError::BadRequest(format!(
+            "an input has {most} rows but this model batches at most {} (max_batch_size); split the request",
+            batcher.config().max_batch_size
+        )));
     }
     // A batched model's other requests keep to the instance permits its batcher paces itself by.
     let queued = Instant::now();

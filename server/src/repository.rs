@@ -406,7 +406,7 @@ pub fn load_and_warm(
 ) -> Result<LoadedModel, String> {
     let start = Instant::now();
     let backend = load(&source.path).map_err(|e| e.to_string())?;
-    let inputs: Vec<Tensor> = backend
+    let inputs: Result<Vec<Tensor>, String> = backend
         .signature()
         .inputs
         .iter()
@@ -416,13 +416,20 @@ pub fn load_and_warm(
                 .iter()
                 .map(|&d| if d < 0 { 1 } else { d as usize })
                 .collect();
-            Tensor::zeros(i.name.clone(), i.datatype, shape)
+            Tensor::warm_up_zeros(&i.name, i.datatype, shape)
         })
         .collect();
     // Every instance is warmed: each session pays for its own first run (on CUDA, the first run
     // of a shape in a session is far slower than the next).
-    if let Err(e) = backend.infer_on_every_instance(&inputs) {
-        tracing::warn!(model = %source.name, version = source.version, error = %e, "warm-up inference rejected by the model; serving anyway");
+    match inputs {
+        Ok(inputs) => {
+            if let Err(e) = backend.infer_on_every_instance(&inputs) {
+                tracing::warn!(model = %source.name, version = source.version, error = %e, "warm-up inference rejected by the model; serving anyway");
+            }
+        }
+        Err(why) => {
+            tracing::warn!(model = %source.name, version = source.version, reason = %why, "model not warmed up; serving anyway");
+        }
     }
     let load_time = start.elapsed();
     let slots = Arc::new(Semaphore::new(backend.instances()));

@@ -168,13 +168,13 @@ pub struct ServeArgs {
 
     /// Seconds a connection may take to send a complete request head (HTTP ports): slow or silent
     /// clients, and keep-alive connections idle that long, are closed, so they cannot hold
-    /// connections (and file descriptors) forever.
-    #[arg(long, env = "KUBEMAAS_HEADER_READ_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    /// connections (and file descriptors) forever. At most 86400 (a day).
+    #[arg(long, env = "KUBEMAAS_HEADER_READ_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub header_read_timeout: u64,
 
     /// Seconds a request body may take to arrive whole (HTTP ports); slower bodies get 408, so a
-    /// client trickling bytes cannot hold a request open.
-    #[arg(long, env = "KUBEMAAS_BODY_READ_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    /// client trickling bytes cannot hold a request open. At most 86400 (a day).
+    #[arg(long, env = "KUBEMAAS_BODY_READ_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub body_read_timeout: u64,
 
     /// Open client connections per port; more are closed as soon as they are accepted.

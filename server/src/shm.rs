@@ -92,6 +92,15 @@ impl From<ShmError> for crate::protocol::error::ApiError {
     }
 }
 
+/// An error of the registry calls (status, register, unregister): a region that is not registered
+/// is not found (404, NOT_FOUND), where an inference naming it is a bad request.
+pub fn registry_error(e: ShmError) -> crate::protocol::error::ApiError {
+    match e {
+        ShmError::Unknown(_) => crate::protocol::error::ApiError::NotFound(e.to_string()),
+        e => e.into(),
+    }
+}
+
 /// One registered region, as the status calls report it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RegionStatus {

@@ -198,18 +198,25 @@ pub struct Tensor {
     pub data: TensorData,
 }
 
+/// The largest input a warm-up run builds ([`Tensor::warm_up_zeros`]).
+pub const MAX_WARM_UP_BYTES: usize = 1 << 30;
+
 /// Number of elements of a shape given by a client, with overflow and sign checks.
 pub fn element_count(shape: &[i64]) -> Result<usize, TensorError> {
+    let bad = || TensorError::BadShape(shape.to_vec());
     let mut n: usize = 1;
+    // The product of the other dimensions, for a shape with a 0 in it: [0, 2^62] holds nothing,
+    // but a row of it (padding, strides, the runtime's own sizes) would overflow.
+    let mut nonzero: usize = 1;
     for &d in shape {
-        let d = usize::try_from(d).map_err(|_| TensorError::BadShape(shape.to_vec()))?;
-        n = n
-            .checked_mul(d)
-            .ok_or_else(|| TensorError::BadShape(shape.to_vec()))?;
+        let d = usize::try_from(d).map_err(|_| bad())?;
+        n = n.checked_mul(d).ok_or_else(bad)?;
+        if d != 0 {
+            nonzero = nonzero.checked_mul(d).ok_or_else(bad)?;
+        }
     }
     // Even with no data, a shape whose byte size overflows is nonsense.
-    n.checked_mul(8)
-        .ok_or_else(|| TensorError::BadShape(shape.to_vec()))?;
+    nonzero.checked_mul(8).ok_or_else(bad)?;
     Ok(n)
 }
 
@@ -279,6 +286,23 @@ impl Tensor {
     }
 
     /// A tensor of zeros (empty strings for BYTES): used to warm models up.
+    /// Zeros of `shape` for a warm-up run, unless they would take more than [`MAX_WARM_UP_BYTES`]
+    /// (or their size overflows): a model file may declare a fixed input no request could carry.
+    pub fn warm_up_zeros(name: &str, dtype: DataType, shape: Vec<usize>) -> Result<Tensor, String> {
+        let bytes = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|n| n.checked_mul(dtype.size().unwrap_or(std::mem::size_of::<Bytes>())));
+        match bytes {
+            Some(b) if b <= MAX_WARM_UP_BYTES => Ok(Tensor::zeros(name, dtype, shape)),
+            _ => Err(format!(
+                "input {name:?} of shape {shape:?} would take more than {} MiB of zeros",
+                MAX_WARM_UP_BYTES >> 20
+            )),
+        }
+    }
+
+    /// Zeros (empty strings for BYTES) of `shape`; the caller bounds its size.
     pub fn zeros(name: impl Into<String>, dtype: DataType, shape: Vec<usize>) -> Tensor {
         let count: usize = shape.iter().product();
         let data = match dtype.size() {

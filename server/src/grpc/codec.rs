@@ -85,10 +85,7 @@ pub fn decode_request(
     let mut shm_outputs = Vec::with_capacity(req.outputs.len());
     for o in &req.outputs {
         if o.parameters.contains_key("classification") {
-            return Err(ApiError::BadRequest(format!(
-                "output {:?} asks for classification, which KubeMaaS does not serve; request the raw output and take the top classes on the client",
-                o.name
-            )));
+            return Err(crate::protocol::v2::classification_unsupported(&o.name));
         }
         let at = shm_param(&o.parameters, || format!("output {:?}", o.name))?;
         if at.is_some() {

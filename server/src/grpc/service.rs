@@ -134,7 +134,9 @@ impl Inference {
             Some(crate::auth::SHARED_MEMORY),
             &mut audit.caller,
         )
-        .and_then(|()| call(&self.state.shm, req.into_inner()).map_err(|e| status(&e.into())))
+        .and_then(|()| {
+            call(&self.state.shm, req.into_inner()).map_err(|e| status(&crate::shm::registry_error(e)))
+        })
         .map(Response::new);
         audit.result(&self.state, &result);
         result

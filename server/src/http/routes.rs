@@ -107,9 +107,25 @@ fn route_model<'a>(segs: &[&'a str]) -> Option<&'a str> {
         ["v2", "models", "stats"] => None,
         ["v2", "systemsharedmemory", ..] => Some(crate::auth::SHARED_MEMORY),
         ["v2", "models", m, ..] => Some(m),
-        ["v1", "models", m, ..] => Some(m.split_once(':').map_or(*m, |(head, _)| head)),
+        ["v1", "models", rest @ ..] if !rest.is_empty() => Some(v1_parts(rest).0),
         _ => None,
     }
+}
+
+/// A TF-Serving route after `/v1/models/`, as routing reads it: the verb hangs off the last
+/// segment after its first ':' (`m:predict`, `m/versions/1:predict`), so a model name keeps any
+/// ':' of its own unless it is the last segment. Returns the model and the segments with the verb
+/// cut off the last, and the verb. Authorization reads the model the same way.
+fn v1_parts<'a>(rest: &[&'a str]) -> (&'a str, Vec<&'a str>, Option<&'a str>) {
+    let (last, verb) = match rest.last().and_then(|l| l.split_once(':')) {
+        Some((head, verb)) => (head, Some(verb)),
+        None => (rest.last().copied().unwrap_or(""), None),
+    };
+    let mut segs: Vec<&str> = rest.to_vec();
+    if let Some(l) = segs.last_mut() {
+        *l = last;
+    }
+    (segs.first().copied().unwrap_or(""), segs, verb)
 }
 
 /// The version a route addresses, if any.
@@ -221,7 +237,9 @@ async fn read_body(
     // Leading filler bytes, cut off below. The allocator's blocks are 16-aligned, so the offset
     // also holds if the buffer grows and moves.
     let skip = match aligned_at {
-        Some(at) if declared > 0 => (ALIGN - (buf.as_ptr() as usize + at) % ALIGN) % ALIGN,
+        // Wrapping: `at` is the client's Inference-Header-Content-Length, checked against the
+        // body only when it is decoded; any value gives some offset below ALIGN here.
+        Some(at) if declared > 0 => (ALIGN - (buf.as_ptr() as usize).wrapping_add(at) % ALIGN) % ALIGN,
         _ => 0,
     };
     buf.resize(skip, 0);
@@ -359,14 +377,7 @@ async fn route_v1(
     path: &str,
 ) -> Result<Response<Chunks>, ApiError> {
     // `/v1/models/m:predict` and `/v1/models/m/versions/1:predict`: the verb hangs off the last segment.
-    let (last, verb) = match rest.last().and_then(|l| l.split_once(':')) {
-        Some((head, verb)) => (head, Some(verb)),
-        None => (rest.last().copied().unwrap_or(""), None),
-    };
-    let mut segs: Vec<&str> = rest.to_vec();
-    if let Some(l) = segs.last_mut() {
-        *l = last;
-    }
+    let (_, segs, verb) = v1_parts(rest);
     let (model, version, tail) = match segs.as_slice() {
         [m, "versions", v, tail @ ..] => (*m, Some(*v), tail.to_vec()),
         [m, tail @ ..] => (*m, None, tail.to_vec()),
@@ -495,10 +506,7 @@ async fn system_shared_memory(
             .map_err(|_| ApiError::BadRequest(format!("region name {seg:?} is not UTF-8 once decoded")))
     };
     let status = |name: Option<String>| -> Result<Response<Chunks>, ApiError> {
-        let regions = match shm.status(name.as_deref()) {
-            Err(e @ crate::shm::ShmError::Unknown(_)) => return Err(ApiError::NotFound(e.to_string())),
-            r => r?,
-        };
+        let regions = shm.status(name.as_deref()).map_err(crate::shm::registry_error)?;
         let body = serde_json::to_value(regions).map_err(|e| ApiError::Internal(e.to_string()))?;
         Ok(json_response(StatusCode::OK, &body))
     };

@@ -149,6 +149,14 @@ fn shm_ref(
     }
 }
 
+/// The answer to an output that asks for Triton's `classification` (top-k labels), which is not
+/// served: a raw tensor in its place would be a wrong answer with a 200.
+pub fn classification_unsupported(output: &str) -> ApiError {
+    ApiError::BadRequest(format!(
+        "output {output:?} asks for classification, which KubeMaaS does not serve; request the raw output and take the top classes on the client"
+    ))
+}
+
 fn bool_param(p: &Option<Map<String, Value>>, key: &str) -> Result<Option<bool>, ApiError> {
     match p.as_ref().and_then(|m| m.get(key)) {
         None => Ok(None),
@@ -326,6 +334,12 @@ fn decode(
     let mut binary_outputs = Vec::new();
     let mut shm_outputs = Vec::new();
     for o in header.outputs.unwrap_or_default() {
+        if o.parameters
+            .as_ref()
+            .is_some_and(|p| p.contains_key("classification"))
+        {
+            return Err(classification_unsupported(&o.name));
+        }
         binary_outputs.push(bool_param(&o.parameters, "binary_data")?.unwrap_or(binary_default));
         let at = shm_param(&o.parameters, || format!("output {:?}", o.name))?;
         if at.is_some() {
