@@ -260,6 +260,33 @@ fn first_char(raw: &RawValue) -> Option<char> {
 }
 
 /// `{"b64": "..."}`: one BYTES value, not an object naming inputs.
+/// An object of named values that refuses a name given twice: serde keeps the last, so
+/// `{"a": …, "a": …}` would silently drop one (V2 refuses the same mistake).
+struct UniqueNames<'a>(BTreeMap<String, &'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for UniqueNames<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = UniqueNames<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of named values")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UniqueNames<'a>, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry::<String, &'de RawValue>()? {
+                    if out.contains_key(&k) {
+                        return Err(A::Error::custom(format!("input {k:?} given more than once")));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(UniqueNames(out))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
 fn is_b64(map: &BTreeMap<String, &RawValue>) -> bool {
     map.len() == 1 && map.get("b64").is_some_and(|v| first_char(v) == Some('"'))
 }
@@ -304,7 +331,7 @@ impl<'de> Visitor<'de> for NamedRows<'_, '_> {
 
     fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<usize, A::Error> {
         let mut rows = 0;
-        while let Some(instance) = seq.next_element::<BTreeMap<String, &'de RawValue>>()? {
+        while let Some(UniqueNames(instance)) = seq.next_element::<UniqueNames<'de>>()? {
             if let Err(e) = self.instance(rows, &instance) {
                 *self.failure = Some(e);
                 return Err(A::Error::custom("rejected"));
@@ -450,7 +477,7 @@ pub fn decode_request_with(sig: &Signature, body: &[u8], fast: bool) -> Result<P
         (None, Some(inputs)) => {
             let named = match first_char(inputs) {
                 Some('{') => {
-                    let map: BTreeMap<String, &RawValue> = serde_json::from_str(inputs.get())
+                    let UniqueNames(map) = serde_json::from_str(inputs.get())
                         .map_err(|e| json_error("\"inputs\" object", &e))?;
                     (!is_b64(&map)).then_some(map)
                 }
