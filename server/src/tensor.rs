@@ -285,7 +285,6 @@ impl Tensor {
         self.len() == 0
     }
 
-    /// A tensor of zeros (empty strings for BYTES): used to warm models up.
     /// Zeros of `shape` for a warm-up run, unless they would take more than [`MAX_WARM_UP_BYTES`]
     /// (or their size overflows): a model file may declare a fixed input no request could carry.
     pub fn warm_up_zeros(name: &str, dtype: DataType, shape: Vec<usize>) -> Result<Tensor, String> {
