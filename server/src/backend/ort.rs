@@ -107,12 +107,12 @@ pub fn device_of(k: usize, devices: &[i32]) -> i32 {
 }
 
 /// Resolves `--instances` and `--intra-op-threads` (0 = choose) for `cpus` usable cores (and, on
-/// CUDA, `gpus` devices: [`AUTO_CUDA_INSTANCES`] each).
+/// CUDA, `gpus` devices: `AUTO_CUDA_INSTANCES` each).
 ///
 /// Many small sessions with one thread each serve concurrent requests best on a CPU: ONNX
 /// Runtime's intra-op parallelism on small tensors mostly spins, and every session whose pool
 /// spans all cores competes with the others. So, unless told: as many instances as cores (at most
-/// [`AUTO_CPU_INSTANCES`]) and the cores shared among them, so instances × threads never exceeds
+/// `AUTO_CPU_INSTANCES`) and the cores shared among them, so instances × threads never exceeds
 /// the cores this process may use (its cgroup CPU quota and affinity, which
 /// [`std::thread::available_parallelism`] reads).
 pub fn plan_threads(
