@@ -175,11 +175,11 @@ def test_every_example_has_its_own_name_so_all_can_be_applied_together():
 
 HTTP_HOSTS = ["http://999.1.1.1/m.onnx", "http://1.2.3.4.5/m.onnx", "https://[:::]/m.onnx",
               "https://[1::2::3]/m.onnx", "http://host.123/m.onnx", "http://256.0.0.1:8080/m.onnx",
-              "http://10.0.0.1/m.onnx", "http://255.255.255.255/m.onnx", "https://[::1]:8443/m.onnx",
-              "https://[2001:db8::7]/m.onnx", "https://models.example.com/m.onnx", "http://a-1.b_2.example/m.onnx",
+              "http://127.0.0.2/m.onnx", "http://127.255.255.254/m.onnx", "https://[::1]:8443/m.onnx",
+              "https://[0:0::1]/m.onnx", "https://models.example.com/m.onnx", "http://a-1.b_2.example/m.onnx",
               "https://[12345::1]/m.onnx", "https://[1:2:3:4:5:6:7:8:9]/m.onnx", "https://[1:2:3]/m.onnx",
-              "https://[::ffff:10.0.0.7]/m.onnx", "https://[1:2:3:4:5:6:7::]/m.onnx", "https://[::]/m.onnx",
-              "https://[1:2:3:4:5:6:7:8]/m.onnx"]
+              "https://[::ffff:127.0.0.7]/m.onnx", "https://[0:0:0:0:0:0:0::]/m.onnx", "https://[::]/m.onnx",
+              "https://[0:0:0:0:0:0:0:1]/m.onnx"]
 
 
 @pytest.mark.parametrize("uri", HTTP_HOSTS)
@@ -191,8 +191,11 @@ def test_the_crd_accepts_exactly_the_http_hosts_the_puller_can_parse(uri, tmp_pa
     # private, never as an invalid URI.
     accepted = render_text(MD_HEAD.replace("s3://models/m.onnx", uri), tmp_path).returncode == 0
     server = ROOT / "target" / "debug" / "kubemaas-server"
+    # Every valid address here is a loopback one and host names are pinned to loopback, so nothing
+    # is looked up and nothing could leave the machine even outside the network namespace.
+    pinned = [f"--resolve={h}=127.0.0.1" for h in ("models.example.com", "a-1.b_2.example")]
     p = subprocess.run(["unshare", "--net", "--", str(server), "pull", uri, str(tmp_path / "m.onnx"),
-                        "--retries", "0", "--termination-log", str(tmp_path / "t")],
+                        "--retries", "0", "--termination-log", str(tmp_path / "t"), *pinned],
                        capture_output=True, text=True, timeout=60)
     parsed = "invalid model URI" not in p.stderr
     assert p.returncode != 0, p.stderr

@@ -425,7 +425,7 @@ fn uri_host_rule() -> Rule {
     ))
     .message(
         "uri's host is not a valid address: a host ending in a number must be an IPv4 address of four \
-         numbers 0-255 (e.g. 10.0.0.7), and an IPv6 address in brackets is eight groups of 1-4 hex digits, \
+         numbers 0-255 separated by dots, and an IPv6 address in brackets is eight groups of 1-4 hex digits, \
          or fewer around one '::' (e.g. [2001:db8::7])",
     )
 }
