@@ -65,11 +65,23 @@ def stats(server, model):
     return requests.get(f"{server.url}/v2/models/{model}/stats", timeout=10).json()["model_stats"][0]
 
 
-def timed(server, model, x):
+def timed(server, model, x, outputs=None):
     """One FP32 request for input x, and how long its answer took, in seconds."""
     t = time.perf_counter()
-    r = infer(server, model, [v2("x", x, "FP32")])
+    r = infer(server, model, [v2("x", x, "FP32")], outputs)
     return r, time.perf_counter() - t
+
+
+def start_a_long_request(pool, server):
+    """Sends the busy model `slow` a 1500-row request (seconds of work) from `pool` and returns its
+    future once it runs on an instance."""
+    long = pool.submit(infer, server, "slow", [v2("x", np.ones((1500, 256), dtype=np.float32), "FP32")])
+    deadline = time.time() + 30
+    while gauge(server, "nv_inference_pending_request_count", "slow") < 1:
+        assert time.time() < deadline, "the long request never started"
+        time.sleep(0.01)
+    time.sleep(0.3)  # its JSON body is parsed and it runs
+    return long
 
 
 def assert_busy_answers(busy_model, xs, responses):
@@ -433,15 +445,9 @@ def test_on_a_cpu_a_request_does_not_wait_for_company_while_the_other_instance_r
     s = two_cpu_instances(busy_model, tmp_path, max_batch=2048, delay_us=1_000_000, threads=1)
     try:
         s.wait_loaded()
-        big = np.ones((1500, 256), dtype=np.float32)
         x = np.random.default_rng(70).standard_normal((1, 256)).astype(np.float32)
         with ThreadPoolExecutor(2) as pool:
-            long = pool.submit(infer, s, "slow", [v2("x", big, "FP32")])
-            deadline = time.time() + 30
-            while gauge(s, "nv_inference_pending_request_count", "slow") < 1:
-                assert time.time() < deadline, "the long request never started"
-                time.sleep(0.01)
-            time.sleep(0.3)  # its JSON body is parsed and it runs
+            long = start_a_long_request(pool, s)
             r, t = timed(s, "slow", x)
             assert not long.done(), "the long request ended before the short one came"
             assert long.result().status_code == 200
@@ -463,26 +469,14 @@ def test_on_a_cpu_a_batch_does_not_wait_for_requests_it_cannot_join(busy_model, 
     s = two_cpu_instances(busy_model, tmp_path, max_batch=2048, delay_us=2_000_000, threads=1)
     try:
         s.wait_loaded()
-        big = np.ones((1500, 256), dtype=np.float32)
         medium = np.ones((48, 256), dtype=np.float32)
         xs = [np.random.default_rng(80 + i).standard_normal((1, 256)).astype(np.float32) for i in range(2)]
         named = [None, ["y"]]
-
-        def one(i):
-            t = time.perf_counter()
-            r = infer(s, "slow", [v2("x", xs[i], "FP32")], named[i])
-            return r, time.perf_counter() - t
-
         with ThreadPoolExecutor(4) as pool:
-            long = pool.submit(infer, s, "slow", [v2("x", big, "FP32")])
-            deadline = time.time() + 30
-            while gauge(s, "nv_inference_pending_request_count", "slow") < 1:
-                assert time.time() < deadline, "the long request never started"
-                time.sleep(0.01)
-            time.sleep(0.3)  # its JSON body is parsed and it runs
+            long = start_a_long_request(pool, s)
             short = pool.submit(infer, s, "slow", [v2("x", medium, "FP32")])
             time.sleep(0.02)
-            got = list(pool.map(one, range(2)))
+            got = list(pool.map(lambda i: timed(s, "slow", xs[i], named[i]), range(2)))
             assert short.result().status_code == 200
             assert not long.done(), "the long request ended before the short ones came"
             assert long.result().status_code == 200
