@@ -106,8 +106,8 @@ pub fn device_of(k: usize, devices: &[i32]) -> i32 {
     }
 }
 
-/// Resolves `--instances` and `--intra-op-threads` (0 = choose) for `cpus` usable cores (and, on
-/// CUDA, `gpus` devices: `AUTO_CUDA_INSTANCES` each).
+/// Resolves `--instances` and `--intra-op-threads` (0 = choose) for `cpus` usable cores, on the
+/// CPU (`gpus` 0) or on `gpus` CUDA devices (`AUTO_CUDA_INSTANCES` each).
 ///
 /// Many small sessions with one thread each serve concurrent requests best on a CPU: ONNX
 /// Runtime's intra-op parallelism on small tensors mostly spins, and every session whose pool
@@ -115,16 +115,10 @@ pub fn device_of(k: usize, devices: &[i32]) -> i32 {
 /// `AUTO_CPU_INSTANCES`) and the cores shared among them, so instances × threads never exceeds
 /// the cores this process may use (its cgroup CPU quota and affinity, which
 /// [`std::thread::available_parallelism`] reads).
-pub fn plan_threads(
-    instances: usize,
-    intra_threads: usize,
-    cpus: usize,
-    cuda: bool,
-    gpus: usize,
-) -> ThreadPlan {
+pub fn plan_threads(instances: usize, intra_threads: usize, cpus: usize, gpus: usize) -> ThreadPlan {
     let cpus = cpus.max(1);
     let instances = match (instances, intra_threads) {
-        (0, _) if cuda => AUTO_CUDA_INSTANCES * gpus.max(1),
+        (0, _) if gpus > 0 => AUTO_CUDA_INSTANCES * gpus,
         (0, 0) => cpus.min(AUTO_CPU_INSTANCES),
         (0, t) => (cpus / t).clamp(1, AUTO_CPU_INSTANCES),
         (n, _) => n,
@@ -336,14 +330,14 @@ impl OrtModel {
             message,
         };
         let cpus = planned_cpus(opts.cpus);
-        let cpu_plan = plan_threads(opts.instances, opts.intra_threads, cpus, false, 1);
+        let cpu_plan = plan_threads(opts.instances, opts.intra_threads, cpus, 0);
         let cuda_plan = plan_threads(
             opts.instances,
             opts.intra_threads,
             cpus,
-            true,
-            opts.gpu_devices.len(),
+            opts.gpu_devices.len().max(1),
         );
+        let first_device = device_of(0, &opts.gpu_devices);
         let mut fallback = None;
         let (first, provider) = match opts.execution_provider {
             ExecutionProvider::Cpu => (
@@ -351,38 +345,26 @@ impl OrtModel {
                 CPU_EP,
             ),
             ExecutionProvider::Cuda => (
-                build_session(
-                    env,
-                    path,
-                    opts,
-                    cuda_plan.intra_threads,
-                    Some(device_of(0, &opts.gpu_devices)),
-                )
-                .map_err(|e| {
+                build_session(env, path, opts, cuda_plan.intra_threads, Some(first_device)).map_err(|e| {
                     load_err(format!(
-                        "CUDA execution provider requested on device {} but unavailable: {e}",
-                        device_of(0, &opts.gpu_devices)
+                        "CUDA execution provider requested on device {first_device} but unavailable: {e}"
                     ))
                 })?,
                 CUDA_EP,
             ),
-            ExecutionProvider::Auto => match build_session(
-                env,
-                path,
-                opts,
-                cuda_plan.intra_threads,
-                Some(device_of(0, &opts.gpu_devices)),
-            ) {
-                Ok(s) => (s, CUDA_EP),
-                Err(e) => {
-                    tracing::info!(model = %path.display(), reason = %e, "CUDA unavailable, using CPU");
-                    fallback = Some(e);
-                    (
-                        build_session(env, path, opts, cpu_plan.intra_threads, None).map_err(load_err)?,
-                        CPU_EP,
-                    )
+            ExecutionProvider::Auto => {
+                match build_session(env, path, opts, cuda_plan.intra_threads, Some(first_device)) {
+                    Ok(s) => (s, CUDA_EP),
+                    Err(e) => {
+                        tracing::info!(model = %path.display(), reason = %e, "CUDA unavailable, using CPU");
+                        fallback = Some(e);
+                        (
+                            build_session(env, path, opts, cpu_plan.intra_threads, None).map_err(load_err)?,
+                            CPU_EP,
+                        )
+                    }
                 }
-            },
+            }
         };
         let cuda = provider == CUDA_EP;
         let plan = if cuda { cuda_plan } else { cpu_plan };
@@ -769,39 +751,39 @@ mod tests {
         assert_eq!(on(&[0]), [0; 6]);
         assert_eq!(on(&[0, 1]), [0, 1, 0, 1, 0, 1]);
         assert_eq!(on(&[2, 0, 1]), [2, 0, 1, 2, 0, 1]);
-        assert_eq!(plan_threads(0, 0, 16, true, 1), plan(4, 4));
-        assert_eq!(plan_threads(0, 0, 16, true, 2), plan(8, 2));
-        assert_eq!(plan_threads(3, 0, 16, true, 2), plan(3, 5), "asked for: kept");
+        assert_eq!(plan_threads(0, 0, 16, 1), plan(4, 4));
+        assert_eq!(plan_threads(0, 0, 16, 2), plan(8, 2));
+        assert_eq!(plan_threads(3, 0, 16, 2), plan(3, 5), "asked for: kept");
     }
 
     #[test]
     fn chosen_instances_and_threads_never_oversubscribe_the_usable_cores() {
-        assert_eq!(plan_threads(0, 0, 1, false, 1), plan(1, 1));
-        assert_eq!(plan_threads(0, 0, 2, false, 1), plan(2, 1));
-        assert_eq!(plan_threads(0, 0, 4, false, 1), plan(4, 1));
-        assert_eq!(plan_threads(0, 0, 16, false, 1), plan(4, 4));
-        assert_eq!(plan_threads(0, 0, 6, false, 1), plan(4, 1));
+        assert_eq!(plan_threads(0, 0, 1, 0), plan(1, 1));
+        assert_eq!(plan_threads(0, 0, 2, 0), plan(2, 1));
+        assert_eq!(plan_threads(0, 0, 4, 0), plan(4, 1));
+        assert_eq!(plan_threads(0, 0, 16, 0), plan(4, 4));
+        assert_eq!(plan_threads(0, 0, 6, 0), plan(4, 1));
         for cpus in 1..=64 {
-            let p = plan_threads(0, 0, cpus, false, 1);
+            let p = plan_threads(0, 0, cpus, 0);
             assert!(p.instances * p.intra_threads <= cpus, "{cpus}: {p:?}");
         }
     }
 
     #[test]
     fn what_is_given_is_kept_and_the_rest_shares_the_cores() {
-        assert_eq!(plan_threads(2, 0, 8, false, 1), plan(2, 4));
-        assert_eq!(plan_threads(0, 2, 8, false, 1), plan(4, 2));
-        assert_eq!(plan_threads(0, 4, 2, false, 1), plan(1, 4));
-        assert_eq!(plan_threads(3, 5, 2, false, 1), plan(3, 5));
-        assert_eq!(plan_threads(16, 0, 2, false, 1), plan(16, 1));
+        assert_eq!(plan_threads(2, 0, 8, 0), plan(2, 4));
+        assert_eq!(plan_threads(0, 2, 8, 0), plan(4, 2));
+        assert_eq!(plan_threads(0, 4, 2, 0), plan(1, 4));
+        assert_eq!(plan_threads(3, 5, 2, 0), plan(3, 5));
+        assert_eq!(plan_threads(16, 0, 2, 0), plan(16, 1));
         // No usable-core count (0) is treated as one core.
-        assert_eq!(plan_threads(0, 0, 0, false, 1), plan(1, 1));
+        assert_eq!(plan_threads(0, 0, 0, 0), plan(1, 1));
     }
 
     #[test]
     fn cuda_defaults_to_four_instances_sharing_the_cores_for_their_cpu_nodes() {
-        assert_eq!(plan_threads(0, 0, 16, true, 1), plan(4, 4));
-        assert_eq!(plan_threads(0, 0, 2, true, 1), plan(4, 1));
-        assert_eq!(plan_threads(2, 0, 16, true, 1), plan(2, 8));
+        assert_eq!(plan_threads(0, 0, 16, 1), plan(4, 4));
+        assert_eq!(plan_threads(0, 0, 2, 1), plan(4, 1));
+        assert_eq!(plan_threads(2, 0, 16, 1), plan(2, 8));
     }
 }
