@@ -170,6 +170,18 @@ impl Batcher {
         &self.config
     }
 
+    /// Refuses a request with more than `max_batch_size` rows in an input: every request of a
+    /// batching model is held to it, also one that runs alone (its inputs disagree on rows).
+    pub fn check_rows(&self, rows: usize) -> Result<(), ApiError> {
+        if rows > self.config.max_batch_size {
+            return Err(ApiError::BadRequest(format!(
+                "the request has {rows} rows but this model batches at most {} (max_batch_size); split it",
+                self.config.max_batch_size
+            )));
+        }
+        Ok(())
+    }
+
     /// Queues a validated request of `rows` rows and waits for its share of a batch.
     pub async fn submit(
         &self,
@@ -179,12 +191,7 @@ impl Batcher {
         timeout: Option<Duration>,
         queued: crate::metrics::GaugeToken,
     ) -> Result<Done, ApiError> {
-        if rows > self.config.max_batch_size {
-            return Err(ApiError::BadRequest(format!(
-                "the request has {rows} rows but this model batches at most {} (max_batch_size); split it",
-                self.config.max_batch_size
-            )));
-        }
+        self.check_rows(rows)?;
         // Outputs are matched by name, so the order asked for is restored per request below.
         let asked = outputs.clone();
         outputs.sort();

@@ -179,19 +179,9 @@ async fn execute_inner(
     let Some(batcher) = model.batcher.get() else {
         return queue_for_an_instance(&model, stats, start, inputs, outputs, timeout, on_run).await;
     };
-    // Run alone, it is still held to the largest batch, as every request of a batching model is.
-    let most = inputs
-        .iter()
-        .filter_map(|t| t.shape.first())
-        .copied()
-        .max()
-        .unwrap_or(0);
-    if most > batcher.config().max_batch_size {
-        return Err(ApiError::BadRequest(format!(
-            "an input has {most} rows but this model batches at most {} (max_batch_size); split the request",
-            batcher.config().max_batch_size
-        )));
-    }
+    // Run alone, it is still held to the largest batch.
+    let most = inputs.iter().filter_map(|t| t.shape.first()).copied().max();
+    batcher.check_rows(most.unwrap_or(0))?;
     // A batched model's other requests keep to the instance permits its batcher paces itself by.
     let queued = Instant::now();
     let waiting = crate::metrics::GaugeToken::new(&stats.queued);

@@ -204,20 +204,18 @@ pub const MAX_WARM_UP_BYTES: usize = 1 << 30;
 /// Number of elements of a shape given by a client, with overflow and sign checks.
 pub fn element_count(shape: &[i64]) -> Result<usize, TensorError> {
     let bad = || TensorError::BadShape(shape.to_vec());
-    let mut n: usize = 1;
-    // The product of the other dimensions, for a shape with a 0 in it: [0, 2^62] holds nothing,
-    // but a row of it (padding, strides, the runtime's own sizes) would overflow.
+    // The product of the non-zero dimensions is bounded too: [0, 2^62] holds nothing, but a row of
+    // it (padding, strides, the runtime's own sizes) would overflow.
     let mut nonzero: usize = 1;
+    let mut empty = false;
     for &d in shape {
         let d = usize::try_from(d).map_err(|_| bad())?;
-        n = n.checked_mul(d).ok_or_else(bad)?;
-        if d != 0 {
-            nonzero = nonzero.checked_mul(d).ok_or_else(bad)?;
-        }
+        empty |= d == 0;
+        nonzero = nonzero.checked_mul(d.max(1)).ok_or_else(bad)?;
     }
     // Even with no data, a shape whose byte size overflows is nonsense.
     nonzero.checked_mul(8).ok_or_else(bad)?;
-    Ok(n)
+    Ok(if empty { 0 } else { nonzero })
 }
 
 impl Tensor {
