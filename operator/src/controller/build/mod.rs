@@ -2,7 +2,7 @@
 //! configuration. No client, no I/O: unit-tested with plain structs, and reused by `render`.
 
 mod deployment;
-pub mod hpa;
+mod hpa;
 mod network_policy;
 mod pdb;
 mod service;
