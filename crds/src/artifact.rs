@@ -52,6 +52,11 @@ pub fn is_directory_uri(uri: &str) -> bool {
 /// authority (`https://user:password@host/…`).
 fn uri_secrets(uri: &str) -> Vec<(String, &'static str)> {
     let mut secrets = Vec::new();
+    // Only a URL has a query or user information: in s3://, gs://, hf:// and pvc:// URIs a '?',
+    // '#' or '@' belongs to the key, the path or the revision.
+    if !(uri.starts_with("http://") || uri.starts_with("https://")) {
+        return secrets;
+    }
     let without_fragment = uri.split('#').next().unwrap_or(uri);
     if let Some((_, query)) = without_fragment.split_once('?')
         && !query.is_empty()
@@ -80,7 +85,7 @@ pub fn redact(text: &str, uri: &str) -> String {
         })
 }
 
-/// `uri` as it may be reported (pull record, model metadata, status, logs): a query is replaced by
+/// `uri` as it may be reported (pull record, model metadata, status, logs): an http(s) URL's query is replaced by
 /// `?redacted` (a presigned URL's query is its credential) and a password by `redacted`.
 pub fn redact_uri(uri: &str) -> String {
     redact(uri, uri)
@@ -118,6 +123,8 @@ mod tests {
             "hf://org/repo",
             "https://u@host/m.onnx",
             "pvc://c/m/",
+            "s3://bucket/odd?key#name.onnx",
+            "gs://bucket/a?b.onnx",
         ] {
             assert_eq!(redact_uri(plain), plain);
         }

@@ -134,7 +134,11 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     }
     // CPU or memory autoscaling: the HPA decides, and says so in its status, which users do not
     // read; its decision, or why it cannot scale, goes into ours (and a failure into an Event).
-    if md.spec.autoscaling.as_ref().is_some_and(|a| !a.metric.is_request_driven())
+    if md
+        .spec
+        .autoscaling
+        .as_ref()
+        .is_some_and(|a| !a.metric.is_request_driven())
         && let Some(hpa) = ctx.stores.hpas.get(&ObjectRef::new(&md.name_any()).within(&ns))
     {
         new.autoscaling = status::autoscaling_from_hpa(&hpa);
