@@ -191,6 +191,130 @@ def test_the_buffered_body_budget_refuses_what_would_exceed_it_and_frees_on_clos
     assert metric(s, 'kubemaas_requests_shed_total{limit="max_buffered_request_bytes"}') == 2
 
 
+def grpc_open(s, declared, sent):
+    """A gRPC ModelInfer call whose message never fully arrives: its 5-byte prefix declares
+    `declared` bytes of message and `sent` bytes of body (prefix included) are sent, respecting
+    HTTP/2 flow control. Returns (socket, connection, stream id)."""
+    import h2.config
+    import h2.connection
+
+    host, port = s.grpc.rsplit(":", 1)
+    c = socket.create_connection((host, int(port)))
+    c.settimeout(10)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    c.sendall(conn.data_to_send())
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
+                            (":path", "/inference.GRPCInferenceService/ModelInfer"),
+                            ("content-type", "application/grpc"), ("te", "trailers")])
+    c.sendall(conn.data_to_send())
+    payload = b"\x00" + declared.to_bytes(4, "big") + b"\x00" * (sent - 5)
+    while payload:
+        n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, len(payload))
+        if n == 0:
+            conn.receive_data(c.recv(65536))  # window updates
+        else:
+            conn.send_data(sid, payload[:n])
+            payload = payload[n:]
+        c.sendall(conn.data_to_send())
+    return c, conn, sid
+
+
+def grpc_answer(c, conn, sid, timeout=10):
+    """The headers and trailers the server sends on stream `sid`, until the stream ends."""
+    import h2.events
+
+    c.settimeout(timeout)
+    fields = {}
+    while True:
+        data = c.recv(65536)
+        if not data:
+            return fields
+        for ev in conn.receive_data(data):
+            if isinstance(ev, (h2.events.ResponseReceived, h2.events.TrailersReceived)) and ev.stream_id == sid:
+                fields.update({k.decode(): v.decode() for k, v in ev.headers})
+            if isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                return fields
+        c.sendall(conn.data_to_send())
+
+
+def grpc_dense(rows):
+    import tritonclient.grpc as grpcclient
+
+    g = grpcclient.InferInput("x", [rows, 10], "FP32")
+    g.set_data_from_numpy(np.ones((rows, 10), np.float32))
+    return g
+
+
+def test_grpc_messages_count_against_the_body_budget_as_they_arrive(serve):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    s = serve("--max-request-bytes", "1000000", "--max-buffered-request-bytes", "1500000")
+    client = grpcclient.InferenceServerClient(s.grpc)
+    # tonic holds a message until it is whole: the bytes of one still arriving are held.
+    c, conn, sid = grpc_open(s, 999_995, 900_000)
+    try:
+        wait_for(lambda: metric(s, "kubemaas_request_body_bytes_held") == 900_000)
+        # 17,500 rows of 10 floats: 700 KB more would exceed the budget, on either port.
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("dense", [grpc_dense(17_500)])
+        assert e.value.status() == "StatusCode.UNAVAILABLE", e.value
+        assert "--max-buffered-request-bytes" in e.value.message(), e.value
+        r = requests.post(f"{s.url}/v2/models/dense/infer", data=b"x" * 700_000, timeout=5)
+        assert r.status_code == 503, r.text
+        # What fits still runs.
+        assert client.infer("dense", [grpc_dense(2)]).as_numpy("y").shape == (2, 3)
+    finally:
+        c.close()
+    wait_for(lambda: metric(s, "kubemaas_request_body_bytes_held") == 0)
+    assert client.infer("dense", [grpc_dense(17_500)]).as_numpy("y").shape == (17_500, 3)
+    assert metric(s, 'kubemaas_requests_shed_total{limit="max_buffered_request_bytes"}') == 2
+    client.close()
+
+
+def test_a_grpc_message_that_trickles_in_gets_deadline_exceeded(serve):
+    import tritonclient.grpc as grpcclient
+
+    s = serve("--body-read-timeout", "1")
+    c, conn, sid = grpc_open(s, 100, 10)
+    try:
+        t = time.time()
+        fields = grpc_answer(c, conn, sid)
+        assert fields.get("grpc-status") == "4", fields  # DEADLINE_EXCEEDED
+        assert "--body-read-timeout" in fields.get("grpc-message", ""), fields
+        assert 0.9 < time.time() - t < 5
+    finally:
+        c.close()
+    wait_for(lambda: metric(s, "kubemaas_request_body_bytes_held") == 0)
+    client = grpcclient.InferenceServerClient(s.grpc)
+    assert client.infer("dense", [grpc_dense(2)]).as_numpy("y").shape == (2, 3)
+    client.close()
+
+
+def test_a_grpc_stream_may_idle_between_messages_longer_than_the_body_timeout(serve):
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    s = serve("--body-read-timeout", "1")
+    client = grpcclient.InferenceServerClient(s.grpc)
+    answers = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for i in range(2):
+            if i:
+                time.sleep(2.5)
+            client.async_stream_infer("dense", [grpc_dense(2)], request_id=str(i))
+            result, error = answers.get(timeout=10)
+            assert error is None, error
+            assert result.as_numpy("y").shape == (2, 3)
+    finally:
+        client.stop_stream()
+        client.close()
+
+
 def test_a_body_that_trickles_in_gets_408(serve):
     s = serve("--body-read-timeout", "1")
     body = json.dumps(dense_request()).encode()

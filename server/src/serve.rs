@@ -172,8 +172,10 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_HEADER_READ_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub header_read_timeout: u64,
 
-    /// Seconds a request body may take to arrive whole (HTTP ports); slower bodies get 408, so a
-    /// client trickling bytes cannot hold a request open. At most 86400 (a day).
+    /// Seconds a request body may take to arrive whole; slower bodies get 408 (gRPC
+    /// DEADLINE_EXCEEDED), so a client trickling bytes cannot hold a request open. On gRPC this
+    /// bounds a unary call's request, and each message of a stream from its first byte. At most
+    /// 86400 (a day).
     #[arg(long, env = "KUBEMAAS_BODY_READ_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub body_read_timeout: u64,
 
@@ -187,7 +189,8 @@ pub struct ServeArgs {
     pub max_concurrent_requests: u32,
 
     /// Bytes of request bodies the server holds at once, all requests together (default: 8 ×
-    /// --max-request-bytes); a request that would exceed it gets 503 with `Retry-After` (gRPC
+    /// --max-request-bytes), counted as they arrive (on gRPC, a message still arriving and each
+    /// message being served); a request that would exceed it gets 503 with `Retry-After` (gRPC
     /// UNAVAILABLE), so concurrent large requests cannot exhaust memory.
     #[arg(long, env = "KUBEMAAS_MAX_BUFFERED_REQUEST_BYTES")]
     pub max_buffered_request_bytes: Option<usize>,

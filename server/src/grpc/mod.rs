@@ -3,6 +3,7 @@
 //! the same [`crate::tensor::Tensor`] and run through the same [`crate::inference::execute`] as
 //! REST, so batching, statistics and metrics are shared.
 
+pub mod budget;
 pub mod codec;
 pub mod service;
 
@@ -110,6 +111,10 @@ pub async fn serve(
     grace: Duration,
 ) {
     let limit = state.max_request_bytes;
+    let budget = budget::BodyBudget {
+        admission: state.admission.clone(),
+        timeout: state.body_read_timeout,
+    };
     let inference = pb::grpc_inference_service_server::GrpcInferenceServiceServer::new(
         service::Inference::new(state.clone(), shutdown.clone()),
     )
@@ -127,6 +132,7 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         // Bounds what one connection holds at once (each call or stream holds its messages).
         .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+        .layer(tower::util::MapRequestLayer::new(move |r| budget.wrap(r)))
         .layer(tower::util::MapResponseLayer::new(move |r| {
             rewrite.apply::<tonic::body::Body>(r)
         }))

@@ -180,8 +180,9 @@ async fn infer_in_span(
         .ready_model(&req.model_name, version.as_deref())
         .map_err(inference::count_not_ready)?;
     let _inflight = inference::InFlight::enter(&stats);
-    // The message is already decoded by tonic (within --max-request-bytes); its size still counts
-    // against the body budget while its tensors are decoded and run.
+    // The message is already decoded by tonic (within --max-request-bytes; `budget` counted its
+    // bytes while they arrived); its size still counts against the body budget while its tensors
+    // are decoded and run.
     let mut ticket = crate::admission::Ticket::default();
     let admitted = state
         .admission
