@@ -242,6 +242,12 @@ def test_keys_limited_to_some_models_may_not_use_shared_memory(repo_dir, tmp_pat
         assert r.status_code == 403 and "may not use shared memory" in r.json()["error"], r.text
         r = requests.post(f"{s.url}/v2/models/model/infer", json=req, headers=auth("admin-secret"), timeout=10)
         assert r.status_code == 200, r.text
+        # The key is checked before any region is looked up: a scoped key cannot learn which
+        # regions exist from 404 against 403.
+        nope = {"inputs": [{"name": "x", "shape": [1, 10], "datatype": "FP32",
+                            "parameters": {"shared_memory_region": "nope", "shared_memory_byte_size": 40}}]}
+        r = requests.post(f"{s.url}/v2/models/model/infer", json=nope, headers=auth("scoped-secret"), timeout=10)
+        assert r.status_code == 403 and "may not use shared memory" in r.json()["error"], r.text
         # The same over gRPC.
         g = grpcclient.InferenceServerClient(s.grpc)
         with pytest.raises(InferenceServerException, match="may not use shared memory"):
@@ -250,6 +256,10 @@ def test_keys_limited_to_some_models_may_not_use_shared_memory(repo_dir, tmp_pat
         x.set_shared_memory("r", 40)
         with pytest.raises(InferenceServerException, match="may not use shared memory"):
             g.infer("model", [x], headers=grpc_auth("scoped-secret"))
+        unknown = grpcclient.InferInput("x", [1, 10], "FP32")
+        unknown.set_shared_memory("nope", 40)
+        with pytest.raises(InferenceServerException, match="may not use shared memory"):
+            g.infer("model", [unknown], headers=grpc_auth("scoped-secret"))
         assert g.infer("model", [x], headers=grpc_auth("admin-secret")).as_numpy("y").shape == (1, 3)
         g.unregister_system_shared_memory("r", headers=grpc_auth("admin-secret"))
         # Calls that change or list the regions are audited, with who made them.

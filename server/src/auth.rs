@@ -186,16 +186,12 @@ impl ApiKeys {
 }
 
 /// Refuses a request that uses shared memory when its key may not ([`SHARED_MEMORY`]). Checked
-/// only for requests that name a region, after decoding and before anything runs or is written.
+/// only for requests that name a region, before the region is looked up ([`crate::shm::gate`]).
 pub fn check_shared_memory(
     keys: Option<&ApiKeys>,
     authorization: Option<&[u8]>,
-    uses_shm: bool,
 ) -> Result<(), crate::protocol::error::ApiError> {
-    if uses_shm {
-        authorize(keys, authorization, Some(SHARED_MEMORY), &mut None)?;
-    }
-    Ok(())
+    authorize(keys, authorization, Some(SHARED_MEMORY), &mut None)
 }
 
 /// The one access check every protocol makes: `authorization` (the header or gRPC metadata value)

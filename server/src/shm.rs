@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 
+use crate::protocol::error::ApiError;
+
 /// Where Linux keeps POSIX shared memory objects (`shm_open` names).
 pub const SHM_DIR: &str = "/dev/shm";
 
@@ -285,14 +287,7 @@ impl SharedMemory {
     /// Reads the `at.byte_size` bytes of an input. `used` counts the bytes this request has read
     /// from shared memory so far: together they may not pass `--max-request-bytes`.
     pub fn read(&self, at: &ShmRef, what: &str, used: &mut u64) -> Result<Bytes, ShmError> {
-        let total = used.saturating_add(at.byte_size);
-        if self.allowed && total > self.max_input {
-            return Err(ShmError::TooLarge {
-                what: what.into(),
-                size: total,
-                limit: self.max_input,
-            });
-        }
+        let total = self.within_limit(at, what, *used)?;
         let (file, pos) = self.locate(at, at.byte_size, what)?;
         let len = usize::try_from(at.byte_size)
             .map_err(|_| ShmError::Bounds(format!("{what}: {} bytes is too large", at.byte_size)))?;
@@ -309,6 +304,19 @@ impl SharedMemory {
         })?;
         *used = total;
         Ok(Bytes::from(buf))
+    }
+
+    /// The bytes this request will have read with `at`, refused past `--max-request-bytes`.
+    fn within_limit(&self, at: &ShmRef, what: &str, used: u64) -> Result<u64, ShmError> {
+        let total = used.saturating_add(at.byte_size);
+        if self.allowed && total > self.max_input {
+            return Err(ShmError::TooLarge {
+                what: what.into(),
+                size: total,
+                limit: self.max_input,
+            });
+        }
+        Ok(total)
     }
 
     /// Writes an output's bytes, which must fit `at.byte_size`.
@@ -335,6 +343,49 @@ pub fn usable(shm: Option<&SharedMemory>) -> Result<&SharedMemory, ShmError> {
         Some(s) if s.allowed => Ok(s),
         _ => Err(ShmError::Disabled),
     }
+}
+
+/// What a request passes before it touches shared memory: called with 0 before a region is
+/// looked up for an output, and with an input's size before its region is looked up and read.
+/// [`gate`] makes the server's.
+pub type Gate<'a> = &'a mut dyn FnMut(u64) -> Result<(), ApiError>;
+
+/// The server's [`Gate`]: the caller's key must allow shared memory ([`crate::auth::SHARED_MEMORY`])
+/// before anything about a region is looked up, so a key without the right cannot learn which
+/// regions exist; and an input's bytes are reserved in the body budget (into `ticket`) before
+/// they are read, as a body's are before they are buffered.
+pub fn gate<'a>(
+    keys: Option<&'a crate::auth::ApiKeys>,
+    authorization: Option<&'a [u8]>,
+    admission: &'a crate::admission::Admission,
+    ticket: &'a mut crate::admission::Ticket,
+) -> impl FnMut(u64) -> Result<(), ApiError> + 'a {
+    move |n| {
+        crate::auth::check_shared_memory(keys, authorization)?;
+        admission.reserve(ticket, usize::try_from(n).unwrap_or(usize::MAX))
+    }
+}
+
+/// Reads input `at` (named `what`) from `shm` through `gate`; `used` as in [`SharedMemory::read`].
+pub fn read_input(
+    shm: Option<&SharedMemory>,
+    at: &ShmRef,
+    what: &str,
+    used: &mut u64,
+    gate: Gate<'_>,
+) -> Result<Bytes, ApiError> {
+    let shm = usable(shm)?;
+    gate(0)?;
+    shm.within_limit(at, what, *used)?;
+    gate(at.byte_size)?;
+    Ok(shm.read(at, what, used)?)
+}
+
+/// Checks that an output may be written to `shm` through `gate`; the region itself is looked up
+/// when the output is written.
+pub fn output_allowed(shm: Option<&SharedMemory>, gate: Gate<'_>) -> Result<(), ApiError> {
+    usable(shm)?;
+    gate(0)
 }
 
 /// The file of POSIX shared memory object `key` ("/name" or "name", as `shm_open` takes it): one

@@ -29,10 +29,6 @@ pub struct Decoded {
     pub parameters: Map<String, Value>,
     /// Per requested output: the shared memory to write it to instead of the answer.
     pub shm_outputs: Vec<Option<ShmRef>>,
-    /// Bytes of input read from shared memory.
-    pub shm_bytes: u64,
-    /// Whether an input or an output is in shared memory (the caller's key must allow it).
-    pub uses_shm: bool,
 }
 
 /// The `shared_memory_*` parameters of one input or output (Triton's shared memory extension),
@@ -48,11 +44,13 @@ fn shm_param(
 }
 
 /// Decodes a request for a model with signature `sig`. Raw contents are taken, not copied.
-/// Inputs may name registered regions of `shm` instead of carrying data.
+/// Inputs may name registered regions of `shm` instead of carrying data; each use of a region
+/// passes `gate` first.
 pub fn decode_request(
     sig: &Signature,
     req: &mut ModelInferRequest,
     shm: Option<&SharedMemory>,
+    gate: crate::shm::Gate<'_>,
 ) -> Result<Decoded, ApiError> {
     let raw_contents = std::mem::take(&mut req.raw_input_contents);
     let raw = !raw_contents.is_empty();
@@ -62,7 +60,6 @@ pub fn decode_request(
         .map(|i| shm_param(&i.parameters, || format!("input {:?}", i.name)))
         .collect::<Result<Vec<_>, _>>()?;
     let carried = in_shm.iter().filter(|s| s.is_none()).count();
-    let mut uses_shm = carried < in_shm.len();
     if raw && raw_contents.len() != carried {
         return Err(ApiError::BadRequest(format!(
             "raw_input_contents has {} entries but the request has {carried} inputs outside shared memory; send one entry per such input, in input order",
@@ -76,7 +73,7 @@ pub fn decode_request(
     let mut shm_bytes = 0;
     for (input, at) in req.inputs.iter_mut().zip(in_shm) {
         let tensor = match at {
-            Some(at) => shm_input(sig, input, &at, shm, &mut shm_bytes)?,
+            Some(at) => shm_input(sig, input, &at, shm, &mut shm_bytes, gate)?,
             None => decode_input(sig, input, raw.then(|| raw_contents.next()).flatten())?,
         };
         inputs.push(tensor);
@@ -89,8 +86,7 @@ pub fn decode_request(
         }
         let at = shm_param(&o.parameters, || format!("output {:?}", o.name))?;
         if at.is_some() {
-            crate::shm::usable(shm)?;
-            uses_shm = true;
+            crate::shm::output_allowed(shm, gate)?;
         }
         shm_outputs.push(at);
         outputs.push(o.name.clone());
@@ -101,8 +97,6 @@ pub fn decode_request(
         raw: !typed,
         parameters: parameters_json(&req.parameters),
         shm_outputs,
-        shm_bytes,
-        uses_shm,
     })
 }
 
@@ -113,6 +107,7 @@ fn shm_input(
     at: &ShmRef,
     shm: Option<&SharedMemory>,
     used: &mut u64,
+    gate: crate::shm::Gate<'_>,
 ) -> Result<Tensor, ApiError> {
     let what = format!("input {:?}", input.name);
     if input.contents.as_ref().is_some_and(|c| !populated(c).is_empty()) {
@@ -120,7 +115,7 @@ fn shm_input(
             "{what} names a shared memory region and also carries contents; send one"
         )));
     }
-    let raw = crate::shm::usable(shm)?.read(at, &what, used)?;
+    let raw = crate::shm::read_input(shm, at, &what, used, gate)?;
     decode_input(sig, input, Some(raw))
 }
 
@@ -408,7 +403,9 @@ mod tests {
     }
 
     fn err(mut req: ModelInferRequest) -> String {
-        decode_request(&sig(), &mut req, None).unwrap_err().to_string()
+        decode_request(&sig(), &mut req, None, &mut |_| Ok(()))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -461,13 +458,17 @@ mod tests {
             })
             .collect();
         let mut req = request(inputs, Vec::new());
-        let decoded = decode_request(&sig(), &mut req, None).unwrap();
+        let decoded = decode_request(&sig(), &mut req, None, &mut |_| Ok(())).unwrap();
         assert!(!decoded.raw);
         assert_eq!(decoded.inputs, tensors);
         // Without typed contents (here: no input has elements) the answer is raw, as tritonclient
         // reads it.
         let mut empty = request(vec![input(DataType::F16, vec![0, 2], None)], Vec::new());
-        assert!(decode_request(&sig(), &mut empty, None).unwrap().raw);
+        assert!(
+            decode_request(&sig(), &mut empty, None, &mut |_| Ok(()))
+                .unwrap()
+                .raw
+        );
     }
 
     #[test]
@@ -502,7 +503,7 @@ mod tests {
             ],
         );
         let mut req = ok;
-        let d = decode_request(&sig(), &mut req, None).unwrap();
+        let d = decode_request(&sig(), &mut req, None, &mut |_| Ok(())).unwrap();
         assert!(d.raw);
         assert_eq!(
             d.inputs[1].data,
@@ -585,7 +586,7 @@ mod tests {
         // An empty FP16 tensor needs no contents, typed or not.
         let empty = Some(InferTensorContents::default());
         let mut req = request(vec![input(DataType::F16, vec![0, 2], empty)], Vec::new());
-        assert!(decode_request(&sig(), &mut req, None).is_ok());
+        assert!(decode_request(&sig(), &mut req, None, &mut |_| Ok(())).is_ok());
     }
 
     #[test]

@@ -190,19 +190,18 @@ async fn infer_in_span(
         .and_then(|()| state.admission.admit(&mut ticket))
         .map(|()| ticket);
     let mut ticket = inference::counted(&stats, start, admitted)?;
+    // Inputs read from shared memory are held like a message until the answer is built.
+    let mut gate = crate::shm::gate(
+        state.api_keys.as_deref(),
+        authorization.as_ref().map(|v| v.as_bytes()),
+        &state.admission,
+        &mut ticket,
+    );
     let decoded = inference::counted(
         &stats,
         start,
-        codec::decode_request(model.backend.signature(), &mut req, shm),
+        codec::decode_request(model.backend.signature(), &mut req, shm, &mut gate),
     )?;
-    // Inputs read from shared memory are held like a message until the answer is built.
-    let allowed = crate::auth::check_shared_memory(
-        state.api_keys.as_deref(),
-        authorization.as_ref().map(|v| v.as_bytes()),
-        decoded.uses_shm,
-    )
-    .and_then(|()| state.admission.reserve(&mut ticket, decoded.shm_bytes as usize));
-    inference::counted(&stats, start, allowed)?;
     let timeout = inference::counted(&stats, start, v2::timeout_param(Some(&decoded.parameters)))?;
     let outputs = inference::execute(
         model.clone(),

@@ -580,20 +580,24 @@ async fn infer_v2(
         let json = header_len.unwrap_or(body.len());
         let decoding = model.clone();
         let shm = state.shm.clone();
-        let request = state
+        let (keys, admission) = (state.api_keys.clone(), state.admission.clone());
+        let (request, ticket) = state
             .offload
             .run(json, move || {
-                v2::decode_request_shm(decoding.backend.signature(), &body, header_len, &shm)
+                // Inputs read from shared memory are held like a body until the answer is encoded.
+                let mut gate = crate::shm::gate(
+                    keys.as_deref(),
+                    authorization.as_ref().map(|v| v.as_bytes()),
+                    &admission,
+                    &mut ticket,
+                );
+                let request =
+                    v2::decode_request_shm(decoding.backend.signature(), &body, header_len, &shm, &mut gate);
+                drop(gate);
+                (request, ticket)
             })
-            .await??;
-        crate::auth::check_shared_memory(
-            state.api_keys.as_deref(),
-            authorization.as_ref().map(|v| v.as_bytes()),
-            request.uses_shm,
-        )?;
-        // Inputs read from shared memory are held like a body until the answer is encoded.
-        state.admission.reserve(&mut ticket, request.shm_bytes as usize)?;
-        Ok((request, ticket))
+            .await?;
+        Ok((request?, ticket))
     }
     .await;
     // The ticket is held until the answer is encoded: the decoded inputs live that long.

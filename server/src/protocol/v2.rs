@@ -85,10 +85,6 @@ pub struct InferRequest {
     pub binary_default: bool,
     /// Per requested output: the shared memory to write it to instead of the answer.
     pub shm_outputs: Vec<Option<ShmRef>>,
-    /// Bytes of input read from shared memory (held like a body while the request lives).
-    pub shm_bytes: u64,
-    /// Whether an input or an output is in shared memory (the caller's key must allow it).
-    pub uses_shm: bool,
 }
 
 /// The `shared_memory_*` parameters of one input or output (Triton's shared memory extension):
@@ -185,18 +181,19 @@ pub fn decode_request_with(
     json_len: Option<usize>,
     prepass: bool,
 ) -> Result<InferRequest, ApiError> {
-    decode(sig, body, json_len, prepass, None)
+    decode(sig, body, json_len, prepass, None, &mut |_| Ok(()))
 }
 
 /// [`decode_request`] for a server whose clients may name registered shared memory regions
-/// (`shm`) in place of an input's data, or to receive an output.
+/// (`shm`) in place of an input's data, or to receive an output; each use passes `gate` first.
 pub fn decode_request_shm(
     sig: &Signature,
     body: &Bytes,
     json_len: Option<usize>,
     shm: &SharedMemory,
+    gate: crate::shm::Gate<'_>,
 ) -> Result<InferRequest, ApiError> {
-    decode(sig, body, json_len, true, Some(shm))
+    decode(sig, body, json_len, true, Some(shm), gate)
 }
 
 fn decode(
@@ -205,6 +202,7 @@ fn decode(
     json_len: Option<usize>,
     prepass: bool,
     shm: Option<&SharedMemory>,
+    gate: crate::shm::Gate<'_>,
 ) -> Result<InferRequest, ApiError> {
     let (json, mut binary) = match json_len {
         Some(n) if n > body.len() => {
@@ -239,7 +237,6 @@ fn decode(
     let mut found = found.into_iter().peekable();
     let mut inputs = Vec::with_capacity(header.inputs.len());
     let mut shm_bytes = 0;
-    let mut uses_shm = false;
     for (index, input) in header.inputs.iter().enumerate() {
         let parsed = found.next_if(|f| f.input == index);
         let spec = input_spec(sig, &input.name)?;
@@ -274,8 +271,7 @@ fn decode(
                     "{what} names a shared memory region and also carries data; send one"
                 )));
             }
-            let raw = crate::shm::usable(shm)?.read(&at, &what, &mut shm_bytes)?;
-            uses_shm = true;
+            let raw = crate::shm::read_input(shm, &at, &what, &mut shm_bytes, gate)?;
             let tensor = Tensor::from_binary(&input.name, dtype, shape, raw)
                 .map_err(|e| ApiError::BadRequest(format!("{what}: {e}")))?;
             inputs.push(tensor);
@@ -343,8 +339,7 @@ fn decode(
         binary_outputs.push(bool_param(&o.parameters, "binary_data")?.unwrap_or(binary_default));
         let at = shm_param(&o.parameters, || format!("output {:?}", o.name))?;
         if at.is_some() {
-            crate::shm::usable(shm)?;
-            uses_shm = true;
+            crate::shm::output_allowed(shm, gate)?;
         }
         shm_outputs.push(at);
         outputs.push(o.name);
@@ -357,8 +352,6 @@ fn decode(
         binary_outputs,
         binary_default,
         shm_outputs,
-        shm_bytes,
-        uses_shm,
     })
 }
 
