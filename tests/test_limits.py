@@ -315,6 +315,66 @@ def test_a_grpc_stream_may_idle_between_messages_longer_than_the_body_timeout(se
         client.close()
 
 
+def strings_model(path):
+    """Identity on a 1-D BYTES tensor."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["s"], ["t"])], "g",
+                              [helper.make_tensor_value_info("s", TensorProto.STRING, [-1])],
+                              [helper.make_tensor_value_info("t", TensorProto.STRING, [-1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_bytes_elements_count_against_the_body_budget_at_their_decoded_size(tmp_path):
+    # An empty string is 4 bytes of binary body (about 3 in JSON) but 64 bytes once decoded (its
+    # handle here and ONNX Runtime's std::string): a 1 MB body could hold 16 MB or more.
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    model = strings_model(tmp_path / "strings.onnx")
+    s = Server(["--model", f"strings={model}", "--max-request-bytes", "1000000",
+                "--max-buffered-request-bytes", "4000000"], tmp_path / "server.log")
+
+    def binary_request(n):
+        header = json.dumps({"inputs": [{"name": "s", "shape": [n], "datatype": "BYTES",
+                                         "parameters": {"binary_data_size": 4 * n}}]}).encode()
+        return requests.post(f"{s.url}/v2/models/strings/infer", data=header + b"\x00" * (4 * n),
+                             headers={"Inference-Header-Content-Length": str(len(header))}, timeout=30)
+
+    try:
+        s.wait_loaded()
+        # 200,000 elements (12.8 MB decoded) can never fit a 4 MB budget: 413, not "retry".
+        r = binary_request(200_000)
+        assert r.status_code == 413, r.text[:300]
+        assert "BYTES" in r.json()["error"] and "--max-buffered-request-bytes" in r.json()["error"], r.text[:300]
+        r = requests.post(f"{s.url}/v1/models/strings:predict", json={"instances": [""] * 200_000}, timeout=30)
+        assert r.status_code == 413, r.text[:300]
+        client = grpcclient.InferenceServerClient(s.grpc)
+        g = grpcclient.InferInput("s", [200_000], "BYTES")
+        g.set_data_from_numpy(np.array([b""] * 200_000, dtype=np.object_))
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("strings", [g])
+        assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED", e.value
+        # 50,000 (3.2 MB decoded, 0.2 MB of body) fit alone, but not beside a body of 1 MB.
+        r = binary_request(50_000)
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["outputs"][0]["shape"] == [50_000]
+        holder = open_post(s, 1_000_000, path="/v2/models/strings/infer", body=b"x" * 999_999)
+        try:
+            wait_for(lambda: metric(s, "kubemaas_request_body_bytes_held") == 999_999)
+            r = binary_request(50_000)
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text[:300]
+        finally:
+            holder.close()
+        wait_for(lambda: metric(s, "kubemaas_request_body_bytes_held") == 0)
+        assert binary_request(50_000).status_code == 200
+        client.close()
+    finally:
+        assert s.stop() == 0
+
+
 def test_a_body_that_trickles_in_gets_408(serve):
     s = serve("--body-read-timeout", "1")
     body = json.dumps(dense_request()).encode()

@@ -10,6 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::protocol::error::ApiError;
+use crate::tensor::{Tensor, TensorData};
+
+/// Bytes a decoded BYTES element holds beyond its data: its handle here (32) and ONNX Runtime's
+/// `std::string` (32); [`Admission::reserve_decoded`].
+pub const STRING_ELEMENT_BYTES: usize = 64;
 
 /// The bounds (from `serve` flags).
 #[derive(Debug, Clone, Copy)]
@@ -115,6 +120,30 @@ impl Admission {
             left -= step;
         }
         Ok(())
+    }
+
+    /// Reserves, beyond the body, what the decoded BYTES elements of `inputs` hold: an empty
+    /// string is 4 bytes of binary body (about 3 in JSON) but [`STRING_ELEMENT_BYTES`] in memory,
+    /// so without this one body could hold many times its size. A request that could never fit
+    /// the budget is refused as too large rather than told to retry.
+    pub fn reserve_decoded(&self, ticket: &mut Ticket, inputs: &[Tensor]) -> Result<(), ApiError> {
+        let elements: usize = inputs
+            .iter()
+            .map(|t| match &t.data {
+                TensorData::Strings(s) => s.len(),
+                TensorData::Raw(_) => 0,
+            })
+            .sum();
+        let n = elements.saturating_mul(STRING_ELEMENT_BYTES);
+        if n > self.limits.body_bytes {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "the request's {elements} BYTES elements take {n} bytes once decoded \
+                 ({STRING_ELEMENT_BYTES} each beyond their data), more than \
+                 --max-buffered-request-bytes ({}); send fewer elements per request",
+                self.limits.body_bytes
+            )));
+        }
+        self.reserve(ticket, n)
     }
 
     /// Counts a connection closed because `--max-connections` were open.

@@ -202,6 +202,9 @@ async fn infer_in_span(
         start,
         codec::decode_request(model.backend.signature(), &mut req, shm, &mut gate),
     )?;
+    drop(gate);
+    let held = state.admission.reserve_decoded(&mut ticket, &decoded.inputs);
+    inference::counted(&stats, start, held)?;
     let timeout = inference::counted(&stats, start, v2::timeout_param(Some(&decoded.parameters)))?;
     let outputs = inference::execute(
         model.clone(),

@@ -597,7 +597,9 @@ async fn infer_v2(
                 (request, ticket)
             })
             .await?;
-        Ok((request?, ticket))
+        let (request, mut ticket) = (request?, ticket);
+        state.admission.reserve_decoded(&mut ticket, &request.inputs)?;
+        Ok((request, ticket))
     }
     .await;
     // The ticket is held until the answer is encoded: the decoded inputs live that long.
@@ -658,6 +660,7 @@ async fn predict_v1(
                 v1::decode_request(decoding.backend.signature(), &body)
             })
             .await??;
+        state.admission.reserve_decoded(&mut ticket, &request.inputs)?;
         Ok((request, ticket))
     }
     .await;
