@@ -178,6 +178,15 @@ def test_gpu_devices_are_a_list_and_a_bad_one_is_refused_by_name(tmp_path):
     assert "CUDA execution provider requested on device 3 but unavailable" in p.stderr, p.stderr[-2000:]
 
 
+def test_intra_op_threads_past_1024_are_refused_at_start(tmp_path):
+    # 100,000 was accepted, and every session started that many threads: the model stayed
+    # "loading" while the server started hundreds of thousands of threads.
+    p = subprocess.run([str(SERVER), "serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0",
+                        "--metrics-port", "0", "--model", f"m={ROW_STATS}", "--intra-op-threads", "100000"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--intra-op-threads" in p.stderr and "1024" in p.stderr, p.stderr
+
+
 @pytest.mark.parametrize("flag", ["--body-read-timeout", "--header-read-timeout"])
 def test_a_read_timeout_past_a_day_is_refused_at_start_not_on_the_first_request(flag, tmp_path):
     # 10**19 s was accepted, and adding it to the clock panicked on every request with a body.

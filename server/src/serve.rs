@@ -64,8 +64,9 @@ pub struct ServeArgs {
 
     /// Intra-op threads per session. 0 chooses: the usable cores (the cgroup CPU quota and
     /// affinity honoured) shared among the instances, so instances × threads never exceeds them.
-    #[arg(long, env = "KUBEMAAS_INTRA_OP_THREADS", default_value_t = 0)]
-    pub intra_op_threads: usize,
+    /// At most 1024.
+    #[arg(long, env = "KUBEMAAS_INTRA_OP_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub intra_op_threads: u16,
 
     /// ONNX Runtime sessions per model: requests run in parallel up to this many. 0 chooses: on a
     /// CPU one per usable core, at most 4 (with one intra-op thread each on up to 4 cores); on
@@ -585,7 +586,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
     let opts = OrtOptions {
         execution_provider,
         optimization: graph_optimization,
-        intra_threads: intra_op_threads,
+        intra_threads: usize::from(intra_op_threads),
         instances: usize::from(instances),
         cpus: usize::from(cpus),
         gpu_devices: gpu_device,

@@ -552,10 +552,10 @@ pub struct RuntimeSpec {
     #[x_kube(validation = Rule::new("self >= 0 && self <= 64").message("runtime.instances must be between 0 (the server chooses) and 64"))]
     pub instances: i32,
 
-    /// Intra-op threads per session; 0 shares the pod's CPU limit (else request) among the
-    /// instances.
+    /// Intra-op threads per session, at most 1024; 0 shares the pod's CPU limit (else request)
+    /// among the instances.
     #[serde(default)]
-    #[x_kube(validation = Rule::new("self >= 0").message("runtime.intraOpThreads must not be negative"))]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 1024").message("runtime.intraOpThreads must be between 0 (the server shares the CPU limit) and 1024"))]
     pub intra_op_threads: i32,
 
     /// Dynamic batching of concurrent requests (Triton's semantics): requests are joined along
