@@ -19,6 +19,7 @@ pub mod inference;
 pub mod jsonfloat;
 pub mod listener;
 pub mod metrics;
+pub mod model_config;
 pub mod offload;
 pub mod protocol;
 pub mod pull;

@@ -58,6 +58,8 @@ pub struct ModelSource {
     pub version: u64,
     /// Path of the `.onnx` file.
     pub path: PathBuf,
+    /// The model directory's `config.pbtxt` (repository models only).
+    pub config: crate::model_config::ConfigFile,
 }
 
 /// Lists the model versions in a Triton-layout directory. Entries that are not `<int>/model.onnx`
@@ -79,6 +81,8 @@ pub fn scan(dir: &Path) -> Result<Vec<ModelSource>, RepositoryError> {
             continue;
         }
         let name = model.file_name().to_string_lossy().into_owned();
+        let (config, policy) = crate::model_config::read(&model.path(), &name);
+        let mut found = Vec::new();
         for version in read(&model.path())? {
             let version = version.map_err(|source| RepositoryError::Read {
                 path: model.path(),
@@ -96,11 +100,23 @@ pub fn scan(dir: &Path) -> Result<Vec<ModelSource>, RepositoryError> {
                 tracing::warn!(model = %name, version = %vname, "skipping version without model.onnx");
                 continue;
             }
-            out.push(ModelSource {
-                name: name.clone(),
-                version: v,
-                path: file,
-            });
+            found.push((v, file));
+        }
+        found.sort();
+        let numbers: Vec<u64> = found.iter().map(|(v, _)| *v).collect();
+        let served = policy.select(&numbers);
+        if served.len() < numbers.len() {
+            tracing::info!(model = %name, found = ?numbers, served = ?served, "versions served by the version_policy of config.pbtxt (Triton's default: the latest)");
+        }
+        for (v, file) in found {
+            if served.contains(&v) {
+                out.push(ModelSource {
+                    name: name.clone(),
+                    version: v,
+                    path: file,
+                    config: config.clone(),
+                });
+            }
         }
     }
     out.sort_by(|a, b| (&a.name, a.version).cmp(&(&b.name, b.version)));
@@ -115,6 +131,7 @@ pub fn parse_model_flag(flag: &str) -> Result<ModelSource, RepositoryError> {
                 name: name.to_string(),
                 version: 1,
                 path: PathBuf::from(path),
+                config: crate::model_config::ConfigFile::Absent,
             })
         }
         _ => Err(RepositoryError::BadModelFlag(flag.to_string())),
@@ -489,6 +506,7 @@ mod tests {
             name: n.into(),
             version: v,
             path: PathBuf::from(n),
+            config: crate::model_config::ConfigFile::Absent,
         };
         assert!(merge_sources(vec![]).is_err());
         assert!(merge_sources(vec![s("a", 1), s("a", 1)]).is_err());
@@ -501,6 +519,7 @@ mod tests {
             name: "m".into(),
             version: v,
             path: PathBuf::new(),
+            config: crate::model_config::ConfigFile::Absent,
         };
         let repo = Repository::new(&[s(1), s(7), s(3)]);
         assert_eq!(repo.entry("m", None).unwrap().0, 7);

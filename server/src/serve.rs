@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::backend::ort::{self as ortb, ConvAlgoSearch, ExecutionProvider, OptLevel, OrtModel, OrtOptions};
 use crate::http::{self, AppState, Surface};
+use crate::model_config::ConfigFile;
 use crate::repository::{self, ModelSource, ModelState, Repository};
 
 /// Flags of `kubemaas-server serve`. Every flag can also be set through the environment.
@@ -407,6 +408,46 @@ fn start_batching(
         .set(crate::batcher::Batcher::start(Arc::downgrade(m), config, stats));
 }
 
+/// Marks `source` failed with `e`, or with `--exit-on-load-failure` ends the process with
+/// [`kubemaas_crds::artifact::exit::LOAD_FAILED`] after writing `e` to the termination log.
+fn load_failed(
+    repo: &Repository,
+    source: &ModelSource,
+    e: String,
+    exit_on_load_failure: bool,
+    termination_log: &std::path::Path,
+) {
+    tracing::error!(model = %source.name, version = source.version, error = %e, "model failed to load");
+    if exit_on_load_failure {
+        let message = format!("model {} version {}: {e}", source.name, source.version);
+        // Best effort: the file only exists inside Kubernetes.
+        let _ = std::fs::write(termination_log, &message);
+        std::process::exit(i32::from(kubemaas_crds::artifact::exit::LOAD_FAILED));
+    }
+    repo.set_state(&source.name, source.version, ModelState::Failed(e));
+}
+
+/// The session options for one model: the server's, with its config.pbtxt's instance group
+/// (count, and `KIND_CPU` on the CPU or `KIND_GPU` on CUDA on the listed devices) applied.
+fn model_options(opts: &OrtOptions, settings: Option<&crate::model_config::ModelSettings>) -> OrtOptions {
+    use crate::model_config::InstanceKind;
+    let mut o = opts.clone();
+    if let Some(group) = settings.and_then(|s| s.instances.as_ref()) {
+        o.instances = group.count;
+        match group.kind {
+            InstanceKind::Auto => {}
+            InstanceKind::Cpu => o.execution_provider = ExecutionProvider::Cpu,
+            InstanceKind::Gpu => {
+                o.execution_provider = ExecutionProvider::Cuda;
+                if !group.gpus.is_empty() {
+                    o.gpu_devices = group.gpus.clone();
+                }
+            }
+        }
+    }
+    o
+}
+
 /// The async runtime's worker threads for `serve`: `--io-threads`, else one per 4 planned cores,
 /// at least one.
 pub fn io_threads(io_threads: u16, cpus: u16) -> usize {
@@ -595,13 +636,55 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
     let loader_repo = repo.clone();
     let loader = tokio::task::spawn_blocking(move || {
         for source in &sources {
+            let settings = match &source.config {
+                ConfigFile::Absent => None,
+                ConfigFile::Valid(s) => Some(s.clone()),
+                ConfigFile::Invalid(e) => {
+                    load_failed(
+                        &loader_repo,
+                        source,
+                        e.clone(),
+                        exit_on_load_failure,
+                        &termination_log,
+                    );
+                    continue;
+                }
+            };
+            let model_opts = model_options(&opts, settings.as_deref());
             let loaded = repository::load_and_warm(source, |path| {
-                OrtModel::load(&env, path, &opts).map(|m| Box::new(m) as Box<dyn crate::backend::Backend>)
+                OrtModel::load(&env, path, &model_opts)
+                    .map(|m| Box::new(m) as Box<dyn crate::backend::Backend>)
+            })
+            .and_then(|m| match &settings {
+                Some(s) => s.declared.check(m.backend.signature()).map(|()| m),
+                None => Ok(m),
+            });
+            // A model's config.pbtxt decides its batching; without one the flags do.
+            let config = match &settings {
+                Some(s) => s.batching.as_ref().map(|b| crate::batcher::BatchConfig {
+                    max_batch_size: b.max_batch_size,
+                    max_queue_delay: b.max_queue_delay,
+                    max_queue_size: b.max_queue_size.unwrap_or(max_queue_size as usize),
+                    pad_to: Vec::new(),
+                    preferred_batch_sizes: b.preferred_batch_sizes.clone(),
+                }),
+                None => batching.clone(),
+            };
+            let loaded = loaded.and_then(|m| match (&settings, &config) {
+                (Some(_), Some(_)) => crate::batcher::batchable(m.backend.signature())
+                    .map(|()| m)
+                    .map_err(|why| {
+                        format!(
+                            "{}: max_batch_size is above 0 but {why}",
+                            crate::model_config::FILE_NAME
+                        )
+                    }),
+                _ => Ok(m),
             });
             match loaded {
                 Ok(m) => {
                     let m = Arc::new(m);
-                    if let Some(config) = &batching
+                    if let Some(config) = &config
                         && let Ok((_, entry)) =
                             loader_repo.entry(&source.name, Some(&source.version.to_string()))
                     {
@@ -609,16 +692,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
                     }
                     loader_repo.set_state(&source.name, source.version, ModelState::Ready(m))
                 }
-                Err(e) => {
-                    tracing::error!(model = %source.name, version = source.version, error = %e, "model failed to load");
-                    if exit_on_load_failure {
-                        let message = format!("model {} version {}: {e}", source.name, source.version);
-                        // Best effort: the file only exists inside Kubernetes.
-                        let _ = std::fs::write(&termination_log, &message);
-                        std::process::exit(i32::from(kubemaas_crds::artifact::exit::LOAD_FAILED));
-                    }
-                    loader_repo.set_state(&source.name, source.version, ModelState::Failed(e));
-                }
+                Err(e) => load_failed(&loader_repo, source, e, exit_on_load_failure, &termination_log),
             }
         }
         if loader_repo.all_ready() {

@@ -100,6 +100,16 @@ impl DataType {
         }
     }
 
+    /// The type a Triton model-configuration name stands for ([`DataType::triton_name`]).
+    pub fn from_triton_name(name: &str) -> Option<DataType> {
+        let v2 = match name.strip_prefix("TYPE_")? {
+            "STRING" => "BYTES",
+            "BYTES" => return None,
+            other => other,
+        };
+        DataType::from_v2_name(v2)
+    }
+
     /// The TF-Serving / TensorFlow name (`DT_FLOAT`, …), used by the V1 metadata endpoint.
     pub fn tf_name(self) -> &'static str {
         match self {
