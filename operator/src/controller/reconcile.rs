@@ -200,7 +200,7 @@ async fn write_status(ctx: &Context, md: &ModelDeployment, new: ModelDeploymentS
     }
     let name = md.name_any();
     let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &md.namespace().unwrap_or_default());
-    let patch = Patch::Merge(serde_json::json!({ "status": new }));
+    let patch = Patch::Merge(status_patch(md.status.as_ref(), &new));
     let params = PatchParams::default();
     super::retrying(|| api.patch_status(&name, &params, &patch))
         .await
@@ -235,6 +235,42 @@ async fn write_status(ctx: &Context, md: &ModelDeployment, new: ModelDeploymentS
         }
     }
     Ok(())
+}
+
+/// The merge patch that makes the stored status `old` into `new`. Optional fields are left out of
+/// `new`'s JSON when unset, and a merge patch leaves what it omits as it was, so a field that went
+/// away (autoscaling removed, latencies of a model gone idle) is set to null explicitly.
+fn status_patch(old: Option<&ModelDeploymentStatus>, new: &ModelDeploymentStatus) -> serde_json::Value {
+    let new = serde_json::to_value(new).unwrap_or_default();
+    let old = old.and_then(|o| serde_json::to_value(o).ok()).unwrap_or_default();
+    serde_json::json!({ "status": merge_diff(&old, &new) })
+}
+
+/// An RFC 7386 merge patch from `old` to `new`: changed and new keys, and null for keys `new` no
+/// longer has; arrays and scalars are replaced whole.
+fn merge_diff(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            let mut out = serde_json::Map::new();
+            for (k, nv) in n {
+                match o.get(k) {
+                    Some(ov) if ov == nv => {}
+                    Some(ov) => {
+                        out.insert(k.clone(), merge_diff(ov, nv));
+                    }
+                    None => {
+                        out.insert(k.clone(), nv.clone());
+                    }
+                }
+            }
+            for k in o.keys().filter(|k| !n.contains_key(*k)) {
+                out.insert(k.clone(), Value::Null);
+            }
+            Value::Object(out)
+        }
+        _ => new.clone(),
+    }
 }
 
 fn key(md: &ModelDeployment) -> String {
@@ -298,6 +334,39 @@ mod tests {
         let secs: Vec<u64> = (1..=9).map(|a| backoff(a).as_secs()).collect();
         assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
         assert_eq!(backoff(0), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_status_field_that_went_away_is_removed_by_the_patch() {
+        use kubemaas_crds::v1alpha1::{AutoscalingStatus, ModelDeploymentStatus};
+        let old = ModelDeploymentStatus {
+            replicas: 3,
+            autoscaling: Some(AutoscalingStatus {
+                desired_replicas: 3,
+                last_scale_time: None,
+                reason: "average concurrency 5.0".into(),
+                panic: false,
+            }),
+            ..Default::default()
+        };
+        let new = ModelDeploymentStatus {
+            replicas: 2,
+            ..Default::default()
+        };
+        // A merge patch leaves keys it omits as they are: a field that became None must be null.
+        let patch = super::status_patch(Some(&old), &new);
+        assert_eq!(patch["status"]["autoscaling"], serde_json::Value::Null, "{patch}");
+        assert!(
+            patch["status"]
+                .as_object()
+                .is_some_and(|s| s.contains_key("autoscaling")),
+            "{patch}"
+        );
+        assert_eq!(patch["status"]["replicas"], 2);
+        // Applying it to the stored status gives exactly the new one.
+        let mut stored = serde_json::json!({ "status": old });
+        json_patch::merge(&mut stored, &patch);
+        assert_eq!(stored, serde_json::json!({ "status": new }));
     }
 
     #[test]
