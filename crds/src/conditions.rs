@@ -49,6 +49,9 @@ pub mod reason {
     pub const LOAD_FAILED: &str = "LoadFailed";
     /// The startup budget ran out.
     pub const STARTUP_TIMEOUT: &str = "StartupTimeout";
+    /// The server exited with an error before it was ready (e.g. an unreadable TLS certificate);
+    /// the message carries its exit code and last words.
+    pub const SERVER_EXITED: &str = "ServerExited";
     /// The model is loading in the server.
     pub const LOADING: &str = "Loading";
     /// Ready replicas meet the minimum.
@@ -64,6 +67,9 @@ pub mod reason {
     pub const HEALTHY: &str = "Healthy";
     /// A container restarts repeatedly.
     pub const CRASH_LOOP_BACK_OFF: &str = "CrashLoopBackOff";
+    /// The kubelet cannot create or start a container (a missing Secret or ConfigMap key, a bad
+    /// command); the message carries the kubelet's reason and words.
+    pub const CONTAINER_NOT_CREATED: &str = "ContainerNotCreated";
     /// A container was killed for exceeding its memory limit.
     pub const OOM_KILLED: &str = "OOMKilled";
     /// A `cuda` ModelDeployment's pod serves on the CPU provider (the server could not use CUDA).

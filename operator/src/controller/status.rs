@@ -208,11 +208,29 @@ fn model_loaded(pods: &[Pod], ready: i32, now: &Time) -> Cond {
                         format!("pod {}: {}", pod.name_any(), why.trim()),
                     );
                 }
-                // Killed by the startup probe before the model became ready.
-                if !s.started.unwrap_or(false)
+                let before_ready = !s.started.unwrap_or(false)
                     && t.reason.as_deref() != Some("OOMKilled")
-                    && s.restart_count > 0
-                {
+                    && s.restart_count > 0;
+                // A startup probe kill ends the server through SIGTERM (a clean exit while
+                // loading) or SIGKILL past the grace period; any other code is the server's own
+                // failure, which says nothing about the startup budget.
+                if before_ready && ![0, 137, 143].contains(&t.exit_code) {
+                    let words = t.message.as_deref().map(str::trim).filter(|m| !m.is_empty());
+                    return cond(
+                        conditions::MODEL_LOADED,
+                        Some(false),
+                        reason::SERVER_EXITED,
+                        format!(
+                            "pod {}: the server exited with exit code {} before it was ready (restarted {} times): {}",
+                            pod.name_any(),
+                            t.exit_code,
+                            s.restart_count,
+                            words.unwrap_or("it left no message; see the container's log")
+                        ),
+                    );
+                }
+                // Killed by the startup probe before the model became ready.
+                if before_ready {
                     return cond(
                         conditions::MODEL_LOADED,
                         Some(false),
@@ -307,6 +325,20 @@ fn degraded(md: &ModelDeployment, pods: &[Pod], probed: Option<&Probed>, now: &T
                             Some(true),
                             reason::CRASH_LOOP_BACK_OFF,
                             format!("{who}: {msg}{last}"),
+                        );
+                    }
+                    Some(
+                        why @ ("CreateContainerConfigError"
+                        | "CreateContainerError"
+                        | "RunContainerError"
+                        | "PreStartHookError"
+                        | "PostStartHookError"),
+                    ) => {
+                        return cond(
+                            conditions::DEGRADED,
+                            Some(true),
+                            reason::CONTAINER_NOT_CREATED,
+                            format!("{who}: {why}: {msg}"),
                         );
                     }
                     Some("ImagePullBackOff") | Some("ErrImagePull") | Some("InvalidImageName") => {
@@ -1197,6 +1229,69 @@ mod tests {
             &now(),
         );
         assert_eq!(get(&s, "ModelLoaded").reason, "StartupTimeout");
+    }
+
+    #[test]
+    fn a_server_that_exits_with_an_error_before_ready_is_not_a_startup_timeout() {
+        // A bad TLS certificate ends the server with exit 1 within seconds: not the startup budget.
+        let p = pod(
+            json!({"status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 4, "started": false,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+            "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": "Error: failed to read TLS certificate /tls/tls.crt: no PEM certificate"}}}]}}),
+        );
+        let d = deployment(1, 0, 1);
+        let s = compute(
+            &spec(),
+            &Observed {
+                deployment: Some(&d),
+                pods: &[p],
+                probed: None,
+            },
+            &now(),
+        );
+        let c = get(&s, "ModelLoaded");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "ServerExited"),
+            "{}",
+            c.message
+        );
+        assert!(
+            c.message.contains("exit code 1") && c.message.contains("no PEM certificate"),
+            "{}",
+            c.message
+        );
+    }
+
+    #[test]
+    fn a_container_that_cannot_be_created_marks_degraded_with_the_kubelets_message() {
+        let p = pod(
+            json!({"status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "CreateContainerConfigError", "message": "secret \"nope\" not found"}}}]}}),
+        );
+        let d = deployment(1, 0, 1);
+        let s = compute(
+            &spec(),
+            &Observed {
+                deployment: Some(&d),
+                pods: &[p],
+                probed: None,
+            },
+            &now(),
+        );
+        let c = get(&s, "Degraded");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "ContainerNotCreated"),
+            "{}",
+            c.message
+        );
+        assert!(
+            c.message.contains("CreateContainerConfigError")
+                && c.message.contains("secret \"nope\" not found"),
+            "{}",
+            c.message
+        );
     }
 
     #[test]

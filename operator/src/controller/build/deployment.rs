@@ -17,6 +17,10 @@ use kubemaas_crds::v1alpha1::{Accelerator, ModelDeployment};
 
 use super::{BuildConfig, MODELS_DIR, child_labels, child_meta, labels, model_name, ports, selector_labels};
 
+/// A container that fails without writing its termination message (the server and `pull` write
+/// one for the failures they know) leaves the tail of its log there instead, for status.
+const LOGS_ON_ERROR: &str = "FallbackToLogsOnError";
+
 const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
 const GPU_TAINT: &str = "nvidia.com/gpu";
 const PROBE_PERIOD: i32 = 5;
@@ -494,6 +498,7 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
         resources: Some(pull_resources(spec)),
         security_context: Some(restricted()),
         volume_mounts: Some(pull_mounts),
+        termination_message_policy: Some(LOGS_ON_ERROR.into()),
         ..Container::default()
     };
 
@@ -543,6 +548,7 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
     };
     let server = Container {
         name: "server".into(),
+        termination_message_policy: Some(LOGS_ON_ERROR.into()),
         image: Some(image),
         args: Some(server_args(md, cfg)),
         ports: Some(vec![
@@ -622,6 +628,15 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
                 ..LabelSelector::default()
             },
             strategy: Some(strategy(md)),
+            // A new pod may spend startupTimeoutSeconds downloading and as long again loading;
+            // the default deadline (600 s) would call an on-time rollout stuck.
+            progress_deadline_seconds: Some(
+                spec.startup_timeout_seconds
+                    .max(1)
+                    .saturating_mul(2)
+                    .saturating_add(60)
+                    .max(600),
+            ),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
@@ -739,6 +754,30 @@ mod tests {
             probe.period_seconds.unwrap() * probe.failure_threshold.unwrap(),
             120
         );
+    }
+
+    #[test]
+    fn a_rollout_is_given_its_pods_startup_budget_before_it_counts_as_stuck() {
+        // A pod may take startupTimeoutSeconds to download and as long again to load; the
+        // Deployment's default deadline (600 s) called such a rollout stuck while it was on time.
+        for (startup, at_least) in [(600, 1200), (3600, 7200), (30, 600)] {
+            let m = md(json!({"model": {"uri": "s3://models/m.onnx"}, "startupTimeoutSeconds": startup}));
+            let d = deployment(&m, &BuildConfig::default());
+            let deadline = d.spec.progress_deadline_seconds;
+            assert!(deadline.is_some_and(|s| s >= at_least), "{startup}: {deadline:?}");
+        }
+        // A container that fails before writing a termination message leaves its last log lines.
+        let m = md(json!({"model": {"uri": "s3://models/m.onnx"}}));
+        let d = deployment(&m, &BuildConfig::default());
+        let p = pod(&d);
+        for c in p.containers.iter().chain(p.init_containers.iter().flatten()) {
+            assert_eq!(
+                c.termination_message_policy.as_deref(),
+                Some("FallbackToLogsOnError"),
+                "{}",
+                c.name
+            );
+        }
     }
 
     #[test]
