@@ -634,7 +634,9 @@ pub fn is_healthy(c: &Condition) -> bool {
 }
 
 /// Reasons that are a problem a person should look at, whenever they appear.
-const PROBLEMS: [&str; 16] = [
+const PROBLEMS: [&str; 18] = [
+    reason::SERVER_EXITED,
+    reason::CONTAINER_NOT_CREATED,
     reason::UNSCHEDULABLE,
     reason::ROLLOUT_STUCK,
     reason::DOWNLOAD_FAILED,
@@ -1261,6 +1263,7 @@ mod tests {
             "{}",
             c.message
         );
+        assert_eq!(event_for(c, None), Some(true), "a Warning Event");
     }
 
     #[test]
@@ -1292,6 +1295,7 @@ mod tests {
             "{}",
             c.message
         );
+        assert_eq!(event_for(c, None), Some(true), "a Warning Event");
     }
 
     #[test]
