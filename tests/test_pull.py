@@ -1111,7 +1111,40 @@ def test_a_presigned_urls_signature_and_a_password_never_leave_the_pull(plain, r
     assert "secret" not in p.termination + p.stdout + p.stderr, p.explain()
     assert "missing.onnx?redacted" in p.termination, p.termination
 
+    # Nor the warning of a retry, which names the file being fetched.
+    plain.route("/flaky.onnx", body=model_bytes, fail_first=[503])
+    dest = tmp_path / "flaky" / "model.onnx"
+    p = run_pull(plain.url_for("/flaky.onnx") + "?" + secret, dest, LOCAL, "--retries", 1)
+    assert_ok(p)
+    assert "retrying" in p.stderr and "flaky.onnx?redacted" in p.stderr, p.explain()
+    assert "secret" not in p.stdout + p.stderr, p.explain()
+
+    # Nor a URL the server redirected to: a CDN's signed URL is a credential too.
+    plain.route("/moved.onnx", redirect="/signed.onnx?X-Amz-Signature=redirectedsecret")
+    plain.route("/signed.onnx", status=403)
+    dest = tmp_path / "moved" / "model.onnx"
+    p = run_pull(plain.url_for("/moved.onnx"), dest, LOCAL, "--retries", 0)
+    assert_failed(p, 6, dest, mentions="403")
+    assert "secret" not in p.termination + p.stdout + p.stderr, p.explain()
+    assert "signed.onnx?redacted" in p.termination, p.termination
+
+    # Nor the warning about a cache entry that cannot be used.
+    cache = tmp_path / "cache"
+    digest = sha256_hex(model_bytes)
+    p = run_pull(plain.url_for("/model.onnx") + "?" + secret, tmp_path / "cached" / "model.onnx", LOCAL,
+                 "--sha256", digest, "--cache-dir", cache)
+    assert_ok(p)
+    entry = cache / "sha256" / digest
+    assert entry.exists(), list(cache.rglob("*"))
+    entry.write_bytes(b"not the model")
+    p = run_pull(plain.url_for("/model.onnx") + "?" + secret, tmp_path / "again" / "model.onnx", LOCAL,
+                 "--sha256", digest, "--cache-dir", cache)
+    assert_ok(p)
+    assert "cache entry unusable" in p.stderr, p.explain()
+    assert "secret" not in p.stdout + p.stderr, p.explain()
+
     # A password in the URL is refused (credentials go in files), and not repeated in the refusal.
+    dest = tmp_path / "password" / "model.onnx"
     with_password = plain.url_for("/missing.onnx").replace("://", "://reader:hunter2secret@")
     p = run_pull(with_password, dest, LOCAL, "--retries", 0)
     assert_failed(p, 2, dest, mentions="credentials inside the URL are refused")

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use kubemaas_crds::artifact::redact_uri;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
@@ -256,7 +257,7 @@ pub async fn download_entry<S: Source>(
                 return Ok((offset, hex(&hasher.finalize())));
             }
             Err(FetchError::Changed(m)) if failures < limits.retries => {
-                tracing::warn!(file = %entry.locator, "{m}; starting this file again");
+                tracing::warn!(file = %redact_uri(&entry.locator), "{m}; starting this file again");
                 validator = None;
                 rewind(&mut file, dest, progress, offset).await?;
                 hasher = Sha256::new();
@@ -266,7 +267,7 @@ pub async fn download_entry<S: Source>(
             Err(FetchError::Transient(m)) if failures < limits.retries => {
                 failures += 1;
                 tracing::warn!(
-                    file = %entry.locator,
+                    file = %redact_uri(&entry.locator),
                     attempt = failures,
                     of = limits.retries,
                     resume_at = offset,

@@ -28,6 +28,12 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
+/// `msg` with the credentials of `url` (a query, a password) replaced, as the URI given is
+/// redacted: the URL a redirect leads to may be signed too, and messages reach logs and status.
+fn clean(msg: String, url: &Url) -> String {
+    kubemaas_crds::artifact::redact(&msg, url.as_str())
+}
+
 /// Maps an HTTP status to what the transfer loop does with it.
 pub fn status_error(status: StatusCode, url: &Url, detail: &str) -> FetchError {
     let detail = if detail.is_empty() {
@@ -35,7 +41,7 @@ pub fn status_error(status: StatusCode, url: &Url, detail: &str) -> FetchError {
     } else {
         format!(" ({detail})")
     };
-    let msg = format!("HTTP {status} from {url}{detail}");
+    let msg = clean(format!("HTTP {status} from {url}{detail}"), url);
     match status.as_u16() {
         404 | 410 => FetchError::NotFound(msg),
         401 | 403 => FetchError::Denied(msg),
@@ -138,18 +144,24 @@ impl HttpFetcher {
                     )));
                 }
                 if current.scheme() == "https" && next.scheme() == "http" {
-                    return Err(FetchError::Fatal(format!(
-                        "refused a redirect from https to plain http ({next})"
+                    return Err(FetchError::Fatal(clean(
+                        format!("refused a redirect from https to plain http ({next})"),
+                        &next,
                     )));
                 }
-                tracing::debug!(from = %current, to = %next, "redirect");
+                tracing::debug!(
+                    from = %clean(current.to_string(), &current),
+                    to = %clean(next.to_string(), &next),
+                    "redirect"
+                );
                 current = next;
                 continue;
             }
             return Ok((resp, current));
         }
-        Err(FetchError::Fatal(format!(
-            "more than {MAX_REDIRECTS} redirects from {url}"
+        Err(FetchError::Fatal(clean(
+            format!("more than {MAX_REDIRECTS} redirects from {url}"),
+            url,
         )))
     }
 
@@ -178,7 +190,10 @@ impl HttpFetcher {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
                 let (start, total) = parse_content_range(cr).ok_or_else(|| {
-                    FetchError::Transient(format!("unusable Content-Range {cr:?} from {final_url}"))
+                    FetchError::Transient(clean(
+                        format!("unusable Content-Range {cr:?} from {final_url}"),
+                        &final_url,
+                    ))
                 })?;
                 if start != offset {
                     return Err(FetchError::Transient(format!(
@@ -188,8 +203,9 @@ impl HttpFetcher {
                 (true, total)
             }
             StatusCode::RANGE_NOT_SATISFIABLE if offset > 0 => {
-                return Err(FetchError::Changed(format!(
-                    "{final_url} no longer has byte {offset}"
+                return Err(FetchError::Changed(clean(
+                    format!("{final_url} no longer has byte {offset}"),
+                    &final_url,
                 )));
             }
             s => {
@@ -214,7 +230,12 @@ impl HttpFetcher {
         };
         let url_for_errors = final_url.clone();
         let stream = resp.bytes_stream().map(move |r| {
-            r.map_err(|e| FetchError::Transient(format!("reading {url_for_errors}: {}", chain(&e))))
+            r.map_err(|e| {
+                FetchError::Transient(clean(
+                    format!("reading {url_for_errors}: {}", chain(&e)),
+                    &url_for_errors,
+                ))
+            })
         });
         Ok(Body {
             stream: Box::pin(stream),
@@ -246,12 +267,12 @@ impl HttpFetcher {
                 .to_string();
             return Err(status_error(status, &final_url, &code));
         }
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| FetchError::Transient(format!("reading {final_url}: {}", chain(&e))))?;
-        let v = serde_json::from_slice(&body)
-            .map_err(|e| FetchError::Fatal(format!("{final_url} did not answer JSON: {e}")))?;
+        let body = resp.bytes().await.map_err(|e| {
+            FetchError::Transient(clean(format!("reading {final_url}: {}", chain(&e)), &final_url))
+        })?;
+        let v = serde_json::from_slice(&body).map_err(|e| {
+            FetchError::Fatal(clean(format!("{final_url} did not answer JSON: {e}"), &final_url))
+        })?;
         Ok((v, link))
     }
 }
@@ -261,7 +282,7 @@ fn request_error(url: &Url, e: &reqwest::Error) -> FetchError {
     if let Some(g) = std::error::Error::source(e).and_then(find_guard_error) {
         return guard_error(g);
     }
-    let msg = format!("GET {url}: {text}");
+    let msg = clean(format!("GET {url}: {text}"), url);
     if text.contains("certificate") || text.contains("UnknownIssuer") || text.contains("InvalidCertificate") {
         // A TLS trust failure does not heal by retrying.
         return FetchError::Fatal(format!("{msg} (give the store's CA with --ca-file)"));

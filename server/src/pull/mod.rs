@@ -462,6 +462,7 @@ async fn fetch_uri(
                     return Ok(f);
                 }
                 Err(e) => {
+                    let e = e.redacted(raw);
                     tracing::warn!(cache = %entry.display(), error = %e, "cache entry unusable; removing it and downloading");
                     remove_any(&entry).await;
                     progress.done.store(0, std::sync::atomic::Ordering::Relaxed);
