@@ -840,6 +840,28 @@ def test_a_pvc_path_climbing_out_of_the_claim_is_refused(pvcs, run_pull, tmp_pat
     assert_failed(run_pull(uri, dest, "--pvc-root", pvcs), 2, dest)
 
 
+def test_a_directory_link_that_loops_is_refused_not_followed_forever(pvcs, run_pull, tmp_path):
+    # `loop -> .` stays inside the claim, so it passed the confinement check and was walked as
+    # loop/loop/loop/... until the stack overflowed.
+    (pvcs / "claim" / "models" / "cls" / "loop").symlink_to(".")
+    dest = tmp_path / "out" / "m" / "1"
+    p = run_pull("pvc://claim/models/cls/", dest, "--pvc-root", pvcs)
+    assert_failed(p, 2, dest, mentions="loop")
+    # Two directories linking to each other loop too.
+    (pvcs / "claim" / "a").mkdir()
+    (pvcs / "claim" / "b").mkdir()
+    (pvcs / "claim" / "a" / "to_b").symlink_to(pvcs / "claim" / "b")
+    (pvcs / "claim" / "b" / "to_a").symlink_to(pvcs / "claim" / "a")
+    p = run_pull("pvc://claim/a/", dest, "--pvc-root", pvcs)
+    assert_failed(p, 2, dest, mentions="loop")
+    # A link to a directory elsewhere in the claim is no loop: its files are copied.
+    (pvcs / "claim" / "c").mkdir()
+    (pvcs / "claim" / "c" / "model.onnx").write_bytes(b"x")
+    (pvcs / "claim" / "c" / "shared").symlink_to(pvcs / "claim" / "models" / "cls" / "extra")
+    assert_ok(run_pull("pvc://claim/c/", dest, "--pvc-root", pvcs))
+    assert (dest / "shared" / "labels.txt").read_text() == "0\n180\n"
+
+
 @pytest.mark.parametrize("layout", ["file link", "directory link", "link inside a directory"])
 def test_a_symlink_inside_the_claim_pointing_outside_it_is_refused(pvcs, run_pull, tmp_path, layout):
     claim = pvcs / "claim"

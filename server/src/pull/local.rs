@@ -45,7 +45,15 @@ impl LocalSource {
         Ok(real)
     }
 
-    fn walk(&self, dir: &Path, rel: &str, out: &mut Vec<Entry>) -> Result<(), FetchError> {
+    /// Lists the files under `dir` (resolved), named from `rel`; `walking` holds the resolved
+    /// directories from the top down to `dir`.
+    fn walk(
+        &self,
+        dir: &Path,
+        rel: &str,
+        walking: &mut Vec<PathBuf>,
+        out: &mut Vec<Entry>,
+    ) -> Result<(), FetchError> {
         let mut children: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| io(dir, e))?
             .collect::<Result<_, _>>()
@@ -61,7 +69,19 @@ impl LocalSource {
             let real = self.confined(&child.path())?;
             let meta = std::fs::metadata(&real).map_err(|e| io(&real, e))?;
             if meta.is_dir() {
-                self.walk(&real, &child_rel, out)?;
+                // A link to a directory being walked (`loop -> .`, or two that point at each
+                // other's directories) would be walked forever.
+                if walking.contains(&real) {
+                    return Err(FetchError::Fatal(format!(
+                        "{} is a link back to {}, which contains it: a directory loop; remove the link or pull a directory without it",
+                        child.path().display(),
+                        real.display()
+                    )));
+                }
+                walking.push(real.clone());
+                let walked = self.walk(&real, &child_rel, walking, out);
+                walking.pop();
+                walked?;
             } else if meta.is_file() {
                 out.push(Entry {
                     rel: child_rel,
@@ -83,7 +103,7 @@ impl Source for LocalSource {
         match (want_dir, meta.is_dir()) {
             (true, true) => {
                 let mut out = Vec::new();
-                self.walk(&real, "", &mut out)?;
+                self.walk(&real, "", &mut vec![real.clone()], &mut out)?;
                 Ok(out)
             }
             (false, false) => Ok(vec![Entry {
