@@ -325,6 +325,25 @@ def test_an_s3_object_pulled_with_its_sha256_serves_the_same_answers_as_onnxrunt
     assert_serves_like_onnxruntime(tmp_path / "repo", "ocr", MODEL, tmp_path / "server.log", record=p.record)
 
 
+def test_s3_and_gcs_keys_with_characters_object_store_would_escape_are_fetched_as_named(
+        s3, gcs, run_pull, tmp_path, model_bytes):
+    # `~`, `#` and `[` are legal in keys; they were percent-encoded into another key (404).
+    c = s3.client()
+    c.put_object(Bucket="models", Key="ocr/v1~rc/model.onnx", Body=model_bytes)
+    c.put_object(Bucket="models", Key="odd/a#b[1].bin", Body=b"side file")
+    c.put_object(Bucket="models", Key="odd/model.onnx", Body=model_bytes)
+    gcs.upload("models", "ocr/v1~rc/model.onnx", model_bytes)
+    for uri, env in (("s3://models/ocr/v1~rc/model.onnx", s3.env()), ("gs://models/ocr/v1~rc/model.onnx", gcs.env())):
+        dest = tmp_path / uri[:2] / "model.onnx"
+        p = run_pull(uri, dest, "--sha256", sha256_hex(model_bytes), env=env)
+        assert_ok(p)
+        assert dest.read_bytes() == model_bytes
+    dest = tmp_path / "prefix" / "1"
+    p = run_pull("s3://models/odd/", dest, env=s3.env())
+    assert_ok(p)
+    assert (dest / "a#b[1].bin").read_bytes() == b"side file"
+
+
 def test_an_s3_prefix_with_external_data_is_pulled_served_and_matches_the_sha256sum_manifest(
         s3, run_pull, tmp_path, external_model):
     digest = tree_sha256(external_model)

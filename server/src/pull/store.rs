@@ -223,10 +223,16 @@ pub struct StoreSource {
     pub key: String,
 }
 
+/// The store's path for `key`, exactly as named: `Path::from` would percent-encode characters such
+/// as `~`, `#` or `[` (legal in keys) and so name another object.
+fn key_path(key: &str) -> Result<Path, FetchError> {
+    Path::parse(key).map_err(|e| FetchError::Fatal(format!("object key {key:?} cannot be fetched: {e}")))
+}
+
 impl Source for StoreSource {
     async fn list(&self) -> Result<Vec<Entry>, FetchError> {
         if let Some(prefix) = self.key.strip_suffix('/') {
-            let base = Path::from(prefix);
+            let base = key_path(prefix)?;
             let metas: Vec<_> = self
                 .store
                 .list(Some(&base))
@@ -248,11 +254,7 @@ impl Source for StoreSource {
             entries.sort_by(|a, b| a.rel.cmp(&b.rel));
             return Ok(entries);
         }
-        let meta = self
-            .store
-            .head(&Path::from(self.key.as_str()))
-            .await
-            .map_err(map_err)?;
+        let meta = self.store.head(&key_path(&self.key)?).await.map_err(map_err)?;
         Ok(vec![Entry {
             rel: String::new(),
             size: Some(meta.size),
@@ -277,7 +279,7 @@ impl Source for StoreSource {
         };
         let got = self
             .store
-            .get_opts(&Path::from(entry.locator.as_str()), opts)
+            .get_opts(&key_path(&entry.locator)?, opts)
             .await
             .map_err(map_err)?;
         let total = Some(got.meta.size);
