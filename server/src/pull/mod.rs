@@ -339,7 +339,7 @@ async fn cache_store(
     tokio::fs::create_dir_all(&entries)
         .await
         .map_err(|e| e.to_string())?;
-    let tmp = entries.join(format!("{sha}.{}.incoming", std::process::id()));
+    let tmp = entries.join(incoming_name(sha));
     let src = local::LocalSource {
         root: placed.parent().map(Path::to_path_buf).unwrap_or_default(),
         path: format!(
@@ -735,6 +735,21 @@ async fn compress_pulled(
     Ok(record)
 }
 
+/// The name a cache entry is written under before it is renamed into place. It must differ
+/// between writers: every pod's pull runs as PID 1, so a process ID alone would have two pods
+/// storing the same artifact write one file.
+fn incoming_name(sha: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS's randomness, per process and per call.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("{sha}.{}.{:016x}.incoming", std::process::id(), h.finish())
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -745,6 +760,14 @@ mod tests {
 
     use super::fetch::{Body, Entry};
     use super::*;
+
+    #[test]
+    fn two_writers_of_one_cache_entry_write_different_files() {
+        // Both pulls run as PID 1 in their pods.
+        let (a, b) = (super::incoming_name("ab12"), super::incoming_name("ab12"));
+        assert_ne!(a, b);
+        assert!(a.starts_with("ab12.") && a.ends_with(".incoming"), "{a}");
+    }
 
     /// Serves `content`; the first attempt breaks after `cut` bytes. Later attempts resume (or
     /// restart) and, with `tamper`, serve a changed object.
