@@ -1000,6 +1000,23 @@ def test_a_cached_artifact_serves_a_second_pull_when_the_origin_fails(plain, run
     assert p.record["sha256"] == digest
 
 
+def test_a_cache_hit_that_fails_for_a_reason_of_its_own_pod_keeps_the_shared_entry(
+        plain, run_pull, tmp_path, model_bytes):
+    # The cache is shared by every pod; one pod's smaller --max-bytes (or full disk) says nothing
+    # about the entry, which other pods may be copying from.
+    plain.route("/model.onnx", body=model_bytes)
+    cache = tmp_path / "cache"
+    digest = sha256_hex(model_bytes)
+    assert_ok(run_pull(plain.url_for("/model.onnx"), tmp_path / "a" / "model.onnx", LOCAL, "--sha256", digest,
+                       "--cache-dir", cache))
+    dest = tmp_path / "b" / "model.onnx"
+    p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--sha256", digest, "--cache-dir", cache,
+                 "--max-bytes", 10)
+    assert_failed(p, 7, dest)
+    assert cache_entries(cache, model_bytes), f"the entry was removed: {list(cache.rglob('*'))}"
+    assert len(plain.gets("/model.onnx")) == 1, "too large is too large: no second download"
+
+
 def corrupt_cache(cache: Path, content: bytes):
     entries = cache_entries(cache, content)
     assert entries, f"nothing cached under {cache}: {list(cache.rglob('*'))}"
@@ -1181,7 +1198,7 @@ def test_a_presigned_urls_signature_and_a_password_never_leave_the_pull(plain, r
     p = run_pull(plain.url_for("/model.onnx") + "?" + secret, tmp_path / "again" / "model.onnx", LOCAL,
                  "--sha256", digest, "--cache-dir", cache)
     assert_ok(p)
-    assert "cache entry unusable" in p.stderr, p.explain()
+    assert "cache entry corrupt" in p.stderr, p.explain()
     assert "secret" not in p.stdout + p.stderr, p.explain()
 
     # A password in the URL is refused (credentials go in files), and not repeated in the refusal.

@@ -461,10 +461,19 @@ async fn fetch_uri(
                     tracing::info!(cache = %entry.display(), "served from the artifact cache");
                     return Ok(f);
                 }
+                // The limit applies to the download just the same.
+                Err(e @ PullError::TooLarge { .. }) => return Err(e),
+                // Only a corrupt entry is removed: the cache is shared, and a failure of this
+                // pod's own (its disk, its permissions) says nothing about the entry.
+                Err(e @ PullError::Checksum { .. }) => {
+                    let e = e.redacted(raw);
+                    tracing::warn!(cache = %entry.display(), error = %e, "cache entry corrupt; removing it and downloading");
+                    remove_any(&entry).await;
+                    progress.done.store(0, std::sync::atomic::Ordering::Relaxed);
+                }
                 Err(e) => {
                     let e = e.redacted(raw);
-                    tracing::warn!(cache = %entry.display(), error = %e, "cache entry unusable; removing it and downloading");
-                    remove_any(&entry).await;
+                    tracing::warn!(cache = %entry.display(), error = %e, "cache entry unusable here; downloading");
                     progress.done.store(0, std::sync::atomic::Ordering::Relaxed);
                 }
             }
