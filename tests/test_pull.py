@@ -628,6 +628,18 @@ def test_a_stalled_body_fails_after_the_read_timeout(plain, run_pull, tmp_path, 
     assert len(plain.gets("/model.onnx")) == 2  # a read timeout is transient: retried once
 
 
+def test_bytes_fetched_again_from_the_start_are_not_progress_that_renews_the_retries(
+        plain, run_pull, tmp_path, model_bytes):
+    # A store that cannot resume and stalls at the same place every time: each retry starts from
+    # byte 0 and gets no further, so --retries 1 means two attempts, not a loop until --timeout.
+    plain.route("/model.onnx", body=model_bytes, stall_after=100_000, ranges=False)
+    dest = tmp_path / "model.onnx"
+    p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--read-timeout", 1, "--retries", 1,
+                 "--timeout", 30, timeout=60)
+    assert_failed(p, 2, dest, mentions="gave up after 1 retries")
+    assert len(plain.gets("/model.onnx")) == 2, p.explain()
+
+
 def test_the_overall_timeout_ends_a_stalled_download(plain, run_pull, tmp_path, model_bytes):
     plain.route("/model.onnx", body=model_bytes, stall_after=4096)
     dest = tmp_path / "model.onnx"

@@ -180,6 +180,9 @@ pub async fn download_entry<S: Source>(
     let mut failures = 0u32;
     let mut backoff = limits.backoff;
     let mut total_counted = false;
+    // The furthest any attempt got: only bytes past it are progress. A source that cannot resume
+    // restarts from zero, and getting as far again is not.
+    let mut furthest = 0u64;
     loop {
         let attempt = async {
             let opened =
@@ -239,11 +242,15 @@ pub async fn download_entry<S: Source>(
                             file.write_all(&chunk).await.map_err(|e| local(dest, e))?;
                             offset += chunk.len() as u64;
                             progress.done.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                            if !got_any {
-                                got_any = true;
-                                // Progress resets the retry budget: only consecutive failures count.
-                                failures = 0;
-                                backoff = limits.backoff;
+                            if offset > furthest {
+                                furthest = offset;
+                                if !got_any {
+                                    got_any = true;
+                                    // Progress resets the retry budget: only consecutive
+                                    // failures count.
+                                    failures = 0;
+                                    backoff = limits.backoff;
+                                }
                             }
                         }
                     }
