@@ -339,6 +339,51 @@ pub fn meaningful(old: Option<&TrafficMetrics>, new: &TrafficMetrics) -> bool {
         || far_int(old.queue_depth, new.queue_depth)
 }
 
+/// This round's window for a ModelDeployment with `ready` pods, from the pods that answered
+/// (`samples`) and their previous samples (`previous`). Until a pod has two samples there is no
+/// rate. Ready pods without a rate this round (a scrape that timed out, a pod just ready) are
+/// taken to carry the average load of those with one, since the Service spreads requests over
+/// them all: leaving them out would tell the autoscaler the load fell. A round in which no ready
+/// pod gave a rate measures nothing; with no ready pod at all, zero is the truth.
+fn measure(
+    previous: &HashMap<String, (Instant, Sample)>,
+    samples: &[(String, Instant, Sample)],
+    ready: usize,
+) -> Option<Window> {
+    let pairs: Vec<(&Sample, &Sample, f64)> = samples
+        .iter()
+        .filter_map(|(uid, at, s)| {
+            let (then, before) = previous.get(uid)?;
+            Some((before, s, at.duration_since(*then).as_secs_f64()))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return (ready == 0).then(|| combine(&[]));
+    }
+    let mut w = combine(&pairs);
+    if ready > pairs.len() {
+        let k = ready as f64 / pairs.len() as f64;
+        w.rps *= k;
+        w.eps *= k;
+        w.concurrency *= k;
+        w.inflight *= k;
+        w.queue *= k;
+    }
+    Some(w)
+}
+
+/// Keeps this round's samples as the previous ones of the next round. A ready pod that did not
+/// answer keeps its last sample (its counters give a rate over the longer window when it does);
+/// pods no longer ready are forgotten.
+fn remember(
+    pods: &mut HashMap<String, (Instant, Sample)>,
+    samples: Vec<(String, Instant, Sample)>,
+    ready: &HashSet<&str>,
+) {
+    pods.retain(|uid, _| ready.contains(uid.as_str()));
+    pods.extend(samples.into_iter().map(|(uid, at, s)| (uid, (at, s))));
+}
+
 /// What the scraper keeps per ModelDeployment.
 #[derive(Default)]
 struct Entry {
@@ -499,17 +544,14 @@ impl Scraper {
         for (k, md, obj) in &wanted {
             let entry = state.entry(k.clone()).or_default();
             let samples = fresh.remove(k).unwrap_or_default();
-            let pairs: Vec<(&Sample, &Sample, f64)> = samples
-                .iter()
-                .filter_map(|(uid, at, s)| {
-                    let (then, before) = entry.pods.get(uid)?;
-                    Some((before, s, at.duration_since(*then).as_secs_f64()))
-                })
+            let ready: HashSet<&str> = members
+                .get(k)
+                .into_iter()
+                .flatten()
+                .map(|(uid, _)| uid.as_str())
                 .collect();
-            // Until a pod has two samples there is no rate; with no ready pod at all, zero is
-            // the truth.
-            let window = (!pairs.is_empty() || samples.is_empty()).then(|| combine(&pairs));
-            entry.pods = samples.into_iter().map(|(uid, at, s)| (uid, (at, s))).collect();
+            let window = measure(&entry.pods, &samples, ready.len());
+            remember(&mut entry.pods, samples, &ready);
             let Some(w) = window else { continue };
             // A ModelDeployment that never had a ready pod has no numbers to publish yet.
             if entry.published.is_none() && w.pods == 0 {
@@ -628,6 +670,51 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
             (st.gpu_utilization, st.gpu_memory_used_bytes),
             (Some(0.625), Some(1500))
         );
+    }
+
+    /// A pod's sample after `secs` seconds at `concurrency` requests in flight on average.
+    fn busy(secs: f64, concurrency: f64) -> Sample {
+        Sample {
+            uptime: Some(100.0 + secs),
+            inflight_seconds: Some(concurrency * secs),
+            success: 10.0 * secs,
+            ..Sample::default()
+        }
+    }
+
+    #[test]
+    fn pods_that_did_not_answer_count_at_the_average_of_those_that_did() {
+        // Four ready pods at concurrency 2 each; one's /metrics timed out this round. Leaving it
+        // out told the autoscaler the load was 6, and it settled on 3 pods for a load of 8.
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(15);
+        let uid = |i: usize| format!("pod-{i}");
+        let mut pods: HashMap<String, (Instant, Sample)> =
+            (0..4).map(|i| (uid(i), (t0, busy(0.0, 2.0)))).collect();
+        let answered: Vec<(String, Instant, Sample)> =
+            (0..3).map(|i| (uid(i), t1, busy(15.0, 2.0))).collect();
+        let w = measure(&pods, &answered, 4).unwrap();
+        assert!((w.concurrency - 8.0).abs() < 1e-9, "{w:?}");
+        assert!((w.rps - 40.0).abs() < 1e-9, "{w:?}");
+        let ready: HashSet<&str> = (0..4).map(|i| ["pod-0", "pod-1", "pod-2", "pod-3"][i]).collect();
+        remember(&mut pods, answered, &ready);
+        // The pod that did not answer keeps its last sample, for a rate when it answers again.
+        assert_eq!(pods.len(), 4);
+        assert_eq!(pods["pod-3"].0, t0);
+        // A pod no longer ready is forgotten.
+        let ready: HashSet<&str> = ["pod-0", "pod-1", "pod-2"].into_iter().collect();
+        remember(&mut pods, Vec::new(), &ready);
+        assert_eq!(pods.len(), 3);
+    }
+
+    #[test]
+    fn a_round_where_no_ready_pod_answered_measures_nothing_rather_than_zero() {
+        // Zero would let the autoscaler scale down to minReplicas at peak load.
+        let t0 = Instant::now();
+        let pods: HashMap<String, (Instant, Sample)> = [("pod-0".to_string(), (t0, busy(0.0, 2.0)))].into();
+        assert!(measure(&pods, &[], 2).is_none());
+        // With no ready pod at all, zero is the truth.
+        assert_eq!(measure(&pods, &[], 0).map(|w| w.pods), Some(0));
     }
 
     #[test]
