@@ -99,7 +99,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     };
     let mut new = status::compute(&md, &observed, &now());
     if super::autoscale::Params::of(&md).is_some()
-        && let Some(d) = ctx.scraper.decision(&key(&md))
+        && let Some(d) = ctx.scraper.decision(&md)
     {
         let running = deployment.as_deref().and_then(|live| live.spec.replicas);
         let mut last_scale_time = new.autoscaling.as_ref().and_then(|a| a.last_scale_time.clone());

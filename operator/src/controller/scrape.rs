@@ -396,6 +396,10 @@ struct Entry {
     history: std::collections::VecDeque<(Instant, Window)>,
     /// The built-in autoscaler's memory and last decision.
     autoscale: super::autoscale::State,
+    /// The UID of the object measured.
+    owner: Option<String>,
+    /// The autoscaling `autoscale` was kept for.
+    params: Option<super::autoscale::Params>,
 }
 
 /// Windows kept per ModelDeployment for the autoscaler.
@@ -454,9 +458,17 @@ impl Scraper {
         self.state.lock().ok()?.get(key)?.published.clone()
     }
 
-    /// The built-in autoscaler's last decision for `key`.
-    pub fn decision(&self, key: &str) -> Option<super::autoscale::Decision> {
-        self.state.lock().ok()?.get(key)?.autoscale.decision.clone()
+    /// The built-in autoscaler's last decision for `md`.
+    pub fn decision(&self, md: &ModelDeployment) -> Option<super::autoscale::Decision> {
+        let ns = md.namespace()?;
+        let state = self.state.lock().ok()?;
+        let entry = state.get(&key(&ns, &md.name_any()))?;
+        // Made for this object (not one deleted and created again under its name) and for the
+        // autoscaling it has now (not the metric it had before a switch).
+        if entry.owner != md.uid() || entry.params != super::autoscale::Params::of(md) {
+            return None;
+        }
+        entry.autoscale.decision.clone()
     }
 
     async fn fetch(&self, ip: &str) -> Result<Sample, ScrapeError> {
@@ -543,6 +555,19 @@ impl Scraper {
         let mut changed = Vec::new();
         for (k, md, obj) in &wanted {
             let entry = state.entry(k.clone()).or_default();
+            // An object deleted and created again under the same name starts afresh; a change of
+            // autoscaling starts the autoscaler's memory afresh.
+            if entry.owner != obj.uid() {
+                *entry = Entry {
+                    owner: obj.uid(),
+                    ..Entry::default()
+                };
+            }
+            let params = super::autoscale::Params::of(obj);
+            if entry.params != params {
+                entry.autoscale = super::autoscale::State::default();
+                entry.params = params;
+            }
             let samples = fresh.remove(k).unwrap_or_default();
             let ready: HashSet<&str> = members
                 .get(k)
@@ -715,6 +740,35 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
         assert!(measure(&pods, &[], 2).is_none());
         // With no ready pod at all, zero is the truth.
         assert_eq!(measure(&pods, &[], 0).map(|w| w.pods), Some(0));
+    }
+
+    #[test]
+    fn a_decision_serves_only_the_object_and_the_autoscaling_it_was_made_for() {
+        use super::super::autoscale::{Decision, Params};
+        use super::super::build::tests::md;
+        let concurrency = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"},
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 10, "metric": "concurrency", "target": 2}}));
+        let scraper = Scraper::new(Duration::from_secs(15), Duration::from_secs(2));
+        let mut entry = Entry {
+            owner: concurrency.uid(),
+            params: Params::of(&concurrency),
+            ..Entry::default()
+        };
+        entry.autoscale.decision = Some(Decision {
+            desired: 8,
+            panic: false,
+            reason: "average concurrency 16".into(),
+        });
+        scraper.state.lock().unwrap().insert(key("ml", "resnet"), entry);
+        assert_eq!(scraper.decision(&concurrency).map(|d| d.desired), Some(8));
+        // Switched to rps: the concurrency decision is not the rps autoscaler's.
+        let mut rps = concurrency.clone();
+        rps.spec.autoscaling.as_mut().unwrap().metric = kubemaas_crds::v1alpha1::AutoscalingMetric::Rps;
+        assert!(scraper.decision(&rps).is_none());
+        // Deleted and created again under the same name: a new object, with no decision yet.
+        let mut again = concurrency.clone();
+        again.metadata.uid = Some("2222-3333".into());
+        assert!(scraper.decision(&again).is_none());
     }
 
     #[test]
