@@ -339,16 +339,17 @@ pub fn meaningful(old: Option<&TrafficMetrics>, new: &TrafficMetrics) -> bool {
         || far_int(old.queue_depth, new.queue_depth)
 }
 
-/// This round's window for a ModelDeployment with `ready` pods, from the pods that answered
-/// (`samples`) and their previous samples (`previous`). Until a pod has two samples there is no
-/// rate. Ready pods without a rate this round (a scrape that timed out, a pod just ready) are
-/// taken to carry the average load of those with one, since the Service spreads requests over
-/// them all: leaving them out would tell the autoscaler the load fell. A round in which no ready
-/// pod gave a rate measures nothing; with no ready pod at all, zero is the truth.
+/// This round's window for a ModelDeployment whose pods `ready` are ready, from the pods that
+/// answered (`samples`) and their previous samples (`previous`). Until a pod has two samples there
+/// is no rate. A pod that was measured before and did not answer now (a scrape that timed out)
+/// served through the window too, so it is taken to carry the average load of those that
+/// answered: leaving it out would tell the autoscaler the load fell. A pod just ready has no
+/// previous sample and took little of the window's load, so it is not counted. A round in which
+/// no ready pod gave a rate measures nothing; with no ready pod at all, zero is the truth.
 fn measure(
     previous: &HashMap<String, (Instant, Sample)>,
     samples: &[(String, Instant, Sample)],
-    ready: usize,
+    ready: &HashSet<&str>,
 ) -> Option<Window> {
     let pairs: Vec<(&Sample, &Sample, f64)> = samples
         .iter()
@@ -358,11 +359,12 @@ fn measure(
         })
         .collect();
     if pairs.is_empty() {
-        return (ready == 0).then(|| combine(&[]));
+        return ready.is_empty().then(|| combine(&[]));
     }
     let mut w = combine(&pairs);
-    if ready > pairs.len() {
-        let k = ready as f64 / pairs.len() as f64;
+    let serving = ready.iter().filter(|uid| previous.contains_key(**uid)).count();
+    if serving > pairs.len() {
+        let k = serving as f64 / pairs.len() as f64;
         w.rps *= k;
         w.eps *= k;
         w.concurrency *= k;
@@ -575,7 +577,7 @@ impl Scraper {
                 .flatten()
                 .map(|(uid, _)| uid.as_str())
                 .collect();
-            let window = measure(&entry.pods, &samples, ready.len());
+            let window = measure(&entry.pods, &samples, &ready);
             remember(&mut entry.pods, samples, &ready);
             let Some(w) = window else { continue };
             // A ModelDeployment that never had a ready pod has no numbers to publish yet.
@@ -718,10 +720,10 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
             (0..4).map(|i| (uid(i), (t0, busy(0.0, 2.0)))).collect();
         let answered: Vec<(String, Instant, Sample)> =
             (0..3).map(|i| (uid(i), t1, busy(15.0, 2.0))).collect();
-        let w = measure(&pods, &answered, 4).unwrap();
+        let ready: HashSet<&str> = ["pod-0", "pod-1", "pod-2", "pod-3"].into_iter().collect();
+        let w = measure(&pods, &answered, &ready).unwrap();
         assert!((w.concurrency - 8.0).abs() < 1e-9, "{w:?}");
         assert!((w.rps - 40.0).abs() < 1e-9, "{w:?}");
-        let ready: HashSet<&str> = (0..4).map(|i| ["pod-0", "pod-1", "pod-2", "pod-3"][i]).collect();
         remember(&mut pods, answered, &ready);
         // The pod that did not answer keeps its last sample, for a rate when it answers again.
         assert_eq!(pods.len(), 4);
@@ -737,9 +739,26 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
         // Zero would let the autoscaler scale down to minReplicas at peak load.
         let t0 = Instant::now();
         let pods: HashMap<String, (Instant, Sample)> = [("pod-0".to_string(), (t0, busy(0.0, 2.0)))].into();
-        assert!(measure(&pods, &[], 2).is_none());
+        let ready: HashSet<&str> = ["pod-0", "pod-1"].into_iter().collect();
+        assert!(measure(&pods, &[], &ready).is_none());
         // With no ready pod at all, zero is the truth.
-        assert_eq!(measure(&pods, &[], 0).map(|w| w.pods), Some(0));
+        assert_eq!(measure(&pods, &[], &HashSet::new()).map(|w| w.pods), Some(0));
+    }
+
+    #[test]
+    fn pods_just_ready_are_not_taken_to_have_carried_the_load() {
+        // A scale-up from 1 pod at concurrency 8: the three new pods have no previous sample.
+        // Counting them at the old pod's average made it 32 and overshot to 6 pods (e2e).
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(15);
+        let pods: HashMap<String, (Instant, Sample)> = [("old".to_string(), (t0, busy(0.0, 8.0)))].into();
+        let answered = vec![
+            ("old".to_string(), t1, busy(15.0, 8.0)),
+            ("new-1".to_string(), t1, busy(15.0, 0.5)),
+        ];
+        let ready: HashSet<&str> = ["old", "new-1", "new-2", "new-3"].into_iter().collect();
+        let w = measure(&pods, &answered, &ready).unwrap();
+        assert!((w.concurrency - 8.0).abs() < 1e-9, "{w:?}");
     }
 
     #[test]
