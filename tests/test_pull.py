@@ -756,6 +756,23 @@ def test_the_hf_tree_listing_follows_every_pagination_link(hub, run_pull, tmp_pa
     assert tree(dest) == hub.files
 
 
+def test_a_listing_refused_for_now_is_retried_like_a_download(plain, run_pull, tmp_path, model_bytes):
+    # The Hub answers 429 or 503 under load; the listing failed at once, whatever --retries said.
+    listing = json.dumps([{"type": "file", "path": "model.onnx", "size": len(model_bytes)}]).encode()
+    plain.route("/api/models/o/r/tree/main", body=listing, fail_first=[503, 429])
+    plain.route("/o/r/resolve/main/model.onnx", body=model_bytes)
+    dest = tmp_path / "snapshot"
+    p = run_pull("hf://o/r", dest, LOCAL, "--retries", 3, env={"HF_ENDPOINT": plain.url})
+    assert_ok(p)
+    assert (dest / "model.onnx").read_bytes() == model_bytes
+    assert len(plain.gets("/api/models/o/r/tree/main")) == 3
+    # And the budget holds: with one retry, two refusals fail the pull.
+    plain.route("/api/models/o/r/tree/main", body=listing, fail_first=[503, 503])
+    dest = tmp_path / "again"
+    p = run_pull("hf://o/r", dest, LOCAL, "--retries", 1, env={"HF_ENDPOINT": plain.url})
+    assert_failed(p, 2, dest, mentions="gave up after 1 retries")
+
+
 def test_an_hf_subdirectory_is_pulled_relative_to_it_and_served(hub, run_pull, tmp_path, external_model):
     dest = tmp_path / "repo" / "cls" / "1"
     p = run_pull(f"hf://{HUB_REPO}/onnx/", dest, LOCAL, env=hub_env(hub))

@@ -165,6 +165,35 @@ async fn rewind(
     Ok(())
 }
 
+/// Lists `src`, retrying what may pass (a 429 or 503 from a busy Hub or store, a dropped
+/// connection) as a download is retried: up to `limits.retries` times, backing off.
+async fn list_with_retries<S: Source>(src: &S, limits: &Limits) -> Result<Vec<Entry>, FetchError> {
+    let mut failures = 0u32;
+    let mut backoff = limits.backoff;
+    loop {
+        match src.list().await {
+            Err(FetchError::Transient(m)) if failures < limits.retries => {
+                failures += 1;
+                tracing::warn!(
+                    attempt = failures,
+                    of = limits.retries,
+                    "listing: {m}; retrying in {:.1}s",
+                    backoff.as_secs_f64()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(FetchError::Transient(m)) if limits.retries > 0 => {
+                return Err(FetchError::Transient(format!(
+                    "{m} (gave up after {} retries)",
+                    limits.retries
+                )));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Streams one entry into `dest` (created or truncated) and returns its size and SHA-256.
 pub async fn download_entry<S: Source>(
     src: &S,
@@ -327,7 +356,7 @@ pub async fn fetch_all<S: Source>(
     limits: &Limits,
     progress: &Progress,
 ) -> Result<Fetched, FetchError> {
-    let entries = src.list().await?;
+    let entries = list_with_retries(src, limits).await?;
     if entries.is_empty() {
         return Err(FetchError::NotFound(
             "nothing to download: the prefix holds no files".into(),
