@@ -45,7 +45,7 @@ impl BodyBudget {
                 deadline: None,
             };
             if !streaming {
-                body.deadline = Some(Box::pin(tokio::time::sleep(self.timeout)));
+                body.deadline = Some(Deadline::after(self.timeout));
             }
             Body::new(body)
         })
@@ -101,6 +101,30 @@ impl Framing {
     }
 }
 
+/// When a message is due. The timer is made only once the body has to wait for the client: a
+/// request that arrives whole, as most do, never registers one.
+struct Deadline {
+    at: tokio::time::Instant,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Deadline {
+    fn after(timeout: Duration) -> Deadline {
+        Deadline {
+            at: tokio::time::Instant::now() + timeout,
+            timer: None,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let at = self.at;
+        self.timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)))
+            .as_mut()
+            .poll(cx)
+    }
+}
+
 /// A request body whose incomplete message holds its bytes of the budget and runs against a
 /// deadline.
 struct Budgeted {
@@ -114,7 +138,7 @@ struct Budgeted {
     streaming: bool,
     /// Armed while a message is due: a stream's from the first byte of each message; a unary
     /// call's from its start until its body ends (tonic waits for the end before the handler).
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: Option<Deadline>,
 }
 
 impl Budgeted {
@@ -150,7 +174,7 @@ impl Budgeted {
             .reserve(&mut self.ticket, more as usize)
             .map_err(|e| super::status(&e))?;
         if self.deadline.is_none() {
-            self.deadline = Some(Box::pin(tokio::time::sleep(self.timeout)));
+            self.deadline = Some(Deadline::after(self.timeout));
         }
         Ok(())
     }
@@ -181,7 +205,7 @@ impl HttpBody for Budgeted {
             }
             Poll::Pending => {
                 if let Some(deadline) = this.deadline.as_mut() {
-                    ready!(deadline.as_mut().poll(cx));
+                    ready!(deadline.poll(cx));
                     let e = this.timed_out();
                     this.deadline = None;
                     this.ticket = Ticket::default();
