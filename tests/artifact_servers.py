@@ -397,6 +397,7 @@ class Route:
 
     body: bytes = b""
     status: int | None = None  # always answer this status
+    error_body: bytes | None = None  # with `status`: this body instead of a small JSON error
     fail_first: list = field(default_factory=list)  # statuses for the first GETs, then the body
     redirect: str | None = None  # Location (relative or absolute)
     redirect_status: int = 302
@@ -461,6 +462,15 @@ class FileServer(RecordingServer):
             return self.send_status(h, rec, 404, f"no such file {rec.route}")
         if route.token is not None and rec.header("authorization") != f"Bearer {route.token}":
             return self.send_status(h, rec, 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        if route.status is not None and route.error_body is not None:
+            rec.status = route.status
+            h.send_response(route.status)
+            h.send_header("Content-Type", "text/plain")
+            h.send_header("Content-Length", str(len(route.error_body)))
+            h.end_headers()
+            h.wfile.write(route.error_body)
+            rec.sent += len(route.error_body)
+            return None
         if route.status is not None:
             return self.send_status(h, rec, route.status)
         if rec.method == "GET" and n < len(route.fail_first):

@@ -640,6 +640,26 @@ def test_bytes_fetched_again_from_the_start_are_not_progress_that_renews_the_ret
     assert len(plain.gets("/model.onnx")) == 2, p.explain()
 
 
+def test_an_error_page_is_read_only_as_far_as_its_message_needs(plain, run_pull, tmp_path):
+    # The first line of a plain error answer goes into the message; the whole body was read into
+    # memory first, however large (an init container has a memory limit).
+    page = b"upstream says no\n" + b"x" * (64 << 20)
+    plain.route("/model.onnx", status=500, error_body=page)
+    dest = tmp_path / "model.onnx"
+    p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--retries", 0, timeout=60)
+    assert_failed(p, 2, dest, mentions="upstream says no")
+    sent = [r.sent for r in plain.gets("/model.onnx")]
+    assert sent and all(n < len(page) for n in sent), (sent, len(page))
+
+
+def test_a_listing_page_past_16_mib_is_refused_not_held(plain, run_pull, tmp_path):
+    # A Hub page lists a few hundred files in a few hundred KB; a larger answer is not a listing.
+    plain.route("/api/models/o/r/tree/main", body=b"[" + b" " * (17 << 20) + b"]")
+    dest = tmp_path / "snapshot"
+    p = run_pull("hf://o/r", dest, LOCAL, "--retries", 0, env={"HF_ENDPOINT": plain.url})
+    assert_failed(p, 2, dest, mentions="larger than 16 MiB")
+
+
 def test_the_overall_timeout_ends_a_stalled_download(plain, run_pull, tmp_path, model_bytes):
     plain.route("/model.onnx", body=model_bytes, stall_after=4096)
     dest = tmp_path / "model.onnx"

@@ -213,7 +213,7 @@ impl HttpFetcher {
                     .get(reqwest::header::CONTENT_TYPE)
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|v| v.contains("html"));
-                let text = resp.text().await.unwrap_or_default();
+                let text = first_bytes(resp, ERROR_PAGE_BYTES).await;
                 // A short plain or JSON answer says why; an HTML error page does not.
                 let detail: String = if html || text.trim_start().starts_with('<') {
                     String::new()
@@ -267,14 +267,43 @@ impl HttpFetcher {
                 .to_string();
             return Err(status_error(status, &final_url, &code));
         }
-        let body = resp.bytes().await.map_err(|e| {
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| {
             FetchError::Transient(clean(format!("reading {final_url}: {}", chain(&e)), &final_url))
-        })?;
+        })? {
+            if body.len() + chunk.len() > LISTING_PAGE_BYTES {
+                return Err(FetchError::Fatal(clean(
+                    format!("{final_url} answered a listing page larger than 16 MiB; that is not a listing"),
+                    &final_url,
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
         let v = serde_json::from_slice(&body).map_err(|e| {
             FetchError::Fatal(clean(format!("{final_url} did not answer JSON: {e}"), &final_url))
         })?;
         Ok((v, link))
     }
+}
+
+/// The largest listing page read (a Hub page of hundreds of files is a few hundred KB).
+const LISTING_PAGE_BYTES: usize = 16 << 20;
+
+/// The most of an error answer read for its message: the first line is all that is used, and an
+/// error page may be of any size.
+const ERROR_PAGE_BYTES: usize = 64 << 10;
+
+/// The first `cap` bytes of `resp`'s body as text (lossy); the rest is never read.
+async fn first_bytes(mut resp: reqwest::Response, cap: usize) -> String {
+    let mut buf = Vec::new();
+    while buf.len() < cap {
+        match resp.chunk().await {
+            Ok(Some(c)) => buf.extend_from_slice(&c[..c.len().min(cap - buf.len())]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 fn request_error(url: &Url, e: &reqwest::Error) -> FetchError {
