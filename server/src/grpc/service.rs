@@ -270,7 +270,8 @@ fn config_message(v: &Value) -> ModelConfig {
             .map(|g| ModelInstanceGroup {
                 name: text(&g["name"]),
                 count: g["count"].as_i64().unwrap_or(0) as i32,
-                gpus: dims(&g["gpus"]).into_iter().map(|d| d as i32).collect(),
+                // `/config` does not list devices (only config.pbtxt reads `gpus`).
+                gpus: Vec::new(),
                 kind: model_instance_group::Kind::from_str_name(g["kind"].as_str().unwrap_or_default())
                     .unwrap_or(model_instance_group::Kind::Auto) as i32,
             })

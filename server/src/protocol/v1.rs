@@ -259,7 +259,6 @@ fn first_char(raw: &RawValue) -> Option<char> {
     raw.get().trim_start().chars().next()
 }
 
-/// `{"b64": "..."}`: one BYTES value, not an object naming inputs.
 /// An object of named values that refuses a name given twice: serde keeps the last, so
 /// `{"a": …, "a": …}` would silently drop one (V2 refuses the same mistake).
 struct UniqueNames<'a>(BTreeMap<String, &'a RawValue>);
@@ -287,6 +286,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for UniqueNames<'a> {
     }
 }
 
+/// `{"b64": "..."}`: one BYTES value, not an object naming inputs.
 fn is_b64(map: &BTreeMap<String, &RawValue>) -> bool {
     map.len() == 1 && map.get("b64").is_some_and(|v| first_char(v) == Some('"'))
 }
