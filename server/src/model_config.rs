@@ -75,8 +75,6 @@ pub struct Declared {
     pub inputs: Vec<DeclaredTensor>,
     /// `output`.
     pub outputs: Vec<DeclaredTensor>,
-    /// The file's `max_batch_size` (> 0: dims leave out the batch dimension).
-    pub max_batch_size: usize,
 }
 
 /// A model directory's version policy (Triton's default with a file: the latest one).
@@ -386,7 +384,6 @@ pub fn settings(
                 .collect(),
             "output",
         )?,
-        max_batch_size,
     };
     Ok((
         ModelSettings {
@@ -399,6 +396,14 @@ pub fn settings(
 }
 
 fn instance_group(g: &pb::ModelInstanceGroup) -> Result<InstanceSettings, String> {
+    // Triton names the instances after it; here they are not named, and `/config` reports the
+    // group under the model's name, so a name would be accepted and ignored.
+    if !g.name.is_empty() {
+        return Err(format!(
+            "instance_group name {:?} is not used by KubeMaaS (the group takes the model's name); leave it out",
+            g.name
+        ));
+    }
     // Triton's default count is 1.
     let count = match g.count {
         0 => 1,
@@ -436,12 +441,39 @@ fn instance_group(g: &pb::ModelInstanceGroup) -> Result<InstanceSettings, String
     })
 }
 
+impl ModelSettings {
+    /// Checks the file against the loaded model: the tensors it declares, and that a model it
+    /// batches can be batched (every input and output with a dynamic first dimension).
+    pub fn check(&self, sig: &Signature) -> Result<(), String> {
+        self.declared.check(sig, self.batching.is_some())?;
+        if self.batching.is_some() {
+            crate::batcher::batchable(sig)
+                .map_err(|why| format!("{FILE_NAME}: max_batch_size is above 0 but {why}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl BatchSettings {
+    /// The batcher's configuration; `max_queue_size` is the server's unless the file sets one.
+    pub fn config(&self, max_queue_size: usize) -> crate::batcher::BatchConfig {
+        crate::batcher::BatchConfig {
+            max_batch_size: self.max_batch_size,
+            max_queue_delay: self.max_queue_delay,
+            max_queue_size: self.max_queue_size.unwrap_or(max_queue_size),
+            pad_to: Vec::new(),
+            preferred_batch_sizes: self.preferred_batch_sizes.clone(),
+        }
+    }
+}
+
 impl Declared {
     /// Checks the declared tensors against the loaded model's signature: each must exist, with
     /// the same type, and dims that agree (-1 agrees with anything; a size the file fixes must be
-    /// one the model fixes too, since shapes are taken from the model).
-    pub fn check(&self, sig: &Signature) -> Result<(), String> {
-        let skip = usize::from(self.max_batch_size > 0);
+    /// one the model fixes too, since shapes are taken from the model). `batched`: the dims
+    /// leave out the batch dimension (`max_batch_size` > 0).
+    fn check(&self, sig: &Signature, batched: bool) -> Result<(), String> {
+        let skip = usize::from(batched);
         for (what, declared, specs) in [
             ("input", &self.inputs, &sig.inputs),
             ("output", &self.outputs, &sig.outputs),
@@ -545,6 +577,7 @@ mod tests {
                 "instance_group [ { kind: KIND_MODEL } ]",
                 "KIND_MODEL is not served",
             ),
+            ("instance_group [ { name: \"g\" count: 1 } ]", "leave it out"),
             (
                 "instance_group [ { kind: KIND_CPU gpus: 0 } ]",
                 "gpus are for kind KIND_GPU",

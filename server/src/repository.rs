@@ -105,7 +105,9 @@ pub fn scan(dir: &Path) -> Result<Vec<ModelSource>, RepositoryError> {
         found.sort();
         let numbers: Vec<u64> = found.iter().map(|(v, _)| *v).collect();
         let served = policy.select(&numbers);
-        if served.len() < numbers.len() {
+        if served.is_empty() && !numbers.is_empty() {
+            tracing::warn!(model = %name, found = ?numbers, "the version_policy of config.pbtxt names none of the versions found: the model is not served");
+        } else if served.len() < numbers.len() {
             tracing::info!(model = %name, found = ?numbers, served = ?served, "versions served by the version_policy of config.pbtxt (Triton's default: the latest)");
         }
         for (v, file) in found {

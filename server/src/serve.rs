@@ -656,31 +656,14 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
                     .map(|m| Box::new(m) as Box<dyn crate::backend::Backend>)
             })
             .and_then(|m| match &settings {
-                Some(s) => s.declared.check(m.backend.signature()).map(|()| m),
+                Some(s) => s.check(m.backend.signature()).map(|()| m),
                 None => Ok(m),
             });
             // A model's config.pbtxt decides its batching; without one the flags do.
             let config = match &settings {
-                Some(s) => s.batching.as_ref().map(|b| crate::batcher::BatchConfig {
-                    max_batch_size: b.max_batch_size,
-                    max_queue_delay: b.max_queue_delay,
-                    max_queue_size: b.max_queue_size.unwrap_or(max_queue_size as usize),
-                    pad_to: Vec::new(),
-                    preferred_batch_sizes: b.preferred_batch_sizes.clone(),
-                }),
+                Some(s) => s.batching.as_ref().map(|b| b.config(max_queue_size as usize)),
                 None => batching.clone(),
             };
-            let loaded = loaded.and_then(|m| match (&settings, &config) {
-                (Some(_), Some(_)) => crate::batcher::batchable(m.backend.signature())
-                    .map(|()| m)
-                    .map_err(|why| {
-                        format!(
-                            "{}: max_batch_size is above 0 but {why}",
-                            crate::model_config::FILE_NAME
-                        )
-                    }),
-                _ => Ok(m),
-            });
             match loaded {
                 Ok(m) => {
                     let m = Arc::new(m);
