@@ -191,7 +191,7 @@ def test_the_buffered_body_budget_refuses_what_would_exceed_it_and_frees_on_clos
     assert metric(s, 'kubemaas_requests_shed_total{limit="max_buffered_request_bytes"}') == 2
 
 
-def grpc_open(s, declared, sent):
+def grpc_open(s, declared, sent, method="ModelInfer"):
     """A gRPC ModelInfer call whose message never fully arrives: its 5-byte prefix declares
     `declared` bytes of message and `sent` bytes of body (prefix included) are sent, respecting
     HTTP/2 flow control. Returns (socket, connection, stream id)."""
@@ -206,7 +206,7 @@ def grpc_open(s, declared, sent):
     c.sendall(conn.data_to_send())
     sid = conn.get_next_available_stream_id()
     conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
-                            (":path", "/inference.GRPCInferenceService/ModelInfer"),
+                            (":path", f"/inference.GRPCInferenceService/{method}"),
                             ("content-type", "application/grpc"), ("te", "trailers")])
     c.sendall(conn.data_to_send())
     payload = b"\x00" + declared.to_bytes(4, "big") + b"\x00" * (sent - 5)
@@ -274,11 +274,13 @@ def test_grpc_messages_count_against_the_body_budget_as_they_arrive(serve):
     client.close()
 
 
-def test_a_grpc_message_that_trickles_in_gets_deadline_exceeded(serve):
+@pytest.mark.parametrize("method", ["ModelInfer", "ModelStreamInfer"])
+def test_a_grpc_message_that_trickles_in_gets_deadline_exceeded(serve, method):
+    # A unary call's request, and on a stream each message from its first byte.
     import tritonclient.grpc as grpcclient
 
     s = serve("--body-read-timeout", "1")
-    c, conn, sid = grpc_open(s, 100, 10)
+    c, conn, sid = grpc_open(s, 100, 10, method)
     try:
         t = time.time()
         fields = grpc_answer(c, conn, sid)

@@ -1049,15 +1049,21 @@ def test_a_cached_artifact_serves_a_second_pull_when_the_origin_fails(plain, run
     assert p.record["sha256"] == digest
 
 
-def test_a_cache_hit_that_fails_for_a_reason_of_its_own_pod_keeps_the_shared_entry(
-        plain, run_pull, tmp_path, model_bytes):
-    # The cache is shared by every pod; one pod's smaller --max-bytes (or full disk) says nothing
-    # about the entry, which other pods may be copying from.
+def filled_cache(plain, run_pull, tmp_path, model_bytes):
+    """Serves the model at /model.onnx and pulls it once with --cache-dir: (cache, sha256)."""
     plain.route("/model.onnx", body=model_bytes)
     cache = tmp_path / "cache"
     digest = sha256_hex(model_bytes)
     assert_ok(run_pull(plain.url_for("/model.onnx"), tmp_path / "a" / "model.onnx", LOCAL, "--sha256", digest,
                        "--cache-dir", cache))
+    return cache, digest
+
+
+def test_a_cache_hit_that_fails_for_a_reason_of_its_own_pod_keeps_the_shared_entry(
+        plain, run_pull, tmp_path, model_bytes):
+    # The cache is shared by every pod; one pod's smaller --max-bytes (or full disk) says nothing
+    # about the entry, which other pods may be copying from.
+    cache, digest = filled_cache(plain, run_pull, tmp_path, model_bytes)
     dest = tmp_path / "b" / "model.onnx"
     p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--sha256", digest, "--cache-dir", cache,
                  "--max-bytes", 10)
@@ -1076,11 +1082,7 @@ def corrupt_cache(cache: Path, content: bytes):
 
 def test_a_corrupted_cache_entry_is_not_served_and_the_artifact_is_fetched_again(
         plain, run_pull, tmp_path, model_bytes):
-    plain.route("/model.onnx", body=model_bytes)
-    cache = tmp_path / "cache"
-    digest = sha256_hex(model_bytes)
-    assert_ok(run_pull(plain.url_for("/model.onnx"), tmp_path / "a" / "model.onnx", LOCAL, "--sha256", digest,
-                       "--cache-dir", cache))
+    cache, digest = filled_cache(plain, run_pull, tmp_path, model_bytes)
     corrupt_cache(cache, model_bytes)
     dest = tmp_path / "b" / "model.onnx"
     assert_ok(run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--sha256", digest, "--cache-dir", cache))
@@ -1089,11 +1091,7 @@ def test_a_corrupted_cache_entry_is_not_served_and_the_artifact_is_fetched_again
 
 
 def test_a_corrupted_cache_entry_is_never_served_even_when_the_origin_fails(plain, run_pull, tmp_path, model_bytes):
-    plain.route("/model.onnx", body=model_bytes)
-    cache = tmp_path / "cache"
-    digest = sha256_hex(model_bytes)
-    assert_ok(run_pull(plain.url_for("/model.onnx"), tmp_path / "a" / "model.onnx", LOCAL, "--sha256", digest,
-                       "--cache-dir", cache))
+    cache, digest = filled_cache(plain, run_pull, tmp_path, model_bytes)
     corrupt_cache(cache, model_bytes)
     plain.update("/model.onnx", status=500)
     dest = tmp_path / "b" / "model.onnx"
