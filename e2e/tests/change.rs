@@ -69,6 +69,16 @@ async fn a_spec_change_is_not_ready_until_the_deployment_has_rolled_out_the_new_
         ("False", "RolloutInProgress"),
         "first status for generation {generation}: {ready:?}"
     );
+    // Nor is the new model loaded anywhere yet: the pods that are Ready run the old template.
+    let loaded = condition(&first_for_new_generation, "ModelLoaded").unwrap();
+    assert_ne!(
+        loaded.0, "True",
+        "first status for generation {generation}: {loaded:?}"
+    );
+    assert!(
+        loaded.2.ends_with("2 pods of the previous template still serve"),
+        "{loaded:?}"
+    );
     // And it does become Ready once the rollout is done, with the Deployment agreeing.
     wait_md(
         &api,
@@ -79,6 +89,13 @@ async fn a_spec_change_is_not_ready_until_the_deployment_has_rolled_out_the_new_
         is_ready,
     )
     .await;
+    let done = api.get("ranker").await.unwrap();
+    let loaded = condition(&done, "ModelLoaded").unwrap();
+    assert_eq!(
+        (loaded.0.as_str(), loaded.1.as_str()),
+        ("True", "Loaded"),
+        "{loaded:?}"
+    );
     let d = deployments.get("ranker").await.unwrap();
     let st = d.status.unwrap();
     assert!(st.observed_generation >= d.metadata.generation, "{st:?}");

@@ -320,11 +320,13 @@ pub mod trim {
         }
     }
 
-    /// Pods: status reads only their metadata name and labels, the node they are bound to, and
-    /// their status; the spec (containers, volumes, env) and annotations are dropped.
+    /// Pods: status reads only their metadata name and labels, the template they were made from,
+    /// the node they are bound to, and their status; the spec (containers, volumes, env) and the
+    /// other annotations are dropped.
     pub fn pod(p: &mut Pod) {
         meta(p);
-        p.annotations_mut().clear();
+        p.annotations_mut()
+            .retain(|k, _| k == super::build::labels::TEMPLATE_HASH);
         p.meta_mut().owner_references = None;
         let node_name = p.spec.as_ref().and_then(|s| s.node_name.clone());
         p.spec = Some(PodSpec {
@@ -512,6 +514,23 @@ mod tests {
             assert!(missing.dropped(&a));
         }
         assert!(!missing.dropped(&a));
+    }
+
+    #[test]
+    fn the_pod_cache_keeps_the_template_hash_and_drops_the_other_annotations() {
+        let mut p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "m-1", "labels": {"app": "a"}, "annotations": {
+                build::labels::TEMPLATE_HASH: "abc", "prometheus.io/port": "9090"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "server", "image": "i"}]}}))
+        .unwrap();
+        trim::pod(&mut p);
+        assert_eq!(
+            p.annotations().clone(),
+            [(build::labels::TEMPLATE_HASH.to_string(), "abc".to_string())].into()
+        );
+        let spec = p.spec.unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some("n1"));
+        assert!(spec.containers.is_empty());
     }
 
     #[test]

@@ -88,9 +88,11 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
             .get(&ObjectRef::new(&md.name_any()).within(&ns))
     });
     let pods = pods_of(&ctx, &md);
+    // Only a pod of the current template serves what the spec now asks for.
+    let current = status::current_pods(deployment.as_deref(), &pods);
     let probed = ctx
         .prober
-        .probe(&pods, &build::model_name(&md), &md.spec.model.version)
+        .probe(&current, &build::model_name(&md), &md.spec.model.version)
         .await;
     let observed = Observed {
         deployment: deployment.as_deref(),

@@ -12,7 +12,8 @@ use kubemaas_crds::v1alpha1::{
     AutoscalingStatus, Endpoints, ModelDeployment, ModelDeploymentStatus, ModelStatus,
 };
 
-use super::build::{PULL_CONTAINER, model_name, ports, selector_string};
+use super::build::{PULL_CONTAINER, labels, model_name, ports, selector_string};
+use super::probe::is_ready;
 
 /// What a serving pod reports about itself over HTTP (model metadata), when it could be asked.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -173,7 +174,9 @@ fn current_termination(s: &ContainerStatus, now: &Time) -> Option<ContainerState
     (waiting || recent || starting).then_some(last)
 }
 
-fn model_loaded(pods: &[Pod], ready: i32, now: &Time) -> Cond {
+/// `ModelLoaded`, of the current template's `pods` (`ready` of them Ready); `older_serving` pods
+/// of the previous template are still Ready, which the messages say while the new model loads.
+fn model_loaded(pods: &[Pod], ready: i32, older_serving: usize, now: &Time) -> Cond {
     // Failures first: one failing pod is news even while others serve.
     for pod in pods {
         let pull = statuses(pod, true).into_iter().find(|s| s.name == PULL_CONTAINER);
@@ -245,16 +248,22 @@ fn model_loaded(pods: &[Pod], ready: i32, now: &Time) -> Cond {
             }
         }
     }
+    let older = match older_serving {
+        0 => String::new(),
+        1 => "; 1 pod of the previous template still serves".into(),
+        n => format!("; {n} pods of the previous template still serve"),
+    };
     if ready > 0 {
         let msg = if ready as usize >= pods.len() {
-            format!("model loaded in {ready} ready pods")
+            format!("model loaded in {ready} ready pod{}", plural(ready))
         } else {
             format!("model loaded in {ready} of {} pods", pods.len())
         };
-        return cond(conditions::MODEL_LOADED, Some(true), reason::LOADED, msg);
+        return cond(conditions::MODEL_LOADED, Some(true), reason::LOADED, msg + &older);
     }
     if pods.is_empty() {
-        return cond(conditions::MODEL_LOADED, None, reason::NO_PODS, "no pods yet");
+        let msg = format!("no pods of the current template yet{older}");
+        return cond(conditions::MODEL_LOADED, None, reason::NO_PODS, msg);
     }
     let downloading = pods.iter().any(|p| {
         statuses(p, true)
@@ -266,15 +275,19 @@ fn model_loaded(pods: &[Pod], ready: i32, now: &Time) -> Cond {
             conditions::MODEL_LOADED,
             None,
             reason::DOWNLOADING,
-            "downloading the model",
+            format!("downloading the model{older}"),
         );
     }
     cond(
         conditions::MODEL_LOADED,
         None,
         reason::LOADING,
-        "waiting for the model to load",
+        format!("waiting for the model to load{older}"),
     )
+}
+
+fn plural(n: i32) -> &'static str {
+    if n == 1 { "" } else { "s" }
 }
 
 /// A `cuda` ModelDeployment whose pod reports the CPU provider is not what was asked for, even
@@ -455,6 +468,31 @@ fn ready(md: &ModelDeployment, deployment: Option<&Deployment>, desired: i32, po
     )
 }
 
+/// The hash of the Deployment's pod template ([`labels::TEMPLATE_HASH`]), if it carries one.
+fn template_hash(deployment: Option<&Deployment>) -> Option<&String> {
+    deployment?
+        .spec
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(labels::TEMPLATE_HASH)
+}
+
+/// The pods of the Deployment's current pod template: during a rollout the others run the
+/// previous spec (an older model, other flags) and say nothing about this one. A Deployment whose
+/// template carries no hash (written by an older operator) makes every pod current.
+pub fn current_pods(deployment: Option<&Deployment>, pods: &[Pod]) -> Vec<Pod> {
+    let Some(hash) = template_hash(deployment) else {
+        return pods.to_vec();
+    };
+    pods.iter()
+        .filter(|p| p.annotations().get(labels::TEMPLATE_HASH) == Some(hash))
+        .cloned()
+        .collect()
+}
+
 /// Replicas the user wants at least.
 pub fn desired_replicas(md: &ModelDeployment) -> i32 {
     md.spec
@@ -475,9 +513,20 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
         .and_then(|d| d.status.clone())
         .unwrap_or_default();
     let ready_replicas = dst.ready_replicas.unwrap_or(0);
+    let current = current_pods(observed.deployment, observed.pods);
+    let (current_ready, older_serving) = if template_hash(observed.deployment).is_some() {
+        let ready_current = current.iter().filter(|p| is_ready(p)).count();
+        let ready_all = observed.pods.iter().filter(|p| is_ready(p)).count();
+        (
+            i32::try_from(ready_current).unwrap_or(i32::MAX),
+            ready_all.saturating_sub(ready_current),
+        )
+    } else {
+        (ready_replicas, 0)
+    };
     let new = [
         scheduled(observed.pods, desired),
-        model_loaded(observed.pods, ready_replicas, now),
+        model_loaded(&current, current_ready, older_serving, now),
         ready(md, observed.deployment, desired, observed.pods),
         degraded(md, observed.pods, observed.probed.as_ref(), now),
     ];
@@ -677,7 +726,7 @@ pub fn event_for(c: &Condition, before: Option<&Condition>) -> Option<bool> {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
     use serde_json::json;
 
     use kubemaas_crds::v1alpha1::ArtifactStatus;
@@ -1111,6 +1160,101 @@ mod tests {
         assert_eq!(get(&s, "Ready").message, "1/2 replicas ready");
         assert_eq!(get(&s, "ModelLoaded").status, "True");
         assert_eq!((s.replicas, s.ready_replicas), (2, 1));
+    }
+
+    /// A pod of the pod template whose hash is `hash`, Ready or still downloading its model.
+    fn of_template(name: &str, hash: &str, ready: bool) -> Pod {
+        let (init, server) = if ready {
+            (
+                json!({"terminated": {"exitCode": 0, "reason": "Completed"}}),
+                json!({"running": {}}),
+            )
+        } else {
+            (
+                json!({"running": {}}),
+                json!({"waiting": {"reason": "PodInitializing"}}),
+            )
+        };
+        pod(
+            json!({"metadata": {"name": name, "annotations": {labels::TEMPLATE_HASH: hash}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "server"}]},
+            "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+                "initContainerStatuses": [{"name": "model-pull", "image": "i", "imageID": "", "ready": ready, "restartCount": 0, "state": init}],
+                "containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": ready, "restartCount": 0, "started": ready, "state": server}]}}),
+        )
+    }
+
+    /// A Deployment rolling out the template whose hash is `hash`.
+    fn rolling_out(hash: &str, replicas: i32, ready: i32, updated: i32) -> Deployment {
+        let mut d = deployment(replicas, ready, updated);
+        d.spec.template.metadata = Some(ObjectMeta {
+            annotations: Some([(labels::TEMPLATE_HASH.to_string(), hash.to_string())].into()),
+            ..ObjectMeta::default()
+        });
+        d
+    }
+
+    #[test]
+    fn model_loaded_speaks_of_the_current_template_not_of_pods_left_from_the_previous_one() {
+        // The model changed: two pods of the old template serve the old model, the first pod of
+        // the new template is still downloading the new one.
+        let old = [
+            of_template("ranker-old-1", "old", true),
+            of_template("ranker-old-2", "old", true),
+        ];
+        let mut pods = old.to_vec();
+        pods.push(of_template("ranker-new-1", "new", false));
+        let d = rolling_out("new", 3, 2, 1);
+        let observe = |pods: &[Pod]| {
+            compute(
+                &spec(),
+                &Observed {
+                    deployment: Some(&d),
+                    pods,
+                    probed: None,
+                },
+                &now(),
+            )
+        };
+        let s = observe(&pods);
+        let c = get(&s, "ModelLoaded");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("Unknown", "Downloading"),
+            "{}",
+            c.message
+        );
+        assert!(
+            c.message.contains("2 pods of the previous template still serve"),
+            "{}",
+            c.message
+        );
+        // The first new pod is ready: loaded, in 1 of the new template's pods.
+        pods[2] = of_template("ranker-new-1", "new", true);
+        let c = get(&observe(&pods), "ModelLoaded").clone();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Loaded"));
+        assert!(
+            c.message.starts_with("model loaded in 1 ready pod"),
+            "{}",
+            c.message
+        );
+        // A pull failure of a pod of the previous template is history: the new one loaded.
+        pods[0] = pulling(failed(exit::NOT_FOUND, "404 for s3://models/m.onnx"), json!({}));
+        let c = get(&observe(&pods), "ModelLoaded").clone();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "Loaded"),
+            "{}",
+            c.message
+        );
+        // Only pods of the current template are asked what they serve.
+        let names: Vec<String> = current_pods(Some(&d), &pods)
+            .iter()
+            .map(|p| p.name_any())
+            .collect();
+        assert_eq!(names, ["ranker-new-1"]);
+        // A Deployment written before templates carried their hash: every pod is current.
+        assert_eq!(current_pods(Some(&deployment(3, 2, 1)), &pods).len(), 3);
     }
 
     #[test]

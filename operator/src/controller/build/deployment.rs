@@ -15,7 +15,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kubemaas_crds::artifact::is_directory_uri;
 use kubemaas_crds::v1alpha1::{Accelerator, ModelDeployment};
 
-use super::{BuildConfig, MODELS_DIR, child_labels, child_meta, labels, model_name, ports, selector_labels};
+use super::{
+    BuildConfig, MODELS_DIR, child_labels, child_meta, labels, model_name, ports, selector_labels, spec_hash,
+};
 
 /// A container that fails without writing its termination message (the server and `pull` write
 /// one for the failures they know) leaves the tail of its log there instead, for status.
@@ -637,18 +639,31 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
                     .saturating_add(60)
                     .max(600),
             ),
-            template: PodTemplateSpec {
+            template: hashed(PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
                     annotations: Some(annotations),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod),
-            },
+            }),
             ..DeploymentSpec::default()
         },
         status: None,
     }
+}
+
+/// The template with [`labels::TEMPLATE_HASH`] set to the hash of the rest of it, so every pod
+/// says which template it was made from.
+fn hashed(mut template: PodTemplateSpec) -> PodTemplateSpec {
+    let hash = spec_hash(&template);
+    template
+        .metadata
+        .get_or_insert_with(ObjectMeta::default)
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(labels::TEMPLATE_HASH.into(), hash);
+    template
 }
 
 #[cfg(test)]
@@ -903,6 +918,40 @@ mod tests {
         let d = deployment(&m, &BuildConfig::default());
         let probe = pod(&d).containers[0].startup_probe.clone().unwrap();
         assert_eq!(probe.failure_threshold, Some(i32::MAX / PROBE_PERIOD));
+    }
+
+    #[test]
+    fn the_pod_template_carries_the_hash_of_the_rest_of_it() {
+        let hash = |spec: serde_json::Value| {
+            let d = deployment(&md(spec), &BuildConfig::default());
+            let meta = d.spec.template.metadata.clone().unwrap();
+            let h = meta.annotations.unwrap()[labels::TEMPLATE_HASH].clone();
+            let mut without = d.spec.template.clone();
+            without
+                .metadata
+                .as_mut()
+                .unwrap()
+                .annotations
+                .as_mut()
+                .unwrap()
+                .remove(labels::TEMPLATE_HASH);
+            assert_eq!(h, spec_hash(&without));
+            h
+        };
+        let base = hash(json!({"model": {"uri": "s3://models/m.onnx"}, "replicas": 2}));
+        assert_eq!(
+            base,
+            hash(json!({"model": {"uri": "s3://models/m.onnx"}, "replicas": 2}))
+        );
+        // Scaling keeps the template; a new model makes a new one.
+        assert_eq!(
+            base,
+            hash(json!({"model": {"uri": "s3://models/m.onnx"}, "replicas": 5}))
+        );
+        assert_ne!(
+            base,
+            hash(json!({"model": {"uri": "s3://models/m2.onnx"}, "replicas": 2}))
+        );
     }
 
     #[test]

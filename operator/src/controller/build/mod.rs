@@ -41,6 +41,9 @@ pub mod labels {
     pub const MODEL_DEPLOYMENT: &str = "kubemaas.io/model-deployment";
     /// Annotation holding the hash of the applied child, so unchanged children are not re-sent.
     pub const SPEC_HASH: &str = "kubemaas.io/spec-hash";
+    /// Pod template annotation: the hash of the template without it, so the status can tell the
+    /// pods of the current template from those left by the previous one during a rollout.
+    pub const TEMPLATE_HASH: &str = "kubemaas.io/template-hash";
     /// Deployment annotation saying who sets `spec.replicas`: [`REPLICAS_BY_OPERATOR`] or
     /// [`REPLICAS_BY_AUTOSCALER`]. A change between the two is a hand-over (see `apply`).
     pub const REPLICAS_BY: &str = "kubemaas.io/replicas-set-by";
