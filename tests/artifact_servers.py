@@ -398,7 +398,7 @@ class Route:
     body: bytes = b""
     status: int | None = None  # always answer this status
     error_body: bytes | None = None  # with `status`: this body instead of a small JSON error
-    fail_first: list = field(default_factory=list)  # statuses for the first GETs, then the body
+    fail_first: list = field(default_factory=list)  # statuses for the first GETs, then the body; "stall": no answer
     redirect: str | None = None  # Location (relative or absolute)
     redirect_status: int = 302
     drop_after: int | None = None  # first GET only: close after this many body bytes
@@ -474,6 +474,11 @@ class FileServer(RecordingServer):
         if route.status is not None:
             return self.send_status(h, rec, route.status)
         if rec.method == "GET" and n < len(route.fail_first):
+            if route.fail_first[n] == "stall":
+                # Accepted, never answered (a hung proxy or store): held until the server stops.
+                self.stopping.wait(60)
+                h.close_connection = True
+                return None
             return self.send_status(h, rec, route.fail_first[n])
         if route.redirect is not None:
             return self.send_status(h, rec, route.redirect_status, headers={"Location": route.redirect})

@@ -793,6 +793,43 @@ def test_a_listing_refused_for_now_is_retried_like_a_download(plain, run_pull, t
     assert_failed(p, 2, dest, mentions="gave up after 1 retries")
 
 
+def test_a_listing_that_never_answers_is_retried_after_the_read_timeout(plain, run_pull, tmp_path, model_bytes):
+    # A Hub listing accepted and never answered hung the pull until --timeout; a stalled
+    # listing is a stalled read like any other, retried on a new connection.
+    listing = json.dumps([{"type": "file", "path": "model.onnx", "size": len(model_bytes)}]).encode()
+    plain.route("/api/models/o/r/tree/main", body=listing, fail_first=["stall"])
+    plain.route("/o/r/resolve/main/model.onnx", body=model_bytes)
+    dest = tmp_path / "snapshot"
+    p = run_pull("hf://o/r", dest, LOCAL, "--read-timeout", 1, "--retries", 2, "--timeout", 30,
+                 env={"HF_ENDPOINT": plain.url}, timeout=60)
+    assert_ok(p)
+    assert p.seconds < 10, p.explain()
+    assert (dest / "model.onnx").read_bytes() == model_bytes
+    assert len(plain.gets("/api/models/o/r/tree/main")) == 2
+
+
+def test_an_s3_listing_that_never_answers_is_retried_after_the_read_timeout(plain, run_pull, tmp_path, model_bytes):
+    # The same through object_store, against a recording server speaking just enough S3.
+    listing = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>models</Name>'
+        '<Prefix>ocr/</Prefix><KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>'
+        f'<Contents><Key>ocr/model.onnx</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified>'
+        f'<ETag>"e"</ETag><Size>{len(model_bytes)}</Size><StorageClass>STANDARD</StorageClass></Contents>'
+        '</ListBucketResult>').encode()
+    plain.route("/models", body=listing, fail_first=["stall"], headers={"Content-Type": "application/xml"})
+    plain.route("/models/ocr/model.onnx", body=model_bytes)
+    env = {"AWS_ENDPOINT_URL": plain.url, "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEEXAMPLE12", "AWS_SECRET_ACCESS_KEY": "x",
+           "AWS_REGION": "us-east-1"}
+    dest = tmp_path / "ocr"
+    p = run_pull("s3://models/ocr/", dest, LOCAL, "--read-timeout", 1, "--retries", 2, "--timeout", 30,
+                 env=env, timeout=60)
+    assert_ok(p)
+    assert p.seconds < 10, p.explain()
+    assert (dest / "model.onnx").read_bytes() == model_bytes
+    assert len(plain.gets("/models")) == 2
+
+
 def test_an_hf_subdirectory_is_pulled_relative_to_it_and_served(hub, run_pull, tmp_path, external_model):
     dest = tmp_path / "repo" / "cls" / "1"
     p = run_pull(f"hf://{HUB_REPO}/onnx/", dest, LOCAL, env=hub_env(hub))

@@ -62,6 +62,7 @@ fn guard_error(e: GuardError) -> FetchError {
 pub struct HttpFetcher {
     client: reqwest::Client,
     guard: Arc<AddressGuard>,
+    read_timeout: Duration,
 }
 
 /// TLS and timeout settings of the client.
@@ -70,6 +71,9 @@ pub struct ClientSettings<'a> {
     pub ca_pem: Option<&'a [u8]>,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
+    /// The longest wait for the next bytes of a listing page (`--read-timeout`); downloads are
+    /// timed by the transfer loop.
+    pub read_timeout: Duration,
 }
 
 impl HttpFetcher {
@@ -90,7 +94,11 @@ impl HttpFetcher {
         let client = builder
             .build()
             .map_err(|e| FetchError::Fatal(format!("failed to build the HTTP client: {}", chain(&e))))?;
-        Ok(HttpFetcher { client, guard })
+        Ok(HttpFetcher {
+            client,
+            guard,
+            read_timeout: settings.read_timeout,
+        })
     }
 
     /// GET with redirects followed by hand. `auth` goes only to `url`'s own origin.
@@ -251,7 +259,19 @@ impl HttpFetcher {
         url: &Url,
         auth: Option<&str>,
     ) -> Result<(serde_json::Value, Option<String>), FetchError> {
-        let (resp, final_url) = self.get(url, auth, 0, None).await?;
+        // A page accepted and never answered is a stalled read: retried by the caller.
+        let stalled = |at: &Url| {
+            FetchError::Transient(clean(
+                format!(
+                    "no answer from {at} for {}s (--read-timeout)",
+                    self.read_timeout.as_secs()
+                ),
+                at,
+            ))
+        };
+        let (resp, final_url) = tokio::time::timeout(self.read_timeout, self.get(url, auth, 0, None))
+            .await
+            .map_err(|_| stalled(url))??;
         let status = resp.status();
         let link = resp
             .headers()
@@ -269,9 +289,13 @@ impl HttpFetcher {
         }
         let mut resp = resp;
         let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| {
-            FetchError::Transient(clean(format!("reading {final_url}: {}", chain(&e)), &final_url))
-        })? {
+        while let Some(chunk) = tokio::time::timeout(self.read_timeout, resp.chunk())
+            .await
+            .map_err(|_| stalled(&final_url))?
+            .map_err(|e| {
+                FetchError::Transient(clean(format!("reading {final_url}: {}", chain(&e)), &final_url))
+            })?
+        {
             if body.len() + chunk.len() > LISTING_PAGE_BYTES {
                 return Err(FetchError::Fatal(clean(
                     format!("{final_url} answered a listing page larger than 16 MiB; that is not a listing"),

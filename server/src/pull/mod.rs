@@ -53,7 +53,8 @@ pub struct PullArgs {
     /// a retry resumes with a range request where the source allows.
     #[arg(long, env = "KUBEMAAS_PULL_RETRIES", default_value_t = 5)]
     pub retries: u32,
-    /// Seconds without a byte after which a transfer counts as stalled (and is retried).
+    /// Seconds without a byte after which a transfer, a listing page or a HEAD request counts as
+    /// stalled (and is retried).
     #[arg(long, env = "KUBEMAAS_PULL_READ_TIMEOUT", default_value_t = 30)]
     pub read_timeout: u64,
     /// TCP connect timeout, seconds.
@@ -486,6 +487,7 @@ async fn fetch_uri(
         None => None,
     };
     let connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
+    let read_timeout = Duration::from_secs(args.read_timeout.max(1));
     let token_file = |name: &str| -> Result<Option<String>, PullError> {
         match &args.credentials_dir {
             Some(d) => read_secret_file(&d.join(name)),
@@ -504,6 +506,7 @@ async fn fetch_uri(
             &http::ClientSettings {
                 ca_pem: ca.as_deref(),
                 connect_timeout,
+                read_timeout,
             },
         )
         .map_err(|e| PullError::from_fetch(raw, e))
@@ -519,6 +522,7 @@ async fn fetch_uri(
             let src = store::StoreSource {
                 store: store::s3(bucket, &store_settings).map_err(place)?,
                 key: key.clone(),
+                read_timeout,
             };
             fetch_verify_place(&src, raw, directory, dest, expected, limits, progress).await?
         }
@@ -526,6 +530,7 @@ async fn fetch_uri(
             let src = store::StoreSource {
                 store: store::gcs(bucket, &store_settings).map_err(place)?,
                 key: key.clone(),
+                read_timeout,
             };
             fetch_verify_place(&src, raw, directory, dest, expected, limits, progress).await?
         }

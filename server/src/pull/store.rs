@@ -7,7 +7,7 @@ use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{
     BackoffConfig, Certificate, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig,
@@ -221,6 +221,17 @@ pub struct StoreSource {
     pub store: Arc<dyn ObjectStore>,
     /// Object key, or a prefix ending in `/`.
     pub key: String,
+    /// The longest wait for the next listed key or a HEAD answer (`--read-timeout`).
+    pub read_timeout: Duration,
+}
+
+impl StoreSource {
+    fn stalled(&self) -> FetchError {
+        FetchError::Transient(format!(
+            "the store did not answer for {}s (--read-timeout)",
+            self.read_timeout.as_secs()
+        ))
+    }
 }
 
 /// The store's path for `key`, exactly as named: `Path::from` would percent-encode characters such
@@ -233,14 +244,15 @@ impl Source for StoreSource {
     async fn list(&self) -> Result<Vec<Entry>, FetchError> {
         if let Some(prefix) = self.key.strip_suffix('/') {
             let base = key_path(prefix)?;
-            let metas: Vec<_> = self
-                .store
-                .list(Some(&base))
-                .map_err(map_err)
-                .try_collect()
-                .await?;
-            let mut entries = Vec::with_capacity(metas.len());
-            for m in metas {
+            // Timed per key rather than per listing: a large prefix takes several pages, each
+            // of which must come within the read timeout.
+            let mut keys = self.store.list(Some(&base));
+            let mut entries = Vec::new();
+            while let Some(m) = tokio::time::timeout(self.read_timeout, keys.next())
+                .await
+                .map_err(|_| self.stalled())?
+            {
+                let m = m.map_err(map_err)?;
                 let key = m.location.to_string();
                 let Some(rel) = key.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
                     continue;
@@ -254,7 +266,10 @@ impl Source for StoreSource {
             entries.sort_by(|a, b| a.rel.cmp(&b.rel));
             return Ok(entries);
         }
-        let meta = self.store.head(&key_path(&self.key)?).await.map_err(map_err)?;
+        let meta = tokio::time::timeout(self.read_timeout, self.store.head(&key_path(&self.key)?))
+            .await
+            .map_err(|_| self.stalled())?
+            .map_err(map_err)?;
         Ok(vec![Entry {
             rel: String::new(),
             size: Some(meta.size),
