@@ -88,6 +88,17 @@ pub struct State {
     pub decision: Option<Decision>,
 }
 
+impl State {
+    /// A memory that is new (a new leader, a changed autoscaling) takes the replicas `running`
+    /// now as a recommendation made now, as the HPA does after a restart: the scale-down
+    /// stabilization then holds them for its window instead of acting on the first calm window.
+    pub fn take_over(&mut self, p: &Params, running: Option<i32>, now: Instant) {
+        if self.decision.is_none() && self.recommendations.is_empty() && !p.scale_down.is_zero() {
+            self.recommendations.extend(running.map(|r| (now, r)));
+        }
+    }
+}
+
 fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
     let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
     (n > 0).then(|| sum / n as f64)

@@ -625,6 +625,7 @@ fn autoscale_step(
 ) -> bool {
     let key = |d: &super::autoscale::Decision| (d.desired, d.panic);
     let before = entry.autoscale.decision.as_ref().map(key);
+    entry.autoscale.take_over(p, running, now);
     let decided = super::autoscale::decide(p, entry.history.make_contiguous(), now, &mut entry.autoscale);
     decided.as_ref().map(key) != before || decided.is_some_and(|d| running.is_some_and(|r| r != d.desired))
 }
@@ -788,6 +789,51 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
         let mut again = concurrency.clone();
         again.metadata.uid = Some("2222-3333".into());
         assert!(scraper.decision(&again).is_none());
+    }
+
+    #[test]
+    fn a_fresh_autoscaler_holds_the_running_replicas_through_the_scale_down_stabilization() {
+        // A new leader (or a changed target) starts with no memory. What runs counts as a
+        // recommendation made at take-over, as the HPA does: a calm first window does not cut
+        // 5 pods to 1 at once, which every operator upgrade (a leader change) would do.
+        use super::super::autoscale::Params;
+        let p = Params {
+            metric: kubemaas_crds::v1alpha1::AutoscalingMetric::Concurrency,
+            target: 2.0,
+            min: 1,
+            max: 10,
+            stable: Duration::from_secs(60),
+            scale_down: Duration::from_secs(120),
+        };
+        let calm = Window {
+            concurrency: 0.5,
+            pods: 5,
+            ..Window::default()
+        };
+        let start = Instant::now();
+        let mut entry = Entry::default();
+        let mut step = |at: u64, running: i32| {
+            let now = start + Duration::from_secs(at);
+            entry.history.push_back((now, calm.clone()));
+            autoscale_step(&p, &mut entry, now, Some(running));
+            entry.autoscale.decision.clone().unwrap()
+        };
+        let first = step(0, 5);
+        assert_eq!(first.desired, 5, "{}", first.reason);
+        assert!(first.reason.contains("holding 5"), "{}", first.reason);
+        assert_eq!(step(60, 5).desired, 5);
+        // Past the stabilization window, the calm measurement decides.
+        assert_eq!(step(121, 5).desired, 1);
+        // Without a stabilization window there is nothing to hold.
+        let mut entry = Entry::default();
+        let now = start;
+        entry.history.push_back((now, calm.clone()));
+        let p0 = Params {
+            scale_down: Duration::ZERO,
+            ..p.clone()
+        };
+        autoscale_step(&p0, &mut entry, now, Some(5));
+        assert_eq!(entry.autoscale.decision.unwrap().desired, 1);
     }
 
     #[test]
