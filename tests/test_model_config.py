@@ -75,6 +75,17 @@ def test_config_pbtxt_sets_batching_instances_and_versions_per_model(repo_dir, t
         plain = requests.get(f"{s.url}/v2/models/plain/config", timeout=10).json()
         assert plain["max_batch_size"] == 0 and "dynamic_batching" not in plain, plain
         assert plain["instance_group"][0]["count"] == 2, plain
+        # /config reports the version policy in force, as Triton does (it said "all" for every model).
+        assert plain["version_policy"] == {"all": {}}, plain
+        assert config["version_policy"] == {"latest": {"num_versions": 1}}, config
+        pinned = requests.get(f"{s.url}/v2/models/pinned/config", timeout=10).json()
+        assert pinned["version_policy"] == {"specific": {"versions": [1, 3]}}, pinned
+        import tritonclient.grpc as grpcclient
+        grpc = grpcclient.InferenceServerClient(s.grpc)
+        policies = {m: grpc.get_model_config(m, as_json=True)["config"]["version_policy"]
+                    for m in ("plain", "batched", "pinned")}
+        assert policies == {"plain": {"all": {}}, "batched": {"latest": {"num_versions": 1}},
+                            "pinned": {"specific": {"versions": ["1", "3"]}}}, policies
 
         # Four one-row requests at once on the one instance: batched (the delay holds the first).
         with concurrent.futures.ThreadPoolExecutor(4) as pool:

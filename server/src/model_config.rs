@@ -27,6 +27,8 @@ pub struct ModelSettings {
     pub instances: Option<InstanceSettings>,
     /// Inputs and outputs the file declares, checked against the model once it is loaded.
     pub declared: Declared,
+    /// The versions served (Triton's default with a file: the latest).
+    pub version_policy: VersionPolicy,
 }
 
 /// Dynamic batching as a model's file sets it.
@@ -238,18 +240,17 @@ pub fn read(dir: &Path, name: &str) -> (ConfigFile, VersionPolicy) {
         }
     };
     match parse(&shown, &text).and_then(|c| settings(&shown, name, &c)) {
-        Ok((s, policy)) => (ConfigFile::Valid(Arc::new(s)), policy),
+        Ok(s) => {
+            let policy = s.version_policy.clone();
+            (ConfigFile::Valid(Arc::new(s)), policy)
+        }
         // Every version is listed, so each says why it does not load.
         Err(e) => (ConfigFile::Invalid(e.to_string()), VersionPolicy::All),
     }
 }
 
 /// Checks a parsed file and turns it into settings for the model named `name`.
-pub fn settings(
-    path: &str,
-    name: &str,
-    c: &ModelConfig,
-) -> Result<(ModelSettings, VersionPolicy), ConfigError> {
+pub fn settings(path: &str, name: &str, c: &ModelConfig) -> Result<ModelSettings, ConfigError> {
     let bad = |message: String| ConfigError::Value {
         path: path.into(),
         message,
@@ -385,14 +386,12 @@ pub fn settings(
             "output",
         )?,
     };
-    Ok((
-        ModelSettings {
-            batching,
-            instances,
-            declared,
-        },
-        policy,
-    ))
+    Ok(ModelSettings {
+        batching,
+        instances,
+        declared,
+        version_policy: policy,
+    })
 }
 
 fn instance_group(g: &pb::ModelInstanceGroup) -> Result<InstanceSettings, String> {
@@ -517,6 +516,10 @@ mod tests {
     fn settings_of(text: &str) -> Result<(ModelSettings, VersionPolicy), String> {
         parse("m/config.pbtxt", text)
             .and_then(|c| settings("m/config.pbtxt", "m", &c))
+            .map(|s| {
+                let policy = s.version_policy.clone();
+                (s, policy)
+            })
             .map_err(|e| e.to_string())
     }
 

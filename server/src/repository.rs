@@ -176,6 +176,8 @@ pub struct LoadedModel {
     /// What `kubemaas-server pull` recorded about the artifact (`kubemaas-pull.json` beside the
     /// model): uri, sha256, bytes, files, seconds. None when the model was not pulled.
     pub artifact: Option<serde_json::Value>,
+    /// The model's version policy (its `config.pbtxt`'s; every version without one).
+    pub version_policy: crate::model_config::VersionPolicy,
 }
 
 /// Reads the pull record in a model's version directory; a malformed one is logged and ignored.
@@ -468,6 +470,10 @@ pub fn load_and_warm(
         batcher: std::sync::OnceLock::new(),
         load_time,
         artifact: read_pull_record(&source.path),
+        version_policy: match &source.config {
+            crate::model_config::ConfigFile::Valid(s) => s.version_policy.clone(),
+            _ => crate::model_config::VersionPolicy::All,
+        },
     })
 }
 

@@ -203,6 +203,10 @@ pub trait Backend: Send + Sync {
     }
     /// Number of executions that may run at once.
     fn instances(&self) -> usize;
+    /// The CUDA device of each instance, in order; empty when they run on the CPU.
+    fn gpu_devices(&self) -> &[i32] {
+        &[]
+    }
     /// Hands `work` to instance `instance`, or to any free one when None, waiting while none is
     /// free. A caller holding a permit of the model's instance bound (one per instance) never
     /// waits: an instance is free again before its permit is released.

@@ -161,6 +161,8 @@ pub struct OrtModel {
     signature: Signature,
     provider: &'static str,
     fallback: Option<String>,
+    /// The CUDA device of each instance; empty on the CPU.
+    devices: Vec<i32>,
     queues: Vec<mpsc::Sender<Work>>,
     idle: Arc<Idle>,
 }
@@ -420,6 +422,11 @@ impl OrtModel {
             signature: Signature { inputs, outputs },
             provider,
             fallback,
+            devices: if cuda {
+                (0..instances).map(|k| device_of(k, &opts.gpu_devices)).collect()
+            } else {
+                Vec::new()
+            },
             queues,
             idle,
         })
@@ -601,6 +608,10 @@ impl Backend for OrtModel {
 
     fn instances(&self) -> usize {
         self.queues.len()
+    }
+
+    fn gpu_devices(&self) -> &[i32] {
+        &self.devices
     }
 
     fn submit(&self, work: Work, instance: Option<usize>) {

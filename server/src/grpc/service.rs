@@ -226,6 +226,22 @@ async fn infer_in_span(
     )
 }
 
+/// `version_policy` of `/config`'s JSON as the message's choice.
+fn version_policy(v: &Value) -> model_version_policy::PolicyChoice {
+    use model_version_policy::{Latest, PolicyChoice, Specific};
+    if let Some(n) = v["latest"]["num_versions"].as_u64() {
+        return PolicyChoice::Latest(Latest {
+            num_versions: u32::try_from(n).unwrap_or(u32::MAX),
+        });
+    }
+    if let Some(list) = v["specific"]["versions"].as_array() {
+        return PolicyChoice::Specific(Specific {
+            versions: list.iter().filter_map(Value::as_i64).collect(),
+        });
+    }
+    PolicyChoice::All(model_version_policy::All {})
+}
+
 /// Triton's model configuration as the `ModelConfig` message, from the same JSON REST answers.
 fn config_message(v: &Value) -> ModelConfig {
     let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
@@ -244,9 +260,7 @@ fn config_message(v: &Value) -> ModelConfig {
         platform: text(&v["platform"]),
         backend: text(&v["backend"]),
         version_policy: Some(ModelVersionPolicy {
-            policy_choice: Some(model_version_policy::PolicyChoice::All(
-                model_version_policy::All {},
-            )),
+            policy_choice: Some(version_policy(&v["version_policy"])),
         }),
         max_batch_size: v["max_batch_size"].as_i64().unwrap_or(0) as i32,
         input: list(&v["input"])
@@ -270,8 +284,7 @@ fn config_message(v: &Value) -> ModelConfig {
             .map(|g| ModelInstanceGroup {
                 name: text(&g["name"]),
                 count: g["count"].as_i64().unwrap_or(0) as i32,
-                // `/config` does not list devices (only config.pbtxt reads `gpus`).
-                gpus: Vec::new(),
+                gpus: dims(&g["gpus"]).into_iter().map(|d| d as i32).collect(),
                 kind: model_instance_group::Kind::from_str_name(g["kind"].as_str().unwrap_or_default())
                     .unwrap_or(model_instance_group::Kind::Auto) as i32,
             })

@@ -469,6 +469,8 @@ pub(crate) fn model_config_json(state: &AppState, m: &str, version: Option<&str>
         b.signature(),
         b.execution_provider(),
         b.instances(),
+        b.gpu_devices(),
+        &model.version_policy,
         model.batcher.get().map(|b| b.config()),
     ))
 }

@@ -621,6 +621,8 @@ pub fn triton_config(
     sig: &Signature,
     execution_provider: &str,
     instances: usize,
+    gpu_devices: &[i32],
+    version_policy: &crate::model_config::VersionPolicy,
     batching: Option<&crate::batcher::BatchConfig>,
 ) -> Value {
     let skip = usize::from(batching.is_some());
@@ -632,21 +634,22 @@ pub fn triton_config(
                 .collect(),
         )
     };
-    let kind = if execution_provider == crate::backend::ort::CUDA_EP {
-        "KIND_GPU"
-    } else {
-        "KIND_CPU"
+    use crate::model_config::VersionPolicy;
+    let version_policy = match version_policy {
+        VersionPolicy::All => serde_json::json!({"all": {}}),
+        VersionPolicy::Latest(n) => serde_json::json!({"latest": {"num_versions": n}}),
+        VersionPolicy::Specific(v) => serde_json::json!({"specific": {"versions": v}}),
     };
     let mut config = serde_json::json!({
         "name": name,
         "platform": PLATFORM,
         "backend": "onnxruntime",
-        "version_policy": {"all": {}},
+        "version_policy": version_policy,
         // Without batching, dims include the batch dimension, as Triton does for max_batch_size 0.
         "max_batch_size": batching.map_or(0, |b| b.max_batch_size),
         "input": io(&sig.inputs),
         "output": io(&sig.outputs),
-        "instance_group": [{"name": name, "kind": kind, "count": instances}],
+        "instance_group": instance_groups(name, execution_provider, instances, gpu_devices),
         "parameters": {"execution_provider": {"string_value": execution_provider}},
     });
     if let Some(b) = batching {
@@ -659,9 +662,55 @@ pub fn triton_config(
     config
 }
 
+/// `instance_group` as Triton writes it: `count` instances of one kind, and on CUDA `count` on
+/// each of `gpus`; a spread with unequal counts per device is one group per device.
+fn instance_groups(name: &str, execution_provider: &str, instances: usize, gpu_devices: &[i32]) -> Value {
+    if execution_provider != crate::backend::ort::CUDA_EP {
+        return serde_json::json!([{"name": name, "kind": "KIND_CPU", "count": instances}]);
+    }
+    let mut per_device: std::collections::BTreeMap<i32, usize> = std::collections::BTreeMap::new();
+    for d in gpu_devices {
+        *per_device.entry(*d).or_default() += 1;
+    }
+    if per_device.is_empty() {
+        per_device.insert(0, instances);
+    }
+    let counts: std::collections::BTreeSet<usize> = per_device.values().copied().collect();
+    if let [count] = counts.into_iter().collect::<Vec<_>>()[..] {
+        let gpus: Vec<i32> = per_device.keys().copied().collect();
+        return serde_json::json!([{"name": name, "kind": "KIND_GPU", "count": count, "gpus": gpus}]);
+    }
+    Value::Array(
+        per_device
+            .iter()
+            .map(|(d, n)| serde_json::json!({"name": format!("{name}_{d}"), "kind": "KIND_GPU", "count": n, "gpus": [d]}))
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instance_groups_say_how_many_instances_run_on_which_device() {
+        assert_eq!(
+            instance_groups("m", "CPUExecutionProvider", 3, &[]),
+            serde_json::json!([{"name": "m", "kind": "KIND_CPU", "count": 3}])
+        );
+        let cuda = crate::backend::ort::CUDA_EP;
+        assert_eq!(
+            instance_groups("m", cuda, 4, &[0, 1, 0, 1]),
+            serde_json::json!([{"name": "m", "kind": "KIND_GPU", "count": 2, "gpus": [0, 1]}])
+        );
+        assert_eq!(
+            instance_groups("m", cuda, 3, &[2, 5, 2]),
+            serde_json::json!([
+                {"name": "m_2", "kind": "KIND_GPU", "count": 2, "gpus": [2]},
+                {"name": "m_5", "kind": "KIND_GPU", "count": 1, "gpus": [5]}
+            ])
+        );
+    }
 
     fn sig() -> Signature {
         Signature {
