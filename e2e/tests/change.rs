@@ -100,6 +100,20 @@ async fn a_spec_change_is_not_ready_until_the_deployment_has_rolled_out_the_new_
     let st = d.status.unwrap();
     assert!(st.observed_generation >= d.metadata.generation, "{st:?}");
     assert_eq!(st.updated_replicas, Some(2), "{st:?}");
+    // A rollout on time is routine: no Warning on the way (the Events land after the status).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns.name);
+    let warnings: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("ModelDeployment"))
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .map(|e| format!("{:?}: {:?}", e.reason, e.note))
+        .collect();
+    assert!(warnings.is_empty(), "a rollout warned: {warnings:#?}");
 }
 
 #[tokio::test]

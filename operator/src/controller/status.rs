@@ -718,9 +718,17 @@ pub fn event_for(c: &Condition, before: Option<&Condition>) -> Option<bool> {
     if PROBLEMS.contains(&c.reason.as_str()) {
         return Some(true);
     }
-    // A rollout, and pods waiting for the scheduler, are on the way somewhere; if they get stuck,
-    // their own reasons (RolloutStuck, Unschedulable) warn.
-    let expected = c.reason == reason::ROLLOUT_IN_PROGRESS || c.reason == reason::PENDING;
+    // A rollout (and the new template's model on its way while the old pods serve), and pods
+    // waiting for the scheduler, are on the way somewhere; if they get stuck, their own reasons
+    // (RolloutStuck, Unschedulable, a download or load failure) warn.
+    let expected = [
+        reason::ROLLOUT_IN_PROGRESS,
+        reason::PENDING,
+        reason::NO_PODS,
+        reason::DOWNLOADING,
+        reason::LOADING,
+    ]
+    .contains(&c.reason.as_str());
     (!expected && before.is_some_and(is_healthy)).then_some(true)
 }
 
@@ -844,6 +852,15 @@ mod tests {
             event_for(&c(READY, "False", reason::ROLLOUT_IN_PROGRESS), Some(&was_ready)),
             None
         );
+        // Nor does a new model on its way in a rollout, while the old pods serve.
+        let was_loaded = c(MODEL_LOADED, "True", reason::LOADED);
+        for r in [reason::NO_PODS, reason::DOWNLOADING, reason::LOADING] {
+            assert_eq!(
+                event_for(&c(MODEL_LOADED, "Unknown", r), Some(&was_loaded)),
+                None,
+                "{r}"
+            );
+        }
         // A new pod waiting for the scheduler (start-up, scale-up) is on the way, not a loss: the
         // e2e healthy start once warned "Scheduled is Unknown: 1/2 pods bound to nodes" when the
         // second replica appeared after the first was bound. Unschedulable still warns.
