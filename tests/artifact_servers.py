@@ -410,7 +410,9 @@ class Route:
     etag: str | None = "auto"  # "auto": a strong ETag from the content; None: no ETag
     ranges: bool = True  # honour Range requests
     headers: dict = field(default_factory=dict)
+    stall_heads: int = 0  # the first HEADs get no answer
     served: int = 0  # GETs seen so far
+    heads: int = 0  # HEADs seen so far
 
     def etag_value(self, body: bytes | None = None):
         if self.etag == "auto":
@@ -458,8 +460,15 @@ class FileServer(RecordingServer):
                 n = route.served
                 if rec.method == "GET":
                     route.served += 1
+                stalled_head = rec.method == "HEAD" and route.heads < route.stall_heads
+                if rec.method == "HEAD":
+                    route.heads += 1
         if route is None:
             return self.send_status(h, rec, 404, f"no such file {rec.route}")
+        if stalled_head:
+            self.stopping.wait(60)
+            h.close_connection = True
+            return None
         if route.token is not None and rec.header("authorization") != f"Bearer {route.token}":
             return self.send_status(h, rec, 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
         if route.status is not None and route.error_body is not None:

@@ -830,6 +830,20 @@ def test_an_s3_listing_that_never_answers_is_retried_after_the_read_timeout(plai
     assert len(plain.gets("/models")) == 2
 
 
+def test_an_s3_head_that_never_answers_is_retried_after_the_read_timeout(plain, run_pull, tmp_path, model_bytes):
+    # A single object is asked for its size first (HEAD): the same stall, the same retry.
+    plain.route("/models/ocr/model.onnx", body=model_bytes, stall_heads=1)
+    env = {"AWS_ENDPOINT_URL": plain.url, "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEEXAMPLE12", "AWS_SECRET_ACCESS_KEY": "x",
+           "AWS_REGION": "us-east-1"}
+    dest = tmp_path / "model.onnx"
+    p = run_pull("s3://models/ocr/model.onnx", dest, LOCAL, "--read-timeout", 1, "--retries", 2, "--timeout", 30,
+                 env=env, timeout=60)
+    assert_ok(p)
+    assert p.seconds < 10, p.explain()
+    assert dest.read_bytes() == model_bytes
+    assert len(plain.requests_for("/models/ocr/model.onnx", "HEAD")) == 2
+
+
 def test_an_hf_subdirectory_is_pulled_relative_to_it_and_served(hub, run_pull, tmp_path, external_model):
     dest = tmp_path / "repo" / "cls" / "1"
     p = run_pull(f"hf://{HUB_REPO}/onnx/", dest, LOCAL, env=hub_env(hub))
