@@ -65,7 +65,7 @@ fn gpu_count_below_one_is_rejected() {
     let msg = rejection(
         json!({"model": {"uri": "s3://models/m.onnx"}, "accelerator": "cuda", "gpu": {"count": 0}}),
     );
-    assert!(msg.contains("gpu.count must be at least 1"), "{msg}");
+    assert!(msg.contains("gpu.count must be between 1 and 16"), "{msg}");
 }
 
 #[test]

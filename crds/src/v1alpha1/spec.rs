@@ -87,7 +87,8 @@ pub struct ModelDeploymentSpec {
     /// How pods are replaced when the spec changes. By default one extra pod is started first
     /// (maxSurge 1, maxUnavailable 0), except when pods request GPUs: then one old pod is stopped
     /// first (maxSurge 0, maxUnavailable 1), because on a cluster whose GPUs are all in use an
-    /// extra GPU pod never schedules and the rollout would never end.
+    /// extra GPU pod never schedules and the rollout would never end. A bound set to 0 with the
+    /// other left out makes the other 1 (maxSurge 0: one pod replaced at a time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutSpec>,
 
@@ -124,14 +125,15 @@ pub struct ModelDeploymentSpec {
 }
 
 /// TLS of the serving pods.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct TlsSpec {
     /// A Secret of type `kubernetes.io/tls` in the same namespace (entries `tls.crt`, the chain
     /// leaf first, and `tls.key`), such as cert-manager writes. The server re-reads it when the
     /// Secret changes, so certificates rotate without a restart. Probes use the plain metrics port.
     /// A pod whose Secret is missing does not start.
-    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("size(self) >= 1 && size(self) <= 253 && self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')")
+        .message("tls.secretName must be a Secret name: lower-case letters, digits, '-' and '.', at most 253 characters"))]
     pub secret_name: String,
 
     /// Mutual TLS: clients must present a certificate signed by a CA in this Secret entry (PEM).
@@ -141,15 +143,17 @@ pub struct TlsSpec {
 }
 
 /// The Secret entry holding the CA bundle that signs client certificates.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ClientCaRef {
     /// Secret name (may be the same Secret as `secretName`).
-    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("size(self) >= 1 && size(self) <= 253 && self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')")
+        .message("tls.clientCA.secretName must be a Secret name: lower-case letters, digits, '-' and '.', at most 253 characters"))]
     pub secret_name: String,
     /// The entry (data key) with the PEM CA bundle.
     #[serde(default = "default_client_ca_entry")]
-    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("size(self) >= 1 && size(self) <= 253 && self.matches('^[-._a-zA-Z0-9]+$')")
+        .message("tls.clientCA.key must be a Secret data key: letters, digits, '-', '_' and '.', at most 253 characters"))]
     pub key: String,
 }
 
@@ -189,14 +193,16 @@ pub struct AuthSpec {
 }
 
 /// The Secret entry that holds the API keys.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct ApiKeysSecretRef {
     /// Secret name.
-    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("size(self) >= 1 && size(self) <= 253 && self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')")
+        .message("auth.apiKeysSecretRef.name must be a Secret name: lower-case letters, digits, '-' and '.', at most 253 characters"))]
     pub name: String,
     /// The entry (data key) of the Secret with the key lines.
     #[serde(default = "default_api_keys_entry")]
-    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("size(self) >= 1 && size(self) <= 253 && self.matches('^[-._a-zA-Z0-9]+$')")
+        .message("auth.apiKeysSecretRef.key must be a Secret data key: letters, digits, '-', '_' and '.', at most 253 characters"))]
     pub key: String,
 }
 
@@ -487,13 +493,14 @@ pub enum Accelerator {
     Cpu,
     /// NVIDIA GPU through CUDA; the pod fails to load the model without one.
     Cuda,
-    /// GPU when available, else CPU.
+    /// CUDA when the pod gets a GPU, else the CPU. It requests one only with a `gpu` block: without
+    /// one the pod is a CPU pod (CPU image, no GPU requested).
     Auto,
 }
 
 /// Rolling-update bounds of the Deployment (each a count such as `1` or a percentage such as
 /// `25%` of the replicas). A bound left out takes the default described on `spec.rollout`.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.maxSurge) || !has(self.maxUnavailable) || !(string(self.maxSurge).matches('^0+%?$') && string(self.maxUnavailable).matches('^0+%?$'))")
     .message("rollout.maxSurge and rollout.maxUnavailable cannot both be 0: the rollout could never replace a pod"))]
@@ -514,22 +521,29 @@ pub struct RolloutSpec {
 /// GPU request.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.count == 1 || !self.resourceName.startsWith('nvidia.com/mig-')")
+    .message("a MIG profile (nvidia.com/mig-*) allows gpu.count 1 only: a CUDA process sees one MIG device"))]
 pub struct GpuSpec {
-    /// GPUs per pod (limits of `resourceName`). The server spreads its instances over all of
-    /// them in turn (four per GPU unless `runtime.instances` says how many in all).
+    /// GPUs per pod (limits of `resourceName`), 1 to 16. The server spreads its instances over all
+    /// of them in turn (four per GPU unless `runtime.instances` says how many in all).
     #[serde(default = "default_one")]
-    #[x_kube(validation = Rule::new("self >= 1").message("gpu.count must be at least 1"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 16").message("gpu.count must be between 1 and 16"))]
     pub count: i32,
 
-    /// Extended resource to request: `nvidia.com/gpu`, or a MIG profile such as
-    /// `nvidia.com/mig-1g.10gb`.
+    /// NVIDIA extended resource to request: `nvidia.com/gpu`, or a MIG profile such as
+    /// `nvidia.com/mig-1g.10gb` (then `count` is 1: a CUDA process sees one MIG device). The
+    /// server runs CUDA, so other vendors' resources are refused.
     #[serde(default = "default_gpu_resource")]
     #[x_kube(validation = Rule::new("size(self) <= 253 && self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$') && !self.matches('^([^/]*[.])?kubernetes[.]io/') && !self.startsWith('requests.')")
         .message("gpu.resourceName must be an extended resource such as nvidia.com/gpu or nvidia.com/mig-1g.10gb (a domain, '/', a name)"))]
+    #[x_kube(validation = Rule::new("self.startsWith('nvidia.com/')")
+        .message("gpu.resourceName must be an NVIDIA resource (nvidia.com/...): the server runs CUDA"))]
     pub resource_name: String,
 
     /// GPU model to require (node label `nvidia.com/gpu.product`), e.g. `NVIDIA-H100-80GB-HBM3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("size(self) <= 63 && self.matches('^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$')")
+        .message("gpu.product must be a label value such as NVIDIA-H100-80GB-HBM3 (letters, digits, '-', '_', '.', at most 63)"))]
     pub product: Option<String>,
 }
 
@@ -634,7 +648,9 @@ pub struct AutoscalingSpec {
     pub metric: AutoscalingMetric,
 
     /// Target per pod: utilisation in percent of the container's request for `cpu`/`memory`
-    /// (1–1000), in-flight requests for `concurrency`, requests per second for `rps`.
+    /// (1–1000; the pods need a request of that resource, from `resources` or a LimitRange, or the
+    /// HPA cannot scale and status says so), in-flight requests for `concurrency`, requests per
+    /// second for `rps`.
     #[serde(default = "default_target")]
     #[x_kube(validation = Rule::new("self >= 1").message("autoscaling.target must be at least 1"))]
     pub target: i32,
@@ -697,7 +713,7 @@ pub struct PodTemplateOverrides {
     /// Extra tolerations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
-    /// Affinity (replaces the generated one).
+    /// Affinity (the operator sets none of its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
     /// RuntimeClass, e.g. `nvidia`.
@@ -712,10 +728,11 @@ pub struct PodTemplateOverrides {
     /// ServiceAccount of the pods (its token is still not mounted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
-    /// Extra pod labels.
+    /// Extra pod labels (the operator's own labels win over these keys).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<BTreeMap<String, String>>,
-    /// Extra pod annotations.
+    /// Extra pod annotations (the operator's `prometheus.io/*` annotations and template hash win
+    /// over these keys).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
     /// Extra environment variables of the server container.

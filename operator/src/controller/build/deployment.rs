@@ -118,21 +118,21 @@ fn bound(v: IntOrString) -> IntOrString {
 /// (a surge pod needs a free GPU, which a full cluster does not have).
 fn strategy(md: &ModelDeployment) -> DeploymentStrategy {
     let (surge, unavailable) = if gpu_request(md).is_some() { (0, 1) } else { (1, 0) };
-    let asked = md.spec.rollout.clone();
-    let mut max_surge = asked
-        .as_ref()
-        .and_then(|r| r.max_surge.clone())
-        .map(bound)
-        .unwrap_or(IntOrString::Int(surge));
-    let max_unavailable = asked
-        .as_ref()
-        .and_then(|r| r.max_unavailable.clone())
-        .map(bound)
-        .unwrap_or(IntOrString::Int(unavailable));
-    // The schema refuses both set to 0; one set to 0 with the other defaulted to 0 (maxUnavailable
-    // 0 on a GPU model) means "never go below the count": surge one pod then.
+    let asked = md.spec.rollout.clone().unwrap_or_default();
+    let surge_asked = asked.max_surge.map(bound);
+    let unavailable_asked = asked.max_unavailable.map(bound);
+    let surge_set = surge_asked.is_some();
+    let mut max_surge = surge_asked.unwrap_or(IntOrString::Int(surge));
+    let mut max_unavailable = unavailable_asked.unwrap_or(IntOrString::Int(unavailable));
+    // The schema refuses both set to 0; one set to 0 with the other defaulted to 0 would never
+    // roll, so the defaulted one gives way: maxUnavailable 0 on a GPU model surges one pod,
+    // maxSurge 0 on a CPU model replaces one pod at a time.
     if is_zero(&max_surge) && is_zero(&max_unavailable) {
-        max_surge = IntOrString::Int(1);
+        if surge_set {
+            max_unavailable = IntOrString::Int(1);
+        } else {
+            max_surge = IntOrString::Int(1);
+        }
     }
     DeploymentStrategy {
         type_: Some("RollingUpdate".into()),
@@ -909,6 +909,12 @@ mod tests {
         assert_eq!(
             bounds(json!({"model": uri, "accelerator": "cuda", "rollout": {"maxUnavailable": "00%"}})),
             (int(1), IntOrString::String("00%".into()))
+        );
+        // maxSurge 0 on a CPU model (no room for a surge pod): the defaulted bound gives way,
+        // replacing in place, not the one the user set.
+        assert_eq!(
+            bounds(json!({"model": uri, "rollout": {"maxSurge": 0}})),
+            (int(0), int(1))
         );
     }
 
