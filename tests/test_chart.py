@@ -95,6 +95,45 @@ def test_chart_crd_is_the_generated_one_and_is_kept_on_uninstall():
     assert crd["spec"] == yaml.safe_load(generated)["spec"]
 
 
+def operator_env(*args, release="kubemaas"):
+    p = helm("template", release, str(CHART), "-n", "kubemaas-system", *args)
+    assert p.returncode == 0, p.stderr
+    d = next(x for x in yaml.safe_load_all(p.stdout) if x and x["kind"] == "Deployment")
+    return {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_two_releases_in_one_namespace_elect_their_leaders_apart():
+    # Both took the Lease "kubemaas-operator": one tenant's operator never acted, without an error.
+    a = operator_env("--set", "operator.watchNamespace=team-a", release="team-a")
+    b = operator_env("--set", "operator.watchNamespace=team-b", release="team-b")
+    assert a["KUBEMAAS_LEADER_ELECTION_NAME"] != b["KUBEMAAS_LEADER_ELECTION_NAME"], (a, b)
+
+
+def test_large_numbers_from_a_values_file_reach_the_operator_as_integers(tmp_path):
+    # A values file's numbers are floats to Helm: `quote` wrote 1000000 as "1e+06", which the
+    # operator cannot parse as seconds, and crash-looped.
+    values = tmp_path / "values.yaml"
+    values.write_text("operator:\n  resyncSeconds: 1000000\n")
+    assert operator_env("-f", str(values))["KUBEMAAS_RESYNC_SECONDS"] == "1000000"
+
+
+def test_owner_references_that_block_deletion_are_allowed_by_rbac():
+    # Children carry blockOwnerDeletion; with OwnerReferencesPermissionEnforcement (OpenShift)
+    # that needs update on modeldeployments/finalizers, else every child is refused.
+    role = next(d for d in docs_of() if d["kind"] == "ClusterRole")
+    assert any("modeldeployments/finalizers" in r["resources"] and "update" in r["verbs"] for r in role["rules"]), \
+        role["rules"]
+
+
+def test_a_long_release_name_keeps_every_object_name_within_63_characters():
+    p = helm("template", "x" * 50, str(CHART), "-n", "kubemaas-system")
+    assert p.returncode == 0, p.stderr
+    long = [(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(p.stdout)
+            if d and d["kind"] in ("Service", "Deployment", "ServiceAccount", "NetworkPolicy")
+            and len(d["metadata"]["name"]) > 63]
+    assert not long, long
+
+
 def test_kustomize_base_is_the_rendered_chart():
     p = render(None)
     assert p.returncode == 0, p.stderr
