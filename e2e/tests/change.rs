@@ -786,7 +786,8 @@ async fn a_gpu_model_rolls_forward_on_a_full_gpu_cluster_and_a_stuck_surge_shows
     install_crd();
     let client = client().await;
     let ns = TestNs::new(&client, "gpufull").await;
-    let resource = format!("e2e.kubemaas.io/gpu-{}", ns.name);
+    // A GPU resource of this test alone (the schema takes NVIDIA resources only).
+    let resource = format!("nvidia.com/gpu-{}", ns.name);
     let _node = GpuNode::create(&client, &format!("{}-node", ns.name), &resource, 2).await;
     let op = Operator::start(&ns.name, "op-gpufull", &[]);
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
