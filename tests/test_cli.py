@@ -201,3 +201,41 @@ def test_a_read_timeout_past_a_day_is_refused_at_start_not_on_the_first_request(
         assert requests.post(f"{s.url}/v2/models/m/infer", json=body, timeout=30).status_code == 200
     finally:
         assert s.stop() == 0
+
+
+# A server on loopback and free ports, should one get past its flags.
+SERVE = ["serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+         "--model", f"m={ROW_STATS}"]
+# A source on a PVC root that does not exist: a pull that got past its flags fails here, locally.
+PULL = ["pull", "pvc://claim/m.onnx", "/nonexistent/kubemaas/dest", "--pvc-root", "/nonexistent/kubemaas/pvcs"]
+
+
+@pytest.mark.parametrize("args, flag, says", [
+    # Clamped to 1, or NaN: every compression rejected (exit 9) whatever it measured.
+    ([*PULL, "--compress", "int8-dynamic", "--min-cosine", "1.5"], "--min-cosine", "from 0 to 1"),
+    ([*PULL, "--compress", "int8-dynamic", "--min-cosine", "NaN"], "--min-cosine", "from 0 to 1"),
+    # Wrapped through ONNX Runtime's C int: 4294967297 threads became 1.
+    ([*PULL, "--compress-threads", "4294967297"], "--compress-threads", "1024"),
+    (["compress", "/tmp/in.onnx", "/tmp/out.onnx", "--threads", "4294967297"], "--threads", "1024"),
+    # A capacity overflow panic, not an error.
+    (["compress", "/tmp/in.onnx", "/tmp/out.onnx", "--timing-runs", str(2**64 - 1)], "--timing-runs", "10000"),
+    # Accepted, then every pull or request failed.
+    ([*PULL, "--timeout", "0"], "--timeout", "0"),
+    ([*PULL, "--read-timeout", "0"], "--read-timeout", "0"),
+    ([*PULL, "--connect-timeout", "0"], "--connect-timeout", "0"),
+    ([*SERVE, "--max-request-bytes", "0"], "--max-request-bytes", "0"),
+    # Accepted and never used: a preferred size is a batch size the batcher can form.
+    ([*SERVE, "--max-batch-size", "4", "--preferred-batch-size", "8"],
+     "--preferred-batch-size", "--max-batch-size"),
+    ([*SERVE, "--max-batch-size", "4", "--preferred-batch-size", "0"],
+     "--preferred-batch-size", "0"),
+    # config.pbtxt refuses a queue delay over a day; the flag took any.
+    ([*SERVE, "--max-queue-delay-us", str(10**12)], "--max-queue-delay-us", "86400000000"),
+], ids=["min-cosine-1.5", "min-cosine-nan", "pull-compress-threads", "compress-threads", "timing-runs",
+        "pull-timeout-0", "read-timeout-0", "connect-timeout-0", "max-request-bytes-0", "preferred-over-max",
+        "preferred-0", "queue-delay-past-a-day"])
+def test_flag_values_that_cannot_be_honoured_are_refused_by_name(args, flag, says):
+    p = subprocess.run([str(SERVER), *args], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert flag in p.stderr and says in p.stderr, p.stderr[-2000:]
+    assert "panicked" not in p.stderr, p.stderr[-2000:]

@@ -71,6 +71,14 @@ fn run() -> anyhow::Result<std::process::ExitCode> {
         log_level,
         command,
     } = Cli::parse();
+    if let Command::Serve(args) = &command
+        && let Err(message) = args.check()
+    {
+        // As clap reports a value it refuses: a usage error, exit 2.
+        <Cli as clap::CommandFactory>::command()
+            .error(clap::error::ErrorKind::ValueValidation, message)
+            .exit();
+    }
     let filter = EnvFilter::try_new(&log_level)
         .map_err(|e| anyhow::anyhow!("invalid --log-level {log_level:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()

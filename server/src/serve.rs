@@ -16,7 +16,9 @@ use crate::repository::{self, ModelSource, ModelState, Repository};
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
     /// Model repository in Triton's layout: DIR/<model>/<version>/model.onnx. Every version is
-    /// loaded; the highest is the default.
+    /// loaded, the highest being the default, unless the model's `config.pbtxt` says otherwise:
+    /// with that file, as in Triton, only the latest version unless its `version_policy` says
+    /// which, and its batching and instance group replace the flags for that model.
     #[arg(long, env = "KUBEMAAS_MODEL_REPOSITORY")]
     pub model_repository: Option<PathBuf>,
 
@@ -92,8 +94,9 @@ pub struct ServeArgs {
 
     /// CUDA device ordinals for the CUDA execution provider (`nvidia-smi` numbering, after
     /// CUDA_VISIBLE_DEVICES), comma-separated: instances are spread over them in turn, as
-    /// Triton spreads an instance group, and with `--instances 0` each device gets four. A
-    /// device that does not exist fails the load with `cuda` and falls back to the CPU with `auto`.
+    /// Triton spreads an instance group, and with `--instances 0` each device gets four. With
+    /// `auto`, the model runs on the CPU when CUDA cannot start on the first device; a device
+    /// that does not exist fails the load (with `cuda`, whichever it is).
     #[arg(long, env = "KUBEMAAS_GPU_DEVICE", value_delimiter = ',', default_value = "0", value_parser = clap::value_parser!(i32).range(0..))]
     pub gpu_device: Vec<i32>,
 
@@ -120,7 +123,7 @@ pub struct ServeArgs {
     /// On the CPU with several instances a batch stops waiting sooner, once it holds its even
     /// share of the requests in flight (queued and able to join it, or running on the other
     /// instances).
-    #[arg(long, env = "KUBEMAAS_MAX_QUEUE_DELAY_US", default_value_t = 1000)]
+    #[arg(long, env = "KUBEMAAS_MAX_QUEUE_DELAY_US", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=86_400_000_000))]
     pub max_queue_delay_us: u64,
 
     /// Dynamic batching: requests queued per model beyond this are refused at once with 503 and
@@ -129,7 +132,7 @@ pub struct ServeArgs {
     pub max_queue_size: u32,
 
     /// Dynamic batching: batch sizes dispatched as soon as reached, without waiting out the queue
-    /// delay (comma-separated or repeated).
+    /// delay (comma-separated or repeated), each from 1 to --max-batch-size.
     #[arg(long, env = "KUBEMAAS_PREFERRED_BATCH_SIZE", value_delimiter = ',')]
     pub preferred_batch_size: Vec<usize>,
 
@@ -142,7 +145,7 @@ pub struct ServeArgs {
 
     /// Largest request body accepted, in bytes: larger REST bodies get 413, larger gRPC messages
     /// RESOURCE_EXHAUSTED.
-    #[arg(long, env = "KUBEMAAS_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
+    #[arg(long, env = "KUBEMAAS_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = positive_bytes)]
     pub max_request_bytes: usize,
 
     /// API keys: one per line, `KEY`, `ID:KEY` or `ID:KEY:MODEL[,MODEL...]` (only those models).
@@ -283,6 +286,32 @@ pub enum ServeError {
     /// Limits that contradict each other.
     #[error("{0}")]
     Limits(String),
+}
+
+/// A number of bytes above 0 (a limit of 0 would refuse every request).
+fn positive_bytes(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{s:?} is not a number of bytes above 0")),
+    }
+}
+
+impl ServeArgs {
+    /// What clap cannot check flag by flag: preferred batch sizes are sizes the batcher can form
+    /// (a size of 0, or above `--max-batch-size`, would be accepted and never used).
+    pub fn check(&self) -> Result<(), String> {
+        let max = self.max_batch_size;
+        match self
+            .preferred_batch_size
+            .iter()
+            .find(|&&p| p == 0 || (max > 0 && p > max))
+        {
+            Some(p) => Err(format!(
+                "--preferred-batch-size {p} is not a batch size from 1 to --max-batch-size ({max})"
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A path, where an empty value (`ORT_DYLIB_PATH=""`, as shells leave behind) means "not given"

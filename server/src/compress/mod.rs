@@ -112,11 +112,11 @@ pub struct Options {
     /// first dimension, 32 for the others.
     #[arg(long = "input-shape", value_name = "NAME=DIMS", value_parser = parse_shape)]
     pub input_shapes: Vec<(String, Vec<usize>)>,
-    /// Timed runs of each model for the latency comparison (0 skips it).
-    #[arg(long, default_value_t = 20)]
+    /// Timed runs of each model for the latency comparison, 0 (skips it) to 10000.
+    #[arg(long, default_value_t = 20, value_parser = timing_runs)]
     pub timing_runs: usize,
-    /// ONNX Runtime intra-op threads for the evaluation (0: one per core).
-    #[arg(long, default_value_t = 0)]
+    /// ONNX Runtime intra-op threads for the evaluation (0: one per core), at most 1024.
+    #[arg(long, default_value_t = 0, value_parser = thread_count)]
     pub threads: usize,
     /// Fail (exit 9, nothing written) when an output's cosine similarity to the original is under
     /// --min-cosine.
@@ -127,11 +127,31 @@ pub struct Options {
     pub min_cosine: f64,
 }
 
-fn unit_interval(s: &str) -> Result<f64, String> {
+/// A number from 0 to 1 (NaN is not one).
+pub fn unit_interval(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
         _ => Err(format!("{s:?} is not a number from 0 to 1")),
     }
+}
+
+/// A count of `what` from 0 to `max`.
+fn count_up_to(s: &str, max: usize, what: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(format!("{s:?} is not a number of {what} from 0 to {max}")),
+    }
+}
+
+/// ONNX Runtime intra-op threads, 0 to 1024: it takes them as a C int, where larger counts wrap
+/// (4294967297 would be 1), and no machine runs more usefully.
+pub fn thread_count(s: &str) -> Result<usize, String> {
+    count_up_to(s, 1024, "threads")
+}
+
+/// Timed runs, 0 to 10000 (each is a whole inference of the model, twice).
+fn timing_runs(s: &str) -> Result<usize, String> {
+    count_up_to(s, 10_000, "runs")
 }
 
 /// `NAME=1x3x48x320` → the name and its dimensions.

@@ -43,8 +43,9 @@ pub struct PullArgs {
     /// lines "HEX  PATH" sorted by path). A mismatch leaves nothing at DEST and exits 3.
     #[arg(long, env = "KUBEMAAS_MODEL_SHA256")]
     pub sha256: Option<String>,
-    /// Give up after this many seconds in all.
-    #[arg(long, env = "KUBEMAAS_PULL_TIMEOUT", default_value_t = 600)]
+    /// Give up the download after this many seconds in all (with --compress, the compression
+    /// that follows is not counted).
+    #[arg(long, env = "KUBEMAAS_PULL_TIMEOUT", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
     /// Refuse artifacts larger than this many bytes in all (exit 7).
     #[arg(long, env = "KUBEMAAS_PULL_MAX_BYTES")]
@@ -55,10 +56,10 @@ pub struct PullArgs {
     pub retries: u32,
     /// Seconds without a byte after which a transfer, a listing page or a HEAD request counts as
     /// stalled (and is retried).
-    #[arg(long, env = "KUBEMAAS_PULL_READ_TIMEOUT", default_value_t = 30)]
+    #[arg(long, env = "KUBEMAAS_PULL_READ_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub read_timeout: u64,
     /// TCP connect timeout, seconds.
-    #[arg(long, env = "KUBEMAAS_PULL_CONNECT_TIMEOUT", default_value_t = 10)]
+    #[arg(long, env = "KUBEMAAS_PULL_CONNECT_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub connect_timeout: u64,
     /// Allow http(s)/hf hosts that resolve to loopback or private ranges (RFC 1918, the RFC 6598
     /// shared space, IPv6 unique-local), for stores inside your network. Link-local and cloud
@@ -92,7 +93,7 @@ pub struct PullArgs {
     )]
     pub termination_log: PathBuf,
     /// Seconds between progress lines (bytes, rate, ETA).
-    #[arg(long, env = "KUBEMAAS_PULL_PROGRESS_SECONDS", default_value_t = 5)]
+    #[arg(long, env = "KUBEMAAS_PULL_PROGRESS_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub progress_seconds: u64,
     /// Compress the model once it is downloaded and verified (`kubemaas-server compress` with
     /// --check): the server then serves the compressed model, the original moves to
@@ -101,15 +102,15 @@ pub struct PullArgs {
     #[arg(long, value_enum, env = "KUBEMAAS_COMPRESS")]
     pub compress: Option<crate::compress::Mode>,
     /// The cosine similarity to the original that --compress requires of every output, 0 to 1.
-    #[arg(long, env = "KUBEMAAS_COMPRESS_MIN_COSINE", default_value_t = 0.99)]
+    #[arg(long, env = "KUBEMAAS_COMPRESS_MIN_COSINE", default_value_t = 0.99, value_parser = crate::compress::unit_interval)]
     pub min_cosine: f64,
     /// --compress: size of a random evaluation input's dynamic dimensions, NAME=1x3x48x320.
     /// Repeatable.
     #[arg(long = "input-shape", value_name = "NAME=DIMS", value_parser = crate::compress::parse_shape)]
     pub input_shapes: Vec<(String, Vec<usize>)>,
     /// --compress: ONNX Runtime intra-op threads for the evaluation (0: one per core of the
-    /// machine; in a pod, give the container's CPU limit).
-    #[arg(long, env = "KUBEMAAS_COMPRESS_THREADS", default_value_t = 0)]
+    /// machine; in a pod, give the container's CPU limit), at most 1024.
+    #[arg(long, env = "KUBEMAAS_COMPRESS_THREADS", default_value_t = 0, value_parser = crate::compress::thread_count)]
     pub compress_threads: usize,
     /// ONNX Runtime shared library for --compress's evaluation (as for `serve`).
     #[arg(long, env = "ORT_DYLIB_PATH", value_parser = crate::serve::path_or_unset)]
@@ -676,7 +677,7 @@ async fn compress_pulled(
         timing_runs: 10,
         threads: args.compress_threads,
         check: true,
-        min_cosine: args.min_cosine.clamp(0.0, 1.0),
+        min_cosine: args.min_cosine,
     };
     let library = args.ort_library.clone();
     let (vd, m) = (version_dir.clone(), model.clone());
