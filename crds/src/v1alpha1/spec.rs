@@ -590,9 +590,9 @@ pub struct BatchingSpec {
     #[x_kube(validation = Rule::new("self >= 1").message("batching.maxBatchSize must be at least 1"))]
     pub max_batch_size: i32,
 
-    /// Longest a request waits for others to join its batch, in microseconds.
+    /// Longest a request waits for others to join its batch, in microseconds (at most a day).
     #[serde(default = "default_queue_delay")]
-    #[x_kube(validation = Rule::new("self >= 0").message("batching.maxQueueDelayMicroseconds must not be negative"))]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 86400000000").message("batching.maxQueueDelayMicroseconds must be between 0 and 86400000000 (a day)"))]
     pub max_queue_delay_microseconds: i64,
 
     /// Requests queued beyond this are refused at once with 503 and Retry-After.

@@ -441,7 +441,8 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
         ]);
         // The evaluation runs one session at a time on the cores the init container gets (the
         // server's): more threads than that would be throttled and skew the measured speed-up.
-        let threads = pod_cores(md);
+        // At most the 1024 intra-op threads pull takes (ONNX Runtime's own bound in practice).
+        let threads = pod_cores(md).min(1024);
         if threads > 0 {
             pull_args.extend(["--compress-threads".into(), threads.to_string()]);
         }
@@ -1355,6 +1356,14 @@ mod tests {
             "the evaluation runs on CPU"
         );
         assert_eq!(r.requests.unwrap()["memory"].0, "3Gi");
+        // Past the 1024 threads pull takes, the evaluation gets 1024, not a refused flag.
+        let big = md(json!({"model": {"uri": "s3://models/m.onnx",
+            "compression": {"mode": "int8-dynamic"}}, "resources": {"limits": {"cpu": "2000"}}}));
+        let args = init(&deployment(&big, &BuildConfig::default()))
+            .args
+            .clone()
+            .unwrap();
+        assert!(has_flag(&args, "--compress-threads", "1024"), "{args:?}");
         // Default minCosine, and no flags without the field.
         let m = md(
             json!({"model": {"uri": "s3://models/m.onnx", "compression": {"mode": "fp16",
