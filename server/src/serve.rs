@@ -156,9 +156,10 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
 
-    /// Audit log: one structured line per request (log target `kubemaas_audit`: protocol, route,
-    /// model, version, the caller's key ID, status, bytes in and out, latency), except health and
-    /// readiness probes. Keys are never written.
+    /// Audit log: one structured line per request on the inference ports (log target
+    /// `kubemaas_audit`: protocol, route, model, version, the caller's key ID, status, bytes in
+    /// and out, latency), except health and readiness probes. The metrics port (scraped by
+    /// Prometheus and the operator) is not audited. Keys are never written.
     #[arg(long, env = "KUBEMAAS_AUDIT_LOG")]
     pub audit_log: bool,
 
@@ -171,9 +172,11 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_ALLOW_CLIENT_SHM")]
     pub allow_client_shm: bool,
 
-    /// Seconds a connection may take to send a complete request head (HTTP ports): slow or silent
-    /// clients, and keep-alive connections idle that long, are closed, so they cannot hold
-    /// connections (and file descriptors) forever. At most 86400 (a day).
+    /// Seconds a connection may take to send a complete request head: slow or silent clients, and
+    /// HTTP/1 keep-alive connections idle that long, are closed, so they cannot hold connections
+    /// (and file descriptors) forever. On every port it also bounds the first bytes and the TLS
+    /// handshake. An HTTP/2 connection (gRPC's) may idle between requests, as gRPC clients keep
+    /// theirs; `--max-connections` bounds those. At most 86400 (a day).
     #[arg(long, env = "KUBEMAAS_HEADER_READ_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub header_read_timeout: u64,
 
