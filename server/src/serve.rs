@@ -300,9 +300,16 @@ fn positive_bytes(s: &str) -> Result<usize, String> {
 }
 
 impl ServeArgs {
-    /// What clap cannot check flag by flag: preferred batch sizes are sizes the batcher can form
-    /// (a size of 0, or above `--max-batch-size`, would be accepted and never used).
+    /// What clap cannot check flag by flag: every GPU is listed once, and preferred batch sizes
+    /// are sizes the batcher can form (a size of 0, or above `--max-batch-size`, would be
+    /// accepted and never used).
     pub fn check(&self) -> Result<(), String> {
+        // A device listed twice would silently get twice the instances.
+        for (i, d) in self.gpu_device.iter().enumerate() {
+            if self.gpu_device[..i].contains(d) {
+                return Err(format!("--gpu-device {d} is listed twice"));
+            }
+        }
         let max = self.max_batch_size;
         match self
             .preferred_batch_size
