@@ -134,6 +134,37 @@ def test_a_long_release_name_keeps_every_object_name_within_63_characters():
     assert not long, long
 
 
+def test_every_operator_setting_can_be_given_and_extra_env_reaches_the_container():
+    # A gRPC OTLP collector needs OTEL_EXPORTER_OTLP_PROTOCOL, which the chart could not set; nor
+    # the reconcile concurrency or the lease duration.
+    env = operator_env("--set", "operator.extraEnv[0].name=OTEL_EXPORTER_OTLP_PROTOCOL",
+                       "--set", "operator.extraEnv[0].value=grpc",
+                       "--set", "operator.maxConcurrentReconciles=32", "--set", "operator.leaseDurationSeconds=30")
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc", env
+    assert env["KUBEMAAS_MAX_CONCURRENT_RECONCILES"] == "32", env
+    assert env["KUBEMAAS_LEASE_DURATION"] == "30", env
+
+
+@pytest.mark.parametrize("bad", ["operator.watchNamespace=Team_A", "serviceAccount.name=Bad Name",
+                                 "operator.resources.limit.cpu=1", "operator.maxConcurrentReconciles=0",
+                                 "operator.leaseDurationSeconds=2"])
+def test_schema_rejects_names_and_settings_kubernetes_or_the_operator_would_refuse(bad):
+    p = render(None, "--set", bad)
+    assert p.returncode != 0 and "values don't meet the specifications of the schema" in p.stderr, p.stderr
+
+
+def test_service_monitor_labels_may_name_a_chart_label_without_a_duplicate_key():
+    p = render(None, "--set", "metrics.serviceMonitor.enabled=true",
+               "--set", "metrics.serviceMonitor.labels.release=prom",
+               "--set", "metrics.serviceMonitor.labels.app\\.kubernetes\\.io/name=ops")
+    assert p.returncode == 0, p.stderr
+    doc = next(d for d in p.stdout.split("\n---") if "kind: ServiceMonitor" in d)
+    meta = doc.split("spec:")[0]
+    assert meta.count("app.kubernetes.io/name:") == 1, meta
+    labels = yaml.safe_load(doc)["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "ops" and labels["release"] == "prom", labels
+
+
 def test_kustomize_base_is_the_rendered_chart():
     p = render(None)
     assert p.returncode == 0, p.stderr
