@@ -612,7 +612,18 @@ impl Scraper {
 /// The Deployment's `spec.replicas`, from the cache.
 fn running_replicas(stores: &super::Stores, md: &ModelDeployment) -> Option<i32> {
     let at = ObjectRef::new(&md.name_any()).within(&md.namespace().unwrap_or_default());
-    stores.deployments.get(&at)?.spec.replicas
+    replicas_if_owned(stores.deployments.get(&at)?.as_ref(), md)
+}
+
+/// `spec.replicas` of `d` when `md` owns it: one left by an object deleted and created again
+/// under the same name (not yet garbage-collected) does not say what runs for this one.
+fn replicas_if_owned(d: &k8s_openapi::api::apps::v1::Deployment, md: &ModelDeployment) -> Option<i32> {
+    let uid = md.uid()?;
+    d.owner_references()
+        .iter()
+        .any(|o| o.uid == uid)
+        .then_some(d.spec.replicas)
+        .flatten()
 }
 
 /// Decides from the entry's windows; true when a reconcile must apply the decision: it differs
@@ -834,6 +845,23 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
         };
         autoscale_step(&p0, &mut entry, now, Some(5));
         assert_eq!(entry.autoscale.decision.unwrap().desired, 1);
+    }
+
+    #[test]
+    fn only_the_deployment_of_this_object_counts_as_what_runs() {
+        // Deleted and created again under the same name, the new object's autoscaler must not take
+        // over the old Deployment's count (garbage collection has not removed it yet).
+        use super::super::build::tests::md;
+        let m = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}));
+        let uid = m.uid().unwrap();
+        let deployment = |owner: &str| -> k8s_openapi::api::apps::v1::Deployment {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "resnet", "ownerReferences": [
+                {"apiVersion": "kubemaas.io/v1alpha1", "kind": "ModelDeployment", "name": "resnet", "uid": owner}]},
+                "spec": {"replicas": 7, "selector": {}, "template": {}}}))
+            .unwrap()
+        };
+        assert_eq!(replicas_if_owned(&deployment(&uid), &m), Some(7));
+        assert_eq!(replicas_if_owned(&deployment("an-older-object"), &m), None);
     }
 
     #[test]
