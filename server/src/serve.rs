@@ -311,11 +311,14 @@ impl ServeArgs {
             }
         }
         let max = self.max_batch_size;
-        match self
-            .preferred_batch_size
-            .iter()
-            .find(|&&p| p == 0 || (max > 0 && p > max))
-        {
+        if max == 0 && !self.preferred_batch_size.is_empty() {
+            return Err(
+                "--preferred-batch-size needs batching on: give --max-batch-size above 0 \
+                 (a model's config.pbtxt sets its own)"
+                    .into(),
+            );
+        }
+        match self.preferred_batch_size.iter().find(|&&p| p == 0 || p > max) {
             Some(p) => Err(format!(
                 "--preferred-batch-size {p} is not a batch size from 1 to --max-batch-size ({max})"
             )),

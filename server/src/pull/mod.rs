@@ -102,15 +102,15 @@ pub struct PullArgs {
     #[arg(long, value_enum, env = "KUBEMAAS_COMPRESS")]
     pub compress: Option<crate::compress::Mode>,
     /// The cosine similarity to the original that --compress requires of every output, 0 to 1.
-    #[arg(long, env = "KUBEMAAS_COMPRESS_MIN_COSINE", default_value_t = 0.99, value_parser = crate::compress::unit_interval)]
+    #[arg(long, env = "KUBEMAAS_COMPRESS_MIN_COSINE", default_value_t = 0.99, value_parser = crate::compress::unit_interval, requires = "compress")]
     pub min_cosine: f64,
     /// --compress: size of a random evaluation input's dynamic dimensions, NAME=1x3x48x320.
     /// Repeatable.
-    #[arg(long = "input-shape", value_name = "NAME=DIMS", value_parser = crate::compress::parse_shape)]
+    #[arg(long = "input-shape", value_name = "NAME=DIMS", value_parser = crate::compress::parse_shape, requires = "compress")]
     pub input_shapes: Vec<(String, Vec<usize>)>,
     /// --compress: ONNX Runtime intra-op threads for the evaluation (0: one per core of the
     /// machine; in a pod, give the container's CPU limit), at most 1024.
-    #[arg(long, env = "KUBEMAAS_COMPRESS_THREADS", default_value_t = 0, value_parser = crate::compress::thread_count)]
+    #[arg(long, env = "KUBEMAAS_COMPRESS_THREADS", default_value_t = 0, value_parser = crate::compress::thread_count, requires = "compress")]
     pub compress_threads: usize,
     /// ONNX Runtime shared library for --compress's evaluation (as for `serve`).
     #[arg(long, env = "ORT_DYLIB_PATH", value_parser = crate::serve::path_or_unset)]
