@@ -66,7 +66,8 @@ pub struct PullArgs {
     /// metadata addresses are refused regardless.
     #[arg(long, env = "KUBEMAAS_ALLOW_PRIVATE_ADDRESSES")]
     pub allow_private_addresses: bool,
-    /// Pin a host name to addresses, like curl's --resolve: HOST=IP[,IP]. The address guard still
+    /// Pin a host name to addresses, like curl's --resolve: HOST=IP[,IP], for http(s):// and hf://
+    /// sources (s3:// and gs:// resolve through their SDK's client). The address guard still
     /// applies. Repeatable.
     #[arg(long = "resolve", value_name = "HOST=IP")]
     pub resolve: Vec<String>,
