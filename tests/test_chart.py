@@ -107,6 +107,8 @@ def test_two_releases_in_one_namespace_elect_their_leaders_apart():
     a = operator_env("--set", "operator.watchNamespace=team-a", release="team-a")
     b = operator_env("--set", "operator.watchNamespace=team-b", release="team-b")
     assert a["KUBEMAAS_LEADER_ELECTION_NAME"] != b["KUBEMAAS_LEADER_ELECTION_NAME"], (a, b)
+    # The default release keeps the earlier charts' Lease: an upgrade never elects two leaders.
+    assert operator_env()["KUBEMAAS_LEADER_ELECTION_NAME"] == "kubemaas-operator"
 
 
 def test_large_numbers_from_a_values_file_reach_the_operator_as_integers(tmp_path):

@@ -244,5 +244,7 @@ PULL = ["pull", "pvc://claim/m.onnx", "/nonexistent/kubemaas/dest", "--pvc-root"
 def test_flag_values_that_cannot_be_honoured_are_refused_by_name(args, flag, says):
     p = subprocess.run([str(SERVER), *args], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    # Refused as a usage error (a failed pull exits 2 as well, and says "--timeout" too).
+    assert "For more information, try '--help'." in p.stderr, p.stderr[-2000:]
     assert flag in p.stderr and says in p.stderr, p.stderr[-2000:]
     assert "panicked" not in p.stderr, p.stderr[-2000:]
