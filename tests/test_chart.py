@@ -167,6 +167,14 @@ def test_service_monitor_labels_may_name_a_chart_label_without_a_duplicate_key()
     assert labels["app.kubernetes.io/name"] == "ops" and labels["release"] == "prom", labels
 
 
+def test_the_notes_send_the_first_model_to_the_namespace_the_operator_watches():
+    # With watchNamespace set, the example applied in the current namespace was never reconciled.
+    p = helm("install", "--dry-run=client", "kubemaas", str(CHART), "-n", "ops", "--set", "operator.watchNamespace=models")
+    assert p.returncode == 0, p.stderr
+    notes = p.stdout.split("NOTES:", 1)[1]
+    assert "kubectl apply -n models -f -" in notes and "kubectl wait -n models" in notes, notes
+
+
 def test_kustomize_base_is_the_rendered_chart():
     p = render(None)
     assert p.returncode == 0, p.stderr
