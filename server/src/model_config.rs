@@ -226,26 +226,31 @@ fn colon_before_lists(text: &str) -> String {
 }
 
 /// Reads `dir/config.pbtxt` for the model named `name` (the directory's name).
-pub fn read(dir: &Path, name: &str) -> (ConfigFile, VersionPolicy) {
+pub fn read(dir: &Path, name: &str) -> ConfigFile {
     let path = dir.join(FILE_NAME);
     let shown = path.display().to_string();
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return (ConfigFile::Absent, VersionPolicy::All);
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return ConfigFile::Absent,
         Err(source) => {
             let e = ConfigError::Read { path: shown, source };
-            return (ConfigFile::Invalid(e.to_string()), VersionPolicy::All);
+            return ConfigFile::Invalid(e.to_string());
         }
     };
     match parse(&shown, &text).and_then(|c| settings(&shown, name, &c)) {
-        Ok(s) => {
-            let policy = s.version_policy.clone();
-            (ConfigFile::Valid(Arc::new(s)), policy)
+        Ok(s) => ConfigFile::Valid(Arc::new(s)),
+        Err(e) => ConfigFile::Invalid(e.to_string()),
+    }
+}
+
+impl ConfigFile {
+    /// The versions served: the file's policy; every version without a usable file (so each
+    /// version of a model whose file is invalid is listed and says why it does not load).
+    pub fn version_policy(&self) -> VersionPolicy {
+        match self {
+            ConfigFile::Valid(s) => s.version_policy.clone(),
+            _ => VersionPolicy::All,
         }
-        // Every version is listed, so each says why it does not load.
-        Err(e) => (ConfigFile::Invalid(e.to_string()), VersionPolicy::All),
     }
 }
 
@@ -513,19 +518,15 @@ impl Declared {
 mod tests {
     use super::*;
 
-    fn settings_of(text: &str) -> Result<(ModelSettings, VersionPolicy), String> {
+    fn settings_of(text: &str) -> Result<ModelSettings, String> {
         parse("m/config.pbtxt", text)
             .and_then(|c| settings("m/config.pbtxt", "m", &c))
-            .map(|s| {
-                let policy = s.version_policy.clone();
-                (s, policy)
-            })
             .map_err(|e| e.to_string())
     }
 
     #[test]
     fn tritons_batching_and_instance_fields_are_read() {
-        let (s, policy) = settings_of(
+        let s = settings_of(
             r#"
             name: "m"
             platform: "onnxruntime_onnx"
@@ -555,7 +556,11 @@ mod tests {
             })
         );
         assert_eq!(s.declared.inputs, vec![("x".into(), "TYPE_FP32", vec![10])]);
-        assert_eq!(policy, VersionPolicy::Latest(1), "Triton's default with a file");
+        assert_eq!(
+            s.version_policy,
+            VersionPolicy::Latest(1),
+            "Triton's default with a file"
+        );
     }
 
     #[test]
@@ -604,15 +609,15 @@ mod tests {
             colon_before_lists("input [ { dims: [ 1 ] } ] # a [ b\nname: \"x [y\" output\n[ ]"),
             "input : [ { dims: [ 1 ] } ] # a [ b\nname: \"x [y\" output\n: [ ]"
         );
-        let (s, _) = settings_of("input: [ { name: \"x\" data_type: TYPE_FP32 dims: [ -1 ] } ]").unwrap();
+        let s = settings_of("input: [ { name: \"x\" data_type: TYPE_FP32 dims: [ -1 ] } ]").unwrap();
         assert_eq!(s.declared.inputs.len(), 1);
     }
 
     #[test]
     fn count_is_per_gpu_and_defaults_to_one() {
-        let (s, _) = settings_of("instance_group [ { count: 2 kind: KIND_GPU gpus: [ 0, 1 ] } ]").unwrap();
+        let s = settings_of("instance_group [ { count: 2 kind: KIND_GPU gpus: [ 0, 1 ] } ]").unwrap();
         assert_eq!(s.instances.map(|i| (i.count, i.gpus)), Some((4, vec![0, 1])));
-        let (s, _) = settings_of("instance_group [ { kind: KIND_CPU } ]").unwrap();
+        let s = settings_of("instance_group [ { kind: KIND_CPU } ]").unwrap();
         assert_eq!(s.instances.map(|i| i.count), Some(1));
     }
 
@@ -623,9 +628,9 @@ mod tests {
         assert_eq!(VersionPolicy::Latest(2).select(&found), vec![2, 5]);
         assert_eq!(VersionPolicy::Latest(9).select(&found), vec![1, 2, 5]);
         assert_eq!(VersionPolicy::Specific(vec![1, 3]).select(&found), vec![1]);
-        let (_, p) = settings_of("version_policy { specific { versions: [ 1, 2 ] } }").unwrap();
-        assert_eq!(p, VersionPolicy::Specific(vec![1, 2]));
-        let (_, p) = settings_of("version_policy { all { } }").unwrap();
-        assert_eq!(p, VersionPolicy::All);
+        let s = settings_of("version_policy { specific { versions: [ 1, 2 ] } }").unwrap();
+        assert_eq!(s.version_policy, VersionPolicy::Specific(vec![1, 2]));
+        let s = settings_of("version_policy { all { } }").unwrap();
+        assert_eq!(s.version_policy, VersionPolicy::All);
     }
 }

@@ -81,7 +81,8 @@ pub fn scan(dir: &Path) -> Result<Vec<ModelSource>, RepositoryError> {
             continue;
         }
         let name = model.file_name().to_string_lossy().into_owned();
-        let (config, policy) = crate::model_config::read(&model.path(), &name);
+        let config = crate::model_config::read(&model.path(), &name);
+        let policy = config.version_policy();
         let mut found = Vec::new();
         for version in read(&model.path())? {
             let version = version.map_err(|source| RepositoryError::Read {
@@ -470,10 +471,7 @@ pub fn load_and_warm(
         batcher: std::sync::OnceLock::new(),
         load_time,
         artifact: read_pull_record(&source.path),
-        version_policy: match &source.config {
-            crate::model_config::ConfigFile::Valid(s) => s.version_policy.clone(),
-            _ => crate::model_config::VersionPolicy::All,
-        },
+        version_policy: source.config.version_policy(),
     })
 }
 

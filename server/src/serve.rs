@@ -286,9 +286,6 @@ pub enum ServeError {
     /// The TLS files are unreadable or invalid.
     #[error(transparent)]
     Tls(#[from] crate::listener::TlsError),
-    /// Limits that contradict each other.
-    #[error("{0}")]
-    Limits(String),
 }
 
 /// A number of bytes above 0 (a limit of 0 would refuse every request).
@@ -300,10 +297,20 @@ fn positive_bytes(s: &str) -> Result<usize, String> {
 }
 
 impl ServeArgs {
-    /// What clap cannot check flag by flag: every GPU is listed once, and preferred batch sizes
-    /// are sizes the batcher can form (a size of 0, or above `--max-batch-size`, would be
-    /// accepted and never used).
+    /// What clap cannot check flag by flag, before anything starts: the body budget holds a
+    /// request of the largest size, every GPU is listed once, and preferred batch sizes are sizes
+    /// the batcher can form (a size of 0, or above `--max-batch-size`, would be accepted and
+    /// never used).
     pub fn check(&self) -> Result<(), String> {
+        if let Some(budget) = self.max_buffered_request_bytes
+            && budget < self.max_request_bytes
+        {
+            return Err(format!(
+                "--max-buffered-request-bytes ({budget}) is below --max-request-bytes ({}): \
+                 a request of the largest size allowed could never be admitted; raise it",
+                self.max_request_bytes
+            ));
+        }
         // A device listed twice would silently get twice the instances.
         for (i, d) in self.gpu_device.iter().enumerate() {
             if self.gpu_device[..i].contains(d) {
@@ -575,12 +582,6 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         None => None,
     };
     let body_budget = max_buffered_request_bytes.unwrap_or(max_request_bytes.saturating_mul(8));
-    if body_budget < max_request_bytes {
-        return Err(ServeError::Limits(format!(
-            "--max-buffered-request-bytes ({body_budget}) is below --max-request-bytes ({max_request_bytes}): \
-             a request of the largest size allowed could never be admitted; raise it"
-        )));
-    }
     let admission = Arc::new(crate::admission::Admission::new(crate::admission::Limits {
         connections: max_connections as usize,
         requests: max_concurrent_requests as usize,

@@ -463,13 +463,9 @@ fn model_config(state: &AppState, m: &str, version: Option<&str>) -> Result<Resp
 /// Triton's model configuration of a ready model (REST `/config` and the gRPC `ModelConfig`).
 pub(crate) fn model_config_json(state: &AppState, m: &str, version: Option<&str>) -> Result<Value, ApiError> {
     let (model, _) = state.repo.ready_model(m, version)?;
-    let b = &model.backend;
     Ok(v2::triton_config(
         m,
-        b.signature(),
-        b.execution_provider(),
-        b.instances(),
-        b.gpu_devices(),
+        model.backend.as_ref(),
         &model.version_policy,
         model.batcher.get().map(|b| b.config()),
     ))

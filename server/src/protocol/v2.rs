@@ -618,13 +618,11 @@ pub fn timeout_param(
 /// batch dimension (clients still send it).
 pub fn triton_config(
     name: &str,
-    sig: &Signature,
-    execution_provider: &str,
-    instances: usize,
-    gpu_devices: &[i32],
+    backend: &dyn crate::backend::Backend,
     version_policy: &crate::model_config::VersionPolicy,
     batching: Option<&crate::batcher::BatchConfig>,
 ) -> Value {
+    let (sig, execution_provider) = (backend.signature(), backend.execution_provider());
     let skip = usize::from(batching.is_some());
     let io = |specs: &[TensorSpec]| -> Value {
         Value::Array(
@@ -649,7 +647,7 @@ pub fn triton_config(
         "max_batch_size": batching.map_or(0, |b| b.max_batch_size),
         "input": io(&sig.inputs),
         "output": io(&sig.outputs),
-        "instance_group": instance_groups(name, execution_provider, instances, gpu_devices),
+        "instance_group": instance_groups(name, execution_provider, backend.instances(), backend.gpu_devices()),
         "parameters": {"execution_provider": {"string_value": execution_provider}},
     });
     if let Some(b) = batching {
@@ -675,8 +673,8 @@ fn instance_groups(name: &str, execution_provider: &str, instances: usize, gpu_d
     if per_device.is_empty() {
         per_device.insert(0, instances);
     }
-    let counts: std::collections::BTreeSet<usize> = per_device.values().copied().collect();
-    if let [count] = counts.into_iter().collect::<Vec<_>>()[..] {
+    let count = per_device.values().next().copied().unwrap_or_default();
+    if per_device.values().all(|&n| n == count) {
         let gpus: Vec<i32> = per_device.keys().copied().collect();
         return serde_json::json!([{"name": name, "kind": "KIND_GPU", "count": count, "gpus": gpus}]);
     }

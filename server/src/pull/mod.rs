@@ -409,13 +409,13 @@ async fn run(args: &PullArgs, started: Instant) -> Result<Record, PullError> {
     }
     let limits = Limits {
         retries: args.retries,
-        read_timeout: Duration::from_secs(args.read_timeout.max(1)),
+        read_timeout: Duration::from_secs(args.read_timeout),
         backoff: Duration::from_millis(500),
         max_bytes: args.max_bytes,
     };
     let progress = Arc::new(Progress::default());
     let shown = kubemaas_crds::artifact::redact_uri(raw);
-    let reporter = progress.spawn_reporter(shown.clone(), Duration::from_secs(args.progress_seconds.max(1)));
+    let reporter = progress.spawn_reporter(shown.clone(), Duration::from_secs(args.progress_seconds));
     let result = fetch_uri(args, &uri, directory, expected.as_deref(), &limits, &progress).await;
     reporter.abort();
     let fetched = result?;
@@ -488,8 +488,9 @@ async fn fetch_uri(
         }
         None => None,
     };
-    let connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
-    let read_timeout = Duration::from_secs(args.read_timeout.max(1));
+    // Both at least 1 s: clap refuses 0.
+    let connect_timeout = Duration::from_secs(args.connect_timeout);
+    let read_timeout = limits.read_timeout;
     let token_file = |name: &str| -> Result<Option<String>, PullError> {
         match &args.credentials_dir {
             Some(d) => read_secret_file(&d.join(name)),
