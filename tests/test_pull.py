@@ -434,14 +434,19 @@ def test_an_s3_prefix_listing_a_key_that_climbs_out_is_refused_and_writes_nothin
     assert not [x for x in tmp_path.rglob("escaped.txt")], "a listed key with .. was written outside DEST"
 
 
+def s3_on(server) -> dict:
+    """The environment that points pull's S3 client at a recording server, with a made-up key."""
+    return {"AWS_ENDPOINT_URL": server.url, "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEEXAMPLE12", "AWS_SECRET_ACCESS_KEY": "x",
+            "AWS_REGION": "us-east-1"}
+
+
 @pytest.mark.parametrize("uri", ["s3://models/ocr/../../etc/passwd", "s3://models//etc/passwd",
                                  "gs://models/ocr/../../etc/passwd", "hf://kubemaas/ocr-cls/../../etc/passwd",
                                  "pvc://claim/../../etc/passwd", "{plain}/models/../../etc/passwd"])
 def test_a_path_climbing_out_is_refused_before_any_request(run_pull, tmp_path, plain, uri):
     """Every store endpoint points at a recording server: a refused URI never reaches it."""
     uri = uri.format(plain=plain.url)
-    env = {"AWS_ENDPOINT_URL": plain.url, "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEEXAMPLE12", "AWS_SECRET_ACCESS_KEY": "x",
-           "AWS_REGION": "us-east-1", "STORAGE_EMULATOR_HOST": plain.url, "HF_ENDPOINT": plain.url}
+    env = {**s3_on(plain), "STORAGE_EMULATOR_HOST": plain.url, "HF_ENDPOINT": plain.url}
     pvcs = tmp_path / "pvcs"
     (pvcs / "claim").mkdir(parents=True)
     dest = tmp_path / "out" / "passwd"
@@ -793,6 +798,14 @@ def test_a_listing_refused_for_now_is_retried_like_a_download(plain, run_pull, t
     assert_failed(p, 2, dest, mentions="gave up after 1 retries")
 
 
+def pull_past_a_stall(run_pull, uri, dest, env):
+    """Pulls with a 1 s read timeout and two retries, well inside --timeout: it must succeed in
+    seconds, so a stalled request was given up and retried, not waited out."""
+    p = run_pull(uri, dest, LOCAL, "--read-timeout", 1, "--retries", 2, "--timeout", 30, env=env, timeout=60)
+    assert_ok(p)
+    assert p.seconds < 10, p.explain()
+
+
 def test_a_listing_that_never_answers_is_retried_after_the_read_timeout(plain, run_pull, tmp_path, model_bytes):
     # A Hub listing accepted and never answered hung the pull until --timeout; a stalled
     # listing is a stalled read like any other, retried on a new connection.
@@ -800,10 +813,7 @@ def test_a_listing_that_never_answers_is_retried_after_the_read_timeout(plain, r
     plain.route("/api/models/o/r/tree/main", body=listing, fail_first=["stall"])
     plain.route("/o/r/resolve/main/model.onnx", body=model_bytes)
     dest = tmp_path / "snapshot"
-    p = run_pull("hf://o/r", dest, LOCAL, "--read-timeout", 1, "--retries", 2, "--timeout", 30,
-                 env={"HF_ENDPOINT": plain.url}, timeout=60)
-    assert_ok(p)
-    assert p.seconds < 10, p.explain()
+    pull_past_a_stall(run_pull, "hf://o/r", dest, {"HF_ENDPOINT": plain.url})
     assert (dest / "model.onnx").read_bytes() == model_bytes
     assert len(plain.gets("/api/models/o/r/tree/main")) == 2
 
@@ -819,13 +829,8 @@ def test_an_s3_listing_that_never_answers_is_retried_after_the_read_timeout(plai
         '</ListBucketResult>').encode()
     plain.route("/models", body=listing, fail_first=["stall"], headers={"Content-Type": "application/xml"})
     plain.route("/models/ocr/model.onnx", body=model_bytes)
-    env = {"AWS_ENDPOINT_URL": plain.url, "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEEXAMPLE12", "AWS_SECRET_ACCESS_KEY": "x",
-           "AWS_REGION": "us-east-1"}
     dest = tmp_path / "ocr"
-    p = run_pull("s3://models/ocr/", dest, LOCAL, "--read-timeout", 1, "--retries", 2, "--timeout", 30,
-                 env=env, timeout=60)
-    assert_ok(p)
-    assert p.seconds < 10, p.explain()
+    pull_past_a_stall(run_pull, "s3://models/ocr/", dest, s3_on(plain))
     assert (dest / "model.onnx").read_bytes() == model_bytes
     assert len(plain.gets("/models")) == 2
 
@@ -833,13 +838,8 @@ def test_an_s3_listing_that_never_answers_is_retried_after_the_read_timeout(plai
 def test_an_s3_head_that_never_answers_is_retried_after_the_read_timeout(plain, run_pull, tmp_path, model_bytes):
     # A single object is asked for its size first (HEAD): the same stall, the same retry.
     plain.route("/models/ocr/model.onnx", body=model_bytes, stall_heads=1)
-    env = {"AWS_ENDPOINT_URL": plain.url, "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEEXAMPLE12", "AWS_SECRET_ACCESS_KEY": "x",
-           "AWS_REGION": "us-east-1"}
     dest = tmp_path / "model.onnx"
-    p = run_pull("s3://models/ocr/model.onnx", dest, LOCAL, "--read-timeout", 1, "--retries", 2, "--timeout", 30,
-                 env=env, timeout=60)
-    assert_ok(p)
-    assert p.seconds < 10, p.explain()
+    pull_past_a_stall(run_pull, "s3://models/ocr/model.onnx", dest, s3_on(plain))
     assert dest.read_bytes() == model_bytes
     assert len(plain.requests_for("/models/ocr/model.onnx", "HEAD")) == 2
 

@@ -895,6 +895,19 @@ mod tests {
         .unwrap()
     }
 
+    /// The status of `spec()` observing `d` and `pods`, nothing probed.
+    fn status_of(d: &Deployment, pods: &[Pod]) -> ModelDeploymentStatus {
+        compute(
+            &spec(),
+            &Observed {
+                deployment: Some(d),
+                pods,
+                probed: None,
+            },
+            &now(),
+        )
+    }
+
     fn get<'a>(s: &'a ModelDeploymentStatus, t: &str) -> &'a Condition {
         s.conditions.iter().find(|c| c.type_ == t).unwrap()
     }
@@ -910,15 +923,7 @@ mod tests {
             "message": "0/5 nodes are available: 3 Insufficient nvidia.com/gpu, 2 node(s) had untolerated taint."}]}}),
         );
         let d = deployment(1, 0, 1);
-        let s = compute(
-            &spec(),
-            &Observed {
-                deployment: Some(&d),
-                pods: &[p],
-                probed: None,
-            },
-            &now(),
-        );
+        let s = status_of(&d, &[p]);
         let c = get(&s, "Scheduled");
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Unschedulable"));
         assert!(
@@ -945,15 +950,7 @@ mod tests {
 
     fn model_loaded_of(p: Pod) -> (String, String, String) {
         let d = deployment(1, 0, 1);
-        let s = compute(
-            &spec(),
-            &Observed {
-                deployment: Some(&d),
-                pods: &[p],
-                probed: None,
-            },
-            &now(),
-        );
+        let s = status_of(&d, &[p]);
         let c = get(&s, "ModelLoaded");
         (c.status.clone(), c.reason.clone(), c.message.clone())
     }
@@ -1050,15 +1047,7 @@ mod tests {
             ),
         );
         let d = deployment(1, 0, 1);
-        let s = compute(
-            &spec(),
-            &Observed {
-                deployment: Some(&d),
-                pods: &[p],
-                probed: None,
-            },
-            &now(),
-        );
+        let s = status_of(&d, &[p]);
         assert_eq!(get(&s, "Degraded").reason, "CrashLoopBackOff");
         assert!(get(&s, "ModelLoaded").message.contains("403 Forbidden"));
     }
@@ -1071,15 +1060,7 @@ mod tests {
             "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}}),
         );
         let d = deployment(1, 0, 1);
-        let s = compute(
-            &spec(),
-            &Observed {
-                deployment: Some(&d),
-                pods: std::slice::from_ref(&crash),
-                probed: None,
-            },
-            &now(),
-        );
+        let s = status_of(&d, std::slice::from_ref(&crash));
         let c = get(&s, "Degraded");
         assert_eq!(
             (c.status.as_str(), c.reason.as_str()),
@@ -1090,29 +1071,13 @@ mod tests {
             json!({"status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": true, "restartCount": 1, "started": true,
             "state": {"running": {}}, "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}}),
         );
-        let s = compute(
-            &spec(),
-            &Observed {
-                deployment: Some(&d),
-                pods: &[oom],
-                probed: None,
-            },
-            &now(),
-        );
+        let s = status_of(&d, &[oom]);
         assert_eq!(get(&s, "Degraded").reason, "OOMKilled");
         let pull = pod(
             json!({"status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
             "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"kubemaas/server:nope\""}}}]}}),
         );
-        let s = compute(
-            &spec(),
-            &Observed {
-                deployment: Some(&d),
-                pods: &[pull],
-                probed: None,
-            },
-            &now(),
-        );
+        let s = status_of(&d, &[pull]);
         let c = get(&s, "Degraded");
         assert_eq!(c.reason, "ImagePullBackOff");
         assert!(c.message.contains("kubemaas/server:nope"));
@@ -1132,15 +1097,7 @@ mod tests {
             )
         };
         let of = |p: Pod| {
-            let s = compute(
-                &spec(),
-                &Observed {
-                    deployment: Some(&d),
-                    pods: &[p],
-                    probed: None,
-                },
-                &now(),
-            );
+            let s = status_of(&d, &[p]);
             (
                 get(&s, "Degraded").reason.clone(),
                 get(&s, "ModelLoaded").reason.clone(),
@@ -1164,15 +1121,7 @@ mod tests {
             json!({"spec": {"nodeName": "n1", "containers": [{"name": "server"}]}, "status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": true, "restartCount": 0, "started": true, "state": {"running": {}}}]}}),
         );
         let d = deployment(2, 1, 2);
-        let s = compute(
-            &spec(),
-            &Observed {
-                deployment: Some(&d),
-                pods: &[ok.clone(), ok],
-                probed: None,
-            },
-            &now(),
-        );
+        let s = status_of(&d, &[ok.clone(), ok]);
         assert_eq!(get(&s, "Ready").reason, "InsufficientReplicas");
         assert_eq!(get(&s, "Ready").message, "1/2 replicas ready");
         assert_eq!(get(&s, "ModelLoaded").status, "True");
@@ -1222,17 +1171,7 @@ mod tests {
         let mut pods = old.to_vec();
         pods.push(of_template("ranker-new-1", "new", false));
         let d = rolling_out("new", 3, 2, 1);
-        let observe = |pods: &[Pod]| {
-            compute(
-                &spec(),
-                &Observed {
-                    deployment: Some(&d),
-                    pods,
-                    probed: None,
-                },
-                &now(),
-            )
-        };
+        let observe = |pods: &[Pod]| status_of(&d, pods);
         let s = observe(&pods);
         let c = get(&s, "ModelLoaded");
         assert_eq!(
@@ -1310,27 +1249,11 @@ mod tests {
     fn rollout_in_progress_is_not_ready_until_updated() {
         let mut d = deployment(3, 2, 1);
         d.status.as_mut().unwrap().ready_replicas = Some(3);
-        let s = compute(
-            &spec(),
-            &Observed {
-                deployment: Some(&d),
-                pods: &[],
-                probed: None,
-            },
-            &now(),
-        );
+        let s = status_of(&d, &[]);
         assert_eq!(get(&s, "Ready").reason, "RolloutInProgress");
         let mut stale = deployment(2, 2, 2);
         stale.metadata.generation = Some(3);
-        let s = compute(
-            &spec(),
-            &Observed {
-                deployment: Some(&stale),
-                pods: &[],
-                probed: None,
-            },
-            &now(),
-        );
+        let s = status_of(&stale, &[]);
         assert_eq!(get(&s, "Ready").reason, "RolloutInProgress");
     }
 
@@ -1382,15 +1305,7 @@ mod tests {
             "state": {"running": {}}, "lastState": {"terminated": {"exitCode": 137, "reason": "Error"}}}]}}),
         );
         let d = deployment(1, 0, 1);
-        let s = compute(
-            &spec(),
-            &Observed {
-                deployment: Some(&d),
-                pods: &[p],
-                probed: None,
-            },
-            &now(),
-        );
+        let s = status_of(&d, &[p]);
         assert_eq!(get(&s, "ModelLoaded").reason, "StartupTimeout");
     }
 
@@ -1403,15 +1318,7 @@ mod tests {
             "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": "Error: failed to read TLS certificate /tls/tls.crt: no PEM certificate"}}}]}}),
         );
         let d = deployment(1, 0, 1);
-        let s = compute(
-            &spec(),
-            &Observed {
-                deployment: Some(&d),
-                pods: &[p],
-                probed: None,
-            },
-            &now(),
-        );
+        let s = status_of(&d, &[p]);
         let c = get(&s, "ModelLoaded");
         assert_eq!(
             (c.status.as_str(), c.reason.as_str()),
@@ -1434,15 +1341,7 @@ mod tests {
             "state": {"waiting": {"reason": "CreateContainerConfigError", "message": "secret \"nope\" not found"}}}]}}),
         );
         let d = deployment(1, 0, 1);
-        let s = compute(
-            &spec(),
-            &Observed {
-                deployment: Some(&d),
-                pods: &[p],
-                probed: None,
-            },
-            &now(),
-        );
+        let s = status_of(&d, &[p]);
         let c = get(&s, "Degraded");
         assert_eq!(
             (c.status.as_str(), c.reason.as_str()),
@@ -1555,15 +1454,7 @@ mod tests {
             )
         };
         let d = deployment(1, 0, 1);
-        let s = compute(
-            &spec(),
-            &Observed {
-                deployment: Some(&d),
-                pods: &[recovered(false)],
-                probed: None,
-            },
-            &now(),
-        );
+        let s = status_of(&d, &[recovered(false)]);
         let c = get(&s, "ModelLoaded");
         assert_eq!(
             (c.status.as_str(), c.reason.as_str()),
@@ -1572,15 +1463,7 @@ mod tests {
             c.message
         );
         let d = deployment(1, 1, 1);
-        let s = compute(
-            &spec(),
-            &Observed {
-                deployment: Some(&d),
-                pods: &[recovered(true)],
-                probed: None,
-            },
-            &now(),
-        );
+        let s = status_of(&d, &[recovered(true)]);
         let c = get(&s, "ModelLoaded");
         assert_eq!(
             (c.status.as_str(), c.reason.as_str()),
