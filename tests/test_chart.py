@@ -3,6 +3,7 @@ against Kubernetes 1.37, the schema rejects wrong types, RBAC is least privilege
 CRD copy is the generated one."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -221,3 +222,14 @@ def test_the_chart_keeps_the_operators_default_log_filter():
     d = next(x for x in docs_of() if x["kind"] == "Deployment")
     env = {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBEMAAS_LOG"] == default == "info,kube_client::client::builder=off", (env["KUBEMAAS_LOG"], default)
+
+
+def test_the_operator_listens_where_its_pod_ip_is_ipv4_or_ipv6():
+    # The kubelet probes the operator at its pod IP; `[::]` takes both families (and IPv4 alone on
+    # a node without IPv6), as the operator's own default does.
+    help_text = subprocess.run([str(ROOT / "target" / "debug" / "kubemaas-operator"), "run", "--help"],
+                               capture_output=True, text=True, timeout=60).stdout
+    default = re.search(r"--metrics-addr[\s\S]*?\[default: (.*)\]", help_text).group(1)
+    assert default == "[::]:8090", help_text
+    assert operator_env()["KUBEMAAS_METRICS_ADDR"] == default
+    assert operator_env("--set", "metrics.port=9100")["KUBEMAAS_METRICS_ADDR"] == "[::]:9100"

@@ -29,7 +29,8 @@ def closed_port():
     return port
 
 
-def test_operator_is_not_ready_while_the_apiserver_is_unreachable_and_says_where(tmp_path):
+def unreachable_kubeconfig(tmp_path):
+    """A kubeconfig naming an apiserver on a closed loopback port, and that apiserver's URL."""
     api = f"https://127.0.0.1:{closed_port()}"
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(f"""apiVersion: v1
@@ -39,6 +40,11 @@ users: [{{name: u, user: {{token: t}}}}]
 contexts: [{{name: x, context: {{cluster: c, user: u}}}}]
 current-context: x
 """)
+    return kubeconfig, api
+
+
+def test_operator_is_not_ready_while_the_apiserver_is_unreachable_and_says_where(tmp_path):
+    kubeconfig, api = unreachable_kubeconfig(tmp_path)
     log = tmp_path / "operator.log"
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "RUST_BACKTRACE": "1"}
     with open(log, "w") as out:
@@ -248,3 +254,86 @@ def test_flag_values_that_cannot_be_honoured_are_refused_by_name(args, flag, say
     assert "For more information, try '--help'." in p.stderr, p.stderr[-2000:]
     assert flag in p.stderr and says in p.stderr, p.stderr[-2000:]
     assert "panicked" not in p.stderr, p.stderr[-2000:]
+
+
+def answers_on_both_loopbacks(port):
+    """Whether a TCP listener on `port` accepts on 127.0.0.1 and on ::1 (both loopback)."""
+    seen = {}
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family) as s:
+            s.settimeout(5)
+            seen[host] = s.connect_ex((host, port)) == 0
+    return seen
+
+
+def test_by_default_the_server_listens_on_ipv4_and_ipv6(tmp_path):
+    # On an IPv6 (or dual-stack, IPv6-first) cluster the pod IP is IPv6: a server listening on
+    # 0.0.0.0 alone is never probed ready there.
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(SERVER), "--log-format", "json", "serve", "--http-port", "0", "--grpc-port", "0",
+                                 "--metrics-port", "0", "--model", f"m={ROW_STATS}"], stderr=out, stdout=out)
+    try:
+        event = None
+        for _ in range(300):
+            events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+            event = next((e for e in events if e.get("message") == "listening"), None)
+            if event:
+                break
+            time.sleep(0.1)
+        assert event, log.read_text()
+        for surface in ("http", "grpc", "metrics"):
+            port = int(event[surface].rsplit(":", 1)[1])
+            assert answers_on_both_loopbacks(port) == {"127.0.0.1": True, "::1": True}, (surface, event)
+        port = int(event["http"].rsplit(":", 1)[1])
+        ready = requests.get(f"http://[::1]:{port}/v2/health/live", timeout=5)
+        assert ready.status_code == 200, ready.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_an_explicit_ipv4_host_listens_on_ipv4_only(tmp_path):
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(SERVER), "--log-format", "json", "serve", "--host", "0.0.0.0", "--http-port", "0",
+                                 "--grpc-port", "0", "--metrics-port", "0", "--model", f"m={ROW_STATS}"],
+                                stderr=out, stdout=out)
+    try:
+        port = None
+        for _ in range(300):
+            m = re.search(r'"http":"0\.0\.0\.0:(\d+)"', log.read_text())
+            if m:
+                port = int(m.group(1))
+                break
+            time.sleep(0.1)
+        assert port, log.read_text()
+        assert answers_on_both_loopbacks(port) == {"127.0.0.1": True, "::1": False}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_by_default_the_operator_listens_on_ipv4_and_ipv6(tmp_path):
+    # The kubelet probes the operator at its pod IP, IPv4 or IPv6. The default port, 8090, is
+    # one no other test uses.
+    log = tmp_path / "operator.log"
+    env = {**os.environ, "KUBECONFIG": str(unreachable_kubeconfig(tmp_path)[0])}
+    env.pop("KUBEMAAS_METRICS_ADDR", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(OPERATOR), "--log-format", "json", "run"], env=env, stderr=out, stdout=out)
+    try:
+        port = None
+        for _ in range(300):
+            m = re.search(r'"metrics":"\[::\]:(\d+)"', log.read_text())
+            if m:
+                port = int(m.group(1))
+                break
+            time.sleep(0.1)
+        assert port, log.read_text()
+        assert answers_on_both_loopbacks(port) == {"127.0.0.1": True, "::1": True}
+        assert requests.get(f"http://[::1]:{port}/healthz", timeout=5).status_code == 200
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

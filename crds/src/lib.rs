@@ -1,8 +1,10 @@
 //! KubeMaaS API types: the `ModelDeployment` custom resource (`kubemaas.io/v1alpha1`), its
-//! condition vocabulary and the generated CRD. Types only: no client, no runtime.
+//! condition vocabulary and the generated CRD, and the few rules the operator and the server
+//! share (exit codes, error reports, how they listen). No client, no runtime.
 
 pub mod artifact;
 pub mod conditions;
+pub mod listen;
 pub mod report;
 #[cfg(feature = "api")]
 pub mod v1alpha1;

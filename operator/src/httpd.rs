@@ -69,7 +69,7 @@ fn respond(health: &Health, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Serves until the process ends. Returns the bound address.
 pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = tokio::net::TcpListener::from_std(kubemaas_crds::listen::listen(addr)?)?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         loop {

@@ -104,8 +104,9 @@ struct RunArgs {
     #[arg(long, env = "KUBEMAAS_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
     /// Address of /healthz, /readyz and /metrics (8090: the server's ports are 8080, 8081 and 9090,
-    /// so both run side by side on one machine).
-    #[arg(long, env = "KUBEMAAS_METRICS_ADDR", default_value = "0.0.0.0:8090")]
+    /// so both run side by side on one machine). `[::]` is every address, IPv4 and IPv6 (IPv4
+    /// alone where the host has no IPv6); `0.0.0.0` is IPv4 only.
+    #[arg(long, env = "KUBEMAAS_METRICS_ADDR", default_value = "[::]:8090")]
     metrics_addr: SocketAddr,
     /// Elect one active replica through a Lease (disable only when running a single replica).
     #[arg(long, env = "KUBEMAAS_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]

@@ -31,8 +31,10 @@ pub struct ServeArgs {
     )]
     pub models: Vec<String>,
 
-    /// Address to listen on.
-    #[arg(long, env = "KUBEMAAS_HOST", default_value = "0.0.0.0")]
+    /// Address to listen on. The default, `::`, is every address, IPv4 and IPv6 (or IPv4 alone
+    /// where the host has no IPv6), so pods answer on IPv4, IPv6 and dual-stack clusters; `0.0.0.0`
+    /// is IPv4 only.
+    #[arg(long, env = "KUBEMAAS_HOST", default_value = "::")]
     pub host: IpAddr,
 
     /// HTTP port (KServe V2, TF-Serving REST, /metrics). 0 picks a free port.
@@ -614,9 +616,9 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
             crate::offload::OFFLOAD_BYTES,
         ),
     });
-    let http_listener = http::bind(SocketAddr::new(host, http_port)).await?;
-    let grpc_listener = http::bind(SocketAddr::new(host, grpc_port)).await?;
-    let metrics_listener = http::bind(SocketAddr::new(host, metrics_port)).await?;
+    let http_listener = http::bind(SocketAddr::new(host, http_port))?;
+    let grpc_listener = http::bind(SocketAddr::new(host, grpc_port))?;
+    let metrics_listener = http::bind(SocketAddr::new(host, metrics_port))?;
     let http_addr = http_listener
         .local_addr()
         .map(|a| a.to_string())

@@ -120,10 +120,11 @@ pub enum TransportError {
     },
 }
 
-/// Binds a listener.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, TransportError> {
-    TcpListener::bind(addr)
-        .await
+/// Binds a listener (see [`kubemaas_crds::listen::listen`] for what `::` means). Called from
+/// within the runtime, which the listener registers with.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, TransportError> {
+    kubemaas_crds::listen::listen(addr)
+        .and_then(TcpListener::from_std)
         .map_err(|source| TransportError::Bind { addr, source })
 }
 
