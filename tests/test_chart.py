@@ -233,3 +233,44 @@ def test_the_operator_listens_where_its_pod_ip_is_ipv4_or_ipv6():
     assert default == "[::]:8090", help_text
     assert operator_env()["KUBEMAAS_METRICS_ADDR"] == default
     assert operator_env("--set", "metrics.port=9100")["KUBEMAAS_METRICS_ADDR"] == "[::]:9100"
+
+
+def pod_spec_of(values_yaml, tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text(values_yaml)
+    d = next(x for x in docs_of("-f", str(values)) if x["kind"] == "Deployment")
+    return d["spec"]["template"]["spec"]
+
+
+def test_image_pull_secrets_may_be_names_or_references(tmp_path):
+    # `[regcred]` is the commonest way to write it; it rendered a list of strings, which the
+    # apiserver refuses ("cannot unmarshal string into ... LocalObjectReference").
+    spec = pod_spec_of("operator:\n  imagePullSecrets: [regcred, {name: mirror}]\n", tmp_path)
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+
+
+@pytest.mark.parametrize("bad", [
+    # A misspelt field is dropped by the apiserver, leaving a toleration of every effect.
+    "operator:\n  tolerations: [{key: gpu, operator: Exists, efect: NoSchedule}]\n",
+    "operator:\n  tolerations: [{key: gpu, operator: Exist}]\n",
+    "operator:\n  tolerations: [{key: gpu, effect: NoSchedul}]\n",
+    "operator:\n  tolerations: [{key: gpu, tolerationSeconds: soon}]\n",
+    "operator:\n  tolerations: [NoSchedule]\n",
+    "operator:\n  imagePullSecrets: [{secret: regcred}]\n",
+    "operator:\n  imagePullSecrets: [Reg_Cred]\n",
+    "operator:\n  imagePullSecrets: [42]\n",
+])
+def test_schema_rejects_tolerations_and_pull_secrets_kubernetes_would_misread(bad, tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text(bad)
+    p = render(values)
+    assert p.returncode != 0 and "values don't meet the specifications of the schema" in p.stderr, (bad, p.stderr)
+
+
+def test_well_formed_tolerations_render_as_given(tmp_path):
+    given = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+             {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
+              "tolerationSeconds": 30},
+             {"key": "team", "operator": "Equal", "value": "ml"}]
+    spec = pod_spec_of(yaml.safe_dump({"operator": {"tolerations": given}}), tmp_path)
+    assert spec["tolerations"] == given
