@@ -2,6 +2,7 @@
 against Kubernetes 1.37, the schema rejects wrong types, RBAC is least privilege, and the chart's
 CRD copy is the generated one."""
 
+import json
 import os
 import re
 import subprocess
@@ -274,3 +275,27 @@ def test_well_formed_tolerations_render_as_given(tmp_path):
              {"key": "team", "operator": "Equal", "value": "ml"}]
     spec = pod_spec_of(yaml.safe_dump({"operator": {"tolerations": given}}), tmp_path)
     assert spec["tolerations"] == given
+
+
+def test_image_references_follow_the_crds_rule_and_the_operator_may_be_pinned_by_digest():
+    crd = yaml.safe_load((ROOT / "crds" / "generated" / "modeldeployments.kubemaas.io.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    rule = spec["image"]["x-kubernetes-validations"][0]["rule"]
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    server = schema["properties"]["server"]["properties"]
+    assert rule == f"self.matches('{server['image']['pattern']}')" == f"self.matches('{server['cudaImage']['pattern']}')"
+    digest = "sha256:" + "ab" * 32
+    d = next(x for x in docs_of("--set", f"operator.image.digest={digest}", "--set", "operator.image.tag=9.9")
+             if x["kind"] == "Deployment")
+    assert d["spec"]["template"]["spec"]["containers"][0]["image"] == f"kubemaas/operator@{digest}"
+    d = next(x for x in docs_of("--set", "operator.image.repository=registry.example.com:5000/ml/operator")
+             if x["kind"] == "Deployment")
+    assert d["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example.com:5000/ml/operator:0.1.0"
+
+
+@pytest.mark.parametrize("bad", ["server.image=kubemaas/server: 0.2", "server.cudaImage=KubeMaaS/server-cuda",
+                                 "operator.image.repository=kubemaas/operator:0.1", "operator.image.tag=v 1",
+                                 "operator.image.digest=sha256:abc"])
+def test_schema_rejects_images_the_kubelet_cannot_pull(bad):
+    p = render(None, "--set", bad)
+    assert p.returncode != 0 and "values don't meet the specifications of the schema" in p.stderr, p.stderr

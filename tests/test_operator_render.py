@@ -200,3 +200,15 @@ def test_the_crd_accepts_exactly_the_http_hosts_the_puller_can_parse(uri, tmp_pa
     parsed = "invalid model URI" not in p.stderr
     assert p.returncode != 0, p.stderr
     assert accepted == parsed, f"CRD {'accepts' if accepted else 'refuses'}, pull says: {p.stderr.strip()}"
+
+
+@pytest.mark.parametrize("image", [
+    "kubemaas/server:0.1.0", "server", "registry.example.com:5000/team/kubemaas-server:v1.2_rc.3",
+    "ghcr.io/org/kubemaas__server@sha256:" + "a" * 64, "localhost/ns/server:0.1@sha256:" + "0f" * 32,
+    "registry-1.docker.io/library/server:LATEST",
+])
+def test_image_references_the_kubelet_can_pull_are_accepted(image, tmp_path):
+    p = render_text(MD_HEAD + f"  image: \"{image}\"\n", tmp_path)
+    assert p.returncode == 0, p.stderr
+    d = next(d for d in yaml.safe_load_all(p.stdout) if d and d["kind"] == "Deployment")
+    assert d["spec"]["template"]["spec"]["containers"][0]["image"] == image

@@ -100,8 +100,13 @@ pub struct ModelDeploymentSpec {
     #[x_kube(validation = Rule::new("self >= 10 && self <= 86400").message("startupTimeoutSeconds must be between 10 and 86400 (a day)"))]
     pub startup_timeout_seconds: i32,
 
-    /// Server image override; by default the operator's configured CPU or CUDA image.
+    /// Server image override (`[registry/]repository[:tag][@digest]`); by default the operator's
+    /// configured CPU or CUDA image. As for the kubelet, a first component is a registry only
+    /// with a `.`, a port or as `localhost`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{IMAGE_REFERENCE}')"))
+        .message("image must be an image reference such as registry.example.com/kubemaas/server:0.1.0 or ...@sha256:<64 hex digits> (the repository in lower case, no spaces)"))]
     pub image: Option<String>,
 
     /// Pod settings merged on top of what the operator generates.
@@ -546,6 +551,11 @@ pub struct GpuSpec {
         .message("gpu.product must be a label value such as NVIDIA-H100-80GB-HBM3 (letters, digits, '-', '_', '.', at most 63)"))]
     pub product: Option<String>,
 }
+
+/// What an image reference must look like (`[registry/]repository[:tag][@digest]`, as the
+/// kubelet parses it: a first component is a registry only with a `.`, a port or as `localhost`,
+/// and repositories are lower case). RE2 and ECMAScript alike, so the chart's schema uses it too.
+pub const IMAGE_REFERENCE: &str = "^(((localhost|([a-zA-Z0-9]|[a-zA-Z0-9][-a-zA-Z0-9]*[a-zA-Z0-9])([.]([a-zA-Z0-9]|[a-zA-Z0-9][-a-zA-Z0-9]*[a-zA-Z0-9]))+)(:[0-9]+)?|([a-zA-Z0-9]|[a-zA-Z0-9][-a-zA-Z0-9]*[a-zA-Z0-9]):[0-9]+)/)?[a-z0-9]+(([.]|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([.]|_|__|-+)[a-z0-9]+)*)*(:[A-Za-z0-9_][-A-Za-z0-9_.]{0,127})?(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$";
 
 fn default_one() -> i32 {
     1
