@@ -452,11 +452,12 @@ async fn replicas(client: &kube::Client, ns: &str, name: &str) -> Option<i32> {
 }
 
 #[tokio::test]
-async fn concurrency_eight_against_target_two_scales_to_four_and_back_to_min_replicas() {
+async fn concurrency_eight_against_target_two_scales_to_four_holds_four_through_an_operator_upgrade_and_goes_back_to_min_replicas()
+{
     install_crd();
     let client = client().await;
     let ns = TestNs::new(&client, "kpa").await;
-    let op = Operator::start(&ns.name, "op-kpa", &["--metrics-interval", "1"]);
+    let mut op = Operator::start(&ns.name, "op-kpa", &["--metrics-interval", "1"]);
     let runner = PodRunner::start(client.clone(), &ns.name, RunnerConfig::for_tests(&ns.name));
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     // A model that keeps the server busy on little CPU, so the 8 clients' requests spend their time
@@ -508,14 +509,19 @@ async fn concurrency_eight_against_target_two_scales_to_four_and_back_to_min_rep
     let mut binary = header.as_bytes().to_vec();
     binary.resize(header.len() + 3 * 320 * 320 * 4, 0);
 
-    // Steady concurrency 8 for 35 s; target 2 per pod: 4 pods, within two stable windows (20 s).
+    // Steady concurrency 8 for 50 s; target 2 per pod: 4 pods, within two stable windows (20 s).
+    // 3 s after that, the operator is upgraded as its Deployment would roll: the new process
+    // starts and stands by, the old one is stopped and gives up the Lease. The new leader knows
+    // nothing of the load yet; it must hold the 4 replicas it finds, not fall back to minReplicas
+    // or jump before it has measured a stable window of its own.
     let heavy = HEAVY_LOAD.lock().await;
     let began = std::time::Instant::now();
     let loader = tokio::task::spawn_blocking(move || {
-        load_binary(&addr, &path, header.len(), &binary, 8, Duration::from_secs(35))
+        load_binary(&addr, &path, header.len(), &binary, 8, Duration::from_secs(50))
     });
     let (mut highest, mut timeline, mut reached) = (1, Vec::new(), None);
-    while began.elapsed() < Duration::from_secs(34) {
+    let (mut upgraded, mut lowest_after) = (None, i32::MAX);
+    while began.elapsed() < Duration::from_secs(49) {
         let r = replicas(&client, &ns.name, "kpa").await.unwrap_or(0);
         if timeline.last().is_none_or(|(_, last)| *last != r) {
             timeline.push((began.elapsed(), r));
@@ -524,11 +530,19 @@ async fn concurrency_eight_against_target_two_scales_to_four_and_back_to_min_rep
             reached = Some(began.elapsed());
         }
         highest = highest.max(r);
+        if upgraded.is_some() {
+            lowest_after = lowest_after.min(r);
+        } else if reached.is_some_and(|at| began.elapsed() >= at + Duration::from_secs(3)) {
+            let standby = Operator::start(&ns.name, "op-kpa-2", &["--metrics-interval", "1"]);
+            assert!(op.terminate(), "the old leader exits cleanly");
+            op = standby;
+            upgraded = Some(began.elapsed());
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let report = loader.await.unwrap();
     drop(heavy);
-    println!("replicas over time: {timeline:?}");
+    println!("replicas over time: {timeline:?}; operator upgraded at {upgraded:?}");
     println!("client: {:?}", LoadSummary(&report));
     println!("decisions so far:\n{}", scaled_events(&ns.name));
     let md = api.get("kpa").await.unwrap();
@@ -542,7 +556,13 @@ async fn concurrency_eight_against_target_two_scales_to_four_and_back_to_min_rep
         reached <= Duration::from_secs(20),
         "took {reached:?} (two stable windows are 20 s)"
     );
-    assert_eq!(highest, 4, "no overshoot under a steady load");
+    assert_eq!(highest, 4, "no overshoot under a steady load, before or after the upgrade");
+    let upgraded = upgraded.expect("the operator was upgraded under load");
+    assert!(
+        upgraded <= Duration::from_secs(30),
+        "the new leader had at least 19 s of load: {upgraded:?}"
+    );
+    assert_eq!(lowest_after, 4, "no dip through the upgrade: {timeline:?}");
     let a = st.autoscaling.expect("status.autoscaling");
     assert_eq!(a.desired_replicas, 4);
     assert!(
@@ -552,7 +572,8 @@ async fn concurrency_eight_against_target_two_scales_to_four_and_back_to_min_rep
     );
     assert!(a.last_scale_time.is_some());
 
-    // Load stops: after the stable window drains and 10 s of stabilization, back to 1.
+    // Load stops: after the stable window drains and 10 s of stabilization, back to 1 (the new
+    // leader decides it: the old one has exited).
     let stopped = std::time::Instant::now();
     let down = wait_for(
         "back to minReplicas",
