@@ -337,3 +337,14 @@ def test_by_default_the_operator_listens_on_ipv4_and_ipv6(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+@pytest.mark.parametrize("flag", ["--server-image", "--server-cuda-image"])
+def test_a_server_image_the_kubelet_cannot_pull_stops_the_operator_at_start(flag, tmp_path):
+    # Every ModelDeployment's pods would sit in InvalidImageName.
+    for sub in (["run"], ["render", "-f", str(ROOT / "deploy" / "examples" / "autoscaled.yaml")]):
+        p = subprocess.run([str(OPERATOR), *sub, flag, "kubemaas/server: 0.2"], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "KUBECONFIG": str(tmp_path / "none")})
+        assert p.returncode == 2, (sub, p.stderr)
+        assert f"invalid value 'kubemaas/server: 0.2' for '{flag}" in p.stderr, p.stderr
+        assert "not an image reference" in p.stderr, p.stderr

@@ -453,7 +453,7 @@ async fn replicas(client: &kube::Client, ns: &str, name: &str) -> Option<i32> {
 
 #[tokio::test]
 async fn concurrency_eight_against_target_two_scales_to_four_holds_four_through_an_operator_upgrade_and_goes_back_to_min_replicas()
-{
+ {
     install_crd();
     let client = client().await;
     let ns = TestNs::new(&client, "kpa").await;
@@ -556,7 +556,10 @@ async fn concurrency_eight_against_target_two_scales_to_four_holds_four_through_
         reached <= Duration::from_secs(20),
         "took {reached:?} (two stable windows are 20 s)"
     );
-    assert_eq!(highest, 4, "no overshoot under a steady load, before or after the upgrade");
+    assert_eq!(
+        highest, 4,
+        "no overshoot under a steady load, before or after the upgrade"
+    );
     let upgraded = upgraded.expect("the operator was upgraded under load");
     assert!(
         upgraded <= Duration::from_secs(30),

@@ -58,14 +58,15 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct ImageArgs {
-    /// Default server image for CPU pods.
-    #[arg(long, env = "KUBEMAAS_SERVER_IMAGE", default_value = "kubemaas/server:0.1.0")]
+    /// Default server image for CPU pods (`[registry/]repository[:tag][@digest]`).
+    #[arg(long, env = "KUBEMAAS_SERVER_IMAGE", default_value = "kubemaas/server:0.1.0", value_parser = image_reference)]
     server_image: String,
     /// Default server image for GPU pods.
     #[arg(
         long,
         env = "KUBEMAAS_SERVER_CUDA_IMAGE",
-        default_value = "kubemaas/server-cuda:0.1.0"
+        default_value = "kubemaas/server-cuda:0.1.0",
+        value_parser = image_reference
     )]
     server_cuda_image: String,
     /// Namespace whose pods (Prometheus) may reach the metrics port under a ModelDeployment's
@@ -137,6 +138,21 @@ struct RunArgs {
     /// `status.metrics` and the request-driven autoscaler.
     #[arg(long, env = "KUBEMAAS_METRICS_INTERVAL", default_value_t = 15.0, value_parser = positive_seconds)]
     metrics_interval: f64,
+}
+
+/// An image reference the kubelet can pull, by the rule the CRD applies to `spec.image`: every
+/// pod would otherwise sit in InvalidImageName.
+fn image_reference(s: &str) -> Result<String, String> {
+    let rule = regex::Regex::new(kubemaas_crds::v1alpha1::IMAGE_REFERENCE).map_err(|e| e.to_string())?;
+    if rule.is_match(s) {
+        Ok(s.to_string())
+    } else {
+        Err(
+            "not an image reference ([registry/]repository[:tag][@digest], the repository in lower case, \
+             no spaces), e.g. registry.example.com/kubemaas/server:0.1.0"
+                .into(),
+        )
+    }
 }
 
 /// A number of seconds greater than zero (fractions allowed).
