@@ -239,6 +239,7 @@ PULL = ["pull", "pvc://claim/m.onnx", "/nonexistent/kubemaas/dest", "--pvc-root"
     ([*PULL, "--min-cosine", "0.9"], "--min-cosine", "--compress"),
     ([*PULL, "--input-shape", "x=1x3"], "--input-shape", "--compress"),
     ([*SERVE, "--preferred-batch-size", "4"], "--preferred-batch-size", "--max-batch-size"),
+    ([*SERVE, "--max-queue-delay-us", "500"], "--max-queue-delay-us", "--max-batch-size"),
     # A device listed twice doubled the instances on it, unasked.
     ([*SERVE, "--gpu-device", "0,1,0"], "--gpu-device", "0 is listed twice"),
     # config.pbtxt refuses a queue delay over a day; the flag took any.
@@ -246,7 +247,7 @@ PULL = ["pull", "pvc://claim/m.onnx", "/nonexistent/kubemaas/dest", "--pvc-root"
 ], ids=["min-cosine-1.5", "min-cosine-nan", "pull-compress-threads", "compress-threads", "timing-runs",
         "pull-timeout-0", "read-timeout-0", "connect-timeout-0", "max-request-bytes-0", "preferred-over-max",
         "preferred-0", "min-cosine-without-compress", "input-shape-without-compress", "preferred-without-batching",
-        "gpu-device-twice", "queue-delay-past-a-day"])
+        "queue-delay-without-batching", "gpu-device-twice", "queue-delay-past-a-day"])
 def test_flag_values_that_cannot_be_honoured_are_refused_by_name(args, flag, says):
     p = subprocess.run([str(SERVER), *args], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])

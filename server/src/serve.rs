@@ -121,12 +121,12 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_MAX_BATCH_SIZE", default_value_t = 0)]
     pub max_batch_size: usize,
 
-    /// Dynamic batching: the longest the oldest queued request waits for others, in microseconds.
-    /// On the CPU with several instances a batch stops waiting sooner, once it holds its even
-    /// share of the requests in flight (queued and able to join it, or running on the other
-    /// instances).
-    #[arg(long, env = "KUBEMAAS_MAX_QUEUE_DELAY_US", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=86_400_000_000))]
-    pub max_queue_delay_us: u64,
+    /// Dynamic batching: the longest the oldest queued request waits for others, in microseconds
+    /// [default: 1000]. On the CPU with several instances a batch stops waiting sooner, once it
+    /// holds its even share of the requests in flight (queued and able to join it, or running on
+    /// the other instances). Needs --max-batch-size (a model's config.pbtxt sets its own).
+    #[arg(long, env = "KUBEMAAS_MAX_QUEUE_DELAY_US", value_parser = clap::value_parser!(u64).range(0..=86_400_000_000))]
+    pub max_queue_delay_us: Option<u64>,
 
     /// Dynamic batching: requests queued per model beyond this are refused at once with 503 and
     /// `Retry-After`.
@@ -320,12 +320,16 @@ impl ServeArgs {
             }
         }
         let max = self.max_batch_size;
-        if max == 0 && !self.preferred_batch_size.is_empty() {
-            return Err(
-                "--preferred-batch-size needs batching on: give --max-batch-size above 0 \
+        let unused = if !self.preferred_batch_size.is_empty() {
+            Some("--preferred-batch-size")
+        } else {
+            self.max_queue_delay_us.map(|_| "--max-queue-delay-us")
+        };
+        if let (0, Some(flag)) = (max, unused) {
+            return Err(format!(
+                "{flag} needs batching on: give --max-batch-size above 0 \
                  (a model's config.pbtxt sets its own)"
-                    .into(),
-            );
+            ));
         }
         match self.preferred_batch_size.iter().find(|&&p| p == 0 || p > max) {
             Some(p) => Err(format!(
@@ -335,6 +339,9 @@ impl ServeArgs {
         }
     }
 }
+
+/// `--max-queue-delay-us` when not given, in microseconds.
+pub const DEFAULT_MAX_QUEUE_DELAY_US: u64 = 1000;
 
 /// A path, where an empty value (`ORT_DYLIB_PATH=""`, as shells leave behind) means "not given"
 /// rather than an error about a flag the user never passed.
@@ -559,7 +566,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
     } = args;
     let batching = (max_batch_size > 0).then(|| crate::batcher::BatchConfig {
         max_batch_size,
-        max_queue_delay: Duration::from_micros(max_queue_delay_us),
+        max_queue_delay: Duration::from_micros(max_queue_delay_us.unwrap_or(DEFAULT_MAX_QUEUE_DELAY_US)),
         max_queue_size: max_queue_size as usize,
         pad_to: Vec::new(),
         preferred_batch_sizes: preferred_batch_size,
