@@ -333,7 +333,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     metrics.set_leader(true);
     tokio::select! {
-        _ = wait_for_crd(&client) => {}
+        _ = kubemaas_operator::controller::wait_for_crd(&client, watch_namespace.as_deref()) => {}
         _ = shutdown_signal() => return Ok(()),
     }
     let scope = Scope {
@@ -412,25 +412,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Waits until the ModelDeployment CRD is served, saying how to install it meanwhile (instead of
-/// a watch failing with a bare 404 in a loop).
-async fn wait_for_crd(client: &kube::Client) {
-    let api: kube::Api<kubemaas_crds::v1alpha1::ModelDeployment> = kube::Api::all(client.clone());
-    let mut delay = Duration::from_secs(1);
-    loop {
-        match api.list(&kube::api::ListParams::default().limit(1)).await {
-            Ok(_) => return,
-            Err(kube::Error::Api(e)) if e.code == 404 => tracing::error!(
-                "the ModelDeployment CRD is not installed: `kubemaas-operator crd | kubectl apply -f -` (or helm/kustomize install); retrying"
-            ),
-            // Other errors (RBAC, network) are reported by the controller itself.
-            Err(_) => return,
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(30));
-    }
 }
 
 /// A second client, with its own connection pool, for the leader lease (never fault-injected),

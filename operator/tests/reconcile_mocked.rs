@@ -296,3 +296,31 @@ async fn hpa_already_gone_when_autoscaling_is_removed_is_not_an_error() {
             .any(|l| l == "DELETE /apis/autoscaling/v2/namespaces/ml/horizontalpodautoscalers/resnet")
     );
 }
+
+/// Under a namespaced Role (`--watch-namespace`, the chart's `watchNamespace`) a cluster-wide
+/// list is forbidden: the wait for the CRD must ask in the watched namespace, or it gives up at
+/// once and the missing CRD shows only as the controller's bare 404s.
+#[tokio::test(start_paused = true)]
+async fn the_wait_for_the_crd_asks_in_the_watched_namespace_until_it_is_installed() {
+    let calls = Arc::new(Mutex::new(0));
+    let counted = calls.clone();
+    let (client, log) = mock(move |_, path| {
+        if path == "/apis/kubemaas.io/v1alpha1/modeldeployments" {
+            return (StatusCode::FORBIDDEN, api_error(403, "Forbidden"));
+        }
+        let mut n = counted.lock().unwrap();
+        *n += 1;
+        if *n < 3 {
+            (StatusCode::NOT_FOUND, api_error(404, "NotFound"))
+        } else {
+            (StatusCode::OK, r#"{"apiVersion":"kubemaas.io/v1alpha1","kind":"ModelDeploymentList","metadata":{},"items":[]}"#.into())
+        }
+    });
+    kubemaas_operator::controller::wait_for_crd(&client, Some("models")).await;
+    let log = log.lock().unwrap().clone();
+    assert_eq!(
+        log,
+        vec!["GET /apis/kubemaas.io/v1alpha1/namespaces/models/modeldeployments"; 3],
+        "asked in the namespace until the CRD was served"
+    );
+}
