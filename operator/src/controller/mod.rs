@@ -478,6 +478,29 @@ pub async fn run(
     }
 }
 
+/// Waits until the ModelDeployment CRD is served, saying how to install it meanwhile (instead of
+/// a watch failing with a bare 404 in a loop). It lists where the operator watches: under a
+/// namespaced Role a cluster-wide list is forbidden.
+pub async fn wait_for_crd(client: &kube::Client, namespace: Option<&str>) {
+    let api: kube::Api<ModelDeployment> = match namespace {
+        Some(ns) => kube::Api::namespaced(client.clone(), ns),
+        None => kube::Api::all(client.clone()),
+    };
+    let mut delay = std::time::Duration::from_secs(1);
+    loop {
+        match api.list(&kube::api::ListParams::default().limit(1)).await {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 404 => tracing::error!(
+                "the ModelDeployment CRD is not installed: `kubemaas-operator crd | kubectl apply -f -` (or helm/kustomize install); retrying"
+            ),
+            // Other errors (RBAC, network) are reported by the controller itself.
+            Err(_) => return,
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -537,28 +560,5 @@ mod tests {
     fn an_erased_reference_names_the_same_model_deployment() {
         let a = ObjectRef::<ModelDeployment>::new("a").within("ns");
         assert_eq!(model_deployment_ref(&a.clone().erase()), a);
-    }
-}
-
-/// Waits until the ModelDeployment CRD is served, saying how to install it meanwhile (instead of
-/// a watch failing with a bare 404 in a loop). It lists where the operator watches: under a
-/// namespaced Role a cluster-wide list is forbidden.
-pub async fn wait_for_crd(client: &kube::Client, namespace: Option<&str>) {
-    let api: kube::Api<ModelDeployment> = match namespace {
-        Some(ns) => kube::Api::namespaced(client.clone(), ns),
-        None => kube::Api::all(client.clone()),
-    };
-    let mut delay = std::time::Duration::from_secs(1);
-    loop {
-        match api.list(&kube::api::ListParams::default().limit(1)).await {
-            Ok(_) => return,
-            Err(kube::Error::Api(e)) if e.code == 404 => tracing::error!(
-                "the ModelDeployment CRD is not installed: `kubemaas-operator crd | kubectl apply -f -` (or helm/kustomize install); retrying"
-            ),
-            // Other errors (RBAC, network) are reported by the controller itself.
-            Err(_) => return,
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(std::time::Duration::from_secs(30));
     }
 }
