@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -349,3 +350,27 @@ def test_a_server_image_the_kubelet_cannot_pull_stops_the_operator_at_start(flag
         assert p.returncode == 2, (sub, p.stderr)
         assert f"invalid value 'kubemaas/server: 0.2' for '{flag}" in p.stderr, p.stderr
         assert "not an image reference" in p.stderr, p.stderr
+
+
+def test_the_default_listen_address_serves_ipv4_where_pods_have_ipv6_switched_off(tmp_path):
+    # Some CNIs switch IPv6 off in every pod (net.ipv6.conf.all.disable_ipv6=1). The server must
+    # still start on its default address and answer on the pod's IPv4 address. A network namespace
+    # of its own gives the test such a pod without touching this machine's network.
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no network namespaces here: {probe.stderr.decode()[:200]}")
+    script = f"""
+set -e
+ip link set lo up
+sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 net.ipv6.conf.lo.disable_ipv6=1
+! grep -q . /proc/net/if_inet6
+{SERVER} --log-format json serve --http-port 18080 --grpc-port 18081 --metrics-port 19090 --model m={ROW_STATS} 2>{tmp_path}/server.log &
+for i in $(seq 100); do
+  {sys.executable} -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:18080/v2/health/ready').status)" 2>/dev/null && break
+  sleep 0.2
+done
+kill %1
+"""
+    p = subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip().endswith("200"), (p.stdout, p.stderr, (tmp_path / "server.log").read_text())
+    assert '"http":"[::]:18080"' in (tmp_path / "server.log").read_text()
