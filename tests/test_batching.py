@@ -2,7 +2,8 @@
 own answer for that request alone, including requests of several rows, mixed trailing shapes,
 different output subsets and BYTES tensors; batches really form (Triton's `batch_stats`); a full
 queue answers 503 with Retry-After at once; a model without a dynamic first dimension is served
-unbatched; `/config` reports batching the way Triton does."""
+unbatched; `/config` reports batching the way Triton does; `/metrics` histograms batch sizes and
+queue time as `batch_stats` counts them."""
 
 import json
 import random
@@ -13,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Server
 
@@ -138,6 +140,47 @@ def test_concurrent_requests_batch_and_each_gets_its_own_answer(batching, repo_d
     # Triton's invariant perf_analyzer checks: per-request phase counts agree.
     st = after["inference_stats"]
     assert st["compute_input"]["count"] == st["compute_infer"]["count"] == st["compute_output"]["count"] == st["success"]["count"]
+
+
+def histogram(server, name, model):
+    """The `name` histogram of `model` in /metrics, read by Prometheus' own Python parser:
+    ({upper bound: cumulative count}, sum, count)."""
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+    family = next((f for f in text_string_to_metric_families(text) if f.name == name), None)
+    assert family is not None and family.type == "histogram", (name, text)
+    buckets, total, count = {}, None, None
+    for sample in family.samples:
+        if sample.labels.get("model") != model:
+            continue
+        if sample.name == f"{name}_bucket":
+            buckets[float(sample.labels["le"])] = sample.value
+        elif sample.name == f"{name}_sum":
+            total = sample.value
+        elif sample.name == f"{name}_count":
+            count = sample.value
+    return buckets, total, count
+
+
+def test_metrics_histogram_batch_sizes_and_queue_time_as_batch_stats_counts_them(batching):
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((int(rng.integers(1, 4)), 10)).astype(np.float32) for _ in range(64)]
+    with ThreadPoolExecutor(16) as pool:
+        assert all(r.status_code == 200 for r in pool.map(lambda x: infer(batching, "model", [v2("x", x, "FP32")]), xs))
+    st = stats(batching, "model")
+    batches = {b["batch_size"]: b["compute_infer"]["count"] for b in st["batch_stats"]}
+    assert max(batches) > 1, batches
+    buckets, rows, executions = histogram(batching, "kubemaas_batch_size", "model")
+    assert executions == sum(batches.values()), (buckets, batches)
+    assert rows == sum(size * n for size, n in batches.items()), (rows, batches)
+    assert buckets[float("inf")] == executions
+    for bound, n in buckets.items():
+        assert n == sum(c for size, c in batches.items() if size <= bound), (bound, buckets, batches)
+    # Queue time per request: its count and sum are Triton's cumulative `queue` statistic.
+    buckets, waited, requests_ = histogram(batching, "kubemaas_queue_duration_seconds", "model")
+    queue = st["inference_stats"]["queue"]
+    assert requests_ == queue["count"] == st["inference_stats"]["success"]["count"]
+    assert waited == pytest.approx(queue["ns"] / 1e9, rel=1e-6, abs=1e-6)
+    assert buckets[float("inf")] == requests_ and 0 < buckets[0.025] <= requests_, buckets
 
 
 def test_mixed_trailing_shapes_bytes_and_output_subsets_never_mix_wrongly(batching, repo_dir):

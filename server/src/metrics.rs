@@ -56,10 +56,27 @@ pub const MODEL_READY: &str = "kubemaas_model_ready";
 /// Info metric carrying the execution provider in use.
 pub const MODEL_INFO: &str = "kubemaas_model_info";
 
+/// Rows per execution of a model with dynamic batching on (histogram).
+pub const BATCH_SIZE: &str = "kubemaas_batch_size";
+/// Time each successful request waited for an instance or for its batch to form (histogram).
+pub const QUEUE_DURATION_SECONDS: &str = "kubemaas_queue_duration_seconds";
+
 /// Histogram bucket upper bounds in seconds.
 pub const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// Batch-size histogram bucket upper bounds, in rows.
+pub const BATCH_SIZE_BUCKETS: [f64; 11] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+/// Adds one observation of `value` to the cumulative bucket `counts` of `bounds`.
+fn observe(counts: &[AtomicU64], bounds: &[f64], value: f64) {
+    for (count, &bound) in counts.iter().zip(bounds) {
+        if value <= bound {
+            count.fetch_add(1, Relaxed);
+        }
+    }
+}
 
 /// Why a request failed, as Triton labels it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -180,6 +197,12 @@ pub struct ModelStats {
     /// Executions per batch size (rows): count and the phases' cumulative times.
     batches: Mutex<BTreeMap<u64, [Duration2; 3]>>,
     buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    /// The queue-time histogram's buckets (its count and sum are `queue`'s).
+    queue_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    /// The batch-size histogram: buckets, batched executions and their rows.
+    batch_buckets: [AtomicU64; BATCH_SIZE_BUCKETS.len()],
+    batched_executions: AtomicU64,
+    batched_rows: AtomicU64,
     /// Recorders share it, a snapshot takes it alone: a reader never sees one request counted in
     /// compute_input but not yet in compute_infer (perf_analyzer aborts on such a snapshot).
     consistent: std::sync::RwLock<()>,
@@ -208,6 +231,7 @@ impl ModelStats {
         let _recording = self.consistent.read();
         self.success.add(total);
         self.queue.add(queue);
+        observe(&self.queue_buckets, &LATENCY_BUCKETS, queue.as_secs_f64());
         self.compute_input.add(phases.input);
         self.compute_infer.add(phases.infer);
         self.compute_output.add(phases.output);
@@ -225,6 +249,11 @@ impl ModelStats {
         let _recording = self.consistent.read();
         self.inference_count.fetch_add(rows, Relaxed);
         self.execution_count.fetch_add(1, Relaxed);
+        if batched {
+            self.batched_executions.fetch_add(1, Relaxed);
+            self.batched_rows.fetch_add(rows, Relaxed);
+            observe(&self.batch_buckets, &BATCH_SIZE_BUCKETS, rows as f64);
+        }
         if batched && let Ok(mut b) = self.batches.lock() {
             let e = b.entry(rows).or_default();
             e[0].add(phases.input);
@@ -244,12 +273,7 @@ impl ModelStats {
     }
 
     fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, &b) in LATENCY_BUCKETS.iter().enumerate() {
-            if s <= b {
-                self.buckets[i].fetch_add(1, Relaxed);
-            }
-        }
+        observe(&self.buckets, &LATENCY_BUCKETS, d.as_secs_f64());
     }
 
     /// Triton's `model_stats` entry for this model version, taken while no request is half
@@ -431,25 +455,48 @@ pub fn render(models: &[ModelMetricsView<'_>]) -> String {
             labels(m),
             escape(m.execution_provider)
         );
-        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{REQUEST_DURATION_SECONDS}_bucket{{{l},le=\"{b}\"}} {}",
-                m.stats.buckets[i].load(Relaxed)
-            );
-        }
         let count = m.stats.success.count.load(Relaxed) + m.stats.fail.count.load(Relaxed);
         let sum_ns = m.stats.success.ns.load(Relaxed) + m.stats.fail.ns.load(Relaxed);
-        let _ = writeln!(
-            out,
-            "{REQUEST_DURATION_SECONDS}_bucket{{{l},le=\"+Inf\"}} {count}"
+        let buckets = (&LATENCY_BUCKETS[..], &m.stats.buckets[..]);
+        histogram(
+            &mut out,
+            REQUEST_DURATION_SECONDS,
+            &l,
+            buckets,
+            count,
+            sum_ns as f64 / 1e9,
         );
-        let _ = writeln!(
-            out,
-            "{REQUEST_DURATION_SECONDS}_sum{{{l}}} {}",
-            sum_ns as f64 / 1e9
+    }
+    family(
+        &mut out,
+        QUEUE_DURATION_SECONDS,
+        "histogram",
+        "Time each successful request waited for an instance or for its batch to form, in seconds",
+    );
+    for m in models {
+        let (count, ns) = (m.stats.queue.count.load(Relaxed), m.stats.queue.ns.load(Relaxed));
+        let buckets = (&LATENCY_BUCKETS[..], &m.stats.queue_buckets[..]);
+        histogram(
+            &mut out,
+            QUEUE_DURATION_SECONDS,
+            &labels(m),
+            buckets,
+            count,
+            ns as f64 / 1e9,
         );
-        let _ = writeln!(out, "{REQUEST_DURATION_SECONDS}_count{{{l}}} {count}");
+    }
+    family(
+        &mut out,
+        BATCH_SIZE,
+        "histogram",
+        "Rows per execution of a model with dynamic batching on (Triton's batch_stats)",
+    );
+    for m in models {
+        let s = m.stats;
+        let count = s.batched_executions.load(Relaxed);
+        let rows = s.batched_rows.load(Relaxed) as f64;
+        let buckets = (&BATCH_SIZE_BUCKETS[..], &s.batch_buckets[..]);
+        histogram(&mut out, BATCH_SIZE, &labels(m), buckets, count, rows);
     }
     family(
         &mut out,
@@ -484,6 +531,28 @@ pub fn render(models: &[ModelMetricsView<'_>]) -> String {
         }
     }
     out
+}
+
+/// Writes one series of a histogram: its cumulative buckets (`bounds` and their counts), `+Inf`
+/// (which is `count`), `_sum` and `_count`.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    buckets: (&[f64], &[AtomicU64]),
+    count: u64,
+    sum: f64,
+) {
+    for (bound, n) in buckets.0.iter().zip(buckets.1) {
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels},le=\"{bound}\"}} {}",
+            n.load(Relaxed)
+        );
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+    let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
 }
 
 #[cfg(test)]
