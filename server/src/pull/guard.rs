@@ -33,6 +33,11 @@ fn classify_v4(ip: Ipv4Addr) -> Verdict {
     if o[0] == 0 {
         return Verdict::Never("unspecified (0.0.0.0/8)");
     }
+    if o[..3] == [192, 0, 0] {
+        return Verdict::Never(
+            "an IETF protocol assignment (192.0.0.0/24; Oracle Compute Cloud@Customer's metadata service answers at 192.0.0.192)",
+        );
+    }
     if ip.is_multicast() || ip.is_broadcast() || o[0] >= 240 {
         return Verdict::Never("multicast, broadcast or reserved");
     }
@@ -48,17 +53,47 @@ fn classify_v4(ip: Ipv4Addr) -> Verdict {
     Verdict::Allowed
 }
 
+/// The IPv4 addresses an IPv6 address may lead to: IPv4-mapped and IPv4-translated, the deprecated
+/// IPv4-compatible form, NAT64 with the well-known prefix and with a local-use one (RFC 8215, whose
+/// prefix length is the site's choice, so every RFC 6052 layout that fits is taken), 6to4, and
+/// Teredo's server and (obfuscated) client.
+fn embedded_v4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
+    let b = ip.octets();
+    let v4 = |i: [usize; 4]| Ipv4Addr::new(b[i[0]], b[i[1]], b[i[2]], b[i[3]]);
+    let s = ip.segments();
+    let last = v4([12, 13, 14, 15]);
+    match s {
+        // ::ffff:a.b.c.d (mapped), ::ffff:0:a.b.c.d (translated), ::a.b.c.d (compatible; `::`
+        // and `::1` are themselves).
+        [0, 0, 0, 0, 0, 0xffff, _, _] | [0, 0, 0, 0, 0xffff, 0, _, _] => vec![last],
+        [0, 0, 0, 0, 0, 0, _, _] if !ip.is_unspecified() && !ip.is_loopback() => vec![last],
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => vec![last],
+        // A layout that reads 0.0.0.0/8 is not the one in use: its bytes are the prefix's or the
+        // suffix's zeros (and refusing them as "unspecified" would refuse every address).
+        [0x64, 0xff9b, 1, ..] => [v4([6, 7, 9, 10]), v4([7, 9, 10, 11]), v4([9, 10, 11, 12]), last]
+            .into_iter()
+            .filter(|a| a.octets()[0] != 0)
+            .collect(),
+        [0x2002, ..] => vec![v4([2, 3, 4, 5])],
+        [0x2001, 0, ..] => vec![v4([4, 5, 6, 7]), Ipv4Addr::from(!u32::from(last))],
+        _ => Vec::new(),
+    }
+}
+
 fn classify_v6(ip: Ipv6Addr) -> Verdict {
-    if let Some(v4) = ip.to_ipv4_mapped() {
-        return classify_v4(v4);
+    // The strictest verdict of the IPv4 addresses it may lead to.
+    let mut carried = Verdict::Allowed;
+    for v4 in embedded_v4(ip) {
+        match classify_v4(v4) {
+            never @ Verdict::Never(_) => return never,
+            private @ Verdict::Private(_) => carried = private,
+            Verdict::Allowed => {}
+        }
+    }
+    if carried != Verdict::Allowed {
+        return carried;
     }
     let s = ip.segments();
-    // NAT64 (64:ff9b::/96) embeds an IPv4 address.
-    if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
-        let [a, b] = s[6].to_be_bytes();
-        let [c, d] = s[7].to_be_bytes();
-        return classify_v4(Ipv4Addr::new(a, b, c, d));
-    }
     if ip == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
         return Verdict::Never("a cloud metadata address (AWS, fd00:ec2::254)");
     }
@@ -227,6 +262,17 @@ mod tests {
             "fe80::1",
             "::ffff:169.254.169.254",
             "64:ff9b::a9fe:a9fe",
+            // IPv6 forms that carry an IPv4 address: IPv4-compatible, IPv4-translated, 6to4,
+            // local-use NAT64 (RFC 8215) with a /96 and with a /48 prefix, Teredo's server.
+            "::169.254.169.254",
+            "::ffff:0:a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "64:ff9b:1::a9fe:a9fe",
+            "64:ff9b:1:a9fe:a9:fe00::",
+            "2001:0:a9fe:a9fe::1",
+            // 192.0.0.0/24 (IETF protocol assignments), where Oracle Compute Cloud@Customer's
+            // metadata service answers (192.0.0.192).
+            "192.0.0.192",
             "0.0.0.0",
             "::",
             "224.0.0.1",
@@ -241,7 +287,15 @@ mod tests {
         // documentation ranges (RFC 5737, RFC 3849).
         let strict = AddressGuard::default();
         let open = AddressGuard::new(true, HashMap::new());
-        for a in ["127.0.0.1", "::1", "fd12::1"] {
+        for a in [
+            "127.0.0.1",
+            "::1",
+            "fd12::1",
+            "::10.0.0.1",
+            "::ffff:0:a00:1",
+            "2002:a00:1::1",
+            "64:ff9b:1::a00:1",
+        ] {
             assert!(strict.check_ip("h", ip(a)).is_err(), "{a}");
             assert!(open.check_ip("h", ip(a)).is_ok(), "{a}");
         }
@@ -265,7 +319,17 @@ mod tests {
                 assert!(strict.check_ip("h", a).is_ok(), "{a} is public");
             }
         }
-        for a in ["192.0.2.1", "2001:db8::1", "203.0.113.7"] {
+        // Public IPv4 addresses reached through the IPv6 forms that carry them (NAT64 with a
+        // local-use /96 and /48 prefix, 6to4), as an IPv6-only cluster reaches IPv4-only stores.
+        for a in [
+            "192.0.2.1",
+            "2001:db8::1",
+            "203.0.113.7",
+            "64:ff9b:1::cb00:7107",
+            "64:ff9b:1:cb00:71:700::",
+            "64:ff9b::cb00:7107",
+            "2002:cb00:7107::1",
+        ] {
             assert!(strict.check_ip("h", ip(a)).is_ok(), "{a}");
         }
     }
