@@ -446,6 +446,39 @@ fn scaled_events(ns: &str) -> String {
 }
 
 /// The Deployment's `spec.replicas`.
+/// Every change of the ModelDeployment's Ready condition, as (status, reason), as the apiserver
+/// announces it, until dropped.
+fn record_ready(
+    api: &Api<ModelDeployment>,
+    name: &str,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use futures::{StreamExt, TryStreamExt};
+    use kube::runtime::{WatchStreamExt, watcher};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut stream = watcher(api.clone(), cfg).applied_objects().boxed();
+    let sink = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Ok(Some(md)) = stream.try_next().await {
+            let Some(c) = md
+                .status
+                .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
+            else {
+                continue;
+            };
+            let now = (c.status, c.reason);
+            let mut v = sink.lock().unwrap();
+            if v.last() != Some(&now) {
+                v.push(now);
+            }
+        }
+    });
+    (seen, task)
+}
+
 async fn replicas(client: &kube::Client, ns: &str, name: &str) -> Option<i32> {
     let api: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), ns);
     api.get_opt(name).await.ok().flatten()?.spec.replicas
@@ -487,6 +520,8 @@ async fn concurrency_eight_against_target_two_scales_to_four_holds_four_through_
         Some(1),
         "starts at minReplicas"
     );
+    // Serving all along: scaling is not a rollout, and Ready must not flicker with it.
+    let (ready_seen, ready_task) = record_ready(&api, "kpa");
     let ip = serving(&runner, 1).await.remove(0);
     // The load goes to this pod alone (there is no kube-proxy): scale-downs remove the others.
     let pod = pods_of(&client, &ns.name, "kpa").await.pop().unwrap();
@@ -598,6 +633,12 @@ async fn concurrency_eight_against_target_two_scales_to_four_holds_four_through_
     println!("{events}");
     assert!(events.contains("to 4 replicas: average concurrency"), "{events}");
     assert!(events.contains("to 1 replicas"), "{events}");
+    ready_task.abort();
+    let ready_seen = ready_seen.lock().unwrap().clone();
+    assert!(
+        ready_seen.iter().all(|(status, _)| status == "True"),
+        "Ready through scale up, an operator upgrade and scale down: {ready_seen:?}"
+    );
     drop(runner);
 }
 
