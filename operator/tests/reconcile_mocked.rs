@@ -324,3 +324,34 @@ async fn the_wait_for_the_crd_asks_in_the_watched_namespace_until_it_is_installe
         "asked in the namespace until the CRD was served"
     );
 }
+
+/// A NetworkPolicy the apiserver refuses (an ipBlock it finds invalid) must not leave new pods
+/// serving to the whole cluster: it is applied first, and its refusal stops the reconcile before
+/// the Deployment exists.
+#[tokio::test]
+async fn a_refused_network_policy_stops_the_reconcile_before_any_pod_could_serve_unguarded() {
+    let m = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"},
+        "networkPolicy": {"inferenceFrom": [{"ipBlock": {"cidr": "fd00::1/129"}}]}}));
+    let (client, log) = mock(|method, path| match method {
+        "PATCH" if path.contains("/networkpolicies/") => {
+            (StatusCode::UNPROCESSABLE_ENTITY, api_error(422, "Invalid"))
+        }
+        "PATCH" => (StatusCode::OK, "{}".into()),
+        _ => (StatusCode::CREATED, "{}".into()),
+    });
+    let (ctx, _keep) = context(
+        client,
+        World {
+            deployments: vec![],
+            services: vec![],
+            hpas: vec![],
+        },
+    );
+    let err = run(m, ctx).await.expect_err("the refusal surfaces");
+    assert!(err.to_string().contains("NetworkPolicy"), "{err}");
+    let log = log.lock().unwrap().clone();
+    assert!(
+        !log.iter().any(|l| l.contains("/deployments/")),
+        "no Deployment before its NetworkPolicy: {log:?}"
+    );
+}

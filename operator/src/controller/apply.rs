@@ -180,6 +180,13 @@ pub async fn apply_children(
     let ns = md.namespace().ok_or(Error::MissingNamespace)?;
     let name = md.name_any();
     let mut done = Applied::default();
+    let requests_policy = children.network_policy.is_some();
+    // A requested NetworkPolicy goes first: if the apiserver refuses it (an invalid ipBlock), the
+    // reconcile stops before new pods could serve to the whole cluster without it.
+    if let Some(p) = children.network_policy {
+        let policy = apply_one(client, &stores.network_policies, &ns, stamp_hash(p)).await?;
+        done.count(policy);
+    }
     // The HPA goes before the Deployment takes `spec.replicas` back, so the two never fight.
     if children.hpa.is_none() {
         done.writes += usize::from(delete_if_present(client, &stores.hpas, &ns, &name).await?);
@@ -231,14 +238,8 @@ pub async fn apply_children(
         }
         None => done.writes += usize::from(delete_if_present(client, &stores.pdbs, &ns, &name).await?),
     }
-    match children.network_policy {
-        Some(p) => {
-            let policy = apply_one(client, &stores.network_policies, &ns, stamp_hash(p)).await?;
-            done.count(policy);
-        }
-        None => {
-            done.writes += usize::from(delete_if_present(client, &stores.network_policies, &ns, &name).await?)
-        }
+    if !requests_policy {
+        done.writes += usize::from(delete_if_present(client, &stores.network_policies, &ns, &name).await?);
     }
     Ok(done)
 }
