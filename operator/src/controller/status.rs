@@ -568,16 +568,21 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
         }),
         // Only what a pod really reported; an earlier report stays until a new one replaces it.
         accelerator: probed.accelerator.or(old.accelerator),
-        model: probed.model.or(old.model).map(|mut m| {
-            m.name = model_name(md);
-            // What the pod pulled; else what was pinned (a mismatch is never served).
-            m.sha256 = m
-                .artifact
-                .as_ref()
-                .map(|a| a.sha256.clone())
-                .or_else(|| md.spec.model.sha256.clone());
-            m
-        }),
+        // A report kept from earlier stays as it was: it describes what those pods served, under
+        // the name they served it (a spec that renames the model has no pod answering yet).
+        model: probed
+            .model
+            .map(|mut m| {
+                m.name = model_name(md);
+                // What the pod pulled; else what was pinned (a mismatch is never served).
+                m.sha256 = m
+                    .artifact
+                    .as_ref()
+                    .map(|a| a.sha256.clone())
+                    .or_else(|| md.spec.model.sha256.clone());
+                m
+            })
+            .or(old.model),
         // Set by the reconcile from the scraper, which this pure function does not see.
         metrics: old.metrics,
         autoscaling: old.autoscaling.filter(|_| {
@@ -1158,6 +1163,29 @@ mod tests {
             ..ObjectMeta::default()
         });
         d
+    }
+
+    #[test]
+    fn a_model_report_kept_from_earlier_keeps_the_name_it_was_served_under() {
+        // The pods served `a`; the spec now names `b` and no pod answered yet: the report kept
+        // describes `a`, which is what is served (`/v2/models/a`), not `b` with `a`'s tensors.
+        let mut m = md(json!({"model": {"uri": "s3://models/m.onnx", "name": "b"}, "replicas": 1}));
+        m.status = Some(ModelDeploymentStatus {
+            model: Some(ModelStatus {
+                name: "a".into(),
+                version: "1".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let d = deployment(1, 1, 1);
+        let observed = Observed {
+            deployment: Some(&d),
+            pods: &[],
+            probed: None,
+        };
+        let s = compute(&m, &observed, &now());
+        assert_eq!(s.model.map(|r| r.name).as_deref(), Some("a"));
     }
 
     #[test]
