@@ -47,7 +47,9 @@ def cond(t, s, r, m="msg"):
     ({"observedGeneration": 1, "conditions": [cond("ModelLoaded", "False", "ChecksumMismatch"), cond("Ready", "False", "InsufficientReplicas")]}, 1, "Degraded"),
     ({"observedGeneration": 1, "conditions": [cond("Scheduled", "False", "Unschedulable", "0/6 nodes"), cond("Ready", "False", "InsufficientReplicas")]}, 1, "Progressing"),
     ({"observedGeneration": 1, "conditions": [cond("Ready", "False", "InvalidSpec", "bad name")]}, 1, "Degraded"),
-], ids=["no-status", "ready", "stale-generation", "oom", "checksum", "unschedulable", "invalid-spec"])
+    # Parked with `kubectl scale --replicas=0`: nothing serves, by choice (Argo's state for that).
+    ({"observedGeneration": 1, "conditions": [cond("Ready", "False", "ScaledToZero"), cond("ModelLoaded", "Unknown", "NoPods")]}, 1, "Suspended"),
+], ids=["no-status", "ready", "stale-generation", "oom", "checksum", "unschedulable", "invalid-spec", "scaled-to-zero"])
 def test_argocd_health_maps_conditions(status, generation, expected, tmp_path):
     obj = {"metadata": {"generation": generation}}
     if status is not None:

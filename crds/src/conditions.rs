@@ -60,6 +60,8 @@ pub mod reason {
     pub const INSUFFICIENT_REPLICAS: &str = "InsufficientReplicas";
     /// A new generation is still rolling out.
     pub const ROLLOUT_IN_PROGRESS: &str = "RolloutInProgress";
+    /// Zero replicas are asked for (`kubectl scale --replicas=0`): nothing serves, by choice.
+    pub const SCALED_TO_ZERO: &str = "ScaledToZero";
     /// A rollout cannot progress (a new pod cannot be scheduled, or the Deployment's progress
     /// deadline passed); the message carries the scheduler's or the Deployment's words.
     pub const ROLLOUT_STUCK: &str = "RolloutStuck";

@@ -433,6 +433,21 @@ fn ready(md: &ModelDeployment, deployment: Option<&Deployment>, desired: i32, po
     };
     let st = d.status.clone().unwrap_or_default();
     let ready = st.ready_replicas.unwrap_or(0);
+    if desired == 0 {
+        let stopping = match st.replicas.unwrap_or(0) {
+            0 => String::new(),
+            n => format!(" ({n} pods still stopping)"),
+        };
+        return cond(
+            conditions::READY,
+            Some(false),
+            reason::SCALED_TO_ZERO,
+            format!(
+                "0 replicas asked for: nothing serves{stopping}; `kubectl scale modeldeployment/{} --replicas=N` serves again",
+                md.name_any()
+            ),
+        );
+    }
     let rolled_out = st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0)
         && st.updated_replicas.unwrap_or(0) >= st.replicas.unwrap_or(0).min(desired)
         && st.replicas.unwrap_or(0) <= st.updated_replicas.unwrap_or(0).max(desired);
@@ -732,6 +747,7 @@ pub fn event_for(c: &Condition, before: Option<&Condition>) -> Option<bool> {
         reason::NO_PODS,
         reason::DOWNLOADING,
         reason::LOADING,
+        reason::SCALED_TO_ZERO,
     ]
     .contains(&c.reason.as_str());
     (!expected && before.is_some_and(is_healthy)).then_some(true)
@@ -1163,6 +1179,34 @@ mod tests {
             ..ObjectMeta::default()
         });
         d
+    }
+
+    #[test]
+    fn scaled_to_zero_is_not_ready_and_says_so_without_a_warning() {
+        // `kubectl scale --replicas=0` parks a model: nothing answers, so Ready must not be True
+        // (kubectl wait and GitOps health would pass with no pod serving).
+        let m = md(json!({"model": {"uri": "s3://models/m.onnx"}, "replicas": 0}));
+        let d = deployment(0, 0, 0);
+        let observed = Observed {
+            deployment: Some(&d),
+            pods: &[],
+            probed: None,
+        };
+        let s = compute(&m, &observed, &now());
+        let c = get(&s, "Ready");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "ScaledToZero"),
+            "{}",
+            c.message
+        );
+        assert!(c.message.contains("--replicas"), "{}", c.message);
+        // Parking a model that served is a choice, not a problem: no Warning Event.
+        let serving = deployment(2, 2, 2);
+        let before = status_of(&serving, &[]);
+        let before = get(&before, "Ready");
+        assert_eq!(before.status, "True");
+        assert_eq!(event_for(c, Some(before)), None);
     }
 
     #[test]
