@@ -72,6 +72,9 @@ pub mod reason {
     /// The kubelet cannot create or start a container (a missing Secret or ConfigMap key, a bad
     /// command); the message carries the kubelet's reason and words.
     pub const CONTAINER_NOT_CREATED: &str = "ContainerNotCreated";
+    /// The kubelet cannot mount a volume of the pod (a missing Secret or key), so no container
+    /// starts; the message carries the kubelet's `FailedMount` Event.
+    pub const VOLUME_MOUNT_FAILED: &str = "VolumeMountFailed";
     /// A container was killed for exceeding its memory limit.
     pub const OOM_KILLED: &str = "OOMKilled";
     /// A `cuda` ModelDeployment's pod serves on the CPU provider (the server could not use CUDA).

@@ -413,3 +413,64 @@ async fn compression_reaches_ready_with_its_report_and_an_impossible_min_cosine_
     let _ = out;
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A Secret the pod mounts is missing (a typo in `credentialsSecretRef`): the kubelet never starts
+/// a container, so no container state says why; only its `FailedMount` Event does. The operator
+/// must read it into `Degraded=True, VolumeMountFailed` with the kubelet's words, not leave
+/// "waiting for the model to load" forever. Here the test plays that kubelet: it leaves the
+/// containers waiting and writes the Event the kubelet writes.
+#[tokio::test]
+async fn a_secret_the_pod_cannot_mount_shows_in_degraded_with_the_kubelets_words() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "mount").await;
+    let op = Operator::start(&ns.name, "op-mount", &[]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let name = "ranker";
+    create_md(
+        &api,
+        json!({"apiVersion": "kubemaas.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name},
+            "spec": {"model": {"uri": "s3://models/ranker.onnx", "credentialsSecretRef": {"name": "s3-credz"}},
+                "podTemplate": {"labels": {(KUBELET_BY_TEST_LABEL): "test"}}}}),
+    )
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let pod = kubemaas_e2e::bound_pod(&pods, name, LONG, &op).await;
+    kubelet_writes(
+        &pods,
+        &pod,
+        json!({"waiting": {"reason": "PodInitializing"}}),
+        json!({}),
+        0,
+    )
+    .await;
+    let said = "MountVolume.SetUp failed for volume \"credentials\" : secret \"s3-credz\" not found";
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns.name);
+    events
+        .create(
+            &kube::api::PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"generateName": format!("{}.", pod.metadata.name.clone().unwrap())},
+                "involvedObject": {"kind": "Pod", "apiVersion": "v1", "namespace": ns.name,
+                    "name": pod.metadata.name, "uid": pod.metadata.uid},
+                "reason": "FailedMount", "type": "Warning", "message": said,
+                "source": {"component": "kubelet", "host": "kwok-node-0"},
+                "firstTimestamp": now(), "lastTimestamp": now(), "count": 1,
+            }))
+            .unwrap(),
+        )
+        .await
+        .expect("the kubelet's Event");
+    let md = wait_md(
+        &api,
+        name,
+        "Degraded=True, VolumeMountFailed",
+        LONG,
+        Some(&op),
+        |m| condition(m, "Degraded").is_some_and(|c| c.0 == "True" && c.1 == "VolumeMountFailed"),
+    )
+    .await;
+    let (_, _, shown) = condition(&md, "Degraded").unwrap();
+    assert!(shown.contains(said), "the kubelet's words, got {shown:?}");
+    assert!(shown.contains(pod.metadata.name.as_deref().unwrap()), "{shown}");
+}

@@ -446,15 +446,12 @@ fn scaled_events(ns: &str) -> String {
 }
 
 /// The Deployment's `spec.replicas`.
+/// The (status, reason) changes a recorder saw.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
 /// Every change of the ModelDeployment's Ready condition, as (status, reason), as the apiserver
 /// announces it, until dropped.
-fn record_ready(
-    api: &Api<ModelDeployment>,
-    name: &str,
-) -> (
-    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
-    tokio::task::JoinHandle<()>,
-) {
+fn record_ready(api: &Api<ModelDeployment>, name: &str) -> (Seen, tokio::task::JoinHandle<()>) {
     use futures::{StreamExt, TryStreamExt};
     use kube::runtime::{WatchStreamExt, watcher};
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -151,6 +151,7 @@ async fn no_op_reconcile_sends_no_request_at_all() {
             deployment: world.deployments.first(),
             pods: &[],
             probed: None,
+            ..Default::default()
         },
         &now,
     ));

@@ -94,10 +94,20 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         .prober
         .probe(&current, &build::model_name(&md), &md.spec.model.version)
         .await;
+    let looked_into = status::not_started(&pods, &now(), status::NOT_STARTED_AFTER);
     let observed = Observed {
         deployment: deployment.as_deref(),
         pods: &pods,
         probed,
+        mount_failures: mount_failures(&ctx.client, &ns, &looked_into).await,
+    };
+    // A pod not started yet may be about to show why (a FailedMount Event), which no watch
+    // reports: look again soon rather than at the next resync.
+    let waiting = !status::not_started(&pods, &now(), Duration::ZERO).is_empty();
+    let next = if waiting && observed.mount_failures.is_empty() {
+        ctx.resync.min(Duration::from_secs(10))
+    } else {
+        ctx.resync
     };
     let mut new = status::compute(&md, &observed, &now());
     if super::autoscale::Params::of(&md).is_some()
@@ -170,7 +180,36 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         f.remove(&key(&md));
     }
     // Periodic resync; a resync of an unchanged object costs reads only.
-    Ok(Action::requeue(ctx.resync))
+    Ok(Action::requeue(next))
+}
+
+/// The kubelet's latest `FailedMount` message for each of (at most three of) the pods not started
+/// yet: a missing Secret or key shows nowhere else. Events may not be listable (an older install's
+/// RBAC): then nothing is said, as before.
+async fn mount_failures(
+    client: &kube::Client,
+    ns: &str,
+    not_started: &[(String, String)],
+) -> Vec<(String, String)> {
+    let events: kube::Api<k8s_openapi::api::core::v1::Event> = kube::Api::namespaced(client.clone(), ns);
+    let mut found = Vec::new();
+    for (pod, uid) in not_started.iter().take(3) {
+        let lp =
+            kube::api::ListParams::default().fields(&format!("involvedObject.uid={uid},reason=FailedMount"));
+        match events.list(&lp).await {
+            Ok(list) => {
+                let latest = list
+                    .items
+                    .into_iter()
+                    .max_by_key(|e| e.last_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(0));
+                if let Some(message) = latest.and_then(|e| e.message) {
+                    found.push((pod.clone(), message));
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, pod, "cannot list the pod's events"),
+        }
+    }
+    found
 }
 
 /// The current status with `Ready=False` for `why` (other conditions kept as they were).

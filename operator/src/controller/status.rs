@@ -29,6 +29,7 @@ pub struct Probed {
 }
 
 /// Everything the status is computed from.
+#[derive(Default)]
 pub struct Observed<'a> {
     /// The Deployment, if it exists.
     pub deployment: Option<&'a Deployment>,
@@ -36,6 +37,46 @@ pub struct Observed<'a> {
     pub pods: &'a [Pod],
     /// What a ready pod reported, if asked.
     pub probed: Option<Probed>,
+    /// Pods whose volumes the kubelet cannot mount: (pod, the kubelet's `FailedMount` message).
+    pub mount_failures: Vec<(String, String)>,
+}
+
+/// How long a pod may sit with no container started before the reconcile looks for a
+/// `FailedMount` Event: the kubelet reports one within its first mount attempt.
+pub const NOT_STARTED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Pods at least `min_age` old whose containers have not started (all waiting in
+/// `PodInitializing` or `ContainerCreating`): (name, uid). A volume the kubelet cannot mount, such
+/// as a missing Secret, leaves a pod so, and says why only in an Event.
+pub fn not_started(pods: &[Pod], now: &Time, min_age: std::time::Duration) -> Vec<(String, String)> {
+    pods.iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .filter(|pod| {
+            pod.metadata
+                .creation_timestamp
+                .as_ref()
+                .is_some_and(|created| now.0.as_second() - created.0.as_second() >= min_age.as_secs() as i64)
+        })
+        .filter(|pod| {
+            let st = pod.status.as_ref();
+            let pending = st.and_then(|s| s.phase.as_deref()) == Some("Pending");
+            let all = statuses(pod, true)
+                .into_iter()
+                .chain(statuses(pod, false))
+                .collect::<Vec<_>>();
+            let waiting = !all.is_empty()
+                && all.iter().all(|s| {
+                    let reason = s
+                        .state
+                        .as_ref()
+                        .and_then(|st| st.waiting.as_ref())
+                        .and_then(|w| w.reason.as_deref());
+                    matches!(reason, Some("PodInitializing" | "ContainerCreating"))
+                });
+            pending && waiting
+        })
+        .filter_map(|pod| Some((pod.name_any(), pod.metadata.uid.clone()?)))
+        .collect()
 }
 
 struct Cond {
@@ -313,7 +354,16 @@ fn accelerator_fallback(md: &ModelDeployment, probed: Option<&Probed>) -> Option
     ))
 }
 
-fn degraded(md: &ModelDeployment, pods: &[Pod], probed: Option<&Probed>, now: &Time) -> Cond {
+fn degraded(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Cond {
+    let (pods, probed) = (observed.pods, observed.probed.as_ref());
+    if let Some((pod, message)) = observed.mount_failures.first() {
+        return cond(
+            conditions::DEGRADED,
+            Some(true),
+            reason::VOLUME_MOUNT_FAILED,
+            format!("pod {pod}: {message}"),
+        );
+    }
     for pod in pods {
         for s in statuses(pod, true).into_iter().chain(statuses(pod, false)) {
             let who = format!("pod {} container {}", pod.name_any(), s.name);
@@ -543,7 +593,7 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
         scheduled(observed.pods, desired),
         model_loaded(&current, current_ready, older_serving, now),
         ready(md, observed.deployment, desired, observed.pods),
-        degraded(md, observed.pods, observed.probed.as_ref(), now),
+        degraded(md, observed, now),
     ];
     let conditions = new
         .into_iter()
@@ -703,9 +753,10 @@ pub fn is_healthy(c: &Condition) -> bool {
 }
 
 /// Reasons that are a problem a person should look at, whenever they appear.
-const PROBLEMS: [&str; 18] = [
+const PROBLEMS: [&str; 19] = [
     reason::SERVER_EXITED,
     reason::CONTAINER_NOT_CREATED,
+    reason::VOLUME_MOUNT_FAILED,
     reason::UNSCHEDULABLE,
     reason::ROLLOUT_STUCK,
     reason::DOWNLOAD_FAILED,
@@ -924,6 +975,7 @@ mod tests {
                 deployment: Some(d),
                 pods,
                 probed: None,
+                ..Default::default()
             },
             &now(),
         )
@@ -1182,6 +1234,52 @@ mod tests {
     }
 
     #[test]
+    fn pods_whose_containers_never_started_are_looked_into_after_a_while() {
+        let at = |secs: i64| Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + secs).unwrap());
+        let stuck = |name: &str, reason: &str| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": name, "uid": format!("uid-{name}"),
+                "creationTimestamp": "2027-01-15T08:00:00Z"},
+                "status": {"phase": "Pending",
+                    "initContainerStatuses": [{"name": "pull", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                        "state": {"waiting": {"reason": "PodInitializing"}}}],
+                    "containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                        "state": {"waiting": {"reason": reason}}}]}}))
+            .unwrap()
+        };
+        // 2027-01-15T08:00:00Z is 1_800_000_000 s after the epoch.
+        let pods = [stuck("a", "PodInitializing"), stuck("b", "CrashLoopBackOff")];
+        let a = vec![("a".to_string(), "uid-a".to_string())];
+        assert!(
+            not_started(&pods, &at(2), NOT_STARTED_AFTER).is_empty(),
+            "too young to tell"
+        );
+        assert_eq!(not_started(&pods, &at(2), std::time::Duration::ZERO), a);
+        assert_eq!(not_started(&pods, &at(6), NOT_STARTED_AFTER), a);
+        // What the kubelet said becomes Degraded, a problem worth a Warning.
+        let d = deployment(1, 0, 1);
+        let observed = Observed {
+            deployment: Some(&d),
+            pods: &pods[..1],
+            mount_failures: vec![(
+                "a".into(),
+                "MountVolume.SetUp failed for volume \"credentials\" : secret \"nope\" not found".into(),
+            )],
+            ..Default::default()
+        };
+        let s = compute(&spec(), &observed, &now());
+        let c = get(&s, "Degraded");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "VolumeMountFailed")
+        );
+        assert_eq!(
+            c.message,
+            "pod a: MountVolume.SetUp failed for volume \"credentials\" : secret \"nope\" not found"
+        );
+        assert_eq!(event_for(c, None), Some(true));
+    }
+
+    #[test]
     fn scaled_to_zero_is_not_ready_and_says_so_without_a_warning() {
         // `kubectl scale --replicas=0` parks a model: nothing answers, so Ready must not be True
         // (kubectl wait and GitOps health would pass with no pod serving).
@@ -1191,6 +1289,7 @@ mod tests {
             deployment: Some(&d),
             pods: &[],
             probed: None,
+            ..Default::default()
         };
         let s = compute(&m, &observed, &now());
         let c = get(&s, "Ready");
@@ -1227,6 +1326,7 @@ mod tests {
             deployment: Some(&d),
             pods: &[],
             probed: None,
+            ..Default::default()
         };
         let s = compute(&m, &observed, &now());
         assert_eq!(s.model.map(|r| r.name).as_deref(), Some("a"));
@@ -1298,6 +1398,7 @@ mod tests {
             deployment: Some(d),
             pods,
             probed: None,
+            ..Default::default()
         };
         let s = compute(&spec(), &observed(&d, std::slice::from_ref(&surge)), &now());
         let r = get(&s, "Ready");
@@ -1342,6 +1443,7 @@ mod tests {
                 deployment: Some(&d),
                 pods: &[ok.clone(), ok.clone()],
                 probed: None,
+                ..Default::default()
             },
             &now(),
         );
@@ -1360,6 +1462,7 @@ mod tests {
                 deployment: Some(&d),
                 pods: &[ok.clone(), ok],
                 probed: None,
+                ..Default::default()
             },
             &later,
         );
@@ -1449,6 +1552,7 @@ mod tests {
                 deployment: Some(&d),
                 pods: &[],
                 probed: Some(probed),
+                ..Default::default()
             },
             &now(),
         );
@@ -1461,6 +1565,7 @@ mod tests {
                 deployment: Some(&d),
                 pods: &[],
                 probed: None,
+                ..Default::default()
             },
             &now(),
         );
@@ -1485,6 +1590,7 @@ mod tests {
                     deployment: Some(&d),
                     pods: &[],
                     probed: Some(p.clone()),
+                    ..Default::default()
                 },
                 &now(),
             );
@@ -1572,6 +1678,7 @@ mod tests {
                     deployment: Some(&d),
                     pods: &[],
                     probed: Some(p),
+                    ..Default::default()
                 },
                 &now(),
             )
