@@ -555,3 +555,27 @@ def test_a_request_whose_inputs_disagree_on_rows_is_still_held_to_the_largest_ba
     b = np.zeros((1, 3), np.int32)
     r = infer(batching, "arith", [v2("a", a, "FP64"), v2("b", b, "INT32")])
     assert r.status_code == 400 and "at most 8" in r.json()["error"], r.text[:300]
+
+
+def test_a_timeout_of_zero_means_no_timeout_as_in_triton(repo_dir, tmp_path):
+    # Triton: "The default is 0 which indicates that the request has no timeout"; tritonclient
+    # sends timeout=0 as such. It was refused with 400 on both protocols.
+    import tritonclient.grpc as grpcclient
+
+    s = Server(["--model", f"model={repo_dir / 'model' / '1' / 'model.onnx'}"], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        x = np.random.default_rng(6).standard_normal((2, 10)).astype(np.float32)
+        body = json.dumps({"inputs": [v2("x", x, "FP32")], "parameters": {"timeout": 0}})
+        r = requests.post(f"{s.url}/v2/models/model/infer", data=body, timeout=10)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array(r.json()["outputs"][0]["data"], dtype=np.float32).reshape(2, -1),
+                                   reference(repo_dir, "model", {"x": x})["y"], rtol=1e-5, atol=1e-6)
+        c = grpcclient.InferenceServerClient(s.grpc)
+        i = grpcclient.InferInput("x", list(x.shape), "FP32")
+        i.set_data_from_numpy(x)
+        np.testing.assert_allclose(c.infer("model", [i], timeout=0).as_numpy("y"),
+                                   reference(repo_dir, "model", {"x": x})["y"], rtol=1e-5, atol=1e-6)
+        c.close()
+    finally:
+        assert s.stop() == 0

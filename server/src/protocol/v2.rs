@@ -595,7 +595,8 @@ pub fn model_metadata(
 }
 
 /// Triton's per-request `parameters.timeout`: how long, in microseconds, the request may wait for
-/// an instance (or its batch) before it is answered 503 without running.
+/// an instance (or its batch) before it is answered 503 without running. 0, as in Triton, is no
+/// timeout.
 pub fn timeout_param(
     parameters: Option<&Map<String, Value>>,
 ) -> Result<Option<std::time::Duration>, ApiError> {
@@ -603,11 +604,10 @@ pub fn timeout_param(
         None => Ok(None),
         Some(v) => v
             .as_u64()
-            .filter(|&us| us > 0)
-            .map(|us| Some(std::time::Duration::from_micros(us)))
+            .map(|us| (us > 0).then(|| std::time::Duration::from_micros(us)))
             .ok_or_else(|| {
                 ApiError::BadRequest(format!(
-                    "parameters.timeout must be a positive integer number of microseconds, not {v}"
+                    "parameters.timeout must be a whole number of microseconds (0: no timeout), not {v}"
                 ))
             }),
     }
