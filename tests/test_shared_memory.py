@@ -283,3 +283,21 @@ def test_an_unknown_region_is_not_found_over_rest_and_grpc_alike(shm_server):
         client.get_system_shared_memory_status(region_name="nope")
     assert e.value.status() == "StatusCode.NOT_FOUND", (e.value.status(), e.value.message())
     assert "nope" in e.value.message()
+
+
+def test_a_name_registered_twice_is_already_exists_over_grpc_and_400_over_rest(shm_server, regions):
+    # Triton: TRITONSERVER_ERROR_ALREADY_EXISTS, which its gRPC server sends as ALREADY_EXISTS and
+    # its HTTP server as 400. gRPC said INVALID_ARGUMENT, as if the request were malformed.
+    name, key, _ = regions(64)
+    client = grpcclient.InferenceServerClient(shm_server.grpc)
+    client.register_system_shared_memory(name, key, 64)
+    try:
+        with pytest.raises(InferenceServerException) as e:
+            client.register_system_shared_memory(name, key, 64)
+        assert e.value.status() == "StatusCode.ALREADY_EXISTS", (e.value.status(), e.value.message())
+        assert "already registered" in e.value.message()
+        r = requests.post(f"{shm_server.url}/v2/systemsharedmemory/region/{name}/register", timeout=10,
+                          data=json.dumps({"key": key, "offset": 0, "byte_size": 64}))
+        assert r.status_code == 400 and "already registered" in r.json()["error"], r.text
+    finally:
+        client.unregister_system_shared_memory(name)

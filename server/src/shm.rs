@@ -89,6 +89,7 @@ impl From<ShmError> for crate::protocol::error::ApiError {
         match e {
             ShmError::TooLarge { .. } => ApiError::PayloadTooLarge(e.to_string()),
             ShmError::Io { .. } => ApiError::Internal(e.to_string()),
+            ShmError::Exists(_) => ApiError::AlreadyExists(e.to_string()),
             _ => ApiError::BadRequest(e.to_string()),
         }
     }

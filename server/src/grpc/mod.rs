@@ -53,6 +53,7 @@ pub fn status(e: &ApiError) -> Status {
         ApiError::Internal(_) => Code::Internal,
         ApiError::Unauthorized(_) => Code::Unauthenticated,
         ApiError::Forbidden(_) => Code::PermissionDenied,
+        ApiError::AlreadyExists(_) => Code::AlreadyExists,
     };
     Status::new(code, e.to_string())
 }

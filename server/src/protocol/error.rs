@@ -47,13 +47,17 @@ pub enum ApiError {
     /// The body did not arrive within `--body-read-timeout` (408).
     #[error("{0}")]
     RequestTimeout(String),
+    /// The name is taken, e.g. a shared-memory region registered twice (400 over HTTP and
+    /// ALREADY_EXISTS over gRPC, as Triton answers).
+    #[error("{0}")]
+    AlreadyExists(String),
 }
 
 impl ApiError {
     /// HTTP status for this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::AlreadyExists(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
