@@ -484,3 +484,31 @@ def test_health_service_follows_readiness_and_sigterm_drains_a_stream(busy_model
     log = s.log_path.read_text()
     assert '"surface":"grpc"' in log and "all connections drained" in log, log[-2000:]
     assert watched == [SERVING, NOT_SERVING], watched
+
+
+def test_every_stream_answer_says_it_is_the_final_one_as_triton_does(server):
+    # Triton marks each streamed answer with `triton_final_response` (true: this request is
+    # done); clients of decoupled-capable code wait for it, with or without
+    # `enable_empty_final_response`.
+    client = grpcclient.InferenceServerClient(server.grpc)
+    answers, done = [], threading.Event()
+
+    def callback(result, error):
+        answers.append((result, error))
+        if len(answers) == 2:
+            done.set()
+
+    x = grpcclient.InferInput("x", [1, 10], "FP32")
+    x.set_data_from_numpy(np.ones((1, 10), dtype=np.float32))
+    client.start_stream(callback=callback)
+    try:
+        client.async_stream_infer("model", [x], request_id="plain")
+        client.async_stream_infer("model", [x], request_id="asks", enable_empty_final_response=True)
+        assert done.wait(60), answers
+    finally:
+        client.stop_stream()
+    for result, error in answers:
+        assert error is None, error
+        params = result.get_response().parameters
+        assert "triton_final_response" in params and params["triton_final_response"].bool_param, params
+    assert [r.get_response().id for r, _ in answers] == ["plain", "asks"]

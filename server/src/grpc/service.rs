@@ -555,15 +555,21 @@ impl GrpcInferenceService for Inference {
                         Ok(r) => audit.write(&state, tonic::Code::Ok, r.encoded_len()),
                         Err(e) => audit.write(&state, status(e).code(), 0),
                     }
-                    Ok(match answer {
-                        Ok(r) => ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(r),
+                    let (error_message, mut r) = match answer {
+                        Ok(r) => (String::new(), r),
+                        Err(e) => (e.to_string(), echo),
+                    };
+                    // As Triton marks each streamed answer: one request, one answer, so every
+                    // answer is its request's last.
+                    r.parameters.insert(
+                        "triton_final_response".into(),
+                        InferParameter {
+                            parameter_choice: Some(infer_parameter::ParameterChoice::BoolParam(true)),
                         },
-                        Err(e) => ModelStreamInferResponse {
-                            error_message: e.to_string(),
-                            infer_response: Some(echo),
-                        },
+                    );
+                    Ok(ModelStreamInferResponse {
+                        error_message,
+                        infer_response: Some(r),
                     })
                 }
             })
