@@ -121,3 +121,38 @@ def test_a_config_pbtxt_that_cannot_be_honoured_stops_a_server_that_must_load_ev
     assert p.returncode == 4, p.stderr[-2000:]
     message = (tmp_path / "termination").read_text()
     assert "config.pbtxt" in message and "dynamic_batching needs max_batch_size above 0" in message, message
+
+
+def test_a_request_without_a_version_goes_to_the_latest_version_that_is_ready(repo_dir, tmp_path):
+    # Triton: version -1 is the latest READY version, and metadata lists the ready versions only.
+    # Here the highest version of `up` cannot load: requests without a version failed with
+    # "version 2 is not ready" (and /ready said 503) while version 1 served.
+    import tritonclient.grpc as grpcclient
+
+    dense = repo_dir / "model" / "1" / "model.onnx"
+    root = tmp_path / "repo"
+    for name, good, bad in (("up", 1, 2), ("down", 2, 1)):
+        (root / name / str(good)).mkdir(parents=True)
+        shutil.copy(dense, root / name / str(good) / "model.onnx")
+        (root / name / str(bad)).mkdir(parents=True)
+        (root / name / str(bad) / "model.onnx").write_bytes(b"not an onnx model")
+    s = Server(["--model-repository", str(root)], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        for name, good in (("up", "1"), ("down", "2")):
+            r = requests.post(f"{s.url}/v2/models/{name}/infer", json=dense_body(2), timeout=10)
+            assert r.status_code == 200 and r.json()["model_version"] == good, r.text
+            assert requests.get(f"{s.url}/v2/models/{name}/ready", timeout=10).status_code == 200
+            meta = requests.get(f"{s.url}/v2/models/{name}", timeout=10).json()
+            assert meta["versions"] == [good], meta
+            c = grpcclient.InferenceServerClient(s.grpc)
+            assert list(c.get_model_metadata(name).versions) == [good]
+            x = grpcclient.InferInput("x", [1, 10], "FP32")
+            x.set_data_from_numpy(np.ones((1, 10), dtype=np.float32))
+            assert c.infer(name, [x]).get_response().model_version == good
+            c.close()
+        # Naming the broken version still says why it is not there.
+        r = requests.post(f"{s.url}/v2/models/up/versions/2/infer", json=dense_body(1), timeout=10)
+        assert r.status_code == 503 and "not ready" in r.json()["error"], r.text
+    finally:
+        s.stop()

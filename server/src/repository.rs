@@ -284,7 +284,8 @@ impl Repository {
         }
     }
 
-    /// Finds a version entry; `version` None or empty means the default (highest) version.
+    /// Finds a version entry; `version` None or empty means the default: as in Triton, the highest
+    /// version that is ready, else the highest (whose state then says why nothing serves).
     pub fn entry(&self, name: &str, version: Option<&str>) -> Result<(u64, VersionEntry), LookupError> {
         let models = self
             .models
@@ -294,7 +295,11 @@ impl Repository {
             .get(name)
             .ok_or_else(|| LookupError::UnknownModel(name.to_string()))?;
         let found = match version.filter(|v| !v.is_empty()) {
-            None => versions.iter().next_back(),
+            None => versions
+                .iter()
+                .rev()
+                .find(|(_, e)| matches!(e.state, ModelState::Ready(_)))
+                .or_else(|| versions.iter().next_back()),
             Some(v) => v.parse::<u64>().ok().and_then(|n| versions.get_key_value(&n)),
         };
         let (v, e) = found.ok_or_else(|| LookupError::UnknownVersion {
@@ -336,13 +341,19 @@ impl Repository {
             .collect()
     }
 
-    /// The versions of model `name`, ascending (empty when unknown).
-    pub fn versions(&self, name: &str) -> Vec<u64> {
+    /// The versions of model `name` that are ready, ascending (empty when unknown), as Triton's
+    /// model metadata lists them.
+    pub fn ready_versions(&self, name: &str) -> Vec<u64> {
         self.models
             .read()
             .map(|m| {
                 m.get(name)
-                    .map(|v| v.keys().copied().collect())
+                    .map(|v| {
+                        v.iter()
+                            .filter(|(_, e)| matches!(e.state, ModelState::Ready(_)))
+                            .map(|(k, _)| *k)
+                            .collect()
+                    })
                     .unwrap_or_default()
             })
             .unwrap_or_default()

@@ -385,7 +385,7 @@ impl Inference {
             .map_err(|e| status(&e.into()))?;
         let versions = match version {
             Some(_) => vec![model.version],
-            None => self.state.repo.versions(&req.name),
+            None => self.state.repo.ready_versions(&req.name),
         };
         let sig = model.backend.signature();
         let tensors = |specs: &[crate::backend::TensorSpec]| {

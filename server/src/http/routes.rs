@@ -422,7 +422,7 @@ fn model_metadata(state: &AppState, m: &str, version: Option<&str>) -> Result<Re
     let (model, _) = state.repo.ready_model(m, version)?;
     let versions: Vec<u64> = match version {
         Some(_) => vec![model.version],
-        None => state.repo.versions(m),
+        None => state.repo.ready_versions(m),
     };
     let meta = v2::model_metadata(
         m,
