@@ -432,3 +432,29 @@ def test_a_body_budget_below_the_request_limit_is_refused_at_start(repo_dir, tmp
                        capture_output=True, text=True, timeout=30)
     assert r.returncode != 0
     assert "--max-buffered-request-bytes (999) is below --max-request-bytes (1000)" in r.stderr, r.stderr
+
+
+def test_compressed_bodies_inflate_within_the_request_limit_and_bad_ones_get_4xx(serve):
+    import gzip
+    import zlib
+
+    s = serve("--max-request-bytes", "1000000")
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 10], "datatype": "FP32", "data": [1.0] * 10}]}).encode()
+    url = f"{s.url}/v2/models/dense/infer"
+
+    def post(data, encoding):
+        return requests.post(url, data=data, headers={"Content-Encoding": encoding}, timeout=30)
+
+    assert post(gzip.compress(body), "gzip").status_code == 200
+    assert post(zlib.compress(body), "deflate").status_code == 200
+    # 100 kB of gzip that inflates to 100 MB: refused at the limit, never held whole.
+    bomb = gzip.compress(b" " * 100_000_000, compresslevel=9)
+    assert len(bomb) < 200_000
+    r = post(bomb, "gzip")
+    assert r.status_code == 413 and "inflates past the limit of 1000000 bytes" in r.json()["error"], r.text
+    r = post(b"this is not gzip", "gzip")
+    assert r.status_code == 400 and "not valid gzip data" in r.json()["error"], r.text
+    r = post(body, "br")
+    assert r.status_code == 415 and "Content-Encoding" in r.json()["error"], r.text
+    assert s.alive()
+    assert post(gzip.compress(body), "gzip").status_code == 200

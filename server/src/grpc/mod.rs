@@ -54,6 +54,7 @@ pub fn status(e: &ApiError) -> Status {
         ApiError::Unauthorized(_) => Code::Unauthenticated,
         ApiError::Forbidden(_) => Code::PermissionDenied,
         ApiError::AlreadyExists(_) => Code::AlreadyExists,
+        ApiError::UnsupportedMediaType(_) => Code::Unimplemented,
     };
     Status::new(code, e.to_string())
 }
@@ -120,7 +121,13 @@ pub async fn serve(
         service::Inference::new(state.clone(), shutdown.clone()),
     )
     .max_decoding_message_size(limit)
-    .max_encoding_message_size(usize::MAX);
+    .max_encoding_message_size(usize::MAX)
+    // What tritonclient's `compression_algorithm` and perf_analyzer's
+    // --grpc-compression-algorithm send, as Triton accepts them. A message inflates to at most
+    // --max-request-bytes (tonic stops it there: RESOURCE_EXHAUSTED). Answers go uncompressed,
+    // as Triton's do by default: clients advertise gzip whether or not they want the CPU spent.
+    .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+    .accept_compressed(tonic::codec::CompressionEncoding::Deflate);
     let health = health_pb::health_server::HealthServer::new(service::Health::new(state, shutdown.clone()));
     let rewrite = RewriteStatus(transport_status(limit));
     let incoming = futures::stream::unfold(conns, |mut conns| async move {

@@ -270,7 +270,80 @@ async fn read_body(
             buf.extend_from_slice(&data);
         }
     }
-    Ok((parts, buf.freeze().slice(skip..)))
+    let body = buf.freeze().slice(skip..);
+    let Some(encoding) = content_encoding(&parts.headers)? else {
+        return Ok((parts, body));
+    };
+    // Inflating a large body is CPU work: off the I/O threads. What it holds past the compressed
+    // bytes is reserved once it is known (at most --max-request-bytes).
+    let inflated = tokio::task::spawn_blocking(move || inflate(encoding, &body, limit, aligned_at))
+        .await
+        .map_err(|e| ApiError::Internal(format!("inflating the request body failed: {e}")))??;
+    state.admission.reserve(ticket, inflated.len())?;
+    Ok((parts, inflated))
+}
+
+/// A request body's compression (`Content-Encoding`), as Triton's HTTP endpoint and tritonclient's
+/// `request_compression_algorithm` use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Gzip,
+    /// zlib-wrapped DEFLATE, what HTTP's `deflate` names (RFC 9110).
+    Deflate,
+}
+
+/// The body's encoding; None when it is sent as is. Any other coding is refused by name (415)
+/// rather than parsed as if it were plain.
+fn content_encoding(headers: &http::HeaderMap) -> Result<Option<Encoding>, ApiError> {
+    let Some(value) = headers.get(http::header::CONTENT_ENCODING) else {
+        return Ok(None);
+    };
+    let name = value.to_str().unwrap_or("").trim().to_ascii_lowercase();
+    match name.as_str() {
+        "" | "identity" => Ok(None),
+        "gzip" | "x-gzip" => Ok(Some(Encoding::Gzip)),
+        "deflate" => Ok(Some(Encoding::Deflate)),
+        _ => Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Encoding {value:?} is not supported: send the body as is, gzip or deflate"
+        ))),
+    }
+}
+
+/// Inflates `body`, refusing more than `limit` bytes of output (a small body may inflate to any
+/// size). `aligned_at` as in [`read_body`].
+fn inflate(
+    encoding: Encoding,
+    body: &[u8],
+    limit: usize,
+    aligned_at: Option<usize>,
+) -> Result<Bytes, ApiError> {
+    use std::io::Read;
+    const ALIGN: usize = 16;
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit) + ALIGN);
+    let skip = aligned_at.map_or(0, |at| {
+        (ALIGN - (out.as_ptr() as usize).wrapping_add(at) % ALIGN) % ALIGN
+    });
+    out.resize(skip, 0);
+    let reader: Box<dyn Read + '_> = match encoding {
+        Encoding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(body)),
+        Encoding::Deflate => Box::new(flate2::read::ZlibDecoder::new(body)),
+    };
+    // One byte past the limit tells "exactly the limit" from "more".
+    let read = reader.take(limit as u64 + 1).read_to_end(&mut out);
+    match read {
+        Err(e) => Err(ApiError::BadRequest(format!(
+            "the request body is not valid {} data: {e}",
+            if encoding == Encoding::Gzip {
+                "gzip"
+            } else {
+                "deflate (zlib)"
+            }
+        ))),
+        Ok(_) if out.len() - skip > limit => Err(ApiError::PayloadTooLarge(format!(
+            "the request body inflates past the limit of {limit} bytes; send less data per request or raise --max-request-bytes"
+        ))),
+        Ok(_) => Ok(Bytes::from(out).slice(skip..)),
+    }
 }
 
 async fn route(

@@ -51,6 +51,9 @@ pub enum ApiError {
     /// ALREADY_EXISTS over gRPC, as Triton answers).
     #[error("{0}")]
     AlreadyExists(String),
+    /// The body is in a form the server does not read, e.g. an unknown Content-Encoding (415).
+    #[error("{0}")]
+    UnsupportedMediaType(String),
 }
 
 impl ApiError {
@@ -68,6 +71,7 @@ impl ApiError {
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
 
