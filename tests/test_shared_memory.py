@@ -3,6 +3,7 @@ in POSIX shared memory, register the regions, and read the outputs back from the
 ONNX Runtime's own. Off by default, with a clear error; bad keys, sizes and regions get a 4xx
 that says what to fix, and the server keeps serving."""
 
+import concurrent.futures
 import json
 import os
 import re
@@ -301,3 +302,52 @@ def test_a_name_registered_twice_is_already_exists_over_grpc_and_400_over_rest(s
         assert r.status_code == 400 and "already registered" in r.json()["error"], r.text
     finally:
         client.unregister_system_shared_memory(name)
+
+
+def model_counts(server, model):
+    st = requests.get(f"{server.url}/v2/models/{model}/stats", timeout=10).json()["model_stats"][0]
+    return st["inference_count"], st["inference_stats"]["success"]["count"]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_an_output_region_is_checked_before_the_model_runs(shm_server, protocol):
+    # Triton resolves and bounds-checks output regions before inference. Here the model ran, was
+    # counted a success, and only then the answer failed.
+    lib = CLIENTS[protocol]
+    client = client_for(shm_server, protocol)
+    x = lib.InferInput("x", [1, 10], "FP32")
+    x.set_data_from_numpy(np.ones((1, 10), dtype=np.float32))
+    out = lib.InferRequestedOutput("y")
+    out.set_shared_memory("nope", 12)
+    before = model_counts(shm_server, "model")
+    with pytest.raises(InferenceServerException, match='no system shared memory region "nope"'):
+        client.infer("model", [x], outputs=[out])
+    assert model_counts(shm_server, "model") == before
+
+
+def test_a_region_unregistered_while_a_request_runs_still_gets_that_requests_answer(shm_server, repo_dir, regions):
+    # Triton holds a region for the requests that use it; unregistering waits for them. Here the
+    # request failed ("no system shared memory region"), or wrote into whatever object was
+    # registered under the name by then.
+    client = grpcclient.InferenceServerClient(shm_server.grpc)
+    x = np.random.default_rng(23).standard_normal((256, 512)).astype(np.float32)
+    want = reference(repo_dir, "slow", {"x": x})["y"]
+    name, key, handle = regions(want.nbytes)
+    client.register_system_shared_memory(name, key, want.nbytes)
+    i = grpcclient.InferInput("x", list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    out = grpcclient.InferRequestedOutput("y")
+    out.set_shared_memory(name, want.nbytes)
+    pending = lambda: int(float(next(
+        line.rsplit(" ", 1)[1] for line in requests.get(f"{shm_server.metrics_url}/metrics", timeout=10).text.splitlines()
+        if line.startswith('nv_inference_pending_request_count{model="slow"'))))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(client.infer, "slow", [i], outputs=[out])
+        deadline = time.time() + 30
+        while pending() < 1:
+            assert time.time() < deadline, "the request never started"
+            time.sleep(0.002)
+        client.unregister_system_shared_memory(name)
+        running.result(timeout=120)
+    np.testing.assert_allclose(shm.get_contents_as_numpy(handle, np.float32, list(want.shape)), want,
+                               rtol=1e-4, atol=1e-4)

@@ -320,20 +320,40 @@ impl SharedMemory {
         Ok(total)
     }
 
-    /// Writes an output's bytes, which must fit `at.byte_size`.
-    pub fn write(&self, at: &ShmRef, data: &[u8], what: &str) -> Result<(), ShmError> {
-        if data.len() as u64 > at.byte_size {
+    /// Resolves where an output goes (see [`ShmTarget`]).
+    pub fn target(&self, at: ShmRef, what: &str) -> Result<ShmTarget, ShmError> {
+        let (file, pos) = self.locate(&at, at.byte_size, what)?;
+        Ok(ShmTarget { at, file, pos })
+    }
+}
+
+/// Where an output goes in shared memory, resolved when its request is decoded, before the model
+/// runs: the region exists and holds `shared_memory_byte_size` bytes at the offset. The request
+/// holds the region's file, so unregistering the region meanwhile neither fails the answer nor
+/// sends it into another object registered under the name (Triton holds a region the same way).
+#[derive(Debug, Clone)]
+pub struct ShmTarget {
+    at: ShmRef,
+    file: Arc<File>,
+    pos: u64,
+}
+
+impl ShmTarget {
+    /// Writes an output's bytes; more than the request set aside is refused.
+    pub fn write(&self, data: &[u8], what: &str) -> Result<(), ShmError> {
+        if data.len() as u64 > self.at.byte_size {
             return Err(ShmError::Bounds(format!(
                 "{what} has {} bytes but shared_memory_byte_size is {}",
                 data.len(),
-                at.byte_size
+                self.at.byte_size
             )));
         }
-        let (file, pos) = self.locate(at, data.len() as u64, what)?;
-        file.write_all_at(data, pos).map_err(|source| ShmError::Io {
-            region: at.region.clone(),
-            source,
-        })
+        self.file
+            .write_all_at(data, self.pos)
+            .map_err(|source| ShmError::Io {
+                region: self.at.region.clone(),
+                source,
+            })
     }
 }
 
@@ -482,7 +502,8 @@ mod tests {
         let missing = shm.register("s", "/kubemaas-no-such-object", 0, 8);
         assert!(matches!(missing, Err(ShmError::Open { .. })));
 
-        shm.write(&at("r", 4, 8), &[1, 2, 3, 4, 5, 6, 7, 8], "output")
+        shm.target(at("r", 4, 8), "output")
+            .and_then(|t| t.write(&[1, 2, 3, 4, 5, 6, 7, 8], "output"))
             .expect("write");
         assert_eq!(
             &read(&shm, &at("r", 4, 8)).expect("read")[..],
@@ -494,8 +515,21 @@ mod tests {
         assert_eq!(raw[19], 7);
 
         assert!(matches!(read(&shm, &at("r", 30, 4)), Err(ShmError::Bounds(_))));
-        let too_big = shm.write(&at("r", 0, 2), &[0; 4], "output");
+        let too_big = shm
+            .target(at("r", 0, 2), "output")
+            .and_then(|t| t.write(&[0; 4], "output"));
         assert!(matches!(too_big, Err(ShmError::Bounds(_))));
+        // An output region past the region's end is refused when it is resolved, before any write.
+        assert!(matches!(
+            shm.target(at("r", 30, 4), "output"),
+            Err(ShmError::Bounds(_))
+        ));
+        // A resolved output outlives its region's registration.
+        let held = shm.target(at("r", 0, 2), "output").expect("resolve");
+        shm.unregister(Some("r")).expect("unregister");
+        held.write(&[9, 9], "output").expect("write after unregister");
+        assert_eq!(&std::fs::read(&obj.0).expect("read the object")[16..18], &[9, 9]);
+        shm.register("r", &key, 16, 32).expect("register again");
         assert!(matches!(read(&shm, &at("q", 0, 1)), Err(ShmError::Unknown(_))));
         assert!(matches!(
             read(&shm, &at("r", u64::MAX, 2)),

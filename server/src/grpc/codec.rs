@@ -13,7 +13,7 @@ use super::pb::{InferParameter, InferTensorContents, ModelInferRequest, ModelInf
 use crate::backend::Signature;
 use crate::inference::input_spec;
 use crate::protocol::error::ApiError;
-use crate::shm::{SharedMemory, ShmRef};
+use crate::shm::{SharedMemory, ShmRef, ShmTarget};
 use crate::tensor::{DataType, Tensor, TensorData, element_count};
 
 /// A decoded `ModelInferRequest`.
@@ -28,7 +28,7 @@ pub struct Decoded {
     /// Request parameters as JSON, for the options REST shares (`timeout`).
     pub parameters: Map<String, Value>,
     /// Per requested output: the shared memory to write it to instead of the answer.
-    pub shm_outputs: Vec<Option<ShmRef>>,
+    pub shm_outputs: Vec<Option<ShmTarget>>,
 }
 
 /// The `shared_memory_*` parameters of one input or output (Triton's shared memory extension),
@@ -84,11 +84,15 @@ pub fn decode_request(
         if o.parameters.contains_key("classification") {
             return Err(crate::protocol::v2::classification_unsupported(&o.name));
         }
-        let at = shm_param(&o.parameters, || format!("output {:?}", o.name))?;
-        if at.is_some() {
-            crate::shm::output_allowed(shm, gate)?;
-        }
-        shm_outputs.push(at);
+        let what = || format!("output {:?}", o.name);
+        let target = match shm_param(&o.parameters, what)? {
+            Some(at) => {
+                crate::shm::output_allowed(shm, gate)?;
+                Some(crate::shm::usable(shm)?.target(at, &what())?)
+            }
+            None => None,
+        };
+        shm_outputs.push(target);
         outputs.push(o.name.clone());
     }
     Ok(Decoded {
@@ -315,16 +319,15 @@ fn typed_output(t: &Tensor) -> Option<InferTensorContents> {
 /// Encodes the response to `req` (whose id and parameters are echoed). Outputs go in
 /// `raw_output_contents` when the request used raw contents or when an output is FP16/BF16 (which
 /// have no typed form; the protocol wants all outputs one way), else in typed `contents`.
-/// Outputs asked for in shared memory (`in_shm`, per output) are written to their regions in `shm`
-/// and answered with name, type and shape only.
+/// Outputs asked for in shared memory (`in_shm`, per output) are written to their regions and
+/// answered with name, type and shape only.
 pub fn encode_response(
     model: &str,
     version: u64,
     req: &ModelInferRequest,
     raw: bool,
     outputs: Vec<Tensor>,
-    in_shm: &[Option<ShmRef>],
-    shm: Option<&SharedMemory>,
+    in_shm: &[Option<ShmTarget>],
 ) -> Result<ModelInferResponse, ApiError> {
     let raw = raw || outputs.iter().any(|t| field_for(t.dtype).is_none());
     let at = |i: usize| in_shm.get(i).and_then(Option::as_ref);
@@ -341,7 +344,7 @@ pub fn encode_response(
     for (i, t) in outputs.into_iter().enumerate() {
         let contents = if let Some(at) = at(i) {
             let what = format!("output {:?}", t.name);
-            crate::shm::usable(shm)?.write(at, &t.to_binary(), &what)?;
+            at.write(&t.to_binary(), &what)?;
             if raw {
                 resp.raw_output_contents.push(Bytes::new());
             }
@@ -435,16 +438,8 @@ mod tests {
                 Tensor::new(d.v2_name(), d, vec![2, 2], data).unwrap()
             })
             .collect();
-        let resp = encode_response(
-            "m",
-            1,
-            &ModelInferRequest::default(),
-            false,
-            tensors.clone(),
-            &[],
-            None,
-        )
-        .unwrap();
+        let resp =
+            encode_response("m", 1, &ModelInferRequest::default(), false, tensors.clone(), &[]).unwrap();
         assert!(resp.raw_output_contents.is_empty());
         let inputs = resp
             .outputs
@@ -475,16 +470,8 @@ mod tests {
     fn half_precision_outputs_force_raw_contents_for_all_outputs() {
         let half = Tensor::zeros("FP16", DataType::F16, vec![1, 2]);
         let int = Tensor::zeros("INT32", DataType::I32, vec![1, 2]);
-        let resp = encode_response(
-            "m",
-            3,
-            &ModelInferRequest::default(),
-            false,
-            vec![int, half],
-            &[],
-            None,
-        )
-        .unwrap();
+        let resp =
+            encode_response("m", 3, &ModelInferRequest::default(), false, vec![int, half], &[]).unwrap();
         assert_eq!(resp.raw_output_contents.len(), 2);
         assert!(resp.outputs.iter().all(|o| o.contents.is_none()));
         assert_eq!(resp.model_version, "3");

@@ -222,7 +222,6 @@ async fn infer_in_span(
         decoded.raw,
         outputs,
         &decoded.shm_outputs,
-        shm,
     )
 }
 

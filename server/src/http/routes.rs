@@ -686,11 +686,10 @@ async fn infer_v2(
     )
     .await?;
     let (name, version) = (m.to_string(), model.version);
-    let shm = state.shm.clone();
     let encoded = state
         .offload
         .run(v2::json_response_len(&request, &outputs), move || {
-            v2::encode_response(&name, version, &request, &outputs, Some(&shm))
+            v2::encode_response(&name, version, &request, &outputs)
         })
         .await??;
     if encoded.blobs.is_empty() {

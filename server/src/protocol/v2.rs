@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use super::error::{ApiError, json_error};
 use crate::backend::{Signature, TensorSpec};
 use crate::inference::input_spec;
-use crate::shm::{SharedMemory, ShmRef};
+use crate::shm::{SharedMemory, ShmRef, ShmTarget};
 use crate::tensor::{DataType, ElementWriter, Tensor, TensorData, element_count};
 
 /// Header carrying the length of the JSON part of a binary-extension body.
@@ -84,7 +84,7 @@ pub struct InferRequest {
     /// Answer every output in binary unless it says otherwise.
     pub binary_default: bool,
     /// Per requested output: the shared memory to write it to instead of the answer.
-    pub shm_outputs: Vec<Option<ShmRef>>,
+    pub shm_outputs: Vec<Option<ShmTarget>>,
 }
 
 /// The `shared_memory_*` parameters of one input or output (Triton's shared memory extension):
@@ -337,11 +337,15 @@ fn decode(
             return Err(classification_unsupported(&o.name));
         }
         binary_outputs.push(bool_param(&o.parameters, "binary_data")?.unwrap_or(binary_default));
-        let at = shm_param(&o.parameters, || format!("output {:?}", o.name))?;
-        if at.is_some() {
-            crate::shm::output_allowed(shm, gate)?;
-        }
-        shm_outputs.push(at);
+        let what = || format!("output {:?}", o.name);
+        let target = match shm_param(&o.parameters, what)? {
+            Some(at) => {
+                crate::shm::output_allowed(shm, gate)?;
+                Some(crate::shm::usable(shm)?.target(at, &what())?)
+            }
+            None => None,
+        };
+        shm_outputs.push(target);
         outputs.push(o.name);
     }
     Ok(InferRequest {
@@ -498,13 +502,12 @@ pub fn json_response_len(req: &InferRequest, outputs: &[Tensor]) -> usize {
 
 /// Encodes the response to `req` for model `name` version `version`. Elements are written straight
 /// from the tensor bytes (f32 stays in its shortest f32 form). Outputs asked for in shared memory
-/// are written to their regions in `shm` and answered with their name, type and shape only.
+/// are written to their regions and answered with their name, type and shape only.
 pub fn encode_response(
     name: &str,
     version: u64,
     req: &InferRequest,
     outputs: &[Tensor],
-    shm: Option<&SharedMemory>,
 ) -> Result<EncodedResponse, ApiError> {
     let mut blobs: Vec<Bytes> = Vec::new();
     let mut out_json = Vec::with_capacity(outputs.len());
@@ -519,7 +522,7 @@ pub fn encode_response(
         let (parameters, data) = if let Some(at) = at {
             let blob = t.to_binary();
             let what = format!("output {:?}", t.name);
-            crate::shm::usable(shm)?.write(at, &blob, &what)?;
+            at.write(&blob, &what)?;
             // As Triton answers it: name, type and shape only. Triton's C++ client reads any
             // output `parameters` as the binary extension's and requires `binary_data_size`.
             (None, None)
@@ -753,7 +756,7 @@ mod tests {
         body.extend_from_slice(&[2, 0, 0, 0, b'o', b'k']);
         let req = decode_request(&sig(), &Bytes::from(body), Some(json.len())).unwrap();
         assert_eq!(req.binary_outputs, vec![true]);
-        let resp = encode_response("m", 1, &req, &req.inputs[..1], None).unwrap();
+        let resp = encode_response("m", 1, &req, &req.inputs[..1]).unwrap();
         assert_eq!(resp.blobs.concat(), [0, 0, 0xc0, 0x3f, 0, 0, 0, 0xc0]);
         let header: Value = serde_json::from_slice(&resp.json).unwrap();
         assert_eq!(header["outputs"][0]["parameters"]["binary_data_size"], 8);
