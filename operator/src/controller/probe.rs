@@ -1,5 +1,6 @@
 //! Asks a ready serving pod what it really runs (model metadata and execution provider), so the
-//! status reports the truth rather than the request. Results are cached per pod UID.
+//! status reports the truth rather than the request. Results are cached per pod UID and container
+//! restarts.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -21,6 +22,8 @@ pub struct Prober {
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
     cache: Mutex<HashMap<String, Probed>>,
     timeout: Duration,
+    /// The pods' metrics port (another in tests, where a local server plays the pod).
+    port: i32,
 }
 
 impl Default for Prober {
@@ -29,6 +32,7 @@ impl Default for Prober {
             client: Client::builder(TokioExecutor::new()).build_http(),
             cache: Mutex::new(HashMap::new()),
             timeout: Duration::from_secs(2),
+            port: ports::METRICS,
         }
     }
 }
@@ -142,12 +146,19 @@ pub fn pod_uri(ip: &str, port: i32, path: &str) -> Option<http::Uri> {
 }
 
 /// The metadata URL of a pod: on the metrics port, which needs no API key (`spec.auth`).
-pub fn metadata_uri(ip: &str, model: &str, version: &str) -> Option<http::Uri> {
-    pod_uri(
-        ip,
-        ports::METRICS,
-        &format!("/v2/models/{model}/versions/{version}"),
-    )
+pub fn metadata_uri(ip: &str, port: i32, model: &str, version: &str) -> Option<http::Uri> {
+    pod_uri(ip, port, &format!("/v2/models/{model}/versions/{version}"))
+}
+
+/// What an answer is kept under: the pod and how often its containers restarted. A restarted
+/// server may serve otherwise (`accelerator: auto` back on the CPU provider when the GPU was lost).
+fn cache_key(pod: &Pod) -> String {
+    let restarts: i64 = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map_or(0, |c| c.iter().map(|c| i64::from(c.restart_count)).sum());
+    format!("{}/{restarts}", pod.uid().unwrap_or_default())
 }
 
 /// Pods asked at once: enough that one slow pod does not hold the status back.
@@ -159,8 +170,12 @@ impl Prober {
     pub async fn probe(&self, pods: &[Pod], model: &str, version: &str) -> Option<Probed> {
         let ready: Vec<&Pod> = pods.iter().filter(|p| is_ready(p)).collect();
         for pod in &ready {
-            let uid = pod.uid().unwrap_or_default();
-            if let Some(hit) = self.cache.lock().ok().and_then(|c| c.get(&uid).cloned()) {
+            if let Some(hit) = self
+                .cache
+                .lock()
+                .ok()
+                .and_then(|c| c.get(&cache_key(pod)).cloned())
+            {
                 return Some(hit);
             }
         }
@@ -175,7 +190,7 @@ impl Prober {
 
     async fn ask(&self, pod: &Pod, model: &str, version: &str) -> Option<Probed> {
         let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone())?;
-        let uri = metadata_uri(&ip, model, version)?;
+        let uri = metadata_uri(&ip, self.port, model, version)?;
         let v = tokio::time::timeout(self.timeout, async {
             let resp = self.client.get(uri).await.ok()?;
             if !resp.status().is_success() {
@@ -193,7 +208,7 @@ impl Prober {
             if c.len() > 4096 {
                 c.clear();
             }
-            c.insert(pod.uid().unwrap_or_default(), probed.clone());
+            c.insert(cache_key(pod), probed.clone());
         }
         Some(probed)
     }
@@ -203,14 +218,74 @@ impl Prober {
 mod tests {
     use super::*;
 
+    /// A server on loopback answering model metadata with the execution provider in `provider`.
+    async fn metadata_server(provider: std::sync::Arc<Mutex<&'static str>>) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let ep = *provider.lock().unwrap();
+                let body = serde_json::json!({"name": "m", "versions": ["1"],
+                    "parameters": {"execution_provider": ep}, "inputs": [], "outputs": []})
+                .to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(resp.as_bytes()).await;
+            }
+        });
+        port
+    }
+
+    fn ready_pod(restarts: i32) -> Pod {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "p", "uid": "u1"},
+            "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": true,
+                    "restartCount": restarts}]}}))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_server_container_that_restarted_is_asked_again() {
+        // With `accelerator: auto`, a server that restarts may come back on the CPU provider (the
+        // GPU was lost): what the pod said before its restart is not what it serves now.
+        let provider = std::sync::Arc::new(Mutex::new("CUDAExecutionProvider"));
+        let prober = Prober {
+            port: metadata_server(provider.clone()).await.into(),
+            ..Prober::default()
+        };
+        let said = |p: Option<Probed>| p.and_then(|p| p.accelerator);
+        assert_eq!(
+            said(prober.probe(&[ready_pod(0)], "m", "1").await).as_deref(),
+            Some("CUDAExecutionProvider")
+        );
+        *provider.lock().unwrap() = "CPUExecutionProvider";
+        // The same container: its answer is kept (no request per reconcile).
+        assert_eq!(
+            said(prober.probe(&[ready_pod(0)], "m", "1").await).as_deref(),
+            Some("CUDAExecutionProvider")
+        );
+        // Restarted: asked again.
+        assert_eq!(
+            said(prober.probe(&[ready_pod(1)], "m", "1").await).as_deref(),
+            Some("CPUExecutionProvider")
+        );
+    }
+
     #[test]
     fn pod_addresses_make_valid_urls_for_ipv4_and_ipv6() {
         assert_eq!(
-            metadata_uri("127.1.2.3", "m", "1").unwrap().to_string(),
+            metadata_uri("127.1.2.3", ports::METRICS, "m", "1")
+                .unwrap()
+                .to_string(),
             "http://127.1.2.3:9090/v2/models/m/versions/1"
         );
         assert_eq!(
-            metadata_uri("::1", "m", "1").unwrap().to_string(),
+            metadata_uri("::1", ports::METRICS, "m", "1").unwrap().to_string(),
             "http://[::1]:9090/v2/models/m/versions/1"
         );
     }
