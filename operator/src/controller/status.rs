@@ -440,24 +440,25 @@ fn degraded(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Cond {
     )
 }
 
+/// The Deployment's own word that it gave up (`Progressing=False`, the progress deadline passed).
+fn gave_up(d: &Deployment) -> Option<String> {
+    let conds = d.status.as_ref()?.conditions.as_ref()?;
+    let c = conds
+        .iter()
+        .find(|c| c.type_.as_deref() == Some("Progressing") && c.status.as_deref() == Some("False"))?;
+    Some(format!(
+        "the rollout stopped: {}",
+        c.message
+            .clone()
+            .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
+    ))
+}
+
 /// Why a rollout cannot progress, if it cannot: the Deployment gave up (progress deadline), or a
 /// pod cannot be scheduled (on a full GPU cluster, a surge pod never is).
 fn stuck(d: &Deployment, pods: &[Pod]) -> Option<String> {
-    let conds = d
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.clone())
-        .unwrap_or_default();
-    if let Some(c) = conds
-        .iter()
-        .find(|c| c.type_.as_deref() == Some("Progressing") && c.status.as_deref() == Some("False"))
-    {
-        return Some(format!(
-            "the rollout stopped: {}",
-            c.message
-                .clone()
-                .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
-        ));
+    if let Some(why) = gave_up(d) {
+        return Some(why);
     }
     pods.iter().find_map(|pod| {
         let conds = pod.status.as_ref()?.conditions.clone()?;
@@ -502,6 +503,15 @@ fn ready(md: &ModelDeployment, deployment: Option<&Deployment>, desired: i32, po
         && st.updated_replicas.unwrap_or(0) >= st.replicas.unwrap_or(0).min(desired)
         && st.replicas.unwrap_or(0) <= st.updated_replicas.unwrap_or(0).max(desired);
     if ready < desired {
+        // Past its deadline, the Deployment's giving up is the news, with the count beside it.
+        if let Some(why) = gave_up(d) {
+            return cond(
+                conditions::READY,
+                Some(false),
+                reason::ROLLOUT_STUCK,
+                format!("{why} ({ready}/{desired} replicas ready)"),
+            );
+        }
         return cond(
             conditions::READY,
             Some(false),
@@ -1277,6 +1287,34 @@ mod tests {
             "pod a: MountVolume.SetUp failed for volume \"credentials\" : secret \"nope\" not found"
         );
         assert_eq!(event_for(c, None), Some(true));
+    }
+
+    #[test]
+    fn a_deployment_past_its_progress_deadline_says_so_even_with_too_few_pods_ready() {
+        // Pods that never get ready (a model that loads forever, a probe that never passes): the
+        // Deployment gives up after progressDeadlineSeconds, and that is the news, not the count.
+        let mut d = deployment(2, 0, 2);
+        if let Some(st) = d.status.as_mut() {
+            st.conditions = Some(vec![
+                serde_json::from_value(json!({"type": "Progressing", "status": "False",
+                "reason": "ProgressDeadlineExceeded",
+                "message": "ReplicaSet \"resnet-5d9c\" has timed out progressing."}))
+                .unwrap(),
+            ]);
+        }
+        let s = status_of(&d, &[]);
+        let c = get(&s, "Ready");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "RolloutStuck"),
+            "{}",
+            c.message
+        );
+        assert!(
+            c.message.contains("has timed out progressing") && c.message.contains("0/2 replicas ready"),
+            "{}",
+            c.message
+        );
     }
 
     #[test]
