@@ -14,6 +14,85 @@ pub enum InvalidSpec {
     /// A namespaced object without a namespace.
     #[error("the ModelDeployment has no namespace")]
     NoNamespace,
+    /// An `ipBlock` the apiserver would refuse in the NetworkPolicy.
+    #[error("{field} {value:?} {why}")]
+    BadIpBlock {
+        /// Where, e.g. `networkPolicy.inferenceFrom[0].ipBlock.cidr`.
+        field: String,
+        /// What was given.
+        value: String,
+        /// What is wrong, and the form wanted.
+        why: &'static str,
+    },
+}
+
+/// A CIDR as `ADDRESS/PREFIX`.
+fn cidr(s: &str) -> Option<(std::net::IpAddr, u8)> {
+    let (ip, len) = s.split_once('/')?;
+    let ip: std::net::IpAddr = ip.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    (len <= max).then_some((ip, len))
+}
+
+/// The first `len` bits of an address, as a number (IPv4 in the low 32 bits).
+fn network(ip: std::net::IpAddr, len: u8) -> u128 {
+    let (bits, width) = match ip {
+        std::net::IpAddr::V4(v) => (u128::from(u32::from(v)), 32),
+        std::net::IpAddr::V6(v) => (u128::from(v), 128),
+    };
+    let keep = u32::from(len);
+    if keep == 0 { 0 } else { bits >> (width - keep) }
+}
+
+/// Every `ipBlock` of the policy peers: a CIDR, and `except` entries of the same family inside it,
+/// as the apiserver checks a NetworkPolicy (which is applied before the Deployment, so a refused
+/// one would leave the model without its pods rather than without its policy).
+fn ip_blocks(md: &ModelDeployment) -> Result<(), InvalidSpec> {
+    let Some(np) = md.spec.network_policy.as_ref() else {
+        return Ok(());
+    };
+    let lists = [
+        ("inferenceFrom", &np.inference_from),
+        ("metricsFrom", &np.metrics_from),
+    ];
+    for (list, peers) in lists {
+        for (i, block) in peers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((i, p.ip_block.as_ref()?)))
+        {
+            let at = format!("networkPolicy.{list}[{i}].ipBlock");
+            let bad = |field: String, value: &str, why| InvalidSpec::BadIpBlock {
+                field,
+                value: value.to_string(),
+                why,
+            };
+            let Some((ip, len)) = cidr(&block.cidr) else {
+                return Err(bad(
+                    format!("{at}.cidr"),
+                    &block.cidr,
+                    "is not a CIDR: ADDRESS/PREFIX, e.g. 10.0.0.0/8 or fd00::/8 (prefix at most 32 for IPv4, 128 for IPv6)",
+                ));
+            };
+            for (j, e) in block.except.iter().flatten().enumerate() {
+                let field = format!("{at}.except[{j}]");
+                let Some((eip, elen)) = cidr(e) else {
+                    return Err(bad(field, e, "is not a CIDR: ADDRESS/PREFIX, e.g. 10.1.0.0/16"));
+                };
+                let inside =
+                    eip.is_ipv4() == ip.is_ipv4() && elen >= len && network(eip, len) == network(ip, len);
+                if !inside {
+                    return Err(bad(
+                        field,
+                        e,
+                        "must lie inside the block's cidr, in the same address family",
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn dns1035(s: &str) -> bool {
@@ -35,7 +114,7 @@ pub fn validate(md: &ModelDeployment) -> Result<(), InvalidSpec> {
     if md.namespace().is_none() {
         return Err(InvalidSpec::NoNamespace);
     }
-    Ok(())
+    ip_blocks(md)
 }
 
 #[cfg(test)]
@@ -50,6 +129,48 @@ mod tests {
         for bad in ["1abc", "a.b", "Upper", "x-", &"a".repeat(64)] {
             m.metadata.name = Some(bad.into());
             assert!(validate(&m).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ip_blocks_the_apiserver_would_refuse_are_invalid_and_good_ones_pass() {
+        let with = |block: serde_json::Value| {
+            md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"},
+                "networkPolicy": {"metricsFrom": [{"namespaceSelector": {}}, {"ipBlock": block}]}}))
+        };
+        for good in [
+            serde_json::json!({"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16", "10.255.255.255/32"]}),
+            serde_json::json!({"cidr": "fd00::/8", "except": ["fd12::/16"]}),
+            serde_json::json!({"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}),
+            serde_json::json!({"cidr": "192.0.2.7/32"}),
+        ] {
+            assert_eq!(validate(&with(good.clone())), Ok(()), "{good}");
+        }
+        for (bad, says) in [
+            (
+                serde_json::json!({"cidr": "fd00::1/129"}),
+                "metricsFrom[1].ipBlock.cidr \"fd00::1/129\" is not a CIDR",
+            ),
+            (serde_json::json!({"cidr": "10.0.0.0"}), "is not a CIDR"),
+            (
+                serde_json::json!({"cidr": "10.0.0.0/8", "except": ["fd00::/8"]}),
+                "except[0] \"fd00::/8\" must lie inside",
+            ),
+            (
+                serde_json::json!({"cidr": "10.0.0.0/16", "except": ["10.1.0.0/24"]}),
+                "must lie inside",
+            ),
+            (
+                serde_json::json!({"cidr": "10.0.0.0/16", "except": ["10.0.0.0/8"]}),
+                "must lie inside",
+            ),
+            (
+                serde_json::json!({"cidr": "10.0.0.0/8", "except": ["ten"]}),
+                "except[0] \"ten\" is not a CIDR",
+            ),
+        ] {
+            let e = validate(&with(bad.clone())).expect_err("refused").to_string();
+            assert!(e.contains(says), "{bad}: {e}");
         }
     }
 }
