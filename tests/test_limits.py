@@ -458,3 +458,37 @@ def test_compressed_bodies_inflate_within_the_request_limit_and_bad_ones_get_4xx
     assert r.status_code == 415 and "Content-Encoding" in r.json()["error"], r.text
     assert s.alive()
     assert post(gzip.compress(body), "gzip").status_code == 200
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_answers_are_compressed_when_the_client_accepts_it_as_triton_does(serve, encoding):
+    # tritonclient's `response_compression_algorithm` sends Accept-Encoding; Triton compresses the
+    # answer (the binary extension's header length stays that of the uncompressed JSON).
+    import gzip
+    import zlib
+
+    s = serve()
+    x = [float(i) for i in range(10)]
+    url = f"{s.url}/v2/models/dense/infer"
+    plain = requests.post(url, json={"inputs": [{"name": "x", "shape": [1, 10], "datatype": "FP32", "data": x}]},
+                          timeout=30, headers={"Accept-Encoding": "identity"})
+    assert plain.status_code == 200 and "Content-Encoding" not in plain.headers
+    inflate = gzip.decompress if encoding == "gzip" else zlib.decompress
+    for binary in (False, True):
+        body = {"inputs": [{"name": "x", "shape": [1, 10], "datatype": "FP32", "data": x}],
+                "parameters": {"binary_data_output": binary}}
+        r = requests.post(url, json=body, timeout=30, stream=True, headers={"Accept-Encoding": f"{encoding}, identity;q=0.5"})
+        assert r.status_code == 200 and r.headers.get("Content-Encoding") == encoding, r.headers
+        raw = inflate(r.raw.read(decode_content=False))
+        if not binary:
+            assert json.loads(raw)["outputs"] == plain.json()["outputs"]
+        else:
+            n = int(r.headers["Inference-Header-Content-Length"])
+            header = json.loads(raw[:n])
+            assert header["outputs"][0]["parameters"]["binary_data_size"] == len(raw) - n
+            import numpy as np
+            got = np.frombuffer(raw[n:], dtype=np.float32)
+            np.testing.assert_allclose(got, plain.json()["outputs"][0]["data"], rtol=1e-6)
+    # gzip;q=0 is a refusal, not a wish.
+    r = requests.post(url, json=body, timeout=30, headers={"Accept-Encoding": "gzip;q=0, deflate;q=0"})
+    assert r.status_code == 200 and "Content-Encoding" not in r.headers

@@ -283,13 +283,22 @@ async fn read_body(
     Ok((parts, inflated))
 }
 
-/// A request body's compression (`Content-Encoding`), as Triton's HTTP endpoint and tritonclient's
-/// `request_compression_algorithm` use it.
+/// A body's compression (`Content-Encoding`), as Triton's HTTP endpoint and tritonclient's
+/// `request_compression_algorithm` and `response_compression_algorithm` use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Encoding {
     Gzip,
     /// zlib-wrapped DEFLATE, what HTTP's `deflate` names (RFC 9110).
     Deflate,
+}
+
+impl Encoding {
+    fn name(self) -> &'static str {
+        match self {
+            Encoding::Gzip => "gzip",
+            Encoding::Deflate => "deflate",
+        }
+    }
 }
 
 /// The body's encoding; None when it is sent as is. Any other coding is refused by name (415)
@@ -631,6 +640,7 @@ async fn infer_v2(
         .api_keys
         .as_ref()
         .and_then(|_| req.headers().get(http::header::AUTHORIZATION).cloned());
+    let compress = accepted_encoding(req.headers());
     let result = async {
         let mut ticket = Ticket::default();
         let header_len = match req.headers().get(v2::HEADER_LENGTH) {
@@ -686,25 +696,96 @@ async fn infer_v2(
     )
     .await?;
     let (name, version) = (m.to_string(), model.version);
-    let encoded = state
+    let size = v2::json_response_len(&request, &outputs);
+    // Compressing is CPU work like formatting: counted so large answers leave the I/O threads.
+    let work = if compress.is_some() {
+        size + outputs.iter().map(|t| t.binary_len()).sum::<usize>()
+    } else {
+        size
+    };
+    let (encoded, deflated) = state
         .offload
-        .run(v2::json_response_len(&request, &outputs), move || {
-            v2::encode_response(&name, version, &request, &outputs)
+        .run(work, move || {
+            let encoded = v2::encode_response(&name, version, &request, &outputs)?;
+            let deflated = compress.map(|c| deflate(c, std::iter::once(&encoded.json).chain(&encoded.blobs)));
+            Ok::<_, ApiError>((encoded, deflated))
         })
         .await??;
-    if encoded.blobs.is_empty() {
-        return Ok(bytes_response(StatusCode::OK, JSON, encoded.json));
-    }
     let json_len = encoded.json.len();
-    let mut parts = Vec::with_capacity(1 + encoded.blobs.len());
-    parts.push(encoded.json);
-    parts.extend(encoded.blobs);
-    let mut r = Response::new(Chunks::many(parts));
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-    r.headers_mut()
-        .insert(v2::HEADER_LENGTH, HeaderValue::from(json_len));
+    let binary = !encoded.blobs.is_empty();
+    let mut r = match deflated {
+        Some(body) => Response::new(Chunks::one(body?)),
+        None if !binary => Response::new(Chunks::one(encoded.json)),
+        None => Response::new(Chunks::many(
+            std::iter::once(encoded.json).chain(encoded.blobs).collect(),
+        )),
+    };
+    let headers = r.headers_mut();
+    if let Some(c) = compress {
+        headers.insert(http::header::CONTENT_ENCODING, HeaderValue::from_static(c.name()));
+    }
+    if binary {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        // The uncompressed JSON's length, as Triton sends it: clients inflate, then split.
+        headers.insert(v2::HEADER_LENGTH, HeaderValue::from(json_len));
+    } else {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    }
     Ok(r)
+}
+
+/// The compression the client accepts for the answer (`Accept-Encoding`, as tritonclient's
+/// `response_compression_algorithm` sends it): gzip, else deflate; none for anything else or a
+/// refusal (`q=0`).
+fn accepted_encoding(headers: &http::HeaderMap) -> Option<Encoding> {
+    let accepted = |name: &str| {
+        headers
+            .get_all(http::header::ACCEPT_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|item| {
+                let mut parts = item.split(';').map(str::trim);
+                let coding = parts.next().unwrap_or("");
+                let refused = parts.any(|p| {
+                    p.strip_prefix("q=")
+                        .and_then(|q| q.parse::<f32>().ok())
+                        .is_some_and(|q| q <= 0.0)
+                });
+                coding.eq_ignore_ascii_case(name) && !refused
+            })
+    };
+    if accepted("gzip") {
+        Some(Encoding::Gzip)
+    } else if accepted("deflate") {
+        Some(Encoding::Deflate)
+    } else {
+        None
+    }
+}
+
+/// Compresses the parts of an answer into one body (fast level: the answer waits for it).
+fn deflate<'a>(encoding: Encoding, parts: impl Iterator<Item = &'a Bytes>) -> Result<Bytes, ApiError> {
+    use std::io::Write;
+    let level = flate2::Compression::fast();
+    let fail = |e: std::io::Error| ApiError::Internal(format!("compressing the answer failed: {e}"));
+    let out = match encoding {
+        Encoding::Gzip => {
+            let mut w = flate2::write::GzEncoder::new(Vec::new(), level);
+            for p in parts {
+                w.write_all(p).map_err(fail)?;
+            }
+            w.finish().map_err(fail)?
+        }
+        Encoding::Deflate => {
+            let mut w = flate2::write::ZlibEncoder::new(Vec::new(), level);
+            for p in parts {
+                w.write_all(p).map_err(fail)?;
+            }
+            w.finish().map_err(fail)?
+        }
+    };
+    Ok(Bytes::from(out))
 }
 
 async fn predict_v1(
