@@ -467,7 +467,12 @@ def test_answers_are_compressed_when_the_client_accepts_it_as_triton_does(serve,
     import gzip
     import zlib
 
-    s = serve()
+    # Off by default: requests itself asks for gzip on every call.
+    off = serve()
+    r = requests.post(f"{off.url}/v2/models/dense/infer", timeout=30, headers={"Accept-Encoding": "gzip"},
+                      json={"inputs": [{"name": "x", "shape": [1, 10], "datatype": "FP32", "data": [0.0] * 10}]})
+    assert r.status_code == 200 and "Content-Encoding" not in r.headers, r.headers
+    s = serve("--compress-responses")
     x = [float(i) for i in range(10)]
     url = f"{s.url}/v2/models/dense/infer"
     plain = requests.post(url, json={"inputs": [{"name": "x", "shape": [1, 10], "datatype": "FP32", "data": x}]},

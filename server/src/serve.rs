@@ -165,6 +165,13 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_AUDIT_LOG")]
     pub audit_log: bool,
 
+    /// Compress REST inference answers with gzip or deflate when the client accepts it
+    /// (`Accept-Encoding`; tritonclient's `response_compression_algorithm`), as Triton does. Off by
+    /// default: most HTTP libraries (Python's requests, Go's net/http) ask for gzip on every
+    /// request, and on a cluster network compressing costs more time than it saves.
+    #[arg(long, env = "KUBEMAAS_COMPRESS_RESPONSES")]
+    pub compress_responses: bool,
+
     /// Triton's system shared memory extension: clients on this host (a sidecar in the pod, a
     /// benchmark) may register POSIX shared memory objects under /dev/shm as regions
     /// (`/v2/systemsharedmemory`, gRPC `SystemSharedMemoryRegister`) and pass inputs and receive
@@ -545,6 +552,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         max_request_bytes,
         api_keys_file,
         audit_log,
+        compress_responses,
         allow_client_shm,
         header_read_timeout,
         body_read_timeout,
@@ -614,6 +622,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         max_request_bytes,
         api_keys,
         audit: audit_log,
+        compress_responses,
         shm: Arc::new(crate::shm::SharedMemory::new(allow_client_shm, max_request_bytes)),
         header_read_timeout: Duration::from_secs(header_read_timeout),
         body_read_timeout: Duration::from_secs(body_read_timeout),

@@ -95,6 +95,8 @@ pub struct AppState {
     pub offload: crate::offload::Offload,
     /// Registered system shared memory regions (`--allow-client-shm`).
     pub shm: Arc<crate::shm::SharedMemory>,
+    /// Compress inference answers for clients that accept it (`--compress-responses`).
+    pub compress_responses: bool,
 }
 
 /// Which endpoints a listener serves.

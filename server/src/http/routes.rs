@@ -640,7 +640,10 @@ async fn infer_v2(
         .api_keys
         .as_ref()
         .and_then(|_| req.headers().get(http::header::AUTHORIZATION).cloned());
-    let compress = accepted_encoding(req.headers());
+    let compress = state
+        .compress_responses
+        .then(|| accepted_encoding(req.headers()))
+        .flatten();
     let result = async {
         let mut ticket = Ticket::default();
         let header_len = match req.headers().get(v2::HEADER_LENGTH) {
