@@ -49,7 +49,10 @@ def cond(t, s, r, m="msg"):
     ({"observedGeneration": 1, "conditions": [cond("Ready", "False", "InvalidSpec", "bad name")]}, 1, "Degraded"),
     # Parked with `kubectl scale --replicas=0`: nothing serves, by choice (Argo's state for that).
     ({"observedGeneration": 1, "conditions": [cond("Ready", "False", "ScaledToZero"), cond("ModelLoaded", "Unknown", "NoPods")]}, 1, "Suspended"),
-], ids=["no-status", "ready", "stale-generation", "oom", "checksum", "unschedulable", "invalid-spec", "scaled-to-zero"])
+    # The Deployment gave up (its progress deadline), as Argo CD judges a Deployment so: Degraded.
+    ({"observedGeneration": 1, "conditions": [cond("Ready", "False", "RolloutStuck", "the rollout stopped")]}, 1, "Degraded"),
+], ids=["no-status", "ready", "stale-generation", "oom", "checksum", "unschedulable", "invalid-spec", "scaled-to-zero",
+        "rollout-stuck"])
 def test_argocd_health_maps_conditions(status, generation, expected, tmp_path):
     obj = {"metadata": {"generation": generation}}
     if status is not None:

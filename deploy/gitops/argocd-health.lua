@@ -1,8 +1,8 @@
 -- Argo CD health check for kubemaas.io/ModelDeployment, built on the status conditions only.
 -- Install it under the argocd-cm key `resource.customizations.health.kubemaas.io_ModelDeployment`
--- (see argocd-cm-patch.yaml). Degraded: a failing container or a model that cannot load; Healthy:
--- Ready=True for the current generation; Suspended: scaled to zero replicas; everything else is
--- Progressing, with the reason.
+-- (see argocd-cm-patch.yaml). Degraded: a failing container, a model that cannot load or a rollout
+-- that cannot progress; Healthy: Ready=True for the current generation; Suspended: scaled to zero
+-- replicas; everything else is Progressing, with the reason.
 local hs = {status = "Progressing", message = "Waiting for the KubeMaaS operator to report status"}
 if obj.status == nil or obj.status.conditions == nil then
   return hs
@@ -21,8 +21,8 @@ if loaded ~= nil and loaded.status == "False" then
 end
 local ready = conditions["Ready"]
 if ready ~= nil then
-  if ready.reason == "InvalidSpec" then
-    return {status = "Degraded", message = ready.message}
+  if ready.reason == "InvalidSpec" or ready.reason == "RolloutStuck" then
+    return {status = "Degraded", message = ready.reason .. ": " .. ready.message}
   end
   if ready.reason == "ScaledToZero" then
     return {status = "Suspended", message = ready.message}
