@@ -326,13 +326,13 @@ async fn the_wait_for_the_crd_asks_in_the_watched_namespace_until_it_is_installe
     );
 }
 
-/// A NetworkPolicy the apiserver refuses (an ipBlock it finds invalid) must not leave new pods
-/// serving to the whole cluster: it is applied first, and its refusal stops the reconcile before
-/// the Deployment exists.
+/// A NetworkPolicy the apiserver refuses (an admission policy, a quota on policies, a field the
+/// operator's own checks do not know) must not leave new pods serving to the whole cluster: it is
+/// applied first, and its refusal stops the reconcile before the Deployment exists.
 #[tokio::test]
 async fn a_refused_network_policy_stops_the_reconcile_before_any_pod_could_serve_unguarded() {
     let m = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"},
-        "networkPolicy": {"inferenceFrom": [{"ipBlock": {"cidr": "fd00::1/129"}}]}}));
+        "networkPolicy": {"inferenceFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}}));
     let (client, log) = mock(|method, path| match method {
         "PATCH" if path.contains("/networkpolicies/") => {
             (StatusCode::UNPROCESSABLE_ENTITY, api_error(422, "Invalid"))
