@@ -499,7 +499,15 @@ fn ready(md: &ModelDeployment, deployment: Option<&Deployment>, desired: i32, po
             ),
         );
     }
-    let rolled_out = st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0)
+    let lagging = st.observed_generation.unwrap_or(0) < d.metadata.generation.unwrap_or(0);
+    // A generation the Deployment controller has not observed yet is a rollout only if the
+    // template may have changed: when every pod runs the current template, only the count did
+    // (the autoscaler or an HPA scaled it), and the pods serve all along.
+    let only_scaled = lagging
+        && template_hash(Some(d)).is_some()
+        && !pods.is_empty()
+        && current_pods(Some(d), pods).len() == pods.len();
+    let rolled_out = (!lagging || only_scaled)
         && st.updated_replicas.unwrap_or(0) >= st.replicas.unwrap_or(0).min(desired)
         && st.replicas.unwrap_or(0) <= st.updated_replicas.unwrap_or(0).max(desired);
     if ready < desired {
@@ -1241,6 +1249,32 @@ mod tests {
             ..ObjectMeta::default()
         });
         d
+    }
+
+    #[test]
+    fn a_scale_the_deployment_controller_has_not_observed_yet_is_not_a_rollout() {
+        // The autoscaler (or an HPA) changed spec.replicas: the generation moved and
+        // observedGeneration lags a moment, but every pod runs the current template. Ready went
+        // False RolloutInProgress for that moment (seen in the e2e autoscaling test).
+        let mut d = rolling_out("cur", 2, 2, 2);
+        d.metadata.generation = Some(3);
+        let pods = [of_template("a", "cur", true), of_template("b", "cur", true)];
+        let c = get(&status_of(&d, &pods), "Ready").clone();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "MinimumReplicasAvailable"),
+            "{}",
+            c.message
+        );
+        // A pod of another template: the lag may hide a template change, so it is a rollout.
+        let pods = [of_template("a", "cur", true), of_template("b", "old", true)];
+        let c = get(&status_of(&d, &pods), "Ready").clone();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "RolloutInProgress"),
+            "{}",
+            c.message
+        );
     }
 
     #[test]
