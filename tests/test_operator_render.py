@@ -217,7 +217,7 @@ def test_image_references_the_kubelet_can_pull_are_accepted(image, tmp_path):
 def test_render_refuses_an_ip_block_the_apiserver_would_refuse(tmp_path):
     # The NetworkPolicy is applied before the Deployment; a CIDR it cannot hold is refused here,
     # in GitOps CI, and as InvalidSpec in status, instead of at apply time.
-    p = render_text(MD_HEAD + "  networkPolicy:\n    inferenceFrom:\n    - ipBlock: {cidr: 10.0.0.0/8, except: [fd00::/8]}\n",
+    p = render_text(MD_HEAD + "  networkPolicy:\n    inferenceFrom:\n    - ipBlock: {cidr: 127.0.0.0/8, except: ['2001:db8::/32']}\n",
                     tmp_path)
     assert p.returncode == 1 and p.stdout == "", p.stdout
-    assert 'networkPolicy.inferenceFrom[0].ipBlock.except[0] "fd00::/8" must lie inside' in p.stderr, p.stderr
+    assert 'networkPolicy.inferenceFrom[0].ipBlock.except[0] "2001:db8::/32" must lie inside' in p.stderr, p.stderr

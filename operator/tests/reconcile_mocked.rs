@@ -332,7 +332,7 @@ async fn the_wait_for_the_crd_asks_in_the_watched_namespace_until_it_is_installe
 #[tokio::test]
 async fn a_refused_network_policy_stops_the_reconcile_before_any_pod_could_serve_unguarded() {
     let m = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"},
-        "networkPolicy": {"inferenceFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}}));
+        "networkPolicy": {"inferenceFrom": [{"ipBlock": {"cidr": "127.0.0.0/8"}}]}}));
     let (client, log) = mock(|method, path| match method {
         "PATCH" if path.contains("/networkpolicies/") => {
             (StatusCode::UNPROCESSABLE_ENTITY, api_error(422, "Invalid"))

@@ -72,13 +72,17 @@ fn ip_blocks(md: &ModelDeployment) -> Result<(), InvalidSpec> {
                 return Err(bad(
                     format!("{at}.cidr"),
                     &block.cidr,
-                    "is not a CIDR: ADDRESS/PREFIX, e.g. 10.0.0.0/8 or fd00::/8 (prefix at most 32 for IPv4, 128 for IPv6)",
+                    "is not a CIDR: ADDRESS/PREFIX, e.g. 192.0.2.0/24 or 2001:db8::/32 (prefix at most 32 for IPv4, 128 for IPv6)",
                 ));
             };
             for (j, e) in block.except.iter().flatten().enumerate() {
                 let field = format!("{at}.except[{j}]");
                 let Some((eip, elen)) = cidr(e) else {
-                    return Err(bad(field, e, "is not a CIDR: ADDRESS/PREFIX, e.g. 10.1.0.0/16"));
+                    return Err(bad(
+                        field,
+                        e,
+                        "is not a CIDR: ADDRESS/PREFIX, e.g. 192.0.2.128/25",
+                    ));
                 };
                 let inside =
                     eip.is_ipv4() == ip.is_ipv4() && elen >= len && network(eip, len) == network(ip, len);
@@ -139,8 +143,8 @@ mod tests {
                 "networkPolicy": {"metricsFrom": [{"namespaceSelector": {}}, {"ipBlock": block}]}}))
         };
         for good in [
-            serde_json::json!({"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16", "10.255.255.255/32"]}),
-            serde_json::json!({"cidr": "fd00::/8", "except": ["fd12::/16"]}),
+            serde_json::json!({"cidr": "127.0.0.0/8", "except": ["127.1.0.0/16", "127.255.255.255/32"]}),
+            serde_json::json!({"cidr": "2001:db8::/32", "except": ["2001:db8:1::/48"]}),
             serde_json::json!({"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}),
             serde_json::json!({"cidr": "192.0.2.7/32"}),
         ] {
@@ -148,24 +152,24 @@ mod tests {
         }
         for (bad, says) in [
             (
-                serde_json::json!({"cidr": "fd00::1/129"}),
-                "metricsFrom[1].ipBlock.cidr \"fd00::1/129\" is not a CIDR",
+                serde_json::json!({"cidr": "2001:db8::1/129"}),
+                "metricsFrom[1].ipBlock.cidr \"2001:db8::1/129\" is not a CIDR",
             ),
-            (serde_json::json!({"cidr": "10.0.0.0"}), "is not a CIDR"),
+            (serde_json::json!({"cidr": "127.0.0.0"}), "is not a CIDR"),
             (
-                serde_json::json!({"cidr": "10.0.0.0/8", "except": ["fd00::/8"]}),
-                "except[0] \"fd00::/8\" must lie inside",
+                serde_json::json!({"cidr": "127.0.0.0/8", "except": ["2001:db8::/32"]}),
+                "except[0] \"2001:db8::/32\" must lie inside",
             ),
             (
-                serde_json::json!({"cidr": "10.0.0.0/16", "except": ["10.1.0.0/24"]}),
+                serde_json::json!({"cidr": "127.0.0.0/16", "except": ["127.1.0.0/24"]}),
                 "must lie inside",
             ),
             (
-                serde_json::json!({"cidr": "10.0.0.0/16", "except": ["10.0.0.0/8"]}),
+                serde_json::json!({"cidr": "127.0.0.0/16", "except": ["127.0.0.0/8"]}),
                 "must lie inside",
             ),
             (
-                serde_json::json!({"cidr": "10.0.0.0/8", "except": ["ten"]}),
+                serde_json::json!({"cidr": "127.0.0.0/8", "except": ["ten"]}),
                 "except[0] \"ten\" is not a CIDR",
             ),
         ] {
