@@ -402,11 +402,17 @@ pub fn read_input(
     Ok(shm.read(at, what, used)?)
 }
 
-/// Checks that an output may be written to `shm` through `gate`; the region itself is looked up
-/// when the output is written.
-pub fn output_allowed(shm: Option<&SharedMemory>, gate: Gate<'_>) -> Result<(), ApiError> {
-    usable(shm)?;
-    gate(0)
+/// Where an output goes: shared memory must be allowed and the caller pass `gate` before the region
+/// is looked up, then the region is resolved and checked ([`ShmTarget`]).
+pub fn output_target(
+    shm: Option<&SharedMemory>,
+    gate: Gate<'_>,
+    at: ShmRef,
+    what: &str,
+) -> Result<ShmTarget, ApiError> {
+    let shm = usable(shm)?;
+    gate(0)?;
+    Ok(shm.target(at, what)?)
 }
 
 /// The file of POSIX shared memory object `key` ("/name" or "name", as `shm_open` takes it): one

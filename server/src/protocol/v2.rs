@@ -339,10 +339,7 @@ fn decode(
         binary_outputs.push(bool_param(&o.parameters, "binary_data")?.unwrap_or(binary_default));
         let what = || format!("output {:?}", o.name);
         let target = match shm_param(&o.parameters, what)? {
-            Some(at) => {
-                crate::shm::output_allowed(shm, gate)?;
-                Some(crate::shm::usable(shm)?.target(at, &what())?)
-            }
+            Some(at) => Some(crate::shm::output_target(shm, gate, at, &what())?),
             None => None,
         };
         shm_outputs.push(target);
