@@ -6,8 +6,10 @@ rewritten in place, so the corpus in git is reproducible. libFuzzer adds what it
 corpus under fuzz/target, never here.
 """
 
+import gzip
 import json
 import struct
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent / "corpus"
@@ -139,7 +141,7 @@ for name, v in V1.items():
 write("v1_json", "ignored_key_huge_number.json", b'{"nistances":[[1e3081]],"inputs":[[1,2,3,4]]}')
 write("v1_json", "signature_name.json", b'{"signature_name":"serving_default","instances":[[1,2,3,4]]}')
 
-# --- router: HTTP requests (see fuzz_targets/router.rs for the format) ------------------------------
+# --- router: HTTP requests (see src/router.rs for the format) ---------------------------------------
 infer = j({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]})
 ROUTER = {
     "health_live": b"GET /v2/health/live\n\n",
@@ -173,6 +175,16 @@ ROUTER = {
     "unknown": b"PATCH /v3/anything?q=1\nX-Custom: 1\n\nbody",
     "keys_extension_method": b"yET /v2/models/m k\n\n",
     "put_known_route": b"PUT /v2/models/m/versions/1/infer\n\n",
+    "shm_status": b"GET /v2/systemsharedmemory/status s\n\n",
+    "shm_register": b"POST /v2/systemsharedmemory/region/r/register s\n\n"
+    + j({"key": "/kubemaas-fuzz-none", "offset": 0, "byte_size": 16}),
+    "shm_unregister_all": b"POST /v2/systemsharedmemory/unregister s\n\n",
+    "shm_not_allowed": b"POST /v2/systemsharedmemory/region/r/register\n\n" + j({"key": "/k", "byte_size": 4}),
+    "cuda_shm_status": b"GET /v2/cudasharedmemory/status s\n\n",
+    "infer_gzip_body": b"POST /v2/models/m/infer\ncontent-encoding: gzip\n\n" + gzip.compress(infer, mtime=0),
+    "infer_deflate_body": b"POST /v2/models/m/infer\ncontent-encoding: deflate\n\n" + zlib.compress(infer),
+    "infer_unknown_encoding": b"POST /v2/models/m/infer\ncontent-encoding: br\n\n" + infer,
+    "infer_accepts_gzip": b"POST /v2/models/m/infer z\naccept-encoding: gzip;q=1, deflate;q=0\n\n" + infer,
 }
 for name, data in ROUTER.items():
     write("router", name + ".http", data)

@@ -1,28 +1,5 @@
-//! The V2 (Open Inference Protocol) JSON request decoder: the whole fuzz input is the request body
-//! (no binary extension), decoded against a model with FP32 (dynamic dims), INT64, BYTES, BOOL,
-//! FP16 and UINT64 inputs.
+//! The `v2_json` target; what it fuzzes and checks is in `kubemaas_fuzz::v2_json` (fuzz/src/v2_json.rs), which
+//! `cargo test` in the main workspace also replays over the committed seeds.
 #![no_main]
 
-use std::sync::LazyLock;
-
-use bytes::Bytes;
-use kubemaas_fuzz::{check_decode_error, check_tensor, init, multi_input_signature};
-use kubemaas_server::backend::Signature;
-use kubemaas_server::protocol::v2::decode_request;
-use libfuzzer_sys::fuzz_target;
-
-static SIG: LazyLock<Signature> = LazyLock::new(multi_input_signature);
-
-fuzz_target!(|data: &[u8]| {
-    init();
-    let body = Bytes::copy_from_slice(data);
-    match decode_request(&SIG, &body, None) {
-        Ok(req) => {
-            for t in &req.inputs {
-                check_tensor(&SIG, t);
-            }
-            assert_eq!(req.outputs.len(), req.binary_outputs.len());
-        }
-        Err(e) => check_decode_error(&e),
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kubemaas_fuzz::v2_json::run(data));

@@ -1,5 +1,8 @@
-//! Shared pieces of the fuzz targets: the model signatures the decoders are fuzzed against, the
-//! invariants every target asserts, and an allocation guard.
+//! The fuzz targets (one module each, `run` takes one input) and what they share: the model
+//! signatures the decoders are fuzzed against, the invariants every target asserts, and an
+//! allocation guard. The files in `fuzz_targets/` only hand libFuzzer's inputs to `run`, so the
+//! main workspace's `cargo test` builds this crate (without libFuzzer) and replays the committed
+//! seeds through the same checks (`server/tests/fuzz_seeds.rs`).
 //!
 //! Invariants, for every input:
 //! - no panic (libfuzzer-sys turns a panic into an abort, which libFuzzer records as a crash);
@@ -12,6 +15,11 @@
 //!   its data agrees with its shape, and it survives the binary-extension round trip.
 
 use std::sync::Once;
+
+pub mod router;
+pub mod v1_json;
+pub mod v2_binary;
+pub mod v2_json;
 
 use kubemaas_server::backend::{Signature, TensorSpec};
 use kubemaas_server::protocol::error::ApiError;
