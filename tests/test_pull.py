@@ -480,6 +480,31 @@ def test_a_missing_gcs_object_exits_5(gcs, run_pull, tmp_path):
     assert_failed(run_pull("gs://models/ocr/missing.onnx", dest, env=gcs.env()), 5, dest)
 
 
+# The S3 console's "Create folder" and the GCS console leave a 0-byte object named `folder/`.
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_folder_objects_the_consoles_create_are_skipped_in_a_prefix(
+        scheme, request, run_pull, tmp_path, model_bytes, external_model):
+    store = request.getfixturevalue("s3" if scheme == "s3" else "gcs")
+    onnx = (external_model / "model.onnx").read_bytes()
+    objects = {f"{scheme}-folders/": b"", f"{scheme}-folders/onnx/": b"",
+               f"{scheme}-folders/onnx/model.onnx": onnx, f"{scheme}-folders/model.onnx": model_bytes,
+               f"{scheme}-only-folders/": b"", f"{scheme}-only-folders/sub/": b""}
+    for key, body in objects.items():
+        if scheme == "s3":
+            store.client().put_object(Bucket="models", Key=key, Body=body)
+        else:
+            store.upload("models", key, body)
+    dest = tmp_path / "repo" / "m" / "1"
+    p = run_pull(f"{scheme}://models/{scheme}-folders/", dest, env=store.env())
+    assert_ok(p)
+    assert tree(dest) == {"model.onnx": model_bytes, "onnx/model.onnx": onnx}
+    assert p.record["files"] == 2
+    # A prefix holding folders and no file has nothing to download.
+    empty = tmp_path / "repo" / "empty" / "1"
+    assert_failed(run_pull(f"{scheme}://models/{scheme}-only-folders/", empty, env=store.env()), 5, empty,
+                  mentions="no files")
+
+
 # --------------------------------------------------------------------------------------------------
 # HTTP and HTTPS
 

@@ -226,6 +226,19 @@ pub struct StoreSource {
 }
 
 impl StoreSource {
+    /// Whether an object has exactly this name (a HEAD).
+    async fn exists(&self, location: &Path) -> Result<bool, FetchError> {
+        match tokio::time::timeout(self.read_timeout, self.store.head(location))
+            .await
+            .map_err(|_| self.stalled())?
+            .map_err(map_err)
+        {
+            Ok(_) => Ok(true),
+            Err(FetchError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     fn stalled(&self) -> FetchError {
         FetchError::Transient(format!(
             "the store did not answer for {}s (--read-timeout)",
@@ -257,6 +270,12 @@ impl Source for StoreSource {
                 let Some(rel) = key.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
                     continue;
                 };
+                if m.size == 0 && !self.exists(&m.location).await? {
+                    // A "folder" the S3 or GCS console created: a 0-byte object named `dir/`,
+                    // listed without its slash (object_store drops it), so no object has the
+                    // listed name. Its files, if any, are listed on their own.
+                    continue;
+                }
                 entries.push(Entry {
                     rel: rel.to_string(),
                     size: Some(m.size),
