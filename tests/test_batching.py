@@ -579,3 +579,37 @@ def test_a_timeout_of_zero_means_no_timeout_as_in_triton(repo_dir, tmp_path):
         c.close()
     finally:
         assert s.stop() == 0
+
+
+def test_a_model_whose_output_does_not_keep_the_batch_dimension_is_never_batched(tmp_path):
+    # y = Transpose(x): x is [a, b], y is [b, a]. Both first dimensions are dynamic, but y's is
+    # x's second: batched, two clients' rows would be transposed together and each would get
+    # the other's numbers (or, with other sizes, every request a 500).
+    from onnx import TensorProto, helper, save
+    graph = helper.make_graph([helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0])], "t",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["a", "b"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "a"])])
+    path = tmp_path / "transpose.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    s = Server(["--model", f"t={path}", "--instances", "1", "--max-batch-size", "8",
+                "--max-queue-delay-us", "200000"], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        c = requests.get(f"{s.url}/v2/models/t/config", timeout=10).json()
+        assert c["max_batch_size"] == 0 and "dynamic_batching" not in c, c
+        log = s.log_path.read_text()
+        assert "dynamic batching off for this model" in log and "dimension 1 of input" in log, log[-2000:]
+        x = np.array([[1, 2, 3]], dtype=np.float32)
+        r = infer(s, "t", [v2("x", x, "FP32")])
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"][0]["shape"] == [3, 1] and r.json()["outputs"][0]["data"] == [1, 2, 3]
+        # Sent together (the queue delay would have joined them): each gets its own transpose.
+        xs = [np.array([[10 * i + 1, 10 * i + 2]], dtype=np.float32) for i in range(6)]
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda x: infer(s, "t", [v2("x", x, "FP32")]), xs))
+        for x, r in zip(xs, answers, strict=True):
+            assert r.status_code == 200, r.text
+            out = r.json()["outputs"][0]
+            assert out["shape"] == [2, 1] and out["data"] == x.T.flatten().tolist(), (x, out)
+    finally:
+        assert s.stop() == 0

@@ -50,6 +50,7 @@ pub fn multi_input_signature() -> Signature {
             spec("big", DataType::U64, &[-1]),
         ],
         outputs: vec![spec("y", DataType::F32, &[-1, 2])],
+        leading_dim_conflict: None,
     }
 }
 
@@ -59,6 +60,7 @@ pub fn single_input_signature() -> Signature {
     Signature {
         inputs: vec![spec("x", DataType::F32, &[-1, 4])],
         outputs: vec![spec("y", DataType::F32, &[-1, 2])],
+        leading_dim_conflict: None,
     }
 }
 

@@ -35,6 +35,7 @@ fn one_fp32_input(shape: &[usize]) -> Signature {
             shape: shape.iter().map(|&d| d as i64).collect(),
         }],
         outputs: vec![],
+        leading_dim_conflict: None,
     }
 }
 

@@ -235,7 +235,8 @@ impl Batcher {
     }
 }
 
-/// Whether a model can be batched: every input and output has a dynamic first dimension.
+/// Whether a model can be batched: every input and output has a dynamic first dimension, and no
+/// output's first dimension is named as a later dimension of an input.
 pub fn batchable(sig: &crate::backend::Signature) -> Result<(), String> {
     let fixed = sig
         .inputs
@@ -247,7 +248,12 @@ pub fn batchable(sig: &crate::backend::Signature) -> Result<(), String> {
             "{:?} has shape {:?}: batching needs a dynamic first dimension on every input and output",
             t.name, t.shape
         )),
-        None => Ok(()),
+        None => match &sig.leading_dim_conflict {
+            Some(why) => Err(format!(
+                "{why}: batching needs every output to keep the batch dimension"
+            )),
+            None => Ok(()),
+        },
     }
 }
 

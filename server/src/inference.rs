@@ -330,6 +330,7 @@ mod tests {
                 datatype: DataType::F32,
                 shape: vec![-1],
             }],
+            leading_dim_conflict: None,
         }
     }
 

@@ -584,7 +584,8 @@ pub struct RuntimeSpec {
 
     /// Dynamic batching of concurrent requests (Triton's semantics): requests are joined along
     /// their first dimension into one execution. Applies to models whose inputs and outputs all
-    /// have a dynamic first dimension; others are served unbatched.
+    /// have a dynamic first dimension, and whose outputs keep it (none begins with a later
+    /// dimension of an input, as a transpose's would); others are served unbatched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batching: Option<BatchingSpec>,
 }

@@ -27,6 +27,11 @@ pub struct Signature {
     pub inputs: Vec<TensorSpec>,
     /// Model outputs, in model order.
     pub outputs: Vec<TensorSpec>,
+    /// Why an output's first dimension is not the batch dimension, as the model's dimension
+    /// names tell: it is named as a later dimension of an input (a transpose, say). Batching such
+    /// a model would hand one request rows made of others'. `None` when the names say nothing
+    /// against it (names differ between exporters, so a mere difference proves nothing).
+    pub leading_dim_conflict: Option<String>,
 }
 
 /// Time spent in each phase of one execution (Triton's compute_input / compute_infer / compute_output).

@@ -306,6 +306,33 @@ fn map_element_type(ty: TensorElementType) -> Option<DataType> {
     })
 }
 
+/// The names of a tensor's dimensions (empty where the model gives none).
+fn dim_names(ty: &ValueType) -> Vec<&str> {
+    match ty {
+        ValueType::Tensor {
+            dimension_symbols, ..
+        } => dimension_symbols.iter().map(String::as_str).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// See [`Signature::leading_dim_conflict`]: an output whose first dimension carries the name of
+/// a later dimension of some input, and not the name of any input's first dimension.
+fn leading_dim_conflict(inputs: &[(&str, &ValueType)], outputs: &[(&str, &ValueType)]) -> Option<String> {
+    let inputs: Vec<(&str, Vec<&str>)> = inputs.iter().map(|(n, t)| (*n, dim_names(t))).collect();
+    let leading = |name: &str| inputs.iter().any(|(_, d)| d.first() == Some(&name));
+    outputs.iter().find_map(|(out, ty)| {
+        let names = dim_names(ty);
+        let first = names.first().copied().filter(|n| !n.is_empty() && !leading(n))?;
+        let (input, k) = inputs
+            .iter()
+            .find_map(|(i, d)| d.iter().skip(1).position(|n| *n == first).map(|k| (i, k + 1)))?;
+        Some(format!(
+            "output {out:?} begins with dimension {first:?}, which is dimension {k} of input {input:?}, not its batch dimension"
+        ))
+    })
+}
+
 fn spec_of(name: &str, ty: &ValueType, what: &str) -> Result<TensorSpec, String> {
     match ty {
         ValueType::Tensor { ty, shape, .. } => {
@@ -391,6 +418,18 @@ impl OrtModel {
             .map(|o| spec_of(o.name(), o.dtype(), "output"))
             .collect::<Result<Vec<_>, _>>()
             .map_err(load_err)?;
+        let leading_dim_conflict = leading_dim_conflict(
+            &first
+                .inputs()
+                .iter()
+                .map(|o| (o.name(), o.dtype()))
+                .collect::<Vec<_>>(),
+            &first
+                .outputs()
+                .iter()
+                .map(|o| (o.name(), o.dtype()))
+                .collect::<Vec<_>>(),
+        );
         let mut sessions = vec![first];
         for k in 1..instances {
             let device = device_of(k, &opts.gpu_devices);
@@ -419,7 +458,11 @@ impl OrtModel {
             queues.push(tx);
         }
         Ok(OrtModel {
-            signature: Signature { inputs, outputs },
+            signature: Signature {
+                inputs,
+                outputs,
+                leading_dim_conflict,
+            },
             provider,
             fallback,
             devices: if cuda {
@@ -746,7 +789,50 @@ fn run_error(e: ort::Error) -> BackendError {
 
 #[cfg(test)]
 mod tests {
-    use super::{ThreadPlan, device_of, plan_threads};
+    use super::{ThreadPlan, device_of, leading_dim_conflict, plan_threads};
+    use ort::value::{Shape, SymbolicDimensions, TensorElementType, ValueType};
+
+    fn tensor(names: &[&str]) -> ValueType {
+        ValueType::Tensor {
+            ty: TensorElementType::Float32,
+            shape: Shape::new(names.iter().map(|_| -1i64)),
+            dimension_symbols: SymbolicDimensions::new(names.iter().map(|n| n.to_string())),
+        }
+    }
+
+    #[test]
+    fn an_output_led_by_an_inputs_later_dimension_cannot_be_batched_and_other_names_can() {
+        let conflict = |inputs: &[(&str, &[&str])], outputs: &[(&str, &[&str])]| {
+            let i: Vec<(&str, ValueType)> = inputs.iter().map(|(n, d)| (*n, tensor(d))).collect();
+            let o: Vec<(&str, ValueType)> = outputs.iter().map(|(n, d)| (*n, tensor(d))).collect();
+            leading_dim_conflict(
+                &i.iter().map(|(n, t)| (*n, t)).collect::<Vec<_>>(),
+                &o.iter().map(|(n, t)| (*n, t)).collect::<Vec<_>>(),
+            )
+        };
+        // A transpose: y begins with x's second dimension.
+        let why = conflict(&[("x", &["a", "b"])], &[("y", &["b", "a"])]);
+        assert!(why.is_some_and(|w| w.contains("dimension 1 of input \"x\"")));
+        // paddle2onnx names every dynamic dimension anew (PP-OCR det): nothing against batching.
+        assert_eq!(
+            conflict(
+                &[("x", &["p2o.DynamicDimension.0", "3", "p2o.DynamicDimension.1"])],
+                &[("y", &["p2o.DynamicDimension.3", "1", "p2o.DynamicDimension.4"])]
+            ),
+            None
+        );
+        // The same name first on both sides (MiniLM), unnamed dimensions, and a name that is also
+        // another input's first dimension.
+        assert_eq!(
+            conflict(&[("ids", &["batch", "seq"])], &[("h", &["batch", "seq"])]),
+            None
+        );
+        assert_eq!(conflict(&[("x", &["", ""])], &[("y", &["", ""])]), None);
+        assert_eq!(
+            conflict(&[("a", &["n", "m"]), ("b", &["m", "k"])], &[("y", &["m"])]),
+            None
+        );
+    }
 
     fn plan(instances: usize, intra_threads: usize) -> ThreadPlan {
         ThreadPlan {

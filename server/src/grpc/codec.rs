@@ -380,6 +380,7 @@ mod tests {
                 })
                 .collect(),
             outputs: Vec::new(),
+            leading_dim_conflict: None,
         }
     }
 

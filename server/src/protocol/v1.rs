@@ -689,6 +689,7 @@ mod tests {
                 })
                 .collect(),
             outputs: vec![],
+            leading_dim_conflict: None,
         }
     }
 

@@ -729,6 +729,7 @@ mod tests {
                 datatype: DataType::F32,
                 shape: vec![-1, 2],
             }],
+            leading_dim_conflict: None,
         }
     }
 
@@ -809,6 +810,7 @@ mod tests {
                 spec("b", DataType::Bool, &[-1]),
             ],
             outputs: vec![spec("y", DataType::F32, &[-1, 2])],
+            leading_dim_conflict: None,
         }
     }
 
