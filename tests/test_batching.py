@@ -335,6 +335,9 @@ def test_a_request_past_its_timeout_gets_503_and_never_runs(flags, busy_model, t
             r = requests.post(f"{s.url}/v2/models/slow/infer", data=json.dumps(body), timeout=60)
             assert all(f.result().status_code == 200 for f in busy)
         assert r.status_code == 503 and "timed out" in r.json()["error"], r.text
+        # Answered when its time ran out, not when the queue was next looked at (after a long
+        # request, about a second).
+        assert r.elapsed.total_seconds() < 0.5, r.elapsed
         # It never ran: only the two long requests' rows were inferred.
         assert stats(s, "slow")["inference_count"] - before == 512
         bad = requests.post(f"{s.url}/v2/models/slow/infer", timeout=10, data=json.dumps(
@@ -611,5 +614,104 @@ def test_a_model_whose_output_does_not_keep_the_batch_dimension_is_never_batched
             assert r.status_code == 200, r.text
             out = r.json()["outputs"][0]
             assert out["shape"] == [2, 1] and out["data"] == x.T.flatten().tolist(), (x, out)
+    finally:
+        assert s.stop() == 0
+
+
+def occupy(pool, server, rows=256):
+    """Sends the busy model `slow` a long request (about a second per 256 rows) from `pool` and
+    returns its future once it runs on the instance."""
+    long = pool.submit(infer, server, "slow", [v2("x", np.ones((rows, 256), dtype=np.float32), "FP32")])
+    deadline = time.time() + 30
+    while gauge(server, "nv_inference_pending_request_count", "slow") < 1:
+        assert time.time() < deadline, "the long request never started"
+        time.sleep(0.005)
+    time.sleep(0.3)  # its JSON body is parsed and it runs
+    assert gauge(server, "kubemaas_inference_queue_depth", "slow") == 0
+    return long
+
+
+def wait_queue_depth(server, n):
+    deadline = time.time() + 30
+    while gauge(server, "kubemaas_inference_queue_depth", "slow") != n:
+        assert time.time() < deadline, f"queue depth never reached {n}"
+        time.sleep(0.005)
+
+
+def test_requests_held_back_for_another_shape_count_in_the_queue_size(busy_model, tmp_path):
+    # A request that cannot join the batch being formed (other outputs) was moved out of the
+    # bounded channel, so the channel took new requests past --max-queue-size.
+    s = Server(["--model", f"slow={busy_model}", "--instances", "1", "--max-batch-size", "256",
+                "--max-queue-size", "2", "--max-queue-delay-us", "0"], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        one = np.ones((1, 256), dtype=np.float32)
+        with ThreadPoolExecutor(8) as pool:
+            long = occupy(pool, s)
+            # Next: 200 rows (all outputs), then one row asking for `y` alone, which cannot join it.
+            a = pool.submit(infer, s, "slow", [v2("x", np.ones((200, 256), dtype=np.float32), "FP32")])
+            wait_queue_depth(s, 1)
+            b = pool.submit(infer, s, "slow", [v2("x", one, "FP32")], ["y"])
+            wait_queue_depth(s, 2)
+            assert long.result().status_code == 200
+            # `a` runs now (most of a second) and `b` waits: one place is left in the queue.
+            while gauge(s, "kubemaas_inference_queue_depth", "slow") != 1:
+                time.sleep(0.005)
+            later = [pool.submit(infer, s, "slow", [v2("x", one, "FP32")]) for _ in range(3)]
+            codes = sorted(f.result().status_code for f in later)
+            assert a.result().status_code == 200 and b.result().status_code == 200
+        assert codes == [200, 503, 503], codes
+    finally:
+        assert s.stop() == 0
+
+
+def test_requests_whose_clients_left_free_their_place_in_the_queue(busy_model, tmp_path):
+    s = Server(["--model", f"slow={busy_model}", "--instances", "1", "--max-batch-size", "256",
+                "--max-queue-size", "2"], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        one = np.ones((1, 256), dtype=np.float32)
+        before = stats(s, "slow")["inference_count"]
+        body = json.dumps({"inputs": [v2("x", one, "FP32")]})
+
+        def impatient(_):
+            try:
+                return requests.post(f"{s.url}/v2/models/slow/infer", data=body, timeout=0.3).status_code
+            except requests.exceptions.Timeout:
+                return "left"
+
+        with ThreadPoolExecutor(4) as pool:
+            long = occupy(pool, s, rows=256)
+            # Clients fill the queue (two places; a third is refused) and give up while the
+            # instance is busy.
+            gave_up = list(pool.map(impatient, range(3)))
+            assert gave_up.count("left") == 2 and 200 not in gave_up, gave_up
+            time.sleep(0.2)
+            # Their places are free: a new request is queued, not refused, and answered.
+            r = infer(s, "slow", [v2("x", one, "FP32")])
+            assert long.result().status_code == 200
+        assert r.status_code == 200, r.text
+        # The two that left never ran.
+        assert stats(s, "slow")["inference_count"] - before == 257
+    finally:
+        assert s.stop() == 0
+
+
+def test_preferred_batch_sizes_form_the_largest_the_queue_allows_as_in_triton(busy_model, tmp_path):
+    s = Server(["--model", f"slow={busy_model}", "--instances", "1", "--max-batch-size", "256",
+                "--preferred-batch-size", "4,8", "--max-queue-delay-us", "1000000"], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        xs = [np.full((1, 256), i, dtype=np.float32) for i in range(8)]
+        with ThreadPoolExecutor(9) as pool:
+            long = occupy(pool, s)
+            queued = [pool.submit(infer, s, "slow", [v2("x", x, "FP32")]) for x in xs]
+            wait_queue_depth(s, 8)
+            assert long.result().status_code == 200
+            answers = [f.result() for f in queued]
+        assert_busy_answers(busy_model, xs, answers)
+        sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in stats(s, "slow")["batch_stats"]}
+        # The long request ran alone (256), then the eight queued ones as one batch of 8, not two of 4.
+        assert sizes == {256: 1, 8: 1}, sizes
     finally:
         assert s.stop() == 0

@@ -13,7 +13,10 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicUsize,
+    Ordering::{AcqRel, Acquire, Relaxed},
+};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -109,9 +112,45 @@ struct Job {
     reply: oneshot::Sender<Result<Done, ApiError>>,
     /// Counts the job in the queue-depth gauge until its batch starts (or it is dropped).
     queued: Option<crate::metrics::GaugeToken>,
+    /// Its place in the queue, which it leaves once: to run, or because its caller gave up.
+    slot: Arc<Slot>,
+}
+
+/// A request's place in a model's queue, counted in `max_queue_size` until it leaves the queue.
+/// It leaves once, claimed either by the dispatcher (the request runs) or by the request's own
+/// side (its client went away, or its `parameters.timeout` ran out): whoever claims first decides,
+/// so a request that timed out never runs and one that runs is never answered "timed out".
+struct Slot {
+    pending: Arc<AtomicUsize>,
+    claimed: AtomicBool,
+}
+
+impl Slot {
+    /// Takes the request out of the queue; false when it was taken already.
+    fn claim(&self) -> bool {
+        if self.claimed.swap(true, AcqRel) {
+            return false;
+        }
+        self.pending.fetch_sub(1, Relaxed);
+        true
+    }
+}
+
+/// Claims the slot when the request's side ends first: its client went away before it ran.
+struct Withdraw(Arc<Slot>);
+
+impl Drop for Withdraw {
+    fn drop(&mut self) {
+        self.0.claim();
+    }
 }
 
 impl Job {
+    /// Withdrawn: its client went away or stopped waiting, so it must not run (nor count).
+    fn withdrawn(&self) -> bool {
+        self.slot.claimed.load(Acquire)
+    }
+
     /// Requests may share a batch when everything but the row count agrees.
     fn fits_with(&self, other: &Job) -> bool {
         self.outputs == other.outputs
@@ -126,8 +165,12 @@ impl Job {
 
 /// The queue of one model version; dropping it stops its dispatcher.
 pub struct Batcher {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::UnboundedSender<Job>,
     config: BatchConfig,
+    /// Requests in the queue (channel, held back, or waiting for an instance): at most
+    /// `max_queue_size`. The channel itself is unbounded; this count is the bound, so requests
+    /// held back for another shape and requests whose clients left are counted exactly.
+    pending: Arc<AtomicUsize>,
     /// Rows in the channel, not yet taken by the dispatcher: the queue is shared out by rows.
     in_channel: Arc<AtomicUsize>,
 }
@@ -141,7 +184,7 @@ impl Batcher {
         config: BatchConfig,
         stats: Arc<crate::metrics::ModelStats>,
     ) -> Batcher {
-        let (tx, rx) = mpsc::channel(config.max_queue_size.max(1));
+        let (tx, rx) = mpsc::unbounded_channel();
         // On the CPU each instance is a core of its own and a batch costs what its rows cost one
         // by one, so the queue is shared over all instances; on a GPU a larger batch comes almost
         // free, and the free instance takes the queue, as Triton's batcher does.
@@ -161,6 +204,7 @@ impl Batcher {
         Batcher {
             tx,
             config,
+            pending: Arc::new(AtomicUsize::new(0)),
             in_channel,
         }
     }
@@ -195,33 +239,56 @@ impl Batcher {
         // Outputs are matched by name, so the order asked for is restored per request below.
         let asked = outputs.clone();
         outputs.sort();
+        if self.pending.fetch_add(1, Relaxed) >= self.config.max_queue_size.max(1) {
+            self.pending.fetch_sub(1, Relaxed);
+            return Err(ApiError::QueueFull(format!(
+                "the batch queue is full ({} requests waiting); retry shortly",
+                self.config.max_queue_size
+            )));
+        }
+        let slot = Arc::new(Slot {
+            pending: self.pending.clone(),
+            claimed: AtomicBool::new(false),
+        });
+        // Leaves the queue if this future is dropped (the client went away) before the request ran.
+        let _withdraw = Withdraw(slot.clone());
         let (reply, done) = oneshot::channel();
+        let enqueued = Instant::now();
+        let deadline = timeout.map(|t| enqueued + t);
         let job = Job {
             inputs,
             outputs,
             rows,
-            enqueued: Instant::now(),
-            deadline: timeout.map(|t| Instant::now() + t),
+            enqueued,
+            deadline,
             reply,
             queued: Some(queued),
+            slot: slot.clone(),
         };
         // Counted before it can be taken, so the count never goes below zero.
         self.in_channel.fetch_add(rows, Relaxed);
-        if let Err(e) = self.tx.try_send(job) {
+        if self.tx.send(job).is_err() {
             self.in_channel.fetch_sub(rows, Relaxed);
-            return Err(match e {
-                mpsc::error::TrySendError::Full(_) => ApiError::QueueFull(format!(
-                    "the batch queue is full ({} requests waiting); retry shortly",
-                    self.config.max_queue_size
-                )),
-                mpsc::error::TrySendError::Closed(_) => {
-                    ApiError::Unavailable("the model is being unloaded".into())
-                }
-            });
+            return Err(ApiError::Unavailable("the model is being unloaded".into()));
         }
-        let mut done = done
-            .await
-            .map_err(|_| ApiError::Unavailable("the model was unloaded before the request ran".into()))??;
+        let unloaded = |_| ApiError::Unavailable("the model was unloaded before the request ran".into());
+        let mut done = match deadline {
+            // The answer comes at the deadline, not when the dispatcher next looks at the queue;
+            // unless the request started meanwhile: then it runs to its end.
+            Some(at) => {
+                tokio::pin!(done);
+                tokio::select! {
+                    r = &mut done => r.map_err(unloaded)??,
+                    () = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {
+                        if slot.claim() {
+                            return Err(timed_out(enqueued.elapsed()));
+                        }
+                        done.await.map_err(unloaded)??
+                    }
+                }
+            }
+            None => done.await.map_err(unloaded)??,
+        };
         if !asked.is_empty() {
             let mut ordered = Vec::with_capacity(asked.len());
             for name in &asked {
@@ -259,7 +326,7 @@ pub fn batchable(sig: &crate::backend::Signature) -> Result<(), String> {
 
 /// The dispatcher's end of the channel, with the rows it holds.
 struct Queue {
-    rx: mpsc::Receiver<Job>,
+    rx: mpsc::UnboundedReceiver<Job>,
     rows: Arc<AtomicUsize>,
 }
 
@@ -295,11 +362,50 @@ impl Drop for RunningBatch {
 }
 
 impl Queue {
+    /// The next request still wanted (withdrawn ones are dropped here, with their inputs).
     async fn recv(&mut self) -> Option<Job> {
-        let job = self.rx.recv().await?;
-        self.rows.fetch_sub(job.rows, Relaxed);
-        Some(job)
+        loop {
+            let job = self.rx.recv().await?;
+            self.rows.fetch_sub(job.rows, Relaxed);
+            if !job.withdrawn() {
+                return Some(job);
+            }
+        }
     }
+
+    /// Moves every request already in the channel to `held`, dropping withdrawn ones there too.
+    fn drain_into(&mut self, held: &mut VecDeque<Job>) {
+        held.retain(|j| !j.withdrawn());
+        while let Ok(job) = self.rx.try_recv() {
+            self.rows.fetch_sub(job.rows, Relaxed);
+            if !job.withdrawn() {
+                held.push_back(job);
+            }
+        }
+    }
+}
+
+/// The longest run of `held` requests that fit `with` (in arrival order) which takes a batch of
+/// `rows` rows to a larger preferred size within `cap`: how many of those requests to take.
+fn to_larger_preferred(
+    held: &VecDeque<Job>,
+    with: &Job,
+    rows: usize,
+    cap: usize,
+    preferred: &[usize],
+) -> usize {
+    let (mut taken, mut best, mut total) = (0, 0, rows);
+    for j in held.iter().filter(|j| j.fits_with(with)) {
+        total += j.rows;
+        if total > cap {
+            break;
+        }
+        taken += 1;
+        if preferred.contains(&total) {
+            best = taken;
+        }
+    }
+    best
 }
 
 /// Rows waiting outside the batch being formed: held back, or still in the channel.
@@ -320,6 +426,7 @@ async fn dispatch(
     // Requests in batches that are running, and a signal each time one of those batches ends.
     let running = Arc::new(Running::default());
     loop {
+        held.retain(|j| !j.withdrawn());
         let first = match held.pop_front() {
             Some(j) => j,
             None => match rx.recv().await {
@@ -329,9 +436,28 @@ async fn dispatch(
         };
         let Some(m) = model.upgrade() else { return };
         // Wait for a free instance first: everything that arrives meanwhile joins this batch.
-        let Ok(permit) = m.slots.clone().acquire_owned().await else {
-            return;
+        // Arrivals are taken off the channel meanwhile, so that the inputs of requests whose
+        // clients leave are dropped now, not when an instance frees.
+        let acquire = m.slots.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let permit = loop {
+            tokio::select! {
+                p = &mut acquire => match p {
+                    Ok(p) => break p,
+                    Err(_) => return,
+                },
+                j = rx.recv() => match j {
+                    Some(j) => {
+                        held.retain(|j| !j.withdrawn());
+                        held.push_back(j);
+                    }
+                    None => return,
+                },
+            }
         };
+        if first.withdrawn() {
+            continue;
+        }
         let deadline = tokio::time::Instant::from_std(first.enqueued + config.max_queue_delay);
         let cap = split_cap(config.max_batch_size, first.rows + waiting(&held, &rx), sharing);
         let mut rows = first.rows;
@@ -342,7 +468,9 @@ async fn dispatch(
         let mut full = false;
         let mut i = 0;
         while i < held.len() && rows < cap {
-            if !held[i].fits_with(&batch[0]) {
+            if held[i].withdrawn() {
+                held.remove(i);
+            } else if !held[i].fits_with(&batch[0]) {
                 i += 1;
             } else if rows + held[i].rows > cap {
                 full = true;
@@ -352,7 +480,24 @@ async fn dispatch(
                 batch.push(j);
             }
         }
-        while !full && rows < cap && !config.preferred_batch_sizes.contains(&rows) {
+        while !full && rows < cap {
+            if config.preferred_batch_sizes.contains(&rows) {
+                // As in Triton: the largest preferred size the requests queued now can make, at
+                // once, rather than the first one reached.
+                rx.drain_into(&mut held);
+                let take = to_larger_preferred(&held, &batch[0], rows, cap, &config.preferred_batch_sizes);
+                let mut taken = 0;
+                let mut i = 0;
+                while taken < take && i < held.len() {
+                    if held[i].fits_with(&batch[0]) {
+                        batch.extend(held.remove(i));
+                        taken += 1;
+                    } else {
+                        i += 1;
+                    }
+                }
+                break;
+            }
             if sharing > 0 {
                 // Held requests of another shape (another sequence length, other outputs) can
                 // never join: waiting for them would only hold this batch and them back.
@@ -381,15 +526,19 @@ async fn dispatch(
             held.push_back(next);
         }
         // A client that went away must not cost an execution, nor one that stopped waiting.
+        // Claiming takes each request out of the queue; one its own side claimed first (its
+        // client left, or its timeout answered it) is dropped.
         let now = Instant::now();
         let (expired, live): (Vec<Job>, Vec<Job>) = batch
             .into_iter()
             .partition(|j| j.deadline.is_some_and(|d| d <= now));
         for j in expired {
-            let _ = j.reply.send(Err(timed_out(now - j.enqueued)));
+            if j.slot.claim() {
+                let _ = j.reply.send(Err(timed_out(now - j.enqueued)));
+            }
         }
         batch = live;
-        batch.retain(|j| !j.reply.is_closed());
+        batch.retain(|j| j.slot.claim());
         if batch.is_empty() {
             continue;
         }
@@ -653,10 +802,12 @@ mod tests {
     #[tokio::test]
     async fn the_rows_in_the_channel_are_counted_in_and_out() {
         // A batcher without a dispatcher: this test plays the dispatcher's end of the channel.
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = mpsc::unbounded_channel();
         let in_channel = Arc::new(AtomicUsize::new(0));
+        let pending = Arc::new(AtomicUsize::new(0));
         let batcher = Arc::new(Batcher {
             tx,
+            pending: pending.clone(),
             config: BatchConfig {
                 max_batch_size: 8,
                 max_queue_delay: Duration::from_millis(1),
@@ -694,7 +845,7 @@ mod tests {
             }
         };
         assert!(counted(8).await, "two requests of 3 and 5 rows in the channel");
-        // The channel holds 2: a third request is refused and its rows are not left counted.
+        // The queue holds 2: a third request is refused and its rows are not left counted.
         let refused = submit(1).await.unwrap();
         assert!(
             matches!(refused, Err(ApiError::QueueFull(_))),
@@ -715,6 +866,7 @@ mod tests {
         assert!(matches!(three.await.unwrap(), Err(ApiError::Unavailable(_))));
         assert!(matches!(five.await.unwrap(), Err(ApiError::Unavailable(_))));
         assert_eq!(in_channel.load(Relaxed), 0);
+        assert_eq!(pending.load(Relaxed), 0, "the requests left the queue");
     }
 
     #[test]
@@ -872,6 +1024,10 @@ mod tests {
             deadline: None,
             reply: oneshot::channel().0,
             queued: None,
+            slot: Arc::new(Slot {
+                pending: Arc::new(AtomicUsize::new(1)),
+                claimed: AtomicBool::new(false),
+            }),
         };
         let a = job(f32s("x", 1, 3, 0.0), vec!["y"]);
         assert!(a.fits_with(&job(f32s("x", 4, 3, 0.0), vec!["y"])));
