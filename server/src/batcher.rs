@@ -242,7 +242,7 @@ impl Batcher {
         if self.pending.fetch_add(1, Relaxed) >= self.config.max_queue_size.max(1) {
             self.pending.fetch_sub(1, Relaxed);
             return Err(ApiError::QueueFull(format!(
-                "the batch queue is full ({} requests waiting); retry shortly",
+                "exceeds maximum queue size: the batch queue is full ({} requests waiting); retry shortly",
                 self.config.max_queue_size
             )));
         }

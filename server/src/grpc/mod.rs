@@ -47,8 +47,9 @@ pub fn status(e: &ApiError) -> Status {
         ApiError::BadRequest(_) => Code::InvalidArgument,
         ApiError::NotFound(_) => Code::NotFound,
         ApiError::MethodNotAllowed { .. } => Code::Unimplemented,
-        ApiError::PayloadTooLarge(_) | ApiError::QueueFull(_) => Code::ResourceExhausted,
-        ApiError::Unavailable(_) | ApiError::Overloaded(_) => Code::Unavailable,
+        ApiError::PayloadTooLarge(_) => Code::ResourceExhausted,
+        // A full queue is UNAVAILABLE in Triton (the HTTP 503's code), which retry policies cover.
+        ApiError::Unavailable(_) | ApiError::Overloaded(_) | ApiError::QueueFull(_) => Code::Unavailable,
         ApiError::RequestTimeout(_) => Code::DeadlineExceeded,
         ApiError::Internal(_) => Code::Internal,
         ApiError::Unauthorized(_) => Code::Unauthenticated,
