@@ -56,6 +56,15 @@ def pending(server):
     raise AssertionError("no pending gauge for slow")
 
 
+def canceled(server):
+    """`nv_inference_request_failure{reason="CANCELED"}` for the model, as Triton counts clients that left."""
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith('nv_inference_request_failure{model="slow"') and 'reason="CANCELED"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no CANCELED failure count for slow")
+
+
 def send_and_stay(server, x):
     """Sends a whole request on a raw connection and returns the socket, unanswered."""
     host, port = server.http.rsplit(":", 1)
@@ -101,6 +110,10 @@ def test_a_request_whose_client_leaves_while_it_waits_never_runs(slow):
     assert after["inference_count"] - before["inference_count"] == 256 + 5
     assert after["execution_count"] - before["execution_count"] == 2
     assert pending(slow) == 0
+    # It is counted, as Triton counts it: a failure for CANCELED, and not a success.
+    assert canceled(slow) == 1
+    assert after["inference_stats"]["fail"]["count"] - before["inference_stats"]["fail"]["count"] == 1
+    assert after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"] == 2
 
 
 def test_a_client_leaving_mid_inference_does_not_free_its_instance(slow):
@@ -128,6 +141,9 @@ def test_a_client_leaving_mid_inference_does_not_free_its_instance(slow):
     assert after["inference_count"] - before["inference_count"] == 256 + 1
     assert after["inference_stats"]["queue"]["ns"] - before["inference_stats"]["queue"]["ns"] > 0.5 * remaining * 1e9
     assert wait_until(lambda: pending(slow) == 0)
+    # Its client never got the answer: CANCELED, though it ran.
+    assert canceled(slow) == 1
+    assert after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"] == 1
 
 
 def test_clients_leaving_mid_batch_cost_the_others_nothing(slow, busy_model):

@@ -137,11 +137,26 @@ pub async fn execute(
     outputs: Vec<String>,
     timeout: Option<std::time::Duration>,
 ) -> Result<Vec<Tensor>, ApiError> {
+    let mut left = Canceled(Some((stats, start)));
     let result = execute_inner(model, stats, start, inputs, outputs, timeout).await;
+    left.0 = None;
     if let Err(e) = &result {
         stats.record_failure(start.elapsed(), failure_reason(e));
     }
     result
+}
+
+/// Counts a request whose client left before its answer (the future dropped unfinished) as a
+/// failure, `reason="CANCELED"` as in Triton, so success and failure still add up to the requests
+/// the model was given.
+struct Canceled<'a>(Option<(&'a Arc<ModelStats>, Instant)>);
+
+impl Drop for Canceled<'_> {
+    fn drop(&mut self) {
+        if let Some((stats, start)) = self.0.take() {
+            stats.record_failure(start.elapsed(), FailureReason::Canceled);
+        }
+    }
 }
 
 async fn execute_inner(

@@ -83,6 +83,8 @@ fn observe(counts: &[AtomicU64], bounds: &[f64], value: f64) {
 pub enum FailureReason {
     /// The request was invalid for the model.
     Rejected,
+    /// The client left (closed its connection or cancelled its call) before the answer.
+    Canceled,
     /// The runtime failed.
     Backend,
     /// Anything else (e.g. not ready).
@@ -93,6 +95,7 @@ impl FailureReason {
     fn label(self) -> &'static str {
         match self {
             FailureReason::Rejected => "REJECTED",
+            FailureReason::Canceled => "CANCELED",
             FailureReason::Backend => "BACKEND",
             FailureReason::Other => "OTHER",
         }
@@ -404,6 +407,7 @@ pub fn render(models: &[ModelMetricsView<'_>]) -> String {
         let failures = m.stats.failures.lock().map(|f| f.clone()).unwrap_or_default();
         for reason in [
             FailureReason::Rejected,
+            FailureReason::Canceled,
             FailureReason::Backend,
             FailureReason::Other,
         ] {

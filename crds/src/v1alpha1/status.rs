@@ -68,9 +68,10 @@ pub struct AutoscalingStatus {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficMetrics {
-    /// Requests answered per second (successes and failures).
+    /// Requests finished per second (successes and failures).
     pub requests_per_second: f64,
-    /// Failed requests per second.
+    /// Failed requests per second: refused (invalid, queue full), failed in the runtime, timed
+    /// out, or abandoned by a client that left before its answer (Triton's `CANCELED`).
     pub errors_per_second: f64,
     /// Median request latency in milliseconds, from the latency histogram's buckets (absent when
     /// no request completed in the window).
