@@ -162,6 +162,7 @@ class RecordedRequest:
     client_port: int
     status: int | None = None  # what was answered (None: nothing, e.g. the client went away)
     sent: int = 0  # body bytes written to the socket
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
     def header(self, name: str):
         return self.headers.get(name.lower())
@@ -398,7 +399,8 @@ class Route:
     body: bytes = b""
     status: int | None = None  # always answer this status
     error_body: bytes | None = None  # with `status`: this body instead of a small JSON error
-    fail_first: list = field(default_factory=list)  # statuses for the first GETs, then the body; "stall": no answer
+    # statuses for the first GETs, then the body; "stall": no answer; (status, {header: value}): with headers
+    fail_first: list = field(default_factory=list)
     redirect: str | None = None  # Location (relative or absolute)
     redirect_status: int = 302
     drop_after: int | None = None  # first GET only: close after this many body bytes
@@ -488,6 +490,9 @@ class FileServer(RecordingServer):
                 self.stopping.wait(60)
                 h.close_connection = True
                 return None
+            if isinstance(route.fail_first[n], tuple):
+                status, headers = route.fail_first[n]
+                return self.send_status(h, rec, status, headers=headers)
             return self.send_status(h, rec, route.fail_first[n])
         if route.redirect is not None:
             return self.send_status(h, rec, route.redirect_status, headers={"Location": route.redirect})

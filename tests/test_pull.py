@@ -3,6 +3,7 @@ server with IAM authentication enforced, fake-gcs-server, HTTP/HTTPS file server
 scripted failures, a fake Hugging Face Hub, and a PVC directory. Pulled models are then served by the
 real server and answer what ONNX Runtime answers in-process. The servers are in artifact_servers.py."""
 
+import email.utils
 import io
 import itertools
 import json
@@ -639,6 +640,45 @@ def test_500_429_and_408_are_retried_as_transient(plain, run_pull, tmp_path, mod
     dest = tmp_path / "model.onnx"
     assert_ok(run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--retries", 3))
     assert [r.status for r in plain.gets("/model.onnx")] == [500, 429, 408, 200]
+
+
+def test_a_busy_server_s_retry_after_is_waited_out_in_seconds_or_as_a_date(plain, run_pull, tmp_path, model_bytes):
+    # A 429 or 503 that says when to come back (Retry-After: seconds, or an HTTP date) is retried no
+    # sooner; the backoff alone would have come back after 0.5 s and then 1 s, into the same refusal.
+    date = email.utils.formatdate(time.time() + 7, usegmt=True)
+    plain.route("/model.onnx", body=model_bytes,
+                fail_first=[(429, {"Retry-After": "3"}), (503, {"Retry-After": date})])
+    dest = tmp_path / "model.onnx"
+    start = time.monotonic()
+    p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--retries", 3, timeout=60)
+    assert_ok(p)
+    assert dest.read_bytes() == model_bytes
+    first, second, third = plain.gets("/model.onnx")
+    assert [first.status, second.status, third.status] == [429, 503, 200]
+    assert second.at - first.at >= 2.9, second.at - first.at
+    # The date has whole seconds: it was at least 6 s after the start.
+    assert third.at - start >= 5.9, third.at - start
+
+
+def test_a_hub_listing_s_retry_after_is_waited_out(plain, run_pull, tmp_path, model_bytes):
+    listing = json.dumps([{"type": "file", "path": "model.onnx", "size": len(model_bytes)}]).encode()
+    plain.route("/api/models/o/r/tree/main", body=listing, fail_first=[(429, {"Retry-After": "2"})])
+    plain.route("/o/r/resolve/main/model.onnx", body=model_bytes)
+    dest = tmp_path / "snapshot"
+    p = run_pull("hf://o/r", dest, LOCAL, "--retries", 2, env={"HF_ENDPOINT": plain.url}, timeout=60)
+    assert_ok(p)
+    first, second = plain.gets("/api/models/o/r/tree/main")
+    assert second.at - first.at >= 1.9, second.at - first.at
+
+
+def test_a_retry_after_beyond_the_timeout_fails_at_once_saying_so(plain, run_pull, tmp_path):
+    # Waiting an hour inside a 20 s --timeout helps nobody: it fails now, and says what was asked.
+    plain.route("/model.onnx", body=b"x", fail_first=[(503, {"Retry-After": "3600"})])
+    dest = tmp_path / "model.onnx"
+    p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--retries", 3, "--timeout", 20, timeout=60)
+    assert_failed(p, 2, dest, mentions="Retry-After")
+    assert p.seconds < 10, p.explain()
+    assert len(plain.gets("/model.onnx")) == 1
 
 
 def test_a_server_error_outlasting_the_retries_exits_2_after_retries_plus_one_attempts(plain, run_pull, tmp_path):

@@ -43,6 +43,15 @@ pub enum FetchError {
     /// Worth retrying (connection lost, 5xx, 429, a stalled read).
     #[error("{0}")]
     Transient(String),
+    /// A busy server (429 or 503) that said when to come back (`Retry-After`): retried like
+    /// `Transient`, but not before `wait`.
+    #[error("{message}")]
+    Busy {
+        /// What it answered.
+        message: String,
+        /// How long it asked us to wait.
+        wait: Duration,
+    },
     /// The object changed since the transfer began: start it again from zero.
     #[error("{0}")]
     Changed(String),
@@ -90,6 +99,26 @@ pub struct Limits {
     pub backoff: Duration,
     /// Total bytes allowed over all files.
     pub max_bytes: Option<u64>,
+    /// When the whole pull gives up (`--timeout`): a server asking to be retried later than this
+    /// fails the pull at once instead of sleeping into the timeout.
+    pub deadline: Option<Instant>,
+}
+
+/// The pause before retrying after `e`: the backoff, or what a busy server asked for when that is
+/// longer. `Err` when the server asked for a wait that ends past the deadline.
+fn pause_before_retry(e: &FetchError, backoff: Duration, limits: &Limits) -> Result<Duration, FetchError> {
+    let FetchError::Busy { message, wait } = e else {
+        return Ok(backoff);
+    };
+    if let Some(deadline) = limits.deadline
+        && Instant::now() + *wait > deadline
+    {
+        return Err(FetchError::Transient(format!(
+            "{message}; it asked to be retried after {}s (Retry-After), past --timeout",
+            wait.as_secs()
+        )));
+    }
+    Ok(backoff.max(*wait))
 }
 
 /// Bytes transferred so far, for the byte budget and progress lines.
@@ -172,18 +201,19 @@ async fn list_with_retries<S: Source>(src: &S, limits: &Limits) -> Result<Vec<En
     let mut backoff = limits.backoff;
     loop {
         match src.list().await {
-            Err(FetchError::Transient(m)) if failures < limits.retries => {
+            Err(e @ (FetchError::Transient(_) | FetchError::Busy { .. })) if failures < limits.retries => {
+                let pause = pause_before_retry(&e, backoff, limits)?;
                 failures += 1;
                 tracing::warn!(
                     attempt = failures,
                     of = limits.retries,
-                    "listing: {m}; retrying in {:.1}s",
-                    backoff.as_secs_f64()
+                    "listing: {e}; retrying in {:.1}s",
+                    pause.as_secs_f64()
                 );
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(pause).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
-            Err(FetchError::Transient(m)) if limits.retries > 0 => {
+            Err(FetchError::Transient(m) | FetchError::Busy { message: m, .. }) if limits.retries > 0 => {
                 return Err(FetchError::Transient(format!(
                     "{m} (gave up after {} retries)",
                     limits.retries
@@ -300,20 +330,21 @@ pub async fn download_entry<S: Source>(
                 offset = 0;
                 failures += 1;
             }
-            Err(FetchError::Transient(m)) if failures < limits.retries => {
+            Err(e @ (FetchError::Transient(_) | FetchError::Busy { .. })) if failures < limits.retries => {
+                let pause = pause_before_retry(&e, backoff, limits)?;
                 failures += 1;
                 tracing::warn!(
                     file = %redact_uri(&entry.locator),
                     attempt = failures,
                     of = limits.retries,
                     resume_at = offset,
-                    "{m}; retrying in {:.1}s",
-                    backoff.as_secs_f64()
+                    "{e}; retrying in {:.1}s",
+                    pause.as_secs_f64()
                 );
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(pause).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
-            Err(FetchError::Transient(m)) | Err(FetchError::Changed(m)) => {
+            Err(FetchError::Transient(m) | FetchError::Changed(m) | FetchError::Busy { message: m, .. }) => {
                 return Err(FetchError::Transient(if limits.retries > 0 {
                     format!("{m} (gave up after {} retries)", limits.retries)
                 } else {

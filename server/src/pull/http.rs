@@ -50,6 +50,43 @@ pub fn status_error(status: StatusCode, url: &Url, detail: &str) -> FetchError {
     }
 }
 
+/// A 429 or 503 that says when to come back (`Retry-After`: seconds, or an HTTP date) becomes
+/// [`FetchError::Busy`], so the retry waits that long; other errors pass unchanged.
+pub fn with_retry_after(
+    e: FetchError,
+    status: StatusCode,
+    headers: &reqwest::header::HeaderMap,
+) -> FetchError {
+    let (FetchError::Transient(message), 429 | 503) = (&e, status.as_u16()) else {
+        return e;
+    };
+    match headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(retry_after)
+    {
+        Some(wait) => FetchError::Busy {
+            message: message.clone(),
+            wait,
+        },
+        None => e,
+    }
+}
+
+/// Parses a `Retry-After` value (RFC 9110: delay seconds or an HTTP date); a date in the past is
+/// no wait.
+fn retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
 fn guard_error(e: GuardError) -> FetchError {
     match e {
         GuardError::Refused { .. } => FetchError::Refused(e.to_string()),
@@ -233,7 +270,11 @@ impl HttpFetcher {
                         .take(200)
                         .collect()
                 };
-                return Err(status_error(s, &final_url, detail.trim()));
+                return Err(with_retry_after(
+                    status_error(s, &final_url, detail.trim()),
+                    s,
+                    &headers,
+                ));
             }
         };
         let url_for_errors = final_url.clone();
@@ -285,7 +326,11 @@ impl HttpFetcher {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
-            return Err(status_error(status, &final_url, &code));
+            return Err(with_retry_after(
+                status_error(status, &final_url, &code),
+                status,
+                resp.headers(),
+            ));
         }
         let mut resp = resp;
         let mut body = Vec::new();
@@ -400,6 +445,44 @@ mod tests {
         assert_eq!(parse_content_range("bytes 100-199/200"), Some((100, Some(200))));
         assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
         assert_eq!(parse_content_range("items 1-2/3"), None);
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_a_date_and_only_a_busy_answer_carries_it() {
+        assert_eq!(retry_after(" 120 "), Some(Duration::from_secs(120)));
+        assert_eq!(retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(90));
+        let wait = retry_after(&later).unwrap();
+        assert!(
+            wait > Duration::from_secs(85) && wait <= Duration::from_secs(90),
+            "{wait:?}"
+        );
+        assert_eq!(retry_after("soon"), None);
+        assert_eq!(retry_after("-1"), None);
+        let u = Url::parse("http://h/x").unwrap();
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(reqwest::header::RETRY_AFTER, "7".parse().unwrap());
+        let busy =
+            |s: StatusCode, h: &reqwest::header::HeaderMap| with_retry_after(status_error(s, &u, ""), s, h);
+        assert!(matches!(
+            busy(StatusCode::TOO_MANY_REQUESTS, &h),
+            FetchError::Busy { wait, .. } if wait == Duration::from_secs(7)
+        ));
+        assert!(matches!(
+            busy(StatusCode::SERVICE_UNAVAILABLE, &h),
+            FetchError::Busy { .. }
+        ));
+        // A 500 or a 404 is what it is, whatever it says about later.
+        assert!(matches!(
+            busy(StatusCode::INTERNAL_SERVER_ERROR, &h),
+            FetchError::Transient(_)
+        ));
+        assert!(matches!(busy(StatusCode::NOT_FOUND, &h), FetchError::NotFound(_)));
+        let none = reqwest::header::HeaderMap::new();
+        assert!(matches!(
+            busy(StatusCode::TOO_MANY_REQUESTS, &none),
+            FetchError::Transient(_)
+        ));
     }
 
     #[test]

@@ -51,7 +51,8 @@ pub struct PullArgs {
     #[arg(long, env = "KUBEMAAS_PULL_MAX_BYTES")]
     pub max_bytes: Option<u64>,
     /// Retries per file after a transient failure (connection lost, 5xx, 429, a stalled read);
-    /// a retry resumes with a range request where the source allows.
+    /// a retry resumes with a range request where the source allows. A 429 or 503 with
+    /// Retry-After is retried no sooner than it asks, and fails at once if that is past --timeout.
     #[arg(long, env = "KUBEMAAS_PULL_RETRIES", default_value_t = 5)]
     pub retries: u32,
     /// Seconds without a byte after which a transfer, a listing page or a HEAD request counts as
@@ -237,6 +238,7 @@ impl PullError {
             FetchError::TooLarge(message) => PullError::TooLarge { uri, message },
             FetchError::Refused(message) => PullError::AddressRefused { uri, message },
             FetchError::Transient(message)
+            | FetchError::Busy { message, .. }
             | FetchError::Changed(message)
             | FetchError::Fatal(message)
             | FetchError::Local(message) => PullError::Download { uri, message },
@@ -412,6 +414,7 @@ async fn run(args: &PullArgs, started: Instant) -> Result<Record, PullError> {
         read_timeout: Duration::from_secs(args.read_timeout),
         backoff: Duration::from_millis(500),
         max_bytes: args.max_bytes,
+        deadline: Some(started + Duration::from_secs(args.timeout)),
     };
     let progress = Arc::new(Progress::default());
     let shown = kubemaas_crds::artifact::redact_uri(raw);
@@ -856,7 +859,7 @@ mod tests {
                 tamper,
                 attempts: AtomicU32::new(0),
             };
-            let limits = Limits { retries, read_timeout: Duration::from_secs(5), backoff: Duration::from_millis(1), max_bytes: None };
+            let limits = Limits { retries, read_timeout: Duration::from_secs(5), backoff: Duration::from_millis(1), max_bytes: None, deadline: None };
             let out = rt.block_on(fetch_verify_place(&src, "flaky://x", false, &dest, Some(&declared), &limits, &Progress::default()));
             match out {
                 Ok(f) => {
@@ -879,6 +882,7 @@ mod tests {
             read_timeout: Duration::from_secs(5),
             backoff: Duration::from_millis(1),
             max_bytes: None,
+            deadline: None,
         };
         let dest = dir.path().join("a.onnx");
         let ok = Flaky {
@@ -940,6 +944,7 @@ mod tests {
             read_timeout: Duration::from_secs(5),
             backoff: Duration::from_millis(1),
             max_bytes: Some(4999),
+            deadline: None,
         };
         let dest = dir.path().join("a.onnx");
         let e = fetch_verify_place(&src, "x", false, &dest, None, &limits, &Progress::default())
