@@ -1165,6 +1165,46 @@ def test_a_cached_artifact_serves_a_second_pull_when_the_origin_fails(plain, run
     assert p.record["sha256"] == digest
 
 
+def test_copies_left_in_the_cache_by_killed_pulls_are_swept_and_live_ones_kept(plain, run_pull, tmp_path, model_bytes):
+    # A pod killed while it copied into the shared cache (evicted, OOM, its --timeout) leaves its
+    # half-written entry behind; nothing else ever removes it, and each one is a model's size.
+    cache = tmp_path / "cache"
+    entries = cache / "sha256"
+    entries.mkdir(parents=True)
+    hour_ago = time.time() - 2 * 3600
+    stale_file = entries / ("a" * 64 + ".1.00000000deadbeef.incoming")
+    stale_file.write_bytes(b"half a model")
+    stale_dir = entries / ("b" * 64 + ".1.00000000cafef00d.incoming")
+    (stale_dir / "sub").mkdir(parents=True)
+    (stale_dir / "sub" / "weights.bin").write_bytes(b"half")
+    for p in [stale_dir / "sub" / "weights.bin", stale_dir / "sub", stale_dir, stale_file]:
+        os.utime(p, (hour_ago, hour_ago))
+    # Another pod's copy in progress: a directory whose newest file was written a moment ago.
+    live_dir = entries / ("c" * 64 + ".1.0000000012345678.incoming")
+    (live_dir / "sub").mkdir(parents=True)
+    os.utime(live_dir, (hour_ago, hour_ago))
+    (live_dir / "sub" / "weights.bin").write_bytes(b"still coming")
+    # Not ours to judge: a name the cache never writes.
+    other = entries / "notes.txt"
+    other.write_text("kept")
+    os.utime(other, (hour_ago, hour_ago))
+    plain.route("/model.onnx", body=model_bytes)
+    digest = sha256_hex(model_bytes)
+    dest = tmp_path / "out" / "model.onnx"
+    assert_ok(run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--sha256", digest, "--cache-dir", cache))
+    assert (entries / digest).read_bytes() == model_bytes
+    assert not stale_file.exists() and not stale_dir.exists(), sorted(x.name for x in entries.iterdir())
+    assert (live_dir / "sub" / "weights.bin").read_bytes() == b"still coming"
+    assert other.read_text() == "kept"
+    # A pull served from the cache sweeps too.
+    stale_file.write_bytes(b"another half")
+    os.utime(stale_file, (hour_ago, hour_ago))
+    plain.update("/model.onnx", status=500)
+    again = tmp_path / "again" / "model.onnx"
+    assert_ok(run_pull(plain.url_for("/model.onnx"), again, LOCAL, "--sha256", digest, "--cache-dir", cache))
+    assert again.read_bytes() == model_bytes and not stale_file.exists()
+
+
 def filled_cache(plain, run_pull, tmp_path, model_bytes):
     """Serves the model at /model.onnx and pulls it once with --cache-dir: (cache, sha256)."""
     plain.route("/model.onnx", body=model_bytes)

@@ -43,8 +43,9 @@ pub struct PullArgs {
     /// lines "HEX  PATH" sorted by path). A mismatch leaves nothing at DEST and exits 3.
     #[arg(long, env = "KUBEMAAS_MODEL_SHA256")]
     pub sha256: Option<String>,
-    /// Give up the download after this many seconds in all (with --compress, the compression
-    /// that follows is not counted).
+    /// Give up the download after this many seconds in all (the copy into --cache-dir and, with
+    /// --compress, the compression that follow are not counted; the cache copy has a bound of its
+    /// own, the same number of seconds, and one that runs out is dropped without failing the pull).
     #[arg(long, env = "KUBEMAAS_PULL_TIMEOUT", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
     /// Refuse artifacts larger than this many bytes in all (exit 7).
@@ -118,7 +119,8 @@ pub struct PullArgs {
     #[arg(long, env = "ORT_DYLIB_PATH", value_parser = crate::serve::path_or_unset)]
     pub ort_library: Option<PathBuf>,
     /// A sha256-keyed artifact cache (e.g. a shared ReadWriteMany volume): a verified hit is copied
-    /// instead of downloaded, a download is stored for the next pod. Needs --sha256.
+    /// instead of downloaded, a download is stored for the next pod. Needs --sha256. Copies that
+    /// killed pulls left half-written (`*.incoming`, unwritten for an hour) are removed.
     #[arg(long, env = "KUBEMAAS_MODEL_CACHE", requires = "sha256")]
     pub cache_dir: Option<PathBuf>,
 }
@@ -338,6 +340,10 @@ async fn cache_store(
 ) -> Result<(), String> {
     let entries = cache.join("sha256");
     let final_path = entries.join(sha);
+    // Every pull that uses the cache sweeps it, hits included: a cluster where every pod hits
+    // still clears what killed pods left.
+    let sweep = entries.clone();
+    let _ = tokio::task::spawn_blocking(move || sweep_abandoned_copies(&sweep, ABANDONED_AFTER)).await;
     if tokio::fs::symlink_metadata(&final_path).await.is_ok() {
         return Ok(());
     }
@@ -345,6 +351,7 @@ async fn cache_store(
         .await
         .map_err(|e| e.to_string())?;
     let tmp = entries.join(incoming_name(sha));
+    let mut incoming = Incoming(Some(tmp.clone()));
     let src = local::LocalSource {
         root: placed.parent().map(Path::to_path_buf).unwrap_or_default(),
         path: format!(
@@ -364,6 +371,7 @@ async fn cache_store(
             if tokio::fs::rename(&tmp, &final_path).await.is_err() {
                 remove_any(&tmp).await;
             }
+            incoming.0 = None;
             Ok(())
         }
         Ok(f) => {
@@ -375,6 +383,55 @@ async fn cache_store(
             Err(e.to_string())
         }
     }
+}
+
+/// A cache entry copy that has not been written to for this long was abandoned by its pull (the
+/// pod was killed mid-copy): nothing else would ever remove it.
+const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
+
+/// A half-written cache entry, removed if its copy is abandoned (the future dropped by a timeout);
+/// cleared once the entry is in place.
+struct Incoming(Option<PathBuf>);
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+        }
+    }
+}
+
+/// Removes the `*.incoming` copies in `entries` that nothing has written to for `after` (the
+/// newest modification time of anything inside counts, so another pod's copy in progress is kept).
+fn sweep_abandoned_copies(entries: &Path, after: Duration) {
+    let Ok(dir) = std::fs::read_dir(entries) else {
+        return;
+    };
+    for e in dir.flatten() {
+        if !e.file_name().to_string_lossy().ends_with(".incoming") {
+            continue;
+        }
+        let path = e.path();
+        let idle = newest_write(&path).and_then(|t| t.elapsed().ok());
+        if idle.is_some_and(|idle| idle >= after) {
+            let removed = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            tracing::info!(path = %path.display(), removed = removed.is_ok(), "removed an abandoned cache copy");
+        }
+    }
+}
+
+/// The latest modification time of `path` or anything below it (symbolic links not followed).
+fn newest_write(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    let mut newest = meta.modified().ok()?;
+    if meta.is_dir() {
+        for e in std::fs::read_dir(path).ok()?.flatten() {
+            if let Some(t) = newest_write(&e.path()) {
+                newest = newest.max(t);
+            }
+        }
+    }
+    Some(newest)
 }
 
 fn read_secret_file(path: &Path) -> Result<Option<String>, PullError> {
@@ -579,11 +636,6 @@ async fn fetch_uri(
             fetch_verify_place(&src, raw, directory, dest, expected, limits, progress).await?
         }
     };
-    if let (Some(cache), Some(sha)) = (&args.cache_dir, expected)
-        && let Err(e) = cache_store(cache, sha, dest, directory, limits).await
-    {
-        tracing::warn!(cache = %cache.display(), error = %e, "could not store the artifact in the cache");
-    }
     Ok(fetched)
 }
 
@@ -604,6 +656,30 @@ pub async fn pull(args: &PullArgs) -> Result<Record, PullError> {
             })
         }
     };
+    // Storing into the cache is best effort and not part of the download: it has its own bound,
+    // and a copy that runs out of time is removed and does not fail the pull.
+    if let (Ok(_), Some(cache), Some(sha)) = (&result, &args.cache_dir, &args.sha256) {
+        let limits = Limits {
+            retries: 0,
+            read_timeout: Duration::from_secs(args.read_timeout),
+            backoff: Duration::ZERO,
+            max_bytes: None,
+            deadline: None,
+        };
+        let directory = kubemaas_crds::artifact::is_directory_uri(&args.uri);
+        let sha = sha.to_ascii_lowercase();
+        let bound = Duration::from_secs(args.timeout);
+        let stored =
+            tokio::time::timeout(bound, cache_store(cache, &sha, &args.dest, directory, &limits)).await;
+        let error = match stored {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(format!("the copy took more than {}s (--timeout)", args.timeout)),
+        };
+        if let Some(e) = error {
+            tracing::warn!(cache = %cache.display(), error = %e, "could not store the artifact in the cache");
+        }
+    }
     let result = match (result, args.compress) {
         (Ok(record), Some(mode)) => {
             let r = compress_pulled(args, mode, record).await;
@@ -952,5 +1028,49 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.exit_code(), exit::TOO_LARGE);
         assert!(!dest.exists());
+    }
+
+    #[tokio::test]
+    async fn a_cache_copy_dropped_mid_way_leaves_nothing_in_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let placed = dir.path().join("model.onnx");
+        std::fs::write(&placed, vec![7u8; 1 << 20]).unwrap();
+        let cache = dir.path().join("cache");
+        let limits = Limits {
+            retries: 0,
+            read_timeout: Duration::from_secs(5),
+            backoff: Duration::ZERO,
+            max_bytes: None,
+            deadline: None,
+        };
+        let sha = fetch::hex(&Sha256::digest(vec![7u8; 1 << 20]));
+        // Polled until the copy has begun, then dropped, as a timeout drops it.
+        {
+            let copy = cache_store(&cache, &sha, &placed, false, &limits);
+            tokio::pin!(copy);
+            let mut started = false;
+            let give_up = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < give_up {
+                if futures::poll!(copy.as_mut()).is_ready() {
+                    break;
+                }
+                let entries = std::fs::read_dir(cache.join("sha256"))
+                    .map(|d| d.count())
+                    .unwrap_or(0);
+                if entries > 0 {
+                    started = true;
+                    break;
+                }
+                // The copy's file work runs on blocking threads: give them a moment.
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            assert!(started, "the copy finished before it could be dropped");
+        }
+        let left: Vec<_> = std::fs::read_dir(cache.join("sha256"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }
