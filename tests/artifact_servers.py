@@ -412,6 +412,9 @@ class Route:
     etag: str | None = "auto"  # "auto": a strong ETag from the content; None: no ETag
     ranges: bool = True  # honour Range requests
     headers: dict = field(default_factory=dict)
+    # S3 in this region: a request signed for another answers 301 PermanentRedirect with
+    # x-amz-bucket-region, as AWS does for a bucket addressed in the wrong region
+    s3_region: str | None = None
     stall_heads: int = 0  # the first HEADs get no answer
     served: int = 0  # GETs seen so far
     heads: int = 0  # HEADs seen so far
@@ -473,6 +476,21 @@ class FileServer(RecordingServer):
             return None
         if route.token is not None and rec.header("authorization") != f"Bearer {route.token}":
             return self.send_status(h, rec, 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        if route.s3_region is not None and f"/{route.s3_region}/s3/aws4_request" not in (rec.header("authorization") or ""):
+            body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>PermanentRedirect</Code><Message>The bucket '
+                    b'you are attempting to access must be addressed using the specified endpoint.</Message>'
+                    b'<Endpoint>models.s3.' + route.s3_region.encode() + b'.amazonaws.com</Endpoint>'
+                    b'<Bucket>models</Bucket></Error>')
+            rec.status = 301
+            h.send_response(301)
+            h.send_header("x-amz-bucket-region", route.s3_region)
+            h.send_header("Content-Type", "application/xml")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            if not head:
+                h.wfile.write(body)
+                rec.sent += len(body)
+            return None
         if route.status is not None and route.error_body is not None:
             rec.status = route.status
             h.send_response(route.status)

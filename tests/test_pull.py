@@ -441,6 +441,39 @@ def s3_on(server) -> dict:
             "AWS_REGION": "us-east-1"}
 
 
+@pytest.mark.parametrize("configured", [None, "us-east-1"])
+def test_a_bucket_in_another_region_is_followed_there_as_the_aws_tools_do(plain, run_pull, tmp_path, model_bytes,
+                                                                          configured):
+    # S3 answers a request signed for the wrong region with 301 PermanentRedirect and the bucket's
+    # region (x-amz-bucket-region). The AWS CLI and boto3 go on in that region; a pull retried the
+    # same refusal for 15 s and failed with "301 Moved Permanently".
+    plain.route("/models/ocr/model.onnx", body=model_bytes, s3_region="eu-west-1")
+    plain.route("/models", s3_region="eu-west-1")  # the bucket: HEAD tells its region, signed or not
+    env = s3_on(plain)
+    if configured is None:
+        del env["AWS_REGION"]
+    else:
+        env["AWS_REGION"] = configured
+    dest = tmp_path / "model.onnx"
+    p = run_pull("s3://models/ocr/model.onnx", dest, LOCAL, "--sha256", sha256_hex(model_bytes), env=env, timeout=60)
+    assert_ok(p)
+    assert dest.read_bytes() == model_bytes
+    assert p.seconds < 5, p.explain()
+    signed = [r for r in plain.requests if r.status != 301]
+    assert signed and all("/eu-west-1/s3/aws4_request" in r.header("authorization") for r in signed)
+    assert "eu-west-1" in p.stderr, p.explain()
+
+
+def test_a_bucket_in_another_region_that_does_not_say_which_fails_at_once_saying_what_to_set(
+        plain, run_pull, tmp_path, model_bytes):
+    plain.route("/models/ocr/model.onnx", body=model_bytes, s3_region="eu-west-1")
+    dest = tmp_path / "model.onnx"
+    p = run_pull("s3://models/ocr/model.onnx", dest, LOCAL, env=s3_on(plain), timeout=60)
+    assert_failed(p, 2, dest, mentions="set AWS_REGION")
+    assert p.seconds < 5, p.explain()
+    assert len([r for r in plain.requests if r.route == "/models/ocr/model.onnx"]) == 1
+
+
 @pytest.mark.parametrize("uri", ["s3://models/ocr/../../etc/passwd", "s3://models//etc/passwd",
                                  "gs://models/ocr/../../etc/passwd", "hf://kubemaas/ocr-cls/../../etc/passwd",
                                  "pvc://claim/../../etc/passwd", "{plain}/models/../../etc/passwd"])

@@ -583,11 +583,33 @@ async fn fetch_uri(
     let fetched = match uri {
         ArtifactUri::S3 { bucket, key } => {
             let src = store::StoreSource {
-                store: store::s3(bucket, &store_settings).map_err(place)?,
+                store: store::s3(bucket, &store_settings, None).map_err(place)?,
                 key: key.clone(),
                 read_timeout,
             };
-            fetch_verify_place(&src, raw, directory, dest, expected, limits, progress).await?
+            match fetch_verify_place(&src, raw, directory, dest, expected, limits, progress).await {
+                // As the AWS CLI and boto3 do: a bucket in another region is followed there.
+                Err(PullError::Download { message, .. }) if store::is_wrong_region(&message) => {
+                    let region = store::bucket_region(bucket, &store_settings, read_timeout)
+                        .await
+                        .map_err(place)?;
+                    tracing::warn!(
+                        bucket = %bucket,
+                        region = %region,
+                        "the bucket is in another region than configured; going on in {region} \
+                         (set AWS_REGION={region} to save the round trip)"
+                    );
+                    let src = store::StoreSource {
+                        store: store::s3(bucket, &store_settings, Some(&region)).map_err(place)?,
+                        key: key.clone(),
+                        read_timeout,
+                    };
+                    progress.done.store(0, std::sync::atomic::Ordering::Relaxed);
+                    progress.total.store(0, std::sync::atomic::Ordering::Relaxed);
+                    fetch_verify_place(&src, raw, directory, dest, expected, limits, progress).await?
+                }
+                r => r?,
+            }
         }
         ArtifactUri::Gcs { bucket, key } => {
             let src = store::StoreSource {

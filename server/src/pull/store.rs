@@ -86,16 +86,21 @@ pub fn read_aws_credentials(text: &str, profile: &str) -> Option<(String, String
 }
 
 /// An S3 bucket (AWS or S3-compatible via `AWS_ENDPOINT_URL`).
-pub fn s3(bucket: &str, s: &StoreSettings<'_>) -> Result<Arc<dyn ObjectStore>, FetchError> {
-    let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
-        .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
-        .ok()
-        .filter(|e| !e.is_empty());
+/// `region`, when given, replaces the configured one (the bucket's own, found by
+/// [`bucket_region`] after S3 said the bucket is elsewhere).
+pub fn s3(
+    bucket: &str,
+    s: &StoreSettings<'_>,
+    region: Option<&str>,
+) -> Result<Arc<dyn ObjectStore>, FetchError> {
+    let endpoint = s3_endpoint();
     let mut b = object_store::aws::AmazonS3Builder::from_env()
         .with_bucket_name(bucket)
         .with_client_options(client_options(s, endpoint.as_deref())?)
         .with_retry(retry());
-    if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+    if let Some(r) = region {
+        b = b.with_region(r);
+    } else if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
         b = b.with_region("us-east-1");
     }
     if let Some(ep) = &endpoint {
@@ -141,6 +146,67 @@ pub fn s3(bucket: &str, s: &StoreSettings<'_>) -> Result<Arc<dyn ObjectStore>, F
         .map_err(|e| FetchError::Fatal(format!("S3 configuration: {e}")))
 }
 
+fn s3_endpoint() -> Option<String> {
+    std::env::var("AWS_ENDPOINT_URL_S3")
+        .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+        .ok()
+        .filter(|e| !e.is_empty())
+}
+
+/// What `object_store` says when S3 answers 301 without a Location: the bucket is in another
+/// region than the one the request was signed for.
+const WRONG_REGION: &str = "redirect without LOCATION";
+
+/// Whether a failure is S3 saying the bucket lives in another region.
+pub fn is_wrong_region(message: &str) -> bool {
+    message.contains(WRONG_REGION)
+}
+
+/// The bucket's region, from the `x-amz-bucket-region` header S3 puts on any answer to a HEAD of
+/// the bucket, signed or not (the AWS CLI and boto3 find it the same way).
+pub async fn bucket_region(
+    bucket: &str,
+    s: &StoreSettings<'_>,
+    read_timeout: Duration,
+) -> Result<String, FetchError> {
+    let base = s3_endpoint().unwrap_or_else(|| "https://s3.amazonaws.com".into());
+    let url = format!("{}/{bucket}", base.trim_end_matches('/'));
+    let mut builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(s.connect_timeout)
+        .user_agent(concat!("kubemaas-server/", env!("CARGO_PKG_VERSION")));
+    if let Some(pem) = s.ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| FetchError::Fatal(format!("invalid --ca-file: {e}")))?;
+        builder = builder.tls_certs_merge(certs);
+    }
+    let client = builder
+        .build()
+        .map_err(|e| FetchError::Fatal(format!("failed to build the HTTP client: {e}")))?;
+    let unknown = |why: String| {
+        FetchError::Fatal(format!(
+            "bucket {bucket} is in another region than the one configured, and its region could not be \
+             found ({why}); set AWS_REGION to the bucket's region"
+        ))
+    };
+    let resp = tokio::time::timeout(read_timeout, client.head(&url).send())
+        .await
+        .map_err(|_| unknown(format!("HEAD {url}: no answer for {}s", read_timeout.as_secs())))?
+        .map_err(|e| unknown(format!("HEAD {url}: {}", super::http::chain(&e))))?;
+    resp.headers()
+        .get("x-amz-bucket-region")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|r| !r.is_empty() && r.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        .map(String::from)
+        .ok_or_else(|| {
+            unknown(format!(
+                "HEAD {url} answered {} without x-amz-bucket-region",
+                resp.status()
+            ))
+        })
+}
+
 /// A GCS bucket; `STORAGE_EMULATOR_HOST` points it at an emulator (no authentication).
 pub fn gcs(bucket: &str, s: &StoreSettings<'_>) -> Result<Arc<dyn ObjectStore>, FetchError> {
     let emulator = std::env::var("STORAGE_EMULATOR_HOST")
@@ -183,6 +249,9 @@ fn map_err(e: object_store::Error) -> FetchError {
             FetchError::Denied(text)
         }
         object_store::Error::Precondition { .. } => FetchError::Changed(text),
+        // Not retried: the same region gets the same answer. The S3 source finds the bucket's
+        // region and goes on there.
+        object_store::Error::Generic { .. } if is_wrong_region(&text) => FetchError::Fatal(text),
         object_store::Error::Generic { .. } => {
             // Some stores answer a bad key with 400/403 inside a generic error.
             if [
