@@ -474,6 +474,18 @@ def test_a_bucket_in_another_region_that_does_not_say_which_fails_at_once_saying
     assert len([r for r in plain.requests if r.route == "/models/ocr/model.onnx"]) == 1
 
 
+def test_an_s3_compatible_store_addressed_by_virtual_host_when_asked(plain, run_pull, tmp_path, model_bytes):
+    # AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true: the endpoint is the bucket's own address and keys are
+    # paths below it (stores that refuse path-style); it was overridden to path-style.
+    plain.route("/ocr/model.onnx", body=model_bytes)
+    env = {**s3_on(plain), "AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "true"}
+    dest = tmp_path / "model.onnx"
+    p = run_pull("s3://models/ocr/model.onnx", dest, LOCAL, "--retries", 0, env=env)
+    assert_ok(p)
+    assert dest.read_bytes() == model_bytes
+    assert all(not r.path.startswith("/models") for r in plain.requests), [r.path for r in plain.requests]
+
+
 @pytest.mark.parametrize("uri", ["s3://models/ocr/../../etc/passwd", "s3://models//etc/passwd",
                                  "gs://models/ocr/../../etc/passwd", "hf://kubemaas/ocr-cls/../../etc/passwd",
                                  "pvc://claim/../../etc/passwd", "{plain}/models/../../etc/passwd"])

@@ -104,8 +104,12 @@ pub fn s3(
         b = b.with_region("us-east-1");
     }
     if let Some(ep) = &endpoint {
-        // S3-compatible stores (MinIO, Ceph, moto) address buckets by path.
-        b = b.with_endpoint(ep).with_virtual_hosted_style_request(false);
+        // S3-compatible stores (MinIO, Ceph, moto) address buckets by path, unless
+        // AWS_VIRTUAL_HOSTED_STYLE_REQUEST says the endpoint is the bucket's own address.
+        b = b.with_endpoint(ep);
+        if std::env::var("AWS_VIRTUAL_HOSTED_STYLE_REQUEST").is_err() {
+            b = b.with_virtual_hosted_style_request(false);
+        }
     }
     // A shared credentials file, when no key is in the environment: $AWS_SHARED_CREDENTIALS_FILE,
     // else `credentials` in --credentials-dir.
@@ -169,8 +173,17 @@ pub async fn bucket_region(
     s: &StoreSettings<'_>,
     read_timeout: Duration,
 ) -> Result<String, FetchError> {
-    let base = s3_endpoint().unwrap_or_else(|| "https://s3.amazonaws.com".into());
-    let url = format!("{}/{bucket}", base.trim_end_matches('/'));
+    let url = match s3_endpoint() {
+        // The endpoint is the bucket's own address.
+        Some(ep)
+            if std::env::var("AWS_VIRTUAL_HOSTED_STYLE_REQUEST")
+                .is_ok_and(|v| v.eq_ignore_ascii_case("true")) =>
+        {
+            format!("{}/", ep.trim_end_matches('/'))
+        }
+        Some(ep) => format!("{}/{bucket}", ep.trim_end_matches('/')),
+        None => format!("https://s3.amazonaws.com/{bucket}"),
+    };
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(s.connect_timeout)
