@@ -4,6 +4,7 @@ with a message saying what to fix while the others serve."""
 
 import concurrent.futures
 import shutil
+import time
 
 import numpy as np
 import requests
@@ -156,3 +157,47 @@ def test_a_request_without_a_version_goes_to_the_latest_version_that_is_ready(re
         assert r.status_code == 503 and "not ready" in r.json()["error"], r.text
     finally:
         s.stop()
+
+
+def test_max_batch_size_without_dynamic_batching_takes_client_batches_but_never_joins_requests(
+        busy_model, tmp_path):
+    # Triton: max_batch_size > 0 says the model takes a batch dimension; only a dynamic_batching
+    # block makes the server join requests. Without it each request runs as sent, however many
+    # queue, and /config shows no dynamic_batching (model analyzers read it to decide).
+    root = tmp_path / "repo"
+    (root / "slow" / "1").mkdir(parents=True)
+    shutil.copy(busy_model, root / "slow" / "1" / "model.onnx")
+    (root / "slow" / "config.pbtxt").write_text("max_batch_size: 64\ninstance_group [ { count: 1 } ]\n")
+    s = Server(["--model-repository", str(root)], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        config = requests.get(f"{s.url}/v2/models/slow/config", timeout=10).json()
+        assert config["max_batch_size"] == 64 and "dynamic_batching" not in config, config
+        rng = np.random.default_rng(5)
+        xs = [rng.standard_normal((1 + i % 3, 256)).astype(np.float32) for i in range(8)]
+
+        def infer(x):
+            body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                "data": x.flatten().tolist()}]}
+            return requests.post(f"{s.url}/v2/models/slow/infer", json=body, timeout=120)
+
+        # A long request holds the one instance while eight more queue behind it.
+        with concurrent.futures.ThreadPoolExecutor(9) as pool:
+            head = pool.submit(infer, rng.standard_normal((64, 256)).astype(np.float32))
+            time.sleep(0.1)
+            answers = list(pool.map(infer, xs))
+            assert head.result().status_code == 200
+        for x, r in zip(xs, answers):
+            assert r.status_code == 200, r.text
+            assert r.json()["outputs"][0]["shape"][0] == x.shape[0]
+        stats = requests.get(f"{s.url}/v2/models/slow/stats", timeout=10).json()["model_stats"][0]
+        assert stats["execution_count"] == 9, stats
+        assert stats["inference_count"] == 64 + sum(x.shape[0] for x in xs), stats
+        # Every execution is in batch_stats under the rows the client sent, as Triton counts them.
+        sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in stats["batch_stats"]}
+        assert sizes == {64: 1, 1: 3, 2: 3, 3: 2}, sizes
+        # The batch dimension is still held to max_batch_size.
+        r = infer(np.zeros((65, 256), dtype=np.float32))
+        assert r.status_code == 400 and "64" in r.json()["error"], r.text
+    finally:
+        assert s.stop() == 0

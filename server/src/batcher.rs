@@ -38,6 +38,10 @@ pub struct BatchConfig {
     pub max_queue_size: usize,
     /// Batch sizes dispatched as soon as they are reached, before the delay is up.
     pub preferred_batch_sizes: Vec<usize>,
+    /// Whether requests are joined (dynamic batching). False: a model that takes a batch
+    /// dimension (Triton's `max_batch_size` without `dynamic_batching`) runs each request as its
+    /// client sent it, still held to `max_batch_size` rows.
+    pub combine: bool,
     /// Batch sizes a batch is padded up to (zero rows, dropped from the outputs), ascending;
     /// empty: no padding. See [`padding_sizes`]; `--pad-batches` decides per model.
     pub pad_to: Vec<usize>,
@@ -459,7 +463,11 @@ async fn dispatch(
             continue;
         }
         let deadline = tokio::time::Instant::from_std(first.enqueued + config.max_queue_delay);
-        let cap = split_cap(config.max_batch_size, first.rows + waiting(&held, &rx), sharing);
+        let cap = if config.combine {
+            split_cap(config.max_batch_size, first.rows + waiting(&held, &rx), sharing)
+        } else {
+            first.rows
+        };
         let mut rows = first.rows;
         let mut batch = vec![first];
         // Held requests first (they are older), then new arrivals until full or the delay is up.
@@ -813,6 +821,7 @@ mod tests {
                 max_queue_delay: Duration::from_millis(1),
                 max_queue_size: 2,
                 preferred_batch_sizes: vec![],
+                combine: true,
                 pad_to: vec![],
             },
             in_channel: in_channel.clone(),

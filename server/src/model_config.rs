@@ -36,12 +36,15 @@ pub struct ModelSettings {
 pub struct BatchSettings {
     /// `max_batch_size`.
     pub max_batch_size: usize,
-    /// `dynamic_batching.max_queue_delay_microseconds` (0 without the block: nothing waits).
+    /// `dynamic_batching.max_queue_delay_microseconds` (0 without the block).
     pub max_queue_delay: Duration,
     /// `dynamic_batching.default_queue_policy.max_queue_size`; None: the server's flag.
     pub max_queue_size: Option<usize>,
     /// `dynamic_batching.preferred_batch_size`.
     pub preferred_batch_sizes: Vec<usize>,
+    /// Whether the file has a `dynamic_batching` block: only then are requests joined (Triton's
+    /// default scheduler runs each request as sent).
+    pub dynamic: bool,
 }
 
 /// An `instance_group`.
@@ -341,6 +344,7 @@ pub fn settings(path: &str, name: &str, c: &ModelConfig) -> Result<ModelSettings
                 max_queue_delay: Duration::from_micros(delay),
                 max_queue_size: (size > 0).then_some(size as usize),
                 preferred_batch_sizes: preferred,
+                dynamic: block.is_some(),
             })
         }
     };
@@ -467,6 +471,7 @@ impl BatchSettings {
             max_queue_size: self.max_queue_size.unwrap_or(max_queue_size),
             pad_to: Vec::new(),
             preferred_batch_sizes: self.preferred_batch_sizes.clone(),
+            combine: self.dynamic,
         }
     }
 }
@@ -545,6 +550,7 @@ mod tests {
                 max_queue_delay: Duration::from_micros(100),
                 max_queue_size: Some(32),
                 preferred_batch_sizes: vec![4, 8],
+                dynamic: true,
             })
         );
         assert_eq!(

@@ -578,6 +578,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         max_queue_size: max_queue_size as usize,
         pad_to: Vec::new(),
         preferred_batch_sizes: preferred_batch_size,
+        combine: true,
     });
 
     let mut sources: Vec<ModelSource> = match &model_repository {

@@ -650,7 +650,9 @@ pub fn triton_config(
         "instance_group": instance_groups(name, execution_provider, backend.instances(), backend.gpu_devices()),
         "parameters": {"execution_provider": {"string_value": execution_provider}},
     });
-    if let Some(b) = batching {
+    // Without dynamic batching (Triton's default scheduler), a model that takes a batch
+    // dimension reports max_batch_size and no dynamic_batching block, as Triton does.
+    if let Some(b) = batching.filter(|b| b.combine) {
         config["dynamic_batching"] = serde_json::json!({
             "preferred_batch_size": b.preferred_batch_sizes,
             "max_queue_delay_microseconds": b.max_queue_delay.as_micros() as u64,
