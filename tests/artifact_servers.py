@@ -304,7 +304,8 @@ class RecordingServer:
 
     def send_content(self, h, rec, body: bytes, *, head: bool = False, etag: str | None = None,
                      ranges: bool = True, length: str = "content-length", drop_after: int | None = None,
-                     stall_after: int | None = None, pause: tuple | None = None, headers: dict | None = None):
+                     stall_after: int | None = None, pause: tuple | None = None, headers: dict | None = None,
+                     if_range: bool = True):
         """Answers with `body` (or the part a Range asks for).
 
         etag: sent as ETag (and compared with If-Range); ranges: honour Range (else always 200);
@@ -316,7 +317,7 @@ class RecordingServer:
         total = len(body)
         status, start, end = 200, 0, total
         rng = rec.header("range")
-        if ranges and rng and (rec.header("if-range") is None or rec.header("if-range") == etag):
+        if ranges and rng and (not if_range or rec.header("if-range") is None or rec.header("if-range") == etag):
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
             if m:
                 first = int(m.group(1))
@@ -411,6 +412,7 @@ class Route:
     token: str | None = None  # require "Authorization: Bearer <token>", else 401
     etag: str | None = "auto"  # "auto": a strong ETag from the content; None: no ETag
     ranges: bool = True  # honour Range requests
+    if_range: bool = True  # honour If-Range (False: serve the range whatever changed, as some servers do)
     headers: dict = field(default_factory=dict)
     # S3 in this region: a request signed for another answers 301 PermanentRedirect with
     # x-amz-bucket-region, as AWS does for a bucket addressed in the wrong region
@@ -517,7 +519,8 @@ class FileServer(RecordingServer):
         body = route.body if route.changed_body is None or n == 0 else route.changed_body
         self.send_content(h, rec, body, head=head, etag=route.etag_value(body), ranges=route.ranges,
                           length=route.length, drop_after=route.drop_after if n == 0 else None,
-                          stall_after=route.stall_after, pause=route.pause, headers=route.headers)
+                          stall_after=route.stall_after, pause=route.pause, headers=route.headers,
+                          if_range=route.if_range)
 
 
 # --------------------------------------------------------------------------------------------------

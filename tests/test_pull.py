@@ -661,6 +661,20 @@ def test_an_object_changed_between_attempts_is_downloaded_again_from_zero(plain,
     assert second.header("if-range") == route.etag_value(old) and second.status == 200
 
 
+def test_a_resumed_range_of_a_changed_object_from_a_server_ignoring_if_range_is_not_spliced(
+        plain, run_pull, tmp_path):
+    # A server (or cache) that ignores If-Range answers 206 with bytes of the new version: its ETag
+    # says so, and the file must start again rather than join two versions (no --sha256 here to
+    # catch it afterwards).
+    old, new = np.random.default_rng(11).bytes(2 << 20), np.random.default_rng(12).bytes(2 << 20)
+    plain.route("/weights.bin", body=old, drop_after=600_000, changed_body=new, if_range=False)
+    dest = tmp_path / "weights.bin"
+    p = run_pull(plain.url_for("/weights.bin"), dest, LOCAL, "--retries", 3)
+    assert_ok(p)
+    assert dest.read_bytes() == new
+    assert [g.status for g in plain.gets("/weights.bin")] == [200, 206, 200]
+
+
 @pytest.mark.parametrize("status,code", [(404, 5), (403, 6), (401, 6)])
 def test_an_http_client_error_maps_to_its_exit_code_without_retrying(plain, run_pull, tmp_path, status, code):
     plain.route("/model.onnx", status=status)

@@ -221,6 +221,7 @@ impl HttpFetcher {
         let (resp, final_url) = self.get(url, auth, offset, validator).await?;
         let status = resp.status();
         let headers = resp.headers().clone();
+        let sent = validator;
         let validator = headers
             .get(ETAG)
             .and_then(|v| v.to_str().ok())
@@ -243,6 +244,16 @@ impl HttpFetcher {
                 if start != offset {
                     return Err(FetchError::Transient(format!(
                         "asked for bytes from {offset}, got a range starting at {start}"
+                    )));
+                }
+                // A server or cache that ignores If-Range sends a range of whatever it has now:
+                // its validator tells another version, whose bytes must not extend ours.
+                if let (Some(sent), Some(now)) = (sent, validator.as_deref())
+                    && sent != now
+                {
+                    return Err(FetchError::Changed(clean(
+                        format!("{final_url} changed since the transfer began ({sent} is now {now})"),
+                        &final_url,
                     )));
                 }
                 (true, total)
