@@ -56,6 +56,15 @@ def pending(server):
     raise AssertionError("no pending gauge for slow")
 
 
+def queued(server):
+    """Requests read, decoded and waiting for an instance or their batch (the queue-depth gauge)."""
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith('kubemaas_inference_queue_depth{model="slow"'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no queue depth for slow")
+
+
 def canceled(server):
     """`nv_inference_request_failure{reason="CANCELED"}` for the model, as Triton counts clients that left."""
     text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
@@ -98,7 +107,8 @@ def test_a_request_whose_client_leaves_while_it_waits_never_runs(slow):
     time.sleep(0.1)
     # 3 rows queue behind the running 256 and their client goes away before they can run.
     sock = send_and_stay(slow, rows_of(3, seed=1))
-    assert wait_until(lambda: pending(slow) >= 2)
+    # Read and queued, not merely connected: its client leaves while it waits.
+    assert wait_until(lambda: queued(slow) >= 1)
     leave(sock)
     assert wait_until(lambda: pending(slow) <= 1), "the abandoned request is still counted in flight"
     long.join(120)
@@ -125,7 +135,9 @@ def test_a_client_leaving_mid_inference_does_not_free_its_instance(slow):
     sock = send_and_stay(slow, rows_of(256, seed=3))
     assert wait_until(lambda: stats(slow)["execution_count"] > before["execution_count"] or pending(slow) >= 1)
     sent = time.time()
-    time.sleep(min(0.1, alone / 5))
+    # Long enough for its body to be read and decoded (it must be running when its client leaves),
+    # short against the run.
+    time.sleep(min(0.3, alone / 3))
     leave(sock)
     # The only instance is still busy with the abandoned 256 rows: one more row must wait for them
     # (had the instance been freed, it would be answered in milliseconds, running beside them).

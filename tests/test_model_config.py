@@ -184,6 +184,7 @@ def test_max_batch_size_without_dynamic_batching_takes_client_batches_but_never_
         # A long request holds the one instance while eight more queue behind it.
         with concurrent.futures.ThreadPoolExecutor(9) as pool:
             head = pool.submit(infer, rng.standard_normal((64, 256)).astype(np.float32))
+            # About a quarter of a second of work: the eight queue behind it, not after it.
             time.sleep(0.1)
             answers = list(pool.map(infer, xs))
             assert head.result().status_code == 200
@@ -192,6 +193,8 @@ def test_max_batch_size_without_dynamic_batching_takes_client_batches_but_never_
             assert r.json()["outputs"][0]["shape"][0] == x.shape[0]
         stats = requests.get(f"{s.url}/v2/models/slow/stats", timeout=10).json()["model_stats"][0]
         assert stats["execution_count"] == 9, stats
+        # They did wait together (had they come after the head, joining them would not have shown).
+        assert stats["inference_stats"]["queue"]["ns"] > 8 * 0.05e9, stats
         assert stats["inference_count"] == 64 + sum(x.shape[0] for x in xs), stats
         # Every execution is in batch_stats under the rows the client sent, as Triton counts them.
         sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in stats["batch_stats"]}

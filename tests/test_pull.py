@@ -458,7 +458,7 @@ def test_a_bucket_in_another_region_is_followed_there_as_the_aws_tools_do(plain,
     p = run_pull("s3://models/ocr/model.onnx", dest, LOCAL, "--sha256", sha256_hex(model_bytes), env=env, timeout=60)
     assert_ok(p)
     assert dest.read_bytes() == model_bytes
-    assert p.seconds < 5, p.explain()
+    assert p.seconds < 10, p.explain()
     signed = [r for r in plain.requests if r.status != 301]
     assert signed and all("/eu-west-1/s3/aws4_request" in r.header("authorization") for r in signed)
     assert "eu-west-1" in p.stderr, p.explain()
@@ -470,7 +470,7 @@ def test_a_bucket_in_another_region_that_does_not_say_which_fails_at_once_saying
     dest = tmp_path / "model.onnx"
     p = run_pull("s3://models/ocr/model.onnx", dest, LOCAL, env=s3_on(plain), timeout=60)
     assert_failed(p, 2, dest, mentions="set AWS_REGION")
-    assert p.seconds < 5, p.explain()
+    assert p.seconds < 10, p.explain()
     assert len([r for r in plain.requests if r.route == "/models/ocr/model.onnx"]) == 1
 
 
@@ -704,11 +704,11 @@ def test_500_429_and_408_are_retried_as_transient(plain, run_pull, tmp_path, mod
 def test_a_busy_server_s_retry_after_is_waited_out_in_seconds_or_as_a_date(plain, run_pull, tmp_path, model_bytes):
     # A 429 or 503 that says when to come back (Retry-After: seconds, or an HTTP date) is retried no
     # sooner; the backoff alone would have come back after 0.5 s and then 1 s, into the same refusal.
+    start = time.monotonic()
     date = email.utils.formatdate(time.time() + 7, usegmt=True)
     plain.route("/model.onnx", body=model_bytes,
                 fail_first=[(429, {"Retry-After": "3"}), (503, {"Retry-After": date})])
     dest = tmp_path / "model.onnx"
-    start = time.monotonic()
     p = run_pull(plain.url_for("/model.onnx"), dest, LOCAL, "--retries", 3, timeout=60)
     assert_ok(p)
     assert dest.read_bytes() == model_bytes
@@ -1262,6 +1262,30 @@ def test_copies_left_in_the_cache_by_killed_pulls_are_swept_and_live_ones_kept(p
     again = tmp_path / "again" / "model.onnx"
     assert_ok(run_pull(plain.url_for("/model.onnx"), again, LOCAL, "--sha256", digest, "--cache-dir", cache))
     assert again.read_bytes() == model_bytes and not stale_file.exists()
+
+
+def test_a_directory_artifact_is_cached_and_serves_the_next_pull_when_the_origin_fails(
+        plain, run_pull, tmp_path, model_bytes):
+    files = {"model.onnx": model_bytes, "tokenizer/vocab.txt": b"a\nb\n"}
+    listing = json.dumps([{"type": "file", "path": p, "size": len(b)} for p, b in files.items()]).encode()
+    plain.route("/api/models/o/r/tree/main", body=listing)
+    for p, b in files.items():
+        plain.route(f"/o/r/resolve/main/{p}", body=b)
+    src = tmp_path / "src"
+    for p, b in files.items():
+        (src / p).parent.mkdir(parents=True, exist_ok=True)
+        (src / p).write_bytes(b)
+    digest = tree_sha256(src)
+    cache = tmp_path / "cache"
+    env = {"HF_ENDPOINT": plain.url}
+    first = tmp_path / "first"
+    assert_ok(run_pull("hf://o/r", first, LOCAL, "--sha256", digest, "--cache-dir", cache, env=env))
+    assert tree_sha256(cache / "sha256" / digest) == digest, sorted(x.name for x in (cache / "sha256").iterdir())
+    plain.update("/o/r/resolve/main/model.onnx", status=500)
+    second = tmp_path / "second"
+    p = run_pull("hf://o/r", second, LOCAL, "--sha256", digest, "--cache-dir", cache, "--retries", 0, env=env)
+    assert_ok(p)
+    assert tree(second) == tree(src) and p.record["sha256"] == digest
 
 
 def filled_cache(plain, run_pull, tmp_path, model_bytes):

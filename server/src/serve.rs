@@ -453,10 +453,15 @@ fn start_batching(
         PadBatches::Never => false,
         PadBatches::Auto => m.backend.execution_provider() == ortb::CUDA_EP,
     };
-    if pad {
+    // Requests that are never joined run as their clients sent them, unpadded, as in Triton.
+    if pad && config.combine {
         config.pad_to = crate::batcher::padding_sizes(config.max_batch_size, &config.preferred_batch_sizes);
     }
-    tracing::info!(model = %name, version, max_batch_size = config.max_batch_size, padded_to = ?config.pad_to, "dynamic batching on");
+    if config.combine {
+        tracing::info!(model = %name, version, max_batch_size = config.max_batch_size, padded_to = ?config.pad_to, "dynamic batching on");
+    } else {
+        tracing::info!(model = %name, version, max_batch_size = config.max_batch_size, "batches as clients send them, never joined (no dynamic_batching)");
+    }
     if !config.pad_to.is_empty() {
         let started = std::time::Instant::now();
         match crate::batcher::warm_padded_sizes(m.backend.as_ref(), &config.pad_to) {

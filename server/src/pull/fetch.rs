@@ -110,8 +110,9 @@ fn pause_before_retry(e: &FetchError, backoff: Duration, limits: &Limits) -> Res
     let FetchError::Busy { message, wait } = e else {
         return Ok(backoff);
     };
+    // Checked: a server may ask for more seconds than an Instant can hold.
     if let Some(deadline) = limits.deadline
-        && Instant::now() + *wait > deadline
+        && Instant::now().checked_add(*wait).is_none_or(|t| t > deadline)
     {
         return Err(FetchError::Transient(format!(
             "{message}; it asked to be retried after {}s (Retry-After), past --timeout",
@@ -455,6 +456,33 @@ mod tests {
         assert_eq!(
             manifest_digest(vec![("a/x".into(), a), ("B.txt".into(), b)]),
             want
+        );
+    }
+
+    #[test]
+    fn a_retry_after_no_instant_can_hold_fails_the_pull_instead_of_panicking() {
+        let limits = Limits {
+            retries: 3,
+            read_timeout: Duration::from_secs(1),
+            backoff: Duration::from_millis(500),
+            max_bytes: None,
+            deadline: Some(Instant::now() + Duration::from_secs(600)),
+        };
+        let busy = |secs| FetchError::Busy {
+            message: "HTTP 503".into(),
+            wait: Duration::from_secs(secs),
+        };
+        assert!(matches!(
+            pause_before_retry(&busy(u64::MAX), Duration::from_millis(500), &limits),
+            Err(FetchError::Transient(m)) if m.contains("Retry-After")
+        ));
+        assert_eq!(
+            pause_before_retry(&busy(0), Duration::from_millis(500), &limits).ok(),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            pause_before_retry(&busy(7), Duration::from_millis(500), &limits).ok(),
+            Some(Duration::from_secs(7))
         );
     }
 }

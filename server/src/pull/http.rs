@@ -248,7 +248,16 @@ impl HttpFetcher {
                 }
                 // A server or cache that ignores If-Range sends a range of whatever it has now:
                 // its validator tells another version, whose bytes must not extend ours.
-                if let (Some(sent), Some(now)) = (sent, validator.as_deref())
+                // Like with like: an ETag is sent quoted, a date is not.
+                let now = if sent.is_some_and(|v| v.starts_with('"')) {
+                    headers
+                        .get(ETAG)
+                        .and_then(|v| v.to_str().ok())
+                        .filter(|v| !v.starts_with("W/"))
+                } else {
+                    headers.get(LAST_MODIFIED).and_then(|v| v.to_str().ok())
+                };
+                if let (Some(sent), Some(now)) = (sent, now)
                     && sent != now
                 {
                     return Err(FetchError::Changed(clean(

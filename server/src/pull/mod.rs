@@ -52,8 +52,9 @@ pub struct PullArgs {
     #[arg(long, env = "KUBEMAAS_PULL_MAX_BYTES")]
     pub max_bytes: Option<u64>,
     /// Retries per file after a transient failure (connection lost, 5xx, 429, a stalled read);
-    /// a retry resumes with a range request where the source allows. A 429 or 503 with
-    /// Retry-After is retried no sooner than it asks, and fails at once if that is past --timeout.
+    /// a retry resumes with a range request where the source allows. Over HTTP(S) and from the
+    /// Hugging Face Hub, a 429 or 503 with Retry-After is retried no sooner than it asks, and
+    /// fails at once if that is past --timeout.
     #[arg(long, env = "KUBEMAAS_PULL_RETRIES", default_value_t = 5)]
     pub retries: u32,
     /// Seconds without a byte after which a transfer, a listing page or a HEAD request counts as
@@ -367,11 +368,12 @@ async fn cache_store(
     let copied = fetch::fetch_all(&src, &tmp, directory, limits, &progress).await;
     match copied {
         Ok(f) if f.sha256 == sha => {
-            // A concurrent pod may have stored it first: then ours is dropped.
-            if tokio::fs::rename(&tmp, &final_path).await.is_err() {
+            // A concurrent pod may have stored it first: then ours is dropped. Renamed here,
+            // without an await, so that a timeout cannot drop the guard while the rename runs.
+            incoming.0 = None;
+            if std::fs::rename(&tmp, &final_path).is_err() {
                 remove_any(&tmp).await;
             }
-            incoming.0 = None;
             Ok(())
         }
         Ok(f) => {
@@ -385,6 +387,11 @@ async fn cache_store(
     }
 }
 
+/// Removes a file or a directory tree, if there is one.
+fn remove_any_sync(path: &Path) {
+    let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
+}
+
 /// A cache entry copy that has not been written to for this long was abandoned by its pull (the
 /// pod was killed mid-copy): nothing else would ever remove it.
 const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
@@ -396,7 +403,7 @@ struct Incoming(Option<PathBuf>);
 impl Drop for Incoming {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+            remove_any_sync(&p);
         }
     }
 }
@@ -487,12 +494,6 @@ async fn run(args: &PullArgs, started: Instant) -> Result<Record, PullError> {
         seconds: (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
         compression: None,
     };
-    let version_dir = if directory {
-        args.dest.clone()
-    } else {
-        args.dest.parent().map(Path::to_path_buf).unwrap_or_default()
-    };
-    write_record(&version_dir, &record).map_err(bad)?;
     tracing::info!(uri = %shown, dest = %args.dest.display(), bytes = record.bytes, files = record.files, sha256 = %record.sha256, seconds = record.seconds, "model pulled");
     Ok(record)
 }
@@ -702,6 +703,26 @@ pub async fn pull(args: &PullArgs) -> Result<Record, PullError> {
             tracing::warn!(cache = %cache.display(), error = %e, "could not store the artifact in the cache");
         }
     }
+    // The record goes beside the model (inside a directory artifact) once the cache has its
+    // copy: the cached entry holds the artifact's files only, which is what its digest covers.
+    let result = result.and_then(|record| {
+        let directory = kubemaas_crds::artifact::is_directory_uri(&args.uri);
+        let version_dir = if directory {
+            args.dest.clone()
+        } else {
+            args.dest.parent().map(Path::to_path_buf).unwrap_or_default()
+        };
+        match write_record(&version_dir, &record) {
+            Ok(()) => Ok(record),
+            Err(message) => {
+                remove_any_sync(&args.dest);
+                Err(PullError::Download {
+                    uri: args.uri.clone(),
+                    message,
+                })
+            }
+        }
+    });
     let result = match (result, args.compress) {
         (Ok(record), Some(mode)) => {
             let r = compress_pulled(args, mode, record).await;

@@ -106,10 +106,9 @@ pub fn s3(
     if let Some(ep) = &endpoint {
         // S3-compatible stores (MinIO, Ceph, moto) address buckets by path, unless
         // AWS_VIRTUAL_HOSTED_STYLE_REQUEST says the endpoint is the bucket's own address.
-        b = b.with_endpoint(ep);
-        if std::env::var("AWS_VIRTUAL_HOSTED_STYLE_REQUEST").is_err() {
-            b = b.with_virtual_hosted_style_request(false);
-        }
+        b = b
+            .with_endpoint(ep)
+            .with_virtual_hosted_style_request(virtual_hosted());
     }
     // A shared credentials file, when no key is in the environment: $AWS_SHARED_CREDENTIALS_FILE,
     // else `credentials` in --credentials-dir.
@@ -157,6 +156,17 @@ fn s3_endpoint() -> Option<String> {
         .filter(|e| !e.is_empty())
 }
 
+/// `AWS_VIRTUAL_HOSTED_STYLE_REQUEST` as `object_store` reads it (true, 1, yes, y, on); unset or
+/// empty: false, since a custom endpoint is most often a store that addresses buckets by path.
+fn virtual_hosted() -> bool {
+    std::env::var("AWS_VIRTUAL_HOSTED_STYLE_REQUEST").is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "true" | "1" | "yes" | "y" | "on"
+        )
+    })
+}
+
 /// What `object_store` says when S3 answers 301 without a Location: the bucket is in another
 /// region than the one the request was signed for.
 const WRONG_REGION: &str = "redirect without LOCATION";
@@ -175,10 +185,7 @@ pub async fn bucket_region(
 ) -> Result<String, FetchError> {
     let url = match s3_endpoint() {
         // The endpoint is the bucket's own address.
-        Some(ep)
-            if std::env::var("AWS_VIRTUAL_HOSTED_STYLE_REQUEST")
-                .is_ok_and(|v| v.eq_ignore_ascii_case("true")) =>
-        {
+        Some(ep) if virtual_hosted() => {
             format!("{}/", ep.trim_end_matches('/'))
         }
         Some(ep) => format!("{}/{bucket}", ep.trim_end_matches('/')),
