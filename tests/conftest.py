@@ -110,3 +110,63 @@ def server(repo_dir, tmp_path_factory):
     yield s
     code = s.stop()
     assert code == 0, f"server exited with {code}; log at {s.log_path}"
+
+
+def grpc_open(s, declared, sent, method="ModelInfer", metadata=()):
+    """A gRPC ModelInfer call whose message never fully arrives: its 5-byte prefix declares
+    `declared` bytes of message and `sent` bytes of body (prefix included) are sent, respecting
+    HTTP/2 flow control; `metadata` adds (name, value) headers. Returns (socket, connection, stream id)."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    host, port = s.grpc.rsplit(":", 1)
+    c = socket.create_connection((host, int(port)))
+    c.settimeout(10)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    c.sendall(conn.data_to_send())
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
+                            (":path", f"/inference.GRPCInferenceService/{method}"),
+                            ("content-type", "application/grpc"), ("te", "trailers"), *metadata])
+    c.sendall(conn.data_to_send())
+    payload = b"\x00" + declared.to_bytes(4, "big") + b"\x00" * (sent - 5)
+    # Events read while waiting for window updates, for grpc_answer: the server may answer (and
+    # close the stream) before the body is sent.
+    conn.early_events = []
+    while payload and not any(isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset))
+                              for ev in conn.early_events):
+        n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, len(payload))
+        if n == 0:
+            conn.early_events += conn.receive_data(c.recv(65536))  # window updates
+        else:
+            conn.send_data(sid, payload[:n])
+            payload = payload[n:]
+        c.sendall(conn.data_to_send())
+    return c, conn, sid
+
+
+def grpc_answer(c, conn, sid, timeout=10):
+    """The headers and trailers the server sends on stream `sid`, until the stream ends."""
+    import h2.events
+
+    c.settimeout(timeout)
+    fields = {}
+    pending = getattr(conn, "early_events", [])
+    while True:
+        if pending:
+            events, pending = pending, []
+        else:
+            data = c.recv(65536)
+            if not data:
+                return fields
+            events = conn.receive_data(data)
+        for ev in events:
+            if isinstance(ev, (h2.events.ResponseReceived, h2.events.TrailersReceived)) and ev.stream_id == sid:
+                fields.update({k.decode(): v.decode() for k, v in ev.headers})
+            if isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                return fields
+        c.sendall(conn.data_to_send())

@@ -12,7 +12,7 @@ import requests
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import Server
+from conftest import Server, grpc_answer, grpc_open
 
 ALICE, BOB = "alice-key-7f3a9c", "bob-key-51d0e2"
 X = {"inputs": [{"name": "x", "shape": [1, 10], "datatype": "FP32", "data": list(range(10))}]}
@@ -145,6 +145,71 @@ def test_the_audit_log_says_who_called_what_and_how_it_went(guarded):
     # Probes are not audited; keys never appear.
     assert not any("/health/" in a["route"] for a in audit)
     assert ALICE not in guarded.log_path.read_text()
+
+
+def audit_lines(server):
+    time.sleep(0.3)
+    return [json.loads(line) for line in server.log_path.read_text().splitlines()
+            if '"target":"kubemaas_audit"' in line]
+
+
+@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong"),)], ids=["no key", "a wrong key"])
+def test_grpc_refuses_a_call_without_a_valid_key_before_its_message_arrives(guarded, metadata):
+    # REST answers 401 before it reads a body; gRPC must too, or a caller without a key holds
+    # --max-buffered-request-bytes (shared with every valid caller) for --body-read-timeout.
+    start = time.monotonic()
+    c, conn, sid = grpc_open(guarded, 1_000_000, 100_000, metadata=metadata)
+    try:
+        fields = grpc_answer(c, conn, sid, timeout=5)
+    finally:
+        c.close()
+    assert fields.get("grpc-status") == "16", fields  # UNAUTHENTICATED
+    assert time.monotonic() - start < 3
+    refused = [a for a in audit_lines(guarded) if a["protocol"] == "grpc" and a["route"] == "ModelInfer"
+               and a["status"] == "Unauthenticated"]
+    assert refused and refused[-1]["caller"] == "anonymous", refused
+
+
+def test_every_grpc_call_but_the_probes_writes_an_audit_line(guarded):
+    client = grpcclient.InferenceServerClient(guarded.grpc)
+    wrong = {"authorization": "Bearer wrong"}
+    alice = {"authorization": f"Bearer {ALICE}"}
+    for call in (client.get_server_metadata, client.get_model_repository_index):
+        with pytest.raises(InferenceServerException) as e:
+            call(headers=wrong)
+        assert e.value.status() == "StatusCode.UNAUTHENTICATED"
+        call(headers=alice)
+    with pytest.raises(InferenceServerException):
+        client.get_inference_statistics("model", headers=wrong)
+    client.get_inference_statistics("model", headers=alice)
+    client.is_server_live()
+    seen = {(a["route"], a["status"], a["caller"]) for a in audit_lines(guarded) if a["protocol"] == "grpc"}
+    for route in ("ServerMetadata", "RepositoryIndex", "ModelStatistics"):
+        assert (route, "Unauthenticated", "anonymous") in seen, seen
+        assert (route, "Ok", "alice") in seen, seen
+    assert not any(route in ("ServerLive", "ServerReady", "ModelReady") for route, _, _ in seen)
+
+
+def test_a_key_limited_to_some_models_sees_only_those_in_listings(guarded):
+    # bob may call `versioned` only: the server-wide listings must not show him `model` (its
+    # statistics, its load errors), nor may /metrics on the HTTP port, which covers every model.
+    bob, alice = bearer(BOB), bearer(ALICE)
+    stats = requests.get(f"{guarded.url}/v2/models/stats", headers=bob, timeout=5)
+    assert stats.status_code == 200, stats.text
+    assert {m["name"] for m in stats.json()["model_stats"]} == {"versioned"}
+    index = requests.post(f"{guarded.url}/v2/repository/index", headers=bob, timeout=5).json()
+    assert {m["name"] for m in index} == {"versioned"}
+    everything = requests.post(f"{guarded.url}/v2/repository/index", headers=alice, timeout=5).json()
+    assert {m["name"] for m in everything} == {"model", "versioned"}
+    r = requests.get(f"{guarded.url}/metrics", headers=bob, timeout=5)
+    assert r.status_code == 403 and "bob" in r.json()["error"] and "metrics" in r.json()["error"], r.text
+    assert requests.get(f"{guarded.url}/metrics", headers=alice, timeout=5).status_code == 200
+    client = grpcclient.InferenceServerClient(guarded.grpc)
+    headers = {"authorization": f"Bearer {BOB}"}
+    grpc_stats = client.get_inference_statistics(headers=headers, as_json=True)
+    assert {m["name"] for m in grpc_stats["model_stats"]} == {"versioned"}, grpc_stats
+    grpc_index = client.get_model_repository_index(headers=headers, as_json=True)
+    assert {m["name"] for m in grpc_index["models"]} == {"versioned"}, grpc_index
 
 
 def test_rotated_and_revoked_keys_take_effect_without_a_restart_and_never_reach_the_log(guarded):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import Server
+from conftest import Server, grpc_answer, grpc_open
 
 
 def metric(s, name):
@@ -189,54 +189,6 @@ def test_the_buffered_body_budget_refuses_what_would_exceed_it_and_frees_on_clos
     r = requests.post(f"{s.url}/v2/models/dense/infer", data=b"x" * 600_000, timeout=5)
     assert r.status_code == 400, r.text
     assert metric(s, 'kubemaas_requests_shed_total{limit="max_buffered_request_bytes"}') == 2
-
-
-def grpc_open(s, declared, sent, method="ModelInfer"):
-    """A gRPC ModelInfer call whose message never fully arrives: its 5-byte prefix declares
-    `declared` bytes of message and `sent` bytes of body (prefix included) are sent, respecting
-    HTTP/2 flow control. Returns (socket, connection, stream id)."""
-    import h2.config
-    import h2.connection
-
-    host, port = s.grpc.rsplit(":", 1)
-    c = socket.create_connection((host, int(port)))
-    c.settimeout(10)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    c.sendall(conn.data_to_send())
-    sid = conn.get_next_available_stream_id()
-    conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
-                            (":path", f"/inference.GRPCInferenceService/{method}"),
-                            ("content-type", "application/grpc"), ("te", "trailers")])
-    c.sendall(conn.data_to_send())
-    payload = b"\x00" + declared.to_bytes(4, "big") + b"\x00" * (sent - 5)
-    while payload:
-        n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, len(payload))
-        if n == 0:
-            conn.receive_data(c.recv(65536))  # window updates
-        else:
-            conn.send_data(sid, payload[:n])
-            payload = payload[n:]
-        c.sendall(conn.data_to_send())
-    return c, conn, sid
-
-
-def grpc_answer(c, conn, sid, timeout=10):
-    """The headers and trailers the server sends on stream `sid`, until the stream ends."""
-    import h2.events
-
-    c.settimeout(timeout)
-    fields = {}
-    while True:
-        data = c.recv(65536)
-        if not data:
-            return fields
-        for ev in conn.receive_data(data):
-            if isinstance(ev, (h2.events.ResponseReceived, h2.events.TrailersReceived)) and ev.stream_id == sid:
-                fields.update({k.decode(): v.decode() for k, v in ev.headers})
-            if isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
-                return fields
-        c.sendall(conn.data_to_send())
 
 
 def grpc_dense(rows):

@@ -40,7 +40,9 @@ pub enum AuthError {
 #[derive(Debug, Clone)]
 struct Key {
     id: String,
-    secret: Vec<u8>,
+    /// SHA-256 of the key: every comparison then takes the same time whatever the lengths of the
+    /// key and of what was sent (comparing the keys themselves ends early on a length mismatch).
+    digest: [u8; 32],
     models: Option<Vec<String>>,
 }
 
@@ -49,6 +51,10 @@ struct Key {
 /// some models is refused: regions are shared by every client, and a scoped key could otherwise
 /// read or overwrite the tensors of models it may not call.
 pub const SHARED_MEMORY: &str = "system/shared-memory";
+
+/// What a key is checked for on `/metrics` of the HTTP port, which covers every model: like
+/// [`SHARED_MEMORY`], no model is named so, and a key limited to some models is refused.
+pub const EVERY_MODEL: &str = "system/every-model";
 
 /// The outcome of checking a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,11 +123,16 @@ fn parse(path: &Path, text: &str) -> Result<Vec<Key>, AuthError> {
         };
         keys.push(Key {
             id,
-            secret: secret.as_bytes().to_vec(),
+            digest: sha256(secret.as_bytes()),
             models,
         });
     }
     Ok(keys)
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
 }
 
 fn read_keys(path: &Path) -> Result<Vec<Key>, AuthError> {
@@ -169,9 +180,10 @@ impl ApiKeys {
             return Verdict::Invalid;
         };
         // Every key is compared, so the time taken does not say which one (or whether one) matched.
+        let sent = sha256(token);
         let mut found: Option<&Key> = None;
         for k in keys.iter() {
-            if bool::from(k.secret.as_slice().ct_eq(token)) {
+            if bool::from(k.digest.ct_eq(&sent)) {
                 found = Some(k);
             }
         }
@@ -214,6 +226,12 @@ pub fn authorize(
     }
 }
 
+/// Whether a caller with `authorization` may see `model` in a server-wide listing (statistics of
+/// every model, the repository index): a key limited to some models sees only those.
+pub fn may_see(keys: Option<&ApiKeys>, authorization: Option<&[u8]>, model: &str) -> bool {
+    keys.is_none_or(|k| matches!(k.check(authorization, Some(model)), Verdict::Allowed(_)))
+}
+
 /// The credential of `Bearer CREDENTIAL` (scheme case-insensitive, as RFC 9110 says).
 fn bearer(value: &[u8]) -> Option<&[u8]> {
     let (scheme, rest) = value.split_at_checked(7)?;
@@ -229,6 +247,9 @@ pub fn refusal(verdict: &Verdict, model: Option<&str>) -> String {
         Verdict::Invalid => "the API key is not valid".into(),
         Verdict::Forbidden(id) if model == Some(SHARED_MEMORY) => format!(
             "API key {id:?} is limited to some models and may not use shared memory regions; use a key without a model list"
+        ),
+        Verdict::Forbidden(id) if model == Some(EVERY_MODEL) => format!(
+            "API key {id:?} is limited to some models and may not read /metrics, which covers every model; use a key without a model list, or the metrics port"
         ),
         Verdict::Forbidden(id) => format!(
             "API key {id:?} may not call model {:?}",

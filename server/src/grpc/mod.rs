@@ -101,6 +101,54 @@ impl<F: Fn(Status) -> Status> RewriteStatus<F> {
     }
 }
 
+/// The gRPC method a call names (the last segment of its path), kept for the key check.
+#[derive(Clone)]
+struct Method(Arc<str>);
+
+/// Methods open without an API key, as their REST twins are: the probes of the kubelet, load
+/// balancers and meshes.
+fn open_without_key(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
+        || matches!(
+            path.rsplit('/').next(),
+            Some("ServerLive" | "ServerReady" | "ModelReady")
+        )
+}
+
+/// Refuses a call without a valid key from its headers alone, as REST answers 401 before it reads
+/// a body: tonic reads and decodes (and inflates) the whole message before a handler runs, so a
+/// check there let a caller without a key hold the body budget every valid caller shares. Which
+/// model a key may call is checked by the handlers, which read the model's name from the message.
+fn check_key(state: &AppState, req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+    let Some(keys) = state.api_keys.as_deref() else {
+        return Ok(req);
+    };
+    let Some(Method(method)) = req.extensions().get::<Method>() else {
+        return Ok(req);
+    };
+    let header = req.metadata().get("authorization").map(|v| v.as_bytes());
+    let mut caller = None;
+    match crate::auth::authorize(Some(keys), header, None, &mut caller) {
+        Ok(()) => Ok(req),
+        Err(e) => {
+            if state.audit {
+                crate::audit::write(&crate::audit::Record {
+                    protocol: "grpc",
+                    route: method,
+                    model: None,
+                    version: None,
+                    caller: caller.as_deref(),
+                    status: &format!("{:?}", Code::Unauthenticated),
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    latency: Duration::ZERO,
+                });
+            }
+            Err(status(&e))
+        }
+    }
+}
+
 /// Calls and streams one connection may have open at once; more wait in the client.
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 
@@ -129,6 +177,7 @@ pub async fn serve(
     // as Triton's do by default: clients advertise gzip whether or not they want the CPU spent.
     .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
     .accept_compressed(tonic::codec::CompressionEncoding::Deflate);
+    let keyed = state.clone();
     let health = health_pb::health_server::HealthServer::new(service::Health::new(state, shutdown.clone()));
     let rewrite = RewriteStatus(transport_status(limit));
     let incoming = futures::stream::unfold(conns, |mut conns| async move {
@@ -141,6 +190,18 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         // Bounds what one connection holds at once (each call or stream holds its messages).
         .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+        // The key is checked first, on the headers, before anything reads the body.
+        .layer(tower::util::MapRequestLayer::new(|mut r: http::Request<_>| {
+            let path = r.uri().path();
+            if !open_without_key(path) {
+                let method = Method(path.rsplit('/').next().unwrap_or_default().into());
+                r.extensions_mut().insert(method);
+            }
+            r
+        }))
+        .layer(tonic::service::InterceptorLayer::new(move |req| {
+            check_key(&keyed, req)
+        }))
         .layer(tower::util::MapRequestLayer::new(move |r| budget.wrap(r)))
         .layer(tower::util::MapResponseLayer::new(move |r| {
             rewrite.apply::<tonic::body::Body>(r)

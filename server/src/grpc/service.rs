@@ -142,6 +142,24 @@ impl Inference {
         result
     }
 
+    /// The repository index (`only_ready`: only versions that serve) of the models `visible`.
+    fn index(&self, only_ready: bool, visible: &dyn Fn(&str) -> bool) -> RepositoryIndexResponse {
+        let models = self
+            .state
+            .repo
+            .index()
+            .into_iter()
+            .filter(|(name, _, state, _)| (!only_ready || *state == "READY") && visible(name))
+            .map(|(name, v, state, reason)| repository_index_response::ModelIndex {
+                name,
+                version: v.to_string(),
+                state: state.into(),
+                reason,
+            })
+            .collect();
+        RepositoryIndexResponse { models }
+    }
+
     /// Handlers over `state`; streams stop reading requests when `shutdown` turns true.
     pub fn new(state: Arc<AppState>, shutdown: watch::Receiver<bool>) -> Inference {
         Inference { state, shutdown }
@@ -456,15 +474,19 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
-        authorize_call(&self.state, &req, None, &mut None)?;
-        Ok(Response::new(ServerMetadataResponse {
-            name: "kubemaas".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            extensions: v2::extensions(&self.state.shm)
-                .iter()
-                .map(|e| e.to_string())
-                .collect(),
-        }))
+        let mut audit = Audited::start(&self.state, "ServerMetadata", req.get_ref(), "", "");
+        let result = authorize_call(&self.state, &req, None, &mut audit.caller).map(|()| {
+            Response::new(ServerMetadataResponse {
+                name: "kubemaas".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                extensions: v2::extensions(&self.state.shm)
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect(),
+            })
+        });
+        audit.result(&self.state, &result);
+        result
     }
 
     async fn model_metadata(
@@ -600,34 +622,32 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<ModelStatisticsRequest>,
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
-        let model = Some(req.get_ref().name.as_str()).filter(|n| !n.is_empty());
-        authorize_call(&self.state, &req, model, &mut None)?;
-        let req = req.into_inner();
-        let model = Some(req.name.as_str()).filter(|n| !n.is_empty());
-        let json = routes::stats(&self.state, model, version_arg(&req.version)).map_err(|e| status(&e))?;
-        Ok(Response::new(statistics_message(&json)))
+        let m = req.get_ref();
+        let mut audit = Audited::start(&self.state, "ModelStatistics", m, &m.name, &m.version);
+        let model = Some(m.name.as_str()).filter(|n| !n.is_empty());
+        let result = authorize_call(&self.state, &req, model, &mut audit.caller).and_then(|()| {
+            let key = req.metadata().get("authorization").map(|v| v.as_bytes());
+            let visible = |name: &str| crate::auth::may_see(self.state.api_keys.as_deref(), key, name);
+            let json = routes::stats(&self.state, model, version_arg(&m.version), &visible)
+                .map_err(|e| status(&e))?;
+            Ok(Response::new(statistics_message(&json)))
+        });
+        audit.result(&self.state, &result);
+        result
     }
 
     async fn repository_index(
         &self,
         req: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
-        authorize_call(&self.state, &req, None, &mut None)?;
-        let only_ready = req.into_inner().ready;
-        let models = self
-            .state
-            .repo
-            .index()
-            .into_iter()
-            .filter(|(_, _, state, _)| !only_ready || *state == "READY")
-            .map(|(name, v, state, reason)| repository_index_response::ModelIndex {
-                name,
-                version: v.to_string(),
-                state: state.into(),
-                reason,
-            })
-            .collect();
-        Ok(Response::new(RepositoryIndexResponse { models }))
+        let mut audit = Audited::start(&self.state, "RepositoryIndex", req.get_ref(), "", "");
+        let result = authorize_call(&self.state, &req, None, &mut audit.caller).map(|()| {
+            let key = req.metadata().get("authorization").map(|v| v.as_bytes());
+            let visible = |name: &str| crate::auth::may_see(self.state.api_keys.as_deref(), key, name);
+            Response::new(self.index(req.get_ref().ready, &visible))
+        });
+        audit.result(&self.state, &result);
+        result
     }
 
     async fn system_shared_memory_status(

@@ -105,6 +105,7 @@ fn allowed(segs: &[&str]) -> Option<&'static str> {
 fn route_model<'a>(segs: &[&'a str]) -> Option<&'a str> {
     match segs {
         ["v2", "models", "stats"] => None,
+        ["metrics"] => Some(crate::auth::EVERY_MODEL),
         ["v2", "systemsharedmemory", ..] => Some(crate::auth::SHARED_MEMORY),
         ["v2", "models", m, ..] => Some(m),
         ["v1", "models", rest @ ..] if !rest.is_empty() => Some(v1_parts(rest).0),
@@ -151,6 +152,15 @@ fn authorize(
         .get(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
     crate::auth::authorize(state.api_keys.as_deref(), header, route_model(segs), caller)
+}
+
+/// Which models a server-wide listing shows the caller of `req` (see [`crate::auth::may_see`]).
+fn visible<'a>(state: &'a AppState, req: &'a Request<Incoming>) -> impl Fn(&str) -> bool + 'a {
+    let key = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    move |model| crate::auth::may_see(state.api_keys.as_deref(), key, model)
 }
 
 /// Entry point for every request.
@@ -420,9 +430,11 @@ async fn route(
             }),
         )),
         ["v2", "repository", "index"] if post || get => {
-            Ok(json_response(StatusCode::OK, &repository_index(state)))
+            Ok(json_response(StatusCode::OK, &repository_index(state, &visible(state, &req))))
         }
-        ["v2", "models", "stats"] if get => Ok(json_response(StatusCode::OK, &stats(state, None, None)?)),
+        ["v2", "models", "stats"] if get => {
+            Ok(json_response(StatusCode::OK, &stats(state, None, None, &visible(state, &req))?))
+        }
         ["v2", "models", m, rest @ ..] => {
             let (version, rest) = match rest {
                 ["versions", v, rest @ ..] => (Some(*v), rest),
@@ -432,7 +444,7 @@ async fn route(
                 [] if get => model_metadata(state, m, version),
                 ["ready"] if get => model_ready(state, m, version),
                 ["config"] if get => model_config(state, m, version),
-                ["stats"] if get => Ok(json_response(StatusCode::OK, &stats(state, Some(m), version)?)),
+                ["stats"] if get => Ok(json_response(StatusCode::OK, &stats(state, Some(m), version, &|_| true)?)),
                 ["infer"] if post => {
                     infer_v2(state, m, version, req)
                         .instrument(inference::request_span("v2", m, version))
@@ -487,12 +499,13 @@ async fn route_v1(
     }
 }
 
-fn repository_index(state: &AppState) -> Value {
+fn repository_index(state: &AppState, visible: &dyn Fn(&str) -> bool) -> Value {
     Value::Array(
         state
             .repo
             .index()
             .into_iter()
+            .filter(|(name, ..)| visible(name))
             .map(|(name, v, st, reason)| {
                 serde_json::json!({"name": name, "version": v.to_string(), "state": st, "reason": reason})
             })
@@ -553,15 +566,25 @@ pub(crate) fn model_config_json(state: &AppState, m: &str, version: Option<&str>
     ))
 }
 
-/// Triton's statistics of one model version, or of all (REST `/stats` and the gRPC
-/// `ModelStatistics`).
-pub(crate) fn stats(state: &AppState, model: Option<&str>, version: Option<&str>) -> Result<Value, ApiError> {
+/// Triton's statistics of one model version, or of all those `visible` (REST `/stats` and the
+/// gRPC `ModelStatistics`).
+pub(crate) fn stats(
+    state: &AppState,
+    model: Option<&str>,
+    version: Option<&str>,
+    visible: &dyn Fn(&str) -> bool,
+) -> Result<Value, ApiError> {
     let entries = match model {
         Some(m) => {
             let (v, e) = state.repo.entry(m, version)?;
             vec![(m.to_string(), v, e)]
         }
-        None => state.repo.list(),
+        None => state
+            .repo
+            .list()
+            .into_iter()
+            .filter(|(name, ..)| visible(name))
+            .collect(),
     };
     let model_stats: Vec<Value> = entries
         .into_iter()
