@@ -412,6 +412,37 @@ def test_compressed_bodies_inflate_within_the_request_limit_and_bad_ones_get_4xx
     assert post(gzip.compress(body), "gzip").status_code == 200
 
 
+def test_concurrent_compressed_bodies_inflate_within_the_body_budget(serve):
+    # Each body is 47 kB of gzip that inflates to 48 MB, under --max-request-bytes. Sixteen at once
+    # must not hold more than --max-buffered-request-bytes (100 MB): the inflated bytes count
+    # against it as they are written, not once a body is whole.
+    import concurrent.futures
+    import gzip
+
+    s = serve("--max-request-bytes", "50000000", "--max-buffered-request-bytes", "100000000")
+
+    def peak_mib():
+        status = open(f"/proc/{s.proc.pid}/status").read()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+    bomb = gzip.compress(b" " * 48_000_000, compresslevel=9)
+    assert len(bomb) < 100_000
+    url = f"{s.url}/v2/models/dense/infer"
+    before = peak_mib()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: requests.post(url, data=bomb, headers={"Content-Encoding": "gzip"},
+                                                        timeout=60), range(16)))
+    grew = peak_mib() - before
+    # Spaces inflate to an empty JSON document (400) when the budget lets them in, else 503.
+    assert {r.status_code for r in answers} <= {400, 503}, [r.text for r in answers]
+    assert all("error" in r.json() for r in answers)
+    assert grew < 100 + 100, f"peak RSS grew by {grew:.0f} MiB with a 95 MiB body budget"
+    assert s.alive()
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 10], "datatype": "FP32", "data": [1.0] * 10}]})
+    assert requests.post(url, data=gzip.compress(body.encode()), headers={"Content-Encoding": "gzip"},
+                         timeout=30).status_code == 200
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 def test_answers_are_compressed_when_the_client_accepts_it_as_triton_does(serve, encoding):
     # tritonclient's `response_compression_algorithm` sends Accept-Encoding; Triton compresses the

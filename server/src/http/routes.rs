@@ -284,13 +284,22 @@ async fn read_body(
     let Some(encoding) = content_encoding(&parts.headers)? else {
         return Ok((parts, body));
     };
-    // Inflating a large body is CPU work: off the I/O threads. What it holds past the compressed
-    // bytes is reserved once it is known (at most --max-request-bytes).
-    let inflated = tokio::task::spawn_blocking(move || inflate(encoding, &body, limit, aligned_at))
-        .await
-        .map_err(|e| ApiError::Internal(format!("inflating the request body failed: {e}")))??;
-    state.admission.reserve(ticket, inflated.len())?;
-    Ok((parts, inflated))
+    // Inflating is CPU work whose size the compressed bytes do not tell: on the bounded pool, off
+    // the I/O threads, with the inflated bytes reserved as the buffer grows (many small bodies that
+    // each inflate to --max-request-bytes must not hold more than the budget between them).
+    let admission = state.admission.clone();
+    let mut held = std::mem::take(ticket);
+    let (inflated, held) = state
+        .offload
+        .run(usize::MAX, move || {
+            let inflated = inflate(encoding, &body, limit, aligned_at, &mut |n| {
+                admission.reserve(&mut held, n)
+            });
+            (inflated, held)
+        })
+        .await?;
+    *ticket = held;
+    Ok((parts, inflated?))
 }
 
 /// A body's compression (`Content-Encoding`), as Triton's HTTP endpoint and tritonclient's
@@ -329,26 +338,57 @@ fn content_encoding(headers: &http::HeaderMap) -> Result<Option<Encoding>, ApiEr
 }
 
 /// Inflates `body`, refusing more than `limit` bytes of output (a small body may inflate to any
-/// size). `aligned_at` as in [`read_body`].
+/// size). `reserve` is called with every byte of capacity before the output buffer takes it, and
+/// its refusal stops the inflation. `aligned_at` as in [`read_body`].
 fn inflate(
     encoding: Encoding,
     body: &[u8],
     limit: usize,
     aligned_at: Option<usize>,
+    reserve: &mut dyn FnMut(usize) -> Result<(), ApiError>,
 ) -> Result<Bytes, ApiError> {
     use std::io::Read;
     const ALIGN: usize = 16;
-    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit) + ALIGN);
+    // One byte past the limit tells "exactly the limit" from "more".
+    let most = limit.saturating_add(1 + ALIGN);
+    let first = body.len().saturating_mul(4).min(most).max(ALIGN);
+    reserve(first)?;
+    let mut out = Vec::with_capacity(first);
+    let mut held = out.capacity();
     let skip = aligned_at.map_or(0, |at| {
         (ALIGN - (out.as_ptr() as usize).wrapping_add(at) % ALIGN) % ALIGN
     });
     out.resize(skip, 0);
-    let reader: Box<dyn Read + '_> = match encoding {
+    let mut reader: Box<dyn Read + '_> = match encoding {
         Encoding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(body)),
         Encoding::Deflate => Box::new(flate2::read::ZlibDecoder::new(body)),
     };
-    // One byte past the limit tells "exactly the limit" from "more".
-    let read = reader.take(limit as u64 + 1).read_to_end(&mut out);
+    let mut read = Ok(());
+    loop {
+        if out.len() - skip > limit {
+            break;
+        }
+        if out.len() == out.capacity() {
+            // Doubling, as a Vec grows, but reserved before the memory is taken.
+            let want = (out.capacity() * 2).clamp(out.len() + 1, most.max(out.len() + 1));
+            reserve(want - held)?;
+            out.reserve_exact(want - out.len());
+            if out.capacity() > want {
+                reserve(out.capacity() - want)?;
+            }
+            held = out.capacity();
+        }
+        // At most the spare capacity, so reading never grows the buffer past what is reserved.
+        let room = out.capacity() - out.len();
+        match (&mut reader).take(room as u64).read_to_end(&mut out) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                read = Err(e);
+                break;
+            }
+        }
+    }
     match read {
         Err(e) => Err(ApiError::BadRequest(format!(
             "the request body is not valid {} data: {e}",
