@@ -158,3 +158,28 @@ def test_bad_tls_files_stop_the_server_with_a_clear_error(repo_dir, tmp_path, pk
                        capture_output=True, text=True, timeout=30)
     assert r.returncode != 0
     assert want in r.stderr, r.stderr
+
+
+def test_a_client_silent_after_its_tls_handshake_is_closed(repo_dir, tmp_path, pki):
+    # The handshake is timed by the accept loop; after it, until the first bytes say which HTTP
+    # version the client speaks, nothing was: a client that shook hands and said nothing stayed.
+    import socket
+
+    from test_limits import closed_within
+
+    ca, live = pki
+    s, https = start(repo_dir, tmp_path, live, "--header-read-timeout", "2")
+    try:
+        wait_ready(https, str(ca.ca_file))
+        for port, alpn in ((s.http, "http/1.1"), (s.http, "h2"), (s.grpc, "h2")):
+            context = ssl.create_default_context(cafile=str(ca.ca_file))
+            context.set_alpn_protocols([alpn])
+            host, p = port.rsplit(":", 1)
+            raw = socket.create_connection((host, int(p)))
+            c = context.wrap_socket(raw, server_hostname="localhost")
+            try:
+                assert closed_within(c, 6), f"{port} with {alpn} kept a silent TLS client"
+            finally:
+                c.close()
+    finally:
+        assert s.stop() == 0

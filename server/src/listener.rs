@@ -3,6 +3,7 @@
 //! certificates). Each accepted connection is handed over already admitted and, with TLS, already
 //! past its handshake, so a slow or silent client never holds up the accept loop.
 
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -161,15 +162,58 @@ pub enum Io {
 /// An accepted connection; it holds its place under `--max-connections` until dropped.
 pub struct Conn {
     io: Io,
+    sniff: Option<Sniff>,
     _permit: OwnedSemaphorePermit,
+}
+
+/// HTTP/2's connection preface, which a client speaking HTTP/2 sends first.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The wait for a connection's protocol. Until its bytes either differ from [`PREFACE`] or complete
+/// it, hyper does not know whether it speaks HTTP/1 or HTTP/2, and neither protocol's timers run
+/// (HTTP/1's header timeout starts once HTTP/1 is chosen; HTTP/2 waits for the preface without
+/// one). A client that stops inside the preface, or sends nothing after its TLS handshake, would
+/// hold its place for ever: reading fails once `deadline` passes first.
+struct Sniff {
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Bytes read so far, all equal to the preface's first ones.
+    seen: usize,
+}
+
+impl Sniff {
+    /// Whether the protocol is known once `new` bytes follow what was seen (an empty read, the end
+    /// of the stream, settles it too).
+    fn settled_by(&mut self, new: &[u8]) -> bool {
+        let n = new.len().min(PREFACE.len() - self.seen);
+        if new.is_empty() || new[..n] != PREFACE[self.seen..self.seen + n] {
+            return true;
+        }
+        self.seen += n;
+        self.seen == PREFACE.len()
+    }
 }
 
 impl AsyncRead for Conn {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        };
+        if let Some(sniff) = &mut this.sniff {
+            match &read {
+                Poll::Ready(Ok(())) if sniff.settled_by(&buf.filled()[before..]) => this.sniff = None,
+                Poll::Pending if sniff.deadline.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client did not say which HTTP version it speaks within --header-read-timeout",
+                    )));
+                }
+                _ => {}
+            }
         }
+        read
     }
 }
 
@@ -220,8 +264,8 @@ impl tonic::transport::server::Connected for Conn {
 pub struct AcceptOptions {
     /// Bounds shared with the request path (connections counted per listener).
     pub admission: Arc<Admission>,
-    /// A client that has not sent its first byte (or finished its TLS handshake) in this time is
-    /// closed.
+    /// A client that has not sent its first byte, finished its TLS handshake, or said which HTTP
+    /// version it speaks in this time (each step its own wait) is closed.
     pub first_byte_timeout: Duration,
     /// TLS, when on for this listener.
     pub tls: Option<Arc<Tls>>,
@@ -284,9 +328,44 @@ pub fn accept(
                         }
                     }
                 };
-                let _ = tx.send(Conn { io, _permit: permit }).await;
+                let sniff = Some(Sniff {
+                    deadline: Box::pin(tokio::time::sleep(timeout)),
+                    seen: 0,
+                });
+                let _ = tx
+                    .send(Conn {
+                        io,
+                        sniff,
+                        _permit: permit,
+                    })
+                    .await;
             });
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sniff() -> Sniff {
+        Sniff {
+            deadline: Box::pin(tokio::time::sleep(Duration::from_secs(1))),
+            seen: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_protocol_is_known_at_the_first_byte_off_the_preface_or_once_it_is_whole() {
+        assert!(sniff().settled_by(b"GET / HTTP/1.1\r\n"));
+        assert!(sniff().settled_by(b""));
+        let mut s = sniff();
+        assert!(!s.settled_by(b"PRI"));
+        assert!(!s.settled_by(b" * HTTP/2.0\r\n\r\nSM\r\n\r"));
+        assert!(s.settled_by(b"\n\x00\x00"));
+        let mut s = sniff();
+        assert!(!s.settled_by(b"PR"));
+        assert!(s.settled_by(b"X"));
+    }
 }

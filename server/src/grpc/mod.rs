@@ -190,6 +190,11 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         // Bounds what one connection holds at once (each call or stream holds its messages).
         .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+        // As on the HTTP port: the same header bound, and pings that free the places of peers
+        // that vanished without closing.
+        .http2_max_header_list_size(crate::http::MAX_HEADER_LIST_BYTES)
+        .http2_keepalive_interval(Some(crate::http::KEEP_ALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(crate::http::KEEP_ALIVE_TIMEOUT))
         // The key is checked first, on the headers, before anything reads the body.
         .layer(tower::util::MapRequestLayer::new(|mut r: http::Request<_>| {
             let path = r.uri().path();

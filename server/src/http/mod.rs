@@ -155,8 +155,8 @@ pub async fn serve(
         .max_header_list_size(MAX_HEADER_LIST_BYTES)
         .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
         // Pings find peers that vanished without closing; unanswered, the connection closes.
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
     loop {
         tokio::select! {
             conn = conns.recv() => {
@@ -188,7 +188,14 @@ pub async fn serve(
 /// Header lines one HTTP/1 request may have.
 const MAX_HEADERS: usize = 100;
 /// Bytes of headers one HTTP/2 request may have.
-const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+pub(crate) const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
+/// How often an idle HTTP/2 connection is pinged, on both ports, to find peers that vanished
+/// without closing (a node gone, a NAT entry expired).
+pub(crate) const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How long a ping may go unanswered before the connection is closed.
+pub(crate) const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Streams a client may open and reset before the server has accepted them.
 const MAX_PENDING_RESETS: usize = 20;
 
