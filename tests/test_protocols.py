@@ -131,7 +131,9 @@ def test_tf_serving_b64_bytes(server):
                        **{f"in_{k}": [[]] for k in V2 if k not in ("bytes",)}}}
     r = requests.post(f"{server.url}/v1/models/dtypes:predict", json=body)
     assert r.status_code == 200, r.text
-    assert r.json()["outputs"]["out_bytes"] == [["hello", "world"]]
+    # TF-Serving writes every element of an output whose name ends in "_bytes" as {"b64": ...},
+    # text or not, and its clients decode them so.
+    assert r.json()["outputs"]["out_bytes"] == [[{"b64": "aGVsbG8="}, {"b64": "d29ybGQ="}]]
 
 
 def test_tf_serving_status_and_metadata(server):
@@ -144,6 +146,50 @@ def test_tf_serving_status_and_metadata(server):
     assert [d["size"] for d in sig["inputs"]["x"]["tensor_shape"]["dim"]] == ["-1", "10"]
     broken = requests.get(f"{server.url}/v1/models/broken").json()["model_version_status"][0]
     assert broken["state"] == "END" and "broken" in broken["status"]["error_message"]
+
+
+def test_kserve_v1_clients_read_liveness_the_model_list_and_readiness(server):
+    # KServe's V1 protocol beside TF-Serving's: GET / says alive, GET /v1/models lists the models,
+    # and GET /v1/models/{m} carries "name" and "ready" (what InferenceRESTClient.is_model_ready
+    # reads) next to TF-Serving's model_version_status.
+    assert requests.get(f"{server.url}/", timeout=5).json() == {"status": "alive"}
+    listed = requests.get(f"{server.url}/v1/models", timeout=5)
+    assert listed.status_code == 200, listed.text
+    assert {"model", "versioned", "broken"} <= set(listed.json()["models"])
+    st = requests.get(f"{server.url}/v1/models/versioned", timeout=5).json()
+    assert st["name"] == "versioned" and st["ready"] is True and st["model_version_status"], st
+    broken = requests.get(f"{server.url}/v1/models/broken", timeout=5).json()
+    assert broken["ready"] is False and broken["model_version_status"][0]["state"] == "END"
+
+
+def test_tf_serving_requests_may_carry_bare_nan_and_infinity(server):
+    # TF-Serving parses NaN, Infinity and -Infinity literals (what Python's json.dumps writes);
+    # a string that merely contains the word stays a string.
+    body = '{"signature_name": "serving_default", "inputs": {"a": [[NaN, Infinity, -Infinity, 1.5]], "b": [[1, 2, 3]]}}'
+    r = requests.post(f"{server.url}/v1/models/arith:predict", data=body, timeout=10)
+    assert r.status_code == 200, r.text
+    a2 = r.json()["outputs"]["a2"][0]
+    assert a2[3] == 3.0 and a2[:3] == [None, None, None]  # JSON answers carry non-finite values as null
+    row = json.dumps({"instances": [{"a": [float("nan"), 1, 2, 3], "b": [1, 2, 3]}]})
+    assert "NaN" in row
+    r = requests.post(f"{server.url}/v1/models/arith:predict", data=row, timeout=10)
+    assert r.status_code == 200 and r.json()["predictions"][0]["a2"][1:] == [2.0, 4.0, 6.0], r.text
+    r = requests.post(f"{server.url}/v1/models/arith:predict", data='{"inputs": {"a": [[NaNa]]}}', timeout=10)
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_tf_serving_version_labels_and_unknown_signatures_are_refused_by_name(server):
+    for method, path in (("POST", "/v1/models/model/labels/stable:predict"),
+                         ("GET", "/v1/models/model/labels/stable"),
+                         ("GET", "/v1/models/model/labels/stable/metadata")):
+        r = requests.request(method, f"{server.url}{path}", json={"instances": [list(range(10))]}, timeout=5)
+        assert r.status_code == 404 and "label" in r.json()["error"] and "/versions/" in r.json()["error"], r.text
+    r = requests.post(f"{server.url}/v1/models/model:predict", timeout=5,
+                      json={"signature_name": "predict_images", "instances": [list(range(10))]})
+    assert r.status_code == 400 and "predict_images" in r.json()["error"] and "serving_default" in r.json()["error"]
+    r = requests.post(f"{server.url}/v1/models/model:predict", timeout=5,
+                      json={"signature_name": "serving_default", "instances": [list(range(10))]})
+    assert r.status_code == 200, r.text
 
 
 def test_output_selection_and_binary_output_flag(server):

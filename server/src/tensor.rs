@@ -407,8 +407,10 @@ impl Tensor {
     }
 
     /// Serialises the elements as a JSON array: flat when `nested` is false, otherwise nested by shape
-    /// (TF-Serving style). Floats use the shortest round-trip form; NaN and infinities become `null`
-    /// because JSON has no literal for them (use the binary extension to carry them exactly).
+    /// (TF-Serving style, with its convention that every element of a BYTES output whose name ends
+    /// in `_bytes` is `{"b64": ...}`). Floats use the shortest round-trip form; NaN and infinities
+    /// become `null` because JSON has no literal for them (use the binary extension to carry them
+    /// exactly).
     pub fn json_elements(&self, nested: bool) -> JsonElements<'_> {
         JsonElements {
             tensor: self,
@@ -452,6 +454,7 @@ impl Serialize for JsonElements<'_> {
             tensor: t,
             shape: &shape,
             offset,
+            b64: self.nested && t.name.ends_with("_bytes"),
         }
         .serialize(s)
     }
@@ -461,6 +464,8 @@ struct Slice<'a> {
     tensor: &'a Tensor,
     shape: &'a [usize],
     offset: usize,
+    /// Strings always as `{"b64": ...}`.
+    b64: bool,
 }
 
 impl Serialize for Slice<'_> {
@@ -470,6 +475,7 @@ impl Serialize for Slice<'_> {
             return Element {
                 tensor: self.tensor,
                 index: self.offset,
+                b64: self.b64,
             }
             .serialize(s);
         };
@@ -481,12 +487,14 @@ impl Serialize for Slice<'_> {
                 seq.serialize_element(&Element {
                     tensor: self.tensor,
                     index: offset,
+                    b64: self.b64,
                 })?;
             } else {
                 seq.serialize_element(&Slice {
                     tensor: self.tensor,
                     shape: rest,
                     offset,
+                    b64: self.b64,
                 })?;
             }
         }
@@ -497,6 +505,8 @@ impl Serialize for Slice<'_> {
 struct Element<'a> {
     tensor: &'a Tensor,
     index: usize,
+    /// A string as `{"b64": ...}` even when it is text.
+    b64: bool,
 }
 
 fn le<const N: usize>(b: &[u8], i: usize) -> [u8; N] {
@@ -512,9 +522,9 @@ impl Serialize for Element<'_> {
             TensorData::Raw(b) => b,
             TensorData::Strings(items) => {
                 return match std::str::from_utf8(&items[i]) {
-                    Ok(text) => s.serialize_str(text),
-                    // Not text: TF-Serving's convention for binary strings.
-                    Err(_) => {
+                    Ok(text) if !self.b64 => s.serialize_str(text),
+                    // Not text, or asked for: TF-Serving's convention for binary strings.
+                    _ => {
                         use base64::Engine as _;
                         let mut map = serde_json::Map::new();
                         map.insert(

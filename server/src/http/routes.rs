@@ -58,7 +58,8 @@ fn error_response(e: &ApiError) -> Response<Chunks> {
 fn is_open(segs: &[&str]) -> bool {
     matches!(
         segs,
-        ["v2", "health", "live" | "ready"]
+        // `GET /`: KServe's liveness.
+        [""] | ["v2", "health", "live" | "ready"]
             | ["v2", "models", _, "ready"]
             | ["v2", "models", _, "versions", _, "ready"]
     )
@@ -69,7 +70,10 @@ fn allowed(segs: &[&str]) -> Option<&'static str> {
     const READ: &str = "GET, HEAD";
     let v1_predict = |last: &str| last.split_once(':').is_some_and(|(_, verb)| verb == "predict");
     match segs {
-        ["metrics"] | ["v2"] | ["v2", "health", "live" | "ready"] | ["v2", "models", "stats"] => Some(READ),
+        [""] | ["metrics"] | ["v2"] | ["v2", "health", "live" | "ready"] | ["v2", "models", "stats"] => {
+            Some(READ)
+        }
+        ["v1", "models"] => Some(READ),
         ["v2", "repository", "index"] => Some("GET, HEAD, POST"),
         ["v2", "models", _, "infer"] | ["v2", "models", _, "versions", _, "infer"] => Some("POST"),
         ["v2", "models", _] | ["v2", "models", _, "versions", _] => Some(READ),
@@ -452,6 +456,18 @@ async fn route(
         ["v2", "health", "live"] if get => {
             Ok(json_response(StatusCode::OK, &serde_json::json!({"live": true})))
         }
+        [""] if get => Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "alive"}))),
+        ["v1", "models"] if get => {
+            // KServe V1's model list.
+            let see = visible(state, &req);
+            let mut names: Vec<String> = Vec::new();
+            for (name, ..) in repo.index() {
+                if see(&name) && !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+            Ok(json_response(StatusCode::OK, &serde_json::json!({ "models": names })))
+        }
         ["v2", "health", "ready"] if get => {
             let ready = repo.all_ready();
             let status = if ready {
@@ -513,6 +529,11 @@ async fn route_v1(
     // `/v1/models/m:predict` and `/v1/models/m/versions/1:predict`: the verb hangs off the last segment.
     let (_, segs, verb) = v1_parts(rest);
     let (model, version, tail) = match segs.as_slice() {
+        [m, "labels", label, ..] => {
+            return Err(ApiError::NotFound(format!(
+                "model {m:?} has no version label {label:?}: this server has no version labels; address a version by number, /v1/models/{m}/versions/N"
+            )));
+        }
         [m, "versions", v, tail @ ..] => (*m, Some(*v), tail.to_vec()),
         [m, tail @ ..] => (*m, None, tail.to_vec()),
         [] => return Err(ApiError::NotFound(format!("no endpoint at {path}"))),
@@ -920,5 +941,7 @@ fn v1_status(state: &AppState, m: &str, version: Option<&str>) -> Result<Value, 
             serde_json::json!({"version": v.to_string(), "state": st, "status": {"error_code": code, "error_message": msg}})
         })
         .collect();
-    Ok(serde_json::json!({ "model_version_status": statuses }))
+    // KServe V1's readiness, beside TF-Serving's status.
+    let ready = state.repo.ready_model(m, version).is_ok() && !state.repo.is_shutting_down();
+    Ok(serde_json::json!({ "name": m, "ready": ready, "model_version_status": statuses }))
 }

@@ -43,6 +43,74 @@ struct Body<'a> {
     instances: Option<&'a RawValue>,
     #[serde(borrow, default)]
     inputs: Option<&'a RawValue>,
+    #[serde(default, deserialize_with = "string")]
+    signature_name: Option<String>,
+}
+
+/// A member that must be a string when present (TF-Serving refuses `"signature_name": null`).
+fn string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
+}
+
+/// The members of a `:predict` body besides its tensors that mean something.
+#[derive(Deserialize)]
+struct Rest {
+    #[serde(default, deserialize_with = "string")]
+    signature_name: Option<String>,
+}
+
+/// The one signature an ONNX model has, under the name TF-Serving gives a model's default one.
+pub const SIGNATURE: &str = "serving_default";
+
+/// Refuses a `signature_name` other than [`SIGNATURE`], as TF-Serving refuses one the model lacks:
+/// ignoring it would answer for another signature than the one asked for.
+fn check_signature(name: Option<&str>) -> Result<(), ApiError> {
+    match name {
+        // TF-Serving reads an empty name as the default.
+        None | Some("" | SIGNATURE) => Ok(()),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "signature_name {other:?} not found: an ONNX model has one signature, {SIGNATURE:?} (or leave signature_name out)"
+        ))),
+    }
+}
+
+/// `body` with TF-Serving's bare `NaN`, `Infinity` and `-Infinity` literals (which its parser
+/// accepts and Python's `json.dumps` writes) quoted, as this server's JSON reads them; None when
+/// it has none outside strings.
+fn quote_special_floats(body: &[u8]) -> Option<Vec<u8>> {
+    const TOKENS: [&[u8]; 3] = [b"NaN", b"Infinity", b"-Infinity"];
+    let mut out = Vec::new();
+    let (mut copied, mut i, mut in_string) = (0, 0, false);
+    'scan: while i < body.len() {
+        let c = body[i];
+        if in_string {
+            match c {
+                b'\\' => i += 1,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else if c == b'"' {
+            in_string = true;
+        } else if matches!(c, b'N' | b'I' | b'-') {
+            for token in TOKENS {
+                let end = i + token.len();
+                let whole = body.get(end).is_none_or(|b| !b.is_ascii_alphanumeric());
+                if body[i..].starts_with(token) && whole {
+                    out.extend_from_slice(&body[copied..i]);
+                    out.push(b'"');
+                    out.extend_from_slice(token);
+                    out.push(b'"');
+                    (i, copied) = (end, end);
+                    continue 'scan;
+                }
+            }
+        }
+        i += 1;
+    }
+    (copied > 0).then(|| {
+        out.extend_from_slice(&body[copied..]);
+        out
+    })
 }
 
 /// One tensor being decoded from nested JSON lists: the elements go straight into the writer while
@@ -390,6 +458,16 @@ pub fn decode_request(sig: &Signature, body: &[u8]) -> Result<PredictRequest, Ap
 /// [`decode_request`], with the fast float path for FP32/FP64 lists on or off. Off is serde
 /// alone, which the fast path must always agree with: the tests compare the two.
 pub fn decode_request_with(sig: &Signature, body: &[u8], fast: bool) -> Result<PredictRequest, ApiError> {
+    let first = decode_json(sig, body, fast);
+    // Bare NaN and infinities are not JSON: looked for only once the body failed as JSON, so a
+    // valid body pays nothing for them.
+    match (&first, quote_special_floats(body)) {
+        (Err(ApiError::BadRequest(_)), Some(quoted)) => decode_json(sig, &quoted, fast),
+        _ => first,
+    }
+}
+
+fn decode_json(sig: &Signature, body: &[u8], fast: bool) -> Result<PredictRequest, ApiError> {
     let text = std::str::from_utf8(body)
         .map_err(|e| ApiError::BadRequest(format!("the request body is not UTF-8 text: {e}")))?;
     if !text.trim_start().starts_with('{') {
@@ -401,6 +479,7 @@ pub fn decode_request_with(sig: &Signature, body: &[u8], fast: bool) -> Result<P
         return Ok(request);
     }
     let parsed: Body = serde_json::from_str(text).map_err(|e| json_error("predict request JSON", &e))?;
+    check_signature(parsed.signature_name.as_deref())?;
     let single = match sig.inputs.as_slice() {
         [only] => Some(only),
         _ => None,
@@ -528,7 +607,9 @@ fn one_pass(sig: &Signature, body: &[u8]) -> Option<PredictRequest> {
     )?;
     // The pass only stepped over the other members: serde checks that the rest is JSON.
     let rest = [&body[..found.span.start], b"null", &body[found.span.end..]].concat();
-    serde_json::from_slice::<IgnoredAny>(&rest).ok()?;
+    let rest: Rest = serde_json::from_slice(&rest).ok()?;
+    // A signature refused is worded by the general path.
+    check_signature(rest.signature_name.as_deref()).ok()?;
     let data = TensorData::Raw(found.bytes.into());
     let tensor = Tensor::new(spec.name.clone(), spec.datatype, found.shape, data).ok()?;
     Some(PredictRequest {
@@ -690,6 +771,50 @@ mod tests {
                 .collect(),
             outputs: vec![],
             leading_dim_conflict: None,
+        }
+    }
+
+    #[test]
+    fn bare_nan_and_infinities_are_quoted_outside_strings_only() {
+        let quoted =
+            |b: &str| quote_special_floats(b.as_bytes()).map(|v| String::from_utf8(v).unwrap_or_default());
+        assert_eq!(
+            quoted(r#"{"inputs": [NaN, Infinity,-Infinity]}"#).as_deref(),
+            Some(r#"{"inputs": ["NaN", "Infinity","-Infinity"]}"#)
+        );
+        assert_eq!(quoted(r#"{"NaN": "Infinity \" NaN", "inputs": [1]}"#), None);
+        assert_eq!(quoted(r#"{"inputs": [NaNa, Infinityx]}"#), None);
+        assert_eq!(quoted(r#"{"inputs": [-1, 2]}"#), None);
+        let s = sig(&[("x", DataType::F64, &[-1])]);
+        for fast in [true, false] {
+            let r = decode_request_with(&s, br#"{"instances": [NaN, -Infinity, 2]}"#, fast);
+            let values: Vec<f64> = match r.map(|r| r.inputs[0].data.clone()) {
+                Ok(TensorData::Raw(b)) => b
+                    .chunks(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()))
+                    .collect(),
+                other => panic!("{other:?}"),
+            };
+            assert!(values[0].is_nan() && values[1] == f64::NEG_INFINITY && values[2] == 2.0);
+        }
+    }
+
+    #[test]
+    fn a_signature_other_than_the_default_is_refused_by_name() {
+        let s = sig(&[("x", DataType::F32, &[-1])]);
+        for fast in [true, false] {
+            for ok in [
+                r#"{"instances": [1]}"#,
+                r#"{"signature_name": "", "instances": [1]}"#,
+                r#"{"signature_name": "serving_default", "instances": [1]}"#,
+            ] {
+                assert!(decode_request_with(&s, ok.as_bytes(), fast).is_ok(), "{ok}");
+            }
+            let e = decode_request_with(&s, br#"{"signature_name": "predict", "instances": [1]}"#, fast);
+            assert!(
+                matches!(&e, Err(ApiError::BadRequest(m)) if m.contains("\"predict\"") && m.contains("serving_default")),
+                "{e:?}"
+            );
         }
     }
 
