@@ -75,6 +75,10 @@ pub mod reason {
     /// The kubelet cannot mount a volume of the pod (a missing Secret or key), so no container
     /// starts; the message carries the kubelet's `FailedMount` Event.
     pub const VOLUME_MOUNT_FAILED: &str = "VolumeMountFailed";
+    /// The Deployment cannot create pods (`ReplicaFailure`: a ServiceAccount or PriorityClass that
+    /// does not exist, a ResourceQuota or LimitRange refusing them); the message carries the
+    /// apiserver's words.
+    pub const PODS_NOT_CREATED: &str = "PodsNotCreated";
     /// A container was killed for exceeding its memory limit.
     pub const OOM_KILLED: &str = "OOMKilled";
     /// A `cuda` ModelDeployment's pod serves on the CPU provider (the server could not use CUDA).

@@ -110,7 +110,7 @@ fn statuses(pod: &Pod, init: bool) -> Vec<ContainerStatus> {
     list.unwrap_or_default()
 }
 
-fn scheduled(pods: &[Pod], desired: i32) -> Cond {
+fn scheduled(pods: &[Pod], desired: i32, deployment: Option<&Deployment>) -> Cond {
     for pod in pods {
         let conds = pod
             .status
@@ -138,6 +138,9 @@ fn scheduled(pods: &[Pod], desired: i32) -> Cond {
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
         .count();
     if pods.is_empty() && desired > 0 {
+        if let Some(why) = deployment.and_then(cannot_create) {
+            return cond(conditions::SCHEDULED, Some(false), reason::PODS_NOT_CREATED, why);
+        }
         return cond(
             conditions::SCHEDULED,
             None,
@@ -364,6 +367,9 @@ fn degraded(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Cond {
             format!("pod {pod}: {message}"),
         );
     }
+    if let Some(why) = observed.deployment.and_then(cannot_create) {
+        return cond(conditions::DEGRADED, Some(true), reason::PODS_NOT_CREATED, why);
+    }
     for pod in pods {
         for s in statuses(pod, true).into_iter().chain(statuses(pod, false)) {
             let who = format!("pod {} container {}", pod.name_any(), s.name);
@@ -454,10 +460,26 @@ fn gave_up(d: &Deployment) -> Option<String> {
     ))
 }
 
-/// Why a rollout cannot progress, if it cannot: the Deployment gave up (progress deadline), or a
-/// pod cannot be scheduled (on a full GPU cluster, a surge pod never is).
+/// The apiserver's words when the Deployment cannot create pods (`ReplicaFailure=True`, copied
+/// from its ReplicaSet: a missing ServiceAccount or PriorityClass, a quota). No pod exists to say
+/// anything else.
+fn cannot_create(d: &Deployment) -> Option<String> {
+    let conds = d.status.as_ref()?.conditions.as_ref()?;
+    let c = conds
+        .iter()
+        .find(|c| c.type_.as_deref() == Some("ReplicaFailure") && c.status.as_deref() == Some("True"))?;
+    Some(format!(
+        "the Deployment cannot create pods: {}",
+        c.message
+            .clone()
+            .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
+    ))
+}
+
+/// Why a rollout cannot progress, if it cannot: the Deployment gave up (progress deadline) or
+/// cannot create pods, or a pod cannot be scheduled (on a full GPU cluster, a surge pod never is).
 fn stuck(d: &Deployment, pods: &[Pod]) -> Option<String> {
-    if let Some(why) = gave_up(d) {
+    if let Some(why) = gave_up(d).or_else(|| cannot_create(d)) {
         return Some(why);
     }
     pods.iter().find_map(|pod| {
@@ -511,8 +533,9 @@ fn ready(md: &ModelDeployment, deployment: Option<&Deployment>, desired: i32, po
         && st.updated_replicas.unwrap_or(0) >= st.replicas.unwrap_or(0).min(desired)
         && st.replicas.unwrap_or(0) <= st.updated_replicas.unwrap_or(0).max(desired);
     if ready < desired {
-        // Past its deadline, the Deployment's giving up is the news, with the count beside it.
-        if let Some(why) = gave_up(d) {
+        // Past its deadline, the Deployment's giving up is the news, with the count beside it;
+        // so is a Deployment that cannot create pods at all.
+        if let Some(why) = gave_up(d).or_else(|| cannot_create(d)) {
             return cond(
                 conditions::READY,
                 Some(false),
@@ -608,7 +631,7 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
         (ready_replicas, 0)
     };
     let new = [
-        scheduled(observed.pods, desired),
+        scheduled(observed.pods, desired, observed.deployment),
         model_loaded(&current, current_ready, older_serving, now),
         ready(md, observed.deployment, desired, observed.pods),
         degraded(md, observed, now),
@@ -771,10 +794,11 @@ pub fn is_healthy(c: &Condition) -> bool {
 }
 
 /// Reasons that are a problem a person should look at, whenever they appear.
-const PROBLEMS: [&str; 19] = [
+const PROBLEMS: [&str; 20] = [
     reason::SERVER_EXITED,
     reason::CONTAINER_NOT_CREATED,
     reason::VOLUME_MOUNT_FAILED,
+    reason::PODS_NOT_CREATED,
     reason::UNSCHEDULABLE,
     reason::ROLLOUT_STUCK,
     reason::DOWNLOAD_FAILED,
@@ -1204,6 +1228,44 @@ mod tests {
         let load = |ago| json!({"exitCode": i32::from(exit::LOAD_FAILED), "reason": "Error", "finishedAt": at(ago), "message": "bad model"});
         assert_eq!(of(serving_after(load(120))).1, "Loaded");
         assert_eq!(of(serving_after(load(2))).1, "LoadFailed");
+    }
+
+    #[test]
+    fn pods_the_deployment_cannot_create_are_named_with_the_apiservers_words() {
+        // A misspelt serviceAccountName or priorityClassName, or a ResourceQuota: the ReplicaSet
+        // cannot create pods, and only the Deployment's ReplicaFailure condition says why.
+        let mut d = deployment(0, 0, 0);
+        let words = "pods \"resnet-7d9-\" is forbidden: error looking up service account default/typo: serviceaccount \"typo\" not found";
+        if let Some(st) = d.status.as_mut() {
+            st.conditions = Some(vec![
+                serde_json::from_value(json!({"type": "ReplicaFailure", "status": "True",
+                    "reason": "FailedCreate", "message": words}))
+                .unwrap(),
+            ]);
+        }
+        let s = status_of(&d, &[]);
+        let degraded = get(&s, "Degraded");
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "PodsNotCreated")
+        );
+        assert!(
+            degraded.message.contains("serviceaccount \"typo\" not found"),
+            "{}",
+            degraded.message
+        );
+        let ready = get(&s, "Ready");
+        assert_eq!(ready.reason, "RolloutStuck");
+        assert!(
+            ready.message.contains("serviceaccount \"typo\" not found"),
+            "{}",
+            ready.message
+        );
+        assert!(
+            get(&s, "Scheduled").message.contains("cannot create pods"),
+            "{}",
+            get(&s, "Scheduled").message
+        );
     }
 
     #[test]
