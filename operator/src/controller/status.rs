@@ -723,22 +723,24 @@ pub fn hpa_failure(hpa: &HorizontalPodAutoscaler) -> Option<String> {
 pub fn autoscaling_from_hpa(hpa: &HorizontalPodAutoscaler) -> Option<AutoscalingStatus> {
     let st = hpa.status.as_ref()?;
     let reason = hpa_failure(hpa).unwrap_or_else(|| {
-        let target = hpa
-            .spec
-            .metrics
-            .as_ref()
-            .and_then(|m| m.first())
-            .and_then(|m| m.resource.as_ref());
-        let current = st
-            .current_metrics
-            .as_ref()
-            .and_then(|m| m.first())
-            .and_then(|m| m.resource.as_ref());
-        let mut why = match (target, current.and_then(|c| c.current.average_utilization)) {
-            (Some(t), Some(u)) => format!(
-                "average {} utilisation {u}% of the request, target {}%: {} replicas",
-                t.name,
-                t.target.average_utilization.unwrap_or(0),
+        // The server container's metric (ContainerResource), or the pod's (Resource) in an HPA
+        // an older operator wrote.
+        let target = hpa.spec.metrics.as_ref().and_then(|m| m.first()).and_then(|m| {
+            m.container_resource
+                .as_ref()
+                .map(|c| (&c.name, &c.target))
+                .or_else(|| m.resource.as_ref().map(|r| (&r.name, &r.target)))
+        });
+        let current = st.current_metrics.as_ref().and_then(|m| m.first()).and_then(|m| {
+            m.container_resource
+                .as_ref()
+                .map(|c| &c.current)
+                .or_else(|| m.resource.as_ref().map(|r| &r.current))
+        });
+        let mut why = match (target, current.and_then(|c| c.average_utilization)) {
+            (Some((name, t)), Some(u)) => format!(
+                "average {name} utilisation {u}% of the request, target {}%: {} replicas",
+                t.average_utilization.unwrap_or(0),
                 st.desired_replicas
             ),
             _ => format!("{} replicas (no utilisation measured yet)", st.desired_replicas),
@@ -908,6 +910,18 @@ mod tests {
             "average cpu utilisation 95% of the request, target 70%: 3 replicas; the desired replica count is more than the maximum replica count"
         );
         assert!(hpa_failure(&scaling).is_none());
+
+        // The same, as an HPA on the server container writes it.
+        let mut container = scaling.clone();
+        let metric = json!({"type": "ContainerResource", "containerResource": {"name": "cpu", "container": "server",
+            "target": {"type": "Utilization", "averageUtilization": 70}}});
+        container.spec.metrics = Some(vec![serde_json::from_value(metric).unwrap()]);
+        let current = json!({"type": "ContainerResource", "containerResource": {"name": "cpu", "container": "server",
+            "current": {"averageUtilization": 95, "averageValue": "950m"}}});
+        if let Some(st) = container.status.as_mut() {
+            st.current_metrics = Some(vec![serde_json::from_value(current).unwrap()]);
+        }
+        assert_eq!(autoscaling_from_hpa(&container).unwrap().reason, a.reason);
 
         let mut fresh = scaling.clone();
         fresh.status = None;

@@ -19,6 +19,9 @@ use super::{
     BuildConfig, MODELS_DIR, child_labels, child_meta, labels, model_name, ports, selector_labels, spec_hash,
 };
 
+/// The name of the container that runs `kubemaas-server serve`.
+pub const SERVER_CONTAINER: &str = "server";
+
 /// A container that fails without writing its termination message (the server and `pull` write
 /// one for the failures they know) leaves the tail of its log there instead, for status.
 const LOGS_ON_ERROR: &str = "FallbackToLogsOnError";
@@ -550,7 +553,7 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
         ..ContainerPort::default()
     };
     let server = Container {
-        name: "server".into(),
+        name: SERVER_CONTAINER.into(),
         termination_message_policy: Some(LOGS_ON_ERROR.into()),
         image: Some(image),
         args: Some(server_args(md, cfg)),

@@ -1,8 +1,8 @@
 //! The HorizontalPodAutoscaler (autoscaling/v2), only when `autoscaling` is set.
 
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HPAScalingRules, HorizontalPodAutoscaler, HorizontalPodAutoscalerBehavior,
-    HorizontalPodAutoscalerSpec, MetricSpec, MetricTarget, ResourceMetricSource,
+    ContainerResourceMetricSource, CrossVersionObjectReference, HPAScalingRules, HorizontalPodAutoscaler,
+    HorizontalPodAutoscalerBehavior, HorizontalPodAutoscalerSpec, MetricSpec, MetricTarget,
 };
 use kube::ResourceExt;
 use kubemaas_crds::v1alpha1::{AutoscalingMetric, ModelDeployment};
@@ -28,9 +28,13 @@ pub fn hpa(md: &ModelDeployment) -> Option<HorizontalPodAutoscaler> {
             },
             min_replicas: Some(a.min_replicas),
             max_replicas: a.max_replicas,
+            // The server container's own utilisation (autoscaling/v2 ContainerResource, GA in
+            // Kubernetes 1.30): a Resource metric averages over every container of the pod, so a
+            // mesh sidecar would weigh in, and one without a request would stop the HPA.
             metrics: Some(vec![MetricSpec {
-                type_: "Resource".into(),
-                resource: Some(ResourceMetricSource {
+                type_: "ContainerResource".into(),
+                container_resource: Some(ContainerResourceMetricSource {
+                    container: super::deployment::SERVER_CONTAINER.into(),
                     name: resource.into(),
                     target: MetricTarget {
                         type_: "Utilization".into(),
@@ -64,10 +68,18 @@ mod tests {
         let spec = hpa(&m).unwrap().spec;
         assert_eq!((spec.min_replicas, spec.max_replicas), (Some(2), 7));
         assert_eq!(spec.scale_target_ref.kind, "Deployment");
-        let r = spec.metrics.unwrap()[0].resource.clone().unwrap();
+        // The server container's utilisation, as the field says: a Resource metric would average
+        // over every container of the pod, a mesh sidecar's too (and stop if it has no request).
+        let metric = &spec.metrics.unwrap()[0];
+        assert_eq!(metric.type_, "ContainerResource");
+        let r = metric.container_resource.clone().unwrap();
         assert_eq!(
-            (r.name.as_str(), r.target.average_utilization),
-            ("memory", Some(80))
+            (
+                r.container.as_str(),
+                r.name.as_str(),
+                r.target.average_utilization
+            ),
+            ("server", "memory", Some(80))
         );
         assert!(hpa(&md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}))).is_none());
         let down = spec.behavior.unwrap().scale_down.unwrap();
