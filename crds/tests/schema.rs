@@ -463,3 +463,35 @@ fn compression_accepts_the_modes_pull_implements_and_a_min_cosine_in_range() {
         );
     }
 }
+
+#[test]
+fn network_policy_peers_the_apiserver_would_refuse_are_refused_at_admission() {
+    // Accepted here, the NetworkPolicy is refused when applied, and nothing is rolled out.
+    for field in ["inferenceFrom", "metricsFrom"] {
+        let with = |peers: Value| {
+            rejection(json!({"model": {"uri": "s3://models/m.onnx"}, "networkPolicy": {field: peers}}))
+        };
+        let msg = with(json!([{}]));
+        assert!(
+            msg.contains("needs podSelector, namespaceSelector or ipBlock"),
+            "{field}: {msg}"
+        );
+        let msg = with(json!([{"ipBlock": {"cidr": "10.0.0.0/8"}, "namespaceSelector": {}}]));
+        assert!(msg.contains("ipBlock may not be combined"), "{field}: {msg}");
+        for ok in [
+            json!([{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "gw"}}}]),
+            json!([{"ipBlock": {"cidr": "10.0.0.0/8"}}, {"podSelector": {}}]),
+        ] {
+            assert_eq!(with(ok.clone()), "accepted", "{field}: {ok}");
+        }
+    }
+}
+
+#[test]
+fn an_empty_gpu_product_is_refused() {
+    // It would become a nodeSelector no node carries: the pod never schedules.
+    let msg = rejection(
+        json!({"model": {"uri": "s3://models/m.onnx"}, "accelerator": "cuda", "gpu": {"product": ""}}),
+    );
+    assert!(msg.contains("gpu.product must be a label value"), "{msg}");
+}

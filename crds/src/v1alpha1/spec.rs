@@ -167,17 +167,27 @@ fn default_client_ca_entry() -> String {
 }
 
 /// Who may reach the serving pods.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkPolicySpec {
     /// Who may reach the inference ports (HTTP 8080 and gRPC 8081), as NetworkPolicy peers
     /// (`namespaceSelector`, `podSelector`, `ipBlock`). Empty: pods of the same namespace only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(p, has(p.podSelector) || has(p.namespaceSelector) || has(p.ipBlock))")
+        .message("each networkPolicy peer needs podSelector, namespaceSelector or ipBlock ({} is no peer; leave the list out for the default)"))]
+    #[x_kube(validation = Rule::new("self.all(p, !has(p.ipBlock) || (!has(p.podSelector) && !has(p.namespaceSelector)))")
+        .message("in a networkPolicy peer, ipBlock may not be combined with podSelector or namespaceSelector: write them as two peers"))]
+    #[schemars(length(max = 256))]
     pub inference_from: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
 
     /// Who may reach the metrics port (9090) besides the operator. Empty: the namespace named by
     /// the operator's `--monitoring-namespace` (default `monitoring`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(p, has(p.podSelector) || has(p.namespaceSelector) || has(p.ipBlock))")
+        .message("each networkPolicy peer needs podSelector, namespaceSelector or ipBlock ({} is no peer; leave the list out for the default)"))]
+    #[x_kube(validation = Rule::new("self.all(p, !has(p.ipBlock) || (!has(p.podSelector) && !has(p.namespaceSelector)))")
+        .message("in a networkPolicy peer, ipBlock may not be combined with podSelector or namespaceSelector: write them as two peers"))]
+    #[schemars(length(max = 256))]
     pub metrics_from: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
 }
 
@@ -547,7 +557,7 @@ pub struct GpuSpec {
 
     /// GPU model to require (node label `nvidia.com/gpu.product`), e.g. `NVIDIA-H100-80GB-HBM3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("size(self) <= 63 && self.matches('^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$')")
+    #[x_kube(validation = Rule::new("size(self) <= 63 && self.matches('^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$')")
         .message("gpu.product must be a label value such as NVIDIA-H100-80GB-HBM3 (letters, digits, '-', '_', '.', at most 63)"))]
     pub product: Option<String>,
 }
