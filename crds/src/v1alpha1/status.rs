@@ -121,8 +121,9 @@ pub struct ModelStatus {
     pub name: String,
     /// Served version.
     pub version: String,
-    /// SHA-256 of the served artifact: what the pod pulled (`artifact.sha256`), else the pinned
-    /// `spec.model.sha256` (a mismatch is never served).
+    /// SHA-256 of the artifact as pulled: what the pod fetched (`artifact.sha256`), else the
+    /// pinned `spec.model.sha256` (a mismatch is never served). With `spec.model.compression` the
+    /// pod serves a model compressed from it, which `compression` describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     /// What `kubemaas-server pull` fetched, as the serving pod reports it.
