@@ -94,8 +94,10 @@ pub struct ModelDeploymentSpec {
 
     /// Seconds the model download may take (the download init container gives up then, and the
     /// pod retries), and then, counted afresh, seconds the server may take to load the model and
-    /// report ready before it is restarted (startup probe). `model.compression` runs between the
-    /// two and is not bounded by it.
+    /// report ready before it is restarted (startup probe). With `model.cache`, storing the
+    /// download in the cache has its own bound of as long (a copy that runs out is dropped, not
+    /// fatal). `model.compression` runs between download and load and is not bounded by it. The
+    /// Deployment's progress deadline allows each of these steps this long, plus a minute.
     #[serde(default = "default_startup_timeout")]
     #[x_kube(validation = Rule::new("self >= 10 && self <= 86400").message("startupTimeoutSeconds must be between 10 and 86400 (a day)"))]
     pub startup_timeout_seconds: i32,

@@ -19,6 +19,12 @@ use super::{
     BuildConfig, MODELS_DIR, child_labels, child_meta, labels, model_name, ports, selector_labels, spec_hash,
 };
 
+/// How many times `startupTimeoutSeconds` a new pod may take to become ready: downloading and
+/// loading, plus copying into the cache and compressing when those are asked for.
+fn startup_steps(model: &kubemaas_crds::v1alpha1::ModelSource) -> i32 {
+    2 + i32::from(model.cache.is_some()) + i32::from(model.compression.is_some())
+}
+
 /// The name of the container that runs `kubemaas-server serve`.
 pub const SERVER_CONTAINER: &str = "server";
 
@@ -634,12 +640,14 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
                 ..LabelSelector::default()
             },
             strategy: Some(strategy(md)),
-            // A new pod may spend startupTimeoutSeconds downloading and as long again loading;
-            // the default deadline (600 s) would call an on-time rollout stuck.
+            // A new pod may spend startupTimeoutSeconds downloading and as long again loading,
+            // and with a cache as long again copying into it (the copy has its own bound); the
+            // default deadline (600 s) would call an on-time rollout stuck. Compression has no
+            // bound of its own: it is allowed as long as a download.
             progress_deadline_seconds: Some(
                 spec.startup_timeout_seconds
                     .max(1)
-                    .saturating_mul(2)
+                    .saturating_mul(startup_steps(&spec.model))
                     .saturating_add(60)
                     .max(600),
             ),
@@ -784,6 +792,30 @@ mod tests {
             let d = deployment(&m, &BuildConfig::default());
             let deadline = d.spec.progress_deadline_seconds;
             assert!(deadline.is_some_and(|s| s >= at_least), "{startup}: {deadline:?}");
+        }
+        // With a cache, the init container may also spend up to startupTimeoutSeconds copying the
+        // download into it; with compression, it compresses after downloading.
+        let t = 600;
+        for (extra, at_least) in [
+            (
+                json!({"sha256": "a".repeat(64), "cache": {"claimName": "c"}}),
+                3 * t + 60,
+            ),
+            (json!({"compression": {"mode": "fp16"}}), 3 * t + 60),
+            (
+                json!({"sha256": "a".repeat(64), "cache": {"claimName": "c"}, "compression": {"mode": "fp16"}}),
+                4 * t + 60,
+            ),
+        ] {
+            let mut model = json!({"uri": "s3://models/m.onnx"});
+            if let (Some(m), Some(e)) = (model.as_object_mut(), extra.as_object()) {
+                m.extend(e.clone());
+            }
+            let m = md(json!({"model": model, "startupTimeoutSeconds": t}));
+            let deadline = deployment(&m, &BuildConfig::default())
+                .spec
+                .progress_deadline_seconds;
+            assert!(deadline.is_some_and(|s| s >= at_least), "{extra}: {deadline:?}");
         }
         // A container that fails before writing a termination message leaves its last log lines.
         let m = md(json!({"model": {"uri": "s3://models/m.onnx"}}));
