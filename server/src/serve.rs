@@ -80,8 +80,10 @@ pub struct ServeArgs {
     pub instances: u16,
 
     /// Cores to plan for when `--instances` or `--intra-op-threads` is 0. 0: the cores this
-    /// process may use (its cgroup CPU quota and affinity). The operator passes the pod's CPU
-    /// limit, else its request: a pod with a request and no limit has no quota to read.
+    /// process may use (its cgroup CPU quota and affinity), or, with no quota, the request in
+    /// KUBEMAAS_CPU_REQUEST_MILLIS when set. The operator passes the pod's CPU limit, else its
+    /// request, and when the spec gives neither sets that variable from the downward API (a
+    /// LimitRange's default request comes without a limit, so without a quota to read).
     #[arg(long, env = "KUBEMAAS_CPUS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=4096))]
     pub cpus: u16,
 

@@ -138,9 +138,41 @@ pub fn usable_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// The cores to plan threads for: `cpus` when given (`--cpus`), else [`usable_cpus`].
+/// The cores to plan threads for: `cpus` when given (`--cpus`), else [`usable_cpus`], unless the
+/// process has no CPU quota and the pod has a request (`KUBEMAAS_CPU_REQUEST_MILLIS`, which the
+/// operator fills from the downward API): a LimitRange's default request comes without a limit,
+/// and then the usable cores are the node's, not the pod's.
 pub fn planned_cpus(cpus: usize) -> usize {
-    if cpus > 0 { cpus } else { usable_cpus() }
+    if cpus > 0 {
+        return cpus;
+    }
+    let request = std::env::var("KUBEMAAS_CPU_REQUEST_MILLIS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    plan_for_pod(usable_cpus(), cpu_quota_set(), request)
+}
+
+/// Whether the cgroup limits this process's CPU time: Some(false) when it says there is no quota
+/// (cgroup v2 `cpu.max` "max ...", v1 `cpu.cfs_quota_us` -1), None when it cannot be read.
+fn cpu_quota_set() -> Option<bool> {
+    if let Ok(v2) = std::fs::read_to_string("/sys/fs/cgroup/cpu.max") {
+        return Some(!v2.trim_start().starts_with("max"));
+    }
+    let v1 = std::fs::read_to_string("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+        .or_else(|_| std::fs::read_to_string("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us"))
+        .ok()?;
+    Some(v1.trim() != "-1")
+}
+
+/// [`planned_cpus`] from the usable cores, whether a quota is set, and the pod's CPU request in
+/// millicores.
+fn plan_for_pod(usable: usize, quota_set: Option<bool>, request: Option<u64>) -> usize {
+    match (quota_set, request) {
+        (Some(false), Some(r)) if r > 0 => usize::try_from(r.div_ceil(1000))
+            .unwrap_or(usize::MAX)
+            .clamp(1, usable.max(1)),
+        _ => usable,
+    }
 }
 
 /// Loads the ONNX Runtime shared library and creates the process-wide environment.
@@ -789,7 +821,21 @@ fn run_error(e: ort::Error) -> BackendError {
 
 #[cfg(test)]
 mod tests {
-    use super::{ThreadPlan, device_of, leading_dim_conflict, plan_threads};
+    use super::{ThreadPlan, device_of, leading_dim_conflict, plan_for_pod, plan_threads};
+
+    #[test]
+    fn a_pod_with_a_request_and_no_limit_is_planned_for_its_request() {
+        // No quota (a request and no limit): the request, rounded up, within the usable cores.
+        assert_eq!(plan_for_pod(64, Some(false), Some(500)), 1);
+        assert_eq!(plan_for_pod(64, Some(false), Some(2_500)), 3);
+        assert_eq!(plan_for_pod(2, Some(false), Some(9_000)), 2);
+        // A quota: the usable cores say it already, whatever the request.
+        assert_eq!(plan_for_pod(3, Some(true), Some(1_000)), 3);
+        // Nothing known, or nothing asked for: the usable cores.
+        assert_eq!(plan_for_pod(8, None, Some(1_000)), 8);
+        assert_eq!(plan_for_pod(8, Some(false), None), 8);
+        assert_eq!(plan_for_pod(8, Some(false), Some(0)), 8);
+    }
     use ort::value::{Shape, SymbolicDimensions, TensorElementType, ValueType};
 
     fn tensor(names: &[&str]) -> ValueType {

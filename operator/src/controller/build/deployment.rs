@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, HTTPGetAction, KeyToPath,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretEnvSource, SecretVolumeSource, SecurityContext, Toleration,
-    Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceFieldSelector, ResourceRequirements, SeccompProfile, SecretEnvSource,
+    SecretVolumeSource, SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -248,6 +248,29 @@ fn cpu_args(md: &ModelDeployment) -> Vec<String> {
         0 => Vec::new(),
         cores => vec!["--cpus".into(), cores.to_string()],
     }
+}
+
+/// The server container's environment: the user's (`podTemplate.env`), and, when the spec sets no
+/// CPU for `--cpus`, the CPU request the pod really got, through the downward API. A LimitRange
+/// may give the pod a request and no limit, which leaves no quota for the server to read, so it
+/// would plan threads for the whole node.
+fn server_env(md: &ModelDeployment, user: Option<&[EnvVar]>) -> Option<Vec<EnvVar>> {
+    let mut env: Vec<EnvVar> = user.map(<[EnvVar]>::to_vec).unwrap_or_default();
+    if pod_cores(md) == 0 {
+        env.push(EnvVar {
+            name: "KUBEMAAS_CPU_REQUEST_MILLIS".into(),
+            value_from: Some(EnvVarSource {
+                resource_field_ref: Some(ResourceFieldSelector {
+                    container_name: Some(SERVER_CONTAINER.into()),
+                    resource: "requests.cpu".into(),
+                    divisor: Some(Quantity("1m".into())),
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        });
+    }
+    (!env.is_empty()).then_some(env)
 }
 
 /// The server flags of `spec.auth` and `spec.tls`: files in the Secret volumes mounted for them.
@@ -568,7 +591,7 @@ pub fn deployment(md: &ModelDeployment, cfg: &BuildConfig) -> Deployment {
             port("grpc", ports::GRPC),
             port("metrics", ports::METRICS),
         ]),
-        env: overrides.env.clone(),
+        env: server_env(md, overrides.env.as_deref()),
         resources: Some(resources),
         startup_probe: Some(http_probe(
             probe_port,
@@ -1022,6 +1045,38 @@ mod tests {
             flag(json!({"model": {"uri": "s3://models/m.onnx"}}), "--cpus"),
             None
         );
+        // Nothing in the spec: a LimitRange may still give the pod a request (and no limit, so no
+        // quota to read). The server learns it from the downward API.
+        let env = |spec: serde_json::Value| {
+            let d = deployment(&md(spec), &BuildConfig::default());
+            let pod = d.spec.template.spec.unwrap();
+            let server = pod
+                .containers
+                .into_iter()
+                .find(|c| c.name == SERVER_CONTAINER)
+                .unwrap();
+            server
+                .env
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|e| {
+                    let f = e.value_from?.resource_field_ref?;
+                    Some((e.name, f.resource, f.divisor.map(|q| q.0)))
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            env(json!({"model": {"uri": "s3://models/m.onnx"}})),
+            vec![(
+                "KUBEMAAS_CPU_REQUEST_MILLIS".into(),
+                "requests.cpu".into(),
+                Some("1m".into())
+            ),]
+        );
+        assert!(
+            env(json!({"model": {"uri": "s3://models/m.onnx"}, "resources": {"requests": {"cpu": "2"}}}))
+                .is_empty()
+        );
         // More cores than the server plans for: capped, not a flag that stops it from starting.
         let huge = json!({"model": {"uri": "s3://models/m.onnx"}, "resources": {"limits": {"cpu": "5000"}}});
         assert_eq!(flag(huge, "--cpus").as_deref(), Some("4096"));
@@ -1285,7 +1340,14 @@ mod tests {
             "env-style keys still reach the download"
         );
         let server = &p.containers[0];
-        assert!(server.env_from.is_none() && server.env.is_none());
+        // The server's only environment is what the downward API says of its own CPU.
+        assert!(server.env_from.is_none());
+        assert!(server.env.iter().flatten().all(|e| {
+            e.value.is_none()
+                && e.value_from
+                    .as_ref()
+                    .is_some_and(|v| v.resource_field_ref.is_some() && v.secret_key_ref.is_none())
+        }));
         assert!(
             !server
                 .volume_mounts
