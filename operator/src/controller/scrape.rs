@@ -345,7 +345,8 @@ pub fn meaningful(old: Option<&TrafficMetrics>, new: &TrafficMetrics) -> bool {
 /// served through the window too, so it is taken to carry the average load of those that
 /// answered: leaving it out would tell the autoscaler the load fell. A pod just ready has no
 /// previous sample and took little of the window's load, so it is not counted. A round in which
-/// no ready pod gave a rate measures nothing; with no ready pod at all, zero is the truth.
+/// no ready pod gave a rate measures nothing; with no ready pod at all, zero is the truth for
+/// status (the autoscaler does not take it: see [`observe`]).
 fn measure(
     previous: &HashMap<String, (Instant, Sample)>,
     samples: &[(String, Instant, Sample)],
@@ -580,28 +581,7 @@ impl Scraper {
             let window = measure(&entry.pods, &samples, &ready);
             remember(&mut entry.pods, samples, &ready);
             let Some(w) = window else { continue };
-            // A ModelDeployment that never had a ready pod has no numbers to publish yet.
-            if entry.published.is_none() && w.pods == 0 {
-                continue;
-            }
-            entry.history.push_back((now, w.clone()));
-            let kept = history_kept(obj);
-            while entry
-                .history
-                .front()
-                .is_some_and(|(t, _)| now.duration_since(*t) > kept)
-            {
-                entry.history.pop_front();
-            }
-            let status = to_status(&w, stamp.clone());
-            let mut publish = meaningful(entry.published.as_ref(), &status);
-            if publish {
-                entry.published = Some(status);
-            }
-            if let Some(p) = super::autoscale::Params::of(obj) {
-                publish |= autoscale_step(&p, entry, now, running_replicas(stores, obj));
-            }
-            if publish {
+            if observe(entry, obj, w, now, &stamp, running_replicas(stores, obj)) {
                 changed.push(md.clone());
             }
         }
@@ -628,6 +608,47 @@ fn replicas_if_owned(d: &k8s_openapi::api::apps::v1::Deployment, md: &ModelDeplo
 
 /// Decides from the entry's windows; true when a reconcile must apply the decision: it differs
 /// from the last one or from what runs.
+/// Takes this round's window `w` of `obj` into its entry: what status shows, and the autoscaler's
+/// history and decision (`running`: the replicas running now). True when status changed.
+fn observe(
+    entry: &mut Entry,
+    obj: &ModelDeployment,
+    w: Window,
+    now: Instant,
+    stamp: &Time,
+    running: Option<i32>,
+) -> bool {
+    // A ModelDeployment that never had a ready pod has no numbers to publish yet.
+    if entry.published.is_none() && w.pods == 0 {
+        return false;
+    }
+    let status = to_status(&w, stamp.clone());
+    let publish = meaningful(entry.published.as_ref(), &status);
+    if publish {
+        entry.published = Some(status);
+    }
+    // With no ready pod, status says so (nothing serves), but the autoscaler learns nothing: the
+    // load did not go away because the pods did (an overload that fails readiness, a node pool
+    // lost). Taking it as zero scaled such a model down to minReplicas. As an HPA without
+    // metrics, it keeps its last decision.
+    if w.pods == 0 {
+        return publish;
+    }
+    entry.history.push_back((now, w));
+    let kept = history_kept(obj);
+    while entry
+        .history
+        .front()
+        .is_some_and(|(t, _)| now.duration_since(*t) > kept)
+    {
+        entry.history.pop_front();
+    }
+    match super::autoscale::Params::of(obj) {
+        Some(p) => autoscale_step(&p, entry, now, running) | publish,
+        None => publish,
+    }
+}
+
 fn autoscale_step(
     p: &super::autoscale::Params,
     entry: &mut Entry,
@@ -755,6 +776,39 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
         assert!(measure(&pods, &[], &ready).is_none());
         // With no ready pod at all, zero is the truth.
         assert_eq!(measure(&pods, &[], &HashSet::new()).map(|w| w.pods), Some(0));
+    }
+
+    #[test]
+    fn no_ready_pod_is_no_news_to_the_autoscaler() {
+        // 8 pods at concurrency 16 (target 2), then every pod fails readiness for 6 minutes:
+        // the load did not leave, the pods did. The decision must stay at 8, not fall to 1.
+        use super::super::build::tests::md;
+        let obj = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"},
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 10, "metric": "concurrency", "target": 2}}));
+        let stamp = super::super::reconcile::now();
+        let mut entry = Entry {
+            owner: obj.uid(),
+            params: super::super::autoscale::Params::of(&obj),
+            ..Entry::default()
+        };
+        let t0 = Instant::now();
+        let at = |round: u64| t0 + Duration::from_secs(15 * round);
+        let busy = Window {
+            concurrency: 16.0,
+            rps: 1600.0,
+            pods: 8,
+            ..Window::default()
+        };
+        for round in 0..8 {
+            observe(&mut entry, &obj, busy.clone(), at(round), &stamp, Some(8));
+        }
+        assert_eq!(entry.autoscale.decision.as_ref().map(|d| d.desired), Some(8));
+        for round in 8..33 {
+            observe(&mut entry, &obj, combine(&[]), at(round), &stamp, Some(8));
+        }
+        assert_eq!(entry.autoscale.decision.as_ref().map(|d| d.desired), Some(8));
+        // Status still says that nothing is ready.
+        assert_eq!(entry.published.as_ref().map(|m| m.pods), Some(0));
     }
 
     #[test]
