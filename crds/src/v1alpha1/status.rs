@@ -97,7 +97,8 @@ pub struct TrafficMetrics {
     /// GPU memory in use on the pods' GPUs, when the servers report it (NVML).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_memory_used_bytes: Option<i64>,
-    /// Pods whose counters went into these numbers.
+    /// Ready pods these numbers stand for: those measured, and those measured before whose scrape
+    /// failed this round (counted at the average of the others).
     pub pods: i32,
     /// Length of the window in seconds.
     pub window_seconds: f64,

@@ -371,6 +371,8 @@ fn measure(
         w.concurrency *= k;
         w.inflight *= k;
         w.queue *= k;
+        // The totals stand for every serving pod; the autoscaler divides by this count.
+        w.pods = serving;
     }
     Some(w)
 }
@@ -757,6 +759,9 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
         let w = measure(&pods, &answered, &ready).unwrap();
         assert!((w.concurrency - 8.0).abs() < 1e-9, "{w:?}");
         assert!((w.rps - 40.0).abs() < 1e-9, "{w:?}");
+        // The totals stand for four pods: the autoscaler's panic check divides by this count,
+        // and one answer out of four read as a fourfold burst on one pod.
+        assert_eq!(w.pods, 4);
         remember(&mut pods, answered, &ready);
         // The pod that did not answer keeps its last sample, for a rate when it answers again.
         assert_eq!(pods.len(), 4);
