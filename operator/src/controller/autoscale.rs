@@ -78,6 +78,10 @@ pub struct Decision {
     pub reason: String,
 }
 
+/// The most one decision may divide the ready pods by when scaling down (Knative's
+/// `max-scale-down-rate` default).
+const MAX_SCALE_DOWN_RATE: i32 = 2;
+
 /// What the autoscaler remembers per ModelDeployment between rounds.
 #[derive(Debug, Default)]
 pub struct State {
@@ -161,7 +165,13 @@ pub fn decide(
         .map(|(_, r)| *r)
         .max()
         .unwrap_or(recommended);
-    let desired = held.clamp(p.min, p.max);
+    // As Knative's max-scale-down-rate (2): one decision removes at most half the ready pods, so
+    // a window that reads near zero (a client pausing, a metrics gap) cannot empty a large
+    // deployment in one step when there is no stabilization to hold it.
+    let ready_pods = i32::try_from(latest.pods).unwrap_or(i32::MAX);
+    let floor = ready_pods / MAX_SCALE_DOWN_RATE;
+    let limited = held.max(floor);
+    let desired = limited.clamp(p.min, p.max);
     let mut reason = format!(
         "average {} {:.3} over {} s (panic window {:.3}), target {} per pod: {} pods",
         p.unit(),
@@ -177,7 +187,12 @@ pub fn decide(
             p.scale_down.as_secs()
         ));
     }
-    if desired != held {
+    if limited > held {
+        reason.push_str(&format!(
+            "; keeping {limited}: one decision removes at most half the {ready_pods} ready pods"
+        ));
+    }
+    if desired != limited {
         reason.push_str(&format!("; bounded to {}..{}", p.min, p.max));
     }
     if panic {
@@ -238,6 +253,33 @@ mod tests {
     }
 
     #[test]
+    fn one_decision_removes_at_most_half_the_ready_pods_as_knatives_does() {
+        // Knative's max-scale-down-rate (2): a load that vanishes in one window takes 20 pods to
+        // 10, then 5, not straight to 1 (with no stabilization to hold them).
+        let p = Params {
+            stable: Duration::from_secs(6),
+            scale_down: Duration::ZERO,
+            max: 20,
+            ..params()
+        };
+        let (mut s, mut h, t0) = (State::default(), Vec::new(), Instant::now());
+        let d = run(
+            &p,
+            &mut s,
+            &mut h,
+            t0,
+            0,
+            &[(40.0, 20), (0.0, 20), (0.0, 10), (0.0, 5)],
+            6,
+        );
+        assert_eq!(d, [20, 10, 5, 2]);
+        assert!(
+            s.decision.unwrap().reason.contains("at most half"),
+            "says why it holds pods"
+        );
+    }
+
+    #[test]
     fn steady_concurrency_eight_with_target_two_wants_four_pods() {
         let (p, mut s, mut h, t0) = (params(), State::default(), Vec::new(), Instant::now());
         let d = run(&p, &mut s, &mut h, t0, 0, &[(8.0, 4); 10], 6);
@@ -274,7 +316,10 @@ mod tests {
         let (mut s, mut h, t0) = (State::default(), Vec::new(), Instant::now());
         let up = run(&p, &mut s, &mut h, t0, 0, &[(8.0, 4); 4], 2);
         assert_eq!(up.last(), Some(&4));
-        let down = run(&p, &mut s, &mut h, t0, 8, &[(0.0, 4); 12], 2);
+        // The ready pods follow the decisions, one round behind.
+        let ready = [4, 4, 4, 4, 4, 4, 3, 2, 1, 1, 1, 1];
+        let rounds: Vec<(f64, usize)> = ready.iter().map(|&n| (0.0, n)).collect();
+        let down = run(&p, &mut s, &mut h, t0, 8, &rounds, 2);
         // Load stops after 6 s. The recommendations fall as the 6 s stable window drains (8 s: 3,
         // 10 s: 2, then 0), but each scale-down waits until the higher recommendations are 10 s
         // old: 4 (last recommended at 6 s) holds until 16 s, 3 until 18 s, 2 until 20 s.

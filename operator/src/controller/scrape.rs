@@ -892,9 +892,9 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
         assert_eq!(first.desired, 5, "{}", first.reason);
         assert!(first.reason.contains("holding 5"), "{}", first.reason);
         assert_eq!(step(60, 5).desired, 5);
-        // Past the stabilization window, the calm measurement decides.
-        assert_eq!(step(121, 5).desired, 1);
-        // Without a stabilization window there is nothing to hold.
+        // Past the stabilization window, the calm measurement decides, half the pods at a time.
+        assert_eq!(step(121, 5).desired, 2);
+        // Without a stabilization window there is nothing to hold but the rate: half the pods.
         let mut entry = Entry::default();
         let now = start;
         entry.history.push_back((now, calm.clone()));
@@ -903,7 +903,7 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
             ..p.clone()
         };
         autoscale_step(&p0, &mut entry, now, Some(5));
-        assert_eq!(entry.autoscale.decision.unwrap().desired, 1);
+        assert_eq!(entry.autoscale.decision.unwrap().desired, 2);
     }
 
     #[test]
