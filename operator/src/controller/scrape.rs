@@ -236,10 +236,15 @@ pub fn combine(pairs: &[(&Sample, &Sample, f64)]) -> Window {
     let (mut inferences, mut executions) = (0.0, 0.0);
     let (mut util, mut mem): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
     for (before, now, secs) in pairs {
+        // A server whose uptime went down restarted within the window: every counter began again
+        // at zero then, even one that reads higher than before, and the window is its uptime.
+        let restarted = matches!((before.uptime, now.uptime), (Some(b), Some(n)) if n < b);
+        let increase = |b: f64, n: f64| if restarted { n } else { increase(b, n) };
         // The server's clock measures the window exactly; the operator's includes however long
         // each answer took to arrive, which varies under load and inflates or deflates every rate.
         let secs = match (before.uptime, now.uptime) {
             (Some(b), Some(n)) if n > b => n - b,
+            (Some(_), Some(n)) if restarted && n > 0.0 => n,
             _ => *secs,
         }
         .max(1e-3);
@@ -265,7 +270,7 @@ pub fn combine(pairs: &[(&Sample, &Sample, f64)]) -> Window {
                 .find(|(b, _)| *b == bound)
                 .map(|(_, c)| *c)
                 .unwrap_or(0.0);
-            let delta = if now.success + now.failure >= before.success + before.failure {
+            let delta = if !restarted && now.success + now.failure >= before.success + before.failure {
                 (count - prior).max(0.0)
             } else {
                 count
@@ -742,6 +747,31 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
             success: 10.0 * secs,
             ..Sample::default()
         }
+    }
+
+    #[test]
+    fn a_server_that_restarted_between_scrapes_counts_from_its_start() {
+        // Its uptime went down: every counter started again from zero 8 s ago, even one that
+        // happens to read higher than before (50 against 10).
+        let before = Sample {
+            uptime: Some(100.0),
+            success: 10.0,
+            inflight_seconds: Some(30.0),
+            buckets: vec![(0.1, 10.0), (f64::INFINITY, 10.0)],
+            ..Sample::default()
+        };
+        let now = Sample {
+            uptime: Some(8.0),
+            success: 50.0,
+            inflight_seconds: Some(16.0),
+            buckets: vec![(0.1, 50.0), (f64::INFINITY, 50.0)],
+            ..Sample::default()
+        };
+        let w = combine(&[(&before, &now, 15.0)]);
+        assert!((w.rps - 6.25).abs() < 1e-9, "{w:?}");
+        assert!((w.concurrency - 2.0).abs() < 1e-9, "{w:?}");
+        assert!((w.seconds - 8.0).abs() < 1e-9, "{w:?}");
+        assert!(w.p99.is_some_and(|p| p <= 0.1), "{w:?}");
     }
 
     #[test]
