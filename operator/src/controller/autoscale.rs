@@ -76,6 +76,8 @@ pub struct Decision {
     pub panic: bool,
     /// The numbers, for the Event and status.
     pub reason: String,
+    /// No pod has been measured for a while: the decision is too old to enforce.
+    pub stale: bool,
 }
 
 /// The most one decision may divide the ready pods by when scaling down (Knative's
@@ -202,6 +204,7 @@ pub fn decide(
         desired,
         panic,
         reason,
+        stale: false,
     };
     state.decision = Some(d.clone());
     Some(d)

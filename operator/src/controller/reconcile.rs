@@ -115,7 +115,8 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     {
         let running = deployment.as_deref().and_then(|live| live.spec.replicas);
         let mut last_scale_time = new.autoscaling.as_ref().and_then(|a| a.last_scale_time.clone());
-        if let Some(from) = running.filter(|r| *r != d.desired) {
+        // A stale decision is reported, not enforced (see `Scraper::decision`).
+        if let Some(from) = running.filter(|r| *r != d.desired && !d.stale) {
             apply::hand_over_replicas(&ctx.client, &ns, &md.name_any(), d.desired).await?;
             ctx.metrics.child_writes(1);
             last_scale_time = Some(now());
@@ -138,7 +139,11 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
             }
         }
         new.autoscaling = Some(kubemaas_crds::v1alpha1::AutoscalingStatus {
-            desired_replicas: d.desired,
+            desired_replicas: if d.stale {
+                running.unwrap_or(d.desired)
+            } else {
+                d.desired
+            },
             last_scale_time,
             reason: d.reason,
             panic: d.panic,

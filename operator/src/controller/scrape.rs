@@ -478,7 +478,28 @@ impl Scraper {
         if entry.owner != md.uid() || entry.params != super::autoscale::Params::of(md) {
             return None;
         }
-        entry.autoscale.decision.clone()
+        let mut d = entry.autoscale.decision.clone()?;
+        // With no pod measured for four rounds (or a stable window, if longer), the decision
+        // is too old to enforce: it would hold a count, and revert any `kubectl scale`, on no
+        // evidence. As an HPA without metrics, the replicas are left as they are, and status
+        // says why.
+        let measured = entry.history.back().map(|(t, _)| t.elapsed());
+        let limit = entry
+            .params
+            .as_ref()
+            .map_or(Duration::ZERO, |p| p.stable)
+            .max(self.interval * 4);
+        if let Some(age) = measured.filter(|age| *age > limit) {
+            d.stale = true;
+            d.reason = format!(
+                "no metrics from the pods for {} s (their /metrics on port {} did not answer, or no pod is ready): replicas left as they are; the last decision was {}: {}",
+                age.as_secs(),
+                ports::METRICS,
+                d.desired,
+                d.reason
+            );
+        }
+        Some(d)
     }
 
     async fn fetch(&self, ip: &str) -> Result<Sample, ScrapeError> {
@@ -750,6 +771,38 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
     }
 
     #[test]
+    fn a_decision_with_no_measurement_since_is_stale_and_says_so() {
+        // Every pod's /metrics stopped answering (a NetworkPolicy, a CNI fault): the last decision
+        // must not be enforced for ever, reverting any `kubectl scale`, without a word.
+        use super::super::autoscale::{Decision, Params};
+        use super::super::build::tests::md;
+        let obj = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"},
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 10, "metric": "concurrency", "target": 2}}));
+        let scraper = Scraper::new(Duration::from_secs(15), Duration::from_secs(2));
+        let mut entry = Entry {
+            owner: obj.uid(),
+            params: Params::of(&obj),
+            ..Entry::default()
+        };
+        entry.autoscale.decision = Some(Decision {
+            desired: 1,
+            panic: false,
+            reason: "average concurrency 0.5".into(),
+            stale: false,
+        });
+        let long_ago = Instant::now().checked_sub(Duration::from_secs(600)).unwrap();
+        entry.history.push_back((long_ago, Window::default()));
+        scraper.state.lock().unwrap().insert(key("ml", "resnet"), entry);
+        let d = scraper.decision(&obj).unwrap();
+        assert!(d.stale, "{d:?}");
+        assert!(
+            d.reason.contains("no metrics from the pods for 600 s"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
     fn a_server_that_restarted_between_scrapes_counts_from_its_start() {
         // Its uptime went down: every counter started again from zero 8 s ago, even one that
         // happens to read higher than before (50 against 10).
@@ -878,9 +931,12 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
             desired: 8,
             panic: false,
             reason: "average concurrency 16".into(),
+            stale: false,
         });
+        entry.history.push_back((Instant::now(), Window::default()));
         scraper.state.lock().unwrap().insert(key("ml", "resnet"), entry);
         assert_eq!(scraper.decision(&concurrency).map(|d| d.desired), Some(8));
+        assert_eq!(scraper.decision(&concurrency).map(|d| d.stale), Some(false));
         // Switched to rps: the concurrency decision is not the rps autoscaler's.
         let mut rps = concurrency.clone();
         rps.spec.autoscaling.as_mut().unwrap().metric = kubemaas_crds::v1alpha1::AutoscalingMetric::Rps;
