@@ -194,7 +194,7 @@ def test_kustomize_build_validates_strictly(tmp_path):
     assert v.returncode == 0, v.stdout + v.stderr
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(p.stdout) if d)
     assert kinds == sorted(["Namespace", "ServiceAccount", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
-                            "Role", "RoleBinding", "Service", "Deployment"])
+                            "Role", "RoleBinding", "Service", "Deployment", "PodDisruptionBudget"])
 
 
 def test_network_policy_admits_only_monitoring_to_the_metrics_port():
@@ -298,4 +298,84 @@ def test_image_references_follow_the_crds_rule_and_the_operator_may_be_pinned_by
                                  "operator.image.digest=sha256:abc"])
 def test_schema_rejects_images_the_kubelet_cannot_pull(bad):
     p = render(None, "--set", bad)
+    assert p.returncode != 0 and "values don't meet the specifications of the schema" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("env", [
+    [{"name": "DEBUG", "value": True}],                    # the apiserver wants a string
+    [{"name": "B", "valu": "x"}],                          # dropped by the apiserver: B is empty
+    [{"name": "KUBEMAAS_LOG", "value": "debug"}],          # the chart sets it (use operator.logLevel)
+    [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://b:4317"}],
+], ids=["not a string", "misspelt key", "set by the chart", "set by the chart when given"])
+def test_schema_rejects_extra_env_the_apiserver_would_refuse_or_drop(env, tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"operator": {"extraEnv": env}}))
+    p = render(values)
+    assert p.returncode != 0 and "values don't meet the specifications of the schema" in p.stderr, p.stderr
+
+
+def test_extra_env_may_take_values_from_the_downward_api_or_a_secret(tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"operator": {"extraEnv": [
+        {"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": "grpc"},
+        {"name": "OTEL_EXPORTER_OTLP_HEADERS", "valueFrom": {"secretKeyRef": {"name": "otel", "key": "headers"}}},
+    ]}}))
+    p = render(values)
+    assert p.returncode == 0, p.stderr
+
+
+def test_two_replicas_get_a_disruption_budget_and_prefer_different_nodes():
+    # Without either, both replicas could share one node and one drain would take leader and
+    # standby together.
+    docs = docs_of()
+    d = next(x for x in docs if x["kind"] == "Deployment")
+    pdb = next(x for x in docs if x["kind"] == "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"] == d["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    spread = d["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    term = spread[0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == d["spec"]["selector"]["matchLabels"]
+    # One replica: nothing to keep apart, and a budget of one would block every drain.
+    one = docs_of("--set", "operator.replicas=1")
+    assert not any(x["kind"] == "PodDisruptionBudget" for x in one)
+    assert "affinity" not in next(x for x in one if x["kind"] == "Deployment")["spec"]["template"]["spec"]
+    # An affinity given replaces the default.
+    given = docs_of("--set", "operator.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                    ".nodeSelectorTerms[0].matchExpressions[0].key=pool",
+                    "--set", "operator.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                    ".nodeSelectorTerms[0].matchExpressions[0].operator=Exists")
+    affinity = next(x for x in given if x["kind"] == "Deployment")["spec"]["template"]["spec"]["affinity"]
+    assert list(affinity) == ["nodeAffinity"]
+
+
+def test_an_existing_service_account_may_be_used_and_annotated_accounts_created():
+    docs = docs_of("--set", "serviceAccount.create=false", "--set", "serviceAccount.name=existing")
+    assert not any(x["kind"] == "ServiceAccount" for x in docs)
+    d = next(x for x in docs if x["kind"] == "Deployment")
+    assert d["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
+    bound = [s["name"] for x in docs if x["kind"] in ("RoleBinding", "ClusterRoleBinding") for s in x["subjects"]]
+    assert bound and set(bound) == {"existing"}, bound
+    # Workload identity (IRSA, GKE) is an annotation on the account.
+    docs = docs_of("--set", "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::1:role/x")
+    sa = next(x for x in docs if x["kind"] == "ServiceAccount")
+    assert sa["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}
+    # Not creating one needs its name.
+    p = render(None, "--set", "serviceAccount.create=false")
+    assert p.returncode != 0 and "serviceAccount.name" in p.stderr, p.stderr
+
+
+def test_the_pod_security_context_may_leave_the_user_to_the_platform():
+    # OpenShift's restricted SCC assigns each namespace its own UID range and refuses 65532.
+    d = next(x for x in docs_of("--set", "operator.podSecurityContext.runAsUser=null",
+                                "--set", "operator.podSecurityContext.runAsGroup=null") if x["kind"] == "Deployment")
+    ctx = d["spec"]["template"]["spec"]["securityContext"]
+    assert "runAsUser" not in ctx and "runAsGroup" not in ctx and ctx["runAsNonRoot"] is True, ctx
+    d = next(x for x in docs_of() if x["kind"] == "Deployment")
+    assert d["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 65532
+
+
+@pytest.mark.parametrize("bad", ["often", "", "30"])
+def test_schema_rejects_a_scrape_interval_prometheus_would_refuse(bad):
+    p = render(None, "--set", "metrics.serviceMonitor.enabled=true", "--set", f"metrics.serviceMonitor.interval={bad}")
     assert p.returncode != 0 and "values don't meet the specifications of the schema" in p.stderr, p.stderr
