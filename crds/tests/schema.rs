@@ -476,11 +476,11 @@ fn network_policy_peers_the_apiserver_would_refuse_are_refused_at_admission() {
             msg.contains("needs podSelector, namespaceSelector or ipBlock"),
             "{field}: {msg}"
         );
-        let msg = with(json!([{"ipBlock": {"cidr": "10.0.0.0/8"}, "namespaceSelector": {}}]));
+        let msg = with(json!([{"ipBlock": {"cidr": "127.0.0.0/8"}, "namespaceSelector": {}}]));
         assert!(msg.contains("ipBlock may not be combined"), "{field}: {msg}");
         for ok in [
             json!([{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "gw"}}}]),
-            json!([{"ipBlock": {"cidr": "10.0.0.0/8"}}, {"podSelector": {}}]),
+            json!([{"ipBlock": {"cidr": "127.0.0.0/8"}}, {"podSelector": {}}]),
         ] {
             assert_eq!(with(ok.clone()), "accepted", "{field}: {ok}");
         }
