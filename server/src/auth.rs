@@ -171,13 +171,16 @@ impl ApiKeys {
         self.0.clone().watch(every)
     }
 
-    /// Checks an `Authorization` header value for a request to `model` (None: a server-wide route).
-    pub fn check(&self, authorization: Option<&[u8]>, model: Option<&str>) -> Verdict {
-        let Some(token) = authorization.and_then(bearer) else {
-            return Verdict::Missing;
-        };
+    /// `f` of the key an `Authorization` header value carries (None: a credential that is no
+    /// key); Err(Missing) without a Bearer credential.
+    fn with_key<R>(
+        &self,
+        authorization: Option<&[u8]>,
+        f: impl FnOnce(Option<&Key>) -> R,
+    ) -> Result<R, Verdict> {
+        let token = authorization.and_then(bearer).ok_or(Verdict::Missing)?;
         let Some(keys) = self.0.current() else {
-            return Verdict::Invalid;
+            return Ok(f(None));
         };
         // Every key is compared, so the time taken does not say which one (or whether one) matched.
         let sent = sha256(token);
@@ -187,13 +190,47 @@ impl ApiKeys {
                 found = Some(k);
             }
         }
-        match (found, model) {
+        Ok(f(found))
+    }
+
+    /// Checks an `Authorization` header value for a request to `model` (None: a server-wide route).
+    pub fn check(&self, authorization: Option<&[u8]>, model: Option<&str>) -> Verdict {
+        let verdict = self.with_key(authorization, |found| match (found, model) {
             (None, _) => Verdict::Invalid,
             (Some(k), Some(m)) if k.models.as_ref().is_some_and(|ms| !ms.iter().any(|x| x == m)) => {
                 Verdict::Forbidden(k.id.clone())
             }
             (Some(k), _) => Verdict::Allowed(k.id.clone()),
-        }
+        });
+        verdict.unwrap_or_else(|missing| missing)
+    }
+}
+
+/// The models a server-wide listing (statistics of every model, the repository index) shows a
+/// caller: every one, or only those its key may call. Resolved once per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing(Option<Vec<String>>);
+
+impl Listing {
+    /// Every model.
+    pub const EVERY: Listing = Listing(None);
+
+    /// What `authorization` may see under `keys` (None: keys are off, everything is shown). A
+    /// credential that is no key sees nothing (listing routes refuse it before they ask).
+    pub fn for_caller(keys: Option<&ApiKeys>, authorization: Option<&[u8]>) -> Listing {
+        let Some(keys) = keys else {
+            return Listing::EVERY;
+        };
+        keys.with_key(authorization, |found| match found {
+            Some(k) => Listing(k.models.clone()),
+            None => Listing(Some(Vec::new())),
+        })
+        .unwrap_or(Listing(Some(Vec::new())))
+    }
+
+    /// Whether `model` is shown.
+    pub fn shows(&self, model: &str) -> bool {
+        self.0.as_ref().is_none_or(|ms| ms.iter().any(|m| m == model))
     }
 }
 
@@ -224,12 +261,6 @@ pub fn authorize(
         None => Ok(()),
         Some(e) => Err(e),
     }
-}
-
-/// Whether a caller with `authorization` may see `model` in a server-wide listing (statistics of
-/// every model, the repository index): a key limited to some models sees only those.
-pub fn may_see(keys: Option<&ApiKeys>, authorization: Option<&[u8]>, model: &str) -> bool {
-    keys.is_none_or(|k| matches!(k.check(authorization, Some(model)), Verdict::Allowed(_)))
 }
 
 /// The credential of `Bearer CREDENTIAL` (scheme case-insensitive, as RFC 9110 says).
@@ -301,6 +332,20 @@ mod tests {
         assert_eq!(k.check(None, Some("x")), Verdict::Missing);
         // A prefix of a key is not the key.
         assert_eq!(k.check(Some(b"Bearer alice-ke"), Some("x")), Verdict::Invalid);
+    }
+
+    #[test]
+    fn a_listing_shows_a_limited_key_only_its_models() {
+        let k = keys("alice:alice-key\nbob:bob-key:ocr,stats\n");
+        let of = |header: &[u8]| Listing::for_caller(Some(&k), Some(header));
+        assert!(of(b"Bearer alice-key").shows("anything"));
+        let bob = of(b"Bearer bob-key");
+        assert!(bob.shows("ocr") && bob.shows("stats") && !bob.shows("resnet"));
+        assert!(!of(b"Bearer nobody").shows("ocr"));
+        assert!(
+            Listing::for_caller(None, None).shows("resnet"),
+            "keys off: every model"
+        );
     }
 
     #[test]

@@ -45,6 +45,12 @@ fn authorize(
     crate::auth::authorize(state.api_keys.as_deref(), header, model, caller)
 }
 
+/// Which models a server-wide listing shows the caller with `metadata`.
+fn listing(state: &AppState, metadata: &MetadataMap) -> crate::auth::Listing {
+    let header = metadata.get("authorization").map(|v| v.as_bytes());
+    crate::auth::Listing::for_caller(state.api_keys.as_deref(), header)
+}
+
 /// [`authorize`] for a unary call, as a gRPC status.
 fn authorize_call<T>(
     state: &AppState,
@@ -142,14 +148,14 @@ impl Inference {
         result
     }
 
-    /// The repository index (`only_ready`: only versions that serve) of the models `visible`.
-    fn index(&self, only_ready: bool, visible: &dyn Fn(&str) -> bool) -> RepositoryIndexResponse {
+    /// The repository index (`only_ready`: only versions that serve) of the models `shown`.
+    fn index(&self, only_ready: bool, shown: &crate::auth::Listing) -> RepositoryIndexResponse {
         let models = self
             .state
             .repo
             .index()
             .into_iter()
-            .filter(|(name, _, state, _)| (!only_ready || *state == "READY") && visible(name))
+            .filter(|(name, _, state, _)| (!only_ready || *state == "READY") && shown.shows(name))
             .map(|(name, v, state, reason)| repository_index_response::ModelIndex {
                 name,
                 version: v.to_string(),
@@ -626,10 +632,9 @@ impl GrpcInferenceService for Inference {
         let mut audit = Audited::start(&self.state, "ModelStatistics", m, &m.name, &m.version);
         let model = Some(m.name.as_str()).filter(|n| !n.is_empty());
         let result = authorize_call(&self.state, &req, model, &mut audit.caller).and_then(|()| {
-            let key = req.metadata().get("authorization").map(|v| v.as_bytes());
-            let visible = |name: &str| crate::auth::may_see(self.state.api_keys.as_deref(), key, name);
-            let json = routes::stats(&self.state, model, version_arg(&m.version), &visible)
-                .map_err(|e| status(&e))?;
+            let shown = listing(&self.state, req.metadata());
+            let json =
+                routes::stats(&self.state, model, version_arg(&m.version), &shown).map_err(|e| status(&e))?;
             Ok(Response::new(statistics_message(&json)))
         });
         audit.result(&self.state, &result);
@@ -641,11 +646,8 @@ impl GrpcInferenceService for Inference {
         req: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
         let mut audit = Audited::start(&self.state, "RepositoryIndex", req.get_ref(), "", "");
-        let result = authorize_call(&self.state, &req, None, &mut audit.caller).map(|()| {
-            let key = req.metadata().get("authorization").map(|v| v.as_bytes());
-            let visible = |name: &str| crate::auth::may_see(self.state.api_keys.as_deref(), key, name);
-            Response::new(self.index(req.get_ref().ready, &visible))
-        });
+        let result = authorize_call(&self.state, &req, None, &mut audit.caller)
+            .map(|()| Response::new(self.index(req.get_ref().ready, &listing(&self.state, req.metadata()))));
         audit.result(&self.state, &result);
         result
     }

@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use super::{AppState, Chunks, Surface};
 use crate::admission::Ticket;
+use crate::auth::Listing;
 use crate::inference;
 use crate::protocol::error::ApiError;
 use crate::protocol::{v1, v2};
@@ -158,13 +159,13 @@ fn authorize(
     crate::auth::authorize(state.api_keys.as_deref(), header, route_model(segs), caller)
 }
 
-/// Which models a server-wide listing shows the caller of `req` (see [`crate::auth::may_see`]).
-fn visible<'a>(state: &'a AppState, req: &'a Request<Incoming>) -> impl Fn(&str) -> bool + 'a {
+/// Which models a server-wide listing shows the caller of `req`.
+fn listing(state: &AppState, req: &Request<Incoming>) -> Listing {
     let key = req
         .headers()
         .get(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    move |model| crate::auth::may_see(state.api_keys.as_deref(), key, model)
+    Listing::for_caller(state.api_keys.as_deref(), key)
 }
 
 /// Entry point for every request.
@@ -459,10 +460,10 @@ async fn route(
         [""] if get => Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "alive"}))),
         ["v1", "models"] if get => {
             // KServe V1's model list.
-            let see = visible(state, &req);
+            let shown = listing(state, &req);
             let mut names: Vec<String> = Vec::new();
             for (name, ..) in repo.index() {
-                if see(&name) && !names.contains(&name) {
+                if shown.shows(&name) && !names.contains(&name) {
                     names.push(name);
                 }
             }
@@ -486,10 +487,10 @@ async fn route(
             }),
         )),
         ["v2", "repository", "index"] if post || get => {
-            Ok(json_response(StatusCode::OK, &repository_index(state, &visible(state, &req))))
+            Ok(json_response(StatusCode::OK, &repository_index(state, &listing(state, &req))))
         }
         ["v2", "models", "stats"] if get => {
-            Ok(json_response(StatusCode::OK, &stats(state, None, None, &visible(state, &req))?))
+            Ok(json_response(StatusCode::OK, &stats(state, None, None, &listing(state, &req))?))
         }
         ["v2", "models", m, rest @ ..] => {
             let (version, rest) = match rest {
@@ -500,7 +501,7 @@ async fn route(
                 [] if get => model_metadata(state, m, version),
                 ["ready"] if get => model_ready(state, m, version),
                 ["config"] if get => model_config(state, m, version),
-                ["stats"] if get => Ok(json_response(StatusCode::OK, &stats(state, Some(m), version, &|_| true)?)),
+                ["stats"] if get => Ok(json_response(StatusCode::OK, &stats(state, Some(m), version, &Listing::EVERY)?)),
                 ["infer"] if post => {
                     infer_v2(state, m, version, req)
                         .instrument(inference::request_span("v2", m, version))
@@ -560,13 +561,13 @@ async fn route_v1(
     }
 }
 
-fn repository_index(state: &AppState, visible: &dyn Fn(&str) -> bool) -> Value {
+fn repository_index(state: &AppState, shown: &Listing) -> Value {
     Value::Array(
         state
             .repo
             .index()
             .into_iter()
-            .filter(|(name, ..)| visible(name))
+            .filter(|(name, ..)| shown.shows(name))
             .map(|(name, v, st, reason)| {
                 serde_json::json!({"name": name, "version": v.to_string(), "state": st, "reason": reason})
             })
@@ -627,13 +628,13 @@ pub(crate) fn model_config_json(state: &AppState, m: &str, version: Option<&str>
     ))
 }
 
-/// Triton's statistics of one model version, or of all those `visible` (REST `/stats` and the
+/// Triton's statistics of one model version, or of all those `shown` (REST `/stats` and the
 /// gRPC `ModelStatistics`).
 pub(crate) fn stats(
     state: &AppState,
     model: Option<&str>,
     version: Option<&str>,
-    visible: &dyn Fn(&str) -> bool,
+    shown: &Listing,
 ) -> Result<Value, ApiError> {
     let entries = match model {
         Some(m) => {
@@ -644,7 +645,7 @@ pub(crate) fn stats(
             .repo
             .list()
             .into_iter()
-            .filter(|(name, ..)| visible(name))
+            .filter(|(name, ..)| shown.shows(name))
             .collect(),
     };
     let model_stats: Vec<Value> = entries
