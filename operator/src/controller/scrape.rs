@@ -770,26 +770,35 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
         }
     }
 
+    /// A ModelDeployment autoscaled on concurrency 2 per pod, 1 to 10 pods.
+    fn autoscaled() -> ModelDeployment {
+        super::super::build::tests::md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"},
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 10, "metric": "concurrency", "target": 2}}))
+    }
+
+    /// The scraper's entry for `obj`, with `desired` as its last decision when given.
+    fn entry_for(obj: &ModelDeployment, desired: Option<i32>) -> Entry {
+        let mut entry = Entry {
+            owner: obj.uid(),
+            params: super::super::autoscale::Params::of(obj),
+            ..Entry::default()
+        };
+        entry.autoscale.decision = desired.map(|desired| super::super::autoscale::Decision {
+            desired,
+            panic: false,
+            reason: format!("average concurrency {}", desired * 2),
+            stale: false,
+        });
+        entry
+    }
+
     #[test]
     fn a_decision_with_no_measurement_since_is_stale_and_says_so() {
         // Every pod's /metrics stopped answering (a NetworkPolicy, a CNI fault): the last decision
         // must not be enforced for ever, reverting any `kubectl scale`, without a word.
-        use super::super::autoscale::{Decision, Params};
-        use super::super::build::tests::md;
-        let obj = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"},
-            "autoscaling": {"minReplicas": 1, "maxReplicas": 10, "metric": "concurrency", "target": 2}}));
+        let obj = autoscaled();
         let scraper = Scraper::new(Duration::from_secs(15), Duration::from_secs(2));
-        let mut entry = Entry {
-            owner: obj.uid(),
-            params: Params::of(&obj),
-            ..Entry::default()
-        };
-        entry.autoscale.decision = Some(Decision {
-            desired: 1,
-            panic: false,
-            reason: "average concurrency 0.5".into(),
-            stale: false,
-        });
+        let mut entry = entry_for(&obj, Some(1));
         let long_ago = Instant::now().checked_sub(Duration::from_secs(600)).unwrap();
         entry.history.push_back((long_ago, Window::default()));
         scraper.state.lock().unwrap().insert(key("ml", "resnet"), entry);
@@ -870,15 +879,9 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
     fn no_ready_pod_is_no_news_to_the_autoscaler() {
         // 8 pods at concurrency 16 (target 2), then every pod fails readiness for 6 minutes:
         // the load did not leave, the pods did. The decision must stay at 8, not fall to 1.
-        use super::super::build::tests::md;
-        let obj = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"},
-            "autoscaling": {"minReplicas": 1, "maxReplicas": 10, "metric": "concurrency", "target": 2}}));
+        let obj = autoscaled();
         let stamp = super::super::reconcile::now();
-        let mut entry = Entry {
-            owner: obj.uid(),
-            params: super::super::autoscale::Params::of(&obj),
-            ..Entry::default()
-        };
+        let mut entry = entry_for(&obj, None);
         let t0 = Instant::now();
         let at = |round: u64| t0 + Duration::from_secs(15 * round);
         let busy = Window {
@@ -917,22 +920,9 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
 
     #[test]
     fn a_decision_serves_only_the_object_and_the_autoscaling_it_was_made_for() {
-        use super::super::autoscale::{Decision, Params};
-        use super::super::build::tests::md;
-        let concurrency = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"},
-            "autoscaling": {"minReplicas": 1, "maxReplicas": 10, "metric": "concurrency", "target": 2}}));
+        let concurrency = autoscaled();
         let scraper = Scraper::new(Duration::from_secs(15), Duration::from_secs(2));
-        let mut entry = Entry {
-            owner: concurrency.uid(),
-            params: Params::of(&concurrency),
-            ..Entry::default()
-        };
-        entry.autoscale.decision = Some(Decision {
-            desired: 8,
-            panic: false,
-            reason: "average concurrency 16".into(),
-            stale: false,
-        });
+        let mut entry = entry_for(&concurrency, Some(8));
         entry.history.push_back((Instant::now(), Window::default()));
         scraper.state.lock().unwrap().insert(key("ml", "resnet"), entry);
         assert_eq!(scraper.decision(&concurrency).map(|d| d.desired), Some(8));

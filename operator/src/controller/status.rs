@@ -446,34 +446,33 @@ fn degraded(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Cond {
     )
 }
 
-/// The Deployment's own word that it gave up (`Progressing=False`, the progress deadline passed).
-fn gave_up(d: &Deployment) -> Option<String> {
-    let conds = d.status.as_ref()?.conditions.as_ref()?;
-    let c = conds
+/// The words (message, else reason) of the Deployment's condition `type_` when its status is
+/// `status`.
+fn deployment_says(d: &Deployment, type_: &str, status: &str) -> Option<String> {
+    let c = d
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
         .iter()
-        .find(|c| c.type_.as_deref() == Some("Progressing") && c.status.as_deref() == Some("False"))?;
-    Some(format!(
-        "the rollout stopped: {}",
+        .find(|c| c.type_.as_deref() == Some(type_) && c.status.as_deref() == Some(status))?;
+    Some(
         c.message
             .clone()
-            .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
-    ))
+            .unwrap_or_else(|| c.reason.clone().unwrap_or_default()),
+    )
+}
+
+/// The Deployment's own word that it gave up (`Progressing=False`, the progress deadline passed).
+fn gave_up(d: &Deployment) -> Option<String> {
+    deployment_says(d, "Progressing", "False").map(|w| format!("the rollout stopped: {w}"))
 }
 
 /// The apiserver's words when the Deployment cannot create pods (`ReplicaFailure=True`, copied
 /// from its ReplicaSet: a missing ServiceAccount or PriorityClass, a quota). No pod exists to say
 /// anything else.
 fn cannot_create(d: &Deployment) -> Option<String> {
-    let conds = d.status.as_ref()?.conditions.as_ref()?;
-    let c = conds
-        .iter()
-        .find(|c| c.type_.as_deref() == Some("ReplicaFailure") && c.status.as_deref() == Some("True"))?;
-    Some(format!(
-        "the Deployment cannot create pods: {}",
-        c.message
-            .clone()
-            .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
-    ))
+    deployment_says(d, "ReplicaFailure", "True").map(|w| format!("the Deployment cannot create pods: {w}"))
 }
 
 /// Why a rollout cannot progress, if it cannot: the Deployment gave up (progress deadline) or
