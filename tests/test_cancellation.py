@@ -48,30 +48,27 @@ def stats(server):
     return requests.get(f"{server.url}/v2/models/slow/stats", timeout=10).json()["model_stats"][0]
 
 
-def pending(server):
+def series(server, family, *label):
+    """The value of `family` for the slow model on the metrics port (with `label` too, if given)."""
     text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
     for line in text.splitlines():
-        if line.startswith('nv_inference_pending_request_count{model="slow"'):
+        if line.startswith(f'{family}{{model="slow"') and all(l in line for l in label):
             return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("no pending gauge for slow")
+    raise AssertionError(f"no {family} {label} for slow")
+
+
+def pending(server):
+    return series(server, "nv_inference_pending_request_count")
 
 
 def queued(server):
     """Requests read, decoded and waiting for an instance or their batch (the queue-depth gauge)."""
-    text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith('kubemaas_inference_queue_depth{model="slow"'):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("no queue depth for slow")
+    return series(server, "kubemaas_inference_queue_depth")
 
 
 def canceled(server):
     """`nv_inference_request_failure{reason="CANCELED"}` for the model, as Triton counts clients that left."""
-    text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith('nv_inference_request_failure{model="slow"') and 'reason="CANCELED"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("no CANCELED failure count for slow")
+    return series(server, "nv_inference_request_failure", 'reason="CANCELED"')
 
 
 def send_and_stay(server, x):
