@@ -360,9 +360,13 @@ def test_an_existing_service_account_may_be_used_and_annotated_accounts_created(
     docs = docs_of("--set", "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::1:role/x")
     sa = next(x for x in docs if x["kind"] == "ServiceAccount")
     assert sa["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}
-    # Not creating one needs its name.
+    # Not creating one needs its name, and annotations for an account the chart does not create
+    # would do nothing.
     p = render(None, "--set", "serviceAccount.create=false")
     assert p.returncode != 0 and "serviceAccount.name" in p.stderr, p.stderr
+    p = render(None, "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=existing",
+               "--set", "serviceAccount.annotations.a=b")
+    assert p.returncode != 0 and "serviceAccount.annotations" in p.stderr, p.stderr
 
 
 def test_the_pod_security_context_may_leave_the_user_to_the_platform():
