@@ -345,30 +345,62 @@ pub fn meaningful(old: Option<&TrafficMetrics>, new: &TrafficMetrics) -> bool {
 }
 
 /// This round's window for a ModelDeployment whose pods `ready` are ready, from the pods that
-/// answered (`samples`) and their previous samples (`previous`). Until a pod has two samples there
-/// is no rate. A pod that was measured before and did not answer now (a scrape that timed out)
-/// served through the window too, so it is taken to carry the average load of those that
-/// answered: leaving it out would tell the autoscaler the load fell. A pod just ready has no
-/// previous sample and took little of the window's load, so it is not counted. A round in which
-/// no ready pod gave a rate measures nothing; with no ready pod at all, zero is the truth for
-/// status (the autoscaler does not take it: see [`observe`]).
+/// answered (`samples`) and their previous samples (`previous`). A pod that was measured before
+/// and did not answer now (a scrape that timed out) served through the window too, so it is taken
+/// to carry the average load of those that answered: leaving it out would tell the autoscaler the
+/// load fell. A pod answering for the first time has no previous sample, but its counters began at
+/// zero when its server started: its load is what it counted over the time since it turned ready
+/// (`ready_for`, seconds by UID, only for pods that turned ready within the last rounds; traffic
+/// reaches a pod through its Service only once ready), and no longer than its uptime. A ready pod
+/// with neither a previous sample nor such a start is not counted. A round in which no ready pod gave
+/// a rate measures nothing; with no ready pod at all, zero is the truth for status (the
+/// autoscaler does not take it: see [`observe`]).
 fn measure(
     previous: &HashMap<String, (Instant, Sample)>,
     samples: &[(String, Instant, Sample)],
     ready: &HashSet<&str>,
+    ready_for: &HashMap<&str, f64>,
 ) -> Option<Window> {
+    // The state of a first-time pod's server when it turned ready: counters at zero, its clock
+    // at its uptime less the time it has been ready. Only beside pods measured before: in a
+    // round where none was (a new leader's first), the first-time pods may be a few of many,
+    // and their load alone is not the total.
+    let watched = previous.keys().any(|uid| ready.contains(uid.as_str()));
+    let starts: Vec<Option<Sample>> = samples
+        .iter()
+        .map(|(uid, _, s)| {
+            if previous.contains_key(uid) || !watched {
+                return None;
+            }
+            let uptime = s.uptime.filter(|u| *u > 0.0)?;
+            let ready = ready_for.get(uid.as_str())?.max(1.0).min(uptime);
+            Some(Sample {
+                uptime: Some(uptime - ready),
+                inflight_seconds: s.inflight_seconds.map(|_| 0.0),
+                ..Sample::default()
+            })
+        })
+        .collect();
     let pairs: Vec<(&Sample, &Sample, f64)> = samples
         .iter()
-        .filter_map(|(uid, at, s)| {
-            let (then, before) = previous.get(uid)?;
-            Some((before, s, at.duration_since(*then).as_secs_f64()))
+        .zip(&starts)
+        .filter_map(|((uid, at, s), start)| match (previous.get(uid), start) {
+            (Some((then, before)), _) => Some((before, s, at.duration_since(*then).as_secs_f64())),
+            (None, Some(start)) => Some((start, s, 0.0)),
+            (None, None) => None,
         })
         .collect();
     if pairs.is_empty() {
         return ready.is_empty().then(|| combine(&[]));
     }
     let mut w = combine(&pairs);
-    let serving = ready.iter().filter(|uid| previous.contains_key(**uid)).count();
+    let answered: HashSet<&str> = samples.iter().map(|(uid, _, _)| uid.as_str()).collect();
+    // Pods counted: those measured now, and those measured before that did not answer.
+    let silent = ready
+        .iter()
+        .filter(|uid| previous.contains_key(**uid) && !answered.contains(**uid))
+        .count();
+    let serving = pairs.len() + silent;
     if serving > pairs.len() {
         let k = serving as f64 / pairs.len() as f64;
         w.rps *= k;
@@ -440,6 +472,23 @@ pub struct Scraper {
 /// The scraper's key for a ModelDeployment.
 pub fn key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
+}
+
+/// How long `p` has been ready, in seconds, when it turned ready at most `recent` before `now`.
+/// The condition's time keeps whole seconds: one more second is added, so the time is never
+/// shorter than the truth and a first-time pod's load is never overstated.
+fn ready_for(p: &Pod, now: k8s_openapi::jiff::Timestamp, recent: Duration) -> Option<f64> {
+    let since = p
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")?
+        .last_transition_time
+        .as_ref()?;
+    let secs = (now.as_second() - since.0.as_second()).max(0) as f64 + 1.0;
+    (secs <= recent.as_secs_f64() + 1.0).then_some(secs)
 }
 
 /// The address of a ready pod that is not being deleted.
@@ -529,17 +578,20 @@ impl Scraper {
         stores: &super::Stores,
         metrics: &Metrics,
     ) -> Vec<ObjectRef<ModelDeployment>> {
-        // Pods by ModelDeployment key.
-        let mut members: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        // Pods by ModelDeployment key: UID, address, and how long ready if it turned ready since
+        // the round before last.
+        let mut members: HashMap<String, Vec<(String, String, Option<f64>)>> = HashMap::new();
+        let wall = k8s_openapi::jiff::Timestamp::now();
         for p in stores.pods.state() {
             let (Some(ns), Some(md)) = (p.namespace(), p.labels().get(labels::MODEL_DEPLOYMENT)) else {
                 continue;
             };
             if let Some(ip) = ready_ip(&p) {
-                members
-                    .entry(key(&ns, md))
-                    .or_default()
-                    .push((p.uid().unwrap_or_default(), ip));
+                members.entry(key(&ns, md)).or_default().push((
+                    p.uid().unwrap_or_default(),
+                    ip,
+                    ready_for(&p, wall, 2 * self.interval),
+                ));
             }
         }
         let wanted: Vec<(String, ObjectRef<ModelDeployment>, Arc<ModelDeployment>)> = mds
@@ -557,7 +609,7 @@ impl Scraper {
                     .get(k)
                     .into_iter()
                     .flatten()
-                    .map(move |(uid, ip)| (k.clone(), uid.clone(), ip.clone()))
+                    .map(move |(uid, ip, _)| (k.clone(), uid.clone(), ip.clone()))
             })
             .collect();
         let results: Vec<(String, String, Result<Sample, ScrapeError>, Instant)> =
@@ -600,13 +652,13 @@ impl Scraper {
                 entry.params = params;
             }
             let samples = fresh.remove(k).unwrap_or_default();
-            let ready: HashSet<&str> = members
-                .get(k)
-                .into_iter()
-                .flatten()
-                .map(|(uid, _)| uid.as_str())
+            let members = members.get(k).map(Vec::as_slice).unwrap_or_default();
+            let ready: HashSet<&str> = members.iter().map(|(uid, _, _)| uid.as_str()).collect();
+            let ready_for: HashMap<&str, f64> = members
+                .iter()
+                .filter_map(|(uid, _, secs)| Some((uid.as_str(), (*secs)?)))
                 .collect();
-            let window = measure(&entry.pods, &samples, &ready);
+            let window = measure(&entry.pods, &samples, &ready, &ready_for);
             remember(&mut entry.pods, samples, &ready);
             let Some(w) = window else { continue };
             if observe(entry, obj, w, now, &stamp, running_replicas(stores, obj)) {
@@ -848,7 +900,7 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
         let answered: Vec<(String, Instant, Sample)> =
             (0..3).map(|i| (uid(i), t1, busy(15.0, 2.0))).collect();
         let ready: HashSet<&str> = ["pod-0", "pod-1", "pod-2", "pod-3"].into_iter().collect();
-        let w = measure(&pods, &answered, &ready).unwrap();
+        let w = measure(&pods, &answered, &ready, &HashMap::new()).unwrap();
         assert!((w.concurrency - 8.0).abs() < 1e-9, "{w:?}");
         assert!((w.rps - 40.0).abs() < 1e-9, "{w:?}");
         // The totals stand for four pods: the autoscaler's panic check divides by this count,
@@ -870,9 +922,12 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
         let t0 = Instant::now();
         let pods: HashMap<String, (Instant, Sample)> = [("pod-0".to_string(), (t0, busy(0.0, 2.0)))].into();
         let ready: HashSet<&str> = ["pod-0", "pod-1"].into_iter().collect();
-        assert!(measure(&pods, &[], &ready).is_none());
+        assert!(measure(&pods, &[], &ready, &HashMap::new()).is_none());
         // With no ready pod at all, zero is the truth.
-        assert_eq!(measure(&pods, &[], &HashSet::new()).map(|w| w.pods), Some(0));
+        assert_eq!(
+            measure(&pods, &[], &HashSet::new(), &HashMap::new()).map(|w| w.pods),
+            Some(0)
+        );
     }
 
     #[test]
@@ -903,19 +958,79 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
     }
 
     #[test]
-    fn pods_just_ready_are_not_taken_to_have_carried_the_load() {
-        // A scale-up from 1 pod at concurrency 8: the three new pods have no previous sample.
-        // Counting them at the old pod's average made it 32 and overshot to 6 pods (e2e).
+    fn a_pod_just_ready_counts_the_load_it_carried_since_it_turned_ready() {
+        // A scale-up from 1 pod at concurrency 8. new-1 turned ready 5 s ago (after 35 s of
+        // loading) and has carried concurrency 2 since: its counters began at zero when it
+        // started. Leaving it out until its second round told the autoscaler the load was 8 when
+        // it was 10. new-2 and new-3 are ready but did not answer: with no sample they carried
+        // nothing that can be known, and counting them at the old pod's average made it 32 and
+        // overshot to 6 pods (e2e).
         let t0 = Instant::now();
         let t1 = t0 + Duration::from_secs(15);
         let pods: HashMap<String, (Instant, Sample)> = [("old".to_string(), (t0, busy(0.0, 8.0)))].into();
+        let new_one = Sample {
+            uptime: Some(40.0),
+            inflight_seconds: Some(10.0),
+            success: 50.0,
+            ..Sample::default()
+        };
         let answered = vec![
             ("old".to_string(), t1, busy(15.0, 8.0)),
-            ("new-1".to_string(), t1, busy(15.0, 0.5)),
+            ("new-1".to_string(), t1, new_one.clone()),
         ];
         let ready: HashSet<&str> = ["old", "new-1", "new-2", "new-3"].into_iter().collect();
-        let w = measure(&pods, &answered, &ready).unwrap();
+        let since: HashMap<&str, f64> = [("new-1", 5.0), ("old", 60.0)].into();
+        let w = measure(&pods, &answered, &ready, &since).unwrap();
+        assert!((w.concurrency - 10.0).abs() < 1e-9, "{w:?}");
+        assert!((w.rps - 20.0).abs() < 1e-9, "{w:?}");
+        assert_eq!(w.pods, 2, "the two pods measured");
+        // Ready for longer than its uptime says it ran (clocks apart): its uptime bounds it.
+        let long: HashMap<&str, f64> = [("new-1", 80.0)].into();
+        let w = measure(&pods, &answered, &ready, &long).unwrap();
+        assert!((w.concurrency - 8.25).abs() < 1e-9, "{w:?}");
+        // A pod whose Ready time is not known to be recent (ready long before the operator
+        // watched it) gives no window: not counted.
+        let w = measure(&pods, &answered, &ready, &HashMap::new()).unwrap();
         assert!((w.concurrency - 8.0).abs() < 1e-9, "{w:?}");
+        // With no pod measured before (a new leader's first round), first-time pods are not the
+        // whole load: nothing is measured rather than a part.
+        assert!(measure(&HashMap::new(), &answered, &ready, &since).is_none());
+        // A server that does not report its uptime gives no window to divide by: not counted.
+        let no_clock = vec![
+            ("old".to_string(), t1, busy(15.0, 8.0)),
+            (
+                "new-1".to_string(),
+                t1,
+                Sample {
+                    uptime: None,
+                    ..new_one
+                },
+            ),
+        ];
+        let w = measure(&pods, &no_clock, &ready, &since).unwrap();
+        assert!((w.concurrency - 8.0).abs() < 1e-9, "{w:?}");
+        assert_eq!(w.pods, 1);
+    }
+
+    #[test]
+    fn a_pods_ready_time_counts_only_when_recent_and_is_never_short() {
+        let now = k8s_openapi::jiff::Timestamp::from_second(1_000_000).unwrap();
+        let pod = |status: &str, secs_ago: i64| -> Pod {
+            serde_json::from_value(serde_json::json!({"status": {"conditions": [
+                {"type": "Ready", "status": status,
+                 "lastTransitionTime": Time(k8s_openapi::jiff::Timestamp::from_second(1_000_000 - secs_ago).unwrap())}
+            ]}}))
+            .unwrap()
+        };
+        let recent = Duration::from_secs(30);
+        assert_eq!(ready_for(&pod("True", 5), now, recent), Some(6.0));
+        assert_eq!(
+            ready_for(&pod("True", 100), now, recent),
+            None,
+            "ready before the last rounds"
+        );
+        assert_eq!(ready_for(&pod("False", 5), now, recent), None);
+        assert_eq!(ready_for(&Pod::default(), now, recent), None);
     }
 
     #[test]
