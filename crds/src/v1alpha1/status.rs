@@ -57,8 +57,8 @@ pub struct AutoscalingStatus {
     /// When it last changed the replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
-    /// The numbers behind the decision, e.g. `average concurrency 7.9 over 6 s, target 2 per
-    /// pod: 4 pods`.
+    /// The numbers behind the decision, e.g. `concurrency 7.900 in all over 1 ready pods (7.900
+    /// per pod), averaged over 60 s (6 s panic window: 7.900); target 2 per pod: 4 pods`.
     pub reason: String,
     /// Whether the panic window drives decisions now (a burst).
     pub panic: bool,

@@ -175,10 +175,14 @@ pub fn decide(
     let limited = held.max(floor);
     let desired = limited.clamp(p.min, p.max);
     let mut reason = format!(
-        "average {} {:.3} over {} s (panic window {:.3}), target {} per pod: {} pods",
+        "{} {:.3} in all over {} ready pods ({:.3} per pod), averaged over {} s ({} s panic window: \
+         {:.3}); target {} per pod: {} pods",
         p.unit(),
         stable,
+        latest.pods,
+        stable / ready,
         p.stable.as_secs(),
+        (p.stable / PANIC_DIVISOR).as_secs(),
         burst,
         p.target,
         recommended
@@ -287,11 +291,15 @@ mod tests {
         let (p, mut s, mut h, t0) = (params(), State::default(), Vec::new(), Instant::now());
         let d = run(&p, &mut s, &mut h, t0, 0, &[(8.0, 4); 10], 6);
         assert!(d.iter().all(|n| *n == 4), "{d:?}");
+        // The observed value is the total over the pods, beside a target per pod: the reason
+        // says which is which, so "8 against a target of 2" does not read as a fourfold overload.
+        let reason = s.decision.unwrap().reason;
         assert!(
-            s.decision
-                .unwrap()
-                .reason
-                .contains("average concurrency 8.000 over 60 s")
+            reason.starts_with(
+                "concurrency 8.000 in all over 4 ready pods (2.000 per pod), averaged over 60 s \
+                 (6 s panic window: 8.000); target 2 per pod: 4 pods"
+            ),
+            "{reason}"
         );
     }
 
