@@ -52,6 +52,11 @@ use super::status::ModelDeploymentStatus;
 #[x_kube(validation = Rule::new("!has(self.gpu) || self.accelerator != 'cpu'")
     .message("a gpu block needs accelerator: cuda or auto; remove gpu or change accelerator")
     .field_path(".gpu"))]
+// Instances are spread over the GPUs in turn: fewer instances than GPUs leaves a GPU requested,
+// paid for and never used.
+#[x_kube(validation = Rule::new("!has(self.gpu) || !has(self.runtime) || !has(self.runtime.instances) || self.runtime.instances == 0 || self.runtime.instances >= (has(self.gpu.count) ? self.gpu.count : 1)")
+    .message("runtime.instances is fewer than gpu.count, so a GPU would have no instance and sit idle: set runtime.instances to at least gpu.count (a multiple of it spreads evenly), or 0 to let the server choose (4 per GPU)")
+    .field_path(".runtime.instances"))]
 #[serde(rename_all = "camelCase")]
 pub struct ModelDeploymentSpec {
     /// The model artifact and the name it is served under.
@@ -542,7 +547,8 @@ pub struct RolloutSpec {
     .message("a MIG profile (nvidia.com/mig-*) allows gpu.count 1 only: a CUDA process sees one MIG device"))]
 pub struct GpuSpec {
     /// GPUs per pod (limits of `resourceName`), 1 to 16. The server spreads its instances over all
-    /// of them in turn (four per GPU unless `runtime.instances` says how many in all).
+    /// of them in turn (four per GPU unless `runtime.instances` says how many in all, which must
+    /// then be at least this count).
     #[serde(default = "default_one")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 16").message("gpu.count must be between 1 and 16"))]
     pub count: i32,
