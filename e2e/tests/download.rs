@@ -421,16 +421,83 @@ async fn compression_reaches_ready_with_its_report_and_an_impossible_min_cosine_
 /// containers waiting and writes the Event the kubelet writes.
 #[tokio::test]
 async fn a_secret_the_pod_cannot_mount_shows_in_degraded_with_the_kubelets_words() {
+    a_volume_the_pod_cannot_use_shows_in_degraded(
+        "mount",
+        json!({"uri": "s3://models/ranker.onnx", "credentialsSecretRef": {"name": "s3-credz"}}),
+        "FailedMount",
+        "kubelet",
+        "MountVolume.SetUp failed for volume \"credentials\" : secret \"s3-credz\" not found",
+    )
+    .await;
+}
+
+/// A ReadWriteOnce claim as the artifact cache of pods on two nodes: the second pod's volume
+/// cannot be attached, and the attach/detach controller says so only in a `FailedAttachVolume`
+/// Event on the pod (no `FailedMount` follows until it is attached). The operator must show it as
+/// it shows a mount failure, not "waiting for the model to load". The claim is bound to a volume
+/// made for it, so the pod schedules; the test plays the controller and writes its Event.
+#[tokio::test]
+async fn a_volume_attached_elsewhere_shows_in_degraded_with_the_controllers_words() {
+    a_volume_the_pod_cannot_use_shows_in_degraded(
+        "attach",
+        json!({"uri": "s3://models/ranker.onnx", "sha256": "a".repeat(64), "cache": {"claimName": "model-cache"}}),
+        "FailedAttachVolume",
+        "attachdetach-controller",
+        "Multi-Attach error for volume \"pvc-0c1d\" Volume is already used by pod(s) ranker-7d9f-x2x4q",
+    )
+    .await;
+}
+
+/// A ReadWriteOnce claim `name` in `ns`, bound to a volume made for it (no provisioner here).
+async fn rwo_claim(client: &kube::Client, ns: &str, name: &str) {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    let pv_name = format!("{ns}-{name}");
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let pv: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": pv_name},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "", "hostPath": {"path": "/tmp/kubemaas-e2e-cache"},
+            "claimRef": {"namespace": ns, "name": name}}
+    }))
+    .unwrap();
+    pvs.create(&kube::api::PostParams::default(), &pv)
+        .await
+        .expect("the volume");
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv_name,
+            "resources": {"requests": {"storage": "1Gi"}}}
+    }))
+    .unwrap();
+    pvcs.create(&kube::api::PostParams::default(), &pvc)
+        .await
+        .expect("the claim");
+}
+
+/// Creates a ModelDeployment of `model`, leaves its pod's containers waiting as a kubelet does
+/// while a volume is not ready, writes the Event `component` writes with `reason` and `said`, and
+/// waits for `Degraded=True, VolumeMountFailed` with those words and the pod's name.
+async fn a_volume_the_pod_cannot_use_shows_in_degraded(
+    short: &str,
+    model: serde_json::Value,
+    reason: &str,
+    component: &str,
+    said: &str,
+) {
     install_crd();
     let client = client().await;
-    let ns = TestNs::new(&client, "mount").await;
-    let op = Operator::start(&ns.name, "op-mount", &[]);
+    let ns = TestNs::new(&client, short).await;
+    if let Some(claim) = model.pointer("/cache/claimName").and_then(|c| c.as_str()) {
+        rwo_claim(&client, &ns.name, claim).await;
+    }
+    let op = Operator::start(&ns.name, &format!("op-{short}"), &[]);
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     let name = "ranker";
     create_md(
         &api,
         json!({"apiVersion": "kubemaas.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name},
-            "spec": {"model": {"uri": "s3://models/ranker.onnx", "credentialsSecretRef": {"name": "s3-credz"}},
+            "spec": {"model": model,
                 "podTemplate": {"labels": {(KUBELET_BY_TEST_LABEL): "test"}}}}),
     )
     .await;
@@ -444,7 +511,6 @@ async fn a_secret_the_pod_cannot_mount_shows_in_degraded_with_the_kubelets_words
         0,
     )
     .await;
-    let said = "MountVolume.SetUp failed for volume \"credentials\" : secret \"s3-credz\" not found";
     let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns.name);
     events
         .create(
@@ -453,14 +519,14 @@ async fn a_secret_the_pod_cannot_mount_shows_in_degraded_with_the_kubelets_words
                 "metadata": {"generateName": format!("{}.", pod.metadata.name.clone().unwrap())},
                 "involvedObject": {"kind": "Pod", "apiVersion": "v1", "namespace": ns.name,
                     "name": pod.metadata.name, "uid": pod.metadata.uid},
-                "reason": "FailedMount", "type": "Warning", "message": said,
-                "source": {"component": "kubelet", "host": "kwok-node-0"},
+                "reason": reason, "type": "Warning", "message": said,
+                "source": {"component": component, "host": "kwok-node-0"},
                 "firstTimestamp": now(), "lastTimestamp": now(), "count": 1,
             }))
             .unwrap(),
         )
         .await
-        .expect("the kubelet's Event");
+        .expect("the Event");
     let md = wait_md(
         &api,
         name,
@@ -471,6 +537,6 @@ async fn a_secret_the_pod_cannot_mount_shows_in_degraded_with_the_kubelets_words
     )
     .await;
     let (_, _, shown) = condition(&md, "Degraded").unwrap();
-    assert!(shown.contains(said), "the kubelet's words, got {shown:?}");
+    assert!(shown.contains(said), "the Event's words, got {shown:?}");
     assert!(shown.contains(pod.metadata.name.as_deref().unwrap()), "{shown}");
 }

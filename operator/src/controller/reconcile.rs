@@ -188,9 +188,15 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     Ok(Action::requeue(next))
 }
 
-/// The kubelet's latest `FailedMount` message for each of (at most three of) the pods not started
-/// yet: a missing Secret or key shows nowhere else. Events may not be listable (an older install's
-/// RBAC): then nothing is said, as before.
+/// Why a pod's volumes are not ready, in the Events that say it: the kubelet's `FailedMount` (a
+/// missing Secret or key) and the attach/detach controller's `FailedAttachVolume` (a
+/// ReadWriteOnce claim attached to another node: "Multi-Attach error"), which no container state
+/// shows.
+const VOLUME_EVENT_REASONS: [&str; 2] = ["FailedMount", "FailedAttachVolume"];
+
+/// The latest volume failure message (see [`VOLUME_EVENT_REASONS`]) for each of (at most three
+/// of) the pods not started yet. Events may not be listable (an older install's RBAC): then
+/// nothing is said, as before.
 async fn mount_failures(
     client: &kube::Client,
     ns: &str,
@@ -199,13 +205,19 @@ async fn mount_failures(
     let events: kube::Api<k8s_openapi::api::core::v1::Event> = kube::Api::namespaced(client.clone(), ns);
     let mut found = Vec::new();
     for (pod, uid) in not_started.iter().take(3) {
-        let lp =
-            kube::api::ListParams::default().fields(&format!("involvedObject.uid={uid},reason=FailedMount"));
+        // A field selector cannot say "one of two reasons": the pod's Events are few, so all are
+        // listed and the reasons picked here.
+        let lp = kube::api::ListParams::default().fields(&format!("involvedObject.uid={uid}"));
         match events.list(&lp).await {
             Ok(list) => {
                 let latest = list
                     .items
                     .into_iter()
+                    .filter(|e| {
+                        e.reason
+                            .as_deref()
+                            .is_some_and(|r| VOLUME_EVENT_REASONS.contains(&r))
+                    })
                     .max_by_key(|e| e.last_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(0));
                 if let Some(message) = latest.and_then(|e| e.message) {
                     found.push((pod.clone(), message));

@@ -37,7 +37,8 @@ pub struct Observed<'a> {
     pub pods: &'a [Pod],
     /// What a ready pod reported, if asked.
     pub probed: Option<Probed>,
-    /// Pods whose volumes the kubelet cannot mount: (pod, the kubelet's `FailedMount` message).
+    /// Pods whose volumes cannot be attached or mounted: (pod, the latest `FailedMount` or
+    /// `FailedAttachVolume` message).
     pub mount_failures: Vec<(String, String)>,
 }
 
