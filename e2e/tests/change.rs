@@ -382,6 +382,72 @@ async fn autoscaling_takes_over_and_hands_back_replicas_without_a_dip_or_a_jump(
     );
 }
 
+/// The built-in autoscaler decides only from measurements, and here no pod's /metrics answers
+/// (nothing listens at the pods' addresses). New bounds must still hold, as an HPA enforces
+/// minReplicas and maxReplicas without metrics: 3 running pods and a maxReplicas lowered to 2
+/// become 2, and a minReplicas raised to 4 makes 4. Before, the count stayed where it was.
+#[tokio::test]
+async fn new_autoscaling_bounds_hold_before_any_pod_is_measured() {
+    install_crd();
+    let client = client().await;
+    let ns = TestNs::new(&client, "bounds").await;
+    let op = Operator::start(&ns.name, "op-bounds", &[]);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let (seen, task) = record_replicas(&deployments, "bounded");
+    create_md(
+        &api,
+        md_json(
+            "bounded",
+            json!({"model": {"uri": "s3://models/m.onnx"},
+                "autoscaling": {"minReplicas": 3, "maxReplicas": 6, "metric": "concurrency", "target": 2}}),
+        ),
+    )
+    .await;
+    let replicas = || async {
+        deployments
+            .get_opt("bounded")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|d| d.spec.replicas)
+    };
+    let wait_replicas = |n: i32, what: &'static str| {
+        let op = &op;
+        async move {
+            kubemaas_e2e::wait_for(
+                what,
+                Duration::from_secs(60),
+                || op.log_tail(),
+                || async { replicas().await.filter(|r| *r == n) },
+            )
+            .await
+        }
+    };
+    wait_replicas(3, "3 replicas at minReplicas").await;
+    for (min, max, want, what) in [
+        (1, 2, 2, "2 replicas once maxReplicas is 2"),
+        (4, 8, 4, "4 replicas once minReplicas is 4"),
+    ] {
+        api.patch(
+            "bounded",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"autoscaling": {"minReplicas": min, "maxReplicas": max}}})),
+        )
+        .await
+        .unwrap();
+        wait_replicas(want, what).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    task.abort();
+    let all = seen.lock().unwrap().clone();
+    assert_eq!(
+        all,
+        vec![3, 2, 4],
+        "spec.replicas of the Deployment over the test"
+    );
+}
+
 #[tokio::test]
 async fn drift_on_owned_fields_is_undone_within_seconds() {
     install_crd();

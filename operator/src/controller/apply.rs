@@ -200,13 +200,18 @@ pub async fn apply_children(
             d.annotations().get(labels::REPLICAS_BY).map(String::as_str)
                 == Some(labels::REPLICAS_BY_AUTOSCALER)
         });
-        // Keep what runs (within the new bounds): the HPA scales from there.
+        // Not `clamp`, which panics on min > max (an object stored before the rule refusing it).
+        let bounded = |r: i32| r.max(a.min_replicas).min(a.max_replicas.max(a.min_replicas));
         let current = live.as_ref().and_then(|d| d.spec.replicas);
-        (!already).then(|| {
-            current
-                .unwrap_or(a.min_replicas)
-                .clamp(a.min_replicas, a.max_replicas)
-        })
+        if !already {
+            // Keep what runs (within the new bounds): the autoscaler scales from there.
+            return Some(bounded(current.unwrap_or(a.min_replicas)));
+        }
+        // The built-in autoscaler decides only from measurements; an HPA moves the count into
+        // changed bounds without any, and so must it: bounds changed while no pod can be
+        // measured (none ready, metrics blocked) hold at once.
+        let current = current?;
+        (a.metric.is_request_driven() && bounded(current) != current).then(|| bounded(current))
     });
     match (handover, &live) {
         (Some(replicas), Some(_)) => {
