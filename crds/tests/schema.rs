@@ -500,12 +500,11 @@ fn an_empty_gpu_product_is_refused() {
 fn fewer_instances_than_gpus_is_rejected_because_a_gpu_would_sit_idle() {
     // Instances are spread over the pod's GPUs in turn: with 1 instance and 2 GPUs, GPU 1 is
     // requested from the scheduler, paid for, and never used.
-    let msg = rejection(json!({"model": {"uri": "s3://models/m.onnx"}, "accelerator": "cuda",
-        "gpu": {"count": 2}, "runtime": {"instances": 1}}));
-    assert!(
-        msg.contains("runtime.instances is fewer than gpu.count"),
-        "{msg}"
+    let msg = rejection(
+        json!({"model": {"uri": "s3://models/m.onnx"}, "accelerator": "cuda",
+        "gpu": {"count": 2}, "runtime": {"instances": 1}}),
     );
+    assert!(msg.contains("runtime.instances is fewer than gpu.count"), "{msg}");
     for fine in [
         json!({"model": {"uri": "s3://models/m.onnx"}, "accelerator": "cuda", "gpu": {"count": 2}, "runtime": {"instances": 2}}),
         json!({"model": {"uri": "s3://models/m.onnx"}, "accelerator": "cuda", "gpu": {"count": 2}, "runtime": {"instances": 0}}),

@@ -85,7 +85,9 @@ pub struct ModelDeploymentSpec {
     #[x_kube(validation = Rule::new("self >= 0").message("replicas must not be negative"))]
     pub replicas: i32,
 
-    /// Autoscale between minReplicas and maxReplicas (a HorizontalPodAutoscaler); replaces `replicas`.
+    /// Autoscale between minReplicas and maxReplicas; replaces `replicas`. A
+    /// HorizontalPodAutoscaler scales on `cpu` and `memory`; the operator itself scales on
+    /// `concurrency` and `rps` (no HPA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
 
@@ -102,7 +104,8 @@ pub struct ModelDeploymentSpec {
     /// report ready before it is restarted (startup probe). With `model.cache`, storing the
     /// download in the cache has its own bound of as long (a copy that runs out is dropped, not
     /// fatal). `model.compression` runs between download and load and is not bounded by it. The
-    /// Deployment's progress deadline allows each of these steps this long, plus a minute.
+    /// Deployment's progress deadline allows each of these steps this long, plus a minute, and
+    /// never less than 10 minutes in all.
     #[serde(default = "default_startup_timeout")]
     #[x_kube(validation = Rule::new("self >= 10 && self <= 86400").message("startupTimeoutSeconds must be between 10 and 86400 (a day)"))]
     pub startup_timeout_seconds: i32,
@@ -589,7 +592,8 @@ fn default_gpu_resource() -> String {
 pub struct RuntimeSpec {
     /// ONNX Runtime sessions per pod, each with its own thread: requests run in parallel up to
     /// this many. 0 (the default) lets the server choose: on a CPU one per core of the pod's CPU
-    /// limit (else request), at most 4; on CUDA 4 per GPU, spread over the pod's GPUs.
+    /// limit (else request), at most 4, or with `intraOpThreads` set the cores divided by it (1
+    /// to 4); on CUDA 4 per GPU, spread over the pod's GPUs.
     #[serde(default)]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 64").message("runtime.instances must be between 0 (the server chooses) and 64"))]
     pub instances: i32,
@@ -660,7 +664,7 @@ fn default_queue_size() -> i32 {
     .field_path(".target"))]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
-    /// Fewest pods.
+    /// Fewest pods. Bounds hold at once when changed, even before any pod is measured.
     #[serde(default = "default_one")]
     #[x_kube(validation = Rule::new("self >= 1").message("autoscaling.minReplicas must be at least 1"))]
     pub min_replicas: i32,
@@ -696,7 +700,9 @@ pub struct AutoscalingSpec {
     pub stable_window_seconds: Option<i32>,
 
     /// Seconds a scale-down waits: the replicas never drop below the highest count recommended
-    /// within this period (for `cpu`/`memory` the HPA's `behavior.scaleDown` stabilization).
+    /// within this period (for `cpu`/`memory` the HPA's `behavior.scaleDown` stabilization). For
+    /// `concurrency`/`rps`, one decision also removes at most half the ready pods (as Knative's
+    /// max scale-down rate), so even with 0 a scale-down from 20 pods goes 10, 5, 2, 1.
     #[serde(default = "default_scale_down_stabilization")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 3600").message("autoscaling.scaleDownStabilizationSeconds must be between 0 and 3600"))]
     pub scale_down_stabilization_seconds: i32,
