@@ -271,3 +271,28 @@ def test_a_key_limited_to_a_model_reaches_no_other_on_v1_even_one_whose_name_sta
         assert r.status_code == 200, r.text
     finally:
         assert s.stop() == 0
+
+
+def test_a_limited_key_is_checked_against_the_decoded_model_name(repo_dir, tmp_path):
+    # Routing percent-decodes model names; authorization must read the same name. bob may call
+    # "a" only: "a%3Ab" is the model "a:b" (not "a" with a verb), and "%61" is "a".
+    onnx = repo_dir / "model" / "1" / "model.onnx"
+    keys = tmp_path / "keys"
+    keys.write_text(f"bob:{BOB}:a\n")
+    s = Server(["--model", f"a={onnx}", "--model", f"a:b={onnx}", "--api-keys-file", str(keys)],
+               tmp_path / "server.log")
+    try:
+        for _ in range(300):
+            if requests.get(f"{s.url}/v2/health/ready", timeout=5).status_code == 200:
+                break
+            time.sleep(0.1)
+        body = {"instances": [list(range(10))]}
+        for path, want in (("/v1/models/a%3Ab:predict", 403), ("/v1/models/a%3Ab/versions/1:predict", 403),
+                           ("/v1/models/%61:predict", 200), ("/v1/models/a:predict", 200)):
+            r = requests.post(f"{s.url}{path}", json=body, headers=bearer(BOB), timeout=10)
+            assert r.status_code == want, (path, r.status_code, r.text)
+        for path, want in (("/v2/models/a%3Ab/infer", 403), ("/v2/models/%61/infer", 200)):
+            r = requests.post(f"{s.url}{path}", json=X, headers=bearer(BOB), timeout=10)
+            assert r.status_code == want, (path, r.status_code, r.text)
+    finally:
+        assert s.stop() == 0

@@ -10,6 +10,8 @@ import pytest
 import requests
 import tritonclient.http as httpclient
 
+from conftest import Server
+
 NP = {
     "bool": np.bool_, "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
     "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64, "fp16": np.float16,
@@ -346,3 +348,39 @@ def test_statistics_and_metrics_count_requests(server):
     assert requests.get(f"{server.metrics_url}/v2/models/model").status_code == 200
     assert requests.post(f"{server.metrics_url}/v2/models/model/infer", json={}).status_code == 404
     assert requests.get(f"{server.metrics_url}/v2/models/model/config").status_code == 404
+
+
+def test_model_names_are_percent_decoded_in_paths_as_clients_encode_them(repo_dir, tmp_path):
+    # tritonclient quotes the model name in the URL, and TF-Serving decodes the name in
+    # /v1/models/{name}: a model named "my model+v2" is "my%20model%2Bv2" on the wire, and one
+    # named "a:b" is "a%3Ab" (its colon is not the verb's). Both were 404.
+    onnx = repo_dir / "model" / "1" / "model.onnx"
+    s = Server(["--model", f"my model+v2={onnx}", "--model", f"a:b={onnx}"], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        x = np.arange(1, 21, dtype=np.float32).reshape(2, 10)
+        want = reference(repo_dir, "model", {"x": x})["y"]
+        client = httpclient.InferenceServerClient(s.http)
+        inp = httpclient.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        got = client.infer("my model+v2", [inp]).as_numpy("y")
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        assert client.is_model_ready("my model+v2")
+        assert client.get_model_metadata("my model+v2")["name"] == "my model+v2"
+        for path in ("my%20model%2Bv2:predict", "a%3Ab:predict", "a%3Ab/versions/1:predict"):
+            r = requests.post(f"{s.url}/v1/models/{path}", json={"instances": x.tolist()})
+            assert r.status_code == 200, (path, r.text)
+            np.testing.assert_allclose(np.array(r.json()["predictions"], dtype=np.float32), want, rtol=1e-6)
+        r = requests.get(f"{s.url}/v1/models/a%3Ab")
+        assert r.status_code == 200 and r.json()["name"] == "a:b", r.text
+        r = requests.get(f"{s.url}/v2/models/a%3Ab/versions/1/ready")
+        assert r.status_code == 200, r.text
+        # Bytes that are not UTF-8 once decoded name no model: a 400 that says so.
+        r = requests.post(f"{s.url}/v2/models/%FF/infer", json={"inputs": []})
+        assert r.status_code == 400 and "UTF-8" in r.json()["error"], r.text
+        # The raw name is still found where it has nothing to decode.
+        r = requests.get(f"{s.url}/v2/models/a:b/ready")
+        assert r.status_code == 200, r.text
+        assert s.alive()
+    finally:
+        assert s.stop() == 0

@@ -1,6 +1,7 @@
 //! Routing and endpoint handlers. Every error leaves through [`ApiError`], so status codes and the
 //! `{"error": "..."}` body are decided in one place.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -106,14 +107,28 @@ fn allowed(segs: &[&str]) -> Option<&'static str> {
     }
 }
 
-/// The model a route addresses, for keys limited to some models.
-fn route_model<'a>(segs: &[&'a str]) -> Option<&'a str> {
+/// A path segment as it names a model, version or region: percent-decoded, as clients encode it
+/// (tritonclient quotes model names; TF-Serving decodes them). Routes match their fixed segments
+/// undecoded, so an encoded '/' or ':' stays inside the name it belongs to.
+fn decoded(seg: &str) -> Result<Cow<'_, str>, ApiError> {
+    percent_encoding::percent_decode_str(seg)
+        .decode_utf8()
+        .map_err(|_| ApiError::BadRequest(format!("path segment {seg:?} is not UTF-8 once percent-decoded")))
+}
+
+/// [`decoded`], or the segment as it is where it does not decode: the route then refuses it.
+fn decoded_or_raw(seg: &str) -> Cow<'_, str> {
+    decoded(seg).unwrap_or(Cow::Borrowed(seg))
+}
+
+/// The model a route addresses, for keys limited to some models, decoded as routing decodes it.
+fn route_model<'a>(segs: &[&'a str]) -> Option<Cow<'a, str>> {
     match segs {
         ["v2", "models", "stats"] => None,
-        ["metrics"] => Some(crate::auth::EVERY_MODEL),
-        ["v2", "systemsharedmemory", ..] => Some(crate::auth::SHARED_MEMORY),
-        ["v2", "models", m, ..] => Some(m),
-        ["v1", "models", rest @ ..] if !rest.is_empty() => Some(v1_parts(rest).0),
+        ["metrics"] => Some(Cow::Borrowed(crate::auth::EVERY_MODEL)),
+        ["v2", "systemsharedmemory", ..] => Some(Cow::Borrowed(crate::auth::SHARED_MEMORY)),
+        ["v2", "models", m, ..] => Some(decoded_or_raw(m)),
+        ["v1", "models", rest @ ..] if !rest.is_empty() => Some(decoded_or_raw(v1_parts(rest).0)),
         _ => None,
     }
 }
@@ -135,9 +150,11 @@ fn v1_parts<'a>(rest: &[&'a str]) -> (&'a str, Vec<&'a str>, Option<&'a str>) {
 }
 
 /// The version a route addresses, if any.
-fn route_version<'a>(segs: &[&'a str]) -> Option<&'a str> {
+fn route_version<'a>(segs: &[&'a str]) -> Option<Cow<'a, str>> {
     match segs {
-        ["v2" | "v1", "models", _, "versions", v, ..] => Some(v.split_once(':').map_or(*v, |(head, _)| head)),
+        ["v2" | "v1", "models", _, "versions", v, ..] => {
+            Some(decoded_or_raw(v.split_once(':').map_or(*v, |(head, _)| head)))
+        }
         _ => None,
     }
 }
@@ -156,7 +173,12 @@ fn authorize(
         .headers()
         .get(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    crate::auth::authorize(state.api_keys.as_deref(), header, route_model(segs), caller)
+    crate::auth::authorize(
+        state.api_keys.as_deref(),
+        header,
+        route_model(segs).as_deref(),
+        caller,
+    )
 }
 
 /// Which models a server-wide listing shows the caller of `req`.
@@ -201,8 +223,8 @@ pub async fn handle(state: Arc<AppState>, surface: Surface, req: Request<Incomin
         crate::audit::write(&crate::audit::Record {
             protocol: "http",
             route: &path,
-            model: route_model(&segs),
-            version: route_version(&segs),
+            model: route_model(&segs).as_deref(),
+            version: route_version(&segs).as_deref(),
             caller: caller.as_deref(),
             status: response.status().as_str(),
             bytes_in,
@@ -494,9 +516,10 @@ async fn route(
         }
         ["v2", "models", m, rest @ ..] => {
             let (version, rest) = match rest {
-                ["versions", v, rest @ ..] => (Some(*v), rest),
+                ["versions", v, rest @ ..] => (Some(decoded(v)?), rest),
                 _ => (None, rest),
             };
+            let (m, version) = (&*decoded(m)?, version.as_deref());
             match rest {
                 [] if get => model_metadata(state, m, version),
                 ["ready"] if get => model_ready(state, m, version),
@@ -528,17 +551,20 @@ async fn route_v1(
     path: &str,
 ) -> Result<Response<Chunks>, ApiError> {
     // `/v1/models/m:predict` and `/v1/models/m/versions/1:predict`: the verb hangs off the last segment.
+    // The verb is cut off the undecoded segment: an encoded ':' belongs to the name.
     let (_, segs, verb) = v1_parts(rest);
     let (model, version, tail) = match segs.as_slice() {
         [m, "labels", label, ..] => {
+            let (m, label) = (decoded(m)?, decoded(label)?);
             return Err(ApiError::NotFound(format!(
                 "model {m:?} has no version label {label:?}: this server has no version labels; address a version by number, /v1/models/{m}/versions/N"
             )));
         }
-        [m, "versions", v, tail @ ..] => (*m, Some(*v), tail.to_vec()),
-        [m, tail @ ..] => (*m, None, tail.to_vec()),
+        [m, "versions", v, tail @ ..] => (decoded(m)?, Some(decoded(v)?), tail.to_vec()),
+        [m, tail @ ..] => (decoded(m)?, None, tail.to_vec()),
         [] => return Err(ApiError::NotFound(format!("no endpoint at {path}"))),
     };
+    let (model, version) = (&*model, version.as_deref());
     // Methods were checked against `allowed` before routing.
     match (verb, tail.as_slice()) {
         (Some("predict"), []) => {
@@ -664,12 +690,7 @@ async fn system_shared_memory(
     let shm = &state.shm;
     let ok = || json_response(StatusCode::OK, &serde_json::json!({}));
     // tritonclient percent-encodes the region name in the path; requests carry it as is.
-    let region = |seg: &str| {
-        percent_encoding::percent_decode_str(seg)
-            .decode_utf8()
-            .map(|n| n.into_owned())
-            .map_err(|_| ApiError::BadRequest(format!("region name {seg:?} is not UTF-8 once decoded")))
-    };
+    let region = |seg: &str| decoded(seg).map(Cow::into_owned);
     let status = |name: Option<String>| -> Result<Response<Chunks>, ApiError> {
         let regions = shm.status(name.as_deref()).map_err(crate::shm::registry_error)?;
         let body = serde_json::to_value(regions).map_err(|e| ApiError::Internal(e.to_string()))?;
