@@ -556,8 +556,10 @@ async fn route_v1(
     let (model, version, tail) = match segs.as_slice() {
         [m, "labels", label, ..] => {
             let (m, label) = (decoded(m)?, decoded(label)?);
-            return Err(ApiError::NotFound(format!(
-                "model {m:?} has no version label {label:?}: this server has no version labels; address a version by number, /v1/models/{m}/versions/N"
+            // As TF-Serving: an unknown model is 404, an unknown label of a known one 400.
+            state.repo.entry(&m, None)?;
+            return Err(ApiError::BadRequest(format!(
+                "unrecognized version label {label:?} of model {m:?}: this server has no version labels; address a version by number, /v1/models/{m}/versions/N"
             )));
         }
         [m, "versions", v, tail @ ..] => (decoded(m)?, Some(decoded(v)?), tail.to_vec()),
