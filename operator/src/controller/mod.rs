@@ -373,6 +373,8 @@ pub async fn run(
     // Only what carries our label is watched, so memory stays flat however many unrelated objects
     // the cluster holds.
     let owned = watcher::Config::default().labels(build::labels::MANAGED_SELECTOR);
+    // Deletions count too (`touched_objects`): a pod that goes, or a Deployment deleted without
+    // its pods, changes what status must say, and nothing else would reconcile until the resync.
     macro_rules! cached {
         ($ty:ty, $trim:expr) => {{
             let (store, writer) = reflector::store::<$ty>();
@@ -380,7 +382,7 @@ pub async fn run(
                 .default_backoff()
                 .modify($trim)
                 .reflect(writer)
-                .applied_objects();
+                .touched_objects();
             (store, stream)
         }};
     }

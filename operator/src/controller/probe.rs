@@ -168,7 +168,10 @@ impl Prober {
     /// Metadata from a ready pod that answers (cached per pod, asked a few at a time, so one
     /// unresponsive pod costs one timeout, not one per pod); None when none does.
     pub async fn probe(&self, pods: &[Pod], model: &str, version: &str) -> Option<Probed> {
-        let ready: Vec<&Pod> = pods.iter().filter(|p| is_ready(p)).collect();
+        let ready: Vec<&Pod> = pods
+            .iter()
+            .filter(|p| is_ready(p) && p.metadata.deletion_timestamp.is_none())
+            .collect();
         for pod in &ready {
             if let Some(hit) = self
                 .cache

@@ -611,6 +611,20 @@ pub fn desired_replicas(md: &ModelDeployment) -> i32 {
 /// Computes the new status. Conditions whose status did not change keep their
 /// `lastTransitionTime`; everything else is derived from `observed` alone.
 pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> ModelDeploymentStatus {
+    // A pod being deleted serves no more and says nothing of the model: a scaled-down pod's
+    // stopped server would read as a failure, and an old one as still serving.
+    let staying: Vec<Pod> = observed
+        .pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .cloned()
+        .collect();
+    let observed = &Observed {
+        deployment: observed.deployment,
+        pods: &staying,
+        probed: observed.probed.clone(),
+        mount_failures: observed.mount_failures.clone(),
+    };
     let old = md.status.clone().unwrap_or_default();
     let generation = md.metadata.generation;
     let desired = desired_replicas(md);
@@ -1619,6 +1633,39 @@ mod tests {
             "an unchanged world yields an identical status (so nothing is patched)"
         );
         assert!(changed_conditions(m.status.as_ref(), &s2).is_empty());
+    }
+
+    #[test]
+    fn a_pod_being_deleted_says_nothing_of_the_model_or_the_rollout() {
+        // A scale-down: the removed pod (restarted once, long ago) was stopped by SIGTERM and
+        // has not started since. Counted, it read as a startup-probe kill (ModelLoaded=False,
+        // StartupTimeout, a Warning) while the other pod served.
+        let serving = pod(json!({"metadata": {"name": "resnet-a"},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": true,
+                "restartCount": 0, "started": true, "state": {"running": {}}}]}}));
+        let leaving = pod(
+            json!({"metadata": {"name": "resnet-b", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {"phase": "Running", "containerStatuses": [{"name": "server", "image": "i", "imageID": "",
+                "ready": false, "restartCount": 1, "started": false,
+                "state": {"terminated": {"exitCode": 143, "reason": "Error"}}}]}}),
+        );
+        let d = deployment(1, 1, 1);
+        let s = status_of(&d, &[serving, leaving]);
+        let c = get(&s, "ModelLoaded");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "Loaded"),
+            "{}",
+            c.message
+        );
+        assert_eq!(c.message, "model loaded in 1 ready pod");
+        assert_eq!(
+            get(&s, "Degraded").status,
+            "False",
+            "{}",
+            get(&s, "Degraded").message
+        );
     }
 
     #[test]
