@@ -244,7 +244,9 @@ fn model_loaded(pods: &[Pod], ready: i32, older_serving: usize, now: &Time) -> C
         }
         for s in statuses(pod, false) {
             if let Some(t) = current_termination(&s, now) {
-                if t.exit_code == i32::from(exit::LOAD_FAILED) {
+                // A load that failed before a restart that has loaded since is history: the
+                // container started (its startup probe passed) after it.
+                if t.exit_code == i32::from(exit::LOAD_FAILED) && !s.started.unwrap_or(false) {
                     let why = t
                         .message
                         .clone()
@@ -1255,7 +1257,16 @@ mod tests {
         );
         let load = |ago| json!({"exitCode": i32::from(exit::LOAD_FAILED), "reason": "Error", "finishedAt": at(ago), "message": "bad model"});
         assert_eq!(of(serving_after(load(120))).1, "Loaded");
-        assert_eq!(of(serving_after(load(2))).1, "LoadFailed");
+        // A load that failed 2 minutes ago and succeeded on the restart: the model is loaded
+        // and the pod is Ready; ModelLoaded=False beside Ready=True told two stories.
+        assert_eq!(of(serving_after(load(2))).1, "Loaded");
+        // Loading again after it (running, not started): the last attempt's failure is news.
+        let retrying = pod(
+            json!({"status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "",
+            "ready": false, "restartCount": 1, "started": false, "state": {"running": {}},
+            "lastState": {"terminated": load(2)}}]}}),
+        );
+        assert_eq!(of(retrying).1, "LoadFailed");
     }
 
     #[test]
