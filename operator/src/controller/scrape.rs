@@ -698,8 +698,10 @@ fn observe(
     stamp: &Time,
     running: Option<i32>,
 ) -> bool {
-    // A ModelDeployment that never had a ready pod has no numbers to publish yet.
-    if entry.published.is_none() && w.pods == 0 {
+    // A ModelDeployment that never had a ready pod has no numbers to publish yet; but where its
+    // status shows traffic (written before this process led), no pod now is the news.
+    let shown = obj.status.as_ref().and_then(|s| s.metrics.as_ref());
+    if entry.published.is_none() && w.pods == 0 && shown.is_none_or(|m| m.pods == 0) {
         return false;
     }
     let status = to_status(&w, stamp.clone());
@@ -1204,6 +1206,46 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
             },
             super::super::reconcile::now(),
         )
+    }
+
+    #[test]
+    fn a_new_leader_with_no_ready_pod_replaces_the_traffic_status_says_is_flowing() {
+        // status.metrics says 3 pods serve 40 requests/s (written by the previous leader); the
+        // model was scaled to zero since. A new leader's first window has no pod: it must say
+        // so, not leave the old numbers standing for ever.
+        let mut obj = autoscaled();
+        let mut shown = status(40.0, 3);
+        shown.pods = 3;
+        obj.status = Some(kubemaas_crds::v1alpha1::ModelDeploymentStatus {
+            metrics: Some(shown),
+            ..Default::default()
+        });
+        let mut entry = entry_for(&obj, None);
+        let stamp = super::super::reconcile::now();
+        assert!(observe(
+            &mut entry,
+            &obj,
+            combine(&[]),
+            Instant::now(),
+            &stamp,
+            Some(0)
+        ));
+        assert_eq!(
+            entry.published.as_ref().map(|m| (m.pods, m.requests_per_second)),
+            Some((0, 0.0))
+        );
+        // With nothing shown before, there is still nothing to publish.
+        let fresh = autoscaled();
+        let mut entry = entry_for(&fresh, None);
+        assert!(!observe(
+            &mut entry,
+            &fresh,
+            combine(&[]),
+            Instant::now(),
+            &stamp,
+            Some(0)
+        ));
+        assert!(entry.published.is_none());
     }
 
     #[test]
