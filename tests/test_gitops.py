@@ -48,11 +48,13 @@ def cond(t, s, r, m="msg"):
     ({"observedGeneration": 1, "conditions": [cond("Scheduled", "False", "Unschedulable", "0/6 nodes"), cond("Ready", "False", "InsufficientReplicas")]}, 1, "Progressing"),
     ({"observedGeneration": 1, "conditions": [cond("Ready", "False", "InvalidSpec", "bad name")]}, 1, "Degraded"),
     # Parked with `kubectl scale --replicas=0`: nothing serves, by choice (Argo's state for that).
+    ({"observedGeneration": 1, "conditions": [cond("Ready", "False", "ScaledToZero"), cond("ModelLoaded", "False", "ScaledToZero")]}, 1, "Suspended"),
+    # The same from an operator before ModelLoaded said ScaledToZero.
     ({"observedGeneration": 1, "conditions": [cond("Ready", "False", "ScaledToZero"), cond("ModelLoaded", "Unknown", "NoPods")]}, 1, "Suspended"),
     # The Deployment gave up (its progress deadline), as Argo CD judges a Deployment so: Degraded.
     ({"observedGeneration": 1, "conditions": [cond("Ready", "False", "RolloutStuck", "the rollout stopped")]}, 1, "Degraded"),
 ], ids=["no-status", "ready", "stale-generation", "oom", "checksum", "unschedulable", "invalid-spec", "scaled-to-zero",
-        "rollout-stuck"])
+        "scaled-to-zero-before", "rollout-stuck"])
 def test_argocd_health_maps_conditions(status, generation, expected, tmp_path):
     obj = {"metadata": {"generation": generation}}
     if status is not None:

@@ -16,7 +16,7 @@ if degraded ~= nil and degraded.status == "True" then
   return {status = "Degraded", message = degraded.reason .. ": " .. degraded.message}
 end
 local loaded = conditions["ModelLoaded"]
-if loaded ~= nil and loaded.status == "False" then
+if loaded ~= nil and loaded.status == "False" and loaded.reason ~= "ScaledToZero" then
   return {status = "Degraded", message = loaded.reason .. ": " .. loaded.message}
 end
 local ready = conditions["Ready"]

@@ -220,8 +220,9 @@ fn current_termination(s: &ContainerStatus, now: &Time) -> Option<ContainerState
 }
 
 /// `ModelLoaded`, of the current template's `pods` (`ready` of them Ready); `older_serving` pods
-/// of the previous template are still Ready, which the messages say while the new model loads.
-fn model_loaded(pods: &[Pod], ready: i32, older_serving: usize, now: &Time) -> Cond {
+/// of the previous template are still Ready, which the messages say while the new model loads;
+/// `parked`: no replica is asked for.
+fn model_loaded(pods: &[Pod], ready: i32, older_serving: usize, parked: bool, now: &Time) -> Cond {
     // Failures first: one failing pod is news even while others serve.
     for pod in pods {
         let pull = statuses(pod, true).into_iter().find(|s| s.name == PULL_CONTAINER);
@@ -307,6 +308,14 @@ fn model_loaded(pods: &[Pod], ready: i32, older_serving: usize, now: &Time) -> C
             format!("model loaded in {ready} of {} pods", pods.len())
         };
         return cond(conditions::MODEL_LOADED, Some(true), reason::LOADED, msg + &older);
+    }
+    if pods.is_empty() && parked {
+        return cond(
+            conditions::MODEL_LOADED,
+            Some(false),
+            reason::SCALED_TO_ZERO,
+            format!("0 replicas asked for: no pod holds the model{older}"),
+        );
     }
     if pods.is_empty() {
         let msg = format!("no pods of the current template yet{older}");
@@ -648,7 +657,7 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
     };
     let new = [
         scheduled(observed.pods, desired, observed.deployment),
-        model_loaded(&current, current_ready, older_serving, now),
+        model_loaded(&current, current_ready, older_serving, desired == 0, now),
         ready(md, observed.deployment, desired, observed.pods),
         degraded(md, observed, now),
     ];
@@ -1473,6 +1482,16 @@ mod tests {
             c.message
         );
         assert!(c.message.contains("--replicas"), "{}", c.message);
+        // No pod holds the model, and none is coming: not "no pods of the current template
+        // yet" (Unknown), which reads as pods on their way.
+        let c = get(&s, "ModelLoaded");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "ScaledToZero"),
+            "{}",
+            c.message
+        );
+        assert_eq!(event_for(c, None), None, "no Event for a parked model");
         // Parking a model that served is a choice, not a problem: no Warning Event.
         let serving = deployment(2, 2, 2);
         let before = status_of(&serving, &[]);
