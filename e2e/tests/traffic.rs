@@ -601,7 +601,7 @@ async fn concurrency_eight_against_target_two_scales_to_four_holds_four_through_
     let a = st.autoscaling.expect("status.autoscaling");
     assert_eq!(a.desired_replicas, 4);
     assert!(
-        a.reason.contains("average concurrency") && a.reason.contains("target 2 per pod"),
+        a.reason.contains("in all over 4 ready pods") && a.reason.contains("target 2 per pod"),
         "{}",
         a.reason
     );
@@ -628,7 +628,7 @@ async fn concurrency_eight_against_target_two_scales_to_four_holds_four_through_
     // Every decision is an Event with its numbers.
     let events = scaled_events(&ns.name);
     println!("{events}");
-    assert!(events.contains("to 4 replicas: average concurrency"), "{events}");
+    assert!(events.contains("to 4 replicas: concurrency"), "{events}");
     assert!(events.contains("to 1 replicas"), "{events}");
     ready_task.abort();
     let ready_seen = ready_seen.lock().unwrap().clone();
