@@ -116,7 +116,11 @@ def test_sigterm_during_a_long_model_load_exits_at_once(tmp_path):
     path = tmp_path / "slow-load" / "model.onnx"
     subprocess.run([sys.executable, str(ROOT / "tests" / "models" / "make_models.py"), "--slow-to-load", str(path)],
                    check=True)
-    s = Server(["--model", f"slowload={path}"], tmp_path / "server.log")
+    # The kubelet makes the termination log; the server says in it that it was still loading,
+    # which is how the operator tells a startup-probe kill from a liveness-probe restart.
+    term = tmp_path / "termination-log"
+    term.write_text("")
+    s = Server(["--model", f"slowload={path}", "--termination-log", str(term)], tmp_path / "server.log")
     try:
         time.sleep(1)
         index = requests.post(f"{s.url}/v2/repository/index", timeout=5).json()
@@ -128,6 +132,26 @@ def test_sigterm_during_a_long_model_load_exits_at_once(tmp_path):
     finally:
         s.stop()
     assert code == 0 and took < 2, (code, took)
+    assert term.read_text().startswith("stopped by a signal while loading its models ("), term.read_text()
+
+
+def test_a_signal_after_loading_is_told_apart_in_the_termination_log(repo_dir, tmp_path):
+    # Exit 0 either way: only these words tell the operator that a restart came after the
+    # model had loaded (a liveness-probe kill), not from the startup budget.
+    term = tmp_path / "termination-log"
+    term.write_text("")
+    s = Server(["--model", f"model={repo_dir / 'model' / '1' / 'model.onnx'}", "--termination-log", str(term),
+                "--shutdown-delay", "0"], tmp_path / "server.log")
+    s.wait_loaded()
+    assert s.stop() == 0
+    assert term.read_text().startswith("stopped by a signal after its models had loaded ("), term.read_text()
+    # Outside Kubernetes there is no such file, and none is made.
+    missing = tmp_path / "no-termination-log"
+    s = Server(["--model", f"model={repo_dir / 'model' / '1' / 'model.onnx'}", "--termination-log", str(missing),
+                "--shutdown-delay", "0"], tmp_path / "server2.log")
+    s.wait_loaded()
+    assert s.stop() == 0
+    assert not missing.exists()
 
 
 def test_slow_silent_and_idle_connections_are_closed_and_do_not_starve_a_client(repo_dir, tmp_path):

@@ -28,6 +28,14 @@ pub mod exit {
     pub const COMPRESSION_FAILED: u8 = 10;
 }
 
+/// What `serve` writes to its termination log when a signal stops it after every model loaded:
+/// the kubelet restarting a server that served (a failed liveness probe) is then told apart from
+/// a startup-probe kill, which stops it while loading ([`STOPPED_WHILE_LOADING`]).
+pub const STOPPED_AFTER_LOADING: &str = "stopped by a signal after its models had loaded";
+
+/// What `serve` writes to its termination log when a signal stops it while a model still loads.
+pub const STOPPED_WHILE_LOADING: &str = "stopped by a signal while loading its models";
+
 /// File `pull` writes next to the model (in the version directory) describing what it fetched:
 /// `{"uri", "sha256", "bytes", "files", "seconds"}`. The server reports it in model metadata.
 pub const PULL_RECORD_FILE: &str = "kubemaas-pull.json";

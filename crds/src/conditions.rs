@@ -52,6 +52,9 @@ pub mod reason {
     /// The server exited with an error before it was ready (e.g. an unreadable TLS certificate);
     /// the message carries its exit code and last words.
     pub const SERVER_EXITED: &str = "ServerExited";
+    /// The kubelet restarted a server after its models had loaded (most likely its liveness
+    /// probe failed: the server stopped answering).
+    pub const SERVER_RESTARTED: &str = "ServerRestarted";
     /// The model is loading in the server.
     pub const LOADING: &str = "Loading";
     /// Ready replicas meet the minimum.

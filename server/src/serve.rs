@@ -703,6 +703,8 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
         conv_algo_search: cuda_conv_algo_search,
     };
     let loader_repo = repo.clone();
+    let stop_note = termination_log.clone();
+    let began = std::time::Instant::now();
     let loader = tokio::task::spawn_blocking(move || {
         for source in &sources {
             let settings = match &source.config {
@@ -753,6 +755,7 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
     });
 
     wait_for_signal().await;
+    note_stop(&stop_note, !loader.is_finished(), began.elapsed());
     tracing::info!(
         delay_s = shutdown_delay,
         timeout_s = shutdown_timeout,
@@ -773,6 +776,28 @@ pub async fn run(args: ServeArgs) -> Result<Stopped, ServeError> {
     }
     tracing::info!("stopped");
     Ok(Stopped::Clean)
+}
+
+/// Says in the termination log, where the kubelet keeps it beside the exit code, whether a signal
+/// stopped the server while it loaded (a startup-probe kill) or after (a liveness-probe restart):
+/// both exit the same way. Only an existing file is written: the kubelet makes it, and outside
+/// Kubernetes nothing is created.
+fn note_stop(path: &std::path::Path, loading: bool, ran: Duration) {
+    use kubemaas_crds::artifact::{STOPPED_AFTER_LOADING, STOPPED_WHILE_LOADING};
+    let said = if loading {
+        STOPPED_WHILE_LOADING
+    } else {
+        STOPPED_AFTER_LOADING
+    };
+    let message = format!("{said} ({} s after it started)", ran.as_secs());
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, message.as_bytes()));
+    if let Err(e) = written {
+        tracing::debug!(path = %path.display(), error = %e, "no termination log written");
+    }
 }
 
 async fn wait_for_signal() {

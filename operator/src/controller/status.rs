@@ -219,6 +219,14 @@ fn current_termination(s: &ContainerStatus, now: &Time) -> Option<ContainerState
     (waiting || recent || starting).then_some(last)
 }
 
+/// Whether a server's run ended by a signal after its models had loaded, as it writes in its
+/// termination log (a liveness-probe restart, unlike a startup-probe kill).
+fn stopped_after_loading(t: &ContainerStateTerminated) -> bool {
+    t.message
+        .as_deref()
+        .is_some_and(|m| m.contains(kubemaas_crds::artifact::STOPPED_AFTER_LOADING))
+}
+
 /// `ModelLoaded`, of the current template's `pods` (`ready` of them Ready); `older_serving` pods
 /// of the previous template are still Ready, which the messages say while the new model loads;
 /// `parked`: no replica is asked for.
@@ -259,9 +267,12 @@ fn model_loaded(pods: &[Pod], ready: i32, older_serving: usize, parked: bool, no
                         format!("pod {}: {}", pod.name_any(), why.trim()),
                     );
                 }
+                // A run that ended after its models had loaded (its termination message says
+                // so) was not cut short by the startup budget: see `degraded`.
                 let before_ready = !s.started.unwrap_or(false)
                     && t.reason.as_deref() != Some("OOMKilled")
-                    && s.restart_count > 0;
+                    && s.restart_count > 0
+                    && !stopped_after_loading(&t);
                 // A startup probe kill ends the server through SIGTERM (a clean exit while
                 // loading) or SIGKILL past the grace period; any other code is the server's own
                 // failure, which says nothing about the startup budget.
@@ -443,6 +454,19 @@ fn degraded(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Cond {
                     Some(true),
                     reason::OOM_KILLED,
                     format!("{who} was OOMKilled: raise resources.limits.memory"),
+                );
+            }
+            if s.restart_count > 0 && current_termination(&s, now).is_some_and(|t| stopped_after_loading(&t))
+            {
+                return cond(
+                    conditions::DEGRADED,
+                    Some(true),
+                    reason::SERVER_RESTARTED,
+                    format!(
+                        "{who} was restarted after its models had loaded (restarted {} times): most likely its \
+                         liveness probe (/v2/health/live) went unanswered; see the container's previous log",
+                        s.restart_count
+                    ),
                 );
             }
         }
@@ -821,8 +845,9 @@ pub fn is_healthy(c: &Condition) -> bool {
 }
 
 /// Reasons that are a problem a person should look at, whenever they appear.
-const PROBLEMS: [&str; 20] = [
+const PROBLEMS: [&str; 21] = [
     reason::SERVER_EXITED,
+    reason::SERVER_RESTARTED,
     reason::CONTAINER_NOT_CREATED,
     reason::VOLUME_MOUNT_FAILED,
     reason::PODS_NOT_CREATED,
@@ -1695,6 +1720,50 @@ mod tests {
             "False",
             "{}",
             get(&s, "Degraded").message
+        );
+    }
+
+    #[test]
+    fn a_server_stopped_after_it_had_loaded_is_a_restart_not_a_startup_timeout() {
+        // A liveness-probe kill of a server that served for hours: the restarted container is
+        // loading again (not started), and the run before ended by SIGTERM with exit 0, as a
+        // startup-probe kill does. Its termination message tells them apart.
+        let ago = (now().0 - k8s_openapi::jiff::SignedDuration::from_mins(1)).to_string();
+        let words = format!(
+            "{} (7200 s after it started)",
+            kubemaas_crds::artifact::STOPPED_AFTER_LOADING
+        );
+        let p = pod(
+            json!({"status": {"containerStatuses": [{"name": "server", "image": "i", "imageID": "",
+            "ready": false, "restartCount": 1, "started": false, "state": {"running": {}},
+            "lastState": {"terminated": {"exitCode": 0, "reason": "Completed", "finishedAt": ago, "message": words}}}]}}),
+        );
+        let d = deployment(1, 0, 1);
+        let s = status_of(&d, &[p.clone()]);
+        let c = get(&s, "ModelLoaded");
+        assert_eq!(c.reason, "Loading", "{}", c.message);
+        let c = get(&s, "Degraded");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "ServerRestarted"),
+            "{}",
+            c.message
+        );
+        assert!(c.message.contains("liveness"), "{}", c.message);
+        // Stopped while loading (the startup probe's kill) is still a startup timeout.
+        let mut loading = p;
+        if let Some(cs) = loading
+            .status
+            .as_mut()
+            .and_then(|st| st.container_statuses.as_mut())
+        {
+            cs[0].last_state = serde_json::from_value(json!({"terminated": {"exitCode": 0,
+                "message": kubemaas_crds::artifact::STOPPED_WHILE_LOADING}}))
+            .unwrap();
+        }
+        assert_eq!(
+            get(&status_of(&d, &[loading]), "ModelLoaded").reason,
+            "StartupTimeout"
         );
     }
 
