@@ -247,7 +247,9 @@ pub struct ServeArgs {
     #[arg(long, env = "KUBEMAAS_EXIT_ON_LOAD_FAILURE")]
     pub exit_on_load_failure: bool,
 
-    /// Where --exit-on-load-failure writes the load error.
+    /// Where --exit-on-load-failure writes the load error, and where a stop by a signal is noted
+    /// as "while loading" or "after its models had loaded" (only into a file that exists, as the
+    /// kubelet makes it: the operator tells a startup-probe kill from a liveness-probe restart).
     #[arg(
         long,
         env = "KUBEMAAS_TERMINATION_LOG",
