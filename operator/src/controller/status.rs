@@ -1739,7 +1739,7 @@ mod tests {
             "lastState": {"terminated": {"exitCode": 0, "reason": "Completed", "finishedAt": ago, "message": words}}}]}}),
         );
         let d = deployment(1, 0, 1);
-        let s = status_of(&d, &[p.clone()]);
+        let s = status_of(&d, std::slice::from_ref(&p));
         let c = get(&s, "ModelLoaded");
         assert_eq!(c.reason, "Loading", "{}", c.message);
         let c = get(&s, "Degraded");
