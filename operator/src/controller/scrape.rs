@@ -349,9 +349,9 @@ pub fn meaningful(old: Option<&TrafficMetrics>, new: &TrafficMetrics) -> bool {
 /// and did not answer now (a scrape that timed out) served through the window too, so it is taken
 /// to carry the average load of those that answered: leaving it out would tell the autoscaler the
 /// load fell. A pod answering for the first time has no previous sample, but its counters began at
-/// zero when its server started: its load is what it counted over the time since it turned ready
-/// (`ready_for`, seconds by UID, only for pods that turned ready within the last rounds; traffic
-/// reaches a pod through its Service only once ready), and no longer than its uptime. A ready pod
+/// zero when its server started: its load is what it counted over `ready_for` seconds (by UID,
+/// only for pods that turned ready within the last rounds: [`first_window`]; traffic reaches a pod
+/// through its Service only once ready), and no longer than its uptime. A ready pod
 /// with neither a previous sample nor such a start is not counted. A round in which no ready pod gave
 /// a rate measures nothing; with no ready pod at all, zero is the truth for status (the
 /// autoscaler does not take it: see [`observe`]).
@@ -414,15 +414,35 @@ fn measure(
     Some(w)
 }
 
-/// Keeps this round's samples as the previous ones of the next round. A ready pod that did not
-/// answer keeps its last sample (its counters give a rate over the longer window when it does);
-/// pods no longer ready are forgotten.
+/// One round of one ModelDeployment: the window from this round's `samples` and the pods'
+/// previous ones, which this round's then replace. `members`: the ready pods (UID, address, how
+/// long ready if recently); `existing`: every pod of it, ready or not.
+fn step(
+    pods: &mut HashMap<String, (Instant, Sample)>,
+    samples: Vec<(String, Instant, Sample)>,
+    members: &[(String, String, Option<f64>)],
+    existing: &HashSet<&str>,
+) -> Option<Window> {
+    let ready: HashSet<&str> = members.iter().map(|(uid, _, _)| uid.as_str()).collect();
+    let ready_for: HashMap<&str, f64> = members
+        .iter()
+        .filter_map(|(uid, _, secs)| Some((uid.as_str(), (*secs)?)))
+        .collect();
+    let window = measure(pods, &samples, &ready, &ready_for);
+    remember(pods, samples, existing);
+    window
+}
+
+/// Keeps this round's samples as the previous ones of the next round. A pod that did not answer,
+/// or is not ready now, keeps its last sample: its counters give a rate over the longer window
+/// when it answers again (its server did not start afresh; one that did says so by its uptime).
+/// Pods that no longer exist (`existing`) are forgotten.
 fn remember(
     pods: &mut HashMap<String, (Instant, Sample)>,
     samples: Vec<(String, Instant, Sample)>,
-    ready: &HashSet<&str>,
+    existing: &HashSet<&str>,
 ) {
-    pods.retain(|uid, _| ready.contains(uid.as_str()));
+    pods.retain(|uid, _| existing.contains(uid.as_str()));
     pods.extend(samples.into_iter().map(|(uid, at, s)| (uid, (at, s))));
 }
 
@@ -489,6 +509,15 @@ fn ready_for(p: &Pod, now: k8s_openapi::jiff::Timestamp, recent: Duration) -> Op
         .as_ref()?;
     let secs = (now.as_second() - since.0.as_second()).max(0) as f64 + 1.0;
     (secs <= recent.as_secs_f64() + 1.0).then_some(secs)
+}
+
+/// The seconds a pod answering for the first time is taken to have served, when it turned ready
+/// since the round before last: how long it has been ready, but at least one scrape interval, the
+/// window every other pod's rate is averaged over. Its share of that window's load is then exact,
+/// and a Ready time that reads short (the scrape came later, the kubelet's clock runs ahead) cannot
+/// inflate it.
+fn first_window(p: &Pod, now: k8s_openapi::jiff::Timestamp, interval: Duration) -> Option<f64> {
+    ready_for(p, now, 2 * interval).map(|secs| secs.max(interval.as_secs_f64()))
 }
 
 /// The address of a ready pod that is not being deleted.
@@ -581,16 +610,21 @@ impl Scraper {
         // Pods by ModelDeployment key: UID, address, and how long ready if it turned ready since
         // the round before last.
         let mut members: HashMap<String, Vec<(String, String, Option<f64>)>> = HashMap::new();
+        let mut existing: HashMap<String, HashSet<String>> = HashMap::new();
         let wall = k8s_openapi::jiff::Timestamp::now();
         for p in stores.pods.state() {
             let (Some(ns), Some(md)) = (p.namespace(), p.labels().get(labels::MODEL_DEPLOYMENT)) else {
                 continue;
             };
+            existing
+                .entry(key(&ns, md))
+                .or_default()
+                .insert(p.uid().unwrap_or_default());
             if let Some(ip) = ready_ip(&p) {
                 members.entry(key(&ns, md)).or_default().push((
                     p.uid().unwrap_or_default(),
                     ip,
-                    ready_for(&p, wall, 2 * self.interval),
+                    first_window(&p, wall, self.interval),
                 ));
             }
         }
@@ -653,14 +687,15 @@ impl Scraper {
             }
             let samples = fresh.remove(k).unwrap_or_default();
             let members = members.get(k).map(Vec::as_slice).unwrap_or_default();
-            let ready: HashSet<&str> = members.iter().map(|(uid, _, _)| uid.as_str()).collect();
-            let ready_for: HashMap<&str, f64> = members
-                .iter()
-                .filter_map(|(uid, _, secs)| Some((uid.as_str(), (*secs)?)))
+            let existing: HashSet<&str> = existing
+                .get(k)
+                .into_iter()
+                .flatten()
+                .map(String::as_str)
                 .collect();
-            let window = measure(&entry.pods, &samples, &ready, &ready_for);
-            remember(&mut entry.pods, samples, &ready);
-            let Some(w) = window else { continue };
+            let Some(w) = step(&mut entry.pods, samples, members, &existing) else {
+                continue;
+            };
             if observe(entry, obj, w, now, &stamp, running_replicas(stores, obj)) {
                 changed.push(md.clone());
             }
@@ -912,9 +947,9 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
         // The pod that did not answer keeps its last sample, for a rate when it answers again.
         assert_eq!(pods.len(), 4);
         assert_eq!(pods["pod-3"].0, t0);
-        // A pod no longer ready is forgotten.
-        let ready: HashSet<&str> = ["pod-0", "pod-1", "pod-2"].into_iter().collect();
-        remember(&mut pods, Vec::new(), &ready);
+        // A pod that no longer exists is forgotten.
+        let existing: HashSet<&str> = ["pod-0", "pod-1", "pod-2"].into_iter().collect();
+        remember(&mut pods, Vec::new(), &existing);
         assert_eq!(pods.len(), 3);
     }
 
@@ -1015,6 +1050,48 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
     }
 
     #[test]
+    fn a_pod_back_from_unready_pairs_with_its_last_sample_not_a_fresh_start() {
+        // Pod b failed readiness for a round (overloaded) and came back. Its server did not
+        // restart: its counters hold everything since it started. Forgotten while unready, it
+        // read as a first-time pod, and 60 request-seconds over its 5 s of readiness as
+        // concurrency 12: a burst that panicked the autoscaler to maxReplicas.
+        let t0 = Instant::now();
+        let (t1, t2) = (t0 + Duration::from_secs(15), t0 + Duration::from_secs(30));
+        let member = |uid: &str, ready: Option<f64>| (uid.to_string(), "127.0.0.1".to_string(), ready);
+        let existing: HashSet<&str> = ["a", "b"].into_iter().collect();
+        let mut pods: HashMap<String, (Instant, Sample)> = HashMap::new();
+        let both = [member("a", None), member("b", None)];
+        step(
+            &mut pods,
+            vec![("a".into(), t0, busy(0.0, 2.0)), ("b".into(), t0, busy(0.0, 2.0))],
+            &both,
+            &existing,
+        );
+        step(
+            &mut pods,
+            vec![("a".into(), t1, busy(15.0, 2.0))],
+            &[member("a", None)],
+            &existing,
+        );
+        let back = [member("a", None), member("b", Some(5.0))];
+        let w = step(
+            &mut pods,
+            vec![
+                ("a".into(), t2, busy(30.0, 2.0)),
+                ("b".into(), t2, busy(30.0, 2.0)),
+            ],
+            &back,
+            &existing,
+        )
+        .unwrap();
+        assert!((w.concurrency - 4.0).abs() < 1e-9, "{w:?}");
+        // A pod that is gone is forgotten.
+        let only_a: HashSet<&str> = ["a"].into_iter().collect();
+        step(&mut pods, Vec::new(), &[member("a", None)], &only_a);
+        assert!(!pods.contains_key("b"));
+    }
+
+    #[test]
     fn a_pods_ready_time_counts_only_when_recent_and_is_never_short() {
         let now = k8s_openapi::jiff::Timestamp::from_second(1_000_000).unwrap();
         let pod = |status: &str, secs_ago: i64| -> Pod {
@@ -1033,6 +1110,11 @@ nv_gpu_memory_used_bytes{{gpu_uuid=\"GPU-a\"}} 1000\nnv_gpu_memory_used_bytes{{g
         );
         assert_eq!(ready_for(&pod("False", 5), now, recent), None);
         assert_eq!(ready_for(&Pod::default(), now, recent), None);
+        // The window a first-time pod's counters cover is at least the scrape interval.
+        let interval = Duration::from_secs(15);
+        assert_eq!(first_window(&pod("True", 5), now, interval), Some(15.0));
+        assert_eq!(first_window(&pod("True", 20), now, interval), Some(21.0));
+        assert_eq!(first_window(&pod("True", 40), now, interval), None);
     }
 
     #[test]
