@@ -188,9 +188,10 @@ def test_tf_serving_version_labels_and_unknown_signatures_are_refused_by_name(se
         # model with NOT_FOUND (404).
         r = requests.request(method, f"{server.url}{path}", json={"instances": [list(range(10))]}, timeout=5)
         assert r.status_code == 400 and "label" in r.json()["error"] and "/versions/" in r.json()["error"], r.text
-        r = requests.request(method, f"{server.url}{path.replace('model', 'nomodel', 1)}",
+        r = requests.request(method, f"{server.url}{path.replace('/model/', '/nomodel/', 1)}",
                              json={"instances": [list(range(10))]}, timeout=5)
         assert r.status_code == 404 and "nomodel" in r.json()["error"], r.text
+        assert "not served here" in r.json()["error"], r.text
     r = requests.post(f"{server.url}/v1/models/model:predict", timeout=5,
                       json={"signature_name": "predict_images", "instances": [list(range(10))]})
     assert r.status_code == 400 and "predict_images" in r.json()["error"] and "serving_default" in r.json()["error"]

@@ -200,8 +200,11 @@ pub async fn apply_children(
             d.annotations().get(labels::REPLICAS_BY).map(String::as_str)
                 == Some(labels::REPLICAS_BY_AUTOSCALER)
         });
-        // Not `clamp`, which panics on min > max (an object stored before the rule refusing it).
-        let bounded = |r: i32| r.max(a.min_replicas).min(a.max_replicas.max(a.min_replicas));
+        // The bounds as the autoscaler reads them (`autoscale::Params`), so the two never write
+        // different counts for an object stored before the rules refusing min < 1 or min > max;
+        // not `clamp`, which panics on min > max.
+        let (lo, hi) = (a.min_replicas.max(1), a.max_replicas.max(a.min_replicas.max(1)));
+        let bounded = |r: i32| r.max(lo).min(hi);
         let current = live.as_ref().and_then(|d| d.spec.replicas);
         if !already {
             // Keep what runs (within the new bounds): the autoscaler scales from there.
