@@ -30,11 +30,13 @@ def test_make_demo_oneshot_serves_predicts_reports_metrics_and_tears_down():
     assert len(answers) == 2, out[-4000:]
     for a in answers:
         assert json.loads(a)["outputs"][0]["data"] == [55.0, 5.5, 10.0, 155.0, 15.5, 20.0]
-    # kubectl get mdep -o wide: Ready, 2 replicas, a request rate and a p99 from live traffic.
-    row = re.search(r"^row-stats\s+(\S+)\s+CPUExecutionProvider\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+\S+$", out, re.M)
+    # kubectl get mdep -o wide: Ready and why, 2 replicas, a request rate and a p99 from live traffic.
+    row = re.search(r"^row-stats\s+(\S+)\s+CPUExecutionProvider\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+\S+$",
+                    out, re.M)
     assert row, out[-4000:]
-    replicas, ready, rps, p99 = row.group(2), row.group(3), float(row.group(4)), float(row.group(5))
-    assert (replicas, ready) == ("2", "True")
+    replicas, ready, reason = row.group(2), row.group(3), row.group(4)
+    rps, p99 = float(row.group(5)), float(row.group(6))
+    assert (replicas, ready, reason) == ("2", "True", "MinimumReplicasAvailable")
     assert rps > 10 and p99 > 0, row.group(0)
     metrics = json.loads(re.search(r"^status\.metrics: (\{.*\})$", out, re.M).group(1))
     assert metrics["pods"] == 2 and metrics["requestsPerSecond"] == rps, metrics

@@ -395,6 +395,7 @@ fn schema_has_status_and_scale_subresources_and_printer_columns() {
             "Accelerator",
             "Replicas",
             "Ready",
+            "Reason",
             "RPS",
             "P99(ms)",
             "Age"
@@ -406,7 +407,11 @@ fn schema_has_status_and_scale_subresources_and_printer_columns() {
         .iter()
         .map(|c| c["priority"].as_i64().unwrap_or(0))
         .collect();
-    assert_eq!(wide, [0, 0, 0, 0, 1, 1, 0], "traffic columns show with -o wide");
+    assert_eq!(
+        wide,
+        [0, 0, 0, 0, 0, 1, 1, 0],
+        "traffic columns show with -o wide"
+    );
 }
 
 #[test]

@@ -35,6 +35,7 @@ use super::status::ModelDeploymentStatus;
     printcolumn = r#"{"name":"Accelerator","type":"string","jsonPath":".status.accelerator","description":"Execution provider the pods really use"}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.replicas"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","description":"Why Ready is what it is, e.g. RolloutInProgress, ScaledToZero, InvalidSpec"}"#,
     printcolumn = r#"{"name":"RPS","type":"number","jsonPath":".status.metrics.requestsPerSecond","priority":1,"description":"Requests per second over the last scrape window"}"#,
     printcolumn = r#"{"name":"P99(ms)","type":"number","jsonPath":".status.metrics.latencyP99Ms","priority":1,"description":"99th-percentile latency over the last scrape window"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
