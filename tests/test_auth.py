@@ -28,12 +28,18 @@ def guarded(repo_dir, tmp_path_factory):
                 "--model", f"versioned={repo_dir / 'versioned' / '3' / 'model.onnx'}",
                 "--api-keys-file", str(keys), "--audit-log"], d / "server.log")
     s.keys = keys
-    for _ in range(300):
-        if requests.get(f"{s.url}/v2/health/ready", timeout=5).status_code == 200:
-            break
-        time.sleep(0.1)
+    wait_ready(s)
     yield s
     assert s.stop() == 0
+
+
+def wait_ready(s):
+    """Waits for the server's readiness, which needs no key (`wait_loaded` lists models, which does)."""
+    for _ in range(300):
+        if requests.get(f"{s.url}/v2/health/ready", timeout=5).status_code == 200:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"not ready; log at {s.log_path}")
 
 
 def bearer(key):
@@ -255,10 +261,7 @@ def test_a_key_limited_to_a_model_reaches_no_other_on_v1_even_one_whose_name_sta
     s = Server(["--model", f"a={path}", "--model", f"a:b={path}", "--api-keys-file", str(keys)],
                tmp_path / "server.log")
     try:
-        for _ in range(300):
-            if requests.get(f"{s.url}/v2/health/ready", timeout=5).status_code == 200:
-                break
-            time.sleep(0.1)
+        wait_ready(s)
         row = {"instances": [list(range(10))]}
         for method, route, body in [("POST", "/v1/models/a:b/versions/1:predict", row),
                                     ("GET", "/v1/models/a:b/metadata", None),
@@ -282,10 +285,7 @@ def test_a_limited_key_is_checked_against_the_decoded_model_name(repo_dir, tmp_p
     s = Server(["--model", f"a={onnx}", "--model", f"a:b={onnx}", "--api-keys-file", str(keys)],
                tmp_path / "server.log")
     try:
-        for _ in range(300):
-            if requests.get(f"{s.url}/v2/health/ready", timeout=5).status_code == 200:
-                break
-            time.sleep(0.1)
+        wait_ready(s)
         body = {"instances": [list(range(10))]}
         for path, want in (("/v1/models/a%3Ab:predict", 403), ("/v1/models/a%3Ab/versions/1:predict", 403),
                            ("/v1/models/%61:predict", 200), ("/v1/models/a:predict", 200)):
