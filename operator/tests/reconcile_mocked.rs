@@ -51,14 +51,27 @@ where
 
 /// A mocked apiserver answering with `answer(method, path)`; returns the client and the request log.
 fn mock(answer: impl Fn(&str, &str) -> (StatusCode, String) + Send + 'static) -> (Client, Log) {
+    let (client, log, _) = mock_reading_bodies(answer);
+    (client, log)
+}
+
+/// [`mock`], also keeping each request's body beside its "METHOD path".
+fn mock_reading_bodies(
+    answer: impl Fn(&str, &str) -> (StatusCode, String) + Send + 'static,
+) -> (Client, Log, Arc<Mutex<Vec<(String, String)>>>) {
     let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let log: Log = Arc::default();
-    let seen = log.clone();
+    let bodies: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let (seen, kept) = (log.clone(), bodies.clone());
     tokio::spawn(async move {
         while let Some((req, send)) = handle.next_request().await {
-            let (method, path) = (req.method().to_string(), req.uri().path().to_string());
-            seen.lock().unwrap().push(format!("{method} {path}"));
-            let (status, body) = answer(&method, &path);
+            let line = format!("{} {}", req.method(), req.uri().path());
+            seen.lock().unwrap().push(line.clone());
+            let (status, body) = answer(req.method().as_str(), req.uri().path());
+            let sent = req.into_body().collect_bytes().await.unwrap_or_default();
+            kept.lock()
+                .unwrap()
+                .push((line, String::from_utf8_lossy(&sent).into_owned()));
             send.send_response(
                 Response::builder()
                     .status(status)
@@ -67,7 +80,7 @@ fn mock(answer: impl Fn(&str, &str) -> (StatusCode, String) + Send + 'static) ->
             );
         }
     });
-    (Client::new(svc, "default"), log)
+    (Client::new(svc, "default"), log, bodies)
 }
 
 fn api_error(code: u16, reason: &str) -> String {
@@ -80,6 +93,7 @@ struct World {
     deployments: Vec<Deployment>,
     services: Vec<Service>,
     hpas: Vec<HorizontalPodAutoscaler>,
+    pods: Vec<Pod>,
 }
 
 fn context(client: Client, w: World) -> (Arc<Context>, Vec<Box<dyn std::any::Any>>) {
@@ -87,7 +101,7 @@ fn context(client: Client, w: World) -> (Arc<Context>, Vec<Box<dyn std::any::Any
     let (services, b) = filled(w.services);
     let (hpas, c) = filled(w.hpas);
     let (pdbs, d) = filled::<PodDisruptionBudget>(vec![]);
-    let (pods, e) = filled::<Pod>(vec![]);
+    let (pods, e) = filled(w.pods);
     let (network_policies, f) = filled::<NetworkPolicy>(vec![]);
     let keep: Vec<Box<dyn std::any::Any>> = vec![
         Box::new(a),
@@ -130,6 +144,7 @@ fn applied_world(m: &ModelDeployment) -> World {
         deployments: vec![d],
         services: vec![stamp_hash(c.service)],
         hpas: vec![],
+        pods: vec![],
     }
 }
 
@@ -185,6 +200,7 @@ async fn first_reconcile_applies_children_then_patches_status_once() {
             deployments: vec![],
             services: vec![],
             hpas: vec![],
+            pods: vec![],
         },
     );
     run(m, ctx).await.expect("reconcile succeeds");
@@ -225,6 +241,7 @@ async fn apply_conflict_is_an_error_that_names_the_child_and_is_retried() {
             deployments: vec![],
             services: vec![],
             hpas: vec![],
+            pods: vec![],
         },
     );
     let err = run(m.clone(), ctx.clone()).await.expect_err("conflict surfaces");
@@ -346,6 +363,7 @@ async fn a_refused_network_policy_stops_the_reconcile_before_any_pod_could_serve
             deployments: vec![],
             services: vec![],
             hpas: vec![],
+            pods: vec![],
         },
     );
     let err = run(m, ctx).await.expect_err("the refusal surfaces");
@@ -355,4 +373,96 @@ async fn a_refused_network_policy_stops_the_reconcile_before_any_pod_could_serve
         !log.iter().any(|l| l.contains("/deployments/")),
         "no Deployment before its NetworkPolicy: {log:?}"
     );
+}
+
+/// While a spec cannot be applied, what runs still changes: the pods of the last spec applied keep
+/// serving, or stop. A pod that starts crash-looping must show in status beside `Ready=False
+/// ApplyFailed`, not hide behind the conditions and counts of the last successful reconcile.
+#[tokio::test]
+async fn a_refused_apply_still_reports_what_the_running_pods_do() {
+    use build::labels;
+    let before = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}));
+    let mut world = applied_world(&before);
+    // What the last successful reconcile saw: its pod ready and healthy.
+    let hash = world.deployments[0]
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .as_ref()
+        .unwrap()[labels::TEMPLATE_HASH]
+        .clone();
+    let healthy = |ready: bool, state: serde_json::Value| -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "resnet-abc", "namespace": "ml",
+                "labels": {labels::MODEL_DEPLOYMENT: "resnet"}, "annotations": {labels::TEMPLATE_HASH: hash}},
+            "spec": {"containers": [{"name": "server"}], "nodeName": "node-1"},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+                "containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": ready, "restartCount": 3,
+                    "started": ready, "state": state,
+                    "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}}))
+        .unwrap()
+    };
+    let serving = healthy(true, serde_json::json!({"running": {}}));
+    let mut m = md(serde_json::json!({"model": {"uri": "s3://models/other.onnx"}}));
+    m.metadata.generation = Some(2);
+    m.status = Some(status::compute(
+        &before,
+        &Observed {
+            deployment: world.deployments.first(),
+            pods: std::slice::from_ref(&serving),
+            probed: None,
+            ..Default::default()
+        },
+        &Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap()),
+    ));
+    // Since then: the new spec's Deployment is refused (an admission webhook), and the pod of the
+    // last one crash-loops.
+    let crashing = healthy(
+        false,
+        serde_json::json!({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}}),
+    );
+    world.pods = vec![crashing];
+    world.deployments[0].status = Some(
+        serde_json::from_value(serde_json::json!({"observedGeneration": 1, "replicas": 1, "readyReplicas": 0, "updatedReplicas": 1}))
+            .unwrap(),
+    );
+    let (client, _log, bodies) = mock_reading_bodies(|method, path| match method {
+        "PATCH" if path.ends_with("/deployments/resnet") => {
+            (StatusCode::FORBIDDEN, api_error(403, "Forbidden"))
+        }
+        _ => (StatusCode::OK, "{}".into()),
+    });
+    let (ctx, _keep) = context(client, world);
+    run(m.clone(), ctx)
+        .await
+        .expect_err("the refused apply is an error");
+    let patch = bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(line, _)| line.ends_with("/modeldeployments/resnet/status"))
+        .map(|(_, body)| serde_json::from_str::<serde_json::Value>(body).unwrap())
+        .expect("the status is written");
+    let mut stored = serde_json::json!({ "status": m.status });
+    json_patch::merge(&mut stored, &patch);
+    let conds = stored["status"]["conditions"].as_array().unwrap().clone();
+    let get = |t: &str| conds.iter().find(|c| c["type"] == t).cloned().unwrap_or_default();
+    assert_eq!(
+        (get("Ready")["status"].as_str(), get("Ready")["reason"].as_str()),
+        (Some("False"), Some("ApplyFailed")),
+        "{stored:#}"
+    );
+    assert_eq!(
+        (
+            get("Degraded")["status"].as_str(),
+            get("Degraded")["reason"].as_str()
+        ),
+        (Some("True"), Some("CrashLoopBackOff")),
+        "the crash loop since the last reconcile shows: {stored:#}"
+    );
+    assert_eq!(stored["status"]["readyReplicas"], 0, "{stored:#}");
+    assert_eq!(stored["status"]["observedGeneration"], 2, "{stored:#}");
 }

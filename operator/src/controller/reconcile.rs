@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
@@ -58,7 +59,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         tracing::warn!("the child caches are not filled after 30 s; reconciling anyway");
     }
     if let Err(invalid) = validate::validate(&md) {
-        let status = not_ready_status(&md, reason::INVALID_SPEC, &invalid.to_string());
+        let status = not_applied_status(&ctx, &md, reason::INVALID_SPEC, &invalid.to_string()).await;
         write_status(&ctx, &md, status).await?;
         return Ok(Action::await_change());
     }
@@ -68,7 +69,8 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         Err(e) => {
             // The apiserver's words belong in status too (quota, admission webhooks, RBAC):
             // `kubectl wait` and GitOps tools read conditions, not Events.
-            let status = not_ready_status(&md, reason::APPLY_FAILED, &super::status_message(&e));
+            let status =
+                not_applied_status(&ctx, &md, reason::APPLY_FAILED, &super::status_message(&e)).await;
             if let Err(se) = write_status(&ctx, &md, status).await {
                 tracing::warn!(error = %se, "could not report the apply failure in status");
             }
@@ -82,34 +84,11 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
 
     let ns = md.namespace().unwrap_or_default();
     // What was just written is newer than the cache: a changed template must read as rolling out.
-    let deployment = applied.deployment.map(Arc::new).or_else(|| {
-        ctx.stores
-            .deployments
-            .get(&ObjectRef::new(&md.name_any()).within(&ns))
-    });
-    let pods = pods_of(&ctx, &md);
-    // Only a pod of the current template serves what the spec now asks for.
-    let current = status::current_pods(deployment.as_deref(), &pods);
-    let probed = ctx
-        .prober
-        .probe(&current, &build::model_name(&md), &md.spec.model.version)
-        .await;
-    let looked_into = status::not_started(&pods, &now(), status::NOT_STARTED_AFTER);
-    let observed = Observed {
-        deployment: deployment.as_deref(),
-        pods: &pods,
-        probed,
-        mount_failures: mount_failures(&ctx.client, &ns, &looked_into).await,
-    };
-    // A pod not started yet may be about to show why (a FailedMount Event), which no watch
-    // reports: look again soon rather than at the next resync.
-    let waiting = !status::not_started(&pods, &now(), Duration::ZERO).is_empty();
-    let next = if waiting && observed.mount_failures.is_empty() {
-        ctx.resync.min(Duration::from_secs(10))
-    } else {
-        ctx.resync
-    };
-    let mut new = status::compute(&md, &observed, &now());
+    let Looked {
+        status: mut new,
+        deployment,
+        next,
+    } = look(&ctx, &md, applied.deployment).await;
     if super::autoscale::Params::of(&md).is_some()
         && let Some(d) = ctx.scraper.decision(&md)
     {
@@ -175,11 +154,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
             }
         }
     }
-    // Traffic as last scraped; after an operator restart, what status showed until a new window.
-    new.metrics = ctx
-        .scraper
-        .published(&key(&md))
-        .or_else(|| md.status.as_ref().and_then(|s| s.metrics.clone()));
+    new.metrics = published_metrics(&ctx, &md);
     write_status(&ctx, &md, new).await?;
     if let Ok(mut f) = ctx.failures.lock() {
         f.remove(&key(&md));
@@ -229,25 +204,101 @@ async fn mount_failures(
     found
 }
 
-/// The current status with `Ready=False` for `why` (other conditions kept as they were).
-fn not_ready_status(md: &ModelDeployment, why: &str, message: &str) -> ModelDeploymentStatus {
-    let mut s = md.status.clone().unwrap_or_default();
-    let unchanged = s
-        .conditions
-        .iter()
-        .any(|c| c.type_ == conditions::READY && c.reason == why && c.message == message);
-    if !unchanged {
-        s.conditions.retain(|c| c.type_ != conditions::READY);
-        s.conditions.push(Condition {
-            type_: conditions::READY.into(),
-            status: "False".into(),
-            reason: why.into(),
-            message: message.into(),
-            last_transition_time: now(),
-            observed_generation: md.metadata.generation,
-        });
+/// The status computed from the children as they run now, and when to look again.
+struct Looked {
+    status: ModelDeploymentStatus,
+    deployment: Option<Arc<Deployment>>,
+    next: Duration,
+}
+
+/// Reads the Deployment (`applied` if just written: it is newer than the cache), the pods, what
+/// ready pods report and why pods cannot start, and computes the status from them.
+async fn look(ctx: &Context, md: &ModelDeployment, applied: Option<Deployment>) -> Looked {
+    let ns = md.namespace().unwrap_or_default();
+    let deployment = applied.map(Arc::new).or_else(|| {
+        ctx.stores
+            .deployments
+            .get(&ObjectRef::new(&md.name_any()).within(&ns))
+    });
+    let pods = pods_of(ctx, md);
+    // Only a pod of the current template serves what the spec now asks for.
+    let current = status::current_pods(deployment.as_deref(), &pods);
+    let probed = ctx
+        .prober
+        .probe(&current, &build::model_name(md), &md.spec.model.version)
+        .await;
+    let looked_into = status::not_started(&pods, &now(), status::NOT_STARTED_AFTER);
+    let observed = Observed {
+        deployment: deployment.as_deref(),
+        pods: &pods,
+        probed,
+        mount_failures: mount_failures(&ctx.client, &ns, &looked_into).await,
+    };
+    // A pod not started yet may be about to show why (a FailedMount Event), which no watch
+    // reports: look again soon rather than at the next resync.
+    let waiting = !status::not_started(&pods, &now(), Duration::ZERO).is_empty();
+    let next = if waiting && observed.mount_failures.is_empty() {
+        ctx.resync.min(Duration::from_secs(10))
+    } else {
+        ctx.resync
+    };
+    Looked {
+        status: status::compute(md, &observed, &now()),
+        deployment,
+        next,
     }
-    s.observed_generation = md.metadata.generation;
+}
+
+/// Traffic as last scraped; after an operator restart, what status showed until a new window.
+fn published_metrics(ctx: &Context, md: &ModelDeployment) -> Option<kubemaas_crds::v1alpha1::TrafficMetrics> {
+    ctx.scraper
+        .published(&key(md))
+        .or_else(|| md.status.as_ref().and_then(|s| s.metrics.clone()))
+}
+
+/// The status while the spec cannot be applied (invalid, or refused by the apiserver): `Ready=False`
+/// for `why`, and everything else read from what runs, the children of the last spec applied, so
+/// pods that crash or stop meanwhile still show.
+async fn not_applied_status(
+    ctx: &Context,
+    md: &ModelDeployment,
+    why: &str,
+    message: &str,
+) -> ModelDeploymentStatus {
+    let mut s = look(ctx, md, None).await.status;
+    s.metrics = published_metrics(ctx, md);
+    // The HPA of the last spec applied still scales what runs.
+    if md
+        .spec
+        .autoscaling
+        .as_ref()
+        .is_some_and(|a| !a.metric.is_request_driven())
+    {
+        let ns = md.namespace().unwrap_or_default();
+        s.autoscaling = match ctx.stores.hpas.get(&ObjectRef::new(&md.name_any()).within(&ns)) {
+            Some(hpa) => status::autoscaling_from_hpa(&hpa),
+            None => md.status.as_ref().and_then(|o| o.autoscaling.clone()),
+        };
+    }
+    let before = md
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == conditions::READY));
+    let ready = Condition {
+        type_: conditions::READY.into(),
+        status: "False".into(),
+        reason: why.into(),
+        message: message.into(),
+        // The time Ready last changed status, as for every other condition.
+        last_transition_time: before
+            .filter(|b| b.status == "False")
+            .map_or_else(now, |b| b.last_transition_time.clone()),
+        observed_generation: md.metadata.generation,
+    };
+    match s.conditions.iter_mut().find(|c| c.type_ == conditions::READY) {
+        Some(c) => *c = ready,
+        None => s.conditions.push(ready),
+    }
     s
 }
 
