@@ -718,20 +718,81 @@ fn otlp_receiver() -> (String, Received) {
     (addr, seen)
 }
 
+/// A minimal OTLP/gRPC receiver on loopback (HTTP/2 without TLS): records the path and body of
+/// every request and answers each with an empty `ExportTraceServiceResponse` and grpc-status 0.
+async fn otlp_grpc_receiver() -> (String, Received) {
+    use http_body_util::BodyExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let seen: Received = Default::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let record = record.clone();
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let record = record.clone();
+                async move {
+                    let path = req.uri().path().to_string();
+                    let body = req.into_body().collect().await.map(|b| b.to_bytes().to_vec());
+                    record.lock().unwrap().push((path, body.unwrap_or_default()));
+                    let mut trailers = hyper::HeaderMap::new();
+                    trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+                    // One message of length 0 (an empty response), then the status.
+                    let frames = futures::stream::iter([
+                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                            hyper::body::Bytes::from_static(&[0; 5]),
+                        )),
+                        Ok(hyper::body::Frame::trailers(trailers)),
+                    ]);
+                    hyper::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(http_body_util::StreamBody::new(frames))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+            );
+        }
+    });
+    (addr, seen)
+}
+
 #[tokio::test]
-async fn reconcile_spans_are_exported_over_otlp() {
+async fn reconcile_spans_are_exported_over_otlp_http() {
+    let (addr, seen) = otlp_receiver();
+    spans_reach_the_collector("otlp", "http/protobuf", &addr, &seen, "/v1/traces").await;
+}
+
+/// The chart's values suggest `OTEL_EXPORTER_OTLP_PROTOCOL=grpc` for a collector on :4317: the
+/// operator must start with it (it once panicked building the exporter) and export through it.
+#[tokio::test]
+async fn reconcile_spans_are_exported_over_otlp_grpc() {
+    let (addr, seen) = otlp_grpc_receiver().await;
+    spans_reach_the_collector(
+        "otlp-grpc",
+        "grpc",
+        &addr,
+        &seen,
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+    )
+    .await;
+}
+
+/// Runs an operator exporting to the collector at `addr` over `protocol`, reconciles one object
+/// to Ready, stops the operator and checks what reached `path`.
+async fn spans_reach_the_collector(test: &str, protocol: &str, addr: &str, seen: &Received, path: &str) {
     install_crd();
     let client = client().await;
-    let ns = TestNs::new(&client, "otlp").await;
-    let (addr, seen) = otlp_receiver();
+    let ns = TestNs::new(&client, test).await;
     let endpoint = format!("http://{addr}");
     let mut op = Operator::start_with_env(
         &ns.name,
-        "op-otlp",
+        &format!("op-{test}"),
         &[],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
         ],
     );
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
@@ -747,14 +808,10 @@ async fn reconcile_spans_are_exported_over_otlp() {
         op.log_tail()
     );
     let seen = seen.lock().unwrap().clone();
-    let traces: Vec<&Vec<u8>> = seen
-        .iter()
-        .filter(|(p, _)| p == "/v1/traces")
-        .map(|(_, b)| b)
-        .collect();
+    let traces: Vec<&Vec<u8>> = seen.iter().filter(|(p, _)| p == path).map(|(_, b)| b).collect();
     assert!(
         !traces.is_empty(),
-        "no OTLP export received; got {:?}",
+        "no OTLP export received at {path}; got {:?}",
         seen.iter().map(|s| &s.0).collect::<Vec<_>>()
     );
     let all: Vec<u8> = traces.into_iter().flatten().copied().collect();

@@ -245,8 +245,14 @@ fn run_cli() -> anyhow::Result<()> {
     // exporter panics without it when the workspace builds reqwest with `rustls-no-provider`, as
     // the server's pull does). Ring, as the kube client uses. Fails only if one is already set.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let provider = init_telemetry(log_format, &log_level)?;
-    let result = dispatch(command);
+    // The gRPC OTLP exporter (tonic) is bound to the Tokio runtime current when it is built, and
+    // exports through it until the provider shuts down: the runtime comes first and outlives it.
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let provider = {
+        let _inside = runtime.enter();
+        init_telemetry(log_format, &log_level)?
+    };
+    let result = dispatch(command, &runtime);
     if let Some(p) = provider {
         // Flush buffered spans before exiting.
         let _ = p.shutdown();
@@ -254,7 +260,7 @@ fn run_cli() -> anyhow::Result<()> {
     result
 }
 
-fn dispatch(command: Command) -> anyhow::Result<()> {
+fn dispatch(command: Command, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     match command {
         Command::Crd => print!("{}", kubemaas_crds::crds_yaml()?),
         Command::Render(RenderArgs { file, images }) => {
@@ -269,10 +275,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 render::render(&input, &file.display().to_string(), &images.build_config())?
             );
         }
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(run(args))?,
+        Command::Run(args) => runtime.block_on(run(args))?,
     }
     Ok(())
 }
