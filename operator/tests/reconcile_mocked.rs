@@ -25,6 +25,8 @@ use kubemaas_operator::controller::{Context, Error, Stores, probe::Prober, recon
 use kubemaas_operator::metrics::Metrics;
 
 type Log = Arc<Mutex<Vec<String>>>;
+/// ("METHOD path", body) of every request.
+type Bodies = Arc<Mutex<Vec<(String, String)>>>;
 
 fn md(spec: serde_json::Value) -> ModelDeployment {
     let spec: ModelDeploymentSpec = serde_json::from_value(spec).unwrap();
@@ -58,10 +60,10 @@ fn mock(answer: impl Fn(&str, &str) -> (StatusCode, String) + Send + 'static) ->
 /// [`mock`], also keeping each request's body beside its "METHOD path".
 fn mock_reading_bodies(
     answer: impl Fn(&str, &str) -> (StatusCode, String) + Send + 'static,
-) -> (Client, Log, Arc<Mutex<Vec<(String, String)>>>) {
+) -> (Client, Log, Bodies) {
     let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let log: Log = Arc::default();
-    let bodies: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let bodies: Bodies = Arc::default();
     let (seen, kept) = (log.clone(), bodies.clone());
     tokio::spawn(async move {
         while let Some((req, send)) = handle.next_request().await {
