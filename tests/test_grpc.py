@@ -212,6 +212,12 @@ def test_metadata_config_and_statistics_say_what_rest_says(server):
     assert client.is_server_ready() is True
     assert requests.get(f"{server.url}/v2/health/ready").status_code == 200
     assert client.is_model_ready("model") and not client.is_model_ready("broken")
+    # A model or version not served is not ready, as Triton answers, rather than an error status
+    # (which makes tritonclient.grpc raise where tritonclient.http returns False).
+    assert client.is_model_ready("nope") is False
+    assert client.is_model_ready("versioned", "9") is False
+    assert client.is_model_ready("versioned", "1") is True
+    assert requests.get(f"{server.url}/v2/models/nope/ready").status_code == 404
     assert client.get_server_metadata(as_json=True)["extensions"] == requests.get(f"{server.url}/v2").json()["extensions"]
     for model in ("arith", "versioned"):
         rest = requests.get(f"{server.url}/v2/models/{model}").json()

@@ -468,11 +468,14 @@ impl GrpcInferenceService for Inference {
         req: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
         let req = req.into_inner();
-        let ready = match self.state.repo.ready_model(&req.name, version_arg(&req.version)) {
-            Ok(_) => !self.state.repo.is_shutting_down(),
-            Err(crate::repository::LookupError::NotReady { .. }) => false,
-            Err(e) => return Err(status(&e.into())),
-        };
+        // As Triton answers: a model or version not served here is not ready, not an error
+        // (`tritonclient.grpc`'s `is_model_ready` raises on an error status, where its HTTP twin
+        // returns False).
+        let ready = self
+            .state
+            .repo
+            .ready_model(&req.name, version_arg(&req.version))
+            .is_ok_and(|_| !self.state.repo.is_shutting_down());
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 
