@@ -306,7 +306,10 @@ def test_schema_rejects_images_the_kubelet_cannot_pull(bad):
     [{"name": "B", "valu": "x"}],                          # dropped by the apiserver: B is empty
     [{"name": "KUBEMAAS_LOG", "value": "debug"}],          # the chart sets it (use operator.logLevel)
     [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://b:4317"}],
-], ids=["not a string", "misspelt key", "set by the chart", "set by the chart when given"])
+    # The chart grants the Lease in the release namespace only: elsewhere every replica would
+    # wait for leadership forever on forbidden errors.
+    [{"name": "KUBEMAAS_LEADER_ELECTION_NAMESPACE", "value": "elsewhere"}],
+], ids=["not a string", "misspelt key", "set by the chart", "set by the chart when given", "lease moved off its role"])
 def test_schema_rejects_extra_env_the_apiserver_would_refuse_or_drop(env, tmp_path):
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump({"operator": {"extraEnv": env}}))
@@ -390,6 +393,23 @@ def test_a_fractional_scrape_interval_may_be_given_with_set():
     # number") although a values file with the same number works.
     for how in (["--set", "operator.metricsIntervalSeconds=0.5"], ["--set-json", "operator.metricsIntervalSeconds=0.5"]):
         assert operator_env(*how)["KUBEMAAS_METRICS_INTERVAL"] == "0.5", how
-    for bad in ("0", "-1", "fast", "90000"):
+    for bad in ("0", "-1", "fast", "90000", "90000.5", "86400.5"):
         p = render(None, "--set", f"operator.metricsIntervalSeconds={bad}")
         assert p.returncode != 0 and "values don't meet the specifications of the schema" in p.stderr, (bad, p.stderr)
+    # A string over the operator's limit (86400) was let through by the pattern, and the operator
+    # then refused it at start: a crash-looping pod instead of a failed install.
+    for bad in ("99999", "86401", "86400.01"):
+        p = render(None, "--set-string", f"operator.metricsIntervalSeconds={bad}")
+        assert p.returncode != 0 and "values don't meet the specifications of the schema" in p.stderr, (bad, p.stderr)
+    for good in ("86400", "86399.5", "79999.9", "1.25", "0.01"):
+        assert operator_env("--set-string", f"operator.metricsIntervalSeconds={good}")["KUBEMAAS_METRICS_INTERVAL"] == good
+
+
+def test_the_operator_pod_mounts_its_token_even_under_an_account_that_turns_it_off():
+    # With serviceAccount.create=false and an existing account set to automountServiceAccountToken:
+    # false (a common hardening), the pod got no token and the operator could not reach the
+    # apiserver; the pod's own setting wins over the account's.
+    for args in ((), ("--set", "serviceAccount.create=false", "--set", "serviceAccount.name=existing")):
+        d = next(x for x in docs_of(*args) if x["kind"] == "Deployment")
+        assert d["spec"]["template"]["spec"]["automountServiceAccountToken"] is True, args
+        assert d["spec"]["template"]["spec"]["serviceAccountName"] != "", args
