@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Raw tensor contents stay `Bytes`, so decoding a request does not copy them.
         .bytes(".inference")
+        // prost's codec with a bound on what a request's entries take once decoded.
+        .codec_path("crate::grpc::wire::BoundedCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -542,3 +542,57 @@ def test_compressed_requests_are_served_over_grpc_and_http_as_by_triton(server, 
         i.set_data_from_numpy(x, binary_data=binary)
         got = h.infer("model", [i], request_compression_algorithm=algorithm, response_compression_algorithm=algorithm)
         np.testing.assert_allclose(got.as_numpy("y"), want, rtol=1e-5, atol=1e-6)
+
+
+def varint(n):
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+@pytest.mark.parametrize("entries", ["inputs", "outputs", "raw_input_contents", "bytes_contents"])
+def test_a_message_of_many_empty_entries_is_refused_before_it_takes_gigabytes(repo_dir, tmp_path, entries):
+    # An empty `inputs` entry is 2 bytes on the wire and a struct of about 300 bytes once decoded
+    # (names, shape, parameters map, contents); tonic decoded the whole message before any check,
+    # so 8 MB of them took over a gigabyte, and the default 64 MiB limit let one request take
+    # ten. Empty outputs (~36x), raw entries and BYTES elements (16x) amplify too.
+    def peak_rss_mib(pid):
+        status = open(f"/proc/{pid}/status").read()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+    n = 3_900_000
+    head = b"\x0a\x05model"
+    if entries == "inputs":
+        body = head + b"\x2a\x00" * n
+    elif entries == "outputs":
+        body = head + b"\x32\x00" * n
+    elif entries == "raw_input_contents":
+        body = head + b"\x2a\x0b\x0a\x01x\x12\x04FP32\x1a\x00" + b"\x3a\x00" * n
+    else:
+        contents = b"\x42\x00" * n
+        tensor = b"\x0a\x01x\x12\x05BYTES\x1a\x01\x01\x2a" + varint(len(contents)) + contents
+        body = head + b"\x2a" + varint(len(tensor)) + tensor
+    s = Server(["--model", f"model={repo_dir / 'model' / '1' / 'model.onnx'}", "--max-request-bytes", "8000000"],
+               tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        channel = grpc.insecure_channel(s.grpc, options=[("grpc.max_send_message_length", 16 << 20)])
+        call = channel.unary_unary(SERVICE + "ModelInfer", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+        before = peak_rss_mib(s.proc.pid)
+        code, details = code_of(lambda: call(body, timeout=120))
+        after = peak_rss_mib(s.proc.pid)
+        print(f"{entries}: {len(body)} bytes, peak RSS growth {after - before:.0f} MiB, {code}: {details}")
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "decoded" in details, (code, details)
+        # The message itself (8 MB, buffered once by tonic) and little else.
+        assert after - before < 100, (before, after)
+        assert s.alive()
+        ok = grpcclient.InferenceServerClient(s.grpc)
+        x = grpcclient.InferInput("x", [1, 10], "FP32")
+        x.set_data_from_numpy(np.ones((1, 10), np.float32))
+        assert ok.infer("model", [x]).as_numpy("y").shape == (1, 3)
+    finally:
+        assert s.stop() == 0

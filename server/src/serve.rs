@@ -148,7 +148,8 @@ pub struct ServeArgs {
     pub pad_batches: PadBatches,
 
     /// Largest request body accepted, in bytes: larger REST bodies get 413, larger gRPC messages
-    /// RESOURCE_EXHAUSTED.
+    /// RESOURCE_EXHAUSTED (as does a gRPC inference request whose entries would take over twice
+    /// its size once decoded).
     #[arg(long, env = "KUBEMAAS_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = positive_bytes)]
     pub max_request_bytes: usize,
 

@@ -6,6 +6,7 @@
 pub mod budget;
 pub mod codec;
 pub mod service;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
