@@ -720,40 +720,50 @@ fn otlp_receiver() -> (String, Received) {
 
 /// A minimal OTLP/gRPC receiver on loopback (HTTP/2 without TLS): records the path and body of
 /// every request and answers each with an empty `ExportTraceServiceResponse` and grpc-status 0.
-async fn otlp_grpc_receiver() -> (String, Received) {
+/// It runs on a thread of its own: the operator flushes its spans while the test waits for it to
+/// exit, when the test's runtime runs nothing.
+fn otlp_grpc_receiver() -> (String, Received) {
     use http_body_util::BodyExt as _;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let seen: Received = Default::default();
     let record = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let record = record.clone();
-            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((stream, _)) = listener.accept().await {
                 let record = record.clone();
-                async move {
-                    let path = req.uri().path().to_string();
-                    let body = req.into_body().collect().await.map(|b| b.to_bytes().to_vec());
-                    record.lock().unwrap().push((path, body.unwrap_or_default()));
-                    let mut trailers = hyper::HeaderMap::new();
-                    trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
-                    // One message of length 0 (an empty response), then the status.
-                    let frames = futures::stream::iter([
-                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
-                            hyper::body::Bytes::from_static(&[0; 5]),
-                        )),
-                        Ok(hyper::body::Frame::trailers(trailers)),
-                    ]);
-                    hyper::Response::builder()
-                        .header("content-type", "application/grpc")
-                        .body(http_body_util::StreamBody::new(frames))
-                }
-            });
-            tokio::spawn(
-                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
-            );
-        }
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let record = record.clone();
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes().to_vec());
+                        record.lock().unwrap().push((path, body.unwrap_or_default()));
+                        let mut trailers = hyper::HeaderMap::new();
+                        trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+                        // One message of length 0 (an empty response), then the status.
+                        let frames = futures::stream::iter([
+                            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                hyper::body::Bytes::from_static(&[0; 5]),
+                            )),
+                            Ok(hyper::body::Frame::trailers(trailers)),
+                        ]);
+                        hyper::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(http_body_util::StreamBody::new(frames))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+                );
+            }
+        });
     });
     (addr, seen)
 }
@@ -768,7 +778,7 @@ async fn reconcile_spans_are_exported_over_otlp_http() {
 /// operator must start with it (it once panicked building the exporter) and export through it.
 #[tokio::test]
 async fn reconcile_spans_are_exported_over_otlp_grpc() {
-    let (addr, seen) = otlp_grpc_receiver().await;
+    let (addr, seen) = otlp_grpc_receiver();
     spans_reach_the_collector(
         "otlp-grpc",
         "grpc",
