@@ -283,3 +283,49 @@ def test_a_model_whose_fixed_input_cannot_exist_loads_without_warm_up_and_the_ot
         assert "not warmed" in s.log_path.read_text()
     finally:
         assert s.stop() == 0
+
+
+DENSE_X = b'{"name":"x","shape":[1,10],"datatype":"FP32","data":[1,2,3,4,5,6,7,8,9,10]}'
+AMPLIFIERS = {
+    # Each is ~60 MiB of small entries that serde grew into structs, maps or Value trees 7 to 20
+    # times their size before anything looked at them (measured: outputs +1086 MiB, shape +961,
+    # parameters +648, inputs +434); now each list stops at its bound.
+    "outputs": (lambda n: b'{"inputs":[' + DENSE_X + b'],"outputs":[' + b",".join([b'{"name":"y"}'] * n) + b"]}",
+                "more than 1024 outputs"),
+    "inputs": (lambda n: b'{"inputs":[' + b",".join([b'{"name":"x","shape":[0],"datatype":"FP32","data":[]}'] * n) + b"]}",
+               "more than 1024 inputs"),
+    "parameters": (lambda n: b'{"parameters":{' + b",".join(b'"k%d":1' % i for i in range(n)) + b'},"inputs":[' + DENSE_X + b"]}",
+                   "more than 256 parameters"),
+    "a parameter's value": (lambda n: b'{"parameters":{"k":[' + b",".join([b"0"] * n) + b']},"inputs":[' + DENSE_X + b"]}",
+                            'parameter "k" must be a string, a number or a boolean'),
+    "shape": (lambda n: b'{"inputs":[{"name":"x","shape":[' + b",".join([b"1"] * n) + b'],"datatype":"FP32","data":[1]}]}',
+              "more than 64 dimensions"),
+}
+
+
+@pytest.mark.parametrize("what", list(AMPLIFIERS))
+def test_a_body_of_many_small_entries_is_refused_before_it_takes_gigabytes(repo_dir, tmp_path, what):
+    from conftest import Server
+
+    def peak_rss_mib(pid):
+        status = open(f"/proc/{pid}/status").read()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+    make, expect = AMPLIFIERS[what]
+    per = len(make(2)) - len(make(1))
+    body = make(((60 << 20) - len(make(1))) // per)
+    body = body if len(body) <= 62 << 20 else make(((60 << 20) - len(make(1))) * (60 << 20) // len(body) // per)
+    s = Server(["--model", f"dense={repo_dir / 'model' / '1' / 'model.onnx'}",
+                "--max-request-bytes", str(64 << 20)], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        before = peak_rss_mib(s.proc.pid)
+        r = requests.post(f"{s.url}/v2/models/dense/infer", data=body, timeout=300)
+        after = peak_rss_mib(s.proc.pid)
+        print(f"{what}: {len(body)} bytes, peak RSS growth {after - before:.0f} MiB, {r.status_code} {r.text[:200]}")
+        assert r.status_code == 400 and expect in r.json()["error"], r.text[:500]
+        assert after - before < 200, (before, after)
+        ok = requests.post(f"{s.url}/v2/models/dense/infer", data=b'{"inputs":[' + DENSE_X + b"]}", timeout=30)
+        assert ok.status_code == 200 and len(ok.json()["outputs"][0]["data"]) == 3, ok.text
+    finally:
+        assert s.stop() == 0

@@ -184,7 +184,14 @@ pub enum TensorError {
     /// BYTES tensor serialisation that does not parse (binary extension).
     #[error("malformed BYTES tensor data: {0}")]
     BadBytesEncoding(String),
+    /// A shape with more dimensions than any tensor has.
+    #[error("shape has {0} dimensions, more than {MAX_DIMS}")]
+    TooManyDims(usize),
 }
+
+/// The most dimensions a shape may have (NumPy's limit; ONNX models have far fewer). A longer
+/// shape costs 8 bytes a dimension for 1 or 2 on the wire, and its error message more.
+pub const MAX_DIMS: usize = 64;
 
 /// Tensor contents.
 #[derive(Debug, Clone, PartialEq)]
@@ -213,6 +220,9 @@ pub const MAX_WARM_UP_BYTES: usize = 1 << 30;
 
 /// Number of elements of a shape given by a client, with overflow and sign checks.
 pub fn element_count(shape: &[i64]) -> Result<usize, TensorError> {
+    if shape.len() > MAX_DIMS {
+        return Err(TensorError::TooManyDims(shape.len()));
+    }
     let bad = || TensorError::BadShape(shape.to_vec());
     // The product of the non-zero dimensions is bounded too: [0, 2^62] holds nothing, but a row of
     // it (padding, strides, the runtime's own sizes) would overflow.

@@ -151,10 +151,13 @@ fn parameter(e: &mut Entries, entry: &[u8]) {
     e.bytes += (size_of::<(String, InferParameter)>() + entry.len()) as u64;
 }
 
-/// An `InferInputTensor`: its parameters and its contents' BYTES elements (numbers are not
-/// counted, see the module's description).
+/// An `InferInputTensor`: its shape, its parameters and its contents' BYTES elements (numbers
+/// are not counted, see the module's description).
 fn input(e: &mut Entries, tensor: &[u8]) {
     let _ = walk(tensor, &mut |field, value| match (field, value) {
+        // `shape`, packed (a dimension of 1 or 2 bytes takes 8) or one field a dimension.
+        (3, Value::Bytes(packed)) => e.bytes += 8 * packed.iter().filter(|b| *b & 0x80 == 0).count() as u64,
+        (3, Value::Number) => e.bytes += 8,
         (4, Value::Bytes(p)) => parameter(e, p),
         (5, Value::Bytes(contents)) => {
             let _ = walk(contents, &mut |f, v| {
@@ -324,6 +327,15 @@ mod tests {
         .encode_to_vec();
         assert_eq!(entries(&big).inputs, 20_000);
         assert!(check(&big).is_ok());
+        // A shape of millions of dimensions, packed at a byte each.
+        let long = ModelInferRequest {
+            inputs: vec![InferInputTensor {
+                shape: vec![1; 1 << 20],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(check(&long.encode_to_vec()).is_err());
     }
 
     #[test]

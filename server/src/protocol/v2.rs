@@ -38,24 +38,28 @@ pub fn extensions(shm: &SharedMemory) -> Vec<&'static str> {
 /// Deepest nesting accepted in a `data` array (tensors have far fewer dimensions).
 pub const MAX_DATA_DEPTH: usize = 32;
 
+// Every list and map of the header is bounded while it is parsed: a small entry (`{"name":"y"}`,
+// `"k":1`, a dimension `1,`) grows 7 to 20 times once decoded, so an unbounded list in a 64 MiB
+// body took a gigabyte before any check could look at it (see `bounded`).
 #[derive(Deserialize)]
 struct RequestHeader<'a> {
     #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::bounded::parameters")]
     parameters: Option<Map<String, Value>>,
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "super::bounded::inputs")]
     inputs: Vec<InputHeader<'a>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::bounded::outputs")]
     outputs: Option<Vec<OutputHeader>>,
 }
 
 #[derive(Deserialize)]
 struct InputHeader<'a> {
     name: String,
+    #[serde(deserialize_with = "super::bounded::shape")]
     shape: Vec<i64>,
     datatype: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::bounded::parameters")]
     parameters: Option<Map<String, Value>>,
     #[serde(default, borrow)]
     data: Option<&'a RawValue>,
@@ -64,7 +68,7 @@ struct InputHeader<'a> {
 #[derive(Deserialize)]
 struct OutputHeader {
     name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::bounded::parameters")]
     parameters: Option<Map<String, Value>>,
 }
 
