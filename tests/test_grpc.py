@@ -350,6 +350,7 @@ def test_malformed_messages_get_invalid_argument_and_the_server_keeps_serving(se
         "huge declared shape, raw": (raw([1 << 40, 1 << 30], b"\0" * 40), "is invalid"),
         "huge declared shape, typed": (typed([1 << 20, 10], [1.0] * 10), "needs 10485760"),
         "negative dimension": (raw([-1, 10], b"\0" * 40), "is invalid"),
+        "65 dimensions": (raw([1] * 65, b"\0" * 4), "shape has 65 dimensions, more than 64"),
         "unknown input": (raw([1, 10], b"\0" * 40, name="y"), "unknown input"),
     }
     two = raw([1, 10], b"\0" * 40)
