@@ -377,15 +377,9 @@ async fn a_refused_network_policy_stops_the_reconcile_before_any_pod_could_serve
     );
 }
 
-/// While a spec cannot be applied, what runs still changes: the pods of the last spec applied keep
-/// serving, or stop. A pod that starts crash-looping must show in status beside `Ready=False
-/// ApplyFailed`, not hide behind the conditions and counts of the last successful reconcile.
-#[tokio::test]
-async fn a_refused_apply_still_reports_what_the_running_pods_do() {
+/// The pod of the last spec applied (`before`), ready or crash-looping.
+fn pod_of(world: &World, ready: bool) -> Pod {
     use build::labels;
-    let before = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}));
-    let mut world = applied_world(&before);
-    // What the last successful reconcile saw: its pod ready and healthy.
     let hash = world.deployments[0]
         .spec
         .template
@@ -396,21 +390,39 @@ async fn a_refused_apply_still_reports_what_the_running_pods_do() {
         .as_ref()
         .unwrap()[labels::TEMPLATE_HASH]
         .clone();
-    let healthy = |ready: bool, state: serde_json::Value| -> Pod {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "resnet-abc", "namespace": "ml",
-                "labels": {labels::MODEL_DEPLOYMENT: "resnet"}, "annotations": {labels::TEMPLATE_HASH: hash}},
-            "spec": {"containers": [{"name": "server"}], "nodeName": "node-1"},
-            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
-                "containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": ready, "restartCount": 3,
-                    "started": ready, "state": state,
-                    "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}}))
-        .unwrap()
+    let state = if ready {
+        serde_json::json!({"running": {}})
+    } else {
+        serde_json::json!({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}})
     };
-    let serving = healthy(true, serde_json::json!({"running": {}}));
-    let mut m = md(serde_json::json!({"model": {"uri": "s3://models/other.onnx"}}));
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "resnet-abc", "namespace": "ml",
+            "labels": {labels::MODEL_DEPLOYMENT: "resnet"}, "annotations": {labels::TEMPLATE_HASH: hash}},
+        "spec": {"containers": [{"name": "server"}], "nodeName": "node-1"},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+            "containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": ready, "restartCount": 3,
+                "started": ready, "state": state,
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}}))
+    .unwrap()
+}
+
+/// A spec that cannot reach the children (`after`, generation 2), whose status is what the last
+/// successful reconcile of `before` saw (its pod ready, healthy), and a world where that pod has
+/// crash-looped since. Runs one reconcile against `answer` and returns its result and the status
+/// as the patch it wrote leaves it.
+async fn reconcile_unapplied(
+    after: serde_json::Value,
+    answer: impl Fn(&str, &str) -> (StatusCode, String) + Send + 'static,
+) -> (
+    Result<kube::runtime::controller::Action, Error>,
+    serde_json::Value,
+) {
+    let before = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}));
+    let mut world = applied_world(&before);
+    let serving = pod_of(&world, true);
+    let mut m = md(after);
     m.metadata.generation = Some(2);
-    m.status = Some(status::compute(
+    let mut last = status::compute(
         &before,
         &Observed {
             deployment: world.deployments.first(),
@@ -419,28 +431,21 @@ async fn a_refused_apply_still_reports_what_the_running_pods_do() {
             ..Default::default()
         },
         &Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap()),
-    ));
-    // Since then: the new spec's Deployment is refused (an admission webhook), and the pod of the
-    // last one crash-loops.
-    let crashing = healthy(
-        false,
-        serde_json::json!({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}}),
     );
-    world.pods = vec![crashing];
+    // Ready was already False (a rollout), since a time the next status must keep.
+    for c in last.conditions.iter_mut().filter(|c| c.type_ == "Ready") {
+        c.status = "False".into();
+        c.reason = "RolloutInProgress".into();
+    }
+    m.status = Some(last);
+    world.pods = vec![pod_of(&world, false)];
     world.deployments[0].status = Some(
         serde_json::from_value(serde_json::json!({"observedGeneration": 1, "replicas": 1, "readyReplicas": 0, "updatedReplicas": 1}))
             .unwrap(),
     );
-    let (client, _log, bodies) = mock_reading_bodies(|method, path| match method {
-        "PATCH" if path.ends_with("/deployments/resnet") => {
-            (StatusCode::FORBIDDEN, api_error(403, "Forbidden"))
-        }
-        _ => (StatusCode::OK, "{}".into()),
-    });
+    let (client, _log, bodies) = mock_reading_bodies(answer);
     let (ctx, _keep) = context(client, world);
-    run(m.clone(), ctx)
-        .await
-        .expect_err("the refused apply is an error");
+    let result = run(m.clone(), ctx).await;
     let patch = bodies
         .lock()
         .unwrap()
@@ -450,21 +455,93 @@ async fn a_refused_apply_still_reports_what_the_running_pods_do() {
         .expect("the status is written");
     let mut stored = serde_json::json!({ "status": m.status });
     json_patch::merge(&mut stored, &patch);
-    let conds = stored["status"]["conditions"].as_array().unwrap().clone();
-    let get = |t: &str| conds.iter().find(|c| c["type"] == t).cloned().unwrap_or_default();
+    (result, stored["status"].clone())
+}
+
+fn condition_of(status: &serde_json::Value, t: &str) -> (String, String, String) {
+    let c = status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == t))
+        .cloned()
+        .unwrap_or_default();
+    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+    (s("status"), s("reason"), s("lastTransitionTime"))
+}
+
+/// While a spec cannot be applied, what runs still changes: the pods of the last spec applied keep
+/// serving, or stop. A pod that starts crash-looping must show in status beside `Ready=False
+/// ApplyFailed`, not hide behind the conditions and counts of the last successful reconcile.
+#[tokio::test]
+async fn a_refused_apply_still_reports_what_the_running_pods_do() {
+    let (result, status) = reconcile_unapplied(
+        serde_json::json!({"model": {"uri": "s3://models/other.onnx"}}),
+        |method, path| match method {
+            "PATCH" if path.ends_with("/deployments/resnet") => {
+                (StatusCode::FORBIDDEN, api_error(403, "Forbidden"))
+            }
+            _ => (StatusCode::OK, "{}".into()),
+        },
+    )
+    .await;
+    result.expect_err("the refused apply is an error");
+    let (ready, why, since) = condition_of(&status, "Ready");
     assert_eq!(
-        (get("Ready")["status"].as_str(), get("Ready")["reason"].as_str()),
-        (Some("False"), Some("ApplyFailed")),
-        "{stored:#}"
+        (ready.as_str(), why.as_str()),
+        ("False", "ApplyFailed"),
+        "{status:#}"
     );
     assert_eq!(
-        (
-            get("Degraded")["status"].as_str(),
-            get("Degraded")["reason"].as_str()
-        ),
-        (Some("True"), Some("CrashLoopBackOff")),
-        "the crash loop since the last reconcile shows: {stored:#}"
+        since, "2027-01-15T08:00:00Z",
+        "Ready stayed False: its transition time stays"
     );
-    assert_eq!(stored["status"]["readyReplicas"], 0, "{stored:#}");
-    assert_eq!(stored["status"]["observedGeneration"], 2, "{stored:#}");
+    let (degraded, why, _) = condition_of(&status, "Degraded");
+    assert_eq!(
+        (degraded.as_str(), why.as_str()),
+        ("True", "CrashLoopBackOff"),
+        "the crash loop since the last reconcile shows: {status:#}"
+    );
+    assert_eq!(status["readyReplicas"], 0, "{status:#}");
+    assert_eq!(status["observedGeneration"], 2, "{status:#}");
+}
+
+/// The same for a spec the operator's own checks refuse; and it is looked at again, as pods
+/// that go on changing would otherwise wait for a watch event to show.
+#[tokio::test]
+async fn an_invalid_spec_still_reports_what_the_running_pods_do_and_looks_again() {
+    let (result, status) = reconcile_unapplied(
+        serde_json::json!({"model": {"uri": "s3://models/m.onnx"}, "tls": {"secretName": "t"},
+            "networkPolicy": {"inferenceFrom": [{"ipBlock": {"cidr": "not-an-address"}}]}}),
+        |_, _| {
+            let stored = md(serde_json::json!({"model": {"uri": "s3://models/m.onnx"}}));
+            (StatusCode::OK, serde_json::to_string(&stored).unwrap())
+        },
+    )
+    .await;
+    let action = result.expect("an invalid spec is reported, not retried as an error");
+    assert_eq!(
+        format!("{action:?}"),
+        format!(
+            "{:?}",
+            kube::runtime::controller::Action::requeue(Duration::from_secs(300))
+        )
+    );
+    let (ready, why, since) = condition_of(&status, "Ready");
+    assert_eq!(
+        (ready.as_str(), why.as_str()),
+        ("False", "InvalidSpec"),
+        "{status:#}"
+    );
+    assert_eq!(since, "2027-01-15T08:00:00Z");
+    assert_eq!(
+        condition_of(&status, "Degraded").1,
+        "CrashLoopBackOff",
+        "{status:#}"
+    );
+    // The pods serve plain HTTP still: the endpoints say what runs, not the TLS asked for.
+    assert!(
+        status["endpoints"]["rest"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("http://")),
+        "{status:#}"
+    );
 }

@@ -59,9 +59,10 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         tracing::warn!("the child caches are not filled after 30 s; reconciling anyway");
     }
     if let Err(invalid) = validate::validate(&md) {
-        let status = not_applied_status(&ctx, &md, reason::INVALID_SPEC, &invalid.to_string()).await;
+        let (status, next) = not_applied_status(&ctx, &md, reason::INVALID_SPEC, &invalid.to_string()).await;
         write_status(&ctx, &md, status).await?;
-        return Ok(Action::await_change());
+        // What runs goes on changing: look again as for any object.
+        return Ok(Action::requeue(next));
     }
     let children = build::children(&md, &ctx.build);
     let applied = match apply::apply_children(&ctx.client, &ctx.stores, &md, children).await {
@@ -69,7 +70,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         Err(e) => {
             // The apiserver's words belong in status too (quota, admission webhooks, RBAC):
             // `kubectl wait` and GitOps tools read conditions, not Events.
-            let status =
+            let (status, _) =
                 not_applied_status(&ctx, &md, reason::APPLY_FAILED, &super::status_message(&e)).await;
             if let Err(se) = write_status(&ctx, &md, status).await {
                 tracing::warn!(error = %se, "could not report the apply failure in status");
@@ -88,7 +89,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         status: mut new,
         deployment,
         next,
-    } = look(&ctx, &md, applied.deployment).await;
+    } = look(&ctx, &md, applied.deployment, false).await;
     if super::autoscale::Params::of(&md).is_some()
         && let Some(d) = ctx.scraper.decision(&md)
     {
@@ -212,8 +213,9 @@ struct Looked {
 }
 
 /// Reads the Deployment (`applied` if just written: it is newer than the cache), the pods, what
-/// ready pods report and why pods cannot start, and computes the status from them.
-async fn look(ctx: &Context, md: &ModelDeployment, applied: Option<Deployment>) -> Looked {
+/// ready pods report and why pods cannot start, and computes the status from them. While the spec
+/// is `unapplied`, the pods run an earlier one and are not asked about this one.
+async fn look(ctx: &Context, md: &ModelDeployment, applied: Option<Deployment>, unapplied: bool) -> Looked {
     let ns = md.namespace().unwrap_or_default();
     let deployment = applied.map(Arc::new).or_else(|| {
         ctx.stores
@@ -223,16 +225,20 @@ async fn look(ctx: &Context, md: &ModelDeployment, applied: Option<Deployment>) 
     let pods = pods_of(ctx, md);
     // Only a pod of the current template serves what the spec now asks for.
     let current = status::current_pods(deployment.as_deref(), &pods);
-    let probed = ctx
-        .prober
-        .probe(&current, &build::model_name(md), &md.spec.model.version)
-        .await;
+    let probed = if unapplied {
+        None
+    } else {
+        ctx.prober
+            .probe(&current, &build::model_name(md), &md.spec.model.version)
+            .await
+    };
     let looked_into = status::not_started(&pods, &now(), status::NOT_STARTED_AFTER);
     let observed = Observed {
         deployment: deployment.as_deref(),
         pods: &pods,
         probed,
         mount_failures: mount_failures(&ctx.client, &ns, &looked_into).await,
+        unapplied,
     };
     // A pod not started yet may be about to show why (a FailedMount Event), which no watch
     // reports: look again soon rather than at the next resync.
@@ -258,14 +264,16 @@ fn published_metrics(ctx: &Context, md: &ModelDeployment) -> Option<kubemaas_crd
 
 /// The status while the spec cannot be applied (invalid, or refused by the apiserver): `Ready=False`
 /// for `why`, and everything else read from what runs, the children of the last spec applied, so
-/// pods that crash or stop meanwhile still show.
+/// pods that crash or stop meanwhile still show; and when to look again.
 async fn not_applied_status(
     ctx: &Context,
     md: &ModelDeployment,
     why: &str,
     message: &str,
-) -> ModelDeploymentStatus {
-    let mut s = look(ctx, md, None).await.status;
+) -> (ModelDeploymentStatus, Duration) {
+    let Looked {
+        status: mut s, next, ..
+    } = look(ctx, md, None, true).await;
     s.metrics = published_metrics(ctx, md);
     // The HPA of the last spec applied still scales what runs.
     if md
@@ -299,7 +307,7 @@ async fn not_applied_status(
         Some(c) => *c = ready,
         None => s.conditions.push(ready),
     }
-    s
+    (s, next)
 }
 
 /// Patches the status only when it differs, and publishes an Event per changed condition.

@@ -40,6 +40,11 @@ pub struct Observed<'a> {
     /// Pods whose volumes cannot be attached or mounted: (pod, the latest `FailedMount` or
     /// `FailedAttachVolume` message).
     pub mount_failures: Vec<(String, String)>,
+    /// The spec did not reach the children (invalid, or refused by the apiserver): the Deployment
+    /// and pods run an earlier spec, so what compares them with this one (the replicas wanted,
+    /// the accelerator, the model's name, the endpoints) is read from the Deployment or kept
+    /// from the last status rather than judged against a spec they were never given.
+    pub unapplied: bool,
 }
 
 /// How long a pod may sit with no container started before the reconcile looks for a
@@ -659,10 +664,15 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
         pods: &staying,
         probed: observed.probed.clone(),
         mount_failures: observed.mount_failures.clone(),
+        unapplied: observed.unapplied,
     };
     let old = md.status.clone().unwrap_or_default();
     let generation = md.metadata.generation;
-    let desired = desired_replicas(md);
+    let desired = match observed.deployment {
+        // What the running Deployment was last asked for.
+        Some(d) if observed.unapplied => d.spec.replicas.unwrap_or_else(|| desired_replicas(md)),
+        _ => desired_replicas(md),
+    };
     let dst = observed
         .deployment
         .and_then(|d| d.status.clone())
@@ -683,7 +693,7 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
         scheduled(observed.pods, desired, observed.deployment),
         model_loaded(&current, current_ready, older_serving, desired == 0, now),
         ready(md, observed.deployment, desired, observed.pods),
-        degraded(md, observed, now),
+        degraded_or_kept(md, observed, &old, now),
     ];
     let conditions = new
         .into_iter()
@@ -713,13 +723,15 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
         updated_replicas: dst.updated_replicas.unwrap_or(0),
         selector: Some(selector_string(md)),
         conditions,
-        endpoints: Some(Endpoints {
-            rest: format!(
-                "{}://{name}.{ns}.svc:{}",
-                if md.spec.tls.is_some() { "https" } else { "http" },
-                ports::HTTP
-            ),
-            grpc: format!("{name}.{ns}.svc:{}", ports::GRPC),
+        endpoints: old.endpoints.filter(|_| observed.unapplied).or_else(|| {
+            Some(Endpoints {
+                rest: format!(
+                    "{}://{name}.{ns}.svc:{}",
+                    if md.spec.tls.is_some() { "https" } else { "http" },
+                    ports::HTTP
+                ),
+                grpc: format!("{name}.{ns}.svc:{}", ports::GRPC),
+            })
         }),
         // Only what a pod really reported; an earlier report stays until a new one replaces it.
         accelerator: probed.accelerator.or(old.accelerator),
@@ -741,12 +753,39 @@ pub fn compute(md: &ModelDeployment, observed: &Observed<'_>, now: &Time) -> Mod
         // Set by the reconcile from the scraper, which this pure function does not see.
         metrics: old.metrics,
         autoscaling: old.autoscaling.filter(|_| {
-            md.spec
-                .autoscaling
-                .as_ref()
-                .is_some_and(|a| a.metric.is_request_driven())
+            observed.unapplied
+                || md
+                    .spec
+                    .autoscaling
+                    .as_ref()
+                    .is_some_and(|a| a.metric.is_request_driven())
         }),
     }
+}
+
+/// [`degraded`]; while the spec is unapplied nothing is probed (the pods would be asked about a
+/// spec they do not run), so an `AcceleratorFallback` found earlier on the same pods stays.
+fn degraded_or_kept(
+    md: &ModelDeployment,
+    observed: &Observed<'_>,
+    old: &ModelDeploymentStatus,
+    now: &Time,
+) -> Cond {
+    let found = degraded(md, observed, now);
+    if !observed.unapplied || found.reason != reason::HEALTHY {
+        return found;
+    }
+    old.conditions
+        .iter()
+        .find(|c| c.type_ == conditions::DEGRADED && c.reason == reason::ACCELERATOR_FALLBACK)
+        .map_or(found, |c| {
+            cond(
+                conditions::DEGRADED,
+                Some(true),
+                reason::ACCELERATOR_FALLBACK,
+                c.message.clone(),
+            )
+        })
 }
 
 /// Why the HorizontalPodAutoscaler cannot scale (its `ScalingActive` condition is False, e.g. no
@@ -1988,5 +2027,72 @@ mod tests {
             Some("a".repeat(64)),
             "a server without a pull record: the pinned digest, which pull verified"
         );
+    }
+}
+
+#[cfg(test)]
+mod unapplied_tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use serde_json::json;
+
+    use super::super::build::tests::md;
+    use super::*;
+
+    /// While a spec is unapplied, what compares the pods with it is not judged against it: the
+    /// pods run the last spec applied.
+    #[test]
+    fn an_unapplied_spec_is_not_held_against_the_pods_of_the_last_one() {
+        let now = Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap());
+        // Asked now: 5 replicas, TLS, CUDA. Running: 2 CPU pods serving plain HTTP.
+        let mut m = md(
+            json!({"model": {"uri": "s3://models/m.onnx"}, "replicas": 5, "accelerator": "cuda",
+            "tls": {"secretName": "t"}}),
+        );
+        let d: Deployment = serde_json::from_value(json!({"metadata": {"name": "resnet", "generation": 1},
+            "spec": {"replicas": 2, "selector": {}, "template": {}},
+            "status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}}))
+        .unwrap();
+        let fallback = Condition {
+            type_: conditions::DEGRADED.into(),
+            status: "True".into(),
+            reason: reason::ACCELERATOR_FALLBACK.into(),
+            message: "pod a runs on CPUExecutionProvider although accelerator is cuda: no GPU".into(),
+            last_transition_time: now.clone(),
+            observed_generation: Some(1),
+        };
+        m.status = Some(ModelDeploymentStatus {
+            conditions: vec![fallback],
+            endpoints: Some(Endpoints {
+                rest: "http://resnet.default.svc:8080".into(),
+                grpc: "resnet.default.svc:8081".into(),
+            }),
+            ..Default::default()
+        });
+        let of = |unapplied| {
+            compute(
+                &m,
+                &Observed {
+                    deployment: Some(&d),
+                    unapplied,
+                    ..Default::default()
+                },
+                &now,
+            )
+        };
+        let s = of(true);
+        let get =
+            |s: &ModelDeploymentStatus, t: &str| s.conditions.iter().find(|c| c.type_ == t).cloned().unwrap();
+        assert_eq!(
+            s.endpoints.as_ref().map(|e| e.rest.as_str()),
+            Some("http://resnet.default.svc:8080")
+        );
+        // Found on these pods before, and nothing asked them since.
+        assert_eq!(get(&s, "Degraded").reason, reason::ACCELERATOR_FALLBACK);
+        // 2 of the 2 the Deployment was asked for: not "2/5".
+        assert_eq!(get(&s, "Ready").reason, reason::MINIMUM_REPLICAS_AVAILABLE);
+        // Applied, the same observation reads against the spec.
+        let s = of(false);
+        assert!(s.endpoints.as_ref().is_some_and(|e| e.rest.starts_with("https://")));
+        assert_ne!(get(&s, "Ready").reason, reason::MINIMUM_REPLICAS_AVAILABLE);
     }
 }
