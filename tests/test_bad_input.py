@@ -291,13 +291,13 @@ AMPLIFIERS = {
     # times their size before anything looked at them (measured: outputs +1086 MiB, shape +961,
     # parameters +648, inputs +434); now each list stops at its bound.
     "outputs": (lambda n: b'{"inputs":[' + DENSE_X + b'],"outputs":[' + b",".join([b'{"name":"y"}'] * n) + b"]}",
-                "more than 1024 outputs"),
+                "more than 16384 outputs"),
     "inputs": (lambda n: b'{"inputs":[' + b",".join([b'{"name":"x","shape":[0],"datatype":"FP32","data":[]}'] * n) + b"]}",
-               "more than 1024 inputs"),
+               "more than 16384 inputs"),
     "parameters": (lambda n: b'{"parameters":{' + b",".join(b'"k%d":1' % i for i in range(n)) + b'},"inputs":[' + DENSE_X + b"]}",
                    "more than 256 parameters"),
     "a parameter's value": (lambda n: b'{"parameters":{"k":[' + b",".join([b"0"] * n) + b']},"inputs":[' + DENSE_X + b"]}",
-                            'parameter "k" must be a string, a number or a boolean'),
+                            'parameter "k" must be a string, a number, a boolean or null'),
     "shape": (lambda n: b'{"inputs":[{"name":"x","shape":[' + b",".join([b"1"] * n) + b'],"datatype":"FP32","data":[1]}]}',
               "more than 64 dimensions"),
 }

@@ -2092,7 +2092,11 @@ mod unapplied_tests {
         assert_eq!(get(&s, "Ready").reason, reason::MINIMUM_REPLICAS_AVAILABLE);
         // Applied, the same observation reads against the spec.
         let s = of(false);
-        assert!(s.endpoints.as_ref().is_some_and(|e| e.rest.starts_with("https://")));
+        assert!(
+            s.endpoints
+                .as_ref()
+                .is_some_and(|e| e.rest.starts_with("https://"))
+        );
         assert_ne!(get(&s, "Ready").reason, reason::MINIMUM_REPLICAS_AVAILABLE);
     }
 }

@@ -6,8 +6,11 @@
 //! `--max-request-bytes` could take a hundred times that in memory and get the pod OOM-killed.
 //! Here the memory the decoded entries take is estimated from the wire, without allocating, and a
 //! message whose entries would take more than twice its size (plus [`SLACK`]) is refused with
-//! `RESOURCE_EXHAUSTED`. Numbers are not counted: a packed int64 grows at most 8 times, as in any
-//! protobuf server.
+//! `RESOURCE_EXHAUSTED`. BYTES elements (`bytes_contents`) have an allowance of their own, 8 times
+//! the message's size: a short string is a legitimate element that grows that much (10 bytes
+//! take 12 on the wire and 42 decoded), and the elements are counted again, 64 bytes each,
+//! against the shared budget once decoded, as REST's are. Numbers are not counted: a packed int64
+//! grows at most 8 times, as in any protobuf server.
 
 use std::any::TypeId;
 use std::mem::size_of;
@@ -85,6 +88,9 @@ pub struct Entries {
     pub raw: u64,
     /// `bytes_contents` elements, over all inputs.
     pub bytes_elements: u64,
+    /// Bytes the decoded `bytes_contents` elements take (their handles; the strings stay in the
+    /// message's buffer).
+    pub element_bytes: u64,
     /// `parameters` entries, of the request and its tensors.
     pub parameters: u64,
     /// Bytes the decoded entries take beyond the message's own buffer (which raw contents and
@@ -93,21 +99,24 @@ pub struct Entries {
 }
 
 /// Refuses a `ModelInferRequest` (`wire`, its encoded bytes) whose decoded entries would take
-/// more than twice its size plus [`SLACK`]. A message that is not valid protobuf is left to prost,
+/// more than twice its size plus [`SLACK`], or whose BYTES elements would take more than 8 times
+/// its size plus [`SLACK`]. A message that is not valid protobuf is left to prost,
 /// which says why; what came before the fault is counted all the same, since prost decodes it
 /// before it finds the fault.
 pub fn check(wire: &[u8]) -> Result<(), Status> {
     let e = entries(wire);
-    let allowed = (wire.len() as u64).saturating_mul(2).saturating_add(SLACK);
-    if e.bytes <= allowed {
+    let size = wire.len() as u64;
+    let allowed = size.saturating_mul(2).saturating_add(SLACK);
+    let for_elements = size.saturating_mul(8).saturating_add(SLACK);
+    if e.bytes <= allowed && e.element_bytes <= for_elements {
         return Ok(());
     }
     Err(Status::resource_exhausted(format!(
         "the request would take about {} MiB once decoded ({} inputs, {} outputs, {} \
          raw_input_contents entries, {} bytes_contents elements, {} parameters) for {} bytes on \
-         the wire; the server refuses entries that take over twice the message's size: send \
-         fewer, larger entries (BYTES tensors in raw_input_contents)",
-        e.bytes >> 20,
+         the wire; the server refuses entries that take over twice the message's size (BYTES \
+         elements: 8 times): send fewer, larger entries (BYTES tensors in raw_input_contents)",
+        (e.bytes + e.element_bytes) >> 20,
         e.inputs,
         e.outputs,
         e.raw,
@@ -163,7 +172,7 @@ fn input(e: &mut Entries, tensor: &[u8]) {
             let _ = walk(contents, &mut |f, v| {
                 if let (8, Value::Bytes(_)) = (f, v) {
                     e.bytes_elements += 1;
-                    e.bytes += size_of::<Bytes>() as u64;
+                    e.element_bytes += size_of::<Bytes>() as u64;
                 }
             });
         }
@@ -336,6 +345,35 @@ mod tests {
             ..Default::default()
         };
         assert!(check(&long.encode_to_vec()).is_err());
+    }
+
+    #[test]
+    fn short_strings_pass_and_empty_ones_by_the_million_do_not() {
+        let strings = |n: usize, len: usize| {
+            ModelInferRequest {
+                inputs: vec![InferInputTensor {
+                    name: "s".into(),
+                    datatype: "BYTES".into(),
+                    shape: vec![n as i64],
+                    contents: Some(InferTensorContents {
+                        bytes_contents: vec![Bytes::from(vec![b'a'; len]); n],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        // A million 10-byte strings, a million 2-byte ones: legitimate batches.
+        assert!(check(&strings(1_000_000, 10)).is_ok());
+        assert!(check(&strings(1_000_000, 2)).is_ok());
+        let e = check(&strings(4_000_000, 0)).expect_err("16 times its size");
+        assert!(
+            e.message().contains("4000000 bytes_contents elements"),
+            "{}",
+            e.message()
+        );
     }
 
     #[test]

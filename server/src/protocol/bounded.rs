@@ -14,10 +14,15 @@ use serde_json::{Map, Value};
 
 use crate::tensor::MAX_DIMS;
 
-/// The most inputs, and the most outputs, one request may name.
-pub const MAX_TENSORS: usize = 1024;
-/// The most entries in one `parameters` object.
+/// The most inputs, and the most outputs, one request may name (models with one input per
+/// feature have thousands).
+pub const MAX_TENSORS: usize = 16384;
+/// The most entries in the request's `parameters` object.
 pub const MAX_PARAMETERS: usize = 256;
+/// The most entries in an input's or an output's `parameters` (the protocol's own keys are
+/// `binary_data`, `binary_data_size`, the three `shared_memory_*` and `classification`): with
+/// up to [`MAX_TENSORS`] tensors, this bounds the entries of a whole request.
+pub const MAX_TENSOR_PARAMETERS: usize = 16;
 
 /// A JSON list of at most `max` elements, named `what` in the error.
 struct AtMost<T> {
@@ -80,19 +85,33 @@ pub fn shape<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<i64>, D::Error> {
     at_most(d, MAX_DIMS, "dimensions in a shape")
 }
 
-/// A `parameters` object (absent or null: none): at most [`MAX_PARAMETERS`] entries, each a
-/// string, a number, a boolean or null.
+/// The request's `parameters` object (absent or null: none): at most [`MAX_PARAMETERS`] entries,
+/// each a string, a number, a boolean or null.
 pub fn parameters<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Map<String, Value>>, D::Error> {
-    d.deserialize_option(Parameters)
+    d.deserialize_option(Parameters {
+        max: MAX_PARAMETERS,
+        of: "",
+    })
 }
 
-struct Parameters;
+/// An input's or an output's `parameters`: at most [`MAX_TENSOR_PARAMETERS`] entries.
+pub fn tensor_parameters<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Map<String, Value>>, D::Error> {
+    d.deserialize_option(Parameters {
+        max: MAX_TENSOR_PARAMETERS,
+        of: " for one input or output",
+    })
+}
+
+struct Parameters {
+    max: usize,
+    of: &'static str,
+}
 
 impl<'de> Visitor<'de> for Parameters {
     type Value = Option<Map<String, Value>>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "an object of at most {MAX_PARAMETERS} parameters")
+        write!(f, "an object of at most {} parameters{}", self.max, self.of)
     }
 
     fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
@@ -111,8 +130,11 @@ impl<'de> Visitor<'de> for Parameters {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
             // A repeated key replaces its value and takes no more room.
-            if out.len() == MAX_PARAMETERS && !out.contains_key(&key) {
-                return Err(A::Error::custom(format!("more than {MAX_PARAMETERS} parameters")));
+            if out.len() == self.max && !out.contains_key(&key) {
+                return Err(A::Error::custom(format!(
+                    "more than {} parameters{}",
+                    self.max, self.of
+                )));
             }
             let value = map.next_value_seed(Scalar { key: &key })?;
             out.insert(key, value);
@@ -140,7 +162,7 @@ impl<'de> Visitor<'de> for Scalar<'_> {
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "parameter {:?} must be a string, a number or a boolean",
+            "parameter {:?} must be a string, a number, a boolean or null",
             self.key
         )
     }
@@ -175,14 +197,14 @@ impl<'de> Visitor<'de> for Scalar<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
         Err(A::Error::custom(format!(
-            "parameter {:?} must be a string, a number or a boolean, not a list",
+            "parameter {:?} must be a string, a number, a boolean or null, not a list",
             self.key
         )))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
         Err(A::Error::custom(format!(
-            "parameter {:?} must be a string, a number or a boolean, not an object",
+            "parameter {:?} must be a string, a number, a boolean or null, not an object",
             self.key
         )))
     }
@@ -200,6 +222,8 @@ mod tests {
         outputs: Option<Vec<String>>,
         #[serde(default, deserialize_with = "shape")]
         shape: Vec<i64>,
+        #[serde(default, deserialize_with = "tensor_parameters")]
+        tensor_parameters: Option<Map<String, Value>>,
     }
 
     fn parse(text: &str) -> Result<Header, String> {
@@ -217,7 +241,7 @@ mod tests {
         assert!(parse("{}").unwrap().parameters.is_none());
         let list = parse(r#"{"parameters": {"k": [0, 0]}}"#).unwrap_err();
         assert!(
-            list.starts_with(r#"parameter "k" must be a string, a number or a boolean, not a list"#),
+            list.starts_with(r#"parameter "k" must be a string, a number, a boolean or null, not a list"#),
             "{list}"
         );
         let object = parse(r#"{"parameters": {"k": {"x": 1}}}"#).unwrap_err();
@@ -248,11 +272,18 @@ mod tests {
         let again = format!("{{\"parameters\": {{{}, \"k0\": 2}}}}", keys(256));
         assert_eq!(parse(&again).unwrap().parameters.unwrap()["k0"], 2);
         let names = |n: usize| format!("{{\"outputs\": [{}]}}", vec!["\"y\""; n].join(","));
-        assert_eq!(parse(&names(1024)).unwrap().outputs.unwrap().len(), 1024);
+        assert_eq!(parse(&names(16384)).unwrap().outputs.unwrap().len(), 16384);
         assert!(
-            parse(&names(1025))
+            parse(&names(16385))
                 .unwrap_err()
-                .starts_with("more than 1024 outputs")
+                .starts_with("more than 16384 outputs")
+        );
+        let tensor = |n: usize| format!("{{\"tensor_parameters\": {{{}}}}}", keys(n));
+        assert_eq!(parse(&tensor(16)).unwrap().tensor_parameters.unwrap().len(), 16);
+        let over = parse(&tensor(17)).unwrap_err();
+        assert!(
+            over.starts_with("more than 16 parameters for one input or output"),
+            "{over}"
         );
         assert!(parse(r#"{"outputs": null}"#).unwrap().outputs.is_none());
         let dims = |n: usize| format!("{{\"shape\": [{}]}}", vec!["1"; n].join(","));

@@ -59,7 +59,7 @@ struct InputHeader<'a> {
     #[serde(deserialize_with = "super::bounded::shape")]
     shape: Vec<i64>,
     datatype: String,
-    #[serde(default, deserialize_with = "super::bounded::parameters")]
+    #[serde(default, deserialize_with = "super::bounded::tensor_parameters")]
     parameters: Option<Map<String, Value>>,
     #[serde(default, borrow)]
     data: Option<&'a RawValue>,
@@ -68,7 +68,7 @@ struct InputHeader<'a> {
 #[derive(Deserialize)]
 struct OutputHeader {
     name: String,
-    #[serde(default, deserialize_with = "super::bounded::parameters")]
+    #[serde(default, deserialize_with = "super::bounded::tensor_parameters")]
     parameters: Option<Map<String, Value>>,
 }
 
@@ -906,7 +906,7 @@ mod tests {
                     out.push(format!(r#"{{"inputs":[{input}]}}"#));
                     if datatype == "FP32" {
                         out.push(format!(
-                            r#"{{"id":"r","parameters":{{"inputs":[{{"data":[1]}}]}}, "inputs" : [ {other} , {input} ] ,"outputs":[{{"name":"y","data":[1]}}]}}"#
+                            r#"{{"id":"r","parameters":{{"k":1}},"extra":{{"inputs":[{{"data":[1]}}]}}, "inputs" : [ {other} , {input} ] ,"outputs":[{{"name":"y","data":[1]}}]}}"#
                         ));
                         out.push(format!(r#"{{"inputs":[{input},{other}]}}"#));
                     }
