@@ -329,3 +329,28 @@ def test_a_body_of_many_small_entries_is_refused_before_it_takes_gigabytes(repo_
         assert ok.status_code == 200 and len(ok.json()["outputs"][0]["data"]) == 3, ok.text
     finally:
         assert s.stop() == 0
+
+
+def test_an_error_quotes_at_most_a_few_kilobytes_of_what_the_client_sent(server):
+    # Messages quote client input (an unknown input's name, a value that does not parse); a name of
+    # a million U+0300 characters (2 MB) came back as 8 MB of `\u{300}` escapes over REST, and over
+    # gRPC as a grpc-message trailer of 7 MB.
+    import grpc
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    name = "\u0300" * 1_000_000
+    r = requests.post(f"{server.url}/v2/models/model/infer", timeout=60,
+                      json={"inputs": [{"name": name, "shape": [1, 10], "datatype": "FP32", "data": [0] * 10}]})
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert len(r.content) < 8192 and error.startswith("unknown input") and "bytes of this message cut" in error, error[-300:]
+    client = grpcclient.InferenceServerClient(server.grpc)
+    x = grpcclient.InferInput(name, [1, 10], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 10), np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("model", [x])
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT", e.value
+    assert "unknown input" in e.value.message() and len(e.value.message()) < 8192
+    assert requests.post(f"{server.url}/v2/models/model/infer", json={"inputs": [X]}, timeout=30).status_code == 200

@@ -10,13 +10,13 @@ use crate::tensor::TensorError;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
     /// The request is malformed or does not fit the model (400).
-    #[error("{0}")]
+    #[error("{}", Clip(.0))]
     BadRequest(String),
     /// Unknown model, version or path (404).
-    #[error("{0}")]
+    #[error("{}", Clip(.0))]
     NotFound(String),
     /// The method is not allowed on the path (405).
-    #[error("{message}")]
+    #[error("{}", Clip(.message))]
     MethodNotAllowed {
         /// What went wrong.
         message: String,
@@ -24,36 +24,70 @@ pub enum ApiError {
         allow: &'static str,
     },
     /// The body is larger than the configured limit (413).
-    #[error("{0}")]
+    #[error("{}", Clip(.0))]
     PayloadTooLarge(String),
     /// The model or server is not ready (503).
-    #[error("{0}")]
+    #[error("{}", Clip(.0))]
     Unavailable(String),
     /// The runtime failed (500).
-    #[error("{0}")]
+    #[error("{}", Clip(.0))]
     Internal(String),
     /// The model's batch queue is full (503 with `Retry-After`).
-    #[error("{0}")]
+    #[error("{}", Clip(.0))]
     QueueFull(String),
     /// No valid API key (401 with `WWW-Authenticate`).
-    #[error("{0}")]
+    #[error("{}", Clip(.0))]
     Unauthorized(String),
     /// A valid API key that may not call this model (403).
-    #[error("{0}")]
+    #[error("{}", Clip(.0))]
     Forbidden(String),
     /// A server-wide limit on requests or buffered bytes is reached (503 with `Retry-After`).
-    #[error("{0}")]
+    #[error("{}", Clip(.0))]
     Overloaded(String),
     /// The body did not arrive within `--body-read-timeout` (408).
-    #[error("{0}")]
+    #[error("{}", Clip(.0))]
     RequestTimeout(String),
     /// The name is taken, e.g. a shared-memory region registered twice (400 over HTTP and
     /// ALREADY_EXISTS over gRPC, as Triton answers).
-    #[error("{0}")]
+    #[error("{}", Clip(.0))]
     AlreadyExists(String),
     /// The body is in a form the server does not read, e.g. an unknown Content-Encoding (415).
-    #[error("{0}")]
+    #[error("{}", Clip(.0))]
     UnsupportedMediaType(String),
+}
+
+/// The most bytes of an error message that are answered or logged. Messages quote what the client
+/// sent (an unknown input's name, a value that does not parse), which may be megabytes, and quoted
+/// with escapes grows up to four times: answered whole, it made a response (or a gRPC trailer)
+/// larger than the request.
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+
+/// Writes a message of at most [`MAX_MESSAGE_BYTES`]: its beginning and its end (where the advice
+/// usually is), with how much was cut between them.
+struct Clip<'a>(&'a str);
+
+impl std::fmt::Display for Clip<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        if m.len() <= MAX_MESSAGE_BYTES {
+            return f.write_str(m);
+        }
+        let mut head = MAX_MESSAGE_BYTES * 3 / 4;
+        while !m.is_char_boundary(head) {
+            head -= 1;
+        }
+        let mut tail = m.len() - MAX_MESSAGE_BYTES / 4;
+        while !m.is_char_boundary(tail) {
+            tail += 1;
+        }
+        write!(
+            f,
+            "{} [{} bytes of this message cut] {}",
+            &m[..head],
+            tail - head,
+            &m[tail..]
+        )
+    }
 }
 
 impl ApiError {
@@ -121,4 +155,26 @@ impl From<BackendError> for ApiError {
 /// A JSON syntax or structure error, with the position serde reports.
 pub fn json_error(what: &str, e: &serde_json::Error) -> ApiError {
     ApiError::BadRequest(format!("malformed {what}: {e}"))
+}
+
+#[cfg(test)]
+mod clip_tests {
+    use super::*;
+
+    #[test]
+    fn a_long_message_keeps_its_beginning_and_its_advice() {
+        let name = "\u{300}".repeat(1_000_000);
+        let e = ApiError::BadRequest(format!("unknown input {name:?}; the model's inputs are \"x\""));
+        let shown = e.to_string();
+        assert!(shown.len() < MAX_MESSAGE_BYTES + 100, "{}", shown.len());
+        assert!(shown.starts_with("unknown input \"\\u{300}"), "{}", &shown[..40]);
+        assert!(shown.ends_with("; the model's inputs are \"x\""), "{}", &shown[shown.len() - 60..]);
+        assert!(shown.contains(" bytes of this message cut] "));
+        // JSON escapes (a backslash doubles, a control character takes six bytes) come on top.
+        assert!(e.body().len() < 6 * MAX_MESSAGE_BYTES);
+        // Multi-byte characters on both sides of each cut.
+        let wide = ApiError::NotFound("\u{1F600}".repeat(5000));
+        assert!(wide.to_string().contains("bytes of this message cut"));
+        assert_eq!(ApiError::Internal("short".into()).to_string(), "short");
+    }
 }
