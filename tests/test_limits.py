@@ -282,8 +282,9 @@ def strings_model(path):
 
 
 def test_bytes_elements_count_against_the_body_budget_at_their_decoded_size(tmp_path):
-    # An empty string is 4 bytes of binary body (about 3 in JSON) but 64 bytes once decoded (its
-    # handle here and ONNX Runtime's std::string): a 1 MB body could hold 16 MB or more.
+    # An empty string is 4 bytes of binary body (about 3 in JSON) but 192 bytes once decoded (its
+    # handle here, a String and a CString on the way into ONNX Runtime, the runtime's std::string):
+    # a 1 MB body could hold 48 MB or more.
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -299,7 +300,7 @@ def test_bytes_elements_count_against_the_body_budget_at_their_decoded_size(tmp_
 
     try:
         s.wait_loaded()
-        # 200,000 elements (12.8 MB decoded) can never fit a 4 MB budget: 413, not "retry".
+        # 200,000 elements (38.4 MB decoded) can never fit a 4 MB budget: 413, not "retry".
         r = binary_request(200_000)
         assert r.status_code == 413, r.text[:300]
         assert "BYTES" in r.json()["error"] and "--max-buffered-request-bytes" in r.json()["error"], r.text[:300]
@@ -311,19 +312,19 @@ def test_bytes_elements_count_against_the_body_budget_at_their_decoded_size(tmp_
         with pytest.raises(InferenceServerException) as e:
             client.infer("strings", [g])
         assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED", e.value
-        # 50,000 (3.2 MB decoded, 0.2 MB of body) fit alone, but not beside a body of 1 MB.
-        r = binary_request(50_000)
+        # 16,000 (3.1 MB decoded, 64 KB of body) fit alone, but not beside a body of 1 MB.
+        r = binary_request(16_000)
         assert r.status_code == 200, r.text[:300]
-        assert r.json()["outputs"][0]["shape"] == [50_000]
+        assert r.json()["outputs"][0]["shape"] == [16_000]
         holder = open_post(s, 1_000_000, path="/v2/models/strings/infer", body=b"x" * 999_999)
         try:
             wait_for(lambda: metric(s, "kubemaas_request_body_bytes_held") == 999_999)
-            r = binary_request(50_000)
+            r = binary_request(16_000)
             assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text[:300]
         finally:
             holder.close()
         wait_for(lambda: metric(s, "kubemaas_request_body_bytes_held") == 0)
-        assert binary_request(50_000).status_code == 200
+        assert binary_request(16_000).status_code == 200
         client.close()
     finally:
         assert s.stop() == 0

@@ -210,7 +210,7 @@ pub struct ServeArgs {
 
     /// Bytes of request bodies the server holds at once, all requests together (default: 8 ×
     /// --max-request-bytes), counted as they arrive (on gRPC, a message still arriving and each
-    /// message being served), plus 64 bytes per decoded BYTES element; a request that would
+    /// message being served), plus 192 bytes per decoded BYTES element; a request that would
     /// exceed it gets 503 with `Retry-After` (gRPC UNAVAILABLE), so concurrent large requests
     /// cannot exhaust memory.
     #[arg(long, env = "KUBEMAAS_MAX_BUFFERED_REQUEST_BYTES")]
