@@ -391,3 +391,30 @@ def test_bytes_elements_count_in_the_budget_what_they_take(tmp_path):
         assert ok.status_code == 200 and ok.json()["outputs"][0]["data"] == ["a", ""], ok.text
     finally:
         assert s.stop() == 0
+
+
+@pytest.mark.parametrize("form", ["inputs", "instances"])
+def test_a_tf_serving_object_of_millions_of_names_stops_at_the_bound(repo_dir, tmp_path, form):
+    # Every name went into a map before any was looked up: 60 MiB of `"k1":0,` took +495 MiB
+    # before the 400 for the first unknown name.
+    from conftest import Server
+
+    def peak_rss_mib(pid):
+        status = open(f"/proc/{pid}/status").read()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+    n = 5_000_000
+    names = b"{" + b",".join(b'"k%d":0' % i for i in range(n)) + b"}"
+    body = b'{"inputs":' + names + b"}" if form == "inputs" else b'{"instances":[' + names + b"]}"
+    s = Server(["--model", f"dense={repo_dir / 'model' / '1' / 'model.onnx'}",
+                "--max-request-bytes", str(64 << 20)], tmp_path / "server.log")
+    try:
+        s.wait_loaded()
+        before = peak_rss_mib(s.proc.pid)
+        r = requests.post(f"{s.url}/v1/models/dense:predict", data=body, timeout=300)
+        after = peak_rss_mib(s.proc.pid)
+        print(f"{form}: {len(body)} bytes, peak RSS growth {after - before:.0f} MiB, {r.status_code} {r.text[:200]}")
+        assert r.status_code == 400 and "more than 16384 named inputs" in r.json()["error"], r.text[:300]
+        assert after - before < 200, (before, after)
+    finally:
+        assert s.stop() == 0

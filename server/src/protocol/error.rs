@@ -168,7 +168,11 @@ mod clip_tests {
         let shown = e.to_string();
         assert!(shown.len() < MAX_MESSAGE_BYTES + 100, "{}", shown.len());
         assert!(shown.starts_with("unknown input \"\\u{300}"), "{}", &shown[..40]);
-        assert!(shown.ends_with("; the model's inputs are \"x\""), "{}", &shown[shown.len() - 60..]);
+        assert!(
+            shown.ends_with("; the model's inputs are \"x\""),
+            "{}",
+            &shown[shown.len() - 60..]
+        );
         assert!(shown.contains(" bytes of this message cut] "));
         // JSON escapes (a backslash doubles, a control character takes six bytes) come on top.
         assert!(e.body().len() < 6 * MAX_MESSAGE_BYTES);

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use super::bounded::MAX_TENSORS;
 use base64::Engine as _;
 use bytes::Bytes;
 use serde::de::{DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -345,6 +346,13 @@ impl<'de: 'a, 'a> Deserialize<'de> for UniqueNames<'a> {
                     if out.contains_key(&k) {
                         return Err(A::Error::custom(format!("input {k:?} given more than once")));
                     }
+                    // A name takes a few bytes of body and a map entry of about a hundred: stop
+                    // where no model's inputs reach (as V2's lists do).
+                    if out.len() == MAX_TENSORS {
+                        return Err(A::Error::custom(format!(
+                            "more than {MAX_TENSORS} named inputs in one object"
+                        )));
+                    }
                     out.insert(k, v);
                 }
                 Ok(UniqueNames(out))
@@ -509,8 +517,7 @@ fn decode_json(sig: &Signature, body: &[u8], fast: bool) -> Result<PredictReques
             }
             let named = rest.starts_with('{')
                 && first_element(instances)?.is_some_and(|first| {
-                    !serde_json::from_str::<BTreeMap<String, &RawValue>>(first.get())
-                        .is_ok_and(|m| is_b64(&m))
+                    !serde_json::from_str::<UniqueNames<'_>>(first.get()).is_ok_and(|m| is_b64(&m.0))
                 });
             let inputs = if named {
                 let mut builders = Vec::new();
