@@ -69,7 +69,10 @@ fn main() {
     let cases = [
         ("dense 1x10 FP32, raw", raw("x", &[1, 10], 40)),
         ("PP-OCR cls 1x3x48x192, raw", raw("x", &[1, 3, 48, 192], 110_592)),
-        ("PP-OCR det 1x3x640x640, raw", raw("x", &[1, 3, 640, 640], 4_915_200)),
+        (
+            "PP-OCR det 1x3x640x640, raw",
+            raw("x", &[1, 3, 640, 640], 4_915_200),
+        ),
         (
             "10,000 FP32 in fp32_contents",
             ModelInferRequest {
