@@ -353,11 +353,26 @@ def test_an_error_quotes_at_most_a_few_kilobytes_of_what_the_client_sent(server)
         client.infer("model", [x])
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT", e.value
     assert "unknown input" in e.value.message() and len(e.value.message()) < 8192
+    # The health service, open without a key, quotes the service asked for.
+    raw = name.encode()
+    check = grpc.insecure_channel(server.grpc).unary_unary(
+        "/grpc.health.v1.Health/Check", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    length = bytearray()
+    n = len(raw)
+    while True:
+        length.append((n & 0x7F) | (0x80 if n >> 7 else 0))
+        n >>= 7
+        if not n:
+            break
+    with pytest.raises(grpc.RpcError) as e:
+        check(b"\x0a" + bytes(length) + raw, timeout=30)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "unknown service" in e.value.details(), e.value.code()
+    assert len(e.value.details().encode()) < 8192
     assert requests.post(f"{server.url}/v2/models/model/infer", json={"inputs": [X]}, timeout=30).status_code == 200
 
 
 def test_bytes_elements_count_in_the_budget_what_they_take(tmp_path):
-    # An empty BYTES element is 3 bytes of JSON but about 150 bytes in memory by the time ONNX
+    # An empty BYTES element is 3 bytes of JSON but about 190 bytes in memory by the time ONNX
     # Runtime holds it (its handle, the Vec's spare room, a String and a CString on the way in,
     # the runtime's std::string); the budget counted 64, so 8 MiB of them (2.8 million) passed a
     # 300 MiB budget as 180 MB while the server grew by 527 MiB.

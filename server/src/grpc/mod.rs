@@ -58,8 +58,16 @@ pub fn status(e: &ApiError) -> Status {
         ApiError::AlreadyExists(_) => Code::AlreadyExists,
         ApiError::UnsupportedMediaType(_) => Code::Unimplemented,
     };
-    Status::new(code, e.to_string())
+    // Shorter than REST's: grpc-message percent-encodes non-ASCII bytes (3 each), and clients
+    // keep trailers under 8 KiB.
+    Status::new(
+        code,
+        crate::protocol::error::clip(&e.to_string(), GRPC_MESSAGE_BYTES).into_owned(),
+    )
 }
+
+/// The most bytes of a gRPC status message (see [`status`]).
+pub const GRPC_MESSAGE_BYTES: usize = 2048;
 
 /// The statuses tonic answers itself, before any handler runs, in the codes gRPC clients expect:
 /// a message over the size limit is OUT_OF_RANGE in tonic and RESOURCE_EXHAUSTED by gRPC's

@@ -731,10 +731,12 @@ impl super::health_pb::health_server::Health for Health {
     async fn check(&self, req: Request<HealthCheckRequest>) -> Result<Response<HealthCheckResponse>, Status> {
         let service = req.into_inner().service;
         let s = serving(&self.state, &service).ok_or_else(|| {
-            Status::not_found(format!(
+            // The name is the client's: quoted, it may be megabytes.
+            let message = format!(
                 "unknown service {service:?}; this server reports \"\" and \"{}\"",
                 <GrpcInferenceServiceServer<Inference> as NamedService>::NAME
-            ))
+            );
+            Status::not_found(crate::protocol::error::clip(&message, super::GRPC_MESSAGE_BYTES).into_owned())
         })?;
         Ok(Response::new(HealthCheckResponse { status: s as i32 }))
     }

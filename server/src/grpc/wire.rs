@@ -8,8 +8,10 @@
 //! message whose entries would take more than twice its size (plus [`SLACK`]) is refused with
 //! `RESOURCE_EXHAUSTED`. BYTES elements (`bytes_contents`) have an allowance of their own, 8 times
 //! the message's size: a short string is a legitimate element that grows that much (10 bytes
-//! take 12 on the wire and 42 decoded), and the elements are counted again, 64 bytes each,
-//! against the shared budget once decoded, as REST's are. Numbers are not counted: a packed int64
+//! take 12 on the wire and 42 decoded), and the elements are counted again, 192 bytes each
+//! ([`crate::admission::STRING_ELEMENT_BYTES`]), against the shared budget once decoded, as
+//! REST's are. So a message holds at most 262,144 empty strings or 524,288 one-byte strings in
+//! `bytes_contents` (longer strings are not limited this way; `raw_input_contents` not at all). Numbers are not counted: a packed int64
 //! grows at most 8 times, as in any protobuf server.
 
 use std::any::TypeId;

@@ -68,26 +68,31 @@ struct Clip<'a>(&'a str);
 
 impl std::fmt::Display for Clip<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let m = self.0;
-        if m.len() <= MAX_MESSAGE_BYTES {
-            return f.write_str(m);
-        }
-        let mut head = MAX_MESSAGE_BYTES * 3 / 4;
-        while !m.is_char_boundary(head) {
-            head -= 1;
-        }
-        let mut tail = m.len() - MAX_MESSAGE_BYTES / 4;
-        while !m.is_char_boundary(tail) {
-            tail += 1;
-        }
-        write!(
-            f,
-            "{} [{} bytes of this message cut] {}",
-            &m[..head],
-            tail - head,
-            &m[tail..]
-        )
+        f.write_str(&clip(self.0, MAX_MESSAGE_BYTES))
     }
+}
+
+/// `m` cut to about `max` bytes: its first three quarters and its last quarter, at character
+/// boundaries, with how many bytes were cut between them. A message only a little over `max` is
+/// left whole (the note would make it longer).
+pub fn clip(m: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if m.len() <= max + 64 {
+        return std::borrow::Cow::Borrowed(m);
+    }
+    let mut head = max * 3 / 4;
+    while !m.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = m.len() - max / 4;
+    while !m.is_char_boundary(tail) {
+        tail += 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{} [{} bytes of this message cut] {}",
+        &m[..head],
+        tail - head,
+        &m[tail..]
+    ))
 }
 
 impl ApiError {
@@ -176,9 +181,27 @@ mod clip_tests {
         assert!(shown.contains(" bytes of this message cut] "));
         // JSON escapes (a backslash doubles, a control character takes six bytes) come on top.
         assert!(e.body().len() < 6 * MAX_MESSAGE_BYTES);
-        // Multi-byte characters on both sides of each cut.
-        let wide = ApiError::NotFound("\u{1F600}".repeat(5000));
-        assert!(wide.to_string().contains("bytes of this message cut"));
+        // Multi-byte characters across both cuts (one ASCII byte first, so that neither cut falls
+        // on a boundary by itself), and the text on each side stays whole characters.
+        for c in ["\u{1F600}", "\u{4E2D}", "\u{300}"] {
+            let m = format!("x{}", c.repeat(5000));
+            let shown = ApiError::NotFound(m.clone()).to_string();
+            assert!(shown.contains("bytes of this message cut"), "{c}");
+            assert!(shown.len() <= MAX_MESSAGE_BYTES + 64, "{}", shown.len());
+            let cut: usize = shown
+                .split(" bytes of this message cut] ")
+                .next()
+                .and_then(|h| h.rsplit(" [").next())
+                .and_then(|n| n.parse().ok())
+                .unwrap();
+            assert_eq!(
+                shown.len() - " [".len() - cut.to_string().len() - " bytes of this message cut] ".len() + cut,
+                m.len()
+            );
+        }
         assert_eq!(ApiError::Internal("short".into()).to_string(), "short");
+        // Just over the bound: left whole.
+        let near = "y".repeat(MAX_MESSAGE_BYTES + 10);
+        assert_eq!(ApiError::BadRequest(near.clone()).to_string(), near);
     }
 }
