@@ -18,6 +18,12 @@ MODELS = CACHE / "models"
 BINARY = Path(os.environ.get("KUBEMAAS_SERVER_BIN", ROOT / "target" / "debug" / "kubemaas-server"))
 
 
+def peak_rss_mib(pid):
+    """The process's peak resident memory so far (VmHWM), in MiB."""
+    status = open(f"/proc/{pid}/status").read()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+
 class Server:
     """A running kubemaas-server process."""
 

@@ -6,6 +6,8 @@ import socket
 import pytest
 import requests
 
+from conftest import peak_rss_mib
+
 X = {"name": "x", "shape": [1, 10], "datatype": "FP32", "data": list(range(10))}
 A = {"name": "a", "shape": [1, 4], "datatype": "FP64", "data": [1, 2, 3, 4]}
 B = {"name": "b", "shape": [1, 3], "datatype": "INT32", "data": [1, 2, 3]}
@@ -203,10 +205,6 @@ def test_binary_bytes_elements_beyond_the_shape_are_refused_without_amplificatio
     # elements would take ~0.5 GiB (32 bytes each). Parsing must stop at the shape's count.
     from conftest import Server
 
-    def peak_rss_mib(pid):
-        status = open(f"/proc/{pid}/status").read()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
-
     s = Server(["--model", f"dtypes={repo_dir / 'dtypes' / '1' / 'model.onnx'}",
                 "--max-request-bytes", str(65 << 20)], tmp_path / "server.log")
     try:
@@ -233,10 +231,6 @@ def test_a_64_mib_tf_serving_body_decodes_without_a_json_tree(repo_dir, tmp_path
     # takes the body plus the tensor (4 bytes per element). The rank does not match dense model's
     # input ([-1, 10]), so the model never runs: the peak is decoding's alone.
     from conftest import Server
-
-    def peak_rss_mib(pid):
-        status = open(f"/proc/{pid}/status").read()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
 
     element = b"0," if shape == "values" else b'{"x":0},'
     n = (64 << 20) // len(element)
@@ -307,10 +301,6 @@ AMPLIFIERS = {
 def test_a_body_of_many_small_entries_is_refused_before_it_takes_gigabytes(repo_dir, tmp_path, what):
     from conftest import Server
 
-    def peak_rss_mib(pid):
-        status = open(f"/proc/{pid}/status").read()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
-
     make, expect = AMPLIFIERS[what]
     per = len(make(2)) - len(make(1))
     body = make(((60 << 20) - len(make(1))) // per)
@@ -380,10 +370,6 @@ def test_bytes_elements_count_in_the_budget_what_they_take(tmp_path):
 
     from conftest import Server
 
-    def peak_rss_mib(pid):
-        status = open(f"/proc/{pid}/status").read()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
-
     graph = helper.make_graph([helper.make_node("Identity", ["s"], ["t"])], "strings",
                               [helper.make_tensor_value_info("s", TensorProto.STRING, ["n"])],
                               [helper.make_tensor_value_info("t", TensorProto.STRING, ["n"])])
@@ -413,10 +399,6 @@ def test_a_tf_serving_object_of_millions_of_names_stops_at_the_bound(repo_dir, t
     # Every name went into a map before any was looked up: 60 MiB of `"k1":0,` took +495 MiB
     # before the 400 for the first unknown name.
     from conftest import Server
-
-    def peak_rss_mib(pid):
-        status = open(f"/proc/{pid}/status").read()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
 
     n = 5_000_000
     names = b"{" + b",".join(b'"k%d":0' % i for i in range(n)) + b"}"

@@ -21,7 +21,7 @@ import requests
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import ROOT, Server
+from conftest import ROOT, Server, peak_rss_mib
 from test_protocols import NP, V2, all_dtype_inputs, reference
 
 PROTO = ROOT / "server" / "proto"
@@ -560,10 +560,6 @@ def test_a_message_of_many_empty_entries_is_refused_before_it_takes_gigabytes(re
     # (names, shape, parameters map, contents); tonic decoded the whole message before any check,
     # so 8 MB of them took over a gigabyte, and the default 64 MiB limit let one request take
     # ten. Empty outputs (~36x), raw entries and BYTES elements (16x) amplify too.
-    def peak_rss_mib(pid):
-        status = open(f"/proc/{pid}/status").read()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
-
     n = 3_900_000
     head = b"\x0a\x05model"
     if entries == "inputs":
